@@ -1,0 +1,86 @@
+"""What a board needs from an accelerator, and what a vCPU offers.
+
+Both accelerators implement these two protocols, so a board (:mod:`pyemu.machines`) and the guest-program
+test kit (:mod:`pyemu.testing`) are written once. The software CPU needs pyemu's userspace local APIC as its
+interrupt controller; KVM keeps the LAPIC in the kernel and takes MSIs (``needs_userspace_lapic``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pyemu.accel.dispatch import ExitDispatcher
+from pyemu.errors import PyemuError
+from pyemu.accel.exits import Exit
+from pyemu.hw.intc.api import InterruptController, MsiSink
+from pyemu.system.memory import GuestMemory
+from pyemu.target.x86.cpu_state import X86CpuState
+from pyemu.target.x86.cpuid import CpuidTable
+
+
+class Vcpu(Protocol):
+    index: int
+
+    def load_state(self, state: X86CpuState) -> None:
+        """Replace the vCPU's architectural state (boot entry state, snapshot restore, reset)."""
+        ...
+
+    def save_state(self) -> X86CpuState:
+        ...
+
+    def run(self) -> Exit:
+        """Run guest code on the calling thread until something the board must act on:
+        ``Halt`` (HLT that nothing can wake: IF=0, or no interrupt source), ``Shutdown`` (triple fault or
+        an unrecoverable CPU state; ``reason`` says which), ``Stopped`` (after :meth:`request_stop`).
+        Port and MMIO accesses are handled inside, through the dispatcher. A HLT with IF=1 and an
+        interrupt source waits inside ``run`` until an interrupt arrives or a stop is requested."""
+        ...
+
+    def kick(self) -> None:
+        """Thread-safe: an external interrupt may have become pending; notice it promptly, and wake a HLT."""
+        ...
+
+    def request_stop(self) -> None:
+        """Thread-safe: make :meth:`run` return ``Stopped`` at the next instruction boundary."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class Accelerator(Protocol):
+    name: str
+    needs_userspace_lapic: bool
+
+    def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
+        """Bind guest RAM and the I/O dispatcher (create the VM, register memory slots)."""
+        ...
+
+    def create_vcpu(self, index: int, interrupts: InterruptController | None = None) -> Vcpu:
+        ...
+
+    def msi_sink(self) -> MsiSink | None:
+        """Where MSIs go when the LAPIC lives in the accelerator (KVM); None for the software CPU."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class AcceleratorUnavailable(PyemuError):
+    """Raised by an accelerator's constructor when the host cannot provide it (no /dev/kvm, ...)."""
+
+
+def create_accelerator(name: str) -> Accelerator:
+    """Instantiate the accelerator called ``name`` ("tcg" or "kvm")."""
+    if name == "tcg":
+        from pyemu.accel.tcg.accel import TcgAccelerator
+
+        return TcgAccelerator()
+    if name == "kvm":
+        from pyemu.accel.kvm.accel import KvmAccelerator
+
+        return KvmAccelerator()
+    from pyemu.errors import ConfigError
+
+    raise ConfigError(f"-accel: invalid accelerator {name}", option="-accel")

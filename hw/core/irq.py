@@ -1,0 +1,54 @@
+"""Interrupt lines as injected objects.
+
+A device model holds an :class:`IrqLine` and sets its level; it never knows who listens. The board wires
+the line to an interrupt controller input (IOAPIC pin, PIC pin, or both through :func:`fanout`). This is
+QEMU's qemu_irq: a callback taking the new level.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+IrqHandler = Callable[[int], None]
+
+
+class IrqLine:
+    """One interrupt wire. ``handler(level)`` is called on every :meth:`set_level`, even if unchanged,
+    because edge-triggered controllers count pulses."""
+
+    __slots__ = ("name", "_handler", "level")
+
+    def __init__(self, handler: IrqHandler | None = None, name: str = "irq") -> None:
+        self.name = name
+        self._handler = handler
+        self.level = 0
+
+    def connect(self, handler: IrqHandler | None) -> None:
+        """Attach (or detach with None) the receiving end."""
+        self._handler = handler
+
+    def set_level(self, level: int | bool) -> None:
+        self.level = 1 if level else 0
+        if self._handler is not None:
+            self._handler(self.level)
+
+    def raise_irq(self) -> None:
+        self.set_level(1)
+
+    def lower_irq(self) -> None:
+        self.set_level(0)
+
+    def pulse(self) -> None:
+        """Raise then lower: an edge for edge-triggered inputs."""
+        self.set_level(1)
+        self.set_level(0)
+
+
+def fanout(*lines: IrqLine, name: str = "fanout") -> IrqLine:
+    """A line that drives several others, e.g. an ISA IRQ wired to both the PIC and the IOAPIC."""
+
+    def drive(level: int) -> None:
+        for line in lines:
+            line.set_level(level)
+
+    return IrqLine(drive, name)

@@ -1,0 +1,147 @@
+"""Guest-physical RAM: one shared memfd mapping, split into regions at guest-physical addresses.
+
+Why one memfd: both accelerators map the very same host pages (KVM through a memory slot's userspace
+address, Unicorn through ``mem_map_ptr``), device models read and write them through memoryviews, and a
+later snapshot or vhost-user backend can share the fd. Every accessor is bounds-checked: an access that is
+not wholly inside one RAM region raises :class:`~pyemu.errors.GuestMemoryError` instead of touching host
+memory outside the guest.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from typing import NewType
+
+from pyemu.errors import ConfigError, GuestMemoryError
+
+GuestAddress = NewType("GuestAddress", int)
+"""A guest-physical address (as opposed to a host pointer or an offset into the memfd)."""
+
+PAGE_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class RamRegion:
+    """A contiguous run of guest RAM: ``size`` bytes at guest-physical ``gpa``, at ``offset`` in the memfd."""
+
+    gpa: int
+    size: int
+    offset: int
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or self.size % PAGE_SIZE or self.gpa % PAGE_SIZE or self.gpa < 0:
+            raise ConfigError(
+                f"RAM region at {self.gpa:#x} of {self.size:#x} bytes is not page-aligned and non-empty"
+            )
+
+    @property
+    def end(self) -> int:
+        """First guest-physical address after the region."""
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """Guest RAM backed by one anonymous memfd, mapped once into this process.
+
+    ``layout`` is a sequence of ``(gpa, size)`` pairs; regions must not overlap. The host mapping of the
+    whole memfd is exposed for accelerators through :meth:`host_address`; device models use
+    :meth:`view`, :meth:`read` and :meth:`write`.
+    """
+
+    def __init__(self, layout: list[tuple[int, int]], *, name: str = "pyemu-ram") -> None:
+        regions: list[RamRegion] = []
+        offset = 0
+        for gpa, size in sorted(layout):
+            region = RamRegion(gpa, size, offset)
+            if regions and regions[-1].end > gpa:
+                raise ConfigError(f"RAM regions overlap at {gpa:#x}")
+            regions.append(region)
+            offset += size
+        if not regions:
+            raise ConfigError("guest memory needs at least one RAM region")
+        self.regions: tuple[RamRegion, ...] = tuple(regions)
+        self.total_size = offset
+        try:
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, offset)
+            self._mmap = mmap.mmap(self.fd, offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as exc:
+            raise ConfigError(f"cannot allocate {offset >> 20} MiB of guest RAM: {exc.strerror}") from exc
+        self._buffer = memoryview(self._mmap)
+        # The host address of the mapping, for KVM_SET_USER_MEMORY_REGION and uc.mem_map_ptr.
+        self._base_ptr = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+
+    # -- lookup -----------------------------------------------------------------------------------------
+    def region_of(self, gpa: int, size: int = 1) -> RamRegion:
+        """The region holding all of ``[gpa, gpa+size)``; raise GuestMemoryError if none does."""
+        for region in self.regions:
+            if region.gpa <= gpa and gpa + size <= region.end and size >= 0:
+                return region
+        raise GuestMemoryError(
+            f"guest access at {gpa:#x} of {size} bytes is outside guest RAM", gpa=gpa, size=size
+        )
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        """True when ``[gpa, gpa+size)`` lies wholly inside one RAM region."""
+        return any(r.gpa <= gpa and gpa + size <= r.end for r in self.regions) and size >= 0
+
+    def host_address(self, region: RamRegion) -> int:
+        """Host virtual address of the first byte of ``region`` (for accelerators)."""
+        return self._base_ptr + region.offset
+
+    # -- access -----------------------------------------------------------------------------------------
+    def view(self, gpa: int, size: int) -> memoryview:
+        """A writable zero-copy view of guest RAM ``[gpa, gpa+size)``."""
+        region = self.region_of(gpa, size)
+        start = region.offset + (gpa - region.gpa)
+        return self._buffer[start : start + size]
+
+    def read(self, gpa: int, size: int) -> bytes:
+        return bytes(self.view(gpa, size))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def fill(self, gpa: int, size: int, byte: int = 0) -> None:
+        self.view(gpa, size)[:] = bytes([byte]) * size
+
+    def read_u8(self, gpa: int) -> int:
+        return self.view(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return int(struct.unpack_from("<H", self.view(gpa, 2))[0])
+
+    def read_u32(self, gpa: int) -> int:
+        return int(struct.unpack_from("<I", self.view(gpa, 4))[0])
+
+    def read_u64(self, gpa: int) -> int:
+        return int(struct.unpack_from("<Q", self.view(gpa, 8))[0])
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.view(gpa, 1)[0] = value & 0xFF
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        struct.pack_into("<H", self.view(gpa, 2), 0, value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        struct.pack_into("<I", self.view(gpa, 4), 0, value & 0xFFFFFFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        struct.pack_into("<Q", self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
+
+    def clear(self) -> None:
+        """Zero all of guest RAM (machine reset)."""
+        ctypes.memset(self._base_ptr, 0, self.total_size)
+
+    def close(self) -> None:
+        """Release the mapping. Views handed out earlier must have been released by then."""
+        self._buffer.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass  # an accelerator still holds a pointer export; the mapping goes with the process
+        os.close(self.fd)

@@ -1,0 +1,90 @@
+"""The VM run-state machine shared by the main loop, the CLI and QMP.
+
+States and the transitions between them follow QEMU's RunState (a subset): a VM is created in PRELAUNCH
+(``-S`` keeps it there), RUNNING while vCPUs execute, PAUSED when stopped by the user, SHUTDOWN once the
+guest or the host asked to end it, INTERNAL_ERROR when the accelerator cannot continue. An invalid
+transition is a programming error and raises :class:`RunStateError`.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from typing import Callable
+
+from pyemu.errors import PyemuError
+
+
+class RunState(enum.Enum):
+    PRELAUNCH = "prelaunch"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal-error"
+
+
+class ShutdownCause(enum.Enum):
+    """Why a VM stopped or reset (QEMU's ShutdownCause names)."""
+
+    HOST_QMP_QUIT = "host-qmp-quit"
+    HOST_SIGNAL = "host-signal"
+    HOST_UI = "host-ui"
+    GUEST_SHUTDOWN = "guest-shutdown"
+    GUEST_RESET = "guest-reset"
+    GUEST_PANIC = "guest-panic"
+    TRIPLE_FAULT = "triple-fault"
+    DEBUG_EXIT = "debug-exit"
+
+
+_ALLOWED: dict[RunState, frozenset[RunState]] = {
+    RunState.PRELAUNCH: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.SHUTDOWN}),
+    RunState.RUNNING: frozenset({RunState.PAUSED, RunState.SHUTDOWN, RunState.INTERNAL_ERROR}),
+    RunState.PAUSED: frozenset({RunState.RUNNING, RunState.SHUTDOWN}),
+    RunState.SHUTDOWN: frozenset({RunState.RUNNING, RunState.PAUSED}),  # reset after shutdown, as QEMU
+    RunState.INTERNAL_ERROR: frozenset({RunState.PAUSED, RunState.SHUTDOWN}),
+}
+
+
+class RunStateError(PyemuError):
+    """A run-state transition that the state machine does not allow."""
+
+
+Listener = Callable[[RunState, RunState], None]
+
+
+class RunStateMachine:
+    """Current run state, guarded by a lock, with listeners called after each transition."""
+
+    def __init__(self) -> None:
+        self._state = RunState.PRELAUNCH
+        self._lock = threading.Lock()
+        self._listeners: list[Listener] = []
+        self.shutdown_cause: ShutdownCause | None = None
+        self.exit_code: int | None = None
+
+    @property
+    def state(self) -> RunState:
+        return self._state
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def transition(self, new: RunState) -> None:
+        with self._lock:
+            old = self._state
+            if new is old:
+                return
+            if new not in _ALLOWED[old]:
+                raise RunStateError(f"invalid run-state transition {old.value} -> {new.value}")
+            self._state = new
+        for listener in list(self._listeners):
+            listener(old, new)
+
+    def shutdown(self, cause: ShutdownCause, exit_code: int = 0) -> None:
+        """Record why the VM ends and move to SHUTDOWN (idempotent: the first cause wins)."""
+        with self._lock:
+            if self.shutdown_cause is None:
+                self.shutdown_cause = cause
+                self.exit_code = exit_code
+        if self._state is not RunState.SHUTDOWN:
+            self.transition(RunState.SHUTDOWN)
