@@ -1,0 +1,110 @@
+"""Frozen, validated configuration of one VM, built by the CLI parser (or by tests and QMP).
+
+The parser only turns words into these objects; every check a user can trip over lives in
+``__post_init__`` so the same rules apply however a config was made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pyemu.errors import ConfigError
+
+ON_OFF_AUTO = ("on", "off", "auto")
+MAX_VCPUS = 64
+MIN_RAM = 16 << 20
+
+
+def parse_on_off(value: str, option: str) -> bool:
+    """QEMU-style booleans: on/off, yes/no, true/false."""
+    lowered = value.lower()
+    if lowered in ("on", "yes", "true", "y"):
+        return True
+    if lowered in ("off", "no", "false", "n"):
+        return False
+    raise ConfigError(f"Parameter '{option}' expects 'on' or 'off'", option=option)
+
+
+def parse_size(text: str, *, default_suffix: str = "M", option: str = "-m") -> int:
+    """Sizes as QEMU reads them: a number with an optional B/K/M/G/T suffix (binary units); a bare number
+    has ``default_suffix`` (MiB for ``-m``)."""
+    units = {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40}
+    raw = text.strip()
+    if not raw:
+        raise ConfigError(f"{option}: empty size", option=option)
+    suffix = raw[-1].upper()
+    number = raw[:-1] if suffix in units else raw
+    if suffix not in units:
+        suffix = default_suffix
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"{option}: invalid size '{text}'", option=option) from None
+    if value < 0 or value != value:
+        raise ConfigError(f"{option}: invalid size '{text}'", option=option)
+    return int(value * (1 << units[suffix]))
+
+
+@dataclass(frozen=True)
+class MachineOptions:
+    """``-machine microvm,acpi=on,pit=off,...``: None means "the default for this accelerator"."""
+
+    type: str = "microvm"
+    acpi: bool | None = None
+    pit: bool | None = None
+    pic: bool | None = None
+    rtc: bool | None = None
+    isa_serial: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in ("microvm",):
+            raise ConfigError(f"-machine: unsupported machine type '{self.type}' (supported: microvm)",
+                              option="-machine")
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """One ``-device DRIVER,key=value,...``."""
+
+    driver: str
+    props: tuple[tuple[str, str], ...] = ()
+
+    def prop(self, name: str, default: str | None = None) -> str | None:
+        for key, value in self.props:
+            if key == name:
+                return value
+        return default
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    machine: MachineOptions = MachineOptions()
+    accel: tuple[str, ...] = ("tcg",)
+    ram_size: int = 512 << 20
+    vcpus: int = 1
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = ""
+    serial: tuple[str, ...] = ()
+    nographic: bool = False
+    no_reboot: bool = False
+    no_shutdown: bool = False
+    devices: tuple[DeviceOptions, ...] = ()
+    start_paused: bool = False
+    log_mask: frozenset[str] = frozenset()
+    log_file: str | None = None
+    qmp: tuple[str, ...] = ()
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.ram_size < MIN_RAM:
+            raise ConfigError(f"-m: at least {MIN_RAM >> 20} MiB of RAM are needed", option="-m")
+        if self.ram_size % 4096:
+            raise ConfigError("-m: RAM size must be a multiple of 4 KiB", option="-m")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"-smp: the number of CPUs must be between 1 and {MAX_VCPUS}", option="-smp")
+        for name in self.accel:
+            if name not in ("tcg", "kvm"):
+                raise ConfigError(f"-accel: invalid accelerator {name}", option="-accel")
+        if self.initrd and not self.kernel:
+            raise ConfigError("-initrd is only valid with -kernel", option="-initrd")

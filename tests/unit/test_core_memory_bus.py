@@ -1,0 +1,104 @@
+"""Guest memory bounds, bus dispatch by range, IRQ lines."""
+
+import pytest
+
+from pyemu.errors import BusError, ConfigError, GuestMemoryError
+from pyemu.hw.core.irq import IrqLine, fanout
+from pyemu.system.bus import Bus, pio_bus
+from pyemu.system.memory import GuestMemory
+
+
+def test_memory_regions_are_one_memfd_and_zero_copy():
+    mem = GuestMemory([(0, 0x10000), (0x100000000, 0x2000)])
+    assert mem.total_size == 0x12000
+    mem.write_u64(0x100000ff8, 0x1122334455667788)
+    assert mem.read(0x100000ff8, 8) == bytes.fromhex("8877665544332211")
+    view = mem.view(0x10, 4)
+    view[:] = b"abcd"
+    assert mem.read_u32(0x10) == int.from_bytes(b"abcd", "little")
+    # the same bytes are visible through the memfd: accelerators map the same pages
+    import os
+    assert os.pread(mem.fd, 4, 0x10) == b"abcd"
+    assert os.pread(mem.fd, 8, 0x10000 + 0xFF8) == bytes.fromhex("8877665544332211")
+
+
+@pytest.mark.parametrize("gpa,size", [(0x10000, 1), (0xFFFF, 2), (0x100001FFF, 2), (-1, 1), (0x20000, 4)])
+def test_memory_access_outside_ram_is_a_typed_error(gpa, size):
+    mem = GuestMemory([(0, 0x10000), (0x100000000, 0x2000)])
+    with pytest.raises(GuestMemoryError) as info:
+        mem.read(gpa, size)
+    assert info.value.gpa == gpa and info.value.size == size
+    with pytest.raises(GuestMemoryError):
+        mem.write(gpa, bytes(size))
+
+
+def test_memory_layout_errors():
+    with pytest.raises(ConfigError):
+        GuestMemory([(0, 0x1000), (0x800, 0x1000)])
+    with pytest.raises(ConfigError):
+        GuestMemory([(0, 0x1001)])
+    with pytest.raises(ConfigError):
+        GuestMemory([])
+
+
+class Recorder:
+    def __init__(self, value=0x5A):
+        self.value = value
+        self.log = []
+
+    def read(self, offset, size):
+        self.log.append(("r", offset, size))
+        return self.value
+
+    def write(self, offset, size, value):
+        self.log.append(("w", offset, size, value))
+
+
+def test_bus_passes_offsets_and_unassigned_is_all_ones():
+    bus = pio_bus()
+    uart, rtc = Recorder(0x11), Recorder(0x22)
+    bus.register(0x3F8, 8, uart, "uart")
+    bus.register(0x70, 2, rtc, "rtc")
+    assert bus.read(0x3FD, 1) == 0x11
+    bus.write(0x71, 1, 0x80)
+    assert uart.log == [("r", 5, 1)]
+    assert rtc.log == [("w", 1, 1, 0x80)]
+    assert bus.read(0x3F7, 1) == 0xFF
+    assert bus.read(0x400, 2) == 0xFFFF
+    assert bus.read(0x3F0, 4) == 0xFFFFFFFF
+    bus.write(0x500, 1, 1)  # ignored
+    assert uart.log == [("r", 5, 1)] and rtc.log == [("w", 1, 1, 0x80)]
+
+
+@pytest.mark.parametrize("base,length", [(0x3F8, 1), (0x3F0, 0x10), (0x3FF, 4), (0x300, 0x200)])
+def test_bus_rejects_overlaps(base, length):
+    bus = pio_bus()
+    bus.register(0x3F8, 8, Recorder(), "uart")
+    with pytest.raises(BusError, match="overlaps uart"):
+        bus.register(base, length, Recorder(), "other")
+
+
+def test_bus_rejects_bad_ranges_and_unregisters():
+    bus = Bus("pio", 0x10000)
+    dev = Recorder()
+    with pytest.raises(BusError):
+        bus.register(0xFFFF, 2, dev)
+    with pytest.raises(BusError):
+        bus.register(0x10, 0, dev)
+    bus.register(0x10, 4, dev)
+    bus.register(0x20, 4, dev)
+    bus.unregister(dev)
+    assert bus.find(0x10) is None and bus.read(0x21, 1) == 0xFF
+
+
+def test_irq_line_and_fanout():
+    seen_a, seen_b = [], []
+    a, b = IrqLine(seen_a.append), IrqLine(seen_b.append)
+    line = fanout(a, b)
+    line.pulse()
+    line.raise_irq()
+    assert seen_a == [1, 0, 1] and seen_b == [1, 0, 1]
+    assert a.level == 1
+    unconnected = IrqLine()
+    unconnected.raise_irq()
+    assert unconnected.level == 1

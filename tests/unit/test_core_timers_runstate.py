@@ -1,0 +1,94 @@
+"""Deadline timers on a fake clock, the timer thread, and the run-state machine."""
+
+import threading
+import time
+
+import pytest
+
+from pyemu.system.runstate import RunState, RunStateError, RunStateMachine, ShutdownCause
+from pyemu.system.timers import TimerQueue
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0
+
+    def __call__(self):
+        return self.now
+
+
+def test_timers_fire_in_deadline_order_and_cancel():
+    clock = FakeClock()
+    queue = TimerQueue(clock=clock)
+    fired = []
+    a = queue.new_timer(lambda: fired.append("a"))
+    b = queue.new_timer(lambda: fired.append("b"))
+    c = queue.new_timer(lambda: fired.append("c"))
+    a.mod(300)
+    b.mod(100)
+    c.mod(200)
+    c.cancel()
+    assert queue.next_deadline() == 100
+    clock.now = 250
+    assert queue.run_due() == 1
+    assert fired == ["b"]
+    clock.now = 1000
+    queue.run_due()
+    assert fired == ["b", "a"]
+    assert not a.pending and queue.next_deadline() is None
+
+
+def test_rearming_replaces_the_old_deadline_and_periodic_rearm_from_callback():
+    clock = FakeClock()
+    queue = TimerQueue(clock=clock)
+    ticks = []
+
+    def tick():
+        ticks.append(clock.now)
+        if len(ticks) < 3:
+            timer.mod(timer_deadline[0] + 10 * len(ticks))
+
+    timer_deadline = [50]
+    timer = queue.new_timer(tick)
+    timer.mod(1000)
+    timer.mod(50)  # re-arm earlier: only this deadline counts
+    clock.now = 50
+    queue.run_due()
+    clock.now = 10_000
+    queue.run_due()
+    assert ticks == [50, 10_000, 10_000]
+
+
+def test_timer_thread_runs_callbacks_under_the_lock():
+    lock = threading.RLock()
+    queue = TimerQueue(lock=lock)
+    done = threading.Event()
+    owned = []
+
+    def callback():
+        owned.append(lock._is_owned())
+        done.set()
+
+    queue.start()
+    try:
+        queue.new_timer(callback).mod_in(2_000_000)
+        assert done.wait(2.0)
+        assert owned == [True]
+    finally:
+        queue.stop()
+
+
+def test_runstate_transitions_and_first_shutdown_cause_wins():
+    rs = RunStateMachine()
+    seen = []
+    rs.add_listener(lambda old, new: seen.append((old, new)))
+    rs.transition(RunState.RUNNING)
+    rs.transition(RunState.PAUSED)
+    rs.transition(RunState.RUNNING)
+    rs.shutdown(ShutdownCause.DEBUG_EXIT, exit_code=7)
+    rs.shutdown(ShutdownCause.GUEST_SHUTDOWN, exit_code=0)
+    assert rs.state is RunState.SHUTDOWN
+    assert rs.shutdown_cause is ShutdownCause.DEBUG_EXIT and rs.exit_code == 7
+    assert seen[0] == (RunState.PRELAUNCH, RunState.RUNNING)
+    with pytest.raises(RunStateError):
+        RunStateMachine().transition(RunState.INTERNAL_ERROR)
