@@ -6,7 +6,7 @@ The parser only turns words into these objects; every check a user can trip over
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pyemu.errors import ConfigError
 
@@ -93,8 +93,6 @@ class VmConfig:
     start_paused: bool = False
     log_mask: frozenset[str] = frozenset()
     log_file: str | None = None
-    qmp: tuple[str, ...] = ()
-    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.ram_size < MIN_RAM:

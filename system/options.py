@@ -40,7 +40,6 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("no-reboot", False, "exit instead of rebooting"),
     OptionSpec("no-shutdown", False, "stop (pause) instead of exiting when the guest powers off"),
     OptionSpec("device", True, "add a device: isa-debug-exit[,iobase=0xf4][,iosize=4]", "driver[,prop=value...]"),
-    OptionSpec("qmp", True, "QMP monitor: unix:PATH,server[,wait=off] or tcp:HOST:PORT,server", "dev"),
     OptionSpec("S", False, "do not start the CPUs at start-up (continue with QMP 'cont')"),
     OptionSpec("d", True, "log categories, comma separated (-d help lists them)", "item1[,...]"),
     OptionSpec("D", True, "write the -d log to a file", "logfile"),
@@ -191,7 +190,6 @@ def parse_args(argv: list[str]) -> VmConfig:
     values: dict[str, object] = {}
     serial: list[str] = []
     devices: list[DeviceOptions] = []
-    qmp: list[str] = []
     i = 0
     handlers: dict[str, Callable[[str], None]] = {}
 
@@ -202,7 +200,7 @@ def parse_args(argv: list[str]) -> VmConfig:
         "machine": setter("machine", _machine), "M": setter("machine", _machine),  # (options, accel)
         "accel": setter("accel", _accel), "m": setter("ram_size", _memory), "smp": setter("vcpus", _smp),
         "kernel": setter("kernel", str), "initrd": setter("initrd", str), "append": setter("append", str),
-        "serial": serial.append, "device": lambda v: devices.append(_device(v)), "qmp": qmp.append,
+        "serial": serial.append, "device": lambda v: devices.append(_device(v)),
         "d": setter("log_mask", _log_mask), "D": setter("log_file", str),
     })
     while i < len(argv):
@@ -237,7 +235,7 @@ def parse_args(argv: list[str]) -> VmConfig:
         values["machine"] = machine
         if machine_accel is not None:
             values.setdefault("accel", machine_accel)
-    return VmConfig(serial=tuple(serial), devices=tuple(devices), qmp=tuple(qmp), **values)  # type: ignore[arg-type]
+    return VmConfig(serial=tuple(serial), devices=tuple(devices), **values)  # type: ignore[arg-type]
 
 
 def _log_mask(value: str) -> frozenset[str]:

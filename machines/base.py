@@ -1,0 +1,171 @@
+"""What every board shares: guest RAM, the buses, the machine lock, timers, run state, vCPU threads,
+and the life cycle (start, pause, reset, shutdown) that the CLI and QMP drive.
+
+Threads: each vCPU runs guest code on its own thread; device timers run on the timer thread; the main
+thread waits for requests (guest power-off, reset, debug exit, host signals) and acts on them. Device code
+runs under ``self.lock`` whichever thread calls it (the exit dispatcher and the timer queue take it).
+A board subclass builds its devices in :meth:`build` and loads its firmware or kernel in :meth:`load_boot`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from pyemu.accel.base import Accelerator, Vcpu
+from pyemu.accel.dispatch import ExitDispatcher
+from pyemu.accel.exits import Halt, Shutdown, Stopped
+from pyemu.system import log
+from pyemu.system.bus import mmio_bus, pio_bus
+from pyemu.system.memory import GuestMemory
+from pyemu.system.runstate import RunState, RunStateMachine, ShutdownCause
+from pyemu.system.timers import TimerQueue
+from pyemu.target.x86.cpu_state import X86CpuState
+
+
+class Machine:
+    """A board's shared core. Subclasses fill in devices and boot state."""
+
+    def __init__(self, ram_layout: list[tuple[int, int]], accel: Accelerator, vcpu_count: int) -> None:
+        self.lock = threading.RLock()
+        self.memory = GuestMemory(ram_layout)
+        self.pio = pio_bus()
+        self.mmio = mmio_bus()
+        self.dispatcher = ExitDispatcher(self.pio, self.mmio, self.lock)
+        self.timers = TimerQueue(self.lock)
+        self.runstate = RunStateMachine()
+        self.accel = accel
+        self.vcpu_count = vcpu_count
+        self.vcpus: list[Vcpu] = []
+        self.reset_handlers: list[Callable[[], None]] = []
+        self._cond = threading.Condition()
+        self._want_run = False
+        self._quit = False
+        self._parked: list[bool] = []
+        self._threads: list[threading.Thread] = []
+        self._reset_requested: ShutdownCause | None = None
+        self._request_event = threading.Event()
+        self.no_reboot = False
+        self.boot_states: list[X86CpuState] = []
+
+    # -- requests from devices and the host (any thread) ------------------------------------------------
+    def request_shutdown(self, cause: ShutdownCause, exit_code: int = 0) -> None:
+        """End the VM: guest power-off, debug exit, host signal or QMP quit."""
+        log.log("exec", f"shutdown requested: {cause.value} (exit status {exit_code})")
+        self.runstate.shutdown(cause, exit_code)
+        self._stop_vcpus()
+        self._request_event.set()
+
+    def request_reset(self, cause: ShutdownCause) -> None:
+        """Reset the VM (guest reboot, triple fault); with ``-no-reboot`` this ends it instead."""
+        if self.no_reboot:
+            self.request_shutdown(cause, 0)
+            return
+        log.log("exec", f"reset requested: {cause.value}")
+        self._reset_requested = cause
+        self._stop_vcpus()
+        self._request_event.set()
+
+    def _stop_vcpus(self) -> None:
+        with self._cond:
+            self._want_run = False
+            self._cond.notify_all()
+        for vcpu in self.vcpus:
+            vcpu.request_stop()
+
+    # -- life cycle (main thread) -----------------------------------------------------------------------
+    def start(self, paused: bool = False) -> None:
+        """Create the vCPU threads and the timer thread; run unless ``paused`` (``-S``)."""
+        self._parked = [True] * len(self.vcpus)
+        for index, vcpu in enumerate(self.vcpus):
+            thread = threading.Thread(target=self._vcpu_loop, args=(index, vcpu), name=f"vcpu{index}",
+                                      daemon=True)
+            self._threads.append(thread)
+            thread.start()
+        self.timers.start()
+        if paused:
+            self.runstate.transition(RunState.PAUSED)
+        else:
+            self.resume()
+
+    def resume(self) -> None:
+        self.runstate.transition(RunState.RUNNING)
+        with self._cond:
+            self._want_run = True
+            self._cond.notify_all()
+
+    def pause(self) -> None:
+        """Stop all vCPUs at an instruction boundary and wait until they are parked."""
+        self._stop_vcpus()
+        with self._cond:
+            self._cond.wait_for(lambda: all(self._parked) or self._quit, timeout=10)
+        if self.runstate.state is RunState.RUNNING:
+            self.runstate.transition(RunState.PAUSED)
+
+    def reset(self) -> None:
+        """Machine reset: pause, reset devices, reload the boot image, run again."""
+        self.pause()
+        with self.lock:
+            for handler in self.reset_handlers:
+                handler()
+            self.load_boot()
+            for vcpu, state in zip(self.vcpus, self.boot_states):
+                vcpu.load_state(state)
+        self.resume()
+
+    def wait(self) -> int:
+        """Serve reset requests until the VM shuts down; return the exit status."""
+        while True:
+            self._request_event.wait(0.25)
+            if self.runstate.state is RunState.SHUTDOWN:
+                return self.runstate.exit_code or 0
+            if self._reset_requested is not None:
+                self._request_event.clear()
+                self._reset_requested = None
+                self.reset()
+
+    def close(self) -> None:
+        with self._cond:
+            self._quit = True
+            self._want_run = False
+            self._cond.notify_all()
+        for vcpu in self.vcpus:
+            vcpu.request_stop()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.timers.stop()
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.accel.close()
+
+    # -- vCPU threads -----------------------------------------------------------------------------------
+    def _vcpu_loop(self, index: int, vcpu: Vcpu) -> None:
+        while True:
+            with self._cond:
+                self._parked[index] = True
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._want_run or self._quit)
+                if self._quit:
+                    return
+                self._parked[index] = False
+            exit_ = vcpu.run()
+            if isinstance(exit_, Stopped):
+                continue
+            if isinstance(exit_, Shutdown):
+                log.log("guest_errors", f"vcpu{index}: {exit_.reason}")
+                cause = ShutdownCause.TRIPLE_FAULT if "triple" in exit_.reason else ShutdownCause.GUEST_PANIC
+                self.request_reset(cause)
+                continue
+            if isinstance(exit_, Halt):
+                # HLT with interrupts disabled: the vCPU is dead until a reset, as on hardware.
+                log.log("guest_errors", f"vcpu{index}: halted with interrupts disabled")
+                with self._cond:
+                    self._parked[index] = True
+                    self._cond.notify_all()
+                    self._cond.wait_for(lambda: not self._want_run or self._quit)
+                continue
+
+    # -- board hooks ------------------------------------------------------------------------------------
+    def load_boot(self) -> None:
+        """Write the boot image into RAM and set ``self.boot_states`` (one entry state per vCPU)."""
+        raise NotImplementedError
