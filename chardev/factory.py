@@ -1,0 +1,39 @@
+"""From a parsed spec to a running backend."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from pyemu.chardev.base import CharBackend
+from pyemu.chardev.file import FileBackend
+from pyemu.chardev.null import NullBackend
+from pyemu.chardev.socket import SocketBackend
+from pyemu.chardev.spec import ChardevSpec, FileSpec, NoneSpec, NullSpec, SocketSpec, StdioSpec, parse_chardev_spec
+from pyemu.chardev.stdio import StdioBackend
+
+
+def open_chardev(
+    spec: ChardevSpec | str,
+    *,
+    on_quit: Callable[[], None] | None = None,
+    connect_timeout: float | None = None,
+) -> CharBackend:
+    """Open the backend ``spec`` describes (a string is parsed first).
+
+    ``on_quit`` is the Ctrl-A x action of a stdio backend (called on its input thread, without the
+    machine lock). ``connect_timeout`` bounds a socket's start-up wait (None: wait like QEMU).
+    ``none`` opens a :class:`NullBackend`, but a board should check ``isinstance(spec, NoneSpec)`` first
+    and create no device at all. Errors: ConfigError for a malformed string, ChardevError when opening
+    fails.
+    """
+    if isinstance(spec, str):
+        spec = parse_chardev_spec(spec)
+    if isinstance(spec, StdioSpec):
+        return StdioBackend(on_quit=on_quit)
+    if isinstance(spec, FileSpec):
+        return FileBackend(spec)
+    if isinstance(spec, SocketSpec):
+        return SocketBackend(spec, connect_timeout=connect_timeout)
+    if isinstance(spec, (NullSpec, NoneSpec)):
+        return NullBackend(str(spec))
+    raise TypeError(f"not a chardev spec: {spec!r}")
