@@ -1,0 +1,677 @@
+"""Userspace local APIC (xAPIC MMIO register page) for the software CPU.
+
+Under the Unicorn CPU there is no in-kernel APIC: this model is what Linux programs through the 4 KiB page
+the board maps at 0xfee00000 (IA32_APIC_BASE cannot be read there, so only xAPIC mode exists). It is a
+register machine plus two interfaces:
+
+* :class:`~pyemu.hw.intc.api.InterruptController` for the vCPU: :meth:`interrupt_pending` at instruction
+  boundaries and :meth:`acknowledge_interrupt` for the INTA cycle (IRR -> ISR).
+* :class:`~pyemu.hw.intc.api.MsiSink` for the IOAPIC and MSI-capable devices: :meth:`deliver_msi`.
+
+Facts measured with Linux 6.1 (see DESIGN.md) shape it: the boot CPU resets LINT0 to ExtINT (0x700) so the
+8259 reaches the CPU before Linux sets up the APIC; the timer counts at the CPUID 0x15 crystal / divide so
+Linux skips calibration. Everything runs under the machine lock; :attr:`kick` wakes the vCPU whenever an
+interrupt may have become deliverable and may be called from the timer thread.
+
+Guest mistakes (reserved registers, read-only registers, unaligned or non-32-bit accesses) never raise:
+they are ignored and logged under ``-d guest_errors``; an access to a reserved register also sets the
+"illegal register address" error bit, as the SDM describes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+from pyemu.hw.core.irq import IrqLine
+from pyemu.hw.intc.api import InterruptController
+from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError, InvalidStateError
+from pyemu.hw.intc.lapic_timer import (
+    MODE_ONESHOT,
+    MODE_PERIODIC,
+    MODE_TSC_DEADLINE,
+    ApicTimer,
+    ApicTimerState,
+)
+from pyemu.system import log
+from pyemu.system.timers import TimerQueue
+from pyemu.target.x86.cpuid import TSC_CRYSTAL_HZ
+
+APIC_PAGE_SIZE = 0x1000
+APIC_DEFAULT_BASE = 0xFEE00000
+APIC_VERSION = 0x50014  # version 0x14 (integrated xAPIC), max LVT entry 5 (six entries, no CMCI)
+
+# Register offsets in the xAPIC page.
+REG_ID = 0x020
+REG_VERSION = 0x030
+REG_TPR = 0x080
+REG_APR = 0x090
+REG_PPR = 0x0A0
+REG_EOI = 0x0B0
+REG_RRD = 0x0C0
+REG_LDR = 0x0D0
+REG_DFR = 0x0E0
+REG_SVR = 0x0F0
+REG_ISR = 0x100
+REG_TMR = 0x180
+REG_IRR = 0x200
+REG_ESR = 0x280
+REG_ICR_LOW = 0x300
+REG_ICR_HIGH = 0x310
+REG_LVT_TIMER = 0x320
+REG_LVT_THERMAL = 0x330
+REG_LVT_PERF = 0x340
+REG_LVT_LINT0 = 0x350
+REG_LVT_LINT1 = 0x360
+REG_LVT_ERROR = 0x370
+REG_TIMER_INITIAL = 0x380
+REG_TIMER_CURRENT = 0x390
+REG_TIMER_DIVIDE = 0x3E0
+
+# LVT indices (order of the registers from 0x320).
+LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = range(6)
+LVT_COUNT = 6
+LVT_NAMES = ("timer", "thermal", "perf", "lint0", "lint1", "error")
+
+LVT_MASKED = 1 << 16
+LVT_LEVEL_TRIGGER = 1 << 15
+LVT_REMOTE_IRR = 1 << 14
+LVT_POLARITY_LOW = 1 << 13
+# Writable bits per LVT entry: vector, delivery mode (where it has one), polarity/trigger (LINT), mask,
+# timer mode. Delivery status (bit 12) and remote IRR (bit 14) are read-only.
+_LVT_WRITABLE = (0x700FF, 0x107FF, 0x107FF, 0x1A7FF, 0x1A7FF, 0x100FF)
+
+SVR_ENABLE = 1 << 8
+SVR_FOCUS_DISABLED = 1 << 9
+_SVR_WRITABLE = 0x3FF
+
+# Delivery modes (ICR, LVT, MSI data bits 8-10).
+DM_FIXED = 0
+DM_LOWEST = 1
+DM_SMI = 2
+DM_NMI = 4
+DM_INIT = 5
+DM_STARTUP = 6
+DM_EXTINT = 7
+
+SHORTHAND_NONE, SHORTHAND_SELF, SHORTHAND_ALL, SHORTHAND_OTHERS = range(4)
+_ICR_LOW_WRITABLE = 0x000CCFFF  # vector, mode, dest mode, level, trigger, shorthand; not delivery status
+
+# Error status register bits.
+ESR_SEND_ILLEGAL_VECTOR = 1 << 5
+ESR_RECEIVE_ILLEGAL_VECTOR = 1 << 6
+ESR_ILLEGAL_REGISTER = 1 << 7
+
+_RESERVED_READ_OFFSETS = frozenset({0x2F0})
+
+
+@dataclass(frozen=True)
+class Ipi:
+    """An inter-processor interrupt as sent through the ICR, for the board to route to other CPUs
+    (and the record of INIT / start-up messages a later SMP board acts on)."""
+
+    source_id: int
+    vector: int
+    delivery_mode: int
+    logical: bool
+    destination: int
+    shorthand: int
+    level: int
+    level_triggered: bool
+
+
+@dataclass(frozen=True)
+class LapicState:
+    """The local APIC as data. ``irr``/``isr``/``tmr`` are 256-bit integers, bit n = vector n."""
+
+    apic_id: int
+    tpr: int
+    ldr: int
+    dfr: int
+    svr: int
+    irr: int
+    isr: int
+    tmr: int
+    esr: int
+    esr_pending: int
+    icr_low: int
+    icr_high: int
+    lvt: tuple[int, ...]
+    lint_levels: tuple[int, int]
+    nmi_pending: bool
+    extint_pending: bool
+    hardware_enabled: bool
+    timer: ApicTimerState
+
+
+def _highest(bits: int) -> int:
+    """Highest set vector in a 256-bit register, or -1."""
+    return bits.bit_length() - 1
+
+
+class LocalApic:
+    """One CPU's xAPIC. Register it on the MMIO bus at 0xfee00000 (length :data:`APIC_PAGE_SIZE`).
+
+    ``pic``: the 8259 pair behind LINT0 (anything with interrupt_pending()/acknowledge_interrupt()).
+    ``eoi_broadcast(vector)``: called on EOI of a level-triggered vector (wire it to ``IoApic.eoi``).
+    ``ipi_sink(ipi)``: receives IPIs aimed at other CPUs, and every INIT / start-up IPI.
+    ``kick()``: wakes the vCPU when an interrupt or NMI may have become pending (any thread).
+    ``tsc_now()``: the guest TSC now, for TSC-deadline; by default virtual time x ``tsc_hz``.
+    """
+
+    def __init__(
+        self,
+        queue: TimerQueue,
+        *,
+        apic_id: int = 0,
+        bsp: bool = True,
+        kick: Callable[[], None] | None = None,
+        pic: InterruptController | None = None,
+        eoi_broadcast: Callable[[int], None] | None = None,
+        ipi_sink: Callable[[Ipi], None] | None = None,
+        crystal_hz: int = TSC_CRYSTAL_HZ,
+        tsc_hz: int = 2_600_000_000,  # the default_cpuid() TSC rate
+        tsc_now: Callable[[], int] | None = None,
+    ) -> None:
+        if not 0 <= apic_id <= 0xFF:
+            raise InvalidPropertyError(
+                f"lapic: APIC ID {apic_id} does not fit the 8-bit xAPIC ID", device="lapic", name="apic_id",
+                value=apic_id,
+            )
+        for name, value in (("crystal_hz", crystal_hz), ("tsc_hz", tsc_hz)):
+            if value <= 0:
+                raise InvalidPropertyError(
+                    f"lapic: {name} must be positive, not {value}", device="lapic", name=name, value=value
+                )
+        self.initial_apic_id = apic_id
+        self.bsp = bsp
+        self.kick = kick
+        self.pic = pic
+        self.eoi_broadcast = eoi_broadcast
+        self.ipi_sink = ipi_sink
+        self.timer = ApicTimer(queue, self._timer_expired, crystal_hz=crystal_hz, tsc_hz=tsc_hz, tsc_now=tsc_now)
+        self._lint_lines = tuple(IrqLine(partial(self._lint_changed, n), f"lapic-lint{n}") for n in range(2))
+        self.reset()
+
+    # -- reset and state ---------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Power-on / RESET state (SDM 10.4.7.1): everything masked and software-disabled, DFR all ones;
+        LINT0 in ExtINT mode on the boot CPU, as QEMU and KVM set it, so the 8259 reaches the CPU."""
+        self.apic_id = self.initial_apic_id
+        self.tpr = 0
+        self.ldr = 0
+        self.dfr = 0xFFFFFFFF
+        self.svr = 0xFF
+        self.irr = 0
+        self.isr = 0
+        self.tmr = 0
+        self.esr = 0
+        self._esr_pending = 0
+        self.icr_low = 0
+        self.icr_high = 0
+        self.lvt = [LVT_MASKED] * LVT_COUNT
+        if self.bsp:
+            self.lvt[LVT_LINT0] = DM_EXTINT << 8
+        self._lint_levels = [0, 0]
+        self.nmi_pending = False
+        self._extint_pending = False
+        self.hardware_enabled = True
+        self.timer.stop()
+
+    def state(self) -> LapicState:
+        return LapicState(
+            apic_id=self.apic_id, tpr=self.tpr, ldr=self.ldr, dfr=self.dfr, svr=self.svr, irr=self.irr,
+            isr=self.isr, tmr=self.tmr, esr=self.esr, esr_pending=self._esr_pending, icr_low=self.icr_low,
+            icr_high=self.icr_high, lvt=tuple(self.lvt), lint_levels=(self._lint_levels[0], self._lint_levels[1]),
+            nmi_pending=self.nmi_pending, extint_pending=self._extint_pending,
+            hardware_enabled=self.hardware_enabled, timer=self.timer.state(),
+        )
+
+    def restore(self, state: LapicState) -> None:
+        if len(state.lvt) != LVT_COUNT:
+            raise InvalidStateError(f"lapic: saved state has {len(state.lvt)} LVT entries, expected {LVT_COUNT}",
+                                    device="lapic")
+        self.apic_id = state.apic_id & 0xFF
+        self.tpr = state.tpr & 0xFF
+        self.ldr = state.ldr & 0xFF000000
+        self.dfr = state.dfr | 0x0FFFFFFF
+        self.svr = state.svr & _SVR_WRITABLE
+        mask256 = (1 << 256) - 1
+        self.irr, self.isr, self.tmr = state.irr & mask256, state.isr & mask256, state.tmr & mask256
+        self.esr, self._esr_pending = state.esr & 0xFF, state.esr_pending & 0xFF
+        self.icr_low, self.icr_high = state.icr_low & _ICR_LOW_WRITABLE, state.icr_high & 0xFF000000
+        self.lvt = [value & 0x7FFFF for value in state.lvt]
+        self._lint_levels = [1 if level else 0 for level in state.lint_levels]
+        self.nmi_pending = state.nmi_pending
+        self._extint_pending = state.extint_pending
+        self.hardware_enabled = state.hardware_enabled
+        self.timer.restore(state.timer)
+        self._maybe_kick()
+
+    # -- wiring ------------------------------------------------------------------------------------------
+    def lint(self, n: int) -> IrqLine:
+        """The LINT0/LINT1 input pins. LINT1 is usually NMI; a PIC INTR wired to LINT0 only wakes the vCPU
+        (in ExtINT mode the vector comes from the PIC on acknowledge)."""
+        if n not in (0, 1):
+            raise InvalidPinError(f"lapic: no LINT{n} pin (there are LINT0 and LINT1)", device="lapic", pin=n,
+                                  pins=2)
+        return self._lint_lines[n]
+
+    def set_hardware_enabled(self, enabled: bool) -> None:
+        """IA32_APIC_BASE bit 11 (global enable). Under the software CPU the MSR is not writable, so this is
+        for boards and tests; a hardware-disabled APIC passes the PIC through unconditionally."""
+        self.hardware_enabled = bool(enabled)
+        self._maybe_kick()
+
+    # -- bus interface -----------------------------------------------------------------------------------
+    def read(self, offset: int, size: int) -> int:
+        aligned = offset & ~0xF
+        if size != 4 or offset & 0xF:
+            # The SDM asks for aligned 32-bit accesses; give narrow reads the bytes they overlap in the
+            # register's first dword and zero elsewhere rather than inventing data.
+            log.log("guest_errors", f"lapic: {size}-byte read at offset {offset:#x} (registers are 32-bit)")
+            within = offset & 0xF
+            if within >= 4 or within + size > 4:
+                return 0
+            return (self._read_register(aligned) >> (8 * within)) & ((1 << (8 * size)) - 1)
+        return self._read_register(aligned)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if size != 4 or offset & 0xF:
+            log.log("guest_errors", f"lapic: ignored {size}-byte write at offset {offset:#x} value {value:#x}")
+            return
+        self._write_register(offset, value & 0xFFFFFFFF)
+
+    def _read_register(self, offset: int) -> int:
+        if offset == REG_ID:
+            return self.apic_id << 24
+        if offset == REG_VERSION:
+            return APIC_VERSION
+        if offset == REG_TPR:
+            return self.tpr
+        if offset == REG_APR:
+            return self._arbitration_priority()
+        if offset == REG_PPR:
+            return self.processor_priority()
+        if offset == REG_LDR:
+            return self.ldr
+        if offset == REG_DFR:
+            return self.dfr
+        if offset == REG_SVR:
+            return self.svr
+        if REG_ISR <= offset < REG_ISR + 0x80:
+            return (self.isr >> (32 * ((offset - REG_ISR) >> 4))) & 0xFFFFFFFF
+        if REG_TMR <= offset < REG_TMR + 0x80:
+            return (self.tmr >> (32 * ((offset - REG_TMR) >> 4))) & 0xFFFFFFFF
+        if REG_IRR <= offset < REG_IRR + 0x80:
+            return (self.irr >> (32 * ((offset - REG_IRR) >> 4))) & 0xFFFFFFFF
+        if offset == REG_ESR:
+            return self.esr
+        if offset == REG_ICR_LOW:
+            return self.icr_low  # delivery status always idle: IPIs are delivered synchronously
+        if offset == REG_ICR_HIGH:
+            return self.icr_high
+        if REG_LVT_TIMER <= offset <= REG_LVT_ERROR:
+            return self.lvt[(offset - REG_LVT_TIMER) >> 4]
+        if offset == REG_TIMER_INITIAL:
+            return self.timer.initial_count
+        if offset == REG_TIMER_CURRENT:
+            return self.timer.current_count()
+        if offset == REG_TIMER_DIVIDE:
+            return self.timer.divide_config
+        if offset in (REG_EOI, REG_RRD):
+            return 0  # write-only EOI and the unsupported remote-read register read as zero
+        log.log("guest_errors", f"lapic: read of reserved register {offset:#x}")
+        if offset not in _RESERVED_READ_OFFSETS:
+            self._signal_error(ESR_ILLEGAL_REGISTER)
+        return 0
+
+    def _write_register(self, offset: int, value: int) -> None:
+        if offset == REG_ID:
+            self.apic_id = value >> 24
+        elif offset == REG_TPR:
+            self.tpr = value & 0xFF
+            self._maybe_kick()
+        elif offset == REG_EOI:
+            self.eoi()
+        elif offset == REG_LDR:
+            self.ldr = value & 0xFF000000
+        elif offset == REG_DFR:
+            self.dfr = (value & 0xF0000000) | 0x0FFFFFFF
+        elif offset == REG_SVR:
+            self._write_svr(value)
+        elif offset == REG_ESR:
+            # A write latches the errors seen since the previous write into the readable register.
+            self.esr, self._esr_pending = self._esr_pending, 0
+        elif offset == REG_ICR_LOW:
+            self.icr_low = value & _ICR_LOW_WRITABLE
+            self._send_ipi()
+        elif offset == REG_ICR_HIGH:
+            self.icr_high = value & 0xFF000000
+        elif REG_LVT_TIMER <= offset <= REG_LVT_ERROR:
+            self._write_lvt((offset - REG_LVT_TIMER) >> 4, value)
+        elif offset == REG_TIMER_INITIAL:
+            self.timer.write_initial_count(value)
+        elif offset == REG_TIMER_DIVIDE:
+            self.timer.write_divide(value)
+        elif offset in (REG_VERSION, REG_APR, REG_PPR, REG_RRD, REG_TIMER_CURRENT) or (
+            REG_ISR <= offset < REG_IRR + 0x80
+        ):
+            log.log("guest_errors", f"lapic: write {value:#x} to read-only register {offset:#x} ignored")
+        else:
+            log.log("guest_errors", f"lapic: write {value:#x} to reserved register {offset:#x} ignored")
+            self._signal_error(ESR_ILLEGAL_REGISTER)
+
+    def _write_svr(self, value: int) -> None:
+        self.svr = value & _SVR_WRITABLE
+        if not self.svr & SVR_ENABLE:
+            # Software disable masks every LVT entry (SDM 10.4.7.2); IRR/ISR are kept.
+            self.lvt = [entry | LVT_MASKED for entry in self.lvt]
+        self._maybe_kick()
+
+    def _write_lvt(self, index: int, value: int) -> None:
+        writable = _LVT_WRITABLE[index]
+        entry = (self.lvt[index] & ~writable) | (value & writable)
+        if not self.software_enabled:
+            entry |= LVT_MASKED  # the mask bits cannot be cleared while software-disabled
+        if index in (LVT_LINT0, LVT_LINT1) and not entry & LVT_LEVEL_TRIGGER:
+            entry &= ~LVT_REMOTE_IRR
+        self.lvt[index] = entry
+        if index == LVT_TIMER:
+            mode = (entry >> 17) & 3
+            if mode == 3:
+                log.log("guest_errors", "lapic: reserved timer mode 3 treated as one-shot")
+            self.timer.set_mode({0: MODE_ONESHOT, 1: MODE_PERIODIC, 2: MODE_TSC_DEADLINE}.get(mode, MODE_ONESHOT))
+        elif index in (LVT_LINT0, LVT_LINT1):
+            # A level-triggered input that is still asserted is delivered once it gets unmasked.
+            self._evaluate_lint(index - LVT_LINT0)
+        self._maybe_kick()
+
+    # -- priorities --------------------------------------------------------------------------------------
+    @property
+    def software_enabled(self) -> bool:
+        return bool(self.svr & SVR_ENABLE)
+
+    @property
+    def spurious_vector(self) -> int:
+        return self.svr & 0xFF
+
+    def processor_priority(self) -> int:
+        """PPR: the TPR, or the class of the highest in-service vector if that is higher (SDM 10.8.3.1)."""
+        isrv = max(_highest(self.isr), 0)
+        if (self.tpr >> 4) >= (isrv >> 4):
+            return self.tpr
+        return isrv & 0xF0
+
+    def _arbitration_priority(self) -> int:
+        isrv = max(_highest(self.isr), 0)
+        irrv = max(_highest(self.irr), 0)
+        if (self.tpr >> 4) >= (irrv >> 4) and (self.tpr >> 4) > (isrv >> 4):
+            return self.tpr
+        return max(self.tpr & 0xF0, isrv & 0xF0, irrv & 0xF0)
+
+    def _deliverable_vector(self) -> int | None:
+        """The highest requested vector whose priority class beats the PPR, if any."""
+        if not self.irr:
+            return None
+        vector = _highest(self.irr)
+        if (vector >> 4) > (self.processor_priority() >> 4):
+            return vector
+        return None
+
+    def _pic_passthrough(self) -> bool:
+        """Is the 8259 connected to the CPU through LINT0 (virtual-wire mode)? When LINT0 is in ExtINT mode
+        and unmasked, or the APIC is disabled (the reset state keeps it unmasked anyway), or an ExtINT
+        message arrived (the IOAPIC's virtual-wire fallback for the timer)."""
+        if self.pic is None:
+            return False
+        if self._extint_pending or not self.hardware_enabled:
+            return True
+        lint0 = self.lvt[LVT_LINT0]
+        if (lint0 >> 8) & 7 != DM_EXTINT:
+            return False
+        return not lint0 & LVT_MASKED or not self.software_enabled
+
+    # -- the InterruptController protocol ----------------------------------------------------------------
+    def interrupt_pending(self) -> bool:
+        if self._deliverable_vector() is not None:
+            return True
+        return self._pic_passthrough() and bool(self.pic is not None and self.pic.interrupt_pending())
+
+    def acknowledge_interrupt(self) -> int | None:
+        """INTA: the PIC's vector first when it is passed through (ExtINT is not subject to APIC priority,
+        KVM takes it first too), else the highest deliverable IRR vector moves to ISR. If the only request
+        got masked by a TPR raise since :meth:`interrupt_pending`, the spurious vector is returned."""
+        if self._pic_passthrough() and self.pic is not None and self.pic.interrupt_pending():
+            self._extint_pending = False
+            return self.pic.acknowledge_interrupt()
+        vector = self._deliverable_vector()
+        if vector is not None:
+            bit = 1 << vector
+            self.irr &= ~bit
+            self.isr |= bit
+            if log.enabled("int"):
+                log.log("int", f"lapic{self.apic_id}: deliver vector {vector:#x}")
+            return vector
+        if self.irr and self.software_enabled:
+            return self.spurious_vector
+        return None
+
+    def take_nmi(self) -> bool:
+        """True (once) if an NMI is pending; the CPU delivers vector 2 itself."""
+        pending, self.nmi_pending = self.nmi_pending, False
+        return pending
+
+    def eoi(self) -> None:
+        """End the highest in-service interrupt; level-triggered vectors are broadcast to the IOAPIC(s)."""
+        vector = _highest(self.isr)
+        if vector < 0:
+            return
+        bit = 1 << vector
+        self.isr &= ~bit
+        if self.tmr & bit:  # TMR keeps the trigger mode until the next acceptance of this vector
+            for index in (LVT_LINT0, LVT_LINT1):
+                entry = self.lvt[index]
+                if entry & LVT_REMOTE_IRR and entry & 0xFF == vector:
+                    self.lvt[index] = entry & ~LVT_REMOTE_IRR
+                    self._evaluate_lint(index - LVT_LINT0)
+            if self.eoi_broadcast is not None:
+                self.eoi_broadcast(vector)
+        self._maybe_kick()
+
+    # -- CR8 (the TPR seen by 64-bit code as 4 bits) ------------------------------------------------------
+    def read_cr8(self) -> int:
+        return self.tpr >> 4
+
+    def write_cr8(self, value: int) -> None:
+        self.tpr = (value & 0xF) << 4
+        self._maybe_kick()
+
+    # -- accepting interrupts ----------------------------------------------------------------------------
+    def accept_fixed(self, vector: int, level_triggered: bool = False) -> None:
+        """Latch a fixed interrupt in IRR (TMR records its trigger mode). Vectors 0-15 are illegal; fixed
+        interrupts are dropped while the APIC is software-disabled (SDM 10.4.7.2)."""
+        if vector < 16:
+            self._signal_error(ESR_RECEIVE_ILLEGAL_VECTOR)
+            return
+        if not self.software_enabled or not self.hardware_enabled:
+            return
+        bit = 1 << vector
+        self.irr |= bit
+        if level_triggered:
+            self.tmr |= bit
+        else:
+            self.tmr &= ~bit
+        self._maybe_kick()
+
+    def raise_nmi(self) -> None:
+        self.nmi_pending = True
+        if self.kick is not None:
+            self.kick()
+
+    def _accept_message(self, mode: int, vector: int, level_triggered: bool, what: str) -> None:
+        if mode in (DM_FIXED, DM_LOWEST):
+            self.accept_fixed(vector, level_triggered)
+        elif mode == DM_NMI:
+            self.raise_nmi()
+        elif mode == DM_EXTINT:
+            self._extint_pending = True
+            self._maybe_kick()
+        elif mode in (DM_INIT, DM_STARTUP):
+            log.log("unimp", f"lapic{self.apic_id}: {what} INIT/start-up message to self ignored")
+        elif mode == DM_SMI:
+            log.log("unimp", f"lapic{self.apic_id}: {what} SMI ignored (no SMM)")
+        else:
+            log.log("guest_errors", f"lapic{self.apic_id}: {what} with reserved delivery mode {mode}")
+
+    def matches_destination(self, destination: int, logical: bool) -> bool:
+        """Would this APIC accept a message for ``destination`` (8-bit xAPIC destination)?"""
+        if destination == 0xFF:
+            return True
+        if not logical:
+            return destination == self.apic_id
+        logical_id = self.ldr >> 24
+        if self.dfr >> 28 == 0xF:  # flat model: one bit per APIC
+            return bool(logical_id & destination)
+        if self.dfr >> 28 == 0x0:  # cluster model: cluster in the high nibble, APIC bits in the low
+            return (logical_id >> 4) == (destination >> 4) and bool(logical_id & destination & 0xF)
+        log.log("guest_errors", f"lapic{self.apic_id}: reserved DFR model {self.dfr >> 28:#x}")
+        return False
+
+    # -- the MsiSink protocol ----------------------------------------------------------------------------
+    def deliver_msi(self, address: int, data: int) -> None:
+        """An MSI (from the IOAPIC or a device): address bits 19:12 destination, bit 2 logical mode;
+        data bits 7:0 vector, 10:8 delivery mode, 15 level trigger. The assert bit (14) is not checked,
+        as KVM does not: every message is an assertion."""
+        if (address >> 20) != 0xFEE:
+            log.log("guest_errors", f"lapic: MSI to address {address:#x} outside 0xfeexxxxx dropped")
+            return
+        destination = (address >> 12) & 0xFF
+        logical = bool(address & 0x4)
+        if not self.matches_destination(destination, logical):
+            log.log("guest_errors", f"lapic{self.apic_id}: MSI for {'logical' if logical else 'physical'} "
+                                    f"destination {destination:#x} is not for this CPU; dropped")
+            return
+        mode = (data >> 8) & 7
+        vector = data & 0xFF
+        level_triggered = bool(data & (1 << 15))
+        if log.enabled("int"):
+            log.log("int", f"lapic{self.apic_id}: MSI vector {vector:#x} mode {mode} "
+                           f"{'level' if level_triggered else 'edge'}")
+        self._accept_message(mode, vector, level_triggered and mode in (DM_FIXED, DM_LOWEST), "MSI")
+
+    # -- IPIs --------------------------------------------------------------------------------------------
+    def _send_ipi(self) -> None:
+        low = self.icr_low
+        ipi = Ipi(
+            source_id=self.apic_id,
+            vector=low & 0xFF,
+            delivery_mode=(low >> 8) & 7,
+            logical=bool(low & (1 << 11)),
+            destination=self.icr_high >> 24,
+            shorthand=(low >> 18) & 3,
+            level=(low >> 14) & 1,
+            level_triggered=bool(low & (1 << 15)),
+        )
+        if ipi.delivery_mode in (DM_FIXED, DM_LOWEST) and ipi.vector < 16:
+            self._signal_error(ESR_SEND_ILLEGAL_VECTOR)
+            return
+        if ipi.shorthand == SHORTHAND_SELF:
+            to_self, to_others = True, False
+        elif ipi.shorthand == SHORTHAND_ALL:
+            to_self, to_others = True, True
+        elif ipi.shorthand == SHORTHAND_OTHERS:
+            to_self, to_others = False, True
+        else:
+            to_self = self.matches_destination(ipi.destination, ipi.logical)
+            only_us = not ipi.logical and ipi.destination == self.apic_id
+            to_others = not only_us
+        if ipi.delivery_mode in (DM_INIT, DM_STARTUP):
+            # Recorded for an SMP board (which starts the other CPUs); a CPU never INITs itself this way.
+            if self.ipi_sink is not None:
+                self.ipi_sink(ipi)
+            return
+        if to_self:
+            self._accept_message(ipi.delivery_mode, ipi.vector, ipi.level_triggered and ipi.delivery_mode in
+                                 (DM_FIXED, DM_LOWEST), "IPI")
+        if to_others and self.ipi_sink is not None:
+            self.ipi_sink(ipi)
+
+    # -- local interrupt sources -------------------------------------------------------------------------
+    def _deliver_lvt(self, index: int) -> None:
+        entry = self.lvt[index]
+        if entry & LVT_MASKED:
+            return
+        mode = (entry >> 8) & 7 if index not in (LVT_TIMER, LVT_ERROR) else DM_FIXED
+        vector = entry & 0xFF
+        if mode == DM_FIXED:
+            if vector < 16:
+                if index != LVT_ERROR:  # an illegal error vector must not re-trigger itself
+                    self._signal_error(ESR_RECEIVE_ILLEGAL_VECTOR)
+                else:
+                    self._esr_pending |= ESR_RECEIVE_ILLEGAL_VECTOR
+                return
+            level = index in (LVT_LINT0, LVT_LINT1) and bool(entry & LVT_LEVEL_TRIGGER)
+            if level:
+                self.lvt[index] = entry | LVT_REMOTE_IRR
+            self.accept_fixed(vector, level)
+        else:
+            self._accept_message(mode, vector, False, f"LVT {LVT_NAMES[index]}")
+
+    def _timer_expired(self) -> None:
+        self._deliver_lvt(LVT_TIMER)
+
+    def _signal_error(self, bits: int) -> None:
+        new = bits & ~self._esr_pending
+        self._esr_pending |= bits
+        if new:
+            self._deliver_lvt(LVT_ERROR)
+
+    def raise_thermal(self) -> None:
+        """The thermal sensor LVT source (for tests and completeness; nothing in a VM overheats)."""
+        self._deliver_lvt(LVT_THERMAL)
+
+    def raise_perf(self) -> None:
+        """The performance-counter overflow LVT source."""
+        self._deliver_lvt(LVT_PERF)
+
+    def _lint_changed(self, n: int, level: int) -> None:
+        old = self._lint_levels[n]
+        self._lint_levels[n] = 1 if level else 0
+        entry = self.lvt[LVT_LINT0 + n]
+        mode = (entry >> 8) & 7
+        if mode == DM_EXTINT:
+            if level:
+                self._maybe_kick()  # the vector comes from the PIC at acknowledge time
+            return
+        if entry & LVT_LEVEL_TRIGGER and mode == DM_FIXED:
+            self._evaluate_lint(n)
+        elif level and not old:
+            self._deliver_lvt(LVT_LINT0 + n)
+
+    def _evaluate_lint(self, n: int) -> None:
+        """Deliver a level-triggered fixed LINT input that is asserted and not already in service."""
+        index = LVT_LINT0 + n
+        entry = self.lvt[index]
+        if (
+            self._lint_levels[n]
+            and entry & LVT_LEVEL_TRIGGER
+            and (entry >> 8) & 7 == DM_FIXED
+            and not entry & (LVT_REMOTE_IRR | LVT_MASKED)
+        ):
+            self._deliver_lvt(index)
+
+    # -- timer helpers -----------------------------------------------------------------------------------
+    def set_tsc_deadline(self, tsc_value: int) -> None:
+        """IA32_TSC_DEADLINE write (there are no MSR exits under the software CPU; the accelerator or a
+        test calls this). Ignored unless the LVT timer is in TSC-deadline mode; 0 disarms."""
+        self.timer.set_tsc_deadline(tsc_value)
+
+    def tsc_deadline(self) -> int:
+        """IA32_TSC_DEADLINE read: the armed deadline, 0 once it fired."""
+        return self.timer.tsc_deadline
+
+    def _maybe_kick(self) -> None:
+        if self.kick is not None and (self.nmi_pending or self.interrupt_pending()):
+            self.kick()
