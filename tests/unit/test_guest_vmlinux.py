@@ -1,0 +1,58 @@
+"""Extracting the ELF vmlinux from a bzImage's compressed payload."""
+
+import gzip
+import lzma
+import struct
+
+import pytest
+
+from pyemu.guest.assets import find_assets
+from pyemu.guest.errors import KernelExtractError
+from pyemu.guest.vmlinux import extract_vmlinux, extract_vmlinux_file, payload_compression
+from pyemu.target.x86.boot.synthetic import BzImageSpec, make_bzimage, make_pvh_elf
+
+ELF = make_pvh_elf(b"\x90" * 1000 + b"\xf4")
+
+
+def kernel_xz(data: bytes) -> bytes:
+    """As the kernel build does: xz with the x86 BCJ filter and CRC32, then the size appended."""
+    filters = [{"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": 6}]
+    stream = lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, filters=filters)
+    return stream + struct.pack("<I", len(data))
+
+
+def test_xz_payload(tmp_path):
+    image = make_bzimage(BzImageSpec(payload=kernel_xz(ELF)))
+    assert extract_vmlinux(image) == ELF
+    source = tmp_path / "vmlinuz"
+    source.write_bytes(image)
+    assert extract_vmlinux_file(source, tmp_path / "vmlinux") == len(ELF)
+    assert (tmp_path / "vmlinux").read_bytes() == ELF
+
+
+def test_gzip_payload():
+    payload = gzip.compress(ELF) + struct.pack("<I", len(ELF))
+    assert payload_compression(payload) == "gzip"
+    assert extract_vmlinux(make_bzimage(BzImageSpec(payload=payload))) == ELF
+
+
+def test_errors():
+    with pytest.raises(KernelExtractError, match="cannot find the kernel payload"):
+        extract_vmlinux(b"not a kernel" * 100)
+    with pytest.raises(KernelExtractError, match="does not describe its payload"):
+        extract_vmlinux(make_bzimage())  # no payload
+    with pytest.raises(KernelExtractError, match="cannot decode"):
+        extract_vmlinux(make_bzimage(BzImageSpec(payload=b"\x42" * 64)))
+    corrupt = bytearray(kernel_xz(ELF))
+    corrupt[40] ^= 0xFF
+    with pytest.raises(KernelExtractError, match="corrupt"):
+        extract_vmlinux(make_bzimage(BzImageSpec(payload=bytes(corrupt))))
+    with pytest.raises(KernelExtractError, match="not an ELF"):
+        extract_vmlinux(make_bzimage(BzImageSpec(payload=kernel_xz(b"plain data" * 10))))
+
+
+def test_real_kernel_payload_matches_cached_vmlinux():
+    assets = find_assets()
+    if assets is None:
+        pytest.skip("Debian guest assets not fetched (run 'pyemu-guest fetch')")
+    assert extract_vmlinux(assets.kernel.read_bytes()) == assets.vmlinux.read_bytes()
