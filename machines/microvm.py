@@ -1,0 +1,267 @@
+"""The microvm board: a minimal x86 PC without PCI, shaped like QEMU's ``-M microvm``.
+
+Devices: local APIC (userspace under the software CPU, in-kernel under KVM), IOAPIC, optional 8259 pair,
+8254 PIT and MC146818 RTC, 16550A UARTs on COM1/COM2, the i8042 reset line, the POST/debug port 0x80, a
+GED with ACPI sleep and reset registers, ``isa-debug-exit`` on request, and ACPI tables describing them
+(Debian's kernel needs the DSDT to find virtio-mmio devices). The kernel is booted directly (bzImage, PVH
+ELF or multiboot), without firmware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from pyemu.accel.base import Accelerator
+from pyemu.chardev import NoneSpec, open_chardev, parse_chardev_spec
+from pyemu.chardev.base import CharBackend
+from pyemu.errors import ConfigError
+from pyemu.hw.acpi.builder import AcpiConfig, build_acpi
+from pyemu.hw.acpi.dsdt import SerialPortInfo
+from pyemu.hw.acpi.ged import GedDevice, GedLayout
+from pyemu.hw.char.serial_isa import ISA_SERIAL_RESOURCES, IsaSerial
+from pyemu.hw.core.irq import IrqLine, fanout
+from pyemu.hw.intc.ioapic import IOAPIC_MMIO_SIZE, IoApic
+from pyemu.hw.intc.lapic import LocalApic
+from pyemu.hw.intc.pic import PicPair
+from pyemu.hw.misc.debug_exit import DebugExitConfig, IsaDebugExit
+from pyemu.hw.misc.debugport import DebugPort
+from pyemu.hw.misc.i8042 import I8042
+from pyemu.hw.timer.pit import Pit
+from pyemu.hw.timer.cmos import pc_cmos_memory_layout
+from pyemu.hw.timer.rtc import Rtc
+from pyemu.machines import memmap
+from pyemu.machines.base import Machine
+from pyemu.system.config import DeviceOptions, VmConfig
+from pyemu.system.runstate import ShutdownCause
+from pyemu.target.x86.boot.loader import load_kernel
+from pyemu.target.x86.cpuid import CpuidTable, default_cpuid
+
+GED_GSI = 9
+MAX_SERIAL_PORTS = 2  # COM3/COM4 would share IRQ lines with COM1/COM2
+
+
+@dataclass(frozen=True)
+class MicrovmFeatures:
+    """The resolved ``-machine`` switches (``auto`` replaced by the default for the accelerator)."""
+
+    acpi: bool
+    pic: bool
+    pit: bool
+    rtc: bool
+    isa_serial: bool
+
+    @staticmethod
+    def resolve(config: VmConfig, accel_name: str) -> "MicrovmFeatures":
+        opts = config.machine
+        acpi = True if opts.acpi is None else opts.acpi
+        # With ACPI the FADT is hardware-reduced and Linux ignores any 8259 (it installs its null
+        # legacy PIC and never masks it), so an unprogrammed PIC would only inject stray vectors through
+        # LINT0; the default is therefore no PIC when ACPI is on. Under KVM the LAPIC is in the kernel
+        # (split irqchip) with no path for a userspace 8259's ExtINT, so the PIC is never available there.
+        features = MicrovmFeatures(
+            acpi=acpi,
+            pic=(not acpi and accel_name == "tcg") if opts.pic is None else opts.pic,
+            pit=True if opts.pit is None else opts.pit,
+            rtc=True if opts.rtc is None else opts.rtc,
+            isa_serial=True if opts.isa_serial is None else opts.isa_serial,
+        )
+        if features.pic and accel_name == "kvm":
+            raise ConfigError("-machine microvm,pic=on is not supported with -accel kvm (split irqchip)",
+                              option="-machine")
+        return features
+
+
+@dataclass(frozen=True)
+class BootSource:
+    kernel: str
+    initrd: str | None
+    cmdline: str
+
+
+class Microvm(Machine):
+    """QEMU-style microvm. Build with :meth:`create`; then ``start()`` and ``wait()``."""
+
+    def __init__(self, config: VmConfig, accel: Accelerator, boot: BootSource) -> None:
+        self.layout = memmap.RamLayout.for_size(config.ram_size)
+        super().__init__(self.layout.regions(), accel, config.vcpus)
+        self.config = config
+        self.boot = boot
+        self.features = MicrovmFeatures.resolve(config, accel.name)
+        self.no_reboot = config.no_reboot
+        self.backends: list[CharBackend] = []
+        self.serial_ports: list[IsaSerial] = []
+        self.lapics: list[LocalApic] = []
+        self.pic: PicPair | None = None
+        self.cpuid: CpuidTable = default_cpuid(vcpus=config.vcpus)
+        self.acpi_rsdp: int | None = None
+
+    # -- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, config: VmConfig, accel: Accelerator, boot: BootSource,
+               *, on_quit: Callable[[], None] | None = None) -> "Microvm":
+        machine = cls(config, accel, boot)
+        try:
+            machine._build(on_quit)
+        except BaseException:
+            machine.close_backends()
+            raise
+        return machine
+
+    def _build(self, on_quit: Callable[[], None] | None) -> None:
+        accel = self.accel
+        if accel.needs_userspace_lapic:
+            self.cpuid = self.cpuid.without("x2apic", "tsc_deadline")
+        accel.attach(self.memory, self.dispatcher, self.cpuid)
+
+        if self.features.pic:
+            self.pic = PicPair()
+            self.pio.register(0x20, 2, self.pic.master, "pic-master")
+            self.pio.register(0xA0, 2, self.pic.slave, "pic-slave")
+            self.pio.register(0x4D0, 2, self.pic.elcr, "elcr")
+            self.reset_handlers.append(self.pic.reset)
+            self.reset_handlers.append(self._program_pic_like_firmware)
+            self._program_pic_like_firmware()
+
+        if accel.needs_userspace_lapic:
+            for index in range(self.vcpu_count):
+                lapic = LocalApic(self.timers, apic_id=index, bsp=index == 0,
+                                  pic=self.pic if index == 0 else None)
+                self.lapics.append(lapic)
+                self.reset_handlers.append(lapic.reset)
+            # One xAPIC page serves the vCPU that touches it; with one vCPU that is vCPU 0.
+            self.mmio.register(memmap.LAPIC_BASE, memmap.LAPIC_SIZE, self.lapics[0], "lapic")
+            msi_sink = self.lapics[0]
+        else:
+            sink = accel.msi_sink()
+            if sink is None:
+                raise ConfigError(f"accelerator {accel.name} provides neither a LAPIC nor an MSI path")
+            msi_sink = sink
+        self.ioapic = IoApic(msi_sink)
+        self.mmio.register(memmap.IOAPIC_BASE, IOAPIC_MMIO_SIZE, self.ioapic, "ioapic")
+        self.reset_handlers.append(self.ioapic.reset)
+        if self.lapics:
+            self.lapics[0].eoi_broadcast = self.ioapic.eoi
+            if self.pic is not None:
+                self.pic.int_output = self.lapics[0].lint(0)
+
+        if self.features.pit:
+            self.pit = Pit(self.timers, self.isa_irq(0, gsi=2))
+            self.pio.register(0x40, 4, self.pit, "pit")
+            self.pio.register(0x61, 1, self.pit.speaker, "pit-speaker")
+            self.reset_handlers.append(self.pit.reset)
+        if self.features.rtc:
+            cmos = pc_cmos_memory_layout(self.layout.low_size, self.layout.high_size, cpus=self.vcpu_count)
+            self.rtc = Rtc(self.timers, self.isa_irq(8), cmos=cmos)
+            self.pio.register(0x70, 2, self.rtc, "rtc")
+            self.reset_handlers.append(self.rtc.reset)
+
+        self.i8042 = I8042(lambda: self.request_reset(ShutdownCause.GUEST_RESET))
+        self.i8042.register(self.pio)
+        self.debug_port = DebugPort(self.timers)
+        self.debug_port.register(self.pio)
+
+        self.ged = GedDevice(self.ioapic.pin(GED_GSI),
+                             on_poweroff=lambda: self.request_shutdown(ShutdownCause.GUEST_SHUTDOWN, 0),
+                             on_reset=lambda: self.request_reset(ShutdownCause.GUEST_RESET),
+                             layout=GedLayout(base=memmap.GED_BASE, gsi=GED_GSI, level_triggered=True))
+        self.mmio.register(memmap.GED_BASE, memmap.GED_SIZE, self.ged, "ged")
+
+        self._build_serial_ports(on_quit)
+        for device in self.config.devices:
+            self._add_device(device)
+
+        for index in range(self.vcpu_count):
+            interrupts = self.lapics[index] if self.lapics else None
+            vcpu = accel.create_vcpu(index, interrupts)
+            self.vcpus.append(vcpu)
+            if self.lapics:
+                self.lapics[index].kick = vcpu.kick
+        self.load_boot()
+        for vcpu, state in zip(self.vcpus, self.boot_states):
+            vcpu.load_state(state)
+
+    def _program_pic_like_firmware(self) -> None:
+        """Initialise the 8259 pair as PC firmware does before it jumps to a kernel: vectors 0x08-0x0f
+        and 0x70-0x77, cascade on IR2, every input masked. A guest that never touches the PIC (Linux with
+        ACPI) then sees no stray interrupts; one that does reprograms it anyway."""
+        assert self.pic is not None
+        for port, icw2, icw3, mask in ((self.pic.master, 0x08, 0x04, 0xFB), (self.pic.slave, 0x70, 0x02, 0xFF)):
+            for offset, value in ((0, 0x11), (1, icw2), (1, icw3), (1, 0x01), (1, mask)):
+                port.write(offset, 1, value)
+
+    def isa_irq(self, irq: int, gsi: int | None = None) -> IrqLine:
+        """The line of ISA ``irq``: to the PIC pin (if any) and to IOAPIC ``gsi`` (default: same number)."""
+        ioapic_pin = self.ioapic.pin(irq if gsi is None else gsi)
+        if self.pic is None:
+            return ioapic_pin
+        return fanout(self.pic.pin(irq), ioapic_pin, name=f"isa-irq{irq}")
+
+    def _build_serial_ports(self, on_quit: Callable[[], None] | None) -> None:
+        if not self.features.isa_serial:
+            if self.config.serial:
+                raise ConfigError("-serial needs isa-serial=on", option="-serial")
+            return
+        specs = list(self.config.serial) or ["stdio"]
+        if len(specs) > MAX_SERIAL_PORTS:
+            raise ConfigError(f"-serial: at most {MAX_SERIAL_PORTS} serial ports", option="-serial")
+        for index, text in enumerate(specs):
+            spec = parse_chardev_spec(text, option="-serial")
+            if isinstance(spec, NoneSpec):
+                continue
+            backend = open_chardev(spec, on_quit=on_quit)
+            self.backends.append(backend)
+            port = IsaSerial.create(self.isa_irq(ISA_SERIAL_RESOURCES[index][1]), self.timers,
+                                    backend.write, index=index)
+            port.register(self.pio)
+            backend.attach(port.core, self.lock)
+            self.serial_ports.append(port)
+            self.reset_handlers.append(port.core.reset)
+
+    def _add_device(self, device: DeviceOptions) -> None:
+        if device.driver == "isa-debug-exit":
+            props = dict(device.props)
+            debug_exit = IsaDebugExit(
+                lambda status: self.request_shutdown(ShutdownCause.DEBUG_EXIT, status & 0xFF),
+                DebugExitConfig.from_properties(props))
+            debug_exit.register(self.pio)
+            return
+        raise ConfigError(f"-device: '{device.driver}' is not a valid device model name", option="-device")
+
+    # -- boot -------------------------------------------------------------------------------------------
+    def acpi_config(self) -> AcpiConfig:
+        ports = tuple(
+            SerialPortInfo(device_name=f"COM{ISA_SERIAL_RESOURCES.index((p.iobase, p.irq)) + 1}",
+                           uid=i, io_base=p.iobase, irq=p.irq)
+            for i, p in enumerate(self.serial_ports))
+        return AcpiConfig(cpus=self.vcpu_count, ged=GedLayout(base=memmap.GED_BASE, gsi=GED_GSI,
+                                                               level_triggered=True),
+                          serial_ports=ports, pic=self.features.pic, pit=self.features.pit,
+                          rtc=self.features.rtc, i8042=True,
+                          address=memmap.ACPI_TABLES_BASE,
+                          limit=memmap.ACPI_TABLES_BASE + memmap.ACPI_TABLES_SIZE)
+
+    def load_boot(self) -> None:
+        self.memory.clear()
+        if self.features.acpi:
+            blob = build_acpi(self.acpi_config())
+            self.memory.write(blob.address, blob.data)
+            self.acpi_rsdp = blob.rsdp_address
+        result = load_kernel(self.memory, self.boot.kernel, self.boot.initrd, self.boot.cmdline,
+                             self.layout.e820(), self.acpi_rsdp)
+        self.boot_result = result
+        states = [result.cpu]
+        # Application processors wait for INIT/SIPI; under the software CPU there is one vCPU today.
+        states += [result.cpu.copy() for _ in range(1, self.vcpu_count)]
+        self.boot_states = states
+
+    def close_backends(self) -> None:
+        for backend in self.backends:
+            backend.close()
+        self.backends.clear()
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.close_backends()

@@ -1,0 +1,97 @@
+"""Run one VM from a :class:`~pyemu.system.config.VmConfig`: pick the accelerator, find the kernel, build
+the board, run until the guest or the user ends it, and return the process exit status."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from pyemu.accel.base import Accelerator, AcceleratorUnavailable, create_accelerator
+from pyemu.errors import ConfigError
+from pyemu.machines.microvm import BootSource, Microvm
+from pyemu.system import log
+from pyemu.system.config import VmConfig
+from pyemu.system.runstate import ShutdownCause
+
+DEFAULT_CMDLINE = "console=ttyS0"
+
+
+def choose_accelerator(names: tuple[str, ...]) -> Accelerator:
+    """The first accelerator of ``names`` that this host can provide (``-accel kvm:tcg`` falls back)."""
+    failures: list[str] = []
+    for name in names:
+        try:
+            return create_accelerator(name)
+        except AcceleratorUnavailable as error:
+            failures.append(str(error))
+            if len(names) > 1:
+                print(f"pyemu: {error}; trying the next accelerator", file=sys.stderr)
+    raise ConfigError(failures[-1] if failures else "-accel: no accelerator given", option="-accel")
+
+
+def resolve_boot(config: VmConfig) -> BootSource:
+    """``-kernel``/``-initrd``/``-append``, or the default Debian guest when no kernel is given."""
+    if config.kernel:
+        return BootSource(config.kernel, config.initrd, config.append)
+    from pyemu.guest.assets import find_assets
+
+    assets = find_assets()
+    if assets is None:
+        from pyemu.guest.fetch import fetch_assets, FetchUnavailable
+
+        try:
+            print("pyemu: fetching the default guest (Debian linux-image-amd64, busybox-static) ...",
+                  file=sys.stderr)
+            assets = fetch_assets()
+        except FetchUnavailable as error:
+            raise ConfigError(
+                f"no -kernel given and the default guest cannot be fetched ({error}); "
+                "run 'pyemu-guest fetch' on a Debian host, or pass -kernel (and -initrd)",
+                option="-kernel") from error
+    cmdline = DEFAULT_CMDLINE + (f" {config.append}" if config.append else "")
+    return BootSource(str(assets.kernel), str(assets.initrd), cmdline)
+
+
+def run_vm(config: VmConfig) -> int:
+    boot = resolve_boot(config)
+    accel = choose_accelerator(config.accel)
+    machine: Microvm | None = None
+    quit_requested = threading.Event()
+
+    def on_quit() -> None:
+        quit_requested.set()
+        if machine is not None:
+            machine.request_shutdown(ShutdownCause.HOST_UI, 0)
+
+    try:
+        machine = Microvm.create(config, accel, boot, on_quit=on_quit)
+    except BaseException:
+        accel.close()
+        raise
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        print(f"pyemu: terminating on signal {signum}", file=sys.stderr)
+        assert machine is not None
+        machine.request_shutdown(ShutdownCause.HOST_SIGNAL, 0)
+
+    try:
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGHUP, on_signal)
+    except ValueError:
+        pass  # not the main thread (embedded use): the caller handles signals
+    try:
+        log.log("exec", f"starting {config.vcpus} vCPU(s) on {accel.name}")
+        machine.start(paused=config.start_paused)
+        try:
+            return machine.wait()
+        except KeyboardInterrupt:
+            print("pyemu: terminating on signal 2", file=sys.stderr)
+            return 0
+    finally:
+        machine.close()
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except ValueError:
+            pass
