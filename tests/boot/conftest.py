@@ -1,0 +1,85 @@
+"""Fixtures for Linux boot tests: the Debian guest assets and a pyemu process driven over its console."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyemu.guest.assets import find_assets
+
+
+@pytest.fixture(scope="session")
+def guest_assets():
+    assets = find_assets()
+    if assets is None:
+        if os.environ.get("CI"):
+            pytest.fail("guest assets missing in CI: .ci/run must run 'pyemu-guest fetch'")
+        pytest.skip("guest assets not fetched (run 'pyemu-guest fetch')")
+    return assets
+
+
+class ConsoleSession:
+    """A pyemu child process whose COM1 is its stdin/stdout (``-serial stdio`` on pipes)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pyemu.system.main", *argv],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        self.output = b""
+
+    def expect(self, needle: bytes, timeout: float) -> bytes:
+        """Read the console until ``needle`` appears; return everything read so far."""
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while needle not in self.output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out waiting for {needle!r}; console tail:\n"
+                                     f"{self.output[-3000:].decode(errors='replace')}")
+            ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"pyemu exited ({self.proc.wait()}) before {needle!r}; tail:\n"
+                                         f"{self.output[-3000:].decode(errors='replace')}\nstderr:\n"
+                                         f"{self.proc.stderr.read().decode(errors='replace')}")
+                self.output += chunk
+        return self.output
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def console():
+    sessions: list[ConsoleSession] = []
+
+    def start(argv: list[str]) -> ConsoleSession:
+        session = ConsoleSession(argv)
+        sessions.append(session)
+        return session
+
+    yield start
+    for session in sessions:
+        session.close()
