@@ -1,8 +1,8 @@
-"""The ``file:PATH`` backend: guest output appended to a file, no input.
+"""The ``file:PATH`` backend: guest output written to a file, no input.
 
-Appending (not truncating) matches what a user collecting logs across runs expects and QEMU's
-``append=on``; the file is created if missing. Writes go straight to the kernel (unbuffered) so a
-crash loses nothing the guest already printed.
+Like QEMU's ``-serial file:PATH`` the file is created or truncated when the VM starts, so a log holds one
+run; :class:`~pyemu.chardev.spec.FileSpec` with ``append=True`` keeps earlier contents (QEMU's
+``append=on``). Writes go straight to the kernel (unbuffered) so a crash loses nothing the guest printed.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ class FileBackend(CharBackend):
         super().__init__(str(spec))
         self.path = spec.path
         try:
-            self._fd: int | None = os.open(spec.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                                           0o644)
+            mode = os.O_APPEND if spec.append else os.O_TRUNC
+            self._fd: int | None = os.open(spec.path, os.O_WRONLY | mode | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
             self._wake.close()
             raise ChardevError(f"cannot open chardev file '{spec.path}': {exc.strerror}",

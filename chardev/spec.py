@@ -44,9 +44,10 @@ class NoneSpec:
 
 @dataclass(frozen=True)
 class FileSpec:
-    """Output appended to ``path`` (created if missing); no input."""
+    """Output to ``path`` (created, truncated unless ``append``); no input."""
 
     path: str
+    append: bool = False
 
     def __post_init__(self) -> None:
         if not self.path:

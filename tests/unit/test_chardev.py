@@ -150,11 +150,13 @@ def test_parse_malformed_specs(text: str, fragment: str) -> None:
 
 
 # -- simple backends ----------------------------------------------------------------------------------------
-def test_file_backend_appends_and_creates(tmp_path: Path) -> None:
+def test_file_backend_truncates_like_qemu_or_appends_on_request(tmp_path: Path) -> None:
     path = tmp_path / "serial.log"
+    path.write_bytes(b"old run\n")
     with open_chardev(f"file:{path}") as backend:
         backend.write(b"first\r\n")
-    with open_chardev(FileSpec(str(path))) as backend:
+    assert path.read_bytes() == b"first\r\n"
+    with open_chardev(FileSpec(str(path), append=True)) as backend:
         backend.write(b"second\r\n")
         backend.write(b"")
     assert path.read_bytes() == b"first\r\nsecond\r\n"
