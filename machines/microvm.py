@@ -140,6 +140,14 @@ class Microvm(Machine):
         self.ioapic = IoApic(msi_sink)
         self.mmio.register(memmap.IOAPIC_BASE, IOAPIC_MMIO_SIZE, self.ioapic, "ioapic")
         self.reset_handlers.append(self.ioapic.reset)
+        route_sink = getattr(msi_sink, "set_ioapic_route", None)
+        if route_sink is not None:
+            # In-kernel LAPIC (KVM): mirror the redirection table into the kernel's routes and take
+            # EOIs of level-triggered vectors back to the userspace IOAPIC.
+            self.ioapic.route_changed = route_sink
+            set_eoi_handler = getattr(accel, "set_eoi_handler", None)
+            if set_eoi_handler is not None:
+                set_eoi_handler(self.ioapic.eoi)
         if self.lapics:
             self.lapics[0].eoi_broadcast = self.ioapic.eoi
             if self.pic is not None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 from pyemu.hw.core.irq import IrqLine
 from pyemu.hw.intc.api import MsiSink
@@ -87,6 +88,10 @@ class IoApic:
         self.pins = pins
         self.initial_id = ioapic_id
         self._lines = tuple(IrqLine(partial(self.set_irq, n), f"ioapic-pin{n}") for n in range(pins))
+        self.route_changed: Callable[[int, tuple[int, int] | None], None] | None = None
+        """Told ``(pin, (address, data))`` or ``(pin, None)`` when masked, whenever the guest rewrites a
+        redirection entry: an in-kernel LAPIC (KVM split irqchip) needs the routes to know which vectors
+        are level-triggered and must exit on EOI."""
         self.reset()
 
     def reset(self) -> None:
@@ -169,6 +174,8 @@ class IoApic:
                 # interrupt on version-0x11 IOAPICs that have no EOI register.
                 entry &= ~RTE_REMOTE_IRR
         self.redirection[pin] = entry
+        if self.route_changed is not None:
+            self.route_changed(pin, None if entry & RTE_MASKED else self.msi_message(pin))
         self._service(pin)
 
     def _entry_index(self, index: int) -> tuple[int | None, bool]:

@@ -241,3 +241,22 @@ def test_board_wiring_pit_through_ioapic_and_pic_to_lapic() -> None:
         assert lapic.acknowledge_interrupt() == 0x40
         lapic.write(REG_EOI, 4, 0)
     assert not lapic.interrupt_pending()
+
+
+def test_route_changes_are_reported_for_an_in_kernel_lapic():
+    class Sink:
+        def deliver_msi(self, address, data):
+            pass
+
+    io = IoApic(Sink())
+    routes = []
+    io.route_changed = lambda pin, message: routes.append((pin, message))
+    io.write(0x00, 4, 0x10 + 2 * 5)          # low half of pin 5's entry
+    io.write(0x10, 4, 0x31 | (1 << 15))      # vector 0x31, level-triggered, unmasked
+    io.write(0x00, 4, 0x10 + 2 * 5 + 1)
+    io.write(0x10, 4, 3 << 24)               # destination APIC 3
+    io.write(0x00, 4, 0x10 + 2 * 5)
+    io.write(0x10, 4, 0x31 | (1 << 16))      # masked again
+    assert routes[0][0] == 5 and routes[0][1][1] & 0xFF == 0x31 and routes[0][1][1] & (1 << 15)
+    assert routes[1] == (5, (0xFEE00000 | (3 << 12), routes[1][1][1]))
+    assert routes[2] == (5, None)
