@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Boot benchmark: Debian's kernel from start to guest power-off, pyemu against QEMU 7.2, same guest.
+
+For each configuration it runs the VM ``--runs`` times with ``pyemu.poweroff=1`` on the kernel command
+line (the initramfs /init prints ``pyemu-guest: init reached (uptime X s)`` and powers off at once) and
+records two figures: wall time from process start to exit, and the guest's own uptime when /init ran.
+QEMU runs ``-M microvm,acpi=on -accel tcg`` with the same kernel, initramfs and memory size. Medians and
+pyemu/QEMU ratios are printed and written to ``benchmarks/results/boot.json``.
+
+``--profile`` additionally runs one pyemu boot under cProfile and stores the top functions by own time,
+which is where to look when pyemu is slower.
+
+Usage: python benchmarks/boot.py [--runs 3] [--profile] [--images bzimage,pvh]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import platform
+import pstats
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pyemu.guest.assets import find_assets
+
+RESULTS = Path(__file__).resolve().parent / "results" / "boot.json"
+MARKER = re.compile(rb"pyemu-guest: init reached \(uptime ([0-9.]+) s\)")
+CMDLINE = "console=ttyS0 pyemu.poweroff=1"
+MEMORY = "512M"
+TIMEOUT = 600
+
+
+def run_once(argv: list[str]) -> tuple[float, float | None, int]:
+    """Run a VM to completion; wall seconds, guest uptime at /init, exit status."""
+    started = time.monotonic()
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          timeout=TIMEOUT)
+    wall = time.monotonic() - started
+    match = MARKER.search(proc.stdout)
+    if match is None:
+        tail = proc.stdout[-2000:].decode(errors="replace")
+        raise SystemExit(f"no init marker from {argv[0]} (status {proc.returncode}); output tail:\n{tail}")
+    return wall, float(match.group(1)), proc.returncode
+
+
+def pyemu_argv(kernel: Path, initrd: Path) -> list[str]:
+    return [sys.executable, "-m", "pyemu.system.main", "-machine", "microvm", "-accel", "tcg", "-m", MEMORY,
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", CMDLINE, "-nographic", "-no-reboot"]
+
+
+def qemu_argv(qemu: str, kernel: Path, initrd: Path) -> list[str]:
+    return [qemu, "-machine", "microvm,acpi=on", "-accel", "tcg", "-m", MEMORY, "-kernel", str(kernel),
+            "-initrd", str(initrd), "-append", CMDLINE, "-nographic", "-no-reboot", "-nodefaults",
+            "-serial", "stdio"]
+
+
+def summarise(samples: list[tuple[float, float | None, int]]) -> dict[str, object]:
+    walls = [s[0] for s in samples]
+    uptimes = [s[1] for s in samples if s[1] is not None]
+    return {"wall_s": round(statistics.median(walls), 3), "init_uptime_s": round(statistics.median(uptimes), 3),
+            "runs": len(samples), "wall_samples": [round(w, 3) for w in walls],
+            "exit_status": sorted({s[2] for s in samples})}
+
+
+def profile_boot(kernel: Path, initrd: Path, top: int = 25) -> list[dict[str, object]]:
+    """One pyemu boot in-process under cProfile; the functions with the most own time."""
+    from pyemu.system.main import main
+
+    out = tempfile.NamedTemporaryFile(prefix="pyemu-boot-", suffix=".log", delete=False)
+    out.close()
+    argv = pyemu_argv(kernel, initrd)[3:]
+    argv[argv.index("-nographic")] = "-serial"
+    argv.insert(argv.index("-serial") + 1, f"file:{out.name}")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    main(argv)
+    profiler.disable()
+    os.unlink(out.name)
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = []
+    for (filename, line, name), (cc, nc, tt, ct, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(filename).name}:{line}:{name}", "calls": nc,
+                     "own_s": round(tt, 3), "cumulative_s": round(ct, 3)})
+    rows.sort(key=lambda r: r["own_s"], reverse=True)  # type: ignore[arg-type, return-value]
+    return rows[:top]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--images", default="bzimage,pvh")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    assets = find_assets()
+    if assets is None:
+        print("guest assets missing: run 'pyemu-guest fetch'", file=sys.stderr)
+        return 2
+    qemu = shutil.which("qemu-system-x86_64")
+    images = {"bzimage": assets.kernel, "pvh": assets.vmlinux}
+    report: dict[str, object] = {
+        "benchmark": "boot to /init and power-off, Debian 6.1 + busybox initramfs",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "cpus": os.cpu_count(),
+        "memory": MEMORY, "cmdline": CMDLINE, "results": {},
+    }
+    results: dict[str, dict[str, object]] = {}
+    for image in args.images.split(","):
+        kernel = images[image]
+        row: dict[str, object] = {}
+        row["pyemu_tcg"] = summarise([run_once(pyemu_argv(kernel, assets.initrd)) for _ in range(args.runs)])
+        if qemu:
+            row["qemu_tcg"] = summarise([run_once(qemu_argv(qemu, kernel, assets.initrd))
+                                         for _ in range(args.runs)])
+            p, q = row["pyemu_tcg"], row["qemu_tcg"]
+            row["ratio_wall"] = round(p["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
+            row["ratio_init_uptime"] = round(p["init_uptime_s"] / q["init_uptime_s"], 2)  # type: ignore[index, operator]
+        results[image] = row
+        print(f"{image:8} pyemu wall {row['pyemu_tcg']['wall_s']:7.2f} s  init at {row['pyemu_tcg']['init_uptime_s']:6.2f} s"  # type: ignore[index]
+              + (f" | qemu wall {row['qemu_tcg']['wall_s']:6.2f} s  init at {row['qemu_tcg']['init_uptime_s']:5.2f} s"  # type: ignore[index]
+                 f" | ratio wall {row['ratio_wall']}x  init {row['ratio_init_uptime']}x" if qemu else " | qemu not installed"))
+    report["results"] = results
+    if args.profile:
+        report["profile_top_own_time"] = profile_boot(images["pvh"], assets.initrd)
+        for entry in report["profile_top_own_time"][:12]:  # type: ignore[index]
+            print(f"  {entry['own_s']:8.3f} s own  {entry['calls']:>10} calls  {entry['function']}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
