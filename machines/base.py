@@ -9,6 +9,7 @@ A board subclass builds its devices in :meth:`build` and loads its firmware or k
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Callable
 
@@ -152,9 +153,7 @@ class Machine:
             if isinstance(exit_, Stopped):
                 continue
             if isinstance(exit_, Shutdown):
-                log.log("guest_errors", f"vcpu{index}: {exit_.reason}")
-                cause = ShutdownCause.TRIPLE_FAULT if "triple" in exit_.reason else ShutdownCause.GUEST_PANIC
-                self.request_reset(cause)
+                self._vcpu_shutdown(index, exit_.reason)
                 continue
             if isinstance(exit_, Halt):
                 # HLT with interrupts disabled: the vCPU is dead until a reset, as on hardware.
@@ -164,6 +163,18 @@ class Machine:
                     self._cond.notify_all()
                     self._cond.wait_for(lambda: not self._want_run or self._quit)
                 continue
+
+    def _vcpu_shutdown(self, index: int, reason: str) -> None:
+        """A vCPU cannot go on. A triple fault resets the machine like a PC (or ends it with
+        ``-no-reboot``); anything else is an internal error that ends pyemu with status 1. Either way
+        the reason is printed, because a silent reset loop is impossible to debug."""
+        if "triple fault" in reason:
+            action = "exiting (-no-reboot)" if self.no_reboot else "resetting"
+            print(f"pyemu: vcpu{index}: {reason}, {action}", file=sys.stderr)
+            self.request_reset(ShutdownCause.TRIPLE_FAULT)
+            return
+        print(f"pyemu: vcpu{index}: {reason}; stopping the VM", file=sys.stderr)
+        self.request_shutdown(ShutdownCause.GUEST_PANIC, 1)
 
     # -- board hooks ------------------------------------------------------------------------------------
     def load_boot(self) -> None:

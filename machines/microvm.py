@@ -110,6 +110,9 @@ class Microvm(Machine):
 
     def _build(self, on_quit: Callable[[], None] | None) -> None:
         accel = self.accel
+        if accel.needs_userspace_lapic and self.vcpu_count > 1:
+            raise ConfigError(f"-smp {self.vcpu_count}: the software CPU (-accel tcg) runs one vCPU; "
+                              "use -smp 1, or -accel kvm", option="-smp")
         if accel.needs_userspace_lapic:
             self.cpuid = self.cpuid.without("x2apic", "tsc_deadline")
         accel.attach(self.memory, self.dispatcher, self.cpuid)
@@ -258,10 +261,9 @@ class Microvm(Machine):
         result = load_kernel(self.memory, self.boot.kernel, self.boot.initrd, self.boot.cmdline,
                              self.layout.e820(), self.acpi_rsdp)
         self.boot_result = result
-        states = [result.cpu]
-        # Application processors wait for INIT/SIPI; under the software CPU there is one vCPU today.
-        states += [result.cpu.copy() for _ in range(1, self.vcpu_count)]
-        self.boot_states = states
+        # Only the boot processor gets an entry state: application processors stay in their reset
+        # wait-for-SIPI state until the kernel starts them (KVM's in-kernel LAPIC handles INIT/SIPI).
+        self.boot_states = [result.cpu]
 
     def close_backends(self) -> None:
         for backend in self.backends:

@@ -1,0 +1,114 @@
+"""The microvm board end to end through the ``pyemu`` command, with tiny multiboot test kernels.
+
+Each kernel is 32-bit code assembled here, loaded by the real multiboot loader, run on the software CPU,
+and talks to the board's real devices: COM1, isa-debug-exit, the GED sleep register, the i8042 reset line.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyemu.machines import memmap
+from pyemu.target.x86.boot.synthetic import make_multiboot_binary
+from pyemu.testing.asm import assemble
+
+ENTRY = 0x100000 + 32  # make_multiboot_binary puts the code right after the 32-byte header
+
+PRINT_HELLO = """
+    mov dx, 0x3f8
+    mov al, 0x68
+    out dx, al
+    mov al, 0x69
+    out dx, al
+    mov al, 0x0a
+    out dx, al
+"""
+
+
+def kernel(tmp_path, body: str) -> str:
+    code = assemble(PRINT_HELLO + body, address=ENTRY, bits=32)
+    path = tmp_path / "test-kernel.bin"
+    path.write_bytes(make_multiboot_binary(code))
+    return str(path)
+
+
+def pyemu(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "pyemu.system.main", "-accel", "tcg", "-m", "64M", *args],
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+
+
+def test_isa_debug_exit_status_and_serial_output(tmp_path):
+    image = kernel(tmp_path, "mov dx, 0xf4\n mov eax, 0x21\n out dx, eax\n hlt")
+    proc = pyemu("-kernel", image, "-nographic", "-device", "isa-debug-exit,iobase=0xf4,iosize=4")
+    assert proc.returncode == (0x21 << 1) | 1, proc.stderr
+    assert proc.stdout == b"hi\n"
+
+
+def test_ged_sleep_register_powers_off_with_status_0(tmp_path):
+    # SLP_TYP=5 (S5) in bits 2-4 and SLP_EN (bit 5) of the hardware-reduced sleep control register.
+    image = kernel(tmp_path, f"mov edi, {memmap.GED_BASE + 4:#x}\n mov al, 0x34\n mov [edi], al\n"
+                             "spin: jmp spin")
+    proc = pyemu("-kernel", image, "-nographic")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"hi\n"
+
+
+@pytest.mark.parametrize("how", ["i8042", "triple-fault"])
+def test_reset_with_no_reboot_exits_0_and_logs_the_reason(tmp_path, how):
+    body = {
+        "i8042": "mov al, 0xfe\n out 0x64, al\n spin: jmp spin",
+        # An IDT with limit 0: the #UD cannot be delivered (#GP), nor that (#DF): a triple fault.
+        "triple-fault": "xor eax, eax\n push eax\n push eax\n mov eax, esp\n lidt [eax+2]\n ud2",
+    }[how]
+    image = kernel(tmp_path, body)
+    proc = pyemu("-kernel", image, "-nographic", "-no-reboot", "-d", "guest_errors,exec")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"hi\n"
+    if how == "i8042":
+        assert b"shutdown requested: guest-reset" in proc.stderr
+    else:
+        assert b"pyemu: vcpu0: triple fault, exiting (-no-reboot)" in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["i8042", "triple-fault"])
+def test_reset_without_no_reboot_boots_again(tmp_path, how):
+    body = {
+        "i8042": "mov al, 0xfe\n out 0x64, al\n spin: jmp spin",
+        "triple-fault": "xor eax, eax\n push eax\n push eax\n mov eax, esp\n lidt [eax+2]\n ud2",
+    }[how]
+    image = kernel(tmp_path, body)
+    proc = subprocess.Popen([sys.executable, "-m", "pyemu.system.main", "-accel", "tcg", "-m", "64M",
+                             "-kernel", image, "-nographic"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = b""
+        deadline = time.monotonic() + 60
+        while out.count(b"hi\n") < 3 and time.monotonic() < deadline:
+            chunk = proc.stdout.read1(4096)  # type: ignore[union-attr]
+            if not chunk:
+                break
+            out += chunk
+        assert out.count(b"hi\n") >= 3, out  # the kernel ran again after each reset
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_hlt_with_interrupts_disabled_leaves_the_vm_running_until_killed(tmp_path):
+    image = kernel(tmp_path, "cli\n hlt")
+    proc = subprocess.Popen([sys.executable, "-m", "pyemu.system.main", "-accel", "tcg", "-m", "64M",
+                             "-kernel", image, "-nographic"], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.read(3) == b"hi\n"  # type: ignore[union-attr]
+        time.sleep(1.0)
+        assert proc.poll() is None  # a dead CPU is not a shutdown, as on hardware and in QEMU
+        proc.terminate()
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
