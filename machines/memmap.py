@@ -18,7 +18,8 @@ EBDA_START = 0x9FC00            # top 1 KiB of conventional memory, reserved lik
 BIOS_AREA_START = 0xE0000       # ACPI tables and RSDP (the RSDP search range starts here)
 BIOS_AREA_END = 0x100000
 ACPI_TABLES_BASE = 0xE0000
-ACPI_TABLES_SIZE = 0x20000
+ACPI_TABLES_SIZE = 0x1F000
+RESET_VECTOR = 0xFFFF0          # where a CPU reset, or a jump to the BIOS reset entry, starts (F000:FFF0)
 
 GED_BASE = 0xFEA00000           # generic event device, sleep and reset registers
 GED_SIZE = 0x1000

@@ -38,6 +38,10 @@ from pyemu.target.x86.boot.loader import load_kernel
 from pyemu.target.x86.cpuid import CpuidTable, default_cpuid
 
 GED_GSI = 9
+# Real-mode code at the reset vector: pulse the i8042 reset line (mov al, 0xfe; out 0x64, al), then
+# hlt in a loop. There is no firmware, but a guest that "jumps to the BIOS" to reboot -- Linux falls back
+# to machine_real_restart(MRR_BIOS), and reaches F000:FFF0 -- gets what a BIOS would do: a reset.
+RESET_STUB = bytes([0xB0, 0xFE, 0xE6, 0x64, 0xF4, 0xEB, 0xFD])
 MAX_SERIAL_PORTS = 2  # COM3/COM4 would share IRQ lines with COM1/COM2
 
 
@@ -258,6 +262,7 @@ class Microvm(Machine):
             blob = build_acpi(self.acpi_config())
             self.memory.write(blob.address, blob.data)
             self.acpi_rsdp = blob.rsdp_address
+        self.memory.write(memmap.RESET_VECTOR, RESET_STUB)
         result = load_kernel(self.memory, self.boot.kernel, self.boot.initrd, self.boot.cmdline,
                              self.layout.e820(), self.acpi_rsdp)
         self.boot_result = result

@@ -50,7 +50,9 @@ def resolve_boot(config: VmConfig) -> BootSource:
                 "run 'pyemu-guest fetch' on a Debian host, or pass -kernel (and -initrd)",
                 option="-kernel") from error
     cmdline = DEFAULT_CMDLINE + (f" {config.append}" if config.append else "")
-    return BootSource(str(assets.kernel), str(assets.initrd), cmdline)
+    # The uncompressed vmlinux through PVH: no decompressor to run, so the default guest starts sooner
+    # than from the bzImage (which `-kernel` still boots).
+    return BootSource(str(assets.vmlinux), str(assets.initrd), cmdline)
 
 
 def run_vm(config: VmConfig) -> int:

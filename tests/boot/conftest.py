@@ -34,12 +34,13 @@ class ConsoleSession:
         )
         self.output = b""
 
-    def expect(self, needle: bytes, timeout: float) -> bytes:
-        """Read the console until ``needle`` appears; return everything read so far."""
+    def expect(self, needle: bytes, timeout: float, *, after: int = 0) -> bytes:
+        """Read the console until ``needle`` appears at or after offset ``after``; return everything
+        read so far."""
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
-        while needle not in self.output:
+        while needle not in self.output[after:]:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"timed out waiting for {needle!r}; console tail:\n"

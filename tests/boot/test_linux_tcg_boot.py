@@ -26,3 +26,36 @@ def test_boot_to_shell_echo_and_poweroff(console, guest_assets, image):
     vm.expect(b"hi-from-42", 60)
     vm.send("poweroff -f\n")
     assert vm.wait(60) == 0
+
+
+def test_default_guest_without_kernel_option(console, guest_assets):
+    """``pyemu`` with no -kernel boots the fetched Debian guest; -append adds to its command line."""
+    vm = console(["-nographic", "-append", "pyemu.poweroff=1"])
+    out = vm.expect(b"pyemu.poweroff=1, powering off", BOOT_TIMEOUT)
+    assert b"Command line: console=ttyS0 pyemu.poweroff=1" in out
+    assert vm.wait(60) == 0
+
+
+def test_guest_reboot_with_no_reboot_exits_0(console, guest_assets):
+    vm = console(["-kernel", str(guest_assets.vmlinux), "-initrd", str(guest_assets.initrd),
+                  "-append", "console=ttyS0", "-nographic", "-no-reboot"])
+    vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT)
+    vm.expect(b"# ", 60)
+    vm.send("reboot -f\n")
+    out = vm.expect(b"reboot: Restarting system", 60)
+    assert vm.wait(60) == 0
+    assert out.count(b"Linux version") == 1
+
+
+def test_guest_reboot_resets_the_vm_and_it_boots_again(console, guest_assets):
+    vm = console(["-kernel", str(guest_assets.vmlinux), "-initrd", str(guest_assets.initrd),
+                  "-append", "console=ttyS0", "-nographic"])
+    vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT)
+    vm.expect(b"# ", 60)
+    vm.send("reboot -f\n")
+    restarted_at = vm.expect(b"reboot: Restarting system", 60).index(b"reboot: Restarting system")
+    out = vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT, after=restarted_at)
+    assert out.count(b"Linux version") == 2  # the same kernel booted a second time after the reset
+    vm.expect(b"# ", 60, after=restarted_at)
+    vm.send("poweroff -f\n")
+    assert vm.wait(60) == 0

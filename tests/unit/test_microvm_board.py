@@ -112,3 +112,33 @@ def test_hlt_with_interrupts_disabled_leaves_the_vm_running_until_killed(tmp_pat
     finally:
         proc.kill()
         proc.communicate()
+
+
+
+def test_jump_to_the_bios_reset_vector_resets_the_machine(tmp_path):
+    """Linux's last-resort reboot (machine_real_restart) enters real mode at F000:FFF0. There is no
+    firmware; the board's reset-vector stub pulses the i8042 reset line as a BIOS would. Without it the
+    CPU would run zeros forever and this test would time out."""
+    far_jmp_f000_fff0 = bytes([0xEA, 0xF0, 0xFF, 0x00, 0xF0])  # jmp ptr16:16 (keystone cannot encode it)
+    trampoline = assemble("mov eax, cr0\n and eax, 0xfffffffe\n mov cr0, eax", address=0x2000, bits=16)
+    trampoline += far_jmp_f000_fff0
+    trampoline += bytes(-len(trampoline) % 4)
+    copy = "".join(f"mov dword ptr [edi+{i}], {int.from_bytes(trampoline[i:i + 4], 'little'):#x}\n"
+                   for i in range(0, len(trampoline), 4))
+    body = f"""
+        mov edi, 0x3000
+        mov dword ptr [edi], 0
+        mov dword ptr [edi+4], 0
+        mov dword ptr [edi+8], 0x0000ffff
+        mov dword ptr [edi+12], 0x00009a00
+        mov word ptr [edi+16], 15
+        mov dword ptr [edi+18], 0x3000
+        lgdt [edi+16]
+        mov edi, 0x2000
+        {copy}
+        .byte 0xea, 0x00, 0x20, 0x00, 0x00, 0x08, 0x00
+    """  # the last line: jmp 0x08:0x2000 (ptr16:32), into the 16-bit segment
+    proc = pyemu("-kernel", kernel(tmp_path, body), "-nographic", "-no-reboot", "-d", "exec", timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"hi\n"
+    assert b"shutdown requested: guest-reset" in proc.stderr
