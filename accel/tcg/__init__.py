@@ -1,0 +1,29 @@
+"""The software CPU (``-accel tcg``): Unicorn 2.1.4 engines made to behave like x86-64 CPUs.
+
+Unicorn executes guest code fast (a few hundred M instructions/s) but leaves the parts an operating
+system depends on to the embedder; this package supplies them:
+
+========================  ============================================================================
+``accel``                 :class:`TcgAccelerator` (the Accelerator protocol), one engine per vCPU
+``vcpu``                  :class:`TcgVcpu`: run loop, HLT, kicks and stops, interrupt injection
+``memory_map``            guest RAM zero-copy (``mem_map_ptr``), every other address a device window
+``io_hooks``              IN/OUT to the PIO bus, CPUID from the machine's table
+``traps``                 exceptions, ``INT n``, #UD, SYSCALL/SYSENTER hooks -> delivery
+``delivery``              IDT delivery (64-bit, 32-bit protected, real mode), #DF/triple fault
+``paging``/``physmem``    the vCPU's own linear and physical accesses (with #PF error codes)
+``syscall``               SYSCALL/SYSENTER semantics (Unicorn makes both no-ops)
+``segments``              descriptors, QEMU segment caches and hflags (CPL, code size, long mode)
+``calibration``           where those live in Unicorn's CPU-state blob (probed, not hard-coded)
+``context``               typed access to that blob
+``block_gate`` (+ ``.c``) the C block hook: precise stops and the interrupt window
+``code_cache``            dropping stale translations after RAM was written behind the engine
+``state_io``/``msrs``     X86CpuState in and out; what RDMSR/WRMSR can and cannot do here
+========================  ============================================================================
+
+Known limits (measured on 2.1.4, see the modules): RDMSR/WRMSR are not interceptable (no x2APIC,
+TSC-deadline, kvmclock); 8-byte MMIO accesses arrive as two 4-byte accesses; instruction fetch from device
+memory shuts the vCPU down; CR2 written by the guest itself (``mov cr2``) is not preserved across a stop,
+only CR2 set by a delivered #PF is; translated code is not kept coherent with RAM written outside the
+engine unless :meth:`TcgAccelerator.invalidate_code` is called (device DMA, and between vCPUs of an SMP
+guest, which Unicorn keeps as independent engines); no NMI, task gates or virtual-8086 mode.
+"""

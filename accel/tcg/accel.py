@@ -1,0 +1,59 @@
+"""The software CPU accelerator (``-accel tcg``): Unicorn engines that behave like x86-64 CPUs.
+
+One Unicorn engine per vCPU, each mapping the same guest RAM zero-copy and every non-RAM address as a
+device window. Interrupts come from pyemu's userspace LAPIC (``needs_userspace_lapic``), so there is no
+MSI sink here: the board routes MSIs to the LAPIC models, which call ``vcpu.kick()``.
+
+The CPU-state blob layout is calibrated once per process (:mod:`pyemu.accel.tcg.calibration`) and the C
+block gate is built once per source version (:mod:`pyemu.accel.tcg.block_gate`), both when the first
+vCPU is created.
+"""
+
+from __future__ import annotations
+
+from pyemu.accel.dispatch import ExitDispatcher
+from pyemu.accel.tcg.calibration import calibrate
+from pyemu.accel.tcg.errors import TcgError
+from pyemu.accel.tcg.vcpu import TcgVcpu
+from pyemu.hw.intc.api import InterruptController, MsiSink
+from pyemu.system.memory import GuestMemory
+from pyemu.target.x86.cpuid import CpuidTable
+
+
+class TcgAccelerator:
+    """Implements :class:`pyemu.accel.base.Accelerator` with Unicorn 2.1.4."""
+
+    name = "tcg"
+    needs_userspace_lapic = True
+
+    def __init__(self) -> None:
+        self._memory: GuestMemory | None = None
+        self._dispatcher: ExitDispatcher | None = None
+        self._cpuid: CpuidTable | None = None
+        self.vcpus: list[TcgVcpu] = []
+
+    def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
+        self._memory = memory
+        self._dispatcher = dispatcher
+        self._cpuid = cpuid
+
+    def create_vcpu(self, index: int, interrupts: InterruptController | None = None) -> TcgVcpu:
+        if self._memory is None or self._dispatcher is None or self._cpuid is None:
+            raise TcgError("create_vcpu before attach: the accelerator has no guest memory yet")
+        vcpu = TcgVcpu(index, self._memory, self._dispatcher, self._cpuid, calibrate(), interrupts)
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def invalidate_code(self, gpa: int, size: int) -> None:
+        """Guest RAM ``[gpa, gpa+size)`` was written outside the engines (device DMA): every vCPU drops
+        translated code from it before running on. Thread-safe."""
+        for vcpu in self.vcpus:
+            vcpu.invalidate_code(gpa, size)
+
+    def msi_sink(self) -> MsiSink | None:
+        return None
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()

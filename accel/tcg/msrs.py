@@ -1,0 +1,35 @@
+"""Model-specific registers under the software CPU.
+
+Guest RDMSR/WRMSR cannot be hooked in Unicorn 2.1.4: they execute inside the engine's own
+``helper_rdmsr``/``helper_wrmsr`` (QEMU 5.0 code). Measured (DESIGN.md): the core implements EFER,
+STAR/LSTAR/CSTAR/FMASK, FS/GS/KERNEL_GS bases, PAT, TSC_AUX and the SYSENTER MSRs; unknown MSRs read 0
+and ignore writes instead of raising #GP; IA32_APIC_BASE and MISC_ENABLE always read 0. Consequences
+under TCG: no x2APIC, no TSC-deadline timer, no kvmclock (CPUID does not offer them, see
+:mod:`pyemu.accel.tcg.io_hooks`); the LAPIC is an xAPIC MMIO device at 0xfee00000 on the board's bus.
+
+``load_state``/``save_state`` move MSRs through the same helpers (Unicorn's ``UC_X86_REG_MSR`` register
+interface), so what they can carry is exactly :data:`SAVED_MSRS`. EFER is special: WRMSR cannot set
+EFER.LMA, so the vCPU writes EFER into the CPU-state blob directly (:mod:`pyemu.accel.tcg.state_io`).
+"""
+
+from __future__ import annotations
+
+MSR_IA32_SYSENTER_CS = 0x174
+MSR_IA32_SYSENTER_ESP = 0x175
+MSR_IA32_SYSENTER_EIP = 0x176
+MSR_IA32_PAT = 0x277
+MSR_EFER = 0xC0000080
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_FMASK = 0xC0000084
+MSR_FS_BASE = 0xC0000100
+MSR_GS_BASE = 0xC0000101
+MSR_KERNEL_GS_BASE = 0xC0000102
+MSR_TSC_AUX = 0xC0000103
+
+SAVED_MSRS = (
+    MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP, MSR_IA32_PAT,
+    MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK, MSR_KERNEL_GS_BASE, MSR_TSC_AUX,
+)
+"""MSRs ``save_state`` reports (FS/GS bases travel in the segment registers, EFER in ``state.efer``)."""

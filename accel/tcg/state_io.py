@@ -1,0 +1,91 @@
+"""Moving an :class:`~pyemu.target.x86.cpu_state.X86CpuState` into and out of a Unicorn engine.
+
+Order matters in ``load_state`` because QEMU derives state from control-register writes:
+
+1. EFER goes into the CPU-state blob first (WRMSR cannot set EFER.LMA; and QEMU's CR0 update enters or
+   leaves long mode depending on EFER.LME/LMA, ``UC_MODE_64`` starts with LMA|LME set).
+2. CR4, CR3, CR0 go through ``reg_write`` so QEMU flushes its TLB and updates the hflags it keeps for
+   PE/MP/EM/TS and OSFXSR (CR4 before CR0: QEMU refuses to enter long mode without CR4.PAE).
+3. General registers, RIP, RFLAGS, CR2, EFER again, all six segment caches, LDTR/TR, GDTR/IDTR and the
+   hflags (CPL from SS.DPL as QEMU and VMX define it, code/stack size, long mode) go into the blob in one
+   copy. A flat 32-bit protected-mode state (PVH, multiboot) thus runs as 32-bit code inside the 64-bit
+   engine.
+4. MSRs last through Unicorn's MSR interface (KVM's order too: MSR_FS_BASE beats the segment base).
+
+CR8 is not loaded: under TCG the task priority lives in the userspace LAPIC model.
+"""
+
+from __future__ import annotations
+
+from unicorn import Uc
+from unicorn import x86_const as x86
+
+from pyemu.accel.tcg.context import CpuBlob
+from pyemu.accel.tcg.msrs import MSR_EFER, SAVED_MSRS
+from pyemu.accel.tcg.segments import (
+    HF_LMA,
+    cache_to_segment,
+    compute_hflags,
+    segment_to_cache,
+)
+from pyemu.target.x86.cpu_state import CR0_PE, EFER_LMA, GPR_NAMES, DescriptorTable, X86CpuState
+
+SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
+
+
+def load_state(uc: Uc, blob: CpuBlob, state: X86CpuState) -> None:
+    blob.pull()
+    blob.efer = state.efer
+    blob.hflags = (blob.hflags | HF_LMA) if state.efer & EFER_LMA else (blob.hflags & ~HF_LMA)
+    blob.push()
+    uc.reg_write(x86.UC_X86_REG_CR4, state.cr4)
+    uc.reg_write(x86.UC_X86_REG_CR3, state.cr3)
+    uc.reg_write(x86.UC_X86_REG_CR0, state.cr0)
+    blob.pull()
+    for name in GPR_NAMES:
+        blob.set_gpr(name, state.regs.get(name, 0))
+    blob.rip = state.rip
+    blob.rflags = state.rflags | 0x2
+    blob.efer = state.efer
+    blob.cr2 = state.cr2
+    caches = {name: segment_to_cache(getattr(state, name)) for name in SEGMENTS}
+    for name, cache in caches.items():
+        blob.set_segment(name, cache)
+    blob.set_segment("ldt", segment_to_cache(state.ldt))
+    blob.set_segment("tr", segment_to_cache(state.tr))
+    blob.set_table("gdt", state.gdt.base, state.gdt.limit)
+    blob.set_table("idt", state.idt.base, state.idt.limit)
+    cpl = caches["ss"].dpl if state.cr0 & CR0_PE else 0
+    blob.hflags = compute_hflags(blob.hflags, cpl=cpl, cs=caches["cs"], ss=caches["ss"], ds=caches["ds"],
+                                 es=caches["es"], cr0=blob.cr0, cr4=blob.cr4, efer=state.efer,
+                                 rflags_vm=bool(state.rflags & (1 << 17)))
+    blob.old_exception = -1
+    blob.push()
+    for index, value in state.msrs.items():
+        if index != MSR_EFER:
+            uc.msr_write(index, value)
+
+
+def save_state(uc: Uc, blob: CpuBlob, cr2: int) -> X86CpuState:
+    """Read the state back; ``cr2`` is the vCPU's shadow (the engine clears CR2 across emu_start)."""
+    blob.pull()
+    segments = {name: cache_to_segment(blob.segment(name)) for name in SEGMENTS}
+    gdt = blob.table("gdt")
+    idt = blob.table("idt")
+    return X86CpuState(
+        regs={name: blob.gpr(name) for name in GPR_NAMES},
+        rip=blob.rip,
+        rflags=blob.rflags,
+        **segments,
+        tr=cache_to_segment(blob.segment("tr")),
+        ldt=cache_to_segment(blob.segment("ldt")),
+        gdt=DescriptorTable(gdt[0], gdt[1]),
+        idt=DescriptorTable(idt[0], idt[1]),
+        cr0=blob.cr0,
+        cr2=cr2,
+        cr3=blob.cr3,
+        cr4=blob.cr4,
+        cr8=0,
+        efer=blob.efer,
+        msrs={index: uc.msr_read(index) for index in SAVED_MSRS},
+    )

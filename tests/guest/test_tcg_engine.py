@@ -1,0 +1,240 @@
+"""Software-CPU specifics: state load/save, CPUID, the engine's feature set, unrecoverable engine errors,
+documented Unicorn limits, the MOV SS shadow, stop/halt semantics of run()."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyemu.accel.exits import Halt, Shutdown, Stopped
+from pyemu.accel.tcg.accel import TcgAccelerator
+from pyemu.accel.tcg.errors import TcgError
+from pyemu.target.x86.cpu_state import DescriptorTable, Segment, X86CpuState
+from pyemu.testing import FakeInterruptController, GuestProgram, describe, prepared, run_program
+from pyemu.testing.environment import DATA, RECORD_MMIO
+from pyemu.testing.handlers import exit_with, recording_handler, slot_address
+
+
+def test_state_round_trip_long_mode() -> None:
+    with prepared(GuestProgram("hlt")) as machine:
+        vcpu = machine.vcpu
+        state = vcpu.save_state()
+        state.regs.update(rax=1, rbx=2, r15=0xFFFF_8000_0000_0015, rsp=0x1_2345_6780)
+        state.rip = 0xFFFF_FFFF_8100_0000
+        state.rflags = 0x246
+        state.fs = Segment(0x10, 0x7FFF_1234_0000, 0xFFFFFFFF, type=3, db=True, g=True)
+        state.gs = Segment(0, 0xFFFF_8880_0000_0000, 0, type=0, present=False, unusable=True)
+        state.ldt = Segment(0x50, 0x9000, 0xFF, type=2, s=False)
+        state.gdt = DescriptorTable(0x8000, 0x7F)
+        state.idt = DescriptorTable(0xFFFF_FE00_0000_0000, 0xFFF)
+        state.cr2 = 0xDEAD_B000
+        state.msrs = {0xC0000081: 0x0023_0010_0000_0000, 0xC0000082: 0xFFFF_FFFF_8180_0000,
+                      0xC0000084: 0x47700, 0xC0000102: 0xFFFF_8880_1234_0000}
+        vcpu.load_state(state)
+        again = vcpu.save_state()
+        assert again.regs == state.regs
+        assert (again.rip, again.rflags, again.cr2) == (state.rip, state.rflags, state.cr2)
+        assert (again.cs, again.ss, again.ds, again.fs, again.gs) == (state.cs, state.ss, state.ds, state.fs,
+                                                                     state.gs)
+        assert (again.tr, again.ldt, again.gdt, again.idt) == (state.tr, state.ldt, state.gdt, state.idt)
+        assert (again.cr0, again.cr3, again.cr4, again.efer) == (state.cr0, state.cr3, state.cr4, state.efer)
+        for index, value in state.msrs.items():
+            assert again.msrs[index] == value
+
+
+def test_state_round_trip_protected_mode() -> None:
+    with prepared(GuestProgram("hlt", mode="protected")) as machine:
+        state = machine.vcpu.save_state()
+        assert not state.long_mode and state.protected_mode
+        assert state.cs.db and not state.cs.l
+        machine.vcpu.load_state(state)
+        assert machine.vcpu.save_state() == state
+
+
+def test_cpuid_reports_apic_id_and_hides_x2apic() -> None:
+    program = GuestProgram(f"""
+        mov rdi, data
+        mov eax, 1
+        xor ecx, ecx
+        cpuid
+        mov [rdi], rbx
+        mov [rdi + 8], rcx
+        xor eax, eax
+        cpuid
+        mov [rdi + 16], rbx
+        {exit_with(0x600d)}
+    """)
+    with prepared(program, vcpu_index=3) as machine:
+        assert isinstance(machine.vcpu.run(), Stopped)
+        memory = machine.board.memory
+        assert memory.read_u32(DATA) >> 24 == 3
+        ecx = memory.read_u32(DATA + 8)
+        assert not ecx & (1 << 21) and not ecx & (1 << 24)       # x2APIC, TSC-deadline
+        assert ecx & (1 << 31)                                   # hypervisor
+        assert memory.read(DATA + 16, 4) == b"Genu"
+
+
+def test_instructions_the_default_cpuid_offers_execute() -> None:
+    program = GuestProgram(f"""
+        mov rbx, 0xF0F0
+        popcnt rax, rbx
+        crc32 eax, ebx
+        pshufb xmm0, xmm1
+        lahf
+        mov rsi, data
+        xor eax, eax
+        xor edx, edx
+        cmpxchg16b [rsi]
+        {exit_with(0x600d)}
+    """)
+    result = run_program(program)
+    assert result.exit_value == 0x600D, describe(result)
+
+
+def test_instruction_fetch_from_device_space_shuts_down() -> None:
+    program = GuestProgram(f"""
+        mov rax, {RECORD_MMIO}
+        jmp rax
+    """)
+    with prepared(program) as machine:
+        result = machine.vcpu.run()
+        assert isinstance(result, Shutdown)
+        assert "fetch" in result.reason.lower()
+        assert "RIP=" in (machine.vcpu.last_dump or "")
+
+
+def test_eight_byte_mmio_access_arrives_as_two_dwords() -> None:
+    """Unicorn 2.1.4 limit (documented in accel/tcg/memory_map.py): MMIO regions take at most 4 bytes."""
+    result = run_program(GuestProgram(f"""
+        mov rbx, record_mmio
+        mov rax, 0x1122334455667788
+        mov [rbx + 0x20], rax
+        {exit_with(0x600d)}
+    """))
+    assert [(a.offset, a.size, a.value) for a in result.traffic] == [(0x20, 4, 0x55667788), (0x24, 4, 0x11223344)]
+
+
+def test_mov_ss_shadow_delays_a_pending_interrupt() -> None:
+    """An interrupt that becomes pending (guest-triggered) while IF=1 is taken at a block boundary, but
+    never right after MOV SS: the instruction following it runs first."""
+    controller = FakeInterruptController()
+    count = slot_address(0) + 0x48
+    program = GuestProgram(
+        code=f"""
+            mov rbx, {count}
+            mov cx, ss
+            sti
+            mov dx, irq_port
+            mov eax, 0x31
+            out dx, eax                     ; pending from now on
+            mov ss, cx
+            mov r8, [rbx]                   ; MOV SS shadow: not yet delivered
+            mov r9, [rbx]
+            cli
+            mov rdi, data
+            mov [rdi], r8
+            mov [rdi + 8], r9
+            {exit_with(0x600d)}
+        """,
+        handlers={0x31: recording_handler(0, error_code=False)},
+    )
+    result = run_program(program, interrupts=controller)
+    assert result.exit_value == 0x600D, describe(result)
+    assert (result.u64(DATA), result.u64(DATA + 8)) == (0, 1)
+
+
+def test_stop_requested_before_run_returns_stopped_then_resumes() -> None:
+    with prepared(GuestProgram(exit_with(0x600d))) as machine:
+        machine.vcpu.request_stop()
+        assert isinstance(machine.vcpu.run(), Stopped)
+        assert machine.board.exit_device.value is None
+        assert isinstance(machine.vcpu.run(), Stopped)
+        assert machine.board.exit_device.value == 0x600D
+
+
+def test_run_after_halt_continues_after_the_hlt() -> None:
+    with prepared(GuestProgram(f"cli\nhlt\n{exit_with(0x600d)}")) as machine:
+        assert isinstance(machine.vcpu.run(), Halt)
+        assert isinstance(machine.vcpu.run(), Stopped)
+        assert machine.board.exit_device.value == 0x600D
+
+
+def test_request_stop_wakes_a_waiting_hlt() -> None:
+    import threading
+
+    controller = FakeInterruptController()
+    with prepared(GuestProgram("sti\nhlt"), interrupts=controller) as machine:
+        timer = threading.Timer(0.05, machine.vcpu.request_stop)
+        timer.start()
+        assert isinstance(machine.vcpu.run(), Stopped)
+        timer.join()
+
+
+def test_create_vcpu_before_attach_is_an_error() -> None:
+    with pytest.raises(TcgError):
+        TcgAccelerator().create_vcpu(0)
+
+
+def test_unrecoverable_state_is_reported_not_raised() -> None:
+    with prepared(GuestProgram("hlt")) as machine:
+        state = X86CpuState()
+        state.set_flat_long64(0x100000, 0x1000)
+        state.idt = DescriptorTable(0, 0)   # every exception now faults again: triple fault
+        state.regs["rsp"] = 0x20000
+        machine.board.memory.write(0x100000, b"\x0f\x0b")  # ud2
+        machine.vcpu.load_state(state)
+        result = machine.vcpu.run()
+        assert isinstance(result, Shutdown) and result.reason == "triple fault"
+
+
+def test_code_rewritten_behind_the_engine_runs_new_after_invalidation() -> None:
+    """Host writes into executed code pages (device DMA) leave stale translations until invalidated."""
+    page = 0x180000
+    program = GuestProgram(f"""
+        mov rax, {page}
+        call rax
+        mov rbx, data
+        mov [rbx], rax
+        cli
+        hlt
+        mov rax, {page}
+        call rax
+        mov rbx, data
+        mov [rbx + 8], rax
+        cli
+        hlt
+        mov rax, {page}
+        call rax
+        mov rbx, data
+        mov [rbx + 16], rax
+        {exit_with(0x600d)}
+    """)
+
+    def code(value: int) -> bytes:
+        return b"\xb8" + value.to_bytes(4, "little") + b"\xc3"  # mov eax, value; ret
+
+    with prepared(program) as machine:
+        memory, vcpu = machine.board.memory, machine.vcpu
+        memory.write(page, code(1))
+        assert isinstance(vcpu.run(), Halt)
+        memory.write(page, code(2))                     # not noticed by the engine
+        assert isinstance(vcpu.run(), Halt)
+        memory.write(page, code(3))
+        machine.accelerator.invalidate_code(page, 6)
+        assert isinstance(vcpu.run(), Stopped)
+        assert [memory.read_u64(DATA + 8 * i) for i in range(3)] == [1, 1, 3]
+
+
+def test_load_state_drops_translations_of_rewritten_ram() -> None:
+    """A reset reloads guest RAM from the host; the old translations must not survive a state load."""
+    with prepared(GuestProgram(f"mov rbx, data\nmov qword ptr [rbx], 1\n{exit_with(0x600d)}")) as machine:
+        vcpu, memory = machine.vcpu, machine.board.memory
+        entry = vcpu.save_state()
+        assert isinstance(vcpu.run(), Stopped)
+        code = memory.read(entry.rip, 64)
+        patched = code.replace(b"\x48\xc7\x03\x01\x00\x00\x00", b"\x48\xc7\x03\x02\x00\x00\x00")
+        assert patched != code
+        memory.write(entry.rip, patched)                  # the host rewrites the program
+        machine.board.exit_device.value = None
+        vcpu.load_state(entry)                            # ... and resets the CPU
+        assert isinstance(vcpu.run(), Stopped)
+        assert memory.read_u64(DATA) == 2
