@@ -40,7 +40,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("no-reboot", False, "exit instead of rebooting"),
     OptionSpec("no-shutdown", False, "stop (pause) instead of exiting when the guest powers off"),
     OptionSpec("device", True, "add a device: isa-debug-exit[,iobase=0xf4][,iosize=4]", "driver[,prop=value...]"),
-    OptionSpec("S", False, "do not start the CPUs at start-up (continue with QMP 'cont')"),
+    OptionSpec("S", False, "create the VM with its CPUs stopped (there is no monitor yet to continue it)"),
     OptionSpec("d", True, "log categories, comma separated (-d help lists them)", "item1[,...]"),
     OptionSpec("D", True, "write the -d log to a file", "logfile"),
     OptionSpec("version", False, "print the version and exit"),

@@ -20,8 +20,10 @@ Symbols that a snippet does not define itself (other sections, environment addre
 
 from __future__ import annotations
 
+import functools
 import re
-from typing import Mapping
+import threading
+from typing import Callable, Mapping
 
 import capstone
 import keystone
@@ -42,33 +44,63 @@ def assemble(source: str, *, address: int, bits: int = 64, symbols: Mapping[str,
     """
     if bits not in _MODES:
         raise AssemblyError(f"unsupported operand size {bits}", section=section)
-    engine = keystone.Ks(keystone.KS_ARCH_X86, _MODES[bits])
     known = dict(symbols or {})
     missing: list[str] = []
 
-    def resolve(name: bytes, value: object) -> bool:
-        text = name.decode()
-        if text in known:
-            value[0] = known[text]  # type: ignore[index]
-            return True
+    def resolve(name: str) -> int | None:
+        if name in known:
+            return known[name]
         if default_symbol is not None:
-            value[0] = default_symbol  # type: ignore[index]
-            return True
-        missing.append(text)
-        return False
+            return default_symbol
+        missing.append(name)
+        return None
 
-    engine.sym_resolver = resolve
+    engine = _engine(bits)
+    _resolving.current = resolve
     try:
         encoding, _count = engine.asm(decimals_as_hex(strip_comments(source)), address)
     except keystone.KsError as exc:
         hint = f" (unknown symbol {missing[0]!r})" if missing else ""
         raise AssemblyError(f"keystone: {exc}{hint}", section=section) from exc
+    finally:
+        _resolving.current = None
     if encoding is None:
         return b""
     code = bytes(encoding)
     if "rip" not in source.lower():
         _refuse_rip_relative(code, address, bits, section)
     return code
+
+
+class _Resolving(threading.local):
+    current: Callable[[str], int | None] | None = None
+
+
+_resolving = _Resolving()
+
+
+@functools.cache
+def _engine(bits: int) -> keystone.Ks:
+    """One keystone engine per mode, kept for the life of the process.
+
+    Why cached: keystone 0.9.2 has a global side effect -- once an engine that had a symbol resolver is
+    closed (garbage-collected), every engine created afterwards reads unprefixed numbers as hex
+    (measured: ``mov eax, 100`` then encodes 0x100). Never closing ours keeps other keystone users in the
+    same process (other test kits) correct. An engine with a resolver itself reads numbers as hex, hence
+    :func:`decimals_as_hex`. The resolver consults the symbols of the call in progress.
+    """
+    engine = keystone.Ks(keystone.KS_ARCH_X86, _MODES[bits])
+
+    def resolve(name: bytes, value: object) -> bool:
+        lookup = _resolving.current
+        found = lookup(name.decode()) if lookup is not None else None
+        if found is None:
+            return False
+        value[0] = found  # type: ignore[index]
+        return True
+
+    engine.sym_resolver = resolve
+    return engine
 
 
 def strip_comments(source: str) -> str:

@@ -142,3 +142,42 @@ def test_jump_to_the_bios_reset_vector_resets_the_machine(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"hi\n"
     assert b"shutdown requested: guest-reset" in proc.stderr
+
+
+@pytest.mark.parametrize("accel", ["tcg", "kvm"])
+def test_pvh_test_kernel_same_output_and_status_on_both_accelerators(tmp_path, accel):
+    """A PVH ELF (32-bit entry, EBX = hvm_start_info) prints the start_info magic's low byte count of
+    characters and exits through isa-debug-exit: identical observable behaviour on TCG and KVM."""
+    if accel == "kvm":
+        from pyemu.testing.accelerators import kvm_unavailable_reason
+
+        reason = kvm_unavailable_reason()
+        if reason is not None:
+            pytest.skip(reason)
+    from pyemu.target.x86.boot.synthetic import make_pvh_elf
+
+    load = 0x1000000
+    code = assemble(PRINT_HELLO + """
+        mov eax, [ebx]              /* hvm_start_info.magic = 0x336ec578 */
+        cmp eax, 0x336ec578
+        jne bad
+        mov dx, 0x3f8
+        mov al, 0x4f                /* 'O' */
+        out dx, al
+        mov al, 0x4b                /* 'K' */
+        out dx, al
+        mov dx, 0xf4
+        mov eax, 0x2a
+        out dx, eax
+    bad:
+        mov dx, 0xf4
+        mov eax, 0x3
+        out dx, eax
+    """, address=load, bits=32)
+    path = tmp_path / "pvh-test.elf"
+    path.write_bytes(make_pvh_elf(code, load_addr=load))
+    proc = subprocess.run([sys.executable, "-m", "pyemu.system.main", "-accel", accel, "-m", "64M",
+                           "-kernel", str(path), "-nographic", "-device", "isa-debug-exit,iobase=0xf4,iosize=4"],
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert proc.returncode == (0x2A << 1) | 1, proc.stderr
+    assert proc.stdout == b"hi\nOK"
