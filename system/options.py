@@ -158,7 +158,7 @@ def _smp(value: str) -> int:
     try:
         return int(count or "1", 0)
     except ValueError:
-        raise ConfigError(f"-smp: Parameter 'cpus' expects a number", option="-smp") from None
+        raise ConfigError("-smp: Parameter 'cpus' expects a number", option="-smp") from None
 
 
 def _memory(value: str) -> int:

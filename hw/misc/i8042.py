@@ -22,7 +22,7 @@ from typing import Callable
 
 from pyemu.hw.core.irq import IrqLine
 from pyemu.system import log
-from pyemu.system.bus import Bus, BusRange
+from pyemu.system.bus import Bus
 
 DATA_PORT = 0x60
 COMMAND_PORT = 0x64

@@ -1,7 +1,6 @@
 """Deadline timers on a fake clock, the timer thread, and the run-state machine."""
 
 import threading
-import time
 
 import pytest
 

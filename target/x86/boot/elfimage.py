@@ -14,7 +14,9 @@ from typing import BinaryIO, Iterator
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from pyemu.target.x86.boot.errors import NotAKernelError, TruncatedImageError
+from pyemu.target.x86.boot.errors import ImageTooLargeError, NotAKernelError, TruncatedImageError
+from pyemu.target.x86.boot.image import ImageFile
+from pyemu.target.x86.boot.layout import BootPlan, Placement
 
 ELF_MAGIC = b"\x7fELF"
 EM_386 = "EM_386"
@@ -120,3 +122,21 @@ def read_elf(stream: BinaryIO, *, path: str, file_size: int) -> ElfImage:
         return ElfImage(elf.elfclass, elf["e_machine"], elf["e_entry"], tuple(segments), tuple(notes))
     except (ELFError, struct.error, ValueError) as exc:
         raise NotAKernelError(f"kernel '{path}' is not a valid ELF file: {exc}", path=path) from exc
+
+
+def place_segments(plan: BootPlan, image: ImageFile, elf: ElfImage) -> Placement:
+    """Copy every PT_LOAD segment to its physical address and zero its tail; returns the kernel's span,
+    reserved in ``plan``. The span must be RAM in the board's memory map (PVH and multiboot share this)."""
+    start, end = elf.phys_start, elf.phys_end
+    if not plan.memory.contains(start, end - start) or not plan.e820.is_ram(start, end - start):
+        raise ImageTooLargeError(
+            f"kernel '{image.path}' occupies {start:#x}-{end - 1:#x} ({(end - start) / 2**20:.1f} MiB), "
+            "which is not all RAM in this machine (give it more memory with -m)",
+            path=image.path,
+        )
+    kernel = plan.reserve("kernel", start, end - start, error=ImageTooLargeError)
+    for segment in elf.segments:
+        image.copy_to_memory(plan.memory, segment.paddr, segment.offset, segment.filesz, what="a PT_LOAD segment")
+        if segment.memsz > segment.filesz:
+            plan.memory.fill(segment.paddr + segment.filesz, segment.memsz - segment.filesz)
+    return kernel

@@ -28,7 +28,7 @@ from typing import Iterable
 from pyemu.system.memory import GuestMemory
 from pyemu.target.x86.boot.cmdline import place_cmdline
 from pyemu.target.x86.boot.e820 import E820Map, EntryLike
-from pyemu.target.x86.boot.elfimage import ElfImage, is_elf, read_elf
+from pyemu.target.x86.boot.elfimage import ElfImage, is_elf, place_segments, read_elf
 from pyemu.target.x86.boot.errors import (
     ImageTooLargeError,
     MemoryMapError,
@@ -206,15 +206,9 @@ def _load_elf(plan: BootPlan, image: ImageFile) -> tuple[Placement, int]:
     elf = read_elf(image.stream, path=path, file_size=image.size)
     if not elf.segments:
         raise NotAKernelError(f"kernel '{path}': ELF file has no PT_LOAD segments", path=path)
-    start, end = elf.phys_start, elf.phys_end
-    if end > LIMIT_32BIT:
+    if elf.phys_end > LIMIT_32BIT:
         raise UnsupportedProtocolError(f"kernel '{path}': multiboot ELF segments extend above 4 GiB", path=path)
-    kernel = plan.reserve("kernel", start, end - start, error=ImageTooLargeError)
-    for segment in elf.segments:
-        image.copy_to_memory(plan.memory, segment.paddr, segment.offset, segment.filesz, what="a PT_LOAD segment")
-        if segment.memsz > segment.filesz:
-            plan.memory.fill(segment.paddr + segment.filesz, segment.memsz - segment.filesz)
-    return kernel, _elf_entry(elf)
+    return place_segments(plan, image, elf), _elf_entry(elf)
 
 
 def load_multiboot(

@@ -23,8 +23,8 @@ from typing import Iterable
 from pyemu.system.memory import GuestMemory
 from pyemu.target.x86.boot.cmdline import place_cmdline
 from pyemu.target.x86.boot.e820 import E820Map, EntryLike
-from pyemu.target.x86.boot.elfimage import ElfImage, read_elf
-from pyemu.target.x86.boot.errors import ImageTooLargeError, MemoryMapError, UnsupportedProtocolError
+from pyemu.target.x86.boot.elfimage import ElfImage, place_segments, read_elf
+from pyemu.target.x86.boot.errors import MemoryMapError, UnsupportedProtocolError
 from pyemu.target.x86.boot.gdt import install_gdt
 from pyemu.target.x86.boot.image import ImageFile
 from pyemu.target.x86.boot.initrd import place_initrd
@@ -35,8 +35,6 @@ from pyemu.target.x86.boot.layout import (
     MEMMAP_ADDR,
     MEMMAP_AREA_SIZE,
     STACK_TOP,
-    BootPlan,
-    Placement,
     start_plan,
 )
 from pyemu.target.x86.boot.result import BootResult
@@ -106,23 +104,6 @@ def build_memmap(e820: E820Map) -> bytes:
     return b"".join(struct.pack(MEMMAP_ENTRY_FORMAT, e.addr, e.size, int(e.type), 0) for e in e820)
 
 
-def load_segments(plan: BootPlan, image: ImageFile, elf: ElfImage) -> Placement:
-    """Copy every PT_LOAD segment to its physical address and zero its tail; returns the kernel's span."""
-    start, end = elf.phys_start, elf.phys_end
-    if not plan.memory.contains(start, end - start) or not plan.e820.is_ram(start, end - start):
-        raise ImageTooLargeError(
-            f"kernel '{image.path}' occupies {start:#x}-{end - 1:#x} ({(end - start) / 2**20:.1f} MiB), "
-            "which is not all RAM in this machine (give it more memory with -m)",
-            path=image.path,
-        )
-    kernel = plan.reserve("kernel", start, end - start, error=ImageTooLargeError)
-    for segment in elf.segments:
-        image.copy_to_memory(plan.memory, segment.paddr, segment.offset, segment.filesz, what="a PT_LOAD segment")
-        if segment.memsz > segment.filesz:
-            plan.memory.fill(segment.paddr + segment.filesz, segment.memsz - segment.filesz)
-    return kernel
-
-
 def load_pvh(
     memory: GuestMemory,
     kernel_path: str | os.PathLike[str],
@@ -153,7 +134,7 @@ def load_pvh(
         plan.reserve("hvm_start_info", BOOT_INFO_ADDR, BOOT_INFO_SIZE)
         plan.reserve("memory map", MEMMAP_ADDR, MEMMAP_AREA_SIZE)
         cmdline_addr = place_cmdline(plan, cmdline, limit=PVH_CMDLINE_LIMIT, path=path)
-        kernel = load_segments(plan, image, elf)
+        kernel = place_segments(plan, image, elf)
 
     initrd = place_initrd(plan, initrd_path, limit=INITRD_LIMIT) if initrd_path is not None else None
     memory.fill(BOOT_INFO_ADDR, BOOT_INFO_SIZE)
