@@ -109,6 +109,7 @@ class Machine:
         with self.lock:
             for handler in self.reset_handlers:
                 handler()
+            self.memory.clear()  # fresh RAM is already zero: only a reset pays for this
             self.load_boot()
             for vcpu, state in zip(self.vcpus, self.boot_states):
                 vcpu.load_state(state)
@@ -178,5 +179,5 @@ class Machine:
 
     # -- board hooks ------------------------------------------------------------------------------------
     def load_boot(self) -> None:
-        """Write the boot image into RAM and set ``self.boot_states`` (one entry state per vCPU)."""
+        """Write the boot image into zeroed RAM and set ``self.boot_states`` (one entry state per vCPU)."""
         raise NotImplementedError

@@ -257,7 +257,6 @@ class Microvm(Machine):
                           limit=memmap.ACPI_TABLES_BASE + memmap.ACPI_TABLES_SIZE)
 
     def load_boot(self) -> None:
-        self.memory.clear()
         if self.features.acpi:
             blob = build_acpi(self.acpi_config())
             self.memory.write(blob.address, blob.data)
