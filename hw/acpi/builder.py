@@ -123,6 +123,7 @@ def build_acpi(config: AcpiConfig) -> AcpiBlob:
             serial_ports=config.serial_ports,
             virtio_slots=config.virtio_slots,
             legacy_pic=config.pic,
+            rtc=config.rtc,
         )
     )
     madt = build_madt(config.madt_config())

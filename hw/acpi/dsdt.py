@@ -66,21 +66,39 @@ class VirtioMmioSlot:
     """Virtio-mmio's interrupt status is a level (cleared by the driver's ACK write), as QEMU describes it."""
 
 
-def serial_port_device(port: SerialPortInfo, *, legacy_pic: bool) -> Aml:
-    """``Device (COM1)``: a 16550A (``PNP0501``) with its 8 I/O ports and IRQ.
+def isa_irq_resource(irq: int, *, legacy_pic: bool) -> bytes:
+    """An ISA device's interrupt: with an 8259 PIC an ISA ``IRQNoFlags``; without one an extended
+    ``Interrupt`` on the same GSI (edge, active high), which needs no PIC semantics."""
+    return irq_no_flags(irq) if legacy_pic else interrupt(irq, edge=True)
 
-    With an 8259 PIC the IRQ is an ISA ``IRQNoFlags``; without one it is an extended ``Interrupt`` on the
-    same GSI (edge, active high), which needs no PIC semantics.
-    """
-    if legacy_pic:
-        irq = irq_no_flags(port.irq)
-    else:
-        irq = interrupt(port.irq, edge=True)
+
+def serial_port_device(port: SerialPortInfo, *, legacy_pic: bool) -> Aml:
+    """``Device (COM1)``: a 16550A (``PNP0501``) with its 8 I/O ports and IRQ."""
+    irq = isa_irq_resource(port.irq, legacy_pic=legacy_pic)
     return device(
         port.device_name,
         name("_HID", eisaid("PNP0501")),
         name("_UID", port.uid),
         name("_CRS", resource_template(io(port.io_base, port.io_base, 1, 8), irq)),
+    )
+
+
+RTC_IO_BASE = 0x70
+RTC_IO_PORTS = 2
+RTC_IRQ = 8
+
+
+def rtc_device(*, legacy_pic: bool) -> Aml:
+    """``Device (RTC)``: the MC146818 (``PNP0B00``) at ports 0x70-0x71 with ISA IRQ 8.
+
+    Why it must be described: with a hardware-reduced FADT Linux does not assume a CMOS clock, so without
+    this device its ``rtc_cmos`` driver fails to probe and the guest boots with the clock at 1970.
+    """
+    return device(
+        "RTC",
+        name("_HID", eisaid("PNP0B00")),
+        name("_CRS", resource_template(io(RTC_IO_BASE, RTC_IO_BASE, 1, RTC_IO_PORTS),
+                                       isa_irq_resource(RTC_IRQ, legacy_pic=legacy_pic))),
     )
 
 
@@ -156,12 +174,15 @@ def build_dsdt_aml(
     serial_ports: tuple[SerialPortInfo, ...] = (),
     virtio_slots: tuple[VirtioMmioSlot, ...] = (),
     legacy_pic: bool = False,
+    rtc: bool = False,
 ) -> bytes:
-    """The DSDT body: ``Scope (\\_SB) { COMn..., GED, PWRB, VR00... }`` then ``_S5``.
+    """The DSDT body: ``Scope (\\_SB) { COMn..., RTC, GED, PWRB, VR00... }`` then ``_S5``.
 
     Virtio slots get ``_UID`` and device names from their position in ``virtio_slots``.
     """
     devices = [serial_port_device(p, legacy_pic=legacy_pic) for p in serial_ports]
+    if rtc:
+        devices.append(rtc_device(legacy_pic=legacy_pic))
     devices += [ged_device(ged_layout), power_button_device()]
     devices += [virtio_mmio_device(uid, slot) for uid, slot in enumerate(virtio_slots)]
     return scope("\\_SB", *devices) + s5_sleep_state()

@@ -5,6 +5,8 @@ The shell is driven over COM1 exactly as a user would: type a command, read its 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 pytestmark = [pytest.mark.slow, pytest.mark.assets]
@@ -19,11 +21,22 @@ def test_boot_to_shell_echo_and_poweroff(console, guest_assets, image):
                   "-initrd", str(guest_assets.initrd), "-append", "console=ttyS0", "-nographic"])
     banner = vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT)
     assert b"Linux version 6.1" in banner
-    assert b"ACPI: RSDP 0x00000000000E0000" in banner  # our tables, found by the kernel
+    # The guest accepts our ACPI tables and finds the devices they describe.
+    assert b"ACPI: RSDP 0x00000000000E0000" in banner
+    assert b"ACPI: Interpreter enabled" in banner
+    assert b"ACPI Error" not in banner and b"ACPI BIOS Error" not in banner
+    assert b"ttyS0 at I/O 0x3f8" in banner and b"is a 16550A" in banner
+    assert b"rtc_cmos 00:01: setting system clock to" in banner
     vm.expect(b"# ", 60)  # the busybox shell prompt
     # The quotes make the typed line differ from the output, so the terminal echo cannot fake it.
     vm.send('echo h""i-from-$((6*7))\n')
     vm.expect(b"hi-from-42", 60)
+    # Time of day comes from the emulated CMOS RTC (rtc_cmos sets the system clock at boot).
+    today = {time.strftime("%Y-%m-%d", time.gmtime(time.time() + delta)).encode() for delta in (-60, 60)}
+    vm.send('echo "d""ate=$(date -u +%Y-%m-%d)"\n')
+    out = vm.expect(b"date=2", 60)
+    vm.expect(b"\n", 10, after=out.rindex(b"date=2"))
+    assert any(b"date=" + day in vm.output for day in today), vm.output[-300:]
     vm.send("poweroff -f\n")
     assert vm.wait(60) == 0
 

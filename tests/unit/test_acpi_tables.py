@@ -441,3 +441,15 @@ def test_acpica_runs_ged_event_method(acpica_namespace: Path, method: str, notif
 def test_acpica_evaluates_s5(acpica_namespace: Path) -> None:
     output = acpiexec(acpica_namespace, "evaluate \\_S5")
     assert re.search(r"Contains 4 Elements:\s+\[Integer\] = 0000000000000005", output), output
+
+
+@needs_iasl
+@pytest.mark.parametrize("pic", [False, True])
+def test_iasl_sees_the_cmos_rtc_when_the_board_has_one(tmp_path: Path, pic: bool) -> None:
+    dsl = squash(disassemble(tmp_path, microvm_blob(rtc=True, pic=pic))["DSDT"])
+    irq = "IRQNoFlags () {8}" if pic else \
+        "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,,) { 0x00000008, }"
+    assert (f'Device (RTC) {{ Name (_HID, EisaId ("PNP0B00")) Name (_CRS, ResourceTemplate () '
+            f"{{ IO (Decode16, 0x0070, 0x0070, 0x01, 0x02,) {irq} }}) }}") in dsl
+    no_rtc = squash(disassemble(tmp_path, microvm_blob(rtc=False, pic=pic))["DSDT"])
+    assert "PNP0B00" not in no_rtc
