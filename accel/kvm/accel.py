@@ -17,7 +17,7 @@ from pyemu.accel.kvm import abi
 from pyemu.accel.kvm.cpuid import build_vcpu_cpuid, dropped_features
 from pyemu.accel.kvm.errors import KvmError
 from pyemu.accel.kvm.kick import install_kick_handler
-from pyemu.accel.kvm.system import DEFAULT_DEVICE, KvmSystem
+from pyemu.accel.kvm.system import KvmSystem
 from pyemu.accel.kvm.vcpu import EoiHandler, KvmVcpu
 from pyemu.accel.kvm.vm import KvmVm
 from pyemu.errors import ConfigError
@@ -57,8 +57,10 @@ class KvmMsiSink:
 
 
 class KvmAccelerator:
-    """``KvmAccelerator(device="/dev/kvm", kvmclock=True, tsc_khz=None, halt_probe_s=0.05)``.
+    """``KvmAccelerator(device=None, kvmclock=True, tsc_khz=None, halt_probe_s=0.05)``.
 
+    ``device`` defaults to ``$PYEMU_KVM_DEVICE`` if set, else /dev/kvm
+    (:func:`~pyemu.accel.kvm.system.default_device`);
     ``kvmclock`` adds KVM's paravirtual clock CPUID leaves (behind pyemu's hypervisor leaf);
     ``tsc_khz`` asks KVM for that guest TSC rate (KVM_SET_TSC_KHZ) instead of the host's;
     ``halt_probe_s`` bounds how long a HLT with IF=0 takes to come back as ``Halt``."""
@@ -69,7 +71,7 @@ class KvmAccelerator:
     def __init__(
         self,
         *,
-        device: str = DEFAULT_DEVICE,
+        device: str | None = None,
         kvmclock: bool = True,
         tsc_khz: int | None = None,
         halt_probe_s: float = DEFAULT_HALT_PROBE_S,
@@ -143,6 +145,8 @@ class KvmAccelerator:
                 msr_indices=self.system.msr_indices(),
                 interrupts=interrupts,
                 eoi_handler=lambda: self._eoi_handler,
+                xsave=bool(self.system.check_extension(abi.KVM_CAP_XSAVE)),
+                xcrs=bool(self.system.check_extension(abi.KVM_CAP_XCRS)),
             )
         except KvmError:
             fd.close()

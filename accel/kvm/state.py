@@ -2,21 +2,37 @@
 
 The shared state type is what lets a snapshot taken under one accelerator continue under the other, so the
 mapping is explicit and total: general registers <-> ``kvm_regs``; segments, descriptor tables, control
-registers and EFER <-> ``kvm_sregs``; IA32_APIC_BASE (kept in ``kvm_sregs.apic_base`` by KVM) travels as
-MSR 0x1B in ``X86CpuState.msrs``; the other MSRs <-> ``kvm_msrs``. FS/GS base and EFER also exist as MSRs,
+registers and EFER <-> ``kvm_sregs``; IA32_APIC_BASE (kept in ``kvm_sregs.apic_base`` by KVM) <->
+``X86CpuState.apic_base`` (a state that only has MSR 0x1B in ``msrs`` is loaded from there); the other
+MSRs <-> ``kvm_msrs``. FS/GS base and EFER also exist as MSRs,
 but the segment and ``efer`` fields are authoritative, so those MSR numbers are never written separately.
 
-State outside X86CpuState that KVM keeps per vCPU (local APIC registers, pending events, MP state, FPU/SSE
-registers) is carried by :class:`KvmVcpuExtras` until X86CpuState grows fields for it.
+The snapshot-only parts map one to one: ``fpu`` <-> ``kvm_fpu`` or the legacy region of ``kvm_xsave``,
+``xsave`` <-> the rest of ``kvm_xsave`` plus XCR0 from ``kvm_xcrs``, ``lapic`` <-> ``kvm_lapic_state``,
+``events`` <-> ``kvm_vcpu_events``, ``mp_state`` <-> ``kvm_mp_state``; the functions below convert, and
+:class:`~pyemu.accel.kvm.vcpu.KvmVcpu` orders the ioctls.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import errno
 from typing import Any
 
+from pyemu.accel.kvm import abi
 from pyemu.accel.kvm.abi import ffi
-from pyemu.target.x86.cpu_state import GPR_NAMES, DescriptorTable, Segment, X86CpuState
+from pyemu.accel.kvm.errors import KvmStateError
+from pyemu.target.x86.cpu_state import (
+    FXSAVE_SIZE,
+    GPR_NAMES,
+    LAPIC_PAGE_SIZE,
+    DescriptorTable,
+    FpuState,
+    MpState,
+    PendingEvents,
+    Segment,
+    X86CpuState,
+    XsaveComponents,
+)
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_APIC_BASE = 0x1B
@@ -122,8 +138,9 @@ def segment_from_kvm(seg: Any) -> Segment:
 
 
 def sregs_from_state(state: X86CpuState, sregs: Any) -> None:
-    """Fill a ``struct kvm_sregs`` (read from KVM first, so ``apic_base`` stays unless the state has MSR
-    0x1B). The interrupt bitmap is cleared: a pending interrupt travels in the vCPU events instead."""
+    """Fill a ``struct kvm_sregs`` (read from KVM first, so ``apic_base`` stays unless the state has one:
+    ``state.apic_base``, else MSR 0x1B in ``state.msrs``). The interrupt bitmap is cleared: a pending
+    interrupt travels in the vCPU events instead."""
     for name in _SEGMENTS:
         segment_to_kvm(getattr(state, name), getattr(sregs, name))
     for name in ("gdt", "idt"):
@@ -136,7 +153,9 @@ def sregs_from_state(state: X86CpuState, sregs: Any) -> None:
     sregs.cr4 = state.cr4
     sregs.cr8 = state.cr8
     sregs.efer = state.efer
-    if MSR_IA32_APIC_BASE in state.msrs:
+    if state.apic_base is not None:
+        sregs.apic_base = state.apic_base
+    elif MSR_IA32_APIC_BASE in state.msrs:
         sregs.apic_base = state.msrs[MSR_IA32_APIC_BASE]
     for i in range(4):
         sregs.interrupt_bitmap[i] = 0
@@ -153,7 +172,7 @@ def sregs_to_state(sregs: Any, state: X86CpuState) -> None:
     state.cr4 = int(sregs.cr4)
     state.cr8 = int(sregs.cr8)
     state.efer = int(sregs.efer)
-    state.msrs[MSR_IA32_APIC_BASE] = int(sregs.apic_base)
+    state.apic_base = int(sregs.apic_base)
 
 
 # -- MSRs -------------------------------------------------------------------------------------------------
@@ -178,42 +197,129 @@ def msrs_to_load(state: X86CpuState, supported: frozenset[int]) -> tuple[list[in
     return indices, [state.msrs[i] & 0xFFFFFFFFFFFFFFFF for i in indices], unknown
 
 
-# -- state beyond X86CpuState -----------------------------------------------------------------------------
-@dataclass
-class KvmVcpuExtras:
-    """Per-vCPU state KVM holds that X86CpuState has no fields for yet, as plain data (bytes/ints), so a
-    snapshot can store it. ``lapic`` is the 1 KiB xAPIC register page (the same layout the userspace LAPIC
-    model uses); ``fpu`` the raw ``kvm_fpu`` (x87/SSE registers, MXCSR)."""
-
-    lapic: bytes = b""
-    mp_state: int = 0
-    events: dict[str, int] = field(default_factory=dict)
-    fpu: bytes = b""
+# -- FPU / SSE / XSAVE ------------------------------------------------------------------------------------
+XSAVE_AREA_SIZE = 4096
+"""``struct kvm_xsave``: the legacy region, the XSAVE header and the extended components (standard format)."""
+XFEATURE_X87 = 1 << 0
+XFEATURE_SSE = 1 << 1
+"""XSTATE_BV bits of the legacy x87 and SSE components."""
+XCR_XCR0 = 0
 
 
-EVENT_FIELDS = (
-    ("exception", ("injected", "nr", "has_error_code", "pending", "error_code")),
-    ("interrupt", ("injected", "nr", "soft", "shadow")),
-    ("nmi", ("injected", "pending", "masked")),
-    ("smi", ("smm", "pending", "smm_inside_nmi", "latched_init")),
-)
+def fpu_from_kvm(fpu: Any) -> FpuState:
+    """``struct kvm_fpu`` -> FpuState (KVM_GET_FPU has no MXCSR_MASK; it reads as 0)."""
+    return FpuState(
+        fcw=int(fpu.fcw),
+        fsw=int(fpu.fsw),
+        ftw=int(fpu.ftwx),
+        last_opcode=int(fpu.last_opcode),
+        last_ip=int(fpu.last_ip),
+        last_dp=int(fpu.last_dp),
+        st=tuple(bytes(ffi.buffer(fpu.fpr[i], 16))[:10] for i in range(8)),
+        mxcsr=int(fpu.mxcsr),
+        xmm=tuple(bytes(ffi.buffer(fpu.xmm[i], 16)) for i in range(16)),
+    )
 
 
-def events_to_dict(events: Any) -> dict[str, int]:
-    """``struct kvm_vcpu_events`` as a flat dict ("interrupt.nr": 32, ...)."""
-    out: dict[str, int] = {"sipi_vector": int(events.sipi_vector), "flags": int(events.flags)}
-    for group, names in EVENT_FIELDS:
-        part = getattr(events, group)
-        for name in names:
-            out[f"{group}.{name}"] = int(getattr(part, name))
-    out["triple_fault.pending"] = int(events.triple_fault.pending)
-    return out
+def fpu_to_kvm(state: FpuState, fpu: Any) -> None:
+    ffi.memmove(fpu, bytes(ffi.sizeof("struct kvm_fpu")), ffi.sizeof("struct kvm_fpu"))
+    fpu.fcw, fpu.fsw, fpu.ftwx = state.fcw, state.fsw, state.ftw
+    fpu.last_opcode, fpu.last_ip, fpu.last_dp = state.last_opcode, state.last_ip, state.last_dp
+    for i, reg in enumerate(state.st):
+        ffi.memmove(fpu.fpr[i], reg, 10)
+    for i, reg in enumerate(state.xmm):
+        ffi.memmove(fpu.xmm[i], reg, 16)
+    fpu.mxcsr = state.mxcsr
 
 
-def events_from_dict(values: dict[str, int], events: Any) -> None:
-    for key, value in values.items():
-        target = events
-        *path, leaf = key.split(".")
-        for part in path:
-            target = getattr(target, part)
-        setattr(target, leaf, value)
+def xsave_split(area: bytes, xcr0: int) -> tuple[FpuState, XsaveComponents]:
+    """A ``kvm_xsave`` region -> the legacy registers and the opaque rest (header + components)."""
+    return FpuState.from_fxsave(area[:FXSAVE_SIZE]), XsaveComponents(xcr0, bytes(area[FXSAVE_SIZE:]))
+
+
+def xsave_join(fpu: FpuState | None, xsave: XsaveComponents, current: bytes) -> bytes:
+    """The ``kvm_xsave`` region to load: the legacy region from ``fpu`` (or from ``current``, the
+    vCPU's own, when the state has no FPU part), then ``xsave.area``. XRSTOR resets a component whose
+    XSTATE_BV bit is clear to its init values and ignores the region, so when ``fpu`` holds non-init x87
+    or SSE registers (say, a state captured by another accelerator) their bits are set; registers still in
+    their init state leave XSTATE_BV as captured, so a save/load/save round trip is exact."""
+    legacy = fpu.to_fxsave() if fpu is not None else current[:FXSAVE_SIZE]
+    rest = bytearray(xsave.area[: XSAVE_AREA_SIZE - FXSAVE_SIZE])
+    rest.extend(bytes(XSAVE_AREA_SIZE - FXSAVE_SIZE - len(rest)))
+    if fpu is not None:
+        bv = int.from_bytes(rest[:8], "little") | _legacy_in_use(fpu)
+        rest[:8] = bv.to_bytes(8, "little")
+    return legacy + bytes(rest)
+
+
+_X87_INIT = FpuState()
+
+
+def _legacy_in_use(fpu: FpuState) -> int:
+    """XSTATE_BV bits of the legacy components whose registers differ from their init values."""
+    x87 = (fpu.fcw, fpu.fsw, fpu.ftw, fpu.last_opcode, fpu.last_ip, fpu.last_dp, fpu.st) != (
+        _X87_INIT.fcw, _X87_INIT.fsw, _X87_INIT.ftw, 0, 0, 0, _X87_INIT.st)
+    sse = fpu.xmm != _X87_INIT.xmm or fpu.mxcsr != _X87_INIT.mxcsr
+    return (XFEATURE_X87 if x87 else 0) | (XFEATURE_SSE if sse else 0)
+
+
+# -- local APIC -------------------------------------------------------------------------------------------
+def lapic_to_kvm(page: bytes, out: Any) -> None:
+    if len(page) != LAPIC_PAGE_SIZE:
+        raise KvmStateError("KVM_SET_LAPIC", errno.EINVAL,
+                            f"LAPIC page must be {LAPIC_PAGE_SIZE} bytes, got {len(page)}")
+    ffi.memmove(out, page, LAPIC_PAGE_SIZE)
+
+
+# -- pending events ---------------------------------------------------------------------------------------
+EVENT_FLAGS = abi.KVM_VCPUEVENT_VALID_NMI_PENDING | abi.KVM_VCPUEVENT_VALID_SIPI_VECTOR | abi.KVM_VCPUEVENT_VALID_SHADOW
+"""What :func:`events_to_kvm` sets. Not SMM (pyemu has no SMM) nor the exception payload (its capability is
+not enabled, so KVM reports pending exceptions as injected, the way they are then restored)."""
+
+
+def events_from_kvm(events: Any) -> PendingEvents:
+    exc, intr, nmi = events.exception, events.interrupt, events.nmi
+    has_exception = bool(exc.injected or exc.pending)
+    return PendingEvents(
+        exception_vector=int(exc.nr) if has_exception else None,
+        exception_error_code=int(exc.error_code) if has_exception and exc.has_error_code else None,
+        exception_injected=bool(exc.injected) if has_exception else True,
+        interrupt_vector=int(intr.nr) if intr.injected else None,
+        interrupt_soft=bool(intr.soft),
+        interrupt_shadow=int(intr.shadow),
+        nmi_injected=bool(nmi.injected),
+        nmi_pending=bool(nmi.pending),
+        nmi_masked=bool(nmi.masked),
+        sipi_vector=int(events.sipi_vector),
+    )
+
+
+def events_to_kvm(state: PendingEvents, events: Any) -> None:
+    """Fill a zeroed ``struct kvm_vcpu_events``. Without the exception-payload capability KVM only knows
+    "injected" exceptions, so a pending one is restored as injected (delivered first on resume either way)."""
+    if state.exception_vector is not None:
+        events.exception.injected = 1
+        events.exception.nr = state.exception_vector
+        events.exception.has_error_code = int(state.exception_error_code is not None)
+        events.exception.error_code = state.exception_error_code or 0
+    if state.interrupt_vector is not None:
+        events.interrupt.injected = 1
+        events.interrupt.nr = state.interrupt_vector
+        events.interrupt.soft = int(state.interrupt_soft)
+    events.interrupt.shadow = state.interrupt_shadow
+    events.nmi.injected = int(state.nmi_injected)
+    events.nmi.pending = int(state.nmi_pending)
+    events.nmi.masked = int(state.nmi_masked)
+    events.sipi_vector = state.sipi_vector
+    events.flags = EVENT_FLAGS
+
+
+# -- MP state ---------------------------------------------------------------------------------------------
+MP_STATE_TO_KVM: dict[MpState, int] = {
+    MpState.RUNNABLE: abi.KVM_MP_STATE_RUNNABLE,
+    MpState.WAIT_FOR_SIPI: abi.KVM_MP_STATE_UNINITIALIZED,
+    MpState.HALTED: abi.KVM_MP_STATE_HALTED,
+    MpState.INIT_RECEIVED: abi.KVM_MP_STATE_INIT_RECEIVED,
+    MpState.SIPI_RECEIVED: abi.KVM_MP_STATE_SIPI_RECEIVED,
+}
+MP_STATE_FROM_KVM: dict[int, MpState] = {value: key for key, value in MP_STATE_TO_KVM.items()}

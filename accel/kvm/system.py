@@ -18,6 +18,15 @@ from pyemu.accel.kvm.errors import KvmError
 from pyemu.accel.kvm.fd import KvmFd
 
 DEFAULT_DEVICE = "/dev/kvm"
+DEVICE_ENV = "PYEMU_KVM_DEVICE"
+"""Environment variable naming the KVM device to open instead of /dev/kvm. Lets a test (or a user with a
+KVM device elsewhere, e.g. in a container) choose the device without root: pointing it at a path that does
+not exist makes KVM unusable, which exercises ``-accel kvm:tcg`` fallback and the ``-accel kvm`` error."""
+
+
+def default_device() -> str:
+    """The device :class:`KvmSystem` opens when given none: ``$PYEMU_KVM_DEVICE`` if set, else /dev/kvm."""
+    return os.environ.get(DEVICE_ENV) or DEFAULT_DEVICE
 
 REQUIRED_CAPABILITIES: dict[str, int] = {
     "KVM_CAP_USER_MEMORY": abi.KVM_CAP_USER_MEMORY,
@@ -54,10 +63,11 @@ class CpuidEntry:
 
 
 class KvmSystem:
-    """The open ``/dev/kvm``. Raises AcceleratorUnavailable when the device is missing, not accessible,
-    speaks another API version, or lacks a required capability."""
+    """The open KVM device (``path``, default :func:`default_device`). Raises AcceleratorUnavailable when
+    the device is missing, not accessible, speaks another API version, or lacks a required capability."""
 
-    def __init__(self, path: str = DEFAULT_DEVICE) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = default_device() if path is None else path
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:

@@ -30,21 +30,29 @@ from pyemu.accel.kvm.errors import KvmError, KvmStateError
 from pyemu.accel.kvm.fd import KvmFd
 from pyemu.accel.kvm.kick import ThreadKicker
 from pyemu.accel.kvm.state import (
+    MP_STATE_FROM_KVM,
+    MP_STATE_TO_KVM,
     SAVED_MSRS,
-    KvmVcpuExtras,
-    events_from_dict,
-    events_to_dict,
+    XCR_XCR0,
+    XSAVE_AREA_SIZE,
+    events_from_kvm,
+    events_to_kvm,
+    fpu_from_kvm,
+    fpu_to_kvm,
+    lapic_to_kvm,
     msrs_to_load,
     new_msrs,
     regs_from_state,
     regs_to_state,
     sregs_from_state,
     sregs_to_state,
+    xsave_join,
+    xsave_split,
 )
 from pyemu.accel.kvm.system import CpuidEntry
 from pyemu.hw.intc.api import InterruptController
 from pyemu.system import log
-from pyemu.target.x86.cpu_state import RFLAGS_IF, X86CpuState
+from pyemu.target.x86.cpu_state import FXSAVE_SIZE, RFLAGS_IF, X86CpuState, XsaveComponents
 
 _NO_ARG = ffi.cast("unsigned long", 0)
 
@@ -74,7 +82,8 @@ class KvmVcpu:
 
     ``interrupts`` (optional) is a userspace interrupt controller whose interrupts reach the CPU as
     ExtINT (an 8259 PIC behind the in-kernel LAPIC's LINT0): they are injected with KVM_INTERRUPT when the
-    guest can take them, and :meth:`kick` makes the loop look again."""
+    guest can take them, and :meth:`kick` makes the loop look again. ``xsave``/``xcrs`` say whether the host
+    has KVM_CAP_XSAVE/KVM_CAP_XCRS (state transfer then goes through the XSAVE area and XCR0)."""
 
     def __init__(
         self,
@@ -87,8 +96,12 @@ class KvmVcpu:
         msr_indices: frozenset[int],
         interrupts: InterruptController | None = None,
         eoi_handler: Callable[[], EoiHandler | None] = lambda: None,
+        xsave: bool = False,
+        xcrs: bool = False,
     ) -> None:
         self.index = index
+        self._has_xsave = xsave
+        self._has_xcrs = xcrs
         self._fd = fd
         self._dispatcher = dispatcher
         self._interrupts = interrupts
@@ -133,18 +146,35 @@ class KvmVcpu:
     def set_tsc_khz(self, khz: int) -> None:
         self._fd.ioctl(abi.KVM_SET_TSC_KHZ, khz)
 
-    # -- architectural state --------------------------------------------------------------------------
+    # -- architectural state ----------------------------------------------------------------------------
     def load_state(self, state: X86CpuState) -> None:
-        """Load registers, segments, control registers and MSRs, and make the vCPU runnable (a halted
-        vCPU or an AP still waiting for SIPI starts at ``state.rip``)."""
+        """Load an :class:`X86CpuState`, in the order KVM needs: segments, control registers and APIC base
+        (sregs) with the general registers; FPU/SSE and XCR0 (see :meth:`_put_fpu`); the LAPIC page (after
+        the APIC base and CR8, which would otherwise overwrite its TPR); MSRs (TSC first, TSC-deadline
+        last: it is relative to both the TSC and the LAPIC just loaded); pending events; the MP state last
+        (it can depend on the events' SIPI vector). Parts the state did not capture (``None``) keep the
+        vCPU's current values, except the MP state: without one the vCPU becomes runnable, so a halted vCPU
+        or an AP still waiting for SIPI starts at ``state.rip`` (what a boot entry state wants)."""
         self._put_regs_sregs(state)
+        self._put_fpu(state)
+        if state.lapic is not None:
+            self.set_lapic(state.lapic)
         self._put_msrs(state)
-        self.set_mp_state(abi.KVM_MP_STATE_RUNNABLE)
+        if state.events is not None:
+            events = ffi.new("struct kvm_vcpu_events *")
+            events_to_kvm(state.events, events)
+            self._set("KVM_SET_VCPU_EVENTS", abi.KVM_SET_VCPU_EVENTS, events, f"events {state.events}")
+        mp_state = abi.KVM_MP_STATE_RUNNABLE if state.mp_state is None else MP_STATE_TO_KVM[state.mp_state]
+        self._mp.mp_state = mp_state
+        self._set("KVM_SET_MP_STATE", abi.KVM_SET_MP_STATE, self._mp, f"MP state {state.mp_state}")
 
     def save_state(self) -> X86CpuState:
-        """Read the architectural state back. Call it while :meth:`run` is not running (after it returned):
-        KVM completes a pending port/MMIO read only on re-entry, which ``Stopped`` already did."""
+        """Read the whole vCPU state back, every optional part filled. Call it while :meth:`run` is not
+        running (after it returned): KVM completes a pending port/MMIO read only on re-entry, which
+        ``Stopped`` already did. The MP state is read first because reading it makes KVM process a latched
+        INIT/SIPI, which changes the registers read next."""
         state = X86CpuState()
+        state.mp_state = MP_STATE_FROM_KVM.get(self.mp_state())
         self._fd.ioctl(abi.KVM_GET_REGS, self._regs)
         regs_to_state(self._regs, state)
         self._fd.ioctl(abi.KVM_GET_SREGS, self._sregs)
@@ -154,40 +184,74 @@ class KvmVcpu:
         count = self._fd.ioctl(abi.KVM_GET_MSRS, msrs)
         for i in range(count):
             state.msrs[int(msrs.entries[i].index)] = int(msrs.entries[i].data)
-        return state
-
-    def save_extras(self) -> KvmVcpuExtras:
-        """The KVM-held state outside X86CpuState (LAPIC page, MP state, pending events, FPU/SSE)."""
-        lapic = ffi.new("struct kvm_lapic_state *")
-        self._fd.ioctl(abi.KVM_GET_LAPIC, lapic)
+        self._get_fpu(state)
+        state.lapic = self.lapic()
         events = ffi.new("struct kvm_vcpu_events *")
         self._fd.ioctl(abi.KVM_GET_VCPU_EVENTS, events)
+        state.events = events_from_kvm(events)
+        return state
+
+    def _get_fpu(self, state: X86CpuState) -> None:
+        if self._has_xsave:
+            area = ffi.new("struct kvm_xsave *")
+            try:
+                self._fd.ioctl(abi.KVM_GET_XSAVE, area)
+            except KvmError as exc:
+                # E.g. a guest with components past 4 KiB (AMX) needs KVM_GET_XSAVE2: keep x87/SSE.
+                log.log("unimp", f"kvm: vCPU {self.index}: {exc}; saving x87/SSE registers only")
+            else:
+                state.fpu, state.xsave = xsave_split(bytes(ffi.buffer(area)), self._xcr0())
+                return
         fpu = ffi.new("struct kvm_fpu *")
         self._fd.ioctl(abi.KVM_GET_FPU, fpu)
-        return KvmVcpuExtras(
-            lapic=bytes(ffi.buffer(lapic)),
-            mp_state=self.mp_state(),
-            events=events_to_dict(events),
-            fpu=bytes(ffi.buffer(fpu)),
-        )
+        state.fpu = fpu_from_kvm(fpu)
 
-    def restore(self, state: X86CpuState, extras: KvmVcpuExtras) -> None:
-        """Snapshot restore, in the order KVM needs: registers and APIC base, FPU, then the LAPIC page,
-        then MSRs (TSC before TSC-deadline, which is relative to the restored LAPIC), then the pending
-        events and the MP state."""
-        self._put_regs_sregs(state)
-        if extras.fpu:
-            fpu = ffi.new("struct kvm_fpu *")
-            ffi.buffer(fpu)[:] = extras.fpu
-            self._fd.ioctl(abi.KVM_SET_FPU, fpu)
-        if extras.lapic:
-            self.set_lapic(extras.lapic)
-        self._put_msrs(state)
-        if extras.events:
-            events = ffi.new("struct kvm_vcpu_events *")
-            events_from_dict(extras.events, events)
-            self._fd.ioctl(abi.KVM_SET_VCPU_EVENTS, events)
-        self.set_mp_state(extras.mp_state)
+    def _put_fpu(self, state: X86CpuState) -> None:
+        """FPU/SSE through KVM_SET_XSAVE whenever the host has it, even for a state without XSAVE
+        components: KVM_SET_FPU only rewrites the legacy region of KVM's XSAVE buffer and leaves XSTATE_BV
+        alone, so registers that were in their init state (measured: after the guest's FXRSTOR of init
+        values) silently keep them. KVM_SET_FPU is the path for hosts without XSAVE only."""
+        if state.fpu is None and state.xsave is None:
+            return
+        if not self._has_xsave:
+            if state.xsave is not None:
+                log.log("unimp", f"kvm: vCPU {self.index}: host KVM has no XSAVE; extended components dropped")
+            if state.fpu is not None:
+                fpu = ffi.new("struct kvm_fpu *")
+                fpu_to_kvm(state.fpu, fpu)
+                self._set("KVM_SET_FPU", abi.KVM_SET_FPU, fpu, f"fcw={state.fpu.fcw:#x} mxcsr={state.fpu.mxcsr:#x}")
+            return
+        area = ffi.new("struct kvm_xsave *")
+        current = b""
+        if state.fpu is None or state.xsave is None:
+            self._fd.ioctl(abi.KVM_GET_XSAVE, area)
+            current = bytes(ffi.buffer(area))
+        components = state.xsave if state.xsave is not None else XsaveComponents(0, current[FXSAVE_SIZE:])
+        ffi.memmove(area, xsave_join(state.fpu, components, current), XSAVE_AREA_SIZE)
+        self._set("KVM_SET_XSAVE", abi.KVM_SET_XSAVE, area, f"XSTATE_BV={components.xstate_bv:#x}")
+        if state.xsave is not None and self._has_xcrs:
+            xcrs = ffi.new("struct kvm_xcrs *")
+            xcrs.nr_xcrs = 1
+            xcrs.xcrs[0].xcr = XCR_XCR0
+            xcrs.xcrs[0].value = state.xsave.xcr0
+            self._set("KVM_SET_XCRS", abi.KVM_SET_XCRS, xcrs, f"XCR0={state.xsave.xcr0:#x}")
+
+    def _xcr0(self) -> int:
+        if not self._has_xcrs:
+            return 1  # x87 only: the architectural value without XSAVE
+        xcrs = ffi.new("struct kvm_xcrs *")
+        self._fd.ioctl(abi.KVM_GET_XCRS, xcrs)
+        for i in range(min(int(xcrs.nr_xcrs), 16)):
+            if xcrs.xcrs[i].xcr == XCR_XCR0:
+                return int(xcrs.xcrs[i].value)
+        return 1
+
+    def _set(self, name: str, request: int, arg: Any, what: str) -> None:
+        """A state-loading ioctl whose refusal is the state's fault: KvmStateError naming the part."""
+        try:
+            self._fd.ioctl(request, arg)
+        except KvmError as exc:
+            raise KvmStateError(exc.ioctl, exc.errno, f"vCPU {self.index} rejected {what}") from exc
 
     def _put_regs_sregs(self, state: X86CpuState) -> None:
         self._fd.ioctl(abi.KVM_GET_SREGS, self._sregs)  # keeps apic_base unless the state carries MSR 0x1B
@@ -224,16 +288,13 @@ class KvmVcpu:
 
     def set_lapic(self, page: bytes) -> None:
         lapic = ffi.new("struct kvm_lapic_state *")
-        ffi.buffer(lapic)[:] = page
-        self._fd.ioctl(abi.KVM_SET_LAPIC, lapic)
+        lapic_to_kvm(page, lapic)
+        self._set("KVM_SET_LAPIC", abi.KVM_SET_LAPIC, lapic, "the LAPIC page")
 
     def mp_state(self) -> int:
+        """KVM's raw MP state (``abi.KVM_MP_STATE_*``); :meth:`save_state` gives it as an MpState."""
         self._fd.ioctl(abi.KVM_GET_MP_STATE, self._mp)
         return int(self._mp.mp_state)
-
-    def set_mp_state(self, value: int) -> None:
-        self._mp.mp_state = value
-        self._fd.ioctl(abi.KVM_SET_MP_STATE, self._mp)
 
     def inject_nmi(self) -> None:
         self._fd.ioctl(abi.KVM_NMI)

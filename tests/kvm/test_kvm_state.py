@@ -31,6 +31,7 @@ from pyemu.target.x86.cpu_state import (
     EFER_NXE,
     EFER_SCE,
     GPR_NAMES,
+    MpState,
     Segment,
 )
 
@@ -80,7 +81,7 @@ def test_load_then_save_returns_the_same_state(kvm_machine):
     )
     for index, value in MSR_VALUES.items():
         assert back.msrs[index] == value, hex(index)
-    assert back.msrs[0x1B] & 0xFFFFF000 == 0xFEE00000  # APIC base travels as MSR 0x1B
+    assert back.apic_base is not None and back.apic_base & 0xFFFFF000 == 0xFEE00000
 
 
 @pytest.mark.xfail(
@@ -139,7 +140,7 @@ def test_the_guest_sees_loaded_msrs_and_the_host_sees_guest_writes(kvm_machine):
 
 
 def test_snapshot_restore_replays_the_same_guest_run(kvm_machine):
-    """Stop mid-program, snapshot (state + KVM extras), finish; restore and finish again: same outputs."""
+    """Stop mid-program, snapshot, finish; restore and finish again: same outputs."""
     vcpu = kvm_machine.vcpu
 
     class Port(Recorder):
@@ -166,14 +167,15 @@ def test_snapshot_restore_replays_the_same_guest_run(kvm_machine):
         bits=64,
     )
     assert run_bounded(vcpu)[0] == Stopped()
-    snapshot, extras = vcpu.save_state(), vcpu.save_extras()
+    snapshot = vcpu.save_state()
     assert [v for _, _, v in port.writes] == [1, 2, 3]
     assert run_bounded(vcpu)[0] == Halt()
     assert [v for _, _, v in port.writes] == [1, 2, 3, 4, 5, 6]
-    vcpu.restore(snapshot, extras)
+    vcpu.load_state(snapshot)
     assert run_bounded(vcpu)[0] == Halt()
     assert [v for _, _, v in port.writes] == [1, 2, 3, 4, 5, 6, 4, 5, 6]
-    assert len(extras.lapic) == 1024 and len(extras.fpu) > 0
+    assert snapshot.lapic is not None and len(snapshot.lapic) == 1024
+    assert snapshot.fpu is not None and snapshot.events is not None and snapshot.mp_state is not None
 
 
 def test_inconsistent_control_registers_raise_a_typed_error(kvm_machine):
@@ -200,15 +202,21 @@ def test_msrs_kvm_does_not_know_are_logged_and_skipped(kvm_machine, monkeypatch)
     assert kvm_machine.vcpu.save_state().msrs[MSR_LSTAR] == 0xFFFFFFFF80000000
 
 
-def test_load_state_makes_a_halted_vcpu_runnable(kvm_machine):
+def test_load_state_makes_a_halted_vcpu_runnable_unless_the_state_says_halted(kvm_machine):
     kvm_machine.load("cli\nhlt")
     assert run_bounded(kvm_machine.vcpu)[0] == Halt()
     state = kvm_machine.vcpu.save_state()
-    assert state.cr0 & CR0_PE
+    assert state.cr0 & CR0_PE and state.mp_state is MpState.HALTED
     out = Recorder()
     kvm_machine.pio.register(0x500, 1, out)
     kvm_machine.memory.write(CODE_ADDR + 0x100, assemble("mov al, 5\nmov dx, 0x500\nout dx, al\ncli\nhlt", 0, 32))
     state.rip = CODE_ADDR + 0x100
+    # A captured MP state is restored: still in HLT with IF=0, the code at RIP does not run.
+    kvm_machine.vcpu.load_state(state)
+    assert run_bounded(kvm_machine.vcpu)[0] == Halt()
+    assert out.writes == []
+    # No MP state (a boot entry state): the vCPU becomes runnable at RIP.
+    state.mp_state = None
     kvm_machine.vcpu.load_state(state)
     assert run_bounded(kvm_machine.vcpu)[0] == Halt()
     assert out.writes == [(0, 1, 5)]
