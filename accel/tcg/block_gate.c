@@ -6,6 +6,8 @@
  */
 #include <stdint.h>
 
+/* Built together with tlb_fill.c, which comes first (struct pyemu_tlb, pyemu_tlb_resume). */
+
 struct pyemu_gate {
     int32_t stop_request;  /* host: make run() return; stop at the next block start */
     int32_t irq_pending;   /* host: an interrupt may be pending; stop at the first block start with IF=1 */
@@ -16,6 +18,7 @@ struct pyemu_gate {
     uint64_t stops;        /* statistics: stops issued */
     int (*reg_read)(void *uc, int regid, void *value);
     int (*emu_stop)(void *uc);
+    struct pyemu_tlb *tlb; /* the TLB-fill hook's state (tlb_fill.c), or NULL */
 };
 
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data)
@@ -24,7 +27,12 @@ void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data
     int first = gate->skip_first;
     (void)address;
     (void)size;
-    gate->skip_first = 0;
+    if (first) {
+        gate->skip_first = 0; /* no store per block on the common path */
+    }
+    if (gate->tlb && !first && __atomic_load_n(&gate->tlb->fallback, __ATOMIC_ACQUIRE)) {
+        pyemu_tlb_resume(uc, gate->tlb);
+    }
     if (__atomic_load_n(&gate->stop_request, __ATOMIC_ACQUIRE)
         || __atomic_load_n(&gate->service_request, __ATOMIC_ACQUIRE)) {
         goto stop;

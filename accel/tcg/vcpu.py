@@ -34,6 +34,7 @@ from unicorn import (
     UC_CTL_TB_FLUSH,
     UC_CTL_TLB_FLUSH,
     UC_ERR_FETCH_PROT,
+    UC_ERR_EXCEPTION,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_READ_UNMAPPED,
     UC_ERR_WRITE_UNMAPPED,
@@ -56,6 +57,7 @@ from pyemu.accel.tcg.paging import PagingRegs
 from pyemu.accel.tcg.physmem import GuestPhysical
 from pyemu.accel.tcg.segments import HF_INHIBIT_IRQ
 from pyemu.accel.tcg.state_io import load_state, save_state
+from pyemu.accel.tcg.tlb_fill import TlbFill, tlb_hook_enabled
 from pyemu.accel.tcg.traps import Traps
 from pyemu.errors import PyemuError
 from pyemu.hw.intc.api import InterruptController
@@ -82,6 +84,7 @@ class TcgVcpu:
             raise EngineError(f"cannot create a Unicorn x86-64 engine: {exc}", operation="uc_open") from exc
         self._gate = BlockGate(self._uc)
         self._map = PhysicalMap(self._uc, memory, dispatcher, lambda: self._gate.stop_requested)
+        self._tlb = TlbFill(self._uc, memory, self._gate) if tlb_hook_enabled() else None
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)
         self._traps = Traps(self._uc, self._blob, GuestPhysical(self._uc, memory, dispatcher), index,
@@ -100,6 +103,9 @@ class TcgVcpu:
         load_state(self._uc, self._blob, state)
         self._uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        if self._tlb is not None:
+            self._tlb.use_hook()
+            self._tlb.forget_code()
         self._traps.flush_translations()
         self._traps.cr2 = state.cr2
         self._halted = False
@@ -135,12 +141,19 @@ class TcgVcpu:
         self._closed = True
         self.request_stop()
         with self._running:
+            if self._tlb is not None:
+                self._tlb.close()
             self._gate.close()
 
     # -- statistics for tests and benchmarks -------------------------------------------------------------
     @property
     def gate_stops(self) -> int:
         return self._gate.stops
+
+    @property
+    def tlb_statistics(self) -> dict[str, int]:
+        """TLB-fill hook counters (empty when the engine fills its TLB itself)."""
+        return self._tlb.statistics if self._tlb is not None else {}
 
     @property
     def events_delivered(self) -> int:
@@ -175,11 +188,16 @@ class TcgVcpu:
         blob.cr2 = self._traps.cr2
         blob.push()
         self._gate.arm()
+        tlb = self._tlb
+        if tlb is not None:
+            tlb.state.fill_failed = 0
         try:
             self._uc.emu_start(blob.rip, _UNTIL)
         except UcError as exc:
             if self._traps.pending_exit is not None:
                 return None
+            if exc.errno == UC_ERR_EXCEPTION and tlb is not None and tlb.take_fill_failure():
+                return None  # the TLB-fill hook left the access to the engine's MMU: run it again
             return self._fail(self._engine_error_reason(exc))
         if self._traps.pending_exit is not None or self._gate.stopped or self._gate.stop_requested:
             return None

@@ -1,0 +1,277 @@
+/* pyemu software CPU: the TLB-fill hook that keeps guest stores on Unicorn's fast path
+ * (see tlb_fill.py for the measurements and the Unicorn 2.1.4 facts behind it).
+ *
+ * Registered as a UC_HOOK_TLB_FILL callback with the engine in UC_TLB_VIRTUAL mode. For each TLB miss:
+ *   1. walk the guest page tables read-only (long mode, PAE, 32-bit) to find the page and what the CPU
+ *      would permit; anything unusual, and any access the walk would refuse, is "not ours": switch the
+ *      engine to its own MMU (UC_TLB_CPU) and report a miss, so the vCPU re-runs the instruction with
+ *      Unicorn's page walk, which raises the architectural #PF (the block gate switches back);
+ *   2. let Unicorn's own walk do the same translation (uc_vmem_translate with the engine briefly in
+ *      UC_TLB_CPU mode), which sets the accessed/dirty bits and registers large pages for INVLPG;
+ *   3. return the permissions, minus EXEC for a page no instruction was ever fetched from: Unicorn
+ *      only marks a TLB entry's page dirty (fast stores) when the entry is not executable.
+ */
+#include <stdint.h>
+#include <stdbool.h>
+
+#define PYEMU_RAM_SLOTS 8
+
+struct pyemu_tlb_entry { uint64_t paddr; int perms; };
+
+struct pyemu_ram_slot { uint64_t gpa; uint64_t size; uint8_t *host; };
+
+struct pyemu_tlb {
+    int (*ctl)(void *uc, uint32_t control, ...);
+    int (*vmem_translate)(void *uc, uint64_t address, int prot, uint64_t *paddr);
+    int (*reg_read)(void *uc, int regid, void *value);
+    uint32_t ctl_tlb_type;      /* UC_CTL_WRITE(UC_CTL_TLB_TYPE, 1) */
+    int32_t fallback;           /* this hook switched the engine to UC_TLB_CPU; the gate switches back */
+    int32_t fill_failed;        /* a fill reported a miss: emu_start returns UC_ERR_EXCEPTION */
+    int32_t reg_cr0, reg_cr3, reg_cr4, reg_msr, reg_cs, reg_rflags;
+    uint64_t fills, fallbacks, code_marks;
+    uint8_t *code_pages;        /* one byte per 4 KiB page of [0, code_page_count << 12) */
+    uint64_t code_page_count;
+    uint32_t ram_count;
+    struct pyemu_ram_slot ram[PYEMU_RAM_SLOTS];
+};
+
+struct pyemu_msr { uint32_t rid; uint64_t value; };
+
+enum { PROT_R = 1, PROT_W = 2, PROT_X = 4 };
+enum { MEM_READ = 16, MEM_WRITE = 17, MEM_FETCH = 18 };
+enum { TLB_CPU = 0, TLB_VIRTUAL = 1 };
+
+#define P_BIT   (1ULL << 0)
+#define RW_BIT  (1ULL << 1)
+#define US_BIT  (1ULL << 2)
+#define D_BIT   (1ULL << 6)
+#define PS_BIT  (1ULL << 7)
+#define NX_BIT  (1ULL << 63)
+#define ADDR_MASK 0x000FFFFFFFFFF000ULL
+#define ADDR_RSVD 0x000FFF0000000000ULL /* entry address bits above the 40 physical bits */
+
+#define CR0_WP (1ULL << 16)
+#define CR0_PG (1ULL << 31)
+#define CR4_PSE (1ULL << 4)
+#define CR4_PAE (1ULL << 5)
+#define CR4_LA57 (1ULL << 12)
+#define CR4_SMEP (1ULL << 20)
+#define CR4_SMAP (1ULL << 21)
+#define CR4_PKE (1ULL << 22)
+#define EFER_NXE (1ULL << 11)
+#define EFER_LMA (1ULL << 10)
+#define RFLAGS_AC (1ULL << 18)
+#define RFLAGS_VM (1ULL << 17)
+
+static int read_phys(const struct pyemu_tlb *s, uint64_t gpa, int width, uint64_t *value)
+{
+    for (uint32_t i = 0; i < s->ram_count; i++) {
+        const struct pyemu_ram_slot *r = &s->ram[i];
+        if (gpa >= r->gpa && gpa + width <= r->gpa + r->size) {
+            const uint8_t *p = r->host + (gpa - r->gpa);
+            if (width == 8) {
+                *value = __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED);
+            } else {
+                *value = __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED);
+            }
+            return 1;
+        }
+    }
+    return 0; /* a table outside RAM: leave it to Unicorn */
+}
+
+/* Walk state: 0 = ok (page, prot filled), -1 = not ours (fault or unusual: Unicorn decides). */
+struct walk { uint64_t page; int prot; };
+
+static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, struct walk *out)
+{
+    uint64_t cr0 = 0, cr3 = 0, cr4 = 0, cs = 0, rflags = 0;
+    struct pyemu_msr efer = { 0xC0000080u, 0 };
+    s->reg_read(uc, s->reg_cr0, &cr0);
+    if (!(cr0 & CR0_PG)) {
+        out->page = va & 0xFFFFF000ULL; /* paging off: linear = physical (32-bit) */
+        out->prot = PROT_R | PROT_W | PROT_X;
+        return 0;
+    }
+    s->reg_read(uc, s->reg_cr3, &cr3);
+    s->reg_read(uc, s->reg_cr4, &cr4);
+    s->reg_read(uc, s->reg_msr, &efer);
+    s->reg_read(uc, s->reg_cs, &cs);
+    s->reg_read(uc, s->reg_rflags, &rflags);
+    if (cr4 & (CR4_LA57 | CR4_PKE)) {
+        return -1;
+    }
+    int user = (cs & 3) == 3 || (rflags & RFLAGS_VM);
+    int nxe = (efer.value & EFER_NXE) != 0;
+    uint64_t rw = RW_BIT, us = US_BIT, nx = 0, leaf = 0, page = 0;
+
+    if (efer.value & EFER_LMA) {
+        int64_t top = (int64_t)va >> 47;
+        if (top != 0 && top != -1) {
+            return -1;
+        }
+        uint64_t table = cr3 & ADDR_MASK;
+        for (int level = 0; level < 4; level++) {
+            int shift = 39 - 9 * level;
+            uint64_t e;
+            if (!read_phys(s, table + ((va >> shift) & 511) * 8, 8, &e) || !(e & P_BIT)) {
+                return -1;
+            }
+            if ((e & ADDR_RSVD) || ((e & NX_BIT) && !nxe)) {
+                return -1;
+            }
+            rw &= e; us &= e; nx |= e & NX_BIT;
+            if (level == 0 && (e & PS_BIT)) {
+                return -1;
+            }
+            if (level == 1 && (e & PS_BIT)) {
+                return -1; /* 1 GiB pages: not offered in CPUID, leave to Unicorn */
+            }
+            if (level == 2 && (e & PS_BIT)) {
+                if (e & 0x1FE000ULL) {
+                    return -1;
+                }
+                leaf = e;
+                page = (e & ADDR_MASK & ~0x1FFFFFULL) | (va & 0x1FF000ULL);
+                break;
+            }
+            if (level == 3) {
+                leaf = e;
+                page = e & ADDR_MASK;
+            }
+            table = e & ADDR_MASK;
+        }
+    } else if (cr4 & CR4_PAE) {
+        uint64_t pdpte, table;
+        va &= 0xFFFFFFFFULL;
+        if (!read_phys(s, (cr3 & 0xFFFFFFE0ULL) + ((va >> 30) & 3) * 8, 8, &pdpte) || !(pdpte & P_BIT)) {
+            return -1;
+        }
+        if (pdpte & (ADDR_RSVD | 0x1E6ULL | NX_BIT)) {
+            return -1;
+        }
+        table = pdpte & ADDR_MASK;
+        for (int level = 0; level < 2; level++) {
+            int shift = 21 - 9 * level;
+            uint64_t e;
+            if (!read_phys(s, table + ((va >> shift) & 511) * 8, 8, &e) || !(e & P_BIT)) {
+                return -1;
+            }
+            if ((e & ADDR_RSVD) || ((e & NX_BIT) && !nxe)) {
+                return -1;
+            }
+            rw &= e; us &= e; nx |= e & NX_BIT;
+            if (level == 0 && (e & PS_BIT)) {
+                if (e & 0x1FE000ULL) {
+                    return -1;
+                }
+                leaf = e;
+                page = (e & ADDR_MASK & ~0x1FFFFFULL) | (va & 0x1FF000ULL);
+                break;
+            }
+            if (level == 1) {
+                leaf = e;
+                page = e & ADDR_MASK;
+            }
+            table = e & ADDR_MASK;
+        }
+    } else {
+        uint64_t pde, pte;
+        va &= 0xFFFFFFFFULL;
+        if (!read_phys(s, (cr3 & 0xFFFFF000ULL) + (va >> 22) * 4, 4, &pde) || !(pde & P_BIT)) {
+            return -1;
+        }
+        if ((pde & PS_BIT) && (cr4 & CR4_PSE)) {
+            return -1; /* 4 MiB pages (PSE-36 address bits): leave to Unicorn */
+        }
+        if (!read_phys(s, (pde & 0xFFFFF000ULL) + ((va >> 12) & 1023) * 4, 4, &pte) || !(pte & P_BIT)) {
+            return -1;
+        }
+        rw = pde & pte & RW_BIT;
+        us = pde & pte & US_BIT;
+        leaf = pte;
+        page = pte & 0xFFFFF000ULL;
+    }
+
+    int prot = PROT_R | PROT_X;
+    if (rw || (!user && !(cr0 & CR0_WP))) {
+        prot |= PROT_W;
+    }
+    if (nx && nxe) {
+        prot &= ~PROT_X;
+    }
+    if (user) {
+        if (!us) {
+            return -1;
+        }
+    } else if (us) {
+        if (cr4 & CR4_SMEP) {
+            prot &= ~PROT_X;
+        }
+        if ((cr4 & CR4_SMAP) && !(rflags & RFLAGS_AC)) {
+            return -1; /* supervisor data access to a user page under SMAP: Unicorn decides */
+        }
+    }
+    if (!(leaf & D_BIT) && type != MEM_WRITE) {
+        prot &= ~PROT_W; /* as Unicorn: writable only once dirty, so the first store sets D */
+    }
+    int need = type == MEM_WRITE ? PROT_W : type == MEM_FETCH ? PROT_X : PROT_R;
+    if (!(prot & need)) {
+        return -1;
+    }
+    out->page = page;
+    out->prot = prot;
+    return 0;
+}
+
+static bool give_up(struct pyemu_tlb *s, void *uc)
+{
+    s->ctl(uc, s->ctl_tlb_type, TLB_CPU);
+    __atomic_store_n(&s->fallback, 1, __ATOMIC_RELEASE);
+    s->fill_failed = 1;
+    s->fallbacks++;
+    return false;
+}
+
+bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry *result, void *user_data)
+{
+    struct pyemu_tlb *s = (struct pyemu_tlb *)user_data;
+    struct walk w;
+    uint64_t paddr = 0;
+    int want = type == MEM_WRITE ? PROT_W : type == MEM_FETCH ? PROT_X : PROT_R;
+    s->fills++;
+    if (walk(s, uc, vaddr, type, &w) != 0) {
+        return give_up(s, uc);
+    }
+    s->ctl(uc, s->ctl_tlb_type, TLB_CPU);
+    int ok = s->vmem_translate(uc, vaddr, want, &paddr) == 0;
+    s->ctl(uc, s->ctl_tlb_type, TLB_VIRTUAL);
+    if (!ok || (paddr & ~0xFFFULL) != w.page) {
+        /* Unicorn's walk disagrees: it decides. A failed probe left its #PF pending (the INTR hook
+         * delivers it); otherwise the vCPU re-runs the instruction under Unicorn's own MMU. */
+        return give_up(s, uc);
+    }
+    uint64_t index = w.page >> 12;
+    int prot = w.prot;
+    if (type == MEM_FETCH) {
+        if (index < s->code_page_count && !s->code_pages[index]) {
+            s->code_pages[index] = 1;
+            s->code_marks++;
+        }
+    } else if (index < s->code_page_count && !s->code_pages[index]) {
+        prot &= ~PROT_X; /* no code here yet: let stores become fast after the first */
+    }
+    result->paddr = w.page;
+    result->perms = prot;
+    return true;
+}
+
+/* Called by the block gate at a block start: back to this hook once the instruction that needed Unicorn's
+ * own MMU has run (or raised its fault). */
+void pyemu_tlb_resume(void *uc, struct pyemu_tlb *s)
+{
+    if (__atomic_load_n(&s->fallback, __ATOMIC_ACQUIRE)) {
+        s->ctl(uc, s->ctl_tlb_type, TLB_VIRTUAL);
+        __atomic_store_n(&s->fallback, 0, __ATOMIC_RELEASE);
+    }
+}

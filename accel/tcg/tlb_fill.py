@@ -1,0 +1,141 @@
+"""Fast guest stores: a C TLB-fill hook that withholds EXEC from TLB entries of pages that hold no code.
+
+Why (Unicorn 2.1.4 source, ``qemu/accel/tcg/cputlb.c``; measured here): every TLB entry for a writable
+RAM page starts "not dirty" (``tlb_set_page_with_attrs``: Unicorn's ``cpu_physical_memory_is_clean``
+always answers true), so its stores take the slow path (``store_helper`` -> ``notdirty_write``: two
+``address_space_translate`` look-ups and a ``tb_invalidate_phys_page_fast``). ``notdirty_write`` marks
+the entry dirty, making later stores fast, only when the entry is not executable
+(``tlbe->addr_code == -1``) and no memory hook exists. With the engine's own MMU, an entry is executable
+whenever the guest's page tables allow execution, which for a kernel's data in its image mapping (all
+RWX until late in boot), for any page with paging off, and for the bzImage decompressor's identity map
+(no NX at all) means every store is slow: 25 M stores/s instead of 308 M stores/s in a guest store loop
+(benchmarks/tcg_store_bench.py).
+
+What this does: the engine runs with ``UC_TLB_VIRTUAL`` and this hook fills its TLB. The hook
+(``tlb_fill.c``) walks the guest page tables read-only to get the page and the permissions the CPU
+would grant; lets Unicorn's own walk repeat the translation (``uc_vmem_translate`` with the engine
+briefly in ``UC_TLB_CPU`` mode), which sets accessed/dirty bits exactly as before and registers large
+pages for INVLPG; then grants those permissions, minus EXEC for a physical page from which no
+instruction has been fetched yet (a byte map over RAM, set at the first instruction-fetch fill). Pages
+that hold code keep the executable entries and Unicorn's self-modifying-code checks on every store, as
+before; a code fetch from a data page misses (its entry lacks EXEC), marks the page as code and gets a
+full entry.
+
+Faults are left to Unicorn: when the read-only walk would refuse the access (or meets anything unusual:
+tables outside RAM, 1 GiB or 4 MiB pages, LA57, PKE, SMAP with EFLAGS.AC=0), the hook switches the
+engine back to ``UC_TLB_CPU`` and reports a miss, which ends ``emu_start`` with UC_ERR_EXCEPTION and RIP
+at the instruction (``fill_failed`` is set). The vCPU re-runs it under the engine's own MMU, which raises
+the architectural #PF; the block gate switches back to this hook at the next block start.
+
+Also needed for this mode: ``emu_start``'s "until" address. At the end of every run Unicorn invalidates
+the code at ``until - 1`` (``softmmu/cpus.c``), translating that address through the TLB; with this hook
+that fill would report a miss and fail the run. The vCPU therefore uses exit mode with no exits
+(``uc_ctl_exits_enable``), where ``until`` is ignored and nothing is translated.
+
+Accesses are checked at the current privilege level (CS.RPL); an implicit supervisor access made at
+CPL 3 (a descriptor-table read for a segment load in user mode) to a supervisor-only page is refused by
+the walk and so re-run under Unicorn's MMU, which uses the right MMU index. The byte map of code pages
+only grows while translated code may exist; it is cleared with the translation cache on a state load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+from unicorn import UC_HOOK_TLB_FILL, Uc
+from unicorn import unicorn_const as uc_const
+from unicorn import x86_const as x86
+
+from pyemu.accel.tcg.block_gate import BlockGate, native_function
+from pyemu.accel.tcg.errors import EngineError
+from pyemu.system.memory import GuestMemory
+
+_RAM_SLOTS = 8
+_CTL_WRITE_1 = (1 << 26) | (uc_const.UC_CTL_IO_WRITE << 30)
+
+
+def tlb_hook_enabled() -> bool:
+    """``PYEMU_TCG_ENGINE_TLB=1`` keeps the engine's own TLB fill (for A/B measurements and bisecting)."""
+    return os.environ.get("PYEMU_TCG_ENGINE_TLB", "") not in ("1", "yes", "true")
+
+
+def _uc_function(library: ctypes.CDLL, name: str) -> int:
+    return int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0)
+
+
+class TlbFill:
+    """The TLB-fill hook of one engine; also wires it into the block gate (which switches back to it)."""
+
+    def __init__(self, uc: Uc, memory: GuestMemory, gate: BlockGate) -> None:
+        module = gate.module
+        ffi: Any = module.ffi
+        self._ffi = ffi
+        self._uc = uc
+        regions = list(memory.regions)
+        if len(regions) > _RAM_SLOTS:
+            raise EngineError(f"{len(regions)} RAM regions; the TLB-fill hook handles {_RAM_SLOTS}",
+                              operation="hook_add")
+        library = gate.library
+        state: Any = ffi.new("struct pyemu_tlb *")
+        state.ctl = ffi.cast("int (*)(void *, uint32_t, ...)", _uc_function(library, "uc_ctl"))
+        state.vmem_translate = ffi.cast("int (*)(void *, uint64_t, int, uint64_t *)",
+                                        _uc_function(library, "uc_vmem_translate"))
+        state.reg_read = ffi.cast("int (*)(void *, int, void *)", _uc_function(library, "uc_reg_read"))
+        state.ctl_tlb_type = uc_const.UC_CTL_TLB_TYPE | _CTL_WRITE_1
+        state.reg_cr0 = x86.UC_X86_REG_CR0
+        state.reg_cr3 = x86.UC_X86_REG_CR3
+        state.reg_cr4 = x86.UC_X86_REG_CR4
+        state.reg_msr = x86.UC_X86_REG_MSR
+        state.reg_cs = x86.UC_X86_REG_CS
+        state.reg_rflags = x86.UC_X86_REG_RFLAGS
+        ram_end = max((r.end for r in regions), default=0)
+        pages = (ram_end + 0xFFF) >> 12
+        self._code_pages = ffi.new("uint8_t[]", max(pages, 1))
+        state.code_pages = self._code_pages
+        state.code_page_count = pages
+        for slot, region in enumerate(regions):
+            state.ram[slot].gpa = region.gpa
+            state.ram[slot].size = region.size
+            state.ram[slot].host = ffi.cast("uint8_t *", memory.host_address(region))
+        state.ram_count = len(regions)
+        self.state = state
+        self._library = library
+        self._handle = ctypes.c_size_t()
+        status = library.uc_hook_add(uc._uch, ctypes.byref(self._handle), UC_HOOK_TLB_FILL,
+                                     ctypes.c_void_p(native_function(module, "pyemu_tlb_fill")),
+                                     ctypes.c_void_p(int(ffi.cast("uintptr_t", state))),
+                                     ctypes.c_uint64(1), ctypes.c_uint64(0))
+        if status != 0:
+            raise EngineError(f"uc_hook_add(UC_HOOK_TLB_FILL) failed with error {status}", operation="hook_add")
+        uc.ctl_exits_enabled(True)
+        self.use_hook()
+        gate.state.tlb = state
+
+    def use_hook(self) -> None:
+        """Fill the TLB through the hook from now on (start-up, state load)."""
+        self.state.fallback = 0
+        self.state.fill_failed = 0
+        self._uc.ctl(uc_const.UC_CTL_TLB_TYPE, uc_const.UC_CTL_IO_WRITE, uc_const.UC_TLB_VIRTUAL)
+
+    def forget_code(self) -> None:
+        """Only after the engine dropped every translation and its TLB: no page holds translated code."""
+        self._ffi.memmove(self._code_pages, bytes(len(self._code_pages)), len(self._code_pages))
+
+    def take_fill_failure(self) -> bool:
+        """True once after a fill reported a miss (the run ended with UC_ERR_EXCEPTION because of it)."""
+        if self.state.fill_failed:
+            self.state.fill_failed = 0
+            return True
+        return False
+
+    @property
+    def statistics(self) -> dict[str, int]:
+        return {"fills": int(self.state.fills), "fallbacks": int(self.state.fallbacks),
+                "code_pages": int(self.state.code_marks)}
+
+    def close(self) -> None:
+        if self._handle.value:
+            self._library.uc_hook_del(self._uc._uch, self._handle)
+            self._handle = ctypes.c_size_t()

@@ -1,0 +1,154 @@
+"""The software CPU's TLB-fill hook (accel/tcg/tlb_fill.c): stores to executable pages without code are
+fast, while code written through such a mapping, self-modifying code, accessed/dirty bits and page faults
+(left to Unicorn's own MMU) still behave architecturally."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyemu.testing import GuestProgram, describe, pte_address, run_program
+from pyemu.testing.environment import DATA
+from pyemu.testing.handlers import exit_with
+from pyemu.testing.runner import RunContext
+
+SCRATCH = 0x4C000  # inside the data area: a 4 KiB PTE in pt0, present, writable, user, executable
+FRESH = 0x4D000
+RUNS = 200
+
+
+@pytest.fixture(autouse=True)
+def _hook_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYEMU_TCG_ENGINE_TLB", raising=False)
+
+
+def _capture(into: list) -> object:
+    def before_run(context: RunContext) -> None:
+        into.append(context.vcpu)
+    return before_run
+
+
+def test_code_stored_into_a_data_page_runs_and_rewrites_are_seen() -> None:
+    """The page starts as data (its TLB entry without EXEC, so the stores are fast); the first call turns
+    it into a code page, after which every rewrite of the routine must invalidate the old translation --
+    also when the TLB entry was dropped (INVLPG) and the first store after the refill misses the code."""
+    vcpus: list = []
+    program = GuestProgram(f"""
+        mov rdi, {SCRATCH}
+        xor r12, r12
+        mov ecx, 1
+    again:
+        invlpg [rdi]
+        mov qword ptr [rdi + 0x800], rcx    ; data on the same page, stored first
+        mov byte ptr [rdi], 0xB8            ; mov eax, imm32
+        mov dword ptr [rdi + 1], ecx
+        mov byte ptr [rdi + 5], 0xC3        ; ret
+        call rdi
+        add r12, rax
+        inc ecx
+        cmp ecx, {RUNS + 1}
+        jne again
+        mov rbx, data
+        mov [rbx], r12
+        mov rax, [rdi + 0x800]
+        mov [rbx + 8], rax
+        {exit_with(0x600d)}
+    """)
+    result = run_program(program, "tcg", before_run=_capture(vcpus))
+    assert result.exit_value == 0x600D, describe(result)
+    assert result.u64(DATA) == RUNS * (RUNS + 1) // 2
+    assert result.u64(DATA + 8) == RUNS
+    statistics = vcpus[0].tlb_statistics
+    assert statistics["fills"] > 0 and statistics["code_pages"] >= 2, statistics
+
+
+def test_code_copied_to_a_never_executed_page_runs() -> None:
+    """Many stores through an executable mapping of a page nothing ran from, then a jump into it."""
+    program = GuestProgram(f"""
+        mov rdi, {FRESH}
+        mov rcx, 512
+        mov rax, 0x9090909090909090         ; nops over the whole page ...
+    fill:
+        mov [rdi + rcx * 8 - 8], rax
+        dec rcx
+        jnz fill
+        mov dword ptr [rdi + 0xFF0], 0x0000C0FF    ; ... ending in inc eax; then jmp rbx (ff e3)
+        mov word ptr [rdi + 0xFF2], 0xE3FF
+        mov rbx, back
+        xor eax, eax
+        jmp rdi
+    back:
+        mov rbx, data
+        mov [rbx], rax
+        {exit_with(0x600d)}
+    """)
+    result = run_program(program, "tcg")
+    assert result.exit_value == 0x600D, describe(result)
+    assert result.u64(DATA) == 1
+
+
+def test_accessed_and_dirty_bits_follow_the_access() -> None:
+    """A read sets only A; the store after it (the read's entry is not writable) sets D."""
+    pte = pte_address(FRESH)
+    program = GuestProgram(f"""
+        mov rbx, {pte}
+        mov qword ptr [rbx], {FRESH | 0x7}  ; present, writable, user; A and D clear
+        mov rdi, {FRESH}
+        invlpg [rdi]
+        mov rax, [rdi]
+        mov rsi, data
+        mov rax, [rbx]
+        mov [rsi], rax
+        mov qword ptr [rdi], 5
+        mov rax, [rbx]
+        mov [rsi + 8], rax
+        {exit_with(0x600d)}
+    """)
+    result = run_program(program, "tcg")
+    assert result.exit_value == 0x600D, describe(result)
+    assert result.u64(DATA) & 0x60 == 0x20
+    assert result.u64(DATA + 8) & 0x60 == 0x60
+
+
+def test_protection_faults_are_raised_by_the_engine_walk() -> None:
+    """A store to a read-only page and a fetch from an NX page are refused by the hook's walk, re-run under
+    Unicorn's MMU and delivered as #PF with the architectural error code and CR2."""
+    vcpus: list = []
+    pte = pte_address(FRESH)
+    program = GuestProgram(
+        code=f"""
+            mov rbx, {pte}
+            mov qword ptr [rbx], {FRESH | 0x5}      ; present, read-only
+            mov rdi, {FRESH}
+            invlpg [rdi]
+            mov rax, [rdi]                          ; reading is fine
+            mov rcx, after_store
+            mov qword ptr [rdi], 1                  ; #PF, the handler skips to after_store
+        after_store:
+            mov rax, {FRESH | 0x7 | (1 << 63)}      ; writable, no-execute
+            mov [rbx], rax
+            invlpg [rdi]
+            mov byte ptr [rdi], 0xC3
+            mov rcx, after_fetch
+            call rdi                                ; #PF on the fetch
+        after_fetch:
+            {exit_with(0x600d)}
+        """,
+        handlers={14: """
+            mov rsi, data
+            mov rax, [rsi + 0x100]
+            mov rdx, cr2
+            mov [rsi + rax * 8], rdx
+            mov rdx, [rsp]
+            mov [rsi + rax * 8 + 0x40], rdx         ; error code
+            inc qword ptr [rsi + 0x100]
+            mov [rsp + 8], rcx                      ; resume at rcx
+            add rsp, 8
+            iretq
+        """},
+    )
+    result = run_program(program, "tcg", before_run=_capture(vcpus))
+    assert result.exit_value == 0x600D, describe(result)
+    assert result.u64(DATA + 0x100) == 2
+    assert result.u64(DATA) == FRESH and result.u64(DATA + 0x40) == 0b011         # write, protection
+    assert result.u64(DATA + 8) == FRESH and result.u64(DATA + 0x48) == 0b10001    # fetch, protection
+    assert vcpus[0].tlb_statistics["fallbacks"] >= 2
