@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pyemu.guest.errors import CacheError
+from pyemu.system.cache import cache_root
 
 ASSET_SET = "debian-6.1"
 MANIFEST_NAME = "manifest.json"
@@ -25,16 +26,6 @@ INITRD_NAME = "initramfs.cpio.gz"
 BUSYBOX_NAME = "busybox"
 CONFIG_NAME = "config"
 MODULES_DIR = "modules"
-
-
-def cache_root(environ: dict[str, str] | None = None) -> Path:
-    """The pyemu cache directory (not created)."""
-    env = os.environ if environ is None else environ
-    if env.get("PYEMU_CACHE"):
-        return Path(env["PYEMU_CACHE"]).expanduser()
-    if env.get("XDG_CACHE_HOME"):
-        return Path(env["XDG_CACHE_HOME"]).expanduser() / "pyemu"
-    return Path(env.get("HOME") or Path.home()).expanduser() / ".cache" / "pyemu"
 
 
 def asset_dir(cache: str | os.PathLike[str] | None = None) -> Path:

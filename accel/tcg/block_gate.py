@@ -15,7 +15,8 @@ block). The first block after each ``emu_start`` is exempt from the window check
 interrupt shadow (the one instruction after ``sti``/``mov ss``, which QEMU translates as a block of its
 own) executes it before the next check.
 
-Build: cffi API mode compiles ``block_gate.c`` once into ``~/.cache/pyemu`` (``$XDG_CACHE_HOME/pyemu``; a
+Build: cffi API mode compiles ``block_gate.c`` once into pyemu's cache, ``~/.cache/pyemu`` (see
+:func:`pyemu.system.cache.cache_root`; a
 module name carrying the source hash, so an edit rebuilds). The hook receives libunicorn's ``uc_reg_read``
 and ``uc_emu_stop`` as function pointers taken from the library the Python binding loaded, so no link-time
 dependency on libunicorn exists and exactly one copy of it is in the process.
@@ -37,6 +38,7 @@ from typing import Any
 from unicorn import UC_HOOK_BLOCK, Uc
 from unicorn import x86_const as x86
 
+from pyemu.system.cache import cache_root
 from pyemu.accel.tcg.errors import BlockHookBuildError, EngineError
 
 # One compiled module holds both engine callbacks: the TLB-fill hook (tlb_fill.c, first: the gate reads
@@ -80,8 +82,8 @@ _module: ModuleType | None = None
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "pyemu"
+    """The compiled hooks live in pyemu's cache (``$PYEMU_CACHE``, ``$XDG_CACHE_HOME/pyemu``, ...)."""
+    return cache_root()
 
 
 def _module_name(source: str) -> str:
