@@ -88,7 +88,6 @@ class VmConfig:
     serial: tuple[str, ...] = ()
     nographic: bool = False
     no_reboot: bool = False
-    no_shutdown: bool = False
     devices: tuple[DeviceOptions, ...] = ()
     start_paused: bool = False
     log_mask: frozenset[str] = frozenset()

@@ -38,7 +38,6 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "tcp:HOST:PORT[,server][,nowait]", "dev"),
     OptionSpec("nographic", False, "no display; COM1 on stdio unless -serial says otherwise"),
     OptionSpec("no-reboot", False, "exit instead of rebooting"),
-    OptionSpec("no-shutdown", False, "stop (pause) instead of exiting when the guest powers off"),
     OptionSpec("device", True, "add a device: isa-debug-exit[,iobase=0xf4][,iosize=4]", "driver[,prop=value...]"),
     OptionSpec("S", False, "create the VM with its CPUs stopped (there is no monitor yet to continue it)"),
     OptionSpec("d", True, "log categories, comma separated (-d help lists them)", "item1[,...]"),
@@ -224,7 +223,7 @@ def parse_args(argv: list[str]) -> VmConfig:
             from pyemu import __version__
 
             raise EarlyExit(f"pyemu version {__version__} (QEMU-compatible command line)")
-        flag_keys = {"nographic": "nographic", "no-reboot": "no_reboot", "no-shutdown": "no_shutdown",
+        flag_keys = {"nographic": "nographic", "no-reboot": "no_reboot",
                      "S": "start_paused"}
         if name == "enable-kvm":
             values["accel"] = ("kvm",)

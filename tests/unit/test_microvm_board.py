@@ -181,3 +181,20 @@ def test_pvh_test_kernel_same_output_and_status_on_both_accelerators(tmp_path, a
                           stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
     assert proc.returncode == (0x2A << 1) | 1, proc.stderr
     assert proc.stdout == b"hi\nOK"
+
+
+def test_dash_s_creates_the_vm_paused(tmp_path):
+    image = kernel(tmp_path, "mov dx, 0xf4\n mov eax, 1\n out dx, eax\n hlt")
+    proc = subprocess.Popen([sys.executable, "-m", "pyemu.system.main", "-accel", "tcg", "-m", "64M",
+                             "-kernel", image, "-nographic", "-S",
+                             "-device", "isa-debug-exit,iobase=0xf4,iosize=4"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(2.0)
+        assert proc.poll() is None  # without -S this kernel exits at once with status 3
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+        assert out == b""  # not one guest instruction ran
+        assert proc.returncode == 0
+    finally:
+        proc.kill()
