@@ -35,7 +35,7 @@ from pyemu.machines.base import Machine
 from pyemu.system.config import DeviceOptions, VmConfig
 from pyemu.system.runstate import ShutdownCause
 from pyemu.target.x86.boot.loader import load_kernel
-from pyemu.target.x86.cpuid import CpuidTable, default_cpuid
+from pyemu.target.x86.cpuid import DEFAULT_TSC_HZ, CpuidTable, default_cpuid
 
 GED_GSI = 9
 # Real-mode code at the reset vector: pulse the i8042 reset line (mov al, 0xfe; out 0x64, al), then
@@ -97,7 +97,10 @@ class Microvm(Machine):
         self.serial_ports: list[IsaSerial] = []
         self.lapics: list[LocalApic] = []
         self.pic: PicPair | None = None
-        self.cpuid: CpuidTable = default_cpuid(vcpus=config.vcpus)
+        # The software CPU's guest reads the host TSC, so CPUID must state the host's rate; KVM rewrites
+        # the TSC leaves from the vCPU's real rate itself.
+        self.tsc_hz: int = getattr(accel, "tsc_hz", DEFAULT_TSC_HZ)
+        self.cpuid: CpuidTable = default_cpuid(vcpus=config.vcpus, tsc_hz=self.tsc_hz)
         self.acpi_rsdp: int | None = None
 
     # -- construction -----------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ class Microvm(Machine):
         if accel.needs_userspace_lapic:
             for index in range(self.vcpu_count):
                 lapic = LocalApic(self.timers, apic_id=index, bsp=index == 0,
-                                  pic=self.pic if index == 0 else None)
+                                  pic=self.pic if index == 0 else None, tsc_hz=self.tsc_hz)
                 self.lapics.append(lapic)
                 self.reset_handlers.append(lapic.reset)
             # One xAPIC page serves the vCPU that touches it; with one vCPU that is vCPU 0.

@@ -14,6 +14,7 @@ from __future__ import annotations
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.tcg.calibration import calibrate
 from pyemu.accel.tcg.errors import TcgError
+from pyemu.accel.tcg.tsc import host_tsc_hz
 from pyemu.accel.tcg.vcpu import TcgVcpu
 from pyemu.hw.intc.api import InterruptController, MsiSink
 from pyemu.system.memory import GuestMemory
@@ -31,6 +32,11 @@ class TcgAccelerator:
         self._dispatcher: ExitDispatcher | None = None
         self._cpuid: CpuidTable | None = None
         self.vcpus: list[TcgVcpu] = []
+
+    @property
+    def tsc_hz(self) -> int:
+        """The TSC rate the guest sees (the host's: RDTSC is not virtualised by Unicorn)."""
+        return host_tsc_hz()
 
     def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
         self._memory = memory

@@ -97,12 +97,13 @@ DEFAULT_FEATURES = (
 )
 
 TSC_CRYSTAL_HZ = 25_000_000  # leaf 0x15 crystal; the LAPIC timer counts at crystal / divide
+DEFAULT_TSC_HZ = 2_600_000_000  # when the accelerator cannot say (boards pass the real rate)
 
 
 def default_cpuid(
     *,
     vcpus: int = 1,
-    tsc_hz: int = 2_600_000_000,
+    tsc_hz: int = DEFAULT_TSC_HZ,
     features: tuple[str, ...] = DEFAULT_FEATURES,
     hypervisor_signature: str = "PyemuVMM\0\0\0\0",
 ) -> CpuidTable:

@@ -5,6 +5,7 @@ The shell is driven over COM1 exactly as a user would: type a command, read its 
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -27,6 +28,12 @@ def test_boot_to_shell_echo_and_poweroff(console, guest_assets, image):
     assert b"ACPI Error" not in banner and b"ACPI BIOS Error" not in banner
     assert b"ttyS0 at I/O 0x3f8" in banner and b"is a 16550A" in banner
     assert b"rtc_cmos 00:01: setting system clock to" in banner
+    # CPUID states the host TSC rate, which the guest's RDTSC runs at under Unicorn.
+    from pyemu.accel.tcg.tsc import host_tsc_hz
+
+    detected = re.search(rb"tsc: Detected (\d+)\.000 MHz processor", banner)
+    assert detected is not None
+    assert abs(int(detected.group(1)) * 1_000_000 - host_tsc_hz()) / host_tsc_hz() < 0.01
     vm.expect(b"# ", 60)  # the busybox shell prompt
     # The quotes make the typed line differ from the output, so the terminal echo cannot fake it.
     vm.send('echo h""i-from-$((6*7))\n')

@@ -238,3 +238,22 @@ def test_load_state_drops_translations_of_rewritten_ram() -> None:
         vcpu.load_state(entry)                            # ... and resets the CPU
         assert isinstance(vcpu.run(), Stopped)
         assert memory.read_u64(DATA) == 2
+
+
+def test_host_tsc_rate_matches_what_the_guest_measures() -> None:
+    """The board states this rate in CPUID 0x15/0x16; a guest's RDTSC must advance at it."""
+    import time
+
+    from pyemu.accel.tcg.tsc import _read_tsc, host_tsc_hz
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+
+    hz = host_tsc_hz()
+    assert 100_000_000 <= hz <= 10_000_000_000 and hz % 1_000_000 == 0
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x2000)
+    uc.mem_write(0x1000, bytes([0x0F, 0x31]))
+    start_ns, start = time.monotonic_ns(), _read_tsc(uc)
+    time.sleep(0.2)
+    end, end_ns = _read_tsc(uc), time.monotonic_ns()
+    measured = (end - start) * 1e9 / (end_ns - start_ns)
+    assert abs(measured - hz) / hz < 0.01

@@ -1,0 +1,41 @@
+"""The host TSC rate, which is what a guest of the software CPU sees.
+
+Why measure: Unicorn's RDTSC returns the host's TSC and cannot be hooked (DESIGN.md), while Linux takes the
+TSC rate from CPUID leaf 0x15/0x16 without calibrating. If the CPUID table claimed a rate other than the
+host's, guest time would run fast or slow by the difference. So the board asks for the measured rate and
+builds CPUID (and the LAPIC's TSC-deadline conversion) from it.
+
+How: a tiny engine executes RDTSC twice, ``SAMPLE_S`` of host CLOCK_MONOTONIC apart; the rate is rounded
+to whole MHz, the precision CPUID 0x15's ratio carries anyway. Measured once per process (~20 ms).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RDX
+
+SAMPLE_S = 0.02
+_CODE_ADDR = 0x1000
+_RDTSC = bytes([0x0F, 0x31])  # rdtsc
+
+
+def _read_tsc(uc: Uc) -> int:
+    uc.emu_start(_CODE_ADDR, _CODE_ADDR + len(_RDTSC))
+    return (uc.reg_read(UC_X86_REG_RDX) << 32) | (uc.reg_read(UC_X86_REG_RAX) & 0xFFFFFFFF)
+
+
+@functools.cache
+def host_tsc_hz() -> int:
+    """The TSC rate a software-CPU guest observes, in Hz, rounded to whole MHz."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x2000)
+    uc.mem_write(_CODE_ADDR, _RDTSC)
+    _read_tsc(uc)  # translate once, so both samples cost the same
+    start_ns, start_tsc = time.monotonic_ns(), _read_tsc(uc)
+    time.sleep(SAMPLE_S)
+    end_tsc, end_ns = _read_tsc(uc), time.monotonic_ns()
+    hz = (end_tsc - start_tsc) * 1_000_000_000 / max(1, end_ns - start_ns)
+    return int(round(hz / 1_000_000)) * 1_000_000
