@@ -5,8 +5,10 @@ TSC rate from CPUID leaf 0x15/0x16 without calibrating. If the CPUID table claim
 host's, guest time would run fast or slow by the difference. So the board asks for the measured rate and
 builds CPUID (and the LAPIC's TSC-deadline conversion) from it.
 
-How: a tiny engine executes RDTSC twice, ``SAMPLE_S`` of host CLOCK_MONOTONIC apart; the rate is rounded
-to whole MHz, the precision CPUID 0x15's ratio carries anyway. Measured once per process (~20 ms).
+How: a tiny engine executes RDTSC twice, ``SAMPLE_S`` of host CLOCK_MONOTONIC apart. Each RDTSC is
+bracketed by two clock readings and paired with their midpoint: an ``emu_start`` takes tens of µs, and
+pairing with one side only biased the rate low by ~0.4% (measured: 2586 vs 2594.6 MHz). The rate is
+rounded to whole MHz, the precision CPUID 0x15's ratio carries anyway. Measured once per process.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RDX
 
-SAMPLE_S = 0.02
+SAMPLE_S = 0.03
 _CODE_ADDR = 0x1000
 _RDTSC = bytes([0x0F, 0x31])  # rdtsc
 
@@ -27,6 +29,14 @@ def _read_tsc(uc: Uc) -> int:
     return (uc.reg_read(UC_X86_REG_RDX) << 32) | (uc.reg_read(UC_X86_REG_RAX) & 0xFFFFFFFF)
 
 
+def _sample(uc: Uc) -> tuple[float, int]:
+    """(host ns, TSC): the TSC read paired with the midpoint of the clock readings around it."""
+    before = time.monotonic_ns()
+    tsc = _read_tsc(uc)
+    after = time.monotonic_ns()
+    return (before + after) / 2, tsc
+
+
 @functools.cache
 def host_tsc_hz() -> int:
     """The TSC rate a software-CPU guest observes, in Hz, rounded to whole MHz."""
@@ -34,8 +44,8 @@ def host_tsc_hz() -> int:
     uc.mem_map(0, 0x2000)
     uc.mem_write(_CODE_ADDR, _RDTSC)
     _read_tsc(uc)  # translate once, so both samples cost the same
-    start_ns, start_tsc = time.monotonic_ns(), _read_tsc(uc)
+    start_ns, start_tsc = _sample(uc)
     time.sleep(SAMPLE_S)
-    end_tsc, end_ns = _read_tsc(uc), time.monotonic_ns()
-    hz = (end_tsc - start_tsc) * 1_000_000_000 / max(1, end_ns - start_ns)
+    end_ns, end_tsc = _sample(uc)
+    hz = (end_tsc - start_tsc) * 1_000_000_000 / max(1.0, end_ns - start_ns)
     return int(round(hz / 1_000_000)) * 1_000_000

@@ -244,7 +244,7 @@ def test_host_tsc_rate_matches_what_the_guest_measures() -> None:
     """The board states this rate in CPUID 0x15/0x16; a guest's RDTSC must advance at it."""
     import time
 
-    from pyemu.accel.tcg.tsc import _read_tsc, host_tsc_hz
+    from pyemu.accel.tcg.tsc import _sample, host_tsc_hz
     from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 
     hz = host_tsc_hz()
@@ -252,8 +252,9 @@ def test_host_tsc_rate_matches_what_the_guest_measures() -> None:
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x2000)
     uc.mem_write(0x1000, bytes([0x0F, 0x31]))
-    start_ns, start = time.monotonic_ns(), _read_tsc(uc)
-    time.sleep(0.2)
-    end, end_ns = _read_tsc(uc), time.monotonic_ns()
+    _sample(uc)
+    start_ns, start = _sample(uc)
+    time.sleep(0.5)
+    end_ns, end = _sample(uc)
     measured = (end - start) * 1e9 / (end_ns - start_ns)
-    assert abs(measured - hz) / hz < 0.01
+    assert abs(measured - hz) / hz < 0.001  # a fixed 2.6 GHz is ~0.2% off here

@@ -198,3 +198,25 @@ def test_dash_s_creates_the_vm_paused(tmp_path):
         assert proc.returncode == 0
     finally:
         proc.kill()
+
+
+def test_board_states_the_accelerators_tsc_rate_in_cpuid_and_the_lapic(tmp_path):
+    """Under TCG the guest's RDTSC is the host's, so CPUID 0x15/0x16 and the LAPIC must use the rate the
+    accelerator reports, not a fixed one (a fixed rate made guest time drift on other hosts)."""
+    from pyemu.accel.tcg.accel import TcgAccelerator
+    from pyemu.machines.microvm import BootSource, Microvm
+    from pyemu.system.config import VmConfig
+
+    class OddTscAccelerator(TcgAccelerator):
+        tsc_hz = 3_123_000_000  # type: ignore[assignment]
+
+    image = kernel(tmp_path, "hlt")
+    machine = Microvm.create(VmConfig(ram_size=64 << 20, kernel=image, serial=("null",)),
+                             OddTscAccelerator(), BootSource(image, None, ""))
+    try:
+        eax, ebx, ecx, _ = machine.cpuid.lookup(0x15)
+        assert ecx * ebx // eax == 3_123_000_000
+        assert machine.cpuid.lookup(0x16)[0] == 3123
+        assert machine.lapics[0].timer.tsc_hz == 3_123_000_000
+    finally:
+        machine.close()
