@@ -2,16 +2,21 @@
 
 Under the Unicorn CPU there is no in-kernel APIC: this model is what Linux programs through the 4 KiB page
 the board maps at 0xfee00000 (IA32_APIC_BASE cannot be read there, so only xAPIC mode exists). It is a
-register machine plus two interfaces:
+register machine plus three interfaces:
 
 * :class:`~pyemu.hw.intc.api.InterruptController` for the vCPU: :meth:`interrupt_pending` at instruction
   boundaries and :meth:`acknowledge_interrupt` for the INTA cycle (IRR -> ISR).
-* :class:`~pyemu.hw.intc.api.MsiSink` for the IOAPIC and MSI-capable devices: :meth:`deliver_msi`.
+* :class:`~pyemu.hw.intc.api.ProcessorSignals` for the vCPU: :meth:`take_nmi`, :meth:`take_init` and
+  :meth:`take_startup`, the events a CPU takes whatever RFLAGS.IF says.
+* :class:`~pyemu.hw.intc.api.MsiSink` for the IOAPIC and MSI-capable devices: :meth:`deliver_msi`. With
+  several CPUs the board points the IOAPIC at :class:`~pyemu.hw.intc.apic_bus.ApicBus` instead, which
+  decodes the destination once and calls :meth:`accept_message` on every APIC it names.
 
 Facts measured with Linux 6.1 (see DESIGN.md) shape it: the boot CPU resets LINT0 to ExtINT (0x700) so the
 8259 reaches the CPU before Linux sets up the APIC; the timer counts at the CPUID 0x15 crystal / divide so
 Linux skips calibration. Everything runs under the machine lock; :attr:`kick` wakes the vCPU whenever an
-interrupt may have become deliverable and may be called from the timer thread.
+interrupt may have become deliverable and may be called from the timer thread; :attr:`event_kick` wakes it
+for NMI, INIT and start-up IPIs, which must stop it even while it runs with interrupts disabled.
 
 Guest mistakes (reserved registers, read-only registers, unaligned or non-32-bit accesses) never raise:
 they are ignored and logged under ``-d guest_errors``; an access to a reserved register also sets the
@@ -95,6 +100,9 @@ DM_INIT = 5
 DM_STARTUP = 6
 DM_EXTINT = 7
 
+# Delivery modes an LVT entry may use (SDM 10.5.1); lowest priority, start-up and 3 are reserved there.
+_LVT_DELIVERY_MODES = frozenset({DM_FIXED, DM_SMI, DM_NMI, DM_INIT, DM_EXTINT})
+
 SHORTHAND_NONE, SHORTHAND_SELF, SHORTHAND_ALL, SHORTHAND_OTHERS = range(4)
 _ICR_LOW_WRITABLE = 0x000CCFFF  # vector, mode, dest mode, level, trigger, shorthand; not delivery status
 
@@ -108,8 +116,9 @@ _RESERVED_READ_OFFSETS = frozenset({0x2F0})
 
 @dataclass(frozen=True)
 class Ipi:
-    """An inter-processor interrupt as sent through the ICR, for the board to route to other CPUs
-    (and the record of INIT / start-up messages a later SMP board acts on)."""
+    """An inter-processor interrupt as written to the ICR, handed to ``ipi_sink`` (the APIC bus) for the
+    CPUs other than the sender. ``level`` is ICR bit 14 (assert = 1) and ``level_triggered`` bit 15; together
+    they tell an "INIT level de-assert" (level-triggered, level 0) from a real INIT."""
 
     source_id: int
     vector: int
@@ -119,6 +128,39 @@ class Ipi:
     shorthand: int
     level: int
     level_triggered: bool
+
+    @property
+    def is_init_deassert(self) -> bool:
+        """The "INIT level de-assert" message (SDM 10.6.1): only re-synchronised arbitration IDs on the old
+        serial APIC bus; Pentium 4 and later ignore it, and so do we. Linux still sends it after an INIT."""
+        return self.delivery_mode == DM_INIT and self.level_triggered and not self.level
+
+
+@dataclass(frozen=True)
+class MsiMessage:
+    """An MSI decoded: address bits 19:12 destination, bit 2 logical mode; data bits 7:0 vector, 10:8
+    delivery mode, 15 trigger mode (kept only for fixed and lowest-priority, the modes that use TMR)."""
+
+    destination: int
+    logical: bool
+    vector: int
+    delivery_mode: int
+    level_triggered: bool
+
+
+def decode_msi(address: int, data: int) -> MsiMessage | None:
+    """Decode one MSI, or None if ``address`` is not in the 0xFEExxxxx interrupt window (the caller logs
+    and drops it). The assert bit (data bit 14) is not checked, as KVM does not: every message asserts."""
+    if (address >> 20) != 0xFEE:
+        return None
+    mode = (data >> 8) & 7
+    return MsiMessage(
+        destination=(address >> 12) & 0xFF,
+        logical=bool(address & 0x4),
+        vector=data & 0xFF,
+        delivery_mode=mode,
+        level_triggered=bool(data & (1 << 15)) and mode in (DM_FIXED, DM_LOWEST),
+    )
 
 
 @dataclass(frozen=True)
@@ -143,6 +185,8 @@ class LapicState:
     extint_pending: bool
     hardware_enabled: bool
     timer: ApicTimerState
+    init_pending: bool = False
+    startup_vector: int | None = None
 
 
 def _highest(bits: int) -> int:
@@ -155,8 +199,12 @@ class LocalApic:
 
     ``pic``: the 8259 pair behind LINT0 (anything with interrupt_pending()/acknowledge_interrupt()).
     ``eoi_broadcast(vector)``: called on EOI of a level-triggered vector (wire it to ``IoApic.eoi``).
-    ``ipi_sink(ipi)``: receives IPIs aimed at other CPUs, and every INIT / start-up IPI.
-    ``kick()``: wakes the vCPU when an interrupt or NMI may have become pending (any thread).
+    ``ipi_sink(ipi)``: receives every IPI aimed at other CPUs (the board wires it to the APIC bus); the
+    sender handles its own share itself, see :meth:`_send_ipi` for the exact split.
+    ``kick()``: wakes the vCPU when a maskable interrupt may have become pending (any thread).
+    ``event_kick()``: wakes the vCPU when an NMI, INIT or start-up IPI became pending. The CPU takes those
+    whatever RFLAGS.IF says, so the vCPU must stop for them even with interrupts disabled, which ``kick``
+    need not do. None means "use ``kick``".
     ``tsc_now()``: the guest TSC now, for TSC-deadline; by default virtual time x ``tsc_hz``.
     """
 
@@ -167,6 +215,7 @@ class LocalApic:
         apic_id: int = 0,
         bsp: bool = True,
         kick: Callable[[], None] | None = None,
+        event_kick: Callable[[], None] | None = None,
         pic: InterruptController | None = None,
         eoi_broadcast: Callable[[int], None] | None = None,
         ipi_sink: Callable[[Ipi], None] | None = None,
@@ -187,6 +236,7 @@ class LocalApic:
         self.initial_apic_id = apic_id
         self.bsp = bsp
         self.kick = kick
+        self.event_kick = event_kick
         self.pic = pic
         self.eoi_broadcast = eoi_broadcast
         self.ipi_sink = ipi_sink
@@ -199,6 +249,21 @@ class LocalApic:
         """Power-on / RESET state (SDM 10.4.7.1): everything masked and software-disabled, DFR all ones;
         LINT0 in ExtINT mode on the boot CPU, as QEMU and KVM set it, so the 8259 reaches the CPU."""
         self.apic_id = self.initial_apic_id
+        self.hardware_enabled = True
+        self._lint_levels = [0, 0]
+        self._reset_registers()
+        self._init_pending = False
+        self._startup_vector: int | None = None
+
+    def init_reset(self) -> None:
+        """The APIC's share of an INIT (SDM 10.4.7.3): the power-up state except that the APIC ID is kept
+        (KVM keeps it too), and so is the global enable (IA32_APIC_BASE is not touched by INIT). The LINT
+        input levels are wires outside the APIC and stay as they are. A pending NMI is discarded, as KVM's
+        INIT does; a start-up IPI latched before the INIT is discarded by :meth:`accept_message`."""
+        self._reset_registers()
+
+    def _reset_registers(self) -> None:
+        """Registers shared by RESET and INIT; the callers decide about the APIC ID and global enable."""
         self.tpr = 0
         self.ldr = 0
         self.dfr = 0xFFFFFFFF
@@ -213,10 +278,8 @@ class LocalApic:
         self.lvt = [LVT_MASKED] * LVT_COUNT
         if self.bsp:
             self.lvt[LVT_LINT0] = DM_EXTINT << 8
-        self._lint_levels = [0, 0]
         self.nmi_pending = False
         self._extint_pending = False
-        self.hardware_enabled = True
         self.timer.stop()
 
     def state(self) -> LapicState:
@@ -225,12 +288,16 @@ class LocalApic:
             isr=self.isr, tmr=self.tmr, esr=self.esr, esr_pending=self._esr_pending, icr_low=self.icr_low,
             icr_high=self.icr_high, lvt=tuple(self.lvt), lint_levels=(self._lint_levels[0], self._lint_levels[1]),
             nmi_pending=self.nmi_pending, extint_pending=self._extint_pending,
-            hardware_enabled=self.hardware_enabled, timer=self.timer.state(),
+            hardware_enabled=self.hardware_enabled, timer=self.timer.state(), init_pending=self._init_pending,
+            startup_vector=self._startup_vector,
         )
 
     def restore(self, state: LapicState) -> None:
         if len(state.lvt) != LVT_COUNT:
             raise InvalidStateError(f"lapic: saved state has {len(state.lvt)} LVT entries, expected {LVT_COUNT}",
+                                    device="lapic")
+        if state.startup_vector is not None and not 0 <= state.startup_vector <= 0xFF:
+            raise InvalidStateError(f"lapic: saved start-up vector {state.startup_vector} is not 0-255",
                                     device="lapic")
         self.apic_id = state.apic_id & 0xFF
         self.tpr = state.tpr & 0xFF
@@ -246,7 +313,11 @@ class LocalApic:
         self.nmi_pending = state.nmi_pending
         self._extint_pending = state.extint_pending
         self.hardware_enabled = state.hardware_enabled
+        self._init_pending = state.init_pending
+        self._startup_vector = state.startup_vector
         self.timer.restore(state.timer)
+        if self.nmi_pending or self._init_pending or self._startup_vector is not None:
+            self._signal_event()
         self._maybe_kick()
 
     # -- wiring ------------------------------------------------------------------------------------------
@@ -291,7 +362,7 @@ class LocalApic:
         if offset == REG_TPR:
             return self.tpr
         if offset == REG_APR:
-            return self._arbitration_priority()
+            return self.arbitration_priority()
         if offset == REG_PPR:
             return self.processor_priority()
         if offset == REG_LDR:
@@ -309,7 +380,9 @@ class LocalApic:
         if offset == REG_ESR:
             return self.esr
         if offset == REG_ICR_LOW:
-            return self.icr_low  # delivery status always idle: IPIs are delivered synchronously
+            # Delivery status (bit 12) always reads idle: IPIs are delivered synchronously, before the
+            # ICR write returns. _ICR_LOW_WRITABLE leaves that bit out, so it is never stored.
+            return self.icr_low
         if offset == REG_ICR_HIGH:
             return self.icr_high
         if REG_LVT_TIMER <= offset <= REG_LVT_ERROR:
@@ -404,7 +477,8 @@ class LocalApic:
             return self.tpr
         return isrv & 0xF0
 
-    def _arbitration_priority(self) -> int:
+    def arbitration_priority(self) -> int:
+        """APR (SDM 10.8.3.1 / 10.6.2.4): what lowest-priority arbitration compares, lowest wins."""
         isrv = max(_highest(self.isr), 0)
         irrv = max(_highest(self.irr), 0)
         if (self.tpr >> 4) >= (irrv >> 4) and (self.tpr >> 4) > (isrv >> 4):
@@ -458,10 +532,24 @@ class LocalApic:
             return self.spurious_vector
         return None
 
+    # -- the ProcessorSignals protocol -------------------------------------------------------------------
     def take_nmi(self) -> bool:
         """True (once) if an NMI is pending; the CPU delivers vector 2 itself."""
         pending, self.nmi_pending = self.nmi_pending, False
         return pending
+
+    def take_init(self) -> bool:
+        """True (once) if an INIT arrived since the last call. The APIC already did its INIT reset when
+        the message arrived; the vCPU resets itself and waits for a start-up IPI. Ask before
+        :meth:`take_startup`: a start-up vector still latched after an INIT arrived after it."""
+        pending, self._init_pending = self._init_pending, False
+        return pending
+
+    def take_startup(self) -> int | None:
+        """The vector of the latest start-up IPI since the last call (once), or None. The vCPU ignores it
+        unless it is waiting for SIPI, as KVM does."""
+        vector, self._startup_vector = self._startup_vector, None
+        return vector
 
     def eoi(self) -> None:
         """End the highest in-service interrupt; level-triggered vectors are broadcast to the IOAPIC(s)."""
@@ -507,10 +595,19 @@ class LocalApic:
 
     def raise_nmi(self) -> None:
         self.nmi_pending = True
-        if self.kick is not None:
-            self.kick()
+        self._signal_event()
 
-    def _accept_message(self, mode: int, vector: int, level_triggered: bool, what: str) -> None:
+    def accept_message(self, mode: int, vector: int, level_triggered: bool, what: str, *, level: bool = True) -> None:
+        """Accept one interrupt message addressed to this APIC: what the APIC bus calls for each destination
+        CPU of an IPI or MSI, and what local sources (LVT entries, self IPIs) use too.
+
+        ``mode`` is the delivery mode. Fixed and lowest-priority go to IRR (TMR records ``level_triggered``;
+        the choice of *which* APIC gets a lowest-priority message was made by the sender's bus before this
+        call); NMI latches for :meth:`take_nmi`; ExtINT makes the next acknowledge take the PIC's vector.
+        INIT does the INIT reset (:meth:`init_reset`) and latches for :meth:`take_init`, except the "INIT
+        level de-assert" (``level_triggered`` and not ``level``), which modern CPUs ignore. STARTUP latches
+        ``vector`` for :meth:`take_startup` (the latest wins). ``what`` names the source in log messages.
+        """
         if mode in (DM_FIXED, DM_LOWEST):
             self.accept_fixed(vector, level_triggered)
         elif mode == DM_NMI:
@@ -518,8 +615,22 @@ class LocalApic:
         elif mode == DM_EXTINT:
             self._extint_pending = True
             self._maybe_kick()
-        elif mode in (DM_INIT, DM_STARTUP):
-            log.log("unimp", f"lapic{self.apic_id}: {what} INIT/start-up message to self ignored")
+        elif mode == DM_INIT:
+            if level_triggered and not level:
+                if log.enabled("int"):
+                    log.log("int", f"lapic{self.apic_id}: {what} INIT level de-assert ignored")
+                return
+            if log.enabled("int"):
+                log.log("int", f"lapic{self.apic_id}: {what} INIT")
+            self.init_reset()
+            self._init_pending = True
+            self._startup_vector = None  # a start-up IPI that came before the INIT is void (as on KVM)
+            self._signal_event()
+        elif mode == DM_STARTUP:
+            if log.enabled("int"):
+                log.log("int", f"lapic{self.apic_id}: {what} start-up vector {vector:#x}")
+            self._startup_vector = vector & 0xFF
+            self._signal_event()
         elif mode == DM_SMI:
             log.log("unimp", f"lapic{self.apic_id}: {what} SMI ignored (no SMM)")
         else:
@@ -539,30 +650,55 @@ class LocalApic:
         log.log("guest_errors", f"lapic{self.apic_id}: reserved DFR model {self.dfr >> 28:#x}")
         return False
 
-    # -- the MsiSink protocol ----------------------------------------------------------------------------
+    def accept_msi(self, message: MsiMessage) -> None:
+        """Accept a decoded MSI already known to be for this APIC (the bus checked the destination)."""
+        if log.enabled("int"):
+            log.log("int", f"lapic{self.apic_id}: MSI vector {message.vector:#x} mode {message.delivery_mode} "
+                           f"{'level' if message.level_triggered else 'edge'}")
+        self.accept_message(message.delivery_mode, message.vector, message.level_triggered, "MSI")
+
+    def accept_ipi(self, ipi: Ipi) -> None:
+        """Accept an IPI another CPU's APIC sent (the bus checked the destination), with its level bit, so
+        an INIT level de-assert can be told from an INIT."""
+        self.accept_message(ipi.delivery_mode, ipi.vector, ipi.level_triggered, f"IPI from APIC {ipi.source_id}",
+                            level=bool(ipi.level))
+
+    # -- the MsiSink protocol (single-CPU boards; with several CPUs the ApicBus is the sink) ----------------
     def deliver_msi(self, address: int, data: int) -> None:
-        """An MSI (from the IOAPIC or a device): address bits 19:12 destination, bit 2 logical mode;
-        data bits 7:0 vector, 10:8 delivery mode, 15 level trigger. The assert bit (14) is not checked,
-        as KVM does not: every message is an assertion."""
-        if (address >> 20) != 0xFEE:
+        """An MSI (from the IOAPIC or a device), decoded by :func:`decode_msi`; dropped (and logged) when
+        it is not for this CPU."""
+        message = decode_msi(address, data)
+        if message is None:
             log.log("guest_errors", f"lapic: MSI to address {address:#x} outside 0xfeexxxxx dropped")
             return
-        destination = (address >> 12) & 0xFF
-        logical = bool(address & 0x4)
-        if not self.matches_destination(destination, logical):
-            log.log("guest_errors", f"lapic{self.apic_id}: MSI for {'logical' if logical else 'physical'} "
-                                    f"destination {destination:#x} is not for this CPU; dropped")
+        if not self.matches_destination(message.destination, message.logical):
+            log.log("guest_errors", f"lapic{self.apic_id}: MSI for {'logical' if message.logical else 'physical'} "
+                                    f"destination {message.destination:#x} is not for this CPU; dropped")
             return
-        mode = (data >> 8) & 7
-        vector = data & 0xFF
-        level_triggered = bool(data & (1 << 15))
-        if log.enabled("int"):
-            log.log("int", f"lapic{self.apic_id}: MSI vector {vector:#x} mode {mode} "
-                           f"{'level' if level_triggered else 'edge'}")
-        self._accept_message(mode, vector, level_triggered and mode in (DM_FIXED, DM_LOWEST), "MSI")
+        self.accept_msi(message)
 
     # -- IPIs --------------------------------------------------------------------------------------------
     def _send_ipi(self) -> None:
+        """Send the IPI the guest just wrote to ICR low. Who delivers what:
+
+        * This APIC delivers to itself, right here, whenever it is a target: shorthand SELF, shorthand ALL
+          (all including self), or a destination field that matches its own ID (broadcast 0xFF, a logical
+          set containing it, its physical ID).
+        * ``ipi_sink`` gets the IPI whenever another CPU may be a target: shorthands ALL and OTHERS, and
+          every destination field except this APIC's own physical ID. The sink (the APIC bus) delivers to
+          the *other* CPUs only, never back to the sender, so nothing is delivered twice.
+        * Exception, lowest priority (with a sink, any shorthand but SELF): arbitration must see every
+          target's priority including ours, so the sender does not deliver to itself and the sink picks
+          exactly one target among all of them, possibly the sender. Without a sink (one CPU) the sender
+          delivers to itself when it is a target.
+        * INIT and start-up aimed at ourselves are ignored (logged): a CPU cannot restart itself this way,
+          and the SDM lists them as invalid with the self shorthands. Their share for the others goes to
+          the sink as usual.
+        * Dropped at the sender, never routed: fixed / lowest-priority vectors 0-15 (send-illegal-vector
+          error), the INIT level de-assert (ignored by modern CPUs), and ExtINT (not a valid IPI mode).
+
+        Delivery is synchronous, so the ICR delivery-status bit is idle again before the guest can read it.
+        """
         low = self.icr_low
         ipi = Ipi(
             source_id=self.apic_id,
@@ -574,29 +710,41 @@ class LocalApic:
             level=(low >> 14) & 1,
             level_triggered=bool(low & (1 << 15)),
         )
-        if ipi.delivery_mode in (DM_FIXED, DM_LOWEST) and ipi.vector < 16:
+        mode = ipi.delivery_mode
+        if mode in (DM_FIXED, DM_LOWEST) and ipi.vector < 16:
             self._signal_error(ESR_SEND_ILLEGAL_VECTOR)
             return
-        if ipi.shorthand == SHORTHAND_SELF:
-            to_self, to_others = True, False
-        elif ipi.shorthand == SHORTHAND_ALL:
-            to_self, to_others = True, True
-        elif ipi.shorthand == SHORTHAND_OTHERS:
-            to_self, to_others = False, True
-        else:
-            to_self = self.matches_destination(ipi.destination, ipi.logical)
-            only_us = not ipi.logical and ipi.destination == self.apic_id
-            to_others = not only_us
-        if ipi.delivery_mode in (DM_INIT, DM_STARTUP):
-            # Recorded for an SMP board (which starts the other CPUs); a CPU never INITs itself this way.
-            if self.ipi_sink is not None:
-                self.ipi_sink(ipi)
+        if ipi.is_init_deassert:
+            if log.enabled("int"):
+                log.log("int", f"lapic{self.apic_id}: INIT level de-assert IPI ignored")
             return
+        if mode == DM_EXTINT:
+            log.log("unimp", f"lapic{self.apic_id}: ExtINT IPI (vector {ipi.vector:#x}) not supported; dropped")
+            return
+        if mode == DM_LOWEST and ipi.shorthand != SHORTHAND_SELF and self.ipi_sink is not None:
+            self.ipi_sink(ipi)  # the bus arbitrates among every target, this APIC included
+            return
+        to_self, to_others = self._ipi_reach(ipi)
         if to_self:
-            self._accept_message(ipi.delivery_mode, ipi.vector, ipi.level_triggered and ipi.delivery_mode in
-                                 (DM_FIXED, DM_LOWEST), "IPI")
+            if mode in (DM_INIT, DM_STARTUP):
+                log.log("unimp", f"lapic{self.apic_id}: {'INIT' if mode == DM_INIT else 'start-up'} IPI to self "
+                                 "ignored")
+            else:
+                self.accept_ipi(ipi)
         if to_others and self.ipi_sink is not None:
             self.ipi_sink(ipi)
+
+    def _ipi_reach(self, ipi: Ipi) -> tuple[bool, bool]:
+        """(is this APIC a target, may another CPU be a target) for an IPI this APIC sends."""
+        if ipi.shorthand == SHORTHAND_SELF:
+            return True, False
+        if ipi.shorthand == SHORTHAND_ALL:
+            return True, True
+        if ipi.shorthand == SHORTHAND_OTHERS:
+            return False, True
+        to_self = self.matches_destination(ipi.destination, ipi.logical)
+        only_us = not ipi.logical and ipi.destination == self.apic_id
+        return to_self, not only_us
 
     # -- local interrupt sources -------------------------------------------------------------------------
     def _deliver_lvt(self, index: int) -> None:
@@ -605,6 +753,10 @@ class LocalApic:
             return
         mode = (entry >> 8) & 7 if index not in (LVT_TIMER, LVT_ERROR) else DM_FIXED
         vector = entry & 0xFF
+        if mode not in _LVT_DELIVERY_MODES:
+            log.log("guest_errors", f"lapic{self.apic_id}: LVT {LVT_NAMES[index]} with reserved delivery mode "
+                                    f"{mode}; dropped")
+            return
         if mode == DM_FIXED:
             if vector < 16:
                 if index != LVT_ERROR:  # an illegal error vector must not re-trigger itself
@@ -617,7 +769,7 @@ class LocalApic:
                 self.lvt[index] = entry | LVT_REMOTE_IRR
             self.accept_fixed(vector, level)
         else:
-            self._accept_message(mode, vector, False, f"LVT {LVT_NAMES[index]}")
+            self.accept_message(mode, vector, False, f"LVT {LVT_NAMES[index]}")
 
     def _timer_expired(self) -> None:
         self._deliver_lvt(LVT_TIMER)
@@ -673,5 +825,11 @@ class LocalApic:
         return self.timer.tsc_deadline
 
     def _maybe_kick(self) -> None:
-        if self.kick is not None and (self.nmi_pending or self.interrupt_pending()):
+        if self.kick is not None and self.interrupt_pending():
             self.kick()
+
+    def _signal_event(self) -> None:
+        """Wake the vCPU for an NMI, INIT or start-up IPI, which it takes even with interrupts disabled."""
+        callback = self.event_kick if self.event_kick is not None else self.kick
+        if callback is not None:
+            callback()

@@ -6,14 +6,7 @@ import pytest
 
 from pyemu.system.runstate import RunState, RunStateError, RunStateMachine, ShutdownCause
 from pyemu.system.timers import TimerQueue
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 0
-
-    def __call__(self):
-        return self.now
+from pyemu.testing.clock import FakeClock
 
 
 def test_timers_fire_in_deadline_order_and_cancel():
@@ -28,10 +21,10 @@ def test_timers_fire_in_deadline_order_and_cancel():
     c.mod(200)
     c.cancel()
     assert queue.next_deadline() == 100
-    clock.now = 250
+    clock.ns = 250
     assert queue.run_due() == 1
     assert fired == ["b"]
-    clock.now = 1000
+    clock.ns = 1000
     queue.run_due()
     assert fired == ["b", "a"]
     assert not a.pending and queue.next_deadline() is None
@@ -43,7 +36,7 @@ def test_rearming_replaces_the_old_deadline_and_periodic_rearm_from_callback():
     ticks = []
 
     def tick():
-        ticks.append(clock.now)
+        ticks.append(clock.ns)
         if len(ticks) < 3:
             timer.mod(timer_deadline[0] + 10 * len(ticks))
 
@@ -51,9 +44,9 @@ def test_rearming_replaces_the_old_deadline_and_periodic_rearm_from_callback():
     timer = queue.new_timer(tick)
     timer.mod(1000)
     timer.mod(50)  # re-arm earlier: only this deadline counts
-    clock.now = 50
+    clock.ns = 50
     queue.run_due()
-    clock.now = 10_000
+    clock.ns = 10_000
     queue.run_due()
     assert ticks == [50, 10_000, 10_000]
 

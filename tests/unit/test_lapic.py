@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError
+from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError, InvalidStateError
 from pyemu.hw.intc.lapic import (
     APIC_VERSION,
     REG_APR,
@@ -34,14 +36,8 @@ from pyemu.hw.intc.lapic import (
 )
 from pyemu.system.timers import TimerQueue
 from pyemu.target.x86.cpuid import TSC_CRYSTAL_HZ
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.ns = 0
-
-    def __call__(self) -> int:
-        return self.ns
+from pyemu.testing.apic import ApicRegisters
+from pyemu.testing.clock import FakeClock
 
 
 def advance(clock: FakeClock, queue: TimerQueue, until: int) -> None:
@@ -68,7 +64,7 @@ class FakePic:
         return vector
 
 
-class Rig:
+class Rig(ApicRegisters):
     def __init__(self, **kwargs) -> None:
         self.clock = FakeClock()
         self.queue = TimerQueue(clock=self.clock)
@@ -77,18 +73,6 @@ class Rig:
         self.ipis: list[Ipi] = []
         self.apic = LocalApic(self.queue, kick=self._kick, eoi_broadcast=self.eois.append,
                               ipi_sink=self.ipis.append, **kwargs)
-
-    def _kick(self) -> None:
-        self.kicks += 1
-
-    def rd(self, offset: int) -> int:
-        return self.apic.read(offset, 4)
-
-    def wr(self, offset: int, value: int) -> None:
-        self.apic.write(offset, 4, value)
-
-    def enable(self) -> None:
-        self.wr(REG_SVR, 0x1FF)
 
     def advance(self, until: int) -> None:
         advance(self.clock, self.queue, until)
@@ -297,14 +281,135 @@ def test_self_ipi_and_ipis_to_others_go_to_sink() -> None:
     assert rig.ipis[-1].destination == 1
 
 
-def test_init_and_startup_ipis_are_recorded() -> None:
+def test_init_and_startup_ipis_go_to_the_sink() -> None:
     rig = Rig()
     rig.enable()
     rig.wr(REG_ICR_HIGH, 1 << 24)
     rig.wr(REG_ICR_LOW, 0x4500)  # INIT, level assert
+    rig.wr(REG_ICR_LOW, 0x8500)  # INIT level de-assert: dropped at the sender
     rig.wr(REG_ICR_LOW, 0x0600 | 0x9A)  # start-up at 0x9a000
-    modes = [(ipi.delivery_mode, ipi.vector, ipi.destination) for ipi in rig.ipis]
-    assert modes == [(5, 0, 1), (6, 0x9A, 1)]
+    modes = [(ipi.delivery_mode, ipi.vector, ipi.destination, ipi.level) for ipi in rig.ipis]
+    assert modes == [(5, 0, 1, 1), (6, 0x9A, 1, 0)]
+    assert not rig.ipis[0].is_init_deassert
+    assert not rig.apic.take_init() and rig.apic.take_startup() is None  # the sender is not a target
+
+
+def test_init_and_startup_to_self_are_ignored() -> None:
+    rig = Rig()
+    rig.enable()
+    rig.wr(REG_TPR, 0x20)
+    rig.wr(REG_ICR_HIGH, 0)
+    rig.wr(REG_ICR_LOW, 0x4500)  # INIT to our own physical ID
+    rig.wr(REG_ICR_LOW, (1 << 18) | 0x0610)  # start-up, self shorthand
+    assert rig.ipis == []
+    assert not rig.apic.take_init() and rig.apic.take_startup() is None
+    assert rig.rd(REG_TPR) == 0x20 and rig.rd(REG_SVR) == 0x1FF
+    rig.wr(REG_ICR_LOW, (2 << 18) | 0x4500)  # INIT to all including self: only the others get it
+    assert len(rig.ipis) == 1 and not rig.apic.take_init()
+
+
+def test_icr_delivery_status_always_reads_idle() -> None:
+    rig = Rig()
+    rig.enable()
+    rig.wr(REG_ICR_HIGH, 1 << 24)
+    rig.wr(REG_ICR_LOW, (1 << 12) | 0x40)  # the guest cannot set delivery status either
+    assert rig.rd(REG_ICR_LOW) == 0x40
+    assert len(rig.ipis) == 1
+
+
+def test_lowest_priority_ipi_is_left_to_the_sink_but_self_delivered_without_one() -> None:
+    rig = Rig()
+    rig.enable()
+    rig.wr(REG_ICR_HIGH, 0xFF << 24)
+    rig.wr(REG_ICR_LOW, 0x0140)  # lowest priority, broadcast: the bus arbitrates, the sender included
+    assert not rig.apic.interrupt_pending()
+    assert [(ipi.delivery_mode, ipi.vector) for ipi in rig.ipis] == [(1, 0x40)]
+    rig.apic.ipi_sink = None  # a lone CPU: it is the only candidate
+    rig.wr(REG_ICR_LOW, 0x0141)
+    assert rig.apic.acknowledge_interrupt() == 0x41
+    assert rig.apic.arbitration_priority() == 0x40
+
+
+def test_nmi_init_and_startup_use_event_kick_not_kick() -> None:
+    rig = Rig()
+    events: list[str] = []
+    rig.apic.event_kick = lambda: events.append("event")
+    rig.enable()
+    kicks = rig.kicks
+    rig.apic.deliver_msi(0xFEE00000, 4 << 8)  # NMI
+    rig.apic.deliver_msi(0xFEE00000, 5 << 8)  # INIT
+    rig.apic.deliver_msi(0xFEE00000, (6 << 8) | 0x12)  # start-up
+    assert events == ["event"] * 3 and rig.kicks == kicks
+    assert rig.apic.take_nmi() is False  # the INIT discarded the NMI that came before it
+    assert rig.apic.take_init() is True and rig.apic.take_startup() == 0x12
+    rig.apic.deliver_msi(0xFEE00000, 0x0741)  # ExtINT is not an "event": no event kick
+    assert events == ["event"] * 3
+
+
+def test_init_message_resets_registers_but_keeps_id_enable_and_lint0_extint() -> None:
+    pic = FakePic()
+    rig = Rig(apic_id=0, pic=pic)
+    rig.enable()
+    rig.wr(REG_ID, 6 << 24)
+    rig.wr(REG_TPR, 0x40)
+    rig.wr(REG_LVT_LINT0, 0x10000)
+    rig.apic.set_hardware_enabled(False)
+    rig.apic.lint(0).raise_irq()
+    rig.apic.accept_message(5, 0, False, "test")
+    assert rig.rd(REG_ID) == 6 << 24
+    assert rig.apic.hardware_enabled is False
+    assert rig.rd(REG_TPR) == 0 and rig.rd(REG_SVR) == 0xFF
+    assert rig.rd(REG_LVT_LINT0) == 0x700  # the boot CPU's reset value again
+    assert rig.apic.state().lint_levels == (1, 0)  # the input wire is still asserted
+    assert rig.apic.take_init() and not rig.apic.take_init()
+    rig.apic.reset()  # a full RESET goes back to the board's APIC ID
+    assert rig.rd(REG_ID) == 0 and rig.apic.hardware_enabled is True
+
+
+def test_init_level_deassert_message_is_ignored() -> None:
+    rig = Rig()
+    rig.enable()
+    rig.wr(REG_TPR, 0x40)
+    kicks = rig.kicks
+    rig.apic.accept_message(5, 0, True, "test", level=False)
+    assert rig.rd(REG_TPR) == 0x40 and not rig.apic.take_init() and rig.kicks == kicks
+    rig.apic.accept_ipi(Ipi(source_id=1, vector=0, delivery_mode=5, logical=False, destination=0, shorthand=0,
+                            level=0, level_triggered=True))
+    assert rig.rd(REG_TPR) == 0x40 and not rig.apic.take_init()
+    rig.apic.accept_ipi(Ipi(source_id=1, vector=0, delivery_mode=5, logical=False, destination=0, shorthand=0,
+                            level=1, level_triggered=True))  # level-triggered assert: a real INIT
+    assert rig.rd(REG_TPR) == 0 and rig.apic.take_init()
+
+
+def test_lvt_init_mode_inits_and_reserved_modes_are_dropped() -> None:
+    rig = Rig()
+    rig.enable()
+    rig.wr(REG_LVT_LINT1, 0x0630)  # start-up is reserved in an LVT
+    rig.apic.lint(1).raise_irq()
+    assert rig.apic.take_startup() is None and not rig.apic.interrupt_pending()
+    rig.apic.lint(1).lower_irq()
+    rig.wr(REG_LVT_LINT1, 0x0131)  # lowest priority is reserved too
+    rig.apic.lint(1).raise_irq()
+    assert not rig.apic.interrupt_pending()
+    rig.apic.lint(1).lower_irq()
+    rig.wr(REG_LVT_LINT1, 0x0500)  # INIT through LINT1
+    rig.apic.lint(1).raise_irq()
+    assert rig.apic.take_init() and rig.rd(REG_SVR) == 0xFF
+
+
+def test_state_round_trip_keeps_init_and_startup_latches() -> None:
+    rig = Rig()
+    rig.apic.accept_message(5, 0, False, "test")
+    rig.apic.accept_message(6, 0x9C, False, "test")
+    saved = rig.apic.state()
+    assert saved.init_pending and saved.startup_vector == 0x9C
+    events: list[int] = []
+    other = LocalApic(rig.queue, event_kick=lambda: events.append(1))
+    other.restore(saved)
+    assert events == [1]  # a restored pending event wakes the vCPU
+    assert other.take_init() and other.take_startup() == 0x9C
+    with pytest.raises(InvalidStateError):
+        other.restore(dataclasses.replace(saved, startup_vector=256))
 
 
 def test_illegal_vectors_latch_in_esr_and_signal_error_lvt() -> None:

@@ -10,6 +10,7 @@ from pyemu.hw.timer.errors import InvalidTimerStateError
 from pyemu.hw.timer.pit import PIT_HZ, Pit
 from pyemu.system.bus import pio_bus
 from pyemu.system.timers import TimerQueue
+from pyemu.testing.clock import FakeClock
 
 NS_PER_S = 1_000_000_000
 
@@ -17,14 +18,6 @@ NS_PER_S = 1_000_000_000
 def tick_ns(ticks: int) -> int:
     """Virtual time at which ``ticks`` PIT clocks have elapsed since 0."""
     return -(-ticks * NS_PER_S // PIT_HZ)
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.ns = 0
-
-    def __call__(self) -> int:
-        return self.ns
 
 
 class EdgeCounter:

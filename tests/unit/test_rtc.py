@@ -12,18 +12,11 @@ from pyemu.hw.timer.errors import CmosContentsError, InvalidTimerStateError
 from pyemu.hw.timer.rtc import Rtc, periodic_cycles
 from pyemu.system.bus import pio_bus
 from pyemu.system.timers import TimerQueue
+from pyemu.testing.clock import FakeClock
 
 NS_PER_S = 1_000_000_000
 # Thursday 2024-02-29 13:45:56.250 UTC
 HOST_TIME_NS = calendar.timegm((2024, 2, 29, 13, 45, 56, 0, 0, 0)) * NS_PER_S + 250_000_000
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.ns = 0
-
-    def __call__(self) -> int:
-        return self.ns
 
 
 class Rig:
