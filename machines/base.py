@@ -18,6 +18,7 @@ from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.exits import Halt, Shutdown, Stopped
 from pyemu.system import log
 from pyemu.system.bus import mmio_bus, pio_bus
+from pyemu.system.cpu_context import set_current_cpu
 from pyemu.system.memory import GuestMemory
 from pyemu.system.runstate import RunState, RunStateMachine, ShutdownCause
 from pyemu.system.timers import TimerQueue
@@ -142,6 +143,7 @@ class Machine:
 
     # -- vCPU threads -----------------------------------------------------------------------------------
     def _vcpu_loop(self, index: int, vcpu: Vcpu) -> None:
+        set_current_cpu(index)
         while True:
             with self._cond:
                 self._parked[index] = True

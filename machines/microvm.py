@@ -21,6 +21,7 @@ from pyemu.hw.acpi.dsdt import SerialPortInfo
 from pyemu.hw.acpi.ged import GedDevice, GedLayout
 from pyemu.hw.char.serial_isa import ISA_SERIAL_RESOURCES, IsaSerial
 from pyemu.hw.core.irq import IrqLine, fanout
+from pyemu.hw.intc.apic_bus import ApicBus
 from pyemu.hw.intc.ioapic import IOAPIC_MMIO_SIZE, IoApic
 from pyemu.hw.intc.lapic import LocalApic
 from pyemu.hw.intc.pic import PicPair
@@ -33,8 +34,10 @@ from pyemu.hw.timer.rtc import Rtc
 from pyemu.machines import memmap
 from pyemu.machines.base import Machine
 from pyemu.system.config import DeviceOptions, VmConfig
+from pyemu.system.cpu_context import current_cpu
 from pyemu.system.runstate import ShutdownCause
 from pyemu.target.x86.boot.loader import load_kernel
+from pyemu.target.x86.cpu_state import MpState, X86CpuState
 from pyemu.target.x86.cpuid import DEFAULT_TSC_HZ, CpuidTable, default_cpuid
 
 GED_GSI = 9
@@ -43,6 +46,8 @@ GED_GSI = 9
 # to machine_real_restart(MRR_BIOS), and reaches F000:FFF0 -- gets what a BIOS would do: a reset.
 RESET_STUB = bytes([0xB0, 0xFE, 0xE6, 0x64, 0xF4, 0xEB, 0xFD])
 MAX_SERIAL_PORTS = 2  # COM3/COM4 would share IRQ lines with COM1/COM2
+# The software CPU's engines share one byte per RAM page recording which of them hold translated code.
+MAX_SOFTWARE_VCPUS = 8
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,9 @@ class Microvm(Machine):
 
     def _build(self, on_quit: Callable[[], None] | None) -> None:
         accel = self.accel
-        if accel.needs_userspace_lapic and self.vcpu_count > 1:
-            raise ConfigError(f"-smp {self.vcpu_count}: the software CPU (-accel tcg) runs one vCPU; "
-                              "use -smp 1, or -accel kvm", option="-smp")
+        if accel.needs_userspace_lapic and self.vcpu_count > MAX_SOFTWARE_VCPUS:
+            raise ConfigError(f"-smp {self.vcpu_count}: the software CPU (-accel tcg) runs at most "
+                              f"{MAX_SOFTWARE_VCPUS} vCPUs", option="-smp")
         if accel.needs_userspace_lapic:
             self.cpuid = self.cpuid.without("x2apic", "tsc_deadline")
         accel.attach(self.memory, self.dispatcher, self.cpuid)
@@ -139,9 +144,10 @@ class Microvm(Machine):
                                   pic=self.pic if index == 0 else None, tsc_hz=self.tsc_hz)
                 self.lapics.append(lapic)
                 self.reset_handlers.append(lapic.reset)
-            # One xAPIC page serves the vCPU that touches it; with one vCPU that is vCPU 0.
-            self.mmio.register(memmap.LAPIC_BASE, memmap.LAPIC_SIZE, self.lapics[0], "lapic")
-            msi_sink = self.lapics[0]
+            # Every CPU reaches its own APIC at 0xfee00000: the bus routes by the accessing vCPU's thread.
+            self.apic_bus = ApicBus(self.lapics, current_cpu)
+            self.mmio.register(memmap.LAPIC_BASE, memmap.LAPIC_SIZE, self.apic_bus.mmio_page(), "lapic")
+            msi_sink = self.apic_bus
         else:
             sink = accel.msi_sink()
             if sink is None:
@@ -159,7 +165,8 @@ class Microvm(Machine):
             if set_eoi_handler is not None:
                 set_eoi_handler(self.ioapic.eoi)
         if self.lapics:
-            self.lapics[0].eoi_broadcast = self.ioapic.eoi
+            for lapic in self.lapics:
+                lapic.eoi_broadcast = self.ioapic.eoi
             if self.pic is not None:
                 self.pic.int_output = self.lapics[0].lint(0)
 
@@ -195,6 +202,7 @@ class Microvm(Machine):
             self.vcpus.append(vcpu)
             if self.lapics:
                 self.lapics[index].kick = vcpu.kick
+                self.lapics[index].event_kick = getattr(vcpu, "notify_event", None)
         self.load_boot()
         for vcpu, state in zip(self.vcpus, self.boot_states):
             vcpu.load_state(state)
@@ -268,9 +276,10 @@ class Microvm(Machine):
         result = load_kernel(self.memory, self.boot.kernel, self.boot.initrd, self.boot.cmdline,
                              self.layout.e820(), self.acpi_rsdp)
         self.boot_result = result
-        # Only the boot processor gets an entry state: application processors stay in their reset
-        # wait-for-SIPI state until the kernel starts them (KVM's in-kernel LAPIC handles INIT/SIPI).
-        self.boot_states = [result.cpu]
+        # The boot processor gets the kernel's entry state; application processors wait for INIT/SIPI
+        # from the kernel, as after a PC's reset (also after a machine reset, where they may have run).
+        self.boot_states = [result.cpu] + [X86CpuState(mp_state=MpState.WAIT_FOR_SIPI)
+                                           for _ in range(1, self.vcpu_count)]
 
     def close_backends(self) -> None:
         for backend in self.backends:

@@ -15,7 +15,9 @@ system depends on to the embedder; this package supplies them:
 ``segments``              descriptors, QEMU segment caches and hflags (CPL, code size, long mode)
 ``calibration``           where those live in Unicorn's CPU-state blob (probed, not hard-coded)
 ``context``               typed access to that blob
-``block_gate`` (+ ``.c``) the C block hook: precise stops and the interrupt window
+``block_gate`` (+ ``.c``) the C block hook: precise stops, the interrupt window, PAUSE-spin yields
+``tlb_fill`` (+ ``.c``)   the C TLB-fill hook: fast stores, and code coherence between the engines
+``scheduler``             round-robin turns: one engine of a VM runs at a time (guest atomics stay atomic)
 ``code_cache``            dropping stale translations after RAM was written behind the engine
 ``state_io``/``msrs``     X86CpuState in and out; what RDMSR/WRMSR can and cannot do here
 ========================  ============================================================================
@@ -24,6 +26,8 @@ Known limits (measured on 2.1.4, see the modules): RDMSR/WRMSR are not intercept
 TSC-deadline, kvmclock); 8-byte MMIO accesses arrive as two 4-byte accesses; instruction fetch from device
 memory shuts the vCPU down; CR2 written by the guest itself (``mov cr2``) is not preserved across a stop,
 only CR2 set by a delivered #PF is; translated code is not kept coherent with RAM written outside the
-engine unless :meth:`TcgAccelerator.invalidate_code` is called (device DMA, and between vCPUs of an SMP
-guest, which Unicorn keeps as independent engines); no NMI, task gates or virtual-8086 mode.
+engine unless :meth:`TcgAccelerator.invalidate_code` is called (device DMA; between the vCPUs of an SMP
+guest the TLB-fill hook does it); vCPUs take turns on one host thread at a time (QEMU's
+``-accel tcg,thread=single``), because Unicorn's atomics are not host-atomic; NMIs are delivered without
+NMI blocking; no task gates or virtual-8086 mode.
 """

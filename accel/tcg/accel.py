@@ -1,7 +1,9 @@
 """The software CPU accelerator (``-accel tcg``): Unicorn engines that behave like x86-64 CPUs.
 
 One Unicorn engine per vCPU, each mapping the same guest RAM zero-copy and every non-RAM address as a
-device window. Interrupts come from pyemu's userspace LAPIC (``needs_userspace_lapic``), so there is no
+device window. The engines of a VM take turns (:mod:`pyemu.accel.tcg.scheduler`: one runs at a time,
+which keeps guest atomics atomic) and share the record of which RAM pages hold whose translated code
+(:class:`pyemu.accel.tcg.tlb_fill.CodeMap`), so a store by one vCPU invalidates another's stale code. Interrupts come from pyemu's userspace LAPIC (``needs_userspace_lapic``), so there is no
 MSI sink here: the board routes MSIs to the LAPIC models, which call ``vcpu.kick()``.
 
 The CPU-state blob layout is calibrated once per process (:mod:`pyemu.accel.tcg.calibration`) and the C
@@ -13,7 +15,10 @@ from __future__ import annotations
 
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.tcg.calibration import calibrate
+from pyemu.accel.tcg.block_gate import load_gate_module
 from pyemu.accel.tcg.errors import TcgError
+from pyemu.accel.tcg.scheduler import RoundRobin
+from pyemu.accel.tcg.tlb_fill import CodeMap, tlb_hook_enabled
 from pyemu.accel.tcg.tsc import host_tsc_hz
 from pyemu.accel.tcg.vcpu import TcgVcpu
 from pyemu.hw.intc.api import InterruptController, MsiSink
@@ -32,6 +37,8 @@ class TcgAccelerator:
         self._dispatcher: ExitDispatcher | None = None
         self._cpuid: CpuidTable | None = None
         self.vcpus: list[TcgVcpu] = []
+        self.scheduler = RoundRobin()
+        self._code_map: CodeMap | None = None
 
     @property
     def tsc_hz(self) -> int:
@@ -46,7 +53,13 @@ class TcgAccelerator:
     def create_vcpu(self, index: int, interrupts: InterruptController | None = None) -> TcgVcpu:
         if self._memory is None or self._dispatcher is None or self._cpuid is None:
             raise TcgError("create_vcpu before attach: the accelerator has no guest memory yet")
-        vcpu = TcgVcpu(index, self._memory, self._dispatcher, self._cpuid, calibrate(), interrupts)
+        if self.vcpus and not tlb_hook_enabled():
+            raise TcgError("several software vCPUs need the TLB-fill hook to keep their translated code "
+                           "coherent; unset PYEMU_TCG_ENGINE_TLB")
+        if self._code_map is None and tlb_hook_enabled():
+            self._code_map = CodeMap(self._memory, load_gate_module())
+        vcpu = TcgVcpu(index, self._memory, self._dispatcher, self._cpuid, calibrate(), interrupts,
+                       scheduler=self.scheduler, code_map=self._code_map)
         self.vcpus.append(vcpu)
         return vcpu
 

@@ -19,14 +19,60 @@ struct pyemu_gate {
     int (*reg_read)(void *uc, int regid, void *value);
     int (*emu_stop)(void *uc);
     struct pyemu_tlb *tlb; /* the TLB-fill hook's state (tlb_fill.c), or NULL */
+    int32_t contended;     /* scheduler: another vCPU waits for this engine's turn to end */
+    int32_t yielded;       /* gate: stopped because the guest spins in a PAUSE loop */
+    uint64_t yields;       /* statistics: spin yields */
+    uint64_t spin_anchor;  /* spin detector: a block start that keeps coming back */
+    uint32_t spin_hits;    /* ... how often it came back */
+    uint32_t spin_gap;     /* ... blocks since it last came back */
+    uint32_t verify_left;  /* ... blocks of the loop still to look at for a PAUSE */
+    uint64_t not_pause;    /* ... the last anchor found to be a loop without PAUSE (rep string, memset) */
+    uint64_t last_block;   /* the start of the block running now (for sampling profilers) */
 };
+
+/* Spin detection, only while another vCPU waits for the turn (the scheduler runs one engine at a time,
+ * so a guest spinning on a lock held by a vCPU that is not running waits for nothing). A loop is a block
+ * start that comes back within SPIN_GAP blocks, SPIN_HITS times; it is a spin if one of its blocks ends
+ * with PAUSE (F3 90), which Linux's cpu_relax() puts in every busy-wait, and which ends a translation
+ * block in QEMU's x86 translator. Busy loops without PAUSE (rep movs, memset) are remembered and left
+ * alone. */
+#define SPIN_GAP 6
+#define SPIN_HITS 48
+
+static int spin_check(void *uc, struct pyemu_gate *gate, uint64_t address, uint32_t size)
+{
+    if (gate->verify_left) {
+        uint8_t tail[2];
+        if (size >= 2 && pyemu_read_code(uc, gate->tlb, address + size - 2, tail, 2)
+            && tail[0] == 0xF3 && tail[1] == 0x90) {
+            gate->verify_left = 0;
+            gate->spin_hits = 0;
+            return 1;
+        }
+        if (--gate->verify_left == 0) {
+            gate->not_pause = gate->spin_anchor;
+            gate->spin_hits = 0;
+        }
+        return 0;
+    }
+    if (address == gate->spin_anchor) {
+        gate->spin_gap = 0;
+        if (++gate->spin_hits >= SPIN_HITS && address != gate->not_pause) {
+            gate->verify_left = SPIN_GAP + 1;
+        }
+    } else if (++gate->spin_gap > SPIN_GAP) {
+        gate->spin_anchor = address;
+        gate->spin_hits = 0;
+        gate->spin_gap = 0;
+    }
+    return 0;
+}
 
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data)
 {
     struct pyemu_gate *gate = (struct pyemu_gate *)user_data;
     int first = gate->skip_first;
-    (void)address;
-    (void)size;
+    gate->last_block = address;
     if (first) {
         gate->skip_first = 0; /* no store per block on the common path */
     }
@@ -42,6 +88,11 @@ void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data
         if (gate->reg_read(uc, gate->rflags_regid, &rflags) == 0 && (rflags & 0x200)) {
             goto stop;
         }
+    }
+    if (gate->contended && gate->tlb && spin_check(uc, gate, address, size)) {
+        gate->yielded = 1;
+        gate->yields++;
+        goto stop;
     }
     return;
 stop:

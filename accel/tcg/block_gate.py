@@ -47,22 +47,37 @@ _SOURCES = (Path(__file__).with_name("tlb_fill.c"), Path(__file__).with_name("bl
 _CDEF = """
 struct pyemu_tlb_entry { uint64_t paddr; int perms; };
 struct pyemu_ram_slot { uint64_t gpa; uint64_t size; uint8_t *host; };
+struct pyemu_code_map {
+    uint8_t *owners;
+    uint8_t *writers;
+    uint64_t page_count;
+    uint64_t flush_requests;
+    uint32_t engines;
+    int32_t flush_needed[8];
+    uint32_t inval_count[8];
+    int32_t inval_overflow[8];
+    uint64_t inval_pages[8][512];
+};
 struct pyemu_tlb {
     int (*ctl)(void *uc, uint32_t control, ...);
     int (*vmem_translate)(void *uc, uint64_t address, int prot, uint64_t *paddr);
     int (*reg_read)(void *uc, int regid, void *value);
     uint32_t ctl_tlb_type;
+    uint32_t ctl_tlb_flush;
     int32_t fallback;
     int32_t fill_failed;
     int32_t reg_cr0, reg_cr3, reg_cr4, reg_msr, reg_cs, reg_rflags;
-    uint64_t fills, fallbacks, code_marks;
-    uint8_t *code_pages;
-    uint64_t code_page_count;
+    int32_t engine;
+    uint64_t fills, fallbacks, code_marks, invalidations_sent;
+    struct pyemu_code_map *code;
     uint32_t ram_count;
     struct pyemu_ram_slot ram[8];
 };
 _Bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry *result, void *user_data);
 void pyemu_tlb_resume(void *uc, struct pyemu_tlb *s);
+void pyemu_code_forget(struct pyemu_code_map *m, int engine);
+void pyemu_code_forget_writes(struct pyemu_code_map *m, int engine);
+int pyemu_read_code(void *uc, struct pyemu_tlb *s, uint64_t address, uint8_t *out, int len);
 struct pyemu_gate {
     int32_t stop_request;
     int32_t irq_pending;
@@ -74,6 +89,15 @@ struct pyemu_gate {
     int (*reg_read)(void *uc, int regid, void *value);
     int (*emu_stop)(void *uc);
     struct pyemu_tlb *tlb;
+    int32_t contended;
+    int32_t yielded;
+    uint64_t yields;
+    uint64_t spin_anchor;
+    uint32_t spin_hits;
+    uint32_t spin_gap;
+    uint32_t verify_left;
+    uint64_t not_pause;
+    uint64_t last_block;
 };
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
 """
@@ -227,11 +251,30 @@ class BlockGate:
     def interrupt_signalled(self) -> bool:
         return bool(self.state.irq_pending)
 
+    def set_contended(self, contended: bool) -> None:
+        """The scheduler: another vCPU waits for this one's turn, so a PAUSE spin should give it up."""
+        self.state.contended = 1 if contended else 0
+
     # vCPU side ---------------------------------------------------------------------------------------
     def arm(self) -> None:
         """Before each emu_start: exempt the resume block, forget the previous stop."""
         self.state.skip_first = 1
         self.state.stopped = 0
+        self.state.yielded = 0
+
+    @property
+    def yielded(self) -> bool:
+        """True when the last emu_start ended because the guest spun in a PAUSE loop while contended."""
+        return bool(self.state.yielded)
+
+    @property
+    def yields(self) -> int:
+        return int(self.state.yields)
+
+    @property
+    def last_block(self) -> int:
+        """The guest address of the block the engine entered last (any thread; for sampling)."""
+        return int(self.state.last_block)
 
     @property
     def stopped(self) -> bool:

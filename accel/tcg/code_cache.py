@@ -55,6 +55,13 @@ class CodeInvalidator:
         self._gate.clear_service()
         with self._lock:
             ranges, self._pending = self._pending, []
+        if ranges:
+            self.invalidate(ranges)
+
+    def invalidate(self, ranges: list[tuple[int, int]]) -> None:
+        """On the vCPU thread, between runs: drop translations of the ``(gpa, size)`` ranges now. The TLB
+        is flushed afterwards in every case, so the next fetch from those pages goes through the TLB-fill
+        hook again (which records the page as holding this engine's code)."""
         pieces = [piece for gpa, size in ranges for piece in self._ram_pieces(gpa, size)]
         if not pieces:
             return
@@ -69,7 +76,7 @@ class CodeInvalidator:
         if paging:
             blob.restore(saved)
             blob.push()
-            self._uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
+        self._uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
 
     def _ram_pieces(self, gpa: int, size: int) -> list[tuple[int, int]]:
         """The parts of the range inside RAM regions (device windows hold no translated code)."""

@@ -9,7 +9,8 @@
  *   2. let Unicorn's own walk do the same translation (uc_vmem_translate with the engine briefly in
  *      UC_TLB_CPU mode), which sets the accessed/dirty bits and registers large pages for INVLPG;
  *   3. return the permissions, minus EXEC for a page no instruction was ever fetched from: Unicorn
- *      only marks a TLB entry's page dirty (fast stores) when the entry is not executable.
+ *      only marks a TLB entry's page dirty (fast stores) when the entry is not executable; and minus
+ *      WRITE for a page another engine holds code from, until a store hands the page over.
  */
 #include <stdint.h>
 #include <stdbool.h>
@@ -20,17 +21,36 @@ struct pyemu_tlb_entry { uint64_t paddr; int perms; };
 
 struct pyemu_ram_slot { uint64_t gpa; uint64_t size; uint8_t *host; };
 
+/* Translated code shared knowledge between the engines of one VM (tlb_fill.py, "Several engines").
+ * Only one engine runs at a time (the round-robin scheduler), so plain accesses suffice; the scheduler's
+ * lock orders them between threads. */
+#define PYEMU_MAX_ENGINES 8
+#define PYEMU_INVAL_CAP 512
+
+struct pyemu_code_map {
+    uint8_t *owners;            /* per 4 KiB page of [0, page_count << 12): bit i = engine i may hold code */
+    uint8_t *writers;           /* per page: bit i = engine i was granted WRITE since its last TLB flush */
+    uint64_t page_count;
+    uint64_t flush_requests;    /* statistics: TLB flushes asked of other engines */
+    uint32_t engines;           /* engines sharing the map */
+    int32_t flush_needed[PYEMU_MAX_ENGINES]; /* engine must flush its TLB before it runs again */
+    uint32_t inval_count[PYEMU_MAX_ENGINES];
+    int32_t inval_overflow[PYEMU_MAX_ENGINES];
+    uint64_t inval_pages[PYEMU_MAX_ENGINES][PYEMU_INVAL_CAP];
+};
+
 struct pyemu_tlb {
     int (*ctl)(void *uc, uint32_t control, ...);
     int (*vmem_translate)(void *uc, uint64_t address, int prot, uint64_t *paddr);
     int (*reg_read)(void *uc, int regid, void *value);
     uint32_t ctl_tlb_type;      /* UC_CTL_WRITE(UC_CTL_TLB_TYPE, 1) */
+    uint32_t ctl_tlb_flush;     /* UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) */
     int32_t fallback;           /* this hook switched the engine to UC_TLB_CPU; the gate switches back */
     int32_t fill_failed;        /* a fill reported a miss: emu_start returns UC_ERR_EXCEPTION */
     int32_t reg_cr0, reg_cr3, reg_cr4, reg_msr, reg_cs, reg_rflags;
-    uint64_t fills, fallbacks, code_marks;
-    uint8_t *code_pages;        /* one byte per 4 KiB page of [0, code_page_count << 12) */
-    uint64_t code_page_count;
+    int32_t engine;             /* this engine's index in the code map (bit 1 << engine) */
+    uint64_t fills, fallbacks, code_marks, invalidations_sent;
+    struct pyemu_code_map *code;
     uint32_t ram_count;
     struct pyemu_ram_slot ram[PYEMU_RAM_SLOTS];
 };
@@ -233,6 +253,72 @@ static bool give_up(struct pyemu_tlb *s, void *uc)
     return false;
 }
 
+/* Another engine may hold translations of the page a store is about to reach: it must drop them before
+ * it runs again (its queue is served at the start of its next turn), and it stops being an owner. */
+static void hand_over_page(struct pyemu_tlb *s, uint64_t index, uint8_t others)
+{
+    struct pyemu_code_map *m = s->code;
+    for (int j = 0; j < PYEMU_MAX_ENGINES; j++) {
+        if (!(others & (1u << j))) {
+            continue;
+        }
+        uint32_t n = m->inval_count[j];
+        if (n < PYEMU_INVAL_CAP) {
+            m->inval_pages[j][n] = index << 12;
+            m->inval_count[j] = n + 1;
+        } else {
+            m->inval_overflow[j] = 1; /* too many: that engine drops all its code instead */
+        }
+    }
+    m->owners[index] &= (uint8_t)~others;
+    s->invalidations_sent++;
+}
+
+/* The permissions to grant for a page, given who holds translated code from it:
+ *  - EXEC only once this engine fetched from the page (stores to pages without code stay fast);
+ *  - WRITE only while no other engine holds code from it, so a store that would make another engine's
+ *    translations stale comes back here as a write fill, which hands the page over first. */
+static int code_permissions(struct pyemu_tlb *s, uint64_t index, int type, int prot)
+{
+    struct pyemu_code_map *m = s->code;
+    if (index >= m->page_count) {
+        return prot;
+    }
+    uint8_t me = (uint8_t)(1u << s->engine);
+    uint8_t owners = m->owners[index];
+    uint8_t others = owners & (uint8_t)~me;
+    if (type == MEM_FETCH) {
+        if (!(owners & me)) {
+            m->owners[index] = owners | me;
+            s->code_marks++;
+            uint8_t stale = m->writers[index] & (uint8_t)~me;
+            if (stale) {
+                /* Other engines may hold fast write entries for this page from before it held code. */
+                for (int j = 0; j < PYEMU_MAX_ENGINES; j++) {
+                    if (stale & (1u << j)) {
+                        m->flush_needed[j] = 1;
+                        m->flush_requests++;
+                    }
+                }
+                m->writers[index] &= (uint8_t)~stale;
+            }
+        }
+    } else if (!(owners & me)) {
+        prot &= ~PROT_X;
+    }
+    if (others) {
+        if (type == MEM_WRITE) {
+            hand_over_page(s, index, others);
+        } else {
+            prot &= ~PROT_W;
+        }
+    }
+    if (prot & PROT_W) {
+        m->writers[index] |= me;
+    }
+    return prot;
+}
+
 bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry *result, void *user_data)
 {
     struct pyemu_tlb *s = (struct pyemu_tlb *)user_data;
@@ -251,16 +337,7 @@ bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry *
          * delivers it); otherwise the vCPU re-runs the instruction under Unicorn's own MMU. */
         return give_up(s, uc);
     }
-    uint64_t index = w.page >> 12;
-    int prot = w.prot;
-    if (type == MEM_FETCH) {
-        if (index < s->code_page_count && !s->code_pages[index]) {
-            s->code_pages[index] = 1;
-            s->code_marks++;
-        }
-    } else if (index < s->code_page_count && !s->code_pages[index]) {
-        prot &= ~PROT_X; /* no code here yet: let stores become fast after the first */
-    }
+    int prot = code_permissions(s, w.page >> 12, type, w.prot);
     result->paddr = w.page;
     result->perms = prot;
     return true;
@@ -273,5 +350,48 @@ void pyemu_tlb_resume(void *uc, struct pyemu_tlb *s)
     if (__atomic_load_n(&s->fallback, __ATOMIC_ACQUIRE)) {
         s->ctl(uc, s->ctl_tlb_type, TLB_VIRTUAL);
         __atomic_store_n(&s->fallback, 0, __ATOMIC_RELEASE);
+        if (s->code->engines > 1) {
+            /* Entries the engine's own MMU filled meanwhile were granted without the code map's say. */
+            s->ctl(uc, s->ctl_tlb_flush);
+        }
     }
+}
+
+/* An engine dropped every translation: it owns no page any more. */
+void pyemu_code_forget(struct pyemu_code_map *m, int engine)
+{
+    uint8_t keep = (uint8_t)~(1u << engine);
+    for (uint64_t i = 0; i < m->page_count; i++) {
+        m->owners[i] &= keep;
+    }
+}
+
+/* An engine flushed its TLB: it holds no write entry any more. */
+void pyemu_code_forget_writes(struct pyemu_code_map *m, int engine)
+{
+    uint8_t keep = (uint8_t)~(1u << engine);
+    for (uint64_t i = 0; i < m->page_count; i++) {
+        m->writers[i] &= keep;
+    }
+}
+
+/* The guest's code bytes at a linear address, for the block gate's spin check: read through the
+ * side-effect-free walk (no accessed bits, no pending #PF). 0 when the walk or RAM says no. */
+int pyemu_read_code(void *uc, struct pyemu_tlb *s, uint64_t address, uint8_t *out, int len)
+{
+    struct walk w;
+    if ((address & 0xFFF) + len > 0x1000 || walk(s, uc, address, MEM_FETCH, &w) != 0) {
+        return 0;
+    }
+    uint64_t paddr = w.page | (address & 0xFFF);
+    for (uint32_t i = 0; i < s->ram_count; i++) {
+        const struct pyemu_ram_slot *r = &s->ram[i];
+        if (paddr >= r->gpa && paddr + len <= r->gpa + r->size) {
+            for (int k = 0; k < len; k++) {
+                out[k] = r->host[paddr - r->gpa + k];
+            }
+            return 1;
+        }
+    }
+    return 0;
 }

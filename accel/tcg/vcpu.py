@@ -3,16 +3,22 @@
 Run loop (``run``), per iteration:
 
 1. a recorded exit (triple fault) or a host stop request ends ``run``;
-2. a vCPU halted with IF=1 waits on an Event (set by ``kick``/``request_stop``) until the interrupt
-   controller has something pending;
-3. a pending external interrupt is injected through the IDT if RFLAGS.IF=1 and no interrupt shadow is
+2. processor events from the local APIC (:class:`~pyemu.hw.intc.api.ProcessorSignals`) are taken: INIT
+   puts the vCPU in its INIT state, waiting for a start-up IPI; a SIPI starts a waiting vCPU in real mode
+   at vector x 0x1000 (an application processor starts this way; it is created waiting); an NMI is
+   delivered through IDT vector 2 whatever RFLAGS.IF says;
+3. a vCPU halted with IF=1 waits on an Event (set by ``kick``/``request_stop``) until the interrupt
+   controller has something pending; a vCPU waiting for SIPI waits for a processor event;
+4. the vCPU takes its turn (:mod:`pyemu.accel.tcg.scheduler`: one engine of the VM runs at a time) and
+   first drops translations of pages other engines stored to (:class:`~pyemu.accel.tcg.tlb_fill.CodeMap`);
+5. a pending external interrupt is injected through the IDT if RFLAGS.IF=1 and no interrupt shadow is
    active (QEMU's HF_INHIBIT_IRQ, set for the instruction after ``sti`` and ``mov ss``/``pop ss``);
-4. ``old_exception`` is reset and the CR2 shadow written back (Unicorn leaves ``old_exception`` set after
+6. ``old_exception`` is reset and the CR2 shadow written back (Unicorn leaves ``old_exception`` set after
    some faults and clears CR2 across ``emu_start``), then the engine runs from RIP;
-5. the engine returns because the C block gate stopped it (stop request or interrupt window, RIP exact at a
-   block start), because a hook recorded an exit, or because of HLT (RIP after the ``hlt``). HLT with
+7. the engine returns because the C block gate stopped it (stop request, interrupt window, the end of the
+   turn or a PAUSE spin while another vCPU waits; RIP exact at a block start), because a hook recorded an exit, or because of HLT (RIP after the ``hlt``). HLT with
    IF=0, or without an interrupt controller, is ``Halt()``; with IF=1 the vCPU waits (step 2) and the
-   interrupt is delivered with the return RIP after the ``hlt``.
+   interrupt is delivered with the return RIP after the ``hlt``. The turn ends with the iteration.
 
 Why the interrupt signal is a flag and not a queue: the interrupt controller owns pending state
 (:class:`~pyemu.hw.intc.api.InterruptController`); ``kick`` only says "look again". The loop clears the flag
@@ -27,6 +33,7 @@ errors raised by device models during the run become ``Shutdown(reason)`` with a
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from unicorn import (
     UC_ARCH_X86,
@@ -55,36 +62,51 @@ from pyemu.accel.tcg.io_hooks import IoHooks, vcpu_cpuid
 from pyemu.accel.tcg.memory_map import PhysicalMap
 from pyemu.accel.tcg.paging import PagingRegs
 from pyemu.accel.tcg.physmem import GuestPhysical
-from pyemu.accel.tcg.segments import HF_INHIBIT_IRQ
+from pyemu.accel.tcg.scheduler import RoundRobin
+from pyemu.accel.tcg.segments import DESC_L, HF_INHIBIT_IRQ
 from pyemu.accel.tcg.state_io import load_state, save_state
-from pyemu.accel.tcg.tlb_fill import TlbFill, tlb_hook_enabled
+from pyemu.accel.tcg.tlb_fill import CodeMap, TlbFill, tlb_hook_enabled
 from pyemu.accel.tcg.traps import Traps
 from pyemu.errors import PyemuError
 from pyemu.hw.intc.api import InterruptController
 from pyemu.system import log
 from pyemu.system.memory import GuestMemory
-from pyemu.target.x86.cpu_state import GPR_NAMES, RFLAGS_IF, X86CpuState
+from pyemu.target.x86.cpu_state import EFER_LMA, GPR_NAMES, RFLAGS_IF, MpState, Segment, X86CpuState
 from pyemu.target.x86.cpuid import CpuidTable
 
 # emu_start's "until" address: the last byte of the address space, never the start of a block.
 _UNTIL = 0xFFFF_FFFF_FFFF_FFFF
 _HLT = 0xF4
+_NMI_VECTOR = 2
+
+
+def startup_state(vector: int) -> X86CpuState:
+    """Where a start-up IPI sends a waiting CPU: real mode, CS = vector << 8, IP = 0 (SDM 8.4.4.1)."""
+    state = X86CpuState()
+    state.cs = Segment(vector << 8, vector << 12, 0xFFFF, type=0xB)
+    state.rip = 0
+    return state
 
 
 class TcgVcpu:
     """A vCPU of the software CPU (implements :class:`pyemu.accel.base.Vcpu`)."""
 
     def __init__(self, index: int, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable,
-                 layout: BlobLayout, interrupts: InterruptController | None = None) -> None:
+                 layout: BlobLayout, interrupts: InterruptController | None = None, *,
+                 scheduler: RoundRobin | None = None, code_map: CodeMap | None = None) -> None:
         self.index = index
         self._interrupts = interrupts
+        # INIT / SIPI / NMI come from a local APIC model; a plain interrupt controller has none.
+        self._signals: Any = interrupts if hasattr(interrupts, "take_init") else None
+        self._lock = dispatcher.lock
+        self._scheduler = scheduler if scheduler is not None else RoundRobin()
         try:
             self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
         except UcError as exc:
             raise EngineError(f"cannot create a Unicorn x86-64 engine: {exc}", operation="uc_open") from exc
         self._gate = BlockGate(self._uc)
         self._map = PhysicalMap(self._uc, memory, dispatcher, lambda: self._gate.stop_requested)
-        self._tlb = TlbFill(self._uc, memory, self._gate) if tlb_hook_enabled() else None
+        self._tlb = TlbFill(self._uc, memory, self._gate, code_map) if tlb_hook_enabled() else None
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)
         self._traps = Traps(self._uc, self._blob, GuestPhysical(self._uc, memory, dispatcher), index,
@@ -92,6 +114,9 @@ class TcgVcpu:
         self._code = CodeInvalidator(self._uc, self._blob, memory, self._gate)
         self._wake = threading.Event()
         self._halted = False
+        # An application processor starts as on a PC: waiting for INIT/SIPI from the boot processor.
+        self._mp = MpState.RUNNABLE if index == 0 else MpState.WAIT_FOR_SIPI
+        self._events_signalled = False
         self._running = threading.Lock()
         self._closed = False
         self.last_dump: str | None = None
@@ -108,14 +133,37 @@ class TcgVcpu:
             self._tlb.forget_code()
         self._traps.flush_translations()
         self._traps.cr2 = state.cr2
-        self._halted = False
+        mp_state = state.mp_state or MpState.RUNNABLE
+        self._halted = mp_state is MpState.HALTED
+        self._mp = MpState.WAIT_FOR_SIPI if mp_state is MpState.WAIT_FOR_SIPI else MpState.RUNNABLE
+        if self._halted:
+            self._gate.signal_interrupt()  # look at the controller once: it may hold the wake-up already
 
     def save_state(self) -> X86CpuState:
-        return save_state(self._uc, self._blob, self._traps.cr2)
+        state = save_state(self._uc, self._blob, self._traps.cr2)
+        state.mp_state = (MpState.WAIT_FOR_SIPI if self._mp is MpState.WAIT_FOR_SIPI
+                          else MpState.HALTED if self._halted else MpState.RUNNABLE)
+        return state
 
     def kick(self) -> None:
         self._gate.signal_interrupt()
         self._wake.set()
+        self._scheduler.nudge()
+
+    def notify_event(self) -> None:
+        """INIT, a start-up IPI or an NMI is pending at the local APIC: stop at the next block start
+        whatever RFLAGS.IF says, and wake a halted or waiting vCPU (any thread)."""
+        self._events_signalled = True
+        self._gate.request_service()
+        self._wake.set()
+        self._scheduler.nudge()
+
+    # -- Preemptible (the scheduler) ---------------------------------------------------------------------
+    def preempt(self) -> None:
+        self._gate.request_service()
+
+    def set_contended(self, contended: bool) -> None:
+        self._gate.set_contended(contended)
 
     def request_stop(self) -> None:
         self._gate.request_stop()
@@ -159,6 +207,16 @@ class TcgVcpu:
     def events_delivered(self) -> int:
         return self._traps.delivered
 
+    @property
+    def spin_yields(self) -> int:
+        """Turns given up because the guest spun in a PAUSE loop while another vCPU waited."""
+        return self._gate.yields
+
+    @property
+    def mp_state(self) -> MpState:
+        return (MpState.WAIT_FOR_SIPI if self._mp is MpState.WAIT_FOR_SIPI
+                else MpState.HALTED if self._halted else MpState.RUNNABLE)
+
     # -- the loop ---------------------------------------------------------------------------------------
     def _run_loop(self) -> Exit:
         while True:
@@ -169,15 +227,79 @@ class TcgVcpu:
             if self._gate.stop_requested:
                 self._gate.clear_stop()
                 return Stopped()
-            if self._halted and not self._wait_for_interrupt():
-                self._gate.clear_stop()
-                return Stopped()
-            self._inject_interrupt()
-            if self._traps.pending_exit is not None:
+            if self._events_signalled:
+                self._take_processor_events()
                 continue
-            result = self._execute()
+            if self._mp is MpState.WAIT_FOR_SIPI:
+                if not self._wait_for_event():
+                    self._gate.clear_stop()
+                    return Stopped()
+                continue
+            if self._halted:
+                if not self._wait_for_interrupt():
+                    self._gate.clear_stop()
+                    return Stopped()
+                if self._events_signalled:
+                    continue
+            with self._scheduler.turn(self, self._has_work_waiting):
+                self._start_turn()
+                self._inject_interrupt()
+                if self._traps.pending_exit is not None:
+                    continue
+                result = self._execute()
             if result is not None:
                 return result
+
+    def _has_work_waiting(self) -> bool:
+        """While waiting for the turn: an interrupt or processor event is pending (the turn is urgent)."""
+        return self._gate.interrupt_signalled or self._events_signalled
+
+    def _start_turn(self) -> None:
+        """Drop what other engines made stale since this one last ran (see tlb_fill.CodeMap)."""
+        tlb = self._tlb
+        if tlb is None or tlb.code_map.engines < 2:
+            return
+        code_map = tlb.code_map
+        pages = code_map.take_invalidations(tlb.engine)
+        if pages is None:
+            self._uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+            self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            self._traps.flush_translations()
+            tlb.forget_code()
+        elif pages:
+            self._code.invalidate([(page, 0x1000) for page in pages])
+        if code_map.take_flush_request(tlb.engine):
+            self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    def _take_processor_events(self) -> None:
+        """INIT, SIPI and NMI from the local APIC (step 2 of the loop)."""
+        self._events_signalled = False
+        signals = self._signals
+        if signals is None:
+            return
+        with self._lock:
+            init = signals.take_init()
+            vector = signals.take_startup()
+            nmi = signals.take_nmi()
+        if init:
+            # SDM 8.4.1: after INIT an application processor waits for a SIPI; the boot processor (vCPU 0)
+            # starts again at the reset vector, as KVM does it too.
+            bsp = self.index == 0
+            log.log("int", f"cpu{self.index}: INIT, " + ("restarting at the reset vector" if bsp
+                                                          else "waiting for a start-up IPI"))
+            with self._scheduler.turn(self):
+                self.load_state(X86CpuState(mp_state=None if bsp else MpState.WAIT_FOR_SIPI))
+        if vector is not None and self._mp is MpState.WAIT_FOR_SIPI:
+            log.log("int", f"cpu{self.index}: start-up IPI, starting at {vector << 12:#x}")
+            with self._scheduler.turn(self):
+                self.load_state(startup_state(vector))
+        if nmi and self._mp is not MpState.WAIT_FOR_SIPI:
+            with self._scheduler.turn(self):
+                blob = self._blob
+                blob.pull()
+                self._halted = False
+                self._traps.deliver(Event(_NMI_VECTOR, EventKind.EXTERNAL), return_rip=blob.rip,
+                                    rflags=blob.rflags)
 
     def _execute(self) -> Exit | None:
         if self._gate.service_requested or self._code.pending:
@@ -211,23 +333,38 @@ class TcgVcpu:
 
     def _after_hlt(self, rip: int) -> bool:
         blob = self._blob
+        cs = blob.segment("cs")
+        # The byte before RIP, as a linear address: CS.base counts outside 64-bit code (real mode: an AP
+        # started by SIPI runs with CS.base = vector << 12).
+        linear = rip - 1 if blob.efer & EFER_LMA and cs.flags & DESC_L else (cs.base + rip - 1) & 0xFFFF_FFFF
         try:
             memory = self._traps.linear(PagingRegs(blob.cr0, blob.cr3, blob.cr4, blob.efer))
-            return memory.read(rip - 1, 1, fetch=True)[0] == _HLT
+            return memory.read(linear, 1, fetch=True)[0] == _HLT
         except GuestFault:
             return False
 
     def _wait_for_interrupt(self) -> bool:
-        """Block until the controller has an interrupt (True) or a stop is requested (False)."""
-        controller = self._interrupts
-        assert controller is not None
+        """Halted: block until the controller has an interrupt or a processor event (True) or a stop is
+        requested (False)."""
+        return self._wait(self._interrupts)
+
+    def _wait_for_event(self) -> bool:
+        """Waiting for SIPI: block until a processor event (True) or a stop request (False)."""
+        return self._wait(None)
+
+    def _wait(self, controller: InterruptController | None) -> bool:
         while True:
             self._wake.clear()
             if self._gate.stop_requested:
                 return False
-            if controller.interrupt_pending():
-                self._gate.signal_interrupt()
+            if self._events_signalled:
                 return True
+            if controller is not None:
+                with self._lock:
+                    pending = controller.interrupt_pending()
+                if pending:
+                    self._gate.signal_interrupt()
+                    return True
             self._wake.wait()
 
     def _inject_interrupt(self) -> None:
@@ -236,17 +373,20 @@ class TcgVcpu:
         if controller is None or not gate.interrupt_signalled:
             return
         gate.clear_interrupt()
-        if not controller.interrupt_pending():
+        with self._lock:
+            pending = controller.interrupt_pending()
+        if not pending:
             return
         gate.signal_interrupt()
         blob = self._blob
         blob.pull()
         if not blob.rflags & RFLAGS_IF or blob.hflags & HF_INHIBIT_IRQ:
             return  # the block gate stops again once IF=1 and the shadow is over
-        vector = controller.acknowledge_interrupt()
-        gate.clear_interrupt()
-        if controller.interrupt_pending():
-            gate.signal_interrupt()
+        with self._lock:
+            vector = controller.acknowledge_interrupt()
+            gate.clear_interrupt()
+            if controller.interrupt_pending():
+                gate.signal_interrupt()
         if vector is None:
             return
         self._halted = False

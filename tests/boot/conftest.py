@@ -11,7 +11,19 @@ import time
 
 import pytest
 
+from pyemu.accel.base import AcceleratorUnavailable
 from pyemu.guest.assets import find_assets
+
+
+@pytest.fixture(scope="module")
+def kvm_usable():
+    """Skip unless /dev/kvm opens and a VM can be created on this host."""
+    from pyemu.accel.kvm.accel import KvmAccelerator
+
+    try:
+        KvmAccelerator().close()
+    except AcceleratorUnavailable as error:
+        pytest.skip(f"KVM unusable on this host: {error}")
 
 
 @pytest.fixture(scope="session")

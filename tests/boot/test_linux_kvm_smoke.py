@@ -12,19 +12,8 @@ import re
 
 import pytest
 
-from pyemu.accel.base import AcceleratorUnavailable
 
 pytestmark = [pytest.mark.kvm, pytest.mark.assets]
-
-
-@pytest.fixture(scope="module")
-def kvm_usable():
-    from pyemu.accel.kvm.accel import KvmAccelerator
-
-    try:
-        KvmAccelerator().close()
-    except AcceleratorUnavailable as error:
-        pytest.skip(f"KVM unusable on this host: {error}")
 
 
 def test_pvh_vmlinux_prints_banner_e820_and_finds_our_acpi_tables(console, guest_assets, kvm_usable):

@@ -1,151 +1,116 @@
-"""``-smp 2`` under KVM on the microvm board: the boot processor starts the second vCPU with INIT/SIPI
-through its in-kernel local APIC, and the application processor demonstrably runs.
+"""``-smp 2`` on the microvm board, under both accelerators.
 
-A second, cheaper-to-read check boots Debian's kernel under ``-smp 2`` until it reports both CPUs from
-the board's ACPI MADT (early boot: this host's KVM goes no further, DESIGN.md).
+Small multiboot kernels (:mod:`pyemu.testing.smp_kernels`) check the machinery one piece at a time: the
+boot processor starts the second vCPU with INIT/SIPI through its local APIC (userspace under TCG,
+in-kernel under KVM) and the application processor runs; under TCG, both CPUs hammer shared counters
+(``lock inc`` and an ``xchg`` spinlock with PAUSE) and must lose no update; and a function the AP has run
+is rewritten by the BSP, after which the AP must run the new code (cross-modifying code between
+engines). Then Debian's kernel boots with two CPUs: to the shell under TCG, through MADT parsing under
+KVM (this host's KVM goes no further, DESIGN.md).
 
-The board gives only vCPU 0 an entry state; vCPU 1 stays in KVM's reset wait-for-SIPI state, as on a PC.
-The test kernel (multiboot, 32-bit flat protected mode) copies a real-mode trampoline below 1 MiB,
-enables its xAPIC at 0xfee00000, sends INIT and a start-up IPI to APIC ID 1 and waits on a mailbox. The AP
-reads its initial APIC ID with CPUID, prints it on COM1 and writes it into the mailbox; the BSP then prints
-"OK" and leaves through isa-debug-exit with a status derived from the AP's ID. Bounded twice: the BSP gives
-up after a fixed number of polls (its own exit status), and the process has a wall-clock timeout.
+Every kernel is bounded twice: the BSP gives up after a fixed number of polls (its own exit status), and
+the process has a wall-clock timeout.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
-from pyemu.accel.base import AcceleratorUnavailable
-from pyemu.target.x86.boot.synthetic import make_multiboot_binary
-from pyemu.testing.asm import assemble
+from pyemu.testing import smp_kernels
 
-pytestmark = [pytest.mark.kvm]
-
-ENTRY = 0x100000 + 32  # make_multiboot_binary puts the code right after the 32-byte header
-TRAMPOLINE = 0x8000  # below 1 MiB, page aligned, unused by the boot loaders (target/x86/boot/layout.py)
-MAILBOX = 0x9000
-GAVE_UP = 0x7F  # BSP's exit value when the AP never answered
-POLLS = 3_000_000  # ~seconds of emulated ring-0 polling on this PVM host
-
-AP_TRAMPOLINE = f"""
-    xor ax, ax
-    mov ds, ax
-    mov eax, 1
-    cpuid
-    shr ebx, 24
-    mov dx, 0x3f8
-    mov al, 0x41
-    out dx, al
-    mov al, 0x50
-    out dx, al
-    mov al, bl
-    add al, 0x30
-    out dx, al
-    mov al, 0x0a
-    out dx, al
-    or bl, 0x80
-    mov si, {MAILBOX:#x}
-    mov byte ptr [si], bl
-    cli
-halt:
-    hlt
-    jmp halt
-"""
+BOOT_TIMEOUT = 240
 
 
-def bsp_code(trampoline_at: int, trampoline_len: int) -> str:
-    return f"""
-    mov dx, 0x3f8
-    mov al, 0x42
-    out dx, al
-    mov al, 0x0a
-    out dx, al
-    mov esi, {trampoline_at:#x}
-    mov edi, {TRAMPOLINE:#x}
-    mov ecx, {trampoline_len:#x}
-    cld
-    rep movsb
-    mov ebx, {MAILBOX:#x}
-    mov dword ptr [ebx], 0
-    mov ebx, 0xfee000f0
-    mov dword ptr [ebx], 0x1ff
-    mov ebx, 0xfee00310
-    mov dword ptr [ebx], 0x01000000
-    mov ebx, 0xfee00300
-    mov dword ptr [ebx], 0x4500
-    mov dword ptr [ebx], {0x4600 | TRAMPOLINE >> 12:#x}
-    mov ebx, {MAILBOX:#x}
-    mov ecx, {POLLS:#x}
-wait:
-    mov eax, [ebx]
-    test eax, eax
-    jnz answered
-    dec ecx
-    jnz wait
-    mov dx, 0xf4
-    mov eax, {GAVE_UP:#x}
-    out dx, eax
-answered:
-    mov dx, 0x3f8
-    mov al, 0x4f
-    out dx, al
-    mov al, 0x4b
-    out dx, al
-    mov al, 0x0a
-    out dx, al
-    mov eax, [ebx]
-    and eax, 0x7f
-    or eax, 0x10
-    mov dx, 0xf4
-    out dx, eax
-    cli
-stop:
-    hlt
-    jmp stop
-"""
-
-
-def smp_kernel() -> bytes:
-    trampoline = assemble(AP_TRAMPOLINE, address=0, bits=16)
-    # Instruction sizes do not depend on the immediates (imm32 forms), so two passes place the trampoline
-    # right after the BSP code.
-    first = assemble(bsp_code(0, len(trampoline)), address=ENTRY, bits=32)
-    code = assemble(bsp_code(ENTRY + len(first), len(trampoline)), address=ENTRY, bits=32)
-    assert len(code) == len(first)
-    return make_multiboot_binary(code + trampoline)
-
-
-@pytest.fixture(scope="module")
-def kvm_usable():
-    from pyemu.accel.kvm.accel import KvmAccelerator
-
-    try:
-        KvmAccelerator().close()
-    except AcceleratorUnavailable as error:
-        pytest.skip(f"KVM unusable on this host: {error}")
-
-
-def test_bsp_starts_the_ap_with_init_sipi_and_the_ap_runs(tmp_path, kvm_usable):
-    image = tmp_path / "smp-kernel.bin"
-    image.write_bytes(smp_kernel())
-    proc = subprocess.run(
-        [sys.executable, "-m", "pyemu.system.main", "-machine", "microvm", "-accel", "kvm", "-smp", "2",
-         "-m", "64M", "-kernel", str(image), "-nographic", "-device", "isa-debug-exit,iobase=0xf4,iosize=4"],
-        stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+def run_kernel(tmp_path, image: bytes, accel: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    path = tmp_path / "smp-kernel.bin"
+    path.write_bytes(image)
+    return subprocess.run(
+        [sys.executable, "-m", "pyemu.system.main", "-machine", "microvm", "-accel", accel, "-smp", "2",
+         "-m", "64M", "-kernel", str(path), "-nographic",
+         "-device", f"isa-debug-exit,iobase={smp_kernels.EXIT_PORT:#x},iosize=4"],
+        stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
     )
-    assert proc.returncode != (GAVE_UP << 1) | 1, f"the AP never answered; stdout {proc.stdout!r}"
-    # Exit value 0x10 | APIC ID 1 -> status (0x11 << 1) | 1; "AP1" came from the AP's own CPUID.
-    assert proc.returncode == (0x11 << 1) | 1, proc.stderr
+
+
+@pytest.mark.parametrize("accel", ["tcg", pytest.param("kvm", marks=pytest.mark.kvm)])
+def test_bsp_starts_the_ap_with_init_sipi_and_the_ap_runs(tmp_path, accel, request):
+    if accel == "kvm":
+        request.getfixturevalue("kvm_usable")
+    proc = run_kernel(tmp_path, smp_kernels.ap_startup_kernel(), accel)
+    assert proc.returncode != smp_kernels.exit_status(smp_kernels.GAVE_UP), \
+        f"the AP never answered; stdout {proc.stdout!r}"
+    # Exit value 0x10 | APIC ID 1; "AP1" came from the AP's own CPUID.
+    assert proc.returncode == smp_kernels.exit_status(0x11), proc.stderr
     assert proc.stdout == b"B\nAP1\nOK\n"
+
+
+def test_two_software_cpus_lose_no_update_to_shared_counters(tmp_path):
+    """200k lock-inc and 200k spinlock-protected increments per CPU: the scheduler must never let the
+    engines run at once (Unicorn's atomics are not host-atomic) yet must switch between them, and a CPU
+    spinning with PAUSE on a lock the other CPU holds must give up its turn (else each such wait costs a
+    whole turn and the run would take minutes, not seconds)."""
+    proc = run_kernel(tmp_path, smp_kernels.shared_memory_kernel(200_000), "tcg", timeout=120)
+    outcomes = {smp_kernels.exit_status(v): name for v, name in (
+        (smp_kernels.SHARED_OK, "ok"), (smp_kernels.SHARED_ATOMIC_LOST, "lock inc lost updates"),
+        (smp_kernels.SHARED_LOCK_BROKEN, "spinlock let both CPUs in"), (smp_kernels.GAVE_UP, "AP never finished"))}
+    assert outcomes.get(proc.returncode, proc.returncode) == "ok", proc.stderr
+
+
+def test_code_rewritten_by_one_software_cpu_runs_new_on_the_other(tmp_path):
+    proc = run_kernel(tmp_path, smp_kernels.code_patch_kernel(), "tcg")
+    outcomes = {smp_kernels.exit_status(v): name for v, name in (
+        (smp_kernels.PATCH_OK, "ok"), (smp_kernels.PATCH_STALE, "AP ran a stale translation"),
+        (smp_kernels.PATCH_WRONG_FIRST, "AP's first call returned the wrong value"),
+        (smp_kernels.GAVE_UP, "AP never answered"))}
+    assert outcomes.get(proc.returncode, proc.returncode) == "ok", proc.stderr
+
+
+def test_software_cpu_count_is_bounded(tmp_path):
+    proc = run_kernel(tmp_path, smp_kernels.ap_startup_kernel(), "tcg")
+    assert proc.returncode == smp_kernels.exit_status(0x11)
+    image = tmp_path / "k.bin"
+    image.write_bytes(smp_kernels.ap_startup_kernel())
+    too_many = subprocess.run(
+        [sys.executable, "-m", "pyemu.system.main", "-M", "microvm", "-accel", "tcg", "-smp", "9",
+         "-kernel", str(image), "-nographic"], stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert too_many.returncode == 1
+    assert too_many.stderr.decode().strip().splitlines() == [
+        "pyemu: -smp 9: the software CPU (-accel tcg) runs at most 8 vCPUs"]
 
 
 @pytest.mark.assets
 @pytest.mark.slow
-def test_linux_finds_two_cpus_in_the_madt(console, guest_assets, kvm_usable):
+def test_linux_boots_to_the_shell_on_two_software_cpus(console, guest_assets):
+    vm = console(["-machine", "microvm", "-accel", "tcg", "-smp", "2", "-m", "512M",
+                  "-kernel", str(guest_assets.vmlinux), "-initrd", str(guest_assets.initrd),
+                  "-append", "console=ttyS0", "-nographic"])
+    out = vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT).decode(errors="replace")
+    assert "smp: Brought up 1 node, 2 CPUs" in out
+    assert "smpboot: Total of 2 processors activated" in out
+    # Both CPUs take their timer interrupts promptly enough that jiffies keep up with the TSC.
+    assert "Marking TSC unstable" not in out and "Switched to clocksource tsc" in out
+    vm.expect(b"# ", 60)
+    vm.send('echo "cpus=$(nproc) online=$(cat /sys/devices/system/cpu/online)"\n')
+    vm.expect(b"online=0-1", 60)
+    assert b"cpus=2 online=0-1" in vm.output
+    # IPIs flow both ways: function-call interrupts were taken on each CPU, and a shell pinned to CPU 1
+    # by the scheduler runs there.
+    vm.send("grep CAL /proc/interrupts\n")
+    cal = re.search(rb"CAL:\s+(\d+)\s+(\d+)", vm.expect(b"Function call interrupts", 60))
+    assert cal is not None and int(cal.group(1)) > 0 and int(cal.group(2)) > 0
+    vm.send("taskset -c 1 sh -c 'echo on-cpu=$(cut -d\" \" -f39 /proc/self/stat)'\n")
+    vm.expect(b"on-cpu=1", 60)
+    vm.send("poweroff -f\n")
+    assert vm.wait(60) == 0
+
+
+@pytest.mark.assets
+@pytest.mark.slow
+def test_linux_finds_two_cpus_in_the_madt_under_kvm(console, guest_assets, kvm_usable):
     vm = console(["-machine", "microvm", "-accel", "kvm", "-smp", "2", "-m", "512M",
                   "-kernel", str(guest_assets.vmlinux), "-initrd", str(guest_assets.initrd),
                   "-append", "console=ttyS0 earlyprintk=ttyS0", "-nographic"])
