@@ -10,7 +10,10 @@ pyemu/QEMU ratios are printed and written to ``benchmarks/results/boot.json``.
 ``--profile`` additionally runs one pyemu boot under cProfile and stores the top functions by own time,
 which is where to look when pyemu is slower.
 
-Usage: python benchmarks/boot.py [--runs 3] [--profile] [--images bzimage,pvh]
+The PVH vmlinux also boots with ``-smp 2`` (``--smp``): pyemu's vCPUs take turns on one host thread,
+QEMU runs one host thread per vCPU (MTTCG), so this row compares against real parallelism.
+
+Usage: python benchmarks/boot.py [--runs 3] [--profile] [--images bzimage,pvh] [--smp 1,2]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import platform
 import pstats
 import re
+import select
 import shutil
 import statistics
 import subprocess
@@ -35,10 +39,12 @@ from pyemu.guest.assets import find_assets
 
 RESULTS = Path(__file__).resolve().parent / "results" / "boot.json"
 MARKER = re.compile(rb"pyemu-guest: init reached \(uptime ([0-9.]+) s\)")
+POWER_DOWN = b"reboot: Power down"
 CMDLINE = "console=ttyS0 pyemu.poweroff=1"
 MEMORY = "512M"
-TIMEOUT = 180  # a boot that has not powered off by then is counted as failed (seen once with QEMU TCG:
-# under load its kernel failed to calibrate the TSC against the PIT and never got a working timer)
+TIMEOUT = 60  # a boot that has not powered off by then is counted as failed (seen once with QEMU TCG:
+# under load its kernel failed to calibrate the TSC against the PIT and never got a working timer; that
+# happened to QEMU microvm PVH boots several times in a row on 2026-11-22 -- pyemu boots take < 15 s)
 
 
 class BootFailed(Exception):
@@ -46,20 +52,43 @@ class BootFailed(Exception):
 
 
 def run_once(argv: list[str]) -> tuple[float, float | None, int]:
-    """Run a VM to completion; wall seconds, guest uptime at /init, exit status."""
+    """Run a VM until it powers off; wall seconds, guest uptime at /init, exit status.
+
+    The wall time ends when the process exits, or when the kernel prints its power-down line and the
+    process has not exited 2 s later (QEMU 7.2's microvm with ``-smp 2`` under MTTCG stays up after the
+    guest powered off; it is then killed and its status recorded as -9)."""
     started = time.monotonic()
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as expired:
-        tail = (expired.stdout or b"")[-600:].decode(errors="replace")
-        raise BootFailed(f"{Path(argv[0]).name}: no power-off within {TIMEOUT} s; output tail:\n{tail}") from None
-    wall = time.monotonic() - started
-    match = MARKER.search(proc.stdout)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    output = b""
+    powered_off_at: float | None = None
+    while True:
+        now = time.monotonic()
+        if now - started > TIMEOUT:
+            proc.kill()
+            proc.wait()
+            tail = output[-600:].decode(errors="replace")
+            raise BootFailed(f"{Path(argv[0]).name}: no power-off within {TIMEOUT} s; output tail:\n{tail}")
+        if powered_off_at is not None and now - powered_off_at > 2.0:
+            proc.kill()
+            break
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            output += chunk
+            if powered_off_at is None and POWER_DOWN in output:
+                powered_off_at = time.monotonic()
+    status = proc.wait()
+    wall = time.monotonic() - started if status != -9 or powered_off_at is None else powered_off_at - started
+    proc.stdout.close()
+    match = MARKER.search(output)
     if match is None:
-        tail = proc.stdout[-2000:].decode(errors="replace")
-        raise BootFailed(f"no init marker from {argv[0]} (status {proc.returncode}); output tail:\n{tail}")
-    return wall, float(match.group(1)), proc.returncode
+        tail = output[-2000:].decode(errors="replace")
+        raise BootFailed(f"no init marker from {argv[0]} (status {status}); output tail:\n{tail}")
+    return wall, float(match.group(1)), status
 
 
 def run_many(argv: list[str], runs: int, failures: list[str]) -> list[tuple[float, float | None, int]]:
@@ -78,15 +107,17 @@ def run_many(argv: list[str], runs: int, failures: list[str]) -> list[tuple[floa
     return samples
 
 
-def pyemu_argv(kernel: Path, initrd: Path) -> list[str]:
+def pyemu_argv(kernel: Path, initrd: Path, smp: int = 1) -> list[str]:
     return [sys.executable, "-m", "pyemu.system.main", "-machine", "microvm", "-accel", "tcg", "-m", MEMORY,
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", CMDLINE, "-nographic", "-no-reboot"]
+            "-smp", str(smp), "-kernel", str(kernel), "-initrd", str(initrd), "-append", CMDLINE,
+            "-nographic", "-no-reboot"]
 
 
-def qemu_argv(qemu: str, kernel: Path, initrd: Path) -> list[str]:
-    return [qemu, "-machine", "microvm,acpi=on", "-accel", "tcg", "-m", MEMORY, "-kernel", str(kernel),
-            "-initrd", str(initrd), "-append", CMDLINE, "-nographic", "-no-reboot", "-nodefaults",
-            "-serial", "stdio"]
+def qemu_argv(qemu: str, kernel: Path, initrd: Path, smp: int = 1) -> list[str]:
+    """QEMU's default TCG threading: one host thread per vCPU (MTTCG) for x86 guests on x86 hosts."""
+    return [qemu, "-machine", "microvm,acpi=on", "-accel", "tcg", "-m", MEMORY, "-smp", str(smp),
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", CMDLINE, "-nographic", "-no-reboot",
+            "-nodefaults", "-serial", "stdio"]
 
 
 def summarise(samples: list[tuple[float, float | None, int]]) -> dict[str, object]:
@@ -138,6 +169,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--images", default="bzimage,pvh")
+    parser.add_argument("--smp", default="1,2", help="vCPU counts to boot the PVH vmlinux with (bzImage: 1)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     assets = find_assets()
@@ -152,20 +184,23 @@ def main() -> int:
         "memory": MEMORY, "cmdline": CMDLINE, "results": {},
     }
     results: dict[str, dict[str, object]] = {}
-    for image in args.images.split(","):
+    configs = [(image, 1) for image in args.images.split(",")]
+    configs += [("pvh", int(n)) for n in args.smp.split(",") if int(n) > 1 and "pvh" in args.images]
+    for image, smp in configs:
         kernel = images[image]
-        row: dict[str, object] = {}
+        name = image if smp == 1 else f"{image}-smp{smp}"
+        row: dict[str, object] = {"vcpus": smp}
         failures: list[str] = []
-        row["pyemu_tcg"] = summarise(run_many(pyemu_argv(kernel, assets.initrd), args.runs, failures))
+        row["pyemu_tcg"] = summarise(run_many(pyemu_argv(kernel, assets.initrd, smp), args.runs, failures))
         if qemu:
-            row["qemu_tcg"] = summarise(run_many(qemu_argv(qemu, kernel, assets.initrd), args.runs, failures))
+            row["qemu_tcg"] = summarise(run_many(qemu_argv(qemu, kernel, assets.initrd, smp), args.runs, failures))
             p, q = row["pyemu_tcg"], row["qemu_tcg"]
             row["ratio_wall"] = round(p["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
             row["ratio_init_uptime"] = round(p["init_uptime_s"] / q["init_uptime_s"], 2)  # type: ignore[index, operator]
         if failures:
             row["failed_boots"] = failures
-        results[image] = row
-        print(f"{image:8} pyemu wall {row['pyemu_tcg']['wall_s']:7.2f} s  init at {row['pyemu_tcg']['init_uptime_s']:6.2f} s"  # type: ignore[index]
+        results[name] = row
+        print(f"{name:10} pyemu wall {row['pyemu_tcg']['wall_s']:7.2f} s  init at {row['pyemu_tcg']['init_uptime_s']:6.2f} s"  # type: ignore[index]
               + (f" | qemu wall {row['qemu_tcg']['wall_s']:6.2f} s  init at {row['qemu_tcg']['init_uptime_s']:5.2f} s"  # type: ignore[index]
                  f" | ratio wall {row['ratio_wall']}x  init {row['ratio_init_uptime']}x" if qemu else " | qemu not installed"))
     report["results"] = results

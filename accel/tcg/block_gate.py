@@ -13,7 +13,10 @@ pending and RFLAGS.IF=1 (the interrupt window: an interrupt raised while the gue
 at the first block after IF becomes 1, e.g. right after ``sti``, ``popf`` or ``iretq``, all of which end a
 block). The first block after each ``emu_start`` is exempt from the window check, so resuming inside an
 interrupt shadow (the one instruction after ``sti``/``mov ss``, which QEMU translates as a block of its
-own) executes it before the next check.
+own) executes it before the next check. With several vCPUs it also ends the vCPU's turn when the
+scheduler says another vCPU waits (``contended``) and the guest spins: a block start that keeps coming
+back within a few blocks, in a loop one of whose blocks ends with PAUSE (Linux's ``cpu_relax()``; PAUSE
+ends a block in QEMU's translator), since such a loop waits for something only another vCPU can do.
 
 Build: cffi API mode compiles ``block_gate.c`` once into pyemu's cache, ``~/.cache/pyemu`` (see
 :func:`pyemu.system.cache.cache_root`; a
