@@ -104,6 +104,12 @@ def test_linux_boots_to_the_shell_on_two_software_cpus(console, guest_assets):
     assert cal is not None and int(cal.group(1)) > 0 and int(cal.group(2)) > 0
     vm.send("taskset -c 1 sh -c 'echo on-cpu=$(cut -d\" \" -f39 /proc/self/stat)'\n")
     vm.expect(b"on-cpu=1", 60)
+    # A machine reset puts the AP back to waiting for SIPI, and the kernel starts it again.
+    vm.send("reboot -f\n")
+    restarted_at = vm.expect(b"reboot: Restarting system", 60).index(b"reboot: Restarting system")
+    again = vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT, after=restarted_at)[restarted_at:]
+    assert b"smp: Brought up 1 node, 2 CPUs" in again
+    vm.expect(b"# ", 60, after=restarted_at)
     vm.send("poweroff -f\n")
     assert vm.wait(60) == 0
 
