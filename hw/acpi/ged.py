@@ -32,10 +32,11 @@ dispatcher does for guest accesses; the board must do so around :meth:`GedDevice
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 from pyemu.hw.acpi.errors import AcpiError
 from pyemu.hw.core.irq import IrqLine
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.system import log
 
 DEFAULT_GED_BASE = 0xFEA00000
@@ -99,9 +100,11 @@ class GedLayout:
         return self.base + RESET
 
 
-@dataclass(frozen=True)
-class GedState:
+@dataclass(frozen=True, kw_only=True)
+class GedState(DeviceState):
     """The guest-visible state of the block (the layout and callbacks belong to the board)."""
+
+    VERSION: ClassVar[int] = 1
 
     pending_events: int = 0
     sleep_status: int = 0
@@ -199,11 +202,18 @@ class GedDevice:
     # --- state -----------------------------------------------------------------------------------------------
 
     def state(self) -> GedState:
+        """Pending events and the sleep status register now."""
         return GedState(pending_events=self._pending, sleep_status=self._sleep_status)
 
-    def restore(self, state: GedState) -> None:
-        """Load a saved state; a level-triggered line is driven to match the pending events."""
-        self._pending = state.pending_events & 0xFFFFFFFF
-        self._sleep_status = state.sleep_status & WAK_STS
+    def from_state(self, state: DeviceState) -> None:
+        """Load a saved state; a level-triggered line is driven to match the pending events. Checked first:
+        on :class:`StateError` nothing changes."""
+        s = check_state("ged", state, GedState)
+        check_range("ged", "pending_events", s.pending_events, 0, 0xFFFFFFFF)
+        check_range("ged", "sleep_status", s.sleep_status, 0, WAK_STS)
+        if s.sleep_status & ~WAK_STS:
+            raise StateError("ged", f"sleep_status={s.sleep_status:#x} sets bits other than WAK_STS")
+        self._pending = s.pending_events
+        self._sleep_status = s.sleep_status
         if self.layout.level_triggered:
             self._update_level()

@@ -26,10 +26,11 @@ themselves; a character backend delivering input from its reader thread must tak
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 from pyemu.hw.core.irq import IrqLine
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.system import log
 from pyemu.system.timers import TimerQueue
 
@@ -112,12 +113,45 @@ RESET_DIVISOR = 12  # 9600 baud, what firmware leaves behind on a PC
 #: Modem inputs of a port whose peer is "there": CTS, DSR and DCD asserted, as QEMU presents them.
 DEFAULT_MODEM_INPUTS = MSR_CTS | MSR_DSR | MSR_DCD
 
+#: The longest character timeout any LCR/divisor setting gives (divisor 0xffff, 12-bit characters): a saved
+#: timer with more time left than this cannot have come from a 16550.
+MAX_TIMEOUT_NS = -(-TIMEOUT_CHARACTERS * 12 * 16 * 0xFFFF * 1_000_000_000 // UART_CLOCK_HZ)
+
 TransmitCallback = Callable[[bytes], None]
 
 
-@dataclass
-class Serial16550State:
-    """Everything the UART remembers, as plain data (snapshots, tests, QMP)."""
+def _check_bits(device: str, name: str, value: int, mask: int) -> None:
+    """StateError unless ``value`` is an int using only the bits in ``mask``."""
+    check_range(device, name, value, 0, mask)
+    if value & ~mask:
+        raise StateError(device, f"{name}={value:#x} sets bits outside {mask:#x}")
+
+
+def _check_bool(device: str, name: str, value: object) -> None:
+    """StateError unless ``value`` is a bool (a state from a file must not smuggle in other truthy values)."""
+    if not isinstance(value, bool):
+        raise StateError(device, f"{name}={value!r} is not a bool")
+
+
+@dataclass(frozen=True)
+class SerialStats:
+    """Host-side counters (bytes sent, received, lost to overrun). Not guest-visible, but kept in the state so
+    the monitor's numbers survive a snapshot; immutable so the state stays hashable."""
+
+    tx: int = 0
+    rx: int = 0
+    overruns: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Serial16550State(DeviceState):
+    """Everything the UART remembers, as plain data (snapshots, tests, QMP).
+
+    ``timeout_remaining_ns`` is the character-timeout timer as time left on the timer clock when the state
+    was taken (None: not armed), so a state restores correctly on a machine whose clock reads differently.
+    """
+
+    VERSION: ClassVar[int] = 1
 
     divisor: int = RESET_DIVISOR
     ier: int = 0
@@ -132,8 +166,13 @@ class Serial16550State:
     last_rx: int = 0  # what RBR returns when the receiver is empty
     thr_ipending: bool = True
     timeout_ipending: bool = False
-    timeout_armed: bool = False
-    stats: dict[str, int] = field(default_factory=lambda: {"tx": 0, "rx": 0, "overruns": 0})
+    timeout_remaining_ns: int | None = None
+    stats: SerialStats = SerialStats()
+
+    @property
+    def timeout_armed(self) -> bool:
+        """Whether the character-timeout timer was running when the state was taken."""
+        return self.timeout_remaining_ns is not None
 
 
 class Serial16550:
@@ -235,6 +274,8 @@ class Serial16550:
             self._notify_rx_space()
 
     def state(self) -> Serial16550State:
+        """The UART's state now; the timeout timer is saved as time remaining on the timer clock."""
+        expire_ns = self._timeout_timer.expire_ns
         return Serial16550State(
             divisor=self._divisor,
             ier=self._ier,
@@ -249,47 +290,73 @@ class Serial16550:
             last_rx=self._last_rx,
             thr_ipending=self._thr_ipending,
             timeout_ipending=self._timeout_ipending,
-            timeout_armed=self._timeout_timer.pending,
-            stats=dict(self._stats),
+            timeout_remaining_ns=None if expire_ns is None else max(0, expire_ns - self._timers.now()),
+            stats=SerialStats(tx=self._stats["tx"], rx=self._stats["rx"], overruns=self._stats["overruns"]),
         )
 
-    def restore(self, state: Serial16550State) -> None:
-        """Load ``state`` (from :meth:`state`), re-arming the timeout timer and re-driving the IRQ."""
+    def from_state(self, state: DeviceState) -> None:
+        """Load ``state`` (from :meth:`state`), re-arming the timeout timer relative to now and re-driving the
+        IRQ. Everything is checked first, so a bad state raises :class:`StateError` and changes nothing."""
+        s = self._check_state(state)
         self._timeout_timer.cancel()
-        self._load(state)
-        if state.timeout_armed:
-            self._arm_timeout()
+        self._load(s)
+        if s.timeout_remaining_ns is not None:
+            self._timeout_timer.mod_in(s.timeout_remaining_ns)
         self._update_irq(force=True)
         self._notify_rx_space()
 
-    @classmethod
-    def from_state(
-        cls,
-        state: Serial16550State,
-        irq: IrqLine,
-        timers: TimerQueue,
-        transmit: TransmitCallback | None = None,
-        **kwargs: object,
-    ) -> "Serial16550":
-        uart = cls(irq, timers, transmit, **kwargs)  # type: ignore[arg-type]
-        uart.restore(state)
-        return uart
+    def _check_state(self, state: object) -> Serial16550State:
+        """``state`` if this UART can take it; every field must be a value the register machine can hold,
+        because a state may come from a file or another host."""
+        name = self.name
+        s = check_state(name, state, Serial16550State)
+        check_range(name, "divisor", s.divisor, 0, 0xFFFF)
+        _check_bits(name, "ier", s.ier, IER_MASK)
+        check_range(name, "lcr", s.lcr, 0, 0xFF)
+        _check_bits(name, "mcr", s.mcr, MCR_MASK)
+        _check_bits(name, "fcr", s.fcr, FCR_ENABLE | FCR_DMA_MODE | FCR_TRIGGER_MASK)
+        if s.fcr and not s.fcr & FCR_ENABLE:
+            raise StateError(name, f"fcr={s.fcr:#x} has FIFO settings with the FIFOs disabled")
+        check_range(name, "scr", s.scr, 0, 0xFF)
+        _check_bits(name, "lsr_errors", s.lsr_errors, LSR_ERRORS)
+        _check_bits(name, "msr_deltas", s.msr_deltas, MSR_DELTAS)
+        _check_bits(name, "modem_inputs", s.modem_inputs, MSR_LINES)
+        if not isinstance(s.rx_fifo, bytes):
+            raise StateError(name, f"rx_fifo must be bytes, not {type(s.rx_fifo).__name__}")
+        fifo_enabled = bool(s.fcr & FCR_ENABLE)
+        check_range(name, "len(rx_fifo)", len(s.rx_fifo), 0, FIFO_SIZE if fifo_enabled else 1)
+        check_range(name, "last_rx", s.last_rx, 0, 0xFF)
+        _check_bool(name, "thr_ipending", s.thr_ipending)
+        _check_bool(name, "timeout_ipending", s.timeout_ipending)
+        timeout_possible = fifo_enabled and bool(s.rx_fifo)  # the timeout only concerns data in the FIFO
+        if s.timeout_ipending and not timeout_possible:
+            raise StateError(name, "timeout_ipending without data in an enabled FIFO")
+        if s.timeout_remaining_ns is not None:
+            check_range(name, "timeout_remaining_ns", s.timeout_remaining_ns, 0, MAX_TIMEOUT_NS)
+            if not timeout_possible:
+                raise StateError(name, "character timeout armed without data in an enabled FIFO")
+        if not isinstance(s.stats, SerialStats):
+            raise StateError(name, f"stats must be SerialStats, not {type(s.stats).__name__}")
+        for counter in ("tx", "rx", "overruns"):
+            check_range(name, f"stats.{counter}", getattr(s.stats, counter), 0, 1 << 64)
+        return s
 
     def _load(self, s: Serial16550State) -> None:
-        self._divisor = s.divisor & 0xFFFF
-        self._ier = s.ier & IER_MASK
-        self._lcr = s.lcr & 0xFF
-        self._mcr = s.mcr & MCR_MASK
-        self._fcr = s.fcr & (FCR_ENABLE | FCR_DMA_MODE | FCR_TRIGGER_MASK)
-        self._scr = s.scr & 0xFF
-        self._lsr_errors = s.lsr_errors & LSR_ERRORS
-        self._msr_deltas = s.msr_deltas & MSR_DELTAS
-        self._modem_inputs = s.modem_inputs & MSR_LINES
-        self._rx = deque(s.rx_fifo[-self._rx_capacity():] if s.rx_fifo else b"")
-        self._last_rx = s.last_rx & 0xFF
-        self._thr_ipending = bool(s.thr_ipending)
-        self._timeout_ipending = bool(s.timeout_ipending)
-        self._stats = {"tx": 0, "rx": 0, "overruns": 0, **s.stats}
+        """Set every register from a checked state (timer and IRQ are the caller's business)."""
+        self._divisor = s.divisor
+        self._ier = s.ier
+        self._lcr = s.lcr
+        self._mcr = s.mcr
+        self._fcr = s.fcr
+        self._scr = s.scr
+        self._lsr_errors = s.lsr_errors
+        self._msr_deltas = s.msr_deltas
+        self._modem_inputs = s.modem_inputs
+        self._rx = deque(s.rx_fifo)
+        self._last_rx = s.last_rx
+        self._thr_ipending = s.thr_ipending
+        self._timeout_ipending = s.timeout_ipending
+        self._stats = {"tx": s.stats.tx, "rx": s.stats.rx, "overruns": s.stats.overruns}
 
     # -- derived values ---------------------------------------------------------------------------------
     @property

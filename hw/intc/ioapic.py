@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, ClassVar
 
 from pyemu.hw.core.irq import IrqLine
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.hw.intc.api import MsiSink
-from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError, InvalidStateError
+from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError
 from pyemu.system import log
 
 IOAPIC_DEFAULT_BASE = 0xFEC00000
@@ -59,9 +60,16 @@ MSI_DATA_LEVEL_ASSERT = 1 << 14
 MSI_DATA_LEVEL_TRIGGER = 1 << 15
 
 
-@dataclass(frozen=True)
-class IoApicState:
-    """The IOAPIC as data. ``redirection`` holds the 64-bit entries; ``pin_levels`` the input levels."""
+#: Every bit a redirection entry can hold: what the guest may write plus remote IRR, which the IOAPIC sets.
+_RTE_VALID = _RTE_LOW_WRITABLE | RTE_REMOTE_IRR | (_RTE_HIGH_WRITABLE << 32)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IoApicState(DeviceState):
+    """The IOAPIC as data. ``redirection`` holds the 64-bit entries; ``pin_levels`` the input levels (0/1);
+    ``latched_edges`` one bit per pin for edges that arrived while it was masked."""
+
+    VERSION: ClassVar[int] = 1
 
     ioregsel: int
     ioapic_id: int
@@ -244,6 +252,7 @@ class IoApic:
 
     # -- state -------------------------------------------------------------------------------------------
     def state(self) -> IoApicState:
+        """The registers, input levels and latched edges now (the IOAPIC has no timers)."""
         return IoApicState(
             ioregsel=self.ioregsel,
             ioapic_id=self.ioapic_id,
@@ -252,14 +261,27 @@ class IoApic:
             latched_edges=self._latched,
         )
 
-    def restore(self, state: IoApicState) -> None:
-        if len(state.redirection) != self.pins or len(state.pin_levels) != self.pins:
-            raise InvalidStateError(
-                f"ioapic: saved state has {len(state.redirection)} entries, this IOAPIC has {self.pins} pins",
-                device="ioapic",
-            )
-        self.ioregsel = state.ioregsel & 0xFF
-        self.ioapic_id = state.ioapic_id & 0xF
-        self.redirection = [entry & ((1 << 64) - 1) for entry in state.redirection]
-        self._levels = [1 if level else 0 for level in state.pin_levels]
-        self._latched = state.latched_edges & ((1 << self.pins) - 1)
+    def from_state(self, state: DeviceState) -> None:
+        """Load a saved state. It must describe an IOAPIC with this many pins and only values the registers
+        can hold; otherwise :class:`StateError` and nothing changes. Nothing is delivered here: a restored
+        state already records what was delivered (remote IRR) and what is waiting (latched edges)."""
+        s = check_state("ioapic", state, IoApicState)
+        check_range("ioapic", "ioregsel", s.ioregsel, 0, 0xFF)
+        check_range("ioapic", "ioapic_id", s.ioapic_id, 0, 0xF)
+        for field_name, values in (("redirection", s.redirection), ("pin_levels", s.pin_levels)):
+            if not isinstance(values, tuple):
+                raise StateError("ioapic", f"{field_name} must be a tuple, not {type(values).__name__}")
+            if len(values) != self.pins:
+                raise StateError("ioapic", f"{field_name} has {len(values)} entries, this IOAPIC has {self.pins} pins")
+        for n, entry in enumerate(s.redirection):
+            check_range("ioapic", f"redirection[{n}]", entry, 0, (1 << 64) - 1)
+            if entry & ~_RTE_VALID:
+                raise StateError("ioapic", f"redirection[{n}]={entry:#x} sets reserved bits")
+        for n, level in enumerate(s.pin_levels):
+            check_range("ioapic", f"pin_levels[{n}]", level, 0, 1)
+        check_range("ioapic", "latched_edges", s.latched_edges, 0, (1 << self.pins) - 1)
+        self.ioregsel = s.ioregsel
+        self.ioapic_id = s.ioapic_id
+        self.redirection = list(s.redirection)
+        self._levels = list(s.pin_levels)
+        self._latched = s.latched_edges

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, ClassVar
 
 from pyemu.hw.core.irq import IrqLine
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.hw.intc.api import InterruptController
-from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError, InvalidStateError
+from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError
 from pyemu.hw.intc.lapic_timer import (
     MODE_ONESHOT,
     MODE_PERIODIC,
@@ -113,6 +114,16 @@ ESR_ILLEGAL_REGISTER = 1 << 7
 
 _RESERVED_READ_OFFSETS = frozenset({0x2F0})
 
+#: Timer mode for each value of LVT timer bits 17-18; the reserved value 3 counts as one-shot.
+_LVT_TIMER_MODES = (MODE_ONESHOT, MODE_PERIODIC, MODE_TSC_DEADLINE, MODE_ONESHOT)
+
+
+def _check_bits(name: str, value: int, mask: int) -> None:
+    """StateError unless ``value`` is an int using only the bits in ``mask``."""
+    check_range("lapic", name, value, 0, mask)
+    if value & ~mask:
+        raise StateError("lapic", f"{name}={value:#x} sets bits outside {mask:#x}")
+
 
 @dataclass(frozen=True)
 class Ipi:
@@ -163,9 +174,12 @@ def decode_msi(address: int, data: int) -> MsiMessage | None:
     )
 
 
-@dataclass(frozen=True)
-class LapicState:
-    """The local APIC as data. ``irr``/``isr``/``tmr`` are 256-bit integers, bit n = vector n."""
+@dataclass(frozen=True, kw_only=True)
+class LapicState(DeviceState):
+    """The local APIC as data. ``irr``/``isr``/``tmr`` are 256-bit integers, bit n = vector n; ``timer`` holds
+    its times relative to the moment the state was taken (see :class:`ApicTimerState`)."""
+
+    VERSION: ClassVar[int] = 1
 
     apic_id: int
     tpr: int
@@ -283,6 +297,7 @@ class LocalApic:
         self.timer.stop()
 
     def state(self) -> LapicState:
+        """Registers, pending events, LINT input levels and the timer, now."""
         return LapicState(
             apic_id=self.apic_id, tpr=self.tpr, ldr=self.ldr, dfr=self.dfr, svr=self.svr, irr=self.irr,
             isr=self.isr, tmr=self.tmr, esr=self.esr, esr_pending=self._esr_pending, icr_low=self.icr_low,
@@ -292,33 +307,70 @@ class LocalApic:
             startup_vector=self._startup_vector,
         )
 
-    def restore(self, state: LapicState) -> None:
-        if len(state.lvt) != LVT_COUNT:
-            raise InvalidStateError(f"lapic: saved state has {len(state.lvt)} LVT entries, expected {LVT_COUNT}",
-                                    device="lapic")
-        if state.startup_vector is not None and not 0 <= state.startup_vector <= 0xFF:
-            raise InvalidStateError(f"lapic: saved start-up vector {state.startup_vector} is not 0-255",
-                                    device="lapic")
-        self.apic_id = state.apic_id & 0xFF
-        self.tpr = state.tpr & 0xFF
-        self.ldr = state.ldr & 0xFF000000
-        self.dfr = state.dfr | 0x0FFFFFFF
-        self.svr = state.svr & _SVR_WRITABLE
-        mask256 = (1 << 256) - 1
-        self.irr, self.isr, self.tmr = state.irr & mask256, state.isr & mask256, state.tmr & mask256
-        self.esr, self._esr_pending = state.esr & 0xFF, state.esr_pending & 0xFF
-        self.icr_low, self.icr_high = state.icr_low & _ICR_LOW_WRITABLE, state.icr_high & 0xFF000000
-        self.lvt = [value & 0x7FFFF for value in state.lvt]
-        self._lint_levels = [1 if level else 0 for level in state.lint_levels]
-        self.nmi_pending = state.nmi_pending
-        self._extint_pending = state.extint_pending
-        self.hardware_enabled = state.hardware_enabled
-        self._init_pending = state.init_pending
-        self._startup_vector = state.startup_vector
-        self.timer.restore(state.timer)
+    def from_state(self, state: DeviceState) -> None:
+        """Load a saved state and wake the vCPU for whatever it has pending. The whole state, timer included,
+        is checked first: on :class:`StateError` nothing changes."""
+        s = self._check_state(state)
+        timer = ApicTimer.check_state(s.timer)
+        self.apic_id = s.apic_id
+        self.tpr = s.tpr
+        self.ldr = s.ldr
+        self.dfr = s.dfr
+        self.svr = s.svr
+        self.irr, self.isr, self.tmr = s.irr, s.isr, s.tmr
+        self.esr, self._esr_pending = s.esr, s.esr_pending
+        self.icr_low, self.icr_high = s.icr_low, s.icr_high
+        self.lvt = list(s.lvt)
+        self._lint_levels = list(s.lint_levels)
+        self.nmi_pending = s.nmi_pending
+        self._extint_pending = s.extint_pending
+        self.hardware_enabled = s.hardware_enabled
+        self._init_pending = s.init_pending
+        self._startup_vector = s.startup_vector
+        self.timer.apply_state(timer)
         if self.nmi_pending or self._init_pending or self._startup_vector is not None:
             self._signal_event()
         self._maybe_kick()
+
+    @staticmethod
+    def _check_state(state: object) -> LapicState:
+        """``state`` if its registers hold values this APIC's registers can hold (reserved bits clear, the
+        read-only bits of the LVT as the APIC itself sets them, the LVT timer mode matching the timer)."""
+        s = check_state("lapic", state, LapicState)
+        for name in ("apic_id", "tpr", "esr", "esr_pending"):
+            check_range("lapic", name, getattr(s, name), 0, 0xFF)
+        _check_bits("ldr", s.ldr, 0xFF000000)
+        check_range("lapic", "dfr", s.dfr, 0, 0xFFFFFFFF)
+        if s.dfr & 0x0FFFFFFF != 0x0FFFFFFF:
+            raise StateError("lapic", f"dfr={s.dfr:#x}: bits 0-27 are reserved and read as ones")
+        _check_bits("svr", s.svr, _SVR_WRITABLE)
+        for name in ("irr", "isr", "tmr"):
+            value = getattr(s, name)
+            check_range("lapic", name, value, 0, (1 << 256) - 1)
+            if value & 0xFFFF:
+                raise StateError("lapic", f"{name} has vectors 0-15 set, which an APIC never accepts")
+        _check_bits("icr_low", s.icr_low, _ICR_LOW_WRITABLE)
+        _check_bits("icr_high", s.icr_high, 0xFF000000)
+        if not isinstance(s.lvt, tuple) or len(s.lvt) != LVT_COUNT:
+            raise StateError("lapic", f"lvt must be a tuple of {LVT_COUNT} entries, not {s.lvt!r}")
+        for index, entry in enumerate(s.lvt):
+            valid = _LVT_WRITABLE[index] | (LVT_REMOTE_IRR if index in (LVT_LINT0, LVT_LINT1) else 0)
+            _check_bits(f"lvt[{LVT_NAMES[index]}]", entry, valid)
+        if not isinstance(s.lint_levels, tuple) or len(s.lint_levels) != 2:
+            raise StateError("lapic", f"lint_levels must be a pair, not {s.lint_levels!r}")
+        for n, level in enumerate(s.lint_levels):
+            check_range("lapic", f"lint_levels[{n}]", level, 0, 1)
+        for name in ("nmi_pending", "extint_pending", "hardware_enabled", "init_pending"):
+            if not isinstance(getattr(s, name), bool):
+                raise StateError("lapic", f"{name}={getattr(s, name)!r} is not a bool")
+        if s.startup_vector is not None:
+            check_range("lapic", "startup_vector", s.startup_vector, 0, 0xFF)
+        if not isinstance(s.timer, ApicTimerState):
+            raise StateError("lapic", f"timer must be ApicTimerState, not {type(s.timer).__name__}")
+        lvt_mode = _LVT_TIMER_MODES[(s.lvt[LVT_TIMER] >> 17) & 3]
+        if s.timer.mode != lvt_mode:
+            raise StateError("lapic", f"timer mode {s.timer.mode} does not match the LVT timer entry ({lvt_mode})")
+        return s
 
     # -- wiring ------------------------------------------------------------------------------------------
     def lint(self, n: int) -> IrqLine:
@@ -455,7 +507,7 @@ class LocalApic:
             mode = (entry >> 17) & 3
             if mode == 3:
                 log.log("guest_errors", "lapic: reserved timer mode 3 treated as one-shot")
-            self.timer.set_mode({0: MODE_ONESHOT, 1: MODE_PERIODIC, 2: MODE_TSC_DEADLINE}.get(mode, MODE_ONESHOT))
+            self.timer.set_mode(_LVT_TIMER_MODES[mode])
         elif index in (LVT_LINT0, LVT_LINT1):
             # A level-triggered input that is still asserted is delivered once it gets unmasked.
             self._evaluate_lint(index - LVT_LINT0)

@@ -13,8 +13,9 @@ current value so the count continues from there at the new rate (rather than jum
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.system.timers import TimerQueue
 
 NS_PER_S = 1_000_000_000
@@ -35,18 +36,31 @@ def divide_value(config: int) -> int:
     return 1 << ((code + 1) & 7)
 
 
-@dataclass(frozen=True)
-class ApicTimerState:
-    """The timer as data, for snapshots and tests."""
+#: Upper bound for saved durations and counters that grow with time (about 292 years of nanoseconds).
+_MAX_NS = (1 << 63) - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApicTimerState(DeviceState):
+    """The timer as data, for snapshots and tests.
+
+    Times are relative to the moment the state was taken, never absolute readings of the timer clock, so a
+    state restores correctly on a machine (or host) whose clock reads differently: ``anchor_age_ns`` is how
+    long before that moment the counter was anchored at ``anchor_count``, and ``remaining_ns`` is how long
+    after it the armed expiry was due (None: not armed; 0: due or overdue).
+    """
+
+    VERSION: ClassVar[int] = 1
 
     mode: int
     divide_config: int
     initial_count: int
     running: bool
-    anchor_ns: int
+    anchor_age_ns: int
     anchor_count: int
     next_expiry: int
     tsc_deadline: int
+    remaining_ns: int | None
 
 
 class ApicTimer:
@@ -202,33 +216,70 @@ class ApicTimer:
 
     # -- state -------------------------------------------------------------------------------------------
     def state(self) -> ApicTimerState:
+        """The timer now, its anchor and armed expiry relative to the current time."""
+        now = self._queue.now()
+        expire_ns = self._timer.expire_ns
         return ApicTimerState(
             mode=self.mode,
             divide_config=self.divide_config,
             initial_count=self.initial_count,
             running=self._running,
-            anchor_ns=self._anchor_ns,
+            anchor_age_ns=now - self._anchor_ns,
             anchor_count=self._anchor_count,
             next_expiry=self._next_expiry,
             tsc_deadline=self.tsc_deadline,
+            remaining_ns=None if expire_ns is None else max(0, expire_ns - now),
         )
 
-    def restore(self, state: ApicTimerState) -> None:
+    def from_state(self, state: DeviceState) -> None:
+        """Check, then load a saved timer, re-arming it relative to now (StateError: nothing changes)."""
+        self.apply_state(self.check_state(state))
+
+    @staticmethod
+    def check_state(state: object) -> ApicTimerState:
+        """``state`` if a timer can take it: values the registers hold, and an armed expiry exactly when the
+        mode says the timer runs (anything else would fire an interrupt the guest never programmed). Separate
+        from :meth:`apply_state` so the LAPIC can check its whole state before it applies any."""
+        s = check_state("lapic-timer", state, ApicTimerState)
+        check_range("lapic-timer", "mode", s.mode, MODE_ONESHOT, MODE_TSC_DEADLINE)
+        check_range("lapic-timer", "divide_config", s.divide_config, 0, 0b1011)
+        if s.divide_config & ~0b1011:
+            raise StateError("lapic-timer", f"divide_config={s.divide_config:#x} sets bits outside 0b1011")
+        check_range("lapic-timer", "initial_count", s.initial_count, 0, 0xFFFFFFFF)
+        if not isinstance(s.running, bool):
+            raise StateError("lapic-timer", f"running={s.running!r} is not a bool")
+        check_range("lapic-timer", "anchor_age_ns", s.anchor_age_ns, 0, _MAX_NS)
+        check_range("lapic-timer", "anchor_count", s.anchor_count, 0, 0xFFFFFFFF)
+        check_range("lapic-timer", "next_expiry", s.next_expiry, 0, _MAX_NS)
+        check_range("lapic-timer", "tsc_deadline", s.tsc_deadline, 0, 0xFFFFFFFFFFFFFFFF)
+        armed = s.remaining_ns is not None
+        if s.remaining_ns is not None:
+            check_range("lapic-timer", "remaining_ns", s.remaining_ns, 0, _MAX_NS)
+        if s.mode == MODE_TSC_DEADLINE:
+            if s.running or s.initial_count:
+                raise StateError("lapic-timer", "the counter cannot run in TSC-deadline mode")
+            if armed != bool(s.tsc_deadline):
+                raise StateError("lapic-timer", f"TSC deadline {s.tsc_deadline:#x} with the timer "
+                                                f"{'armed' if armed else 'not armed'}")
+        else:
+            if s.tsc_deadline:
+                raise StateError("lapic-timer", "a TSC deadline outside TSC-deadline mode")
+            if armed != s.running:
+                raise StateError("lapic-timer", f"counter {'running' if s.running else 'stopped'} with the "
+                                                f"timer {'armed' if armed else 'not armed'}")
+        return s
+
+    def apply_state(self, s: ApicTimerState) -> None:
+        """Load a state that :meth:`check_state` accepted."""
         self._timer.cancel()
-        self.mode = state.mode
-        self.divide_config = state.divide_config & 0b1011
-        self.initial_count = state.initial_count & 0xFFFFFFFF
-        self._running = state.running
-        self._anchor_ns = state.anchor_ns
-        self._anchor_count = state.anchor_count
-        self._next_expiry = state.next_expiry
-        self.tsc_deadline = state.tsc_deadline
-        if self.mode == MODE_TSC_DEADLINE:
-            if self.tsc_deadline:
-                deadline, self.tsc_deadline = self.tsc_deadline, 0
-                self.set_tsc_deadline(deadline)
-        elif self._running:
-            ticks = self._anchor_count
-            if self.mode == MODE_PERIODIC:
-                ticks += self._next_expiry * self.initial_count
-            self._timer.mod(self._tick_time(ticks))
+        now = self._queue.now()
+        self.mode = s.mode
+        self.divide_config = s.divide_config
+        self.initial_count = s.initial_count
+        self._running = s.running
+        self._anchor_ns = now - s.anchor_age_ns
+        self._anchor_count = s.anchor_count
+        self._next_expiry = s.next_expiry
+        self.tsc_deadline = s.tsc_deadline
+        if s.remaining_ns is not None:
+            self._timer.mod(now + s.remaining_ns)

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
+from typing import Callable, ClassVar
 
 from pyemu.hw.core.irq import IrqLine
-from pyemu.hw.intc.errors import InvalidPinError, InvalidStateError
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
+from pyemu.hw.intc.errors import InvalidPinError
 from pyemu.system import log
 
 PIC_MASTER_BASE = 0x20
@@ -38,9 +39,11 @@ ELCR_MASK_MASTER = 0xF8
 ELCR_MASK_SLAVE = 0xDE
 
 
-@dataclass(frozen=True)
-class I8259State:
-    """One chip as data."""
+@dataclass(frozen=True, kw_only=True)
+class I8259State(DeviceState):
+    """One chip as data: the 8-bit registers, the ICW/OCW mode bits and where the init sequence stands."""
+
+    VERSION: ClassVar[int] = 1
 
     last_irr: int
     irr: int
@@ -248,6 +251,7 @@ class I8259:
 
     # -- state -------------------------------------------------------------------------------------------
     def state(self) -> I8259State:
+        """The chip's registers and mode bits now."""
         return I8259State(
             last_irr=self.last_irr, irr=self.irr, imr=self.imr, isr=self.isr, priority_add=self.priority_add,
             irq_base=self.irq_base, read_isr=self.read_isr, poll=self.poll, special_mask=self.special_mask,
@@ -256,19 +260,44 @@ class I8259:
             single_mode=self.single_mode, icw3=self.icw3, elcr=self.elcr,
         )
 
-    def restore(self, state: I8259State) -> None:
-        if not 0 <= state.init_state <= 3:
-            raise InvalidStateError(f"{self.name}: saved init_state {state.init_state} is not 0-3", device="pic")
-        self.last_irr, self.irr, self.imr, self.isr = (v & 0xFF for v in
-                                                       (state.last_irr, state.irr, state.imr, state.isr))
-        self.priority_add = state.priority_add & 7
-        self.irq_base = state.irq_base & 0xF8
-        self.read_isr, self.poll, self.special_mask = state.read_isr, state.poll, state.special_mask
-        self.init_state = state.init_state
-        self.auto_eoi, self.rotate_on_auto_eoi = state.auto_eoi, state.rotate_on_auto_eoi
-        self.special_fully_nested = state.special_fully_nested
-        self.needs_icw4, self.single_mode, self.icw3 = state.needs_icw4, state.single_mode, state.icw3 & 0xFF
-        self.elcr = state.elcr & self.elcr_mask
+    def from_state(self, state: DeviceState) -> None:
+        """Load one chip's saved state (checked first: on :class:`StateError` nothing changes), then let the
+        pair re-evaluate the cascade and INTR."""
+        self._apply(self.check_state(state))
+        self._changed()
+
+    def check_state(self, state: object) -> I8259State:
+        """``state`` if this chip can take it. Separate from applying so :class:`PicPair` can check both
+        chips before it touches either."""
+        name = self.name
+        s = check_state(name, state, I8259State)
+        for field_name in ("last_irr", "irr", "imr", "isr", "icw3"):
+            check_range(name, field_name, getattr(s, field_name), 0, 0xFF)
+        check_range(name, "priority_add", s.priority_add, 0, 7)
+        check_range(name, "irq_base", s.irq_base, 0, 0xF8)
+        if s.irq_base & 7:
+            raise StateError(name, f"irq_base={s.irq_base:#x} is not a multiple of 8")
+        check_range(name, "init_state", s.init_state, 0, 3)
+        check_range(name, "elcr", s.elcr, 0, 0xFF)
+        if s.elcr & ~self.elcr_mask:
+            raise StateError(name, f"elcr={s.elcr:#x} makes inputs outside {self.elcr_mask:#x} level-triggered")
+        for field_name in ("read_isr", "poll", "special_mask", "auto_eoi", "rotate_on_auto_eoi",
+                           "special_fully_nested", "needs_icw4", "single_mode"):
+            if not isinstance(getattr(s, field_name), bool):
+                raise StateError(name, f"{field_name}={getattr(s, field_name)!r} is not a bool")
+        return s
+
+    def _apply(self, s: I8259State) -> None:
+        """Set every register from a checked state, without re-evaluating the pair."""
+        self.last_irr, self.irr, self.imr, self.isr = s.last_irr, s.irr, s.imr, s.isr
+        self.priority_add = s.priority_add
+        self.irq_base = s.irq_base
+        self.read_isr, self.poll, self.special_mask = s.read_isr, s.poll, s.special_mask
+        self.init_state = s.init_state
+        self.auto_eoi, self.rotate_on_auto_eoi = s.auto_eoi, s.rotate_on_auto_eoi
+        self.special_fully_nested = s.special_fully_nested
+        self.needs_icw4, self.single_mode, self.icw3 = s.needs_icw4, s.single_mode, s.icw3
+        self.elcr = s.elcr
 
 
 class ElcrPorts:
@@ -295,8 +324,12 @@ class ElcrPorts:
         self._pair.update()
 
 
-@dataclass(frozen=True)
-class PicPairState:
+@dataclass(frozen=True, kw_only=True)
+class PicPairState(DeviceState):
+    """Both chips (each with its half of the ELCR) and the INTR level."""
+
+    VERSION: ClassVar[int] = 1
+
     master: I8259State
     slave: I8259State
     output: int
@@ -386,10 +419,21 @@ class PicPair:
 
     # -- state -------------------------------------------------------------------------------------------
     def state(self) -> PicPairState:
+        """Both chips and INTR now."""
         return PicPairState(master=self.master.state(), slave=self.slave.state(), output=self.output)
 
-    def restore(self, state: PicPairState) -> None:
-        self.master.restore(state.master)
-        self.slave.restore(state.slave)
-        self.output = 1 if state.output else 0
+    def from_state(self, state: DeviceState) -> None:
+        """Load both chips, then re-evaluate the cascade and INTR. Both chips' states are checked before
+        either is applied, so a bad state raises :class:`StateError` and leaves the pair unchanged. The INTR
+        line is driven to the restored level even if it matches :attr:`output`, since the line a fresh pair
+        is wired to may still be low."""
+        s = check_state("pic", state, PicPairState)
+        master = self.master.check_state(s.master)
+        slave = self.slave.check_state(s.slave)
+        check_range("pic", "output", s.output, 0, 1)
+        self.master._apply(master)
+        self.slave._apply(slave)
+        self.output = s.output
         self.update()
+        if self._int_output is not None and self._int_output.level != self.output:
+            self._int_output.set_level(self.output)

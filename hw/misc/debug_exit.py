@@ -9,9 +9,10 @@ all-ones, what the bus returns for a port nobody drives.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, ClassVar, Mapping
 
 from pyemu.errors import ConfigError
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.system.bus import Bus, BusRange
 
 DEFAULT_IOBASE = 0x501  # QEMU's defaults
@@ -53,6 +54,20 @@ def exit_status(value: int) -> int:
     return (value << 1) | 1
 
 
+#: The largest status a write can request: an 8-byte access of all ones.
+MAX_EXIT_STATUS = exit_status((1 << 64) - 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DebugExitState(DeviceState):
+    """The device's only memory: the status the guest last requested (None: no write since reset). Kept so
+    a restored machine reports the same result as the one it was saved from."""
+
+    VERSION: ClassVar[int] = 1
+
+    last_status: int | None = None
+
+
 class IsaDebugExit:
     """``on_exit(status)`` is called under the machine lock on every write; it should request a VM
     shutdown (e.g. ``machine.request_shutdown(ShutdownCause.DEBUG_EXIT, status & 0xff)``), not block."""
@@ -73,11 +88,19 @@ class IsaDebugExit:
     def reset(self) -> None:
         self.last_status = None
 
-    def state(self) -> dict[str, int | None]:
-        return {"last_status": self.last_status}
+    def state(self) -> DebugExitState:
+        """The last requested status."""
+        return DebugExitState(last_status=self.last_status)
 
-    def restore(self, state: Mapping[str, int | None]) -> None:
-        self.last_status = state.get("last_status")
+    def from_state(self, state: DeviceState) -> None:
+        """Load a saved state (checked first: a status no write could produce raises :class:`StateError`
+        and changes nothing). Restoring does not call ``on_exit``: the request already happened."""
+        s = check_state("isa-debug-exit", state, DebugExitState)
+        if s.last_status is not None:
+            check_range("isa-debug-exit", "last_status", s.last_status, 1, MAX_EXIT_STATUS)
+            if not s.last_status & 1:
+                raise StateError("isa-debug-exit", f"last_status={s.last_status:#x} is even; every status is odd")
+        self.last_status = s.last_status
 
     def register(self, pio: Bus) -> BusRange:
         return pio.register(self.config.iobase, self.config.iosize, self, "isa-debug-exit")

@@ -10,8 +10,10 @@ unless asked for. Reads return the last code written.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.system import log
 from pyemu.system.bus import Bus, BusRange
 from pyemu.system.timers import TimerQueue
@@ -31,10 +33,20 @@ def describe_code(code: int) -> str:
     return "custom"
 
 
-@dataclass
-class DebugPortState:
+#: Bound on a saved history timestamp (about 292 years of nanoseconds either side of the start).
+_MAX_NS = (1 << 63) - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class DebugPortState(DeviceState):
+    """``last`` is what the guest reads back; ``history`` the recorded (ns since start, code) pairs, oldest
+    first, kept so the boot timeline survives a snapshot. The start time itself belongs to the machine
+    that runs the port and is not saved."""
+
+    VERSION: ClassVar[int] = 1
+
     last: int = 0
-    history: list[tuple[int, int]] = field(default_factory=list)  # (ns since start, code)
+    history: tuple[tuple[int, int], ...] = ()
 
 
 class DebugPort:
@@ -70,12 +82,27 @@ class DebugPort:
         self._last = 0
 
     def state(self) -> DebugPortState:
-        return DebugPortState(self._last, list(self._history))
+        """The last code and the history now."""
+        return DebugPortState(last=self._last, history=tuple(self._history))
 
-    def restore(self, state: DebugPortState) -> None:
-        self._last = state.last & 0xFF
+    def from_state(self, state: DeviceState) -> None:
+        """Load a saved state; a history longer than this port keeps is refused rather than silently cut.
+        Checked first: on :class:`StateError` nothing changes."""
+        s = check_state("debug-port", state, DebugPortState)
+        check_range("debug-port", "last", s.last, 0, 0xFF)
+        if not isinstance(s.history, tuple):
+            raise StateError("debug-port", f"history must be a tuple, not {type(s.history).__name__}")
+        capacity = self._history.maxlen
+        if capacity is not None:
+            check_range("debug-port", "len(history)", len(s.history), 0, capacity)
+        for i, entry in enumerate(s.history):
+            if not isinstance(entry, tuple) or len(entry) != 2:
+                raise StateError("debug-port", f"history[{i}]={entry!r} is not a (ns, code) pair")
+            check_range("debug-port", f"history[{i}] time", entry[0], -_MAX_NS, _MAX_NS)
+            check_range("debug-port", f"history[{i}] code", entry[1], 0, 0xFF)
+        self._last = s.last
         self._history.clear()
-        self._history.extend(state.history)
+        self._history.extend(s.history)
 
     def register(self, pio: Bus, port: int = DEBUG_PORT) -> BusRange:
         return pio.register(port, 1, self, "debug-port")

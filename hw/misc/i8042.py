@@ -18,9 +18,10 @@ small adapters. Port 0x61 (system control port B) belongs to the PIT/speaker mod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 from pyemu.hw.core.irq import IrqLine
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.system import log
 from pyemu.system.bus import Bus
 
@@ -61,8 +62,21 @@ KBD_NO_RESPONSE = 0xFE
 _DATA_COMMANDS = (0x60, 0xD1, 0xD2, 0xD3, 0xD4)  # commands whose parameter follows on the data port
 
 
-@dataclass
-class I8042State:
+#: The status bits the controller stores; OBF is derived from the output buffer, IBF is never set.
+_STORED_STATUS = STR_SYS | STR_CMD | STR_UNLOCKED | STR_AUXDATA | STR_TIMEOUT
+
+
+def _takes_data(command: int) -> bool:
+    """Whether ``command`` waits for a parameter byte on the data port (what ``pending_command`` can hold)."""
+    return 0x60 <= command <= 0x7F or command in _DATA_COMMANDS
+
+
+@dataclass(frozen=True, kw_only=True)
+class I8042State(DeviceState):
+    """The controller as data; the defaults are its power-on state."""
+
+    VERSION: ClassVar[int] = 1
+
     ctr: int = INITIAL_CTR
     output_port: int = INITIAL_OUTPUT_PORT
     status: int = STR_SYS | STR_UNLOCKED  # the stored flags: SYS, CMD, AUXDATA, TIMEOUT
@@ -107,7 +121,7 @@ class I8042:
             self._respond(self._ctr)
         elif 0x21 <= command <= 0x3F:
             self._respond(0x00)  # internal RAM we do not model
-        elif command == 0x60 or 0x61 <= command <= 0x7F or command in _DATA_COMMANDS:
+        elif _takes_data(command):
             self._pending_command = command
         elif command == 0xA7:
             self._ctr |= CTR_AUXDIS
@@ -184,19 +198,35 @@ class I8042:
         self._update_irq(force=True)
 
     def state(self) -> I8042State:
-        return I8042State(self._ctr, self._output_port, self._status, self._output, self._last_output,
-                          self._pending_command)
+        """The controller's registers and output buffer now."""
+        return I8042State(ctr=self._ctr, output_port=self._output_port, status=self._status, output=self._output,
+                          last_output=self._last_output, pending_command=self._pending_command)
 
-    def restore(self, state: I8042State) -> None:
-        self._load(state)
+    def from_state(self, state: DeviceState) -> None:
+        """Load a saved state and drive IRQ1 to match. Checked first: on :class:`StateError` nothing changes."""
+        s = check_state("i8042", state, I8042State)
+        check_range("i8042", "ctr", s.ctr, 0, 0x7F)
+        check_range("i8042", "output_port", s.output_port, 0, 0xFF)
+        check_range("i8042", "status", s.status, 0, _STORED_STATUS)
+        if s.status & ~_STORED_STATUS:
+            raise StateError("i8042", f"status={s.status:#x} stores bits outside {_STORED_STATUS:#x}")
+        if s.output is not None:
+            check_range("i8042", "output", s.output, 0, 0xFF)
+        check_range("i8042", "last_output", s.last_output, 0, 0xFF)
+        if s.pending_command is not None:
+            check_range("i8042", "pending_command", s.pending_command, 0, 0xFF)
+            if not _takes_data(s.pending_command):
+                raise StateError("i8042", f"pending_command={s.pending_command:#x} takes no parameter byte")
+        self._load(s)
         self._update_irq(force=True)
 
     def _load(self, s: I8042State) -> None:
-        self._ctr = s.ctr & 0xFF
-        self._output_port = s.output_port & 0xFF
-        self._status = s.status & 0xFF
-        self._output = None if s.output is None else s.output & 0xFF
-        self._last_output = s.last_output & 0xFF
+        """Set every register from a checked state (the IRQ is the caller's business)."""
+        self._ctr = s.ctr
+        self._output_port = s.output_port
+        self._status = s.status
+        self._output = s.output
+        self._last_output = s.last_output
         self._pending_command = s.pending_command
 
     # -- bus binding ------------------------------------------------------------------------------------

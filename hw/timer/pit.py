@@ -15,9 +15,11 @@ must count correctly in virtual time.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from dataclasses import fields as dataclass_fields
+from typing import ClassVar
 
 from pyemu.hw.core.irq import IrqLine
-from pyemu.hw.timer.errors import InvalidTimerStateError
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.system import log
 from pyemu.system.timers import TimerQueue
 
@@ -48,8 +50,8 @@ def _from_bcd(value: int) -> int:
 
 
 @dataclass
-class PitChannelState:
-    """One channel as data (also its live representation)."""
+class PitChannel:
+    """One channel's live registers (mutable; :class:`PitChannelState` is its saved form)."""
 
     mode: int = 0
     rw_mode: int = RW_WORD
@@ -69,13 +71,52 @@ class PitChannelState:
     latched_status: int | None = None
 
 
-@dataclass(frozen=True)
-class PitState:
+@dataclass(frozen=True, kw_only=True)
+class PitChannelState:
+    """One channel as data. The same fields as :class:`PitChannel`, except that the anchor is saved as
+    ``anchor_age_ns``, how long before the state was taken the channel was anchored, so the state does not
+    depend on what the timer clock read at the time."""
+
+    mode: int = 0
+    rw_mode: int = RW_WORD
+    bcd: bool = False
+    gate: int = 1
+    count: int = 0x10000
+    loaded: bool = False
+    counting: bool = False
+    anchor_age_ns: int = 0
+    anchor_ticks: int = 0
+    null_count: bool = True
+    write_low_pending: bool = False
+    write_latch: int = 0
+    read_high_next: bool = False
+    latched_value: int | None = None
+    latched_high_next: bool = False
+    latched_status: int | None = None
+
+
+_CHANNEL_FLAGS = ("bcd", "loaded", "counting", "null_count", "write_low_pending", "read_high_next",
+                  "latched_high_next")
+#: Upper bound for saved durations and tick counts (about 292 years of nanoseconds).
+_MAX_NS = (1 << 63) - 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PitState(DeviceState):
+    """The three channels, the port 0x61 bits and channel 0's interrupt schedule.
+
+    ``irq_next_tick`` is the channel-0 clock count of the scheduled OUT transition and ``irq_remaining_ns``
+    how long after the state was taken it was due (0: due or overdue); both None if none was armed.
+    """
+
+    VERSION: ClassVar[int] = 1
+
     channels: tuple[PitChannelState, ...]
     speaker_data: int
     port61_low: int
     irq_level: int
-    irq_next_tick: int | None  # channel-0 clock count of the scheduled OUT transition, if one is armed
+    irq_next_tick: int | None
+    irq_remaining_ns: int | None
 
 
 class Pit:
@@ -95,7 +136,7 @@ class Pit:
         self._timer.cancel()
         now = self._queue.now()
         self.channels = [
-            PitChannelState(mode=3, gate=0 if n == 2 else 1, loaded=True, counting=n != 2, anchor_ns=now,
+            PitChannel(mode=3, gate=0 if n == 2 else 1, loaded=True, counting=n != 2, anchor_ns=now,
                             null_count=False)
             for n in range(3)
         ]
@@ -116,21 +157,21 @@ class Pit:
     def _tick_ns(ticks: int) -> int:
         return -(-ticks * NS_PER_S // PIT_HZ)
 
-    def _elapsed(self, ch: PitChannelState, now: int | None = None) -> int:
+    def _elapsed(self, ch: PitChannel, now: int | None = None) -> int:
         """Input clocks since the count was loaded (frozen while the channel does not count)."""
         if not ch.counting:
             return ch.anchor_ticks
         now = self._queue.now() if now is None else now
         return ch.anchor_ticks + self._ticks(now - ch.anchor_ns)
 
-    def _modulus(self, ch: PitChannelState) -> int:
+    def _modulus(self, ch: PitChannel) -> int:
         return 10000 if ch.bcd and ch.count == 0x10000 else ch.count
 
-    def _period(self, ch: PitChannelState) -> int:
+    def _period(self, ch: PitChannel) -> int:
         """Reload value used as the period of modes 2 and 3 (count 1 is illegal there; treated as 2)."""
         return max(2, self._modulus(ch))
 
-    def _count_at(self, ch: PitChannelState, d: int) -> int:
+    def _count_at(self, ch: PitChannel, d: int) -> int:
         modulus = self._modulus(ch)
         if not ch.loaded:
             return 0
@@ -144,7 +185,7 @@ class Pit:
         wrap = 10000 if ch.bcd else 0x10000
         return (modulus - d) % wrap
 
-    def _out_at(self, ch: PitChannelState, d: int) -> int:
+    def _out_at(self, ch: PitChannel, d: int) -> int:
         """OUT after ``d`` input clocks of counting (datasheet waveforms)."""
         if not ch.loaded:
             return 0 if ch.mode == 0 else 1  # a control word sets OUT low for mode 0, high otherwise
@@ -164,7 +205,7 @@ class Pit:
         # modes 4 and 5: one clock low at terminal count
         return 0 if d == modulus else 1
 
-    def _next_transition(self, ch: PitChannelState, d: int) -> int | None:
+    def _next_transition(self, ch: PitChannel, d: int) -> int | None:
         """The first clock count after ``d`` at which OUT changes, or None if it stays put."""
         if not ch.loaded or not ch.counting:
             return None
@@ -239,7 +280,7 @@ class Pit:
         elif 0 <= offset < 3:
             self._write_count(offset, value)
 
-    def _read_channel(self, ch: PitChannelState) -> int:
+    def _read_channel(self, ch: PitChannel) -> int:
         if ch.latched_status is not None:
             status, ch.latched_status = ch.latched_status, None
             return status
@@ -265,13 +306,13 @@ class Pit:
         high, ch.read_high_next = ch.read_high_next, not ch.read_high_next
         return (value >> 8) & 0xFF if high else value & 0xFF
 
-    def _readable_count(self, ch: PitChannelState) -> int:
+    def _readable_count(self, ch: PitChannel) -> int:
         count = self._count_at(ch, self._elapsed(ch)) & 0xFFFF if ch.loaded else 0
         if ch.bcd:
             return _to_bcd(count % 10000)
         return count
 
-    def _status_byte(self, ch: PitChannelState) -> int:
+    def _status_byte(self, ch: PitChannel) -> int:
         out = self._out_at(ch, self._elapsed(ch))
         return (out << 7) | (int(ch.null_count) << 6) | (ch.rw_mode << 4) | (ch.mode << 1) | int(ch.bcd)
 
@@ -381,27 +422,79 @@ class Pit:
 
     # -- state -------------------------------------------------------------------------------------------
     def state(self) -> PitState:
+        """The channels and channel 0's interrupt schedule, with times relative to now."""
+        now = self._queue.now()
+        expire_ns = self._timer.expire_ns
         return PitState(
-            channels=tuple(replace(ch) for ch in self.channels),
+            channels=tuple(self._save_channel(ch, now) for ch in self.channels),
             speaker_data=self.speaker_data,
             port61_low=self.port61_low,
             irq_level=self._irq_level,
-            irq_next_tick=self._irq_tick if self._timer.pending else None,
+            irq_next_tick=None if expire_ns is None else self._irq_tick,
+            irq_remaining_ns=None if expire_ns is None else max(0, expire_ns - now),
         )
 
-    def restore(self, state: PitState) -> None:
-        if len(state.channels) != 3:
-            raise InvalidTimerStateError(f"pit: saved state has {len(state.channels)} channels, not 3",
-                                         device="pit")
+    @staticmethod
+    def _save_channel(ch: PitChannel, now: int) -> PitChannelState:
+        fields = {f.name: getattr(ch, f.name) for f in dataclass_fields(PitChannel) if f.name != "anchor_ns"}
+        return PitChannelState(anchor_age_ns=now - ch.anchor_ns, **fields)
+
+    @staticmethod
+    def _load_channel(saved: PitChannelState, now: int) -> PitChannel:
+        fields = {f.name: getattr(saved, f.name) for f in dataclass_fields(PitChannelState)
+                  if f.name != "anchor_age_ns"}
+        return PitChannel(anchor_ns=now - saved.anchor_age_ns, **fields)
+
+    def from_state(self, state: DeviceState) -> None:
+        """Load a saved state, re-arming channel 0's interrupt relative to now and driving IRQ0 to the saved
+        level. Everything is checked first: on :class:`StateError` nothing changes."""
+        s = check_state("pit", state, PitState)
+        if not isinstance(s.channels, tuple) or len(s.channels) != 3:
+            raise StateError("pit", f"channels must be a tuple of 3, not {s.channels!r}")
+        for n, ch in enumerate(s.channels):
+            self._check_channel(n, ch)
+        check_range("pit", "speaker_data", s.speaker_data, 0, 1)
+        check_range("pit", "port61_low", s.port61_low, 0, 0xF)
+        check_range("pit", "irq_level", s.irq_level, 0, 1)
+        if (s.irq_next_tick is None) != (s.irq_remaining_ns is None):
+            raise StateError("pit", "irq_next_tick and irq_remaining_ns must both be set or both be None")
+        if s.irq_next_tick is not None and s.irq_remaining_ns is not None:
+            check_range("pit", "irq_next_tick", s.irq_next_tick, 0, _MAX_NS)
+            check_range("pit", "irq_remaining_ns", s.irq_remaining_ns, 0, _MAX_NS)
+            if not (s.channels[0].loaded and s.channels[0].counting):
+                raise StateError("pit", "channel 0 interrupt armed while channel 0 does not count")
+
         self._timer.cancel()
-        self.channels = [replace(ch) for ch in state.channels]
-        self.speaker_data = state.speaker_data & 1
-        self.port61_low = state.port61_low & 0xF
-        self._set_irq(state.irq_level)
-        ch = self.channels[0]
-        if state.irq_next_tick is not None and ch.loaded and ch.counting:
-            self._irq_tick = state.irq_next_tick
-            self._timer.mod(ch.anchor_ns + self._tick_ns(state.irq_next_tick - ch.anchor_ticks))
+        now = self._queue.now()
+        self.channels = [self._load_channel(ch, now) for ch in s.channels]
+        self.speaker_data = s.speaker_data
+        self.port61_low = s.port61_low
+        self._set_irq(s.irq_level)
+        self._irq_tick = 0
+        if s.irq_next_tick is not None and s.irq_remaining_ns is not None:
+            self._irq_tick = s.irq_next_tick
+            self._timer.mod(now + s.irq_remaining_ns)
+
+    @staticmethod
+    def _check_channel(n: int, ch: object) -> None:
+        """StateError unless ``ch`` is a channel state whose fields an 8254 channel can hold."""
+        if not isinstance(ch, PitChannelState):
+            raise StateError("pit", f"channels[{n}] must be PitChannelState, not {type(ch).__name__}")
+        prefix = f"channels[{n}]."
+        check_range("pit", prefix + "mode", ch.mode, 0, 5)
+        check_range("pit", prefix + "rw_mode", ch.rw_mode, RW_LSB, RW_WORD)
+        check_range("pit", prefix + "gate", ch.gate, 0, 1)
+        check_range("pit", prefix + "count", ch.count, 1, 0x10000)
+        check_range("pit", prefix + "anchor_age_ns", ch.anchor_age_ns, 0, _MAX_NS)
+        check_range("pit", prefix + "anchor_ticks", ch.anchor_ticks, 0, _MAX_NS)
+        check_range("pit", prefix + "write_latch", ch.write_latch, 0, 0xFF)
+        if ch.latched_value is not None:
+            check_range("pit", prefix + "latched_value", ch.latched_value, 0, 0xFFFF)
+        if ch.latched_status is not None:
+            check_range("pit", prefix + "latched_status", ch.latched_status, 0, 0xFF)
+        for name in _CHANNEL_FLAGS:
+            if not isinstance(getattr(ch, name), bool):
+                raise StateError("pit", f"{prefix}{name}={getattr(ch, name)!r} is not a bool")
 
 
 class PitSpeakerPort:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import calendar
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, ClassVar, Mapping
 
 from pyemu.hw.core.irq import IrqLine
-from pyemu.hw.timer.errors import CmosContentsError, InvalidTimerStateError
+from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
+from pyemu.hw.timer.errors import CmosContentsError
 from pyemu.system import log
 from pyemu.system.timers import TimerQueue
 
@@ -67,6 +68,8 @@ C_PF = 0x40
 C_AF = 0x20
 C_UF = 0x10
 D_VRT = 0x80
+#: Bound on saved guest times (either side of 1970): the end of year 9999, beyond what the registers can show.
+_MAX_GUEST_NS = 253402300800 * NS_PER_S
 
 RESET_A = 0x26  # oscillator on (DV = 010), 1024 Hz periodic rate
 RESET_B = B_24H  # 24-hour BCD, no interrupts (QEMU's default)
@@ -82,16 +85,30 @@ def periodic_cycles(rate_select: int) -> int:
     return 1 << (rate_select - 1)
 
 
-@dataclass(frozen=True)
-class RtcState:
+#: The periodic interrupt's longest interval (rate select 15: 2 Hz), bounding a saved periodic timer.
+_MAX_PERIODIC_NS = periodic_cycles(15) * NS_PER_S // OSCILLATOR_HZ
+_FLAG_BITS = C_IRQF | C_PF | C_AF | C_UF
+
+
+@dataclass(frozen=True, kw_only=True)
+class RtcState(DeviceState):
+    """The RTC as data. Guest times (``epoch_ns``, ``stopped_at_ns``, ``flags_since_ns``) are UTC; the
+    machine's timer clock appears only as durations relative to the moment the state was taken, so the
+    state restores correctly whatever that clock reads on the restoring machine: ``epoch_ns`` is the guest
+    time at that moment and the ``*_remaining_ns`` fields say how long after it the armed interrupt timers
+    were due (None: not armed; 0: due or overdue)."""
+
+    VERSION: ClassVar[int] = 1
+
     cmos: bytes
     index: int
     nmi_disabled: bool
-    epoch_ns: int  # guest UTC time in ns at virtual clock time clock_ns
-    clock_ns: int
+    epoch_ns: int  # guest UTC time in ns when the state was taken (of a running clock)
     stopped_at_ns: int | None  # guest time the clock was stopped at (SET / divider reset), or None
     flags: int  # register C bits latched by the interrupt timers
     flags_since_ns: int  # guest time of the last read of register C
+    periodic_remaining_ns: int | None
+    update_remaining_ns: int | None
 
 
 class Rtc:
@@ -436,23 +453,69 @@ class Rtc:
 
     # -- state -------------------------------------------------------------------------------------------
     def state(self) -> RtcState:
+        """CMOS, clock and flags now; the clock anchor and the interrupt timers relative to now."""
+        now = self._queue.now()
+        periodic_ns = self._periodic_timer.expire_ns
+        update_ns = self._update_timer.expire_ns
         return RtcState(
-            cmos=bytes(self.cmos), index=self.index, nmi_disabled=self.nmi_disabled, epoch_ns=self._epoch_ns,
-            clock_ns=self._clock_ns, stopped_at_ns=self._stopped_at, flags=self._flags,
+            cmos=bytes(self.cmos), index=self.index, nmi_disabled=self.nmi_disabled,
+            epoch_ns=self._epoch_ns + (now - self._clock_ns), stopped_at_ns=self._stopped_at, flags=self._flags,
             flags_since_ns=self._flags_since,
+            periodic_remaining_ns=None if periodic_ns is None else max(0, periodic_ns - now),
+            update_remaining_ns=None if update_ns is None else max(0, update_ns - now),
         )
 
-    def restore(self, state: RtcState) -> None:
-        if len(state.cmos) != CMOS_SIZE:
-            raise InvalidTimerStateError(f"rtc: saved CMOS has {len(state.cmos)} bytes, not {CMOS_SIZE}",
-                                         device="rtc")
-        self.cmos = bytearray(state.cmos)
-        self.index = state.index & 0x7F
-        self.nmi_disabled = state.nmi_disabled
-        self._epoch_ns, self._clock_ns = state.epoch_ns, state.clock_ns
-        self._stopped_at = state.stopped_at_ns
-        self._flags = state.flags & (C_IRQF | C_PF | C_AF | C_UF)
-        self._flags_since = state.flags_since_ns
+    def from_state(self, state: DeviceState) -> None:
+        """Load a saved state: CMOS, clock, latched flags, the IRQ8 level and the interrupt timers (re-armed
+        relative to now). Everything is checked first: on :class:`StateError` nothing changes."""
+        s = check_state("rtc", state, RtcState)
+        if not isinstance(s.cmos, bytes) or len(s.cmos) != CMOS_SIZE:
+            raise StateError("rtc", f"cmos must be {CMOS_SIZE} bytes, not {s.cmos!r:.40}")
+        if s.cmos[REG_A] & A_UIP:
+            raise StateError("rtc", f"register A={s.cmos[REG_A]:#x} stores the read-only UIP bit")
+        check_range("rtc", "index", s.index, 0, 0x7F)
+        if not isinstance(s.nmi_disabled, bool):
+            raise StateError("rtc", f"nmi_disabled={s.nmi_disabled!r} is not a bool")
+        # Guest times are UTC nanoseconds, negative before 1970; no RTC date is more than 10000 years away.
+        for name in ("epoch_ns", "flags_since_ns"):
+            check_range("rtc", name, getattr(s, name), -_MAX_GUEST_NS, _MAX_GUEST_NS)
+        stop = bool(s.cmos[REG_B] & B_SET) or s.cmos[REG_A] & A_DIVIDER_RESET == A_DIVIDER_RESET
+        if s.stopped_at_ns is not None:
+            check_range("rtc", "stopped_at_ns", s.stopped_at_ns, -_MAX_GUEST_NS, _MAX_GUEST_NS)
+        if stop != (s.stopped_at_ns is not None):
+            raise StateError("rtc", f"the clock is {'stopped' if s.stopped_at_ns is not None else 'running'} "
+                                    f"but registers A/B say it is {'stopped' if stop else 'running'}")
+        check_range("rtc", "flags", s.flags, 0, _FLAG_BITS)
+        if s.flags & ~_FLAG_BITS:
+            raise StateError("rtc", f"flags={s.flags:#x} sets bits outside register C's {_FLAG_BITS:#x}")
+        # The timers run exactly for the enabled sources of a running clock (see _rearm): anything else
+        # would raise an interrupt the guest did not ask for, or lose one it did.
+        b = s.cmos[REG_B]
+        periodic_wanted = not stop and bool(b & B_PIE) and periodic_cycles(s.cmos[REG_A] & 0x0F) > 0
+        update_wanted = not stop and bool(b & (B_UIE | B_AIE))
+        for name, remaining, wanted, limit in (
+            ("periodic_remaining_ns", s.periodic_remaining_ns, periodic_wanted, _MAX_PERIODIC_NS + 1),
+            ("update_remaining_ns", s.update_remaining_ns, update_wanted, NS_PER_S),
+        ):
+            if remaining is not None:
+                check_range("rtc", name, remaining, 0, limit)
+            if wanted != (remaining is not None):
+                raise StateError("rtc", f"{name}={remaining!r} but registers A/B "
+                                        f"{'enable' if wanted else 'do not enable'} that interrupt")
+
+        self._periodic_timer.cancel()
+        self._update_timer.cancel()
+        now = self._queue.now()
+        self.cmos = bytearray(s.cmos)
+        self.index = s.index
+        self.nmi_disabled = s.nmi_disabled
+        self._epoch_ns, self._clock_ns = s.epoch_ns, now
+        self._stopped_at = s.stopped_at_ns
+        self._flags = s.flags
+        self._flags_since = s.flags_since_ns
         if self.irq is not None:
             self.irq.set_level(1 if self._flags & C_IRQF else 0)
-        self._rearm()
+        if s.periodic_remaining_ns is not None:
+            self._periodic_timer.mod(now + s.periodic_remaining_ns)
+        if s.update_remaining_ns is not None:
+            self._update_timer.mod(now + s.update_remaining_ns)

@@ -111,7 +111,7 @@ def test_state_round_trip_drives_the_line() -> None:
     assert saved == GedState(pending_events=ged.EVENT_POWER_BUTTON, sleep_status=ged.WAK_STS)
 
     fresh = Board()
-    fresh.ged.restore(saved)
+    fresh.ged.from_state(saved)
     assert fresh.irq.level == 1
     assert fresh.ged.read(ged.SLEEP_STATUS, 1) == ged.WAK_STS
     assert fresh.ged.read(ged.EVENT_SELECTOR, 4) == ged.EVENT_POWER_BUTTON

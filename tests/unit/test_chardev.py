@@ -239,7 +239,7 @@ def test_input_is_held_until_the_uart_has_room() -> None:
                     continue
             time.sleep(0.002)
         assert bytes(received) == typed
-        assert uart.state().stats["overruns"] == 0
+        assert uart.state().stats.overruns == 0
         backend.detach()
     finally:
         backend.close()

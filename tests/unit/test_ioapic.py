@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError, InvalidStateError
+from pyemu.hw.core.state import StateError
+from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError
 from pyemu.hw.intc.ioapic import IoApic
 from pyemu.hw.intc.lapic import REG_EOI, REG_SVR, LocalApic
 from pyemu.system.timers import TimerQueue
@@ -70,8 +71,8 @@ def test_bad_board_inputs_raise_typed_errors() -> None:
         io.pin(24)
     with pytest.raises(InvalidPropertyError):
         IoApic(RecordingSink(), ioapic_id=16)
-    with pytest.raises(InvalidStateError):
-        IoApic(RecordingSink(), pins=8).restore(io.state())
+    with pytest.raises(StateError):
+        IoApic(RecordingSink(), pins=8).from_state(io.state())
 
 
 def test_edge_pin_sends_one_msi_per_rising_edge() -> None:
@@ -192,7 +193,7 @@ def test_state_round_trip() -> None:
     program(io, 7, LEVEL | 0x27, dest=3)
     io.pin(7).raise_irq()
     copy = IoApic(RecordingSink())
-    copy.restore(io.state())
+    copy.from_state(io.state())
     assert rd(copy, 0x10 + 14) == LEVEL | REMOTE_IRR | 0x27
     assert rd(copy, 0x11 + 14) == 3 << 24
     copy.eoi(0x27)  # the restored input level is still asserted

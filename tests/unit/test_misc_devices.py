@@ -69,7 +69,7 @@ def test_debug_port_records_codes_with_time_since_start(monkeypatch: pytest.Monk
     assert describe_code(0x10) == "firmware" and describe_code(0x25) == "bootloader"
     state = port.state()
     other = DebugPort(timers)
-    other.restore(state)
+    other.from_state(state)
     assert other.history == port.history and other.read(0, 1) == 0x99
 
 
@@ -185,7 +185,7 @@ def test_i8042_state_round_trip_and_reset() -> None:
     kbc.bus.write(0x64, 1, 0xD1)  # a command waiting for its parameter survives a snapshot
     saved = kbc.dev.state()
     other = I8042(lambda: None)
-    other.restore(saved)
+    other.from_state(saved)
     assert other.state() == saved
     other.write_data(0x00)
     assert other.state().output_port == 0x00

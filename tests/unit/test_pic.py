@@ -262,7 +262,7 @@ def test_state_round_trip() -> None:
     board.pic.acknowledge_interrupt()
     board.pic.pin(6).pulse()
     other = PicPair()
-    other.restore(board.pic.state())
+    other.from_state(board.pic.state())
     assert other.master.isr == 0x10 and other.master.irr == 0x40
     assert other.master.irq_base == 0x30 and other.slave.irq_base == 0x38
     other.master.write(0, 1, 0x20)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pyemu.hw.core.irq import IrqLine
+from pyemu.hw.core.state import StateError
 from pyemu.hw.intc.pic import PicPair
-from pyemu.hw.timer.errors import InvalidTimerStateError
 from pyemu.hw.timer.pit import PIT_HZ, Pit
 from pyemu.system.bus import pio_bus
 from pyemu.system.timers import TimerQueue
@@ -289,14 +291,13 @@ def test_state_round_trip_keeps_counting_and_irq_schedule() -> None:
     rig.advance(tick_ns(2500))
     saved = rig.pit.state()
     rig.pit.reset()
-    rig.pit.restore(saved)
+    rig.pit.from_state(saved)
     assert rig.pit.count(0) == 500
     rig.edges.rises.clear()
     rig.advance(tick_ns(4000))
     assert rig.edges.rises == [tick_ns(3000), tick_ns(4000)]
-    with pytest.raises(InvalidTimerStateError):
-        rig.pit.restore(type(saved)(channels=saved.channels[:2], speaker_data=0, port61_low=0, irq_level=0,
-                                    irq_next_tick=None))
+    with pytest.raises(StateError):
+        rig.pit.from_state(dataclasses.replace(saved, channels=saved.channels[:2]))
 
 
 def test_random_guest_accesses_never_raise_nor_storm() -> None:

@@ -8,7 +8,8 @@ import pytest
 
 from pyemu.hw.core.irq import IrqLine
 from pyemu.hw.timer.cmos import pc_cmos_memory_layout
-from pyemu.hw.timer.errors import CmosContentsError, InvalidTimerStateError
+from pyemu.hw.core.state import StateError
+from pyemu.hw.timer.errors import CmosContentsError
 from pyemu.hw.timer.rtc import Rtc, periodic_cycles
 from pyemu.system.bus import pio_bus
 from pyemu.system.timers import TimerQueue
@@ -244,14 +245,14 @@ def test_state_round_trip() -> None:
     rig.advance(NS_PER_S)
     saved = rig.rtc.state()
     rig.rtc.reset()
-    rig.rtc.restore(saved)
+    rig.rtc.from_state(saved)
     assert rig.cmos_read(0x50) == 0x77
     assert rig.irq.level == 1
     assert rig.cmos_read(0x0C) == 0xD0  # IRQF | PF | UF
     rig.advance(2 * NS_PER_S)
     assert rig.cmos_read(0x0C) & 0x90 == 0x90  # the update timer was re-armed
-    with pytest.raises(InvalidTimerStateError):
-        rig.rtc.restore(type(saved)(**{**saved.__dict__, "cmos": b"\0" * 64}))
+    with pytest.raises(StateError):
+        rig.rtc.from_state(type(saved)(**{**saved.__dict__, "cmos": b"\0" * 64}))
 
 
 def test_random_guest_accesses_never_raise() -> None:
