@@ -1,7 +1,13 @@
 """One path for every I/O exit: route port and MMIO accesses from any accelerator to the buses.
 
-The dispatcher takes the machine's big lock around each device access, because device models are plain
-register machines that also run on the timer thread (PIT, RTC, LAPIC timer callbacks).
+The dispatcher takes the machine's big lock around an access to a device that relies on it (the
+register machines that also run on the timer thread: PIT, RTC, LAPIC, UARTs). A device registered with
+``own_lock`` (virtio transports) serialises itself and is called without it, so a vCPU touching a virtio
+register never waits behind another device's work.
+
+A device model that raises is the device's problem, not the VM's: the exception is logged under
+``-d guest_errors``, the device's owner is told (:meth:`pyemu.hw.core.device.BoardDevice.fail`, which
+marks it broken), a read returns all-ones, and the vCPU goes on -- the same rule on both accelerators.
 """
 
 from __future__ import annotations
@@ -9,7 +15,8 @@ from __future__ import annotations
 import threading
 
 from pyemu.accel.exits import Exit, IoIn, IoOut, MmioRead, MmioWrite
-from pyemu.system.bus import Bus
+from pyemu.system import log
+from pyemu.system.bus import Bus, BusRange
 
 
 class ExitDispatcher:
@@ -19,22 +26,57 @@ class ExitDispatcher:
         self.pio = pio
         self.mmio = mmio
         self.lock = lock if lock is not None else threading.RLock()
+        self.device_failures = 0
 
     def io_in(self, port: int, size: int) -> int:
-        with self.lock:
-            return self.pio.read(port, size)
+        return self._read(self.pio, port, size)
 
     def io_out(self, port: int, size: int, value: int) -> None:
-        with self.lock:
-            self.pio.write(port, size, value)
+        self._write(self.pio, port, size, value)
 
     def mmio_read(self, addr: int, size: int) -> int:
-        with self.lock:
-            return self.mmio.read(addr, size)
+        return self._read(self.mmio, addr, size)
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
-        with self.lock:
-            self.mmio.write(addr, size, value)
+        self._write(self.mmio, addr, size, value)
+
+    def _read(self, bus: Bus, addr: int, size: int) -> int:
+        entry = bus.find(addr)
+        if entry is None:
+            with self.lock:
+                return bus.read(addr, size)
+        try:
+            if entry.own_lock:
+                return entry.device.read(addr - entry.base, size)
+            with self.lock:
+                return entry.device.read(addr - entry.base, size)
+        except Exception as exc:  # device models must not take the vCPU down with them
+            self._device_failed(bus, entry, "read", addr, exc)
+            return (1 << (8 * size)) - 1
+
+    def _write(self, bus: Bus, addr: int, size: int, value: int) -> None:
+        entry = bus.find(addr)
+        if entry is None:
+            with self.lock:
+                bus.write(addr, size, value)
+            return
+        try:
+            if entry.own_lock:
+                entry.device.write(addr - entry.base, size, value)
+                return
+            with self.lock:
+                entry.device.write(addr - entry.base, size, value)
+        except Exception as exc:
+            self._device_failed(bus, entry, "write", addr, exc)
+
+    def _device_failed(self, bus: Bus, entry: BusRange, kind: str, addr: int, exc: Exception) -> None:
+        self.device_failures += 1
+        reason = f"{bus.name} {kind} at {addr:#x} failed: {type(exc).__name__}: {exc}"
+        fail = getattr(entry.owner, "fail", None)
+        if fail is not None:
+            fail(reason)
+        else:
+            log.log("guest_errors", f"{entry.name}: {reason}")
 
     def dispatch(self, exit_: Exit) -> int | None:
         """Handle an I/O exit value; returns the value read for IoIn/MmioRead, else None."""

@@ -16,6 +16,7 @@ from typing import Callable
 from pyemu.accel.base import Accelerator, Vcpu
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.exits import Halt, Shutdown, Stopped
+from pyemu.hw.core.device import DeviceManager
 from pyemu.system import log
 from pyemu.system.bus import mmio_bus, pio_bus
 from pyemu.system.cpu_context import set_current_cpu
@@ -33,6 +34,7 @@ class Machine:
         self.memory = GuestMemory(ram_layout)
         self.pio = pio_bus()
         self.mmio = mmio_bus()
+        self.devices = DeviceManager(self.pio, self.mmio)
         self.dispatcher = ExitDispatcher(self.pio, self.mmio, self.lock)
         self.timers = TimerQueue(self.lock)
         self.runstate = RunStateMachine()
@@ -108,6 +110,7 @@ class Machine:
         """Machine reset: pause, reset devices, reload the boot image, run again."""
         self.pause()
         with self.lock:
+            self.devices.reset_all()
             for handler in self.reset_handlers:
                 handler()
             self.memory.clear()  # fresh RAM is already zero: only a reset pays for this

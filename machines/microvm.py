@@ -9,7 +9,7 @@ ELF or multiboot), without firmware.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from pyemu.accel.base import Accelerator
@@ -17,22 +17,26 @@ from pyemu.chardev import NoneSpec, open_chardev, parse_chardev_spec
 from pyemu.chardev.base import CharBackend
 from pyemu.errors import ConfigError
 from pyemu.hw.acpi.builder import AcpiConfig, build_acpi
-from pyemu.hw.acpi.dsdt import SerialPortInfo
+from pyemu.hw.acpi.dsdt import SerialPortInfo, serial_port_device
 from pyemu.hw.acpi.ged import GedDevice, GedLayout
+from pyemu.hw.char.serial import REGISTER_COUNT
 from pyemu.hw.char.serial_isa import ISA_SERIAL_RESOURCES, IsaSerial
+from pyemu.hw.core.device import BoardDevice, IoRange
+from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.core.irq import IrqLine, fanout
 from pyemu.hw.intc.apic_bus import ApicBus
 from pyemu.hw.intc.ioapic import IOAPIC_MMIO_SIZE, IoApic
 from pyemu.hw.intc.lapic import LocalApic
 from pyemu.hw.intc.pic import PicPair
 from pyemu.hw.misc.debug_exit import DebugExitConfig, IsaDebugExit
-from pyemu.hw.misc.debugport import DebugPort
-from pyemu.hw.misc.i8042 import I8042
+from pyemu.hw.misc.debugport import DEBUG_PORT, DebugPort
+from pyemu.hw.misc.i8042 import COMMAND_PORT, DATA_PORT, I8042, I8042CommandPort, I8042DataPort
 from pyemu.hw.timer.pit import Pit
 from pyemu.hw.timer.cmos import pc_cmos_memory_layout
 from pyemu.hw.timer.rtc import Rtc
 from pyemu.machines import memmap
 from pyemu.machines.base import Machine
+from pyemu.machines.virtio_devices import VirtioPlugger
 from pyemu.system.config import DeviceOptions, VmConfig
 from pyemu.system.cpu_context import current_cpu
 from pyemu.system.runstate import ShutdownCause
@@ -129,13 +133,12 @@ class Microvm(Machine):
             self.cpuid = self.cpuid.without("x2apic", "tsc_deadline")
         accel.attach(self.memory, self.dispatcher, self.cpuid)
 
+        devices = self.devices
         if self.features.pic:
             self.pic = PicPair()
-            self.pio.register(0x20, 2, self.pic.master, "pic-master")
-            self.pio.register(0xA0, 2, self.pic.slave, "pic-slave")
-            self.pio.register(0x4D0, 2, self.pic.elcr, "elcr")
-            self.reset_handlers.append(self.pic.reset)
-            self.reset_handlers.append(self._program_pic_like_firmware)
+            devices.add(BoardDevice("pic", self.pic, driver="i8259", on_reset=self._reset_pic, ranges=(
+                IoRange("pio", 0x20, 2, self.pic.master), IoRange("pio", 0xA0, 2, self.pic.slave),
+                IoRange("pio", 0x4D0, 2, self.pic.elcr))))
             self._program_pic_like_firmware()
 
         if accel.needs_userspace_lapic:
@@ -143,10 +146,11 @@ class Microvm(Machine):
                 lapic = LocalApic(self.timers, apic_id=index, bsp=index == 0,
                                   pic=self.pic if index == 0 else None, tsc_hz=self.tsc_hz)
                 self.lapics.append(lapic)
-                self.reset_handlers.append(lapic.reset)
+                devices.add(BoardDevice(f"lapic{index}", lapic, driver="apic"))
             # Every CPU reaches its own APIC at 0xfee00000: the bus routes by the accessing vCPU's thread.
             self.apic_bus = ApicBus(self.lapics, current_cpu)
-            self.mmio.register(memmap.LAPIC_BASE, memmap.LAPIC_SIZE, self.apic_bus.mmio_page(), "lapic")
+            devices.add(BoardDevice("apic-bus", self.apic_bus, driver="apic-bus", on_reset=lambda: None, ranges=(
+                IoRange("mmio", memmap.LAPIC_BASE, memmap.LAPIC_SIZE, self.apic_bus.mmio_page()),)))
             msi_sink = self.apic_bus
         else:
             sink = accel.msi_sink()
@@ -154,8 +158,8 @@ class Microvm(Machine):
                 raise ConfigError(f"accelerator {accel.name} provides neither a LAPIC nor an MSI path")
             msi_sink = sink
         self.ioapic = IoApic(msi_sink)
-        self.mmio.register(memmap.IOAPIC_BASE, IOAPIC_MMIO_SIZE, self.ioapic, "ioapic")
-        self.reset_handlers.append(self.ioapic.reset)
+        devices.add(BoardDevice("ioapic", self.ioapic, driver="ioapic", ranges=(
+            IoRange("mmio", memmap.IOAPIC_BASE, IOAPIC_MMIO_SIZE, self.ioapic),)))
         route_sink = getattr(msi_sink, "set_ioapic_route", None)
         if route_sink is not None:
             # In-kernel LAPIC (KVM): mirror the redirection table into the kernel's routes and take
@@ -172,28 +176,34 @@ class Microvm(Machine):
 
         if self.features.pit:
             self.pit = Pit(self.timers, self.isa_irq(0, gsi=2))
-            self.pio.register(0x40, 4, self.pit, "pit")
-            self.pio.register(0x61, 1, self.pit.speaker, "pit-speaker")
-            self.reset_handlers.append(self.pit.reset)
+            devices.add(BoardDevice("pit", self.pit, driver="isa-pit", ranges=(
+                IoRange("pio", 0x40, 4, self.pit), IoRange("pio", 0x61, 1, self.pit.speaker))))
         if self.features.rtc:
             cmos = pc_cmos_memory_layout(self.layout.low_size, self.layout.high_size, cpus=self.vcpu_count)
             self.rtc = Rtc(self.timers, self.isa_irq(8), cmos=cmos)
-            self.pio.register(0x70, 2, self.rtc, "rtc")
-            self.reset_handlers.append(self.rtc.reset)
+            devices.add(BoardDevice("rtc", self.rtc, driver="mc146818rtc", ranges=(
+                IoRange("pio", 0x70, 2, self.rtc),)))
 
         self.i8042 = I8042(lambda: self.request_reset(ShutdownCause.GUEST_RESET))
-        self.i8042.register(self.pio)
+        devices.add(BoardDevice("i8042", self.i8042, driver="i8042", ranges=(
+            IoRange("pio", DATA_PORT, 1, I8042DataPort(self.i8042)),
+            IoRange("pio", COMMAND_PORT, 1, I8042CommandPort(self.i8042)))))
         self.debug_port = DebugPort(self.timers)
-        self.debug_port.register(self.pio)
+        devices.add(BoardDevice("debug-port", self.debug_port, driver="debug-port", on_reset=lambda: None,
+                                ranges=(IoRange("pio", DEBUG_PORT, 1, self.debug_port),)))
 
         self.ged = GedDevice(self.ioapic.pin(GED_GSI),
                              on_poweroff=lambda: self.request_shutdown(ShutdownCause.GUEST_SHUTDOWN, 0),
                              on_reset=lambda: self.request_reset(ShutdownCause.GUEST_RESET),
                              layout=GedLayout(base=memmap.GED_BASE, gsi=GED_GSI, level_triggered=True))
-        self.mmio.register(memmap.GED_BASE, memmap.GED_SIZE, self.ged, "ged")
+        devices.add(BoardDevice("ged", self.ged, driver="acpi-ged", ranges=(
+            IoRange("mmio", memmap.GED_BASE, memmap.GED_SIZE, self.ged),)))
 
         self._build_serial_ports(on_quit)
-        for device in self.config.devices:
+        self.virtio = VirtioPlugger(config=self.config, devices=devices,
+                                    dma=DmaMemory(self.memory, getattr(accel, "invalidate_code", None)),
+                                    irq_pin=self.ioapic.pin, lock=self.lock, accel=accel)
+        for device in self._devices_with_implicit_drives():
             self._add_device(device)
 
         for index in range(self.vcpu_count):
@@ -239,30 +249,59 @@ class Microvm(Machine):
             self.backends.append(backend)
             port = IsaSerial.create(self.isa_irq(ISA_SERIAL_RESOURCES[index][1]), self.timers,
                                     backend.write, index=index)
-            port.register(self.pio)
+            info = SerialPortInfo(device_name=f"COM{index + 1}", uid=len(self.serial_ports), io_base=port.iobase,
+                                  irq=port.irq)
+            self.devices.add(BoardDevice(f"serial{index}", port.core, driver="isa-serial", ranges=(
+                IoRange("pio", port.iobase, REGISTER_COUNT, port.core),),
+                aml=serial_port_device(info, legacy_pic=self.features.pic), on_close=lambda: None))
             backend.attach(port.core, self.lock)
             self.serial_ports.append(port)
-            self.reset_handlers.append(port.core.reset)
+
+    def _devices_with_implicit_drives(self) -> list[DeviceOptions]:
+        """The -device list, then a virtio-blk-device for every ``-drive ...,if=virtio`` (QEMU's
+        shorthand; QEMU too appends those devices after the explicit ones), in the drives' order."""
+        implicit: list[DeviceOptions] = []
+        drives = list(self.config.drives)
+        for index, props in enumerate(drives):
+            values = dict(props)
+            if values.get("if", "none") == "virtio":
+                drive_id = values.get("id") or f"virtio{index}"
+                if "id" not in values:
+                    drives[index] = props + (("id", drive_id),)
+                implicit.append(DeviceOptions("virtio-blk-device", (("drive", drive_id),)))
+        if implicit:
+            self.config = replace(self.config, drives=tuple(tuple((k, v) for k, v in d if k != "if") for d in drives))
+            self.virtio.backends.config = self.config
+        return list(self.config.devices) + implicit
 
     def _add_device(self, device: DeviceOptions) -> None:
         if device.driver == "isa-debug-exit":
             props = dict(device.props)
+            device_id = props.pop("id", None) or self.devices.new_id("isa-debug-exit")
+            config = DebugExitConfig.from_properties(props)
             debug_exit = IsaDebugExit(
-                lambda status: self.request_shutdown(ShutdownCause.DEBUG_EXIT, status & 0xFF),
-                DebugExitConfig.from_properties(props))
-            debug_exit.register(self.pio)
+                lambda status: self.request_shutdown(ShutdownCause.DEBUG_EXIT, status & 0xFF), config)
+            self.devices.add(BoardDevice(device_id, debug_exit, driver="isa-debug-exit", ranges=(
+                IoRange("pio", config.iobase, config.iosize, debug_exit),)))
+            return
+        if self.virtio.handles(device.driver):
+            self.virtio.add(device)
             return
         raise ConfigError(f"-device: '{device.driver}' is not a valid device model name", option="-device")
 
+    def _reset_pic(self) -> None:
+        assert self.pic is not None
+        self.pic.reset()
+        self._program_pic_like_firmware()
+
     # -- boot -------------------------------------------------------------------------------------------
     def acpi_config(self) -> AcpiConfig:
-        ports = tuple(
-            SerialPortInfo(device_name=f"COM{ISA_SERIAL_RESOURCES.index((p.iobase, p.irq)) + 1}",
-                           uid=i, io_base=p.iobase, irq=p.irq)
-            for i, p in enumerate(self.serial_ports))
+        """The tables: fixed board hardware from the features, every device's own DSDT entry from the
+        device manager (serial ports, virtio-mmio slots), in creation order."""
         return AcpiConfig(cpus=self.vcpu_count, ged=GedLayout(base=memmap.GED_BASE, gsi=GED_GSI,
                                                                level_triggered=True),
-                          serial_ports=ports, pic=self.features.pic, pit=self.features.pit,
+                          serial_ports=(), device_aml=tuple(self.devices.aml()),
+                          pic=self.features.pic, pit=self.features.pit,
                           rtc=self.features.rtc, i8042=True,
                           address=memmap.ACPI_TABLES_BASE,
                           limit=memmap.ACPI_TABLES_BASE + memmap.ACPI_TABLES_SIZE)
@@ -282,9 +321,17 @@ class Microvm(Machine):
                                            for _ in range(1, self.vcpu_count)]
 
     def close_backends(self) -> None:
+        virtio = getattr(self, "virtio", None)
+        if virtio is not None:
+            virtio.close()
+        self.devices.close_all()
         for backend in self.backends:
             backend.close()
         self.backends.clear()
+
+    def start(self, paused: bool = False) -> None:
+        self.virtio.start()
+        super().start(paused)
 
     def close(self) -> None:
         try:

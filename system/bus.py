@@ -30,6 +30,10 @@ class BusRange:
     length: int
     device: BusDevice
     name: str
+    own_lock: bool = False
+    """The device serialises its own accesses: the dispatcher calls it without the board's big lock."""
+    owner: object = None
+    """The board device this range belongs to (told when an access fails), if any."""
 
     @property
     def end(self) -> int:
@@ -45,7 +49,8 @@ class Bus:
         self._starts: list[int] = []
         self._ranges: list[BusRange] = []
 
-    def register(self, base: int, length: int, device: BusDevice, name: str | None = None) -> BusRange:
+    def register(self, base: int, length: int, device: BusDevice, name: str | None = None, *,
+                 own_lock: bool = False, owner: object = None) -> BusRange:
         """Place ``device`` on ``[base, base+length)``; overlapping an existing device is an error."""
         label = name or type(device).__name__
         if length <= 0 or base < 0 or base + length > self.address_limit:
@@ -57,7 +62,7 @@ class Bus:
                     f"{self.name}: {label} at {base:#x}+{length:#x} overlaps "
                     f"{neighbour.name} at {neighbour.base:#x}+{neighbour.length:#x}"
                 )
-        entry = BusRange(base, length, device, label)
+        entry = BusRange(base, length, device, label, own_lock, owner)
         self._starts.insert(index, base)
         self._ranges.insert(index, entry)
         return entry

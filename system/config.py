@@ -77,6 +77,23 @@ class DeviceOptions:
 
 
 @dataclass(frozen=True)
+class ObjectOptions:
+    """One ``-object TYPE,id=ID,key=value,...`` (iothread, rng-random, ...), or a ``-chardev``/``-netdev``
+    backend (``TYPE`` is then the backend kind: socket, file, tap, ...). Each consumer checks its own
+    properties, so an unknown one is reported by the code that knows the type."""
+
+    type: str
+    id: str
+    props: tuple[tuple[str, str], ...] = ()
+
+    def prop(self, name: str, default: str | None = None) -> str | None:
+        for key, value in self.props:
+            if key == name:
+                return value
+        return default
+
+
+@dataclass(frozen=True)
 class VmConfig:
     machine: MachineOptions = MachineOptions()
     accel: tuple[str, ...] = ("tcg",)
@@ -89,6 +106,11 @@ class VmConfig:
     nographic: bool = False
     no_reboot: bool = False
     devices: tuple[DeviceOptions, ...] = ()
+    drives: tuple[tuple[tuple[str, str], ...], ...] = ()
+    """Each ``-drive`` as its key=value pairs (parsed by :mod:`pyemu.block.options` when the board opens it)."""
+    objects: tuple[ObjectOptions, ...] = ()
+    chardevs: tuple[ObjectOptions, ...] = ()
+    netdevs: tuple[ObjectOptions, ...] = ()
     start_paused: bool = False
     log_mask: frozenset[str] = frozenset()
     log_file: str | None = None
@@ -103,5 +125,11 @@ class VmConfig:
         for name in self.accel:
             if name not in ("tcg", "kvm"):
                 raise ConfigError(f"-accel: invalid accelerator {name}", option="-accel")
+        for kind, entries in (("-object", self.objects), ("-chardev", self.chardevs), ("-netdev", self.netdevs)):
+            seen: set[str] = set()
+            for entry in entries:
+                if entry.id in seen:
+                    raise ConfigError(f"{kind}: duplicate ID '{entry.id}'", option=kind)
+                seen.add(entry.id)
         if self.initrd and not self.kernel:
             raise ConfigError("-initrd is only valid with -kernel", option="-initrd")

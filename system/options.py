@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pyemu.errors import ConfigError
-from pyemu.system.config import DeviceOptions, MachineOptions, VmConfig, parse_on_off, parse_size
+from pyemu.system.config import DeviceOptions, MachineOptions, ObjectOptions, VmConfig, parse_on_off, parse_size
 from pyemu.system import log
 
 
@@ -38,7 +38,15 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "tcp:HOST:PORT[,server][,nowait]", "dev"),
     OptionSpec("nographic", False, "no display; COM1 on stdio unless -serial says otherwise"),
     OptionSpec("no-reboot", False, "exit instead of rebooting"),
-    OptionSpec("device", True, "add a device: isa-debug-exit[,iobase=0xf4][,iosize=4]", "driver[,prop=value...]"),
+    OptionSpec("device", True, "add a device (-device help lists them)", "driver[,prop=value...]"),
+    OptionSpec("drive", True, "a disk image: file=PATH[,format=raw][,if=none|virtio][,id=ID][,readonly=on]"
+               "[,cache=writeback|writethrough|none|directsync|unsafe][,discard=ignore|unmap]", "option[,option...]"),
+    OptionSpec("object", True, "a backend object: iothread,id=ID | rng-random,id=ID,filename=PATH",
+               "type,id=ID[,prop=value...]"),
+    OptionSpec("chardev", True, "a character backend: socket|file|stdio|pty|null,id=ID[,...]",
+               "backend,id=ID[,prop=value...]"),
+    OptionSpec("netdev", True, "a network backend: tap,id=ID[,ifname=NAME][,script=no][,downscript=no][,fd=N]",
+               "tap,id=ID[,prop=value...]"),
     OptionSpec("S", False, "create the VM with its CPUs stopped (there is no monitor yet to continue it)"),
     OptionSpec("d", True, "log categories, comma separated (-d help lists them)", "item1[,...]"),
     OptionSpec("D", True, "write the -d log to a file", "logfile"),
@@ -180,8 +188,39 @@ def _device(value: str) -> DeviceOptions:
     if not head:
         raise ConfigError("-device: 'driver' parameter is missing", option="-device")
     if head == "help":
-        raise EarlyExit("Devices you can add with -device:\nisa-debug-exit  iobase=0xf4, iosize=4")
+        raise EarlyExit(DEVICE_HELP)
     return DeviceOptions(head, tuple(props))
+
+
+DEVICE_HELP = """Devices you can add with -device:
+isa-debug-exit          iobase=0xf4, iosize=4
+virtio-blk-device       drive=ID (a -drive if=none), serial=, num-queues=, queue-size=, iothread=, discard=, write-zeroes=
+virtio-rng-device       rng=ID (a -object rng-random), max-bytes=, period=, iothread=
+virtio-serial-device    iothread= (carries virtconsole ports)
+virtconsole             chardev=ID
+virtio-net-device       netdev=ID (a -netdev tap), mac=, iothread=
+vhost-vsock-device      guest-cid=, uds-path=PATH (pyemu: host side over a Unix socket, as Firecracker)"""
+
+
+def _backend(option: str, value: str) -> ObjectOptions:
+    """``-object``/``-chardev``/``-netdev``: ``TYPE,id=ID,key=value...``."""
+    head, props = split_props(value, option, implied="type")
+    if head == "help":
+        raise EarlyExit(f"{option} types: " + {"-object": "iothread, rng-random", "-chardev":
+                        "socket, file, stdio, pty, null", "-netdev": "tap"}.get(option, ""))
+    rest = [(k, v) for k, v in props if k not in ("id", "qom-type", "type")]
+    kind = head or dict(props).get("qom-type") or dict(props).get("type")
+    ident = dict(props).get("id")
+    if not kind:
+        raise ConfigError(f"{option}: a backend type is required", option=option)
+    if not ident:
+        raise ConfigError(f"{option}: Parameter 'id' is missing", option=option)
+    return ObjectOptions(kind, ident, tuple(rest))
+
+
+def _drive(value: str) -> tuple[tuple[str, str], ...]:
+    head, props = split_props(value, "-drive", implied=None)
+    return tuple(props)
 
 
 def parse_args(argv: list[str]) -> VmConfig:
@@ -189,6 +228,8 @@ def parse_args(argv: list[str]) -> VmConfig:
     values: dict[str, object] = {}
     serial: list[str] = []
     devices: list[DeviceOptions] = []
+    drives: list[tuple[tuple[str, str], ...]] = []
+    backends: dict[str, list[ObjectOptions]] = {"object": [], "chardev": [], "netdev": []}
     i = 0
     handlers: dict[str, Callable[[str], None]] = {}
 
@@ -201,6 +242,10 @@ def parse_args(argv: list[str]) -> VmConfig:
         "kernel": setter("kernel", str), "initrd": setter("initrd", str), "append": setter("append", str),
         "serial": serial.append, "device": lambda v: devices.append(_device(v)),
         "d": setter("log_mask", _log_mask), "D": setter("log_file", str),
+        "drive": lambda v: drives.append(_drive(v)),
+        "object": lambda v: backends["object"].append(_backend("-object", v)),
+        "chardev": lambda v: backends["chardev"].append(_backend("-chardev", v)),
+        "netdev": lambda v: backends["netdev"].append(_backend("-netdev", v)),
     })
     while i < len(argv):
         word = argv[i]
@@ -234,7 +279,9 @@ def parse_args(argv: list[str]) -> VmConfig:
         values["machine"] = machine
         if machine_accel is not None:
             values.setdefault("accel", machine_accel)
-    return VmConfig(serial=tuple(serial), devices=tuple(devices), **values)  # type: ignore[arg-type]
+    return VmConfig(serial=tuple(serial), devices=tuple(devices), drives=tuple(drives),  # type: ignore[arg-type]
+                    objects=tuple(backends["object"]), chardevs=tuple(backends["chardev"]),
+                    netdevs=tuple(backends["netdev"]), **values)
 
 
 def _log_mask(value: str) -> frozenset[str]:

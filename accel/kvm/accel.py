@@ -23,6 +23,7 @@ from pyemu.accel.kvm.vm import KvmVm
 from pyemu.errors import ConfigError
 from pyemu.hw.intc.api import InterruptController
 from pyemu.system import log
+from pyemu.system.event_notifier import EventNotifier
 from pyemu.system.memory import GuestMemory
 from pyemu.target.x86.cpuid import CpuidTable
 
@@ -100,6 +101,8 @@ class KvmAccelerator:
         self._probe_stop = threading.Event()
         self._probe_thread: threading.Thread | None = None
         self._closed = False
+        self._ioeventfds: list[tuple[int, int, int, int]] = []
+        self._irqfds: list[tuple[EventNotifier, int]] = []
 
     # -- Accelerator protocol ---------------------------------------------------------------------------
     def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
@@ -158,6 +161,25 @@ class KvmAccelerator:
     def msi_sink(self) -> KvmMsiSink:
         return self._msi_sink
 
+    # -- event notifiers (virtio: kicks and interrupts without Python on the vCPU thread) ---------------
+    def bind_ioeventfd(self, notifier: EventNotifier, addr: int, length: int, datamatch: int) -> None:
+        """A guest write of ``datamatch`` (``length`` bytes) at MMIO ``addr`` signals ``notifier`` inside
+        the kernel: the vCPU does not exit to pyemu at all."""
+        self.vm.set_ioeventfd(notifier.fileno(), addr, length, pio=False, datamatch=datamatch)
+        self._ioeventfds.append((notifier.fileno(), addr, length, datamatch))
+
+    def irq_notifier(self, gsi: int) -> EventNotifier:
+        """An eventfd whose every write injects an edge on ``gsi`` through the route the guest programmed
+        into the (userspace, mirrored) IOAPIC: KVM_IRQFD."""
+        notifier = EventNotifier(f"irqfd-gsi{gsi}")
+        try:
+            self.vm.set_irqfd(notifier.fileno(), gsi)
+        except KvmError:
+            notifier.close()
+            raise
+        self._irqfds.append((notifier, gsi))
+        return notifier
+
     def close(self) -> None:
         """Stop every vCPU (each run() returns Stopped), release vCPUs, then the VM and /dev/kvm."""
         if self._closed:
@@ -170,7 +192,9 @@ class KvmAccelerator:
             vcpu.close()
         if self._probe_thread is not None:
             self._probe_thread.join(timeout=1.0)
-        self.vm.close()
+        self.vm.close()  # also drops the ioeventfd/irqfd bindings
+        for notifier, _gsi in self._irqfds:
+            notifier.close()
         self.system.close()
 
     # -- KVM-specific extras --------------------------------------------------------------------------

@@ -65,7 +65,18 @@ class TcgAccelerator:
 
     def invalidate_code(self, gpa: int, size: int) -> None:
         """Guest RAM ``[gpa, gpa+size)`` was written outside the engines (device DMA): every vCPU drops
-        translated code from it before running on. Thread-safe."""
+        translated code from it before running on. Thread-safe.
+
+        Only pages that some engine fetched code from need it (the code map records every fetch fill
+        before the translation is made, so a page not marked there has no translation to go stale); a
+        disk read into the page cache or a network buffer then costs a byte test per page instead of
+        a service stop of every vCPU."""
+        if size <= 0:
+            return
+        code_map = self._code_map
+        if code_map is not None and not any(code_map.owners(page << 12)
+                                            for page in range(gpa >> 12, (gpa + size - 1 >> 12) + 1)):
+            return
         for vcpu in self.vcpus:
             vcpu.invalidate_code(gpa, size)
 

@@ -45,6 +45,8 @@ class AcpiConfig:
     ged: GedLayout = GedLayout()
     serial_ports: tuple[SerialPortInfo, ...] = (SerialPortInfo(),)
     virtio_slots: tuple[VirtioMmioSlot, ...] = ()
+    device_aml: tuple[bytes, ...] = ()
+    """DSDT terms that devices supply themselves (a board's device manager), placed under ``\\_SB``."""
     pic: bool = False
     """An 8259 pair exists: MADT PCAT_COMPAT, ISA-style IRQNoFlags for the serial ports."""
     pit: bool = False
@@ -122,6 +124,7 @@ def build_acpi(config: AcpiConfig) -> AcpiBlob:
             ged_layout=config.ged,
             serial_ports=config.serial_ports,
             virtio_slots=config.virtio_slots,
+            device_aml=config.device_aml,
             legacy_pic=config.pic,
             rtc=config.rtc,
         )

@@ -173,16 +173,19 @@ def build_dsdt_aml(
     ged_layout: ged.GedLayout,
     serial_ports: tuple[SerialPortInfo, ...] = (),
     virtio_slots: tuple[VirtioMmioSlot, ...] = (),
+    device_aml: tuple[bytes, ...] = (),
     legacy_pic: bool = False,
     rtc: bool = False,
 ) -> bytes:
     """The DSDT body: ``Scope (\\_SB) { COMn..., RTC, GED, PWRB, VR00... }`` then ``_S5``.
 
-    Virtio slots get ``_UID`` and device names from their position in ``virtio_slots``.
+    Virtio slots get ``_UID`` and device names from their position in ``virtio_slots``. ``device_aml``
+    holds terms devices built themselves (serial ports and virtio slots on a board with a device manager).
     """
     devices = [serial_port_device(p, legacy_pic=legacy_pic) for p in serial_ports]
     if rtc:
         devices.append(rtc_device(legacy_pic=legacy_pic))
     devices += [ged_device(ged_layout), power_button_device()]
     devices += [virtio_mmio_device(uid, slot) for uid, slot in enumerate(virtio_slots)]
+    devices += list(device_aml)
     return scope("\\_SB", *devices) + s5_sleep_state()

@@ -7,7 +7,11 @@ QEMU's qemu_irq: a callback taking the new level.
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Callable, Protocol
+
+if TYPE_CHECKING:
+    from pyemu.system.event_notifier import EventNotifier
 
 IrqHandler = Callable[[int], None]
 
@@ -52,3 +56,43 @@ def fanout(*lines: IrqLine, name: str = "fanout") -> IrqLine:
             line.set_level(level)
 
     return IrqLine(drive, name)
+
+
+class EdgeInterrupt(Protocol):
+    """An interrupt a device signals by events rather than levels (virtio-mmio on microvm, as Firecracker
+    wires it): each :meth:`trigger` is one edge. Thread-safe: I/O threads call it."""
+
+    def trigger(self) -> None: ...
+
+
+class PulseInterrupt:
+    """An edge on an :class:`IrqLine` (to the userspace IOAPIC), pulsed under ``lock``: the interrupt
+    controller models are register machines serialised by the board's lock, so an I/O thread takes it
+    for the pulse alone, never for its queue work."""
+
+    __slots__ = ("_line", "_lock", "count")
+
+    def __init__(self, line: IrqLine, lock: AbstractContextManager[object]) -> None:
+        self._line = line
+        self._lock = lock
+        self.count = 0
+
+    def trigger(self) -> None:
+        with self._lock:
+            self._line.pulse()
+        self.count += 1
+
+
+class NotifierInterrupt:
+    """An edge through an event notifier that the accelerator reads itself (a KVM irqfd): injecting
+    costs one eventfd write on the I/O thread and no lock at all."""
+
+    __slots__ = ("_notifier", "count")
+
+    def __init__(self, notifier: "EventNotifier") -> None:
+        self._notifier = notifier
+        self.count = 0
+
+    def trigger(self) -> None:
+        self._notifier.set()
+        self.count += 1

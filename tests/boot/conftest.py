@@ -96,3 +96,24 @@ def console():
     yield start
     for session in sessions:
         session.close()
+
+
+_marker_count = [0]
+
+
+def shell(vm: ConsoleSession, command: str, timeout: float = 60) -> tuple[int, str]:
+    """Run ``command`` at the guest's busybox shell; returns its exit status and output (stdout and
+    stderr as the console shows them). The start and end markers are computed by the shell (``$((...))``),
+    so the echo of the typed line -- which the terminal may wrap -- can never be mistaken for them."""
+    _marker_count[0] += 1
+    tag = 7000 + 2 * _marker_count[0]
+    start = len(vm.output)
+    vm.send(f"echo \"@@$(({tag}+1))@@\"; {command}; echo \"@@$(({tag}+2))@@rc=$?@@\"\n")
+    begin_needle = f"@@{tag + 1}@@".encode()
+    end_needle = f"@@{tag + 2}@@rc=".encode()
+    out = vm.expect(end_needle, timeout, after=start)
+    end = out.index(end_needle, start)
+    vm.expect(b"@@", 10, after=end + len(end_needle))
+    status = int(vm.output[end + len(end_needle):].split(b"@@", 1)[0])
+    begin = out.index(begin_needle, start) + len(begin_needle)
+    return status, out[begin:end].decode(errors="replace").replace("\r", "").strip("\n")

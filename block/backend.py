@@ -1,0 +1,199 @@
+"""BlockBackend: the one object a device holds, and the cache modes that shape its write path.
+
+As in QEMU, a device never talks to a driver node: the backend sits between them and owns the policies
+that belong to the *drive*, not to any format -- read-only, write-back vs write-through caching,
+flush suppression (cache=unsafe), whether guest discards reach the image -- and the lifetime rule that a
+drive closed under a running device fails requests cleanly (ENOMEDIUM, QEMU's "no medium") instead of
+touching a closed fd. Keeping these here means a new driver (qcow2, nbd) gets them for free and the graph
+below can change (a filter inserted, a node replaced) without the device noticing.
+
+Thread safety: requests may come from several I/O threads at once; the drivers below are safe for that
+(positional I/O on one fd). The backend only counts requests in flight so :meth:`close` can wait for them
+before it closes the nodes.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus
+from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
+
+DISCARD_MODES = ("ignore", "unmap")
+
+
+@dataclass(frozen=True)
+class CacheMode:
+    """QEMU's cache modes as three switches (the ``cache.*`` options).
+
+    ``direct``: O_DIRECT, bypass the host page cache. ``writeback``: the guest sees a volatile write cache and
+    must flush; without it every write is followed by a flush (write-through). ``no_flush``: flushes are
+    ignored (cache=unsafe: fast, and a host crash loses data).
+    """
+
+    direct: bool = False
+    writeback: bool = True
+    no_flush: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "CacheMode":
+        """``writeback`` (default), ``writethrough``, ``none`` (alias ``off``), ``directsync``, ``unsafe``."""
+        modes = {
+            "writeback": cls(direct=False, writeback=True, no_flush=False),
+            "writethrough": cls(direct=False, writeback=False, no_flush=False),
+            "none": cls(direct=True, writeback=True, no_flush=False),
+            "off": cls(direct=True, writeback=True, no_flush=False),
+            "directsync": cls(direct=True, writeback=False, no_flush=False),
+            "unsafe": cls(direct=False, writeback=True, no_flush=True),
+        }
+        try:
+            return modes[text]
+        except KeyError:
+            raise BlockConfigError(f"-drive: invalid cache option '{text}' (expected writeback, writethrough, "
+                                   "none, directsync or unsafe)") from None
+
+    @property
+    def writethrough(self) -> bool:
+        return not self.writeback
+
+    @property
+    def name(self) -> str:
+        """The QEMU name of this combination ('writeback', 'none', ...), or a cache.* description."""
+        for name in ("writeback", "writethrough", "none", "directsync", "unsafe"):
+            if CacheMode.parse(name) == self:
+                return name
+        return f"cache.direct={'on' if self.direct else 'off'},cache.writeback={'on' if self.writeback else 'off'}" \
+               f",cache.no-flush={'on' if self.no_flush else 'off'}"
+
+
+class BlockBackend:
+    """What a device model holds: a root node plus the drive's policies."""
+
+    def __init__(self, root: BlockDriver, *, read_only: bool, cache: CacheMode = CacheMode(),
+                 discard: str = "ignore", id: str = "") -> None:
+        if discard not in DISCARD_MODES:
+            raise BlockConfigError(f"-drive: invalid discard option '{discard}' (expected ignore or unmap)")
+        if root.read_only and not read_only:
+            raise BlockConfigError(f"-drive: '{root.filename}' is opened read-only; the drive must be read-only too")
+        self.root = root
+        self.id = id
+        self.cache = cache
+        self.discard_mode = discard
+        self._read_only = read_only
+        self._cond = threading.Condition()
+        self._inflight = 0
+        self._closed = False
+
+    # -- properties ------------------------------------------------------------------------------------------
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    @property
+    def capabilities(self) -> BlockCapabilities:
+        return self.root.capabilities
+
+    @property
+    def filename(self) -> str:
+        return self.root.filename
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def size(self) -> int:
+        return self.root.size()
+
+    def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        self._enter(offset)
+        try:
+            self.root.preadv(offset, buffers)
+        finally:
+            self._leave()
+
+    def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        self._check_writable("write", offset, buffers)
+        self._enter(offset)
+        try:
+            self.root.pwritev(offset, buffers)
+            if self.cache.writethrough and not self.cache.no_flush:
+                self.root.flush()
+        finally:
+            self._leave()
+
+    def flush(self) -> None:
+        if self.cache.no_flush:
+            return
+        self._enter(-1)
+        try:
+            self.root.flush()
+        finally:
+            self._leave()
+
+    def discard(self, offset: int, length: int) -> None:
+        """Pass the guest's discard down with discard=unmap; with discard=ignore succeed without doing
+        anything, as QEMU does."""
+        self._check_writable("discard", offset, length)
+        if self.discard_mode == "ignore":
+            return
+        self._enter(offset)
+        try:
+            self.root.discard(offset, length)
+        finally:
+            self._leave()
+
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
+        """Zero the range; ``may_unmap`` is honoured only with discard=unmap (QEMU drops BDRV_REQ_MAY_UNMAP
+        otherwise)."""
+        self._check_writable("write-zeroes", offset, length)
+        self._enter(offset)
+        try:
+            self.root.write_zeroes(offset, length, may_unmap=may_unmap and self.discard_mode == "unmap")
+            if self.cache.writethrough and not self.cache.no_flush:
+                self.root.flush()
+        finally:
+            self._leave()
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        self._enter(offset)
+        try:
+            return self.root.block_status(offset, length)
+        finally:
+            self._leave()
+
+    def close(self) -> None:
+        """Refuse new requests, wait for those in flight, close the nodes. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            while self._inflight:
+                self._cond.wait()
+        self.root.close()
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    def _enter(self, offset: int) -> None:
+        with self._cond:
+            if self._closed:
+                raise BlockIOError(f"drive '{self.id}' is closed (no medium)", errno=errno.ENOMEDIUM,
+                                   offset=offset)
+            self._inflight += 1
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._inflight -= 1
+            if not self._inflight:
+                self._cond.notify_all()
+
+    def _check_writable(self, op: str, offset: int, extent: int | Sequence[bytes | memoryview]) -> None:
+        if self._read_only:
+            length = extent if isinstance(extent, int) else -1
+            raise ReadOnlyError(f"{op} on read-only drive '{self.id or self.filename}'", offset=offset,
+                                length=length)

@@ -1,0 +1,286 @@
+"""The ``file`` protocol driver: a host regular file or block device, read and written in place.
+
+This is QEMU's file-posix in miniature. Reads and writes are ``os.preadv``/``os.pwritev`` straight between
+the image and the caller's memoryviews (guest RAM), so no byte is copied on the common path. Sparse files are
+first-class: :meth:`FileProtocol.block_status` asks SEEK_DATA/SEEK_HOLE, discard punches holes
+(fallocate PUNCH_HOLE|KEEP_SIZE), write-zeroes prefers fallocate over writing zero buffers. ``direct=True``
+(cache=none) opens with O_DIRECT and hides its alignment rules (see :mod:`pyemu.block.hostio`). On open the
+image is locked the way QEMU locks it (see :mod:`pyemu.block.locking`), so pyemu and QEMU never write one
+image at the same time.
+
+The size is read once at open: it is the disk's capacity, which a device reads once too. A file that
+shrinks behind our back reads as zeros past its new end; requests past the capacity are refused, so a
+write never grows the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import stat
+import threading
+from typing import Sequence
+
+from pyemu.block.driver import BlockCapabilities, BlockStatus, check_request
+from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
+from pyemu.block.hostio import (BOUNCE_SIZE, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
+                                DirectIO, dio_alignment, fallocate, read_full, write_full)
+from pyemu.block.iovec import byte_views, total_length
+from pyemu.block.locking import BlockPerm, ImageLock, default_permissions
+
+LOCKING_MODES = ("auto", "on", "off")
+
+# fallocate/lseek errnos meaning "this filesystem or device cannot do that" (remembered, not retried) ...
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY)
+# ... and "not for this request" (a block device wants sector-aligned ranges; a busy device): fall back once.
+_NOT_NOW = (errno.EINVAL, errno.EBUSY)
+
+# Page-aligned zeros for the write-zeroes fallback; never written, so shared by all threads.
+_ZEROS = memoryview(mmap.mmap(-1, BOUNCE_SIZE))
+
+
+class FileProtocol:
+    """A host file or block device as a block node. Create with :meth:`open`."""
+
+    name = "file"
+
+    def __init__(self, *, fd: int, filename: str, size: int, read_only: bool, is_block_device: bool,
+                 direct: DirectIO | None, lock: ImageLock | None) -> None:
+        self._fd = fd
+        self.filename = filename
+        self._size = size
+        self.read_only = read_only
+        self.is_block_device = is_block_device
+        self._direct = direct
+        self.lock = lock
+        self.capabilities = BlockCapabilities(discard=True, write_zeroes=True, block_status=not is_block_device,
+                                              direct_io=direct is not None)
+        self._punch_hole = True
+        self._zero_range = True
+        self._seek_data = not is_block_device
+        self._flush_error = 0  # errno of a failed fdatasync: the page cache state is unknown from then on
+        self._close_lock = threading.Lock()
+        self._closed = False
+
+    # -- opening -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, filename: str, *, read_only: bool = False, direct: bool = False, locking: str = "auto",
+             perm: BlockPerm | None = None, shared: BlockPerm | None = None) -> "FileProtocol":
+        """Open ``filename`` and take QEMU-compatible image locks.
+
+        ``perm``/``shared`` default to what a QEMU virtio-blk drive holds (see
+        :func:`~pyemu.block.locking.default_permissions`). Raises BlockConfigError when the file cannot be
+        opened as asked (QEMU's "Could not open 'PATH': ..." messages) and ImageLockedError when another
+        process uses the image in a conflicting way.
+        """
+        if locking not in LOCKING_MODES:
+            raise BlockConfigError(f"Invalid locking mode '{locking}' (expected auto, on or off)")
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            fd = os.open(filename, flags | (os.O_DIRECT if direct else 0))
+        except OSError as exc:
+            if direct and exc.errno == errno.EINVAL:
+                raise BlockConfigError(f"Could not open '{filename}': filesystem does not support O_DIRECT",
+                                       errno=exc.errno) from exc
+            raise BlockConfigError(f"Could not open '{filename}': {os.strerror(exc.errno or errno.EIO)}",
+                                   errno=exc.errno) from exc
+        extra_fd = -1
+        try:
+            st = os.fstat(fd)
+            is_block_device = stat.S_ISBLK(st.st_mode)
+            if not (stat.S_ISREG(st.st_mode) or is_block_device):
+                raise BlockConfigError(f"'file' driver requires '{filename}' to be a regular file or a block "
+                                       "device", errno=errno.EINVAL)
+            size = os.lseek(fd, 0, os.SEEK_END)
+            lock: ImageLock | None = None
+            if locking != "off":
+                default_perm, default_shared = default_permissions(read_only=read_only)
+                lock = ImageLock(fd, filename)
+                if not lock.acquire(default_perm if perm is None else perm,
+                                    default_shared if shared is None else shared, required=locking == "on"):
+                    lock = None
+            direct_io: DirectIO | None = None
+            if direct:
+                extra_fd = os.open(filename, flags)
+                direct_io = DirectIO(fd, extra_fd, size, dio_alignment(fd))
+            return cls(fd=fd, filename=filename, size=size, read_only=read_only, is_block_device=is_block_device,
+                       direct=direct_io, lock=lock)
+        except BaseException:
+            os.close(fd)
+            if extra_fd >= 0:
+                os.close(extra_fd)
+            raise
+
+    # -- the driver interface ------------------------------------------------------------------------------
+
+    def size(self) -> int:
+        return self._size
+
+    def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        views = byte_views(buffers, writable=True)
+        length = total_length(views)
+        check_request(offset, length, self._size, what="read")
+        if not length:
+            return
+        self._check_open(offset, length)
+        try:
+            if self._direct is not None:
+                self._direct.preadv(offset, views, length)
+            else:
+                read_full(self._fd, offset, views)
+        except OSError as exc:
+            raise BlockIOError.from_os_error("read", self.filename, exc, offset=offset, length=length) from exc
+
+    def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        views = byte_views(buffers, writable=False)
+        length = total_length(views)
+        check_request(offset, length, self._size, what="write")
+        self._check_writable("write", offset, length)
+        if not length:
+            return
+        self._check_open(offset, length)
+        try:
+            if self._direct is not None:
+                self._direct.pwritev(offset, views, length)
+            else:
+                write_full(self._fd, offset, views)
+        except OSError as exc:
+            raise BlockIOError.from_os_error("write", self.filename, exc, offset=offset, length=length) from exc
+
+    def flush(self) -> None:
+        self._check_open(-1, -1)
+        if self._flush_error:
+            # After a failed fdatasync the kernel may have dropped dirty pages: QEMU fails every later flush
+            # instead of reporting success over lost data.
+            raise BlockIOError(f"flush on '{self.filename}' failed earlier: {os.strerror(self._flush_error)}",
+                               errno=self._flush_error)
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            if self._direct is None:
+                self._flush_error = exc.errno or errno.EIO
+            raise BlockIOError.from_os_error("flush", self.filename, exc) from exc
+
+    def discard(self, offset: int, length: int) -> None:
+        """Punch a hole. Unsupported filesystems keep the data: discard is only a hint."""
+        check_request(offset, length, self._size, what="discard")
+        self._check_writable("discard", offset, length)
+        if not length or not self._punch_hole:
+            return
+        self._check_open(offset, length)
+        try:
+            with self._serialised(offset, length):
+                fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                self._punch_hole = False
+                return
+            if exc.errno in _NOT_NOW:
+                return
+            raise BlockIOError.from_os_error("discard", self.filename, exc, offset=offset, length=length) from exc
+
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
+        """Punch a hole (``may_unmap``), else zero the range in place (ZERO_RANGE), else write zeros."""
+        check_request(offset, length, self._size, what="write-zeroes")
+        self._check_writable("write-zeroes", offset, length)
+        if not length:
+            return
+        self._check_open(offset, length)
+        try:
+            with self._serialised(offset, length):
+                if may_unmap and self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
+                    return
+                if self._try_fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length):
+                    return
+            self._write_zero_buffers(offset, length)
+        except OSError as exc:
+            raise BlockIOError.from_os_error("write-zeroes", self.filename, exc, offset=offset,
+                                             length=length) from exc
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        check_request(offset, length, self._size, what="block-status", nonempty=True)
+        self._check_open(offset, length)
+        end = offset + length
+        if not self._seek_data:
+            return BlockStatus(offset, length, allocated=True, zero=False)
+        try:
+            data = os.lseek(self._fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data from offset to the end of the file
+                return BlockStatus(offset, length, allocated=False, zero=True)
+            if exc.errno in _UNSUPPORTED or exc.errno == errno.EINVAL:
+                self._seek_data = False
+                return BlockStatus(offset, length, allocated=True, zero=False)
+            raise BlockIOError.from_os_error("block-status", self.filename, exc, offset=offset,
+                                             length=length) from exc
+        if data > offset:
+            return BlockStatus(offset, min(data, end) - offset, allocated=False, zero=True)
+        try:
+            hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # the file shrank under us between the two calls
+                return BlockStatus(offset, length, allocated=False, zero=True)
+            raise BlockIOError.from_os_error("block-status", self.filename, exc, offset=offset,
+                                             length=length) from exc
+        return BlockStatus(offset, max(1, min(hole, end) - offset), allocated=True, zero=False)
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._direct is not None:
+                self._direct.close()
+                os.close(self._direct.buffered_fd)
+            os.close(self._fd)  # drops the OFD image locks with the open file description
+
+    # -- helpers ---------------------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise BlockIOError(f"'{self.filename}' is closed", errno=errno.EBADF, offset=offset, length=length)
+
+    def _check_writable(self, op: str, offset: int, length: int) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"{op} on read-only image '{self.filename}'", offset=offset, length=length)
+
+    def _serialised(self, offset: int, length: int) -> contextlib.AbstractContextManager[None]:
+        """Hold the range against concurrent O_DIRECT read-modify-write of the same blocks."""
+        if self._direct is None:
+            return contextlib.nullcontext()
+        return self._direct.range_lock.hold(*self._direct.aligned_range(offset, length))
+
+    def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
+        punch = bool(mode & FALLOC_FL_PUNCH_HOLE)
+        if not (self._punch_hole if punch else self._zero_range):
+            return False
+        try:
+            fallocate(self._fd, mode, offset, length)
+            return True
+        except OSError as exc:
+            if exc.errno in _NOT_NOW:
+                return False
+            if exc.errno not in _UNSUPPORTED:
+                raise
+            if punch:
+                self._punch_hole = False
+            else:
+                self._zero_range = False
+            return False
+
+    def _write_zero_buffers(self, offset: int, length: int) -> None:
+        if self._direct is not None:
+            self._direct.write_zeroes(offset, length, _ZEROS)
+            return
+        pos, end = offset, offset + length
+        while pos < end:
+            step = min(end - pos, _ZEROS.nbytes)
+            write_full(self._fd, pos, [_ZEROS[:step]])
+            pos += step

@@ -1,0 +1,102 @@
+"""Scatter-gather lists of memoryviews: the zero-copy currency between guest RAM and the image.
+
+A virtio request arrives as several guest-RAM regions; the block layer hands them to ``os.preadv`` /
+``os.pwritev`` as they are. These helpers normalise buffers to flat byte views, step past the bytes a short
+read or write already moved, and copy between a list and a single (bounce) buffer when O_DIRECT alignment
+forces a copy.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+try:
+    IOV_MAX = max(16, int(os.sysconf("SC_IOV_MAX")))
+except (ValueError, OSError):  # pragma: no cover - every Linux has it
+    IOV_MAX = 1024
+
+
+def byte_views(buffers: Sequence[bytes | bytearray | memoryview], *, writable: bool) -> list[memoryview]:
+    """Flat unsigned-byte views of ``buffers`` (a multi-dimensional or typed view becomes bytes).
+
+    Raises TypeError for a read-only buffer where the caller has to receive data: that is a programming
+    error of the caller, not an I/O error.
+    """
+    views: list[memoryview] = []
+    for buf in buffers:
+        view = buf if isinstance(buf, memoryview) else memoryview(buf)
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
+        if writable and view.readonly:
+            raise TypeError("preadv needs writable buffers")
+        views.append(view)
+    return views
+
+
+def total_length(views: Sequence[memoryview]) -> int:
+    return sum(v.nbytes for v in views)
+
+
+def advance(views: Sequence[memoryview], count: int) -> list[memoryview]:
+    """The part of ``views`` left after the first ``count`` bytes (empty views are dropped)."""
+    rest: list[memoryview] = []
+    for view in views:
+        if count >= view.nbytes:
+            count -= view.nbytes
+            continue
+        rest.append(view[count:] if count else view)
+        count = 0
+    return rest
+
+
+def zero_fill(views: Sequence[memoryview]) -> None:
+    for view in views:
+        view[:] = bytes(view.nbytes)
+
+
+def copy_out(views: Sequence[memoryview], pos: int, dst: memoryview) -> None:
+    """``dst[:] = concatenation(views)[pos:pos + len(dst)]``."""
+    done = 0
+    want = dst.nbytes
+    for view in views:
+        if done >= want:
+            return
+        if pos >= view.nbytes:
+            pos -= view.nbytes
+            continue
+        take = min(view.nbytes - pos, want - done)
+        dst[done:done + take] = view[pos:pos + take]
+        done += take
+        pos = 0
+
+
+def copy_in(views: Sequence[memoryview], pos: int, src: memoryview) -> None:
+    """``concatenation(views)[pos:pos + len(src)] = src``."""
+    done = 0
+    want = src.nbytes
+    for view in views:
+        if done >= want:
+            return
+        if pos >= view.nbytes:
+            pos -= view.nbytes
+            continue
+        take = min(view.nbytes - pos, want - done)
+        view[pos:pos + take] = src[done:done + take]
+        done += take
+        pos = 0
+
+
+def take(views: Sequence[memoryview], count: int) -> list[memoryview]:
+    """The first ``count`` bytes of ``views`` as views (the complement of :func:`advance`)."""
+    head: list[memoryview] = []
+    for view in views:
+        if count <= 0:
+            break
+        if view.nbytes <= count:
+            head.append(view)
+            count -= view.nbytes
+        else:
+            head.append(view[:count])
+            count = 0
+    return head

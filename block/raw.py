@@ -1,0 +1,88 @@
+"""The ``raw`` format driver: the guest's disk is the child node's bytes, optionally a window of them.
+
+A format node that adds nothing still earns its place: the graph keeps QEMU's shape (format over
+protocol), so a qcow2 driver later slots in at the same spot, and raw's ``offset``/``size`` properties let
+a disk be one partition of a bigger image. Every request is checked against the window before it is
+shifted into the child, so a guest can never reach bytes outside its window even though the child could
+serve them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
+from pyemu.block.errors import BlockConfigError
+from pyemu.block.iovec import byte_views, total_length
+
+SECTOR_SIZE = 512
+
+
+class RawFormat:
+    """``raw`` over ``child``. Owns the child: :meth:`close` closes it."""
+
+    name = "raw"
+
+    def __init__(self, child: BlockDriver, *, offset: int = 0, size: int | None = None) -> None:
+        real_size = child.size()
+        # QEMU's raw_apply_options messages.
+        if type(offset) is not int or offset < 0:  # noqa: E721
+            raise BlockConfigError(f"raw: 'offset' must be a non-negative integer, not {offset!r}")
+        if offset > real_size:
+            raise BlockConfigError(f"Offset ({offset}) cannot be greater than size of image ({real_size})")
+        if size is not None:
+            if type(size) is not int or size < 0:  # noqa: E721
+                raise BlockConfigError(f"raw: 'size' must be a non-negative integer, not {size!r}")
+            if real_size - offset < size:
+                raise BlockConfigError(f"The sum of offset ({offset}) and size ({size}) has to be smaller or equal "
+                                       f"to the actual size of the containing file ({real_size})")
+            if size % SECTOR_SIZE:
+                raise BlockConfigError(f"Specified size is not multiple of {SECTOR_SIZE}")
+        self.child = child
+        self.offset = offset
+        self._size = real_size - offset if size is None else size
+        self.has_window = offset != 0 or size is not None
+
+    @property
+    def filename(self) -> str:
+        return self.child.filename
+
+    @property
+    def read_only(self) -> bool:
+        return self.child.read_only
+
+    @property
+    def capabilities(self) -> BlockCapabilities:
+        return self.child.capabilities
+
+    def size(self) -> int:
+        return self._size
+
+    def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+        views = byte_views(buffers, writable=True)
+        check_request(offset, total_length(views), self._size, what="read")
+        self.child.preadv(self.offset + offset, views)
+
+    def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+        views = byte_views(buffers, writable=False)
+        check_request(offset, total_length(views), self._size, what="write")
+        self.child.pwritev(self.offset + offset, views)
+
+    def flush(self) -> None:
+        self.child.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        check_request(offset, length, self._size, what="discard")
+        self.child.discard(self.offset + offset, length)
+
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
+        check_request(offset, length, self._size, what="write-zeroes")
+        self.child.write_zeroes(self.offset + offset, length, may_unmap=may_unmap)
+
+    def block_status(self, offset: int, length: int) -> BlockStatus:
+        check_request(offset, length, self._size, what="block-status", nonempty=True)
+        status = self.child.block_status(self.offset + offset, length)
+        return BlockStatus(offset, min(status.length, length), allocated=status.allocated, zero=status.zero)
+
+    def close(self) -> None:
+        self.child.close()

@@ -1,0 +1,103 @@
+"""What a virtio device type implements, apart from the transport.
+
+A device type (block, entropy, console, network, vsock) states its device ID, its feature bits, its
+queue sizes and its configuration space, and processes its queues. It never sees registers: the
+transport (:mod:`pyemu.hw.virtio.mmio`) negotiates features, sets the queues up and calls
+:meth:`VirtioDevice.process_queue` on the device's I/O thread when the driver notifies a queue. A device
+reports a used buffer through ``VirtioContext.notify_queue`` and a configuration change through
+``VirtioContext.notify_config``; it raises :class:`~pyemu.hw.virtio.errors.VirtqueueError` (or
+``DeviceBroken``) for guest mistakes, which the transport turns into DEVICE_NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Protocol
+
+from pyemu.hw.core.dma import DmaMemory
+from pyemu.hw.virtio.queue import Virtqueue
+
+# Transport-independent feature bits (virtio 1.x section 6).
+F_INDIRECT_DESC = 1 << 28
+F_EVENT_IDX = 1 << 29
+F_VERSION_1 = 1 << 32
+TRANSPORT_FEATURES = F_INDIRECT_DESC | F_EVENT_IDX | F_VERSION_1
+
+# Device IDs (virtio 1.x section 5).
+ID_NET = 1
+ID_BLOCK = 2
+ID_CONSOLE = 3
+ID_RNG = 4
+ID_VSOCK = 19
+
+
+class VirtioContext(Protocol):
+    """What the transport offers the device it carries."""
+
+    dma: DmaMemory
+
+    def notify_queue(self, queue: Virtqueue) -> None:
+        """Used buffers were pushed: interrupt the driver if it wants one."""
+        ...
+
+    def notify_config(self) -> None:
+        """The configuration space changed: config-change interrupt (and new config generation)."""
+        ...
+
+    def kick_queue(self, index: int) -> None:
+        """Process queue ``index`` again soon on the device's I/O thread (e.g. host data arrived)."""
+        ...
+
+    @property
+    def driver_features(self) -> int: ...
+
+
+class VirtioDevice:
+    """Base class with defaults; a device type overrides what it needs."""
+
+    device_id: int = 0
+    name: str = "virtio"
+
+    def __init__(self, queue_sizes: tuple[int, ...]) -> None:
+        self.queue_sizes = queue_sizes
+        self.context: VirtioContext | None = None
+
+    # -- description ------------------------------------------------------------------------------------
+    def device_features(self) -> int:
+        """Device-specific feature bits (the transport adds VERSION_1, INDIRECT_DESC, EVENT_IDX)."""
+        return 0
+
+    def config_bytes(self) -> bytes:
+        """The device-specific configuration space, little-endian as the driver reads it."""
+        return b""
+
+    def read_config(self, offset: int, size: int) -> int:
+        data = self.config_bytes()
+        if offset < 0 or offset + size > len(data):
+            return 0
+        return int.from_bytes(data[offset : offset + size], "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        """Driver writes to the configuration space; read-only by default (writes ignored)."""
+
+    # -- life cycle -------------------------------------------------------------------------------------
+    def bind(self, context: VirtioContext) -> None:
+        self.context = context
+
+    def activate(self, queues: list[Virtqueue]) -> None:
+        """DRIVER_OK: features are final and the queues are set up."""
+        self.queues = queues
+
+    def reset(self) -> None:
+        """The driver (or the machine) reset the device: drop in-flight state."""
+
+    def process_queue(self, queue: Virtqueue) -> None:
+        """On the I/O thread, holding ``queue.lock``: serve what the driver made available."""
+
+    def close(self) -> None:
+        """Release host resources (files, sockets)."""
+
+
+def pack_config(fmt: str, *values: int) -> bytes:
+    """``struct.pack`` in little-endian, for configuration spaces."""
+    return struct.pack("<" + fmt, *values)

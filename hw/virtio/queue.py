@@ -1,0 +1,278 @@
+"""Split virtqueues (virtio 1.x, section 2.7), read with every guest-written value treated as hostile.
+
+The guest owns three rings in its RAM: the descriptor table (16-byte entries: address, length, flags,
+next), the available ring (heads the driver offers) and the used ring (heads the device gives back with
+the number of bytes written). :meth:`Virtqueue.pop` walks one chain and checks everything the guest
+controls before any of it is used: indices inside the table, chains no longer than the queue (a loop
+would be longer), indirect tables only when negotiated, never nested and a whole number of entries,
+device-readable segments before device-writable ones, every segment inside guest RAM, and lengths that do
+not overflow 32 bits. Any violation raises :class:`~pyemu.hw.virtio.errors.VirtqueueError`; the
+transport then marks the device DEVICE_NEEDS_RESET. Nothing here can touch host memory outside guest RAM:
+all access goes through bounds-checked views.
+
+Notification suppression follows VIRTIO_F_EVENT_IDX when negotiated (``used_event`` / ``avail_event``),
+else the driver's VRING_AVAIL_F_NO_INTERRUPT flag.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from dataclasses import dataclass
+
+from pyemu.errors import GuestMemoryError
+from pyemu.hw.core.dma import DmaMemory
+from pyemu.hw.virtio.errors import VirtqueueError
+
+DESC_SIZE = 16
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+MAX_QUEUE_SIZE = 32768
+MAX_SEGMENT_TOTAL = 1 << 32
+"""A chain's bytes in one direction must fit the used ring's 32-bit length field."""
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    gpa: int
+    length: int
+    writable: bool
+
+
+@dataclass(frozen=True)
+class DescriptorChain:
+    """One request: the head index the used ring gets back, and its segments in order (readable first)."""
+
+    head: int
+    segments: tuple[Segment, ...]
+
+    @property
+    def readable_length(self) -> int:
+        return sum(s.length for s in self.segments if not s.writable)
+
+    @property
+    def writable_length(self) -> int:
+        return sum(s.length for s in self.segments if s.writable)
+
+    def views(self, dma: DmaMemory, *, writable: bool, start: int = 0, length: int | None = None) -> list[memoryview]:
+        """Zero-copy views of ``length`` bytes from byte ``start`` of the readable (or writable) stream.
+        Asking for more than the stream holds raises VirtqueueError (a request too short for its type)."""
+        total = self.writable_length if writable else self.readable_length
+        if length is None:
+            length = total - start
+        if start < 0 or length < 0 or start + length > total:
+            raise VirtqueueError(-1, f"request needs bytes {start}..{start + length} of a "
+                                     f"{'writable' if writable else 'readable'} area of {total}")
+        views: list[memoryview] = []
+        cursor = 0
+        end = start + length
+        for segment in self.segments:
+            if segment.writable != writable:
+                continue
+            seg_start, seg_end = cursor, cursor + segment.length
+            cursor = seg_end
+            lo, hi = max(seg_start, start), min(seg_end, end)
+            if lo < hi:
+                views.append(dma.view(segment.gpa + (lo - seg_start), hi - lo))
+            if cursor >= end:
+                break
+        return views
+
+    def read(self, dma: DmaMemory, start: int = 0, length: int | None = None) -> bytes:
+        """Copy bytes out of the readable stream (headers; payloads use :meth:`views`)."""
+        return b"".join(bytes(v) for v in self.views(dma, writable=False, start=start, length=length))
+
+    def write(self, dma: DmaMemory, data: bytes, start: int = 0) -> None:
+        """Copy ``data`` into the writable stream at ``start`` (and report it to the DMA layer)."""
+        offset = 0
+        for view in self.views(dma, writable=True, start=start, length=len(data)):
+            view[:] = data[offset : offset + len(view)]
+            offset += len(view)
+
+    def written_ranges(self, written: int) -> list[tuple[int, int]]:
+        """Guest ranges covered by the first ``written`` bytes of the writable stream."""
+        ranges = []
+        for segment in self.segments:
+            if not segment.writable or written <= 0:
+                continue
+            size = min(segment.length, written)
+            ranges.append((segment.gpa, size))
+            written -= size
+        return ranges
+
+
+class Virtqueue:
+    """One split virtqueue. The transport writes the register fields while the queue is not ready; the
+    device's I/O thread pops and pushes under :attr:`lock`."""
+
+    def __init__(self, index: int, max_size: int) -> None:
+        if not 0 < max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"virtqueue maximum size {max_size} must be a power of two up to {MAX_QUEUE_SIZE}")
+        self.index = index
+        self.max_size = max_size
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.ready = False
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.event_idx = False
+        self.indirect = False
+        self.last_avail = 0
+        self.used_idx = 0
+        self.signalled_used: int | None = None
+        self.popped = 0
+        self.pushed = 0
+
+    # -- set-up -----------------------------------------------------------------------------------------
+    def ring_problem(self, dma: DmaMemory) -> str | None:
+        """Why the configured rings cannot be used (None when they can): the driver wrote a size that is
+        not a power of two, or rings outside guest RAM or misaligned."""
+        size = self.size
+        if not 0 < size <= self.max_size or size & (size - 1):
+            return f"queue size {size} is not a power of two up to {self.max_size}"
+        for what, addr, length, align in (("descriptor table", self.desc_addr, DESC_SIZE * size, 16),
+                                          ("available ring", self.avail_addr, 6 + 2 * size, 2),
+                                          ("used ring", self.used_addr, 6 + 8 * size, 4)):
+            if addr % align:
+                return f"{what} at {addr:#x} is not {align}-byte aligned"
+            if not dma.contains(addr, length):
+                return f"{what} at {addr:#x}+{length:#x} is outside guest RAM"
+        return None
+
+    def activate(self, *, event_idx: bool, indirect: bool) -> None:
+        """QueueReady=1: the driver initialised both rings with index 0 (virtio 1.x 4.2.3.2)."""
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.last_avail = 0
+        self.used_idx = 0
+        self.signalled_used = None
+        self.ready = True
+
+    # -- guest memory helpers ---------------------------------------------------------------------------
+    def _u16(self, dma: DmaMemory, gpa: int) -> int:
+        try:
+            return int(struct.unpack_from("<H", dma.view(gpa, 2))[0])
+        except GuestMemoryError as exc:
+            raise VirtqueueError(self.index, f"ring access at {gpa:#x} outside guest RAM") from exc
+
+    def _put_u16(self, dma: DmaMemory, gpa: int, value: int) -> None:
+        try:
+            struct.pack_into("<H", dma.view(gpa, 2), 0, value & 0xFFFF)
+        except GuestMemoryError as exc:
+            raise VirtqueueError(self.index, f"ring access at {gpa:#x} outside guest RAM") from exc
+
+    # -- the available side -----------------------------------------------------------------------------
+    def avail_idx(self, dma: DmaMemory) -> int:
+        return self._u16(dma, self.avail_addr + 2)
+
+    def has_work(self, dma: DmaMemory) -> bool:
+        return self.ready and self.avail_idx(dma) != self.last_avail
+
+    def pop(self, dma: DmaMemory) -> DescriptorChain | None:
+        """The next available chain, validated; None when the driver has offered nothing new."""
+        if not self.ready:
+            return None
+        avail = self.avail_idx(dma)
+        pending = (avail - self.last_avail) & 0xFFFF
+        if pending == 0:
+            return None
+        if pending > self.size:
+            raise VirtqueueError(self.index, f"available index {avail} is {pending} ahead of the device's "
+                                             f"{self.last_avail}, more than the queue size {self.size}")
+        slot = self.last_avail % self.size
+        head = self._u16(dma, self.avail_addr + 4 + 2 * slot)
+        if head >= self.size:
+            raise VirtqueueError(self.index, f"available ring slot {slot} names descriptor {head} "
+                                             f"of a {self.size}-entry table")
+        chain = DescriptorChain(head, self._walk(dma, head))
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        self.popped += 1
+        if self.event_idx:
+            # avail_event: "notify me when you make this index available" -- i.e. on the very next one.
+            self._put_u16(dma, self.used_addr + 4 + 8 * self.size, self.last_avail)
+        return chain
+
+    def _descriptor(self, dma: DmaMemory, table: int, index: int) -> tuple[int, int, int, int]:
+        try:
+            return struct.unpack_from("<QIHH", dma.view(table + DESC_SIZE * index, DESC_SIZE))
+        except GuestMemoryError as exc:
+            raise VirtqueueError(self.index, f"descriptor {index} at {table + DESC_SIZE * index:#x} is "
+                                             "outside guest RAM") from exc
+
+    def _walk(self, dma: DmaMemory, head: int) -> tuple[Segment, ...]:
+        segments: list[Segment] = []
+        totals = [0, 0]
+        table, table_size, index, in_indirect = self.desc_addr, self.size, head, False
+        visited = 0
+        while True:
+            visited += 1
+            if visited > table_size:
+                raise VirtqueueError(self.index, f"descriptor chain from {head} is longer than its "
+                                                 f"{table_size}-entry table (a loop?)")
+            addr, length, flags, nxt = self._descriptor(dma, table, index)
+            if flags & DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise VirtqueueError(self.index, "indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+                if in_indirect:
+                    raise VirtqueueError(self.index, "indirect descriptor inside an indirect table")
+                if flags & DESC_F_NEXT:
+                    raise VirtqueueError(self.index, "indirect descriptor with the NEXT flag")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_QUEUE_SIZE:
+                    raise VirtqueueError(self.index, f"indirect table of {length} bytes is not 1..{MAX_QUEUE_SIZE} "
+                                                     "whole descriptors")
+                if not dma.contains(addr, length):
+                    raise VirtqueueError(self.index, f"indirect table at {addr:#x}+{length:#x} is outside guest RAM")
+                table, table_size, index, in_indirect = addr, length // DESC_SIZE, 0, True
+                visited = 0
+                continue
+            writable = bool(flags & DESC_F_WRITE)
+            if segments and segments[-1].writable and not writable:
+                raise VirtqueueError(self.index, f"device-readable descriptor {index} after a writable one")
+            if length and not dma.contains(addr, length):
+                raise VirtqueueError(self.index, f"descriptor {index} buffer {addr:#x}+{length:#x} is outside "
+                                                 "guest RAM")
+            totals[writable] += length
+            if totals[writable] >= MAX_SEGMENT_TOTAL:
+                raise VirtqueueError(self.index, "descriptor chain lengths overflow 32 bits")
+            if length:
+                segments.append(Segment(addr, length, writable))
+            if not flags & DESC_F_NEXT:
+                return tuple(segments)
+            if nxt >= table_size:
+                raise VirtqueueError(self.index, f"descriptor {index} links to {nxt} outside its "
+                                                 f"{table_size}-entry table")
+            index = nxt
+
+    # -- the used side ----------------------------------------------------------------------------------
+    def push(self, dma: DmaMemory, chain: DescriptorChain, written: int) -> None:
+        """Give ``chain`` back with ``written`` bytes written into its writable segments."""
+        written = max(0, min(written, chain.writable_length))
+        for gpa, size in chain.written_ranges(written):
+            dma.wrote(gpa, size)
+        slot = self.used_idx % self.size
+        try:
+            struct.pack_into("<II", dma.view(self.used_addr + 4 + 8 * slot, 8), 0, chain.head, written)
+        except GuestMemoryError as exc:
+            raise VirtqueueError(self.index, "used ring outside guest RAM") from exc
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        self._put_u16(dma, self.used_addr + 2, self.used_idx)
+        self.pushed += 1
+
+    def should_interrupt(self, dma: DmaMemory) -> bool:
+        """After pushes: does the driver want an interrupt for them? (Call once per batch.)"""
+        if not self.event_idx:
+            flags = self._u16(dma, self.avail_addr)
+            return not flags & AVAIL_F_NO_INTERRUPT
+        old, new = self.signalled_used, self.used_idx
+        self.signalled_used = new
+        if old is None:
+            return True
+        used_event = self._u16(dma, self.avail_addr + 4 + 2 * self.size)
+        # vring_need_event: interrupt if used_event lies in [old, new).
+        return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)

@@ -1,0 +1,233 @@
+"""Plugging virtio devices into the microvm board: slots, backends, I/O threads, notifiers, interrupts.
+
+Each ``-device virtio-*-device`` gets the next virtio-mmio slot (a 512-byte window at
+``VIRTIO_MMIO_BASE + n * 0x200`` and GSI ``16 + n``, as QEMU's microvm), a DSDT ``LNRO0005`` entry
+(Debian's kernel finds virtio-mmio devices only through ACPI) and an I/O thread: the one its
+``iothread=`` names (``-object iothread,id=``), else the board's default I/O thread. Two things depend on
+the accelerator, and this is the only place that knows:
+
+* queue notifications: where the accelerator can bind an eventfd to a guest write (KVM's ioeventfd),
+  the QueueNotify register is bound to each queue's notifier, so a kick never leaves the kernel;
+* interrupts: where it can inject from an eventfd (KVM's irqfd on the GSI route the guest programmed
+  into the IOAPIC), the device's edge is an eventfd write; otherwise (the software CPU) a pulse on the
+  userspace IOAPIC pin.
+
+Backends (``-drive``, ``-object rng-random``, ``-chardev``, ``-netdev``) are looked up by id and each
+can be claimed by one device only, as in QEMU.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pyemu.errors import ConfigError
+from pyemu.hw.acpi.dsdt import VirtioMmioSlot, virtio_mmio_device
+from pyemu.hw.core.device import BoardDevice, DeviceManager, IoRange
+from pyemu.hw.core.dma import DmaMemory
+from pyemu.hw.core.irq import EdgeInterrupt, IrqLine, NotifierInterrupt, PulseInterrupt
+from pyemu.hw.virtio.device import VirtioDevice
+from pyemu.hw.virtio.mmio import WINDOW_SIZE, VirtioMmio
+from pyemu.machines import memmap
+from pyemu.machines.device_props import PropReader
+from pyemu.system.config import DeviceOptions, ObjectOptions, VmConfig
+from pyemu.system.event_notifier import EventNotifier
+from pyemu.system.iothread import IoThread
+
+DEFAULT_IOTHREAD = "main-loop"
+
+
+class NotifierAccelerator(Protocol):
+    """What an accelerator may offer for event notifiers (KVM does, the software CPU does not)."""
+
+    def bind_ioeventfd(self, notifier: EventNotifier, addr: int, length: int, datamatch: int) -> None: ...
+
+    def irq_notifier(self, gsi: int) -> EventNotifier: ...
+
+
+@dataclass
+class Backends:
+    """The backends named on the command line, by id, and who claimed them."""
+
+    config: VmConfig
+    claimed: set[tuple[str, str]] = field(default_factory=set)
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def drive(self, drive_id: str, user: str):  # type: ignore[no-untyped-def]
+        from pyemu.block.options import DriveOptions, open_drive
+
+        for props in self.config.drives:
+            options = DriveOptions.from_props(props)
+            if options.id == drive_id:
+                self._claim("drive", drive_id, user)
+                backend = open_drive(options)
+                return backend, options
+        raise ConfigError(f"-device {user}: Property '{user}.drive' can't find value '{drive_id}'", option="-device")
+
+    def object(self, object_id: str, kind: str, user: str, prop: str) -> ObjectOptions:
+        for entry in self.config.objects:
+            if entry.id == object_id:
+                if entry.type != kind:
+                    raise ConfigError(f"-device {user}: object '{object_id}' is a {entry.type}, not {kind}",
+                                      option="-device")
+                self._claim("object", object_id, user)
+                return entry
+        raise ConfigError(f"-device {user}: Property '{user}.{prop}' can't find value '{object_id}'",
+                          option="-device")
+
+    def chardev(self, chardev_id: str, user: str) -> ObjectOptions:
+        return self._backend(self.config.chardevs, "chardev", chardev_id, user)
+
+    def netdev(self, netdev_id: str, user: str) -> ObjectOptions:
+        return self._backend(self.config.netdevs, "netdev", netdev_id, user)
+
+    def _backend(self, entries: tuple[ObjectOptions, ...], kind: str, ident: str, user: str) -> ObjectOptions:
+        for entry in entries:
+            if entry.id == ident:
+                self._claim(kind, ident, user)
+                return entry
+        raise ConfigError(f"-device {user}: Property '{user}.{kind}' can't find value '{ident}'", option="-device")
+
+    def _claim(self, kind: str, ident: str, user: str) -> None:
+        if (kind, ident) in self.claimed:
+            raise ConfigError(f"-device {user}: {kind} '{ident}' is already in use by another device",
+                              option="-device")
+        self.claimed.add((kind, ident))
+
+
+DeviceBuilder = Callable[[PropReader, Backends], VirtioDevice]
+
+
+def _build_blk(props: PropReader, backends: Backends) -> VirtioDevice:
+    from pyemu.hw.virtio.blk import QUEUE_SIZE, BlkConfig, VirtioBlk
+
+    drive_id = props.required("drive")
+    num_queues = props.integer("num-queues", 1, low=1, high=16)
+    queue_size = props.integer("queue-size", QUEUE_SIZE, low=4, high=1024)
+    if queue_size & (queue_size - 1):
+        raise props.error("Parameter 'queue-size' must be a power of 2")
+    serial = props.text("serial", "") or ""
+    discard = props.boolean("discard", True)
+    write_zeroes = props.boolean("write-zeroes", True)
+    props.finish()
+    backend, options = backends.drive(drive_id, props.driver)
+    serial = serial or getattr(options, "serial", None) or ""
+    return VirtioBlk(backend, BlkConfig(drive_id=drive_id, serial=serial, num_queues=num_queues,
+                                        queue_size=queue_size, discard=discard, write_zeroes=write_zeroes))
+
+
+def _build_rng(props: PropReader, backends: Backends) -> VirtioDevice:
+    from pyemu.hw.virtio.rng import DEFAULT_PERIOD_MS, UNLIMITED, EntropySource, RngConfig, VirtioRng
+
+    rng_id = props.text("rng")
+    max_bytes = props.integer("max-bytes", UNLIMITED, low=1)
+    period = props.integer("period", DEFAULT_PERIOD_MS, low=1, high=1 << 32)
+    props.finish()
+    filename = "/dev/urandom"
+    if rng_id:
+        entry = backends.object(rng_id, "rng-random", props.driver, "rng")
+        unknown = [k for k, _ in entry.props if k != "filename"]
+        if unknown:
+            raise ConfigError(f"-object rng-random: Property '{unknown[0]}' not found", option="-object")
+        filename = entry.prop("filename", filename) or filename
+    return VirtioRng(EntropySource(filename), RngConfig(filename, max_bytes, period))
+
+
+BUILDERS: dict[str, DeviceBuilder] = {
+    "virtio-blk-device": _build_blk,
+    "virtio-rng-device": _build_rng,
+}
+
+
+def register_builder(driver: str, builder: DeviceBuilder) -> None:
+    """Add a virtio device type (device modules register themselves here)."""
+    BUILDERS[driver] = builder
+
+
+class VirtioPlugger:
+    """Creates virtio devices for one board."""
+
+    def __init__(self, *, config: VmConfig, devices: DeviceManager, dma: DmaMemory,
+                 irq_pin: Callable[[int], IrqLine], lock: threading.RLock, accel: object) -> None:
+        self.devices = devices
+        self.dma = dma
+        self.backends = Backends(config)
+        self._irq_pin = irq_pin
+        self._lock = lock
+        self._accel = accel
+        self.iothreads: dict[str, IoThread] = {}
+        self.transports: list[VirtioMmio] = []
+        self.slots: list[VirtioMmioSlot] = []
+        for entry in config.objects:
+            if entry.type == "iothread":
+                unknown = [k for k, _ in entry.props if k not in ("poll-max-ns", "poll-grow", "poll-shrink",
+                                                                  "aio-max-batch")]
+                if unknown:
+                    raise ConfigError(f"-object iothread: Property 'iothread.{unknown[0]}' not found",
+                                      option="-object")
+                self.iothreads[entry.id] = IoThread(entry.id)
+            elif entry.type != "rng-random":
+                raise ConfigError(f"-object: invalid object type: {entry.type}", option="-object")
+
+    def handles(self, driver: str) -> bool:
+        return driver in BUILDERS
+
+    def _iothread(self, name: str | None, driver: str) -> IoThread:
+        if name is None:
+            name = DEFAULT_IOTHREAD
+            if name not in self.iothreads:
+                self.iothreads[name] = IoThread(name)
+        thread = self.iothreads.get(name)
+        if thread is None:
+            raise ConfigError(f"-device {driver}: Property '{driver}.iothread' can't find value '{name}'",
+                              option="-device")
+        return thread
+
+    def add(self, options: DeviceOptions) -> BoardDevice:
+        slot_index = len(self.transports)
+        if slot_index >= memmap.VIRTIO_MMIO_SLOTS:
+            raise ConfigError(f"-device {options.driver}: the microvm board has {memmap.VIRTIO_MMIO_SLOTS} "
+                              "virtio-mmio slots and all are taken", option="-device")
+        props = PropReader(options)
+        device_id = props.text("id") or self.devices.new_id(options.driver)
+        iothread = self._iothread(props.text("iothread"), options.driver)
+        model = BUILDERS[options.driver](props, self.backends)
+        base = memmap.VIRTIO_MMIO_BASE + slot_index * memmap.VIRTIO_MMIO_SLOT_SIZE
+        gsi = memmap.VIRTIO_MMIO_FIRST_GSI + slot_index
+        slot = VirtioMmioSlot(base=base, gsi=gsi, size=WINDOW_SIZE, level_triggered=False)
+        try:
+            transport = VirtioMmio(model, self.dma, self._interrupt(gsi), iothread, name=device_id)
+        except BaseException:
+            model.close()
+            raise
+        self._bind_notifiers(transport, base)
+        board_device = BoardDevice(device_id, transport, driver=options.driver,
+                                   ranges=(IoRange("mmio", base, WINDOW_SIZE, transport, own_lock=True),),
+                                   aml=virtio_mmio_device(slot_index, slot))
+        self.devices.add(board_device)
+        self.transports.append(transport)
+        self.slots.append(slot)
+        return board_device
+
+    def _interrupt(self, gsi: int) -> EdgeInterrupt:
+        irq_notifier = getattr(self._accel, "irq_notifier", None)
+        if irq_notifier is not None:
+            return NotifierInterrupt(irq_notifier(gsi))
+        return PulseInterrupt(self._irq_pin(gsi), self._lock)
+
+    def _bind_notifiers(self, transport: VirtioMmio, base: int) -> None:
+        bind = getattr(self._accel, "bind_ioeventfd", None)
+        if bind is None:
+            return
+        for offset, value, notifier in transport.queue_notifiers():
+            bind(notifier, base + offset, 4, value)
+
+    def start(self) -> None:
+        for thread in self.iothreads.values():
+            thread.start()
+
+    def close(self) -> None:
+        for thread in self.iothreads.values():
+            thread.close()
