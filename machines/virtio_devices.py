@@ -135,9 +135,16 @@ def _build_rng(props: PropReader, backends: Backends) -> VirtioDevice:
     return VirtioRng(EntropySource(filename), RngConfig(filename, max_bytes, period))
 
 
+def _build_net(props: PropReader, backends: Backends) -> VirtioDevice:
+    from pyemu.hw.virtio.net_plug import build_virtio_net
+
+    return build_virtio_net(props, backends)
+
+
 BUILDERS: dict[str, DeviceBuilder] = {
     "virtio-blk-device": _build_blk,
     "virtio-rng-device": _build_rng,
+    "virtio-net-device": _build_net,
 }
 
 
@@ -199,6 +206,10 @@ class VirtioPlugger:
         slot = VirtioMmioSlot(base=base, gsi=gsi, size=WINDOW_SIZE, level_triggered=False)
         try:
             transport = VirtioMmio(model, self.dma, self._interrupt(gsi), iothread, name=device_id)
+            # Devices with host file descriptors of their own (a TAP, sockets) watch them on this thread.
+            attach = getattr(model, "attach_iothread", None)
+            if attach is not None:
+                attach(iothread)
         except BaseException:
             model.close()
             raise

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 
 from pyemu.hw.core.irq import IrqLine
-from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
+from pyemu.hw.core.state import DeviceState, StateError, check_bits, check_bool, check_range, check_state
 from pyemu.system import log
 from pyemu.system.timers import TimerQueue
 
@@ -118,19 +118,6 @@ DEFAULT_MODEM_INPUTS = MSR_CTS | MSR_DSR | MSR_DCD
 MAX_TIMEOUT_NS = -(-TIMEOUT_CHARACTERS * 12 * 16 * 0xFFFF * 1_000_000_000 // UART_CLOCK_HZ)
 
 TransmitCallback = Callable[[bytes], None]
-
-
-def _check_bits(device: str, name: str, value: int, mask: int) -> None:
-    """StateError unless ``value`` is an int using only the bits in ``mask``."""
-    check_range(device, name, value, 0, mask)
-    if value & ~mask:
-        raise StateError(device, f"{name}={value:#x} sets bits outside {mask:#x}")
-
-
-def _check_bool(device: str, name: str, value: object) -> None:
-    """StateError unless ``value`` is a bool (a state from a file must not smuggle in other truthy values)."""
-    if not isinstance(value, bool):
-        raise StateError(device, f"{name}={value!r} is not a bool")
 
 
 @dataclass(frozen=True)
@@ -311,23 +298,23 @@ class Serial16550:
         name = self.name
         s = check_state(name, state, Serial16550State)
         check_range(name, "divisor", s.divisor, 0, 0xFFFF)
-        _check_bits(name, "ier", s.ier, IER_MASK)
+        check_bits(name, "ier", s.ier, IER_MASK)
         check_range(name, "lcr", s.lcr, 0, 0xFF)
-        _check_bits(name, "mcr", s.mcr, MCR_MASK)
-        _check_bits(name, "fcr", s.fcr, FCR_ENABLE | FCR_DMA_MODE | FCR_TRIGGER_MASK)
+        check_bits(name, "mcr", s.mcr, MCR_MASK)
+        check_bits(name, "fcr", s.fcr, FCR_ENABLE | FCR_DMA_MODE | FCR_TRIGGER_MASK)
         if s.fcr and not s.fcr & FCR_ENABLE:
             raise StateError(name, f"fcr={s.fcr:#x} has FIFO settings with the FIFOs disabled")
         check_range(name, "scr", s.scr, 0, 0xFF)
-        _check_bits(name, "lsr_errors", s.lsr_errors, LSR_ERRORS)
-        _check_bits(name, "msr_deltas", s.msr_deltas, MSR_DELTAS)
-        _check_bits(name, "modem_inputs", s.modem_inputs, MSR_LINES)
+        check_bits(name, "lsr_errors", s.lsr_errors, LSR_ERRORS)
+        check_bits(name, "msr_deltas", s.msr_deltas, MSR_DELTAS)
+        check_bits(name, "modem_inputs", s.modem_inputs, MSR_LINES)
         if not isinstance(s.rx_fifo, bytes):
             raise StateError(name, f"rx_fifo must be bytes, not {type(s.rx_fifo).__name__}")
         fifo_enabled = bool(s.fcr & FCR_ENABLE)
         check_range(name, "len(rx_fifo)", len(s.rx_fifo), 0, FIFO_SIZE if fifo_enabled else 1)
         check_range(name, "last_rx", s.last_rx, 0, 0xFF)
-        _check_bool(name, "thr_ipending", s.thr_ipending)
-        _check_bool(name, "timeout_ipending", s.timeout_ipending)
+        check_bool(name, "thr_ipending", s.thr_ipending)
+        check_bool(name, "timeout_ipending", s.timeout_ipending)
         timeout_possible = fifo_enabled and bool(s.rx_fifo)  # the timeout only concerns data in the FIFO
         if s.timeout_ipending and not timeout_possible:
             raise StateError(name, "timeout_ipending without data in an enabled FIFO")

@@ -57,6 +57,21 @@ def check_range(device: str, field: str, value: int, low: int, high: int) -> int
     return value
 
 
+def check_bits(device: str, field: str, value: int, mask: int) -> int:
+    """``value`` if it is an int using only the bits in ``mask``, else StateError."""
+    check_range(device, field, value, 0, mask)
+    if value & ~mask:
+        raise StateError(device, f"{field}={value:#x} sets bits outside {mask:#x}")
+    return value
+
+
+def check_bool(device: str, field: str, value: object) -> bool:
+    """``value`` if it is a bool (a state read from a file must not smuggle in other truthy values)."""
+    if not isinstance(value, bool):
+        raise StateError(device, f"{field}={value!r} is not a bool")
+    return value
+
+
 class Stateful(Protocol):
     """A device model whose state can be saved and restored."""
 

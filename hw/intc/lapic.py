@@ -30,7 +30,7 @@ from functools import partial
 from typing import Callable, ClassVar
 
 from pyemu.hw.core.irq import IrqLine
-from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
+from pyemu.hw.core.state import DeviceState, StateError, check_bits, check_range, check_state
 from pyemu.hw.intc.api import InterruptController
 from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError
 from pyemu.hw.intc.lapic_timer import (
@@ -116,13 +116,6 @@ _RESERVED_READ_OFFSETS = frozenset({0x2F0})
 
 #: Timer mode for each value of LVT timer bits 17-18; the reserved value 3 counts as one-shot.
 _LVT_TIMER_MODES = (MODE_ONESHOT, MODE_PERIODIC, MODE_TSC_DEADLINE, MODE_ONESHOT)
-
-
-def _check_bits(name: str, value: int, mask: int) -> None:
-    """StateError unless ``value`` is an int using only the bits in ``mask``."""
-    check_range("lapic", name, value, 0, mask)
-    if value & ~mask:
-        raise StateError("lapic", f"{name}={value:#x} sets bits outside {mask:#x}")
 
 
 @dataclass(frozen=True)
@@ -339,23 +332,23 @@ class LocalApic:
         s = check_state("lapic", state, LapicState)
         for name in ("apic_id", "tpr", "esr", "esr_pending"):
             check_range("lapic", name, getattr(s, name), 0, 0xFF)
-        _check_bits("ldr", s.ldr, 0xFF000000)
+        check_bits("lapic", "ldr", s.ldr, 0xFF000000)
         check_range("lapic", "dfr", s.dfr, 0, 0xFFFFFFFF)
         if s.dfr & 0x0FFFFFFF != 0x0FFFFFFF:
             raise StateError("lapic", f"dfr={s.dfr:#x}: bits 0-27 are reserved and read as ones")
-        _check_bits("svr", s.svr, _SVR_WRITABLE)
+        check_bits("lapic", "svr", s.svr, _SVR_WRITABLE)
         for name in ("irr", "isr", "tmr"):
             value = getattr(s, name)
             check_range("lapic", name, value, 0, (1 << 256) - 1)
             if value & 0xFFFF:
                 raise StateError("lapic", f"{name} has vectors 0-15 set, which an APIC never accepts")
-        _check_bits("icr_low", s.icr_low, _ICR_LOW_WRITABLE)
-        _check_bits("icr_high", s.icr_high, 0xFF000000)
+        check_bits("lapic", "icr_low", s.icr_low, _ICR_LOW_WRITABLE)
+        check_bits("lapic", "icr_high", s.icr_high, 0xFF000000)
         if not isinstance(s.lvt, tuple) or len(s.lvt) != LVT_COUNT:
             raise StateError("lapic", f"lvt must be a tuple of {LVT_COUNT} entries, not {s.lvt!r}")
         for index, entry in enumerate(s.lvt):
             valid = _LVT_WRITABLE[index] | (LVT_REMOTE_IRR if index in (LVT_LINT0, LVT_LINT1) else 0)
-            _check_bits(f"lvt[{LVT_NAMES[index]}]", entry, valid)
+            check_bits("lapic", f"lvt[{LVT_NAMES[index]}]", entry, valid)
         if not isinstance(s.lint_levels, tuple) or len(s.lint_levels) != 2:
             raise StateError("lapic", f"lint_levels must be a pair, not {s.lint_levels!r}")
         for n, level in enumerate(s.lint_levels):
