@@ -49,7 +49,7 @@ from pyemu.guest.debs import (
 )
 from pyemu.guest.errors import OWN_ASSETS_HINT, CacheError, FetchUnavailable, PackageContentError
 from pyemu.guest.initramfs import build_initramfs, busybox_applets
-from pyemu.guest.modules import collect_modules, find_modules_root
+from pyemu.guest.modules import WANTED_MODULES, collect_modules, find_modules_root
 from pyemu.guest.vmlinux import extract_vmlinux_file
 
 Reporter = Callable[[str], None]
@@ -102,9 +102,11 @@ def run_fetch(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not force:
             existing = check_complete(target, verify_hashes=True)
-            if existing is not None:
+            if existing is not None and _modules_current(existing):
                 report(f"guest assets already complete in {target}")
                 return FetchResult(existing, False, time.monotonic() - started)
+            if existing is not None:
+                report(f"guest assets in {target} were built for another module list; rebuilding")
         try:
             scratch = Path(tempfile.mkdtemp(prefix=f".{ASSET_SET}.partial.", dir=target.parent))
         except OSError as exc:
@@ -118,6 +120,14 @@ def run_fetch(
     if assets is None:
         raise CacheError(f"the asset set in {target} is incomplete right after building it")
     return FetchResult(assets, True, time.monotonic() - started)
+
+
+def _modules_current(assets: GuestAssets) -> bool:
+    """Was the set built for today's :data:`WANTED_MODULES`? A set from before a driver was added (or
+    from before the manifest recorded the list) is rebuilt by ``fetch``, so the new driver reaches the
+    initramfs without anyone deleting the cache. :func:`find_assets` still accepts the older set: boot
+    tests that do not need the new driver keep running, and those that do check ``module_order``."""
+    return assets.manifest.get("wanted_modules") == list(WANTED_MODULES)
 
 
 def _install(built: Path, target: Path) -> None:
@@ -193,6 +203,7 @@ def _build_asset_set(scratch: Path, debs_dir: Path | None, report: Reporter) -> 
             busybox_deb.name: busybox_deb.version,
         },
         "modules": [m.name for m in modules],
+        "wanted_modules": list(WANTED_MODULES),
         "missing_modules": missing,
         "busybox_applets": len(applets or ()),
         "files": {name: file_record(output / name) for name in files},

@@ -22,9 +22,13 @@ from elftools.elf.elffile import ELFFile
 from pyemu.guest.errors import PackageContentError
 
 # The drivers a pyemu guest uses, in the order /init loads them (dependencies are added in front).
+# vsock: the AF_VSOCK core, the virtio transport's common half and its virtio driver (vhost-vsock-device);
+# Debian 6.1 builds all three as modules (net/vmw_vsock/). Changing this tuple makes ``pyemu-guest fetch``
+# rebuild an existing cache (the manifest records it; see guest/fetch.py).
 WANTED_MODULES = (
     "virtio_ring", "virtio", "virtio_mmio",
     "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
+    "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
 )
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 

@@ -141,10 +141,17 @@ def _build_net(props: PropReader, backends: Backends) -> VirtioDevice:
     return build_virtio_net(props, backends)
 
 
+def _build_vsock(props: PropReader, backends: Backends) -> VirtioDevice:
+    from pyemu.hw.virtio.vsock_plug import build_vhost_vsock
+
+    return build_vhost_vsock(props, backends)
+
+
 BUILDERS: dict[str, DeviceBuilder] = {
     "virtio-blk-device": _build_blk,
     "virtio-rng-device": _build_rng,
     "virtio-net-device": _build_net,
+    "vhost-vsock-device": _build_vsock,
 }
 
 
@@ -206,7 +213,7 @@ class VirtioPlugger:
         slot = VirtioMmioSlot(base=base, gsi=gsi, size=WINDOW_SIZE, level_triggered=False)
         try:
             transport = VirtioMmio(model, self.dma, self._interrupt(gsi), iothread, name=device_id)
-            # Devices with host file descriptors of their own (a TAP, sockets) watch them on this thread.
+            # Devices with host file descriptors of their own (a TAP, vsock sockets) watch them here.
             attach = getattr(model, "attach_iothread", None)
             if attach is not None:
                 attach(iothread)

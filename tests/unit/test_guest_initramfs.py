@@ -37,6 +37,9 @@ def write_modules_tree(root, compress_xz=("virtio_net",)):
         "kernel/net/core/failover": "",
         "kernel/drivers/char/virtio_console": "virtio,virtio_ring",
         "kernel/drivers/char/hw_random/virtio-rng": "virtio,virtio_ring",
+        "kernel/net/vmw_vsock/vsock": "",
+        "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common": "vsock",
+        "kernel/net/vmw_vsock/vmw_vsock_virtio_transport": "virtio,vmw_vsock_virtio_transport_common,virtio_ring,vsock",
         "kernel/fs/unrelated": "",
     }
     for relative, depends in layout.items():
@@ -69,6 +72,7 @@ def test_collect_orders_dependencies_first_and_decompresses(tmp_path):
     assert names == [
         "virtio_ring", "virtio", "virtio_mmio", "virtio_blk",
         "failover", "net_failover", "virtio_net", "virtio_console", "virtio_rng",
+        "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
     ]
     assert missing == []
     for module in modules:  # every dependency is loaded before its user
