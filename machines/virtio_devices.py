@@ -28,6 +28,7 @@ from pyemu.hw.acpi.dsdt import VirtioMmioSlot, virtio_mmio_device
 from pyemu.hw.core.device import BoardDevice, DeviceManager, IoRange
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.core.irq import EdgeInterrupt, IrqLine, NotifierInterrupt, PulseInterrupt
+from pyemu.hw.virtio.console_plug import PORT_DRIVERS  # ports plug into a virtio-serial-device, not a slot
 from pyemu.hw.virtio.device import VirtioDevice
 from pyemu.hw.virtio.mmio import WINDOW_SIZE, VirtioMmio
 from pyemu.machines import memmap
@@ -147,11 +148,18 @@ def _build_vsock(props: PropReader, backends: Backends) -> VirtioDevice:
     return build_vhost_vsock(props, backends)
 
 
+def _build_serial(props: PropReader, backends: Backends) -> VirtioDevice:
+    from pyemu.hw.virtio.console_plug import build_virtio_serial
+
+    return build_virtio_serial(props, backends)
+
+
 BUILDERS: dict[str, DeviceBuilder] = {
     "virtio-blk-device": _build_blk,
     "virtio-rng-device": _build_rng,
     "virtio-net-device": _build_net,
     "vhost-vsock-device": _build_vsock,
+    "virtio-serial-device": _build_serial,
 }
 
 
@@ -186,7 +194,7 @@ class VirtioPlugger:
                 raise ConfigError(f"-object: invalid object type: {entry.type}", option="-object")
 
     def handles(self, driver: str) -> bool:
-        return driver in BUILDERS
+        return driver in BUILDERS or driver in PORT_DRIVERS
 
     def _iothread(self, name: str | None, driver: str) -> IoThread:
         if name is None:
@@ -200,6 +208,10 @@ class VirtioPlugger:
         return thread
 
     def add(self, options: DeviceOptions) -> BoardDevice:
+        if options.driver in PORT_DRIVERS:
+            from pyemu.hw.virtio.console_plug import attach_virtconsole
+
+            return attach_virtconsole(PropReader(options), self.backends, self.transports, self.devices)
         slot_index = len(self.transports)
         if slot_index >= memmap.VIRTIO_MMIO_SLOTS:
             raise ConfigError(f"-device {options.driver}: the microvm board has {memmap.VIRTIO_MMIO_SLOTS} "

@@ -196,9 +196,10 @@ DEVICE_HELP = """Devices you can add with -device:
 isa-debug-exit          iobase=0xf4, iosize=4
 virtio-blk-device       drive=ID (a -drive if=none), serial=, num-queues=, queue-size=, iothread=, discard=, write-zeroes=
 virtio-rng-device       rng=ID (a -object rng-random), max-bytes=, period=, iothread=
-virtio-serial-device    iothread= (carries virtconsole ports)
-virtconsole             chardev=ID
-virtio-net-device       netdev=ID (a -netdev tap), mac=, iothread=
+virtio-serial-device    iothread=, max_ports=, emergency-write= (carries virtconsole/virtserialport ports)
+virtconsole             chardev=ID, name=, nr= (the guest's hvc console on the newest virtio-serial-device)
+virtserialport          chardev=ID, name=, nr= (a /dev/vportNpM port)
+virtio-net-device       netdev=ID (a -netdev tap), mac=, iothread=, rx_queue_size=, tx_queue_size=, mrg_rxbuf=, csum=, ...
 vhost-vsock-device      guest-cid=, uds-path=PATH (pyemu: host side over a Unix socket, as Firecracker)"""
 
 

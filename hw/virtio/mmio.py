@@ -416,7 +416,8 @@ class VirtioMmio:
                 self.device.activate(self.queues)
 
     def close(self) -> None:
+        """The device first: its backends (chardev threads, sockets) may still kick a queue notifier."""
+        self.device.close()
         for notifier in self.notifiers:
             self._iothread.remove_reader(notifier)
             notifier.close()
-        self.device.close()
