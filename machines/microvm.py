@@ -14,6 +14,7 @@ from typing import Callable
 
 from pyemu.accel.base import Accelerator
 from pyemu.chardev import NoneSpec, open_chardev, parse_chardev_spec
+from pyemu.chardev.spec import StdioSpec
 from pyemu.chardev.base import CharBackend
 from pyemu.errors import ConfigError
 from pyemu.hw.acpi.builder import AcpiConfig, build_acpi
@@ -199,6 +200,7 @@ class Microvm(Machine):
         devices.add(BoardDevice("ged", self.ged, driver="acpi-ged", ranges=(
             IoRange("mmio", memmap.GED_BASE, memmap.GED_SIZE, self.ged),)))
 
+        self._check_chardevs()
         self._build_serial_ports(on_quit)
         self.virtio = VirtioPlugger(config=self.config, devices=devices,
                                     dma=DmaMemory(self.memory, getattr(accel, "invalidate_code", None)),
@@ -232,6 +234,20 @@ class Microvm(Machine):
         if self.pic is None:
             return ioapic_pin
         return fanout(self.pic.pin(irq), ioapic_pin, name=f"isa-irq{irq}")
+
+    def _check_chardevs(self) -> None:
+        """Every ``-chardev`` is validated at start-up, used or not (as QEMU does), and stdio can have one
+        reader only: a ``-chardev stdio`` next to a serial port on stdio would split the user's typing."""
+        from pyemu.chardev.options import parse_chardev_options
+
+        stdio = [c.id for c in self.config.chardevs if isinstance(parse_chardev_options(c).spec, StdioSpec)]
+        serial_on_stdio = self.features.isa_serial and any(
+            isinstance(parse_chardev_spec(text, option="-serial"), StdioSpec)
+            for text in (self.config.serial or ("stdio",)))
+        if len(stdio) + serial_on_stdio > 1:
+            raise ConfigError("cannot use stdio by multiple character devices"
+                              + (" (add -serial none or -serial null)" if serial_on_stdio else ""),
+                              option="-chardev")
 
     def _build_serial_ports(self, on_quit: Callable[[], None] | None) -> None:
         if not self.features.isa_serial:
