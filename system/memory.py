@@ -64,6 +64,7 @@ class GuestMemory:
         if not regions:
             raise ConfigError("guest memory needs at least one RAM region")
         self.regions: tuple[RamRegion, ...] = tuple(regions)
+        self._spans: tuple[tuple[int, int, int], ...] = tuple((r.gpa, r.end, r.offset) for r in regions)
         self.total_size = offset
         try:
             self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
@@ -87,7 +88,28 @@ class GuestMemory:
 
     def contains(self, gpa: int, size: int = 1) -> bool:
         """True when ``[gpa, gpa+size)`` lies wholly inside one RAM region."""
-        return any(r.gpa <= gpa and gpa + size <= r.end for r in self.regions) and size >= 0
+        if size < 0:
+            return False
+        for start, end, _offset in self._spans:
+            if start <= gpa and gpa + size <= end:
+                return True
+        return False
+
+    def host_offset(self, gpa: int, size: int) -> int:
+        """Where ``[gpa, gpa+size)`` starts in :attr:`buffer` (the whole memfd mapping); GuestMemoryError if
+        it is not wholly inside one RAM region. The hot path of device DMA: one loop over a tuple."""
+        if size >= 0:
+            for start, end, offset in self._spans:
+                if start <= gpa and gpa + size <= end:
+                    return offset + gpa - start
+        raise GuestMemoryError(
+            f"guest access at {gpa:#x} of {size} bytes is outside guest RAM", gpa=gpa, size=size
+        )
+
+    @property
+    def buffer(self) -> memoryview:
+        """All of guest RAM as one writable view, indexed by :meth:`host_offset` (not by address)."""
+        return self._buffer
 
     def host_address(self, region: RamRegion) -> int:
         """Host virtual address of the first byte of ``region`` (for accelerators)."""
@@ -96,8 +118,7 @@ class GuestMemory:
     # -- access -----------------------------------------------------------------------------------------
     def view(self, gpa: int, size: int) -> memoryview:
         """A writable zero-copy view of guest RAM ``[gpa, gpa+size)``."""
-        region = self.region_of(gpa, size)
-        start = region.offset + (gpa - region.gpa)
+        start = self.host_offset(gpa, size)
         return self._buffer[start : start + size]
 
     def read(self, gpa: int, size: int) -> bytes:

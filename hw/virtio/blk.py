@@ -180,11 +180,11 @@ class VirtioBlk(VirtioDevice):
         feature = F_DISCARD if kind == T_DISCARD else F_WRITE_ZEROES
         if not self.context.driver_features & feature or self.backend.read_only:  # type: ignore[union-attr]
             return S_UNSUPP if not self.backend.read_only else S_IOERR
-        payload = chain.read(self.context.dma, HEADER.size)  # type: ignore[union-attr]
-        if not payload or len(payload) % SEGMENT_STRUCT.size:
+        # Check the size before copying anything: an indirect table can make the payload gigabytes long.
+        size = chain.readable_length - HEADER.size
+        if size <= 0 or size % SEGMENT_STRUCT.size or size // SEGMENT_STRUCT.size > MAX_DISCARD_SEGMENTS:
             return S_IOERR
-        if len(payload) // SEGMENT_STRUCT.size > MAX_DISCARD_SEGMENTS:
-            return S_IOERR
+        payload = chain.read(self.context.dma, HEADER.size, size)  # type: ignore[union-attr]
         for sector, count, flags in SEGMENT_STRUCT.iter_unpack(payload):
             if count > MAX_DISCARD_SECTORS or not self._in_range(sector, count * SECTOR):
                 return S_IOERR

@@ -19,6 +19,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 
 from pyemu.errors import GuestMemoryError
 from pyemu.hw.core.dma import DmaMemory
@@ -30,6 +31,7 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
+_DESCRIPTOR = struct.Struct("<QIHH")  # address, length, flags, next
 MAX_SEGMENT_TOTAL = 1 << 32
 """A chain's bytes in one direction must fit the used ring's 32-bit length field."""
 
@@ -48,24 +50,25 @@ class DescriptorChain:
     head: int
     segments: tuple[Segment, ...]
 
-    @property
+    @cached_property
     def readable_length(self) -> int:
         return sum(s.length for s in self.segments if not s.writable)
 
-    @property
+    @cached_property
     def writable_length(self) -> int:
         return sum(s.length for s in self.segments if s.writable)
 
-    def views(self, dma: DmaMemory, *, writable: bool, start: int = 0, length: int | None = None) -> list[memoryview]:
-        """Zero-copy views of ``length`` bytes from byte ``start`` of the readable (or writable) stream.
-        Asking for more than the stream holds raises VirtqueueError (a request too short for its type)."""
+    def _ranges(self, *, writable: bool, start: int = 0, length: int | None = None) -> list[tuple[int, int]]:
+        """The guest ``(gpa, size)`` pieces of ``length`` bytes from byte ``start`` of the readable (or
+        writable) stream. Asking for more than the stream holds raises VirtqueueError (a request too short
+        for its type)."""
         total = self.writable_length if writable else self.readable_length
         if length is None:
             length = total - start
         if start < 0 or length < 0 or start + length > total:
             raise VirtqueueError(-1, f"request needs bytes {start}..{start + length} of a "
                                      f"{'writable' if writable else 'readable'} area of {total}")
-        views: list[memoryview] = []
+        pieces: list[tuple[int, int]] = []
         cursor = 0
         end = start + length
         for segment in self.segments:
@@ -75,10 +78,14 @@ class DescriptorChain:
             cursor = seg_end
             lo, hi = max(seg_start, start), min(seg_end, end)
             if lo < hi:
-                views.append(dma.view(segment.gpa + (lo - seg_start), hi - lo))
+                pieces.append((segment.gpa + (lo - seg_start), hi - lo))
             if cursor >= end:
                 break
-        return views
+        return pieces
+
+    def views(self, dma: DmaMemory, *, writable: bool, start: int = 0, length: int | None = None) -> list[memoryview]:
+        """Zero-copy views of the pieces :meth:`_ranges` names (same arguments, same VirtqueueError)."""
+        return [dma.view(gpa, size) for gpa, size in self._ranges(writable=writable, start=start, length=length)]
 
     def read(self, dma: DmaMemory, start: int = 0, length: int | None = None) -> bytes:
         """Copy bytes out of the readable stream (headers; payloads use :meth:`views`)."""
@@ -86,10 +93,13 @@ class DescriptorChain:
 
     def write(self, dma: DmaMemory, data: bytes, start: int = 0) -> None:
         """Copy ``data`` into the writable stream at ``start`` (and report it to the DMA layer)."""
+        pieces = self._ranges(writable=True, start=start, length=len(data))
+        views = [dma.view(gpa, size) for gpa, size in pieces]  # all pieces checked before any byte is written
         offset = 0
-        for view in self.views(dma, writable=True, start=start, length=len(data)):
-            view[:] = data[offset : offset + len(view)]
-            offset += len(view)
+        for (gpa, size), view in zip(pieces, views):
+            view[:] = data[offset : offset + size]
+            dma.wrote(gpa, size)
+            offset += size
 
     def written_ranges(self, written: int) -> list[tuple[int, int]]:
         """Guest ranges covered by the first ``written`` bytes of the writable stream."""
@@ -198,24 +208,26 @@ class Virtqueue:
             self._put_u16(dma, self.used_addr + 4 + 8 * self.size, self.last_avail)
         return chain
 
-    def _descriptor(self, dma: DmaMemory, table: int, index: int) -> tuple[int, int, int, int]:
+    def _table_view(self, dma: DmaMemory, table: int, entries: int) -> memoryview:
         try:
-            return struct.unpack_from("<QIHH", dma.view(table + DESC_SIZE * index, DESC_SIZE))
+            return dma.view(table, DESC_SIZE * entries)
         except GuestMemoryError as exc:
-            raise VirtqueueError(self.index, f"descriptor {index} at {table + DESC_SIZE * index:#x} is "
-                                             "outside guest RAM") from exc
+            raise VirtqueueError(self.index, f"descriptor table at {table:#x} ({entries} entries) is outside "
+                                             "guest RAM") from exc
 
     def _walk(self, dma: DmaMemory, head: int) -> tuple[Segment, ...]:
         segments: list[Segment] = []
         totals = [0, 0]
         table, table_size, index, in_indirect = self.desc_addr, self.size, head, False
+        entries = self._table_view(dma, table, table_size)  # one view per table, not one per descriptor
+        unpack = _DESCRIPTOR.unpack_from
         visited = 0
         while True:
             visited += 1
             if visited > table_size:
                 raise VirtqueueError(self.index, f"descriptor chain from {head} is longer than its "
                                                  f"{table_size}-entry table (a loop?)")
-            addr, length, flags, nxt = self._descriptor(dma, table, index)
+            addr, length, flags, nxt = unpack(entries, DESC_SIZE * index)
             if flags & DESC_F_INDIRECT:
                 if not self.indirect:
                     raise VirtqueueError(self.index, "indirect descriptor without VIRTIO_F_INDIRECT_DESC")
@@ -229,6 +241,7 @@ class Virtqueue:
                 if not dma.contains(addr, length):
                     raise VirtqueueError(self.index, f"indirect table at {addr:#x}+{length:#x} is outside guest RAM")
                 table, table_size, index, in_indirect = addr, length // DESC_SIZE, 0, True
+                entries = self._table_view(dma, table, table_size)
                 visited = 0
                 continue
             writable = bool(flags & DESC_F_WRITE)

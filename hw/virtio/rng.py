@@ -20,6 +20,9 @@ from pyemu.hw.virtio.queue import Virtqueue
 QUEUE_SIZE = 64
 DEFAULT_PERIOD_MS = 1 << 16
 UNLIMITED = (1 << 63) - 1
+MAX_REQUEST = 1 << 16
+IOV_MAX = 1024  # os.readv takes at most this many buffers
+"""Bytes given per request at most (a guest asking for gigabytes gets a short answer, as the spec allows)."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +50,9 @@ class EntropySource:
             raise ConfigError(f"rng-random: Could not open '{filename}': {exc.strerror}", option="-object") from exc
         self.filename = filename
 
-    def read(self, size: int) -> bytes:
-        return os.read(self.fd, size)
+    def readinto(self, buffers: list[memoryview]) -> int:
+        """Fill guest buffers straight from the source (no host copy sized by the guest's request)."""
+        return os.readv(self.fd, buffers)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -91,12 +95,11 @@ class VirtioRng(VirtioDevice):
             chain = queue.pop(dma)
             if chain is None:
                 break
-            wanted = min(chain.writable_length, self._budget)
-            data = self.source.read(wanted) if wanted else b""
-            chain.write(dma, data)
-            self._budget -= len(data)
-            self.bytes_given += len(data)
-            queue.push(dma, chain, len(data))
+            wanted = min(chain.writable_length, self._budget, MAX_REQUEST)
+            given = self.source.readinto(chain.views(dma, writable=True, length=wanted)[:IOV_MAX]) if wanted else 0
+            self._budget -= given
+            self.bytes_given += given
+            queue.push(dma, chain, given)  # reports the written range to the DMA layer
             served += 1
         if served:
             self.context.notify_queue(queue)
