@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
-from pyemu.errors import ConfigError, GuestMemoryError
+from pyemu.errors import ConfigError
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.core.state import DeviceState, StateError, check_state
 from pyemu.hw.virtio.device import ID_NET, VirtioDevice, pack_config
@@ -191,35 +191,6 @@ class _Outcome(Enum):
     WAIT = 3
 
 
-def _unpop(queue: Virtqueue, count: int) -> None:
-    """Give the last ``count`` popped chains back to the available ring (QEMU's ``virtqueue_unpop``), so
-    buffers the device could not use yet stay the driver's and survive a snapshot. ``avail_event`` needs
-    no change: the pops set it to the index after the last chain the driver offered, so the driver's next
-    buffer still notifies us."""
-    queue.last_avail = (queue.last_avail - count) & 0xFFFF
-    queue.popped -= count
-
-
-def _push_batch(queue: Virtqueue, dma: DmaMemory, entries: list[tuple[DescriptorChain, int]]) -> None:
-    """Like :meth:`Virtqueue.push` for several chains, but the used index is published once, after every
-    entry is written (QEMU's ``virtqueue_fill`` + ``virtqueue_flush``): a driver must never see the first
-    buffer of a merged frame before the rest."""
-    index = queue.used_idx
-    try:
-        for chain, written in entries:
-            written = max(0, min(written, chain.writable_length))
-            for gpa, size in chain.written_ranges(written):
-                dma.wrote(gpa, size)
-            slot = index % queue.size
-            struct.pack_into("<II", dma.view(queue.used_addr + 4 + 8 * slot, 8), 0, chain.head, written)
-            index = (index + 1) & 0xFFFF
-        struct.pack_into("<H", dma.view(queue.used_addr + 2, 2), 0, index)
-    except GuestMemoryError as exc:
-        raise VirtqueueError(queue.index, "used ring outside guest RAM") from exc
-    queue.used_idx = index
-    queue.pushed += len(entries)
-
-
 class VirtioNet(VirtioDevice):
     device_id = ID_NET
     name = "virtio-net"
@@ -363,7 +334,7 @@ class VirtioNet(VirtioDevice):
                     raise VirtqueueError(queue.index, f"transmit chain {chain.head} has {chain.readable_length} "
                                                       f"readable bytes, less than the {HDR_LEN}-byte header")
                 if not self._transmit(chain, dma):
-                    _unpop(queue, 1)
+                    queue.unpop(1)
                     self._schedule_tx_retry()
                     return
                 queue.push(dma, chain, 0)
@@ -506,7 +477,7 @@ class VirtioNet(VirtioDevice):
             if not self._mrg:
                 break
         if capacity < total:
-            _unpop(queue, len(chains))
+            queue.unpop(len(chains))
             if chains and (not self._mrg or len(chains) >= queue.size):
                 # Nothing the driver can post would hold it: drop it, keep the buffers for the next frame.
                 self._rx_len = 0
@@ -532,7 +503,7 @@ class VirtioNet(VirtioDevice):
         if len(entries) == 1:
             queue.push(dma, chains[0], entries[0][1])
         else:
-            _push_batch(queue, dma, entries)
+            queue.push_many(dma, entries)
         self._rx_len = 0
         self.rx_frames += 1
         self.rx_bytes += total - HDR_LEN

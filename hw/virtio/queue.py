@@ -265,17 +265,32 @@ class Virtqueue:
     # -- the used side ----------------------------------------------------------------------------------
     def push(self, dma: DmaMemory, chain: DescriptorChain, written: int) -> None:
         """Give ``chain`` back with ``written`` bytes written into its writable segments."""
-        written = max(0, min(written, chain.writable_length))
-        for gpa, size in chain.written_ranges(written):
-            dma.wrote(gpa, size)
-        slot = self.used_idx % self.size
+        self.push_many(dma, [(chain, written)])
+
+    def push_many(self, dma: DmaMemory, entries: list[tuple[DescriptorChain, int]]) -> None:
+        """Give several chains back; the used index is published once, after every entry is written
+        (QEMU's fill + flush), so a driver never sees the first buffer of a merged frame before the rest."""
+        index = self.used_idx
         try:
-            struct.pack_into("<II", dma.view(self.used_addr + 4 + 8 * slot, 8), 0, chain.head, written)
+            for chain, written in entries:
+                written = max(0, min(written, chain.writable_length))
+                for gpa, size in chain.written_ranges(written):
+                    dma.wrote(gpa, size)
+                slot = index % self.size
+                struct.pack_into("<II", dma.view(self.used_addr + 4 + 8 * slot, 8), 0, chain.head, written)
+                index = (index + 1) & 0xFFFF
         except GuestMemoryError as exc:
             raise VirtqueueError(self.index, "used ring outside guest RAM") from exc
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        self._put_u16(dma, self.used_addr + 2, self.used_idx)
-        self.pushed += 1
+        self._put_u16(dma, self.used_addr + 2, index)
+        self.used_idx = index
+        self.pushed += len(entries)
+
+    def unpop(self, count: int) -> None:
+        """Give the last ``count`` popped chains back to the available ring (QEMU's virtqueue_unpop), so
+        buffers the device cannot use yet stay the driver's. ``avail_event`` needs no change: the pops set
+        it past the last chain offered, so the driver's next buffer still notifies."""
+        self.last_avail = (self.last_avail - count) & 0xFFFF
+        self.popped -= count
 
     def should_interrupt(self, dma: DmaMemory) -> bool:
         """After pushes: does the driver want an interrupt for them? (Call once per batch.)"""
