@@ -182,10 +182,12 @@ def build_dsdt_aml(
     Virtio slots get ``_UID`` and device names from their position in ``virtio_slots``. ``device_aml``
     holds terms devices built themselves (serial ports and virtio slots on a board with a device manager).
     """
+    # Device terms from the board come right after the serial ports they usually describe, so the PNP
+    # devices keep their numbering (COM1 00:00, RTC 00:01) whoever supplies them.
     devices = [serial_port_device(p, legacy_pic=legacy_pic) for p in serial_ports]
+    devices += list(device_aml)
     if rtc:
         devices.append(rtc_device(legacy_pic=legacy_pic))
     devices += [ged_device(ged_layout), power_button_device()]
     devices += [virtio_mmio_device(uid, slot) for uid, slot in enumerate(virtio_slots)]
-    devices += list(device_aml)
     return scope("\\_SB", *devices) + s5_sleep_state()
