@@ -253,8 +253,15 @@ def test_host_tsc_rate_matches_what_the_guest_measures() -> None:
     uc.mem_map(0, 0x2000)
     uc.mem_write(0x1000, bytes([0x0F, 0x31]))
     _sample(uc)
-    start_ns, start = _sample(uc)
-    time.sleep(0.5)
-    end_ns, end = _sample(uc)
-    measured = (end - start) * 1e9 / (end_ns - start_ns)
-    assert abs(measured - hz) / hz < 0.001  # a fixed 2.6 GHz is ~0.2% off here
+    # A busy shared host can disturb one 0.5 s window (a CI run measured 0.27% off once); a wrong rate is
+    # off in every window, so the closest of three must be within 0.1% (a fixed 2.6 GHz is ~0.2% off here).
+    errors = []
+    for _ in range(3):
+        start_ns, start = _sample(uc)
+        time.sleep(0.5)
+        end_ns, end = _sample(uc)
+        measured = (end - start) * 1e9 / (end_ns - start_ns)
+        errors.append(abs(measured - hz) / hz)
+        if errors[-1] < 0.001:
+            break
+    assert min(errors) < 0.001, errors
