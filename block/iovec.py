@@ -57,24 +57,18 @@ def zero_fill(views: Sequence[memoryview]) -> None:
 
 def copy_out(views: Sequence[memoryview], pos: int, dst: memoryview) -> None:
     """``dst[:] = concatenation(views)[pos:pos + len(dst)]``."""
-    done = 0
-    want = dst.nbytes
-    for view in views:
-        if done >= want:
-            return
-        if pos >= view.nbytes:
-            pos -= view.nbytes
-            continue
-        take = min(view.nbytes - pos, want - done)
-        dst[done:done + take] = view[pos:pos + take]
-        done += take
-        pos = 0
+    _copy(views, pos, dst, into_views=False)
 
 
 def copy_in(views: Sequence[memoryview], pos: int, src: memoryview) -> None:
     """``concatenation(views)[pos:pos + len(src)] = src``."""
+    _copy(views, pos, src, into_views=True)
+
+
+def _copy(views: Sequence[memoryview], pos: int, flat: memoryview, *, into_views: bool) -> None:
+    """Copy between ``flat`` and the byte range at ``pos`` of the concatenated ``views``."""
     done = 0
-    want = src.nbytes
+    want = flat.nbytes
     for view in views:
         if done >= want:
             return
@@ -82,7 +76,10 @@ def copy_in(views: Sequence[memoryview], pos: int, src: memoryview) -> None:
             pos -= view.nbytes
             continue
         take = min(view.nbytes - pos, want - done)
-        view[pos:pos + take] = src[done:done + take]
+        if into_views:
+            view[pos:pos + take] = flat[done:done + take]
+        else:
+            flat[done:done + take] = view[pos:pos + take]
         done += take
         pos = 0
 

@@ -23,6 +23,14 @@ INPUT_RETRY_INTERVAL = 0.05
 THREAD_JOIN_TIMEOUT = 2.0
 
 
+def append_bounded(buffer: bytearray, data: bytes, limit: int) -> int:
+    """Queue ``data`` for a slow reader, keeping ``buffer`` at most ``limit`` bytes; returns how many bytes
+    did not fit (dropped: output must never block the device model that writes it)."""
+    room = max(0, limit - len(buffer))
+    buffer += data[:room]
+    return max(0, len(data) - room)
+
+
 def host_warning(message: str) -> None:
     """One line on stderr for host-side trouble that must not stop the VM (as QEMU's warn_report)."""
     try:

@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from pyemu.chardev.base import CharBackend, host_warning
+from pyemu.chardev.base import CharBackend, append_bounded, host_warning
 from pyemu.chardev.errors import ChardevError
 
 READ_CHUNK = 4096
@@ -126,11 +126,7 @@ class PtyBackend(CharBackend):
                     return
                 data = data[sent:]
             if data:
-                room = max(0, self.output_limit - len(self._output))
-                if len(data) > room:
-                    self.bytes_dropped += len(data) - room
-                    data = data[:room]
-                self._output += data
+                self.bytes_dropped += append_bounded(self._output, data, self.output_limit)
                 wake = True
         if wake:
             self._wake.wake()

@@ -18,7 +18,7 @@ import sys
 import threading
 from typing import Callable
 
-from pyemu.chardev.base import CharBackend, Selectable, host_warning
+from pyemu.chardev.base import CharBackend, Selectable, append_bounded, host_warning
 from pyemu.chardev.errors import ChardevError, ChardevTimeoutError
 from pyemu.chardev.spec import SocketSpec
 
@@ -195,11 +195,7 @@ class SocketBackend(CharBackend):
                     return
                 data = data[sent:]
             if data:
-                room = max(0, self.output_limit - len(self._output))
-                if len(data) > room:
-                    self.bytes_dropped += len(data) - room
-                    data = data[:room]
-                self._output += data
+                self.bytes_dropped += append_bounded(self._output, data, self.output_limit)
                 wake = True
         if wake:
             self._wake.wake()
