@@ -29,12 +29,19 @@ def _read_tsc(uc: Uc) -> int:
     return (uc.reg_read(UC_X86_REG_RDX) << 32) | (uc.reg_read(UC_X86_REG_RAX) & 0xFFFFFFFF)
 
 
-def _sample(uc: Uc) -> tuple[float, int]:
-    """(host ns, TSC): the TSC read paired with the midpoint of the clock readings around it."""
-    before = time.monotonic_ns()
-    tsc = _read_tsc(uc)
-    after = time.monotonic_ns()
-    return (before + after) / 2, tsc
+def _sample(uc: Uc, tries: int = 20) -> tuple[float, int]:
+    """(host ns, TSC): the TSC read paired with the midpoint of the clock readings around it. Of
+    ``tries`` readings the one with the tightest bracket wins: on a busy host a thread preempted between
+    the clock reads would otherwise pair the TSC with a time milliseconds off."""
+    best: tuple[int, float, int] | None = None
+    for _ in range(tries):
+        before = time.monotonic_ns()
+        tsc = _read_tsc(uc)
+        after = time.monotonic_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, (before + after) / 2, tsc)
+    assert best is not None
+    return best[1], best[2]
 
 
 @functools.cache

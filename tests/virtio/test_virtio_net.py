@@ -450,7 +450,8 @@ def test_closed_backend_warns_once_and_stops_receiving(rig: Rig, capfd: pytest.C
     driver.initialise(queues={0: 16, 1: 16})
     post_rx(driver, 1, 2048)
     backend.host.close()  # the "TAP" goes away: the device reads end-of-file
-    assert wait_for(lambda: "NIC stops receiving" in capfd.readouterr().err)
+    errors: list[str] = []  # readouterr() drains: keep what earlier polls read
+    assert wait_for(lambda: errors.append(capfd.readouterr().err) or "NIC stops receiving" in "".join(errors))
     assert idle_iterations(rig) < 10
     assert not transport.broken  # a host problem is not the guest's fault
 
