@@ -34,13 +34,18 @@ class BlockCapabilities:
 
 @dataclass(frozen=True)
 class BlockStatus:
-    """One extent starting at ``offset``: ``allocated`` means data is stored for it, ``zero`` means it reads
-    as zeros (a hole in a sparse file is ``allocated=False, zero=True``)."""
+    """One extent starting at ``offset``: ``allocated`` means this node defines the contents (stored data, or
+    for a format with backing files a zero marker: ``allocated=False`` then means "as the backing file"),
+    ``zero`` means it reads as zeros (a hole in a sparse file is ``allocated=False, zero=True``).
+    ``host_offset`` is where the data lies in the node's file (None when it is not stored plainly: zero,
+    compressed or unallocated), ``compressed`` marks compressed qcow2 clusters. Both feed ``map`` output."""
 
     offset: int
     length: int
     allocated: bool
     zero: bool
+    host_offset: int | None = None
+    compressed: bool = False
 
 
 @runtime_checkable

@@ -10,7 +10,8 @@ image at the same time.
 
 The size is read once at open: it is the disk's capacity, which a device reads once too. A file that
 shrinks behind our back reads as zeros past its new end; requests past the capacity are refused, so a
-write never grows the file.
+write never grows the file -- unless the node was opened ``growable`` (the file under a qcow2 node, which
+appends clusters): then writes may extend it and :meth:`FileProtocol.truncate` sets its length.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import BlockPerm, ImageLock, default_permissions
 
 LOCKING_MODES = ("auto", "on", "off")
+MAX_FILE_SIZE = (1 << 63) - 1  # off_t
 
 # fallocate/lseek errnos meaning "this filesystem or device cannot do that" (remembered, not retried) ...
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY)
@@ -47,8 +49,10 @@ class FileProtocol:
     name = "file"
 
     def __init__(self, *, fd: int, filename: str, size: int, read_only: bool, is_block_device: bool,
-                 direct: DirectIO | None, lock: ImageLock | None) -> None:
+                 direct: DirectIO | None, lock: ImageLock | None, growable: bool = False) -> None:
         self._fd = fd
+        self.growable = growable
+        self._size_lock = threading.Lock()
         self.filename = filename
         self._size = size
         self.read_only = read_only
@@ -68,7 +72,8 @@ class FileProtocol:
 
     @classmethod
     def open(cls, filename: str, *, read_only: bool = False, direct: bool = False, locking: str = "auto",
-             perm: BlockPerm | None = None, shared: BlockPerm | None = None) -> "FileProtocol":
+             perm: BlockPerm | None = None, shared: BlockPerm | None = None,
+             growable: bool = False) -> "FileProtocol":
         """Open ``filename`` and take QEMU-compatible image locks.
 
         ``perm``/``shared`` default to what a QEMU virtio-blk drive holds (see
@@ -107,7 +112,7 @@ class FileProtocol:
                 extra_fd = os.open(filename, flags)
                 direct_io = DirectIO(fd, extra_fd, size, dio_alignment(fd))
             return cls(fd=fd, filename=filename, size=size, read_only=read_only, is_block_device=is_block_device,
-                       direct=direct_io, lock=lock)
+                       direct=direct_io, lock=lock, growable=growable and not is_block_device)
         except BaseException:
             os.close(fd)
             if extra_fd >= 0:
@@ -137,7 +142,7 @@ class FileProtocol:
     def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
         views = byte_views(buffers, writable=False)
         length = total_length(views)
-        check_request(offset, length, self._size, what="write")
+        self._check_target(offset, length, "write")
         self._check_writable("write", offset, length)
         if not length:
             return
@@ -149,6 +154,7 @@ class FileProtocol:
                 write_full(self._fd, offset, views)
         except OSError as exc:
             raise BlockIOError.from_os_error("write", self.filename, exc, offset=offset, length=length) from exc
+        self._grew_to(offset + length)
 
     def flush(self) -> None:
         self._check_open(-1, -1)
@@ -184,11 +190,17 @@ class FileProtocol:
 
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
         """Punch a hole (``may_unmap``), else zero the range in place (ZERO_RANGE), else write zeros."""
-        check_request(offset, length, self._size, what="write-zeroes")
+        self._check_target(offset, length, "write-zeroes")
         self._check_writable("write-zeroes", offset, length)
         if not length:
             return
         self._check_open(offset, length)
+        end = offset + length
+        if end > self._size:  # growing: zeros past the end are what ftruncate gives
+            if offset < self._size:
+                self.write_zeroes(offset, self._size - offset, may_unmap=may_unmap)
+            self.truncate(end)
+            return
         try:
             with self._serialised(offset, length):
                 if may_unmap and self._try_fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length):
@@ -199,6 +211,25 @@ class FileProtocol:
         except OSError as exc:
             raise BlockIOError.from_os_error("write-zeroes", self.filename, exc, offset=offset,
                                              length=length) from exc
+
+    def truncate(self, size: int) -> None:
+        """Set the file's length (growable nodes only: the qcow2 driver grows and trims its file)."""
+        if not self.growable:
+            raise BlockIOError(f"'{self.filename}' cannot be resized", errno=errno.ENOTSUP)
+        self._check_target(size, 0, "truncate")
+        self._check_writable("truncate", size, 0)
+        self._check_open(size, 0)
+        with self._size_lock:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as exc:
+                raise BlockIOError.from_os_error("truncate", self.filename, exc, offset=size) from exc
+            self._size = size
+
+    def allocated_bytes(self) -> int:
+        """Bytes the host file really occupies (st_blocks), qemu-img's "disk size"."""
+        self._check_open(-1, -1)
+        return os.fstat(self._fd).st_blocks * 512
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         check_request(offset, length, self._size, what="block-status", nonempty=True)
@@ -246,6 +277,15 @@ class FileProtocol:
     def _check_open(self, offset: int, length: int) -> None:
         if self._closed:
             raise BlockIOError(f"'{self.filename}' is closed", errno=errno.EBADF, offset=offset, length=length)
+
+    def _check_target(self, offset: int, length: int, what: str) -> None:
+        """Writes stay inside the file -- or, on a growable node, anywhere below the largest file size."""
+        check_request(offset, length, MAX_FILE_SIZE if self.growable else self._size, what=what)
+
+    def _grew_to(self, end: int) -> None:
+        if end > self._size:
+            with self._size_lock:
+                self._size = max(self._size, end)
 
     def _check_writable(self, op: str, offset: int, length: int) -> None:
         if self.read_only:

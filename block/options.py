@@ -11,22 +11,25 @@ QEMU would (raw over file) and returns the BlockBackend a device attaches to.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 from pyemu.block.backend import BlockBackend, CacheMode
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockConfigError
 from pyemu.block.file import LOCKING_MODES, FileProtocol
 from pyemu.block.locking import default_permissions
+from pyemu.block.image import open_image, probe_format
 from pyemu.block.raw import SECTOR_SIZE, RawFormat
 
-FORMATS = ("raw", "file")
+FORMATS = ("raw", "qcow2", "file")
 INTERFACES = ("none", "virtio")
 UNSUPPORTED_INTERFACES = ("ide", "scsi", "floppy", "pflash", "mtd", "sd", "xen")
 AIO_MODES = ("threads", "native")
-_KNOWN_FORMATS_NOT_YET = ("qcow2", "qcow", "vmdk", "vdi", "vhdx", "vpc", "qed", "luks", "dmg", "parallels",
+_KNOWN_FORMATS_NOT_YET = ("qcow", "vmdk", "vdi", "vhdx", "vpc", "qed", "luks", "dmg", "parallels",
                           "cloop", "bochs", "vvfat", "nbd", "host_device", "host_cdrom")
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 _SIZE_RE = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)\s*([bBkKmMgGtTpPeE]?)\Z")
@@ -74,7 +77,8 @@ class DriveOptions:
     """A validated ``-drive``. ``interface`` is QEMU's ``if``; ``discard`` is normalised to ignore|unmap."""
 
     file: str
-    format: str = "raw"
+    format: str | None = None
+    """None: probe (qcow2 by its magic, else raw with a warning and block 0 guarded), as QEMU."""
     interface: str = "none"
     id: str | None = None
     readonly: bool = False
@@ -94,8 +98,8 @@ class DriveOptions:
         if not self.file:
             raise _error("parameter 'file' is required (empty drives are not supported)")
         if self.format in _KNOWN_FORMATS_NOT_YET:
-            raise _error(f"format '{self.format}' is not supported yet (only raw)")
-        if self.format not in FORMATS:
+            raise _error(f"format '{self.format}' is not supported yet (only raw and qcow2)")
+        if self.format is not None and self.format not in FORMATS:
             raise _error(f"Unknown driver '{self.format}'")
         if self.interface in UNSUPPORTED_INTERFACES:
             raise _error(f"if={self.interface} is not supported (use if=virtio or if=none)")
@@ -126,15 +130,13 @@ class DriveOptions:
             raise _error(f"'{self.media}' invalid media")
         if self.index is not None and (type(self.index) is not int or self.index < 0):  # noqa: E721
             raise _error(f"Parameter 'index' expects a non-negative integer, not {self.index!r}")
-        if self.snapshot:
-            raise _error("snapshot=on is not supported yet")
         if type(self.offset) is not int or self.offset < 0:  # noqa: E721
             raise _error(f"Parameter 'offset' expects a non-negative integer, not {self.offset!r}")
         if self.size is not None and (type(self.size) is not int or self.size < 0):  # noqa: E721
             raise _error(f"Parameter 'size' expects a non-negative integer, not {self.size!r}")
         if self.size is not None and self.size % SECTOR_SIZE:
             raise _error(f"Specified size is not multiple of {SECTOR_SIZE}")
-        if self.format != "raw" and (self.offset or self.size is not None):
+        if self.format not in ("raw", None) and (self.offset or self.size is not None):
             raise _error(f"Block format '{self.format}' does not support the option "
                          f"'{'offset' if self.offset else 'size'}'")
 
@@ -154,6 +156,12 @@ class DriveOptions:
         if self.aio == "native":
             notes.append("-drive: aio=native behaves as aio=threads in pyemu")
         return tuple(notes)
+
+    def probe_warning(self) -> str:
+        return (f"WARNING: Image format was not specified for '{self.file}' and probing guessed raw.\n"
+                "         Automatically detecting the format is dangerous for raw images, write operations on "
+                "block 0 will be restricted.\n"
+                "         Specify the 'raw' format explicitly to remove the restrictions.")
 
     @classmethod
     def from_props(cls, props: Sequence[tuple[str, str]]) -> "DriveOptions":
@@ -209,30 +217,81 @@ class DriveOptions:
         return cls(**values)  # type: ignore[arg-type]
 
 
-def open_drive(options: DriveOptions) -> BlockBackend:
-    """Open the image as QEMU would for this ``-drive`` (raw over file, with QEMU-compatible locks).
+def open_drive(options: DriveOptions, *, warn: Callable[[str], None] | None = None) -> BlockBackend:
+    """Open the image as QEMU would for this ``-drive``: raw or qcow2 (with its backing chain) over file,
+    QEMU-compatible locks, and with ``snapshot=on`` a temporary qcow2 overlay taking every write.
 
     Raises BlockConfigError ("-drive: Could not open 'PATH': No such file or directory", O_DIRECT not
-    supported, bad offset/size for the image) or ImageLockedError.
+    supported, bad offset/size for the image, a corrupt qcow2 header) or ImageLockedError. ``warn`` gets the
+    format-probing warning and the notes.
     """
-    perm, shared = default_permissions(read_only=options.readonly,
-                                       fixed_size=options.format == "raw" and options.has_window)
+    for note in options.notes:
+        if warn is not None:
+            warn(note)
     try:
-        protocol = FileProtocol.open(options.file, read_only=options.readonly, direct=options.cache.direct,
-                                     locking=options.locking, perm=perm, shared=shared)
+        fmt = options.format
+        if fmt is None:
+            fmt = probe_format(options.file)
+            if fmt == "raw" and warn is not None:
+                warn(options.probe_warning())
+        base_read_only = options.readonly or options.snapshot
+        root = _open_root(options, fmt, read_only=base_read_only, guard_block0=options.format is None)
     except BlockConfigError as exc:
+        if str(exc).startswith("-drive:"):
+            raise
         raise BlockConfigError(f"-drive: {exc}", errno=exc.errno) from exc
-    root: BlockDriver = protocol
     try:
-        if options.format == "raw":
-            root = RawFormat(protocol, offset=options.offset, size=options.size)
+        if options.snapshot:
+            root = temporary_overlay(root, fmt, cache_direct=options.cache.direct)
         return BlockBackend(root, read_only=options.readonly, cache=options.cache, discard=options.discard,
                             id=options.effective_id)
     except BlockConfigError as exc:
-        protocol.close()
+        root.close()
         if str(exc).startswith("-drive:"):
             raise
         raise BlockConfigError(f"-drive: {exc}", errno=exc.errno) from exc
     except BaseException:
+        root.close()
+        raise
+
+
+def _open_root(options: DriveOptions, fmt: str, *, read_only: bool, guard_block0: bool) -> BlockDriver:
+    if fmt == "qcow2":
+        perm, shared = default_permissions(read_only=read_only)
+        return open_image(options.file, format="qcow2", read_only=read_only, cache_direct=options.cache.direct,
+                          locking=options.locking, perm=perm, shared=shared)
+    perm, shared = default_permissions(read_only=read_only, fixed_size=fmt == "raw" and options.has_window)
+    protocol = FileProtocol.open(options.file, read_only=read_only, direct=options.cache.direct,
+                                 locking=options.locking, perm=perm, shared=shared)
+    if fmt == "file":
+        return protocol
+    try:
+        return RawFormat(protocol, offset=options.offset, size=options.size, guard_block0=guard_block0)
+    except BaseException:
         protocol.close()
         raise
+
+
+def temporary_overlay(base: BlockDriver, fmt: str, *, cache_direct: bool = False) -> BlockDriver:
+    """A qcow2 overlay in the temporary directory over the open node ``base`` (``-snapshot``): the guest
+    writes into it, ``base`` is never written. The file is unlinked at once, so nothing is left behind even
+    when pyemu is killed."""
+    from pyemu.block.qcow2.create import create_qcow2
+    from pyemu.block.qcow2.driver import Qcow2Format
+
+    directory = os.environ.get("TMPDIR", "/var/tmp")
+    if not os.path.isdir(directory):
+        directory = tempfile.gettempdir()
+    fd, path = tempfile.mkstemp(prefix="pyemu-snapshot-", suffix=".qcow2", dir=directory)
+    os.close(fd)
+    try:
+        create_qcow2(path, base.size() // 512 * 512 or 512, backing_file=os.path.abspath(base.filename),
+                     backing_format=fmt if fmt != "file" else "raw")
+        file = FileProtocol.open(path, read_only=False, direct=cache_direct, locking="off", growable=True)
+        try:
+            return Qcow2Format.open(file, read_only=False, open_backing=lambda header: base)
+        except BaseException:
+            file.close()
+            raise
+    finally:
+        os.unlink(path)

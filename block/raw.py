@@ -9,10 +9,11 @@ serve them.
 
 from __future__ import annotations
 
+import errno
 from typing import Sequence
 
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
-from pyemu.block.errors import BlockConfigError
+from pyemu.block.errors import BlockConfigError, BlockIOError
 from pyemu.block.iovec import byte_views, total_length
 
 SECTOR_SIZE = 512
@@ -23,7 +24,8 @@ class RawFormat:
 
     name = "raw"
 
-    def __init__(self, child: BlockDriver, *, offset: int = 0, size: int | None = None) -> None:
+    def __init__(self, child: BlockDriver, *, offset: int = 0, size: int | None = None,
+                 guard_block0: bool = False) -> None:
         real_size = child.size()
         # QEMU's raw_apply_options messages.
         if type(offset) is not int or offset < 0:  # noqa: E721
@@ -42,6 +44,10 @@ class RawFormat:
         self.offset = offset
         self._size = real_size - offset if size is None else size
         self.has_window = offset != 0 or size is not None
+        # A probed raw image must not become something else: refuse writes that would make block 0 look
+        # like another format (QEMU's restriction, so a guest cannot turn its disk into a qcow2 header
+        # pointing at host files on the next probe).
+        self.guard_block0 = guard_block0
 
     @property
     def filename(self) -> str:
@@ -66,7 +72,26 @@ class RawFormat:
     def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
         views = byte_views(buffers, writable=False)
         check_request(offset, total_length(views), self._size, what="write")
+        if self.guard_block0 and offset < SECTOR_SIZE:
+            self._check_block0(offset, views)
         self.child.pwritev(self.offset + offset, views)
+
+    def _check_block0(self, offset: int, views: list[memoryview]) -> None:
+        head = bytearray(min(SECTOR_SIZE, self._size))
+        if head:
+            self.child.preadv(self.offset, [memoryview(head)])
+        pos = offset
+        for view in views:
+            if pos >= len(head):
+                break
+            take_n = min(len(head) - pos, view.nbytes)
+            head[pos:pos + take_n] = view[:take_n]
+            pos += take_n
+        from pyemu.block.qcow2.layout import MAGIC
+        if bytes(head[:4]) == MAGIC:
+            raise BlockIOError(f"write to block 0 of '{self.filename}' refused: it would make the probed raw "
+                               "image look like a qcow2 image (specify format=raw to allow it)",
+                               errno=errno.EPERM, offset=offset, length=total_length(views))
 
     def flush(self) -> None:
         self.child.flush()

@@ -18,6 +18,9 @@ can be claimed by one device only, as in QEMU.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
+
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,7 +66,9 @@ class Backends:
             options = DriveOptions.from_props(props)
             if options.id == drive_id:
                 self._claim("drive", drive_id, user)
-                backend = open_drive(options)
+                if self.config.snapshot and not options.snapshot:
+                    options = dataclasses.replace(options, snapshot=True)
+                backend = open_drive(options, warn=lambda text: print(text, file=sys.stderr, flush=True))
                 return backend, options
         raise ConfigError(f"-device {user}: Property '{user}.drive' can't find value '{drive_id}'", option="-device")
 

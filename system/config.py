@@ -112,6 +112,8 @@ class VmConfig:
     chardevs: tuple[ObjectOptions, ...] = ()
     netdevs: tuple[ObjectOptions, ...] = ()
     start_paused: bool = False
+    snapshot: bool = False
+    """``-snapshot``: every drive writes into a temporary overlay."""
     log_mask: frozenset[str] = frozenset()
     log_file: str | None = None
 

@@ -47,6 +47,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "backend,id=ID[,prop=value...]"),
     OptionSpec("netdev", True, "a network backend: tap,id=ID[,ifname=NAME][,script=no][,downscript=no][,fd=N]",
                "tap,id=ID[,prop=value...]"),
+    OptionSpec("snapshot", False, "write to temporary files instead of disk images (every -drive gets "
+               "snapshot=on)"),
     OptionSpec("S", False, "create the VM with its CPUs stopped (there is no monitor yet to continue it)"),
     OptionSpec("d", True, "log categories, comma separated (-d help lists them)", "item1[,...]"),
     OptionSpec("D", True, "write the -d log to a file", "logfile"),
@@ -269,7 +271,7 @@ def parse_args(argv: list[str]) -> VmConfig:
             from pyemu import __version__
 
             raise EarlyExit(f"pyemu version {__version__} (QEMU-compatible command line)")
-        flag_keys = {"nographic": "nographic", "no-reboot": "no_reboot",
+        flag_keys = {"nographic": "nographic", "no-reboot": "no_reboot", "snapshot": "snapshot",
                      "S": "start_paused"}
         if name == "enable-kvm":
             values["accel"] = ("kvm",)

@@ -25,7 +25,7 @@ def parse(text: str) -> DriveOptions:
 
 def test_defaults() -> None:
     opts = parse("file=disk.img")
-    assert opts.file == "disk.img" and opts.format == "raw" and opts.interface == "none"
+    assert opts.file == "disk.img" and opts.format is None and opts.interface == "none"
     assert opts.cache == CacheMode.parse("writeback")
     assert (opts.readonly, opts.discard, opts.detect_zeroes, opts.locking, opts.aio, opts.media) == \
         (False, "ignore", "off", "auto", "threads", "disk")
@@ -85,7 +85,8 @@ def test_later_keys_override_earlier_ones() -> None:
 @pytest.mark.parametrize("text,message", [
     ("file=a,bogus=1", "-drive: Invalid parameter 'bogus'"),
     ("file=a,format=xyz", "Unknown driver 'xyz'"),
-    ("file=a,format=qcow2", "qcow2' is not supported yet"),
+    ("file=a,format=vmdk", "vmdk' is not supported yet"),
+    ("file=a,format=qcow2,offset=512", "Block format 'qcow2' does not support the option 'offset'"),
     ("format=raw", "'file' is required"),
     ("file=", "'file' is required"),
     ("file=a,if=ide", "if=ide is not supported"),
@@ -102,7 +103,6 @@ def test_later_keys_override_earlier_ones() -> None:
     ("file=a,aio=native", "aio=native was specified, but it requires cache.direct=on"),
     ("file=a,media=cdrom", "media=cdrom is not supported"),
     ("file=a,media=tape", "'tape' invalid media"),
-    ("file=a,snapshot=on", "snapshot=on is not supported yet"),
     ("file=a,index=-1", "Parameter 'index' expects a non-negative integer"),
     ("file=a,index=x", "Parameter 'index' expects a non-negative integer"),
     ("file=a,id=0bad", "Parameter 'id' expects an identifier"),
