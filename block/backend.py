@@ -19,8 +19,10 @@ import threading
 from dataclasses import dataclass
 from typing import Sequence
 
+from pyemu.block import graph
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
+from pyemu.block.locking import BlockPerm
 
 DISCARD_MODES = ("ignore", "unmap")
 
@@ -80,6 +82,11 @@ class BlockBackend:
             raise BlockConfigError(f"-drive: '{root.filename}' is opened read-only; the drive must be read-only too")
         self.root = root
         self.id = id
+        perm = BlockPerm.CONSISTENT_READ | (BlockPerm(0) if read_only else BlockPerm.WRITE)
+        # share-rw=off, QEMU's default: a device refuses other writers even when it only reads.
+        self._attachment = graph.attach(root, user=f"drive '{id}'" if id else "a drive", role="root", perm=perm,
+                                        shared=BlockPerm.CONSISTENT_READ | BlockPerm.WRITE_UNCHANGED |
+                                        BlockPerm.RESIZE)
         self.cache = cache
         self.discard_mode = discard
         self._read_only = read_only
@@ -175,6 +182,7 @@ class BlockBackend:
             self._closed = True
             while self._inflight:
                 self._cond.wait()
+        self._attachment.detach()
         self.root.close()
 
     # -- helpers ---------------------------------------------------------------------------------------------

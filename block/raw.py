@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 from typing import Sequence
 
+from pyemu.block import graph
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
 from pyemu.block.errors import BlockConfigError, BlockIOError
 from pyemu.block.iovec import byte_views, total_length
@@ -48,6 +49,8 @@ class RawFormat:
         # like another format (QEMU's restriction, so a guest cannot turn its disk into a qcow2 header
         # pointing at host files on the next probe).
         self.guard_block0 = guard_block0
+        perm, shared = graph.format_node_permissions(writable=not child.read_only)
+        self._attachment = graph.attach(child, user="a raw node", role="file", perm=perm, shared=shared)
 
     @property
     def filename(self) -> str:
@@ -110,4 +113,5 @@ class RawFormat:
         return BlockStatus(offset, min(status.length, length), allocated=status.allocated, zero=status.zero)
 
     def close(self) -> None:
+        self._attachment.detach()
         self.child.close()

@@ -79,7 +79,6 @@ class _Walker:
         image = self.image
         geometry = image.geometry
         step = 2 if geometry.extended_l2 else 1
-        prev_host = -1
         for i, entry in enumerate(l1):
             l2_offset = entry & OFFSET_MASK
             if not l2_offset:
@@ -101,6 +100,7 @@ class _Walker:
                 self.result.messages.append(f"ERROR: I/O error in check_refcounts_l2: {exc}")
                 continue
             words = table.words
+            prev_host = -1  # contiguity is judged within one L2 table, as qemu-img does
             for j in range(0, len(words), step):
                 word = words[j]
                 bitmap = words[j + 1] if step == 2 else 0
@@ -114,7 +114,6 @@ class _Walker:
                         self.result.compressed_clusters += 1
                         self.result.allocated_clusters += 1
                         self.result.fragmented_clusters += 1
-                        prev_host = -1
                     self.inc(offset & ~511, length + (offset & 511))
                     continue
                 problem = entry_problem(geometry, word, bitmap)

@@ -24,20 +24,22 @@ marks the image corrupt (header bit 1, when writable) and fails the request with
 from __future__ import annotations
 
 import errno
+import struct
 import threading
 from dataclasses import replace
 from typing import Callable, Iterator, Sequence
 
+from pyemu.block import graph
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
 from pyemu.block.errors import BlockIOError, ReadOnlyError
-from pyemu.block.iovec import byte_views, copy_in, copy_out, take, advance, total_length, zero_fill
+from pyemu.block.iovec import advance, byte_views, copy_in, take, total_length, zero_fill
 from pyemu.block.qcow2.compress import DecompressionError, compress_cluster, decompress_cluster
-from pyemu.block.qcow2.header import (OFF_INCOMPATIBLE, OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSHOTS,
+from pyemu.block.qcow2.header import (OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSHOTS,
                                       Qcow2FormatError, Qcow2Header, parse_header, serialize_header)
-from pyemu.block.qcow2.layout import (ALL_ALLOC, ALL_ZERO, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO, MAX_L1_BYTES,
+from pyemu.block.qcow2.layout import (ALL_ALLOC, ALL_ZERO, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO,
                                       OFFSET_MASK, ClusterKind, Incompatible)
-from pyemu.block.qcow2.mapping import ClusterMap, Mapping, decode, entry_problem
-from pyemu.block.qcow2.refcount import Refcounts, be64_bytes
+from pyemu.block.qcow2.mapping import ClusterMap, Mapping, decode
+from pyemu.block.qcow2.refcount import Refcounts
 
 MAX_RUN_BYTES = 8 << 20  # one allocating write handles at most this much guest data at a time
 
@@ -113,6 +115,17 @@ class Qcow2Format:
         self._closed = False
         self._decompressed: dict[int, bytes] = {}
         self._opening = True
+        perm, shared = graph.format_node_permissions(writable=not read_only)
+        self._attachments = [graph.attach(file, user=f"qcow2 image '{file.filename}'", role="file", perm=perm,
+                                          shared=shared)]
+        if backing is not None:
+            try:
+                self._attachments.append(graph.attach(backing, user=f"qcow2 image '{file.filename}'",
+                                                      role="backing", perm=graph.BACKING_PERM,
+                                                      shared=graph.BACKING_SHARED))
+            except BaseException:
+                self._attachments[0].detach()
+                raise
         self.refcounts = Refcounts(self, cluster_bits=header.cluster_bits, refcount_order=header.refcount_order,
                                    table_offset=header.refcount_table_offset,
                                    table_clusters=header.refcount_table_clusters, file_size=self.file.size,
@@ -285,6 +298,8 @@ class Qcow2Format:
                     self._sync()
         finally:
             self._closed = True
+            for attachment in self._attachments:
+                attachment.detach()
             try:
                 if self.backing is not None:
                     self.backing.close()
@@ -337,15 +352,13 @@ class Qcow2Format:
         self.header = header
 
     def _set_reftable(self, offset: int, clusters: int) -> None:
-        import struct
         self.file.pwritev(OFF_REFTABLE, [struct.pack(">QI", offset, clusters)])
         self._sync()
         self.header = replace(self.header, refcount_table_offset=offset, refcount_table_clusters=clusters)
 
     def write_header_fields(self, **changes: int) -> None:
         """Update fixed header fields in place (l1, snapshots, size), sync, and adopt the new header."""
-        import struct
-        header = replace(self.header, **changes)
+        header = replace(self.header, **changes)  # type: ignore[arg-type]
         if "l1_size" in changes or "l1_table_offset" in changes:
             self.file.pwritev(OFF_L1, [struct.pack(">IQ", header.l1_size, header.l1_table_offset)])
         if "nb_snapshots" in changes or "snapshots_offset" in changes:

@@ -76,7 +76,7 @@ def entry_problem(geometry: Geometry, word: int, bitmap: int) -> str | None:
         if bitmap & (bitmap >> 32) & ALL_ALLOC:
             return f"Invalid cluster entry found (L2 bitmap {bitmap:#x}: a subcluster is both allocated and zero)"
         if not host and bitmap & ALL_ALLOC:
-            return f"Invalid cluster entry found (subclusters allocated without a host cluster)"
+            return "Invalid cluster entry found (subclusters allocated without a host cluster)"
     return None
 
 

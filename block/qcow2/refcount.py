@@ -51,6 +51,8 @@ class RefcountBlock:
     def __init__(self, data: bytes, order: int) -> None:
         self.order = order
         self.dirty = False
+        self._array: array.array | None
+        self._bytes: bytearray | None
         if order >= 3:
             self._array = array.array(_TYPECODES[order])
             self._array.frombytes(data)

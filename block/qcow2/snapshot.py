@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
-from pyemu.block.errors import BlockError, BlockIOError
+from pyemu.block.errors import BlockError
 from pyemu.block.qcow2.layout import (FLAG_COMPRESSED, FLAG_COPIED, L1_RESERVED, MAX_L1_BYTES, MAX_SNAPSHOT_EXTRA,
                                       OFFSET_MASK)
 from pyemu.block.qcow2.refcount import array_from_be64, be64_bytes

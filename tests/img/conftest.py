@@ -4,7 +4,6 @@ same temporary directory, so outputs that contain file names can be compared byt
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ class Result:
     err: str
 
 
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
-                                    reason="qemu-img/qemu-io (QEMU 7.2 utils) not installed")
 
 
 @pytest.fixture

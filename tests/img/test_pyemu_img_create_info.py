@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_qemu_img  # type: ignore[import-not-found]
+from img_marks import needs_qemu_img  # type: ignore[import-not-found]
 
 pytestmark = needs_qemu_img
 
