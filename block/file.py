@@ -49,8 +49,12 @@ class FileProtocol:
     name = "file"
 
     def __init__(self, *, fd: int, filename: str, size: int, read_only: bool, is_block_device: bool,
-                 direct: DirectIO | None, lock: ImageLock | None, growable: bool = False) -> None:
+                 direct: DirectIO | None, lock: ImageLock | None, growable: bool = False,
+                 no_flush: bool = False) -> None:
         self._fd = fd
+        # cache=unsafe (cache.no-flush): flushes are ignored right here, so the format drivers above keep
+        # their write order but nothing waits for the disk (qemu-img convert's default for its target).
+        self.no_flush = no_flush
         self.growable = growable
         self._size_lock = threading.Lock()
         self.filename = filename
@@ -73,7 +77,7 @@ class FileProtocol:
     @classmethod
     def open(cls, filename: str, *, read_only: bool = False, direct: bool = False, locking: str = "auto",
              perm: BlockPerm | None = None, shared: BlockPerm | None = None,
-             growable: bool = False) -> "FileProtocol":
+             growable: bool = False, no_flush: bool = False) -> "FileProtocol":
         """Open ``filename`` and take QEMU-compatible image locks.
 
         ``perm``/``shared`` default to what a QEMU virtio-blk drive holds (see
@@ -112,7 +116,7 @@ class FileProtocol:
                 extra_fd = os.open(filename, flags)
                 direct_io = DirectIO(fd, extra_fd, size, dio_alignment(fd))
             return cls(fd=fd, filename=filename, size=size, read_only=read_only, is_block_device=is_block_device,
-                       direct=direct_io, lock=lock, growable=growable and not is_block_device)
+                       direct=direct_io, lock=lock, growable=growable and not is_block_device, no_flush=no_flush)
         except BaseException:
             os.close(fd)
             if extra_fd >= 0:
@@ -158,6 +162,8 @@ class FileProtocol:
 
     def flush(self) -> None:
         self._check_open(-1, -1)
+        if self.no_flush:
+            return
         if self._flush_error:
             # After a failed fdatasync the kernel may have dropped dirty pages: QEMU fails every later flush
             # instead of reporting success over lost data.

@@ -44,7 +44,7 @@ def resolve_backing(overlay: str, backing_file: str) -> str:
 
 def open_image(filename: str, *, format: str | None = None, read_only: bool = True, open_backing: bool = True,
                backing_format: str | None = None, cache_direct: bool = False, locking: str = "auto",
-               perm: BlockPerm | None = None, shared: BlockPerm | None = None,
+               perm: BlockPerm | None = None, shared: BlockPerm | None = None, no_flush: bool = False,
                _chain: tuple[str, ...] = ()) -> BlockDriver:
     """Open ``filename`` as a format node (raw or qcow2) with its backing chain; see the module docstring.
 
@@ -71,7 +71,7 @@ def open_image(filename: str, *, format: str | None = None, read_only: bool = Tr
         perm = default_perm if perm is None else perm
         shared = default_shared if shared is None else shared
     protocol = FileProtocol.open(filename, read_only=read_only, direct=cache_direct, locking=locking, perm=perm,
-                                 shared=shared, growable=fmt == "qcow2")
+                                 shared=shared, growable=fmt == "qcow2", no_flush=no_flush)
     try:
         if fmt == "raw":
             from pyemu.block.raw import RawFormat

@@ -76,8 +76,16 @@ class Sources:
                 yield src, lo - src.base, hi - lo
 
 
+_ZERO_BUFFER = memoryview(bytes(1 << 20))
+
+
+def _zeros_like(length: int) -> memoryview:
+    """A read-only zero buffer of ``length`` bytes (shared up to 1 MiB)."""
+    return _ZERO_BUFFER[:length] if length <= _ZERO_BUFFER.nbytes else memoryview(bytes(length))
+
+
 def _zero(buf: memoryview) -> bool:
-    return buf.tobytes() == bytes(len(buf))
+    return buf == _zeros_like(len(buf))
 
 
 class Copier:
@@ -221,8 +229,18 @@ class Copier:
 
 def _runs(view: memoryview, block: int, base: int) -> Iterator[tuple[int, int, bool]]:
     """Split ``view`` (target offset ``base``) into runs of all-zero and other ``block``-aligned blocks."""
-    pos = 0
     n = len(view)
+    if not n:
+        return
+    # Fast paths in C: all zeros (one comparison), or data without ``block`` zero bytes in a row anywhere
+    # (then no aligned block can be zero). Only mixed buffers are walked block by block.
+    if view == _zeros_like(n):
+        yield 0, n, True
+        return
+    if n >= block and bytes(_zeros_like(block)) not in view.tobytes():
+        yield 0, n, False
+        return
+    pos = 0
     current: tuple[int, bool] | None = None
     while pos < n:
         stop = min(n, (base + pos) // block * block + block - base)
@@ -312,7 +330,7 @@ def run(argv: list[str]) -> int:
             values.pop("compression_type", None)
             size = -(-sources.size // 512) * 512 if out_fmt == "qcow2" else sources.size
             create_image(out_name, out_fmt, size, options=values)
-        target = open_image(out_name, fmt=out_fmt, writable=True, cache=p.last("-t"),
+        target = open_image(out_name, fmt=out_fmt, writable=True, cache=p.last("-t") or "unsafe",
                             backing="backing_file" in options or skip_create)
         try:
             if target.size() < sources.size:

@@ -43,6 +43,11 @@ def check_cache(mode: str | None) -> bool:
     return mode in ("none", "off", "directsync")
 
 
+def no_flush(mode: str | None) -> bool:
+    """cache=unsafe ignores flushes (qemu-img's default for convert's target)."""
+    return mode == "unsafe"
+
+
 def open_image(filename: str, *, fmt: str | None = None, writable: bool = False, backing: bool = True,
                force_share: bool = False, cache: str | None = None, resize: bool = False) -> BlockDriver:
     """Open ``filename`` (format probed unless ``fmt``) as qemu-img would for a command.
@@ -65,7 +70,7 @@ def open_image(filename: str, *, fmt: str | None = None, writable: bool = False,
         perm, shared = BlockPerm.CONSISTENT_READ, _SHARE_READERS
     try:
         return block_open(filename, format=fmt, read_only=not writable, open_backing=backing,
-                          cache_direct=direct, perm=perm, shared=shared)
+                          cache_direct=direct, perm=perm, shared=shared, no_flush=no_flush(cache))
     except (BlockError, ConfigError) as exc:
         raise ImgError(f"Could not open '{filename}': {exc}") from exc
     except OSError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from functools import cached_property
 
 MAGIC = b"QFI\xfb"
 V2_HEADER_LENGTH = 72
@@ -94,31 +95,31 @@ class Geometry:
     cluster_bits: int
     extended_l2: bool
 
-    @property
+    @cached_property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
 
-    @property
+    @cached_property
     def l2_entry_bytes(self) -> int:
         return 16 if self.extended_l2 else 8
 
-    @property
+    @cached_property
     def l2_entries(self) -> int:
         return self.cluster_size // self.l2_entry_bytes
 
-    @property
+    @cached_property
     def l2_bits(self) -> int:
         return self.l2_entries.bit_length() - 1
 
-    @property
+    @cached_property
     def subclusters(self) -> int:
         return SUBCLUSTERS if self.extended_l2 else 1
 
-    @property
+    @cached_property
     def subcluster_size(self) -> int:
         return self.cluster_size // self.subclusters
 
-    @property
+    @cached_property
     def compressed_offset_bits(self) -> int:
         """Bits of a compressed descriptor that hold the host byte offset (the rest count 512-byte sectors)."""
         return 62 - (self.cluster_bits - 8)
