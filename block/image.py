@@ -45,7 +45,7 @@ def resolve_backing(overlay: str, backing_file: str) -> str:
 def open_image(filename: str, *, format: str | None = None, read_only: bool = True, open_backing: bool = True,
                backing_format: str | None = None, cache_direct: bool = False, locking: str = "auto",
                perm: BlockPerm | None = None, shared: BlockPerm | None = None, no_flush: bool = False,
-               _chain: tuple[str, ...] = ()) -> BlockDriver:
+               repairing: bool = False, _chain: tuple[str, ...] = ()) -> BlockDriver:
     """Open ``filename`` as a format node (raw or qcow2) with its backing chain; see the module docstring.
 
     ``perm``/``shared`` are the permissions taken on the top image (QEMU-compatible locks); backing files
@@ -93,7 +93,7 @@ def open_image(filename: str, *, format: str | None = None, read_only: bool = Tr
                 raise BlockConfigError(f"Could not open backing file: {exc}", option=None,
                                        errno=exc.errno) from exc
 
-        return Qcow2Format.open(protocol, read_only=read_only, open_backing=backing_opener)
+        return Qcow2Format.open(protocol, read_only=read_only, open_backing=backing_opener, repairing=repairing)
     except BaseException:
         protocol.close()
         raise

@@ -94,7 +94,7 @@ def run(argv: list[str]) -> int:
     filename = p.args[0]
     quiet = p.has("-q")
     node = open_image(filename, fmt=p.last("-f"), writable=repair is not None,
-                      force_share=p.has("-U", "--force-share"), cache=p.last("-T"))
+                      force_share=p.has("-U", "--force-share"), cache=p.last("-T"), repairing=repair is not None)
     try:
         image = as_qcow2(node)
         if image is None:

@@ -49,7 +49,8 @@ def no_flush(mode: str | None) -> bool:
 
 
 def open_image(filename: str, *, fmt: str | None = None, writable: bool = False, backing: bool = True,
-               force_share: bool = False, cache: str | None = None, resize: bool = False) -> BlockDriver:
+               force_share: bool = False, cache: str | None = None, resize: bool = False,
+               repairing: bool = False) -> BlockDriver:
     """Open ``filename`` (format probed unless ``fmt``) as qemu-img would for a command.
 
     ``backing`` False opens the image without its backing chain (``info``, ``rebase -u``). Errors become
@@ -70,7 +71,7 @@ def open_image(filename: str, *, fmt: str | None = None, writable: bool = False,
         perm, shared = BlockPerm.CONSISTENT_READ, _SHARE_READERS
     try:
         return block_open(filename, format=fmt, read_only=not writable, open_backing=backing,
-                          cache_direct=direct, perm=perm, shared=shared, no_flush=no_flush(cache))
+                          cache_direct=direct, perm=perm, shared=shared, no_flush=no_flush(cache), repairing=repairing)
     except (BlockError, ConfigError) as exc:
         raise ImgError(f"Could not open '{filename}': {exc}") from exc
     except OSError as exc:

@@ -141,16 +141,18 @@ class Qcow2Format:
 
     @classmethod
     def open(cls, file: BlockDriver, *, read_only: bool,
-             open_backing: Callable[[Qcow2Header], BlockDriver | None] | None = None) -> "Qcow2Format":
+             open_backing: Callable[[Qcow2Header], BlockDriver | None] | None = None,
+             repairing: bool = False) -> "Qcow2Format":
         """Parse and check the image in ``file`` and open its backing file through ``open_backing`` (which
         receives the header and returns the backing node, or None to run without one). On a read-write
-        open, an image left dirty by a crash with lazy refcounts gets its refcounts rebuilt."""
+        open, an image left dirty by a crash with lazy refcounts gets its refcounts rebuilt. An image marked
+        corrupt opens read-write only for ``repairing`` (``check -r``), as in QEMU."""
         size = file.size()
         head = bytearray(min(size, 1 << 21))
         if head:
             file.preadv(0, [memoryview(head)])
         header = parse_header(bytes(head), file.filename, file_size=size)
-        if header.corrupt and not read_only:
+        if header.corrupt and not read_only and not repairing:
             raise Qcow2FormatError(file.filename, "qcow2: Image is corrupt; cannot be opened read/write")
         backing = open_backing(header) if open_backing is not None and header.backing_file else None
         try:
@@ -878,7 +880,12 @@ class Qcow2Format:
                 self.refcounts.apply_pending_frees()
                 self._write_metadata()
                 self._sync()
-            return check_image(self, repair=repair)
+            result = check_image(self, repair=repair)
+            if repair is not None and not result.corruptions and not result.check_errors and self.header.corrupt:
+                # Repaired: the image is consistent again (QEMU clears the bit the same way).
+                self._update_header(self.header.with_incompatible(Incompatible.CORRUPT, False))
+                self._sync()
+            return result
 
     def truncate(self, size: int, *, shrink: bool = False) -> None:
         from pyemu.block.qcow2.resize import resize_image
