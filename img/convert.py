@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import os
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -84,6 +86,11 @@ def _zeros_like(length: int) -> memoryview:
     return _ZERO_BUFFER[:length] if length <= _ZERO_BUFFER.nbytes else memoryview(bytes(length))
 
 
+@functools.lru_cache(maxsize=4)
+def _zero_block(block: int) -> bytes:
+    return bytes(block)
+
+
 def _zero(buf: memoryview) -> bool:
     return buf == _zeros_like(len(buf))
 
@@ -96,6 +103,7 @@ class Copier:
         self.reference = backing_of(target)  # -B: what the target reads where nothing is written
         self.compressor = as_qcow2(target) if settings.compress else None
         self.progress = progress
+        self._local = threading.local()
 
     # -- planning ----------------------------------------------------------------------------------------
 
@@ -117,7 +125,12 @@ class Copier:
         return out
 
     def read(self, start: int, length: int) -> bytearray:
-        buf = bytearray(length)
+        """The sources' bytes for ``[start, start+length)`` in a buffer reused by this thread (every byte of
+        it is overwritten by the reads, so it need not be cleared)."""
+        buf = getattr(self._local, "buf", None)
+        if buf is None or len(buf) != length:
+            buf = bytearray(length)
+            self._local.buf = buf
         view = memoryview(buf)
         for src, offset, size in self.sources.pieces(start, start + length):
             at = src.base + offset - start
@@ -144,7 +157,7 @@ class Copier:
             return
         if self.reference is not None:
             ref = self._reference(offset, length)
-            for run_start, run_len, is_zero in _runs(memoryview(ref), self.s.sparse or DEFAULT_SPARSE, offset):
+            for run_start, run_len, is_zero in _runs(ref, self.s.sparse or DEFAULT_SPARSE, offset):
                 if not is_zero:
                     self.target.write_zeroes(offset + run_start, run_len, may_unmap=True)
             return
@@ -157,7 +170,7 @@ class Copier:
             self.target.pwritev(offset, [view])
             return
         ref = memoryview(self._reference(offset, length)) if self.reference is not None else None
-        for run_start, run_len, is_zero in _runs(view, self.s.sparse, offset):
+        for run_start, run_len, is_zero in _runs(data, self.s.sparse, offset):
             part = view[run_start:run_start + run_len]
             if ref is not None:
                 if part == ref[run_start:run_start + run_len]:
@@ -227,17 +240,18 @@ class Copier:
         self.progress.set(self.sources.size)
 
 
-def _runs(view: memoryview, block: int, base: int) -> Iterator[tuple[int, int, bool]]:
-    """Split ``view`` (target offset ``base``) into runs of all-zero and other ``block``-aligned blocks."""
-    n = len(view)
+def _runs(data: bytes | bytearray, block: int, base: int) -> Iterator[tuple[int, int, bool]]:
+    """Split ``data`` (target offset ``base``) into runs of all-zero and other ``block``-aligned blocks."""
+    n = len(data)
     if not n:
         return
+    view = memoryview(data)
     # Fast paths in C: all zeros (one comparison), or data without ``block`` zero bytes in a row anywhere
     # (then no aligned block can be zero). Only mixed buffers are walked block by block.
     if view == _zeros_like(n):
         yield 0, n, True
         return
-    if n >= block and bytes(_zeros_like(block)) not in view.tobytes():
+    if n >= block and data.find(_zero_block(block)) < 0:
         yield 0, n, False
         return
     pos = 0

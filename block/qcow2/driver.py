@@ -38,7 +38,7 @@ from pyemu.block.qcow2.header import (OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSH
                                       Qcow2FormatError, Qcow2Header, parse_header, serialize_header)
 from pyemu.block.qcow2.layout import (ALL_ALLOC, ALL_ZERO, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO,
                                       OFFSET_MASK, ClusterKind, Incompatible)
-from pyemu.block.qcow2.mapping import ClusterMap, Mapping, decode
+from pyemu.block.qcow2.mapping import ClusterMap, Mapping, decode, entry_problem
 from pyemu.block.qcow2.refcount import Refcounts
 
 MAX_RUN_BYTES = 8 << 20  # one allocating write handles at most this much guest data at a time
@@ -383,6 +383,11 @@ class Qcow2Format:
     def _mapping_at(self, pos: int) -> Mapping:
         vcluster = pos >> self.cluster_bits
         word, bitmap = self.map.checked_entry(vcluster)
+        return self._decode_checked(pos, word, bitmap)
+
+    def _decode_checked(self, pos: int, word: int, bitmap: int) -> Mapping:
+        """The mapping of guest byte ``pos`` from its (validated) entry, with the host offset checked."""
+        vcluster = pos >> self.cluster_bits
         sub = (pos & (self.cluster_size - 1)) // self._unit() if self.geometry.extended_l2 else 0
         mapping = decode(self.geometry, word, bitmap, sub)
         if mapping.kind is ClusterKind.NORMAL:
@@ -401,8 +406,14 @@ class Qcow2Format:
         unit = self._unit()
         out: list[tuple[Mapping, int, int]] = []
         count = 0
+        l2_bits, l2_mask = self.geometry.l2_bits, (1 << self.geometry.l2_bits) - 1
+        extended = self.geometry.extended_l2
+        table_index, table = -1, None
         while pos < end and count < limit:
-            if self.map.l2_table(pos >> self.cluster_bits >> self.geometry.l2_bits) is None:
+            if pos >> self.cluster_bits >> l2_bits != table_index:
+                table_index = pos >> self.cluster_bits >> l2_bits
+                table = self.map.l2_table(table_index)
+            if table is None:
                 # No L2 table: the whole range it would map is unallocated; skip it in one step.
                 span = self.cluster_size << self.geometry.l2_bits
                 stop = min(end, (pos // span + 1) * span)
@@ -414,7 +425,15 @@ class Qcow2Format:
                 pos = stop
                 count += 1
                 continue
-            mapping = self._mapping_at(pos)
+            index = (pos >> self.cluster_bits) & l2_mask
+            if extended:
+                word, bitmap = table.words[2 * index], table.words[2 * index + 1]
+            else:
+                word, bitmap = table.words[index], 0
+            problem = entry_problem(self.geometry, word, bitmap)
+            if problem:
+                raise self.corruption(f"{problem} (guest cluster {pos >> self.cluster_bits})")
+            mapping = self._decode_checked(pos, word, bitmap)
             unit_end = min(end, (pos // unit + 1) * unit)
             if mapping.kind is ClusterKind.COMPRESSED:
                 unit_end = min(end, (pos // self.cluster_size + 1) * self.cluster_size)
