@@ -1,0 +1,393 @@
+#!/usr/bin/env python3
+"""Block-layer benchmark: pyemu-img and pyemu's qcow2 driver against qemu-img and QEMU 7.2, side by side.
+
+Three parts; the two tools take turns on the same files in the same run (which goes first alternates by
+repetition), ``--reps`` times (default 3, ``--quick`` 1); figures are medians, timed with the host's
+monotonic clock; the load average is recorded with every sample (the machine is shared):
+
+* ``convert``: ``pyemu-img convert`` vs ``qemu-img convert`` of a 1 GiB raw image (``--quick``: 256 MiB)
+  that is half data and half holes: 1 MiB of seeded pseudo-random data, then a 1 MiB hole (a real hole in
+  the host file), and so on. raw->qcow2, and qcow2->raw from a qcow2 made by qemu-img of that raw, so both
+  tools read the same file. Each tool runs with its default cache modes; the figure is the wall time of the
+  whole command (process start-up included: ``startup`` in the JSON is what ``pyemu-img --version`` costs)
+  and MB/s of virtual size (MB = 10^6 bytes). Every output is checked with ``qemu-img compare`` against the
+  source, outside the timed part.
+* ``bench``: ``pyemu-img bench`` vs ``qemu-img bench``, identical arguments, 4 KiB requests on a fully
+  allocated qcow2 (1 GiB, made by qemu-img from a patterned raw image, read once so it sits in the host page
+  cache; default cache mode, as both tools default). qemu-img bench walks the image from ``-o`` in steps of
+  ``-S`` modulo its size; a step of about 0.618 of the image (golden-ratio stride, 4 KiB aligned, odd number
+  of 4 KiB blocks so it visits every block before repeating) scatters consecutive requests over the whole
+  image. Reads and writes (``-w --pattern=0xa5``: overwrites, the image stays fully allocated), queue
+  depth 1 and 16. IOPS = requests / the "Run completed in" time the tool reports.
+* ``guest``: sequential read inside the Debian guest of a 256 MiB fully written qcow2 (made by qemu-img) on
+  ``-drive format=qcow2,if=none,cache=none`` + virtio-blk-device, pyemu TCG vs QEMU 7.2 TCG. This reuses
+  ``benchmarks/virtio.py`` whole: its guest helper and initramfs, its boot/console/retry loop and its
+  host-clock timing of the helper's ``O_DIRECT`` 1 MiB sequential read (see that file's docstring; QEMU
+  gets ``tsc_early_khz=`` there too).
+
+Results: a table (pyemu, QEMU, ratio pyemu/QEMU; for seconds a ratio above 1 means pyemu is slower) and
+``benchmarks/results/block.json``.
+
+Usage: python benchmarks/block.py [--quick] [--reps 3] [--only convert,bench,guest] [--count N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import virtio as vb  # noqa: E402  (benchmarks/virtio.py: guest helper, boot and console machinery)
+
+from pyemu.guest.assets import find_assets  # noqa: E402
+
+HERE = vb.HERE
+RESULTS = HERE / "results" / "block.json"
+MiB = vb.MiB
+PYEMU_IMG = [sys.executable, "-m", "pyemu.img.cli"]  # not the console script: a pyenv shim adds ~0.1 s
+PARTS = ("convert", "bench", "guest")
+
+CONVERT_MIB, CONVERT_MIB_QUICK = 1024, 256
+BENCH_MIB, BENCH_MIB_QUICK = 1024, 256
+BENCH_COUNT, BENCH_COUNT_QUICK = 100_000, 20_000
+GUEST_MIB = 256
+DATA_SEED = 20261203
+IMG_TIMEOUT = 600  # one convert or bench command
+COMPARE_TIMEOUT = 300
+BENCH_COMPLETED = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+# rows of the table: (figure, title, unit, key of the value in that figure's samples)
+ROWS = [
+    ("convert_raw_to_qcow2", "convert raw->qcow2", "MB/s", "mbps"),
+    ("convert_raw_to_qcow2", "convert raw->qcow2", "s", "secs"),
+    ("convert_qcow2_to_raw", "convert qcow2->raw", "MB/s", "mbps"),
+    ("convert_qcow2_to_raw", "convert qcow2->raw", "s", "secs"),
+    ("bench_read_qd1", "bench 4 KiB read, QD1", "IOPS", "iops"),
+    ("bench_write_qd1", "bench 4 KiB write, QD1", "IOPS", "iops"),
+    ("bench_read_qd16", "bench 4 KiB read, QD16", "IOPS", "iops"),
+    ("bench_write_qd16", "bench 4 KiB write, QD16", "IOPS", "iops"),
+    ("guest_seqread", "guest seq read qcow2, O_DIRECT 1 MiB", "MB/s", "mbps"),
+]
+
+
+class CommandFailed(Exception):
+    pass
+
+
+def run(argv: list[str], timeout: float) -> tuple[float, str]:
+    """Run ``argv``; its wall time by the host clock and its stdout. Non-zero exit or timeout: CommandFailed."""
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CommandFailed(f"{' '.join(argv)}: no exit within {timeout:.0f} s") from None
+    secs = time.monotonic() - started
+    if proc.returncode != 0:
+        raise CommandFailed(f"{' '.join(argv)}: exit {proc.returncode}: {(proc.stderr or proc.stdout)[-400:]}")
+    return secs, proc.stdout
+
+
+def first_line(argv: list[str]) -> str:
+    try:
+        return run(argv, 30)[1].splitlines()[0]
+    except (CommandFailed, OSError, IndexError) as error:
+        return f"unknown ({error})"
+
+
+class Figures:
+    """Samples per figure and tool (each a dict with the row keys), errors, and their medians."""
+
+    def __init__(self) -> None:
+        self.samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self.errors: dict[str, list[str]] = {}
+        self.extra: dict[str, dict[str, Any]] = {}
+
+    def measure(self, figure: str, tool: str, attempt_fn: Callable[[], dict[str, Any]], attempts: int = 2
+                ) -> None:
+        """Call ``attempt_fn()`` (returns a sample dict) until it succeeds, at most ``attempts`` times."""
+        for _ in range(attempts):
+            before = vb.load1()
+            try:
+                sample = attempt_fn()
+            except CommandFailed as failed:
+                self.errors.setdefault(figure, []).append(f"{tool}: {failed}")
+                print(f"  {tool:5} {figure:22} failed: {failed}", file=sys.stderr, flush=True)
+                continue
+            sample["load1"] = [before, vb.load1()]
+            self.samples.setdefault(figure, {}).setdefault(tool, []).append(sample)
+            shown = ", ".join(f"{k} {sample[k]:.2f}" for k in ("secs", "mbps", "iops") if k in sample)
+            print(f"  {tool:5} {figure:22} {shown}  (load {before})", flush=True)
+            return
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for figure, title, unit, key in ROWS:
+            if figure not in self.samples and figure not in self.errors:
+                continue
+            entry = out.setdefault(figure, {"what": title, **self.extra.get(figure, {})})
+            for tool, samples in self.samples.get(figure, {}).items():
+                values = [s[key] for s in samples]
+                tool_entry = entry.setdefault(tool, {"samples": samples})
+                tool_entry[f"median_{key}"] = round(statistics.median(values), 3)
+                tool_entry[f"values_{key}"] = [round(v, 3) for v in values]
+            if figure in self.errors:
+                entry["errors"] = self.errors[figure]
+        return out
+
+
+# -- images ---------------------------------------------------------------------------------------------------
+def make_half_sparse(path: Path, mib: int) -> None:
+    """``mib`` MiB raw: even MiBs hold seeded pseudo-random data, odd MiBs are holes (never written)."""
+    rng = random.Random(DATA_SEED)
+    with open(path, "wb") as handle:
+        handle.truncate(mib * MiB)
+        for index in range(0, mib, 2):
+            handle.seek(index * MiB)
+            handle.write(rng.randbytes(MiB))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def qemu_qcow2_of(qemu_img: str, raw: Path, qcow2: Path) -> None:
+    run([qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)], IMG_TIMEOUT)
+
+
+def turns(tools: dict[str, list[str]], rep: int) -> list[tuple[str, list[str]]]:
+    """The tools in the order they run in repetition ``rep``: alternated, so neither always goes first
+    (the first run after a file is deleted, or into memory the VM has not touched yet, is often slower)."""
+    items = list(tools.items())
+    return items if rep % 2 == 0 else items[::-1]
+
+
+def allocated_bytes(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def read_through(path: Path) -> None:
+    """Read the file once so that it sits in the host page cache."""
+    with open(path, "rb") as handle:
+        while handle.read(8 * MiB):
+            pass
+
+
+# -- parts ----------------------------------------------------------------------------------------------------
+def part_convert(figs: Figures, tools: dict[str, list[str]], qemu_img: str, workdir: Path, mib: int,
+                 reps: int) -> None:
+    raw = workdir / "convert-src.raw"
+    qcow2 = workdir / "convert-src.qcow2"
+    print(f"convert: {mib} MiB raw, 1 MiB data / 1 MiB hole, and its qcow2 made by qemu-img", flush=True)
+    make_half_sparse(raw, mib)
+    qemu_qcow2_of(qemu_img, raw, qcow2)
+    size = mib * MiB
+    cases = [("convert_raw_to_qcow2", raw, "raw", "qcow2"), ("convert_qcow2_to_raw", qcow2, "qcow2", "raw")]
+    for figure, src, src_fmt, dst_fmt in cases:
+        figs.extra[figure] = {"virtual_bytes": size, "source_allocated_bytes": allocated_bytes(src)}
+    for rep in range(reps):
+        for figure, src, src_fmt, dst_fmt in cases:
+            for tool, cmd in turns(tools, rep):
+                dst = workdir / f"out-{tool}.{dst_fmt}"
+
+                def attempt() -> dict[str, Any]:
+                    dst.unlink(missing_ok=True)
+                    argv = [*cmd, "convert", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst)]
+                    secs, _ = run(argv, IMG_TIMEOUT)
+                    sample: dict[str, Any] = {"secs": secs, "mbps": size / secs / 1e6,
+                                              "output_allocated_bytes": allocated_bytes(dst)}
+                    _, verdict = run([qemu_img, "compare", "-f", dst_fmt, "-F", src_fmt, str(dst), str(src)],
+                                     COMPARE_TIMEOUT)  # exit 1 (different) fails the sample
+                    sample["compare"] = verdict.strip()
+                    return sample
+
+                figs.measure(figure, tool, attempt)
+                dst.unlink(missing_ok=True)
+    raw.unlink()
+    qcow2.unlink()
+
+
+def golden_step(size: int, block: int = 4096) -> int:
+    """A step of about 0.618 of the image, in whole blocks, coprime with the block count (a full cycle)."""
+    blocks = size // block
+    k = max(1, round(blocks * (math.sqrt(5) - 1) / 2))
+    while math.gcd(k, blocks) != 1:
+        k += 1
+    return k * block
+
+
+def part_bench(figs: Figures, tools: dict[str, list[str]], qemu_img: str, workdir: Path, mib: int, count: int,
+               reps: int) -> dict[str, Any]:
+    raw = workdir / "bench.raw"
+    image = workdir / "bench.qcow2"
+    print(f"bench: {mib} MiB fully allocated qcow2 made by qemu-img, {count} requests", flush=True)
+    vb.make_image(raw, mib)
+    qemu_qcow2_of(qemu_img, raw, image)
+    raw.unlink()
+    read_through(image)
+    step = golden_step(mib * MiB)
+    common = ["-f", "qcow2", "-c", str(count), "-s", "4096", "-S", str(step), "-o", "0"]
+    variants = {f"bench_{op}_qd{depth}": common + ["-d", str(depth)] + (["-w", "--pattern=0xa5"] if op == "write"
+                                                                         else [])
+                for depth in (1, 16) for op in ("read", "write")}
+    for figure, args in variants.items():
+        figs.extra[figure] = {"args": args, "image_allocated_bytes": allocated_bytes(image)}
+    for rep in range(reps):
+        for figure, args in variants.items():
+            for tool, cmd in turns(tools, rep):
+                def attempt() -> dict[str, Any]:
+                    wall, out = run([*cmd, "bench", *args, str(image)], IMG_TIMEOUT)
+                    found = BENCH_COMPLETED.search(out)
+                    if not found or float(found.group(1)) <= 0:
+                        raise CommandFailed(f"no 'Run completed in' line: {out[-300:]!r}")
+                    secs = float(found.group(1))
+                    return {"secs": secs, "iops": count / secs, "wall_s": round(wall, 3)}
+
+                figs.measure(figure, tool, attempt)
+    _, check = run([qemu_img, "check", str(image)], COMPARE_TIMEOUT)
+    image.unlink()
+    return {"image_mib": mib, "count": count, "step": step, "qemu_img_check_after": check.strip()}
+
+
+def part_guest(figs: Figures, qemu_img: str, qemu: str | None, workdir: Path, reps: int,
+               tsc_khz: int | None) -> dict[str, Any]:
+    """virtio.py's seqread on a qcow2 drive, one boot per VM (retried as there)."""
+    assets = find_assets()
+    if assets is None:
+        return {"skipped": "guest assets missing: run 'pyemu-guest fetch'"}
+    if shutil.which("gcc") is None:
+        return {"skipped": "gcc is needed to build the guest helper (benchmarks/guest_io.c)"}
+    helper = vb.build_helper(workdir)
+    initrd = vb.build_initrd(assets.initrd, helper, workdir)
+    raw, image = workdir / "guest.raw", workdir / "guest.qcow2"
+    vb.make_image(raw, GUEST_MIB)
+    qemu_qcow2_of(qemu_img, raw, image)
+    raw.unlink()
+    drive = [a.replace("format=raw", "format=qcow2") for a in vb.disk_args(image)]
+    vms = {"pyemu": vb.pyemu_argv(assets.vmlinux, initrd)}
+    if qemu is None:
+        print("qemu-system-x86_64 not installed: the guest part's QEMU column is skipped", file=sys.stderr)
+    else:
+        vms["qemu"] = vb.qemu_argv(qemu, assets.vmlinux, initrd, tsc_khz)
+    out: dict[str, Any] = {"image_mib": GUEST_MIB, "drive": drive, "tsc_early_khz_for_qemu": tsc_khz}
+    figs.extra["guest_seqread"] = {"timed": "host clock between the guest helper's GIO-START and result lines "
+                                            "(benchmarks/virtio.py)"}
+    for label, argv in vms.items():
+        argv = argv + drive
+        print(f"guest {label}: {' '.join(argv)}", flush=True)
+        plan = vb.Plan(reps=reps, image_mib=GUEST_MIB, net_mib=0, helper=helper, netns=None, net=False)
+        result = vb.run_vm(label, argv, plan, ["seqread"], workdir)
+        out[label] = {"argv": argv, "sessions": result.sessions}
+        for sample in result.samples["seqread"]:
+            sample["mbps"] = sample["value"]
+        if result.samples["seqread"]:
+            figs.samples.setdefault("guest_seqread", {})[label] = result.samples["seqread"]
+        for error in result.errors["seqread"] + [s["failure"] for s in result.sessions if "failure" in s]:
+            figs.errors.setdefault("guest_seqread", []).append(f"{label}: {error}")
+    return out
+
+
+# -- main -----------------------------------------------------------------------------------------------------
+def comparison(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for figure, title, unit, key in ROWS:
+        if figure not in summary:
+            continue
+        values = {tool: summary[figure].get(tool, {}).get(f"median_{key}") for tool in ("pyemu", "qemu")}
+        ratio = round(values["pyemu"] / values["qemu"], 3) if values["pyemu"] and values["qemu"] else None
+        rows.append({"figure": figure, "what": title, "unit": unit, **values, "ratio_pyemu_over_qemu": ratio})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of every measurement (median taken)")
+    parser.add_argument("--quick", action="store_true", help="one repetition, smaller images, fewer requests")
+    parser.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: convert,bench,guest")
+    parser.add_argument("--count", type=int, help=f"bench requests per run (default {BENCH_COUNT}, quick "
+                                                  f"{BENCH_COUNT_QUICK})")
+    parser.add_argument("--tsc-khz", type=int, help="host TSC kHz for QEMU's tsc_early_khz (default: from dmesg)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    parts = [p for p in args.only.split(",") if p]
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        parser.error(f"--only takes parts from {','.join(PARTS)}; not {','.join(sorted(unknown)) or 'empty'}")
+    reps = 1 if args.quick else max(1, args.reps)
+    convert_mib = CONVERT_MIB_QUICK if args.quick else CONVERT_MIB
+    bench_mib = BENCH_MIB_QUICK if args.quick else BENCH_MIB
+    count = args.count or (BENCH_COUNT_QUICK if args.quick else BENCH_COUNT)
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        print("qemu-img not found (Debian package qemu-utils): it is the reference, makes the qcow2 sources and "
+              "checks every output, so nothing can be measured without it", file=sys.stderr)
+        return 2
+    qemu = shutil.which("qemu-system-x86_64")
+    tsc_khz, tsc_source = (args.tsc_khz, "--tsc-khz") if args.tsc_khz else vb.host_tsc_khz()
+    tools = {"pyemu": PYEMU_IMG, "qemu": [qemu_img]}
+    startup, _ = run([*PYEMU_IMG, "--version"], 60)
+    git = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty"], capture_output=True,
+                         text=True, timeout=30).stdout.strip()
+    report: dict[str, Any] = {
+        "benchmark": "block layer: pyemu-img convert/bench vs qemu-img 7.2, guest qcow2 read pyemu TCG vs QEMU TCG",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": {**vb.host_info(qemu, tsc_khz, tsc_source), "qemu_img": first_line([qemu_img, "--version"]),
+                 "pyemu_img": first_line([*PYEMU_IMG, "--version"]), "pyemu_git": git},
+        "load_avg_start": [round(x, 2) for x in os.getloadavg()],
+        "settings": {"reps": reps, "parts": parts, "convert_mib": convert_mib, "bench_mib": bench_mib,
+                     "bench_count": count, "guest_mib": GUEST_MIB, "data_seed": DATA_SEED,
+                     "pyemu_img": " ".join(PYEMU_IMG), "units": "MB = 10^6 bytes; IOPS = requests / reported s"},
+        "startup": {"pyemu_img_version_s": round(startup, 3)},
+        "notes": ["Shared 2-core host: other jobs may run at the same time; see load1 per sample.",
+                  "convert and bench use each tool's default cache modes (qemu-img convert: source writeback, "
+                  "target unsafe); convert times include process start-up."],
+    }
+    figs = Figures()
+    workdir = Path(tempfile.mkdtemp(prefix="pyemu-block-bench-", dir="/var/tmp"))
+    try:
+        if "convert" in parts:
+            part_convert(figs, tools, qemu_img, workdir, convert_mib, reps)
+        if "bench" in parts:
+            report["bench"] = part_bench(figs, tools, qemu_img, workdir, bench_mib, count, reps)
+        if "guest" in parts:
+            report["guest"] = part_guest(figs, qemu_img, qemu, workdir, reps, tsc_khz)
+            if "skipped" in report["guest"]:
+                print(f"guest part skipped: {report['guest']['skipped']}", file=sys.stderr)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    report["figures"] = figs.summary()
+    report["comparison"] = rows = comparison(report["figures"])
+    report["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    print()
+    print(f"{'figure':40} {'unit':5} {'pyemu':>11} {'QEMU 7.2':>11} {'pyemu/QEMU':>11}")
+
+    def cell(v: float | None) -> str:
+        return f"{v:>11.2f}" if v is not None else f"{'-':>11}"
+
+    for row in rows:
+        ratio = row["ratio_pyemu_over_qemu"]
+        print(f"{row['what']:40} {row['unit']:5} {cell(row['pyemu'])} {cell(row['qemu'])} "
+              f"{(f'{ratio:.3f}' if ratio is not None else '-'):>11}")
+    for figure, errors in figs.errors.items():
+        print(f"{figure}: {len(errors)} failure(s), first: {errors[0][:300]}")
+    print(f"(medians of {reps}; pyemu-img start-up {startup:.2f} s; load average now {report['load_avg_end']})")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the work directory is removed on SIGTERM too
+    sys.exit(main())
