@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pyemu.block.backend import BlockBackend, CacheMode
-from pyemu.block.errors import BlockConfigError, ImageLockedError, ReadOnlyError
+from pyemu.block.errors import BlockConfigError, BlockIOError, ImageLockedError, ReadOnlyError
 from pyemu.block.file import FileProtocol
 from pyemu.block.options import DriveOptions, open_drive
 from pyemu.block.raw import RawFormat
@@ -203,3 +203,50 @@ def test_open_drive_twice_is_locked(disk: tuple[Path, bytes]) -> None:
         open_drive(parse(f"file={path},file.locking=off")).close()
     finally:
         first.close()
+
+
+def test_snapshot_on_writes_to_a_temporary_overlay(disk: tuple[Path, bytes], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    path, content = disk
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    backend = open_drive(parse(f"file={path},format=raw,snapshot=on"))
+    assert not backend.read_only
+    backend.pwritev(4096, [b"\x77" * 8192])
+    backend.flush()
+    buf = bytearray(16384)
+    backend.preadv(0, [memoryview(buf)])
+    assert buf[:4096] == content[:4096] and buf[4096:12288] == b"\x77" * 8192
+    assert list(scratch.iterdir()) == []  # the overlay is unlinked as soon as it is open
+    # Another process may read the image meanwhile, but nobody may write it (the base is a backing file).
+    with pytest.raises(ImageLockedError):
+        FileProtocol.open(str(path))
+    backend.close()
+    assert path.read_bytes() == content
+
+
+def test_probing_warns_for_raw_and_guards_block_0(disk: tuple[Path, bytes]) -> None:
+    path, _ = disk
+    warnings: list[str] = []
+    backend = open_drive(parse(f"file={path}"), warn=warnings.append)
+    assert len(warnings) == 1 and "probing guessed raw" in warnings[0]
+    backend.pwritev(0, [b"\0" * 512])  # ordinary writes to block 0 are fine
+    with pytest.raises(BlockIOError) as info:
+        backend.pwritev(0, [b"QFI\xfb" + bytes(508)])
+    assert info.value.errno == errno.EPERM
+    backend.close()
+    explicit = open_drive(parse(f"file={path},format=raw"), warn=warnings.append)
+    explicit.pwritev(0, [b"QFI\xfb" + bytes(508)])  # format=raw lifts the restriction, as in QEMU
+    explicit.close()
+    assert len(warnings) == 1
+
+
+def test_probing_finds_qcow2(tmp_path: Path) -> None:
+    from pyemu.block.qcow2.create import create_qcow2
+    image = tmp_path / "disk.qcow2"
+    create_qcow2(str(image), 1 << 20)
+    warnings: list[str] = []
+    backend = open_drive(parse(f"file={image}"), warn=warnings.append)
+    assert backend.root.name == "qcow2" and backend.size() == 1 << 20 and warnings == []
+    backend.close()

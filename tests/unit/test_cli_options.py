@@ -63,3 +63,17 @@ def test_cli_unknown_option_exits_1_with_one_line():
     assert proc.returncode == 1
     assert proc.stderr.strip() == "pyemu: -bogus: invalid option"
     assert proc.stdout == ""
+
+
+def test_snapshot_flag_applies_to_every_drive(tmp_path):
+    from pyemu.machines.virtio_devices import Backends
+
+    image = tmp_path / "d.img"
+    image.write_bytes(bytes(65536))
+    cfg = parse_args(["-snapshot", "-drive", f"file={image},format=raw,if=none,id=d0"])
+    assert cfg.snapshot
+    backend, options = Backends(cfg).drive("d0", "virtio-blk-device")
+    assert options.snapshot
+    backend.pwritev(0, [b"x" * 512])
+    backend.close()
+    assert image.read_bytes() == bytes(65536)
