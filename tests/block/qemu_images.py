@@ -58,9 +58,15 @@ def run_tool(args: Sequence[str | Path], *, check: bool = True,
     return proc
 
 
-def qemu_img(*args: str | Path, check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def qemu_img(*args: str | Path, check: bool = True, cwd: Path | None = None,
+             ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
+    """Run qemu-img; with ``check`` an exit status outside ``ok`` raises QemuToolError with the output."""
     assert QEMU_IMG is not None, "qemu-img missing"
-    return run_tool([QEMU_IMG, *args], check=check, cwd=cwd)
+    proc = run_tool([QEMU_IMG, *args], check=False, cwd=cwd)
+    if check and proc.returncode not in ok:
+        raise QemuToolError(f"qemu-img {' '.join(str(a) for a in args)} exited {proc.returncode}\n"
+                            f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
 
 
 def qemu_io(path: Path, commands: Sequence[str], *, fmt: str = "qcow2", read_only: bool = False,

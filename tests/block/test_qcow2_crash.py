@@ -44,6 +44,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
+from qemu_images import qemu_img  # type: ignore[import-not-found]
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -447,12 +448,6 @@ def _wait_for_kill_point(proc: subprocess.Popen[bytes], journal: Path, image: Pa
 # -- qcow2 images and tools ---------------------------------------------------------------------------------
 
 
-def qemu_img(*args: str | Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
-    argv = [str(QEMU_IMG), *(str(a) for a in args)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    assert proc.returncode in ok, (f"{' '.join(argv)} exited {proc.returncode}\n"
-                                   f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
 
 
 def image_virtual_size(path: Path) -> int:

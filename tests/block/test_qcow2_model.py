@@ -22,13 +22,13 @@ import itertools
 import os
 import random
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from qemu_images import qemu_img  # type: ignore[import-not-found]
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
@@ -53,12 +53,6 @@ IO_MIX = ("write",) * 4 + ("read",) * 2 + ("discard", "write_zeroes")
 pytestmark = pytest.mark.skipif(QEMU_IMG is None, reason="qemu-img not installed")
 
 
-def qemu_img(*args: str | Path, ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess[str]:
-    argv = [str(QEMU_IMG), *(str(a) for a in args)]
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    assert proc.returncode in ok, (f"{' '.join(argv)} exited {proc.returncode}\n"
-                                   f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
-    return proc
 
 
 def first_difference(got: bytes | bytearray, want: bytes | bytearray) -> int:
