@@ -6,6 +6,7 @@ The parser only turns words into these objects; every check a user can trip over
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from pyemu.errors import ConfigError
@@ -93,6 +94,27 @@ class ObjectOptions:
         return default
 
 
+UUID_PATTERN = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
+@dataclass(frozen=True)
+class MonitorOptions:
+    """One QMP monitor: ``-qmp SPEC`` (``spec``) or ``-mon chardev=ID,mode=control`` (``chardev``).
+    The spec itself is checked by :mod:`pyemu.monitor.server`, which knows what a monitor can listen on."""
+
+    spec: str | None = None
+    chardev: str | None = None
+    mode: str = "control"
+    pretty: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.spec is None) == (self.chardev is None):
+            raise ConfigError("-mon: give exactly one of a -qmp spec or chardev=ID", option="-mon")
+        if self.mode != "control":
+            raise ConfigError(f"-mon: mode={self.mode} is not supported: pyemu has no human monitor "
+                              "(use mode=control, i.e. QMP)", option="-mon")
+
+
 @dataclass(frozen=True)
 class VmConfig:
     machine: MachineOptions = MachineOptions()
@@ -116,6 +138,12 @@ class VmConfig:
     """``-snapshot``: every drive writes into a temporary overlay."""
     log_mask: frozenset[str] = frozenset()
     log_file: str | None = None
+    monitors: tuple[MonitorOptions, ...] = ()
+    """Every ``-qmp`` and ``-mon``, in command-line order."""
+    name: str | None = None
+    """``-name``: the guest name QMP reports (``query-name``)."""
+    uuid: str | None = None
+    """``-uuid``: the VM UUID QMP reports (``query-uuid``)."""
 
     def __post_init__(self) -> None:
         if self.ram_size < MIN_RAM:
@@ -135,3 +163,31 @@ class VmConfig:
                 seen.add(entry.id)
         if self.initrd and not self.kernel:
             raise ConfigError("-initrd is only valid with -kernel", option="-initrd")
+        if self.uuid is not None and not UUID_PATTERN.match(self.uuid):
+            raise ConfigError(f"-uuid {self.uuid}: failed to parse UUID string: wrong format "
+                              "(expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)", option="-uuid")
+        self._check_monitors()
+
+    def _check_monitors(self) -> None:
+        """A ``-mon`` names an existing ``-chardev`` that no device uses and no other monitor uses; only
+        one reader may own stdio."""
+        chardev_ids = {c.id for c in self.chardevs}
+        used_by_devices = {value: device.driver for device in self.devices
+                           for key, value in device.props if key == "chardev"}
+        seen: set[str] = set()
+        for monitor in self.monitors:
+            if monitor.chardev is None:
+                continue
+            if monitor.chardev not in chardev_ids:
+                raise ConfigError(f"-mon chardev={monitor.chardev}: chardev '{monitor.chardev}' not found",
+                                  option="-mon")
+            if monitor.chardev in used_by_devices or monitor.chardev in seen:
+                user = used_by_devices.get(monitor.chardev, "another monitor")
+                raise ConfigError(f"-mon chardev={monitor.chardev}: chardev '{monitor.chardev}' is already in "
+                                  f"use by {user}", option="-mon")
+            seen.add(monitor.chardev)
+        qmp_stdio = sum(1 for m in self.monitors if m.spec == "stdio")
+        serial_stdio = self.machine.isa_serial is not False and ("stdio" in self.serial or not self.serial)
+        if qmp_stdio and (qmp_stdio > 1 or serial_stdio):
+            raise ConfigError("-qmp stdio: cannot use stdio by multiple character devices"
+                              + (" (add -serial none or -serial null)" if serial_stdio else ""), option="-qmp")

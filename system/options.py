@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from pyemu.errors import ConfigError
-from pyemu.system.config import DeviceOptions, MachineOptions, ObjectOptions, VmConfig, parse_on_off, parse_size
+from pyemu.system.config import (DeviceOptions, MachineOptions, MonitorOptions, ObjectOptions, VmConfig,
+                                 parse_on_off, parse_size)
 from pyemu.system import log
 
 
@@ -49,7 +50,17 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "tap,id=ID[,prop=value...]"),
     OptionSpec("snapshot", False, "write to temporary files instead of disk images (every -drive gets "
                "snapshot=on)"),
-    OptionSpec("S", False, "create the VM with its CPUs stopped (there is no monitor yet to continue it)"),
+    OptionSpec("S", False, "create the VM with its CPUs stopped (prelaunch; QMP 'cont' starts it)"),
+    OptionSpec("qmp", True, "a QMP monitor: unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off "
+               "| stdio (repeatable)", "dev"),
+    OptionSpec("mon", True, "a QMP monitor on a -chardev: chardev=ID,mode=control[,pretty=on|off]",
+               "chardev=ID,mode=control"),
+    OptionSpec("name", True, "the guest name (QMP query-name)", "[guest=]name[,debug-threads=on|off]"),
+    OptionSpec("uuid", True, "the VM UUID (QMP query-uuid)", "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"),
+    OptionSpec("display", True, "only 'none': pyemu has no graphical display", "none"),
+    OptionSpec("nodefaults", False, "accepted for QEMU compatibility (pyemu adds no default devices beyond "
+               "COM1; use -serial none)"),
+    OptionSpec("no-user-config", False, "accepted for QEMU compatibility (pyemu reads no config files)"),
     OptionSpec("d", True, "log categories, comma separated (-d help lists them)", "item1[,...]"),
     OptionSpec("D", True, "write the -d log to a file", "logfile"),
     OptionSpec("version", False, "print the version and exit"),
@@ -221,6 +232,58 @@ def _backend(option: str, value: str) -> ObjectOptions:
     return ObjectOptions(kind, ident, tuple(rest))
 
 
+def _qmp(value: str) -> MonitorOptions:
+    from pyemu.monitor.server import parse_qmp_spec
+
+    parse_qmp_spec(value)  # fail on the command line, not when the VM starts
+    return MonitorOptions(spec=value)
+
+
+def _mon(value: str) -> MonitorOptions:
+    head, props = split_props(value, "-mon", implied="chardev")
+    chardev = head
+    mode = "readline"  # QEMU's default for -mon
+    pretty = False
+    for key, val in props:
+        if key == "chardev":
+            chardev = val
+        elif key == "mode":
+            mode = val
+        elif key == "pretty":
+            pretty = parse_on_off(val, "pretty")
+        elif key == "id":
+            continue
+        else:
+            raise ConfigError(f"-mon: Invalid parameter '{key}'", option="-mon")
+    if not chardev:
+        raise ConfigError("-mon: Parameter 'chardev' is missing", option="-mon")
+    return MonitorOptions(chardev=chardev, mode=mode, pretty=pretty)
+
+
+def _name(value: str) -> str:
+    head, props = split_props(value, "-name", implied="guest")
+    name = head
+    for key, val in props:
+        if key == "guest":
+            name = val
+        elif key == "debug-threads":
+            parse_on_off(val, "debug-threads")  # pyemu's threads are always named (vcpuN, pyemu-qmp...)
+        elif key == "process":
+            continue  # the host process title: accepted, not set
+        else:
+            raise ConfigError(f"-name: Invalid parameter '{key}'", option="-name")
+    if name is None:
+        raise ConfigError("-name: Parameter 'guest' is missing", option="-name")
+    return name
+
+
+def _display(value: str) -> None:
+    head, props = split_props(value, "-display", implied="type")
+    if head != "none" or props:
+        raise ConfigError(f"-display {value}: pyemu has no graphical display (only -display none)",
+                          option="-display")
+
+
 def _drive(value: str) -> tuple[tuple[str, str], ...]:
     head, props = split_props(value, "-drive", implied=None)
     return tuple(props)
@@ -233,6 +296,7 @@ def parse_args(argv: list[str]) -> VmConfig:
     devices: list[DeviceOptions] = []
     drives: list[tuple[tuple[str, str], ...]] = []
     backends: dict[str, list[ObjectOptions]] = {"object": [], "chardev": [], "netdev": []}
+    monitors: list[MonitorOptions] = []
     i = 0
     handlers: dict[str, Callable[[str], None]] = {}
 
@@ -249,6 +313,8 @@ def parse_args(argv: list[str]) -> VmConfig:
         "object": lambda v: backends["object"].append(_backend("-object", v)),
         "chardev": lambda v: backends["chardev"].append(_backend("-chardev", v)),
         "netdev": lambda v: backends["netdev"].append(_backend("-netdev", v)),
+        "qmp": lambda v: monitors.append(_qmp(v)), "mon": lambda v: monitors.append(_mon(v)),
+        "name": setter("name", _name), "uuid": setter("uuid", str), "display": _display,
     })
     while i < len(argv):
         word = argv[i]
@@ -275,6 +341,8 @@ def parse_args(argv: list[str]) -> VmConfig:
                      "S": "start_paused"}
         if name == "enable-kvm":
             values["accel"] = ("kvm",)
+        elif name in ("nodefaults", "no-user-config"):
+            continue  # documented no-ops (see OPTIONS)
         else:
             values[flag_keys[name]] = True
     if "machine" in values:
@@ -284,7 +352,7 @@ def parse_args(argv: list[str]) -> VmConfig:
             values.setdefault("accel", machine_accel)
     return VmConfig(serial=tuple(serial), devices=tuple(devices), drives=tuple(drives),  # type: ignore[arg-type]
                     objects=tuple(backends["object"]), chardevs=tuple(backends["chardev"]),
-                    netdevs=tuple(backends["netdev"]), **values)
+                    netdevs=tuple(backends["netdev"]), monitors=tuple(monitors), **values)
 
 
 def _log_mask(value: str) -> frozenset[str]:

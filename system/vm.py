@@ -10,6 +10,8 @@ import threading
 from pyemu.accel.base import Accelerator, AcceleratorUnavailable, create_accelerator
 from pyemu.errors import ConfigError
 from pyemu.machines.microvm import BootSource, Microvm
+from pyemu.monitor.control import ControlApi
+from pyemu.monitor.server import MonitorServer, endpoints_from_config
 from pyemu.system import log
 from pyemu.system.config import VmConfig
 from pyemu.system.runstate import ShutdownCause
@@ -83,15 +85,25 @@ def run_vm(config: VmConfig) -> int:
         signal.signal(signal.SIGHUP, on_signal)
     except ValueError:
         pass  # not the main thread (embedded use): the caller handles signals
+    monitor: MonitorServer | None = None
     try:
+        control = ControlApi(machine, name=config.name, uuid=config.uuid)
+        if config.monitors:
+            monitor = MonitorServer(control, endpoints_from_config(config))
+            monitor.open()  # listening (and waiting for a client where wait=on) before the VM starts
         log.log("exec", f"starting {config.vcpus} vCPU(s) on {accel.name}")
-        machine.start(paused=config.start_paused)
+        # -S: prelaunch, no vCPU thread yet; QMP 'cont' starts the machine.
+        control.start(paused=config.start_paused)
+        if monitor is not None:
+            monitor.serve()
         try:
             return machine.wait()
         except KeyboardInterrupt:
             print("pyemu: terminating on signal 2", file=sys.stderr)
             return 0
     finally:
+        if monitor is not None:
+            monitor.close()  # after the quit reply and the SHUTDOWN event went out
         machine.close()
         try:
             signal.signal(signal.SIGTERM, previous)

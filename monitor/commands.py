@@ -1,0 +1,122 @@
+"""The QMP command implementations, one function per entry of :data:`pyemu.monitor.schema.COMMANDS`.
+
+Each function takes the :class:`~pyemu.monitor.control.ControlApi` and the validated arguments and returns
+the JSON value of the reply, or a :class:`Reply` when something must happen only after the client has its
+answer (``quit``: the process may be gone a moment later). ``qmp_capabilities`` is not here: it changes
+the session, so :mod:`pyemu.monitor.qmp` serves it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pyemu import __version__
+from pyemu.monitor import schema
+from pyemu.monitor.control import ControlApi, ControlError
+from pyemu.monitor.schema import QmpError
+
+QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
+"""The QEMU release whose QMP pyemu speaks (clients check the greeting's version)."""
+PACKAGE = f"pyemu {__version__}"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A return value plus an action to run once the reply is on its way to the client."""
+
+    value: Any
+    after: Callable[[], None] | None = None
+
+
+Handler = Callable[[ControlApi, dict[str, Any]], Any]
+
+
+def version_info() -> dict[str, Any]:
+    return {"qemu": dict(QEMU_VERSION), "package": PACKAGE}
+
+
+def _query_status(api: ControlApi, args: dict[str, Any]) -> Any:
+    return api.status()
+
+
+def _query_version(api: ControlApi, args: dict[str, Any]) -> Any:
+    return version_info()
+
+
+def _query_commands(api: ControlApi, args: dict[str, Any]) -> Any:
+    return schema.query_commands()
+
+
+def _query_qmp_schema(api: ControlApi, args: dict[str, Any]) -> Any:
+    return schema.query_qmp_schema()
+
+
+def _query_name(api: ControlApi, args: dict[str, Any]) -> Any:
+    return {"name": api.name} if api.name is not None else {}
+
+
+def _query_uuid(api: ControlApi, args: dict[str, Any]) -> Any:
+    return {"UUID": api.uuid}
+
+
+def _query_kvm(api: ControlApi, args: dict[str, Any]) -> Any:
+    return {"enabled": api.accelerator == "kvm", "present": api.kvm_present()}
+
+
+def _query_cpus_fast(api: ControlApi, args: dict[str, Any]) -> Any:
+    return [{"cpu-index": cpu.index, "qom-path": cpu.qom_path, "thread-id": cpu.thread_id,
+             "props": {"core-id": 0, "thread-id": 0, "socket-id": cpu.index}, "target": "x86_64"}
+            for cpu in api.cpus()]
+
+
+def _stop(api: ControlApi, args: dict[str, Any]) -> Any:
+    api.stop()
+    return {}
+
+
+def _cont(api: ControlApi, args: dict[str, Any]) -> Any:
+    try:
+        api.cont()
+    except ControlError as error:
+        raise QmpError(str(error)) from None
+    return {}
+
+
+def _system_reset(api: ControlApi, args: dict[str, Any]) -> Any:
+    api.reset()
+    return {}
+
+
+def _quit(api: ControlApi, args: dict[str, Any]) -> Any:
+    return Reply({}, after=api.quit)
+
+
+HANDLERS: dict[str, Handler] = {
+    "query-status": _query_status,
+    "query-version": _query_version,
+    "query-commands": _query_commands,
+    "query-qmp-schema": _query_qmp_schema,
+    "query-name": _query_name,
+    "query-uuid": _query_uuid,
+    "query-kvm": _query_kvm,
+    "query-cpus-fast": _query_cpus_fast,
+    "stop": _stop,
+    "cont": _cont,
+    "system_reset": _system_reset,
+    "quit": _quit,
+}
+SESSION_COMMANDS = frozenset({"qmp_capabilities"})
+"""Commands the session itself serves."""
+
+
+def make_executor(api: ControlApi) -> Callable[[str, dict[str, Any]], Any]:
+    """The ``execute`` callable a :class:`~pyemu.monitor.qmp.QmpSession` runs validated commands with."""
+
+    def execute(name: str, args: dict[str, Any]) -> Any:
+        handler = HANDLERS.get(name)
+        if handler is None:
+            raise QmpError(f"The command {name} has not been found", "CommandNotFound")
+        return handler(api, args)
+
+    return execute

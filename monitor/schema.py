@@ -1,0 +1,265 @@
+"""The one table of QMP commands, events and types, and everything derived from it.
+
+A command is described once here (name, arguments with QAPI types, return type, one line of doc); from
+that table come argument validation with QEMU's error messages, ``query-commands`` and
+``query-qmp-schema`` (QEMU's SchemaInfo list, with non-builtin type names masked as numbers the way QEMU
+masks them). The implementations live in :mod:`pyemu.monitor.commands` and are looked up by name, so a
+command missing either half is caught by a unit test rather than by a client.
+
+Type references are strings: a builtin (``str``, ``int``, ``bool``, ``number``, ``any``, ``null``), the
+name of an :class:`EnumType` or :class:`StructType` in :data:`TYPES`, or ``[T]`` for an array of ``T``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyemu.errors import PyemuError
+
+EMPTY = "q_empty"
+"""The argument-less object: commands without arguments or without a meaningful return use it."""
+
+#: QAPI builtin -> the JSON type introspection reports for it.
+BUILTINS: dict[str, str] = {"str": "string", "int": "int", "bool": "boolean", "number": "number",
+                            "any": "value", "null": "null"}
+#: The word QEMU's input visitor uses after "expected:" for each JSON type.
+_EXPECTED_WORD: dict[str, str] = {"str": "string", "int": "integer", "bool": "boolean", "number": "number",
+                                  "null": "null"}
+
+
+class QmpError(PyemuError):
+    """An error a QMP client sees as ``{"error": {"class": ..., "desc": ...}}``."""
+
+    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
+
+
+@dataclass(frozen=True)
+class Member:
+    """An argument or struct member: its name, type reference and whether it may be left out."""
+
+    name: str
+    type: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class EnumType:
+    name: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StructType:
+    name: str
+    members: tuple[Member, ...]
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    args: tuple[Member, ...]
+    returns: str
+    doc: str
+    allow_before_negotiation: bool = False
+    """Only ``qmp_capabilities`` may run in capabilities-negotiation mode."""
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str
+    data: tuple[Member, ...]
+    doc: str
+
+
+def _m(spec: str) -> Member:
+    """``"name:type"`` or ``"*name:type"`` (optional), as QAPI writes members."""
+    name, _, kind = spec.partition(":")
+    return Member(name.lstrip("*"), kind, optional=name.startswith("*"))
+
+
+def _members(*specs: str) -> tuple[Member, ...]:
+    return tuple(_m(spec) for spec in specs)
+
+
+_TYPE_LIST: tuple[EnumType | StructType, ...] = (
+    StructType(EMPTY, ()),
+    EnumType("QMPCapability", ("oob",)),
+    EnumType("RunState", ("debug", "inmigrate", "internal-error", "io-error", "paused", "postmigrate",
+                          "prelaunch", "finish-migrate", "restore-vm", "running", "save-vm", "shutdown",
+                          "suspended", "watchdog", "guest-panicked", "colo")),
+    EnumType("ShutdownCause", ("none", "host-error", "host-qmp-quit", "host-qmp-system-reset", "host-signal",
+                               "host-ui", "guest-shutdown", "guest-reset", "guest-panic", "subsystem-reset",
+                               "snapshot-load")),
+    EnumType("SysEmuTarget", ("x86_64",)),
+    StructType("StatusInfo", _members("running:bool", "singlestep:bool", "status:RunState")),
+    StructType("VersionTriple", _members("major:int", "minor:int", "micro:int")),
+    StructType("VersionInfo", _members("qemu:VersionTriple", "package:str")),
+    StructType("CommandInfo", _members("name:str")),
+    StructType("NameInfo", _members("*name:str")),
+    StructType("UuidInfo", _members("UUID:str")),
+    StructType("KvmInfo", _members("enabled:bool", "present:bool")),
+    StructType("CpuInstanceProperties", _members("*node-id:int", "*socket-id:int", "*die-id:int",
+                                                 "*cluster-id:int", "*core-id:int", "*thread-id:int")),
+    StructType("CpuInfoFast", _members("cpu-index:int", "qom-path:str", "thread-id:int",
+                                       "*props:CpuInstanceProperties", "target:SysEmuTarget")),
+    EnumType("SchemaMetaType", ("builtin", "enum", "array", "object", "alternate", "command", "event")),
+    # The base members of QEMU's SchemaInfo union; the per-meta-type variants are not described here.
+    StructType("SchemaInfo", _members("name:str", "meta-type:SchemaMetaType", "*features:[str]")),
+    StructType("ShutdownEventData", _members("guest:bool", "reason:ShutdownCause")),
+)
+TYPES: dict[str, EnumType | StructType] = {t.name: t for t in _TYPE_LIST}
+
+COMMANDS: tuple[Command, ...] = (
+    Command("qmp_capabilities", _members("*enable:[QMPCapability]"), EMPTY,
+            "leave capabilities-negotiation mode and enable the given capabilities",
+            allow_before_negotiation=True),
+    Command("query-status", (), "StatusInfo", "the run state of the VM"),
+    Command("query-version", (), "VersionInfo", "the QEMU version pyemu speaks for, and pyemu's own"),
+    Command("query-commands", (), "[CommandInfo]", "the commands this monitor accepts"),
+    Command("query-qmp-schema", (), "[SchemaInfo]", "the commands, events and types, as QEMU introspection"),
+    Command("query-name", (), "NameInfo", "the guest name given with -name"),
+    Command("query-uuid", (), "UuidInfo", "the VM UUID given with -uuid (all zeros without it)"),
+    Command("query-kvm", (), "KvmInfo", "whether KVM is in use and whether the host has it"),
+    Command("query-cpus-fast", (), "[CpuInfoFast]", "the vCPUs and their host threads"),
+    Command("stop", (), EMPTY, "pause every vCPU"),
+    Command("cont", (), EMPTY, "start or resume the vCPUs"),
+    Command("system_reset", (), EMPTY, "reset the machine as the reset button does"),
+    Command("quit", (), EMPTY, "end pyemu (the reply comes first)"),
+)
+COMMANDS_BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
+
+EVENTS: tuple[Event, ...] = (
+    Event("SHUTDOWN", _members("guest:bool", "reason:ShutdownCause"), "the VM is shutting down"),
+    Event("RESET", _members("guest:bool", "reason:ShutdownCause"), "the VM was reset"),
+    Event("STOP", (), "the vCPUs were stopped"),
+    Event("RESUME", (), "the vCPUs run again"),
+)
+EVENTS_BY_NAME: dict[str, Event] = {e.name: e for e in EVENTS}
+
+
+# -- validation -------------------------------------------------------------------------------------------
+def validate_arguments(command: Command, arguments: dict[str, Any]) -> dict[str, Any]:
+    """Check ``arguments`` against ``command``'s table entry; raise :class:`QmpError` with QEMU's wording."""
+    return _check_object(command.args, arguments, prefix="")
+
+
+def _check_object(members: tuple[Member, ...], value: dict[str, Any], prefix: str) -> dict[str, Any]:
+    known = {m.name for m in members}
+    for member in members:
+        path = prefix + member.name
+        if member.name not in value:
+            if not member.optional:
+                raise QmpError(f"Parameter '{path}' is missing")
+            continue
+        _check_value(member.type, value[member.name], path)
+    for key in value:
+        if key not in known:
+            raise QmpError(f"Parameter '{prefix}{key}' is unexpected")
+    return value
+
+
+def _check_value(kind: str, value: Any, path: str) -> None:
+    if kind.startswith("["):
+        if not isinstance(value, list):
+            raise QmpError(f"Invalid parameter type for '{path}', expected: array")
+        for index, item in enumerate(value):
+            _check_value(kind[1:-1], item, f"{path}[{index}]")
+        return
+    if kind == "any":
+        return
+    if kind in BUILTINS:
+        ok = {"str": isinstance(value, str),
+              "int": isinstance(value, int) and not isinstance(value, bool),
+              "bool": isinstance(value, bool),
+              "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "null": value is None}[kind]
+        if not ok:
+            raise QmpError(f"Invalid parameter type for '{path}', expected: {_EXPECTED_WORD[kind]}")
+        return
+    entity = TYPES[kind]
+    if isinstance(entity, EnumType):
+        if not isinstance(value, str):
+            raise QmpError(f"Invalid parameter type for '{path}', expected: string")
+        if value not in entity.values:
+            raise QmpError(f"Parameter '{path}' does not accept value '{value}'")
+        return
+    if not isinstance(value, dict):
+        raise QmpError(f"Invalid parameter type for '{path}', expected: object")
+    _check_object(entity.members, value, prefix=f"{path}.")
+
+
+# -- introspection ----------------------------------------------------------------------------------------
+def query_commands() -> list[dict[str, str]]:
+    return [{"name": c.name} for c in COMMANDS]
+
+
+@dataclass
+class _Masker:
+    """Gives every non-builtin type a number on first use (QEMU's masked names) and collects its entry."""
+
+    names: dict[str, str] = field(default_factory=dict)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    builtins_seen: list[str] = field(default_factory=list)
+
+    def ref(self, kind: str) -> str:
+        if kind.startswith("["):
+            element = self.ref(kind[1:-1])
+            name = f"[{element}]"
+            if kind not in self.names:
+                self.names[kind] = name
+                self.entries.append({"name": name, "meta-type": "array", "element-type": element})
+            return name
+        if kind in BUILTINS:
+            if kind not in self.builtins_seen:
+                self.builtins_seen.append(kind)
+            return kind
+        if kind in self.names:
+            return self.names[kind]
+        name = str(sum(1 for key in self.names if not key.startswith("[")))
+        self.names[kind] = name
+        entity = TYPES[kind]
+        if isinstance(entity, EnumType):
+            self.entries.append({"name": name, "meta-type": "enum", "values": list(entity.values),
+                                 "members": [{"name": v} for v in entity.values]})
+        else:
+            entry: dict[str, Any] = {"name": name, "meta-type": "object", "members": []}
+            self.entries.append(entry)  # before the members, so a recursive reference finds the name
+            entry["members"] = [self.member(m) for m in entity.members]
+        return name
+
+    def member(self, member: Member) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": member.name, "type": self.ref(member.type)}
+        if member.optional:
+            out["default"] = None
+        return out
+
+    def anonymous(self, key: str, members: tuple[Member, ...]) -> str:
+        """The implicit argument object of a command or event (QEMU's ``q_obj_...-arg``)."""
+        if not members:
+            return self.ref(EMPTY)
+        name = str(sum(1 for k in self.names if not k.startswith("[")))
+        self.names[key] = name
+        entry: dict[str, Any] = {"name": name, "meta-type": "object", "members": []}
+        self.entries.append(entry)
+        entry["members"] = [self.member(m) for m in members]
+        return name
+
+
+def query_qmp_schema() -> list[dict[str, Any]]:
+    """The SchemaInfo list: commands and events first, then the types they use, then the builtins."""
+    masker = _Masker()
+    masker.ref(EMPTY)  # "0" is the empty object, as in QEMU
+    head: list[dict[str, Any]] = []
+    for command in COMMANDS:
+        arg_type = masker.anonymous(f"q_obj_{command.name}-arg", command.args)
+        head.append({"name": command.name, "meta-type": "command", "arg-type": arg_type,
+                     "ret-type": masker.ref(command.returns)})
+    for event in EVENTS:
+        arg_type = masker.anonymous(f"q_obj_{event.name}-arg", event.data)
+        head.append({"name": event.name, "meta-type": "event", "arg-type": arg_type})
+    builtins = [{"name": b, "meta-type": "builtin", "json-type": BUILTINS[b]} for b in masker.builtins_seen]
+    return head + masker.entries + builtins
