@@ -144,6 +144,8 @@ class VmConfig:
     """``-name``: the guest name QMP reports (``query-name``)."""
     uuid: str | None = None
     """``-uuid``: the VM UUID QMP reports (``query-uuid``)."""
+    pidfile: str | None = None
+    """``-pidfile``: where the process id goes while the VM runs."""
 
     def __post_init__(self) -> None:
         if self.ram_size < MIN_RAM:

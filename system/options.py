@@ -56,6 +56,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("mon", True, "a QMP monitor on a -chardev: chardev=ID,mode=control[,pretty=on|off]",
                "chardev=ID,mode=control"),
     OptionSpec("name", True, "the guest name (QMP query-name)", "[guest=]name[,debug-threads=on|off]"),
+    OptionSpec("pidfile", True, "write the process id to FILE (locked while pyemu runs, removed at exit)",
+               "file"),
     OptionSpec("uuid", True, "the VM UUID (QMP query-uuid)", "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"),
     OptionSpec("display", True, "only 'none': pyemu has no graphical display", "none"),
     OptionSpec("nodefaults", False, "accepted for QEMU compatibility (pyemu adds no default devices beyond "
@@ -314,7 +316,7 @@ def parse_args(argv: list[str]) -> VmConfig:
         "chardev": lambda v: backends["chardev"].append(_backend("-chardev", v)),
         "netdev": lambda v: backends["netdev"].append(_backend("-netdev", v)),
         "qmp": lambda v: monitors.append(_qmp(v)), "mon": lambda v: monitors.append(_mon(v)),
-        "name": setter("name", _name), "uuid": setter("uuid", str), "display": _display,
+        "name": setter("name", _name), "uuid": setter("uuid", str), "pidfile": setter("pidfile", str), "display": _display,
     })
     while i < len(argv):
         word = argv[i]

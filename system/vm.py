@@ -14,6 +14,7 @@ from pyemu.monitor.control import ControlApi
 from pyemu.monitor.server import MonitorServer, endpoints_from_config
 from pyemu.system import log
 from pyemu.system.config import VmConfig
+from pyemu.system.pidfile import PidFile
 from pyemu.system.runstate import ShutdownCause
 
 DEFAULT_CMDLINE = "console=ttyS0"
@@ -58,6 +59,16 @@ def resolve_boot(config: VmConfig) -> BootSource:
 
 
 def run_vm(config: VmConfig) -> int:
+    """Run the VM the config describes until it ends; returns pyemu's exit status."""
+    pidfile = PidFile(config.pidfile) if config.pidfile else None
+    try:
+        return _run(config)
+    finally:
+        if pidfile is not None:
+            pidfile.remove()
+
+
+def _run(config: VmConfig) -> int:
     boot = resolve_boot(config)
     accel = choose_accelerator(config.accel)
     machine: Microvm | None = None

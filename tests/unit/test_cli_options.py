@@ -77,3 +77,19 @@ def test_snapshot_flag_applies_to_every_drive(tmp_path):
     backend.pwritev(0, [b"x" * 512])
     backend.close()
     assert image.read_bytes() == bytes(65536)
+
+
+def test_pidfile_holds_the_pid_is_locked_and_goes_away(tmp_path):
+    from pyemu.system.pidfile import PidFile
+
+    path = tmp_path / "vm.pid"
+    first = PidFile(str(path))
+    assert path.read_text() == f"{__import__('os').getpid()}\n"
+    # No -kernel: the default guest would boot, but the locked pid file ends pyemu before anything loads.
+    proc = subprocess.run([sys.executable, "-m", "pyemu.system.main", "-pidfile", str(path), "-nographic"],
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and "Cannot lock pid file" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    first.remove()
+    assert not path.exists()
+    assert parse_args(["-pidfile", str(path)]).pidfile == str(path)
