@@ -42,6 +42,8 @@ class Machine:
         self.vcpu_count = vcpu_count
         self.vcpus: list[Vcpu] = []
         self.reset_handlers: list[Callable[[], None]] = []
+        self.power_button: Callable[[], None] | None = None
+        """Press the board's power button (``system_powerdown``); None when the board has none."""
         self._cond = threading.Condition()
         self._want_run = False
         self._quit = False

@@ -199,6 +199,7 @@ class Microvm(Machine):
                              layout=GedLayout(base=memmap.GED_BASE, gsi=GED_GSI, level_triggered=True))
         devices.add(BoardDevice("ged", self.ged, driver="acpi-ged", ranges=(
             IoRange("mmio", memmap.GED_BASE, memmap.GED_SIZE, self.ged),)))
+        self.power_button = self._press_power_button
 
         self._check_chardevs()
         self._build_serial_ports(on_quit)
@@ -335,6 +336,10 @@ class Microvm(Machine):
         # from the kernel, as after a PC's reset (also after a machine reset, where they may have run).
         self.boot_states = [result.cpu] + [X86CpuState(mp_state=MpState.WAIT_FOR_SIPI)
                                            for _ in range(1, self.vcpu_count)]
+
+    def _press_power_button(self) -> None:
+        with self.lock:  # the GED raises its interrupt line, which devices only do under the board lock
+            self.ged.press_power_button()
 
     def close_backends(self) -> None:
         virtio = getattr(self, "virtio", None)

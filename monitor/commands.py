@@ -88,6 +88,14 @@ def _system_reset(api: ControlApi, args: dict[str, Any]) -> Any:
     return {}
 
 
+def _system_powerdown(api: ControlApi, args: dict[str, Any]) -> Any:
+    try:
+        api.powerdown()
+    except ControlError as error:
+        raise QmpError(str(error)) from None
+    return {}
+
+
 def _quit(api: ControlApi, args: dict[str, Any]) -> Any:
     return Reply({}, after=api.quit)
 
@@ -104,6 +112,7 @@ HANDLERS: dict[str, Handler] = {
     "stop": _stop,
     "cont": _cont,
     "system_reset": _system_reset,
+    "system_powerdown": _system_powerdown,
     "quit": _quit,
 }
 SESSION_COMMANDS = frozenset({"qmp_capabilities"})

@@ -159,5 +159,13 @@ class ControlApi:
         # pyemu's ShutdownCause has no host-qmp-system-reset; the board only logs the cause it is given.
         self.machine.request_reset(ShutdownCause.HOST_UI)
 
+    def powerdown(self) -> None:
+        """The ACPI power button: POWERDOWN, then the guest decides (a guest that ignores it keeps
+        running, as under QEMU)."""
+        if self.machine.power_button is None:
+            raise ControlError("this machine has no power button")
+        self._emit("POWERDOWN", {})
+        self.machine.power_button()
+
     def quit(self) -> None:
         self.machine.request_shutdown(ShutdownCause.HOST_QMP_QUIT, 0)

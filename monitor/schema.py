@@ -128,6 +128,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("stop", (), EMPTY, "pause every vCPU"),
     Command("cont", (), EMPTY, "start or resume the vCPUs"),
     Command("system_reset", (), EMPTY, "reset the machine as the reset button does"),
+    Command("system_powerdown", (), EMPTY, "press the ACPI power button (the guest decides what to do)"),
     Command("quit", (), EMPTY, "end pyemu (the reply comes first)"),
 )
 COMMANDS_BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
@@ -135,6 +136,7 @@ COMMANDS_BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
 EVENTS: tuple[Event, ...] = (
     Event("SHUTDOWN", _members("guest:bool", "reason:ShutdownCause"), "the VM is shutting down"),
     Event("RESET", _members("guest:bool", "reason:ShutdownCause"), "the VM was reset"),
+    Event("POWERDOWN", (), "the power button was pressed (system_powerdown)"),
     Event("STOP", (), "the vCPUs were stopped"),
     Event("RESUME", (), "the vCPUs run again"),
 )

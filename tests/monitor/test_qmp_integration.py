@@ -254,6 +254,10 @@ def test_libvirt_chardev_mon_spelling_and_reset(launch, short_dir):
         # The board pauses the vCPUs around a reset and the run state shows it for a moment.
         while (await execute(client, "query-status"))["status"] != "running":
             await asyncio.sleep(0.05)
+        # The power button: POWERDOWN; this guest ignores it and keeps running, as under QEMU.
+        assert await execute(client, "system_powerdown") == {}
+        await next_event(client, "POWERDOWN")
+        assert (await execute(client, "query-status"))["status"] == "running"
         assert await execute(client, "quit") == {}
         shutdown = await next_event(client, "SHUTDOWN")
         assert shutdown["data"] == {"guest": False, "reason": "host-qmp-quit"}
