@@ -26,6 +26,10 @@ from pyemu.system.timers import TimerQueue
 from pyemu.target.x86.cpu_state import X86CpuState
 
 
+# Shutdown causes that end pyemu even with -no-shutdown (the host asked, or the guest's debug exit did).
+_EXIT_CAUSES = frozenset({ShutdownCause.HOST_QMP_QUIT, ShutdownCause.HOST_SIGNAL, ShutdownCause.HOST_UI,
+                          ShutdownCause.DEBUG_EXIT})
+
 class Machine:
     """A board's shared core. Subclasses fill in devices and boot state."""
 
@@ -52,12 +56,18 @@ class Machine:
         self._reset_requested: ShutdownCause | None = None
         self._request_event = threading.Event()
         self.no_reboot = False
+        self.no_shutdown = False
+        """``-no-shutdown``: a guest power-off stops the VM (state shutdown) instead of ending pyemu; the
+        host's quit, a signal or isa-debug-exit still end it, system_reset runs it again."""
+        self._exit_requested = False
         self.boot_states: list[X86CpuState] = []
 
     # -- requests from devices and the host (any thread) ------------------------------------------------
     def request_shutdown(self, cause: ShutdownCause, exit_code: int = 0) -> None:
         """End the VM: guest power-off, debug exit, host signal or QMP quit."""
         log.log("exec", f"shutdown requested: {cause.value} (exit status {exit_code})")
+        if cause in _EXIT_CAUSES or not self.no_shutdown:
+            self._exit_requested = True
         self.runstate.shutdown(cause, exit_code)
         self._stop_vcpus()
         self._request_event.set()
@@ -119,13 +129,15 @@ class Machine:
             self.load_boot()
             for vcpu, state in zip(self.vcpus, self.boot_states):
                 vcpu.load_state(state)
+        if self.runstate.state is RunState.SHUTDOWN:
+            self.runstate.clear_shutdown()  # -no-shutdown: a reset brings a stopped VM back
         self.resume()
 
     def wait(self) -> int:
         """Serve reset requests until the VM shuts down; return the exit status."""
         while True:
             self._request_event.wait(0.25)
-            if self.runstate.state is RunState.SHUTDOWN:
+            if self.runstate.state is RunState.SHUTDOWN and self._exit_requested:
                 return self.runstate.exit_code or 0
             if self._reset_requested is not None:
                 self._request_event.clear()

@@ -103,6 +103,7 @@ class Microvm(Machine):
         self.boot = boot
         self.features = MicrovmFeatures.resolve(config, accel.name)
         self.no_reboot = config.no_reboot
+        self.no_shutdown = config.no_shutdown
         self.backends: list[CharBackend] = []
         self.serial_ports: list[IsaSerial] = []
         self.lapics: list[LocalApic] = []

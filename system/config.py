@@ -127,6 +127,7 @@ class VmConfig:
     serial: tuple[str, ...] = ()
     nographic: bool = False
     no_reboot: bool = False
+    no_shutdown: bool = False
     devices: tuple[DeviceOptions, ...] = ()
     drives: tuple[tuple[tuple[str, str], ...], ...] = ()
     """Each ``-drive`` as its key=value pairs (parsed by :mod:`pyemu.block.options` when the board opens it)."""

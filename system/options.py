@@ -39,6 +39,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "tcp:HOST:PORT[,server][,nowait]", "dev"),
     OptionSpec("nographic", False, "no display; COM1 on stdio unless -serial says otherwise"),
     OptionSpec("no-reboot", False, "exit instead of rebooting"),
+    OptionSpec("no-shutdown", False, "keep the VM (stopped, status shutdown) after a guest power-off, until "
+               "quit or system_reset"),
     OptionSpec("device", True, "add a device (-device help lists them)", "driver[,prop=value...]"),
     OptionSpec("drive", True, "a disk image: file=PATH[,format=raw][,if=none|virtio][,id=ID][,readonly=on]"
                "[,cache=writeback|writethrough|none|directsync|unsafe][,discard=ignore|unmap]", "option[,option...]"),
@@ -339,7 +341,7 @@ def parse_args(argv: list[str]) -> VmConfig:
             from pyemu import __version__
 
             raise EarlyExit(f"pyemu version {__version__} (QEMU-compatible command line)")
-        flag_keys = {"nographic": "nographic", "no-reboot": "no_reboot", "snapshot": "snapshot",
+        flag_keys = {"nographic": "nographic", "no-reboot": "no_reboot", "no-shutdown": "no_shutdown", "snapshot": "snapshot",
                      "S": "start_paused"}
         if name == "enable-kvm":
             values["accel"] = ("kvm",)

@@ -80,6 +80,12 @@ class RunStateMachine:
         for listener in list(self._listeners):
             listener(old, new)
 
+    def clear_shutdown(self) -> None:
+        """Forget the last shutdown's cause (a VM kept by ``-no-shutdown`` was reset and runs again)."""
+        with self._lock:
+            self.shutdown_cause = None
+            self.exit_code = None
+
     def shutdown(self, cause: ShutdownCause, exit_code: int = 0) -> None:
         """Record why the VM ends and move to SHUTDOWN (idempotent: the first cause wins)."""
         with self._lock:

@@ -322,3 +322,35 @@ def test_guest_shutdown_is_reported_with_guest_true(launch, short_dir, spin_kern
 
     run(scenario())
     assert vm.wait() == 1  # isa-debug-exit: (0 << 1) | 1
+
+
+def test_no_shutdown_keeps_the_vm_until_reset_or_quit(launch, short_dir, spin_kernel):
+    """-no-shutdown: the guest's ACPI power-off (S5 through the GED) stops the VM in state shutdown; cont is
+    refused, system_reset runs it again (the guest powers off again), quit ends pyemu with status 0."""
+    from pyemu.machines.memmap import GED_BASE
+    from pyemu.target.x86.boot.synthetic import make_multiboot_binary
+
+    # mov byte [GED_BASE + 4], SLP_EN | (5 << 2); jmp $
+    spin_kernel.write_bytes(make_multiboot_binary(b"\xc6\x05" + (GED_BASE + 4).to_bytes(4, "little") +
+                                                  b"\x34\xeb\xfe"))
+    path = str(short_dir / "qmp.sock")
+    vm = launch(["-S", "-no-shutdown", *qmp_args(path)], [path])
+
+    async def scenario() -> None:
+        client = await connect(path)
+        await execute(client, "cont")
+        shutdown = await next_event(client, "SHUTDOWN")
+        assert shutdown["data"] == {"guest": True, "reason": "guest-shutdown"}
+        assert (await execute(client, "query-status"))["status"] == "shutdown"
+        assert vm.proc.poll() is None  # still there
+        with pytest.raises(ExecuteError) as error:
+            await execute(client, "cont")
+        assert "Resetting the Virtual Machine is required" in str(error.value)
+        assert await execute(client, "system_reset") == {}
+        await next_event(client, "RESET")
+        second = await next_event(client, "SHUTDOWN")  # the guest ran again and powered off again
+        assert second["data"]["guest"] is True
+        await quit_and_disconnect(client)
+
+    run(scenario())
+    assert vm.wait() == 0
