@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pyemu.accel.base import Accelerator, Vcpu
 from pyemu.accel.dispatch import ExitDispatcher
@@ -22,6 +22,9 @@ from pyemu.system.bus import mmio_bus, pio_bus
 from pyemu.system.cpu_context import set_current_cpu
 from pyemu.system.memory import GuestMemory
 from pyemu.system.runstate import RunState, RunStateMachine, ShutdownCause
+
+if TYPE_CHECKING:
+    from pyemu.machines.virtio_devices import DriveUse
 from pyemu.system.timers import TimerQueue
 from pyemu.target.x86.cpu_state import X86CpuState
 
@@ -71,6 +74,10 @@ class Machine:
         self.runstate.shutdown(cause, exit_code)
         self._stop_vcpus()
         self._request_event.set()
+
+    def drives(self) -> list[DriveUse]:
+        """The board's drives and the devices using them (none unless the board has block devices)."""
+        return []
 
     def request_reset(self, cause: ShutdownCause) -> None:
         """Reset the VM (guest reboot, triple fault); with ``-no-reboot`` this ends it instead."""

@@ -26,7 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pyemu.block.backend import BlockBackend
 from pyemu.errors import ConfigError
+from pyemu.hw.virtio.blk import VirtioBlk
 from pyemu.hw.acpi.dsdt import VirtioMmioSlot, virtio_mmio_device
 from pyemu.hw.core.device import BoardDevice, DeviceManager, IoRange
 from pyemu.hw.core.dma import DmaMemory
@@ -104,6 +106,15 @@ class Backends:
 
 
 DeviceBuilder = Callable[[PropReader, Backends], VirtioDevice]
+
+
+@dataclass(frozen=True)
+class DriveUse:
+    """A drive and the device that uses it (what ``query-block`` lists)."""
+
+    device_id: str
+    drive_id: str
+    backend: BlockBackend
 
 
 def _build_blk(props: PropReader, backends: Backends) -> VirtioDevice:
@@ -187,6 +198,7 @@ class VirtioPlugger:
         self.iothreads: dict[str, IoThread] = {}
         self.transports: list[VirtioMmio] = []
         self.slots: list[VirtioMmioSlot] = []
+        self.drives: list[DriveUse] = []
         for entry in config.objects:
             if entry.type == "iothread":
                 unknown = [k for k, _ in entry.props if k not in ("poll-max-ns", "poll-grow", "poll-shrink",
@@ -244,6 +256,8 @@ class VirtioPlugger:
         self.devices.add(board_device)
         self.transports.append(transport)
         self.slots.append(slot)
+        if isinstance(model, VirtioBlk):
+            self.drives.append(DriveUse(device_id, model.config.drive_id, model.backend))
         return board_device
 
     def _interrupt(self, gsi: int) -> EdgeInterrupt:

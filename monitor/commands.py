@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from pyemu import __version__
 from pyemu.monitor import schema
+from pyemu.monitor.block_info import block_info
 from pyemu.monitor.control import ControlApi, ControlError
 from pyemu.monitor.schema import QmpError
 
@@ -70,6 +71,10 @@ def _query_cpus_fast(api: ControlApi, args: dict[str, Any]) -> Any:
             for cpu in api.cpus()]
 
 
+def _query_block(api: ControlApi, args: dict[str, Any]) -> Any:
+    return [block_info(use.device_id, use.drive_id, use.backend) for use in api.machine.drives()]
+
+
 def _stop(api: ControlApi, args: dict[str, Any]) -> Any:
     api.stop()
     return {}
@@ -109,6 +114,7 @@ HANDLERS: dict[str, Handler] = {
     "query-uuid": _query_uuid,
     "query-kvm": _query_kvm,
     "query-cpus-fast": _query_cpus_fast,
+    "query-block": _query_block,
     "stop": _stop,
     "cont": _cont,
     "system_reset": _system_reset,

@@ -110,6 +110,17 @@ _TYPE_LIST: tuple[EnumType | StructType, ...] = (
     # The base members of QEMU's SchemaInfo union; the per-meta-type variants are not described here.
     StructType("SchemaInfo", _members("name:str", "meta-type:SchemaMetaType", "*features:[str]")),
     StructType("ShutdownEventData", _members("guest:bool", "reason:ShutdownCause")),
+    StructType("BlockdevCacheInfo", _members("writeback:bool", "direct:bool", "no-flush:bool")),
+    StructType("ImageInfo", _members("filename:str", "format:str", "virtual-size:int", "*dirty-flag:bool",
+                                     "*cluster-size:int", "*backing-filename:str",
+                                     "*backing-filename-format:str", "*backing-image:ImageInfo")),
+    StructType("BlockDeviceInfo", _members("file:str", "ro:bool", "drv:str", "*backing_file:str",
+                                           "backing_file_depth:int", "encrypted:bool", "detect_zeroes:str",
+                                           "bps:int", "bps_rd:int", "bps_wr:int", "iops:int", "iops_rd:int",
+                                           "iops_wr:int", "image:ImageInfo", "write_threshold:int",
+                                           "cache:BlockdevCacheInfo")),
+    StructType("BlockInfo", _members("device:str", "*qdev:str", "type:str", "removable:bool", "locked:bool",
+                                     "*inserted:BlockDeviceInfo")),
 )
 TYPES: dict[str, EnumType | StructType] = {t.name: t for t in _TYPE_LIST}
 
@@ -125,6 +136,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("query-uuid", (), "UuidInfo", "the VM UUID given with -uuid (all zeros without it)"),
     Command("query-kvm", (), "KvmInfo", "whether KVM is in use and whether the host has it"),
     Command("query-cpus-fast", (), "[CpuInfoFast]", "the vCPUs and their host threads"),
+    Command("query-block", (), "[BlockInfo]", "the VM's drives and the images behind them"),
     Command("stop", (), EMPTY, "pause every vCPU"),
     Command("cont", (), EMPTY, "start or resume the vCPUs"),
     Command("system_reset", (), EMPTY, "reset the machine as the reset button does"),

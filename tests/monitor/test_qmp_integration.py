@@ -354,3 +354,29 @@ def test_no_shutdown_keeps_the_vm_until_reset_or_quit(launch, short_dir, spin_ke
 
     run(scenario())
     assert vm.wait() == 0
+
+
+def test_query_block_lists_drives_and_their_chains(launch, short_dir):
+    base, top = short_dir / "base.qcow2", short_dir / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), "4M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top)],
+                   check=True)
+    path = str(short_dir / "qmp.sock")
+    vm = launch(["-drive", f"file={top},format=qcow2,if=none,id=disk0",
+                 "-device", "virtio-blk-device,drive=disk0,id=blk0", *qmp_args(path)], [path])
+
+    async def scenario() -> None:
+        client = await connect(path)
+        (info,) = await execute(client, "query-block")
+        assert (info["device"], info["qdev"], info["removable"]) == ("disk0", "blk0", False)
+        inserted = info["inserted"]
+        assert inserted["drv"] == "qcow2" and inserted["file"] == str(top) and inserted["ro"] is False
+        assert inserted["backing_file_depth"] == 1 and inserted["backing_file"].endswith("base.qcow2")
+        assert inserted["cache"] == {"writeback": True, "direct": False, "no-flush": False}
+        image = inserted["image"]
+        assert image["virtual-size"] == 4 << 20 and image["backing-filename"] == "base.qcow2"
+        assert image["backing-image"]["format"] == "qcow2"
+        await quit_and_disconnect(client)
+
+    run(scenario())
+    assert vm.wait() == 0
