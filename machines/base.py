@@ -25,6 +25,7 @@ from pyemu.system.runstate import RunState, RunStateMachine, ShutdownCause
 
 if TYPE_CHECKING:
     from pyemu.machines.virtio_devices import DriveUse
+    from pyemu.system.iothread import IoThread
 from pyemu.system.timers import TimerQueue
 from pyemu.target.x86.cpu_state import X86CpuState
 
@@ -74,6 +75,10 @@ class Machine:
         self.runstate.shutdown(cause, exit_code)
         self._stop_vcpus()
         self._request_event.set()
+
+    def iothreads(self) -> list[IoThread]:
+        """The board's I/O threads (``-object iothread`` and the default one), for query-iothreads."""
+        return []
 
     def drives(self) -> list[DriveUse]:
         """The board's drives and the devices using them (none unless the board has block devices)."""

@@ -38,6 +38,7 @@ from pyemu.hw.timer.rtc import Rtc
 from pyemu.machines import memmap
 from pyemu.machines.base import Machine
 from pyemu.machines.virtio_devices import DriveUse, VirtioPlugger
+from pyemu.system.iothread import IoThread
 from pyemu.system.config import DeviceOptions, VmConfig
 from pyemu.system.cpu_context import current_cpu
 from pyemu.system.runstate import ShutdownCause
@@ -337,6 +338,9 @@ class Microvm(Machine):
         # from the kernel, as after a PC's reset (also after a machine reset, where they may have run).
         self.boot_states = [result.cpu] + [X86CpuState(mp_state=MpState.WAIT_FOR_SIPI)
                                            for _ in range(1, self.vcpu_count)]
+
+    def iothreads(self) -> list[IoThread]:
+        return list(self.virtio.iothreads.values())
 
     def drives(self) -> list[DriveUse]:
         return list(self.virtio.drives)

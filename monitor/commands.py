@@ -71,6 +71,18 @@ def _query_cpus_fast(api: ControlApi, args: dict[str, Any]) -> Any:
             for cpu in api.cpus()]
 
 
+def _query_iothreads(api: ControlApi, args: dict[str, Any]) -> Any:
+    # pyemu's I/O threads block in their selector; QEMU's adaptive polling knobs do not apply (all 0).
+    return [{"id": thread.name, "thread-id": thread.thread_id, "poll-max-ns": 0, "poll-grow": 0,
+             "poll-shrink": 0, "aio-max-batch": 0} for thread in api.machine.iothreads()]
+
+
+def _query_machines(api: ControlApi, args: dict[str, Any]) -> Any:
+    from pyemu.system.config import MAX_VCPUS
+    return [{"name": "microvm", "is-default": True, "cpu-max": MAX_VCPUS, "hotpluggable-cpus": False,
+             "numa-mem-supported": False, "deprecated": False, "default-ram-id": "microvm.ram"}]
+
+
 def _query_block(api: ControlApi, args: dict[str, Any]) -> Any:
     return [block_info(use.device_id, use.drive_id, use.backend) for use in api.machine.drives()]
 
@@ -115,6 +127,8 @@ HANDLERS: dict[str, Handler] = {
     "query-kvm": _query_kvm,
     "query-cpus-fast": _query_cpus_fast,
     "query-block": _query_block,
+    "query-iothreads": _query_iothreads,
+    "query-machines": _query_machines,
     "stop": _stop,
     "cont": _cont,
     "system_reset": _system_reset,

@@ -97,6 +97,12 @@ class IoThread:
             raise IoThreadError(f"iothread {self.name}: cannot watch the descriptor: {errors[0]}")
 
     # -- the thread -------------------------------------------------------------------------------------
+    @property
+    def thread_id(self) -> int:
+        """The host thread's id (QMP ``query-iothreads``), 0 before it started."""
+        thread = self._thread
+        return thread.native_id or 0 if thread is not None else 0
+
     def start(self) -> None:
         if self._thread is not None:
             return

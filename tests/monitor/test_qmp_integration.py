@@ -376,6 +376,10 @@ def test_query_block_lists_drives_and_their_chains(launch, short_dir):
         image = inserted["image"]
         assert image["virtual-size"] == 4 << 20 and image["backing-filename"] == "base.qcow2"
         assert image["backing-image"]["format"] == "qcow2"
+        (thread,) = await execute(client, "query-iothreads")  # the default I/O thread serves the disk
+        assert thread["id"] == "main-loop" and thread["thread-id"] > 0
+        (machine,) = await execute(client, "query-machines")
+        assert machine["name"] == "microvm" and machine["cpu-max"] >= 1
         await quit_and_disconnect(client)
 
     run(scenario())
