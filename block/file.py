@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import mmap
 import os
 import stat
 import threading
@@ -26,8 +25,8 @@ from typing import Sequence
 
 from pyemu.block.driver import BlockCapabilities, BlockStatus, check_request
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
-from pyemu.block.hostio import (BOUNCE_SIZE, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE,
-                                DirectIO, dio_alignment, fallocate, read_full, write_full)
+from pyemu.block.hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DirectIO,
+                                dio_alignment, fallocate, read_full, write_full, zero_chunks)
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import BlockPerm, ImageLock, default_permissions
 
@@ -39,8 +38,6 @@ _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY)
 # ... and "not for this request" (a block device wants sector-aligned ranges; a busy device): fall back once.
 _NOT_NOW = (errno.EINVAL, errno.EBUSY)
 
-# Page-aligned zeros for the write-zeroes fallback; never written, so shared by all threads.
-_ZEROS = memoryview(mmap.mmap(-1, BOUNCE_SIZE))
 
 
 class FileProtocol:
@@ -323,10 +320,7 @@ class FileProtocol:
 
     def _write_zero_buffers(self, offset: int, length: int) -> None:
         if self._direct is not None:
-            self._direct.write_zeroes(offset, length, _ZEROS)
+            self._direct.write_zeroes(offset, length)
             return
-        pos, end = offset, offset + length
-        while pos < end:
-            step = min(end - pos, _ZEROS.nbytes)
-            write_full(self._fd, pos, [_ZEROS[:step]])
-            pos += step
+        for pos, chunk in zero_chunks(offset, length):
+            write_full(self._fd, pos, [chunk])

@@ -36,6 +36,19 @@ PAGE_SIZE = mmap.PAGESIZE
 BOUNCE_SIZE = 1 << 20
 FALLBACK_DIO_ALIGNMENT = 4096  # a multiple of every logical block size Linux disks use
 
+ZEROS = memoryview(mmap.mmap(-1, BOUNCE_SIZE, prot=mmap.PROT_READ))
+"""1 MiB of zeros, page aligned (O_DIRECT can write it) and read-only, shared by every zero-writing loop."""
+
+
+def zero_chunks(offset: int, length: int) -> Iterator[tuple[int, memoryview]]:
+    """(position, zeros) pairs covering ``[offset, offset + length)`` in :data:`ZEROS`-sized steps."""
+    pos, end = offset, offset + length
+    while pos < end:
+        step = min(end - pos, ZEROS.nbytes)
+        yield pos, ZEROS[:step]
+        pos += step
+
+
 _libc = ctypes.CDLL(None, use_errno=True)  # the process's own libc; find_library would spawn ldconfig
 _fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
 _fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
@@ -222,13 +235,10 @@ class DirectIO:
             copy_out(views, lo - offset, bounce[lo - c0:hi - c0])
             write_full(self.fd, c0, [bounce[:c1 - c0]])
 
-    def write_zeroes(self, offset: int, length: int, zeros: memoryview) -> None:
+    def write_zeroes(self, offset: int, length: int) -> None:
         """Write zero buffers over the range (fallback when fallocate cannot)."""
-        pos, end = offset, offset + length
-        while pos < end:
-            step = min(end - pos, zeros.nbytes)
-            self.pwritev(pos, [zeros[:step]], step)
-            pos += step
+        for pos, chunk in zero_chunks(offset, length):
+            self.pwritev(pos, [chunk], chunk.nbytes)
 
     def close(self) -> None:
         buf = getattr(self._local, "buf", None)

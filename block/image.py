@@ -17,6 +17,7 @@ import os
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockConfigError
 from pyemu.block.file import FileProtocol
+from pyemu.block.hostio import write_full, zero_chunks
 from pyemu.block.locking import BlockPerm, default_permissions
 from pyemu.block.qcow2.layout import MAGIC
 
@@ -99,6 +100,16 @@ def open_image(filename: str, *, format: str | None = None, read_only: bool = Tr
         raise
 
 
+def preallocate_file(fd: int, start: int, end: int, preallocation: str) -> None:
+    """Reserve (``falloc``) or write zeros over (``full``) ``[start, end)`` of a raw file; ``off`` does
+    nothing (the range stays a hole). Raises OSError."""
+    if preallocation == "falloc" and end > start:
+        os.posix_fallocate(fd, start, end - start)
+    elif preallocation == "full":
+        for pos, chunk in zero_chunks(start, end - start):
+            write_full(fd, pos, [chunk])
+
+
 def create_raw(filename: str, size: int, *, preallocation: str = "off") -> None:
     """Create (or truncate) a raw image of ``size`` bytes: sparse (off), reserved (falloc) or zero-filled."""
     if preallocation not in ("off", "falloc", "full"):
@@ -113,13 +124,7 @@ def create_raw(filename: str, size: int, *, preallocation: str = "off") -> None:
                                errno=exc.errno) from exc
     try:
         os.ftruncate(fd, size)
-        if preallocation == "falloc" and size:
-            os.posix_fallocate(fd, 0, size)
-        elif preallocation == "full":
-            zeros = bytes(1 << 20)
-            pos = 0
-            while pos < size:
-                pos += os.pwrite(fd, zeros[:min(len(zeros), size - pos)], pos)
+        preallocate_file(fd, 0, size, preallocation)
         os.fsync(fd)
     except OSError as exc:
         raise BlockConfigError(f"Could not write '{filename}': {os.strerror(exc.errno or errno.EIO)}", option=None,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from pyemu.block.driver import BlockDriver
+from pyemu.block.hostio import ZEROS
 from pyemu.img.chain import status
 from pyemu.img.createopts import CREATE_OPTIONS, OptionSet, help_text, wants_help
 from pyemu.img.errors import ImgError, UsageError
@@ -78,12 +79,9 @@ class Sources:
                 yield src, lo - src.base, hi - lo
 
 
-_ZERO_BUFFER = memoryview(bytes(1 << 20))
-
-
 def _zeros_like(length: int) -> memoryview:
     """A read-only zero buffer of ``length`` bytes (shared up to 1 MiB)."""
-    return _ZERO_BUFFER[:length] if length <= _ZERO_BUFFER.nbytes else memoryview(bytes(length))
+    return ZEROS[:length] if length <= ZEROS.nbytes else memoryview(bytes(length))
 
 
 @functools.lru_cache(maxsize=4)

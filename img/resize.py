@@ -13,6 +13,7 @@ import errno
 import os
 
 from pyemu.block.errors import BlockError
+from pyemu.block.image import preallocate_file
 from pyemu.img.errors import ImgError, UsageError
 from pyemu.img.getopts import OptionSpec, parse
 from pyemu.img.images import as_qcow2, check_format, close_checked, close_quietly, open_image
@@ -89,13 +90,7 @@ def _resize_raw(path: str, current: int, size: int, prealloc: str) -> None:
     try:
         with open(path, "r+b", buffering=0) as f:
             os.ftruncate(f.fileno(), size)
-            if size > current and prealloc == "falloc":
-                os.posix_fallocate(f.fileno(), current, size - current)
-            elif size > current and prealloc == "full":
-                zeros = bytes(1 << 20)
-                pos = current
-                while pos < size:
-                    pos += os.pwrite(f.fileno(), zeros[:min(len(zeros), size - pos)], pos)
+            preallocate_file(f.fileno(), current, size, prealloc)
             os.fsync(f.fileno())
     except OSError as exc:
         raise ImgError(f"Could not resize '{path}': {os.strerror(exc.errno or errno.EIO)}") from exc

@@ -52,7 +52,8 @@ class _Walker:
         self.file_size = image.file.size()
         self.nb_clusters = -(-self.file_size // self.cs)
         self.refs: dict[int, int] = {}
-        self.copied_fixes: list[tuple[str, int, int]] = []
+        self.copied_fixes: list[tuple[int, int]] = []
+        """(L2 table offset, word index) of every active data entry, for the COPIED check."""
         self.needs_rebuild = False
 
     def corrupt(self, message: str) -> None:
@@ -132,7 +133,7 @@ class _Walker:
                     prev_host = host
                 self.inc(host, self.cs)
                 if active:
-                    self.copied_fixes.append(("data", l2_offset, j))
+                    self.copied_fixes.append((l2_offset, j))
 
     def run(self) -> None:
         image = self.image
@@ -243,9 +244,7 @@ def _check_copied(walker: _Walker) -> None:
                 result.corruptions_fixed += 1
             else:
                 result.corruptions += 1
-    step = 2 if image.geometry.extended_l2 else 1
-    del step
-    for _, l2_offset, j in walker.copied_fixes:
+    for l2_offset, j in walker.copied_fixes:
         table = image.map.load_l2(l2_offset, what="check")
         word = table.words[j]
         host = word & OFFSET_MASK

@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 
 from pyemu.block.errors import BlockConfigError
+from pyemu.block.hostio import zero_chunks
 from pyemu.block.qcow2.header import Qcow2Header, serialize_header
 from pyemu.block.qcow2.layout import (FLAG_COPIED, MAX_CLUSTER_BITS, MAX_VIRTUAL_SIZE, MIN_CLUSTER_BITS, Compatible,
                                       Incompatible)
@@ -160,12 +161,9 @@ def _preallocate(image, opts: Qcow2CreateOptions) -> None:
         end = host + count * cs
         if image.file.size() < end:
             if opts.preallocation == "full":
-                pos = max(host, image.file.size())
-                zeros = bytes(min(1 << 20, end - pos))
-                while pos < end:
-                    step = min(len(zeros), end - pos)
-                    image.file.pwritev(pos, [memoryview(zeros)[:step]])
-                    pos += step
+                start = max(host, image.file.size())
+                for pos, chunk in zero_chunks(start, end - start):
+                    image.file.pwritev(pos, [chunk])
             else:
                 image.file.truncate(end)
                 if opts.preallocation == "falloc":

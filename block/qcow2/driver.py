@@ -32,6 +32,7 @@ from typing import Callable, Iterator, Sequence
 from pyemu.block import graph
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
 from pyemu.block.errors import BlockIOError, ReadOnlyError
+from pyemu.block.hostio import zero_chunks
 from pyemu.block.iovec import advance, byte_views, copy_in, take, total_length, zero_fill
 from pyemu.block.qcow2.compress import DecompressionError, compress_cluster, decompress_cluster
 from pyemu.block.qcow2.header import (OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSHOTS,
@@ -229,13 +230,8 @@ class Qcow2Format:
         self._check_open(-1, -1)
         if self._read_only:
             return
-        with self.gate.exclusive():
-            with self._meta:
-                self._write_metadata()
-                self._sync()
-                if self.refcounts.pending_frees:
-                    self._decompressed.clear()
-                    self.refcounts.apply_pending_frees()
+        with self.gate.exclusive(), self._meta:
+            self._flush_locked()
 
     def discard(self, offset: int, length: int) -> None:
         """Whole clusters in the range stop holding data: they read as zeros (v3 with a backing file: a zero
@@ -283,8 +279,7 @@ class Qcow2Format:
         kind = mapping.kind
         allocated = kind is not ClusterKind.UNALLOCATED
         zero = kind is ClusterKind.ZERO or (kind is ClusterKind.UNALLOCATED and self.backing is None)
-        host = mapping.host_offset + (start - start // self._unit() * self._unit()) \
-            if kind is ClusterKind.NORMAL else None
+        host = mapping.host_offset + start % self._unit() if kind is ClusterKind.NORMAL else None
         return BlockStatus(offset, ext_len, allocated=allocated, zero=zero, host_offset=host,
                            compressed=kind is ClusterKind.COMPRESSED)
 
@@ -293,8 +288,8 @@ class Qcow2Format:
             return
         try:
             if not self._read_only:
-                self.flush()
-                self.flush()  # writes the refcount decrements the first flush applied
+                with self.gate.exclusive(), self._meta:
+                    self.quiesce_metadata()  # including the refcount decrements the flush applied
                 if self.header.dirty:
                     self._update_header(self.header.with_incompatible(Incompatible.DIRTY, False))
                     self._sync()
@@ -380,21 +375,13 @@ class Qcow2Format:
     def _unit(self) -> int:
         return self.geometry.subcluster_size
 
-    def _mapping_at(self, pos: int) -> Mapping:
-        vcluster = pos >> self.cluster_bits
-        word, bitmap = self.map.checked_entry(vcluster)
-        return self._decode_checked(pos, word, bitmap)
-
     def _decode_checked(self, pos: int, word: int, bitmap: int) -> Mapping:
         """The mapping of guest byte ``pos`` from its (validated) entry, with the host offset checked."""
         vcluster = pos >> self.cluster_bits
         sub = (pos & (self.cluster_size - 1)) // self._unit() if self.geometry.extended_l2 else 0
         mapping = decode(self.geometry, word, bitmap, sub)
         if mapping.kind is ClusterKind.NORMAL:
-            base = mapping.host_offset - sub * self._unit()
-            if base < self.cluster_size or base >= self.file.size():
-                raise self.corruption(f"Data cluster offset {base:#x} is outside the image (guest cluster "
-                                      f"{vcluster})")
+            self._check_data_offset(mapping.host_offset - sub * self._unit(), vcluster)
         elif mapping.kind is ClusterKind.COMPRESSED:
             if mapping.host_offset < self.cluster_size or mapping.host_offset >= self.file.size():
                 raise self.corruption(f"Compressed cluster offset {mapping.host_offset:#x} is outside the image")
@@ -407,7 +394,6 @@ class Qcow2Format:
         out: list[tuple[Mapping, int, int]] = []
         count = 0
         l2_bits, l2_mask = self.geometry.l2_bits, (1 << self.geometry.l2_bits) - 1
-        extended = self.geometry.extended_l2
         table_index, table = -1, None
         while pos < end and count < limit:
             if pos >> self.cluster_bits >> l2_bits != table_index:
@@ -425,11 +411,7 @@ class Qcow2Format:
                 pos = stop
                 count += 1
                 continue
-            index = (pos >> self.cluster_bits) & l2_mask
-            if extended:
-                word, bitmap = table.words[2 * index], table.words[2 * index + 1]
-            else:
-                word, bitmap = table.words[index], 0
+            word, bitmap = self.map.table_entry(table, (pos >> self.cluster_bits) & l2_mask)
             problem = entry_problem(self.geometry, word, bitmap)
             if problem:
                 raise self.corruption(f"{problem} (guest cluster {pos >> self.cluster_bits})")
@@ -437,21 +419,14 @@ class Qcow2Format:
             unit_end = min(end, (pos // unit + 1) * unit)
             if mapping.kind is ClusterKind.COMPRESSED:
                 unit_end = min(end, (pos // self.cluster_size + 1) * self.cluster_size)
-            in_unit = pos - pos // unit * unit
-            if out:
-                last, start, length = out[-1]
-                if last.kind is mapping.kind and mapping.kind in (ClusterKind.ZERO, ClusterKind.UNALLOCATED):
-                    out[-1] = (last, start, length + unit_end - pos)
-                    pos = unit_end
-                    count += 1
-                    continue
-                if last.kind is mapping.kind is ClusterKind.NORMAL and \
-                        last.host_offset + (start - start // unit * unit) + length == mapping.host_offset + in_unit:
-                    out[-1] = (last, start, length + unit_end - pos)
-                    pos = unit_end
-                    count += 1
-                    continue
-            out.append((mapping, pos, unit_end - pos))
+            last, start, length = out[-1] if out else (None, 0, 0)
+            if last is not None and last.kind is mapping.kind and (
+                    mapping.kind in (ClusterKind.ZERO, ClusterKind.UNALLOCATED) or
+                    mapping.kind is ClusterKind.NORMAL and
+                    last.host_offset + start % unit + length == mapping.host_offset + pos % unit):
+                out[-1] = (last, start, length + unit_end - pos)
+            else:
+                out.append((mapping, pos, unit_end - pos))
             pos = unit_end
             count += 1
         return out
@@ -494,13 +469,6 @@ class Qcow2Format:
             self._decompressed.clear()
         self._decompressed[mapping.host_offset] = data
         return data
-
-    def read_guest(self, offset: int, length: int) -> bytes:
-        """The guest's view of a range, as bytes (for copy-on-write and tools)."""
-        buf = bytearray(length)
-        if length:
-            self.preadv(offset, [memoryview(buf)])
-        return bytes(buf)
 
     # -- writing -------------------------------------------------------------------------------------------
 
@@ -573,7 +541,6 @@ class Qcow2Format:
                         guest_end = min(end, (c + 1) << self.cluster_bits)
                     return self._Run(in_place=True, host=host, guest_end=guest_end)
                 # Allocation run: this cluster and following ones that also need allocating.
-                entries = [(word, bitmap)]
                 last = vcluster
                 while ((last + 1) << self.cluster_bits) < end and (last + 1 - vcluster) * cs < MAX_RUN_BYTES:
                     c = last + 1
@@ -583,13 +550,12 @@ class Qcow2Format:
                     chi = min(cs, end - (c << self.cluster_bits))
                     if self._writable_in_place(w, b, 0, chi):
                         break
-                    entries.append((w, b))
                     last = c
                 count = last - vcluster + 1
                 self._mark_dirty_for_lazy()
                 for i in range(count):
                     self.map.writable_l2((vcluster + i) >> self.geometry.l2_bits)  # tables exist before data
-                entries = [self.map.checked_entry(vcluster + i) for i in range(count)]
+                entries = [self.map.checked_entry(vcluster + i) for i in range(count)]  # after any table copy
                 host = self.refcounts.alloc(count)
                 self._check_overlap(host, count * cs)
                 self._allocating.update(range(vcluster, vcluster + count))
@@ -702,12 +668,8 @@ class Qcow2Format:
             self.refcounts.free(word & OFFSET_MASK, self.cluster_size)
 
     def _write_zero_data(self, offset: int, length: int) -> None:
-        zeros = bytes(min(length, 1 << 20))
-        pos = offset
-        while pos < offset + length:
-            step = min(len(zeros), offset + length - pos)
-            self._write(pos, [memoryview(zeros)[:step]], step)
-            pos += step
+        for pos, chunk in zero_chunks(offset, length):
+            self._write(pos, [chunk], chunk.nbytes)
 
     def _zero_units(self, start: int, end: int, *, may_unmap: bool) -> None:
         """Mark [start, end) (cluster aligned; subcluster aligned with extended L2) as reading zeros:
@@ -761,8 +723,6 @@ class Qcow2Format:
                     self._alloc_done.wait()
                 word, bitmap = self.map.checked_entry(vcluster)
                 if not word and not bitmap and not zero:
-                    continue
-                if self.map.l2_table(vcluster >> self.geometry.l2_bits) is None and not zero:
                     continue
                 self._mark_dirty_for_lazy()
                 if self.geometry.extended_l2:
@@ -894,11 +854,7 @@ class Qcow2Format:
             self._check_writable("repair", -1, -1)
         with self.gate.exclusive(), self._meta:
             if not self._read_only:
-                self._write_metadata()
-                self._sync()
-                self.refcounts.apply_pending_frees()
-                self._write_metadata()
-                self._sync()
+                self.quiesce_metadata()
             result = check_image(self, repair=repair)
             if repair is not None and not result.corruptions and not result.check_errors and self.header.corrupt:
                 # Repaired: the image is consistent again (QEMU clears the bit the same way).
@@ -941,13 +897,21 @@ class Qcow2Format:
         with self.gate.exclusive(), self._meta:
             amend_image(self, compat=compat, lazy_refcounts=lazy_refcounts)
 
-    def quiesce_metadata(self) -> None:
-        """Write everything and apply queued frees (callers hold ``_meta`` and the exclusive gate)."""
+    def _flush_locked(self) -> bool:
+        """Write dirty metadata, sync, then apply the queued frees in memory (the tables that dropped those
+        references are durable now). True when frees were applied (their refcounts are dirty again).
+        Callers hold ``_meta`` and the exclusive gate."""
         self._write_metadata()
         self._sync()
-        if self.refcounts.pending_frees:
-            self._decompressed.clear()
-            self.refcounts.apply_pending_frees()
+        if not self.refcounts.pending_frees:
+            return False
+        self._decompressed.clear()
+        self.refcounts.apply_pending_frees()
+        return True
+
+    def quiesce_metadata(self) -> None:
+        """Everything on disk, including the refcount decrements of the frees (same locking as above)."""
+        if self._flush_locked():
             self._write_metadata()
             self._sync()
 

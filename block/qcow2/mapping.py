@@ -127,15 +127,19 @@ class ClusterMap:
         self._evict()
         return table
 
+    def table_entry(self, table: L2Table, l2_index: int) -> tuple[int, int]:
+        """(L2 entry, bitmap) at ``l2_index`` of ``table`` (bitmap 0 without extended L2 entries)."""
+        if self.geometry.extended_l2:
+            return table.words[2 * l2_index], table.words[2 * l2_index + 1]
+        return table.words[l2_index], 0
+
     def entry(self, vcluster: int) -> tuple[int, int]:
         """(L2 entry, bitmap) of a guest cluster; (0, 0) when no L2 table maps it."""
         l1_index, l2_index = self.split(vcluster)
         table = self.l2_table(l1_index)
         if table is None:
             return 0, 0
-        if self.geometry.extended_l2:
-            return table.words[2 * l2_index], table.words[2 * l2_index + 1]
-        return table.words[l2_index], 0
+        return self.table_entry(table, l2_index)
 
     def checked_entry(self, vcluster: int) -> tuple[int, int]:
         word, bitmap = self.entry(vcluster)
@@ -201,9 +205,6 @@ class ClusterMap:
     @property
     def dirty_tables(self) -> int:
         return sum(1 for t in self._cache.values() if t.dirty)
-
-    def cached_offsets(self) -> set[int]:
-        return set(self._cache)
 
     def forget(self, offset: int) -> None:
         """Drop a table from the cache (it was freed or rewritten behind the cache)."""

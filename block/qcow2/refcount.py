@@ -168,9 +168,6 @@ class Refcounts:
             return 0
         return block.get(cluster & ((1 << self.block_bits) - 1))
 
-    def block_offsets(self) -> list[int]:
-        return [e & REFTABLE_OFFSET_MASK for e in self.table if e & REFTABLE_OFFSET_MASK]
-
     # -- changes -------------------------------------------------------------------------------------------
 
     def update(self, cluster: int, count: int, delta: int) -> None:
@@ -183,7 +180,7 @@ class Refcounts:
             if not 0 <= value + delta <= self.max:
                 what = "overflow" if delta > 0 else "underflow"
                 raise BlockIOError(f"qcow2: refcount {what} for cluster {c} (refcount {value}, "
-                                   f"{self.order and 1 << self.order}-bit refcounts)",
+                                   f"{1 << self.order}-bit refcounts)",
                                    errno=errno.ERANGE if delta > 0 else errno.EIO)
         for c in range(cluster, cluster + count):
             block = self._ensure_block(c)
@@ -235,12 +232,7 @@ class Refcounts:
                 extra = len(missing)  # look again for a run with room for the blocks in front
                 continue
             for k, index in enumerate(missing):
-                offset = (start + k) << self.cluster_bits
-                block = RefcountBlock(bytes(self.cluster_size), self.order)
-                block.dirty = True
-                self._cache[offset] = block
-                self.table[index] = offset
-            self.table_dirty = True
+                self._install_block(index, (start + k) << self.cluster_bits)
             self.update(start, len(missing), +1)  # the blocks' own clusters, now covered
             self.free_hint = start
             extra = 0
@@ -313,17 +305,19 @@ class Refcounts:
             if self.table[index]:  # allocating created this very block already
                 self.update(block_offset >> self.cluster_bits, 1, -1)
                 return
-            self._cache[block_offset] = RefcountBlock(bytes(self.cluster_size), self.order)
-            self._cache[block_offset].dirty = True
-            self.table[index] = block_offset
-            self.table_dirty = True
+            self._install_block(index, block_offset)
             return
-        block_offset = at_cluster << self.cluster_bits
-        self._cache[block_offset] = RefcountBlock(bytes(self.cluster_size), self.order)
-        self._cache[block_offset].dirty = True
-        self.table[index] = block_offset
-        self.table_dirty = True
+        self._install_block(index, at_cluster << self.cluster_bits)
         self.set(at_cluster, 1)
+
+    def _install_block(self, index: int, offset: int) -> None:
+        """An empty (dirty) refcount block at ``offset`` becomes table slot ``index``; the caller counts the
+        block's own cluster."""
+        block = RefcountBlock(bytes(self.cluster_size), self.order)
+        block.dirty = True
+        self._cache[offset] = block
+        self.table[index] = offset
+        self.table_dirty = True
 
     def _grow_table(self, needed_index: int) -> None:
         """Move the refcount table to a bigger one placed, after new blocks describing it, at the first

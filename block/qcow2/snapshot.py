@@ -199,7 +199,7 @@ def fix_copied_flags(image: "Qcow2Format") -> None:
 def _write_table(image: "Qcow2Format", snapshots: list[SnapshotInfo]) -> None:
     """Write a new snapshot table, point the header at it, free the old one."""
     old_offset = image.header.snapshots_offset if image.header.nb_snapshots else 0
-    old_bytes = getattr(image, "snapshot_table_bytes", 0)
+    old_bytes = image.snapshot_table_bytes
     data = b"".join(s.entry_bytes() for s in snapshots)
     if len(data) > MAX_TABLE_BYTES:
         raise SnapshotError("Snapshot table too large", errno=errno.EFBIG)
