@@ -44,6 +44,11 @@ class Vcpu(Protocol):
         """Thread-safe: make :meth:`run` return ``Stopped`` at the next instruction boundary."""
         ...
 
+    def inject_nmi(self) -> None:
+        """Thread-safe: a non-maskable interrupt for this vCPU (QMP ``inject-nmi``), taken before its next
+        instruction (or when it runs again, if paused)."""
+        ...
+
     def close(self) -> None:
         ...
 

@@ -84,6 +84,12 @@ class Machine:
         """The board's drives and the devices using them (none unless the board has block devices)."""
         return []
 
+    def inject_nmi(self) -> None:
+        """An NMI to every vCPU, as QEMU's ``inject-nmi`` on x86 (``nmi_monitor_handle``): each
+        accelerator latches it where its CPU takes NMIs (KVM_NMI, or the software CPU's local APIC)."""
+        for vcpu in self.vcpus:
+            vcpu.inject_nmi()
+
     def request_reset(self, cause: ShutdownCause) -> None:
         """Reset the VM (guest reboot, triple fault); with ``-no-reboot`` this ends it instead."""
         if self.no_reboot:

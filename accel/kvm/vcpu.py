@@ -109,6 +109,7 @@ class KvmVcpu:
         self._msr_indices = msr_indices
         self._kicker = ThreadKicker()
         self._stop_requested = False
+        self._nmi_requested = False
         self.run_entries = 0
         """Number of KVM_RUN calls so far; the halt probe compares it across one interval."""
         self.last_fatal_dump = ""
@@ -297,7 +298,15 @@ class KvmVcpu:
         return int(self._mp.mp_state)
 
     def inject_nmi(self) -> None:
-        self._fd.ioctl(abi.KVM_NMI)
+        """Thread-safe: an NMI for this vCPU (QMP ``inject-nmi``). ``KVM_NMI`` is a vCPU ioctl, which waits
+        for the vCPU's mutex while it sits in ``KVM_RUN``; so, as QEMU's ``run_on_cpu``, the run loop
+        issues it on the vCPU's own thread before the next entry, and a kick ends the current one."""
+        self._nmi_requested = True
+        run = self._run
+        if run is None:
+            return  # closed
+        run.immediate_exit = 1
+        self._kicker.kick()
 
     # -- running --------------------------------------------------------------------------------------
     def run(self) -> Exit:
@@ -319,6 +328,9 @@ class KvmVcpu:
         read_io = _IO_EXIT.unpack_from
         read_mmio = _MMIO_EXIT.unpack_from
         while True:
+            if self._nmi_requested:
+                self._nmi_requested = False
+                self._fd.ioctl(abi.KVM_NMI)
             if interrupts is not None:
                 self._offer_external_interrupt(run, interrupts)
             self.run_entries += 1

@@ -117,6 +117,7 @@ class TcgVcpu:
         # An application processor starts as on a PC: waiting for INIT/SIPI from the boot processor.
         self._mp = MpState.RUNNABLE if index == 0 else MpState.WAIT_FOR_SIPI
         self._events_signalled = False
+        self._nmi_latched = False  # inject_nmi without a local APIC (QEMU's CPU_INTERRUPT_NMI)
         self._running = threading.Lock()
         self._closed = False
         self.last_dump: str | None = None
@@ -157,6 +158,17 @@ class TcgVcpu:
         self._gate.request_service()
         self._wake.set()
         self._scheduler.nudge()
+
+    def inject_nmi(self) -> None:
+        """An NMI from outside the APIC bus (QMP ``inject-nmi``, any thread). As QEMU's
+        ``nmi_monitor_handle``: through the local APIC when there is one (its state then holds the pending
+        NMI and its event kick wakes this vCPU), else latched at the CPU itself."""
+        if self._signals is not None:
+            with self._lock:
+                self._signals.raise_nmi()
+            return
+        self._nmi_latched = True
+        self.notify_event()
 
     # -- Preemptible (the scheduler) ---------------------------------------------------------------------
     def preempt(self) -> None:
@@ -274,13 +286,16 @@ class TcgVcpu:
     def _take_processor_events(self) -> None:
         """INIT, SIPI and NMI from the local APIC (step 2 of the loop)."""
         self._events_signalled = False
+        nmi, self._nmi_latched = self._nmi_latched, False
         signals = self._signals
         if signals is None:
+            if nmi:
+                self._deliver_nmi()
             return
         with self._lock:
             init = signals.take_init()
             vector = signals.take_startup()
-            nmi = signals.take_nmi()
+            nmi = signals.take_nmi() or nmi
         if init:
             # SDM 8.4.1: after INIT an application processor waits for a SIPI; the boot processor (vCPU 0)
             # starts again at the reset vector, as KVM does it too.
@@ -294,12 +309,16 @@ class TcgVcpu:
             with self._scheduler.turn(self):
                 self.load_state(startup_state(vector))
         if nmi and self._mp is not MpState.WAIT_FOR_SIPI:
-            with self._scheduler.turn(self):
-                blob = self._blob
-                blob.pull()
-                self._halted = False
-                self._traps.deliver(Event(_NMI_VECTOR, EventKind.EXTERNAL), return_rip=blob.rip,
-                                    rflags=blob.rflags)
+            self._deliver_nmi()
+
+    def _deliver_nmi(self) -> None:
+        """Vector 2 through the guest IDT, waking a halted vCPU (an NMI ends HLT even with IF=0)."""
+        with self._scheduler.turn(self):
+            blob = self._blob
+            blob.pull()
+            self._halted = False
+            self._traps.deliver(Event(_NMI_VECTOR, EventKind.EXTERNAL), return_rip=blob.rip,
+                                rflags=blob.rflags)
 
     def _execute(self) -> Exit | None:
         if self._gate.service_requested or self._code.pending:
