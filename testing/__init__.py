@@ -12,14 +12,14 @@ controller.
 
 from pyemu.testing.accelerators import ACCELERATORS, kvm_unavailable_reason
 from pyemu.testing.asm import assemble
-from pyemu.testing.board import Access, RecordingDevice, TestBoard
+from pyemu.testing.board import Access, DeviceMapping, RecordingDevice, TestBoard
 from pyemu.testing.environment import Gate, GuestProgram, build, pte_address, pte_address32
 from pyemu.testing.errors import AssemblyError, LayoutError, TestingError
 from pyemu.testing.interrupts import FakeInterruptController
 from pyemu.testing.runner import PreparedMachine, ProgramResult, RunContext, describe, prepared, run_program
 
 __all__ = [
-    "ACCELERATORS", "Access", "AssemblyError", "FakeInterruptController", "Gate", "GuestProgram", "LayoutError",
+    "ACCELERATORS", "Access", "DeviceMapping", "AssemblyError", "FakeInterruptController", "Gate", "GuestProgram", "LayoutError",
     "PreparedMachine", "ProgramResult", "RecordingDevice", "RunContext", "TestBoard", "TestingError", "assemble", "build",
     "describe", "kvm_unavailable_reason", "prepared", "pte_address", "pte_address32", "run_program",
 ]

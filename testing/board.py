@@ -104,6 +104,23 @@ class DebugConsole:
         self.output += (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
+@dataclass(frozen=True)
+class DeviceMapping:
+    """Your own device model on the test board: ``device`` (any object with ``read(offset, size)`` and
+    ``write(offset, size, value)``, the bus protocol every pyemu device speaks) at ``base`` in ``space``
+    ("pio" or "mmio") for ``size`` bytes. Pass a list to ``run_program(..., devices=[...])``."""
+
+    space: str
+    base: int
+    size: int
+    device: object
+    name: str = "device-under-test"
+
+    def __post_init__(self) -> None:
+        if self.space not in ("pio", "mmio"):
+            raise ValueError(f"DeviceMapping.space must be 'pio' or 'mmio', not {self.space!r}")
+
+
 class TestBoard:
     """RAM at 0 (``ram_size`` bytes) plus the test devices."""
 
@@ -123,6 +140,11 @@ class TestBoard:
         self.pio.register(CONSOLE_PORT, 1, self.console, "debugcon")
         self.pio.register(RECORD_PORT, RECORD_PORT_SIZE, self.port_device, "recorder")
         self.mmio.register(RECORD_MMIO, RECORD_MMIO_SIZE, self.mmio_device, "recorder")
+
+    def add_device(self, mapping: DeviceMapping) -> None:
+        """Map a device under test; an overlap with the board's own devices raises the bus's error."""
+        bus = self.pio if mapping.space == "pio" else self.mmio
+        bus.register(mapping.base, mapping.size, mapping.device, mapping.name)  # type: ignore[arg-type]
 
     def attach_interrupt_trigger(self, controller: "FakeInterruptController") -> None:
         self.pio.register(IRQ_PORT, 4, InterruptTrigger(controller), "irq-trigger")

@@ -13,13 +13,13 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from pyemu.accel.base import Vcpu, create_accelerator
 from pyemu.accel.exits import Exit, Halt, Stopped
 from pyemu.target.x86.cpu_state import X86CpuState
 from pyemu.target.x86.cpuid import CpuidTable, default_cpuid
-from pyemu.testing.board import DEFAULT_RAM_SIZE, Access, TestBoard
+from pyemu.testing.board import DEFAULT_RAM_SIZE, Access, DeviceMapping, TestBoard
 from pyemu.testing.environment import UNEXPECTED_VECTOR, GuestProgram, build
 from pyemu.testing.interrupts import FakeInterruptController
 
@@ -91,12 +91,14 @@ class PreparedMachine:
 @contextmanager
 def prepared(program: GuestProgram, accel: str = "tcg", *, interrupts: FakeInterruptController | None = None,
              cpuid: CpuidTable | None = None, ram_size: int = DEFAULT_RAM_SIZE,
-             vcpu_index: int = 0) -> Iterator[PreparedMachine]:
+             vcpu_index: int = 0, devices: Iterable[DeviceMapping] = ()) -> Iterator[PreparedMachine]:
     """Build ``program`` on a fresh board and create its vCPU; closes everything on exit. For tests that
     drive ``vcpu.run()`` themselves (stop/resume, kicks at chosen moments)."""
     board = TestBoard(ram_size)
     accelerator = create_accelerator(accel)
     try:
+        for mapping in devices:
+            board.add_device(mapping)
         built = build(program, board.memory)
         accelerator.attach(board.memory, board.dispatcher, cpuid or default_cpuid())
         vcpu = accelerator.create_vcpu(vcpu_index, interrupts)
@@ -115,9 +117,11 @@ def run_program(program: GuestProgram, accel: str = "tcg", *, timeout: float = 5
                 interrupts: FakeInterruptController | None = None,
                 before_run: Callable[[RunContext], None] | None = None,
                 cpuid: CpuidTable | None = None, ram_size: int = DEFAULT_RAM_SIZE,
-                keep_running_on_halt: bool = False) -> ProgramResult:
-    """Run ``program`` to its end. ``timeout`` bounds the wall time (then the result is ``timed_out``)."""
-    with prepared(program, accel, interrupts=interrupts, cpuid=cpuid, ram_size=ram_size) as machine:
+                keep_running_on_halt: bool = False, devices: Iterable[DeviceMapping] = ()) -> ProgramResult:
+    """Run ``program`` to its end. ``timeout`` bounds the wall time (then the result is ``timed_out``).
+    ``devices`` maps your own device models onto the board (see :class:`DeviceMapping`)."""
+    with prepared(program, accel, interrupts=interrupts, cpuid=cpuid, ram_size=ram_size,
+                  devices=devices) as machine:
         vcpu, board = machine.vcpu, machine.board
         timed_out = threading.Event()
 

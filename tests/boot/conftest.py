@@ -12,7 +12,6 @@ import time
 import pytest
 
 from pyemu.accel.base import AcceleratorUnavailable
-from pyemu.guest.assets import find_assets
 
 
 @pytest.fixture(scope="module")
@@ -24,16 +23,6 @@ def kvm_usable():
         KvmAccelerator().close()
     except AcceleratorUnavailable as error:
         pytest.skip(f"KVM unusable on this host: {error}")
-
-
-@pytest.fixture(scope="session")
-def guest_assets():
-    assets = find_assets()
-    if assets is None:
-        if os.environ.get("CI"):
-            pytest.fail("guest assets missing in CI: .ci/run must run 'pyemu-guest fetch'")
-        pytest.skip("guest assets not fetched (run 'pyemu-guest fetch')")
-    return assets
 
 
 class ConsoleSession:
