@@ -3,18 +3,26 @@
 The cache directory is ``$PYEMU_CACHE``, else ``$XDG_CACHE_HOME/pyemu``, else ``~/.cache/pyemu``; the
 Debian 6.1 assets go under ``guest/debian-6.1/``. Other code (boot tests, benchmarks) calls
 :func:`find_assets` and skips when it returns None, so it never has to know the layout.
+
+A set is replaced whole: built in a scratch directory next to it and swapped in (:func:`install_asset_set`)
+under one lock file (:func:`asset_lock`), so a reader never sees half of an update.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from pyemu.guest.errors import CacheError
+from pyemu.guest.errors import CacheError, GuestAssetError
+from pyemu.guest.initramfs import recipe_digest
 from pyemu.system.cache import cache_root
 
 ASSET_SET = "debian-6.1"
@@ -76,6 +84,12 @@ class GuestAssets:
     def module_order(self) -> list[str]:
         """Module names in the order /init loads them."""
         return list(self.manifest.get("modules", []))
+
+    @property
+    def initramfs_current(self) -> bool:
+        """Was the initramfs built by today's recipe (init scripts, layout) for its module list? A set
+        from an older pyemu is not, and :func:`find_assets` / ``pyemu-guest fetch`` rebuild it."""
+        return self.manifest.get("initramfs_recipe") == recipe_digest(self.module_order, self.kernel_release)
 
     def files(self) -> dict[str, Path]:
         """Every file the manifest lists, by its name relative to the directory."""
@@ -140,6 +154,69 @@ def check_complete(directory: Path, *, verify_hashes: bool) -> GuestAssets | Non
     return GuestAssets(directory, manifest)
 
 
-def find_assets(cache: str | os.PathLike[str] | None = None) -> GuestAssets | None:
-    """The fetched Debian 6.1 assets, or None when ``pyemu-guest fetch`` has not completed (cheap check)."""
-    return check_complete(asset_dir(cache), verify_hashes=False)
+def find_assets(cache: str | os.PathLike[str] | None = None, *, refresh: bool = True) -> GuestAssets | None:
+    """The fetched Debian 6.1 assets, or None when ``pyemu-guest fetch`` has not completed (cheap check).
+
+    With ``refresh``, an initramfs built by an older recipe is rebuilt first from the cached busybox and
+    modules (about a second, no download; see :mod:`pyemu.guest.refresh`), so users and tests get the
+    current guest without refetching. If that cannot happen now (another process holds the cache lock,
+    the cache is read-only, a cached part is damaged), the set is returned as it is: it still boots.
+    """
+    assets = check_complete(asset_dir(cache), verify_hashes=False)
+    if assets is None or not refresh or assets.initramfs_current:
+        return assets
+    # Imported here: the refresh module builds on this one.
+    from pyemu.guest.refresh import refresh_initramfs
+
+    try:
+        return refresh_initramfs(assets, wait=False)
+    except (GuestAssetError, OSError):
+        return assets
+
+
+@contextmanager
+def asset_lock(target: Path, *, wait: bool = True) -> Iterator[bool]:
+    """Hold the asset set's lock file (``<cache>/guest/.debian-6.1.lock``) for the block; yields whether
+    it was taken (only False when ``wait`` is False and another process holds it)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(target.parent / f".{target.name}.lock", "w")
+    except OSError as exc:
+        raise CacheError(f"cannot create the cache directory {target.parent}: {exc.strerror}") from exc
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+@contextmanager
+def scratch_directory(target: Path) -> Iterator[Path]:
+    """A fresh directory next to ``target`` (same filesystem, so the final rename is atomic), removed
+    after the block whatever happens."""
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial.", dir=target.parent))
+    except OSError as exc:
+        raise CacheError(f"cannot write to {target.parent}: {exc.strerror}") from exc
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def install_asset_set(built: Path, target: Path) -> None:
+    """Swap the finished set ``built`` into place (the old one, if any, is removed afterwards)."""
+    old = None
+    try:
+        if target.exists():
+            old = target.with_name(f".{target.name}.old.{os.getpid()}")
+            os.replace(target, old)
+        os.replace(built, target)
+    except OSError as exc:
+        if old is not None and not target.exists():
+            os.replace(old, target)  # put the previous set back rather than leave none
+        raise CacheError(f"cannot move the new asset set into {target}: {exc.strerror}") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -3,21 +3,21 @@
 Steps: download ``linux-image-amd64`` (the metapackage) and ``busybox-static`` with ``apt-get download``,
 follow the metapackage's Depends to the versioned kernel package and download it, unpack with
 ``dpkg-deb -x``, then write into ``<cache>/guest/debian-6.1/``: ``vmlinuz`` (bzImage), ``vmlinux``
-(ELF extracted from the bzImage, for PVH), ``config``, ``busybox``, the virtio modules
+(ELF extracted from the bzImage, for PVH), ``config``, ``busybox``, the guest's modules
 (decompressed) under ``modules/``, ``initramfs.cpio.gz`` and ``manifest.json`` (package versions and
 SHA-256 of every file).
 
-Idempotent: when the manifest matches the files, nothing is downloaded. The set is built in a scratch
-directory next to the final one and moved into place only when complete, under a lock file, so an
-interrupted or concurrent fetch never leaves a half-written set that looks complete.
+Idempotent: when the manifest matches the files, nothing is downloaded; when only the initramfs recipe
+changed (pyemu's init scripts), the initramfs is rebuilt from the cached busybox and modules
+(:mod:`pyemu.guest.refresh`). The set is built in a scratch directory next to the final one and moved into
+place only when complete, under a lock file, so an interrupted or concurrent fetch never leaves a
+half-written set that looks complete.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +34,11 @@ from pyemu.guest.assets import (
     VMLINUX_NAME,
     GuestAssets,
     asset_dir,
+    asset_lock,
     check_complete,
     file_record,
+    install_asset_set,
+    scratch_directory,
     write_manifest,
 )
 from pyemu.guest.debs import (
@@ -48,8 +51,9 @@ from pyemu.guest.debs import (
     obtain_deb,
 )
 from pyemu.guest.errors import OWN_ASSETS_HINT, CacheError, FetchUnavailable, PackageContentError
-from pyemu.guest.initramfs import build_initramfs, busybox_applets
+from pyemu.guest.initramfs import build_initramfs, busybox_applets, recipe_digest
 from pyemu.guest.modules import WANTED_MODULES, collect_modules, find_modules_root
+from pyemu.guest.refresh import rebuild_initramfs_locked
 from pyemu.guest.vmlinux import extract_vmlinux_file
 
 Reporter = Callable[[str], None]
@@ -93,29 +97,20 @@ def run_fetch(
     """
     started = time.monotonic()
     target = asset_dir(cache)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(target.parent / f".{ASSET_SET}.lock", "w")
-    except OSError as exc:
-        raise CacheError(f"cannot create the cache directory {target.parent}: {exc.strerror}") from exc
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with asset_lock(target):
         if not force:
             existing = check_complete(target, verify_hashes=True)
             if existing is not None and _modules_current(existing):
-                report(f"guest assets already complete in {target}")
-                return FetchResult(existing, False, time.monotonic() - started)
+                if existing.initramfs_current:
+                    report(f"guest assets already complete in {target}")
+                    return FetchResult(existing, False, time.monotonic() - started)
+                refreshed = rebuild_initramfs_locked(existing, report=report)
+                return FetchResult(refreshed, True, time.monotonic() - started)
             if existing is not None:
                 report(f"guest assets in {target} were built for another module list; rebuilding")
-        try:
-            scratch = Path(tempfile.mkdtemp(prefix=f".{ASSET_SET}.partial.", dir=target.parent))
-        except OSError as exc:
-            raise CacheError(f"cannot write to {target.parent}: {exc.strerror}") from exc
-        try:
+        with scratch_directory(target) as scratch:
             _build_asset_set(scratch, Path(debs_dir) if debs_dir else None, report)
-            _install(scratch, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            install_asset_set(scratch / "out", target)
     assets = check_complete(target, verify_hashes=False)
     if assets is None:
         raise CacheError(f"the asset set in {target} is incomplete right after building it")
@@ -125,24 +120,11 @@ def run_fetch(
 def _modules_current(assets: GuestAssets) -> bool:
     """Was the set built for today's :data:`WANTED_MODULES`? A set from before a driver was added (or
     from before the manifest recorded the list) is rebuilt by ``fetch``, so the new driver reaches the
-    initramfs without anyone deleting the cache. :func:`find_assets` still accepts the older set: boot
-    tests that do not need the new driver keep running, and those that do check ``module_order``."""
+    initramfs without anyone deleting the cache. :func:`find_assets` still accepts the older set (with
+    its initramfs scripts brought up to date): boot tests that do not need the new driver keep running,
+    and those that do check ``module_order``. A set whose modules are current but whose initramfs recipe
+    is not only gets its initramfs rebuilt, from the cached parts."""
     return assets.manifest.get("wanted_modules") == list(WANTED_MODULES)
-
-
-def _install(built: Path, target: Path) -> None:
-    """Swap the finished set into place (the old one, if any, is removed afterwards)."""
-    output = built / "out"
-    old = None
-    try:
-        if target.exists():
-            old = target.with_name(f".{target.name}.old.{os.getpid()}")
-            os.replace(target, old)
-        os.replace(output, target)
-    except OSError as exc:
-        raise CacheError(f"cannot move the new asset set into {target}: {exc.strerror}") from exc
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_asset_set(scratch: Path, debs_dir: Path | None, report: Reporter) -> None:
@@ -177,7 +159,7 @@ def _build_asset_set(scratch: Path, debs_dir: Path | None, report: Reporter) -> 
     shutil.copyfile(busybox, output / BUSYBOX_NAME)
     os.chmod(output / BUSYBOX_NAME, 0o755)
 
-    report("collecting virtio modules")
+    report("collecting kernel modules")
     modules, missing = collect_modules(modules_root)
     for name in missing:
         report(f"warning: the kernel package has no module {name}; the guest will lack that driver")
@@ -204,6 +186,7 @@ def _build_asset_set(scratch: Path, debs_dir: Path | None, report: Reporter) -> 
         },
         "modules": [m.name for m in modules],
         "wanted_modules": list(WANTED_MODULES),
+        "initramfs_recipe": recipe_digest([m.name for m in modules], release),
         "missing_modules": missing,
         "busybox_applets": len(applets or ()),
         "files": {name: file_record(output / name) for name in files},

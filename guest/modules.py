@@ -1,4 +1,5 @@
-"""Finding the virtio kernel modules in an unpacked kernel package, with their dependencies, in load order.
+"""Finding the guest's kernel modules (virtio, vsock, the ACPI power button) in an unpacked kernel
+package, with their dependencies, in load order.
 
 Debian builds the virtio drivers as modules, and busybox's ``insmod`` neither resolves dependencies nor
 decompresses, so we do both here: dependencies come from each module's own ``.modinfo`` section
@@ -23,12 +24,17 @@ from pyemu.guest.errors import PackageContentError
 
 # The drivers a pyemu guest uses, in the order /init loads them (dependencies are added in front).
 # vsock: the AF_VSOCK core, the virtio transport's common half and its virtio driver (vhost-vsock-device);
-# Debian 6.1 builds all three as modules (net/vmw_vsock/). Changing this tuple makes ``pyemu-guest fetch``
-# rebuild an existing cache (the manifest records it; see guest/fetch.py).
+# Debian 6.1 builds all three as modules (net/vmw_vsock/).
+# The ACPI power button: ``button`` binds the DSDT's PNP0C0C device and turns the GED's Notify into a
+# KEY_POWER input event; ``evdev`` gives it a /dev/input/event node for acpid (both =m in Debian 6.1).
+# evdev goes first so the button's input device gets its node as it registers.
+# Changing this tuple makes ``pyemu-guest fetch`` rebuild an existing cache (the manifest records it; see
+# guest/fetch.py).
 WANTED_MODULES = (
     "virtio_ring", "virtio", "virtio_mmio",
     "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
     "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
+    "evdev", "button",
 )
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 

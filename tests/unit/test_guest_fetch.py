@@ -123,7 +123,8 @@ def test_fetch_through_apt_get_download(tmp_path, fake_apt):
         "linux-image-amd64": "9.9.9-1", f"linux-image-{RELEASE}": "9.9.9-1", "busybox-static": "1:1.35.0-test",
     }
     assert set(manifest["missing_modules"]) == {"virtio_net", "virtio_console", "virtio_rng", "vsock",
-                                                "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport"}
+                                                "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
+                                                "evdev", "button"}
     assert "System.map" not in manifest["files"]
     for name, record in manifest["files"].items():
         assert (assets.directory / name).stat().st_size == record["size"]

@@ -40,6 +40,8 @@ def write_modules_tree(root, compress_xz=("virtio_net",)):
         "kernel/net/vmw_vsock/vsock": "",
         "kernel/net/vmw_vsock/vmw_vsock_virtio_transport_common": "vsock",
         "kernel/net/vmw_vsock/vmw_vsock_virtio_transport": "virtio,vmw_vsock_virtio_transport_common,virtio_ring,vsock",
+        "kernel/drivers/input/evdev": "",
+        "kernel/drivers/acpi/button": "",
         "kernel/fs/unrelated": "",
     }
     for relative, depends in layout.items():
@@ -73,6 +75,7 @@ def test_collect_orders_dependencies_first_and_decompresses(tmp_path):
         "virtio_ring", "virtio", "virtio_mmio", "virtio_blk",
         "failover", "net_failover", "virtio_net", "virtio_console", "virtio_rng",
         "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
+        "evdev", "button",
     ]
     assert missing == []
     for module in modules:  # every dependency is loaded before its user
@@ -110,8 +113,10 @@ def test_init_script():
     script = render_init(["virtio_ring", "virtio", "virtio_mmio"], RELEASE)
     assert script.startswith("#!/bin/busybox sh\n")
     for needed in ("mount -t proc proc /proc", "mount -t sysfs sysfs /sys", "mount -t devtmpfs devtmpfs /dev",
-                   INIT_MARKER, "/proc/uptime", POWEROFF_OPTION, "poweroff -f", "setsid cttyhack sh"):
+                   INIT_MARKER, "/proc/uptime", POWEROFF_OPTION, "poweroff -f"):
         assert needed in script
+    # The last thing /init does is hand PID 1 to busybox init, which acts on poweroff/reboot/halt.
+    assert script.rstrip().splitlines()[-1] == "exec /bin/busybox init"
     loads = [line.split()[1] for line in script.splitlines() if line.startswith("insmod ")]
     assert loads == [f"/lib/modules/{RELEASE}/{n}.ko" for n in ("virtio_ring", "virtio", "virtio_mmio")]
     assert script.index("insmod") < script.index(INIT_MARKER) < script.index(POWEROFF_OPTION)
@@ -126,7 +131,7 @@ def test_init_script_poweroff_logic_runs(tmp_path):
     if shell is None:
         pytest.skip("no POSIX shell on the host")
     script = render_init([], RELEASE)
-    part = script[script.index("read uptime") : script.index('echo "pyemu-guest: shell on')]
+    part = script[script.index("read uptime") : script.index("exec /bin/busybox init")]
     uptime = tmp_path / "uptime"
     uptime.write_text("1.23 0.50\n")
     for cmdline, powered in (("console=ttyS0 pyemu.poweroff=1", True), ("console=ttyS0", False)):
