@@ -1,8 +1,8 @@
 """Typed errors of the Python API (:mod:`pyemu.api`): what a program driving a VM can catch and act on.
 
 Configuration mistakes keep their own type (:class:`~pyemu.errors.ConfigError`, the same one the CLI
-prints), and a request the VM's run state refuses stays a
-:class:`~pyemu.monitor.control.ControlError`, so embedded and remote use raise the same things.
+prints). A command the VM refuses is a :class:`CommandError` carrying QEMU's error class whether the VM
+runs in this process or behind a QMP socket, so one ``except`` serves both.
 """
 
 from __future__ import annotations

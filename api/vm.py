@@ -24,7 +24,7 @@ from types import TracebackType
 from typing import Any, Sequence
 
 from pyemu.api.console import Console
-from pyemu.api.errors import ConsoleError, VmStateError, VmTimeout
+from pyemu.api.errors import CommandError, ConsoleError, VmStateError, VmTimeout
 from pyemu.api.events import EventStream
 from pyemu.system.config import VmConfig
 from pyemu.system.options import parse_args
@@ -154,29 +154,51 @@ class VM:
     def running(self) -> bool:
         return self.state is RunState.RUNNING
 
+    def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Run any QMP command in-process, validated against the same schema table as over a socket
+        (``vm.execute("query-block")``); CommandError with QEMU's error class when it is refused."""
+        from pyemu.monitor import schema
+        from pyemu.monitor.commands import Reply, make_executor
+
+        control = self._control()
+        args = dict(arguments or {})
+        spec = schema.COMMANDS_BY_NAME.get(command)
+        try:
+            if spec is None or command == "qmp_capabilities":  # negotiation belongs to QMP sessions
+                raise schema.QmpError(f"The command {command} has not been found", "CommandNotFound")
+            schema.validate_arguments(spec, args)
+            value = make_executor(control)(command, args)
+        except schema.QmpError as error:
+            raise CommandError(error.error_class, error.desc) from None
+        if isinstance(value, Reply):
+            if value.after is not None:
+                value.after()
+            value = value.value
+        return value
+
     def status(self) -> dict[str, Any]:
         """``query-status``: ``{"status": "running", "running": True, "singlestep": False}``."""
-        return dict(self._control().status())
+        return dict(self.execute("query-status"))
 
     def pause(self) -> None:
         """Stop every vCPU and the guest's clock (QMP ``stop``); returns once they are stopped."""
-        self._control().stop()
+        self.execute("stop")
 
     def resume(self) -> None:
-        """Run again (QMP ``cont``); ControlError after a shutdown until :meth:`reset`."""
-        self._control().cont()
+        """Run again (QMP ``cont``); CommandError after a shutdown until :meth:`reset`."""
+        self.execute("cont")
 
     def reset(self) -> None:
         """The reset button (QMP ``system_reset``)."""
-        self._control().reset()
+        self.execute("system_reset")
 
     def powerdown(self) -> None:
         """The ACPI power button (QMP ``system_powerdown``): the guest decides to shut down."""
-        self._control().powerdown()
+        self.execute("system_powerdown")
 
     def quit(self) -> None:
         """End the VM now (QMP ``quit``); :meth:`wait` then returns 0."""
-        self._control().quit()
+        self.execute("quit")
 
     @property
     def console(self) -> Console:

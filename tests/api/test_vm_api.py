@@ -8,7 +8,6 @@ import pytest
 
 import pyemu
 from pyemu.errors import ConfigError
-from pyemu.monitor.control import ControlError
 from pyemu.system.runstate import RunState
 from pyemu.testing import kvm_unavailable_reason
 
@@ -112,10 +111,28 @@ def test_errors_are_typed(echo_kernel: Path, tmp_path: Path) -> None:
         assert "never printed" in str(caught.value)
         vm.quit()
         vm.wait(TIMEOUT)
-        with pytest.raises(ControlError, match="Resetting the Virtual Machine is required"):
+        with pytest.raises(pyemu.CommandError, match="Resetting the Virtual Machine is required") as refused:
             vm.resume()
+        assert refused.value.error_class == "GenericError"
         with pytest.raises(pyemu.ConsoleClosed):
             vm.console.expect("anything", timeout=TIMEOUT)
+
+
+def test_any_qmp_command_runs_in_process_with_the_schema_checks(spin_kernel: Path) -> None:
+    with tiny_vm(spin_kernel, "-serial", "none", "-name", "api-test") as vm:
+        vm.start()
+        assert vm.execute("query-name") == {"name": "api-test"}
+        assert "query-status" in [entry["name"] for entry in vm.execute("query-commands")]
+        with pytest.raises(pyemu.CommandError) as unknown:
+            vm.execute("no-such-command")
+        assert unknown.value.error_class == "CommandNotFound"
+        with pytest.raises(pyemu.CommandError) as bad:
+            vm.execute("stop", {"bogus": 1})
+        assert bad.value.error_class == "GenericError" and "bogus" in bad.value.desc
+        with pytest.raises(pyemu.CommandError):
+            vm.execute("qmp_capabilities")  # negotiation is a socket thing, not a VM command
+        vm.execute("quit")
+        assert vm.wait(TIMEOUT) == 0
 
 
 def test_serial_redirected_means_no_console_object(spin_kernel: Path) -> None:
