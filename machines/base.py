@@ -5,6 +5,10 @@ Threads: each vCPU runs guest code on its own thread; device timers run on the t
 thread waits for requests (guest power-off, reset, debug exit, host signals) and acts on them. Device code
 runs under ``self.lock`` whichever thread calls it (the exit dispatcher and the timer queue take it).
 A board subclass builds its devices in :meth:`build` and loads its firmware or kernel in :meth:`load_boot`.
+
+Time: devices read :attr:`Machine.clock`, a virtual clock (QEMU_CLOCK_VIRTUAL) that runs only while the
+VM is running; the accelerator's guest TSC is stopped, continued and zeroed at the same points (pause,
+resume, start, reset), so a paused guest sees no time pass at all.
 """
 
 from __future__ import annotations
@@ -19,20 +23,25 @@ from pyemu.accel.exits import Halt, Shutdown, Stopped
 from pyemu.hw.core.device import DeviceManager
 from pyemu.system import log
 from pyemu.system.bus import mmio_bus, pio_bus
+from pyemu.system.chardev_registry import ChardevRegistry
 from pyemu.system.cpu_context import set_current_cpu
 from pyemu.system.memory import GuestMemory
-from pyemu.system.runstate import RunState, RunStateMachine, ShutdownCause
+from pyemu.system.runstate import RunState, RunStateMachine, ShutdownCause, VcpuStopTimeout
 
 if TYPE_CHECKING:
     from pyemu.machines.virtio_devices import DriveUse
     from pyemu.system.iothread import IoThread
-from pyemu.system.timers import TimerQueue
+from pyemu.system.timers import TimerQueue, VirtualClock
 from pyemu.target.x86.cpu_state import X86CpuState
 
 
 # Shutdown causes that end pyemu even with -no-shutdown (the host asked, or the guest's debug exit did).
 _EXIT_CAUSES = frozenset({ShutdownCause.HOST_QMP_QUIT, ShutdownCause.HOST_SIGNAL, ShutdownCause.HOST_UI,
                           ShutdownCause.DEBUG_EXIT})
+
+PAUSE_TIMEOUT_S = 10.0
+"""How long :meth:`Machine.pause` waits for every vCPU to park (a vCPU stuck in a device callback)."""
+
 
 class Machine:
     """A board's shared core. Subclasses fill in devices and boot state."""
@@ -44,7 +53,9 @@ class Machine:
         self.mmio = mmio_bus()
         self.devices = DeviceManager(self.pio, self.mmio)
         self.dispatcher = ExitDispatcher(self.pio, self.mmio, self.lock)
-        self.timers = TimerQueue(self.lock)
+        self.clock = VirtualClock()
+        """QEMU_CLOCK_VIRTUAL: device time, standing still while the VM is stopped."""
+        self.timers = TimerQueue(self.lock, self.clock)
         self.runstate = RunStateMachine()
         self.accel = accel
         self.vcpu_count = vcpu_count
@@ -53,11 +64,15 @@ class Machine:
         self.power_button: Callable[[], None] | None = None
         """Press the board's power button (``system_powerdown``); None when the board has none."""
         self._cond = threading.Condition()
+        self._life = threading.RLock()
+        """Serialises start/pause/resume/reset: a QMP ``cont`` waits for a reset in progress."""
         self._want_run = False
         self._quit = False
         self._parked: list[bool] = []
         self._threads: list[threading.Thread] = []
         self._reset_requested: ShutdownCause | None = None
+        self.reset_cause: ShutdownCause | None = None
+        """Why the last (or current) machine reset happened."""
         self._request_event = threading.Event()
         self.no_reboot = False
         self.no_shutdown = False
@@ -65,6 +80,8 @@ class Machine:
         host's quit, a signal or isa-debug-exit still end it, system_reset runs it again."""
         self._exit_requested = False
         self.boot_states: list[X86CpuState] = []
+        self.chardevs = ChardevRegistry()
+        """The open character backends by label (QMP ``query-chardev``)."""
 
     # -- requests from devices and the host (any thread) ------------------------------------------------
     def request_shutdown(self, cause: ShutdownCause, exit_code: int = 0) -> None:
@@ -74,6 +91,7 @@ class Machine:
             self._exit_requested = True
         self.runstate.shutdown(cause, exit_code)
         self._stop_vcpus()
+        self.clock.stop()  # a VM kept by -no-shutdown stands still; the guest TSC stops at its reset
         self._request_event.set()
 
     def iothreads(self) -> list[IoThread]:
@@ -109,47 +127,88 @@ class Machine:
 
     # -- life cycle (main thread) -----------------------------------------------------------------------
     def start(self, paused: bool = False) -> None:
-        """Create the vCPU threads and the timer thread; run unless ``paused`` (``-S``)."""
-        self._parked = [True] * len(self.vcpus)
-        for index, vcpu in enumerate(self.vcpus):
-            thread = threading.Thread(target=self._vcpu_loop, args=(index, vcpu), name=f"vcpu{index}",
-                                      daemon=True)
-            self._threads.append(thread)
-            thread.start()
-        self.timers.start()
-        if paused:
-            self.runstate.transition(RunState.PAUSED)
-        else:
-            self.resume()
+        """Create the vCPU threads and the timer thread; run unless ``paused``. Paused is QEMU's
+        prelaunch (``-S``): the threads exist (their ids are known) but nothing has run, the virtual clock
+        and the guest TSC stand at 0 until the first :meth:`resume`."""
+        with self._life:
+            self._parked = [True] * len(self.vcpus)
+            for index, vcpu in enumerate(self.vcpus):
+                thread = threading.Thread(target=self._vcpu_loop, args=(index, vcpu), name=f"vcpu{index}",
+                                          daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            self.accel.stop_guest_tsc()
+            self.accel.reset_guest_tsc()
+            self.timers.start()
+            if not paused:
+                self.resume()
 
     def resume(self) -> None:
-        self.runstate.transition(RunState.RUNNING)
+        """Run (``cont``): from prelaunch or paused; time and the guest TSC go on where they stopped."""
+        with self._life:
+            self.runstate.transition(RunState.RUNNING)
+            self._run_vcpus()
+
+    def _run_vcpus(self) -> None:
+        self.accel.start_guest_tsc()
+        self.clock.start()
         with self._cond:
             self._want_run = True
             self._cond.notify_all()
 
-    def pause(self) -> None:
-        """Stop all vCPUs at an instruction boundary and wait until they are parked."""
+    def pause(self, timeout: float = PAUSE_TIMEOUT_S) -> None:
+        """Stop all vCPUs at an instruction boundary, wait until they are parked, stop virtual time and
+        the guest TSC. A vCPU that does not park within ``timeout`` seconds leaves the VM in
+        ``internal-error`` and raises :class:`VcpuStopTimeout` (never a silent "paused")."""
+        with self._life:
+            self._park_vcpus(timeout)
+            if self.runstate.state is RunState.RUNNING:
+                self.runstate.transition(RunState.PAUSED)
+
+    def _park_vcpus(self, timeout: float = PAUSE_TIMEOUT_S) -> None:
         self._stop_vcpus()
         with self._cond:
-            self._cond.wait_for(lambda: all(self._parked) or self._quit, timeout=10)
-        if self.runstate.state is RunState.RUNNING:
-            self.runstate.transition(RunState.PAUSED)
+            parked = self._cond.wait_for(lambda: all(self._parked) or self._quit, timeout=timeout)
+        self.clock.stop()
+        if not parked:
+            stuck = [index for index, done in enumerate(self._parked) if not done]
+            if self.runstate.state is RunState.RUNNING:
+                self.runstate.transition(RunState.INTERNAL_ERROR)
+            raise VcpuStopTimeout(stuck, timeout)
+        self.accel.stop_guest_tsc()
 
-    def reset(self) -> None:
-        """Machine reset: pause, reset devices, reload the boot image, run again."""
-        self.pause()
-        with self.lock:
-            self.devices.reset_all()
-            for handler in self.reset_handlers:
-                handler()
-            self.memory.clear()  # fresh RAM is already zero: only a reset pays for this
-            self.load_boot()
-            for vcpu, state in zip(self.vcpus, self.boot_states):
-                vcpu.load_state(state)
-        if self.runstate.state is RunState.SHUTDOWN:
-            self.runstate.clear_shutdown()  # -no-shutdown: a reset brings a stopped VM back
-        self.resume()
+    def vcpu_thread_ids(self) -> list[int | None]:
+        """Host thread id of each vCPU (``query-cpus-fast``); empty before :meth:`start`."""
+        return [thread.native_id for thread in self._threads]
+
+    def reset(self, cause: ShutdownCause = ShutdownCause.GUEST_RESET) -> None:
+        """Machine reset: park the vCPUs, reset devices, reload the boot image, guest TSC to 0. A running
+        VM runs on; a stopped one (paused, prelaunch, internal-error) stays stopped, in prelaunch, as
+        QEMU 7.2 does; one stopped by a guest power-off under ``-no-shutdown`` runs again.
+        :attr:`reset_cause` says why while the reset handlers run (the RESET event's reason)."""
+        with self._life:
+            state = self.runstate.state
+            self._park_vcpus()
+            self.reset_cause = cause
+            with self.lock:
+                self.devices.reset_all()
+                for handler in self.reset_handlers:
+                    handler()
+                self.memory.clear()  # fresh RAM is already zero: only a reset pays for this
+                self.load_boot()
+                for vcpu, boot_state in zip(self.vcpus, self.boot_states):
+                    vcpu.load_state(boot_state)
+                self.accel.reset_guest_tsc()
+            if self._exit_requested or (state is not RunState.SHUTDOWN
+                                        and self.runstate.state is RunState.SHUTDOWN):
+                return  # quit (or a power-off) arrived during the reset: stay down
+            if state is RunState.SHUTDOWN:
+                self.runstate.clear_shutdown()  # -no-shutdown: a reset brings a stopped VM back
+                self.resume()
+            elif state is RunState.RUNNING:
+                self._run_vcpus()
+            else:
+                self.runstate.transition(RunState.PRELAUNCH)
 
     def wait(self) -> int:
         """Serve reset requests until the VM shuts down; return the exit status."""
@@ -157,10 +216,14 @@ class Machine:
             self._request_event.wait(0.25)
             if self.runstate.state is RunState.SHUTDOWN and self._exit_requested:
                 return self.runstate.exit_code or 0
-            if self._reset_requested is not None:
+            cause = self._reset_requested
+            if cause is not None:
                 self._request_event.clear()
                 self._reset_requested = None
-                self.reset()
+                try:
+                    self.reset(cause)
+                except VcpuStopTimeout as error:
+                    print(f"pyemu: reset failed: {error}", file=sys.stderr)
 
     def close(self) -> None:
         with self._cond:

@@ -147,7 +147,8 @@ class Microvm(Machine):
         if accel.needs_userspace_lapic:
             for index in range(self.vcpu_count):
                 lapic = LocalApic(self.timers, apic_id=index, bsp=index == 0,
-                                  pic=self.pic if index == 0 else None, tsc_hz=self.tsc_hz)
+                                  pic=self.pic if index == 0 else None, tsc_hz=self.tsc_hz,
+                                  tsc_now=accel.guest_tsc)
                 self.lapics.append(lapic)
                 devices.add(BoardDevice(f"lapic{index}", lapic, driver="apic"))
             # Every CPU reaches its own APIC at 0xfee00000: the bus routes by the accessing vCPU's thread.
@@ -213,6 +214,9 @@ class Microvm(Machine):
 
         for index in range(self.vcpu_count):
             interrupts = self.lapics[index] if self.lapics else None
+        self.virtio.backends.chardevs = self.chardevs
+        for warning in check_globals(self.config.globals, lambda d: d == "isa-debug-exit" or self.virtio.handles(d)):
+            warn_report(warning)
             vcpu = accel.create_vcpu(index, interrupts)
             self.vcpus.append(vcpu)
             if self.lapics:
@@ -264,7 +268,7 @@ class Microvm(Machine):
             spec = parse_chardev_spec(text, option="-serial")
             if isinstance(spec, NoneSpec):
                 continue
-            backend = open_chardev(spec, on_quit=on_quit)
+            backend = open_chardev(spec, on_quit=on_quit, chardevs=self.config.chardevs)
             self.backends.append(backend)
             port = IsaSerial.create(self.isa_irq(ISA_SERIAL_RESOURCES[index][1]), self.timers,
                                     backend.write, index=index)
@@ -279,6 +283,7 @@ class Microvm(Machine):
     def _devices_with_implicit_drives(self) -> list[DeviceOptions]:
         """The -device list, then a virtio-blk-device for every ``-drive ...,if=virtio`` (QEMU's
         shorthand; QEMU too appends those devices after the explicit ones), in the drives' order."""
+            self.chardevs.add(f"serial{index}", backend)
         implicit: list[DeviceOptions] = []
         drives = list(self.config.drives)
         for index, props in enumerate(drives):

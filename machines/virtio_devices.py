@@ -38,6 +38,7 @@ from pyemu.hw.virtio.device import VirtioDevice
 from pyemu.hw.virtio.mmio import WINDOW_SIZE, VirtioMmio
 from pyemu.machines import memmap
 from pyemu.machines.device_props import PropReader
+from pyemu.system.chardev_registry import ChardevRegistry
 from pyemu.system.config import DeviceOptions, ObjectOptions, VmConfig
 from pyemu.system.event_notifier import EventNotifier
 from pyemu.system.iothread import IoThread
@@ -60,6 +61,8 @@ class Backends:
     config: VmConfig
     claimed: set[tuple[str, str]] = field(default_factory=set)
     closers: list[Callable[[], None]] = field(default_factory=list)
+    chardevs: ChardevRegistry = field(default_factory=ChardevRegistry)
+    """Where opened ``-chardev`` backends are registered (the board's, for ``query-chardev``)."""
 
     def drive(self, drive_id: str, user: str):  # type: ignore[no-untyped-def]
         from pyemu.block.options import DriveOptions, open_drive

@@ -87,6 +87,28 @@ def _query_block(api: ControlApi, args: dict[str, Any]) -> Any:
     return [block_info(use.device_id, use.drive_id, use.backend) for use in api.machine.drives()]
 
 
+def _query_chardev(api: ControlApi, args: dict[str, Any]) -> Any:
+    from pyemu.monitor.chardev_info import query_chardev
+    return query_chardev(api.machine.chardevs)
+
+
+def _inject_nmi(api: ControlApi, args: dict[str, Any]) -> Any:
+    api.inject_nmi()
+    return {}
+
+
+def _human_monitor_command(api: ControlApi, args: dict[str, Any]) -> Any:
+    from pyemu.monitor.hmp import HumanMonitor  # hmp imports this module's constants
+    monitor = HumanMonitor(api)
+    if "cpu-index" in args:
+        index = args["cpu-index"]
+        if not 0 <= index < api.machine.vcpu_count:
+            raise QmpError("Parameter 'cpu-index' expects a CPU number")
+        monitor.current_cpu = index
+    output = monitor.execute(args["command-line"])
+    return Reply(output.text, after=output.after) if output.after is not None else output.text
+
+
 def _stop(api: ControlApi, args: dict[str, Any]) -> Any:
     api.stop()
     return {}
@@ -129,6 +151,9 @@ HANDLERS: dict[str, Handler] = {
     "query-block": _query_block,
     "query-iothreads": _query_iothreads,
     "query-machines": _query_machines,
+    "query-chardev": _query_chardev,
+    "inject-nmi": _inject_nmi,
+    "human-monitor-command": _human_monitor_command,
     "stop": _stop,
     "cont": _cont,
     "system_reset": _system_reset,

@@ -6,18 +6,17 @@ VM (name, UUID, accelerator, vCPUs). It also turns run-state changes into QMP ev
 SHUTDOWN, RESET) for whoever subscribes.
 
 STOP and RESUME are emitted here, by :meth:`stop` and :meth:`cont`, rather than by a run-state listener:
-:meth:`Machine.reset` pauses and resumes the vCPUs internally, and QEMU reports a reset as RESET only.
-SHUTDOWN comes from a run-state listener (any cause, any thread) and RESET from a board reset handler.
+QEMU reports a reset as RESET only, whatever run state it leaves (a reset of a paused VM moves it to
+prelaunch). SHUTDOWN comes from a run-state listener (any cause, any thread) and RESET from a board reset
+handler, with the board's :attr:`~pyemu.machines.base.Machine.reset_cause` as its reason.
 
-``-S`` keeps the VM in ``prelaunch`` with no vCPU thread and no timer running; the first ``cont`` starts
-the machine. That is QEMU's prelaunch (nothing has run yet), which ``Machine.start(paused=True)`` cannot
-express: it moves straight to ``paused``.
+``-S`` is ``Machine.start(paused=True)``: QEMU's prelaunch, vCPU threads created but nothing run and
+virtual time at 0; the first ``cont`` runs the machine.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import uuid as uuid_module
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,6 +24,7 @@ from typing import Any, Callable
 from pyemu.errors import PyemuError
 from pyemu.machines.base import Machine
 from pyemu.system.runstate import RunState, ShutdownCause
+from pyemu.target.x86.cpu_state import X86CpuState
 
 EventSink = Callable[[str, dict[str, Any]], None]
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
@@ -56,15 +56,11 @@ def qemu_cause(cause: ShutdownCause | None) -> str:
 class ControlApi:
     """Life cycle and identity of one VM, safe to call from any thread."""
 
-    def __init__(self, machine: Machine, *, name: str | None = None, uuid: str | None = None,
-                 started: bool = False) -> None:
+    def __init__(self, machine: Machine, *, name: str | None = None, uuid: str | None = None) -> None:
         self.machine = machine
         self.name = name
         self.uuid = str(uuid_module.UUID(uuid)) if uuid else NIL_UUID
-        self._started = started
-        self._start_lock = threading.Lock()
         self._sinks: list[EventSink] = []
-        self._reset_reason: str | None = None
         machine.runstate.add_listener(self._on_transition)
         machine.reset_handlers.append(self._on_reset)
 
@@ -82,8 +78,7 @@ class ControlApi:
             self._emit("SHUTDOWN", {"guest": reason in _GUEST_CAUSES, "reason": reason})
 
     def _on_reset(self) -> None:
-        reason = self._reset_reason or "guest-reset"
-        self._reset_reason = None
+        reason = qemu_cause(self.machine.reset_cause or ShutdownCause.GUEST_RESET)
         self._emit("RESET", {"guest": reason in _GUEST_CAUSES, "reason": reason})
 
     # -- state ------------------------------------------------------------------------------------------
@@ -103,12 +98,11 @@ class ControlApi:
         return os.access("/dev/kvm", os.R_OK | os.W_OK)
 
     def cpus(self) -> list[CpuInfo]:
-        # Machine keeps its vCPU threads private; before the first `cont` (prelaunch) none exist and
-        # the process id stands in, as the only thread that will run guest code is not there yet.
-        threads = list(getattr(self.machine, "_threads", []))
+        # Before the machine starts no vCPU thread exists yet: the process id stands in.
+        threads = self.machine.vcpu_thread_ids()
         out: list[CpuInfo] = []
         for index in range(self.machine.vcpu_count):
-            native = threads[index].native_id if index < len(threads) else None
+            native = threads[index] if index < len(threads) else None
             out.append(CpuInfo(index, native if native is not None else os.getpid(),
                                f"/machine/unattached/device[{index}]"))
         return out
@@ -116,18 +110,12 @@ class ControlApi:
     # -- requests ---------------------------------------------------------------------------------------
     def start(self, paused: bool) -> None:
         """Called once by the VM runner: run now, or stay in prelaunch until :meth:`cont` (``-S``)."""
-        if not paused:
-            self._start_machine()
-
-    def _start_machine(self) -> None:
-        with self._start_lock:
-            if self._started:
-                return
-            self._started = True
-        self.machine.start(paused=False)
+        self.machine.start(paused=paused)
 
     def stop(self) -> None:
-        """Pause every vCPU. Outside ``running`` this does nothing, as in QEMU (no STOP event either)."""
+        """Pause every vCPU. Outside ``running`` this does nothing, as in QEMU (no STOP event either).
+        vCPUs that do not stop raise :class:`~pyemu.system.runstate.VcpuStopTimeout` (state
+        ``internal-error``), which QMP reports as an error."""
         if self.state is not RunState.RUNNING:
             return
         self.machine.pause()
@@ -140,24 +128,13 @@ class ControlApi:
             raise ControlError("Resetting the Virtual Machine is required")
         if state is RunState.RUNNING:
             return
-        if state is RunState.PRELAUNCH:
-            self._start_machine()
-        else:
-            self.machine.resume()
+        self.machine.resume()
         self._emit("RESUME", {})
 
     def reset(self) -> None:
         """The reset button: served by the board's main loop (``-no-reboot`` turns it into a shutdown,
-        as in QEMU)."""
-        with self._start_lock:
-            if not self._started:
-                # Prelaunch: nothing has run, so there is nothing to reset; asking the board would
-                # make it "resume" vCPUs that have no thread yet (Machine.reset ends in resume()).
-                self._emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
-                return
-        self._reset_reason = "host-qmp-system-reset"
-        # pyemu's ShutdownCause has no host-qmp-system-reset; the board only logs the cause it is given.
-        self.machine.request_reset(ShutdownCause.HOST_UI)
+        as in QEMU); a stopped VM stays stopped."""
+        self.machine.request_reset(ShutdownCause.HOST_QMP_SYSTEM_RESET)
 
     def powerdown(self) -> None:
         """The ACPI power button: POWERDOWN, then the guest decides (a guest that ignores it keeps
@@ -169,3 +146,22 @@ class ControlApi:
 
     def quit(self) -> None:
         self.machine.request_shutdown(ShutdownCause.HOST_QMP_QUIT, 0)
+
+    # -- inspection and injection (monitor) -------------------------------------------------------------
+    def inject_nmi(self) -> None:
+        """An NMI to every vCPU (QMP ``inject-nmi``, HMP ``nmi``); a paused vCPU takes it when it runs."""
+        self.machine.inject_nmi()
+
+    def cpu_state(self, index: int) -> X86CpuState:
+        """The registers of vCPU ``index``. A running VM is paused for the read and resumed at once (QEMU's
+        ``cpu_synchronize_state`` also takes the vCPU out of the guest); no STOP/RESUME event is sent, as
+        the VM's run state is the same before and after."""
+        vcpu = self.machine.vcpus[index]
+        if self.state is not RunState.RUNNING:
+            return vcpu.save_state()
+        self.machine.pause()
+        try:
+            return vcpu.save_state()
+        finally:
+            if self.state is RunState.PAUSED:
+                self.machine.resume()

@@ -124,6 +124,7 @@ _TYPE_LIST: tuple[EnumType | StructType, ...] = (
                                            "bps:int", "bps_rd:int", "bps_wr:int", "iops:int", "iops_rd:int",
                                            "iops_wr:int", "image:ImageInfo", "write_threshold:int",
                                            "cache:BlockdevCacheInfo")),
+    StructType("ChardevInfo", _members("label:str", "filename:str", "frontend-open:bool")),
     StructType("BlockInfo", _members("device:str", "*qdev:str", "type:str", "removable:bool", "locked:bool",
                                      "*inserted:BlockDeviceInfo")),
 )
@@ -144,6 +145,10 @@ COMMANDS: tuple[Command, ...] = (
     Command("query-iothreads", (), "[IOThreadInfo]", "the I/O threads and their host thread ids"),
     Command("query-machines", (), "[MachineInfo]", "the board types pyemu offers"),
     Command("query-block", (), "[BlockInfo]", "the VM's drives and the images behind them"),
+    Command("query-chardev", (), "[ChardevInfo]", "the character backends and where they lead"),
+    Command("inject-nmi", (), EMPTY, "send a non-maskable interrupt to every vCPU"),
+    Command("human-monitor-command", _members("command-line:str", "*cpu-index:int"), "str",
+            "run a human monitor (HMP) command line and return its output"),
     Command("stop", (), EMPTY, "pause every vCPU"),
     Command("cont", (), EMPTY, "start or resume the vCPUs"),
     Command("system_reset", (), EMPTY, "reset the machine as the reset button does"),

@@ -24,7 +24,10 @@ from typing import Any, Union
 from pyemu.chardev.spec import UNIX_PATH_MAX, SocketSpec, StdioSpec, parse_chardev_spec
 from pyemu.errors import ConfigError, PyemuError
 from pyemu.monitor.commands import make_executor
+from pyemu.monitor.chardev_info import peer_address, socket_filename
 from pyemu.monitor.control import ControlApi
+from pyemu.monitor.hmp import HumanMonitor
+from pyemu.monitor.hmp_session import HmpSession
 from pyemu.monitor.qmp import QmpSession, timestamp
 from pyemu.system.config import ObjectOptions, VmConfig
 
@@ -42,15 +45,19 @@ class MonitorError(PyemuError):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where one monitor listens, and how the user wrote it (for messages)."""
+    """Where one monitor listens (or, ``server=off``, connects to), how the user wrote it (for messages),
+    which protocol it speaks, and its chardev label (``compat_monitorN`` or the ``-chardev`` id)."""
 
     spec: EndpointSpec
     label: str
     pretty: bool = False
+    mode: str = "control"
+    chardev_label: str = ""
 
 
 def parse_qmp_spec(text: str, option: str = "-qmp") -> Endpoint:
-    """Validate a ``-qmp`` argument: a listening unix/tcp socket or stdio."""
+    """Validate a ``-qmp``/``-monitor`` argument: a unix/tcp socket (listening, or with ``server=off``
+    connecting out to a listening client) or stdio."""
     spec = parse_chardev_spec(text, option=option)
     return _endpoint(spec, f"{option} {text}", option)
 
@@ -59,30 +66,34 @@ def _endpoint(spec: object, label: str, option: str, pretty: bool = False) -> En
     if isinstance(spec, StdioSpec):
         return Endpoint(spec, label, pretty)
     if isinstance(spec, SocketSpec):
-        if not spec.server:
-            raise ConfigError(f"{label}: pyemu's QMP only listens (add server=on,wait=off)", option=option)
         return Endpoint(spec, label, pretty)
-    raise ConfigError(f"{label}: QMP needs a socket server (unix:PATH,server=on,wait=off or "
-                      "tcp:HOST:PORT,server=on,wait=off) or stdio", option=option)
+    raise ConfigError(f"{label}: a monitor needs a socket (unix:PATH,server=on,wait=off or "
+                      "tcp:HOST:PORT,server=on,wait=off, or server=off to connect out) or stdio", option=option)
 
 
 def endpoints_from_config(config: VmConfig) -> list[Endpoint]:
-    """Every ``-qmp`` and every ``-mon chardev=ID,mode=control`` of ``config``, in command-line order."""
+    """Every ``-qmp``, ``-qmp-pretty``, ``-monitor`` and ``-mon`` of ``config``, in command-line order.
+    Monitors given by a spec are labelled ``compat_monitorN`` in that order, as in QEMU."""
     from pyemu.chardev.options import describe, parse_chardev_options
 
     chardevs: dict[str, ObjectOptions] = {c.id: c for c in config.chardevs}
     out: list[Endpoint] = []
+    compat = 0
     for monitor in config.monitors:
         if monitor.spec is not None:
-            endpoint = parse_qmp_spec(monitor.spec)
-            out.append(Endpoint(endpoint.spec, endpoint.label, monitor.pretty))
+            option = "-qmp" if monitor.mode == "control" else "-monitor"
+            endpoint = parse_qmp_spec(monitor.spec, option)
+            out.append(Endpoint(endpoint.spec, endpoint.label, monitor.pretty, monitor.mode,
+                                f"compat_monitor{compat}"))
+            compat += 1
             continue
         assert monitor.chardev is not None
         options = chardevs.get(monitor.chardev)
         if options is None:  # VmConfig checks this; a config built by hand may not have
             raise ConfigError(f"-mon: chardev '{monitor.chardev}' not found", option="-mon")
         parsed = parse_chardev_options(options)
-        out.append(_endpoint(parsed.spec, f"-chardev {describe(options)}", "-mon", monitor.pretty))
+        endpoint = _endpoint(parsed.spec, f"-chardev {describe(options)}", "-mon", monitor.pretty)
+        out.append(Endpoint(endpoint.spec, endpoint.label, monitor.pretty, monitor.mode, options.id))
     return out
 
 
@@ -90,14 +101,21 @@ class _Client:
     """One connected client (or stdio): its fds, its session and its pending output."""
 
     def __init__(self, server: "MonitorServer", rfd: int, wfd: int, sock: socket.socket | None,
-                 pretty: bool) -> None:
+                 endpoint: Endpoint) -> None:
         self.server = server
         self.rfd = rfd
         self.wfd = wfd
         self.sock = sock
+        self.endpoint = endpoint
         self.out = bytearray()
         self.dead = False
-        self.session = QmpSession(make_executor(server.control), self.queue, pretty=pretty)
+        self.session: QmpSession | HmpSession
+        if endpoint.mode == "readline":
+            # On stdio the terminal echoes and edits the line itself (cooked mode).
+            self.session = HmpSession(HumanMonitor(server.control), self.queue,
+                                      echo=not isinstance(endpoint.spec, StdioSpec))
+        else:
+            self.session = QmpSession(make_executor(server.control), self.queue, pretty=endpoint.pretty)
 
     def queue(self, data: bytes) -> None:
         if self.dead:
@@ -164,15 +182,20 @@ class MonitorServer:
         main loop serves monitors only once the VM is started)."""
         try:
             for endpoint in self.endpoints:
+                self._register_chardev(endpoint)
                 if isinstance(endpoint.spec, StdioSpec):
-                    self._add_client(0, 1, None, endpoint.pretty)
+                    self._add_client(0, 1, None, endpoint)
+                    continue
+                if not endpoint.spec.server:
+                    conn = self._connect(endpoint)
+                    self._add_client(conn.fileno(), conn.fileno(), conn, endpoint)
                     continue
                 sock = self._listen(endpoint)
                 self._listeners.append((sock, endpoint))
                 if endpoint.spec.wait:
                     print(f"pyemu: QMP: waiting for connection on {endpoint.spec}", file=sys.stderr, flush=True)
                     conn, _ = sock.accept()
-                    self._add_client(conn.fileno(), conn.fileno(), conn, endpoint.pretty)
+                    self._add_client(conn.fileno(), conn.fileno(), conn, endpoint)
                 sock.setblocking(False)
                 self._selector.register(sock, selectors.EVENT_READ, ("listen", endpoint))
         except BaseException:
@@ -222,10 +245,52 @@ class MonitorServer:
         except OSError as error:
             raise MonitorError(f"{endpoint.label}: cannot listen: {error.strerror or error}") from error
 
-    def _add_client(self, rfd: int, wfd: int, sock: socket.socket | None, pretty: bool) -> None:
+    def _connect(self, endpoint: Endpoint) -> socket.socket:
+        """``server=off``: connect out to a client that listens (QEMU's reverse monitor connection, which
+        e.g. qemu.qmp's ``QMPClient.accept()`` waits for)."""
+        spec = endpoint.spec
+        assert isinstance(spec, SocketSpec)
+        target = spec.path if spec.family == "unix" else f"{spec.bind_host}:{spec.port}"
+        try:
+            if spec.family == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(spec.path)
+                except OSError:
+                    sock.close()
+                    raise
+                return sock
+            return socket.create_connection((spec.bind_host, spec.port))
+        except OSError as error:
+            raise MonitorError(f"{endpoint.label}: Failed to connect to '{target}': "
+                               f"{error.strerror or error}") from error
+
+    def _register_chardev(self, endpoint: Endpoint) -> None:
+        """List the monitor's socket or stdio in ``query-chardev``, as QEMU lists its monitor chardevs."""
+        registry = getattr(self.control.machine, "chardevs", None)
+        if registry is not None and endpoint.chardev_label:
+            registry.add(endpoint.chardev_label, self, filename=lambda: self._chardev_filename(endpoint))
+
+    def _chardev_filename(self, endpoint: Endpoint) -> str:
+        spec = endpoint.spec
+        if not isinstance(spec, SocketSpec):
+            return "stdio"
+        client = next((c for c in list(self._clients) if c.endpoint is endpoint and not c.dead), None)
+        peer = peer_address(client.sock) if client is not None else None
+        local: str | tuple[str, int] = spec.path
+        if spec.family == "tcp":
+            listener = next((sock for sock, ep in self._listeners if ep is endpoint), None)
+            own = listener if listener is not None else (client.sock if client is not None else None)
+            try:
+                local = own.getsockname()[:2] if own is not None else (spec.bind_host, spec.port)
+            except OSError:
+                local = (spec.bind_host, spec.port)
+        return socket_filename(spec, local, peer)
+
+    def _add_client(self, rfd: int, wfd: int, sock: socket.socket | None, endpoint: Endpoint) -> None:
         if sock is not None:
             sock.setblocking(False)
-        client = _Client(self, rfd, wfd, sock, pretty)
+        client = _Client(self, rfd, wfd, sock, endpoint)
         self._clients.append(client)
         self._selector.register(rfd, selectors.EVENT_READ, ("client", client))
         client.session.start()
@@ -299,7 +364,7 @@ class MonitorServer:
         except OSError as error:
             print(f"pyemu: QMP: accept on {endpoint.spec}: {error.strerror}", file=sys.stderr)
             return
-        self._add_client(conn.fileno(), conn.fileno(), conn, endpoint.pretty)
+        self._add_client(conn.fileno(), conn.fileno(), conn, endpoint)
 
     def _service(self, client: _Client, mask: int) -> None:
         if client.dead:

@@ -99,8 +99,9 @@ UUID_PATTERN = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-
 
 @dataclass(frozen=True)
 class MonitorOptions:
-    """One QMP monitor: ``-qmp SPEC`` (``spec``) or ``-mon chardev=ID,mode=control`` (``chardev``).
-    The spec itself is checked by :mod:`pyemu.monitor.server`, which knows what a monitor can listen on."""
+    """One monitor: ``-qmp SPEC``/``-qmp-pretty SPEC``/``-monitor SPEC`` (``spec``) or ``-mon chardev=ID``
+    (``chardev``); ``mode`` is ``control`` (QMP) or ``readline`` (the human monitor, HMP). The spec itself
+    is checked by :mod:`pyemu.monitor.server`, which knows what a monitor can listen on."""
 
     spec: str | None = None
     chardev: str | None = None
@@ -110,9 +111,8 @@ class MonitorOptions:
     def __post_init__(self) -> None:
         if (self.spec is None) == (self.chardev is None):
             raise ConfigError("-mon: give exactly one of a -qmp spec or chardev=ID", option="-mon")
-        if self.mode != "control":
-            raise ConfigError(f"-mon: mode={self.mode} is not supported: pyemu has no human monitor "
-                              "(use mode=control, i.e. QMP)", option="-mon")
+        if self.mode not in ("control", "readline"):
+            raise ConfigError(f"-mon: Parameter 'mode' does not accept value '{self.mode}'", option="-mon")
 
 
 @dataclass(frozen=True)

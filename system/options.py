@@ -54,9 +54,12 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "snapshot=on)"),
     OptionSpec("S", False, "create the VM with its CPUs stopped (prelaunch; QMP 'cont' starts it)"),
     OptionSpec("qmp", True, "a QMP monitor: unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off "
-               "| stdio (repeatable)", "dev"),
-    OptionSpec("mon", True, "a QMP monitor on a -chardev: chardev=ID,mode=control[,pretty=on|off]",
-               "chardev=ID,mode=control"),
+               "| stdio (repeatable); server=off connects out to a listening client", "dev"),
+    OptionSpec("qmp-pretty", True, "like -qmp, with pretty-printed JSON replies", "dev"),
+    OptionSpec("monitor", True, "the human monitor (HMP): stdio | unix:PATH,server=on,wait=off | "
+               "tcp:HOST:PORT,server=on,wait=off | none (repeatable)", "dev"),
+    OptionSpec("mon", True, "a monitor on a -chardev: mode=control is QMP, mode=readline (the default) HMP",
+               "chardev=ID[,mode=control|readline][,pretty=on|off]"),
     OptionSpec("name", True, "the guest name (QMP query-name)", "[guest=]name[,debug-threads=on|off]"),
     OptionSpec("pidfile", True, "write the process id to FILE (locked while pyemu runs, removed at exit)",
                "file"),
@@ -270,6 +273,16 @@ def _name(value: str) -> str:
     for key, val in props:
         if key == "guest":
             name = val
+def _monitor(value: str) -> MonitorOptions | None:
+    """``-monitor DEV``: the human monitor on a socket or stdio; ``none`` means no monitor."""
+    from pyemu.monitor.server import parse_qmp_spec
+
+    if value == "none":
+        return None
+    parse_qmp_spec(value, "-monitor")
+    return MonitorOptions(spec=value, mode="readline")
+
+
         elif key == "debug-threads":
             parse_on_off(val, "debug-threads")  # pyemu's threads are always named (vcpuN, pyemu-qmp...)
         elif key == "process":
@@ -364,3 +377,5 @@ def _log_mask(value: str) -> frozenset[str]:
         raise EarlyExit("Log items (comma separated):\n" + "\n".join(
             f"{name:<14} {text}" for name, text in log.CATEGORIES.items()))
     return log.parse_mask(value)
+        "qmp-pretty": lambda v: monitors.append(MonitorOptions(spec=_qmp(v).spec, pretty=True)),
+        "monitor": lambda v: monitors.extend(m for m in [_monitor(v)] if m is not None),

@@ -2,8 +2,10 @@
 
 States and the transitions between them follow QEMU's RunState (a subset): a VM is created in PRELAUNCH
 (``-S`` keeps it there), RUNNING while vCPUs execute, PAUSED when stopped by the user, SHUTDOWN once the
-guest or the host asked to end it, INTERNAL_ERROR when the accelerator cannot continue. An invalid
-transition is a programming error and raises :class:`RunStateError`.
+guest or the host asked to end it, INTERNAL_ERROR when the accelerator cannot continue (or its vCPUs would
+not stop). A reset of a stopped VM leaves it stopped in PRELAUNCH, as QEMU 7.2 does (measured: ``stop``
+then ``system_reset`` gives status ``prelaunch``; ``cont`` runs it). An invalid transition is a
+programming error and raises :class:`RunStateError`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class ShutdownCause(enum.Enum):
 
     HOST_QMP_QUIT = "host-qmp-quit"
     HOST_SIGNAL = "host-signal"
+    HOST_QMP_SYSTEM_RESET = "host-qmp-system-reset"
     HOST_UI = "host-ui"
     GUEST_SHUTDOWN = "guest-shutdown"
     GUEST_RESET = "guest-reset"
@@ -39,14 +42,25 @@ class ShutdownCause(enum.Enum):
 _ALLOWED: dict[RunState, frozenset[RunState]] = {
     RunState.PRELAUNCH: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.SHUTDOWN}),
     RunState.RUNNING: frozenset({RunState.PAUSED, RunState.SHUTDOWN, RunState.INTERNAL_ERROR}),
-    RunState.PAUSED: frozenset({RunState.RUNNING, RunState.SHUTDOWN}),
+    RunState.PAUSED: frozenset({RunState.RUNNING, RunState.SHUTDOWN, RunState.PRELAUNCH}),  # reset
     RunState.SHUTDOWN: frozenset({RunState.RUNNING, RunState.PAUSED}),  # reset after shutdown, as QEMU
-    RunState.INTERNAL_ERROR: frozenset({RunState.PAUSED, RunState.SHUTDOWN}),
+    RunState.INTERNAL_ERROR: frozenset({RunState.PAUSED, RunState.SHUTDOWN, RunState.PRELAUNCH}),
 }
 
 
 class RunStateError(PyemuError):
     """A run-state transition that the state machine does not allow."""
+
+
+class VcpuStopTimeout(PyemuError):
+    """vCPUs did not stop within the time a pause allows (a vCPU stuck in a device or the accelerator);
+    the VM is left in ``internal-error``."""
+
+    def __init__(self, vcpus: list[int], timeout: float) -> None:
+        names = ", ".join(f"vcpu{index}" for index in vcpus) or "a vCPU"
+        super().__init__(f"{names} did not stop within {timeout:g} s")
+        self.vcpus = vcpus
+        self.timeout = timeout
 
 
 Listener = Callable[[RunState, RunState], None]

@@ -1,10 +1,17 @@
-"""Deadline timers for device models (QEMU's QEMUTimer on the virtual clock).
+"""Deadline timers for device models (QEMU's QEMUTimer) on a virtual clock (QEMU_CLOCK_VIRTUAL).
 
 Device models (PIT, RTC, LAPIC timer, UART transmit pacing) never start threads: they ask a
 :class:`TimerQueue` for :class:`Timer` objects and arm them with absolute deadlines in nanoseconds of the
 queue's clock. In a running machine one host thread sleeps until the earliest deadline and runs the
 callback holding the machine lock, the same lock the exit dispatcher takes, so a callback never races a
 register access. Tests drive a queue with a fake clock and :meth:`TimerQueue.run_due`, deterministically.
+
+Why a virtual clock: a machine's queue runs on a :class:`VirtualClock`, which advances with the host's
+monotonic clock only while the VM runs and stands still while it is stopped (paused, prelaunch, shut down
+under ``-no-shutdown``). Deadlines are virtual, so no device timer fires during a pause, a timer due 5 ms
+after the pause began fires 5 ms after the resume, and no device model needs to know that pauses exist.
+The queue's thread sleeps without a timeout while its virtual clock is stopped and is woken when it
+starts again, so a paused VM costs no wake-ups.
 """
 
 from __future__ import annotations
@@ -16,6 +23,62 @@ import time
 from typing import Callable
 
 TimerCallback = Callable[[], None]
+ClockListener = Callable[[bool], None]
+
+
+class VirtualClock:
+    """Nanoseconds that advance with ``host`` (the host's monotonic clock) while running and stand still
+    while stopped; :meth:`start` resumes where :meth:`stop` left off. Created stopped at 0.
+
+    :meth:`now` is called for every timer-register access of every device, so it takes no lock: the
+    (base, since) pair is replaced as one tuple, which a reader sees whole. ``start``/``stop`` come from
+    the machine's life cycle (one thread at a time, under ``_lock``); listeners (a :class:`TimerQueue`)
+    hear each change.
+    """
+
+    def __init__(self, host: Callable[[], int] = time.monotonic_ns) -> None:
+        self._host = host
+        self._lock = threading.Lock()
+        # (virtual ns at the last start/stop, host ns at the last start or None while stopped)
+        self._state: tuple[int, int | None] = (0, None)
+        self._listeners: list[ClockListener] = []
+
+    def now(self) -> int:
+        """Virtual nanoseconds now."""
+        base, since = self._state
+        if since is None:
+            return base
+        return base + max(0, self._host() - since)
+
+    @property
+    def running(self) -> bool:
+        return self._state[1] is not None
+
+    def start(self) -> None:
+        """Let virtual time advance again (no-op when running)."""
+        with self._lock:
+            base, since = self._state
+            if since is not None:
+                return
+            self._state = (base, self._host())
+        self._notify(True)
+
+    def stop(self) -> None:
+        """Freeze virtual time at its current value (no-op when stopped)."""
+        with self._lock:
+            base, since = self._state
+            if since is None:
+                return
+            self._state = (base + max(0, self._host() - since), None)
+        self._notify(False)
+
+    def add_listener(self, listener: ClockListener) -> None:
+        """``listener(running)`` after each start and stop."""
+        self._listeners.append(listener)
+
+    def _notify(self, running: bool) -> None:
+        for listener in list(self._listeners):
+            listener(running)
 
 
 class Timer:
@@ -47,20 +110,36 @@ class Timer:
 
 
 class TimerQueue:
-    """The timers of one machine, run on one thread (or by hand in tests)."""
+    """The timers of one machine, run on one thread (or by hand in tests).
 
-    def __init__(self, lock: threading.RLock | None = None, clock: Callable[[], int] = time.monotonic_ns):
+    ``clock`` is a :class:`VirtualClock` (a machine's: the thread waits without a timeout while it is
+    stopped) or any callable returning nanoseconds (a test's fake clock, or the host's monotonic clock).
+    """
+
+    def __init__(self, lock: threading.RLock | None = None,
+                 clock: VirtualClock | Callable[[], int] = time.monotonic_ns) -> None:
         self.lock = lock if lock is not None else threading.RLock()
-        self._clock = clock
+        self._virtual = clock if isinstance(clock, VirtualClock) else None
+        self._clock: Callable[[], int] = clock.now if isinstance(clock, VirtualClock) else clock
         self._heap: list[tuple[int, int, int, Timer]] = []
         self._seq = itertools.count()
         self._wake = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         self._stopping = False
+        if self._virtual is not None:
+            self._virtual.add_listener(self._clock_changed)
 
     def now(self) -> int:
         """Current time of this queue's clock, in nanoseconds."""
         return self._clock()
+
+    def _clock_changed(self, running: bool) -> None:
+        """The virtual clock started or stopped: the thread recomputes how long to sleep."""
+        with self._wake:
+            self._wake.notify()
+
+    def _clock_stopped(self) -> bool:
+        return self._virtual is not None and not self._virtual.running
 
     def new_timer(self, callback: TimerCallback, name: str = "timer") -> Timer:
         return Timer(self, callback, name)
@@ -128,11 +207,13 @@ class TimerQueue:
                 if self._stopping:
                     return
                 self._drop_stale()
-                if self._heap:
+                if self._heap and not self._clock_stopped():
                     delay = (self._heap[0][0] - self.now()) / 1e9
                     if delay > 0:
                         self._wake.wait(delay)
                 else:
+                    # Nothing armed, or virtual time stands still: only an arm or a clock start can
+                    # make a timer due, and both notify.
                     self._wake.wait()
                 if self._stopping:
                     return

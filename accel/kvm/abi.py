@@ -223,6 +223,12 @@ ffi.cdef(
     struct kvm_interrupt {
         uint32_t irq;
     };
+    struct kvm_device_attr {
+        uint32_t flags;
+        uint32_t group;
+        uint64_t attr;
+        uint64_t addr;
+    };
     struct kvm_clock_data {
         uint64_t clock;
         uint32_t flags;
@@ -358,6 +364,11 @@ KVM_GET_CPUID2 = _iowr(0x91, "struct kvm_cpuid2")
 KVM_GET_MP_STATE = _ior(0x98, "struct kvm_mp_state")
 KVM_SET_MP_STATE = _iow(0x99, "struct kvm_mp_state")
 KVM_NMI = _io(0x9A)
+KVM_SET_DEVICE_ATTR = _iow(0xE1, "struct kvm_device_attr")  # also on vCPU fds
+KVM_GET_DEVICE_ATTR = _iow(0xE2, "struct kvm_device_attr")
+KVM_HAS_DEVICE_ATTR = _iow(0xE3, "struct kvm_device_attr")
+KVM_VCPU_TSC_CTRL = 0  # vCPU attribute group
+KVM_VCPU_TSC_OFFSET = 0  # its attribute: the guest TSC offset (Linux 5.16+)
 KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
 KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
 KVM_GET_DEBUGREGS = _ior(0xA1, "struct kvm_debugregs")

@@ -16,6 +16,7 @@ from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.kvm import abi
 from pyemu.accel.kvm.cpuid import build_vcpu_cpuid, dropped_features
 from pyemu.accel.kvm.errors import KvmError
+from pyemu.accel.kvm.guest_tsc import KvmGuestTsc
 from pyemu.accel.kvm.kick import install_kick_handler
 from pyemu.accel.kvm.system import KvmSystem
 from pyemu.accel.kvm.vcpu import EoiHandler, KvmVcpu
@@ -103,6 +104,8 @@ class KvmAccelerator:
         self._closed = False
         self._ioeventfds: list[tuple[int, int, int, int]] = []
         self._irqfds: list[tuple[EventNotifier, int]] = []
+        self.tsc = KvmGuestTsc(lambda: self.vcpus, self.vm.fd)
+        """The guest TSC and kvmclock across pause/resume/reset (see :mod:`pyemu.accel.kvm.guest_tsc`)."""
 
     # -- Accelerator protocol ---------------------------------------------------------------------------
     def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
@@ -160,6 +163,18 @@ class KvmAccelerator:
 
     def msi_sink(self) -> KvmMsiSink:
         return self._msi_sink
+
+    def guest_tsc(self) -> int:
+        return self.tsc.value()
+
+    def stop_guest_tsc(self) -> None:
+        self.tsc.stop()
+
+    def start_guest_tsc(self) -> None:
+        self.tsc.start()
+
+    def reset_guest_tsc(self) -> None:
+        self.tsc.reset()
 
     # -- event notifiers (virtio: kicks and interrupts without Python on the vCPU thread) ---------------
     def bind_ioeventfd(self, notifier: EventNotifier, addr: int, length: int, datamatch: int) -> None:

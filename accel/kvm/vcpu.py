@@ -30,6 +30,7 @@ from pyemu.accel.kvm.errors import KvmError, KvmStateError
 from pyemu.accel.kvm.fd import KvmFd
 from pyemu.accel.kvm.kick import ThreadKicker
 from pyemu.accel.kvm.state import (
+    MSR_IA32_TSC,
     MP_STATE_FROM_KVM,
     MP_STATE_TO_KVM,
     SAVED_MSRS,
@@ -146,6 +147,43 @@ class KvmVcpu:
 
     def set_tsc_khz(self, khz: int) -> None:
         self._fd.ioctl(abi.KVM_SET_TSC_KHZ, khz)
+
+    def guest_tsc(self) -> int:
+        """The guest TSC now (IA32_TSC through KVM_GET_MSRS)."""
+        msrs, _owner = new_msrs([MSR_IA32_TSC])
+        self._fd.ioctl(abi.KVM_GET_MSRS, msrs)
+        return int(msrs.entries[0].data)
+
+    def set_guest_tsc(self, value: int) -> None:
+        """Write IA32_TSC (KVM_SET_MSRS). KVM may treat a value within a second of what it expects as an
+        attempt to synchronise vCPUs and keep its offset; :class:`~pyemu.accel.kvm.guest_tsc.KvmGuestTsc`
+        prefers :meth:`set_tsc_offset` and checks the result either way."""
+        msrs, _owner = new_msrs([MSR_IA32_TSC], [value & 0xFFFF_FFFF_FFFF_FFFF])
+        self._set("KVM_SET_MSRS", abi.KVM_SET_MSRS, msrs, f"IA32_TSC = {value:#x}")
+
+    def tsc_offset(self) -> int | None:
+        """KVM's guest TSC offset (vCPU attribute KVM_VCPU_TSC_OFFSET), None where KVM lacks it."""
+        value = ffi.new("uint64_t *")
+        attr = self._tsc_offset_attr(value)
+        try:
+            self._fd.ioctl(abi.KVM_HAS_DEVICE_ATTR, attr)
+            self._fd.ioctl(abi.KVM_GET_DEVICE_ATTR, attr)
+        except KvmError:
+            return None
+        return int(value[0])
+
+    def set_tsc_offset(self, offset: int) -> None:
+        value = ffi.new("uint64_t *", offset & 0xFFFF_FFFF_FFFF_FFFF)
+        self._set("KVM_SET_DEVICE_ATTR", abi.KVM_SET_DEVICE_ATTR, self._tsc_offset_attr(value),
+                  f"TSC offset {offset:#x}")
+
+    @staticmethod
+    def _tsc_offset_attr(value: Any) -> Any:
+        attr = ffi.new("struct kvm_device_attr *")
+        attr.group = abi.KVM_VCPU_TSC_CTRL
+        attr.attr = abi.KVM_VCPU_TSC_OFFSET
+        attr.addr = int(ffi.cast("uintptr_t", value))
+        return attr
 
     # -- architectural state ----------------------------------------------------------------------------
     def load_state(self, state: X86CpuState) -> None:

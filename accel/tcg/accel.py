@@ -17,6 +17,7 @@ from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.tcg.calibration import calibrate
 from pyemu.accel.tcg.block_gate import load_gate_module
 from pyemu.accel.tcg.errors import TcgError
+from pyemu.accel.tcg.guest_tsc import GuestTsc
 from pyemu.accel.tcg.scheduler import RoundRobin
 from pyemu.accel.tcg.tlb_fill import CodeMap, tlb_hook_enabled
 from pyemu.accel.tcg.tsc import host_tsc_hz
@@ -39,6 +40,8 @@ class TcgAccelerator:
         self.vcpus: list[TcgVcpu] = []
         self.scheduler = RoundRobin()
         self._code_map: CodeMap | None = None
+        self.tsc = GuestTsc()
+        """The guest TSC of every vCPU (one offset: they cannot differ under Unicorn)."""
 
     @property
     def tsc_hz(self) -> int:
@@ -59,7 +62,7 @@ class TcgAccelerator:
         if self._code_map is None and tlb_hook_enabled():
             self._code_map = CodeMap(self._memory, load_gate_module())
         vcpu = TcgVcpu(index, self._memory, self._dispatcher, self._cpuid, calibrate(), interrupts,
-                       scheduler=self.scheduler, code_map=self._code_map)
+                       scheduler=self.scheduler, code_map=self._code_map, tsc=self.tsc)
         self.vcpus.append(vcpu)
         return vcpu
 
@@ -79,6 +82,19 @@ class TcgAccelerator:
             return
         for vcpu in self.vcpus:
             vcpu.invalidate_code(gpa, size)
+
+    # -- guest TSC (see pyemu.accel.base.Accelerator) ------------------------------------------------------
+    def guest_tsc(self) -> int:
+        return self.tsc.value()
+
+    def stop_guest_tsc(self) -> None:
+        self.tsc.stop()
+
+    def start_guest_tsc(self) -> None:
+        self.tsc.start()
+
+    def reset_guest_tsc(self) -> None:
+        self.tsc.reset()
 
     def msi_sink(self) -> MsiSink | None:
         return None

@@ -17,8 +17,15 @@ Measured on Unicorn 2.1.4 (x86-64, this machine), blob size 5608 bytes, offsets 
 RAX 40 (general registers in QEMU order RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15, 8 bytes each),
 RIP 168, RFLAGS 176, hflags 216, segment caches ES/CS/SS/DS/FS/GS at 224 + 24*i (selector +0, base +8,
 limit +16, flags +20), LDTR 368, TR 392, GDTR 416, IDTR 440, CR0 464 (CR2 480, CR3 488, CR4 496), EFER 632,
-STAR 4864, LSTAR 4880, CSTAR 4888, FMASK 4896, error_code 5424, exception_is_int 5428, old_exception 5536.
-A fresh engine holds ``old_exception = -1``. The whole calibration takes about 45 ms, once per process.
+STAR 4864, LSTAR 4880, CSTAR 4888, FMASK 4896, error_code 5424, exception_is_int 5428, old_exception 5536,
+tsc_offset 5552. A fresh engine holds ``old_exception = -1``.
+
+``tsc_offset`` is QEMU's ``env->tsc_offset`` (set by SVM's VMRUN in QEMU, never by Unicorn's API): RDTSC
+returns the host TSC plus it, so it is how the guest TSC starts at 0 and stops while the VM is paused.
+``msr_write(IA32_TSC)`` does not move RDTSC (measured), so there is no API route. QEMU keeps it a few
+fields after ``old_exception`` (``vm_vmcb`` then ``tsc_offset``); the probe tries each zero field of that
+short window with a large offset and keeps the one that shifts RDTSC by it. Fields there (``vm_vmcb``,
+SVM intercepts) only matter inside an SVM guest, so a wrong try is harmless. The whole calibration takes about 45 ms, once per process.
 """
 
 from __future__ import annotations
@@ -99,6 +106,7 @@ class BlobLayout:
     error_code: int
     exception_is_int: int
     old_exception: int
+    tsc_offset: int
 
 
 def _aligned_offsets(blob: bytes, fmt: str, value: int) -> list[int]:
@@ -337,6 +345,41 @@ def _calibrate_exceptions(probe: _Probe, known: set[int]) -> dict[str, int]:
     return {"error_code": error_code, "exception_is_int": error_code + 4, "old_exception": old_exception}
 
 
+_TSC_WINDOW = 64  # bytes after old_exception searched for tsc_offset
+_TSC_SHIFT = 1 << 50
+
+
+def _calibrate_tsc_offset(probe: _Probe, old_exception: int) -> int:
+    """The 8-byte field that RDTSC adds to the host TSC (see the module docstring)."""
+    uc = probe.uc
+    uc.mem_write(_CODE, bytes.fromhex("0f31"))  # rdtsc
+    uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+
+    def rdtsc() -> int:
+        uc.emu_start(_CODE, _CODE + 2)
+        return (uc.reg_read(x86.UC_X86_REG_RDX) << 32) | (uc.reg_read(x86.UC_X86_REG_RAX) & 0xFFFF_FFFF)
+
+    ctx = uc.context_save()
+    plain = bytes(ctx)
+    found = []
+    start = (old_exception + 8) & ~7
+    for offset in range(start, min(len(plain) - 8, old_exception + _TSC_WINDOW), 8):
+        if struct.unpack_from("<Q", plain, offset)[0] != 0:
+            continue
+        raw = bytearray(plain)
+        struct.pack_into("<Q", raw, offset, _TSC_SHIFT)
+        _write_context(ctx, raw)
+        uc.context_restore(ctx)
+        before = rdtsc()
+        _write_context(ctx, plain)
+        uc.context_restore(ctx)
+        after = rdtsc()
+        # shifted by 2^50 minus the few microseconds between the two reads
+        if 0 < before - after <= _TSC_SHIFT and _TSC_SHIFT - (before - after) < 1 << 40:
+            found.append(offset)
+    return _unique(found, "tsc_offset")
+
+
 def _write_context(ctx: object, raw: bytes | bytearray) -> None:
     import ctypes
 
@@ -365,5 +408,6 @@ def calibrate() -> BlobLayout:
     for name in GPR_UC_IDS.values():
         uc.reg_write(name, 0)
     exceptions = _calibrate_exceptions(probe, set(gpr.values()))
+    tsc_offset = _calibrate_tsc_offset(probe, exceptions["old_exception"])
     return BlobLayout(size=size, gpr=gpr, rip=rip, rflags=rflags, segments=segments, seg=seg, **tables,
-                      **control, **msrs, **exceptions)
+                      **control, **msrs, **exceptions, tsc_offset=tsc_offset)

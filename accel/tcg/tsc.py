@@ -9,11 +9,15 @@ How: a tiny engine executes RDTSC twice, ``SAMPLE_S`` of host CLOCK_MONOTONIC ap
 bracketed by two clock readings and paired with their midpoint: an ``emu_start`` takes tens of µs, and
 pairing with one side only biased the rate low by ~0.4% (measured: 2586 vs 2594.6 MHz). The rate is
 rounded to whole MHz, the precision CPUID 0x15's ratio carries anyway. Measured once per process.
+
+:func:`host_tsc` reads the host TSC now the same way (one RDTSC on a scratch engine, ~20 us): the guest
+TSC is the host TSC plus an offset (:mod:`pyemu.accel.tcg.guest_tsc`), recomputed at each start and reset.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
@@ -44,13 +48,31 @@ def _sample(uc: Uc, tries: int = 20) -> tuple[float, int]:
     return best[1], best[2]
 
 
-@functools.cache
-def host_tsc_hz() -> int:
-    """The TSC rate a software-CPU guest observes, in Hz, rounded to whole MHz."""
+def _scratch_engine() -> Uc:
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x2000)
     uc.mem_write(_CODE_ADDR, _RDTSC)
-    _read_tsc(uc)  # translate once, so both samples cost the same
+    _read_tsc(uc)  # translate once
+    return uc
+
+
+_reader: Uc | None = None
+_reader_lock = threading.Lock()
+
+
+def host_tsc() -> int:
+    """The host TSC now (what RDTSC in a software-CPU guest returns before its TSC offset is added)."""
+    global _reader
+    with _reader_lock:
+        if _reader is None:
+            _reader = _scratch_engine()
+        return _read_tsc(_reader)
+
+
+@functools.cache
+def host_tsc_hz() -> int:
+    """The TSC rate a software-CPU guest observes, in Hz, rounded to whole MHz."""
+    uc = _scratch_engine()  # translated once, so both samples cost the same
     start_ns, start_tsc = _sample(uc)
     time.sleep(SAMPLE_S)
     end_ns, end_tsc = _sample(uc)

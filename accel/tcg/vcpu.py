@@ -14,7 +14,8 @@ Run loop (``run``), per iteration:
 5. a pending external interrupt is injected through the IDT if RFLAGS.IF=1 and no interrupt shadow is
    active (QEMU's HF_INHIBIT_IRQ, set for the instruction after ``sti`` and ``mov ss``/``pop ss``);
 6. ``old_exception`` is reset and the CR2 shadow written back (Unicorn leaves ``old_exception`` set after
-   some faults and clears CR2 across ``emu_start``), then the engine runs from RIP;
+   some faults and clears CR2 across ``emu_start``), the VM's TSC offset written (see
+   :mod:`pyemu.accel.tcg.guest_tsc`), then the engine runs from RIP;
 7. the engine returns because the C block gate stopped it (stop request, interrupt window, the end of the
    turn or a PAUSE spin while another vCPU waits; RIP exact at a block start), because a hook recorded an exit, or because of HLT (RIP after the ``hlt``). HLT with
    IF=0, or without an interrupt controller, is ``Halt()``; with IF=1 the vCPU waits (step 2) and the
@@ -58,6 +59,7 @@ from pyemu.accel.tcg.code_cache import CodeInvalidator
 from pyemu.accel.tcg.context import CpuBlob
 from pyemu.accel.tcg.delivery import Event, EventKind
 from pyemu.accel.tcg.errors import EngineError, GuestFault
+from pyemu.accel.tcg.guest_tsc import GuestTsc
 from pyemu.accel.tcg.io_hooks import IoHooks, vcpu_cpuid
 from pyemu.accel.tcg.memory_map import PhysicalMap
 from pyemu.accel.tcg.paging import PagingRegs
@@ -93,13 +95,17 @@ class TcgVcpu:
 
     def __init__(self, index: int, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable,
                  layout: BlobLayout, interrupts: InterruptController | None = None, *,
-                 scheduler: RoundRobin | None = None, code_map: CodeMap | None = None) -> None:
+                 scheduler: RoundRobin | None = None, code_map: CodeMap | None = None,
+                 tsc: GuestTsc | None = None) -> None:
         self.index = index
         self._interrupts = interrupts
         # INIT / SIPI / NMI come from a local APIC model; a plain interrupt controller has none.
         self._signals: Any = interrupts if hasattr(interrupts, "take_init") else None
         self._lock = dispatcher.lock
         self._scheduler = scheduler if scheduler is not None else RoundRobin()
+        # The VM's guest TSC (shared by its vCPUs): its offset goes into the blob before every run.
+        self.tsc = tsc if tsc is not None else GuestTsc()
+        self._tsc_offset_at = layout.tsc_offset
         try:
             self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
         except UcError as exc:
@@ -327,6 +333,7 @@ class TcgVcpu:
         blob.pull()
         blob.old_exception = -1
         blob.cr2 = self._traps.cr2
+        blob.set_u64(self._tsc_offset_at, self.tsc.offset)
         blob.push()
         self._gate.arm()
         tlb = self._tlb

@@ -170,6 +170,10 @@ class ApicTimer:
 
     # -- TSC deadline ------------------------------------------------------------------------------------
     def _tsc_from_clock(self) -> int:
+        """The guest TSC when no ``tsc_now`` was given: virtual time x ``tsc_hz``. A board passes the
+        accelerator's ``guest_tsc`` instead, which is what RDTSC returns: it starts at 0 at each machine
+        reset and stops while the VM is paused, like the virtual clock the deadline is converted to, so
+        ``deadline - tsc_now()`` cycles are the virtual nanoseconds until the interrupt either way."""
         return self._queue.now() * self.tsc_hz // NS_PER_S
 
     def set_tsc_deadline(self, tsc_value: int) -> None:

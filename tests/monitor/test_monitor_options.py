@@ -33,7 +33,9 @@ def test_qmp_stdio_needs_serial_off_stdio():
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["-mon", "chardev=c"], "mode=readline is not supported"),
+    (["-mon", "chardev=c"], "chardev 'c' not found"),
+    (["-chardev", "null,id=c", "-mon", "chardev=c,mode=foo"], "Parameter 'mode' does not accept value 'foo'"),
+    (["-monitor", "foo:bar"], "-monitor"),
     (["-mon", "mode=control"], "Parameter 'chardev' is missing"),
     (["-chardev", "null,id=c", "-mon", "chardev=c,mode=control", "-mon", "chardev=c,mode=control"],
      "already in use"),
@@ -48,5 +50,17 @@ def test_bad_options(argv, fragment):
 
 def test_mon_on_a_file_chardev_is_refused_when_the_endpoints_are_built():
     config = parse_args(["-chardev", "file,id=f,path=/tmp/x", "-mon", "chardev=f,mode=control"])
-    with pytest.raises(ConfigError, match="QMP needs a socket server"):
+    with pytest.raises(ConfigError, match="a monitor needs a socket"):
         endpoints_from_config(config)
+
+
+def test_monitor_qmp_pretty_and_readline_mon():
+    config = parse_args(["-monitor", "unix:/tmp/h.sock,server=on,wait=off", "-monitor", "none",
+                         "-qmp-pretty", "tcp:127.0.0.1:4445,server=on,wait=off",
+                         "-qmp", "unix:/tmp/out.sock,server=off",
+                         "-chardev", "socket,id=hm,path=/tmp/hm.sock,server=on,wait=off", "-mon", "chardev=hm"])
+    endpoints = endpoints_from_config(config)
+    assert [(e.mode, e.pretty, e.chardev_label) for e in endpoints] == [
+        ("readline", False, "compat_monitor0"), ("control", True, "compat_monitor1"),
+        ("control", False, "compat_monitor2"), ("readline", False, "hm")]
+    assert endpoints[2].spec == SocketSpec("unix", path="/tmp/out.sock", server=False)

@@ -286,10 +286,10 @@ def test_tcp_monitor(launch, short_dir):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["-qmp", "unix:/tmp/x.sock"], "only listens"),
-    (["-qmp", "file:/tmp/x"], "QMP needs a socket server"),
+    (["-qmp", "unix:/tmp/x.sock"], "Failed to connect to '/tmp/x.sock'"),  # server=off: a client, as in QEMU
+    (["-qmp", "file:/tmp/x"], "a monitor needs a socket"),
     (["-mon", "chardev=nope,mode=control"], "chardev 'nope' not found"),
-    (["-mon", "chardev=c,mode=readline"], "no human monitor"),
+    (["-chardev", "null,id=c", "-mon", "chardev=c,mode=foo"], "does not accept value 'foo'"),
     (["-chardev", "socket,id=c,path=/tmp/c.sock,server=on,wait=off", "-mon", "chardev=c,mode=control",
       "-device", "virtio-serial-device", "-device", "virtconsole,chardev=c"], "already in use"),
     (["-uuid", "not-a-uuid"], "failed to parse UUID"),
