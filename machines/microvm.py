@@ -278,12 +278,12 @@ class Microvm(Machine):
                 IoRange("pio", port.iobase, REGISTER_COUNT, port.core),),
                 aml=serial_port_device(info, legacy_pic=self.features.pic), on_close=lambda: None))
             backend.attach(port.core, self.lock)
+            self.chardevs.add(f"serial{index}", backend)
             self.serial_ports.append(port)
 
     def _devices_with_implicit_drives(self) -> list[DeviceOptions]:
         """The -device list, then a virtio-blk-device for every ``-drive ...,if=virtio`` (QEMU's
         shorthand; QEMU too appends those devices after the explicit ones), in the drives' order."""
-            self.chardevs.add(f"serial{index}", backend)
         implicit: list[DeviceOptions] = []
         drives = list(self.config.drives)
         for index, props in enumerate(drives):
