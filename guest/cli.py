@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             report = (lambda _m: None) if args.quiet else (lambda m: print(f"pyemu-guest: {m}", file=sys.stderr))
             result = run_fetch(args.cache, force=args.force, debs_dir=args.debs, report=report)
             if not args.quiet:
-                action = "built" if result.downloaded else "already present"
+                action = ("built" if result.downloaded
+                          else "present, initramfs rebuilt" if result.refreshed else "already present")
                 print(f"pyemu-guest: assets {action} in {result.seconds:.1f} s", file=sys.stderr)
             _print_paths(result.assets, False)
             return 0

@@ -66,6 +66,7 @@ class FetchResult:
     assets: GuestAssets
     downloaded: bool  # False when the cache was already complete
     seconds: float
+    refreshed: bool = False  # only the initramfs was rebuilt, from cached parts (nothing downloaded)
 
 
 def _quiet(_: str) -> None:
@@ -105,7 +106,7 @@ def run_fetch(
                     report(f"guest assets already complete in {target}")
                     return FetchResult(existing, False, time.monotonic() - started)
                 refreshed = rebuild_initramfs_locked(existing, report=report)
-                return FetchResult(refreshed, True, time.monotonic() - started)
+                return FetchResult(refreshed, False, time.monotonic() - started, refreshed=True)
             if existing is not None:
                 report(f"guest assets in {target} were built for another module list; rebuilding")
         with scratch_directory(target) as scratch:

@@ -12,8 +12,24 @@ import pytest
 from pyemu.guest.assets import find_assets
 from pyemu.guest.cpio import read_archive
 from pyemu.guest.errors import PackageContentError
-from pyemu.guest.initramfs import INIT_MARKER, POWEROFF_OPTION, build_initramfs, render_init
-from pyemu.guest.modules import KernelModule, collect_modules, modinfo, module_name
+from pyemu.guest import initscripts
+from pyemu.guest.initramfs import INIT_MARKER, POWEROFF_OPTION, build_initramfs, recipe_digest, render_init
+from pyemu.guest.initscripts import (
+    ACPID_CONF,
+    ACPID_SCRIPT,
+    CONSOLE_SCRIPT,
+    POWER_BUTTON_MARKER,
+    SHUTDOWN_MARKER,
+    SHUTDOWN_SCRIPT,
+    guest_scripts,
+    render_acpid_conf,
+    render_acpid_script,
+    render_console_script,
+    render_inittab,
+    render_power_button_action,
+    render_shutdown_script,
+)
+from pyemu.guest.modules import WANTED_MODULES, KernelModule, collect_modules, modinfo, module_name
 from pyemu.target.x86.boot.synthetic import make_elf
 
 RELEASE = "9.9.9-test-amd64"
@@ -179,3 +195,111 @@ def test_real_initramfs():
     for name in ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_net", "virtio_console"):
         assert entries[f"lib/modules/{assets.kernel_release}/{name}.ko"].data.startswith(b"\x7fELF")
     assert INIT_MARKER.encode() in entries["init"].data
+    assert entries["etc/inittab"].data == render_inittab().encode()
+    assert assets.initramfs_current  # find_assets brought an older initramfs up to date
+    if "button" in assets.module_order:  # fetched since the power-button modules were added
+        for name in ("evdev", "button"):
+            assert entries[f"lib/modules/{assets.kernel_release}/{name}.ko"].data.startswith(b"\x7fELF")
+
+
+def host_shell() -> str:
+    shell = shutil.which("sh")
+    if shell is None:
+        pytest.skip("no POSIX shell on the host")
+    return shell
+
+
+def test_guest_scripts_are_valid_shell():
+    for path, (data, mode) in guest_scripts(["virtio_ring"], RELEASE).items():
+        if data.startswith(b"#!"):
+            assert mode & 0o111, path
+            subprocess.run([host_shell(), "-n"], input=data, check=True)
+
+
+def test_inittab_hands_every_way_down_to_the_shutdown_script():
+    lines = [line for line in render_inittab().splitlines() if line and not line.startswith("#")]
+    assert lines == [
+        f"::once:/{ACPID_SCRIPT}",
+        f"::once:/{CONSOLE_SCRIPT}",
+        "::ctrlaltdel:/sbin/reboot",
+        f"::shutdown:/{SHUTDOWN_SCRIPT}",
+    ]
+    # No respawn: a listener that cannot start would be restarted in a loop.
+    assert "respawn" not in render_inittab()
+
+
+def test_console_script_runs_a_session_shell_then_powers_off():
+    script = render_console_script()
+    assert script.index("setsid cttyhack sh") < script.index("\npoweroff\n")
+    assert "poweroff -f" not in script  # the clean way, through init
+
+
+def test_acpid_maps_the_power_button_to_a_clean_poweroff(tmp_path):
+    conf = render_acpid_conf().splitlines()
+    assert [line.split() for line in conf if not line.startswith("#")] == [["PWRF", "power-button"]]
+    assert f"-a /{ACPID_CONF}" in render_acpid_script() and "-c /etc/acpi" in render_acpid_script()
+    # Run the action with a stub poweroff: it announces the press and asks init for a poweroff.
+    console = tmp_path / "console"
+    body = render_power_button_action().replace("/dev/console", str(console))
+    out = subprocess.run([host_shell(), "-c", "poweroff() { echo POWEROFF \"$@\"; }\n" + body],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "POWEROFF\n" and console.read_text() == POWER_BUTTON_MARKER + "\n"
+
+
+def test_acpid_script_without_input_devices_goes_on(tmp_path):
+    body = render_acpid_script().replace("/dev/input/event0", str(tmp_path / "event0"))
+    stub = "acpid() { echo ACPID \"$@\"; }\n"
+    missing = subprocess.run([host_shell(), "-c", stub + body.replace("exec acpid", "acpid")],
+                             capture_output=True, text=True, check=True).stdout
+    assert "ACPI power button is ignored" in missing and "ACPID" not in missing
+    (tmp_path / "event0").write_text("")
+    present = subprocess.run([host_shell(), "-c", stub + body.replace("exec acpid", "acpid")],
+                             capture_output=True, text=True, check=True).stdout
+    assert present.startswith("ACPID -d -c /etc/acpi -a /etc/acpid.conf")
+
+
+def test_shutdown_script_unmounts_disks_innermost_first(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "rootfs / rootfs rw 0 0\nproc /proc proc rw 0 0\ndevtmpfs /dev devtmpfs rw 0 0\n"
+        "/dev/vda /mnt ext4 rw 0 0\n/dev/vdb /mnt/inner ext4 rw 0 0\n/dev/vdc /busy ext4 rw 0 0\n"
+    )
+    stubs = (
+        "sync() { echo SYNC; }\n"
+        "umount() { [ \"$1\" = /busy ] && return 1; echo UMOUNT \"$@\"; }\n"
+        "mount() { echo MOUNT \"$@\"; }\n"
+    )
+    body = render_shutdown_script().replace("/proc/mounts", str(mounts))
+    out = subprocess.run([host_shell(), "-c", stubs + body], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == [SHUTDOWN_MARKER, "SYNC", "UMOUNT /mnt/inner", "UMOUNT /mnt", "MOUNT -o remount,ro /busy",
+                   "SYNC"]
+
+
+def test_initramfs_carries_init_configuration_and_the_power_button_modules():
+    modules = [KernelModule(name, Path(f"{name}.ko"), b"\x7fELF" + name.encode(), ())
+               for name in ("virtio_ring", "evdev", "button")]
+    entries = read_archive(build_initramfs(b"BB", modules, RELEASE, applets=None).to_gzip())
+    for path in ("etc/inittab", ACPID_CONF, CONSOLE_SCRIPT, SHUTDOWN_SCRIPT, ACPID_SCRIPT, "etc/acpi/power-button"):
+        assert entries[path].is_file, path
+    assert entries["etc/inittab"].data == render_inittab().encode()
+    assert entries["etc/acpi/power-button"].mode & 0o111 and entries[SHUTDOWN_SCRIPT].mode & 0o111
+    for directory in ("var/run", "var/log", "etc/acpi"):
+        assert entries[directory].is_dir
+    init = entries["init"].data.decode()
+    loads = [line.split()[1].rsplit("/", 1)[1] for line in init.splitlines() if line.startswith("insmod ")]
+    assert loads == ["virtio_ring.ko", "evdev.ko", "button.ko"]
+
+
+def test_recipe_digest_follows_the_scripts_and_the_module_list(monkeypatch):
+    digest = recipe_digest(["virtio_ring", "button"], RELEASE)
+    assert digest == recipe_digest(["virtio_ring", "button"], RELEASE)
+    assert digest != recipe_digest(["virtio_ring"], RELEASE)
+    assert digest != recipe_digest(["button", "virtio_ring"], RELEASE)
+    assert digest != recipe_digest(["virtio_ring", "button"], "6.1.0-1-amd64")
+    monkeypatch.setattr(initscripts, "render_inittab", lambda: "::once:/bin/sh\n")
+    assert digest != recipe_digest(["virtio_ring", "button"], RELEASE)
+
+
+def test_wanted_modules_include_the_power_button_after_evdev():
+    assert WANTED_MODULES.index("evdev") < WANTED_MODULES.index("button")
