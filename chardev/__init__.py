@@ -8,6 +8,7 @@ from pyemu.chardev.base import CharBackend, CharFrontend
 from pyemu.chardev.errors import ChardevError, ChardevTimeoutError
 from pyemu.chardev.factory import open_chardev
 from pyemu.chardev.spec import (
+    ChardevRefSpec,
     ChardevSpec,
     FileSpec,
     NoneSpec,
@@ -21,6 +22,7 @@ __all__ = [
     "CharBackend",
     "CharFrontend",
     "ChardevError",
+    "ChardevRefSpec",
     "ChardevSpec",
     "ChardevTimeoutError",
     "FileSpec",

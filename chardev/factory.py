@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from pyemu.chardev.base import CharBackend
 from pyemu.chardev.file import FileBackend
 from pyemu.chardev.null import NullBackend
 from pyemu.chardev.socket import SocketBackend
-from pyemu.chardev.spec import ChardevSpec, FileSpec, NoneSpec, NullSpec, SocketSpec, StdioSpec, parse_chardev_spec
+from pyemu.chardev.spec import (ChardevRefSpec, ChardevSpec, FileSpec, NoneSpec, NullSpec, SocketSpec, StdioSpec,
+                                parse_chardev_spec)
 from pyemu.chardev.stdio import StdioBackend
+from pyemu.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pyemu.system.config import ObjectOptions
 
 
 def open_chardev(
@@ -17,6 +22,7 @@ def open_chardev(
     *,
     on_quit: Callable[[], None] | None = None,
     connect_timeout: float | None = None,
+    chardevs: Sequence["ObjectOptions"] = (),
 ) -> CharBackend:
     """Open the backend ``spec`` describes (a string is parsed first).
 
@@ -24,7 +30,7 @@ def open_chardev(
     machine lock). ``connect_timeout`` bounds a socket's start-up wait (None: wait like QEMU).
     ``none`` opens a :class:`NullBackend`, but a board should check ``isinstance(spec, NoneSpec)`` first
     and create no device at all. Errors: ConfigError for a malformed string, ChardevError when opening
-    fails.
+    fails. ``chardevs`` are the ``-chardev`` options a ``chardev:ID`` spec may name.
     """
     if isinstance(spec, str):
         spec = parse_chardev_spec(spec)
@@ -34,6 +40,14 @@ def open_chardev(
         return FileBackend(spec)
     if isinstance(spec, SocketSpec):
         return SocketBackend(spec, connect_timeout=connect_timeout)
+    if isinstance(spec, ChardevRefSpec):
+        from pyemu.chardev.options import open_chardev_options
+
+        for options in chardevs:
+            if options.id == spec.id:
+                return open_chardev_options(options, connect_timeout=connect_timeout)
+        raise ConfigError(f"-serial {spec}: could not connect serial device to character backend '{spec}'",
+                          option="-serial")
     if isinstance(spec, (NullSpec, NoneSpec)):
         return NullBackend(str(spec))
     raise TypeError(f"not a chardev spec: {spec!r}")

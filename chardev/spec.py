@@ -4,7 +4,8 @@ The parser only turns the string into a frozen, validated dataclass; :func:`pyem
 turns a spec into a running backend. Accepted forms (as QEMU's legacy ``-serial`` syntax):
 
 ``stdio``, ``null``, ``none``, ``file:PATH`` (the rest of the string is the path, commas included),
-``unix:PATH[,server][,nowait]``, ``tcp:[HOST]:PORT[,server][,nowait][,nodelay]``. Booleans may also be
+``unix:PATH[,server][,nowait]``, ``tcp:[HOST]:PORT[,server][,nowait][,nodelay]``, ``chardev:ID`` (a
+``-chardev``, opened by the board from that option). Booleans may also be
 written ``server=on|off``, ``wait=on|off``, ``nodelay=on|off``; ``,,`` is a literal comma in a path.
 """
 
@@ -116,7 +117,22 @@ class SocketSpec:
         return text
 
 
-ChardevSpec = Union[StdioSpec, NullSpec, NoneSpec, FileSpec, SocketSpec]
+@dataclass(frozen=True)
+class ChardevRefSpec:
+    """``chardev:ID``: the port uses the ``-chardev`` with that id (libvirt's way of wiring a serial port).
+    The board opens it from the ``-chardev``'s own options."""
+
+    id: str
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ConfigError("'chardev:' needs a -chardev id (chardev:ID)")
+
+    def __str__(self) -> str:
+        return f"chardev:{self.id}"
+
+
+ChardevSpec = Union[StdioSpec, NullSpec, NoneSpec, FileSpec, SocketSpec, ChardevRefSpec]
 
 _UNSUPPORTED = {
     "pty": "a pseudo-terminal",
@@ -125,7 +141,6 @@ _UNSUPPORTED = {
     "telnet": "telnet",
     "udp": "UDP",
     "pipe": "named pipes",
-    "chardev": "named -chardev references",
     "serial": "host serial ports",
     "tty": "host serial ports",
     "ringbuf": "ring buffers",
@@ -152,6 +167,8 @@ def _parse(text: str) -> ChardevSpec:
     kind, colon, rest = text.partition(":")
     if kind == "file" and colon:
         return FileSpec(rest)
+    if kind == "chardev" and colon:
+        return ChardevRefSpec(rest)
     if kind == "unix" and colon:
         fields = _split_options(rest)
         server, wait, nodelay = _socket_flags(fields[1:], allow_nodelay=False)
@@ -167,7 +184,7 @@ def _parse(text: str) -> ChardevSpec:
         raise ConfigError(f"'{kind}' takes no options")
     raise ConfigError(
         "unknown character device (supported: stdio, null, none, file:PATH, "
-        "unix:PATH[,server][,nowait], tcp:[HOST]:PORT[,server][,nowait])"
+        "unix:PATH[,server][,nowait], tcp:[HOST]:PORT[,server][,nowait], chardev:ID)"
     )
 
 

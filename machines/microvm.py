@@ -37,8 +37,10 @@ from pyemu.hw.timer.cmos import pc_cmos_memory_layout
 from pyemu.hw.timer.rtc import Rtc
 from pyemu.machines import memmap
 from pyemu.machines.base import Machine
+from pyemu.machines.device_props import check_globals
 from pyemu.machines.virtio_devices import DriveUse, VirtioPlugger
 from pyemu.system.iothread import IoThread
+from pyemu.system.messages import warn_report
 from pyemu.system.config import DeviceOptions, VmConfig
 from pyemu.system.cpu_context import current_cpu
 from pyemu.system.runstate import ShutdownCause
@@ -103,6 +105,9 @@ class Microvm(Machine):
         self.config = config
         self.boot = boot
         self.features = MicrovmFeatures.resolve(config, accel.name)
+        config.check_accelerator(accel.name)  # -cpu host, -overcommit cpu-pm=on
+        if not config.machine.dump_guest_core:
+            self.memory.exclude_from_core_dumps()
         self.no_reboot = config.no_reboot
         self.no_shutdown = config.no_shutdown
         self.backends: list[CharBackend] = []
@@ -184,7 +189,7 @@ class Microvm(Machine):
                 IoRange("pio", 0x40, 4, self.pit), IoRange("pio", 0x61, 1, self.pit.speaker))))
         if self.features.rtc:
             cmos = pc_cmos_memory_layout(self.layout.low_size, self.layout.high_size, cpus=self.vcpu_count)
-            self.rtc = Rtc(self.timers, self.isa_irq(8), cmos=cmos)
+            self.rtc = Rtc(self.timers, self.isa_irq(8), cmos=cmos, host_time_ns=self.config.rtc.time_source())
             devices.add(BoardDevice("rtc", self.rtc, driver="mc146818rtc", ranges=(
                 IoRange("pio", 0x70, 2, self.rtc),)))
 
@@ -209,14 +214,14 @@ class Microvm(Machine):
         self.virtio = VirtioPlugger(config=self.config, devices=devices,
                                     dma=DmaMemory(self.memory, getattr(accel, "invalidate_code", None)),
                                     irq_pin=self.ioapic.pin, lock=self.lock, accel=accel)
+        self.virtio.backends.chardevs = self.chardevs
+        for warning in check_globals(self.config.globals, lambda d: d == "isa-debug-exit" or self.virtio.handles(d)):
+            warn_report(warning)
         for device in self._devices_with_implicit_drives():
             self._add_device(device)
 
         for index in range(self.vcpu_count):
             interrupts = self.lapics[index] if self.lapics else None
-        self.virtio.backends.chardevs = self.chardevs
-        for warning in check_globals(self.config.globals, lambda d: d == "isa-debug-exit" or self.virtio.handles(d)):
-            warn_report(warning)
             vcpu = accel.create_vcpu(index, interrupts)
             self.vcpus.append(vcpu)
             if self.lapics:
@@ -296,7 +301,7 @@ class Microvm(Machine):
         if implicit:
             self.config = replace(self.config, drives=tuple(tuple((k, v) for k, v in d if k != "if") for d in drives))
             self.virtio.backends.config = self.config
-        return list(self.config.devices) + implicit
+        return [self.config.with_globals(device) for device in list(self.config.devices) + implicit]
 
     def _add_device(self, device: DeviceOptions) -> None:
         if device.driver == "isa-debug-exit":
@@ -330,13 +335,21 @@ class Microvm(Machine):
                           address=memmap.ACPI_TABLES_BASE,
                           limit=memmap.ACPI_TABLES_BASE + memmap.ACPI_TABLES_SIZE)
 
+    def kernel_cmdline(self) -> str:
+        """The command line, plus QEMU's ``auto-kernel-cmdline``: without ACPI to describe them, each
+        virtio-mmio device is announced as ``virtio_mmio.device=512@BASE:GSI``."""
+        if self.features.acpi or not self.config.machine.auto_kernel_cmdline:
+            return self.boot.cmdline
+        return " ".join([self.boot.cmdline] + [f"virtio_mmio.device={slot.size}@{slot.base:#x}:{slot.gsi}"
+                                               for slot in self.virtio.slots]).strip()
+
     def load_boot(self) -> None:
         if self.features.acpi:
             blob = build_acpi(self.acpi_config())
             self.memory.write(blob.address, blob.data)
             self.acpi_rsdp = blob.rsdp_address
         self.memory.write(memmap.RESET_VECTOR, RESET_STUB)
-        result = load_kernel(self.memory, self.boot.kernel, self.boot.initrd, self.boot.cmdline,
+        result = load_kernel(self.memory, self.boot.kernel, self.boot.initrd, self.kernel_cmdline(),
                              self.layout.e820(), self.acpi_rsdp)
         self.boot_result = result
         # The boot processor gets the kernel's entry state; application processors wait for INIT/SIPI

@@ -7,9 +7,16 @@ The parser only turns words into these objects; every check a user can trip over
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from pyemu.errors import ConfigError
+from pyemu.system.cpu_options import CpuOptions
+from pyemu.system.global_options import GlobalProp
+from pyemu.system.host_options import BootOptions, OvercommitOptions
+from pyemu.system.messages import MsgOptions
+from pyemu.system.objects import BackendObject, parse_objects
+from pyemu.system.rtc_options import RtcOptions
+from pyemu.system.topology import SmpTopology
 
 ON_OFF_AUTO = ("on", "off", "auto")
 MAX_VCPUS = 64
@@ -56,8 +63,19 @@ class MachineOptions:
     pic: bool | None = None
     rtc: bool | None = None
     isa_serial: bool | None = None
+    x_option_roms: bool = True
+    """No firmware, so no option ROMs: accepted either way (QEMU's microvm.x-option-roms)."""
+    auto_kernel_cmdline: bool = True
+    """Add ``virtio_mmio.device=`` entries to the kernel command line when there is no ACPI to list them."""
+    usb: bool = False
+    """microvm has no USB controller; ``usb=on`` is refused."""
+    dump_guest_core: bool = True
+    """``off``: guest RAM is left out of pyemu's core dumps (madvise MADV_DONTDUMP), as in QEMU."""
 
     def __post_init__(self) -> None:
+        if self.usb:
+            raise ConfigError("-machine microvm,usb=on: the microvm board has no USB controller",
+                              option="-machine")
         if self.type not in ("microvm",):
             raise ConfigError(f"-machine: unsupported machine type '{self.type}' (supported: microvm)",
                               option="-machine")
@@ -69,6 +87,8 @@ class DeviceOptions:
 
     driver: str
     props: tuple[tuple[str, str], ...] = ()
+    globals: tuple[tuple[str, str], ...] = ()
+    """``-global DRIVER.PROP=VALUE`` defaults for this device's driver (``props`` win over them)."""
 
     def prop(self, name: str, default: str | None = None) -> str | None:
         for key, value in self.props:
@@ -147,6 +167,17 @@ class VmConfig:
     """``-uuid``: the VM UUID QMP reports (``query-uuid``)."""
     pidfile: str | None = None
     """``-pidfile``: where the process id goes while the VM runs."""
+    cpu: CpuOptions = CpuOptions()
+    topology: SmpTopology | None = None
+    """``-smp`` with QEMU's topology keys (``vcpus`` is its CPU count)."""
+    rtc: RtcOptions = RtcOptions()
+    msg: MsgOptions = MsgOptions()
+    globals: tuple[GlobalProp, ...] = ()
+    boot_options: BootOptions = BootOptions()
+    overcommit: OvercommitOptions = OvercommitOptions()
+    daemonize: bool = False
+    """``-daemonize``: detach once the VM is set up (the command does it; see :mod:`pyemu.system.daemonize`)."""
+    nodefaults: bool = False
 
     def __post_init__(self) -> None:
         if self.ram_size < MIN_RAM:
@@ -169,7 +200,60 @@ class VmConfig:
         if self.uuid is not None and not UUID_PATTERN.match(self.uuid):
             raise ConfigError(f"-uuid {self.uuid}: failed to parse UUID string: wrong format "
                               "(expected xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)", option="-uuid")
+        if self.topology is not None and self.topology.cpus != self.vcpus:
+            raise ConfigError(f"-smp: {self.vcpus} vCPUs do not match the topology's {self.topology.cpus}",
+                              option="-smp")
+        # Secrets and throttle groups: checked (files read) now, kept for the code that will use them.
+        object.__setattr__(self, "backend_objects", parse_objects(self.objects))
         self._check_monitors()
+        self._check_serial_chardevs()
+        if self.daemonize:
+            self._check_daemonize()
+
+    backend_objects: dict[str, BackendObject] = field(init=False, repr=False, compare=False, default_factory=dict)
+    """The ``-object secret`` and ``throttle-group`` entries, parsed, by id."""
+
+    def with_globals(self, device: DeviceOptions) -> DeviceOptions:
+        """``device`` with the ``-global`` defaults of its driver attached."""
+        defaults = tuple((g.property, g.value) for g in self.globals if g.driver == device.driver)
+        return replace(device, globals=defaults) if defaults else device
+
+    def check_accelerator(self, accel_name: str) -> None:
+        """The options whose validity depends on the accelerator finally chosen (``-accel kvm:tcg``)."""
+        self.cpu.check_accelerator(accel_name)
+        self.overcommit.check_accelerator(accel_name)
+
+    def serial_chardev_refs(self) -> list[str]:
+        """The ids of ``-serial chardev:ID``."""
+        return [text[len("chardev:"):] for text in self.serial if text.startswith("chardev:")]
+
+    def _check_serial_chardevs(self) -> None:
+        chardev_ids = {c.id for c in self.chardevs}
+        users = {value: f"device {device.driver}" for device in self.devices
+                 for key, value in device.props if key == "chardev"}
+        users.update({m.chardev: "a monitor" for m in self.monitors if m.chardev})
+        for ref in self.serial_chardev_refs():
+            if ref not in chardev_ids:
+                raise ConfigError(f"-serial chardev:{ref}: could not connect serial device to character "
+                                  f"backend 'chardev:{ref}'", option="-serial")
+            if ref in users:
+                raise ConfigError(f"-serial chardev:{ref}: chardev '{ref}' is already in use by {users[ref]}",
+                                  option="-serial")
+            users[ref] = "a serial port"
+
+    def _check_daemonize(self) -> None:
+        """QEMU's rule: a daemon has no terminal, so nothing may use stdio."""
+        for text in self.serial:
+            if text == "stdio":
+                raise ConfigError("-serial stdio: cannot use stdio with -daemonize", option="-serial")
+        for chardev in self.chardevs:
+            if chardev.type == "stdio":
+                raise ConfigError(f"-chardev stdio,id={chardev.id}: cannot use stdio with -daemonize",
+                                  option="-chardev")
+        if any(m.spec == "stdio" for m in self.monitors):
+            raise ConfigError("-qmp stdio: cannot use stdio with -daemonize", option="-qmp")
+        if self.nographic and not self.serial and not self.nodefaults and self.machine.isa_serial is not False:
+            raise ConfigError("-nographic cannot be used with -daemonize", option="-daemonize")
 
     def _check_monitors(self) -> None:
         """A ``-mon`` names an existing ``-chardev`` that no device uses and no other monitor uses; only

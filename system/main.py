@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 
 from pyemu.errors import ConfigError, PyemuError
-from pyemu.system import log
-from pyemu.system.options import EarlyExit, parse_args
+from pyemu.system import log, messages
+from pyemu.system.messages import error_report
+from pyemu.system.options import EarlyExit, early_messages, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,21 +22,31 @@ def main(argv: list[str] | None = None) -> int:
         print(done.text)
         return 0
     except ConfigError as error:
-        print(f"pyemu: {error}", file=sys.stderr)
+        messages.configure(*early_messages(args))
+        error_report(str(error))
         return 1
+    messages.configure(config.msg, config.name)
+    daemon = None
+    if config.daemonize:
+        from pyemu.system.daemonize import daemonize
+
+        daemon = daemonize()  # from here on this is the daemon; the command's process waits for ready()
     try:
         log.set_mask(config.log_mask)
         if config.log_file:
             log.set_file(config.log_file)
         from pyemu.system.vm import run_vm
 
-        return run_vm(config)
+        return run_vm(config, ready=None if daemon is None else daemon.ready)
     except PyemuError as error:
-        print(f"pyemu: {error}", file=sys.stderr)
+        error_report(str(error))
         return 1
     except KeyboardInterrupt:
-        print("pyemu: terminating on signal 2", file=sys.stderr)
+        error_report("terminating on signal 2")
         return 1
+    finally:
+        if daemon is not None:
+            daemon.close()  # before ready(): the waiting command exits 1
 
 
 if __name__ == "__main__":

@@ -154,6 +154,14 @@ class GuestMemory:
     def write_u64(self, gpa: int, value: int) -> None:
         struct.pack_into("<Q", self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
 
+    def exclude_from_core_dumps(self) -> None:
+        """``-machine dump-guest-core=off``: keep guest RAM (possibly gigabytes, possibly secret) out of a
+        core dump of pyemu, as QEMU does with MADV_DONTDUMP."""
+        try:
+            self._mmap.madvise(mmap.MADV_DONTDUMP)
+        except OSError as exc:
+            raise ConfigError(f"dump-guest-core=off: madvise(MADV_DONTDUMP) failed: {exc.strerror}") from exc
+
     def clear(self) -> None:
         """Zero all of guest RAM (machine reset)."""
         ctypes.memset(self._base_ptr, 0, self.total_size)

@@ -8,12 +8,18 @@ prints as ``pyemu: -foo: invalid option`` with exit status 1, as QEMU does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, cast
 
 from pyemu.errors import ConfigError
 from pyemu.system.config import (DeviceOptions, MachineOptions, MonitorOptions, ObjectOptions, VmConfig,
                                  parse_on_off, parse_size)
 from pyemu.system import log
+from pyemu.system.cpu_options import CpuOptions, cpu_help
+from pyemu.system.global_options import GlobalProp, parse_global
+from pyemu.system.host_options import BootOptions, OvercommitOptions
+from pyemu.system.messages import MsgOptions, warn_report
+from pyemu.system.rtc_options import RtcOptions
+from pyemu.system.topology import SMP_KEYS, SmpTopology, parse_count, resolve_topology
 
 
 @dataclass(frozen=True)
@@ -26,17 +32,22 @@ class OptionSpec:
 
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("machine", True, "select the board and its options: microvm[,acpi=on|off][,pit=on|off]"
-               "[,pic=on|off][,rtc=on|off][,isa-serial=on|off]", "type[,prop=value...]"),
+               "[,pic=on|off][,rtc=on|off][,isa-serial=on|off][,auto-kernel-cmdline=on|off]"
+               "[,dump-guest-core=on|off][,x-option-roms=on|off (no firmware: no effect)][,usb=off]",
+               "type[,prop=value...]"),
     OptionSpec("M", True, "same as -machine", "type[,prop=value...]"),
     OptionSpec("accel", True, "accelerator: tcg, kvm, or a fallback list kvm:tcg", "name[:name...]"),
     OptionSpec("enable-kvm", False, "same as -accel kvm"),
-    OptionSpec("m", True, "guest RAM size, e.g. 512M, 2G (a bare number is MiB)", "size"),
-    OptionSpec("smp", True, "number of vCPUs", "n[,cpus=n]"),
+    OptionSpec("cpu", True, "CPU model: max (any accelerator) or host (KVM); -cpu help lists them",
+               "model[,migratable=on|off]"),
+    OptionSpec("m", True, "guest RAM size, e.g. 512M, 2G (a bare number is MiB)", "[size=]size"),
+    OptionSpec("smp", True, "number of vCPUs and QEMU's topology (the product must match maxcpus)",
+               "[cpus=]n[,maxcpus=n][,sockets=n][,cores=n][,threads=n]"),
     OptionSpec("kernel", True, "Linux bzImage, PVH ELF vmlinux or multiboot kernel to boot directly", "file"),
     OptionSpec("initrd", True, "initial ramdisk for -kernel", "file"),
     OptionSpec("append", True, "kernel command line", "cmdline"),
     OptionSpec("serial", True, "redirect COM1: stdio, null, none, file:PATH, unix:PATH[,server][,nowait], "
-               "tcp:HOST:PORT[,server][,nowait]", "dev"),
+               "tcp:HOST:PORT[,server][,nowait], chardev:ID (a -chardev)", "dev"),
     OptionSpec("nographic", False, "no display; COM1 on stdio unless -serial says otherwise"),
     OptionSpec("no-reboot", False, "exit instead of rebooting"),
     OptionSpec("no-shutdown", False, "keep the VM (stopped, status shutdown) after a guest power-off, until "
@@ -44,7 +55,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("device", True, "add a device (-device help lists them)", "driver[,prop=value...]"),
     OptionSpec("drive", True, "a disk image: file=PATH[,format=raw][,if=none|virtio][,id=ID][,readonly=on]"
                "[,cache=writeback|writethrough|none|directsync|unsafe][,discard=ignore|unmap]", "option[,option...]"),
-    OptionSpec("object", True, "a backend object: iothread,id=ID | rng-random,id=ID,filename=PATH",
+    OptionSpec("object", True, "a backend object: iothread,id=ID | rng-random,id=ID,filename=PATH | "
+               "secret,id=ID,data=TEXT|file=PATH[,format=raw|base64] | throttle-group,id=ID,x-iops-total=N,...",
                "type,id=ID[,prop=value...]"),
     OptionSpec("chardev", True, "a character backend: socket|file|stdio|pty|null,id=ID[,...]",
                "backend,id=ID[,prop=value...]"),
@@ -68,6 +80,20 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("nodefaults", False, "accepted for QEMU compatibility (pyemu adds no default devices beyond "
                "COM1; use -serial none)"),
     OptionSpec("no-user-config", False, "accepted for QEMU compatibility (pyemu reads no config files)"),
+    OptionSpec("global", True, "default property value for every device of a driver (a -device value wins)",
+               "driver.prop=value"),
+    OptionSpec("rtc", True, "RTC start time and clock: base=utc (default), localtime or a date "
+               "(2006-06-17T16:01:21 or 2006-06-17); clock=host|vm; driftfix=none|slew (slew: no effect)",
+               "[base=utc|localtime|date][,clock=host|vm][,driftfix=none|slew]"),
+    OptionSpec("boot", True, "accepted for QEMU compatibility: pyemu always boots its kernel directly, as QEMU "
+               "does with -kernel (order/once/strict/reboot-timeout are validated; menu=on is refused)",
+               "[order=drives][,once=drives][,strict=on|off][,reboot-timeout=ms]"),
+    OptionSpec("overcommit", True, "mem-lock=on locks all memory (mlockall) before the guest starts; cpu-pm=on "
+               "is accepted with -accel tcg only", "[mem-lock=on|off][,cpu-pm=on|off]"),
+    OptionSpec("msg", True, "prefix pyemu's error and warning lines with a UTC timestamp (and the -name)",
+               "[timestamp=on|off][,guest-name=on|off]"),
+    OptionSpec("daemonize", False, "detach once the VM is set up (pid file and monitors exist); the command "
+               "exits 0 then, or 1 with the error; stdio cannot be used"),
     OptionSpec("d", True, "log categories, comma separated (-d help lists them)", "item1[,...]"),
     OptionSpec("D", True, "write the -d log to a file", "logfile"),
     OptionSpec("version", False, "print the version and exit"),
@@ -147,12 +173,18 @@ def _machine(value: str) -> tuple[MachineOptions, tuple[str, ...] | None]:
                 kwargs[known[key]] = parse_on_off(val, key)
         elif key == "accel":
             accel = _accel(val)
+        elif key in _MACHINE_BOOLS:
+            kwargs[_MACHINE_BOOLS[key]] = parse_on_off(val, key)
         else:
             raise ConfigError(f"-machine: Property 'microvm.{key}' not found", option="-machine")
     machine_type = head or "microvm"
     if machine_type == "help":
         raise EarlyExit("Supported machines are:\nmicrovm              microvm (i386), QEMU-compatible options")
     return MachineOptions(type=machine_type, **kwargs), accel  # type: ignore[arg-type]
+
+
+_MACHINE_BOOLS = {"x-option-roms": "x_option_roms", "auto-kernel-cmdline": "auto_kernel_cmdline", "usb": "usb",
+                  "dump-guest-core": "dump_guest_core"}
 
 
 def _accel(value: str) -> tuple[str, ...]:
@@ -171,21 +203,16 @@ def _accel(value: str) -> tuple[str, ...]:
     return names
 
 
-def _smp(value: str) -> int:
+def _smp(value: str) -> SmpTopology:
     head, props = split_props(value, "-smp", implied="cpus")
-    count = head
+    counts: dict[str, int] = {}
+    if head:
+        counts["cpus"] = parse_count("cpus", head)
     for key, val in props:
-        if key in ("cpus", "maxcpus"):
-            if key == "cpus":
-                count = val
-        elif key in ("sockets", "cores", "threads", "dies"):
-            continue
-        else:
+        if key not in SMP_KEYS:
             raise ConfigError(f"-smp: Invalid parameter '{key}'", option="-smp")
-    try:
-        return int(count or "1", 0)
-    except ValueError:
-        raise ConfigError("-smp: Parameter 'cpus' expects a number", option="-smp") from None
+        counts[key] = parse_count(key, val)
+    return resolve_topology(counts)
 
 
 def _memory(value: str) -> int:
@@ -195,7 +222,7 @@ def _memory(value: str) -> int:
         if key == "size":
             size = val
         elif key in ("slots", "maxmem"):
-            continue
+            raise ConfigError(f"-m {key}=: memory hotplug is not supported by pyemu", option="-m")
         else:
             raise ConfigError(f"-m: Invalid parameter '{key}'", option="-m")
     if not size:
@@ -246,6 +273,16 @@ def _qmp(value: str) -> MonitorOptions:
     return MonitorOptions(spec=value)
 
 
+def _monitor(value: str) -> MonitorOptions | None:
+    """``-monitor DEV``: the human monitor on a socket or stdio; ``none`` means no monitor."""
+    from pyemu.monitor.server import parse_qmp_spec
+
+    if value == "none":
+        return None
+    parse_qmp_spec(value, "-monitor")
+    return MonitorOptions(spec=value, mode="readline")
+
+
 def _mon(value: str) -> MonitorOptions:
     head, props = split_props(value, "-mon", implied="chardev")
     chardev = head
@@ -273,16 +310,6 @@ def _name(value: str) -> str:
     for key, val in props:
         if key == "guest":
             name = val
-def _monitor(value: str) -> MonitorOptions | None:
-    """``-monitor DEV``: the human monitor on a socket or stdio; ``none`` means no monitor."""
-    from pyemu.monitor.server import parse_qmp_spec
-
-    if value == "none":
-        return None
-    parse_qmp_spec(value, "-monitor")
-    return MonitorOptions(spec=value, mode="readline")
-
-
         elif key == "debug-threads":
             parse_on_off(val, "debug-threads")  # pyemu's threads are always named (vcpuN, pyemu-qmp...)
         elif key == "process":
@@ -292,6 +319,94 @@ def _monitor(value: str) -> MonitorOptions | None:
     if name is None:
         raise ConfigError("-name: Parameter 'guest' is missing", option="-name")
     return name
+
+
+def _cpu(value: str) -> CpuOptions:
+    head, props = split_props(value, "-cpu", implied="model")
+    if head == "help":
+        raise EarlyExit(cpu_help())
+    if not head:
+        raise ConfigError("-cpu: a CPU model name is required (-cpu help lists them)", option="-cpu")
+    return CpuOptions(head, tuple(props))
+
+
+def _rtc(value: str) -> RtcOptions:
+    _, props = split_props(value, "-rtc", implied=None)
+    known = {"base": "base", "clock": "clock", "driftfix": "driftfix"}
+    kwargs: dict[str, str] = {}
+    for key, val in props:
+        if key not in known:
+            raise ConfigError(f"-rtc: Invalid parameter '{key}'", option="-rtc")
+        kwargs[known[key]] = val
+    options = RtcOptions(**kwargs)
+    if options.driftfix == "slew":
+        warn_report("-rtc driftfix=slew: pyemu's RTC does not re-inject lost interrupts (accepted, no effect)")
+    return options
+
+
+def _msg(value: str) -> MsgOptions:
+    _, props = split_props(value, "-msg", implied=None)
+    flags = {"timestamp": False, "guest-name": False}
+    for key, val in props:
+        if key not in flags:
+            raise ConfigError(f"-msg: Invalid parameter '{key}'", option="-msg")
+        flags[key] = parse_on_off(val, key)
+    return MsgOptions(timestamp=flags["timestamp"], guest_name=flags["guest-name"])
+
+
+def _global(value: str) -> GlobalProp:
+    try:
+        _, props = split_props(value, "-global", implied=None)
+    except ConfigError:
+        props = []
+    return parse_global(value, props)
+
+
+def _boot(value: str) -> BootOptions:
+    head, props = split_props(value, "-boot", implied="order")
+    kwargs: dict[str, object] = {"order": head or ""}
+    for key, val in props:
+        if key in ("order", "once"):
+            kwargs[key] = val
+        elif key in ("menu", "strict"):
+            kwargs[key] = parse_on_off(val, key)
+        elif key == "splash":
+            kwargs["splash"] = val
+        elif key in ("reboot-timeout", "splash-time"):
+            try:
+                number = int(val, 10)
+            except ValueError:
+                raise ConfigError(f"-boot: Parameter '{key}' expects a number", option="-boot") from None
+            if key == "reboot-timeout":
+                kwargs["reboot_timeout"] = number
+        else:
+            raise ConfigError(f"-boot: Parameter 'boot.{key}' is unexpected", option="-boot")
+    return BootOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def _overcommit(value: str) -> OvercommitOptions:
+    _, props = split_props(value, "-overcommit", implied=None)
+    flags = {"mem-lock": False, "cpu-pm": False}
+    for key, val in props:
+        if key not in flags:
+            raise ConfigError(f"-overcommit {value}: Invalid parameter '{key}'", option="-overcommit")
+        flags[key] = parse_on_off(val, key)
+    return OvercommitOptions(mem_lock=flags["mem-lock"], cpu_pm=flags["cpu-pm"])
+
+
+def early_messages(argv: list[str]) -> tuple[MsgOptions, str | None]:
+    """``-msg`` and ``-name`` from a command line that failed to parse, so that the error line gets the
+    prefix the user asked for (QEMU applies ``-msg`` while it parses). Malformed values are skipped."""
+    msg, name = MsgOptions(), None
+    for word, value in zip(argv, argv[1:]):
+        try:
+            if word in ("-msg", "--msg"):
+                msg = _msg(value)
+            elif word in ("-name", "--name"):
+                name = _name(value)
+        except ConfigError:
+            continue
+    return msg, name
 
 
 def _display(value: str) -> None:
@@ -314,6 +429,7 @@ def parse_args(argv: list[str]) -> VmConfig:
     drives: list[tuple[tuple[str, str], ...]] = []
     backends: dict[str, list[ObjectOptions]] = {"object": [], "chardev": [], "netdev": []}
     monitors: list[MonitorOptions] = []
+    globals_: list[GlobalProp] = []
     i = 0
     handlers: dict[str, Callable[[str], None]] = {}
 
@@ -322,7 +438,10 @@ def parse_args(argv: list[str]) -> VmConfig:
 
     handlers.update({
         "machine": setter("machine", _machine), "M": setter("machine", _machine),  # (options, accel)
-        "accel": setter("accel", _accel), "m": setter("ram_size", _memory), "smp": setter("vcpus", _smp),
+        "accel": setter("accel", _accel), "m": setter("ram_size", _memory), "smp": setter("topology", _smp),
+        "cpu": setter("cpu", _cpu), "rtc": setter("rtc", _rtc), "msg": setter("msg", _msg),
+        "global": lambda v: globals_.append(_global(v)), "boot": setter("boot_options", _boot),
+        "overcommit": setter("overcommit", _overcommit),
         "kernel": setter("kernel", str), "initrd": setter("initrd", str), "append": setter("append", str),
         "serial": serial.append, "device": lambda v: devices.append(_device(v)),
         "d": setter("log_mask", _log_mask), "D": setter("log_file", str),
@@ -331,6 +450,8 @@ def parse_args(argv: list[str]) -> VmConfig:
         "chardev": lambda v: backends["chardev"].append(_backend("-chardev", v)),
         "netdev": lambda v: backends["netdev"].append(_backend("-netdev", v)),
         "qmp": lambda v: monitors.append(_qmp(v)), "mon": lambda v: monitors.append(_mon(v)),
+        "qmp-pretty": lambda v: monitors.append(MonitorOptions(spec=_qmp(v).spec, pretty=True)),
+        "monitor": lambda v: monitors.extend(m for m in [_monitor(v)] if m is not None),
         "name": setter("name", _name), "uuid": setter("uuid", str), "pidfile": setter("pidfile", str), "display": _display,
     })
     while i < len(argv):
@@ -355,21 +476,31 @@ def parse_args(argv: list[str]) -> VmConfig:
 
             raise EarlyExit(f"pyemu version {__version__} (QEMU-compatible command line)")
         flag_keys = {"nographic": "nographic", "no-reboot": "no_reboot", "no-shutdown": "no_shutdown", "snapshot": "snapshot",
-                     "S": "start_paused"}
+                     "S": "start_paused", "daemonize": "daemonize", "nodefaults": "nodefaults"}
         if name == "enable-kvm":
             values["accel"] = ("kvm",)
-        elif name in ("nodefaults", "no-user-config"):
-            continue  # documented no-ops (see OPTIONS)
+        elif name == "no-user-config":
+            continue  # documented no-op (see OPTIONS)
         else:
             values[flag_keys[name]] = True
     if "machine" in values:
-        machine, machine_accel = values.pop("machine")  # type: ignore[misc]
+        machine, machine_accel = cast("tuple[MachineOptions, tuple[str, ...] | None]", values.pop("machine"))
         values["machine"] = machine
         if machine_accel is not None:
             values.setdefault("accel", machine_accel)
+    topology = values.get("topology")
+    if isinstance(topology, SmpTopology):
+        values["vcpus"] = topology.cpus
+    if values.get("daemonize") and not serial and not values.get("nographic"):
+        # A daemon has no terminal: COM1's default (stdio) becomes null, as QEMU's default (a display
+        # console) goes nowhere without a display. -nographic or -serial stdio are refused by VmConfig.
+        machine_options = values.get("machine")
+        if not isinstance(machine_options, MachineOptions) or machine_options.isa_serial is not False:
+            serial.append("null")
     return VmConfig(serial=tuple(serial), devices=tuple(devices), drives=tuple(drives),  # type: ignore[arg-type]
                     objects=tuple(backends["object"]), chardevs=tuple(backends["chardev"]),
-                    netdevs=tuple(backends["netdev"]), monitors=tuple(monitors), **values)
+                    netdevs=tuple(backends["netdev"]), monitors=tuple(monitors), globals=tuple(globals_),
+                    **values)  # type: ignore[arg-type]
 
 
 def _log_mask(value: str) -> frozenset[str]:
@@ -377,5 +508,3 @@ def _log_mask(value: str) -> frozenset[str]:
         raise EarlyExit("Log items (comma separated):\n" + "\n".join(
             f"{name:<14} {text}" for name, text in log.CATEGORIES.items()))
     return log.parse_mask(value)
-        "qmp-pretty": lambda v: monitors.append(MonitorOptions(spec=_qmp(v).spec, pretty=True)),
-        "monitor": lambda v: monitors.extend(m for m in [_monitor(v)] if m is not None),

@@ -4,8 +4,8 @@ the board, run until the guest or the user ends it, and return the process exit 
 from __future__ import annotations
 
 import signal
-import sys
 import threading
+from typing import Callable
 
 from pyemu.accel.base import Accelerator, AcceleratorUnavailable, create_accelerator
 from pyemu.errors import ConfigError
@@ -14,6 +14,7 @@ from pyemu.monitor.control import ControlApi
 from pyemu.monitor.server import MonitorServer, endpoints_from_config
 from pyemu.system import log
 from pyemu.system.config import VmConfig
+from pyemu.system.messages import error_report
 from pyemu.system.pidfile import PidFile
 from pyemu.system.runstate import ShutdownCause
 
@@ -29,7 +30,7 @@ def choose_accelerator(names: tuple[str, ...]) -> Accelerator:
         except AcceleratorUnavailable as error:
             failures.append(str(error))
             if len(names) > 1:
-                print(f"pyemu: {error}; trying the next accelerator", file=sys.stderr)
+                error_report(f"{error}; trying the next accelerator")
     raise ConfigError(failures[-1] if failures else "-accel: no accelerator given", option="-accel")
 
 
@@ -44,8 +45,7 @@ def resolve_boot(config: VmConfig) -> BootSource:
         from pyemu.guest.fetch import fetch_assets, FetchUnavailable
 
         try:
-            print("pyemu: fetching the default guest (Debian linux-image-amd64, busybox-static) ...",
-                  file=sys.stderr)
+            error_report("fetching the default guest (Debian linux-image-amd64, busybox-static) ...")
             assets = fetch_assets()
         except FetchUnavailable as error:
             raise ConfigError(
@@ -58,17 +58,20 @@ def resolve_boot(config: VmConfig) -> BootSource:
     return BootSource(str(assets.vmlinux), str(assets.initrd), cmdline)
 
 
-def run_vm(config: VmConfig) -> int:
-    """Run the VM the config describes until it ends; returns pyemu's exit status."""
+def run_vm(config: VmConfig, ready: Callable[[], None] | None = None) -> int:
+    """Run the VM the config describes until it ends; returns pyemu's exit status. ``ready`` is called
+    once the VM is set up -- pid file written, monitors listening, vCPUs started (or prelaunch for -S) --
+    which is when ``-daemonize`` lets the command return."""
     pidfile = PidFile(config.pidfile) if config.pidfile else None
     try:
-        return _run(config)
+        config.overcommit.lock_memory()  # -overcommit mem-lock=on: MCL_FUTURE covers the RAM mapped next
+        return _run(config, ready)
     finally:
         if pidfile is not None:
             pidfile.remove()
 
 
-def _run(config: VmConfig) -> int:
+def _run(config: VmConfig, ready: Callable[[], None] | None) -> int:
     boot = resolve_boot(config)
     accel = choose_accelerator(config.accel)
     machine: Microvm | None = None
@@ -87,7 +90,7 @@ def _run(config: VmConfig) -> int:
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_signal(signum: int, _frame: object) -> None:
-        print(f"pyemu: terminating on signal {signum}", file=sys.stderr)
+        error_report(f"terminating on signal {signum}")
         assert machine is not None
         machine.request_shutdown(ShutdownCause.HOST_SIGNAL, 0)
 
@@ -107,10 +110,12 @@ def _run(config: VmConfig) -> int:
         control.start(paused=config.start_paused)
         if monitor is not None:
             monitor.serve()
+        if ready is not None:
+            ready()
         try:
             return machine.wait()
         except KeyboardInterrupt:
-            print("pyemu: terminating on signal 2", file=sys.stderr)
+            error_report("terminating on signal 2")
             return 0
     finally:
         if monitor is not None:
