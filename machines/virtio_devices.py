@@ -210,7 +210,7 @@ class VirtioPlugger:
                     raise ConfigError(f"-object iothread: Property 'iothread.{unknown[0]}' not found",
                                       option="-object")
                 self.iothreads[entry.id] = IoThread(entry.id)
-            elif entry.type != "rng-random":
+            elif entry.type not in ("rng-random", "secret", "throttle-group"):  # the latter two: system.objects
                 raise ConfigError(f"-object: invalid object type: {entry.type}", option="-object")
 
     def handles(self, driver: str) -> bool:
