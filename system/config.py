@@ -218,6 +218,13 @@ class VmConfig:
         defaults = tuple((g.property, g.value) for g in self.globals if g.driver == device.driver)
         return replace(device, globals=defaults) if defaults else device
 
+    def warnings(self) -> list[str]:
+        """Accepted settings that do less than the user may expect (the command prints them)."""
+        found: list[str] = []
+        if self.rtc.driftfix == "slew":
+            found.append("-rtc driftfix=slew: pyemu's RTC does not re-inject lost interrupts (accepted, no effect)")
+        return found
+
     def check_accelerator(self, accel_name: str) -> None:
         """The options whose validity depends on the accelerator finally chosen (``-accel kvm:tcg``)."""
         self.cpu.check_accelerator(accel_name)

@@ -17,7 +17,7 @@ from pyemu.system import log
 from pyemu.system.cpu_options import CpuOptions, cpu_help
 from pyemu.system.global_options import GlobalProp, parse_global
 from pyemu.system.host_options import BootOptions, OvercommitOptions
-from pyemu.system.messages import MsgOptions, warn_report
+from pyemu.system.messages import MsgOptions
 from pyemu.system.rtc_options import RtcOptions
 from pyemu.system.topology import SMP_KEYS, SmpTopology, parse_count, resolve_topology
 
@@ -339,10 +339,7 @@ def _rtc(value: str) -> RtcOptions:
         if key not in known:
             raise ConfigError(f"-rtc: Invalid parameter '{key}'", option="-rtc")
         kwargs[known[key]] = val
-    options = RtcOptions(**kwargs)
-    if options.driftfix == "slew":
-        warn_report("-rtc driftfix=slew: pyemu's RTC does not re-inject lost interrupts (accepted, no effect)")
-    return options
+    return RtcOptions(**kwargs)
 
 
 def _msg(value: str) -> MsgOptions:

@@ -14,7 +14,7 @@ from pyemu.monitor.control import ControlApi
 from pyemu.monitor.server import MonitorServer, endpoints_from_config
 from pyemu.system import log
 from pyemu.system.config import VmConfig
-from pyemu.system.messages import error_report
+from pyemu.system.messages import error_report, warn_report
 from pyemu.system.pidfile import PidFile
 from pyemu.system.runstate import ShutdownCause
 
@@ -62,6 +62,8 @@ def run_vm(config: VmConfig, ready: Callable[[], None] | None = None) -> int:
     """Run the VM the config describes until it ends; returns pyemu's exit status. ``ready`` is called
     once the VM is set up -- pid file written, monitors listening, vCPUs started (or prelaunch for -S) --
     which is when ``-daemonize`` lets the command return."""
+    for warning in config.warnings():
+        warn_report(warning)
     pidfile = PidFile(config.pidfile) if config.pidfile else None
     try:
         config.overcommit.lock_memory()  # -overcommit mem-lock=on: MCL_FUTURE covers the RAM mapped next

@@ -159,9 +159,11 @@ def test_rtc_errors(value, fragment):
         parse_args(["-rtc", value])
 
 
-def test_rtc_driftfix_slew_is_accepted_with_a_warning(capsys):
-    assert parse_args(["-rtc", "base=utc,driftfix=slew"]).rtc.driftfix == "slew"
-    assert "driftfix=slew" in capsys.readouterr().err
+def test_rtc_driftfix_slew_is_accepted_with_a_warning(tmp_path):
+    config = parse_args(["-rtc", "base=utc,driftfix=slew"])
+    assert config.rtc.driftfix == "slew" and "driftfix=slew" in config.warnings()[0]
+    result = pyemu("-msg", "timestamp=on", "-rtc", "base=utc,driftfix=slew", "-kernel", str(tmp_path / "none"))
+    assert re.match(r"\S+Z pyemu: warning: -rtc driftfix=slew: ", result.stderr), result.stderr
 
 
 def test_rtc_base_date_reaches_the_boards_rtc(spin_kernel):
