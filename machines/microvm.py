@@ -14,7 +14,7 @@ from typing import Callable
 
 from pyemu.accel.base import Accelerator
 from pyemu.chardev import NoneSpec, open_chardev, parse_chardev_spec
-from pyemu.chardev.spec import StdioSpec
+from pyemu.chardev.spec import ChardevRefSpec, StdioSpec
 from pyemu.chardev.base import CharBackend
 from pyemu.errors import ConfigError
 from pyemu.hw.acpi.builder import AcpiConfig, build_acpi
@@ -284,7 +284,8 @@ class Microvm(Machine):
                 IoRange("pio", port.iobase, REGISTER_COUNT, port.core),),
                 aml=serial_port_device(info, legacy_pic=self.features.pic), on_close=lambda: None))
             backend.attach(port.core, self.lock)
-            self.chardevs.add(f"serial{index}", backend)
+            # QEMU labels a -serial's implicit chardev serialN, a -serial chardev:ID by that ID.
+            self.chardevs.add(spec.id if isinstance(spec, ChardevRefSpec) else f"serial{index}", backend)
             self.serial_ports.append(port)
 
     def _devices_with_implicit_drives(self) -> list[DeviceOptions]:

@@ -341,6 +341,16 @@ def test_serial_chardev_reference(tmp_path):
     assert out.read_bytes() == b"OK"
 
 
+def test_serial_chardev_is_listed_under_its_id(tmp_path, spin_kernel):
+    config = parse_args(["-chardev", f"file,id=log,path={tmp_path / 'out'}", "-serial", "chardev:log",
+                         "-serial", "null", "-kernel", spin_kernel, "-m", "32"])
+    machine = build_board(config, spin_kernel)
+    try:
+        assert [use.label for use in machine.chardevs.uses()] == ["log", "serial1"]  # as QEMU's query-chardev
+    finally:
+        machine.close()
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["-serial", "chardev:nope"], "-serial chardev:nope: could not connect serial device to character backend "
                                   "'chardev:nope'"),
