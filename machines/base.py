@@ -183,13 +183,19 @@ class Machine:
 
     def reset(self, cause: ShutdownCause = ShutdownCause.GUEST_RESET) -> None:
         """Machine reset: park the vCPUs, reset devices, reload the boot image, guest TSC to 0. A running
-        VM runs on; a stopped one (paused, prelaunch, internal-error) stays stopped, in prelaunch, as
-        QEMU 7.2 does; one stopped by a guest power-off under ``-no-shutdown`` runs again.
+        VM runs on; a stopped one (paused, prelaunch, internal-error, or shut down under ``-no-shutdown``)
+        stays stopped, in prelaunch, until ``cont``, as QEMU 7.2's main loop does.
         :attr:`reset_cause` says why while the reset handlers run (the RESET event's reason)."""
         with self._life:
             state = self.runstate.state
             self._park_vcpus()
             self.reset_cause = cause
+            if state is not RunState.RUNNING:
+                # Stopped states settle in prelaunch before the RESET event goes out, so a client that
+                # sees the event and asks query-status reads the state it will stay in.
+                if state is RunState.SHUTDOWN:
+                    self.runstate.clear_shutdown()
+                self.runstate.transition(RunState.PRELAUNCH)
             with self.lock:
                 self.devices.reset_all()
                 for handler in self.reset_handlers:
@@ -199,16 +205,9 @@ class Machine:
                 for vcpu, boot_state in zip(self.vcpus, self.boot_states):
                     vcpu.load_state(boot_state)
                 self.accel.reset_guest_tsc()
-            if self._exit_requested or (state is not RunState.SHUTDOWN
-                                        and self.runstate.state is RunState.SHUTDOWN):
-                return  # quit (or a power-off) arrived during the reset: stay down
-            if state is RunState.SHUTDOWN:
-                self.runstate.clear_shutdown()  # -no-shutdown: a reset brings a stopped VM back
-                self.resume()
-            elif state is RunState.RUNNING:
-                self._run_vcpus()
-            else:
-                self.runstate.transition(RunState.PRELAUNCH)
+            if state is RunState.RUNNING and not self._exit_requested \
+                    and self.runstate.state is not RunState.SHUTDOWN:
+                self._run_vcpus()  # unless quit (or a power-off) arrived during the reset
 
     def wait(self) -> int:
         """Serve reset requests until the VM shuts down; return the exit status."""

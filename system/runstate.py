@@ -43,7 +43,7 @@ _ALLOWED: dict[RunState, frozenset[RunState]] = {
     RunState.PRELAUNCH: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.SHUTDOWN}),
     RunState.RUNNING: frozenset({RunState.PAUSED, RunState.SHUTDOWN, RunState.INTERNAL_ERROR}),
     RunState.PAUSED: frozenset({RunState.RUNNING, RunState.SHUTDOWN, RunState.PRELAUNCH}),  # reset
-    RunState.SHUTDOWN: frozenset({RunState.RUNNING, RunState.PAUSED}),  # reset after shutdown, as QEMU
+    RunState.SHUTDOWN: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH}),  # reset, as QEMU
     RunState.INTERNAL_ERROR: frozenset({RunState.PAUSED, RunState.SHUTDOWN, RunState.PRELAUNCH}),
 }
 
@@ -95,7 +95,7 @@ class RunStateMachine:
             listener(old, new)
 
     def clear_shutdown(self) -> None:
-        """Forget the last shutdown's cause (a VM kept by ``-no-shutdown`` was reset and runs again)."""
+        """Forget the last shutdown's cause (a VM kept by ``-no-shutdown`` was reset)."""
         with self._lock:
             self.shutdown_cause = None
             self.exit_code = None

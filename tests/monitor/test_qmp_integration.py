@@ -326,7 +326,8 @@ def test_guest_shutdown_is_reported_with_guest_true(launch, short_dir, spin_kern
 
 def test_no_shutdown_keeps_the_vm_until_reset_or_quit(launch, short_dir, spin_kernel):
     """-no-shutdown: the guest's ACPI power-off (S5 through the GED) stops the VM in state shutdown; cont is
-    refused, system_reset runs it again (the guest powers off again), quit ends pyemu with status 0."""
+    refused, system_reset leaves it in prelaunch and cont runs it again (the guest powers off again), quit ends
+    pyemu with status 0."""
     from pyemu.machines.memmap import GED_BASE
     from pyemu.target.x86.boot.synthetic import make_multiboot_binary
 
@@ -348,6 +349,8 @@ def test_no_shutdown_keeps_the_vm_until_reset_or_quit(launch, short_dir, spin_ke
         assert "Resetting the Virtual Machine is required" in str(error.value)
         assert await execute(client, "system_reset") == {}
         await next_event(client, "RESET")
+        assert (await execute(client, "query-status"))["status"] == "prelaunch"  # QEMU waits for cont too
+        await execute(client, "cont")
         second = await next_event(client, "SHUTDOWN")  # the guest ran again and powered off again
         assert second["data"]["guest"] is True
         await quit_and_disconnect(client)
