@@ -26,6 +26,7 @@ from typing import Any, Sequence
 from pyemu.api.console import Console
 from pyemu.api.errors import CommandError, ConsoleError, VmStateError, VmTimeout
 from pyemu.api.events import EventStream
+from pyemu.errors import ConfigError
 from pyemu.system.config import VmConfig
 from pyemu.system.options import parse_args
 from pyemu.system.runstate import RunState, ShutdownCause
@@ -54,7 +55,12 @@ class VM:
                 self._console_path = str(Path(self._workdir) / CONSOLE_SOCKET)
                 words += ["-serial", f"unix:{self._console_path},server=on,wait=off"]
             config = parse_args(words)
+        if config.daemonize:
+            raise ConfigError("-daemonize: a VM in this process cannot detach from it; run the pyemu command "
+                              "instead", option="-daemonize")
         self.config = config
+        self.notices: list[str] = list(config.warnings())
+        """Warnings and notes the command would print (accelerator fallback, accepted-but-ignored options)."""
         self.events = EventStream()
         """Every event of this VM (STOP, RESUME, RESET, POWERDOWN, SHUTDOWN) from the moment it starts."""
         self._console: Console | None = None
@@ -72,7 +78,7 @@ class VM:
             raise VmStateError("this VM has already been started")
         from pyemu.system.instance import VmInstance
 
-        instance = VmInstance(self.config, notice=lambda message: None)
+        instance = VmInstance(self.config, notice=self.notices.append)
         try:
             instance.control.subscribe(self.events.emit)
             if self._console_path is not None:

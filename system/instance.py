@@ -9,7 +9,6 @@ a Python program can hold several VMs, each driven from its own thread.
 
 from __future__ import annotations
 
-import sys
 import threading
 from typing import Callable
 
@@ -20,18 +19,17 @@ from pyemu.monitor.control import ControlApi
 from pyemu.monitor.server import MonitorServer, endpoints_from_config
 from pyemu.system import log
 from pyemu.system.config import VmConfig
+from pyemu.system.messages import error_report
 from pyemu.system.runstate import ShutdownCause
 
 DEFAULT_CMDLINE = "console=ttyS0"
 
 Notice = Callable[[str], None]
+"""Where progress and fallback notes go: the command prints them (with ``-msg`` prefixes), a library
+caller may keep or drop them."""
 
 
-def _stderr_notice(message: str) -> None:
-    print(f"pyemu: {message}", file=sys.stderr)
-
-
-def choose_accelerator(names: tuple[str, ...], notice: Notice = _stderr_notice) -> Accelerator:
+def choose_accelerator(names: tuple[str, ...], notice: Notice = error_report) -> Accelerator:
     """The first accelerator of ``names`` that this host can provide (``-accel kvm:tcg`` falls back)."""
     failures: list[str] = []
     for name in names:
@@ -44,7 +42,7 @@ def choose_accelerator(names: tuple[str, ...], notice: Notice = _stderr_notice) 
     raise ConfigError(failures[-1] if failures else "-accel: no accelerator given", option="-accel")
 
 
-def resolve_boot(config: VmConfig, notice: Notice = _stderr_notice) -> BootSource:
+def resolve_boot(config: VmConfig, notice: Notice = error_report) -> BootSource:
     """``-kernel``/``-initrd``/``-append``, or the default Debian guest when no kernel is given."""
     if config.kernel:
         return BootSource(config.kernel, config.initrd, config.append)
@@ -74,7 +72,7 @@ class VmInstance:
     open behind them."""
 
     def __init__(self, config: VmConfig, *, on_quit: Callable[[], None] | None = None,
-                 notice: Notice = _stderr_notice) -> None:
+                 notice: Notice = error_report) -> None:
         self.config = config
         boot = resolve_boot(config, notice)
         self.accel = choose_accelerator(config.accel, notice)

@@ -91,6 +91,8 @@ def test_errors_are_typed(echo_kernel: Path, tmp_path: Path) -> None:
         pyemu.VM("-no-such-option")
     with pytest.raises(ConfigError):
         pyemu.VM("-m", "lots")
+    with pytest.raises(ConfigError, match="-daemonize"):
+        pyemu.VM("-daemonize")
     missing = pyemu.VM("-kernel", str(tmp_path / "absent.bin"), "-accel", "tcg")
     with pytest.raises(pyemu.errors.PyemuError):
         missing.start()  # nothing is left running: the VM can be closed and forgotten

@@ -63,7 +63,7 @@ def test_a_cpu_spinning_with_pause_on_a_held_lock_gives_up_its_turn(tmp_path):
     gate's PAUSE-spin yield), instead of burning each whole 4 ms turn."""
     from pyemu.machines.microvm import Microvm
     from pyemu.system.options import parse_args
-    from pyemu.system.vm import choose_accelerator, resolve_boot
+    from pyemu.system.instance import choose_accelerator, resolve_boot
 
     image = tmp_path / "shared.bin"
     image.write_bytes(smp_kernels.shared_memory_kernel(200_000))
