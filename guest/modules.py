@@ -28,6 +28,8 @@ from pyemu.guest.errors import PackageContentError
 # The ACPI power button: ``button`` binds the DSDT's PNP0C0C device and turns the GED's Notify into a
 # KEY_POWER input event; ``evdev`` gives it a /dev/input/event node for acpid (both =m in Debian 6.1).
 # evdev goes first so the button's input device gets its node as it registers.
+# pvpanic_mmio (with the pvpanic core it depends on) binds ACPI QEMU0001 (``-device pvpanic``) and reports
+# a kernel panic to the host (QMP GUEST_PANICKED).
 # Changing this tuple makes ``pyemu-guest fetch`` rebuild an existing cache (the manifest records it; see
 # guest/fetch.py).
 WANTED_MODULES = (
@@ -35,6 +37,7 @@ WANTED_MODULES = (
     "virtio_blk", "virtio_net", "virtio_console", "virtio_rng",
     "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
     "evdev", "button",
+    "pvpanic_mmio",
 )
 MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pyemu.accel.base import Accelerator, Vcpu
 from pyemu.accel.dispatch import ExitDispatcher
@@ -82,6 +82,18 @@ class Machine:
         self.boot_states: list[X86CpuState] = []
         self.chardevs = ChardevRegistry()
         """The open character backends by label (QMP ``query-chardev``)."""
+        self.keep_on_internal_error = False
+        """Stay in ``internal-error`` when a vCPU cannot go on (a monitor can inspect and reset it, as under
+        QEMU); without a monitor nobody could, so pyemu exits with status 1 instead of hanging silently."""
+        self._event_sinks: list[Callable[[str, dict[str, Any]], None]] = []
+
+    # -- events the board raises itself (the control API forwards them as QMP events) -------------------
+    def add_event_sink(self, sink: Callable[[str, dict[str, Any]], None]) -> None:
+        self._event_sinks.append(sink)
+
+    def _emit_event(self, name: str, data: dict[str, Any]) -> None:
+        for sink in list(self._event_sinks):
+            sink(name, data)
 
     # -- requests from devices and the host (any thread) ------------------------------------------------
     def request_shutdown(self, cause: ShutdownCause, exit_code: int = 0) -> None:
@@ -101,6 +113,32 @@ class Machine:
     def drives(self) -> list[DriveUse]:
         """The board's drives and the devices using them (none unless the board has block devices)."""
         return []
+
+    def guest_panicked(self) -> None:
+        """The guest reported a panic (pvpanic), on a vCPU thread. As QEMU's default ``-action panic=shutdown``:
+        GUEST_PANICKED, the VM stops in ``guest-panicked`` and then shuts down (cause guest-panic); with
+        ``-no-shutdown`` (QEMU's shutdown=pause) it stays stopped in ``guest-panicked`` until reset or quit,
+        for a monitor to inspect."""
+        action = "pause" if self.no_shutdown else "poweroff"
+        log.log("guest_errors", f"guest panicked (action {action})")
+        self._emit_event("GUEST_PANICKED", {"action": action})
+        self._stop_in(RunState.GUEST_PANICKED)
+        if action == "poweroff":
+            self.request_shutdown(ShutdownCause.GUEST_PANIC, 0)
+
+    def guest_crash_loaded(self) -> None:
+        """The guest's crash kernel took over after a panic (pvpanic crash-loaded): reported, the VM runs on."""
+        self._emit_event("GUEST_CRASHLOADED", {"action": "run"})
+
+    def _stop_in(self, state: RunState) -> None:
+        """Stop a running VM in ``state`` from any thread, a vCPU's own included: the vCPUs park on their
+        own (nothing waits for them here) and virtual time stops; QEMU's ``vm_stop`` sends STOP."""
+        if self.runstate.state is not RunState.RUNNING:
+            return
+        self._stop_vcpus()
+        self.clock.stop()
+        self.runstate.transition(state)
+        self._emit_event("STOP", {})
 
     def inject_nmi(self) -> None:
         """An NMI to every vCPU, as QEMU's ``inject-nmi`` on x86 (``nmi_monitor_handle``): each
@@ -266,15 +304,21 @@ class Machine:
 
     def _vcpu_shutdown(self, index: int, reason: str) -> None:
         """A vCPU cannot go on. A triple fault resets the machine like a PC (or ends it with
-        ``-no-reboot``); anything else is an internal error that ends pyemu with status 1. Either way
-        the reason is printed, because a silent reset loop is impossible to debug."""
+        ``-no-reboot``); anything else is an internal error: the VM stops in ``internal-error`` when a
+        monitor can deal with it (:attr:`keep_on_internal_error`), else pyemu ends with status 1. Either
+        way the reason is printed, because a silent reset loop or hang is impossible to debug."""
         if "triple fault" in reason:
             action = "exiting (-no-reboot)" if self.no_reboot else "resetting"
             print(f"pyemu: vcpu{index}: {reason}, {action}", file=sys.stderr)
             self.request_reset(ShutdownCause.TRIPLE_FAULT)
             return
+        if self.keep_on_internal_error:
+            print(f"pyemu: vcpu{index}: {reason}; VM stopped in internal-error (system_reset or quit)",
+                  file=sys.stderr)
+            self._stop_in(RunState.INTERNAL_ERROR)
+            return
         print(f"pyemu: vcpu{index}: {reason}; stopping the VM", file=sys.stderr)
-        self.request_shutdown(ShutdownCause.GUEST_PANIC, 1)
+        self.request_shutdown(ShutdownCause.HOST_ERROR, 1)
 
     # -- board hooks ------------------------------------------------------------------------------------
     def load_boot(self) -> None:

@@ -32,6 +32,7 @@ from pyemu.hw.intc.pic import PicPair
 from pyemu.hw.misc.debug_exit import DebugExitConfig, IsaDebugExit
 from pyemu.hw.misc.debugport import DEBUG_PORT, DebugPort
 from pyemu.hw.misc.i8042 import COMMAND_PORT, DATA_PORT, I8042, I8042CommandPort, I8042DataPort
+from pyemu.hw.misc.pvpanic import PanicEvent, Pvpanic, PvpanicConfig
 from pyemu.hw.timer.pit import Pit
 from pyemu.hw.timer.cmos import pc_cmos_memory_layout
 from pyemu.hw.timer.rtc import Rtc
@@ -54,6 +55,7 @@ GED_GSI = 9
 # to machine_real_restart(MRR_BIOS), and reaches F000:FFF0 -- gets what a BIOS would do: a reset.
 RESET_STUB = bytes([0xB0, 0xFE, 0xE6, 0x64, 0xF4, 0xEB, 0xFD])
 MAX_SERIAL_PORTS = 2  # COM3/COM4 would share IRQ lines with COM1/COM2
+ISA_DRIVERS = frozenset({"isa-debug-exit", "pvpanic"})  # -device models the board itself plugs
 # The software CPU's engines share one byte per RAM page recording which of them hold translated code.
 MAX_SOFTWARE_VCPUS = 8
 
@@ -216,7 +218,7 @@ class Microvm(Machine):
                                     dma=DmaMemory(self.memory, getattr(accel, "invalidate_code", None)),
                                     irq_pin=self.ioapic.pin, lock=self.lock, accel=accel)
         self.virtio.backends.chardevs = self.chardevs
-        for warning in check_globals(self.config.globals, lambda d: d == "isa-debug-exit" or self.virtio.handles(d)):
+        for warning in check_globals(self.config.globals, lambda d: d in ISA_DRIVERS or self.virtio.handles(d)):
             warn_report(warning)
         for device in self._devices_with_implicit_drives():
             self._add_device(device)
@@ -315,10 +317,23 @@ class Microvm(Machine):
             self.devices.add(BoardDevice(device_id, debug_exit, driver="isa-debug-exit", ranges=(
                 IoRange("pio", config.iobase, config.iosize, debug_exit),)))
             return
+        if device.driver == "pvpanic":
+            props = dict(device.props)
+            device_id = props.pop("id", None) or self.devices.new_id("pvpanic")
+            pvpanic = Pvpanic(self._pvpanic_event, PvpanicConfig.from_properties(props))
+            self.devices.add(BoardDevice(device_id, pvpanic, driver="pvpanic", ranges=(
+                IoRange("pio", pvpanic.config.ioport, 1, pvpanic),), aml=pvpanic.aml()))
+            return
         if self.virtio.handles(device.driver):
             self.virtio.add(device)
             return
         raise ConfigError(f"-device: '{device.driver}' is not a valid device model name", option="-device")
+
+    def _pvpanic_event(self, event: PanicEvent) -> None:
+        if event is PanicEvent.PANICKED:
+            self.guest_panicked()
+        else:
+            self.guest_crash_loaded()
 
     def _reset_pic(self) -> None:
         assert self.pic is not None

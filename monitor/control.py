@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from pyemu.errors import PyemuError
 from pyemu.machines.base import Machine
-from pyemu.system.runstate import RunState, ShutdownCause
+from pyemu.system.runstate import NEEDS_RESET, RunState, ShutdownCause
 from pyemu.target.x86.cpu_state import X86CpuState
 
 EventSink = Callable[[str, dict[str, Any]], None]
@@ -63,6 +63,7 @@ class ControlApi:
         self._sinks: list[EventSink] = []
         machine.runstate.add_listener(self._on_transition)
         machine.reset_handlers.append(self._on_reset)
+        machine.add_event_sink(self._emit)  # STOP on internal-error, GUEST_PANICKED, GUEST_CRASHLOADED
 
     # -- events -----------------------------------------------------------------------------------------
     def subscribe(self, sink: EventSink) -> None:
@@ -124,7 +125,7 @@ class ControlApi:
 
     def cont(self) -> None:
         state = self.state
-        if state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
+        if state in NEEDS_RESET:
             raise ControlError("Resetting the Virtual Machine is required")
         if state is RunState.RUNNING:
             return

@@ -95,6 +95,7 @@ _TYPE_LIST: tuple[EnumType | StructType, ...] = (
                                "host-ui", "guest-shutdown", "guest-reset", "guest-panic", "subsystem-reset",
                                "snapshot-load")),
     EnumType("SysEmuTarget", ("x86_64",)),
+    EnumType("GuestPanicAction", ("pause", "poweroff", "run")),
     StructType("StatusInfo", _members("running:bool", "singlestep:bool", "status:RunState")),
     StructType("VersionTriple", _members("major:int", "minor:int", "micro:int")),
     StructType("VersionInfo", _members("qemu:VersionTriple", "package:str")),
@@ -163,6 +164,9 @@ EVENTS: tuple[Event, ...] = (
     Event("POWERDOWN", (), "the power button was pressed (system_powerdown)"),
     Event("STOP", (), "the vCPUs were stopped"),
     Event("RESUME", (), "the vCPUs run again"),
+    Event("GUEST_PANICKED", _members("action:GuestPanicAction"), "the guest reported a panic (pvpanic)"),
+    Event("GUEST_CRASHLOADED", _members("action:GuestPanicAction"),
+          "the guest's crash kernel was loaded after a panic (pvpanic)"),
 )
 EVENTS_BY_NAME: dict[str, Event] = {e.name: e for e in EVENTS}
 

@@ -85,6 +85,8 @@ class VmInstance:
         try:
             self.control = ControlApi(self.machine, name=config.name, uuid=config.uuid)
             if config.monitors:
+                # A monitor can inspect a VM whose vCPU failed (info registers) and reset it: stay.
+                self.machine.keep_on_internal_error = True
                 self.monitor = MonitorServer(self.control, endpoints_from_config(config))
                 self.monitor.open()  # listening (and waiting for a client where wait=on) before the VM starts
         except BaseException:

@@ -241,7 +241,8 @@ def _device(value: str) -> DeviceOptions:
 
 
 DEVICE_HELP = """Devices you can add with -device:
-isa-debug-exit          iobase=0xf4, iosize=4
+isa-debug-exit          iobase= (default 0x501), iosize= (1, 2 or 4; default 2)
+pvpanic                 ioport= (default 0x505), events= (1 panicked, 2 crash-loaded; default 3)
 virtio-blk-device       drive=ID (a -drive if=none), serial=, num-queues=, queue-size=, iothread=, discard=, write-zeroes=
 virtio-rng-device       rng=ID (a -object rng-random), max-bytes=, period=, iothread=
 virtio-serial-device    iothread=, max_ports=, emergency-write= (carries virtconsole/virtserialport ports)

@@ -3,7 +3,8 @@
 States and the transitions between them follow QEMU's RunState (a subset): a VM is created in PRELAUNCH
 (``-S`` keeps it there), RUNNING while vCPUs execute, PAUSED when stopped by the user, SHUTDOWN once the
 guest or the host asked to end it, INTERNAL_ERROR when the accelerator cannot continue (or its vCPUs would
-not stop). A reset of a stopped VM leaves it stopped in PRELAUNCH, as QEMU 7.2 does (measured: ``stop``
+not stop), GUEST_PANICKED when the guest reported a panic (pvpanic). A reset of a stopped VM leaves it
+stopped in PRELAUNCH, as QEMU 7.2 does (measured: ``stop``
 then ``system_reset`` gives status ``prelaunch``; ``cont`` runs it). An invalid transition is a
 programming error and raises :class:`RunStateError`.
 """
@@ -23,11 +24,13 @@ class RunState(enum.Enum):
     PAUSED = "paused"
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal-error"
+    GUEST_PANICKED = "guest-panicked"
 
 
 class ShutdownCause(enum.Enum):
     """Why a VM stopped or reset (QEMU's ShutdownCause names)."""
 
+    HOST_ERROR = "host-error"
     HOST_QMP_QUIT = "host-qmp-quit"
     HOST_SIGNAL = "host-signal"
     HOST_QMP_SYSTEM_RESET = "host-qmp-system-reset"
@@ -41,11 +44,17 @@ class ShutdownCause(enum.Enum):
 
 _ALLOWED: dict[RunState, frozenset[RunState]] = {
     RunState.PRELAUNCH: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.SHUTDOWN}),
-    RunState.RUNNING: frozenset({RunState.PAUSED, RunState.SHUTDOWN, RunState.INTERNAL_ERROR}),
+    RunState.RUNNING: frozenset({RunState.PAUSED, RunState.SHUTDOWN, RunState.INTERNAL_ERROR,
+                                 RunState.GUEST_PANICKED}),
     RunState.PAUSED: frozenset({RunState.RUNNING, RunState.SHUTDOWN, RunState.PRELAUNCH}),  # reset
     RunState.SHUTDOWN: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH}),  # reset, as QEMU
     RunState.INTERNAL_ERROR: frozenset({RunState.PAUSED, RunState.SHUTDOWN, RunState.PRELAUNCH}),
+    RunState.GUEST_PANICKED: frozenset({RunState.SHUTDOWN, RunState.PRELAUNCH}),  # quit or reset; cont refused
 }
+
+
+NEEDS_RESET = frozenset({RunState.SHUTDOWN, RunState.INTERNAL_ERROR, RunState.GUEST_PANICKED})
+"""States ``cont`` refuses until a reset (QEMU's ``runstate_needs_reset``)."""
 
 
 class RunStateError(PyemuError):

@@ -56,3 +56,10 @@ def write_spin_kernel(directory: Path) -> Path:
     path = directory / "spin.bin"
     path.write_bytes(make_multiboot_binary(SPIN))
     return path
+
+
+def write_program_kernel(directory: Path, name: str, source: str) -> Path:
+    """A multiboot kernel of 32-bit ``source`` (flat protected mode, as multiboot enters)."""
+    path = directory / f"{name}.bin"
+    path.write_bytes(make_multiboot_binary(assemble(source, address=ENTRY, bits=32)))
+    return path

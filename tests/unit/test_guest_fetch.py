@@ -124,7 +124,7 @@ def test_fetch_through_apt_get_download(tmp_path, fake_apt):
     }
     assert set(manifest["missing_modules"]) == {"virtio_net", "virtio_console", "virtio_rng", "vsock",
                                                 "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
-                                                "evdev", "button"}
+                                                "evdev", "button", "pvpanic_mmio"}
     assert "System.map" not in manifest["files"]
     for name, record in manifest["files"].items():
         assert (assets.directory / name).stat().st_size == record["size"]

@@ -58,6 +58,8 @@ def write_modules_tree(root, compress_xz=("virtio_net",)):
         "kernel/net/vmw_vsock/vmw_vsock_virtio_transport": "virtio,vmw_vsock_virtio_transport_common,virtio_ring,vsock",
         "kernel/drivers/input/evdev": "",
         "kernel/drivers/acpi/button": "",
+        "kernel/drivers/misc/pvpanic/pvpanic": "",
+        "kernel/drivers/misc/pvpanic/pvpanic-mmio": "pvpanic",
         "kernel/fs/unrelated": "",
     }
     for relative, depends in layout.items():
@@ -91,7 +93,7 @@ def test_collect_orders_dependencies_first_and_decompresses(tmp_path):
         "virtio_ring", "virtio", "virtio_mmio", "virtio_blk",
         "failover", "net_failover", "virtio_net", "virtio_console", "virtio_rng",
         "vsock", "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
-        "evdev", "button",
+        "evdev", "button", "pvpanic", "pvpanic_mmio",
     ]
     assert missing == []
     for module in modules:  # every dependency is loaded before its user
