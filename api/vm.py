@@ -50,7 +50,7 @@ class VM:
         self._console_path: str | None = None
         if config is None:
             words = list(args)
-            if not any(word in ("-serial", "-nographic") for word in words):
+            if not any(word in ("-serial", "-nographic", "-nodefaults") for word in words):
                 self._workdir = tempfile.mkdtemp(prefix="pyemu-vm-")
                 self._console_path = str(Path(self._workdir) / CONSOLE_SOCKET)
                 words += ["-serial", f"unix:{self._console_path},server=on,wait=off"]
@@ -208,11 +208,12 @@ class VM:
 
     @property
     def console(self) -> Console:
-        """COM1 as a :class:`Console`. ConsoleError when the words put COM1 elsewhere (``-serial``)."""
+        """COM1 as a :class:`Console`. ConsoleError when the words decide COM1 themselves (``-serial``,
+        ``-nographic``, ``-nodefaults``)."""
         if self._console is None:
             if self._console_path is None:
-                raise ConsoleError("this VM's serial port was redirected with -serial; it has no console "
-                                   "object")
+                raise ConsoleError("this VM's words say where COM1 goes (-serial, -nographic or -nodefaults); "
+                                   "it has no console object")
             raise VmStateError("the console exists once the VM is started")
         return self._console
 

@@ -321,7 +321,7 @@ class Console:
         return status, self.output[begin:end].decode(errors="replace").replace("\r", "").strip("\n")
 
     def close(self) -> int | None:
-        """Power the guest off (``poweroff -f``; /init is a script, plain poweroff does nothing), else kill."""
+        """Power the guest off at once (``poweroff -f``: the benchmark needs no clean shutdown), else kill."""
         status = None
         if self.proc.poll() is None:
             try:

@@ -258,7 +258,7 @@ class Microvm(Machine):
         stdio = [c.id for c in self.config.chardevs if isinstance(parse_chardev_options(c).spec, StdioSpec)]
         serial_on_stdio = self.features.isa_serial and any(
             isinstance(parse_chardev_spec(text, option="-serial"), StdioSpec)
-            for text in (self.config.serial or ("stdio",)))
+            for text in self.config.serial_specs())
         if len(stdio) + serial_on_stdio > 1:
             raise ConfigError("cannot use stdio by multiple character devices"
                               + (" (add -serial none or -serial null)" if serial_on_stdio else ""),
@@ -269,7 +269,7 @@ class Microvm(Machine):
             if self.config.serial:
                 raise ConfigError("-serial needs isa-serial=on", option="-serial")
             return
-        specs = list(self.config.serial) or ["stdio"]
+        specs = list(self.config.serial_specs())
         if len(specs) > MAX_SERIAL_PORTS:
             raise ConfigError(f"-serial: at most {MAX_SERIAL_PORTS} serial ports", option="-serial")
         for index, text in enumerate(specs):

@@ -248,6 +248,13 @@ class VmConfig:
                                   option="-serial")
             users[ref] = "a serial port"
 
+    def serial_specs(self) -> tuple[str, ...]:
+        """What COM1 (and COM2) connect to: the ``-serial`` words, else the default ``stdio`` -- none at
+        all with ``-nodefaults``, as QEMU drops its default serial port."""
+        if self.serial:
+            return self.serial
+        return () if self.nodefaults else ("stdio",)
+
     def _check_daemonize(self) -> None:
         """QEMU's rule: a daemon has no terminal, so nothing may use stdio."""
         for text in self.serial:

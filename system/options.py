@@ -78,8 +78,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
                "file"),
     OptionSpec("uuid", True, "the VM UUID (QMP query-uuid)", "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"),
     OptionSpec("display", True, "only 'none': pyemu has no graphical display", "none"),
-    OptionSpec("nodefaults", False, "accepted for QEMU compatibility (pyemu adds no default devices beyond "
-               "COM1; use -serial none)"),
+    OptionSpec("nodefaults", False, "no default devices: COM1 is not created unless -serial asks for it (pyemu's "
+               "only default device)"),
     OptionSpec("no-user-config", False, "accepted for QEMU compatibility (pyemu reads no config files)"),
     OptionSpec("global", True, "default property value for every device of a driver (a -device value wins)",
                "driver.prop=value"),

@@ -142,6 +142,11 @@ def test_serial_redirected_means_no_console_object(spin_kernel: Path) -> None:
         vm.start()
         with pytest.raises(pyemu.ConsoleError, match="-serial"):
             vm.console
+    with tiny_vm(spin_kernel, "-nodefaults") as bare:
+        bare.start()
+        assert "serial0" not in bare.execute("human-monitor-command", {"command-line": "info chardev"})
+        with pytest.raises(pyemu.ConsoleError, match="-nodefaults"):
+            bare.console
 
 
 @pytest.mark.kvm

@@ -467,3 +467,9 @@ def test_daemonize_reports_a_failed_set_up(tmp_path):
     assert result.returncode == 1
     assert "missing" in result.stderr and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "vm.pid").exists()
+
+
+def test_nodefaults_drops_the_default_serial_port() -> None:
+    assert parse_args([]).serial_specs() == ("stdio",)
+    assert parse_args(["-nodefaults"]).serial_specs() == ()
+    assert parse_args(["-nodefaults", "-serial", "null"]).serial_specs() == ("null",)
