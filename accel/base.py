@@ -53,9 +53,31 @@ class Vcpu(Protocol):
         ...
 
 
+class GuestTscControl(Protocol):
+    """The guest TSC follows the machine's virtual clock: it reads ~0 after creation and after a reset and
+    stands still while the VM is stopped. The board calls these while every vCPU is parked."""
+
+    def value(self) -> int:
+        """The guest TSC now (vCPU 0's)."""
+        ...
+
+    def stop(self) -> None:
+        """Freeze the guest TSC of every vCPU (the VM stops)."""
+        ...
+
+    def start(self) -> None:
+        """Let the guest TSC count on from where :meth:`stop` froze it (the VM runs again)."""
+        ...
+
+    def reset(self) -> None:
+        """The guest TSC reads 0 now (machine reset); frozen at 0 if stopped."""
+        ...
+
+
 class Accelerator(Protocol):
     name: str
     needs_userspace_lapic: bool
+    tsc: GuestTscControl
 
     def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
         """Bind guest RAM and the I/O dispatcher (create the VM, register memory slots)."""
@@ -66,24 +88,6 @@ class Accelerator(Protocol):
 
     def msi_sink(self) -> MsiSink | None:
         """Where MSIs go when the LAPIC lives in the accelerator (KVM); None for the software CPU."""
-        ...
-
-    # The guest TSC follows the machine's virtual clock: it reads ~0 after creation and after a reset and
-    # stands still while the VM is stopped. The board calls these while every vCPU is parked.
-    def guest_tsc(self) -> int:
-        """The guest TSC now (vCPU 0's)."""
-        ...
-
-    def stop_guest_tsc(self) -> None:
-        """Freeze the guest TSC of every vCPU (the VM stops)."""
-        ...
-
-    def start_guest_tsc(self) -> None:
-        """Let the guest TSC count on from where :meth:`stop_guest_tsc` froze it (the VM runs again)."""
-        ...
-
-    def reset_guest_tsc(self) -> None:
-        """The guest TSC reads 0 now (machine reset); frozen at 0 if stopped."""
         ...
 
     def close(self) -> None:

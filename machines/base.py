@@ -175,8 +175,8 @@ class Machine:
                                           daemon=True)
                 self._threads.append(thread)
                 thread.start()
-            self.accel.stop_guest_tsc()
-            self.accel.reset_guest_tsc()
+            self.accel.tsc.stop()
+            self.accel.tsc.reset()
             self.timers.start()
             if not paused:
                 self.resume()
@@ -188,7 +188,7 @@ class Machine:
             self._run_vcpus()
 
     def _run_vcpus(self) -> None:
-        self.accel.start_guest_tsc()
+        self.accel.tsc.start()
         self.clock.start()
         with self._cond:
             self._want_run = True
@@ -213,7 +213,7 @@ class Machine:
             if self.runstate.state is RunState.RUNNING:
                 self.runstate.transition(RunState.INTERNAL_ERROR)
             raise VcpuStopTimeout(stuck, timeout)
-        self.accel.stop_guest_tsc()
+        self.accel.tsc.stop()
 
     def vcpu_thread_ids(self) -> list[int | None]:
         """Host thread id of each vCPU (``query-cpus-fast``); empty before :meth:`start`."""
@@ -242,7 +242,7 @@ class Machine:
                 self.load_boot()
                 for vcpu, boot_state in zip(self.vcpus, self.boot_states):
                     vcpu.load_state(boot_state)
-                self.accel.reset_guest_tsc()
+                self.accel.tsc.reset()
             if state is RunState.RUNNING and not self._exit_requested \
                     and self.runstate.state is not RunState.SHUTDOWN:
                 self._run_vcpus()  # unless quit (or a power-off) arrived during the reset

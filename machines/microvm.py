@@ -156,7 +156,7 @@ class Microvm(Machine):
             for index in range(self.vcpu_count):
                 lapic = LocalApic(self.timers, apic_id=index, bsp=index == 0,
                                   pic=self.pic if index == 0 else None, tsc_hz=self.tsc_hz,
-                                  tsc_now=accel.guest_tsc)
+                                  tsc_now=accel.tsc.value)
                 self.lapics.append(lapic)
                 devices.add(BoardDevice(f"lapic{index}", lapic, driver="apic"))
             # Every CPU reaches its own APIC at 0xfee00000: the bus routes by the accessing vCPU's thread.

@@ -164,18 +164,6 @@ class KvmAccelerator:
     def msi_sink(self) -> KvmMsiSink:
         return self._msi_sink
 
-    def guest_tsc(self) -> int:
-        return self.tsc.value()
-
-    def stop_guest_tsc(self) -> None:
-        self.tsc.stop()
-
-    def start_guest_tsc(self) -> None:
-        self.tsc.start()
-
-    def reset_guest_tsc(self) -> None:
-        self.tsc.reset()
-
     # -- event notifiers (virtio: kicks and interrupts without Python on the vCPU thread) ---------------
     def bind_ioeventfd(self, notifier: EventNotifier, addr: int, length: int, datamatch: int) -> None:
         """A guest write of ``datamatch`` (``length`` bytes) at MMIO ``addr`` signals ``notifier`` inside

@@ -83,19 +83,6 @@ class TcgAccelerator:
         for vcpu in self.vcpus:
             vcpu.invalidate_code(gpa, size)
 
-    # -- guest TSC (see pyemu.accel.base.Accelerator) ------------------------------------------------------
-    def guest_tsc(self) -> int:
-        return self.tsc.value()
-
-    def stop_guest_tsc(self) -> None:
-        self.tsc.stop()
-
-    def start_guest_tsc(self) -> None:
-        self.tsc.start()
-
-    def reset_guest_tsc(self) -> None:
-        self.tsc.reset()
-
     def msi_sink(self) -> MsiSink | None:
         return None
 

@@ -51,24 +51,32 @@ class FakeVcpu:
         self._stop.set()
 
 
+class FakeTsc:
+    """Records what the board asks of the guest TSC."""
+
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def value(self) -> int:
+        return 0
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+    def start(self) -> None:
+        self.calls.append("start")
+
+    def reset(self) -> None:
+        self.calls.append("reset")
+
+
 class FakeAccel:
     name = "fake"
     needs_userspace_lapic = False
 
     def __init__(self) -> None:
         self.tsc_calls: list[str] = []
-
-    def guest_tsc(self) -> int:
-        return 0
-
-    def stop_guest_tsc(self) -> None:
-        self.tsc_calls.append("stop")
-
-    def start_guest_tsc(self) -> None:
-        self.tsc_calls.append("start")
-
-    def reset_guest_tsc(self) -> None:
-        self.tsc_calls.append("reset")
+        self.tsc = FakeTsc(self.tsc_calls)
 
     def close(self) -> None:
         pass
