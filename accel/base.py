@@ -77,7 +77,11 @@ class GuestTscControl(Protocol):
 class Accelerator(Protocol):
     name: str
     needs_userspace_lapic: bool
-    tsc: GuestTscControl
+
+    @property
+    def tsc(self) -> GuestTscControl:
+        """The guest TSC of every vCPU (read-only in the protocol, so each accelerator keeps its own type)."""
+        ...
 
     def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
         """Bind guest RAM and the I/O dispatcher (create the VM, register memory slots)."""
