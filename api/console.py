@@ -16,6 +16,7 @@ import threading
 import time
 
 from pyemu.api.errors import ConsoleClosed, ConsoleError, ConsoleTimeout
+from pyemu.api.sockets import connect_stream
 
 MAX_OUTPUT = 8 << 20
 """Characters of console output kept; older output is dropped (and the match cursor moves with it)."""
@@ -38,13 +39,10 @@ class Console:
 
     @classmethod
     def connect_unix(cls, path: str, *, timeout: float = 10.0) -> "Console":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            sock = connect_stream(path, timeout)
         except OSError as error:
-            sock.close()
-            raise ConsoleError(f"cannot connect to the console at {path}: {error.strerror}") from error
+            raise ConsoleError(f"cannot connect to the console at {path}: {error.strerror or error}") from error
         sock.settimeout(None)
         return cls(sock)
 

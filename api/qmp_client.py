@@ -17,6 +17,7 @@ from typing import Any
 
 from pyemu.api.errors import CommandError, RemoteError, VmTimeout
 from pyemu.api.events import Event, EventStream
+from pyemu.api.sockets import connect_stream
 
 MAX_LINE = 64 << 20
 DEFAULT_TIMEOUT = 60.0
@@ -24,20 +25,10 @@ DEFAULT_TIMEOUT = 60.0
 
 def open_socket(address: str, timeout: float) -> socket.socket:
     """``address`` is a Unix socket path, or ``HOST:PORT`` for TCP (a path with ``/`` is always Unix)."""
-    host, sep, port = address.rpartition(":")
-    if sep and "/" not in address and port.isdigit():
-        try:
-            return socket.create_connection((host or "localhost", int(port)), timeout=timeout)
-        except OSError as error:
-            raise RemoteError(f"cannot connect to {address}: {error.strerror or error}") from error
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
-        sock.connect(address)
+        return connect_stream(address, timeout)
     except OSError as error:
-        sock.close()
         raise RemoteError(f"cannot connect to {address}: {error.strerror or error}") from error
-    return sock
 
 
 class QmpConnection:
