@@ -222,6 +222,7 @@ class Microvm(Machine):
             warn_report(warning)
         for device in self._devices_with_implicit_drives():
             self._add_device(device)
+        self._open_unused_chardevs()
 
         for index in range(self.vcpu_count):
             interrupts = self.lapics[index] if self.lapics else None
@@ -263,6 +264,20 @@ class Microvm(Machine):
             raise ConfigError("cannot use stdio by multiple character devices"
                               + (" (add -serial none or -serial null)" if serial_on_stdio else ""),
                               option="-chardev")
+
+    def _open_unused_chardevs(self) -> None:
+        """QEMU opens every ``-chardev`` at start-up, used or not (a socket listens, a file is created) and
+        ``query-chardev`` lists it with ``frontend-open: false``; the ones a monitor takes are its own."""
+        from pyemu.chardev.options import open_chardev_options
+
+        taken = {use.label for use in self.chardevs.uses()}
+        taken.update(m.chardev for m in self.config.monitors if m.chardev)
+        for options in self.config.chardevs:
+            if options.id in taken:
+                continue
+            backend = open_chardev_options(options)
+            self.backends.append(backend)
+            self.chardevs.add(options.id, backend, frontend_open=lambda: False)
 
     def _build_serial_ports(self, on_quit: Callable[[], None] | None) -> None:
         if not self.features.isa_serial:

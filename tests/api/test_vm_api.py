@@ -163,3 +163,18 @@ def test_pause_and_resume_under_kvm(spin_kernel: Path) -> None:
         vm.quit()
         assert vm.wait(TIMEOUT) == 0
         assert [event.name for event in vm.events] == ["STOP", "RESUME", "SHUTDOWN"]
+
+
+def test_unused_chardevs_are_opened_and_listed_as_qemu_does(spin_kernel: Path, short_dir: Path) -> None:
+    spare = short_dir / "spare.sock"
+    log = short_dir / "spare.log"
+    with tiny_vm(spin_kernel, "-serial", "null",
+                 "-chardev", f"socket,id=spare,path={spare},server=on,wait=off",
+                 "-chardev", f"file,id=trace,path={log}") as vm:
+        vm.start()
+        listed = {entry["label"]: entry for entry in vm.execute("query-chardev")}
+        assert listed["spare"] == {"label": "spare", "filename": f"disconnected:unix:{spare},server=on",
+                                   "frontend-open": False}
+        assert listed["trace"]["frontend-open"] is False
+        assert listed["serial0"]["frontend-open"] is True
+        assert spare.exists() and log.exists()  # opened like QEMU: listening, created
