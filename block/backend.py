@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pyemu.block import graph
+from pyemu.block.dirty_bitmap import existing_bitmaps
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.locking import BlockPerm
@@ -132,6 +133,7 @@ class BlockBackend:
             if self.cache.writethrough and not self.cache.no_flush:
                 self.root.flush()
         finally:
+            self._mark_dirty(offset, sum(memoryview(b).nbytes for b in buffers))
             self._leave()
 
     def flush(self) -> None:
@@ -153,6 +155,7 @@ class BlockBackend:
         try:
             self.root.discard(offset, length)
         finally:
+            self._mark_dirty(offset, length)
             self._leave()
 
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
@@ -165,6 +168,7 @@ class BlockBackend:
             if self.cache.writethrough and not self.cache.no_flush:
                 self.root.flush()
         finally:
+            self._mark_dirty(offset, length)
             self._leave()
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
@@ -199,6 +203,13 @@ class BlockBackend:
             self._inflight -= 1
             if not self._inflight:
                 self._cond.notify_all()
+
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        """Every enabled dirty bitmap of the node written records the range -- also after a failed request,
+        as QEMU does: its data may have changed partly."""
+        bitmaps = existing_bitmaps(self.root)
+        if bitmaps is not None:
+            bitmaps.mark(offset, length)
 
     def _check_writable(self, op: str, offset: int, extent: int | Sequence[bytes | memoryview]) -> None:
         if self._read_only:

@@ -151,6 +151,9 @@ class _Walker:
         if h.nb_snapshots:
             self.inc(h.snapshots_offset, max(image.snapshot_table_bytes, 1))
         self.inc(image.refcounts.table_offset, image.refcounts.table_clusters * self.cs)
+        store = getattr(image, "bitmap_store", None)
+        if store is not None:  # persistent bitmaps: directory, tables and data clusters are in use
+            store.count_references(self.inc)
         for i, entry in enumerate(image.refcounts.table):
             block = entry & REFTABLE_OFFSET_MASK
             if not block:

@@ -30,15 +30,17 @@ from dataclasses import replace
 from typing import Callable, Iterator, Sequence
 
 from pyemu.block import graph
+from pyemu.block.dirty_bitmap import BitmapError
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
 from pyemu.block.errors import BlockIOError, ReadOnlyError
 from pyemu.block.hostio import zero_chunks
 from pyemu.block.iovec import advance, byte_views, copy_in, take, total_length, zero_fill
+from pyemu.block.qcow2.bitmaps import Qcow2BitmapStore
 from pyemu.block.qcow2.compress import DecompressionError, compress_cluster, decompress_cluster
 from pyemu.block.qcow2.header import (OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSHOTS,
                                       Qcow2FormatError, Qcow2Header, parse_header, serialize_header)
 from pyemu.block.qcow2.layout import (ALL_ALLOC, ALL_ZERO, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO,
-                                      OFFSET_MASK, ClusterKind, Incompatible)
+                                      OFFSET_MASK, Autoclear, ClusterKind, Incompatible)
 from pyemu.block.qcow2.mapping import ClusterMap, Mapping, decode, entry_problem
 from pyemu.block.qcow2.refcount import Refcounts
 
@@ -137,6 +139,7 @@ class Qcow2Format:
         from pyemu.block.qcow2.snapshot import read_snapshot_table
         self.snapshot_table_bytes = 0
         self.snapshot_table = read_snapshot_table(self)
+        self.bitmap_store = Qcow2BitmapStore(self)
 
     # -- opening -------------------------------------------------------------------------------------------
 
@@ -158,9 +161,15 @@ class Qcow2Format:
         backing = open_backing(header) if open_backing is not None and header.backing_file else None
         try:
             image = cls(file, header, read_only=read_only, backing=backing)
+            image.bitmap_store.load()  # before a repair, so its check counts the bitmaps' clusters
             if not read_only:
                 image._open_for_writing()
+                image.bitmap_store.mark_in_use()
             image._opening = False
+        except BitmapError as exc:
+            if backing is not None:
+                backing.close()
+            raise Qcow2FormatError(file.filename, str(exc)) from exc
         except BlockIOError as exc:
             if backing is not None:
                 backing.close()
@@ -173,10 +182,11 @@ class Qcow2Format:
 
     def _open_for_writing(self) -> None:
         header = self.header
-        if header.autoclear_features:
-            # pyemu does not maintain persistent bitmaps yet: clearing the autoclear bit tells every reader
-            # that the bitmaps no longer match the data (the specification's contract for unknown writers).
-            self._update_header(replace(header, autoclear_features=0))
+        keep = Autoclear.BITMAPS if self.bitmap_store.entries else 0
+        if header.autoclear_features & ~keep:
+            # Autoclear bits pyemu does not maintain are cleared (the specification's contract for writers
+            # that do not know them); so is the bitmaps bit of a stale extension, which drops it.
+            self._update_header(replace(header, autoclear_features=header.autoclear_features & keep))
         if self.header.dirty:
             from pyemu.block.qcow2.check import check_image
             check_image(self, repair="all")
@@ -289,6 +299,7 @@ class Qcow2Format:
         try:
             if not self._read_only:
                 with self.gate.exclusive(), self._meta:
+                    self.bitmap_store.store()  # persistent bitmaps written, IN_USE cleared
                     self.quiesce_metadata()  # including the refcount decrements the flush applied
                 if self.header.dirty:
                     self._update_header(self.header.with_incompatible(Incompatible.DIRTY, False))
