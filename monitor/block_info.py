@@ -11,6 +11,7 @@ from typing import Any
 
 from pyemu.block.backend import BlockBackend
 from pyemu.block.driver import BlockDriver
+from pyemu.monitor.bitmap_commands import dirty_bitmap_info
 
 
 def _backing(node: BlockDriver) -> BlockDriver | None:
@@ -50,5 +51,10 @@ def block_info(device_id: str, drive_id: str, backend: BlockBackend) -> dict[str
     backing = _backing(root)
     if backing is not None:
         inserted["backing_file"] = backing.filename
-    return {"device": drive_id, "qdev": device_id, "type": "unknown", "removable": False, "locked": False,
-            "inserted": inserted}
+    info: dict[str, Any] = {"device": drive_id, "qdev": device_id, "type": "unknown", "removable": False,
+                            "locked": False, "inserted": inserted}
+    bitmaps = dirty_bitmap_info(root)
+    if bitmaps:  # in both places, as QEMU 7.2 (the BlockInfo member is its deprecated spelling)
+        inserted["dirty-bitmaps"] = bitmaps
+        info["dirty-bitmaps"] = bitmaps
+    return info

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from pyemu import __version__
 from pyemu.monitor import schema
+from pyemu.monitor.bitmap_commands import HANDLERS as BITMAP_HANDLERS
 from pyemu.monitor.block_info import block_info
 from pyemu.monitor.control import ControlApi, ControlError
 from pyemu.monitor.schema import QmpError
@@ -160,6 +161,7 @@ HANDLERS: dict[str, Handler] = {
     "system_powerdown": _system_powerdown,
     "quit": _quit,
 }
+HANDLERS.update(BITMAP_HANDLERS)
 SESSION_COMMANDS = frozenset({"qmp_capabilities"})
 """Commands the session itself serves."""
 

@@ -124,10 +124,12 @@ _TYPE_LIST: tuple[EnumType | StructType, ...] = (
                                            "backing_file_depth:int", "encrypted:bool", "detect_zeroes:str",
                                            "bps:int", "bps_rd:int", "bps_wr:int", "iops:int", "iops_rd:int",
                                            "iops_wr:int", "image:ImageInfo", "write_threshold:int",
-                                           "cache:BlockdevCacheInfo")),
+                                           "cache:BlockdevCacheInfo", "*dirty-bitmaps:[BlockDirtyInfo]")),
     StructType("ChardevInfo", _members("label:str", "filename:str", "frontend-open:bool")),
     StructType("BlockInfo", _members("device:str", "*qdev:str", "type:str", "removable:bool", "locked:bool",
-                                     "*inserted:BlockDeviceInfo")),
+                                     "*inserted:BlockDeviceInfo", "*dirty-bitmaps:[BlockDirtyInfo]")),
+    StructType("BlockDirtyInfo", _members("*name:str", "count:int", "granularity:int", "recording:bool",
+                                          "busy:bool", "persistent:bool", "*inconsistent:bool")),
 )
 TYPES: dict[str, EnumType | StructType] = {t.name: t for t in _TYPE_LIST}
 
@@ -155,6 +157,19 @@ COMMANDS: tuple[Command, ...] = (
     Command("system_reset", (), EMPTY, "reset the machine as the reset button does"),
     Command("system_powerdown", (), EMPTY, "press the ACPI power button (the guest decides what to do)"),
     Command("quit", (), EMPTY, "end pyemu (the reply comes first)"),
+    Command("block-dirty-bitmap-add", _members("node:str", "name:str", "*granularity:int", "*persistent:bool",
+                                               "*disabled:bool"), EMPTY,
+            "create a dirty bitmap on a node (persistent: stored in its qcow2 image)"),
+    Command("block-dirty-bitmap-remove", _members("node:str", "name:str"), EMPTY,
+            "delete a dirty bitmap (and from the image, if persistent)"),
+    Command("block-dirty-bitmap-clear", _members("node:str", "name:str"), EMPTY, "reset every bit of a bitmap"),
+    Command("block-dirty-bitmap-enable", _members("node:str", "name:str"), EMPTY,
+            "let a bitmap record writes again"),
+    Command("block-dirty-bitmap-disable", _members("node:str", "name:str"), EMPTY,
+            "stop a bitmap recording writes"),
+    # bitmaps: QEMU's alternate BlockDirtyBitmapOrStr (a name or {node, name}), checked by the handler.
+    Command("block-dirty-bitmap-merge", _members("node:str", "target:str", "bitmaps:[any]"), EMPTY,
+            "OR bitmaps into a target bitmap"),
 )
 COMMANDS_BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
 
