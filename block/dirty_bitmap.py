@@ -35,6 +35,13 @@ class BitmapError(BlockError):
     """A dirty bitmap operation was refused; the message is the one QEMU gives (QMP GenericError)."""
 
 
+def default_granularity(node: object) -> int:
+    """QEMU's default for a new bitmap: the image's cluster size clamped to [4 KiB, 64 KiB]; 64 KiB for
+    nodes without clusters (raw)."""
+    cluster = getattr(node, "cluster_size", 0)
+    return min(65536, max(4096, cluster)) if cluster else 65536
+
+
 def check_granularity(granularity: int) -> None:
     """A power of two between 512 B and 2 GiB, as QEMU requires."""
     if type(granularity) is not int or granularity < MIN_GRANULARITY or granularity > MAX_GRANULARITY \

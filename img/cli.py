@@ -26,6 +26,7 @@ VERSION = "0.1.0"
 COMMANDS: dict[str, tuple[str, int]] = {
     "amend": ("pyemu.img.amend", 1),
     "bench": ("pyemu.img.bench", 1),
+    "bitmap": ("pyemu.img.bitmap", 1),
     "check": ("pyemu.img.check", 1),
     "commit": ("pyemu.img.commit", 1),
     "compare": ("pyemu.img.compare", 2),
@@ -50,6 +51,8 @@ Command syntax:
   amend [-p] [-q] [-f fmt] [-t cache] -o options filename
   bench [-c count] [-d depth] [-f fmt] [--flush-interval=flush_interval] [-n] [--no-drain] [-o offset] \
 [--pattern=pattern] [-q] [-s buffer_size] [-S step_size] [-t cache] [-w] [-U] filename
+  bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file \
+[-F source_fmt]] [-g granularity] [--object objectdef] [-f fmt] filename bitmap
   check [-q] [-f fmt] [--output=ofmt] [-r [leaks | all]] [-T src_cache] [-U] filename
   commit [-q] [-f fmt] [-t cache] [-b base] [-d] [-p] filename
   compare [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2

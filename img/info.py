@@ -106,7 +106,7 @@ def image_info(node: BlockDriver, filename: str) -> dict[str, Any]:
     if disk >= 0:
         info["actual-size"] = disk
     if header is not None:
-        info["format-specific"] = {"type": "qcow2", "data": qcow2_specific(header)}
+        info["format-specific"] = {"type": "qcow2", "data": qcow2_specific(header, bitmap_info_list(node))}
         backing = getattr(header, "backing_file", None)
         if backing:
             info["full-backing-filename"] = full_backing_filename(filename, backing)
@@ -119,7 +119,9 @@ def image_info(node: BlockDriver, filename: str) -> dict[str, Any]:
     return info
 
 
-def qcow2_specific(header: Any) -> dict[str, Any]:
+def qcow2_specific(header: Any, bitmaps: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """ImageInfoSpecificQCow2; ``bitmaps`` (persistent bitmaps as stored) is listed only when there are
+    some, as qemu-img does."""
     data: dict[str, Any] = {}
     version = header.version
     data["compat"] = "0.10" if version == 2 else "1.1"
@@ -128,11 +130,18 @@ def qcow2_specific(header: Any) -> dict[str, Any]:
     data["compression-type"] = compression_name(header)
     if version >= 3:
         data["lazy-refcounts"] = bool(header.lazy_refcounts)
+    if bitmaps:
+        data["bitmaps"] = bitmaps
     data["refcount-bits"] = header.refcount_bits
     if version >= 3:
         data["corrupt"] = bool(header.corrupt)
         data["extended-l2"] = bool(header.extended_l2)
     return data
+
+
+def bitmap_info_list(node: BlockDriver) -> list[dict[str, Any]]:
+    from pyemu.block.qcow2.bitmaps import info_list
+    return info_list(node)  # type: ignore[arg-type]
 
 
 def human(info: dict[str, Any]) -> str:
@@ -155,10 +164,23 @@ def human(info: dict[str, Any]) -> str:
         lines.extend(snapshot_table([_SnapshotView(s) for s in info["snapshots"]]))
     if "format-specific" in info:
         lines.append("Format specific information:")
-        for key, value in qjson.ordered_items(info["format-specific"]["data"]):
-            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-            lines.append(f"    {key.replace('-', ' ')}: {text}")
+        _human_value(info["format-specific"]["data"], 1, lines)
     return "\n".join(lines)
+
+
+def _human_value(value: Any, level: int, lines: list[str]) -> None:
+    """qemu-img's human dump of nested data: ``key: value``, lists as ``[i]:``, four spaces a level."""
+    pad = "    " * level
+    items = qjson.ordered_items(value) if isinstance(value, dict) else \
+        [(f"[{i}]", v) for i, v in enumerate(value)]
+    for key, item in items:
+        label = key.replace("-", " ") if isinstance(value, dict) else key
+        if isinstance(item, (dict, list)):
+            lines.append(f"{pad}{label}:")
+            _human_value(item, level + 1, lines)
+        else:
+            text = ("true" if item else "false") if isinstance(item, bool) else str(item)
+            lines.append(f"{pad}{label}: {text}")
 
 
 class _SnapshotView:

@@ -81,8 +81,8 @@ def _pretty(value: Any, level: int, out: list[str]) -> None:
             out.append(",\n" if i + 1 < len(items) else "\n")
         out.append("    " * level + "}")
     elif isinstance(value, (list, tuple)):
-        if not value:
-            out.append("[]")
+        if not value:  # QEMU's formatter still breaks the line: "[", newline, indented "]"
+            out.append("[\n" + "    " * level + "]")
             return
         out.append("[\n")
         for i, item in enumerate(value):

@@ -17,11 +17,10 @@ from typing import Any, Iterator
 
 from pyemu.block import graph
 from pyemu.block.dirty_bitmap import (BitmapError, DirtyBitmap, bitmaps_of, check_granularity, check_modifiable,
-                                      existing_bitmaps)
+                                      default_granularity, existing_bitmaps)
 from pyemu.monitor.control import ControlApi
 from pyemu.monitor.schema import QmpError
 
-DEFAULT_GRANULARITY = 65536
 MAX_QMP_GRANULARITY = (1 << 32) - 1  # QEMU's argument is a uint32
 
 
@@ -49,12 +48,6 @@ def resolve_node(api: ControlApi, name: str) -> object:
     if node is None:
         raise QmpError(f"Cannot find device='{name}' nor node-name='{name}'")
     return node
-
-
-def default_granularity(node: object) -> int:
-    """QEMU's choice: the image's cluster size clamped to [4 KiB, 64 KiB]; 64 KiB without clusters."""
-    cluster = getattr(node, "cluster_size", 0)
-    return min(65536, max(4096, cluster)) if cluster else DEFAULT_GRANULARITY
 
 
 def _lookup(api: ControlApi, node_name: str, bitmap_name: str) -> tuple[object, DirtyBitmap]:
