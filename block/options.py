@@ -23,14 +23,15 @@ from pyemu.block.errors import BlockConfigError
 from pyemu.block.file import LOCKING_MODES, FileProtocol
 from pyemu.block.locking import default_permissions
 from pyemu.block.image import open_image, probe_format
+from pyemu.block.nbd.uri import is_nbd_url, target_from_options
 from pyemu.block.raw import SECTOR_SIZE, RawFormat
 
-FORMATS = ("raw", "qcow2", "file")
+FORMATS = ("raw", "qcow2", "file", "nbd")
 INTERFACES = ("none", "virtio")
 UNSUPPORTED_INTERFACES = ("ide", "scsi", "floppy", "pflash", "mtd", "sd", "xen")
 AIO_MODES = ("threads", "native")
 _KNOWN_FORMATS_NOT_YET = ("qcow", "vmdk", "vdi", "vhdx", "vpc", "qed", "luks", "dmg", "parallels",
-                          "cloop", "bochs", "vvfat", "nbd", "host_device", "host_cdrom")
+                          "cloop", "bochs", "vvfat", "host_device", "host_cdrom")
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 _SIZE_RE = re.compile(r"(0[xX][0-9a-fA-F]+|[0-9]+)\s*([bBkKmMgGtTpPeE]?)\Z")
 _SIZE_SHIFT = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
@@ -93,6 +94,8 @@ class DriveOptions:
     snapshot: bool = False
     offset: int = 0
     size: int | None = None
+    reconnect_delay: int = 0
+    """NBD only: seconds requests wait for a lost NBD connection to come back (QEMU's reconnect-delay)."""
 
     def __post_init__(self) -> None:
         if not self.file:
@@ -136,6 +139,11 @@ class DriveOptions:
             raise _error(f"Parameter 'size' expects a non-negative integer, not {self.size!r}")
         if self.size is not None and self.size % SECTOR_SIZE:
             raise _error(f"Specified size is not multiple of {SECTOR_SIZE}")
+        if type(self.reconnect_delay) is not int or self.reconnect_delay < 0:  # noqa: E721
+            raise _error(f"Parameter 'reconnect-delay' expects a non-negative integer, not {self.reconnect_delay!r}")
+        if self.format == "nbd" and not is_nbd_url(self.file):
+            raise _error(f"format 'nbd' needs an NBD URL (nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket="
+                         f"PATH), not '{self.file}'")
         if self.format not in ("raw", None) and (self.offset or self.size is not None):
             raise _error(f"Block format '{self.format}' does not support the option "
                          f"'{'offset' if self.offset else 'size'}'")
@@ -169,8 +177,19 @@ class DriveOptions:
         values: dict[str, object] = {}
         cache_name: str | None = None
         cache_overrides: dict[str, bool] = {}
+        nbd_props: dict[str, str] = {}
         for key, value in props:
-            if key == "file":
+            if key in ("driver", "file.driver"):
+                if value != "nbd":
+                    raise _error(f"driver '{value}' is not supported here (use format=)")
+                nbd_props["driver"] = value
+            elif key.startswith(("server.", "file.server.")) or key in ("export", "file.export"):
+                nbd_props[key.removeprefix("file.")] = value
+            elif key in ("reconnect-delay", "file.reconnect-delay"):
+                if not value.isdigit():
+                    raise _error(f"Parameter 'reconnect-delay' expects a non-negative integer, not '{value}'")
+                values["reconnect_delay"] = int(value)
+            elif key == "file":
                 values["file"] = value
             elif key == "format":
                 values["format"] = value
@@ -210,6 +229,16 @@ class DriveOptions:
                 values["size"] = parse_size(key, value)
             else:
                 raise _error(f"Invalid parameter '{key}'")
+        if nbd_props:
+            if "file" in values:
+                raise _error("file= cannot be combined with driver=nbd options (use one or the other)")
+            if nbd_props.pop("driver", None) != "nbd":
+                raise _error("server.* and export options need driver=nbd")
+            try:
+                values["file"] = target_from_options(nbd_props).url()
+            except BlockConfigError as exc:
+                raise _error(str(exc)) from exc
+            values.setdefault("format", "raw")
         if "file" not in values:
             raise _error("parameter 'file' is required (empty drives are not supported)")
         cache = CacheMode.parse(cache_name) if cache_name is not None else CacheMode()
@@ -256,6 +285,8 @@ def open_drive(options: DriveOptions, *, warn: Callable[[str], None] | None = No
 
 
 def _open_root(options: DriveOptions, fmt: str, *, read_only: bool, guard_block0: bool) -> BlockDriver:
+    if is_nbd_url(options.file):
+        return _open_nbd_root(options, fmt, read_only=read_only, guard_block0=guard_block0)
     if fmt == "qcow2":
         perm, shared = default_permissions(read_only=read_only)
         return open_image(options.file, format="qcow2", read_only=read_only, cache_direct=options.cache.direct,
@@ -269,6 +300,23 @@ def _open_root(options: DriveOptions, fmt: str, *, read_only: bool, guard_block0
         return RawFormat(protocol, offset=options.offset, size=options.size, guard_block0=guard_block0)
     except BaseException:
         protocol.close()
+        raise
+
+
+def _open_nbd_root(options: DriveOptions, fmt: str, *, read_only: bool, guard_block0: bool) -> BlockDriver:
+    """raw (with its window) or qcow2 over the ``nbd`` protocol node, or the bare node for format=nbd."""
+    from pyemu.block.nbd.image import open_nbd_image
+
+    if fmt == "qcow2":
+        return open_nbd_image(options.file, format="qcow2", read_only=read_only,
+                              reconnect_delay=options.reconnect_delay)
+    node = open_nbd_image(options.file, format="nbd", read_only=read_only, reconnect_delay=options.reconnect_delay)
+    if fmt in ("nbd", "file"):
+        return node
+    try:
+        return RawFormat(node, offset=options.offset, size=options.size, guard_block0=guard_block0)
+    except BaseException:
+        node.close()
         raise
 
 
