@@ -28,6 +28,7 @@ from pyemu.block.errors import BlockError
 MIN_GRANULARITY = 512
 MAX_GRANULARITY = 1 << 31
 MAX_NAME_BYTES = 1023  # qcow2's limit; QEMU applies it to every bitmap name
+MAX_BITMAP_BYTES = 1 << 29  # 512 MiB of bits (QEMU's limit for a stored bitmap): a 2 TiB disk at 512 B
 _SCAN_CHUNK = 1 << 16  # bytes examined per C-level scan step
 
 
@@ -59,6 +60,9 @@ class DirtyBitmap:
         check_granularity(granularity)
         if size < 0:
             raise BitmapError(f"Bitmap '{name}': negative size {size}")
+        if -(-size // granularity) > MAX_BITMAP_BYTES * 8:
+            raise BitmapError(f"Bitmap '{name}' would need {-(-size // granularity) // 8} bytes of memory "
+                              f"(more than {MAX_BITMAP_BYTES}); use a larger granularity")
         self.name = name
         self.size = size
         self.granularity = granularity

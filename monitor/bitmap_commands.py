@@ -75,9 +75,6 @@ def block_dirty_bitmap_add(api: ControlApi, args: dict[str, Any]) -> Any:
     name = args["name"]
     persistent = args.get("persistent", False)
     _guard(lambda: check_granularity(granularity))
-    if persistent and getattr(node, "read_only", False) and bitmaps_of(node).store is not None \
-            and name not in bitmaps_of(node):
-        raise QmpError(f"Can't make bitmap '{name}' persistent in '{args['node']}': the node is read-only")
     _guard(lambda: bitmaps_of(node).create(name, granularity=granularity, persistent=persistent,
                                             enabled=not args.get("disabled", False), node_label=args["node"]))
     return {}

@@ -50,6 +50,7 @@ MIN_GRANULARITY_BITS = 9
 MAX_GRANULARITY_BITS = 31
 MAX_TABLE_ENTRIES = 0x8000000    # QEMU's BME_MAX_TABLE_SIZE
 MAX_BITMAP_BYTES = 0x20000000    # QEMU's BME_MAX_PHYS_SIZE: bounds the memory one bitmap may take
+MAX_LOADED_BYTES = 1 << 30       # and all bitmaps of one image together (a hostile directory may list 65535)
 TABLE_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
 TABLE_RESERVED = 0xFF00_0000_0000_01FE
 TABLE_ALL_ONES = 1
@@ -138,6 +139,7 @@ def parse_directory(image: "Qcow2Format", data: bytes) -> tuple[int, int, list[B
     raw = image.read_meta(dir_offset, dir_size)
     entries: list[BitmapEntry] = []
     names: set[str] = set()
+    loaded = 0
     pos = 0
     for index in range(count):
         if pos + _ENTRY.size > dir_size:
@@ -166,6 +168,10 @@ def parse_directory(image: "Qcow2Format", data: bytes) -> tuple[int, int, list[B
             raise BitmapFormatError(f"{label} has invalid granularity 2^{gbits}")
         if bitmap_bytes(image.header.size, 1 << gbits) > MAX_BITMAP_BYTES or table_size > MAX_TABLE_ENTRIES:
             raise BitmapFormatError(f"{label} is too large")
+        loaded += bitmap_bytes(image.header.size, 1 << gbits)
+        if loaded > MAX_LOADED_BYTES:
+            raise BitmapFormatError(f"The bitmaps of this image would need more than {MAX_LOADED_BYTES} bytes "
+                                    "of memory")
         expected = table_entries(image.header.size, 1 << gbits, image.cluster_size)
         if table_size != expected:
             raise BitmapFormatError(f"{label}: bitmap table size {table_size} does not match the image "

@@ -142,3 +142,9 @@ def test_set_marks_only_enabled_bitmaps_and_refuses_what_qemu_refuses() -> None:
     bitmaps.remove("off")  # but can be removed
     with pytest.raises(BitmapError, match="Dirty bitmap 'off' not found"):
         bitmaps.remove("off")
+
+
+def test_memory_is_bounded() -> None:
+    with pytest.raises(BitmapError, match="use a larger granularity"):
+        DirtyBitmap("huge", 8 << 40, 512)  # 2 GiB of bits for an 8 TiB disk at 512 B
+    assert DirtyBitmap("ok", 8 << 40, 65536).serialized_size() == 16 << 20

@@ -264,3 +264,47 @@ def test_stale_extension_after_a_bitmap_unaware_writer_is_ignored(image: Path) -
     assert len(bitmaps_of(node)) == 0
     node.close()
     assert qemu_bitmaps(image) == []
+
+
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="qemu-system-x86_64 not installed")
+def test_bitmap_qemu_system_added_over_qmp_and_dirtied(image: Path, tmp_path: Path) -> None:
+    """A running QEMU adds a persistent bitmap over QMP, its block layer writes (HMP qemu-io), it quits:
+    pyemu reads exactly the granules QEMU marked."""
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
+    sock = tmp_path / "qmp.sock"
+
+    async def scenario() -> None:
+        proc = await asyncio.create_subprocess_exec(
+            "qemu-system-x86_64", "-M", "none", "-S", "-nodefaults", "-display", "none",
+            "-drive", f"file={image},format=qcow2,if=none,id=drive0",
+            "-qmp", f"unix:{sock},server=on,wait=off",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            for _ in range(600):
+                if sock.exists():
+                    break
+                await asyncio.sleep(0.1)
+            client = QMPClient("pyemu-test")
+            await client.connect(str(sock))
+            await client.execute("block-dirty-bitmap-add", {"node": "drive0", "name": "q", "granularity": 4096,
+                                                            "persistent": True})
+            for command in ('qemu-io drive0 "write 0 64k"', 'qemu-io drive0 "write 7M 100"',
+                            'qemu-io drive0 "write -z 12M 1M"'):
+                out = await client.execute("human-monitor-command", {"command-line": command})
+                assert "error" not in str(out).lower(), out
+            await client.execute("quit")
+            await client.disconnect()
+        finally:
+            await asyncio.wait_for(proc.wait(), 60)
+
+    asyncio.run(scenario())
+    assert qemu_bitmaps(image) == [{"flags": ["auto"], "name": "q", "granularity": 4096}]
+    node = open_image(str(image), read_only=True)
+    try:
+        bitmap = bitmaps_of(node).find("q")
+        assert list(bitmap.dirty_extents()) == [(0, 65536), (7 * MiB, 4096), (12 * MiB, MiB)]
+    finally:
+        node.close()

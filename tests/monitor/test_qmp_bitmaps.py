@@ -37,13 +37,13 @@ def disks(short_dir: Path) -> tuple[Path, Path]:
     return qcow2, raw
 
 
-def make_vm(short_dir: Path, qcow2: Path, raw: Path, *, raw_read_only: bool = False) -> pyemu.VM:
+def make_vm(short_dir: Path, qcow2: Path, raw: Path, *extra: str, raw_read_only: bool = False) -> pyemu.VM:
     kernel = short_dir / "spin.bin"
     kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
     ro = ",readonly=on" if raw_read_only else ""
     return pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
                     "-drive", f"file={qcow2},format=qcow2,if=virtio,id=disk0",
-                    "-drive", f"file={raw},format=raw,if=virtio,id=disk1{ro}")
+                    "-drive", f"file={raw},format=raw,if=virtio,id=disk1{ro}", *extra)
 
 
 def backend(vm: pyemu.VM, drive_id: str):  # type: ignore[no-untyped-def]
@@ -162,3 +162,21 @@ def test_persistent_bitmap_survives_a_restart(short_dir: Path, disks: tuple[Path
         vm.execute("block-dirty-bitmap-remove", {"node": "disk0", "name": "inc"})
     info = json.loads(run("qemu-img", "info", "--output=json", str(qcow2)))
     assert "bitmaps" not in info["format-specific"]["data"]
+
+
+def test_bitmaps_of_a_read_only_drive(short_dir: Path, disks: tuple[Path, Path]) -> None:
+    qcow2, raw = disks
+    other = short_dir / "ro.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(other), str(MiB))
+    run("qemu-img", "bitmap", "--add", str(other), "stored")
+    with make_vm(short_dir, qcow2, raw, "-drive", f"file={other},format=qcow2,if=virtio,id=disk2,readonly=on") as vm:
+        vm.start()
+        assert bitmaps(vm, "disk2")["stored"]["persistent"] is True
+        refused(vm, "block-dirty-bitmap-add", {"node": "disk2", "name": "p", "persistent": True},
+                "Can't make bitmap 'p' persistent in 'disk2': the image is opened read-only")
+        for command in ("block-dirty-bitmap-clear", "block-dirty-bitmap-disable", "block-dirty-bitmap-remove"):
+            refused(vm, command, {"node": "disk2", "name": "stored"},
+                    "Bitmap 'stored' is readonly and cannot be modified")
+        vm.execute("block-dirty-bitmap-add", {"node": "disk2", "name": "mem"})  # in memory only: allowed
+    assert json.loads(run("qemu-img", "info", "--output=json", str(other)))["format-specific"]["data"][
+        "bitmaps"] == [{"flags": ["auto"], "name": "stored", "granularity": 65536}]
