@@ -133,14 +133,32 @@ class DirtyBitmap:
         if other.size != self.size:
             raise BitmapError("Bitmaps are incompatible and can't be merged")
         if other.granularity == self.granularity:
-            with other._lock:
-                src = int.from_bytes(other._bits, "little")
+            src = other.copy_bits()
             with self._lock:
-                merged = int.from_bytes(self._bits, "little") | src
-                self._bits[:] = merged.to_bytes(len(self._bits), "little")
+                for start in range(0, len(src), _SCAN_CHUNK):  # bounded temporaries, C-speed OR
+                    end = min(len(src), start + _SCAN_CHUNK)
+                    merged = int.from_bytes(self._bits[start:end], "little") | int.from_bytes(src[start:end],
+                                                                                               "little")
+                    self._bits[start:end] = merged.to_bytes(end - start, "little")
             return
         for start, length in list(other.dirty_extents(0, self.size)):
             self.set_range(start, length)
+
+    def resize(self, size: int) -> None:
+        """Follow the node to a new size (image resize): bits of the kept range stay, a grown range is
+        clean, bits past a shrunk end are dropped."""
+        nbits = -(-size // self.granularity)
+        if nbits > MAX_BITMAP_BYTES * 8:
+            raise BitmapError(f"Bitmap '{self.name}' would need {nbits // 8} bytes of memory "
+                              f"(more than {MAX_BITMAP_BYTES}); use a larger granularity")
+        with self._lock:
+            bits = bytearray(-(-nbits // 8))
+            keep = min(len(bits), len(self._bits))
+            bits[:keep] = self._bits[:keep]
+            spare = len(bits) * 8 - nbits
+            if spare and bits:
+                bits[-1] &= 0xFF >> spare
+            self._bits, self.size, self.nbits = bits, size, nbits
 
     def copy_bits(self) -> bytes:
         with self._lock:

@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable
 
-from pyemu.block.dirty_bitmap import BitmapError, DirtyBitmap, bitmaps_of
+from pyemu.block.dirty_bitmap import BitmapError, DirtyBitmap, bitmaps_of, check_modifiable
 from pyemu.block.qcow2.layout import EXT_BITMAPS, Autoclear
 from pyemu.block.qcow2.refcount import array_from_be64, be64_bytes
 
@@ -275,6 +275,23 @@ class Qcow2BitmapStore:
             return
         with image.gate.exclusive(), image._meta:
             self._commit([e for e in self.entries.values() if e.name != name], frees=self._extents(entry))
+
+    # -- resize --------------------------------------------------------------------------------------------
+
+    def check_resize(self) -> None:
+        """Refuse a resize that would leave a stored bitmap behind (QEMU's qcow2_truncate_bitmaps_check):
+        every bitmap must be loaded and usable, since the resized ones are written at close."""
+        bitmaps = bitmaps_of(self.image)
+        for name in self.entries:
+            bitmap = bitmaps.get(name)
+            if bitmap is None:
+                raise BitmapError("Cannot resize qcow2 with persistent bitmaps that were not loaded")
+            check_modifiable(bitmap)
+
+    def resize(self, size: int) -> None:
+        """The image now has ``size`` bytes: every bitmap of the node follows."""
+        for bitmap in bitmaps_of(self.image):
+            bitmap.resize(size)
 
     # -- closing -------------------------------------------------------------------------------------------
 

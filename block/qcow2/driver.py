@@ -877,7 +877,12 @@ class Qcow2Format:
         from pyemu.block.qcow2.resize import resize_image
         self._check_writable("resize", -1, -1)
         with self.gate.exclusive(), self._meta:
+            try:
+                self.bitmap_store.check_resize()
+            except BitmapError as exc:
+                raise BlockIOError(f"Failed to resize bitmaps: {exc}", errno=errno.EINVAL) from None
             resize_image(self, size, shrink=shrink)
+            self.bitmap_store.resize(self.header.size)
 
     def make_empty(self) -> None:
         """Drop every cluster of the active image so it reads entirely from its backing file (what

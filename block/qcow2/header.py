@@ -252,13 +252,24 @@ def _parse_extensions(buf: bytes, start: int, end: int, filename: str, *, backin
         elif kind == EXT_CRYPTO:
             raise Qcow2FormatError(filename, "encrypted qcow2 images are not supported by pyemu")
         else:
-            unknown.append((kind, data))  # includes EXT_BITMAPS: kept intact for tools that know it
+            unknown.append((kind, data))  # includes EXT_BITMAPS, which qcow2/bitmaps.py reads and rewrites
     ext.unknown = tuple(unknown)
     return ext
 
 
 def serialize_header(header: Qcow2Header) -> bytes:
-    """The header, its extensions and the backing file name, as they go at offset 0 (fits one cluster)."""
+    """The header, its extensions and the backing file name, as they go at offset 0 (fits one cluster).
+    The feature name table is only a help for other tools: when it does not fit (512-byte clusters with
+    a bitmaps extension or a backing file), it is left out, as QEMU does."""
+    try:
+        return _serialize_header(header, feature_table=True)
+    except BlockConfigError:
+        if header.version < 3:
+            raise
+        return _serialize_header(header, feature_table=False)
+
+
+def _serialize_header(header: Qcow2Header, *, feature_table: bool) -> bytes:
     out = bytearray(_V2.pack(MAGIC, header.version, 0, 0, header.cluster_bits, header.size, 0, header.l1_size,
                              header.l1_table_offset, header.refcount_table_offset,
                              header.refcount_table_clusters, header.nb_snapshots, header.snapshots_offset))
@@ -275,7 +286,7 @@ def serialize_header(header: Qcow2Header) -> bytes:
 
     if header.backing_file and header.backing_format:
         extension(EXT_BACKING_FORMAT, header.backing_format.encode())
-    if header.version == 3:
+    if header.version == 3 and feature_table:
         table = b"".join(struct.pack(">BB46s", t, b, n.encode()) for t, b, n in FEATURE_NAMES)
         extension(EXT_FEATURE_TABLE, table)
     for kind, data in header.unknown_extensions:

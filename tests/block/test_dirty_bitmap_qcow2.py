@@ -308,3 +308,43 @@ def test_bitmap_qemu_system_added_over_qmp_and_dirtied(image: Path, tmp_path: Pa
         assert list(bitmap.dirty_extents()) == [(0, 65536), (7 * MiB, 4096), (12 * MiB, MiB)]
     finally:
         node.close()
+
+
+@pytest.mark.parametrize("new_size", [40 * MiB, 8 * MiB])
+def test_resize_resizes_the_bitmaps_as_qemu_does(tmp_path: Path, new_size: int) -> None:
+    from pyemu.img.cli import main as pyemu_img
+
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=512", str(ours), str(16 * MiB))
+    run("qemu-img", "bitmap", "--add", "-g", "512", str(ours), "b")
+    run("qemu-io", "-f", "qcow2", "-c", "write 1M 4k", "-c", "write 15M 1M", str(ours))
+    shutil.copyfile(ours, theirs)
+    shrink = ["--shrink"] if new_size < 16 * MiB else []
+    run("qemu-img", "resize", *shrink, str(theirs), str(new_size))
+    assert pyemu_img(["resize", *shrink, str(ours), str(new_size)]) == 0
+    for path in (ours, theirs):
+        qemu_check_clean(path)
+        run("qemu-io", "-f", "qcow2", "-c", f"write {new_size - 4096} 4k", str(path))  # QEMU can use it
+        node = open_image(str(path), read_only=True)
+        try:
+            extents = list(bitmaps_of(node).find("b").dirty_extents())
+        finally:
+            node.close()
+        expected = [(MiB, 4096)] + ([(15 * MiB, MiB)] if new_size > 16 * MiB else []) + [(new_size - 4096, 4096)]
+        assert extents == expected, path
+
+
+def test_resize_is_refused_with_an_inconsistent_bitmap(image: Path, tmp_path: Path) -> None:
+    run("qemu-img", "bitmap", "--add", str(image), "b")
+    node = open_image(str(image), read_only=False)
+    crashed = tmp_path / "crashed.qcow2"
+    shutil.copyfile(image, crashed)
+    node.close()
+    node = open_image(str(crashed), read_only=False)
+    try:
+        with pytest.raises(Exception, match="Failed to resize bitmaps: Bitmap 'b' is inconsistent"):
+            node.truncate(32 * MiB)  # type: ignore[attr-defined]
+        assert node.size() == 16 * MiB
+    finally:
+        node.close()
+    qemu_check_clean(crashed)
