@@ -153,7 +153,7 @@ class NodeRegistry:
         """The entry of node-name ``name``; NodeNotFoundError with QEMU's blockdev-del wording otherwise."""
         entry = self.get(name)
         if entry is None:
-            raise NodeNotFoundError(f"Failed to find node with node name='{name}'")
+            raise NodeNotFoundError(f"Failed to find node with node-name='{name}'")
         return entry
 
     def entry_of(self, node: object) -> NodeEntry | None:
@@ -214,22 +214,25 @@ class NodeRegistry:
     def remove(self, name: str, *, by_monitor: bool = True) -> list[NodeEntry]:
         """Unregister ``name`` and the inline children it owns (which nobody else uses); return the entries
         removed, parent first, for the caller to close. Nothing changes when an error is raised:
-        NodeNotFoundError, NodeRegistryError ("Node 'x' is not owned by the monitor") or NodeInUseError."""
+        NodeNotFoundError, NodeRegistryError ("Node x is not owned by the monitor") or NodeInUseError
+        ("Node x is in use" for a drive's root, "Block device x is in use" for a child of another node,
+        "Node 'x' is busy: ..." for a blocker such as a job)."""
         with self._lock:
             entry = self.node(name)
-            if by_monitor and not entry.monitor_owned:
-                raise NodeRegistryError(f"Node {name} is not owned by the monitor")
+            # QEMU 7.2's blockdev-del checks, in its order and words.
             if self.in_use_by_backend(name):
                 raise NodeInUseError(f"Node {name} is in use")
-            reasons = self.users(name)
-            if reasons:
-                raise NodeInUseError(f"Node '{name}' is busy: {reasons[0]}")
+            if entry.blockers:
+                raise NodeInUseError(f"Node '{name}' is busy: {entry.blockers[0]}")
+            if by_monitor and not entry.monitor_owned:
+                raise NodeRegistryError(f"Node {name} is not owned by the monitor")
+            if self.parents(name):
+                raise NodeInUseError(f"Block device {name} is in use")
             removed = [entry]
             del self._nodes[name]
             for child in list(entry.children.values()):
                 child_entry = self._nodes.get(child)
                 if child_entry is not None and child_entry.owner == name and not self.users(child):
-                    entry.children = {r: c for r, c in entry.children.items() if c != child}
                     removed += self.remove(child, by_monitor=False)
             return removed
 
