@@ -206,7 +206,10 @@ class BlockBackend:
 
     def _mark_dirty(self, offset: int, length: int) -> None:
         """Every enabled dirty bitmap of the node written records the range -- also after a failed request,
-        as QEMU does: its data may have changed partly."""
+        as QEMU does: its data may have changed partly. Nodes that mark their own bitmaps (qcow2, for tools
+        that write it without a backend) are left to do so."""
+        if getattr(self.root, "marks_own_bitmaps", False):
+            return
         bitmaps = existing_bitmaps(self.root)
         if bitmaps is not None:
             bitmaps.mark(offset, length)

@@ -276,6 +276,10 @@ class Qcow2BitmapStore:
         with image.gate.exclusive(), image._meta:
             self._commit([e for e in self.entries.values() if e.name != name], frees=self._extents(entry))
 
+    def has_persistent(self) -> bool:
+        """Does the image hold (or will it store at close) any persistent bitmap?"""
+        return bool(self.entries) or any(b.persistent for b in bitmaps_of(self.image))
+
     # -- resize --------------------------------------------------------------------------------------------
 
     def check_resize(self) -> None:

@@ -30,7 +30,7 @@ from dataclasses import replace
 from typing import Callable, Iterator, Sequence
 
 from pyemu.block import graph
-from pyemu.block.dirty_bitmap import BitmapError
+from pyemu.block.dirty_bitmap import BitmapError, existing_bitmaps
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
 from pyemu.block.errors import BlockIOError, ReadOnlyError
 from pyemu.block.hostio import zero_chunks
@@ -233,8 +233,11 @@ class Qcow2Format:
         if not length:
             return
         self._check_open(offset, length)
-        with self.gate.shared():
-            self._write(offset, views, length)
+        try:
+            with self.gate.shared():
+                self._write(offset, views, length)
+        finally:
+            self._mark_bitmaps(offset, length)
 
     def flush(self) -> None:
         self._check_open(-1, -1)
@@ -254,9 +257,12 @@ class Qcow2Format:
         end = (offset + length) // cs if offset + length < self.header.size else -(-(offset + length) // cs)
         if first >= end:
             return
-        with self.gate.shared():
-            zero = self.header.backing_file is not None and self.header.version >= 3
-            self._unmap_clusters(first, end, zero=zero)
+        try:
+            with self.gate.shared():
+                zero = self.header.backing_file is not None and self.header.version >= 3
+                self._unmap_clusters(first, end, zero=zero)
+        finally:
+            self._mark_bitmaps(offset, length)
 
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
         check_request(offset, length, self.header.size, what="write-zeroes")
@@ -264,6 +270,12 @@ class Qcow2Format:
         self._check_open(offset, length)
         if not length:
             return
+        try:
+            self._write_zeroes(offset, length, may_unmap=may_unmap)
+        finally:
+            self._mark_bitmaps(offset, length)
+
+    def _write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
         with self.gate.shared():
             unit = self.geometry.subcluster_size if self.geometry.extended_l2 else self.cluster_size
             first = -(-offset // unit) * unit
@@ -776,6 +788,7 @@ class Qcow2Format:
                 self.map.set_entry(vcluster, self.geometry.compressed_entry(host, len(packed)), 0)
                 self._release_old(word)
                 self._maybe_write_back()
+        self._mark_bitmaps(offset, len(data))
 
     # -- metadata write-back -------------------------------------------------------------------------------
 
@@ -803,6 +816,16 @@ class Qcow2Format:
             self.refcounts.drop_cache()
 
     # -- checks --------------------------------------------------------------------------------------------
+
+    marks_own_bitmaps = True
+    """Every write path of this node marks its dirty bitmaps itself (so do tools writing the node directly:
+    commit into a base, rebase, convert -n), as QEMU marks the node a write lands on; a BlockBackend over it
+    leaves the marking to it."""
+
+    def _mark_bitmaps(self, offset: int, length: int) -> None:
+        bitmaps = existing_bitmaps(self)
+        if bitmaps is not None:
+            bitmaps.mark(offset, length)
 
     def _check_open(self, offset: int, length: int) -> None:
         if self._closed:

@@ -146,6 +146,11 @@ def amend_image(image: "Qcow2Format", *, compat: str | None, lazy_refcounts: boo
             raise ImageOperationError("Cannot downgrade an image with extended L2 entries", errno=errno.ENOTSUP)
         if header.refcount_order != 4:
             raise ImageOperationError("compat=0.10 requires refcount_bits=16", errno=errno.ENOTSUP)
+        if image.bitmap_store.has_persistent():
+            # v2 has no autoclear bits: its bitmaps would be stale for every reader and their clusters leak
+            # (qemu-img 7.2 downgrades anyway and leaves exactly that); refuse and keep the image intact.
+            raise ImageOperationError("Cannot downgrade an image with persistent bitmaps (remove them with "
+                                      "'bitmap --remove' first)", errno=errno.ENOTSUP)
         _expand_zero_clusters(image)
     compatible = (header.compatible_features | Compatible.LAZY_REFCOUNTS) if lazy else \
         (header.compatible_features & ~Compatible.LAZY_REFCOUNTS)

@@ -348,3 +348,17 @@ def test_resize_is_refused_with_an_inconsistent_bitmap(image: Path, tmp_path: Pa
     finally:
         node.close()
     qemu_check_clean(crashed)
+
+
+def test_downgrade_to_v2_is_refused_while_bitmaps_exist(image: Path) -> None:
+    from pyemu.img.cli import main as pyemu_img
+
+    run("qemu-img", "bitmap", "--add", str(image), "b")
+    before = image.read_bytes()
+    assert pyemu_img(["amend", "-o", "compat=0.10", str(image)]) == 1
+    assert qemu_bitmaps(image) == [{"flags": ["auto"], "name": "b", "granularity": 65536}]
+    qemu_check_clean(image)
+    run("qemu-img", "bitmap", "--remove", str(image), "b")
+    assert pyemu_img(["amend", "-o", "compat=0.10", str(image)]) == 0
+    qemu_check_clean(image)
+    assert before != image.read_bytes()

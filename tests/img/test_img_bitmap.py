@@ -110,3 +110,21 @@ def test_raw_images_cannot_store_bitmaps(pimg, qimg, error_line) -> None:  # typ
     assert result.rc == 1
     assert error_line(result) == "Operation add on bitmap x failed: Can't store persistent bitmaps to r.img: " \
                                  "Operation not supported"
+
+
+@pytest.mark.parametrize("tool", ["pyemu", "qemu"])
+def test_commit_marks_the_bitmaps_of_the_base(tool, pimg, qimg, qio) -> None:  # type: ignore[no-untyped-def]
+    """Data committed into a base is a write to it: its enabled bitmaps record it (QEMU does the same)."""
+    assert qimg("create", "-q", "-f", "qcow2", "base.qcow2", "16M").rc == 0
+    assert qimg("bitmap", "--add", "base.qcow2", "b").rc == 0
+    assert qimg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2").rc == 0
+    qio("top.qcow2", "write 2M 64k", "write -z 5M 128k")
+    result = (pimg if tool == "pyemu" else qimg)("commit", "top.qcow2")
+    assert result.rc == 0, result.err
+    from pyemu.block.dirty_bitmap import bitmaps_of
+    from pyemu.block.image import open_image
+    node = open_image("base.qcow2", read_only=True)
+    try:
+        assert list(bitmaps_of(node).find("b").dirty_extents()) == [(2 * MiB, 65536), (5 * MiB, 128 * 1024)]
+    finally:
+        node.close()
