@@ -13,9 +13,10 @@ registry that sets that attribute is found without changes here.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pyemu.block import graph
+from pyemu.block.errors import BlockError
 from pyemu.block.dirty_bitmap import (BitmapError, DirtyBitmap, bitmaps_of, check_granularity, check_modifiable,
                                       default_granularity, existing_bitmaps)
 from pyemu.monitor.control import ControlApi
@@ -58,10 +59,12 @@ def _lookup(api: ControlApi, node_name: str, bitmap_name: str) -> tuple[object, 
     return node, bitmap
 
 
-def _guard(action: Any) -> None:
+def _guard(action: Callable[[], object]) -> None:
+    """Run ``action``; a refusal (BitmapError) or an I/O failure writing the image's bitmap directory
+    (BlockError) becomes a GenericError."""
     try:
         action()
-    except BitmapError as exc:
+    except (BitmapError, BlockError) as exc:
         raise QmpError(str(exc)) from None
 
 

@@ -362,3 +362,39 @@ def test_downgrade_to_v2_is_refused_while_bitmaps_exist(image: Path) -> None:
     assert pyemu_img(["amend", "-o", "compat=0.10", str(image)]) == 0
     qemu_check_clean(image)
     assert before != image.read_bytes()
+
+
+def test_random_damage_to_the_bitmap_metadata_never_escapes_as_a_traceback(image: Path, tmp_path: Path) -> None:
+    """Flip random bytes of the extension, the directory and the bitmap table: opening either works (and
+    then reading every extent works) or fails with BlockConfigError naming the image -- nothing else."""
+    import random
+
+    run("qemu-img", "bitmap", "--add", "-g", "4096", str(image), "first")
+    run("qemu-img", "bitmap", "--add", str(image), "second")
+    run("qemu-io", "-f", "qcow2", "-c", "write 0 64k", "-c", "write 8M 1M", str(image))
+    pristine = image.read_bytes()
+    ext, _nb, size, offset = _extension(image)
+    table = struct.unpack_from(">Q", pristine, offset)[0]
+    regions = [(ext, 24), (offset, size), (table, 8)]
+    rng = random.Random(11)
+    victim = tmp_path / "victim.qcow2"
+    outcomes = {"opened": 0, "refused": 0}
+    for _ in range(150):
+        data = bytearray(pristine)
+        for _ in range(rng.randint(1, 4)):
+            start, length = rng.choice(regions)
+            data[start + rng.randrange(length)] = rng.randrange(256)
+        victim.write_bytes(bytes(data))
+        try:
+            node = open_image(str(victim), read_only=rng.random() < 0.5)
+        except BlockConfigError as exc:
+            assert "victim.qcow2" in str(exc)
+            outcomes["refused"] += 1
+            continue
+        try:
+            for bitmap in bitmaps_of(node):
+                list(bitmap.dirty_extents())
+        finally:
+            node.close()
+        outcomes["opened"] += 1
+    assert outcomes["refused"] > 0
