@@ -214,12 +214,14 @@ class DirtyBitmap:
                 skip = b"\x00" if value else b"\xff"
                 byte_index = bit >> 3
                 last_byte = -(-end_bit // 8)
+                step = 64  # short runs are the common case: start small, double up to the chunk size
                 while byte_index < last_byte:
-                    chunk = bits[byte_index:min(last_byte, byte_index + _SCAN_CHUNK)]
+                    chunk = bits[byte_index:min(last_byte, byte_index + step)]
                     rest = chunk.lstrip(skip)
                     byte_index += len(chunk) - len(rest)
                     if rest:
                         break
+                    step = min(step * 2, _SCAN_CHUNK)
                 bit = byte_index * 8
         return None
 
