@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockConfigError
@@ -94,22 +95,30 @@ def open_image(filename: str, *, format: str | None = None, read_only: bool = Tr
         def backing_opener(header) -> BlockDriver | None:  # type: ignore[no-untyped-def]
             if not open_backing or not header.backing_file:
                 return None
-            path = resolve_backing(filename, header.backing_file)
-            try:
-                return open_image(path, format=header.backing_format, read_only=True, cache_direct=cache_direct,
-                                  locking=locking, perm=BlockPerm.CONSISTENT_READ,
-                                  shared=BlockPerm.CONSISTENT_READ | BlockPerm.WRITE_UNCHANGED | BlockPerm.RESIZE,
-                                  _chain=_chain + (real,))
-            except BlockConfigError as exc:
-                if str(exc).startswith("Could not open backing file"):
-                    raise
-                raise BlockConfigError(f"Could not open backing file: {exc}", option=None,
-                                       errno=exc.errno) from exc
+            return open_backing_image(filename, header, cache_direct=cache_direct, locking=locking,
+                                      _chain=_chain + (real,))
 
         return Qcow2Format.open(protocol, read_only=read_only, open_backing=backing_opener, repairing=repairing)
     except BaseException:
         protocol.close()
         raise
+
+
+def open_backing_image(overlay: str, header: Any, *, cache_direct: bool = False, locking: str = "auto",
+                       _chain: tuple[str, ...] = ()) -> BlockDriver:
+    """The backing chain a qcow2 header of ``overlay`` names, opened read-only and shared with writers that
+    do not change it (QEMU's backing permissions); errors say "Could not open backing file: ...". Used by
+    :func:`open_image` and by ``blockdev-add`` of a qcow2 node without a ``backing`` member."""
+    path = resolve_backing(overlay, header.backing_file)
+    try:
+        return open_image(path, format=header.backing_format, read_only=True, cache_direct=cache_direct,
+                          locking=locking, perm=BlockPerm.CONSISTENT_READ,
+                          shared=BlockPerm.CONSISTENT_READ | BlockPerm.WRITE_UNCHANGED | BlockPerm.RESIZE,
+                          _chain=_chain or (os.path.realpath(overlay),))
+    except BlockConfigError as exc:
+        if str(exc).startswith("Could not open backing file"):
+            raise
+        raise BlockConfigError(f"Could not open backing file: {exc}", option=None, errno=exc.errno) from exc
 
 
 def preallocate_file(fd: int, start: int, end: int, preallocation: str) -> None:
