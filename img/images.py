@@ -73,6 +73,11 @@ def open_image(filename: str, *, fmt: str | None = None, writable: bool = False,
         return block_open(filename, format=fmt, read_only=not writable, open_backing=backing,
                           cache_direct=direct, perm=perm, shared=shared, no_flush=no_flush(cache), repairing=repairing)
     except (BlockError, ConfigError) as exc:
+        from pyemu.block.qcow2.header import Qcow2FormatError
+        # qcow2 format errors already read "Could not open 'FILE': ..." as qemu-img prints them (once);
+        # the file protocol's own errors are prefixed again, as qemu-img does too.
+        if isinstance(exc, Qcow2FormatError) and exc.filename == filename:
+            raise ImgError(str(exc)) from exc
         raise ImgError(f"Could not open '{filename}': {exc}") from exc
     except OSError as exc:
         raise ImgError(f"Could not open '{filename}': {os.strerror(exc.errno or 5)}") from exc

@@ -190,7 +190,37 @@ def parse_directory(image: "Qcow2Format", data: bytes) -> tuple[int, int, list[B
         names.add(name)
         entries.append(entry)
         pos = end + (-end % 8)
+    _check_ownership(image, dir_offset, dir_size, entries)
     return dir_offset, dir_size, entries
+
+
+def _check_ownership(image: "Qcow2Format", dir_offset: int, dir_size: int, entries: list[BitmapEntry]) -> None:
+    """Every cluster the bitmaps use must be theirs alone: counted exactly once by the refcounts, used once,
+    and not one of the image's tables. Otherwise storing them later (which frees the old clusters) would
+    free clusters something else still uses -- a hostile image could make pyemu reuse guest data."""
+    cs = image.cluster_size
+    h = image.header
+    tables = [(h.l1_table_offset, h.l1_size * 8), (h.refcount_table_offset, h.refcount_table_clusters * cs)]
+    if h.nb_snapshots:
+        tables.append((h.snapshots_offset, max(image.snapshot_table_bytes, 1)))
+    seen: set[int] = set()
+    ranges = [("bitmap directory", dir_offset, dir_size)]
+    for entry in entries:
+        if entry.table_size:
+            ranges.append((f"bitmap '{entry.name}' table", entry.table_offset, entry.table_size * 8))
+        ranges.extend((f"bitmap '{entry.name}' data", word & TABLE_OFFSET_MASK, cs) for word in entry.table
+                      if word & TABLE_OFFSET_MASK)
+    for what, offset, length in ranges:
+        for table_offset, table_length in tables:
+            if table_length and offset < table_offset + table_length and table_offset < offset + length:
+                raise BitmapFormatError(f"The {what} at {offset:#x} overlaps qcow2 metadata")
+        for cluster in range(offset // cs, -(-(offset + length) // cs)):
+            if cluster in seen:
+                raise BitmapFormatError(f"The {what} at {offset:#x} shares a cluster with other bitmap data")
+            seen.add(cluster)
+            refcount = image.refcounts.get(cluster)
+            if refcount != 1:
+                raise BitmapFormatError(f"The {what} at {offset:#x} has refcount {refcount} (expected 1)")
 
 
 class Qcow2BitmapStore:
@@ -207,8 +237,8 @@ class Qcow2BitmapStore:
     # -- opening -------------------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the directory and every bitmap into the image's :class:`BitmapSet`; on a writable image,
-        then mark them IN_USE on disk."""
+        """Read the directory and every bitmap into the image's :class:`BitmapSet` (a writable image then
+        calls :meth:`mark_in_use`)."""
         image = self.image
         bitmaps_of(image).store = self
         data = find_extension(image)

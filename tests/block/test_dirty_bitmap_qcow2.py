@@ -227,9 +227,11 @@ def _patch(path: Path, offset: int, data: bytes) -> None:
 
 
 @pytest.mark.parametrize("damage", ["dir-offset", "dir-size", "count", "name-size", "type", "gbits",
-                                    "table-size", "table-offset", "table-entry", "flags"])
+                                    "table-size", "table-offset", "table-entry", "flags", "table-at-l1",
+                                    "data-at-reftable", "data-twice"])
 def test_hostile_bitmap_directory_is_refused_by_name(image: Path, damage: str) -> None:
     run("qemu-img", "bitmap", "--add", str(image), "b")
+    run("qemu-img", "bitmap", "--add", str(image), "c")
     run("qemu-io", "-f", "qcow2", "-c", "write 0 64k", str(image))
     ext, nb, size, offset = _extension(image)
     entry = offset
@@ -245,6 +247,11 @@ def test_hostile_bitmap_directory_is_refused_by_name(image: Path, damage: str) -
         "table-offset": (entry, struct.pack(">Q", 12345)),
         "table-entry": (table_offset, struct.pack(">Q", (1 << 60) | 0x10000)),
         "flags": (entry + 12, struct.pack(">I", 0x80)),
+        "table-at-l1": (entry, struct.pack(">Q", struct.unpack_from(">Q", image.read_bytes(), 40)[0])),
+        # bitmap c's data cluster (its entry follows b's 32-byte entry) is b's data cluster
+        "data-twice": (struct.unpack_from(">Q", image.read_bytes(), entry + 32)[0],
+                       struct.pack(">Q", struct.unpack_from(">Q", image.read_bytes(), table_offset)[0])),
+        "data-at-reftable": (table_offset, struct.pack(">Q", struct.unpack_from(">Q", image.read_bytes(), 48)[0])),
     }
     _patch(image, *patches[damage])
     for read_only in (True, False):
