@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import errno
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 from pyemu.block import graph
 from pyemu.block.dirty_bitmap import existing_bitmaps
@@ -76,18 +77,23 @@ class BlockBackend:
     """What a device model holds: a root node plus the drive's policies."""
 
     def __init__(self, root: BlockDriver, *, read_only: bool, cache: CacheMode = CacheMode(),
-                 discard: str = "ignore", id: str = "") -> None:
+                 discard: str = "ignore", id: str = "", owns_root: bool = True, user: str | None = None) -> None:
         if discard not in DISCARD_MODES:
             raise BlockConfigError(f"-drive: invalid discard option '{discard}' (expected ignore or unmap)")
         if root.read_only and not read_only:
             raise BlockConfigError(f"-drive: '{root.filename}' is opened read-only; the drive must be read-only too")
         self.root = root
         self.id = id
-        perm = BlockPerm.CONSISTENT_READ | (BlockPerm(0) if read_only else BlockPerm.WRITE)
+        # A -drive opens its own graph and closes it with the drive; a device on a -blockdev node only
+        # uses a node the user owns (owns_root=False). Ownership stays with the first root even after a
+        # swap (replace_root), so the drive's own image is closed exactly once, whatever root is current.
+        self._owned_root = root if owns_root else None
+        self._user = user or (f"drive '{id}'" if id else "a drive")
+        self._perm = BlockPerm.CONSISTENT_READ | (BlockPerm(0) if read_only else BlockPerm.WRITE)
         # share-rw=off, QEMU's default: a device refuses other writers even when it only reads.
-        self._attachment = graph.attach(root, user=f"drive '{id}'" if id else "a drive", role="root", perm=perm,
-                                        shared=BlockPerm.CONSISTENT_READ | BlockPerm.WRITE_UNCHANGED |
-                                        BlockPerm.RESIZE)
+        self._shared = BlockPerm.CONSISTENT_READ | BlockPerm.WRITE_UNCHANGED | BlockPerm.RESIZE
+        self._attachment = graph.attach(root, user=self._user, role="root", perm=self._perm, shared=self._shared)
+        self._quiesced = 0
         self.cache = cache
         self.discard_mode = discard
         self._read_only = read_only
@@ -187,12 +193,65 @@ class BlockBackend:
             while self._inflight:
                 self._cond.wait()
         self._attachment.detach()
-        self.root.close()
+        if self._owned_root is not None:
+            self._owned_root.close()
+
+    # -- changing the root under a running device ------------------------------------------------------
+
+    @contextmanager
+    def drained(self) -> Iterator[None]:
+        """Hold new requests back (they wait, they do not fail) and wait for those in flight; the guest
+        sees only a short stall. Nests."""
+        with self._cond:
+            self._quiesced += 1
+            while self._inflight:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._quiesced -= 1
+                self._cond.notify_all()
+
+    def replace_root(self, root: BlockDriver, *, prepare: Callable[[], None] | None = None,
+                     revert: Callable[[], None] | None = None) -> BlockDriver:
+        """Make ``root`` the node requests go to (QEMU's ``blk_replace_bs``, what ``qom-set ... drive``
+        does) and return the old one. Drains first; between letting go of the old root and attaching to
+        the new one ``prepare`` runs (the caller takes the new graph's permissions there) and ``revert``
+        undoes it if the attach fails. Any error leaves the old root in place, attached as before."""
+        if root.read_only and not self._read_only:
+            raise BlockConfigError("Block node is read-only", option=None)
+        if root.size() != self.root.size():
+            raise BlockConfigError(f"Cannot replace the root of drive '{self.id or self._user}': the new node is "
+                                   f"{root.size()} bytes, the device sees {self.root.size()}", option=None)
+        with self.drained():
+            if self._closed:
+                raise BlockIOError(f"drive '{self.id}' is closed (no medium)", errno=errno.ENOMEDIUM)
+            old_root, old_attachment = self.root, self._attachment
+            old_attachment.detach()
+            try:
+                if prepare is not None:
+                    prepare()
+                try:
+                    attachment = graph.attach(root, user=self._user, role="root", perm=self._perm,
+                                              shared=self._shared)
+                except BaseException:
+                    if revert is not None:
+                        revert()
+                    raise
+            except BaseException:
+                self._attachment = graph.attach(old_root, user=self._user, role="root", perm=self._perm,
+                                                shared=self._shared)
+                raise
+            self.root, self._attachment = root, attachment
+            return old_root
 
     # -- helpers ---------------------------------------------------------------------------------------------
 
     def _enter(self, offset: int) -> None:
         with self._cond:
+            while self._quiesced and not self._closed:
+                self._cond.wait()
             if self._closed:
                 raise BlockIOError(f"drive '{self.id}' is closed (no medium)", errno=errno.ENOMEDIUM,
                                    offset=offset)

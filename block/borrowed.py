@@ -33,7 +33,7 @@ class BorrowedNode:
 
     def __init__(self, node: BlockDriver, *, node_name: str) -> None:
         self._node = node
-        self.node_name = node_name
+        self.borrowed_name = node_name
         self._lock = threading.Lock()
         self._wanted: list[graph.Attachment] = []
         self._held: list[graph.Attachment] = []
@@ -83,7 +83,8 @@ class BorrowedNode:
         return self._node.block_status(offset, length)
 
     def __getattr__(self, attr: str) -> Any:
-        if attr.startswith("_"):
+        if attr.startswith("_") or attr == "node_name":
+            # A handle is not the node: graph walkers looking for a node by name must not stop here.
             raise AttributeError(attr)
         return getattr(self._node, attr)
 

@@ -130,7 +130,12 @@ class NodeRegistry:
                 if child not in self._nodes:
                     raise NodeNotFoundError(f"Cannot find the {role} child '{child}' of '{entry.name}'")
             self._nodes[entry.name] = entry
-            return entry
+        # Code that walks a drive's graph (the bitmap commands) recognises named nodes by this attribute.
+        try:
+            entry.node.node_name = entry.name  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+        return entry
 
     def get(self, name: str) -> NodeEntry | None:
         with self._lock:

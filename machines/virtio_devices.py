@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from pyemu.block.backend import BlockBackend
-from pyemu.errors import ConfigError
+from pyemu.block.registry import NodeRegistry
+from pyemu.errors import ConfigError, PyemuError
 from pyemu.hw.virtio.blk import VirtioBlk
 from pyemu.hw.acpi.dsdt import VirtioMmioSlot, virtio_mmio_device
 from pyemu.hw.core.device import BoardDevice, DeviceManager, IoRange
@@ -63,8 +64,27 @@ class Backends:
     closers: list[Callable[[], None]] = field(default_factory=list)
     chardevs: ChardevRegistry = field(default_factory=ChardevRegistry)
     """Where opened ``-chardev`` backends are registered (the board's, for ``query-chardev``)."""
+    nodes: NodeRegistry = field(default_factory=NodeRegistry)
+    """The VM's named block nodes (``-blockdev``, ``blockdev-add``, the nodes of each ``-drive``)."""
+
+    def open_blockdevs(self) -> None:
+        """Open every ``-blockdev`` in command-line order (a definition may name earlier nodes)."""
+        from pyemu.block.blockdev import open_blockdev, parse_blockdev_arg
+
+        for text in self.config.blockdevs:
+            definition, keyval = parse_blockdev_arg(text)
+            try:
+                open_blockdev(definition, self.nodes, keyval=keyval)
+            except ConfigError as error:
+                if str(error).startswith("-blockdev"):
+                    raise
+                raise ConfigError(f"-blockdev {text}: {error}", option="-blockdev") from error
+            except PyemuError as error:
+                raise ConfigError(f"-blockdev {text}: {error}", option="-blockdev") from error
 
     def drive(self, drive_id: str, user: str):  # type: ignore[no-untyped-def]
+        """The BlockBackend for ``drive=``: a ``-drive`` by id, else a BlockBackend made for the device over
+        the node of that node-name (QEMU's anonymous backend of ``-device ...,drive=<node-name>``)."""
         from pyemu.block.options import DriveOptions, open_drive
 
         for props in self.config.drives:
@@ -74,8 +94,40 @@ class Backends:
                 if self.config.snapshot and not options.snapshot:
                     options = dataclasses.replace(options, snapshot=True)
                 backend = open_drive(options, warn=lambda text: print(text, file=sys.stderr, flush=True))
+                register_drive_nodes(self.nodes, backend)
                 return backend, options
+        entry = self.nodes.get(drive_id)
+        if entry is not None:
+            return self._node_backend(entry, drive_id, user), None
         raise ConfigError(f"-device {user}: Property '{user}.drive' can't find value '{drive_id}'", option="-device")
+
+    def _node_backend(self, entry, node_name: str, user: str) -> BlockBackend:  # type: ignore[no-untyped-def]
+        from pyemu.block.backend import CacheMode
+        from pyemu.block.blockdev import activate, deactivate
+
+        if self.nodes.in_use_by_backend(node_name):
+            raise ConfigError(f"-device {user}: Conflicts with use by another device as 'root', which does not "
+                              f"allow 'write' on {node_name}", option="-device")
+        try:
+            activate(entry.node)
+        except PyemuError as error:
+            raise ConfigError(f"-device {user}: {error}", option="-device") from error
+        try:
+            cache = CacheMode(direct=getattr(entry, "cache_direct", False), writeback=True,
+                              no_flush=getattr(entry, "no_flush", False))
+            discard = entry.options.get("discard", "ignore") if isinstance(entry.options, dict) else "ignore"
+            backend = BlockBackend(entry.node, read_only=entry.read_only, cache=cache,
+                                   discard=discard if discard in ("ignore", "unmap") else "ignore",
+                                   owns_root=False, user=f"device '{user}'")
+        except PyemuError as error:
+            deactivate(entry.node)
+            raise ConfigError(f"-device {user}: {error}", option="-device") from error
+        return backend
+
+    def close_nodes(self) -> None:
+        from pyemu.block.blockdev import close_all
+
+        close_all(self.nodes)
 
     def object(self, object_id: str, kind: str, user: str, prop: str) -> ObjectOptions:
         for entry in self.config.objects:
@@ -109,6 +161,29 @@ class Backends:
 
 
 DeviceBuilder = Callable[[PropReader, Backends], VirtioDevice]
+
+
+def register_drive_nodes(nodes: NodeRegistry, backend: BlockBackend) -> None:
+    """List a ``-drive``'s nodes (format, file, backing chain) under automatic names, owned by the drive, and
+    make the drive findable by its id, so ``node`` arguments and ``query-named-block-nodes`` see them as in
+    QEMU."""
+    from pyemu.block import graph
+    from pyemu.block.registry import NodeEntry
+
+    def walk(node: object) -> str:
+        children = {role: walk(child) for role, child in graph.children(node)}
+        existing = nodes.name_of(node)
+        if existing is not None:
+            return existing
+        entry = NodeEntry(nodes.auto_name(), node, getattr(node, "name", "?"),  # type: ignore[arg-type]
+                          owner=f"drive:{backend.id}", auto_named=True, children=children,
+                          read_only=bool(getattr(node, "read_only", True)))
+        nodes.add(entry)
+        return entry.name
+
+    walk(backend.root)
+    if backend.id:
+        nodes.add_backend(backend)
 
 
 @dataclass(frozen=True)
@@ -202,6 +277,10 @@ class VirtioPlugger:
         self.transports: list[VirtioMmio] = []
         self.slots: list[VirtioMmioSlot] = []
         self.drives: list[DriveUse] = []
+        self.peripherals: dict[str, BoardDevice] = {}
+        """The QOM paths of the devices made by -device (``/machine/peripheral/<id>``, or
+        ``/machine/peripheral-anon/device[N]`` without an id), for qom-list/qom-get/qom-set."""
+        self._anon = 0
         for entry in config.objects:
             if entry.type == "iothread":
                 unknown = [k for k, _ in entry.props if k not in ("poll-max-ns", "poll-grow", "poll-shrink",
@@ -212,6 +291,11 @@ class VirtioPlugger:
                 self.iothreads[entry.id] = IoThread(entry.id)
             elif entry.type not in ("rng-random", "secret", "throttle-group"):  # the latter two: system.objects
                 raise ConfigError(f"-object: invalid object type: {entry.type}", option="-object")
+        try:
+            self.backends.open_blockdevs()
+        except BaseException:
+            self.backends.close_nodes()
+            raise
 
     def handles(self, driver: str) -> bool:
         return driver in BUILDERS or driver in PORT_DRIVERS
@@ -237,7 +321,8 @@ class VirtioPlugger:
             raise ConfigError(f"-device {options.driver}: the microvm board has {memmap.VIRTIO_MMIO_SLOTS} "
                               "virtio-mmio slots and all are taken", option="-device")
         props = PropReader(options)
-        device_id = props.text("id") or self.devices.new_id(options.driver)
+        user_id = props.text("id")
+        device_id = user_id or self.devices.new_id(options.driver)
         iothread = self._iothread(props.text("iothread"), options.driver)
         model = BUILDERS[options.driver](props, self.backends)
         base = memmap.VIRTIO_MMIO_BASE + slot_index * memmap.VIRTIO_MMIO_SLOT_SIZE
@@ -260,7 +345,14 @@ class VirtioPlugger:
         self.transports.append(transport)
         self.slots.append(slot)
         if isinstance(model, VirtioBlk):
-            self.drives.append(DriveUse(device_id, model.config.drive_id, model.backend))
+            self.drives.append(DriveUse(device_id, model.backend.id, model.backend))
+            if not model.backend.id:
+                self.backends.nodes.add_backend(model.backend, f"/machine/peripheral/{device_id}")
+        if user_id:
+            self.peripherals[f"/machine/peripheral/{user_id}"] = board_device
+        else:
+            self.peripherals[f"/machine/peripheral-anon/device[{self._anon}]"] = board_device
+            self._anon += 1
         return board_device
 
     def _interrupt(self, gsi: int) -> EdgeInterrupt:
@@ -283,3 +375,6 @@ class VirtioPlugger:
     def close(self) -> None:
         for thread in self.iothreads.values():
             thread.close()
+        # With the I/O threads gone no request is in flight: the user's nodes can close (the devices'
+        # backends do not own them and close later without touching them).
+        self.backends.close_nodes()

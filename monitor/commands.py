@@ -15,6 +15,9 @@ from pyemu import __version__
 from pyemu.monitor import schema
 from pyemu.monitor.bitmap_commands import HANDLERS as BITMAP_HANDLERS
 from pyemu.monitor.block_info import block_info
+from pyemu.monitor.blockdev import HANDLERS as BLOCKDEV_HANDLERS
+from pyemu.monitor.qom import HANDLERS as QOM_HANDLERS
+from pyemu.monitor.transaction import HANDLERS as TRANSACTION_HANDLERS
 from pyemu.monitor.control import ControlApi, ControlError
 from pyemu.monitor.schema import QmpError
 
@@ -85,7 +88,9 @@ def _query_machines(api: ControlApi, args: dict[str, Any]) -> Any:
 
 
 def _query_block(api: ControlApi, args: dict[str, Any]) -> Any:
-    return [block_info(use.device_id, use.drive_id, use.backend) for use in api.machine.drives()]
+    from pyemu.monitor.blockdev import add_node_names
+    uses = api.machine.drives()
+    return add_node_names(api, uses, [block_info(use.device_id, use.drive_id, use.backend) for use in uses])
 
 
 def _query_chardev(api: ControlApi, args: dict[str, Any]) -> Any:
@@ -162,6 +167,9 @@ HANDLERS: dict[str, Handler] = {
     "quit": _quit,
 }
 HANDLERS.update(BITMAP_HANDLERS)
+HANDLERS.update(BLOCKDEV_HANDLERS)
+HANDLERS.update(QOM_HANDLERS)
+HANDLERS.update(TRANSACTION_HANDLERS)
 SESSION_COMMANDS = frozenset({"qmp_capabilities"})
 """Commands the session itself serves."""
 

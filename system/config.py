@@ -151,6 +151,9 @@ class VmConfig:
     devices: tuple[DeviceOptions, ...] = ()
     drives: tuple[tuple[tuple[str, str], ...], ...] = ()
     """Each ``-drive`` as its key=value pairs (parsed by :mod:`pyemu.block.options` when the board opens it)."""
+    blockdevs: tuple[str, ...] = ()
+    """Each ``-blockdev`` as written (keyval or JSON; syntax and schema checked by the parser, opened by the
+    board in order, :mod:`pyemu.block.blockdev`)."""
     objects: tuple[ObjectOptions, ...] = ()
     chardevs: tuple[ObjectOptions, ...] = ()
     netdevs: tuple[ObjectOptions, ...] = ()

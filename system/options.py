@@ -54,6 +54,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("no-shutdown", False, "keep the VM (stopped, status shutdown) after a guest power-off, until "
                "quit or system_reset"),
     OptionSpec("device", True, "add a device (-device help lists them)", "driver[,prop=value...]"),
+    OptionSpec("blockdev", True, "a block node: driver=file|raw|qcow2,node-name=NAME[,file=NODE|file.driver=...]"
+               "[,backing=NODE][,read-only=on] (keyval or JSON, QEMU's BlockdevOptions)", "options"),
     OptionSpec("drive", True, "a disk image: file=PATH[,format=raw][,if=none|virtio][,id=ID][,readonly=on]"
                "[,cache=writeback|writethrough|none|directsync|unsafe][,discard=ignore|unmap]", "option[,option...]"),
     OptionSpec("object", True, "a backend object: iothread,id=ID | rng-random,id=ID,filename=PATH | "
@@ -415,6 +417,22 @@ def _display(value: str) -> None:
                           option="-display")
 
 
+def _blockdev(value: str) -> str:
+    """``-blockdev``: syntax and option schema are checked now (QEMU fails at parse time too); the nodes
+    are opened by the board, since a definition may name nodes of earlier ``-blockdev`` options."""
+    from pyemu.block.blockdev import BlockdevError, parse_blockdev_arg, validate
+
+    definition, keyval = parse_blockdev_arg(value)
+    try:
+        validate(definition, keyval=keyval)
+    except BlockdevError as error:
+        raise ConfigError(f"-blockdev {value}: {error}", option="-blockdev") from None
+    if "node-name" not in definition:
+        raise ConfigError(f"-blockdev {value}: 'node-name' must be specified for the root node",
+                          option="-blockdev")
+    return value
+
+
 def _drive(value: str) -> tuple[tuple[str, str], ...]:
     head, props = split_props(value, "-drive", implied=None)
     return tuple(props)
@@ -426,6 +444,7 @@ def parse_args(argv: list[str]) -> VmConfig:
     serial: list[str] = []
     devices: list[DeviceOptions] = []
     drives: list[tuple[tuple[str, str], ...]] = []
+    blockdevs: list[str] = []
     backends: dict[str, list[ObjectOptions]] = {"object": [], "chardev": [], "netdev": []}
     monitors: list[MonitorOptions] = []
     globals_: list[GlobalProp] = []
@@ -445,6 +464,7 @@ def parse_args(argv: list[str]) -> VmConfig:
         "serial": serial.append, "device": lambda v: devices.append(_device(v)),
         "d": setter("log_mask", _log_mask), "D": setter("log_file", str),
         "drive": lambda v: drives.append(_drive(v)),
+        "blockdev": lambda v: blockdevs.append(_blockdev(v)),
         "object": lambda v: backends["object"].append(_backend("-object", v)),
         "chardev": lambda v: backends["chardev"].append(_backend("-chardev", v)),
         "netdev": lambda v: backends["netdev"].append(_backend("-netdev", v)),
@@ -497,6 +517,7 @@ def parse_args(argv: list[str]) -> VmConfig:
         if not isinstance(machine_options, MachineOptions) or machine_options.isa_serial is not False:
             serial.append("null")
     return VmConfig(serial=tuple(serial), devices=tuple(devices), drives=tuple(drives),  # type: ignore[arg-type]
+                    blockdevs=tuple(blockdevs),
                     objects=tuple(backends["object"]), chardevs=tuple(backends["chardev"]),
                     netdevs=tuple(backends["netdev"]), monitors=tuple(monitors), globals=tuple(globals_),
                     **values)  # type: ignore[arg-type]
