@@ -148,3 +148,46 @@ def test_memory_is_bounded() -> None:
     with pytest.raises(BitmapError, match="use a larger granularity"):
         DirtyBitmap("huge", 8 << 40, 512)  # 2 GiB of bits for an 8 TiB disk at 512 B
     assert DirtyBitmap("ok", 8 << 40, 65536).serialized_size() == 16 << 20
+
+
+def test_concurrent_marking_loses_no_bits() -> None:
+    """Writers on several threads mark neighbouring granules that share bitmap bytes (the read-modify-write
+    of a byte is under the bitmap's lock), while another thread adds, toggles and removes bitmaps."""
+    import threading
+
+    node = _Node()
+    bitmaps = BitmapSet(node)
+    target = bitmaps.create("t", granularity=512)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            for i in range(k, 2048, 4):  # granules k, k+4, ...: every byte is shared by all writers
+                bitmaps.mark(i * 512, 1)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def manager() -> None:
+        n = 0
+        while not stop.is_set():
+            name = f"x{n % 3}"
+            try:
+                bitmaps.create(name, granularity=4096)
+                bitmaps.set_enabled(name, False)
+                bitmaps.remove(name)
+            except BaseException as exc:  # pragma: no cover
+                errors.append(exc)
+            n += 1
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    boss = threading.Thread(target=manager)
+    boss.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stop.set()
+    boss.join(60)
+    assert not errors
+    assert list(target.dirty_extents()) == [(0, 2048 * 512)]
