@@ -288,8 +288,6 @@ def _open(raw: dict[str, Any], registry: NodeRegistry, *, keyval: bool, owner: s
             ctx.children[role] = None
         elif isinstance(value, str):
             entry = registry.lookup_entry(value)
-            if not read_only and entry.read_only and role != "backing":
-                raise BlockdevError("Block node is read-only")  # QEMU's words for a rw parent on a ro child
             edge = BorrowedNode(entry.node, node_name=entry.name)
             borrowed_edges.append(edge)
             ctx.children[role] = edge
@@ -321,7 +319,7 @@ def _open(raw: dict[str, Any], registry: NodeRegistry, *, keyval: bool, owner: s
         undo.entries.append(extra_entry)
         child_names.setdefault(role, extra_entry.name)
     entry = NodeEntry(name, node, spec.name, owner=owner, auto_named=auto, children=child_names,
-                      options=dict(raw), read_only=node.read_only,
+                      options=dict(raw), read_only=bool(ctx.read_only or node.read_only),
                       detect_zeroes=options.get("detect-zeroes", "off"))
     entry.cache_direct = ctx.cache_direct  # type: ignore[attr-defined]
     entry.no_flush = ctx.no_flush  # type: ignore[attr-defined]
@@ -387,9 +385,9 @@ def _open_file(options: dict[str, Any], ctx: OpenContext) -> BlockDriver:
 def _open_raw(options: dict[str, Any], ctx: OpenContext) -> BlockDriver:
     from pyemu.block.raw import RawFormat
 
+    # A raw node over a read-only child is read-only itself (QEMU accepts the definition; a writer
+    # attaching later gets "Block node is read-only").
     child = ctx.child("file")
-    if not ctx.read_only and child.read_only:
-        raise BlockdevError("Block node is read-only")
     return RawFormat(child, offset=options.get("offset", 0), size=options.get("size"))
 
 
@@ -400,8 +398,8 @@ def _open_qcow2(options: dict[str, Any], ctx: OpenContext) -> BlockDriver:
     if options.get("lazy-refcounts"):
         raise BlockdevError("lazy-refcounts=on is not supported by pyemu's qcow2 driver")
     file = ctx.child("file")
-    if not ctx.read_only and file.read_only:
-        raise BlockdevError("Block node is read-only")
+    if file.read_only:
+        ctx.read_only = True  # as raw: over a read-only file the image opens read-only
     target = file.node if isinstance(file, BorrowedNode) else file
     if getattr(target, "growable", None) is False and not ctx.read_only:
         # A file node defined on its own (file=<node-name>) learns here that a qcow2 node appends to it.

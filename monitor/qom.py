@@ -99,6 +99,8 @@ def _qom_set(api: ControlApi, args: dict[str, Any]) -> Any:
     entry = registry.get(value)
     if entry is None:
         raise QmpError(f"Cannot find device='' nor node-name='{value}'")
+    if entry.read_only and not model.backend.read_only:
+        raise QmpError("Block node is read-only")
     replace_root(model.backend, entry.node)
     return {}
 

@@ -148,13 +148,13 @@ def _parse(actions: list[Any]) -> list[tuple[ActionType, dict[str, Any]]]:
             raise QmpError(f"Invalid parameter type for '{where}.type', expected: string")
         action_type = ACTIONS.get(kind)
         if action_type is None:
-            raise QmpError(f"Parameter '{where}.type' does not accept value '{kind}'")
+            raise QmpError(f"Parameter 'type' does not accept value '{kind}'")  # QEMU 7.2's words
         data = item.get("data", {})
         if not isinstance(data, dict):
             raise QmpError(f"Invalid parameter type for '{where}.data', expected: object")
         command = schema.COMMANDS_BY_NAME.get(action_type.command or "")
         if command is not None:
-            schema.validate_arguments(command, data)
+            schema._check_object(command.args, data, prefix=f"{where}.data.")
         parsed.append((action_type, data))
     return parsed
 
