@@ -19,6 +19,11 @@ from pyemu.monitor.control import ControlApi
 from pyemu.monitor.schema import QmpError
 
 _CONTAINERS = ("/machine/peripheral", "/machine/peripheral-anon")
+#: virtio-blk properties readable over QOM: name -> (QOM type, BlkConfig attribute). Only ``drive`` may
+#: change on a realized device, as in QEMU.
+_BLK_PROPS = {"serial": ("str", "serial"), "num-queues": ("uint16", "num_queues"),
+              "queue-size": ("uint16", "queue_size"), "discard": ("bool", "discard"),
+              "write-zeroes": ("bool", "write_zeroes")}
 
 
 def _peripherals(api: ControlApi) -> dict[str, Any]:
@@ -68,6 +73,7 @@ def _qom_list(api: ControlApi, args: dict[str, Any]) -> Any:
     props = [{"name": "type", "type": "string"}, {"name": "realized", "type": "bool"}]
     if _block_device(device) is not None:
         props.append({"name": "drive", "type": "str"})
+        props += [{"name": name, "type": kind} for name, (kind, _attr) in _BLK_PROPS.items()]
     return props
 
 
@@ -81,6 +87,8 @@ def _qom_get(api: ControlApi, args: dict[str, Any]) -> Any:
     model = _block_device(device)
     if prop == "drive" and model is not None:
         return _drive_value(api, model)
+    if prop in _BLK_PROPS and model is not None:
+        return getattr(model.config, _BLK_PROPS[prop][1])
     raise QmpError(f"Property '{device.driver}.{prop}' not found")
 
 
@@ -89,7 +97,7 @@ def _qom_set(api: ControlApi, args: dict[str, Any]) -> Any:
     prop, value = args["property"], args["value"]
     model = _block_device(device)
     if prop != "drive" or model is None:
-        if prop in ("type", "realized"):
+        if prop in ("type", "realized") or (model is not None and prop in _BLK_PROPS):
             raise QmpError(f"Attempt to set property '{prop}' on device '{device.id}' (type '{device.driver}') "
                            "after it was realized")
         raise QmpError(f"Property '{device.driver}.{prop}' not found")
