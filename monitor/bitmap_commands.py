@@ -6,9 +6,9 @@ qcow2 persists. Every refusal is a GenericError with QEMU 7.2's wording (checked
 qemu-storage-daemon) and leaves everything as it was: merge checks all sources before it changes the
 target.
 
-Node lookup: there is no node-name registry yet (the ``-blockdev`` work builds one); :func:`resolve_node`
-looks at the VM's drives and then at every node under them that carries a ``node_name`` attribute, so a
-registry that sets that attribute is found without changes here.
+Node lookup goes through the VM's node registry (:func:`pyemu.monitor.blockdev.node_registry`: drive ids
+first, then node-names, as QEMU's ``bdrv_lookup_bs``); a board without a block graph falls back to its
+drives.
 """
 
 from __future__ import annotations
@@ -33,6 +33,18 @@ def _nodes_below(node: object) -> Iterator[object]:
 
 def find_node(api: ControlApi, name: str) -> object | None:
     """The node a drive id or node name designates (the drive's root node for a drive id)."""
+    from pyemu.block.registry import NodeRegistryError
+    from pyemu.monitor.blockdev import node_registry  # imported here: blockdev -> block_info -> this module
+
+    try:
+        registry = node_registry(api)
+    except QmpError:
+        registry = None  # a board without a block graph: its drives are all there is
+    if registry is not None:
+        try:
+            return registry.lookup(name)
+        except NodeRegistryError:
+            return None
     drives = list(api.machine.drives())
     for use in drives:
         if use.drive_id == name:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 from pyemu.block.blockdev import delete_blockdev, open_blockdev
 from pyemu.block.registry import NodeEntry, NodeRegistry, NodeRegistryError
 from pyemu.errors import PyemuError
+from pyemu.monitor.bitmap_commands import dirty_bitmap_info
 from pyemu.monitor.block_info import image_info
 from pyemu.monitor.control import ControlApi
 from pyemu.monitor.schema import QmpError
@@ -61,6 +62,9 @@ def node_info(entry: NodeEntry) -> dict[str, Any]:
     }
     if chain:
         info["backing_file"] = chain[0].filename
+    bitmaps = dirty_bitmap_info(node)
+    if bitmaps:  # QEMU lists a node's dirty bitmaps in its BlockDeviceInfo
+        info["dirty-bitmaps"] = bitmaps
     return info
 
 

@@ -180,3 +180,27 @@ def test_bitmaps_of_a_read_only_drive(short_dir: Path, disks: tuple[Path, Path])
         vm.execute("block-dirty-bitmap-add", {"node": "disk2", "name": "mem"})  # in memory only: allowed
     assert json.loads(run("qemu-img", "info", "--output=json", str(other)))["format-specific"]["data"][
         "bitmaps"] == [{"flags": ["auto"], "name": "stored", "granularity": 65536}]
+
+
+def test_bitmaps_on_a_blockdev_node_name(short_dir: Path, disks: tuple[Path, Path]) -> None:
+    """``node`` may be a -blockdev node-name (resolved through the node registry); the bitmap persists in
+    that node's image."""
+    qcow2, raw = disks
+    other = short_dir / "n.qcow2"
+    run("qemu-img", "create", "-f", "qcow2", str(other), str(4 * MiB))
+    with make_vm(short_dir, qcow2, raw, "-blockdev",
+                 f"driver=qcow2,node-name=n0,file.driver=file,file.filename={other}",
+                 "-device", "virtio-blk-device,drive=n0") as vm:
+        vm.start()
+        vm.execute("block-dirty-bitmap-add", {"node": "n0", "name": "nb", "granularity": 4096,
+                                              "persistent": True})
+        node = [use for use in vm._instance.machine.drives() if use.backend.root.filename == str(other)][0]
+        node.backend.pwritev(MiB, [b"q" * 4096])
+        nodes = {n["node-name"]: n for n in vm.execute("query-named-block-nodes")}
+        assert nodes["n0"]["dirty-bitmaps"] == [{"name": "nb", "recording": True, "persistent": True,
+                                                 "busy": False, "granularity": 4096, "count": 4096}]
+        with pytest.raises(CommandError) as info:
+            vm.execute("block-dirty-bitmap-add", {"node": "n1", "name": "x"})
+        assert info.value.desc == "Cannot find device='n1' nor node-name='n1'"
+    info = json.loads(run("qemu-img", "info", "--output=json", str(other)))
+    assert info["format-specific"]["data"]["bitmaps"] == [{"flags": ["auto"], "name": "nb", "granularity": 4096}]
