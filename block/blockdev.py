@@ -435,6 +435,29 @@ register_driver(DriverSpec("qcow2", (Opt("file", "ref", required=True), Opt("bac
                            _open_qcow2, "a qcow2 image over its file child"))
 
 
+def _open_nbd(options: dict[str, Any], ctx: OpenContext) -> BlockDriver:
+    """The NBD client (:mod:`pyemu.block.nbd`) from QEMU's BlockdevOptionsNbd: ``server`` (a SocketAddress:
+    unix ``path`` or inet ``host``/``port``), ``export``, ``reconnect-delay``."""
+    from pyemu.block.nbd.client import NbdClient
+    from pyemu.block.nbd.uri import target_from_options
+
+    if "tls-creds" in options:
+        raise BlockdevError("NBD over TLS (tls-creds) is not supported by pyemu's NBD client")
+    server = options["server"]
+    flat = {f"server.{key}": str(value) for key, value in server.items()}
+    if "export" in options:
+        flat["export"] = options["export"]
+    return NbdClient.open(target_from_options(flat), read_only=ctx.read_only,
+                          reconnect_delay=float(options.get("reconnect-delay", 0)))
+
+
+register_driver(DriverSpec("nbd", (Opt("server", "object", required=True, members=(
+                                       Opt("type", "enum", required=True, values=("unix", "inet")),
+                                       Opt("path", "str"), Opt("host", "str"), Opt("port", "str"))),
+                                   Opt("export", "str"), Opt("reconnect-delay", "int"), Opt("tls-creds", "str")),
+                           _open_nbd, "an NBD export (client)"))
+
+
 def activate(node: object) -> None:
     """A drive starts using ``node``: take the permissions its borrowed children need (see
     :mod:`pyemu.block.borrowed`)."""

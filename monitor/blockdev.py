@@ -40,7 +40,7 @@ def resolve_node(api: ControlApi, name: str) -> Any:
 
 
 def _backing_chain(node: Any) -> list[Any]:
-    chain = []
+    chain: list[Any] = []
     backing = getattr(node, "backing", None)
     while backing is not None and len(chain) < 1000:
         chain.append(backing)

@@ -5,7 +5,9 @@ Messages are QEMU 7.2's, measured with ``qemu-system-x86_64 -M microvm -S -qmp``
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -229,3 +231,32 @@ def test_replace_root_failure_keeps_the_old_root(raw: Path) -> None:
     assert backend.root is d0.node
     backend.pwritev(0, [b"still here"])
     backend.close()
+
+
+@pytest.mark.skipif(shutil.which("qemu-nbd") is None, reason="qemu-nbd not installed")
+def test_nbd_node_over_a_qemu_nbd_export(raw: Path, tmp_path: Path) -> None:
+    raw.write_bytes(b"N" * 512 + raw.read_bytes()[512:])
+    sock = tmp_path / "nbd.sock"
+    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-x", "exp", "-k", str(sock), str(raw)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        registry = NodeRegistry()
+        node = add(registry, f"driver=nbd,node-name=n0,server.type=unix,server.path={sock},export=exp")
+        overlay = add(registry, "driver=raw,node-name=r0,file=n0")
+        buf = bytearray(512)
+        overlay.node.preadv(0, [memoryview(buf)])
+        assert bytes(buf) == b"N" * 512 and node.node.size() == 4 * MiB
+        overlay.node.pwritev(512, [b"W" * 512])
+        overlay.node.flush()
+        with pytest.raises(BlockdevError, match="Parameter 'server.type' does not accept value 'vsock'"):
+            add(registry, f"driver=nbd,node-name=n1,server.type=vsock,server.path={sock}")
+        delete_blockdev(registry, "r0")
+        delete_blockdev(registry, "n0")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert raw.read_bytes()[512:1024] == b"W" * 512
