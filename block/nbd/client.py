@@ -224,30 +224,37 @@ class _Connection:
         except (P.NbdDisconnected, P.NbdProtocolError, OSError) as exc:
             self._fail(str(exc))
 
-    def _take(self, handle: int, done: bool) -> _Pending:
+    def _take(self, handle: int) -> _Pending:
+        """The request a reply is for; it stays registered until :meth:`_complete`, so a protocol error
+        in the middle of its reply still fails it (through :meth:`_fail`) instead of leaving it waiting."""
         with self._pending_lock:
-            pending = self._pending.pop(handle, None) if done else self._pending.get(handle)
+            pending = self._pending.get(handle)
         if pending is None:
             raise P.NbdProtocolError(f"reply for unknown handle {handle:#x}")
         return pending
+
+    def _complete(self, pending: _Pending) -> None:
+        with self._pending_lock:
+            self._pending.pop(pending.request.handle, None)
+        pending.done.set()
 
     def _receive_one(self) -> None:
         head = P.recv_exact(self.sock, 4)
         (magic,) = P.U32.unpack(head)
         if magic == P.SIMPLE_REPLY_MAGIC:
             error, handle = struct.unpack(">IQ", P.recv_exact(self.sock, 12))
-            pending = self._take(handle, True)
+            pending = self._take(handle)
             if error:
                 pending.error = error
             elif pending.request.type == P.CMD_READ and pending.target is not None:
                 P.recv_into_exact(self.sock, pending.target)
-            pending.done.set()
+            self._complete(pending)
             return
         if magic != P.STRUCTURED_REPLY_MAGIC or not self.info.structured:
             raise P.NbdProtocolError(f"bad reply magic {magic:#x}")
         flags, reply_type, handle, length = struct.unpack(">HHQI", P.recv_exact(self.sock, 16))
         done = bool(flags & P.REPLY_FLAG_DONE)
-        pending = self._take(handle, done)
+        pending = self._take(handle)
         request = pending.request
         if reply_type == P.REPLY_TYPE_OFFSET_DATA:
             if request.type != P.CMD_READ or length < 8 or length > MAX_REPLY_CHUNK:
@@ -288,7 +295,7 @@ class _Connection:
                 raise P.NbdProtocolError(f"unknown chunk type {reply_type} of {length} bytes")
             P.discard_exact(self.sock, length)
         if done:
-            pending.done.set()
+            self._complete(pending)
 
     def close(self) -> None:
         with self._send_lock:
@@ -358,11 +365,15 @@ class NbdClient:
     # -- connection management -----------------------------------------------------------------------------
 
     def _connection(self, deadline: float | None) -> _Connection:
+        """The live connection, reconnecting when it was lost: once, or until ``deadline`` (monotonic) when
+        reconnect-delay is set -- the first request that finds the connection gone starts that clock."""
         with self._conn_lock:
             if self._closed:
                 raise BlockIOError(f"NBD node '{self.filename}' is closed", errno=errno.EIO)
             if self._conn is not None and self._conn.alive:
                 return self._conn
+            if deadline is None and self.reconnect_delay > 0:
+                deadline = time.monotonic() + self.reconnect_delay
             old = self._conn
             self._conn = None
             if old is not None:
