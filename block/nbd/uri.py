@@ -108,7 +108,7 @@ def _parse_uri(url: str) -> NbdTarget:
         raise BlockConfigError(f"NBD: invalid port in '{url}'", option=None) from exc
     if not host:
         raise BlockConfigError(f"NBD: '{url}' names no host", option=None)
-    return NbdTarget(NbdAddress("inet", host=host, port=port or DEFAULT_PORT), export)
+    return NbdTarget(NbdAddress("inet", host=host, port=DEFAULT_PORT if port is None else port), export)
 
 
 def _parse_legacy(url: str) -> NbdTarget:
