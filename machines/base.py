@@ -320,6 +320,24 @@ class Machine:
         print(f"pyemu: vcpu{index}: {reason}; stopping the VM", file=sys.stderr)
         self.request_shutdown(ShutdownCause.HOST_ERROR, 1)
 
+    # -- VM state (pyemu.migration) ---------------------------------------------------------------------
+    def migration_identity(self) -> dict[str, Any]:
+        """The board type and the options that shape its devices (JSON-able), which a VM-state stream
+        must match; the generic part (RAM, vCPUs, devices) is :func:`pyemu.migration.vmstate.identity`."""
+        return {"board": type(self).__name__.lower(), "options": {}}
+
+    def set_guest_tsc(self, value: int) -> None:
+        """Make the guest TSC read ``value`` (a restored VM's), while every vCPU is parked."""
+        setter = getattr(self.accel.tsc, "set", None)
+        if setter is None:
+            raise NotImplementedError(f"the {self.accel.name} accelerator cannot set the guest TSC")
+        setter(value)
+
+    def enter_state(self, state: RunState) -> None:
+        """Move a stopped VM to ``state`` (inmigrate at an incoming start, postmigrate after a save)."""
+        with self._life:
+            self.runstate.transition(state)
+
     # -- board hooks ------------------------------------------------------------------------------------
     def load_boot(self) -> None:
         """Write the boot image into zeroed RAM and set ``self.boot_states`` (one entry state per vCPU)."""

@@ -389,6 +389,11 @@ class Microvm(Machine):
         self.boot_states = [result.cpu] + [X86CpuState(mp_state=MpState.WAIT_FOR_SIPI)
                                            for _ in range(1, self.vcpu_count)]
 
+    def migration_identity(self) -> dict[str, object]:
+        features = self.features
+        return {"board": "microvm", "options": {"acpi": features.acpi, "pic": features.pic, "pit": features.pit,
+                                                "rtc": features.rtc, "isa-serial": features.isa_serial}}
+
     def iothreads(self) -> list[IoThread]:
         return list(self.virtio.iothreads.values())
 

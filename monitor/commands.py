@@ -14,6 +14,7 @@ from typing import Any, Callable
 from pyemu import __version__
 from pyemu.monitor import schema
 from pyemu.monitor.bitmap_commands import HANDLERS as BITMAP_HANDLERS
+from pyemu.monitor.migration import HANDLERS as MIGRATION_HANDLERS
 from pyemu.monitor.block_info import block_info
 from pyemu.monitor.blockdev import HANDLERS as BLOCKDEV_HANDLERS
 from pyemu.monitor.qom import HANDLERS as QOM_HANDLERS
@@ -170,6 +171,7 @@ HANDLERS.update(BITMAP_HANDLERS)
 HANDLERS.update(BLOCKDEV_HANDLERS)
 HANDLERS.update(QOM_HANDLERS)
 HANDLERS.update(TRANSACTION_HANDLERS)
+HANDLERS.update(MIGRATION_HANDLERS)
 SESSION_COMMANDS = frozenset({"qmp_capabilities"})
 """Commands the session itself serves."""
 

@@ -64,6 +64,10 @@ class ControlApi:
         machine.runstate.add_listener(self._on_transition)
         machine.reset_handlers.append(self._on_reset)
         machine.add_event_sink(self._emit)  # STOP on internal-error, GUEST_PANICKED, GUEST_CRASHLOADED
+        from pyemu.migration.job import MigrationManager
+
+        self.migration = MigrationManager(machine, self._emit)
+        """``migrate``/``migrate-incoming``/``query-migrate`` (:mod:`pyemu.monitor.migration`)."""
 
     # -- events -----------------------------------------------------------------------------------------
     def subscribe(self, sink: EventSink) -> None:
@@ -129,6 +133,11 @@ class ControlApi:
             raise ControlError("Resetting the Virtual Machine is required")
         if state is RunState.RUNNING:
             return
+        if state is RunState.INMIGRATE:
+            self.migration.autostart = True  # QEMU: run as soon as the incoming state is loaded
+            return
+        if self.migration.active:
+            raise ControlError("Migration is in progress")
         self.machine.resume()
         self._emit("RESUME", {})
 

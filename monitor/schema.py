@@ -134,6 +134,19 @@ _TYPE_LIST: tuple[EnumType | StructType, ...] = (
                                      "*inserted:BlockDeviceInfo", "*dirty-bitmaps:[BlockDirtyInfo]")),
     StructType("BlockDirtyInfo", _members("*name:str", "count:int", "granularity:int", "recording:bool",
                                           "busy:bool", "persistent:bool", "*inconsistent:bool")),
+    # Migration (pyemu.monitor.migration): QEMU's MigrationStatus, MigrationStats and MigrationInfo.
+    EnumType("MigrationStatus", ("none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
+                                 "postcopy-paused", "postcopy-recover", "completed", "failed", "colo",
+                                 "pre-switchover", "device", "wait-unplug")),
+    StructType("MigrationStats", _members("transferred:int", "remaining:int", "total:int", "duplicate:int",
+                                          "skipped:int", "normal:int", "normal-bytes:int",
+                                          "dirty-pages-rate:int", "mbps:number", "dirty-sync-count:int",
+                                          "postcopy-requests:int", "page-size:int", "multifd-bytes:int",
+                                          "pages-per-second:int", "precopy-bytes:int", "downtime-bytes:int",
+                                          "postcopy-bytes:int", "dirty-sync-missed-zero-copy:int")),
+    StructType("MigrationInfo", _members("*status:MigrationStatus", "*ram:MigrationStats", "*total-time:int",
+                                         "*expected-downtime:int", "*downtime:int", "*setup-time:int",
+                                         "*error-desc:str")),
 )
 TYPES: dict[str, EnumType | StructType] = {t.name: t for t in _TYPE_LIST}
 
@@ -186,6 +199,11 @@ COMMANDS: tuple[Command, ...] = (
     # bitmaps: QEMU's alternate BlockDirtyBitmapOrStr (a name or {node, name}), checked by the handler.
     Command("block-dirty-bitmap-merge", _members("node:str", "target:str", "bitmaps:[any]"), EMPTY,
             "OR bitmaps into a target bitmap"),
+    Command("migrate", _members("uri:str", "*blk:bool", "*inc:bool", "*detach:bool", "*resume:bool"), EMPTY,
+            "save the VM's state to a file: or exec: URI (stop-and-copy; the VM ends postmigrate)"),
+    Command("migrate-incoming", _members("uri:str"), EMPTY,
+            "load the VM's state from a URI (a VM started with -incoming defer)"),
+    Command("query-migrate", (), "MigrationInfo", "the status and statistics of the last migration"),
 )
 COMMANDS_BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}
 
@@ -198,6 +216,7 @@ EVENTS: tuple[Event, ...] = (
     Event("GUEST_PANICKED", _members("action:GuestPanicAction"), "the guest reported a panic (pvpanic)"),
     Event("GUEST_CRASHLOADED", _members("action:GuestPanicAction"),
           "the guest's crash kernel was loaded after a panic (pvpanic)"),
+    Event("MIGRATION", _members("status:MigrationStatus"), "a migration changed status"),
 )
 EVENTS_BY_NAME: dict[str, Event] = {e.name: e for e in EVENTS}
 

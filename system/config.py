@@ -181,6 +181,8 @@ class VmConfig:
     daemonize: bool = False
     """``-daemonize``: detach once the VM is set up (the command does it; see :mod:`pyemu.system.daemonize`)."""
     nodefaults: bool = False
+    incoming: str | None = None
+    """``-incoming URI|defer``: start from a saved VM state instead of booting (:mod:`pyemu.migration`)."""
 
     def __post_init__(self) -> None:
         if self.ram_size < MIN_RAM:

@@ -98,7 +98,16 @@ class VmInstance:
     def start(self) -> None:
         """Run the vCPUs, or stay in prelaunch with ``-S`` until a ``cont``; then serve the monitors."""
         log.log("exec", f"starting {self.config.vcpus} vCPU(s) on {self.accel.name}")
-        self.control.start(paused=self.config.start_paused)
+        incoming = self.config.incoming
+        if incoming is None:
+            self.control.start(paused=self.config.start_paused)
+        else:
+            # QEMU's -incoming: the VM is created stopped in inmigrate; a URI is loaded now (a bad stream
+            # raises MigrationError and nothing runs), "defer" waits for QMP migrate-incoming.
+            self.control.start(paused=True)
+            self.control.migration.expect_incoming(autostart=not self.config.start_paused)
+            if incoming != "defer":
+                self.control.migration.incoming(incoming)
         if self.monitor is not None:
             self.monitor.serve()
 

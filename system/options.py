@@ -68,6 +68,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("snapshot", False, "write to temporary files instead of disk images (every -drive gets "
                "snapshot=on)"),
     OptionSpec("S", False, "create the VM with its CPUs stopped (prelaunch; QMP 'cont' starts it)"),
+    OptionSpec("incoming", True, "start from a saved VM state: file:PATH or exec:COMMAND (its output), or "
+               "defer (wait for QMP migrate-incoming); the same -machine/-m/-smp/-device/-drive as the source",
+               "uri|defer"),
     OptionSpec("qmp", True, "a QMP monitor: unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off "
                "| stdio (repeatable); server=off connects out to a listening client", "dev"),
     OptionSpec("qmp-pretty", True, "like -qmp, with pretty-printed JSON replies", "dev"),
@@ -472,6 +475,7 @@ def parse_args(argv: list[str]) -> VmConfig:
         "qmp-pretty": lambda v: monitors.append(MonitorOptions(spec=_qmp(v).spec, pretty=True)),
         "monitor": lambda v: monitors.extend(m for m in [_monitor(v)] if m is not None),
         "name": setter("name", _name), "uuid": setter("uuid", str), "pidfile": setter("pidfile", str), "display": _display,
+        "incoming": setter("incoming", _incoming),
     })
     while i < len(argv):
         word = argv[i]
@@ -521,6 +525,19 @@ def parse_args(argv: list[str]) -> VmConfig:
                     objects=tuple(backends["object"]), chardevs=tuple(backends["chardev"]),
                     netdevs=tuple(backends["netdev"]), monitors=tuple(monitors), globals=tuple(globals_),
                     **values)  # type: ignore[arg-type]
+
+
+def _incoming(value: str) -> str:
+    """``-incoming``: ``defer`` or a migration URI (checked here, so a typo fails before the VM is built)."""
+    if value != "defer":
+        from pyemu.migration.errors import TransportError
+        from pyemu.migration.transport import check_uri
+
+        try:
+            check_uri(value)
+        except TransportError as error:
+            raise ConfigError(f"-incoming: {error}", option="-incoming") from None
+    return value
 
 
 def _log_mask(value: str) -> frozenset[str]:

@@ -25,6 +25,10 @@ class RunState(enum.Enum):
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal-error"
     GUEST_PANICKED = "guest-panicked"
+    INMIGRATE = "inmigrate"
+    """Started with ``-incoming``: waiting for (or loading) a VM-state stream; nothing has run."""
+    POSTMIGRATE = "postmigrate"
+    """The VM's state was saved by ``migrate`` and the VM stopped; ``cont`` runs it again (as QEMU)."""
 
 
 class ShutdownCause(enum.Enum):
@@ -43,10 +47,14 @@ class ShutdownCause(enum.Enum):
 
 
 _ALLOWED: dict[RunState, frozenset[RunState]] = {
-    RunState.PRELAUNCH: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.SHUTDOWN}),
+    RunState.PRELAUNCH: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.SHUTDOWN, RunState.INMIGRATE,
+                                   RunState.POSTMIGRATE}),
     RunState.RUNNING: frozenset({RunState.PAUSED, RunState.SHUTDOWN, RunState.INTERNAL_ERROR,
-                                 RunState.GUEST_PANICKED}),
-    RunState.PAUSED: frozenset({RunState.RUNNING, RunState.SHUTDOWN, RunState.PRELAUNCH}),  # reset
+                                 RunState.GUEST_PANICKED, RunState.POSTMIGRATE}),
+    RunState.PAUSED: frozenset({RunState.RUNNING, RunState.SHUTDOWN, RunState.PRELAUNCH,  # reset
+                                RunState.POSTMIGRATE}),
+    RunState.INMIGRATE: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH, RunState.SHUTDOWN}),
+    RunState.POSTMIGRATE: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.SHUTDOWN, RunState.PRELAUNCH}),
     RunState.SHUTDOWN: frozenset({RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH}),  # reset, as QEMU
     RunState.INTERNAL_ERROR: frozenset({RunState.PAUSED, RunState.SHUTDOWN, RunState.PRELAUNCH}),
     RunState.GUEST_PANICKED: frozenset({RunState.SHUTDOWN, RunState.PRELAUNCH}),  # quit or reset; cont refused

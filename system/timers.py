@@ -72,6 +72,14 @@ class VirtualClock:
             self._state = (base + max(0, self._host() - since), None)
         self._notify(False)
 
+    def set(self, value_ns: int) -> None:
+        """Stand at ``value_ns`` (a restored VM's clock, so its timers resume relative to it). Only while
+        stopped: a running clock moving under armed timers would fire or delay them arbitrarily."""
+        with self._lock:
+            if self._state[1] is not None:
+                raise RuntimeError("VirtualClock.set: the clock is running")
+            self._state = (value_ns, None)
+
     def add_listener(self, listener: ClockListener) -> None:
         """``listener(running)`` after each start and stop."""
         self._listeners.append(listener)

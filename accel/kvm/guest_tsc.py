@@ -89,6 +89,14 @@ class KvmGuestTsc:
         for vcpu in self._vcpus():
             self._set(vcpu, 0)
 
+    def set(self, value: int) -> None:
+        """Every vCPU's TSC reads ``value`` now (a restored VM's); frozen there if stopped."""
+        if self._frozen is not None:
+            self._frozen = [value] * len(self._frozen)
+            return
+        for vcpu in self._vcpus():
+            self._set(vcpu, value)
+
     # -- one vCPU ---------------------------------------------------------------------------------------
     def _set(self, vcpu: TscVcpu, value: int) -> None:
         """Make ``vcpu``'s TSC read ``value`` now, by its offset where KVM has the attribute."""

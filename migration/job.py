@@ -1,0 +1,220 @@
+"""``migrate`` and ``migrate-incoming`` as jobs with QEMU's status, statistics and MIGRATION events.
+
+Saving is stop-and-copy for now: a running VM is paused (STOP), its virtio I/O drained and its disks
+flushed (the disks themselves are shared, as in QEMU's shared-storage migration: the destination opens
+the same image paths), the whole state is written, and the VM ends in ``postmigrate`` (a ``cont`` runs it
+again, as in QEMU). A failure at any point resumes a VM that was running and reports ``failed`` with the
+reason. Live pre-copy is later work.
+
+Loading happens in a VM started with ``-incoming`` (run state ``inmigrate``): from the command line's URI
+at start-up, or from ``migrate-incoming`` after ``-incoming defer``. Measured with QEMU 7.2: the
+destination then runs if the source was running and no ``-S`` was given, is ``paused`` with ``-S``, and
+stays in ``prelaunch`` when the source had never run; the source ends ``postmigrate``. A stream that fails
+to load leaves the destination in ``inmigrate`` with zeroed RAM: it cannot be started.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+from pyemu.migration.errors import MigrationError
+from pyemu.migration.transport import IncomingStream, OutgoingStream, check_uri
+from pyemu.migration.vmstate import LoadStats, drain_io, load_vm, migration_blockers, save_vm
+from pyemu.system.runstate import RunState
+
+if TYPE_CHECKING:
+    from pyemu.machines.base import Machine
+
+EventSink = Callable[[str, dict[str, Any]], None]
+_ACTIVE = ("setup", "active")
+
+
+class MigrationManager:
+    """The migration state of one VM (source or destination). Thread-safe; one job at a time."""
+
+    def __init__(self, machine: Machine, emit: EventSink) -> None:
+        self.machine = machine
+        self._emit = emit
+        self._lock = threading.Lock()
+        self.status: str | None = None
+        """None until the first migration; then setup, active, completed or failed (QEMU's names)."""
+        self.error: str | None = None
+        self.incoming_expected = False
+        """Started with ``-incoming``: ``migrate-incoming`` (for ``defer``) or the start-up load is due."""
+        self.autostart = True
+        """Run the destination once loaded if the source was running (cleared by ``-S``; ``cont`` during
+        ``inmigrate`` sets it again, as in QEMU)."""
+        self._started_ns = 0
+        self._setup_ns = 0
+        self._finished_ns = 0
+        self._downtime_ns = 0
+        self._stats = LoadStats()
+        self._thread: threading.Thread | None = None
+        self._outgoing = False
+        self._incoming_configured = False
+
+    @property
+    def active(self) -> bool:
+        return self.status in _ACTIVE
+
+    # -- status -------------------------------------------------------------------------------------------
+    def _set_status(self, status: str) -> None:
+        self.status = status
+        self._emit("MIGRATION", {"status": status})
+
+    def query(self) -> dict[str, Any]:
+        """query-migrate's MigrationInfo ({} before any migration, as QEMU)."""
+        status = self.status
+        if status is None:
+            return {}
+        info: dict[str, Any] = {"status": status}
+        if not self._outgoing:
+            if status == "failed" and self.error:
+                info["error-desc"] = self.error
+            return info
+        now = self._finished_ns if status in ("completed", "failed") else time.monotonic_ns()
+        info["total-time"] = (now - self._started_ns) // 1_000_000
+        if self._setup_ns:
+            info["setup-time"] = (self._setup_ns - self._started_ns) // 1_000_000
+        if status == "completed":
+            info["downtime"] = self._downtime_ns // 1_000_000
+        stats = self._stats
+        seconds = max(1e-9, (now - self._started_ns) / 1e9)
+        info["ram"] = {"total": stats.ram_total, "transferred": stats.stream_bytes,
+                       "remaining": 0 if status == "completed" else max(0, stats.ram_total - stats.ram_bytes),
+                       "duplicate": stats.zero_pages, "skipped": 0, "normal": stats.normal_pages,
+                       "normal-bytes": stats.ram_bytes, "page-size": 4096, "dirty-sync-count": 1,
+                       "mbps": round(stats.stream_bytes * 8 / 1e6 / seconds, 3), "pages-per-second": 0,
+                       "dirty-pages-rate": 0, "postcopy-requests": 0, "multifd-bytes": 0,
+                       "precopy-bytes": 0, "downtime-bytes": stats.stream_bytes, "postcopy-bytes": 0,
+                       "dirty-sync-missed-zero-copy": 0}
+        if status == "failed" and self.error:
+            info["error-desc"] = self.error
+        return info
+
+    # -- outgoing -----------------------------------------------------------------------------------------
+    def migrate(self, uri: str, *, wait: bool = False) -> None:
+        """Start saving to ``uri`` (QMP ``migrate``). Refusals (a job running, a blocker, a bad URI, a VM
+        that cannot be saved in its state) raise MigrationError before anything changes; the save itself
+        runs on its own thread and ends ``completed`` or ``failed``."""
+        with self._lock:
+            if self.active:
+                raise MigrationError("There's a migration process in progress")
+            if self.incoming_expected:
+                raise MigrationError("Guest is waiting for an incoming migration")
+            state = self.machine.runstate.state
+            if state not in (RunState.RUNNING, RunState.PAUSED, RunState.PRELAUNCH, RunState.POSTMIGRATE):
+                raise MigrationError(f"the VM cannot be migrated in state {state.value}")
+            blockers = migration_blockers(self.machine)
+            if blockers:
+                raise blockers[0]
+            check_uri(uri)
+            self._outgoing = True
+            self.error = None
+            self._stats = LoadStats()
+            self._started_ns = time.monotonic_ns()
+            self._setup_ns = 0
+            self._set_status("setup")
+            self._thread = threading.Thread(target=self._save, args=(uri, state), name="migration", daemon=True)
+            self._thread.start()
+        if wait:
+            self.wait()
+
+    def wait(self, timeout: float | None = None) -> None:
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _save(self, uri: str, state: RunState) -> None:
+        machine = self.machine
+        was_running = state is RunState.RUNNING
+        paused_at = time.monotonic_ns()
+        out: OutgoingStream | None = None
+        try:
+            out = OutgoingStream(uri)
+            self._setup_ns = time.monotonic_ns()
+            self._set_status("active")
+            if was_running:
+                paused_at = time.monotonic_ns()
+                machine.pause()
+                self._emit("STOP", {})
+            drain_io(machine)
+            # The run state the destination should take: a VM stopped before has its own state.
+            run_state = {RunState.RUNNING: "running", RunState.PRELAUNCH: "prelaunch"}.get(state, "paused")
+            save_vm(machine, out, run_state, self._stats)
+            out.close()
+            out = None
+            machine.enter_state(RunState.POSTMIGRATE)
+            self._finished_ns = time.monotonic_ns()
+            self._downtime_ns = self._finished_ns - paused_at if was_running else 0
+            self._set_status("completed")
+        except Exception as exc:  # every failure ends in "failed" with its reason; the VM goes on
+            if out is not None:
+                out.abort()
+            self.error = str(exc)
+            self._finished_ns = time.monotonic_ns()
+            if was_running and machine.runstate.state is RunState.PAUSED:
+                machine.resume()
+                self._emit("RESUME", {})
+            self._set_status("failed")
+
+    # -- incoming -----------------------------------------------------------------------------------------
+    def expect_incoming(self, autostart: bool) -> None:
+        """The VM was started with ``-incoming``: enter ``inmigrate`` (the machine is started paused)."""
+        self.incoming_expected = True
+        self._incoming_configured = True
+        self.autostart = autostart
+        self.machine.enter_state(RunState.INMIGRATE)
+
+    def incoming(self, uri: str, *, background: bool = False) -> None:
+        """Load the state from ``uri`` into this VM (``-incoming URI`` at start-up, or ``migrate-incoming``).
+        In the foreground a failure raises MigrationError; in the background it ends ``failed``."""
+        with self._lock:
+            if not self._incoming_configured:
+                raise MigrationError("'-incoming' was not specified on the command line")
+            if self.status is not None:  # as QEMU: one attempt per process, failed or not
+                raise MigrationError("The incoming migration has already been started")
+            check_uri(uri)
+            self._outgoing = False
+            self.error = None
+            self._set_status("setup")
+        if background:
+            self._thread = threading.Thread(target=self._load_reporting, args=(uri,), name="migration-in",
+                                            daemon=True)
+            self._thread.start()
+        else:
+            self._load(uri)
+
+    def _load_reporting(self, uri: str) -> None:
+        try:
+            self._load(uri)
+        except MigrationError:
+            pass  # status failed and the reason are in query-migrate
+
+    def _load(self, uri: str) -> None:
+        machine = self.machine
+        stream: IncomingStream | None = None
+        try:
+            stream = IncomingStream(uri)
+            self._set_status("active")
+            run_state = load_vm(machine, stream.source, self._stats)
+            stream.close()
+            stream = None
+        except Exception as exc:  # typed stream errors, and anything a device raised while applying
+            if stream is not None:
+                stream.close(check=False)
+            self.error = str(exc)
+            self._set_status("failed")
+            if isinstance(exc, MigrationError):
+                raise
+            raise MigrationError(f"loading the VM state failed: {exc}") from exc
+        self.incoming_expected = False
+        if run_state == "running" and self.autostart:
+            machine.resume()
+            self._set_status("completed")
+            self._emit("RESUME", {})
+            return
+        machine.enter_state(RunState.PAUSED if run_state != "prelaunch" else RunState.PRELAUNCH)
+        self._set_status("completed")
