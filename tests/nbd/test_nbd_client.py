@@ -140,16 +140,19 @@ def test_against_qemu_storage_daemon(tmp_path: Path) -> None:
                                            ("export", "disk")])
         backend = open_drive(options)
         try:
-            root = backend.root if hasattr(backend, "root") else None
-            assert backend.size() == SIZE if hasattr(backend, "size") else True
-            node = open_image(url(sock, "disk"), format="raw", read_only=True)
-            assert read(node, 0, SIZE) == contents
-            ext = extents(node)
+            assert backend.size() == SIZE and not backend.read_only
+            assert read(backend, 0, SIZE) == contents
+            backend.pwritev(8192, [b"via -drive"])
+            backend.flush()
+            ext = extents(backend)
             assert ext[0] == (0, 4096, True, False) and ext[1][2:] == (False, True)
-            node.close()
-            del root
         finally:
             backend.close()
+        node = open_image(url(sock, "disk"), read_only=True)  # file=nbd+unix://... , format probed
+        try:
+            assert node.name == "raw" and read(node, 8192, 10) == b"via -drive"
+        finally:
+            node.close()
 
 
 def test_reconnect_delay(tmp_path: Path) -> None:

@@ -315,3 +315,31 @@ def test_remove_export_disconnects_its_clients(served: tuple[NbdServer, Path, by
     assert peer.is_closed()
     with pytest.raises(Exception, match="not found"):
         server.remove_export("ro")
+
+
+def test_random_bytes_never_break_the_server(served: tuple[NbdServer, Path, bytes]) -> None:
+    """Seeded random garbage at every stage (greeting, options, transmission): each connection ends in an
+    error reply or a disconnect, and the server keeps serving correct data to the next client."""
+    import random
+
+    _, sock, contents = served
+    rng = random.Random(11)
+    for i in range(60):
+        peer = RawPeer.connect(sock)
+        stage = i % 3
+        if stage >= 1:
+            peer.greeting()
+        if stage == 2:
+            peer.option(P.OPT_GO, P.InfoRequest("", ()).pack())
+            peer.replies(P.OPT_GO)
+        junk = rng.randbytes(rng.choice((1, 7, 28, 100, 4096)))
+        if rng.random() < 0.5 and stage == 2:  # a valid magic with random fields
+            junk = P.U32.pack(P.REQUEST_MAGIC) + junk[:24].ljust(24, b"\xff")
+        try:
+            peer.sock.sendall(junk)
+        except OSError:
+            pass
+        peer.sock.shutdown(socket.SHUT_WR)  # the peer sends nothing more: the server must not wait forever
+        assert peer.is_closed()
+        peer.close()
+    still_serves(sock, contents)
