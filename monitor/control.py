@@ -121,6 +121,9 @@ class ControlApi:
         """Pause every vCPU. Outside ``running`` this does nothing, as in QEMU (no STOP event either).
         vCPUs that do not stop raise :class:`~pyemu.system.runstate.VcpuStopTimeout` (state
         ``internal-error``), which QMP reports as an error."""
+        if self.state is RunState.INMIGRATE:
+            self.migration.autostart = False  # as QEMU: the loaded VM will wait for a cont
+            return
         if self.state is not RunState.RUNNING:
             return
         self.machine.pause()

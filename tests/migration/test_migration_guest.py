@@ -275,3 +275,20 @@ def test_virtio_blk_is_drained_and_moves_with_shared_storage(kernel: Path, short
         wait_counting(vm, value + 1000)
     finally:
         assert stop_vm(vm) == 0
+
+
+def test_stop_while_inmigrate_keeps_the_loaded_vm_paused(kernel: Path, short_dir: Path) -> None:
+    state_file = short_dir / "vm.state"
+    value, *_ = save_running(kernel, state_file)
+    vm = pyemu.VM("-kernel", str(kernel), *BASE, "-incoming", "defer")
+    vm.start()
+    try:
+        vm.execute("stop")  # QEMU: clears autostart while waiting for the stream
+        assert vm.state is RunState.INMIGRATE
+        vm.execute("migrate-incoming", {"uri": f"file:{state_file}"})
+        assert wait_migration(vm)["status"] == "completed"
+        assert vm.state is RunState.PAUSED and counter(vm) == value
+        vm.execute("cont")
+        wait_counting(vm, value + 1000)
+    finally:
+        assert stop_vm(vm) == 0
