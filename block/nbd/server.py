@@ -1,9 +1,13 @@
 """An NBD server: fixed-newstyle handshake, structured replies, metadata contexts, several clients at once.
 
-One thread per client reads requests; the I/O itself runs on a small worker pool shared by the server, so a
-client can keep several requests in flight (nbdcopy does) and the node's ``preadv``/``pwritev`` -- which
-release the GIL -- overlap. Replies leave under a per-client send lock, a whole reply in one ``sendmsg``. No
-request ever runs on a vCPU thread: the VM only adds exports.
+One thread per client reads requests and serves reads and writes itself; flush, trim, write-zeroes and
+block status (which may take long) go to a small worker pool shared by the server, so they never hold up
+the next read. Handing reads and writes to the pool as well was measured slower (nbdcopy, 512 MiB in the
+page cache, 2 shared cores: 0.73-0.9x of qemu-nbd with the pool, 0.9-1.2x inline; one connection:
+0.37 s vs 0.33 s):
+``preadv``/``sendmsg`` release the GIL, but the hand-off costs more than the overlap gains, and clients
+that want parallelism open several connections (multi-conn). Replies leave under a per-client send lock,
+a whole reply in one ``sendmsg``. No request ever runs on a vCPU thread: the VM only adds exports.
 
 Hostile clients are ordinary input. Every length is bounded before allocation (see :mod:`.protocol`); the
 payload bytes a client may have in flight are capped (:data:`MAX_INFLIGHT_BYTES`); a handshake that does not
@@ -35,6 +39,8 @@ MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 MAX_EXTENTS = 2048
 """Descriptors in one block-status reply (the client asks again for the rest)."""
 CONTEXT_BASE_ID = 1
+INLINE_TYPES = (P.CMD_READ, P.CMD_WRITE)
+"""Commands the connection's own thread serves (see the module docstring); the rest go to the pool."""
 
 
 class _Shutdown(Exception):
@@ -437,6 +443,9 @@ class _Client:
             if self.server.export(export.name) is not export:
                 self._release_for(request)
                 raise _Shutdown()
+            if request.type in INLINE_TYPES:
+                self._handle(export, request, payload)
+                continue
             try:
                 self.server._pool.submit(self._handle, export, request, payload)
             except RuntimeError:  # the pool is shut down: the server is closing
