@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
 import socket
 import subprocess
 import threading
@@ -270,3 +271,47 @@ def test_pyemu_img_reads_qemu_nbd(tmp_path: Path) -> None:
         assert "identical" in run("pyemu-img", "compare", "-U", url(sock), str(out)).stdout
         mapping = json.loads(run("pyemu-img", "map", "--output=json", url(sock)).stdout)
         assert [m["data"] for m in mapping][:3] == [True, False, True]
+
+
+def test_tcp_both_ways(tmp_path: Path) -> None:
+    """nbd://HOST:PORT: pyemu's server on TCP read by nbdinfo and pyemu's client; qemu-nbd on TCP read by
+    pyemu's client; an unreachable server is a clear one-line error."""
+    image = tmp_path / "t.img"
+    contents = make_image(image, SIZE)
+    node = open_image(str(image), format="raw", read_only=True)
+    server = NbdServer()
+    server.add_export(NbdExport("t", node))
+    listener = server.listen_tcp("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    try:
+        client = open_image(f"nbd://127.0.0.1:{port}/t", read_only=True)
+        assert read(client, 0, SIZE) == contents
+        client.close()
+        if shutil.which("nbdinfo"):
+            assert f"export-size: {SIZE}" in run("nbdinfo", f"nbd://127.0.0.1:{port}/t").stdout
+    finally:
+        server.close()
+        node.close()
+    need("qemu-nbd")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    proc = subprocess.Popen(["qemu-nbd", "-r", "-f", "raw", "-t", "-b", "127.0.0.1", "-p", str(free), str(image)],
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = open_image(f"nbd://127.0.0.1:{free}", read_only=True)
+                break
+            except BlockConfigError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        assert read(client, SIZE - 4096, 4096) == contents[-4096:]
+        client.close()
+    finally:
+        proc.kill()
+        proc.wait(30)
+    result = run("pyemu-img", "info", f"nbd://127.0.0.1:{free}/x", check=False)
+    assert result.returncode == 1 and "Failed to connect" in result.stderr and "Traceback" not in result.stderr
