@@ -27,6 +27,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockError, BlockIOError, ReadOnlyError
 from pyemu.block.nbd import protocol as P
 from pyemu.block.nbd.export import DirtyBitmapSource, NbdExport
@@ -575,10 +576,10 @@ class _Client:
         else:
             self._send(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, nbd_errno, request.handle))
 
-    def _read(self, node: object, request: P.Request) -> None:
+    def _read(self, node: BlockDriver, request: P.Request) -> None:
         buf = bytearray(request.length)
         if request.length:
-            node.preadv(request.offset, [memoryview(buf)])  # type: ignore[attr-defined]
+            node.preadv(request.offset, [memoryview(buf)])
         if self.structured:
             if not request.length:
                 self._send_ok(request)
