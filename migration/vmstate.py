@@ -249,6 +249,8 @@ def _read_stream(machine: Machine, reader: StreamReader, stats: LoadStats) -> _P
         if section.kind is Kind.HEADER:
             raise StreamCorrupt("a second header", section.where)
         if section.kind is Kind.CLOCK:
+            if parsed.clock is not None:
+                raise StreamCorrupt("a second clock section", section.where)
             parsed.clock = _parse_clock(section)
         elif section.kind is Kind.CPU:
             index = _cpu_index(section, machine.vcpu_count)

@@ -217,6 +217,8 @@ def test_semantic_damage_behind_valid_checksums(saved: tuple[bytes, dict], targe
         load(target, reframe([p for p in parts if p.id != "ioapic"]))
     with pytest.raises(StreamCorrupt, match="appears twice"):
         load(target, reframe(parts + [next(p for p in parts if p.id == "ioapic")]))
+    with pytest.raises(StreamCorrupt, match="a second clock"):
+        load(target, reframe(parts + [next(p for p in parts if p.kind is Kind.CLOCK)]))
     with pytest.raises(StreamCorrupt, match="no clock"):
         load(target, reframe([p for p in parts if p.kind is not Kind.CLOCK]))
     with pytest.raises(StreamCorrupt, match="does not start with its header"):
