@@ -259,12 +259,19 @@ def open_drive(options: DriveOptions, *, warn: Callable[[str], None] | None = No
             warn(note)
     try:
         fmt = options.format
-        if fmt is None:
-            fmt = probe_format(options.file)
+        base_read_only = options.readonly or options.snapshot
+        if fmt is None and is_nbd_url(options.file):
+            # Probed over the connection that then serves the drive: a qemu-nbd without -t serves one client.
+            root = _open_nbd_root(options, None, read_only=base_read_only, guard_block0=True)
+            fmt = str(root.name)
             if fmt == "raw" and warn is not None:
                 warn(options.probe_warning())
-        base_read_only = options.readonly or options.snapshot
-        root = _open_root(options, fmt, read_only=base_read_only, guard_block0=options.format is None)
+        else:
+            if fmt is None:
+                fmt = probe_format(options.file)
+                if fmt == "raw" and warn is not None:
+                    warn(options.probe_warning())
+            root = _open_root(options, fmt, read_only=base_read_only, guard_block0=options.format is None)
     except BlockConfigError as exc:
         if str(exc).startswith("-drive:"):
             raise
@@ -303,17 +310,20 @@ def _open_root(options: DriveOptions, fmt: str, *, read_only: bool, guard_block0
         raise
 
 
-def _open_nbd_root(options: DriveOptions, fmt: str, *, read_only: bool, guard_block0: bool) -> BlockDriver:
-    """raw (with its window) or qcow2 over the ``nbd`` protocol node, or the bare node for format=nbd."""
-    from pyemu.block.nbd.image import open_nbd_image
+def _open_nbd_root(options: DriveOptions, fmt: str | None, *, read_only: bool, guard_block0: bool) -> BlockDriver:
+    """raw (with its window) or qcow2 over the ``nbd`` protocol node, or the bare node for format=nbd;
+    ``fmt`` None probes the export's first bytes on the same connection."""
+    from pyemu.block.nbd.image import open_nbd_image, probe_nbd_format
 
-    if fmt == "qcow2":
-        return open_nbd_image(options.file, format="qcow2", read_only=read_only,
-                              reconnect_delay=options.reconnect_delay)
     node = open_nbd_image(options.file, format="nbd", read_only=read_only, reconnect_delay=options.reconnect_delay)
-    if fmt in ("nbd", "file"):
-        return node
     try:
+        if fmt is None:
+            fmt = probe_nbd_format(node)
+        if fmt in ("nbd", "file"):
+            return node
+        if fmt == "qcow2":
+            from pyemu.block.qcow2.driver import Qcow2Format
+            return Qcow2Format.open(node, read_only=read_only)
         return RawFormat(node, offset=options.offset, size=options.size, guard_block0=guard_block0)
     except BaseException:
         node.close()

@@ -315,3 +315,37 @@ def test_tcp_both_ways(tmp_path: Path) -> None:
         proc.wait(30)
     result = run("pyemu-img", "info", f"nbd://127.0.0.1:{free}/x", check=False)
     assert result.returncode == 1 and "Failed to connect" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_drive_probes_on_its_one_connection(tmp_path: Path) -> None:
+    """-drive file=nbd+unix://... without format= against a qemu-nbd without -t (one client, then it exits):
+    the format is probed on the connection that serves the drive, as QEMU does."""
+    need("qemu-nbd", "qemu-img")
+    image = tmp_path / "p.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "4M")
+    sock = tmp_path / "p.sock"
+    proc = subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), str(image)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        warnings: list[str] = []
+        while True:  # the socket file exists from bind(), a moment before listen()
+            try:
+                backend = open_drive(DriveOptions.from_props([("file", url(sock)), ("readonly", "on")]),
+                                     warn=warnings.append)
+                break
+            except BlockConfigError as exc:
+                assert "Failed to connect" in str(exc) and time.monotonic() < deadline
+                time.sleep(0.05)
+        try:
+            assert backend.size() == 4 << 20  # the qcow2 inside the raw export was recognised
+            assert not warnings
+        finally:
+            backend.close()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
