@@ -260,3 +260,23 @@ def test_nbd_node_over_a_qemu_nbd_export(raw: Path, tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=30)
     assert raw.read_bytes()[512:1024] == b"W" * 512
+
+
+def test_hostile_definitions_get_errors_not_tracebacks(raw: Path) -> None:
+    registry = NodeRegistry()
+    nested: dict = {"driver": "file", "filename": str(raw)}
+    for _ in range(40):
+        nested = {"driver": "raw", "file": nested}
+    nested["node-name"] = "deep"
+    with pytest.raises(BlockdevError, match="nested too deeply"):
+        open_blockdev(nested, registry)
+    with pytest.raises(KeyvalError, match="nested too deeply"):
+        parse_keyval("driver=raw," + ".".join(["file"] * 40) + "=x")
+    for bad in ({"driver": "raw", "node-name": "x", "file": 5}, {"driver": ["raw"]},
+                {"driver": "file", "node-name": "x", "filename": "a\0b"},
+                {"driver": "raw", "node-name": "x", "file": "f", "offset": -1},
+                {"driver": "raw", "node-name": "x", "file": "f", "size": 1 << 70},
+                {"driver": "raw", "node-name": 7, "file": "f"}):
+        with pytest.raises((BlockdevError, NodeRegistryError)):
+            open_blockdev(bad, registry)
+    assert len(registry) == 0
