@@ -129,3 +129,19 @@ def test_refusals(args: list[str], message: str) -> None:
     proc = run(*pyemu_nbd_argv(), *args, check=False)
     assert proc.returncode == 1
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_writes_through_pyemu_nbd_mark_persistent_bitmaps(tmp_path: Path) -> None:
+    """A client's write to a writable pyemu-nbd export of a qcow2 lands in its enabled persistent bitmap,
+    which qemu-nbd -B then serves as dirty (the bitmap is stored when pyemu-nbd exits)."""
+    need("nbdinfo", "qemu-img", "qemu-io", "qemu-nbd")
+    image = tmp_path / "m.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M")
+    run("qemu-img", "bitmap", "--add", str(image), "bm")
+    sock = tmp_path / "m.sock"
+    with server_process(pyemu_nbd_argv() + ["-f", "qcow2", "-t", "-k", str(sock), str(image)], sock):
+        run("qemu-io", "-f", "raw", "-c", "write -P 7 3M 64k", url(sock))
+    qsock = tmp_path / "q.sock"
+    with server_process(["qemu-nbd", "-r", "-f", "qcow2", "-B", "bm", "-t", "-k", str(qsock), str(image)], qsock):
+        extents = json.loads(run("nbdinfo", "--json", "--map=qemu:dirty-bitmap:bm", url(qsock)).stdout)
+    assert [(e["offset"], e["length"]) for e in extents if e["type"] & 1] == [(3 << 20, 64 << 10)]
