@@ -308,6 +308,8 @@ class _Client:
         if export is None:
             raise _Shutdown()  # NBD_OPT_EXPORT_NAME has no way to say "unknown": the spec says disconnect
         self._select(export)
+        if self.server.export(name) is not export:
+            raise _Shutdown()
         reply = P.U64.pack(export.node.size()) + P.U16.pack(self._transmission_flags(export))
         self._send(reply if self.no_zeroes else reply + bytes(124))
         return True
@@ -360,12 +362,16 @@ class _Client:
             self._reply(option, P.REP_INFO, P.U16.pack(P.INFO_DESCRIPTION) + export.description.encode())
         self._reply(option, P.REP_INFO, P.BLOCK_SIZE_INFO.pack(P.INFO_BLOCK_SIZE, P.MIN_BLOCK, P.PREFERRED_BLOCK,
                                                                P.MAX_PAYLOAD))
-        self._reply(option, P.REP_ACK)
         if option == P.OPT_GO:
             if self._context_export is not None and self._context_export != export.name:
                 self.contexts = {}  # contexts were chosen for another export: they do not apply
+            # Selected before the ACK, so a remove_export() racing with this handshake sees the client.
             self._select(export)
+            if self.server.export(export.name) is not export:
+                raise _Shutdown()
+            self._reply(option, P.REP_ACK)
             return True
+        self._reply(option, P.REP_ACK)
         return False
 
     def _select(self, export: NbdExport) -> None:
