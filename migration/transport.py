@@ -35,26 +35,53 @@ def check_uri(uri: str) -> None:
     _split(uri)
 
 
-class OutgoingStream:
-    """Where a save goes. ``close`` finishes it (and reports a failed ``exec:`` command)."""
+class _Endpoint:
+    """The open end of a ``file:`` or ``exec:`` URI, and the command's process for ``exec:``."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, *, writing: bool) -> None:
         self.uri = uri
         kind, rest = _split(uri)
         self._process: subprocess.Popen[bytes] | None = None
         try:
             if kind == "file":
-                self._out: IO[bytes] = open(rest, "wb")
-            else:
+                self._io: IO[bytes] = open(rest, "wb" if writing else "rb")
+            elif writing:
                 self._process = subprocess.Popen(["/bin/sh", "-c", rest], stdin=subprocess.PIPE)
                 assert self._process.stdin is not None
-                self._out = self._process.stdin
+                self._io = self._process.stdin
+            else:
+                self._process = subprocess.Popen(["/bin/sh", "-c", rest], stdout=subprocess.PIPE)
+                assert self._process.stdout is not None
+                self._io = self._process.stdout
         except OSError as exc:
             raise TransportError(f"'{uri}': {exc.strerror or exc}") from exc
 
+    def _reap(self, check: bool = True) -> None:
+        """Wait for an ``exec:`` command (killed first when ``check`` is off and it still runs); a command
+        that fails or hangs past EXEC_TIMEOUT_S fails the migration."""
+        if self._process is None:
+            return
+        if self._process.poll() is None and not check:
+            self._process.kill()
+        try:
+            status = self._process.wait(timeout=EXEC_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+            raise TransportError(f"'{self.uri}': the command did not finish within {EXEC_TIMEOUT_S:g} s") from None
+        if check and status != 0:
+            raise TransportError(f"'{self.uri}': the command exited with status {status}")
+
+
+class OutgoingStream(_Endpoint):
+    """Where a save goes. ``close`` finishes it (and reports a failed ``exec:`` command)."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri, writing=True)
+
     def write(self, data: bytes, /) -> int:
         try:
-            return self._out.write(data)
+            return self._io.write(data)
         except OSError as exc:
             if self._process is not None:
                 try:
@@ -68,7 +95,7 @@ class OutgoingStream:
 
     def close(self) -> None:
         try:
-            self._out.close()
+            self._io.close()
         except OSError as exc:
             raise TransportError(f"'{self.uri}': {exc.strerror or exc}") from exc
         finally:
@@ -76,57 +103,25 @@ class OutgoingStream:
 
     def abort(self) -> None:
         try:
-            self._out.close()
+            self._io.close()
         except OSError:
             pass
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
         self._reap(check=False)
 
-    def _reap(self, check: bool = True) -> None:
-        if self._process is None:
-            return
-        try:
-            status = self._process.wait(timeout=EXEC_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-            raise TransportError(f"'{self.uri}': the command did not finish within {EXEC_TIMEOUT_S:g} s") from None
-        if check and status != 0:
-            raise TransportError(f"'{self.uri}': the command exited with status {status}")
 
-
-class IncomingStream:
+class IncomingStream(_Endpoint):
     """Where a load comes from: a readable binary stream; ``close`` reports a failed ``exec:`` command."""
 
     def __init__(self, uri: str) -> None:
-        self.uri = uri
-        kind, rest = _split(uri)
-        self._process: subprocess.Popen[bytes] | None = None
-        try:
-            if kind == "file":
-                self.source: IO[bytes] = open(rest, "rb")
-            else:
-                self._process = subprocess.Popen(["/bin/sh", "-c", rest], stdout=subprocess.PIPE)
-                assert self._process.stdout is not None
-                self.source = self._process.stdout
-        except OSError as exc:
-            raise TransportError(f"'{uri}': {exc.strerror or exc}") from exc
+        super().__init__(uri, writing=False)
+
+    @property
+    def source(self) -> IO[bytes]:
+        return self._io
 
     def close(self, check: bool = True) -> None:
         try:
-            self.source.close()
+            self._io.close()
         except OSError:
             pass
-        if self._process is None:
-            return
-        if self._process.poll() is None and not check:
-            self._process.kill()
-        try:
-            status = self._process.wait(timeout=EXEC_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-            raise TransportError(f"'{self.uri}': the command did not finish within {EXEC_TIMEOUT_S:g} s") from None
-        if check and status != 0:
-            raise TransportError(f"'{self.uri}': the command exited with status {status}")
+        self._reap(check)

@@ -5,7 +5,6 @@ QEMU (``qemu-nbd -B`` read by ``nbdinfo --map``) sees exactly the granules the g
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
@@ -13,25 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from qemu.qmp import QMPClient
 
-from conftest import shell
+from boot_helpers import qmp, shell
 
 pytestmark = [pytest.mark.slow, pytest.mark.assets]
 
 BOOT_TIMEOUT = 240
 MiB = 1 << 20
-
-
-def qmp(sock: Path, command: str, args: dict | None = None):  # type: ignore[no-untyped-def]
-    async def call():  # type: ignore[no-untyped-def]
-        client = QMPClient("bitmap-test")
-        await client.connect(str(sock))
-        try:
-            return await client.execute(command, args or {})
-        finally:
-            await client.disconnect()
-    return asyncio.run(call())
 
 
 def nbd_dirty_extents(image: Path, name: str, tmp: Path) -> list[tuple[int, int]]:

@@ -11,31 +11,17 @@ and the base image is untouched by them. QMP is driven with ``qemu.qmp``, the cl
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
-from qemu.qmp import QMPClient
 
-from conftest import shell
+from boot_helpers import qmp, shell
 
 pytestmark = [pytest.mark.slow, pytest.mark.assets]
 
 BOOT_TIMEOUT = 240
 MiB = 1 << 20
-
-
-def qmp(sock: Path, command: str, args: dict | None = None):  # type: ignore[no-untyped-def]
-    async def call():  # type: ignore[no-untyped-def]
-        client = QMPClient("blockdev-test")
-        await client.connect(str(sock))
-        try:
-            return await client.execute(command, args or {})
-        finally:
-            await client.disconnect()
-    return asyncio.run(call())
 
 
 LOOP = ("rm -f /tmp/stop /tmp/log; (n=0; while [ ! -e /tmp/stop ]; do "

@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-from conftest import ConsoleSession, shell
+from boot_helpers import ConsoleSession, shell
 from test_virtio_net_linux import NamespacedSession, namespace  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.assets]

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import shell
+from boot_helpers import shell
 
 pytestmark = [pytest.mark.slow, pytest.mark.assets]
 

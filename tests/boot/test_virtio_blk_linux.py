@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from conftest import shell
+from boot_helpers import shell
 
 pytestmark = [pytest.mark.slow, pytest.mark.assets]
 

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import ConsoleSession, shell
+from boot_helpers import ConsoleSession, shell
 
 pytestmark = [pytest.mark.slow, pytest.mark.assets]
 

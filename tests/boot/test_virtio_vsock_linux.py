@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import shell
+from boot_helpers import shell
 
 from pyemu.guest.cpio import CpioArchive
 
