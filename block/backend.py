@@ -24,6 +24,7 @@ from pyemu.block import graph
 from pyemu.block.dirty_bitmap import existing_bitmaps
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
+from pyemu.block.hostio import zero_chunks
 from pyemu.block.locking import BlockPerm
 
 DISCARD_MODES = ("ignore", "unmap")
@@ -152,14 +153,15 @@ class BlockBackend:
             self._leave()
 
     def discard(self, offset: int, length: int) -> None:
-        """Pass the guest's discard down with discard=unmap; with discard=ignore succeed without doing
-        anything, as QEMU does."""
+        """Pass the guest's discard down with discard=unmap; with discard=ignore (or a node that cannot
+        discard) succeed without doing anything, as QEMU does."""
         self._check_writable("discard", offset, length)
         if self.discard_mode == "ignore":
             return
         self._enter(offset)
         try:
-            self.root.discard(offset, length)
+            if self.root.capabilities.discard:  # a hint: a node without it (after a root swap) just keeps data
+                self.root.discard(offset, length)
         finally:
             self._mark_dirty(offset, length)
             self._leave()
@@ -170,7 +172,11 @@ class BlockBackend:
         self._check_writable("write-zeroes", offset, length)
         self._enter(offset)
         try:
-            self.root.write_zeroes(offset, length, may_unmap=may_unmap and self.discard_mode == "unmap")
+            if self.root.capabilities.write_zeroes:
+                self.root.write_zeroes(offset, length, may_unmap=may_unmap and self.discard_mode == "unmap")
+            else:  # the device offered WRITE_ZEROES for the node it started on; a swapped-in one gets zeros
+                for pos, zeros in zero_chunks(offset, length):
+                    self.root.pwritev(pos, [zeros])
             if self.cache.writethrough and not self.cache.no_flush:
                 self.root.flush()
         finally:

@@ -145,6 +145,19 @@ def test_discard_unmap_reaches_the_driver() -> None:
     assert drv.calls == ["discard 512 4096", "zeroes 0 4096 unmap=True"]
 
 
+def test_a_node_without_discard_or_write_zeroes_still_serves_them() -> None:
+    """After a root swap the device may send what its first node offered: discard is a hint (dropped),
+    write-zeroes becomes written zeros, as QEMU's block layer falls back."""
+    drv = MemoryDriver()
+    drv.capabilities = BlockCapabilities(discard=False, write_zeroes=False, block_status=False, direct_io=False)
+    drv.data[:] = b"\xff" * len(drv.data)
+    backend = BlockBackend(drv, read_only=False, discard="unmap", id="d0")
+    backend.discard(0, 4096)
+    backend.write_zeroes(8192, 4096, may_unmap=True)
+    assert drv.calls == ["write"]
+    assert drv.data[8192:8192 + 4096] == bytes(4096) and drv.data[:4096] == b"\xff" * 4096
+
+
 def test_bad_discard_mode() -> None:
     with pytest.raises(BlockConfigError):
         BlockBackend(MemoryDriver(), read_only=False, discard="sometimes")
