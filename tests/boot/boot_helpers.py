@@ -5,6 +5,7 @@ test directory's conftest was imported first when several directories run togeth
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import subprocess
@@ -61,6 +62,7 @@ class ConsoleSession:
 
 
 _marker_count = [0]
+KERNEL_LOG_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")
 
 
 def shell(vm: ConsoleSession, command: str, timeout: float = 60) -> tuple[int, str]:
@@ -78,7 +80,11 @@ def shell(vm: ConsoleSession, command: str, timeout: float = 60) -> tuple[int, s
     vm.expect(b"@@", 10, after=end + len(end_needle))
     status = int(vm.output[end + len(end_needle):].split(b"@@", 1)[0])
     begin = out.index(begin_needle, start) + len(begin_needle)
-    return status, out[begin:end].decode(errors="replace").replace("\r", "").strip("\n")
+    text = out[begin:end].decode(errors="replace").replace("\r", "")
+    # The kernel prints to the same console whenever it likes (on a busy host: "clocksource: Long readout
+    # interval..."); its lines are not the command's output.
+    lines = [line for line in text.split("\n") if not KERNEL_LOG_LINE.match(line)]
+    return status, "\n".join(lines).strip("\n")
 
 
 def qmp(sock: "os.PathLike[str] | str", command: str, args: dict | None = None):  # type: ignore[no-untyped-def]
