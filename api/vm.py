@@ -21,7 +21,7 @@ import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from pyemu.api.console import Console
 from pyemu.api.errors import CommandError, ConsoleError, VmStateError, VmTimeout
@@ -30,6 +30,10 @@ from pyemu.errors import ConfigError
 from pyemu.system.config import VmConfig
 from pyemu.system.options import parse_args
 from pyemu.system.runstate import RunState, ShutdownCause
+
+if TYPE_CHECKING:  # the machine is imported only when a VM starts
+    from pyemu.monitor.control import ControlApi
+    from pyemu.system.instance import VmInstance
 
 CONSOLE_SOCKET = "console.sock"
 CONSOLE_ACCEPT_TIMEOUT = 30.0
@@ -64,7 +68,7 @@ class VM:
         self.events = EventStream()
         """Every event of this VM (STOP, RESUME, RESET, POWERDOWN, SHUTDOWN) from the moment it starts."""
         self._console: Console | None = None
-        self._instance: Any = None  # pyemu.system.instance.VmInstance once started
+        self._instance: VmInstance | None = None
         self._runner: threading.Thread | None = None
         self._exit_status: int | None = None
         self._failure: BaseException | None = None
@@ -95,7 +99,7 @@ class VM:
         self._runner.start()
         return self
 
-    def _await_console_accepted(self, instance: Any) -> None:
+    def _await_console_accepted(self, instance: VmInstance) -> None:
         """The chardev accepts on its own thread: until it has, what the guest prints is dropped (no
         client yet, as with QEMU's wait=off), so the vCPUs start only after it took our connection."""
         from pyemu.chardev.socket import SocketBackend
@@ -109,6 +113,7 @@ class VM:
 
     def _run(self) -> None:
         instance = self._instance
+        assert instance is not None
         try:
             self._exit_status = instance.run()
         except BaseException as error:  # reported by wait(); a daemon thread must not die silently
@@ -121,7 +126,7 @@ class VM:
     def wait(self, timeout: float | None = None) -> int:
         """Wait until the VM ends; its exit status (the guest's power-off gives 0). VmTimeout if it is
         still running after ``timeout`` seconds."""
-        self._require_started()
+        self._started()
         if not self._finished.wait(timeout):
             raise VmTimeout(f"the VM is still {self.state.value} after {timeout} s")
         if self._failure is not None:
@@ -217,10 +222,10 @@ class VM:
             raise VmStateError("the console exists once the VM is started")
         return self._console
 
-    def _control(self) -> Any:
-        self._require_started()
-        return self._instance.control
+    def _control(self) -> ControlApi:
+        return self._started().control
 
-    def _require_started(self) -> None:
+    def _started(self) -> VmInstance:
         if self._instance is None:
             raise VmStateError("the VM has not been started (call start() first)")
+        return self._instance

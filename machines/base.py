@@ -77,7 +77,7 @@ class Machine:
         self.no_reboot = False
         self.no_shutdown = False
         """``-no-shutdown``: a guest power-off stops the VM (state shutdown) instead of ending pyemu; the
-        host's quit, a signal or isa-debug-exit still end it, system_reset runs it again."""
+        host's quit, a signal or isa-debug-exit still end it; system_reset leaves it in prelaunch for cont."""
         self._exit_requested = False
         self.boot_states: list[X86CpuState] = []
         self.chardevs = ChardevRegistry()
