@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from pyemu.block import graph
+from pyemu.block.borrowed import BorrowedNode
 from pyemu.block.dirty_bitmap import existing_bitmaps
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
@@ -272,12 +273,20 @@ class BlockBackend:
     def _mark_dirty(self, offset: int, length: int) -> None:
         """Every enabled dirty bitmap of the node written records the range -- also after a failed request,
         as QEMU does: its data may have changed partly. Nodes that mark their own bitmaps (qcow2, for tools
-        that write it without a backend) are left to do so."""
-        if getattr(self.root, "marks_own_bitmaps", False):
-            return
-        bitmaps = existing_bitmaps(self.root)
-        if bitmaps is not None:
-            bitmaps.mark(offset, length)
+        that write it without a backend) are left to do so. Filters pass the write on unchanged, so the
+        nodes down the ``filtered_child`` chain (a copy-before-write filter put above the disk with qom-set)
+        record it too: the disk's bitmaps keep counting while the filter sits above it."""
+        node: object = self.root
+        seen: set[int] = set()
+        while node is not None and id(node) not in seen:
+            seen.add(id(node))
+            if not getattr(node, "marks_own_bitmaps", False):
+                bitmaps = existing_bitmaps(node)
+                if bitmaps is not None:
+                    bitmaps.mark(offset, length)
+            node = getattr(node, "filtered_child", None)
+            if isinstance(node, BorrowedNode):
+                node = node.node
 
     def _check_writable(self, op: str, offset: int, extent: int | Sequence[bytes | memoryview]) -> None:
         if self._read_only:

@@ -80,11 +80,16 @@ def users(node: object) -> list[Attachment]:
 
 
 def children(node: object) -> Iterator[tuple[str, object]]:
-    """(role, child) edges below ``node``: a format's ``file`` and ``backing``, raw's ``file``."""
+    """(role, child) edges below ``node``: a format's ``file`` and ``backing``, raw's ``file``, a
+    copy-before-write filter's ``target``."""
     for role, attr in (("file", "file"), ("file", "child"), ("backing", "backing")):
         child = getattr(node, attr, None)
         if child is not None:
             yield role, child
+    if getattr(node, "filtered_child", None) is not None:  # only filters: an NBD client's .target is no node
+        target = getattr(node, "target", None)
+        if target is not None:
+            yield "target", target
 
 
 def format_node_permissions(*, writable: bool) -> tuple[BlockPerm, BlockPerm]:
