@@ -79,7 +79,8 @@ class BlockBackend:
     """What a device model holds: a root node plus the drive's policies."""
 
     def __init__(self, root: BlockDriver, *, read_only: bool, cache: CacheMode = CacheMode(),
-                 discard: str = "ignore", id: str = "", owns_root: bool = True, user: str | None = None) -> None:
+                 discard: str = "ignore", id: str = "", owns_root: bool = True, user: str | None = None,
+                 shared: BlockPerm | None = None) -> None:
         if discard not in DISCARD_MODES:
             raise BlockConfigError(f"-drive: invalid discard option '{discard}' (expected ignore or unmap)")
         if root.read_only and not read_only:
@@ -92,8 +93,10 @@ class BlockBackend:
         self._owned_root = root if owns_root else None
         self._user = user or (f"drive '{id}'" if id else "a drive")
         self._perm = BlockPerm.CONSISTENT_READ | (BlockPerm(0) if read_only else BlockPerm.WRITE)
-        # share-rw=off, QEMU's default: a device refuses other writers even when it only reads.
-        self._shared = BlockPerm.CONSISTENT_READ | BlockPerm.WRITE_UNCHANGED | BlockPerm.RESIZE
+        # share-rw=off, QEMU's default: a device refuses other writers even when it only reads. A block
+        # export passes ``shared`` (everything, as QEMU's exports: they sit beside the guest's device).
+        self._shared = shared if shared is not None else \
+            BlockPerm.CONSISTENT_READ | BlockPerm.WRITE_UNCHANGED | BlockPerm.RESIZE
         self._attachment = graph.attach(root, user=self._user, role="root", perm=self._perm, shared=self._shared)
         self._quiesced = 0
         self.cache = cache

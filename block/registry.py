@@ -96,6 +96,7 @@ class NodeRegistry:
         self._lock = threading.RLock()
         self._nodes: dict[str, NodeEntry] = {}
         self._backends: dict[str, Backend] = {}
+        self._anonymous: list[Backend] = []
         self._counter = 0
 
     # -- names ------------------------------------------------------------------------------------------
@@ -214,7 +215,8 @@ class NodeRegistry:
     def in_use_by_backend(self, name: str) -> bool:
         with self._lock:
             entry = self._nodes.get(name)
-            return entry is not None and any(b.root is entry.node for b in self._backends.values())
+            return entry is not None and any(b.root is entry.node
+                                             for b in [*self._backends.values(), *self._anonymous])
 
     def remove(self, name: str, *, by_monitor: bool = True) -> list[NodeEntry]:
         """Unregister ``name`` and the inline children it owns (which nobody else uses); return the entries
@@ -249,6 +251,17 @@ class NodeRegistry:
             if key in self._nodes:
                 raise NodeRegistryError(f"Device name '{key}' conflicts with an existing node name")
             self._backends[key] = backend
+
+    def add_anonymous_backend(self, backend: Backend) -> None:
+        """A backend without a name (a block export's, as in QEMU): its root is in use -- blockdev-del says
+        "Node x is in use" -- but no ``node`` argument finds it."""
+        with self._lock:
+            self._anonymous.append(backend)
+
+    def remove_anonymous_backend(self, backend: Backend) -> None:
+        with self._lock:
+            if backend in self._anonymous:
+                self._anonymous.remove(backend)
 
     def remove_backend(self, name: str) -> None:
         with self._lock:

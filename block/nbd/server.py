@@ -67,6 +67,8 @@ class NbdServer:
         self._slots = threading.BoundedSemaphore(max_clients) if max_clients else None
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nbd-io")
         self._closed = threading.Event()
+        self._on_released: dict[int, Callable[[], None]] = {}
+        """id(export) -> what to call once the last client bound to that removed export has gone."""
         self.on_idle = on_idle
         self.connections_served = 0
 
@@ -78,16 +80,31 @@ class NbdServer:
                 raise BlockError(f"Block export id '{export.name}' is already in use")
             self._exports[export.name] = export
 
-    def remove_export(self, name: str) -> NbdExport:
-        """Stop serving ``name``; clients using it are disconnected (their requests in flight finish)."""
+    def remove_export(self, name: str, *, on_released: Callable[[], None] | None = None) -> NbdExport:
+        """Stop serving ``name``; clients using it are disconnected (their requests in flight finish).
+
+        ``on_released`` is called once no client uses the export any more -- at once (on this thread) when
+        none was connected, else on the thread of the last client to finish, after its last request
+        completed -- so the caller knows when the node behind the export may be let go (QEMU's export
+        refcount reaching zero)."""
         with self._lock:
             export = self._exports.pop(name, None)
             clients = [c for c in self._clients if c.export is export]
+            if export is not None and clients and on_released is not None:
+                self._on_released[id(export)] = on_released
         if export is None:
             raise BlockError(f"Export '{name}' is not found")
         for client in clients:
             client.shutdown()
+        if not clients and on_released is not None:
+            on_released()
         return export
+
+    def clients_of(self, name: str) -> int:
+        """How many connected clients have chosen export ``name`` (QMP's safe removal refuses while any do)."""
+        with self._lock:
+            export = self._exports.get(name)
+            return sum(1 for c in self._clients if export is not None and c.export is export)
 
     def export(self, name: str) -> NbdExport | None:
         with self._lock:
@@ -154,11 +171,21 @@ class NbdServer:
         return thread
 
     def _client_gone(self, client: _Client) -> None:
+        released: Callable[[], None] | None = None
         with self._lock:
             self._clients.discard(client)
             idle = not self._clients
+            export = client.export
+            if export is not None and id(export) in self._on_released and \
+                    not any(c.export is export for c in self._clients):
+                released = self._on_released.pop(id(export))
         if client.holds_slot and self._slots is not None:
             self._slots.release()
+        if released is not None:
+            try:
+                released()
+            except Exception:  # noqa: BLE001 -- the owner's bookkeeping must not kill a client thread
+                log.exception("NBD export release callback failed")
         if idle and self.on_idle is not None and not self._closed.is_set():
             self.on_idle()
 
