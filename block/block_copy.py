@@ -255,30 +255,39 @@ class BlockCopy:
             copied += stop - pos
 
     def _copy_piece(self, start: int, end: int) -> None:
-        """Copy [start, end) extent by extent: zero extents as write_zeroes, the rest as data."""
-        use_status = self.source.capabilities.block_status
-        pos = start
-        while pos < end:
-            zero, stop = False, end
-            if use_status:
-                try:
-                    status = self.source.block_status(pos, end - pos)
-                except BlockError as exc:
-                    raise _copy_error(exc, "read", pos, end - pos) from exc
-                zero, stop = status.zero, min(end, pos + max(1, status.length))
+        """Copy [start, end): zero extents as write_zeroes, the rest as data, neighbouring extents of one
+        kind merged into one request."""
+        for pos, stop, zero in self._extents(start, end):
             if zero:
                 self._write_zeroes(pos, stop - pos)
-            else:
-                buffer = bytearray(stop - pos)
-                try:
-                    self.source.preadv(pos, [memoryview(buffer)])
-                except (BlockError, OSError) as exc:
-                    raise _copy_error(exc, "read", pos, stop - pos) from exc
-                try:
-                    self.target.pwritev(pos, [buffer])
-                except (BlockError, OSError) as exc:
-                    raise _copy_error(exc, "write", pos, stop - pos) from exc
-            pos = stop
+                continue
+            buffer = bytearray(stop - pos)
+            try:
+                self.source.preadv(pos, [memoryview(buffer)])
+            except (BlockError, OSError) as exc:
+                raise _copy_error(exc, "read", pos, stop - pos) from exc
+            try:
+                self.target.pwritev(pos, [buffer])
+            except (BlockError, OSError) as exc:
+                raise _copy_error(exc, "write", pos, stop - pos) from exc
+
+    def _extents(self, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """(start, end, zero) runs of the source over [start, end), by block_status when it is real."""
+        if not self.source.capabilities.block_status:
+            yield start, end, False
+            return
+        run_start, run_zero, pos = start, False, start
+        while pos < end:
+            try:
+                status = self.source.block_status(pos, end - pos)
+            except (BlockError, OSError) as exc:
+                raise _copy_error(exc, "read", pos, end - pos) from exc
+            stop = min(end, pos + max(1, status.length))
+            if pos > run_start and status.zero != run_zero:
+                yield run_start, pos, run_zero
+                run_start = pos
+            run_zero, pos = status.zero, stop
+        yield run_start, end, run_zero
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         try:
