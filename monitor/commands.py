@@ -15,6 +15,7 @@ from pyemu import __version__
 from pyemu.monitor import schema
 from pyemu.monitor.bitmap_commands import HANDLERS as BITMAP_HANDLERS
 from pyemu.monitor.migration import HANDLERS as MIGRATION_HANDLERS
+from pyemu.monitor.nbd_commands import HANDLERS as NBD_HANDLERS
 from pyemu.monitor.block_info import block_info
 from pyemu.monitor.blockdev import HANDLERS as BLOCKDEV_HANDLERS
 from pyemu.monitor.qom import HANDLERS as QOM_HANDLERS
@@ -172,6 +173,7 @@ HANDLERS.update(BLOCKDEV_HANDLERS)
 HANDLERS.update(QOM_HANDLERS)
 HANDLERS.update(TRANSACTION_HANDLERS)
 HANDLERS.update(MIGRATION_HANDLERS)
+HANDLERS.update(NBD_HANDLERS)
 SESSION_COMMANDS = frozenset({"qmp_capabilities"})
 """Commands the session itself serves."""
 

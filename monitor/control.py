@@ -68,6 +68,10 @@ class ControlApi:
 
         self.migration = MigrationManager(machine, self._emit)
         """``migrate``/``migrate-incoming``/``query-migrate`` (:mod:`pyemu.monitor.migration`)."""
+        from pyemu.block.exports import ExportManager
+
+        self.exports = ExportManager(self._emit)
+        """The NBD server and block exports (:mod:`pyemu.monitor.nbd_commands`); closed with the VM."""
 
     # -- events -----------------------------------------------------------------------------------------
     def subscribe(self, sink: EventSink) -> None:

@@ -126,4 +126,5 @@ class VmInstance:
             self._closed = True
         if self.monitor is not None:
             self.monitor.close()  # after the quit reply and the SHUTDOWN event went out
+        self.control.exports.close()  # NBD clients gone and exports released before the nodes close
         self.machine.close()
