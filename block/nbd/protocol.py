@@ -165,12 +165,14 @@ class NbdDisconnected(NbdError):
 
 def errno_to_nbd(code: int) -> int:
     """The NBD error for a block-layer errno, as QEMU's ``system_errno_to_nbd_errno`` maps it: NBD has no
-    EACCES or EROFS, so permission problems become EPERM/EINVAL and unknown errors EINVAL."""
+    EACCES or EROFS, so permission problems become EPERM/EINVAL and unknown errors EINVAL. A snapshot-access
+    read outside the fleecing bitmap (EACCES in the block layer) therefore reaches the client as EINVAL,
+    which is what qemu-storage-daemon 7.2 sends too (qemu-io: "read failed: Invalid argument")."""
     return {
         _errno.EPERM: NBD_EPERM, _errno.EROFS: NBD_EPERM,
         _errno.EIO: NBD_EIO,
         _errno.ENOMEM: NBD_ENOMEM,
-        _errno.ENOSPC: NBD_ENOSPC, _errno.EFBIG: NBD_ENOSPC,
+        _errno.ENOSPC: NBD_ENOSPC, _errno.EFBIG: NBD_ENOSPC, _errno.EDQUOT: NBD_ENOSPC,
         _errno.EOVERFLOW: NBD_EOVERFLOW,
         _errno.ENOTSUP: NBD_ENOTSUP, _errno.EOPNOTSUPP: NBD_ENOTSUP,
         _errno.ESHUTDOWN: NBD_ESHUTDOWN,
