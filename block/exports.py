@@ -391,7 +391,7 @@ def _bind(address: ListenAddress) -> socket.socket:
         infos = socket.getaddrinfo(address.host or None, address.port, family, socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        reason = (exc.strerror or str(exc)) if isinstance(exc, socket.gaierror) else str(exc)
         raise ExportError(f"address resolution failed for {address.host}:{address.port}: {reason}") from None
     last = _errno.EADDRNOTAVAIL
     for fam, type_, proto, _, addr in infos:
