@@ -449,3 +449,52 @@ def test_fleecing_export_reads_outside_bitmap_fail_with_einval(vm: pyemu.VM, tmp
     assert [(e["offset"], e["length"]) for e in extents if e["type"] & 1] == [(0, 2 << 20)]
     assert vm.execute("block-export-del", {"id": "fl"}) == {}
     assert deleted_events(vm, 1) == ["fl"]
+
+
+# -- over a real QMP socket -----------------------------------------------------------------------------------
+
+def test_qmp_socket_client_sees_deleted_events(tmp: Path) -> None:
+    """QEMU's own client library (qemu.qmp) drives the export over the VM's QMP socket and receives
+    BLOCK_EXPORT_DELETED there, after a hard removal that disconnected an NBD client."""
+    qmp_module = pytest.importorskip("qemu.qmp")
+    import asyncio
+
+    kernel = tmp / "spin.bin"
+    kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
+    make_qcow2(tmp / "d0.qcow2")
+    qmp_sock, nbd_sock = tmp / "qmp.sock", tmp / "nbd.sock"
+    machine = pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-S",
+                       "-blockdev", f"driver=file,filename={tmp / 'd0.qcow2'},node-name=f0",
+                       "-blockdev", "driver=qcow2,file=f0,node-name=d0",
+                       "-qmp", f"unix:{qmp_sock},server=on,wait=off")
+    machine.start()
+
+    async def scenario() -> list[str]:
+        client = qmp_module.QMPClient("export-test")
+        await client.connect(str(qmp_sock))
+        try:
+            with client.listener(("BLOCK_EXPORT_DELETED",)) as listener:
+                await client.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd_sock)}}})
+                await client.execute("block-export-add", {"type": "nbd", "id": "e0", "node-name": "d0"})
+                await client.execute("block-export-add", {"type": "nbd", "id": "e1", "node-name": "d0",
+                                                          "name": "other"})
+                nbd = await asyncio.to_thread(NbdClient.open, parse_nbd_url(url(nbd_sock, "d0")), read_only=True)
+                try:
+                    with pytest.raises(qmp_module.ExecuteError) as info:
+                        await client.execute("block-export-del", {"id": "e0"})
+                    assert str(info.value) == "export 'e0' still in use"
+                    await client.execute("block-export-del", {"id": "e0", "mode": "hard"})
+                    first = await asyncio.wait_for(listener.get(), EVENT_TIMEOUT)
+                    await client.execute("nbd-server-stop")
+                    second = await asyncio.wait_for(listener.get(), EVENT_TIMEOUT)
+                finally:
+                    await asyncio.to_thread(nbd.close)
+                assert await client.execute("query-block-exports") == []
+                return [first["data"]["id"], second["data"]["id"]]
+        finally:
+            await client.disconnect()
+
+    try:
+        assert asyncio.run(scenario()) == ["e0", "e1"]
+    finally:
+        machine.close()
