@@ -69,8 +69,9 @@ class BlockCopy:
             raise BlockConfigError(f"block-copy: cluster size {cluster_size!r} is not a power of two >= 512",
                                    option=None)
         if bitmap is not None and bitmap.size != size:
-            raise BlockConfigError(f"Bitmap '{bitmap.name}' covers {bitmap.size} bytes, the source has {size}",
-                                   option=None)
+            raise BlockConfigError(f"Failed to merge bitmap '{bitmap.name}' to internal copy-bitmap: Bitmaps are of "
+                                   f"different sizes (destination size is {size}, source size is {bitmap.size}) "
+                                   "and can't be merged", option=None)
         self.source = source
         self.target = target
         self._cluster_size = cluster_size
@@ -267,7 +268,7 @@ class BlockCopy:
             except (BlockError, OSError) as exc:
                 raise _copy_error(exc, "read", pos, stop - pos) from exc
             try:
-                self.target.pwritev(pos, [buffer])
+                self.target.pwritev(pos, [memoryview(buffer)])
             except (BlockError, OSError) as exc:
                 raise _copy_error(exc, "write", pos, stop - pos) from exc
 

@@ -72,6 +72,9 @@ def test_view_is_the_disk_at_insertion_while_writes_land() -> None:
     cbw.discard(8 * C, C)
     assert read(cbw, 100, 5000) == b"A" * 5000 and read(cbw, 3 * C, 2 * C) == bytes(2 * C)
     assert read(snap, 0, MiB) == original
+    parts = [memoryview(bytearray(100)), memoryview(bytearray(C))]  # scattered buffers across a copied edge
+    snap.preadv(C - 100, parts)
+    assert bytes(parts[0]) + bytes(parts[1]) == original[C - 100:2 * C]
     assert target.data[:C] == original[:C] and target.data[3 * C:5 * C] == original[3 * C:5 * C]
     assert not any(target.data[C:3 * C])  # untouched clusters were not copied
     # A second write to a copied cluster copies nothing.
@@ -347,6 +350,7 @@ def registry(tmp_path: Path) -> NodeRegistry:
         open_blockdev({"driver": "raw", "node-name": name, "file": {"driver": "file", "filename": str(path)}}, reg)
     bitmaps_of(reg.lookup("disk")).create("b0", granularity=C)
     bitmaps_of(reg.lookup("tmp")).create("bt", granularity=C)
+    bitmaps_of(reg.lookup("small")).create("bs", granularity=C)
     return reg
 
 
@@ -362,6 +366,9 @@ def registry(tmp_path: Path) -> NodeRegistry:
                                                             "integer"),
     ({"file": "disk", "target": "small"}, "Source and target image have different sizes"),
     ({"file": "disk", "target": "nonode"}, "Cannot find device='nonode' nor node-name='nonode'"),
+    ({"file": "disk", "target": "tmp", "bitmap": {"node": "small", "name": "bs"}},
+     r"Cannot create block-copy-state: Failed to merge bitmap 'bs' to internal copy-bitmap: Bitmaps are of "
+     r"different sizes \(destination size is 1048576, source size is 524288\) and can't be merged"),
 ])
 def test_option_errors(registry: NodeRegistry, options: dict[str, Any], message: str) -> None:
     count = len(registry)
