@@ -27,7 +27,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from pyemu.block.driver import BlockDriver
+from pyemu.block.driver import BlockDriver, BlockStatus
 from pyemu.block.errors import BlockError, BlockIOError, ReadOnlyError
 from pyemu.block.nbd import protocol as P
 from pyemu.block.nbd.export import DirtyBitmapSource, NbdExport
@@ -651,7 +651,7 @@ class _Client:
         end = offset + length
         pos = offset
         while pos < end and len(extents) < MAX_EXTENTS:
-            status = export.node.block_status(pos, min(end - pos, 0xFFFFFFFF))
+            status = status_above(export.node, pos, min(end - pos, 0xFFFFFFFF))
             step = max(1, min(status.length, end - pos))
             flags = (0 if status.allocated else P.STATE_HOLE) | (P.STATE_ZERO if status.zero else 0)
             if extents and extents[-1][1] == flags and extents[-1][0] + step <= 0xFFFFFFFF:
@@ -662,6 +662,26 @@ class _Client:
                 extents.append((step, flags))
             pos += step
         return extents
+
+
+def status_above(node: BlockDriver, offset: int, length: int) -> BlockStatus:
+    """The block status of ``node`` *with its backing chain*, as QEMU's server answers ``base:allocation``
+    (``bdrv_block_status_above`` down to the bottom): a region the top layer leaves to its backing file is
+    data if a lower layer holds data there, and reads as zero only when no layer defines it. Without this an
+    overlay's export would call its backing file's data a hole, and ``qemu-img compare``/``convert`` over NBD
+    would take it for zeros. A BlockBackend (a VM's export) is looked through to its root node."""
+    top: object = getattr(node, "root", node)
+    status = node.block_status(offset, length)
+    current = getattr(top, "backing", None)
+    while not status.allocated and not status.zero and current is not None:
+        if offset >= current.size():  # past a shorter backing file: zeros
+            return BlockStatus(offset, status.length, allocated=False, zero=True)
+        below = current.block_status(offset, min(status.length, current.size() - offset))
+        if below.allocated:
+            return BlockStatus(offset, below.length, allocated=True, zero=below.zero)
+        status = BlockStatus(offset, below.length, allocated=False, zero=below.zero)
+        current = getattr(current, "backing", None)
+    return status
 
 
 def _bitmap_extents(bitmap: DirtyBitmapSource, offset: int, length: int, one: bool) -> list[tuple[int, int]]:

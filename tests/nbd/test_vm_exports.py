@@ -497,3 +497,25 @@ def test_qmp_socket_client_sees_deleted_events(tmp: Path) -> None:
         assert asyncio.run(scenario()) == ["e0", "e1"]
     finally:
         machine.close()
+
+
+def test_bitmap_name_found_down_the_backing_chain(vm: pyemu.VM, tmp: Path) -> None:
+    """``bitmaps: ["name"]`` looks on the exported node, then down its filter/backing chain (QEMU's
+    bdrv_filter_or_cow_bs walk): an overlay's export offers its backing node's bitmap, busy while exported."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", str(tmp / "d0.qcow2"), "-F", "qcow2",
+        str(tmp / "ov.qcow2"), str(SIZE))
+    vm.execute("blockdev-add", {"driver": "qcow2", "node-name": "ov", "backing": "d0",
+                                "file": {"driver": "file", "filename": str(tmp / "ov.qcow2")}})
+    vm.execute("block-dirty-bitmap-add", {"node": "d0", "name": "base", "disabled": True})
+    sock = start_server(vm, tmp)
+    export(vm, "e0", "ov", bitmaps=["base"])
+    assert error_of(vm, "block-dirty-bitmap-clear", {"node": "d0", "name": "base"}) == \
+        "Bitmap 'base' is currently in use by another operation and cannot be used"
+    info = json.loads(run("nbdinfo", "--json", "--list", url(sock)).stdout)
+    contexts = info["exports"][0]["contexts"]
+    assert "qemu:dirty-bitmap:base" in contexts
+    out = run("qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", url(sock, "ov"), str(tmp / "d0.qcow2"))
+    assert "Images are identical" in out.stdout
+    assert vm.execute("block-export-del", {"id": "e0"}) == {}
+    assert deleted_events(vm, 1) == ["e0"]
+    assert vm.execute("block-dirty-bitmap-clear", {"node": "d0", "name": "base"}) == {}
