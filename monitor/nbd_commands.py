@@ -69,16 +69,22 @@ def _check(members: tuple[Member, ...], value: dict[str, Any], prefix: str) -> d
         raise QmpError(desc) from None
 
 
+def _discriminator(value: dict[str, Any], prefix: str, accepted: tuple[str, ...]) -> str:
+    """A union's ``type`` member, with the visitor's messages (QEMU names the bad value without the path)."""
+    if "type" not in value:
+        raise QmpError(f"Parameter '{prefix}type' is missing")
+    kind = value["type"]
+    if not isinstance(kind, str):
+        raise QmpError(f"Invalid parameter type for '{prefix}type', expected: string")
+    if kind not in accepted:
+        raise QmpError(f"Parameter 'type' does not accept value '{kind}'")
+    return kind
+
+
 def parse_address(addr: Any) -> ListenAddress:
     """QEMU's SocketAddressLegacy: ``{"type": "unix"|"inet"|"vsock"|"fd", "data": {...}}``."""
     addr = _object(addr, "addr")
-    kind = addr.get("type")
-    if "type" not in addr:
-        raise QmpError("Parameter 'addr.type' is missing")
-    if not isinstance(kind, str):
-        raise QmpError("Invalid parameter type for 'addr.type', expected: string")
-    if kind not in ("inet", "unix", "vsock", "fd"):
-        raise QmpError(f"Parameter 'type' does not accept value '{kind}'")
+    kind = _discriminator(addr, "addr.", ("inet", "unix", "vsock", "fd"))
     if "data" not in addr:
         raise QmpError("Parameter 'addr.data' is missing")
     for key in addr:
@@ -135,13 +141,7 @@ def _check_iothread(api: ControlApi, name: str | None) -> None:
 
 
 def _block_export_add(api: ControlApi, args: dict[str, Any]) -> Any:
-    kind = args.get("type")
-    if "type" not in args:
-        raise QmpError("Parameter 'type' is missing")
-    if not isinstance(kind, str):
-        raise QmpError("Invalid parameter type for 'type', expected: string")
-    if kind not in ("nbd", "vhost-user-blk", "fuse", "vduse-blk"):
-        raise QmpError(f"Parameter 'type' does not accept value '{kind}'")
+    kind = _discriminator(args, "", ("nbd", "vhost-user-blk", "fuse", "vduse-blk"))
     if kind != "nbd":
         # The common members are checked first, as QEMU's visitor does; the branch does not exist here.
         validate_arguments(_EXPORT_COMMON, {k: v for k, v in args.items() if k in
