@@ -30,13 +30,12 @@ def _members(*specs: str) -> tuple[Member, ...]:
 _UNIX = _members("path:str", "*abstract:bool", "*tight:bool")
 _INET = _members("host:str", "port:str", "*numeric:bool", "*to:int", "*ipv4:bool", "*ipv6:bool",
                  "*keep-alive:bool", "*mptcp:bool")
-# block-export-add with type=nbd: BlockExportOptions' common members plus BlockExportOptionsNbd.
-_EXPORT_NBD = Command("block-export-add", _members(
-    "type:str", "id:str", "*fixed-iothread:bool", "*iothread:str", "node-name:str", "*writable:bool",
-    "*writethrough:bool", "*name:str", "*description:str", "*bitmaps:[any]", "*allocation-depth:bool"), "", "")
+# block-export-add: BlockExportOptions' common members, plus BlockExportOptionsNbd's for type=nbd.
 _EXPORT_COMMON = Command("block-export-add", _members(
     "type:str", "id:str", "*fixed-iothread:bool", "*iothread:str", "node-name:str", "*writable:bool",
     "*writethrough:bool"), "", "")
+_EXPORT_NBD = Command("block-export-add", _EXPORT_COMMON.args + _members(
+    "*name:str", "*description:str", "*bitmaps:[any]", "*allocation-depth:bool"), "", "")
 
 
 def exports(api: ControlApi) -> ExportManager:
