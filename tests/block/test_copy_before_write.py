@@ -455,3 +455,58 @@ def test_fleecing_over_qmp(tmp_path: Path) -> None:
                           str(disk_path)], check=True, capture_output=True, text=True).stdout
     assert "Pattern verification failed" not in out
     subprocess.run(["qemu-img", "check", str(tmp_img)], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("nbdinfo") is None or shutil.which("qemu-io") is None,
+                    reason="nbdinfo or qemu-io not installed")
+def test_fleecing_export_over_nbd_read_by_qemu_tools(tmp_path: Path) -> None:
+    """The issue's fleecing flow end to end: target with backing=disk as QEMU's test uses it, the view
+    exported over NBD with the (disabled) bitmap, read by qemu-img/qemu-io/nbdinfo while the guest writes."""
+    import tempfile
+
+    import pyemu
+    from pyemu.target.x86.boot.synthetic import make_multiboot_binary
+
+    size = 4 * MiB
+    disk_path, tmp_img = tmp_path / "disk.qcow2", tmp_path / "fleece.qcow2"
+    for path in (disk_path, tmp_img):
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", str(path), str(size)], check=True, capture_output=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 4M", str(disk_path)], check=True,
+                   capture_output=True)
+    kernel = tmp_path / "spin.bin"
+    kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
+    sock_dir = Path(tempfile.mkdtemp(prefix="cbw", dir="/tmp"))  # a unix socket path must stay short
+    url = f"nbd+unix:///fleece?socket={sock_dir / 'nbd.sock'}"
+    try:
+        with pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
+                      "-blockdev", f"driver=qcow2,node-name=disk,file.driver=file,file.filename={disk_path}",
+                      "-device", "virtio-blk-device,drive=disk,id=vblk0") as vm:
+            vm.start()
+            blk = next(use.backend for use in vm._instance.machine.drives() if use.device_id == "vblk0")
+            vm.execute("block-dirty-bitmap-add", {"node": "disk", "name": "inc"})
+            blk.pwritev(MiB, [b"\x22" * MiB])
+            vm.execute("block-dirty-bitmap-disable", {"node": "disk", "name": "inc"})
+            vm.execute("blockdev-add", {"driver": "qcow2", "node-name": "tmp", "backing": "disk",
+                                        "file": {"driver": "file", "filename": str(tmp_img)}})
+            vm.execute("blockdev-add", {"driver": "copy-before-write", "node-name": "cbw", "file": "disk",
+                                        "target": "tmp", "bitmap": {"node": "disk", "name": "inc"}})
+            vm.execute("qom-set", {"path": "/machine/peripheral/vblk0", "property": "drive", "value": "cbw"})
+            vm.execute("blockdev-add", {"driver": "snapshot-access", "node-name": "fleece", "file": "cbw"})
+            vm.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock_dir / "nbd.sock")}}})
+            vm.execute("block-export-add", {"type": "nbd", "id": "e", "node-name": "fleece", "bitmaps": ["inc"]})
+            blk.pwritev(0, [b"\x33" * (2 * MiB)])  # the guest overwrites the dirty region after the snapshot
+            out = subprocess.run(["nbdinfo", "--map=qemu:dirty-bitmap:inc", url], check=True, capture_output=True,
+                                 text=True, timeout=120).stdout.split()
+            assert out == ["0", str(MiB), "0", "clean", str(MiB), str(MiB), "1", "dirty", str(2 * MiB),
+                           str(2 * MiB), "0", "clean"]
+            good = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", f"read -P 0x22 {MiB} {MiB}", url],
+                                  capture_output=True, text=True, timeout=120).stdout
+            assert f"read {MiB}/{MiB}" in good and "Pattern verification failed" not in good
+            bad = subprocess.run(["qemu-io", "-f", "raw", "-r", "-c", "read 0 4k", url], capture_output=True,
+                                 text=True, timeout=120)
+            # EACCES has no NBD code: QEMU's server sends NBD_EINVAL for it (qemu-storage-daemon 7.2 does the same).
+            assert bad.returncode != 0 and "read failed: Invalid argument" in bad.stdout + bad.stderr
+            vm.execute("block-export-del", {"id": "e"})
+            vm.execute("nbd-server-stop")
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
