@@ -147,6 +147,15 @@ def test_server_start_stop_and_unsupported(vm: pyemu.VM, tmp: Path) -> None:
     assert info["exports"][0]["export-size"] == SIZE
     assert vm.execute("nbd-server-stop", {}) == {}
     assert deleted_events(vm, 1) == ["e0"]
+    # A Linux abstract socket (QEMU's "abstract": true): no file, the server greets on "\0name".
+    name = f"pyemu-test-{tmp.name}"
+    assert vm.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": name, "abstract": True}}}) == {}
+    with socket.socket(socket.AF_UNIX) as peer:
+        peer.settimeout(EVENT_TIMEOUT)
+        peer.connect(b"\0" + name.encode())
+        magic, option, _ = P.HANDSHAKE_HEAD.unpack(P.recv_exact(peer, P.HANDSHAKE_HEAD.size))
+        assert (magic, option) == (P.NBDMAGIC, P.IHAVEOPT)
+    assert vm.execute("nbd-server-stop", {}) == {}
 
 
 # -- block-export-add / nbd-server-add refusals ---------------------------------------------------------------
