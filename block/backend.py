@@ -278,7 +278,9 @@ class BlockBackend:
         as QEMU does: its data may have changed partly. Nodes that mark their own bitmaps (qcow2, for tools
         that write it without a backend) are left to do so. Filters pass the write on unchanged, so the
         nodes down the ``filtered_child`` chain (a copy-before-write filter put above the disk with qom-set)
-        record it too: the disk's bitmaps keep counting while the filter sits above it."""
+        record it too: the disk's bitmaps keep counting while the filter sits above it. A filter whose
+        writes do not reach its child (snapshot-access: a discard of the view leaves the disk as it is) says
+        so with ``passes_writes_down = False`` and ends the walk."""
         node: object = self.root
         seen: set[int] = set()
         while node is not None and id(node) not in seen:
@@ -287,6 +289,8 @@ class BlockBackend:
                 bitmaps = existing_bitmaps(node)
                 if bitmaps is not None:
                     bitmaps.mark(offset, length)
+            if not getattr(node, "passes_writes_down", True):
+                break
             node = getattr(node, "filtered_child", None)
             if isinstance(node, BorrowedNode):
                 node = node.node

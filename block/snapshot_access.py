@@ -35,6 +35,8 @@ class SnapshotAccess:
     definition); a node given by name arrives as a borrowed handle whose close only lets go."""
 
     name = "snapshot-access"
+    passes_writes_down = False
+    """A discard of the view changes neither the filter nor the disk: BlockBackend marks no bitmap below."""
 
     def __init__(self, file: BlockDriver, *, user: str = "") -> None:
         self.file = file

@@ -510,3 +510,15 @@ def test_fleecing_export_over_nbd_read_by_qemu_tools(tmp_path: Path) -> None:
             vm.execute("nbd-server-stop")
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_a_discard_of_the_view_marks_no_bitmap_of_the_disk() -> None:
+    disk, target, cbw, snap = fleece()
+    bitmap = bitmaps_of(disk).create("b0", granularity=C)
+    blk = BlockBackend(snap, read_only=False, discard="unmap", owns_root=False)
+    blk.discard(0, 2 * C)
+    with pytest.raises(BlockIOError):
+        blk.pwritev(0, [b"x"])  # refused by the view, and no mark either
+    assert bitmap.count() == 0
+    eacces(snap, 0, 1)
+    blk.close()
