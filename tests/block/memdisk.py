@@ -4,7 +4,6 @@ without timing assumptions)."""
 
 from __future__ import annotations
 
-import errno
 import threading
 from typing import Sequence
 
@@ -143,7 +142,3 @@ def pattern(size: int, seed: int = 1) -> bytes:
         word = ((pos // 4096) * 2654435761 + seed) & 0xFFFFFFFF
         out[pos:pos + 4096] = (word.to_bytes(4, "little") + b"\x5a" * 4) * 512
     return bytes(out[:size])
-
-
-def errno_of(exc: BaseException) -> int:
-    return getattr(exc, "errno", errno.EIO)
