@@ -404,24 +404,37 @@ def test_blockdev_nodes(registry: NodeRegistry) -> None:
 
 
 # -- the fleecing flow in a VM, over QMP --------------------------------------------------------------------
-@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
-def test_fleecing_over_qmp(tmp_path: Path) -> None:
+def spin_vm(tmp_path: Path) -> tuple[Path, Path, Any]:
+    """A 4 MiB qcow2 disk full of 0x11 under virtio-blk device vblk0 (node "disk") of a VM that only spins,
+    and an empty 4 MiB qcow2 for the fleecing target. The VM is not started."""
     import pyemu
     from pyemu.target.x86.boot.synthetic import make_multiboot_binary
 
-    size = 4 * MiB
     disk_path, tmp_img = tmp_path / "disk.qcow2", tmp_path / "fleece.qcow2"
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(disk_path), str(size)], check=True, capture_output=True)
-    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(tmp_img), str(size)], check=True, capture_output=True)
+    for path in (disk_path, tmp_img):
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", str(path), str(4 * MiB)], check=True,
+                       capture_output=True)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 4M", str(disk_path)], check=True,
                    capture_output=True)
     kernel = tmp_path / "spin.bin"
     kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
-    with pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
+    vm = pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
                   "-blockdev", f"driver=qcow2,node-name=disk,file.driver=file,file.filename={disk_path}",
-                  "-device", "virtio-blk-device,drive=disk,id=vblk0") as vm:
+                  "-device", "virtio-blk-device,drive=disk,id=vblk0")
+    return disk_path, tmp_img, vm
+
+
+def device_backend(vm: Any) -> BlockBackend:
+    backend: BlockBackend = next(use.backend for use in vm._instance.machine.drives() if use.device_id == "vblk0")
+    return backend
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
+def test_fleecing_over_qmp(tmp_path: Path) -> None:
+    disk_path, tmp_img, vm = spin_vm(tmp_path)
+    with vm:
         vm.start()
-        blk = next(use.backend for use in vm._instance.machine.drives() if use.device_id == "vblk0")
+        blk = device_backend(vm)
         vm.execute("block-dirty-bitmap-add", {"node": "disk", "name": "inc"})
         blk.pwritev(MiB, [b"\x22" * (2 * C)])  # dirty region: the bitmap the snapshot exports
         vm.execute("blockdev-add", {"driver": "qcow2", "node-name": "tmp",
@@ -464,25 +477,13 @@ def test_fleecing_export_over_nbd_read_by_qemu_tools(tmp_path: Path) -> None:
     exported over NBD with the (disabled) bitmap, read by qemu-img/qemu-io/nbdinfo while the guest writes."""
     import tempfile
 
-    import pyemu
-    from pyemu.target.x86.boot.synthetic import make_multiboot_binary
-
-    size = 4 * MiB
-    disk_path, tmp_img = tmp_path / "disk.qcow2", tmp_path / "fleece.qcow2"
-    for path in (disk_path, tmp_img):
-        subprocess.run(["qemu-img", "create", "-f", "qcow2", str(path), str(size)], check=True, capture_output=True)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 4M", str(disk_path)], check=True,
-                   capture_output=True)
-    kernel = tmp_path / "spin.bin"
-    kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
+    _, tmp_img, vm = spin_vm(tmp_path)
     sock_dir = Path(tempfile.mkdtemp(prefix="cbw", dir="/tmp"))  # a unix socket path must stay short
     url = f"nbd+unix:///fleece?socket={sock_dir / 'nbd.sock'}"
     try:
-        with pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
-                      "-blockdev", f"driver=qcow2,node-name=disk,file.driver=file,file.filename={disk_path}",
-                      "-device", "virtio-blk-device,drive=disk,id=vblk0") as vm:
+        with vm:
             vm.start()
-            blk = next(use.backend for use in vm._instance.machine.drives() if use.device_id == "vblk0")
+            blk = device_backend(vm)
             vm.execute("block-dirty-bitmap-add", {"node": "disk", "name": "inc"})
             blk.pwritev(MiB, [b"\x22" * MiB])
             vm.execute("block-dirty-bitmap-disable", {"node": "disk", "name": "inc"})
