@@ -16,6 +16,7 @@ from pyemu.monitor import schema
 from pyemu.monitor.bitmap_commands import HANDLERS as BITMAP_HANDLERS
 from pyemu.monitor.migration import HANDLERS as MIGRATION_HANDLERS
 from pyemu.monitor.nbd_commands import HANDLERS as NBD_HANDLERS
+from pyemu.monitor.job_commands import HANDLERS as JOB_HANDLERS
 from pyemu.monitor.block_info import block_info
 from pyemu.monitor.blockdev import HANDLERS as BLOCKDEV_HANDLERS
 from pyemu.monitor.qom import HANDLERS as QOM_HANDLERS
@@ -174,6 +175,7 @@ HANDLERS.update(QOM_HANDLERS)
 HANDLERS.update(TRANSACTION_HANDLERS)
 HANDLERS.update(MIGRATION_HANDLERS)
 HANDLERS.update(NBD_HANDLERS)
+HANDLERS.update(JOB_HANDLERS)
 SESSION_COMMANDS = frozenset({"qmp_capabilities"})
 """Commands the session itself serves."""
 

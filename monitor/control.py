@@ -72,6 +72,10 @@ class ControlApi:
 
         self.exports = ExportManager(self._emit)
         """The NBD server and block exports (:mod:`pyemu.monitor.nbd_commands`); closed with the VM."""
+        from pyemu.jobs.job import JobManager
+
+        self.jobs = JobManager(self._emit)
+        """Backup (and later snapshot) jobs (:mod:`pyemu.monitor.job_commands`); cancelled at VM close."""
 
     # -- events -----------------------------------------------------------------------------------------
     def subscribe(self, sink: EventSink) -> None:

@@ -1,0 +1,78 @@
+"""QMP's job commands: ``query-jobs``, ``job-*``, ``query-block-jobs`` and the ``block-job-*`` spellings.
+
+The generic commands find any job by ``id`` ("Job not found"); the ``block-job-*`` ones look the id up as
+``device`` (or ``id`` for finalize/dismiss) and find only block jobs, with QEMU's DeviceNotActive
+"Block job 'x' not found". The work is in :mod:`pyemu.jobs.job`; here arguments become calls and
+:class:`~pyemu.jobs.job.JobError` becomes the QMP error QEMU sends.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pyemu.jobs.job import Job, JobError
+from pyemu.monitor.control import ControlApi
+from pyemu.monitor.schema import QmpError
+
+
+def _guard(action: Callable[[], object]) -> dict[str, Any]:
+    try:
+        action()
+    except JobError as exc:
+        raise QmpError(str(exc), exc.error_class) from None
+    return {}
+
+
+def _job(api: ControlApi, job_id: str) -> Job:
+    try:
+        return api.jobs.get(job_id)
+    except JobError as exc:
+        raise QmpError(str(exc), exc.error_class) from None
+
+
+def _block_job(api: ControlApi, job_id: str) -> Job:
+    try:
+        return api.jobs.get_block_job(job_id)
+    except JobError as exc:
+        raise QmpError(str(exc), exc.error_class) from None
+
+
+def block_job_info(job: Job) -> dict[str, Any]:
+    """QEMU's BlockJobInfo; a job that is not a block job has none."""
+    info = getattr(job, "block_info", None)
+    if info is None:
+        raise QmpError(f"Block job '{job.id}' not found", "DeviceNotActive")
+    return dict(info())
+
+
+def _query_jobs(api: ControlApi, args: dict[str, Any]) -> Any:
+    return [job.info() for job in api.jobs]
+
+
+def _query_block_jobs(api: ControlApi, args: dict[str, Any]) -> Any:
+    return [block_job_info(job) for job in api.jobs if job.is_block_job]
+
+
+def _set_speed(api: ControlApi, args: dict[str, Any]) -> Any:
+    job = _block_job(api, args["device"])
+    return _guard(lambda: job.set_speed(args["speed"]))
+
+
+HANDLERS: dict[str, Callable[[ControlApi, dict[str, Any]], Any]] = {
+    "query-jobs": _query_jobs,
+    "job-pause": lambda api, args: _guard(_job(api, args["id"]).user_pause),
+    "job-resume": lambda api, args: _guard(_job(api, args["id"]).user_resume),
+    "job-cancel": lambda api, args: _guard(_job(api, args["id"]).cancel),
+    "job-complete": lambda api, args: _guard(_job(api, args["id"]).user_complete),
+    "job-finalize": lambda api, args: _guard(_job(api, args["id"]).finalize),
+    "job-dismiss": lambda api, args: _guard(_job(api, args["id"]).dismiss),
+    "query-block-jobs": _query_block_jobs,
+    "block-job-set-speed": _set_speed,
+    "block-job-cancel": lambda api, args: _guard(
+        lambda: _block_job(api, args["device"]).cancel(force=bool(args.get("force", False)))),
+    "block-job-pause": lambda api, args: _guard(_block_job(api, args["device"]).user_pause),
+    "block-job-resume": lambda api, args: _guard(_block_job(api, args["device"]).user_resume),
+    "block-job-complete": lambda api, args: _guard(_block_job(api, args["device"]).user_complete),
+    "block-job-finalize": lambda api, args: _guard(_block_job(api, args["id"]).finalize),
+    "block-job-dismiss": lambda api, args: _guard(_block_job(api, args["id"]).dismiss),
+}
