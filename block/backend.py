@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
-from pyemu.block import graph
+from pyemu.block import borrowed, graph
 from pyemu.block.borrowed import BorrowedNode
 from pyemu.block.dirty_bitmap import existing_bitmaps
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus
@@ -255,6 +255,66 @@ class BlockBackend:
                 raise
             self.root, self._attachment = root, attachment
             return old_root
+
+    def change_root(self, root: BlockDriver) -> BlockDriver:
+        """:meth:`replace_root` for a node of the graph (``qom-set ... drive``): the borrowed edges below the
+        old root go passive and those below the new one active (:mod:`pyemu.block.borrowed`), all or
+        nothing. Returns the old root."""
+        old = self.root
+        if root is old:
+            return old
+
+        def prepare() -> None:
+            borrowed.deactivate(old)
+            try:
+                borrowed.activate(root)
+            except BaseException:
+                borrowed.activate(old)
+                raise
+
+        def revert() -> None:
+            borrowed.deactivate(root)
+            borrowed.activate(old)
+
+        return self.replace_root(root, prepare=prepare, revert=revert)
+
+    def insert_filter(self, make: Callable[[BlockDriver], BlockDriver]) -> BlockDriver:
+        """Put the filter ``make(root)`` builds above the current root (a backup job's copy-before-write
+        node) and return it. ``make`` runs drained with this backend's permissions on the root let go, so
+        the filter can take the writer's permissions there; any failure leaves the backend as it was."""
+        with self.drained():
+            if self._closed:
+                raise BlockIOError(f"drive '{self.id}' is closed (no medium)", errno=errno.ENOMEDIUM)
+            old_root = self.root
+            self._attachment.detach()
+            try:
+                node = make(old_root)
+                try:
+                    attachment = graph.attach(node, user=self._user, role="root", perm=self._perm,
+                                              shared=self._shared)
+                except BaseException:
+                    node.close()
+                    raise
+            except BaseException:
+                self._attachment = graph.attach(old_root, user=self._user, role="root", perm=self._perm,
+                                                shared=self._shared)
+                raise
+            self.root, self._attachment = node, attachment
+            return node
+
+    def remove_filter(self, node: BlockDriver) -> None:
+        """Undo :meth:`insert_filter`: requests go to the filter's child again and the filter is closed
+        (it lets go of its permissions). Nothing to do if ``node`` is not the root any more."""
+        with self.drained():
+            if self.root is not node:
+                return
+            below = getattr(node, "filtered_child")
+            self._attachment.detach()
+            node.close()
+            self.root = below
+            if not self._closed:
+                self._attachment = graph.attach(below, user=self._user, role="root", perm=self._perm,
+                                                shared=self._shared)
 
     # -- helpers ---------------------------------------------------------------------------------------------
 

@@ -291,6 +291,13 @@ class Job:
             self._apply_verb("dismiss")
         self._dismiss()
 
+    def drop(self) -> None:
+        """A created job that will never start (its setup failed): created -> null."""
+        with self._cond:
+            if self.status is JobStatus.CREATED and self._thread is None:
+                self._done.set()
+                self._dismiss()
+
     def add_null_callback(self, callback: Callable[["Job"], None]) -> None:
         """``callback(job)`` once the job reaches null (the manager forgets it)."""
         self._on_null.append(callback)

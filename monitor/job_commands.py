@@ -13,6 +13,7 @@ from typing import Any, Callable
 from pyemu.jobs.job import Job, JobError
 from pyemu.monitor.control import ControlApi
 from pyemu.monitor.schema import QmpError
+from pyemu.monitor.transaction import Action, register_action
 
 
 def _guard(action: Callable[[], object]) -> dict[str, Any]:
@@ -76,3 +77,63 @@ HANDLERS: dict[str, Callable[[ControlApi, dict[str, Any]], Any]] = {
     "block-job-finalize": lambda api, args: _guard(_block_job(api, args["id"]).finalize),
     "block-job-dismiss": lambda api, args: _guard(_block_job(api, args["id"]).dismiss),
 }
+
+
+# -- blockdev-backup ------------------------------------------------------------------------------------------
+def _backends_of(api: ControlApi, node: object) -> list[Any]:
+    """The drives whose root is ``node`` (where the backup filter goes)."""
+    return [use.backend for use in api.machine.drives() if use.backend.root is node]
+
+
+def create_backup_job(api: ControlApi, args: dict[str, Any]) -> Any:
+    """Build a backup job for ``args`` (point in time taken, not started); QmpError with QEMU's words."""
+    from pyemu.block.backup import create_backup
+    from pyemu.errors import PyemuError
+    from pyemu.monitor.blockdev import node_registry, resolve_node
+
+    def name_taken(name: str) -> bool:
+        try:
+            return node_registry(api).get(name) is not None
+        except QmpError:
+            return False
+
+    try:
+        job = create_backup(dict(args), resolve=lambda name: resolve_node(api, name),
+                            backends_of=lambda node: _backends_of(api, node), emit=api.jobs.emit,
+                            check_id=api.jobs.check_new_id, node_name_taken=name_taken)
+        api.jobs.add(job)
+    except QmpError:
+        raise
+    except PyemuError as exc:
+        raise QmpError(str(exc)) from None
+    return job
+
+
+def _blockdev_backup(api: ControlApi, args: dict[str, Any]) -> Any:
+    create_backup_job(api, args).start()
+    return {}
+
+
+class _BackupAction(Action):
+    """``transaction`` action ``blockdev-backup``: prepare takes the point in time (the job exists, in
+    state created), commit starts it, abort cancels it (filter removed, bitmap restored)."""
+
+    def __init__(self, api: ControlApi, data: dict[str, Any]) -> None:
+        self.api = api
+        self.data = data
+        self.job: Job | None = None
+
+    def prepare(self) -> None:
+        self.job = create_backup_job(self.api, self.data)
+
+    def commit(self) -> None:
+        if self.job is not None:
+            self.job.start()
+
+    def abort(self) -> None:
+        if self.job is not None:
+            self.job.cancel(force=True)
+
+
+register_action("blockdev-backup", _BackupAction, command="blockdev-backup")
+HANDLERS["blockdev-backup"] = _blockdev_backup

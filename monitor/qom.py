@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pyemu.block.blockdev import activate, deactivate
 from pyemu.errors import PyemuError
 from pyemu.monitor.blockdev import node_registry
 from pyemu.monitor.control import ControlApi
@@ -115,24 +114,8 @@ def _qom_set(api: ControlApi, args: dict[str, Any]) -> Any:
 
 def replace_root(backend: Any, new: Any) -> None:
     """Swap ``backend``'s root for ``new`` (drained; permissions of both subtrees moved; all or nothing)."""
-    old = backend.root
-    if new is old:
-        return
-
-    def prepare() -> None:
-        deactivate(old)
-        try:
-            activate(new)
-        except BaseException:
-            activate(old)
-            raise
-
-    def revert() -> None:
-        deactivate(new)
-        activate(old)
-
     try:
-        backend.replace_root(new, prepare=prepare, revert=revert)
+        backend.change_root(new)
     except PyemuError as error:
         raise QmpError(str(error)) from None
 
