@@ -217,6 +217,8 @@ class Job:
         with self._cond:
             if self.status is not JobStatus.CREATED or self._thread is not None:
                 raise AssertionError(f"job '{self.id}' started twice")
+            self.busy = True
+            self._transition(JobStatus.RUNNING)  # synchronously, as QEMU's job_start: a cancel now unwinds run()
             self._thread = threading.Thread(target=self._main, name=f"job {self.id}", daemon=True)
             self._thread.start()
 
@@ -385,8 +387,6 @@ class Job:
 
     # -- completion ----------------------------------------------------------------------------------------
     def _main(self) -> None:
-        self.busy = True
-        self._transition(JobStatus.RUNNING)
         failure: str | None = None
         cancelled = False
         try:
