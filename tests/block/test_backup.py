@@ -328,3 +328,22 @@ def test_qmp_transaction_abort_leaves_neither(tmp_path: Path, vm_images: tuple[P
         vm.events.wait_for("JOB_STATUS_CHANGE", WAIT)
         assert any(b["name"] == "inc" for n in vm.execute("query-named-block-nodes")
                    for b in n.get("dirty-bitmaps", []))
+
+
+@pytestmark_qemu
+def test_vm_close_cancels_a_running_backup(tmp_path: Path, vm_images: tuple[Path, Path, Path]) -> None:
+    src, tgt, small = vm_images
+    vm = make_vm(tmp_path, src, tgt, small)
+    with vm:
+        vm.start()
+        vm.execute("blockdev-backup", {"device": "d0", "target": "t0", "sync": "full", "job-id": "slow",
+                                       "speed": 1})
+        (info,) = vm.execute("query-block-jobs")
+        assert (info["status"], info["speed"]) == ("running", 1)
+        vm.execute("block-job-set-speed", {"device": "slow", "speed": 2})
+        refused(vm, "block-job-set-speed", {"device": "slow", "speed": -1},
+                "Parameter 'speed' expects a non-negative value")
+        job = vm._instance.control.jobs.get("slow")
+    assert job.status is JobStatus.NULL  # cancelled and finished before the nodes closed
+    assert job._thread is not None and not job._thread.is_alive()
+    run("qemu-img", "check", str(src))
