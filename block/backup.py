@@ -183,6 +183,8 @@ class BackupJob(Job):
         self._cleaned = False
         self._target_active = False
         self.block_copy: BlockCopy | None = None
+        self.on_release: list[Callable[[], None]] = []
+        """Run when the job lets go of its nodes (the monitor lifts its blockdev-del blockers there)."""
 
     # -- setup (in the QMP thread, before start) -------------------------------------------------------
     def setup(self) -> None:
@@ -352,6 +354,8 @@ class BackupJob(Job):
                 for node in (self.source, self.target):
                     if _busy.get(_unwrap(node)) == self.id:
                         del _busy[_unwrap(node)]
+            for release in self.on_release:
+                release()
 
     # -- events ---------------------------------------------------------------------------------------
     def _block_event_data(self) -> dict[str, Any]:
@@ -376,12 +380,12 @@ class BackupJob(Job):
 
     def block_info(self) -> dict[str, Any]:
         """QEMU's BlockJobInfo (query-block-jobs)."""
-        self._update_progress() if self.status.value in ("running", "paused") else None
+        if self.status.value in ("running", "paused"):
+            self._update_progress()
         with self._cond:
             info: dict[str, Any] = {
                 "type": self.job_type, "device": self.id, "len": self.total_progress,
-                "offset": self.current_progress, "busy": self.busy, "paused": self.paused and
-                self.status.value in ("paused", "standby") or self.user_paused,
+                "offset": self.current_progress, "busy": self.busy, "paused": self.paused,
                 "speed": self.speed, "io-status": self.io_status, "ready": self.status.value in ("ready", "standby"),
                 "status": self.status.value, "auto-finalize": self.auto_finalize,
                 "auto-dismiss": self.auto_dismiss}

@@ -102,11 +102,34 @@ def create_backup_job(api: ControlApi, args: dict[str, Any]) -> Any:
                             backends_of=lambda node: _backends_of(api, node), emit=api.jobs.emit,
                             check_id=api.jobs.check_new_id, node_name_taken=name_taken)
         api.jobs.add(job)
+        _block_target(api, job)
     except QmpError:
         raise
     except PyemuError as exc:
         raise QmpError(str(exc)) from None
     return job
+
+
+def _block_target(api: ControlApi, job: Any) -> None:
+    """blockdev-del of the target refuses while the job runs, with QEMU's words."""
+    from pyemu.monitor.blockdev import node_registry
+
+    try:
+        registry = node_registry(api)
+    except QmpError:
+        return
+    name = registry.name_of(job.target)
+    entry = registry.get(name) if name else None
+    if entry is None:
+        return
+    blocker = "block device is in use by block job: backup"
+    entry.blockers.append(blocker)
+
+    def release() -> None:
+        if blocker in entry.blockers:
+            entry.blockers.remove(blocker)
+
+    job.on_release.append(release)
 
 
 def _blockdev_backup(api: ControlApi, args: dict[str, Any]) -> Any:

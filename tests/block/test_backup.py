@@ -341,6 +341,8 @@ def test_vm_close_cancels_a_running_backup(tmp_path: Path, vm_images: tuple[Path
         (info,) = vm.execute("query-block-jobs")
         assert (info["status"], info["speed"]) == ("running", 1)
         vm.execute("block-job-set-speed", {"device": "slow", "speed": 2})
+        refused(vm, "blockdev-del", {"node-name": "t0"},
+                "Node 't0' is busy: block device is in use by block job: backup")
         refused(vm, "block-job-set-speed", {"device": "slow", "speed": -1},
                 "Parameter 'speed' expects a non-negative value")
         job = vm._instance.control.jobs.get("slow")
