@@ -13,6 +13,7 @@ open so that job events are not missed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -68,6 +69,7 @@ class Monitor:
         self.qmp = QEMUMonitorProtocol(str(sock))
         self.qmp.connect(negotiate=True)
         self.events: list[dict[str, Any]] = []
+        self.closed = False
 
     def raw(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         return self.qmp.cmd_raw(name, args or {})
@@ -99,29 +101,39 @@ class Monitor:
                 self.events.append(event)
 
     def close(self) -> None:
-        self.qmp.close()
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(Exception):  # the VM may be gone already
+                self.qmp.close()
 
 
 class Guest:
-    """A booted VM (pyemu or QEMU) with a raw virtio disk on nodes ``f0`` (file) / ``d0`` (raw) under device
-    ``vblk0``, its console and its QMP monitor."""
+    """A booted VM (pyemu or QEMU) with a virtio disk (raw, or qcow2) on nodes ``f0`` (file) / ``d0`` (the
+    format) under device ``vblk0``, its console and its QMP monitor. The disk is created on the first boot
+    and kept for the next one in the same directory."""
 
-    def __init__(self, kind: str, console: Callable[[list[str]], ConsoleSession], tmp: Path) -> None:
+    def __init__(self, kind: str, console: Callable[[list[str]], ConsoleSession], tmp: Path, fmt: str) -> None:
         self.kind = kind
-        self.disk = tmp / "disk.raw"
-        subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(self.disk), str(DISK_SIZE)], check=True)
-        sock = tmp / "qmp.sock"
+        self.disk = tmp / f"disk.{fmt}"
+        if not self.disk.exists():
+            subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(self.disk), str(DISK_SIZE)], check=True)
+        boots = len(list(tmp.glob("qmp*.sock")))
+        sock = tmp / f"qmp{boots}.sock"  # one per boot: a socket file left by an exited VM is never reused
         argv = ["-m", "256M", "-qmp", f"unix:{sock},server=on,wait=off",
                 "-blockdev", f"driver=file,node-name=f0,filename={self.disk}",
-                "-blockdev", "driver=raw,node-name=d0,file=f0",
+                "-blockdev", f"driver={fmt},node-name=d0,file=f0",
                 "-device", "virtio-blk-device,drive=d0,id=vblk0"]
         if kind == "pyemu":
             self.vm = console(["-nographic", *argv])
         else:
             self.vm = QemuConsole(argv)
-        self.vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT)
-        self.vm.expect(b"# ", 60)
-        self.mon = Monitor(sock)
+        try:
+            self.vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT)
+            self.vm.expect(b"# ", 60)
+            self.mon = Monitor(sock)
+        except BaseException:
+            self.vm.close()  # the console fixture only knows pyemu's sessions
+            raise
 
     def sh(self, command: str, timeout: float = 120) -> str:
         status, out = shell(self.vm, command, timeout)
@@ -130,11 +142,11 @@ class Guest:
 
     def start_writer(self, blocks: int, stride: int = 37) -> None:
         """Background loop: iteration n writes a numbered 64 KiB block at block (n*stride) % blocks, O_DIRECT,
-        and records n in /tmp/n once the write is done."""
+        and records n in /tmp/n once the write is done (renamed into place: a reader never sees it empty)."""
         self.sh("rm -f /tmp/stop; echo 0 > /tmp/n; (n=0; while [ ! -e /tmp/stop ]; do n=$((n+1)); "
                 "printf 'block %08d\\n' $n > /tmp/w; head -c 65521 /dev/urandom >> /tmp/w; "
                 f"dd if=/tmp/w of=/dev/vda bs=65536 seek=$(( (n*{stride}) % {blocks} )) count=1 "
-                "oflag=direct conv=notrunc 2>/dev/null || echo FAIL >> /tmp/fail; echo $n > /tmp/n; "
+                "oflag=direct conv=notrunc 2>/dev/null || echo FAIL >> /tmp/fail; echo $n > /tmp/n1; mv /tmp/n1 /tmp/n; "
                 "done) >/dev/null 2>&1 & true")
 
     def written(self) -> int:
@@ -163,19 +175,24 @@ class Guest:
     def power_off(self) -> None:
         self.mon.close()
         self.vm.send("poweroff -f\n")
-        self.vm.wait(60)
+        assert self.vm.wait(60) == 0
+
+    def bitmaps(self) -> dict[str, dict[str, Any]]:
+        (d0,) = [n for n in self.mon("query-named-block-nodes") if n["node-name"] == "d0"]
+        return {b["name"]: b for b in d0.get("dirty-bitmaps", [])}
 
 
 @pytest.fixture
 def guest(console, guest_assets, tmp_path, request) -> Iterator[Callable[[str], Guest]]:  # type: ignore[no-untyped-def]
     made: list[Guest] = []
 
-    def start(kind: str) -> Guest:
-        g = Guest(kind, console, tmp_path)
+    def start(kind: str, fmt: str = "raw") -> Guest:
+        g = Guest(kind, console, tmp_path, fmt)
         made.append(g)
         return g
     yield start
     for g in made:
+        g.mon.close()  # before the VM goes: the client's destructor would otherwise meet a dead socket
         if g.kind == "qemu":
             g.vm.close()
 
@@ -387,3 +404,26 @@ def test_fleecing_limited_to_a_bitmap_refuses_reads_outside_it(guest, tmp_path, 
     assert dirty_extents(url, "bm") == extents
     g.stop_writer()
     g.power_off()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_persistent_bitmap_survives_a_restart(guest, tmp_path, kind):  # type: ignore[no-untyped-def]
+    g = guest(kind, "qcow2")
+    g.mon("block-dirty-bitmap-add", {"node": "d0", "name": "keep", "granularity": BLOCK, "persistent": True})
+    g.write(16, 2)
+    g.write(150)
+    assert g.bitmaps()["keep"]["count"] == 3 * BLOCK
+    g.power_off()
+    listed = json.loads(run("qemu-img", "info", "--output=json", str(g.disk)).stdout)
+    assert listed["format-specific"]["data"]["bitmaps"] == [{"flags": ["auto"], "name": "keep",
+                                                             "granularity": BLOCK}]
+    qemu_img_check(g.disk)
+
+    g = guest(kind, "qcow2")  # the same image, a new process
+    kept = g.bitmaps()["keep"]
+    assert (kept["persistent"], kept["recording"], kept["granularity"], kept["count"]) == (True, True, BLOCK,
+                                                                                        3 * BLOCK)
+    g.write(200)  # still recording after the restart
+    assert g.bitmaps()["keep"]["count"] == 4 * BLOCK
+    g.power_off()
+    qemu_img_check(g.disk)
