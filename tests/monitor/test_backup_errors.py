@@ -101,7 +101,10 @@ def backup(target: str, **extra: Any) -> dict[str, Any]:
 NOT_FOUND = "Cannot find device='nope' nor node-name='nope'"
 CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("bitmap-add-unknown-node", "block-dirty-bitmap-add", {"node": "nope", "name": "b"}, NOT_FOUND),
-    ("bitmap-clear-unknown-node", "block-dirty-bitmap-clear", {"node": "nope", "name": "b0"},
+    # QEMU: add looks the node up as a device or node name; the verbs on an existing bitmap say "Node".
+    *[(f"bitmap-{verb}-unknown-node", f"block-dirty-bitmap-{verb}", {"node": "nope", "name": "b0"},
+       "Node 'nope' not found") for verb in ("clear", "remove", "enable", "disable")],
+    ("bitmap-merge-unknown-node", "block-dirty-bitmap-merge", {"node": "nope", "target": "b0", "bitmaps": ["b0"]},
      "Node 'nope' not found"),
     ("backup-unknown-source", "blockdev-backup", {**backup("t0"), "device": "nope"}, NOT_FOUND),
     ("backup-unknown-target", "blockdev-backup", backup("nope"), NOT_FOUND),
