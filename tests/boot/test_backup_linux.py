@@ -96,9 +96,9 @@ class Monitor:
                     return event
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"no {name} for {job}; events: {self.events}"
-            event = self.qmp.pull_event(wait=float(max(remaining, 0.1)))
-            if event is not None:
-                self.events.append(event)
+            pulled = self.qmp.pull_event(wait=float(max(remaining, 0.1)))
+            if pulled is not None:
+                self.events.append(pulled)
 
     def close(self) -> None:
         if not self.closed:
