@@ -380,7 +380,7 @@ class BitmapSet:
 
     def set_enabled(self, name: str, enabled: bool) -> None:
         bitmap = self.find(name)
-        check_modifiable(bitmap)
+        check_modifiable(bitmap, allow_readonly=True)  # QEMU: BDRV_BITMAP_ALLOW_RO for enable/disable
         with self._lock:
             bitmap.enabled = enabled
             self._refresh()
@@ -401,11 +401,13 @@ class BitmapSet:
             self._refresh()
 
 
-def check_modifiable(bitmap: DirtyBitmap, *, allow_inconsistent: bool = False) -> None:
-    """QEMU's bdrv_dirty_bitmap_check with BDRV_BITMAP_DEFAULT (or ALLOW_RO-free removal)."""
+def check_modifiable(bitmap: DirtyBitmap, *, allow_inconsistent: bool = False,
+                     allow_readonly: bool = False) -> None:
+    """QEMU's bdrv_dirty_bitmap_check with BDRV_BITMAP_DEFAULT; ``allow_readonly`` is its BDRV_BITMAP_ALLOW_RO
+    (enable/disable only change the in-memory recording flag, which a read-only image may have)."""
     if bitmap.busy:
         raise BitmapError(f"Bitmap '{bitmap.name}' is currently in use by another operation and cannot be used")
-    if bitmap.readonly:
+    if bitmap.readonly and not allow_readonly:
         raise BitmapError(f"Bitmap '{bitmap.name}' is readonly and cannot be modified")
     if bitmap.inconsistent and not allow_inconsistent:
         raise BitmapError(f"Bitmap '{bitmap.name}' is inconsistent and cannot be used\n"

@@ -64,7 +64,10 @@ def resolve_node(api: ControlApi, name: str) -> object:
 
 
 def _lookup(api: ControlApi, node_name: str, bitmap_name: str) -> tuple[object, DirtyBitmap]:
-    node = resolve_node(api, node_name)
+    """An existing bitmap; QEMU's block_dirty_bitmap_lookup words (only ``-add`` says "Cannot find device")."""
+    node = find_node(api, node_name)
+    if node is None:
+        raise QmpError(f"Node '{node_name}' not found")
     bitmap = bitmaps_of(node).get(bitmap_name)
     if bitmap is None:
         raise QmpError(f"Dirty bitmap '{bitmap_name}' not found")
