@@ -133,16 +133,27 @@ class DirtyBitmap:
         if other.size != self.size:
             raise BitmapError("Bitmaps are incompatible and can't be merged")
         if other.granularity == self.granularity:
-            src = other.copy_bits()
-            with self._lock:
-                for start in range(0, len(src), _SCAN_CHUNK):  # bounded temporaries, C-speed OR
-                    end = min(len(src), start + _SCAN_CHUNK)
-                    merged = int.from_bytes(self._bits[start:end], "little") | int.from_bytes(src[start:end],
-                                                                                               "little")
-                    self._bits[start:end] = merged.to_bytes(end - start, "little")
+            self.merge_bits(other.copy_bits())
             return
         for start, length in list(other.dirty_extents(0, self.size)):
             self.set_range(start, length)
+
+    def take_bits(self) -> bytes:
+        """Return the bits and clear them in one step (a backup job restarting the bitmap at its point in
+        time: a write marked in between is neither lost nor counted twice)."""
+        with self._lock:
+            bits = bytes(self._bits)
+            self._bits[:] = bytes(len(self._bits))
+            return bits
+
+    def merge_bits(self, bits: bytes) -> None:
+        """OR bits saved earlier by :meth:`copy_bits` back in, atomically with respect to writers marking the
+        bitmap (a read-modify-write by the caller could drop a bit set in between)."""
+        with self._lock:
+            for start in range(0, min(len(bits), len(self._bits)), _SCAN_CHUNK):  # bounded, C-speed OR
+                end = min(len(bits), len(self._bits), start + _SCAN_CHUNK)
+                merged = int.from_bytes(self._bits[start:end], "little") | int.from_bytes(bits[start:end], "little")
+                self._bits[start:end] = merged.to_bytes(end - start, "little")
 
     def resize(self, size: int) -> None:
         """Follow the node to a new size (image resize): bits of the kept range stay, a grown range is

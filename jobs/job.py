@@ -1,7 +1,7 @@
 """QEMU's job framework: one state machine for every long-running operation (backup now, snapshots later).
 
 A :class:`Job` runs its :meth:`Job.run` on a worker thread of its own -- never a vCPU thread, so a job can
-stall the guest only where it shares a lock with the guest's I/O (one cluster copy for a backup). The
+stall the guest only where it shares a lock with the guest's I/O (one job step of a backup). The
 management side (QMP's ``job-*`` and ``block-job-*``) only flips flags under the job's lock; the worker
 notices them at its :meth:`Job.pause_point` and in :meth:`Job.sleep`, exactly where a QEMU coroutine
 yields.

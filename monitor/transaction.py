@@ -100,8 +100,7 @@ class _BitmapClear(Action):
     def abort(self) -> None:
         if self.saved is None:
             return
-        current = self.bitmap.serialize(0, len(self.saved))
-        self.bitmap.deserialize(0, bytes(a | b for a, b in zip(self.saved, current)))
+        self.bitmap.merge_bits(self.saved)
 
 
 def _bitmap_toggle(enable: bool) -> ActionFactory:

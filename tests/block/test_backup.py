@@ -140,8 +140,9 @@ def test_bitmap_modes(mode: str, cancel: bool, expect: set[int]) -> None:
     bitmap.set_range(2 * C, 2 * C)
     rec = Recorder()
     hold = tgt.hold("write", 2 * C, C)  # keep the job at its first cluster while the guest writes
+    # One cluster per job step (x-perf max-chunk), so cluster 3 is not in flight with cluster 2.
     job = backup({"src": src, "tgt": tgt}, rec, JobManager(rec), backends={id(src): [drive]}, sync="bitmap",
-                 bitmap="b", **{"bitmap-mode": mode})
+                 bitmap="b", **{"bitmap-mode": mode, "x-perf": {"max-chunk": C}})
     job.start()
     assert hold.entered.wait(WAIT)
     drive.pwritev(7 * C, [b"x" * 512])  # a guest write during the job
