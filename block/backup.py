@@ -215,7 +215,7 @@ class BackupJob(Job):
 
     def _setup_drained(self) -> None:
         copy_bitmap = self.bitmap if self.opts.sync == "bitmap" else None
-        self.block_copy = BlockCopy(self.source, self.target, bitmap=copy_bitmap)
+        self.block_copy = BlockCopy(self.source, self.target, bitmap=copy_bitmap, compress=self.opts.compress)
         if self.opts.max_chunk and self.opts.max_chunk < self.block_copy.cluster_size:
             raise BackupError(f"Required max-chunk ({self.opts.max_chunk}) is less than backup cluster size "
                               f"({self.block_copy.cluster_size})")

@@ -58,7 +58,7 @@ class BlockCopy:
     """The copy state shared by everything that copies ``source`` into ``target`` (see the module doc)."""
 
     def __init__(self, source: BlockDriver, target: BlockDriver, *, cluster_size: int | None = None,
-                 bitmap: DirtyBitmap | None = None) -> None:
+                 bitmap: DirtyBitmap | None = None, compress: bool = False) -> None:
         size = source.size()
         if target.size() != size:
             raise BlockConfigError("Source and target image have different sizes", option=None)
@@ -74,6 +74,15 @@ class BlockCopy:
                                    "and can't be merged", option=None)
         self.source = source
         self.target = target
+        self._compressed_cluster = 0
+        if compress:
+            # blockdev-backup compress=true: every data cluster goes through the target's compressed write
+            # (qcow2's write_compressed, one target cluster at a time, as qemu-img convert -c).
+            target_cluster = getattr(target, "cluster_size", None)
+            if not hasattr(target, "write_compressed") or not isinstance(target_cluster, int):
+                raise BlockConfigError("Compression is not supported for this drive "
+                                       f"{getattr(target, 'node_name', '') or target.filename}", option=None)
+            self._compressed_cluster = target_cluster
         self._cluster_size = cluster_size
         self._size = size
         # One bit per cluster: still to copy. A copy of the caller's bitmap, taken once.
@@ -268,7 +277,10 @@ class BlockCopy:
             except (BlockError, OSError) as exc:
                 raise _copy_error(exc, "read", pos, stop - pos) from exc
             try:
-                self.target.pwritev(pos, [memoryview(buffer)])
+                if self._compressed_cluster:
+                    self._write_compressed(pos, memoryview(buffer))
+                else:
+                    self.target.pwritev(pos, [memoryview(buffer)])
             except (BlockError, OSError) as exc:
                 raise _copy_error(exc, "write", pos, stop - pos) from exc
 
@@ -289,6 +301,13 @@ class BlockCopy:
                 run_start = pos
             run_zero, pos = status.zero, stop
         yield run_start, end, run_zero
+
+    def _write_compressed(self, offset: int, data: memoryview) -> None:
+        """One compressed write per target cluster (pieces start on a copy cluster, a multiple of it)."""
+        step = self._compressed_cluster
+        write = getattr(self.target, "write_compressed")
+        for start in range(0, len(data), step):
+            write(offset + start, data[start:start + step])
 
     def _write_zeroes(self, offset: int, length: int) -> None:
         try:
