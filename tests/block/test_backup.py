@@ -10,7 +10,6 @@ import shutil
 import json
 import subprocess
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from pyemu.block.backend import BlockBackend
 from pyemu.block.backup import BackupError, BackupJob, create_backup
 from pyemu.block.copy_before_write import CopyBeforeWrite
 from pyemu.block.dirty_bitmap import bitmaps_of
+from pyemu.testing.job_events import JobEventLog
 from pyemu.jobs.job import JobManager, JobStatus
 from pyemu.target.x86.boot.synthetic import make_multiboot_binary
 
@@ -30,29 +30,7 @@ C = 64 * KiB
 WAIT = 60.0
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, name: str, data: dict[str, Any]) -> None:
-        with self.cond:
-            self.events.append((name, dict(data)))
-            self.cond.notify_all()
-
-    def wait(self, predicate: Any) -> None:
-        deadline = time.monotonic() + WAIT
-        with self.cond:
-            while not predicate():
-                left = deadline - time.monotonic()
-                assert left > 0, self.events
-                self.cond.wait(left)
-
-    def wait_status(self, job_id: str, status: str) -> None:
-        self.wait(lambda: ("JOB_STATUS_CHANGE", {"id": job_id, "status": status}) in self.events)
-
-    def names(self) -> list[str]:
-        return [n if n != "JOB_STATUS_CHANGE" else d["status"] for n, d in self.events]
+Recorder = JobEventLog
 
 
 def backup(nodes: dict[str, Any], rec: Recorder, manager: JobManager, backends: dict[int, list[Any]] | None = None,

@@ -12,36 +12,13 @@ from typing import Any
 
 import pytest
 
+from pyemu.testing.job_events import JobEventLog
 from pyemu.jobs.job import TRANSITIONS, VERBS, Job, JobError, JobFailed, JobManager, JobStatus
 
 TIMEOUT = 30.0
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, Any]]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, name: str, data: dict[str, Any]) -> None:
-        with self.cond:
-            self.events.append((name, dict(data)))
-            self.cond.notify_all()
-
-    def statuses(self, job_id: str) -> list[str]:
-        with self.cond:
-            return [d["status"] for n, d in self.events if n == "JOB_STATUS_CHANGE" and d["id"] == job_id]
-
-    def names(self) -> list[str]:
-        with self.cond:
-            return [n if n != "JOB_STATUS_CHANGE" else d["status"] for n, d in self.events]
-
-    def wait_status(self, job_id: str, status: str) -> None:
-        deadline = time.monotonic() + TIMEOUT
-        with self.cond:
-            while status not in self.statuses(job_id):
-                left = deadline - time.monotonic()
-                assert left > 0, f"no {status} for {job_id}: {self.events}"
-                self.cond.wait(left)
+Recorder = JobEventLog
 
 
 class FakeJob(Job):
