@@ -144,6 +144,8 @@ class Job:
         self._ending = False
         self._done = threading.Event()  # set once the job is concluded (or never started and dropped)
         self._on_null: list[Callable[["Job"], None]] = []
+        self.txn: JobTxn | None = None
+        """The group of a ``transaction`` with completion-mode=grouped (None: the job completes alone)."""
         self._transition(JobStatus.CREATED)
 
     # -- what subclasses implement --------------------------------------------------------------------------
@@ -286,7 +288,10 @@ class Job:
     def finalize(self) -> None:
         with self._cond:
             self._apply_verb("finalize")
-        self._finalize()
+        if self.txn is not None:
+            self.txn.finalize()
+        else:
+            self._finalize()
 
     def dismiss(self) -> None:
         with self._cond:
@@ -405,20 +410,29 @@ class Job:
         if failure is None and not cancelled:
             with self._cond:
                 self._transition(JobStatus.WAITING)
-                if self._cancelled:  # cancelled between the last pause point and here
-                    self.error = "Operation canceled"
-                else:
-                    self._transition(JobStatus.PENDING)
-            if self.status is JobStatus.WAITING:
-                self._abort_path(cancelled=True)
-            elif self.auto_finalize:
-                self._finalize()
+            if self.txn is not None:
+                self.txn.member_waiting(self)  # pending (and finalized) together with the others
             else:
-                self.event_pending()
+                self._enter_pending()
             return
         with self._cond:
             self.error = "Operation canceled" if cancelled and failure is None else failure
         self._abort_path(cancelled=cancelled and failure is None)
+
+    def _enter_pending(self, *, finalize: bool | None = None) -> None:
+        """waiting -> pending, then finalize (auto-finalize) or wait for ``job-finalize``; a cancel that came
+        after the last pause point aborts instead. ``finalize`` overrides auto-finalize (a group decides)."""
+        with self._cond:
+            if self._cancelled:
+                self.error = "Operation canceled"
+            else:
+                self._transition(JobStatus.PENDING)
+        if self.status is JobStatus.WAITING:
+            self._abort_path(cancelled=True)
+        elif self.auto_finalize if finalize is None else finalize:
+            self._finalize()
+        elif not self.auto_finalize:  # QEMU: BLOCK_JOB_PENDING only for jobs that wait for job-finalize
+            self.event_pending()
 
     def _claim_end(self) -> bool:
         """Only one of finalize/abort may run, once (a cancel can race the worker's auto-finalize)."""
@@ -451,6 +465,8 @@ class Job:
     def _abort_path(self, *, cancelled: bool, claimed: bool = False) -> None:
         if not claimed and not self._claim_end():
             return
+        if self.txn is not None:
+            self.txn.abort(self)  # one member failing or cancelled cancels the rest of its group
         with self._cond:
             if self.error is None:
                 self.error = "Operation canceled"
@@ -474,6 +490,73 @@ class Job:
 def check_speed(speed: int) -> None:
     if speed < 0:
         raise JobError("Parameter 'speed' expects a non-negative value")
+
+
+class JobTxn:
+    """QEMU's JobTxn: the jobs of one ``transaction`` with ``completion-mode=grouped``.
+
+    They complete together: a member that finished its work waits (state ``waiting``) until every member
+    has; then all go ``pending`` and are finalized together -- at once when every member has auto-finalize,
+    else when ``job-finalize`` names any of them. One member failing or being cancelled cancels all the
+    others (they report BLOCK_JOB_CANCELLED), so a group of backups either all succeed or none does.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.jobs: list[Job] = []
+        self.aborted = False
+        self._pending = False
+        self._finalized = False
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            job.txn = self
+            self.jobs.append(job)
+
+    def member_waiting(self, job: Job) -> None:
+        with self._lock:
+            ready = not self.aborted and not self._pending and \
+                all(member.status is JobStatus.WAITING for member in self.jobs)
+            if ready:
+                self._pending = True  # exactly one member moves the group on
+        if self.aborted:
+            job._abort_path(cancelled=True)
+            return
+        if not ready:
+            return
+        auto = all(member.auto_finalize for member in self.jobs)
+        for member in list(self.jobs):
+            member._enter_pending(finalize=False)
+        if auto:
+            self.finalize()
+
+    def finalize(self) -> None:
+        """Finalize every member once all are pending (QEMU's job_do_finalize over the group)."""
+        with self._lock:
+            if self._finalized or self.aborted or \
+                    not all(member.status is JobStatus.PENDING for member in self.jobs):
+                return
+            self._finalized = True
+        for member in list(self.jobs):
+            member._finalize()
+
+    def abort(self, origin: Job) -> None:
+        with self._lock:
+            if self.aborted or self._finalized:
+                return
+            self.aborted = True
+            others = [member for member in self.jobs if member is not origin]
+        for member in others:
+            with member._cond:
+                member._cancelled = True
+                member._force = True
+                member._pause_count = 0
+                member.user_paused = False
+                member._wakeups += 1
+                member._cond.notify_all()
+                idle = member.status in (JobStatus.CREATED, JobStatus.WAITING, JobStatus.PENDING)
+            if idle:  # no worker of its own will notice the cancel
+                member._abort_path(cancelled=True)
 
 
 class JobManager:

@@ -158,5 +158,5 @@ class _BackupAction(Action):
             self.job.cancel(force=True)
 
 
-register_action("blockdev-backup", _BackupAction, command="blockdev-backup")
+register_action("blockdev-backup", _BackupAction, command="blockdev-backup", groupable=True)
 HANDLERS["blockdev-backup"] = _blockdev_backup

@@ -5,7 +5,9 @@ same schema as the command of that name, so the messages match) and returns an :
 ``prepare`` (do the work, keeping what is needed to undo it), ``commit`` and ``abort``. The transaction
 prepares the actions in order; when one fails, the ones already prepared are aborted in reverse order and
 the client gets the failing action's error -- QEMU's semantics. Later actions (``blockdev-backup``, jobs)
-plug in with :func:`register_action` and need nothing else here.
+plug in with :func:`register_action` and need nothing else here. With ``completion-mode=grouped`` the jobs
+the actions start form one :class:`~pyemu.jobs.job.JobTxn` (they complete together or are all cancelled);
+actions that start no job refuse that mode, as in QEMU.
 """
 
 from __future__ import annotations
@@ -40,13 +42,16 @@ class ActionType:
     factory: ActionFactory
     command: str | None = None
     """The command whose argument schema checks ``data`` (None: the factory checks it)."""
+    groupable: bool = False
+    """The action starts a job that can join a ``completion-mode=grouped`` group (its action has ``job``)."""
 
 
 ACTIONS: dict[str, ActionType] = {}
 
 
-def register_action(name: str, factory: ActionFactory, *, command: str | None = None) -> None:
-    ACTIONS[name] = ActionType(name, factory, command)
+def register_action(name: str, factory: ActionFactory, *, command: str | None = None,
+                    groupable: bool = False) -> None:
+    ACTIONS[name] = ActionType(name, factory, command, groupable)
 
 
 # -- built-in actions -------------------------------------------------------------------------------------
@@ -165,10 +170,12 @@ def _transaction(api: ControlApi, args: dict[str, Any]) -> Any:
     mode = properties.get("completion-mode", "individual")
     if mode not in ("individual", "grouped"):
         raise QmpError(f"Parameter 'properties.completion-mode' does not accept value '{mode}'")
-    if mode == "grouped":
-        # Only meaningful for job actions; none of the actions here start jobs yet.
-        raise QmpError("Action 'completion-mode' 'grouped' is not supported by the actions of this transaction")
     parsed = _parse(args["actions"])
+    if mode == "grouped":  # QEMU: only actions that start jobs take part in a job group
+        for action_type, _data in parsed:
+            if not action_type.groupable and action_type.name != "abort":
+                raise QmpError(f"Action '{action_type.name}' does not support Transaction property "
+                               "completion-mode = grouped")
     prepared: list[Action] = []
     try:
         for action_type, data in parsed:
@@ -179,6 +186,14 @@ def _transaction(api: ControlApi, args: dict[str, Any]) -> Any:
         for action in reversed(prepared):
             action.abort()
         raise
+    if mode == "grouped":
+        from pyemu.jobs.job import JobTxn
+
+        group = JobTxn()
+        for action in prepared:
+            job = getattr(action, "job", None)
+            if job is not None:
+                group.add(job)
     for action in prepared:
         action.commit()
     return {}

@@ -349,3 +349,39 @@ def test_vm_close_cancels_a_running_backup(tmp_path: Path, vm_images: tuple[Path
     assert job.status is JobStatus.NULL  # cancelled and finished before the nodes closed
     assert job._thread is not None and not job._thread.is_alive()
     run("qemu-img", "check", str(src))
+
+
+@pytestmark_qemu
+def test_qmp_grouped_transaction(tmp_path: Path, vm_images: tuple[Path, Path, Path]) -> None:
+    """completion-mode=grouped: bitmap actions refuse it (QEMU's words); two backups in one group -- the
+    slow one cancelled -- end cancelled together, the finished one included."""
+    src, tgt, small = vm_images
+    src2, tgt2 = tmp_path / "src2.qcow2", tmp_path / "tgt2.qcow2"
+    for image in (src2, tgt2):
+        run("qemu-img", "create", "-f", "qcow2", str(image), "4M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 5 0 4M", str(src2))
+    with make_vm(tmp_path, src, tgt, small) as vm:
+        vm.start()
+        for name, image in (("d1", src2), ("t1", tgt2)):
+            vm.execute("blockdev-add", {"driver": "qcow2", "node-name": name,
+                                        "file": {"driver": "file", "filename": str(image)}})
+        grouped = {"completion-mode": "grouped"}
+        refused(vm, "transaction", {"actions": [{"type": "block-dirty-bitmap-add",
+                                                 "data": {"node": "d0", "name": "b"}}], "properties": grouped},
+                "Action 'block-dirty-bitmap-add' does not support Transaction property completion-mode = grouped")
+        vm.execute("transaction", {"properties": grouped, "actions": [
+            {"type": "blockdev-backup", "data": {"job-id": "fast", "device": "d0", "target": "t0", "sync": "full"}},
+            {"type": "blockdev-backup", "data": {"job-id": "slow", "device": "d1", "target": "t1", "sync": "full",
+                                                 "speed": 64 * 1024}}]})
+        while True:  # the fast job finished its copy and waits for its group
+            event = vm.events.get(WAIT)
+            if event.name == "JOB_STATUS_CHANGE" and event.data == {"id": "fast", "status": "waiting"}:
+                break
+        vm.execute("block-job-cancel", {"device": "slow"})
+        ends: dict[str, str] = {}
+        while len(ends) < 2:
+            event = vm.events.get(WAIT)
+            if event.name in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+                ends[event.data["device"]] = event.name
+        assert ends == {"fast": "BLOCK_JOB_CANCELLED", "slow": "BLOCK_JOB_CANCELLED"}
+        assert vm.execute("query-jobs") == []

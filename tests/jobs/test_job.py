@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from pyemu.testing.job_events import JobEventLog
-from pyemu.jobs.job import TRANSITIONS, VERBS, Job, JobError, JobFailed, JobManager, JobStatus
+from pyemu.jobs.job import TRANSITIONS, VERBS, Job, JobError, JobFailed, JobManager, JobStatus, JobTxn
 
 TIMEOUT = 30.0
 
@@ -221,3 +221,73 @@ def test_cancel_all_joins_workers() -> None:
     for job in jobs:
         assert job._thread is not None and not job._thread.is_alive()
         assert job.status is JobStatus.NULL
+
+
+# -- completion-mode=grouped (JobTxn) ------------------------------------------------------------------------
+def grouped(rec: Recorder, *specs: dict[str, Any]) -> list[FakeJob]:
+    jobs = [FakeJob(f"g{i}", rec, **spec) for i, spec in enumerate(specs)]
+    group = JobTxn()
+    for job in jobs:
+        group.add(job)
+    return jobs
+
+
+def test_group_members_wait_for_each_other_then_complete_together() -> None:
+    rec = Recorder()
+    first, second = grouped(rec, {}, {})
+    second.gate.clear()  # the second job cannot finish yet
+    first.start()
+    second.start()
+    rec.wait_status("g0", "waiting")
+    assert "pending" not in rec.statuses("g0")  # held back: the group is not done
+    second.gate.set()
+    rec.wait_status("g0", "null")
+    rec.wait_status("g1", "null")
+    for job in (first, second):
+        assert rec.statuses(job.id) == ["created", "running", "waiting", "pending", "concluded", "null"]
+        assert job.hooks == ["commit", "clean"]
+    assert [n for n in rec.names() if n.startswith("BLOCK_JOB")] == ["BLOCK_JOB_COMPLETED"] * 2
+
+
+def test_group_member_failure_cancels_the_others() -> None:
+    rec = Recorder()
+    done, failing, running = grouped(rec, {}, {"fail_at": 1}, {"forever": True})
+    for job in (done, failing, running):
+        job.start()
+    for job in (done, failing, running):
+        rec.wait_status(job.id, "null")
+    assert failing.error == "Input/output error"
+    assert done.error == running.error == "Operation canceled"
+    for job in (done, failing, running):
+        assert job.hooks == ["abort", "clean"], job.id
+        assert "pending" not in rec.statuses(job.id)
+    finished = [(n, d["error"]) for n, d in rec.events if n.startswith("BLOCK_JOB")]
+    assert sorted(finished) == [("BLOCK_JOB_CANCELLED", "Operation canceled")] * 2 + \
+        [("BLOCK_JOB_COMPLETED", "Input/output error")]
+
+
+def test_group_with_manual_finalize_finalizes_every_member() -> None:
+    rec = Recorder()
+    first, second = grouped(rec, {"auto_finalize": False}, {})
+    first.start()
+    second.start()
+    rec.wait_status("g0", "pending")
+    rec.wait_status("g1", "pending")
+    assert [d["id"] for n, d in rec.events if n == "BLOCK_JOB_PENDING"] == ["g0"]  # only the manual one
+    second.finalize()  # any member finalizes the whole group
+    rec.wait_status("g0", "null")
+    rec.wait_status("g1", "null")
+    assert first.hooks == second.hooks == ["commit", "clean"]
+
+
+def test_cancelling_a_pending_group_member_aborts_the_group() -> None:
+    rec = Recorder()
+    first, second = grouped(rec, {"auto_finalize": False}, {"auto_finalize": False})
+    first.start()
+    second.start()
+    rec.wait_status("g0", "pending")
+    rec.wait_status("g1", "pending")
+    first.cancel()
+    rec.wait_status("g0", "null")
+    rec.wait_status("g1", "null")
+    assert first.hooks == second.hooks == ["abort", "clean"]
