@@ -248,6 +248,11 @@ class BackupJob(Job):
             self._original_bits = self.bitmap.take_bits()  # from now on it records the job-time writes
         self.total_progress = block_copy.remaining()
 
+    @property
+    def filter_node(self) -> BlockDriver | None:
+        """The copy-before-write filter the job put above its source (None once removed)."""
+        return self._filter
+
     # -- the work --------------------------------------------------------------------------------------
     def run(self) -> None:
         copy = self.block_copy

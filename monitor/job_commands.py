@@ -103,6 +103,11 @@ def create_backup_job(api: ControlApi, args: dict[str, Any]) -> Any:
                             check_id=api.jobs.check_new_id, node_name_taken=name_taken)
         api.jobs.add(job)
         _block_target(api, job)
+        try:
+            _register_filter(api, job)
+        except BaseException:
+            job.cancel(force=True)  # a created job: aborted at once, filter and blockers released
+            raise
     except QmpError:
         raise
     except PyemuError as exc:
@@ -128,6 +133,29 @@ def _block_target(api: ControlApi, job: Any) -> None:
     def release() -> None:
         if blocker in entry.blockers:
             entry.blockers.remove(blocker)
+
+    job.on_release.append(release)
+
+
+def _register_filter(api: ControlApi, job: Any) -> None:
+    """``filter-node-name``: the job's copy-before-write filter is a named node while the job runs (listed by
+    query-named-block-nodes, not deletable by blockdev-del), gone with the job, as in QEMU."""
+    from pyemu.block.registry import NodeEntry, NodeRegistryError
+    from pyemu.monitor.blockdev import node_registry
+
+    name, node = job.opts.filter_node_name, job.filter_node
+    if not name or node is None:
+        return
+    registry = node_registry(api)
+    children = {role: child for role, child in (("file", registry.name_of(job.source)),
+                                                ("target", registry.name_of(job.target))) if child}
+    registry.add(NodeEntry(name, node, "copy-before-write", owner=f"job:{job.id}", children=children))
+
+    def release() -> None:
+        try:
+            registry.remove(name, by_monitor=False)
+        except NodeRegistryError:
+            pass  # already gone
 
     job.on_release.append(release)
 

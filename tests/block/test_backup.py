@@ -385,3 +385,19 @@ def test_qmp_grouped_transaction(tmp_path: Path, vm_images: tuple[Path, Path, Pa
                 ends[event.data["device"]] = event.name
         assert ends == {"fast": "BLOCK_JOB_CANCELLED", "slow": "BLOCK_JOB_CANCELLED"}
         assert vm.execute("query-jobs") == []
+
+
+@pytestmark_qemu
+def test_qmp_filter_node_name_is_a_node_while_the_job_runs(tmp_path: Path,
+                                                           vm_images: tuple[Path, Path, Path]) -> None:
+    src, tgt, small = vm_images
+    with make_vm(tmp_path, src, tgt, small) as vm:
+        vm.start()
+        vm.execute("blockdev-backup", {"device": "d0", "target": "t0", "sync": "full", "job-id": "j",
+                                       "speed": 64 * 1024, "filter-node-name": "cbw0"})
+        nodes = {n["node-name"]: n for n in vm.execute("query-named-block-nodes")}
+        assert nodes["cbw0"]["drv"] == "copy-before-write"
+        refused(vm, "blockdev-del", {"node-name": "cbw0"}, "Node cbw0 is in use")
+        vm.execute("block-job-cancel", {"device": "j"})
+        vm.events.wait_for("BLOCK_JOB_CANCELLED", WAIT)
+        assert "cbw0" not in {n["node-name"] for n in vm.execute("query-named-block-nodes")}
