@@ -105,6 +105,9 @@ class BlockBackend:
         self._cond = threading.Condition()
         self._inflight = 0
         self._closed = False
+        # block_resize: the device learns its drive's new size through these (QEMU's resize_cb dev op).
+        self._known_size = root.size()
+        self.resize_listeners: list[Callable[[int], None]] = []
 
     # -- properties ------------------------------------------------------------------------------------------
 
@@ -205,6 +208,18 @@ class BlockBackend:
         self._attachment.detach()
         if self._owned_root is not None:
             self._owned_root.close()
+
+    def check_resized(self) -> None:
+        """After a resize somewhere below the root: if the drive's size changed, call every resize listener
+        with the new size (virtio-blk raises its config-change interrupt)."""
+        if self._closed:
+            return
+        size = self.root.size()
+        if size == self._known_size:
+            return
+        self._known_size = size
+        for listener in list(self.resize_listeners):
+            listener(size)
 
     # -- changing the root under a running device ------------------------------------------------------
 

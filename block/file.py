@@ -220,6 +220,9 @@ class FileProtocol:
         if not self.growable:
             raise BlockIOError(f"'{self.filename}' cannot be resized", errno=errno.ENOTSUP)
         self._check_target(size, 0, "truncate")
+        self._set_length(size)
+
+    def _set_length(self, size: int) -> None:
         self._check_writable("truncate", size, 0)
         self._check_open(size, 0)
         with self._size_lock:
@@ -228,6 +231,25 @@ class FileProtocol:
             except OSError as exc:
                 raise BlockIOError.from_os_error("truncate", self.filename, exc, offset=size) from exc
             self._size = size
+
+    def resize(self, size: int) -> None:
+        """``block_resize`` of a file node (QEMU's file-posix truncate): a regular file gets ``ftruncate``, a
+        host block device keeps its length and may only be "resized" to at most that length."""
+        self._check_writable("resize", size, 0)
+        if size < 0:
+            raise BlockIOError("Image size cannot be negative", errno=errno.EINVAL)
+        if self.is_block_device:
+            self._check_open(size, 0)
+            try:
+                length = os.lseek(self._fd, 0, os.SEEK_END)
+            except OSError as exc:
+                raise BlockIOError.from_os_error("resize", self.filename, exc) from exc
+            if size > length:
+                raise BlockIOError("Cannot grow device files", errno=errno.EINVAL)
+            return
+        if size > MAX_FILE_SIZE:
+            raise BlockIOError("File too large", errno=errno.EFBIG)
+        self._set_length(size)
 
     def allocated_bytes(self) -> int:
         """Bytes the host file really occupies (st_blocks), qemu-img's "disk size"."""

@@ -16,6 +16,7 @@ from pyemu.block import graph
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
 from pyemu.block.errors import BlockConfigError, BlockIOError
 from pyemu.block.iovec import byte_views, total_length
+from pyemu.block.locking import BlockPerm
 
 SECTOR_SIZE = 512
 
@@ -43,13 +44,17 @@ class RawFormat:
                 raise BlockConfigError(f"Specified size is not multiple of {SECTOR_SIZE}")
         self.child = child
         self.offset = offset
-        self._size = real_size - offset if size is None else size
+        # Without a 'size' the disk is the child from 'offset' on and follows the child when it is resized
+        # (QEMU's raw asks its child's length every time); with one it is fixed.
+        self._fixed_size = size
         self.has_window = offset != 0 or size is not None
         # A probed raw image must not become something else: refuse writes that would make block 0 look
         # like another format (QEMU's restriction, so a guest cannot turn its disk into a qcow2 header
         # pointing at host files on the next probe).
         self.guard_block0 = guard_block0
         perm, shared = graph.format_node_permissions(writable=not child.read_only)
+        if not self.has_window:
+            shared |= BlockPerm.RESIZE  # the whole child is the disk: it may grow under us (block_resize)
         self._attachment = graph.attach(child, user="a raw node", role="file", perm=perm, shared=shared)
 
     @property
@@ -65,22 +70,34 @@ class RawFormat:
         return self.child.capabilities
 
     def size(self) -> int:
-        return self._size
+        if self._fixed_size is not None:
+            return self._fixed_size
+        return max(0, self.child.size() - self.offset)
+
+    def resize(self, size: int) -> None:
+        """``block_resize`` (QEMU's raw truncate): the child is resized to ``offset + size``; a disk with a
+        fixed ``size`` cannot change."""
+        if self._fixed_size is not None:
+            raise BlockIOError("Cannot resize fixed-size raw disks", errno=errno.ENOTSUP)
+        if size > (1 << 63) - 1 - self.offset:
+            raise BlockIOError("Disk size too large for the chosen offset", errno=errno.EINVAL)
+        from pyemu.block.resize import resize_node
+        resize_node(self.child, self.offset + size)
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = byte_views(buffers, writable=True)
-        check_request(offset, total_length(views), self._size, what="read")
+        check_request(offset, total_length(views), self.size(), what="read")
         self.child.preadv(self.offset + offset, views)
 
     def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
         views = byte_views(buffers, writable=False)
-        check_request(offset, total_length(views), self._size, what="write")
+        check_request(offset, total_length(views), self.size(), what="write")
         if self.guard_block0 and offset < SECTOR_SIZE:
             self._check_block0(offset, views)
         self.child.pwritev(self.offset + offset, views)
 
     def _check_block0(self, offset: int, views: list[memoryview]) -> None:
-        head = bytearray(min(SECTOR_SIZE, self._size))
+        head = bytearray(min(SECTOR_SIZE, self.size()))
         if head:
             self.child.preadv(self.offset, [memoryview(head)])
         pos = offset
@@ -100,15 +117,15 @@ class RawFormat:
         self.child.flush()
 
     def discard(self, offset: int, length: int) -> None:
-        check_request(offset, length, self._size, what="discard")
+        check_request(offset, length, self.size(), what="discard")
         self.child.discard(self.offset + offset, length)
 
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
-        check_request(offset, length, self._size, what="write-zeroes")
+        check_request(offset, length, self.size(), what="write-zeroes")
         self.child.write_zeroes(self.offset + offset, length, may_unmap=may_unmap)
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
-        check_request(offset, length, self._size, what="block-status", nonempty=True)
+        check_request(offset, length, self.size(), what="block-status", nonempty=True)
         status = self.child.block_status(self.offset + offset, length)
         return BlockStatus(offset, min(status.length, length), allocated=status.allocated, zero=status.zero)
 

@@ -197,6 +197,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("query-named-block-nodes", _members("*flat:bool"), "[BlockDeviceInfo]", "every named block node"),
     Command("qom-list", _members("path:str"), "[ObjectPropertyInfo]", "the properties of a QOM path"),
     Command("qom-get", _members("path:str", "property:str"), "any", "read a QOM property"),
+    Command("block_resize", _members("*device:str", "*node-name:str", "size:int"), EMPTY,
+            "resize a drive or node while the guest runs (virtio-blk tells the guest: config-change interrupt)"),
     Command("qom-set", _members("path:str", "property:str", "value:any"), EMPTY,
             "write a QOM property (a block device's 'drive': swap its node while the guest runs)"),
     Command("transaction", _members("actions:[any]", "*properties:any"), EMPTY,

@@ -77,6 +77,15 @@ class VirtioBlk(VirtioDevice):
         self.config = config
         self.requests = 0
         self.errors = 0
+        self.config_changes = 0
+        backend.resize_listeners.append(self._resized)
+
+    def _resized(self, size: int) -> None:
+        """block_resize changed the drive: the capacity field (read live from the backend) is new, so the
+        driver gets a config-change interrupt and re-reads it (QEMU's virtio_blk_resize)."""
+        if self.context is not None:
+            self.config_changes += 1
+            self.context.notify_config()
 
     # -- description ------------------------------------------------------------------------------------
     def device_features(self) -> int:
