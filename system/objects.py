@@ -1,8 +1,8 @@
 """``-object secret`` and ``-object throttle-group``: validated, kept, ready for the code that uses them.
 
 libvirt passes every password and key as ``-object secret,id=...,data=|file=...`` and puts disk limits in
-``-object throttle-group``. Nothing in pyemu consumes them yet (the throttling issue will take the
-groups; NBD/TLS the secrets), but a VM must start from such a command line, and a mistake in them must
+``-object throttle-group``. The throttle groups feed :mod:`pyemu.block.throttle` (NBD/TLS will take the
+secrets), but a VM must start from such a command line, and a mistake in them must
 fail at start-up with QEMU's message, not later. (``iothread`` and ``rng-random`` are validated by the
 board, which creates them.)
 """
@@ -13,7 +13,7 @@ import base64
 import binascii
 import os
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, Union
+from typing import Callable, Mapping, Protocol, Sequence, Union
 
 from pyemu.errors import ConfigError
 
@@ -102,21 +102,39 @@ def parse_throttle_group(ident: str, props: tuple[tuple[str, str], ...]) -> Thro
     return ThrottleGroup(ident, tuple(sorted(limits.items())))
 
 
+#: QEMU's THROTTLE_VALUE_MAX: the largest limit (and ``max * max-length``) QEMU accepts.
+THROTTLE_VALUE_MAX = 1_000_000_000_000_000
+
+
+def throttle_limits_error(limits: dict[str, int] | Mapping[str, int]) -> str | None:
+    """QEMU 7.2's ``throttle_is_valid`` rules, in its order: the message of the first broken one, or None.
+    Shared by ``-object throttle-group``, ``-drive throttling.*`` and QMP ``block_set_io_throttle``."""
+    get = limits.get
+    if any(get(f"{unit}-total") and (get(f"{unit}-read") or get(f"{unit}-write")) for unit in ("bps", "iops")):
+        return "bps/iops/max total values and read/write values cannot be used at the same time"
+    if get("iops-size") and not any(get(f"iops-{kind}") for kind in ("total", "read", "write")):
+        return "iops size requires an iops value to be set"
+    for kind in _THROTTLE_KINDS:
+        base, peak, length = get(kind, 0), get(f"{kind}-max", 0), get(f"{kind}-max-length", 1)
+        if base > THROTTLE_VALUE_MAX or peak > THROTTLE_VALUE_MAX:
+            return f"bps/iops/max values must be within [0, {THROTTLE_VALUE_MAX}]"
+        if not length:
+            return "the burst length cannot be 0"
+        if length > 1 and not peak:
+            return "burst length set without burst rate"
+        if peak and length > THROTTLE_VALUE_MAX // peak:
+            return "burst length too high for this burst rate"
+        if peak and not base:
+            return "bps_max/iops_max require corresponding bps/iops values"
+        if peak and peak < base:
+            return "bps_max/iops_max cannot be lower than bps/iops"
+    return None
+
+
 def _check_limits(where: str, limits: dict[str, int]) -> None:
-    """QEMU's ``throttle_is_valid`` rules."""
-    for unit in ("bps", "iops"):
-        if limits.get(f"{unit}-total") and (limits.get(f"{unit}-read") or limits.get(f"{unit}-write")):
-            raise ConfigError(f"{where}: bps/iops/max total values and read/write values cannot be used at the "
-                              "same time", option=OPTION)
-        for kind in ("total", "read", "write"):
-            base, peak = limits.get(f"{unit}-{kind}", 0), limits.get(f"{unit}-{kind}-max", 0)
-            if peak and not base:
-                raise ConfigError(f"{where}: bps_max/iops_max require corresponding bps/iops values",
-                                  option=OPTION)
-            if peak and peak < base:
-                raise ConfigError(f"{where}: bps_max/iops_max cannot be lower than bps/iops values", option=OPTION)
-            if limits.get(f"{unit}-{kind}-max-length", 1) > 1 and not peak:
-                raise ConfigError(f"{where}: burst length requires a burst value (*-max) to be set", option=OPTION)
+    message = throttle_limits_error(limits)
+    if message is not None:
+        raise ConfigError(f"{where}: {message}", option=OPTION)
 
 
 class ObjectLike(Protocol):

@@ -1,0 +1,185 @@
+"""The throttle algorithm on a fake clock: exact rates, bursts, read/write buckets, iops-size, group turns,
+and QEMU's validity messages. No wall clock anywhere."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyemu.block.throttle import (NS, FakeTimers, ThrottleConfig, ThrottleError, ThrottleGroup,
+                                  ThrottleGroupMember, check_limits)
+
+
+def make_group(**limits: int) -> tuple[ThrottleGroup, FakeTimers]:
+    timers = FakeTimers()
+    config = ThrottleConfig.from_limits({k.replace("_", "-"): v for k, v in limits.items()})
+    return ThrottleGroup("g", config, clock=timers.clock, timers=timers), timers
+
+
+class Client:
+    """Keeps one request of ``size`` waiting at all times, like a guest running dd; logs grants."""
+
+    def __init__(self, member: ThrottleGroupMember, timers: FakeTimers, *, size: int, write: bool = True) -> None:
+        self.member, self.timers, self.size, self.write = member, timers, size, write
+        self.granted: list[int] = []  # fake time of each grant
+        self.stopped = False
+
+    def start(self) -> None:
+        while not self.stopped:
+            ticket = self.member.admit(self.write, self.size, self._woken)
+            if not ticket.granted:
+                return
+            self.granted.append(self.timers.now)
+
+    def _woken(self) -> None:
+        self.granted.append(self.timers.now)
+        self.start()
+
+    def bytes_between(self, start: float, end: float) -> int:
+        return self.size * sum(1 for t in self.granted if start * NS <= t < end * NS)
+
+
+def test_bps_limit_is_exact_over_a_window() -> None:
+    group, timers = make_group(bps_total=1_000_000)
+    client = Client(group.register("a"), timers, size=65536)
+    client.start()
+    timers.advance(20 * NS)
+    # a tenth of a second's worth may go at once (QEMU's bucket), then exactly the rate
+    total = client.bytes_between(0, 20)
+    assert 20_000_000 <= total <= 20_000_000 + 100_000 + 2 * 65536
+    steady = client.bytes_between(5, 15)
+    assert abs(steady - 10_000_000) <= 2 * 65536
+
+
+def test_unlimited_group_never_queues() -> None:
+    group, timers = make_group()
+    ticket = group.register("a").admit(True, 1 << 30, None)
+    assert ticket.granted and timers.next_deadline is None
+
+
+def test_iops_limit_and_iops_size() -> None:
+    group, timers = make_group(iops_total=100)
+    client = Client(group.register("a"), timers, size=4096)
+    client.start()
+    timers.advance(10 * NS)
+    assert abs(len(client.granted) - 1000) <= 12  # 10 s at 100/s, plus a tenth of a second's worth
+
+    group, timers = make_group(iops_total=100, iops_size=4096)
+    client = Client(group.register("a"), timers, size=16384)  # each request counts as 4 operations
+    client.start()
+    timers.advance(10 * NS)
+    assert abs(len(client.granted) - 250) <= 5
+
+
+def test_read_and_write_buckets_are_separate() -> None:
+    group, timers = make_group(bps_read=1_000_000, bps_write=250_000)
+    member = group.register("a")
+    reader = Client(member, timers, size=4096, write=False)
+    writer = Client(member, timers, size=4096, write=True)
+    reader.start()
+    writer.start()
+    timers.advance(10 * NS)
+    assert abs(reader.bytes_between(2, 10) - 8_000_000) <= 3 * 4096
+    assert abs(writer.bytes_between(2, 10) - 2_000_000) <= 3 * 4096
+
+
+def test_total_bucket_counts_both_directions() -> None:
+    group, timers = make_group(bps_total=1_000_000)
+    member = group.register("a")
+    reader, writer = Client(member, timers, size=4096, write=False), Client(member, timers, size=4096)
+    reader.start()
+    writer.start()
+    timers.advance(10 * NS)
+    both = reader.bytes_between(2, 10) + writer.bytes_between(2, 10)
+    assert abs(both - 8_000_000) <= 3 * 4096
+
+
+def test_burst_allows_a_peak_then_the_average() -> None:
+    # 1 MB/s on average, peaks of 4 MB/s for up to 2 s: the first 2 s run at the peak, then the average.
+    group, timers = make_group(bps_total=1_000_000, bps_total_max=4_000_000, bps_total_max_length=2)
+    client = Client(group.register("a"), timers, size=65536)
+    client.start()
+    timers.advance(12 * NS)
+    peak = client.bytes_between(0, 1)
+    assert 3_900_000 <= peak <= 4_000_000 + 400_000 + 2 * 65536  # the peak rate, not more
+    assert client.bytes_between(4, 12) == pytest.approx(8_000_000, abs=2 * 65536)
+    # bucket of max * length = 8 MB: by the time it is full the client got 8 MB more than the average
+    assert client.bytes_between(0, 4) == pytest.approx(4 * 1_000_000 + 8_000_000 * 0.75, rel=0.25)
+
+
+def test_burst_refills_after_idle() -> None:
+    group, timers = make_group(bps_total=1_000_000, bps_total_max=4_000_000, bps_total_max_length=2)
+    member = group.register("a")
+    client = Client(member, timers, size=65536)
+    client.start()
+    timers.advance(10 * NS)
+    client.stopped = True
+    timers.advance(20 * NS)  # idle: the buckets drain
+    client.stopped = False
+    client.granted.clear()
+    client.start()
+    timers.advance(1 * NS)
+    assert client.bytes_between(30, 31) >= 3_900_000
+
+
+def test_group_splits_one_limit_between_members_in_turns() -> None:
+    group, timers = make_group(bps_total=2_000_000)
+    a = Client(group.register("a"), timers, size=65536)
+    b = Client(group.register("b"), timers, size=65536)
+    a.start()
+    b.start()
+    timers.advance(20 * NS)
+    share_a, share_b = a.bytes_between(2, 20), b.bytes_between(2, 20)
+    assert share_a + share_b == pytest.approx(36_000_000, abs=3 * 65536)
+    assert abs(share_a - share_b) <= 2 * 65536
+
+
+def test_busy_member_cannot_starve_a_small_one() -> None:
+    # a issues 1 MiB requests, b 4 KiB ones: turns are per request, so b is never held behind a's queue
+    group, timers = make_group(bps_total=1_000_000)
+    a = Client(group.register("a"), timers, size=1 << 20)
+    b = Client(group.register("b"), timers, size=4096)
+    a.start()
+    b.start()
+    timers.advance(20 * NS)
+    assert abs(len(b.granted) - len(a.granted)) <= 2 and len(b.granted) >= 10  # one request each per turn
+
+
+def test_new_limits_apply_to_waiting_requests() -> None:
+    group, timers = make_group(bps_total=1000)
+    member = group.register("a")
+    assert member.admit(True, 100_000, None).granted
+    woken: list[int] = []
+    ticket = member.admit(True, 512, lambda: woken.append(timers.now))
+    assert not ticket.granted and timers.next_deadline is not None and timers.next_deadline > 60 * NS
+    group.configure(ThrottleConfig())  # limits removed: it goes at once
+    assert ticket.granted and woken == [0]
+
+
+def test_cancel_and_unregister_release_waiters() -> None:
+    group, timers = make_group(bps_total=1000)
+    a, b = group.register("a"), group.register("b")
+    assert a.admit(True, 100_000, None).granted
+    held = a.admit(True, 512, None)
+    other = b.admit(True, 512, None)
+    a.cancel(held)
+    assert held.cancelled and not held.granted
+    group.unregister(b)
+    assert other.granted
+    assert group.members == [a]
+
+
+@pytest.mark.parametrize("limits, message", [
+    ({"bps-total": 1, "bps-read": 1}, "bps/iops/max total values and read/write values cannot be used at the same time"),
+    ({"iops-size": 512}, "iops size requires an iops value to be set"),
+    ({"bps-total": 10**15 + 1}, "bps/iops/max values must be within [0, 1000000000000000]"),
+    ({"bps-total": 1, "bps-total-max": 2, "bps-total-max-length": 0}, "the burst length cannot be 0"),
+    ({"bps-total": 1, "bps-total-max-length": 2}, "burst length set without burst rate"),
+    ({"bps-total": 1, "bps-total-max": 10**15, "bps-total-max-length": 2}, "burst length too high for this burst rate"),
+    ({"iops-read-max": 5}, "bps_max/iops_max require corresponding bps/iops values"),
+    ({"iops-write": 10, "iops-write-max": 5}, "bps_max/iops_max cannot be lower than bps/iops"),
+    ({"bps-bogus": 1}, "Invalid parameter 'bps-bogus'"),
+])
+def test_qemu_validity_messages(limits: dict[str, int], message: str) -> None:
+    with pytest.raises(ThrottleError) as caught:
+        check_limits(limits)
+    assert str(caught.value) == message
