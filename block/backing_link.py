@@ -138,11 +138,13 @@ def _is_active(edge: Any) -> int:
 
 
 def change_backing(node: BlockDriver, new_backing: BlockDriver | None, *, backing_file: str | None,
-                   backing_format: str | None, registry: NodeRegistry | None = None) -> None:
+                   backing_format: str | None, registry: NodeRegistry | None = None,
+                   write_header: bool = True) -> None:
     """Re-point the qcow2 ``node`` at ``new_backing`` (None: no backing) and write ``backing_file`` /
     ``backing_format`` into its header, durably. ``registry``, when given, is kept in step: the node's
     entry lists the new child, nodes dropped from the chain are unregistered, a borrowed new backing is
-    found by name. Raises BackingLinkError (QEMU's refusals), PermissionConflict (the new backing cannot be
+    found by name. ``write_header=False`` changes only the in-memory link (blockdev-snapshot: the user
+    created the overlay's header). Raises BackingLinkError (QEMU's refusals), PermissionConflict (the new backing cannot be
     attached: nothing changed) or BlockIOError (header write failed: nothing changed)."""
     image = _qcow2(node)
     target = unwrap(new_backing) if new_backing is not None else None
@@ -155,7 +157,7 @@ def change_backing(node: BlockDriver, new_backing: BlockDriver | None, *, backin
         backing_file = None
     if backing_file is None:
         backing_format = None
-    if image.read_only or image.header.corrupt:
+    if write_header and (image.read_only or image.header.corrupt):
         raise BlockIOError(f"Could not change the backing file of '{image.filename}': the image is read-only",
                            errno=errno.EACCES)
     old_edge = image.backing
@@ -189,9 +191,10 @@ def change_backing(node: BlockDriver, new_backing: BlockDriver | None, *, backin
         with image.gate.exclusive(), image._meta:
             from dataclasses import replace
 
-            image._update_header(replace(image.header, backing_file=backing_file,
-                                         backing_format=backing_format if backing_file else None))
-            image._sync()
+            if write_header:
+                image._update_header(replace(image.header, backing_file=backing_file,
+                                             backing_format=backing_format if backing_file else None))
+                image._sync()
             image.backing = new_edge
     except BaseException:
         if new_attachment is not None:

@@ -471,3 +471,4 @@ def deactivate(node: object) -> None:
 # The fleecing drivers live in their own modules and register themselves (imported last: they use the above).
 from pyemu.block import copy_before_write as _copy_before_write  # noqa: E402,F401
 from pyemu.block import snapshot_access as _snapshot_access  # noqa: E402,F401
+from pyemu.block import copy_on_read as _copy_on_read  # noqa: E402,F401

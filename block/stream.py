@@ -1,0 +1,189 @@
+"""The block-stream job (QMP ``block-stream``): copy the backing chain's data into the top image, then drop
+the backing link (to ``base``, or to nothing).
+
+As QEMU 7.2's stream job, the copying goes through a copy-on-read filter (:mod:`pyemu.block.copy_on_read`)
+put above the top image in the drive that uses it: the job asks the filter to *populate* each step of the
+disk, and the filter copies only clusters the top still does not allocate, under its per-cluster range
+lock. A guest write to a cluster is therefore never overwritten by stale backing data: either it lands
+first (the cluster is allocated, nothing is copied) or it waits for the one step being copied. At the end
+(QEMU's stream_prepare) the top's header names ``base`` (``backing-file`` when given) and its in-memory
+backing child becomes ``base`` (:func:`pyemu.block.backing_link.change_backing`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pyemu.block.backing_link import backing_chain, backing_of, change_backing, unwrap
+from pyemu.block.copy_on_read import CopyOnRead, insert_into_drive
+from pyemu.block.driver import BlockDriver
+from pyemu.block.errors import BlockError
+from pyemu.block.registry import NodeRegistry
+from pyemu.jobs.job import EventSink, Job, check_job_id
+
+STREAM_STEP = 1 << 20
+"""Bytes populated per step (a guest write waits for at most one such step of its own clusters)."""
+ERROR_POLICIES = ("report", "ignore", "enospc", "stop", "auto")
+
+
+class StreamError(BlockError):
+    """block-stream refused; the message is QEMU's."""
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    job_id: str
+    device: str
+    base: BlockDriver | None
+    backing_file: str | None
+    speed: int
+    on_error: str
+    auto_finalize: bool
+    auto_dismiss: bool
+    filter_node_name: str | None
+
+
+class StreamJob(Job):
+    """One block-stream. Build with :func:`create_stream`; :meth:`start` runs it."""
+
+    job_type = "stream"
+    is_block_job = True
+
+    def __init__(self, opts: StreamOptions, *, top: BlockDriver, backends: list[Any], emit: EventSink,
+                 registry: NodeRegistry | None) -> None:
+        super().__init__(opts.job_id, emit=emit, auto_finalize=opts.auto_finalize,
+                         auto_dismiss=opts.auto_dismiss, speed=opts.speed)
+        self.opts = opts
+        self.top = top
+        self.io_status = "ok"
+        self._backends = backends
+        self._registry = registry
+        self.filter: CopyOnRead | None = None
+        self._filter_backend: Any = None
+        self.on_release: list[Callable[[], None]] = []
+        self.total_progress = unwrap(top).size()
+
+    def setup(self) -> None:
+        """Put the copy-on-read filter (bottom = base, no population on guest reads) above the top."""
+        user = f"stream job '{self.id}'"
+        if len(self._backends) > 1:
+            raise StreamError(f"Node '{self.opts.device}' is used by several drives")
+        if self._backends:
+            self._filter_backend = self._backends[0]
+            self.filter = insert_into_drive(self._filter_backend, bottom=self.opts.base, populate_reads=False,
+                                            user=user)
+        else:
+            self.filter = CopyOnRead(self.top, bottom=self.opts.base, populate_reads=False, owns_child=False,
+                                     user=user)
+
+    def run(self) -> None:
+        cor = self.filter
+        assert cor is not None
+        size = self.total_progress
+        pos = 0
+        while pos < size:
+            self.pause_point()
+            step = min(STREAM_STEP, size - pos)
+            copied = cor.populate(pos, step)
+            pos += step
+            with self._cond:
+                self.current_progress = pos
+            if copied:
+                self.rate_limit(copied)
+
+    def prepare(self) -> None:
+        """QEMU's stream_prepare: the top's backing link becomes ``base`` (or none)."""
+        base = self.opts.base
+        backing_file = self.opts.backing_file or (unwrap(base).filename if base is not None else None)
+        backing_format = unwrap(base).name if base is not None else None
+        change_backing(self.top, base, backing_file=backing_file, backing_format=backing_format,
+                       registry=self._registry)
+
+    def clean(self) -> None:
+        cor, backend = self.filter, self._filter_backend
+        self.filter = self._filter_backend = None
+        try:
+            if cor is not None:
+                if backend is not None:
+                    backend.remove_filter(cor)
+                else:
+                    cor.close()
+        finally:
+            for release in self.on_release:
+                release()
+
+    # -- events ---------------------------------------------------------------------------------------------
+    def _block_event_data(self) -> dict[str, Any]:
+        return {"device": self.id, "len": self.total_progress, "offset": self.current_progress,
+                "speed": self.speed, "type": self.job_type}
+
+    def event_finished(self, *, cancelled: bool) -> None:
+        if cancelled:
+            self._emit("BLOCK_JOB_CANCELLED", self._block_event_data())
+            return
+        data = self._block_event_data()
+        if self.error is not None:
+            data["error"] = self.error
+        self._emit("BLOCK_JOB_COMPLETED", data)
+
+    def event_pending(self) -> None:
+        self._emit("BLOCK_JOB_PENDING", {"type": self.job_type, "id": self.id})
+
+    def block_info(self) -> dict[str, Any]:
+        with self._cond:
+            info: dict[str, Any] = {
+                "type": self.job_type, "device": self.id, "len": self.total_progress,
+                "offset": self.current_progress, "busy": self.busy, "paused": self.paused,
+                "speed": self.speed, "io-status": self.io_status, "ready": False,
+                "status": self.status.value, "auto-finalize": self.auto_finalize,
+                "auto-dismiss": self.auto_dismiss}
+            if self.error is not None:
+                info["error"] = self.error
+            return info
+
+
+def _find_base_by_filename(top: Any, filename: str) -> Any:
+    for node in list(backing_chain(top))[1:]:
+        if node.filename == filename:
+            return node
+    return None
+
+
+def create_stream(args: dict[str, Any], *, resolve: Callable[[str], BlockDriver],
+                  backends_of: Callable[[object], list[Any]], emit: EventSink,
+                  check_id: Callable[[str], None], registry: NodeRegistry | None) -> StreamJob:
+    """Check ``args`` as QEMU 7.2's qmp_block_stream does and build the job (filter inserted, not started)."""
+    device = args["device"]
+    top = resolve(device)
+    job_id = args.get("job-id", device)
+    check_job_id(job_id)
+    check_id(job_id)
+    if "base" in args and "base-node" in args:
+        raise StreamError("'base' and 'base-node' cannot be specified at the same time")
+    base: Any = None
+    if "base" in args:
+        base = _find_base_by_filename(top, args["base"])
+        if base is None:
+            raise StreamError(f"Can't find '{args['base']}' in the backing chain")
+    elif "base-node" in args:
+        base = unwrap(resolve(args["base-node"]))
+        if not any(node is base for node in list(backing_chain(top))[1:]):
+            raise StreamError(f"Node '{args['base-node']}' is not a backing image of '{device}'")
+    if "backing-file" in args and base is None:
+        raise StreamError("backing file specified, but streaming the entire chain")
+    on_error = args.get("on-error", "report")
+    if on_error not in ERROR_POLICIES:
+        raise StreamError(f"Parameter 'on-error' does not accept value '{on_error}'")
+    if backing_of(top) is None or backing_of(top) is base:
+        pass  # nothing to copy: the job still runs and rewrites the link, as QEMU
+    opts = StreamOptions(job_id=job_id, device=device, base=base, backing_file=args.get("backing-file"),
+                         speed=args.get("speed", 0), on_error=on_error,
+                         auto_finalize=args.get("auto-finalize", True), auto_dismiss=args.get("auto-dismiss", True),
+                         filter_node_name=args.get("filter-node-name"))
+    real_top = unwrap(top)
+    if real_top.read_only:
+        raise StreamError("Block node is read-only")
+    job = StreamJob(opts, top=top, backends=backends_of(top), emit=emit, registry=registry)
+    job.setup()
+    return job

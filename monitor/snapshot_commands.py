@@ -1,0 +1,221 @@
+"""QMP live external snapshots (``blockdev-snapshot-sync``, ``blockdev-snapshot``, also as ``transaction``
+actions) and ``block-stream``.
+
+A snapshot puts a qcow2 overlay on top of a running node: with every drive on the node drained, each drive's
+root becomes the overlay (:meth:`~pyemu.block.backend.BlockBackend.change_root`) and the old top becomes the
+overlay's backing (:func:`pyemu.block.backing_link.change_backing`, in memory only: the overlay's header
+already names it). The guest sees one short stall. A ``-drive``'s own image is handed over to the overlay,
+which the drive then owns (it closes the whole chain); a named node is borrowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable
+
+from pyemu.block.backing_link import change_backing, unwrap
+from pyemu.errors import PyemuError
+from pyemu.monitor.control import ControlApi
+from pyemu.monitor.schema import QmpError
+from pyemu.monitor.transaction import Action, register_action
+
+
+def _backends_of(api: ControlApi, node: object) -> list[Any]:
+    return [use.backend for use in api.machine.drives() if use.backend.root is node]
+
+
+def _registry(api: ControlApi) -> Any:
+    from pyemu.monitor.blockdev import node_registry
+
+    return node_registry(api)
+
+
+def _lookup(api: ControlApi, device: str | None, node_name: str | None) -> Any:
+    from pyemu.block.registry import NodeRegistryError
+
+    registry = _registry(api)
+    try:
+        if device is not None:
+            return registry.lookup(device)
+        if node_name is not None:
+            return registry.node(node_name).node
+    except NodeRegistryError:
+        pass
+    raise QmpError(f"Cannot find device={device or ''} nor node-name={node_name or ''}")
+
+
+def attach_overlay(api: ControlApi, top: Any, overlay: Any) -> Callable[[], None]:
+    """Make ``overlay`` the root of every drive on ``top`` and ``top`` its backing; returns the undo."""
+    registry = _registry(api)
+    backends = _backends_of(api, top)
+    if unwrap(overlay).size() != unwrap(top).size() and backends:
+        raise QmpError("The overlay's size differs from the size of the node it is put on")
+    with contextlib.ExitStack() as drained:
+        for backend in backends:
+            drained.enter_context(backend.drained())
+        swapped: list[Any] = []
+        try:
+            for backend in backends:
+                backend.change_root(overlay)
+                swapped.append(backend)
+            change_backing(overlay, top, backing_file=None, backing_format=None, registry=registry,
+                           write_header=False)
+        except BaseException:
+            for backend in swapped:
+                backend.change_root(top)
+            raise
+        for backend in backends:
+            if getattr(backend, "_owned_root", None) is top:
+                backend._owned_root = overlay  # the drive's image now hangs below the overlay it owns
+                entry = registry.entry_of(overlay)
+                if entry is not None:
+                    entry.owner = f"drive:{backend.id}"
+
+    def undo() -> None:
+        with contextlib.ExitStack() as again:
+            for backend in backends:
+                again.enter_context(backend.drained())
+            change_backing(overlay, None, backing_file=None, backing_format=None, registry=registry,
+                           write_header=False)
+            for backend in backends:
+                backend.change_root(top)
+                if getattr(backend, "_owned_root", None) is overlay:
+                    backend._owned_root = top
+
+    return undo
+
+
+def _check_overlay(api: ControlApi, name: str, overlay: Any) -> None:
+    from pyemu.block.graph import users
+    from pyemu.block.qcow2.driver import Qcow2Format
+
+    node = unwrap(overlay)
+    if not isinstance(node, Qcow2Format):
+        raise QmpError("The overlay does not support backing images")
+    if node.backing is not None:
+        raise QmpError("The overlay already has a backing image")
+    if users(node) or _registry(api).parents(name):
+        raise QmpError("The overlay is already in use")
+
+
+def _snapshot_sync(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
+    from pyemu.block.blockdev import delete_blockdev, open_blockdev
+    from pyemu.block.qcow2.create import create_qcow2
+
+    registry = _registry(api)
+    top = _lookup(api, args.get("device"), args.get("node-name"))
+    if args.get("device") is None and args.get("node-name") is None:
+        raise QmpError("Cannot find device= nor node-name=")
+    fmt = args.get("format", "qcow2")
+    mode = args.get("mode", "absolute-paths")
+    if mode not in ("existing", "absolute-paths"):
+        raise QmpError(f"Parameter 'mode' does not accept value '{mode}'")
+    name = args.get("snapshot-node-name")
+    if name is not None and (name in registry or registry.backend(name) is not None):
+        raise QmpError(f"Duplicate nodes with node-name='{name}'")
+    if fmt != "qcow2":
+        raise QmpError("The overlay does not support backing images")
+    path = args["snapshot-file"]
+    real = unwrap(top)
+    if mode == "absolute-paths":
+        if real.read_only is False and not real.filename:
+            raise QmpError("Cannot create an overlay of a node without a file name")
+        try:
+            create_qcow2(path, real.size(), backing_file=os.path.abspath(real.filename),
+                         backing_format=real.name)
+        except (OSError, PyemuError) as exc:
+            raise QmpError(f"Could not create '{path}': {exc}") from None
+    options: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": path}, "backing": None}
+    if name is not None:
+        options["node-name"] = name
+    try:
+        entry = open_blockdev(options, registry)
+    except PyemuError as exc:
+        raise QmpError(str(exc)) from None
+    try:
+        undo = attach_overlay(api, top, entry.node)
+    except BaseException:
+        delete_blockdev(registry, entry.name)
+        raise
+
+    def full_undo() -> None:
+        undo()
+        with contextlib.suppress(PyemuError):
+            entry.owner = "monitor"
+            delete_blockdev(registry, entry.name)
+
+    return full_undo
+
+
+def _snapshot(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
+    from pyemu.block.registry import NodeRegistryError
+
+    registry = _registry(api)
+    top = _lookup(api, args["node"], args["node"])
+    try:
+        overlay_entry = registry.lookup_entry(args["overlay"])
+    except NodeRegistryError as exc:
+        raise QmpError(str(exc)) from None
+    _check_overlay(api, overlay_entry.name, overlay_entry.node)
+    if unwrap(overlay_entry.node).read_only:
+        raise QmpError("Block node is read-only")
+    return attach_overlay(api, top, overlay_entry.node)
+
+
+def _guard(action: Callable[[], Any]) -> Any:
+    try:
+        return action()
+    except QmpError:
+        raise
+    except PyemuError as exc:
+        raise QmpError(str(exc)) from None
+
+
+class _SnapshotAction(Action):
+    """``transaction`` snapshot actions: prepare does the snapshot, abort undoes it."""
+
+    def __init__(self, api: ControlApi, data: dict[str, Any], do: Callable[[ControlApi, dict[str, Any]], Any]):
+        self.api, self.data, self._do = api, data, do
+        self._undo: Callable[[], None] | None = None
+
+    def prepare(self) -> None:
+        self._undo = _guard(lambda: self._do(self.api, self.data))
+
+    def commit(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        if self._undo is not None:
+            self._undo()
+
+
+# -- block-stream -------------------------------------------------------------------------------------------
+def _block_stream(api: ControlApi, args: dict[str, Any]) -> Any:
+    from pyemu.block.stream import create_stream
+    from pyemu.monitor.blockdev import resolve_node
+
+    registry = _registry(api)
+
+    def create() -> Any:
+        job = create_stream(dict(args), resolve=lambda name: resolve_node(api, name),
+                            backends_of=lambda node: _backends_of(api, node), emit=api.jobs.emit,
+                            check_id=api.jobs.check_new_id, registry=registry)
+        api.jobs.add(job)
+        return job
+
+    job = _guard(create)
+    job.start()
+    return {}
+
+
+register_action("blockdev-snapshot-sync",
+                lambda api, data: _SnapshotAction(api, data, _snapshot_sync), command="blockdev-snapshot-sync")
+register_action("blockdev-snapshot",
+                lambda api, data: _SnapshotAction(api, data, _snapshot), command="blockdev-snapshot")
+
+HANDLERS: dict[str, Callable[[ControlApi, dict[str, Any]], Any]] = {
+    "blockdev-snapshot-sync": lambda api, args: (_guard(lambda: _snapshot_sync(api, args)), {})[1],
+    "blockdev-snapshot": lambda api, args: (_guard(lambda: _snapshot(api, args)), {})[1],
+    "block-stream": _block_stream,
+}

@@ -1,0 +1,262 @@
+"""Live external snapshots, block-stream and copy-on-read: in-process tests with concurrent writers, images
+checked with qemu-img (check clean, backing link as expected)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pyemu
+from pyemu.api.errors import CommandError
+from pyemu.block.backend import BlockBackend
+from pyemu.block.blockdev import close_all, open_blockdev
+from pyemu.block.copy_on_read import CopyOnRead, insert_into_drive
+from pyemu.block.registry import NodeRegistry
+from pyemu.block.stream import create_stream
+from pyemu.jobs.job import JobManager
+from pyemu.target.x86.boot.synthetic import make_multiboot_binary
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed")
+MiB = 1 << 20
+SIZE = 8 * MiB
+WAIT = 120.0
+
+
+def qemu_io(path: Path, *cmds: str) -> None:
+    args = ["qemu-io", "-f", "qcow2"]
+    for cmd in cmds:
+        args += ["-c", cmd]
+    subprocess.run(args + [str(path)], check=True, capture_output=True)
+
+
+def make_chain(tmp: Path) -> tuple[Path, Path, Path]:
+    """base (pattern 1 in MiB 0-2), mid (pattern 2 in MiB 2-4) and an empty top."""
+    base, mid, top = tmp / "base.qcow2", tmp / "mid.qcow2", tmp / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(SIZE)], check=True)
+    qemu_io(base, f"write -P 1 0 {2 * MiB}")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(mid)], check=True)
+    qemu_io(mid, f"write -P 2 {2 * MiB} {2 * MiB}")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(mid), "-F", "qcow2", str(top)], check=True)
+    return base, mid, top
+
+
+def info(path: Path) -> dict[str, Any]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], check=True, capture_output=True)
+    return dict(json.loads(out.stdout))
+
+
+def check_clean(path: Path) -> None:
+    subprocess.run(["qemu-img", "check", str(path)], check=True, capture_output=True)
+
+
+def expected_image() -> bytearray:
+    data = bytearray(SIZE)
+    data[0:2 * MiB] = b"\x01" * (2 * MiB)
+    data[2 * MiB:4 * MiB] = b"\x02" * (2 * MiB)
+    return data
+
+
+class Writer(threading.Thread):
+    """Writes 4 KiB blocks of 0xAB at offsets spread over the disk through ``backend`` until stopped; records
+    what it wrote (so the final image is known)."""
+
+    def __init__(self, backend: Any, lo: int = 0) -> None:
+        super().__init__(daemon=True)
+        self.lo = lo
+        self.backend = backend
+        self.stop = threading.Event()
+        self.written: list[int] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        i = 0
+        try:
+            while not self.stop.is_set() and i < 2000:
+                offset = self.lo + (i * 7 * 65536 + 4096 * (i % 13)) % (SIZE - self.lo)
+                self.backend.pwritev(offset, [b"\xab" * 4096])
+                self.written.append(offset)
+                i += 1
+        except BaseException as exc:  # noqa: B902 -- reported by the test
+            self.error = exc
+
+    def apply(self, data: bytearray) -> None:
+        for offset in self.written:
+            data[offset:offset + 4096] = b"\xab" * 4096
+
+
+def read_all(node: Any) -> bytes:
+    buf = bytearray(SIZE)
+    node.preadv(0, [memoryview(buf)])
+    return bytes(buf)
+
+
+def events() -> tuple[list[tuple[str, dict[str, Any]]], Any]:
+    got: list[tuple[str, dict[str, Any]]] = []
+    return got, lambda name, data: got.append((name, data))
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_stream_under_concurrent_writes(tmp_path: Path, with_base: bool) -> None:
+    base, mid, top = make_chain(tmp_path)
+    registry = NodeRegistry()
+    if with_base:
+        open_blockdev({"driver": "qcow2", "node-name": "b0", "read-only": True,
+                       "file": {"driver": "file", "filename": str(base)}}, registry)
+        open_blockdev({"driver": "qcow2", "node-name": "m0", "read-only": True, "backing": "b0",
+                       "file": {"driver": "file", "filename": str(mid)}}, registry)
+        entry = open_blockdev({"driver": "qcow2", "node-name": "top", "backing": "m0",
+                               "file": {"driver": "file", "filename": str(top)}}, registry)
+    else:
+        entry = open_blockdev({"driver": "qcow2", "node-name": "top",
+                               "file": {"driver": "file", "filename": str(top)}}, registry)
+    backend = BlockBackend(entry.node, read_only=False, id="d0", owns_root=False)
+    got, emit = events()
+    jobs = JobManager(emit)
+    args: dict[str, Any] = {"device": "top", "job-id": "s"}
+    if with_base:
+        args["base-node"] = "b0"
+    job = create_stream(args, resolve=registry.lookup, backends_of=lambda n: [backend] if n is backend.root
+                        or n is entry.node else [], emit=emit, check_id=jobs.check_new_id, registry=registry)
+    jobs.add(job)
+    writer = Writer(backend)
+    writer.start()
+    job.start()
+    assert job.wait(WAIT)
+    writer.stop.set()
+    writer.join(WAIT)
+    assert writer.error is None
+    assert job.error is None
+    assert [n for n, _ in got if n.startswith("BLOCK_JOB")] == ["BLOCK_JOB_COMPLETED"]
+    expected = expected_image()
+    writer.apply(expected)
+    assert read_all(backend) == bytes(expected)
+    backend.close()
+    close_all(registry)
+    check_clean(top)
+    meta = info(top)
+    if with_base:
+        assert meta["backing-filename"] == str(base)
+        assert meta["backing-filename-format"] == "qcow2"
+        # MiB 0-2 still come from base: not copied into the top.
+        out = subprocess.run(["qemu-img", "map", "--output=json", str(top)], check=True, capture_output=True)
+        assert not any(e["data"] and e["depth"] == 0 and e["start"] < 2 * MiB - 65536 and e["start"] % MiB == 8192
+                       for e in json.loads(out.stdout))
+    else:
+        assert "backing-filename" not in meta
+    copy = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
+    assert copy.read_bytes() == bytes(expected)
+
+
+def test_copy_on_read_fills_top(tmp_path: Path) -> None:
+    base, mid, top = make_chain(tmp_path)
+    registry = NodeRegistry()
+    entry = open_blockdev({"driver": "qcow2", "node-name": "top",
+                           "file": {"driver": "file", "filename": str(top)}}, registry)
+    backend = BlockBackend(entry.node, read_only=False, id="d0", owns_root=False)
+    cor = insert_into_drive(backend)
+    writer = Writer(backend, lo=3 * MiB)  # races the reads of MiB 3-4 (mid's data) and writes beyond
+    writer.start()
+    data = read_all(backend)
+    writer.stop.set()
+    writer.join(WAIT)
+    assert cor.populated_bytes > 0
+    backend.remove_filter(cor)
+    expected = expected_image()
+    writer.apply(expected)
+    final = read_all(backend)
+    assert final == bytes(expected)
+    del data
+    backend.close()
+    close_all(registry)
+    check_clean(top)
+    # The backing chain is no longer needed: drop the link and the data is still all there.
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", "", str(top)], check=True)
+    (tmp_path / "mid.qcow2").unlink()
+    (tmp_path / "base.qcow2").unlink()
+    copy = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
+    assert copy.read_bytes() == bytes(expected)
+
+
+def test_copy_on_read_blockdev_errors(tmp_path: Path) -> None:
+    base, mid, top = make_chain(tmp_path)
+    registry = NodeRegistry()
+    open_blockdev({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": str(top)}},
+                  registry)
+    open_blockdev({"driver": "qcow2", "node-name": "other", "read-only": True,
+                   "file": {"driver": "file", "filename": str(base)}}, registry)
+    with pytest.raises(Exception, match="Bottom node 'other' is not a node in the backing chain"):
+        open_blockdev({"driver": "copy-on-read", "node-name": "c", "file": "top", "bottom": "other"}, registry)
+    node = open_blockdev({"driver": "copy-on-read", "node-name": "c", "file": "top"}, registry).node
+    assert isinstance(node, CopyOnRead)
+    assert read_all(node)[:2 * MiB] == b"\x01" * (2 * MiB)
+    close_all(registry)
+
+
+def make_vm(tmp_path: Path, top: Path) -> pyemu.VM:
+    kernel = tmp_path / "spin.bin"
+    kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
+    return pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
+                    "-blockdev", f"driver=qcow2,node-name=d0,file.driver=file,file.filename={top}",
+                    "-device", "virtio-blk-device,drive=d0,id=vblk0")
+
+
+def refused(vm: pyemu.VM, command: str, args: dict[str, Any], message: str) -> None:
+    with pytest.raises(CommandError) as exc:
+        vm.execute(command, args)
+    assert exc.value.desc == message
+
+
+def test_qmp_snapshot_sync_then_stream(tmp_path: Path) -> None:
+    base, mid, top = make_chain(tmp_path)
+    snap = tmp_path / "snap.qcow2"
+    with make_vm(tmp_path, top) as vm:
+        vm.start()
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "nope", "snapshot-file": str(snap)},
+                "Cannot find device= nor node-name=nope")
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap), "format": "raw"},
+                "The overlay does not support backing images")
+        assert vm.execute("blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap),
+                                                     "snapshot-node-name": "snap0"}) == {}
+        meta = info(snap)
+        assert meta["backing-filename"] == str(top)
+        refused(vm, "block-stream", {"device": "snap0", "base": "/nonexistent"},
+                "Can't find '/nonexistent' in the backing chain")
+        assert vm.execute("block-stream", {"device": "snap0", "job-id": "st"}) == {}
+        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+    check_clean(snap)
+    assert "backing-filename" not in info(snap)
+    copy = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(snap), str(copy)], check=True)
+    assert copy.read_bytes() == bytes(expected_image())
+
+
+def test_qmp_blockdev_snapshot_existing_overlay(tmp_path: Path) -> None:
+    base, mid, top = make_chain(tmp_path)
+    ov = tmp_path / "ov.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(top), "-F", "qcow2", str(ov)], check=True)
+    with make_vm(tmp_path, top) as vm:
+        vm.start()
+        other = tmp_path / "other.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), str(SIZE)], check=True)
+        vm.execute("blockdev-add", {"driver": "qcow2", "node-name": "x0", "read-only": True,
+                                    "file": {"driver": "file", "filename": str(other)}})
+        vm.execute("blockdev-add", {"driver": "qcow2", "node-name": "ov", "backing": "x0",
+                                    "file": {"driver": "file", "filename": str(ov)}})
+        refused(vm, "blockdev-snapshot", {"node": "d0", "overlay": "ov"},
+                "The overlay already has a backing image")
+        vm.execute("blockdev-del", {"node-name": "ov"})
+        vm.execute("blockdev-add", {"driver": "qcow2", "node-name": "ov", "backing": None,
+                                    "file": {"driver": "file", "filename": str(ov)}})
+        assert vm.execute("blockdev-snapshot", {"node": "d0", "overlay": "ov"}) == {}
+        names = {n["node-name"]: n for n in vm.execute("query-named-block-nodes", {})}
+        assert "ov" in names
+    check_clean(ov)
+    check_clean(top)
