@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from boot_helpers import ConsoleSession
+from typing import Callable, Iterator
+
+from boot_helpers import ConsoleSession, Guest
 from pyemu.accel.base import AcceleratorUnavailable
 
 
@@ -31,3 +33,18 @@ def console():
     yield start
     for session in sessions:
         session.close()
+
+
+@pytest.fixture
+def guest(console, guest_assets, tmp_path, request) -> Iterator[Callable[[str], Guest]]:  # type: ignore[no-untyped-def]
+    made: list[Guest] = []
+
+    def start(kind: str, fmt: str = "raw") -> Guest:
+        g = Guest(kind, console, tmp_path, fmt)
+        made.append(g)
+        return g
+    yield start
+    for g in made:
+        g.mon.close()  # before the VM goes: the client's destructor would otherwise meet a dead socket
+        if g.kind == "qemu":
+            g.vm.close()
