@@ -128,14 +128,15 @@ def stub_kernel(work: Path) -> Path:
 
 
 @contextlib.contextmanager
-def stopped_vm(kind: str, work: Path, source: Path) -> Iterator["QEMUMonitorProtocol"]:
-    """A VM started -S with ``source`` as raw node d0 under a virtio-blk device; its QMP session."""
+def stopped_vm(kind: str, work: Path, source: Path, fmt: str = "raw") -> Iterator["QEMUMonitorProtocol"]:
+    """A VM started -S with ``source`` as node d0 (format ``fmt``) under a virtio-blk device; its QMP
+    session."""
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
     sock = work / f"{kind}-qmp.sock"
     common = ["-S", "-qmp", f"unix:{sock},server=on,wait=off",
               "-blockdev", f"driver=file,node-name=f0,filename={source}",
-              "-blockdev", "driver=raw,node-name=d0,file=f0", "-device", "virtio-blk-device,drive=d0,id=vblk0"]
+              "-blockdev", f"driver={fmt},node-name=d0,file=f0", "-device", "virtio-blk-device,drive=d0,id=vblk0"]
     if kind == "pyemu":
         argv = [sys.executable, "-m", "pyemu.system.main", "-kernel", str(stub_kernel(work)), "-m", "32",
                 "-serial", "none", "-display", "none", *common]
@@ -154,6 +155,9 @@ def stopped_vm(kind: str, work: Path, source: Path) -> Iterator["QEMUMonitorProt
         yield qmp
     finally:
         if qmp is not None:
+            with contextlib.suppress(Exception):
+                qmp.cmd_raw("quit", {})  # a clean exit: the images are flushed and closed
+                proc.wait(timeout=60)
             with contextlib.suppress(Exception):
                 qmp.close()
         proc.kill()
