@@ -27,7 +27,7 @@ import errno
 import struct
 import threading
 from dataclasses import replace
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pyemu.block import graph
 from pyemu.block.dirty_bitmap import BitmapError, existing_bitmaps
@@ -864,11 +864,13 @@ class Qcow2Format:
         from pyemu.block.qcow2.snapshot import list_snapshots
         return list_snapshots(self)
 
-    def create_snapshot(self, name: str, *, vm_state_size: int = 0, vm_clock_nsec: int = 0):
+    def create_snapshot(self, name: str, *, vm_state_size: int = 0, vm_clock_nsec: int = 0,
+                        icount: int | None = 0):
         from pyemu.block.qcow2.snapshot import create_snapshot
         self._check_writable("snapshot", -1, -1)
         with self.gate.exclusive(), self._meta:
-            return create_snapshot(self, name, vm_state_size=vm_state_size, vm_clock_nsec=vm_clock_nsec)
+            return create_snapshot(self, name, vm_state_size=vm_state_size, vm_clock_nsec=vm_clock_nsec,
+                                   icount=icount)
 
     def apply_snapshot(self, name_or_id: str) -> None:
         from pyemu.block.qcow2.snapshot import apply_snapshot
@@ -881,6 +883,46 @@ class Qcow2Format:
         self._check_writable("snapshot", -1, -1)
         with self.gate.exclusive(), self._meta:
             delete_snapshot(self, name_or_id)
+
+    # -- the VM-state area (savevm; pyemu.block.qcow2.vmstate) ---------------------------------------------
+
+    def write_vmstate(self, pos: int, data: bytes) -> None:
+        """Write ``data`` at ``pos`` of the active image's VM-state area (past the virtual disk), growing the
+        L1 table to map it. Dirty bitmaps do not see these writes: the guest cannot."""
+        from pyemu.block.qcow2.resize import grow_l1
+        from pyemu.block.qcow2.vmstate import VmStateError, vm_state_offset
+        self._check_writable("vmstate write", pos, len(data))
+        self._check_open(pos, len(data))
+        if pos < 0:
+            raise VmStateError(f"VM state write at negative offset {pos}")
+        if not data:
+            return
+        offset = vm_state_offset(self) + pos
+        needed = self.geometry.l1_entries_for(offset + len(data))
+        with self.gate.exclusive(), self._meta:
+            if needed > len(self.map.l1):
+                grow_l1(self, needed)
+        with self.gate.shared():
+            self._write(offset, [memoryview(data)], len(data))
+
+    def snapshot_l1(self, snap: Any) -> list[int]:
+        """A snapshot's L1 table (validated), for reading its VM state."""
+        from pyemu.block.qcow2.snapshot import read_snapshot_l1
+        with self._meta:
+            return read_snapshot_l1(self, snap)
+
+    def read_snapshot_vmstate(self, snap: Any, l1: list[int], pos: int, length: int) -> bytes:
+        from pyemu.block.qcow2.vmstate import read_snapshot_vmstate
+        self._check_open(pos, length)
+        with self.gate.shared(), self._meta:
+            return read_snapshot_vmstate(self, snap, l1, pos, length)
+
+    def drop_active_vmstate(self) -> None:
+        """After a snapshot took the VM state along: free the active image's copy of the area."""
+        from pyemu.block.qcow2.vmstate import drop_active_vmstate
+        self._check_writable("vmstate drop", -1, -1)
+        with self.gate.exclusive(), self._meta:
+            drop_active_vmstate(self)
 
     def check(self, repair: str | None = None):
         from pyemu.block.qcow2.check import check_image

@@ -154,7 +154,7 @@ def _clusters(image: "Qcow2Format", offset: int, length: int) -> range:
     return range(offset >> image.cluster_bits, ((offset + length - 1) >> image.cluster_bits) + 1)
 
 
-def _adjust_tree(image: "Qcow2Format", l1: list[int], delta: int, what: str) -> None:
+def adjust_tree(image: "Qcow2Format", l1: list[int], delta: int, what: str) -> None:
     """Add ``delta`` to every cluster the tree references, refusing overflow before changing anything."""
     counts: dict[int, int] = {}
     for _, offset, length in _tree(image, l1, what):
@@ -218,13 +218,14 @@ def _write_table(image: "Qcow2Format", snapshots: list[SnapshotInfo]) -> None:
 
 
 def create_snapshot(image: "Qcow2Format", name: str, *, vm_state_size: int = 0,
-                    vm_clock_nsec: int = 0) -> SnapshotInfo:
+                    vm_clock_nsec: int = 0, icount: int | None = 0) -> SnapshotInfo:
+    """``icount`` None is QEMU's -1: no instruction count (savevm without -icount)."""
     # Names need not be unique (QEMU allows duplicates and empty names; lookups take the first match).
     if len(image.snapshot_table) >= 65536:
         raise SnapshotError("Too many snapshots", errno=errno.EFBIG)
     image.quiesce_metadata()
     l1 = list(image.map.l1)
-    _adjust_tree(image, l1, +1, "active")
+    adjust_tree(image, l1, +1, "active")
     snap_l1 = [e & ~FLAG_COPIED for e in l1]
     l1_offset = 0
     if snap_l1:
@@ -236,13 +237,13 @@ def create_snapshot(image: "Qcow2Format", name: str, *, vm_state_size: int = 0,
     now = time.time_ns()
     snap = SnapshotInfo(id=str(max(ids, default=0) + 1), name=name, vm_state_size=vm_state_size,
                         date_sec=now // 1_000_000_000, date_nsec=now % 1_000_000_000, vm_clock_nsec=vm_clock_nsec,
-                        disk_size=image.header.size, icount=0, l1_table_offset=l1_offset, l1_size=len(snap_l1),
+                        disk_size=image.header.size, icount=icount, l1_table_offset=l1_offset, l1_size=len(snap_l1),
                         extra=bytes(_EXTRA.size))
     _write_table(image, image.snapshot_table + [snap])
     return snap
 
 
-def _read_l1(image: "Qcow2Format", snap: SnapshotInfo) -> list[int]:
+def read_snapshot_l1(image: "Qcow2Format", snap: SnapshotInfo) -> list[int]:
     l1 = list(array_from_be64(image.read_meta(snap.l1_table_offset, snap.l1_size * 8))) if snap.l1_size else []
     for i, entry in enumerate(l1):
         if entry & L1_RESERVED:
@@ -253,19 +254,19 @@ def _read_l1(image: "Qcow2Format", snap: SnapshotInfo) -> list[int]:
 def apply_snapshot(image: "Qcow2Format", name_or_id: str) -> None:
     snap = find_snapshot(image, name_or_id)
     image.quiesce_metadata()
-    snap_l1 = _read_l1(image, snap)
+    snap_l1 = read_snapshot_l1(image, snap)
     from pyemu.block.qcow2.resize import grow_l1
     needed = max(len(snap_l1), image.geometry.l1_entries_for(snap.disk_size))
     if needed > len(image.map.l1):
         grow_l1(image, needed)
     old_l1 = list(image.map.l1)
-    _adjust_tree(image, snap_l1, +1, f"snapshot '{snap.name}'")
+    adjust_tree(image, snap_l1, +1, f"snapshot '{snap.name}'")
     image.quiesce_metadata()
     new_l1 = [e & ~FLAG_COPIED for e in snap_l1] + [0] * (len(image.map.l1) - len(snap_l1))
     image.map.l1 = new_l1
     image.map.l1_dirty = True
     image.quiesce_metadata()
-    _adjust_tree(image, old_l1, -1, "active")
+    adjust_tree(image, old_l1, -1, "active")
     if snap.disk_size != image.header.size:
         image.write_header_fields(size=snap.disk_size)
     fix_copied_flags(image)
@@ -277,9 +278,9 @@ def delete_snapshot(image: "Qcow2Format", name_or_id: str) -> None:
     snap = find_snapshot(image, name_or_id)
     image.quiesce_metadata()
     remaining = [s for s in image.snapshot_table if s is not snap]
-    snap_l1 = _read_l1(image, snap)
+    snap_l1 = read_snapshot_l1(image, snap)
     _write_table(image, remaining)
-    _adjust_tree(image, snap_l1, -1, f"snapshot '{snap.name}'")
+    adjust_tree(image, snap_l1, -1, f"snapshot '{snap.name}'")
     if snap.l1_size:
         image.refcounts.update(snap.l1_table_offset >> image.cluster_bits,
                                -(-snap.l1_size * 8 // image.cluster_size), -1)
