@@ -111,7 +111,8 @@ def test_qcow2_grows_and_shrinks_clean(tmp_path: Path) -> None:
 def vm(tmp_path: Path) -> Any:
     kernel = tmp_path / "spin.bin"
     kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
-    disk, raw, ro = tmp_path / "d.qcow2", tmp_path / "r.raw", tmp_path / "ro.raw"
+    disk, raw, ro, raw2 = tmp_path / "d.qcow2", tmp_path / "r.raw", tmp_path / "ro.raw", tmp_path / "r2.raw"
+    raw2.write_bytes(bytes(2 * MiB))
     run("qemu-img", "create", "-f", "qcow2", str(disk), "4M")
     raw.write_bytes(bytes(2 * MiB))
     ro.write_bytes(bytes(MiB))
@@ -121,7 +122,10 @@ def vm(tmp_path: Path) -> Any:
                        "-device", "virtio-blk-device,drive=d0,id=vblk0",
                        "-drive", f"if=none,id=drive1,format=raw,file={raw}",
                        "-device", "virtio-blk-device,drive=drive1,id=vblk1",
-                       "-blockdev", f"driver=raw,node-name=ro0,read-only=on,file.driver=file,file.filename={ro}")
+                       "-blockdev", f"driver=raw,node-name=ro0,read-only=on,file.driver=file,file.filename={ro}",
+                       "-blockdev", f"driver=raw,node-name=r2,file.driver=file,file.filename={raw2},"
+                                    "file.node-name=r2f",
+                       "-device", "virtio-blk-device,drive=r2,id=vblk2")
     with machine:
         machine.start()
         yield machine
@@ -179,3 +183,37 @@ def test_block_resize_refusals_as_qemu(vm: Any) -> None:
     with pytest.raises(CommandError, match="size"):
         vm.execute("block_resize", {"node-name": "d0"})
     assert sizes(vm)["d0"] == 4 * MiB and capacity(vm, 0) == 4 * MiB // 512
+
+
+def test_block_resize_of_a_file_reaches_the_device_above_raw(vm: Any) -> None:
+    """QEMU's raw without a window passes its file's size through: resizing the file node grows the drive."""
+    generation = transport(vm, 2).config_generation
+    vm.execute("block_resize", {"node-name": "r2f", "size": 6 * MiB})
+    assert sizes(vm)["r2"] == 6 * MiB and capacity(vm, 2) == 6 * MiB // 512
+    assert transport(vm, 2).config_generation == generation + 1
+
+
+def test_block_resize_refused_under_a_running_backup(vm: Any, tmp_path: Path) -> None:
+    """Recorded from qemu-storage-daemon 7.2 with a backup running: the source is refused by the job's
+    copy-before-write filter (also through a raw node), the target by the job's op blocker."""
+    target = tmp_path / "t.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(target), "2M")
+    vm.execute("blockdev-add", {"driver": "qcow2", "node-name": "t2",
+                                "file": {"driver": "file", "filename": str(target)}})
+    vm.execute("blockdev-backup", {"job-id": "j", "device": "r2", "target": "t2", "sync": "full",
+                                   "speed": 64 * 1024, "filter-node-name": "bf2"})
+    try:
+        refused(vm, {"node-name": "r2", "size": 8 * MiB},
+                "Permission conflict on node 'r2': permissions 'resize' are both required by an unnamed block "
+                "device (uses node 'r2' as 'root' child) and unshared by node 'bf2' (uses node 'r2' as 'file' "
+                "child).")
+        refused(vm, {"node-name": "r2f", "size": 8 * MiB},
+                "Permission conflict on node 'r2f': permissions 'resize' are both required by an unnamed block "
+                "device (uses node 'r2f' as 'root' child) and unshared by node 'r2' (uses node 'r2f' as 'file' "
+                "child).")
+        refused(vm, {"node-name": "t2", "size": 8 * MiB}, "Device '(null)' is in use")
+        refused(vm, {"device": "x", "node-name": "t2", "size": 8 * MiB}, "Device 'x' is in use")
+        assert sizes(vm)["r2"] == 2 * MiB
+    finally:
+        vm.execute("block-job-cancel", {"device": "j"})
+        vm.events.wait_for("BLOCK_JOB_CANCELLED", 60)
