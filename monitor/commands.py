@@ -23,6 +23,7 @@ from pyemu.monitor.qom import HANDLERS as QOM_HANDLERS
 from pyemu.monitor.resize_commands import HANDLERS as RESIZE_HANDLERS
 from pyemu.monitor.snapshot_commands import HANDLERS as SNAPSHOT_HANDLERS
 from pyemu.monitor.transaction import HANDLERS as TRANSACTION_HANDLERS
+from pyemu.monitor.vm_snapshot_commands import HANDLERS as VM_SNAPSHOT_HANDLERS
 from pyemu.monitor.control import ControlApi, ControlError
 from pyemu.monitor.schema import QmpError
 
@@ -179,6 +180,7 @@ HANDLERS.update(MIGRATION_HANDLERS)
 HANDLERS.update(NBD_HANDLERS)
 HANDLERS.update(JOB_HANDLERS)
 HANDLERS.update(RESIZE_HANDLERS)
+HANDLERS.update(VM_SNAPSHOT_HANDLERS)
 HANDLERS.update(SNAPSHOT_HANDLERS)
 SESSION_COMMANDS = frozenset({"qmp_capabilities"})
 """Commands the session itself serves."""

@@ -20,6 +20,7 @@ from pyemu.monitor.commands import PACKAGE, QEMU_VERSION
 from pyemu.monitor.control import ControlApi
 from pyemu.monitor.cpu_dump import dump_registers
 from pyemu.monitor.qtree import qtree
+from pyemu.monitor.vm_snapshot_commands import hmp_delvm, hmp_info_snapshots, hmp_loadvm, hmp_savevm
 from pyemu.system.runstate import RunState
 
 
@@ -160,6 +161,8 @@ INFO_COMMANDS: tuple[HmpCommand, ...] = (
     HmpCommand(("registers",), "[-a|vcpu]", "show the cpu registers (-a: show register info for all cpus; "
                "vcpu: specific vCPU to query; show the current CPU's registers if no argument is specified)",
                _info_registers),
+    HmpCommand(("snapshots",), "", "show the currently saved VM snapshots",
+               _simple(lambda mon, args: hmp_info_snapshots(mon.api, args), "snapshots")),
     HmpCommand(("status",), "", "show the current VM status (running|paused)", _simple(_info_status, "status")),
     HmpCommand(("uuid",), "", "show the current VM UUID", _simple(_info_uuid, "uuid")),
     HmpCommand(("version",), "", "show the version of QEMU", _simple(_info_version, "version")),
@@ -227,12 +230,28 @@ def _quit(mon: "HumanMonitor", args: str) -> HmpOutput:
     return HmpOutput("", after=mon.api.quit)
 
 
+def _vm_snapshot(handler: Callable[[ControlApi, str], str], name: str, *, optional: bool = False) -> Handler:
+    """savevm/loadvm/delvm take one word (QEMU's "s" argument; savevm's is optional)."""
+    def run(mon: "HumanMonitor", args: str) -> str:
+        words = args.split()
+        if len(words) > 1:
+            raise _Usage(f"{name}: extraneous characters at the end of line")
+        if not words and not optional:
+            raise _Usage(f"{name}: string expected")
+        return handler(mon.api, words[0] if words else "")
+    return run
+
+
 COMMANDS: tuple[HmpCommand, ...] = (
     HmpCommand(("cont", "c"), "", "resume emulation", _simple(_cont, "cont")),
+    HmpCommand(("delvm",), "tag", "delete a VM snapshot from its tag", _vm_snapshot(hmp_delvm, "delvm")),
     HmpCommand(("help", "?"), "[cmd]", "show the help", _help),
     HmpCommand(("info",), "[subcommand]", "show various information about the system state", _info),
+    HmpCommand(("loadvm",), "tag", "restore a VM snapshot from its tag", _vm_snapshot(hmp_loadvm, "loadvm")),
     HmpCommand(("nmi",), "", "inject an NMI", _simple(_nmi, "nmi")),
     HmpCommand(("quit", "q"), "", "quit the emulator", _quit),
+    HmpCommand(("savevm",), "[tag]", "save a VM snapshot. If no tag is provided, a new snapshot is created",
+               _vm_snapshot(hmp_savevm, "savevm", optional=True)),
     HmpCommand(("stop", "s"), "", "stop emulation", _simple(_stop, "stop")),
     HmpCommand(("system_powerdown",), "", "send system power down event",
                _simple(_system_powerdown, "system_powerdown")),

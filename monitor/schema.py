@@ -88,6 +88,17 @@ def _members(*specs: str) -> tuple[Member, ...]:
     return tuple(_m(spec) for spec in specs)
 
 
+_MIGRATION_PARAMETERS = _members(
+    "*announce-initial:int", "*announce-max:int", "*announce-rounds:int", "*announce-step:int",
+    "*compress-level:int", "*compress-threads:int", "*decompress-threads:int",
+    "*throttle-trigger-threshold:int", "*cpu-throttle-initial:int", "*cpu-throttle-increment:int",
+    "*max-bandwidth:int", "*downtime-limit:int", "*x-checkpoint-delay:int", "*multifd-channels:int",
+    "*xbzrle-cache-size:int", "*max-postcopy-bandwidth:int", "*max-cpu-throttle:int",
+    "*multifd-zlib-level:int", "*multifd-zstd-level:int", "*compress-wait-thread:bool",
+    "*cpu-throttle-tailslow:bool", "*block-incremental:bool", "*tls-creds:str", "*tls-hostname:str",
+    "*tls-authz:str", "*multifd-compression:str")
+"""QEMU 7.2's MigrationParameters members (all optional: migrate-set-parameters takes any subset)."""
+
 _TYPE_LIST: tuple[EnumType | StructType, ...] = (
     StructType(EMPTY, ()),
     EnumType("QMPCapability", ("oob",)),
@@ -147,6 +158,15 @@ _TYPE_LIST: tuple[EnumType | StructType, ...] = (
     StructType("MigrationInfo", _members("*status:MigrationStatus", "*ram:MigrationStats", "*total-time:int",
                                          "*expected-downtime:int", "*downtime:int", "*setup-time:int",
                                          "*error-desc:str")),
+    # migrate-set-parameters / query-migrate-parameters (pyemu.migration.params): QEMU 7.2's members.
+    StructType("MigrationParameters", _MIGRATION_PARAMETERS),
+    EnumType("MigrationCapability", ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress",
+                                     "events", "postcopy-ram", "x-colo", "release-ram", "block", "return-path",
+                                     "pause-before-switchover", "multifd", "dirty-bitmaps",
+                                     "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
+                                     "validate-uuid", "background-snapshot", "zero-copy-send",
+                                     "postcopy-preempt")),
+    StructType("MigrationCapabilityStatus", _members("capability:MigrationCapability", "state:bool")),
     # Jobs (pyemu.block.jobs, pyemu.monitor.job_commands): QEMU's job.json and block-core.json job types.
     EnumType("JobType", ("commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load",
                          "snapshot-save", "snapshot-delete")),
@@ -226,10 +246,23 @@ COMMANDS: tuple[Command, ...] = (
     Command("block-dirty-bitmap-merge", _members("node:str", "target:str", "bitmaps:[any]"), EMPTY,
             "OR bitmaps into a target bitmap"),
     Command("migrate", _members("uri:str", "*blk:bool", "*inc:bool", "*detach:bool", "*resume:bool"), EMPTY,
-            "save the VM's state to a file: or exec: URI (stop-and-copy; the VM ends postmigrate)"),
+            "save the VM's state to a file:, exec:, tcp: or unix: URI (the VM ends postmigrate)"),
     Command("migrate-incoming", _members("uri:str"), EMPTY,
             "load the VM's state from a URI (a VM started with -incoming defer)"),
     Command("query-migrate", (), "MigrationInfo", "the status and statistics of the last migration"),
+    Command("migrate_cancel", (), EMPTY, "stop the outgoing migration in progress (the VM goes on)"),
+    Command("migrate-set-parameters", _MIGRATION_PARAMETERS, EMPTY,
+            "set migration parameters (max-bandwidth and downtime-limit act; the others are kept)"),
+    Command("query-migrate-parameters", (), "MigrationParameters", "the migration parameters"),
+    Command("migrate-set-capabilities", _members("capabilities:[MigrationCapabilityStatus]"), EMPTY,
+            "enable or disable migration capabilities (QEMU's names; pyemu supports 'events')"),
+    Command("query-migrate-capabilities", (), "[MigrationCapabilityStatus]", "the migration capabilities"),
+    Command("snapshot-save", _members("job-id:str", "tag:str", "vmstate:str", "devices:[str]"), EMPTY,
+            "a job saving the VM (state into 'vmstate') as internal snapshot 'tag' of the 'devices' nodes"),
+    Command("snapshot-load", _members("job-id:str", "tag:str", "vmstate:str", "devices:[str]"), EMPTY,
+            "a job reverting the 'devices' nodes to internal snapshot 'tag' and loading its VM state"),
+    Command("snapshot-delete", _members("job-id:str", "tag:str", "devices:[str]"), EMPTY,
+            "a job deleting internal snapshot 'tag' of the 'devices' nodes"),
     # Jobs: the generic job-* commands take the job id; the block-job-* spellings take it as 'device'
     # (QEMU: a block job's id defaults to its device name), except finalize/dismiss which take 'id'.
     Command("query-jobs", (), "[JobInfo]", "every job and its state"),

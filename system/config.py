@@ -183,6 +183,8 @@ class VmConfig:
     nodefaults: bool = False
     incoming: str | None = None
     """``-incoming URI|defer``: start from a saved VM state instead of booting (:mod:`pyemu.migration`)."""
+    loadvm: str | None = None
+    """``-loadvm TAG``: start from a whole-VM internal snapshot (:mod:`pyemu.migration.savevm`)."""
 
     def __post_init__(self) -> None:
         if self.ram_size < MIN_RAM:

@@ -99,7 +99,15 @@ class VmInstance:
         """Run the vCPUs, or stay in prelaunch with ``-S`` until a ``cont``; then serve the monitors."""
         log.log("exec", f"starting {self.config.vcpus} vCPU(s) on {self.accel.name}")
         incoming = self.config.incoming
-        if incoming is None:
+        if self.config.loadvm is not None and incoming is None:
+            # QEMU's -loadvm: load the snapshot before anything runs (a failure ends the start), then run
+            # unless -S.
+            from pyemu.monitor.vm_snapshot_commands import load
+            self.control.start(paused=True)
+            load(self.control, self.config.loadvm)
+            if not self.config.start_paused:
+                self.control.cont()
+        elif incoming is None:
             self.control.start(paused=self.config.start_paused)
         else:
             # QEMU's -incoming: the VM is created stopped in inmigrate; a URI is loaded now (a bad stream

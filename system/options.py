@@ -71,6 +71,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("incoming", True, "start from a saved VM state: file:PATH or exec:COMMAND (its output), or "
                "defer (wait for QMP migrate-incoming); the same -machine/-m/-smp/-device/-drive as the source",
                "uri|defer"),
+    OptionSpec("loadvm", True, "start from the internal snapshot TAG of the qcow2 drives (saved by savevm or "
+               "snapshot-save): disks reverted, VM state loaded; runs unless -S", "tag"),
     OptionSpec("qmp", True, "a QMP monitor: unix:PATH,server=on,wait=off | tcp:HOST:PORT,server=on,wait=off "
                "| stdio (repeatable); server=off connects out to a listening client", "dev"),
     OptionSpec("qmp-pretty", True, "like -qmp, with pretty-printed JSON replies", "dev"),
@@ -475,7 +477,7 @@ def parse_args(argv: list[str]) -> VmConfig:
         "qmp-pretty": lambda v: monitors.append(MonitorOptions(spec=_qmp(v).spec, pretty=True)),
         "monitor": lambda v: monitors.extend(m for m in [_monitor(v)] if m is not None),
         "name": setter("name", _name), "uuid": setter("uuid", str), "pidfile": setter("pidfile", str), "display": _display,
-        "incoming": setter("incoming", _incoming),
+        "incoming": setter("incoming", _incoming), "loadvm": setter("loadvm", str),
     })
     while i < len(argv):
         word = argv[i]
