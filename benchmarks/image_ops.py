@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -137,37 +136,9 @@ def main() -> int:
         work = Path(tmp)
         nb.make_image(work / "dense.img", size, sparse=False, seed=1)
         for case in cases:
-            samples: dict[str, list[float]] = {"pyemu": [], "qemu": []}
-            loads: list[float] = []
-            for rep in range(reps):
-                order = ("pyemu", "qemu") if rep % 2 == 0 else ("qemu", "pyemu")
-                for kind in order:
-                    nb.warm(work / "dense.img")
-                    loads.append(os.getloadavg()[0])
-                    samples[kind].append(RUNNERS[case](kind, work, size))
-            medians = {k: statistics.median(v) for k, v in samples.items()}
-            mbs = {k: size / 1e6 / s for k, s in medians.items()}
-            results[case] = {"size_bytes": size, "seconds": samples, "median_seconds": medians,
-                             "mb_per_s": mbs, "ratio_pyemu_over_qemu": mbs["pyemu"] / mbs["qemu"],
-                             "load_average": loads}
-    print(f"{'case':<8} {'pyemu MB/s':>11} {'QEMU MB/s':>10} {'ratio':>7}")
-    for case, r in results.items():
-        rates = r["mb_per_s"]
-        assert isinstance(rates, dict)
-        print(f"{case:<8} {rates['pyemu']:>11.1f} {rates['qemu']:>10.1f} {r['ratio_pyemu_over_qemu']:>7.2f}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for r in results.values():
-        r["reps"] = reps
-        r["when"] = when
-    previous: dict[str, object] = {}
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        old = json.loads(RESULTS.read_text())
-        if isinstance(old.get("cases"), dict):
-            previous = old["cases"]
-    RESULTS.write_text(json.dumps({"cases": {**previous, **results}, "cpus": os.cpu_count(), "when": when},
-                                  indent=2) + "\n")
-    print(f"results: {RESULTS}")
+            results[case] = nb.measure(lambda kind: RUNNERS[case](kind, work, size), reps, size,
+                                       warm_files=[work / "dense.img"])
+    nb.report(results, reps, RESULTS)
     return 0
 
 

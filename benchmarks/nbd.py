@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
@@ -245,40 +245,50 @@ def main() -> int:
         make_image(work / "dense.img", size, sparse=False, seed=1)
         make_image(work / "sparse.img", size, sparse=True, seed=2)
         for case in cases:
-            samples: dict[str, list[float]] = {"pyemu": [], "qemu": []}
-            loads: list[float] = []
-            for rep in range(reps):
-                order = ("pyemu", "qemu") if rep % 2 == 0 else ("qemu", "pyemu")
-                for kind in order:
-                    warm(work / "dense.img")
-                    warm(work / "sparse.img")
-                    loads.append(os.getloadavg()[0])
-                    samples[kind].append(run_case(case, kind, work, size))
-            medians = {k: statistics.median(v) for k, v in samples.items()}
-            mbs = {k: size / 1e6 / s for k, s in medians.items()}
-            results[case] = {"size_bytes": size, "seconds": samples, "median_seconds": medians,
-                             "mb_per_s": mbs, "ratio_pyemu_over_qemu": mbs["pyemu"] / mbs["qemu"],
-                             "load_average": loads}
+            results[case] = measure(lambda kind: run_case(case, kind, work, size), reps, size,
+                                    warm_files=[work / "dense.img", work / "sparse.img"])
+    report(results, reps, RESULTS)
+    return 0
+
+
+def measure(run_one: Callable[[str], float], reps: int, size: int, *, warm_files: list[Path]) -> dict[str, object]:
+    """``reps`` samples of ``run_one(kind)`` for pyemu and QEMU taking turns (which goes first alternates),
+    ``warm_files`` read into the page cache before each; medians, MB/s of ``size`` bytes, ratio and loads."""
+    samples: dict[str, list[float]] = {"pyemu": [], "qemu": []}
+    loads: list[float] = []
+    for rep in range(reps):
+        order = ("pyemu", "qemu") if rep % 2 == 0 else ("qemu", "pyemu")
+        for kind in order:
+            for path in warm_files:
+                warm(path)
+            loads.append(os.getloadavg()[0])
+            samples[kind].append(run_one(kind))
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    mbs = {k: size / 1e6 / s for k, s in medians.items()}
+    return {"size_bytes": size, "seconds": samples, "median_seconds": medians, "mb_per_s": mbs,
+            "ratio_pyemu_over_qemu": mbs["pyemu"] / mbs["qemu"], "load_average": loads}
+
+
+def report(results: dict[str, dict[str, object]], reps: int, path: Path) -> None:
+    """Print the table and write ``path``; a run of some cases (--only) keeps the other cases' last figures."""
     print(f"{'case':<12} {'pyemu MB/s':>11} {'QEMU MB/s':>10} {'ratio':>7}")
     for case, r in results.items():
         rates = r["mb_per_s"]
         assert isinstance(rates, dict)
         print(f"{case:<12} {rates['pyemu']:>11.1f} {rates['qemu']:>10.1f} {r['ratio_pyemu_over_qemu']:>7.2f}")
-    RESULTS.parent.mkdir(exist_ok=True)
+    path.parent.mkdir(exist_ok=True)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     for r in results.values():
         r["reps"] = reps
         r["when"] = when
-    # A run of some cases (--only) keeps the other cases' last figures.
     previous: dict[str, object] = {}
     with contextlib.suppress(FileNotFoundError, ValueError):
-        old = json.loads(RESULTS.read_text())
+        old = json.loads(path.read_text())
         if isinstance(old.get("cases"), dict):
             previous = old["cases"]
-    RESULTS.write_text(json.dumps({"reps": reps, "cases": {**previous, **results}, "cpus": os.cpu_count(),
-                                   "when": when}, indent=2) + "\n")
-    print(f"results: {RESULTS}")
-    return 0
+    path.write_text(json.dumps({"reps": reps, "cases": {**previous, **results}, "cpus": os.cpu_count(),
+                                "when": when}, indent=2) + "\n")
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":
