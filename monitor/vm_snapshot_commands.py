@@ -37,7 +37,7 @@ def _disks(api: ControlApi, devices: list[str] | None) -> list[SnapshotDisk]:
     out: list[SnapshotDisk] = []
     for name in devices:
         try:
-            node = unwrap(registry.node(name).node)
+            node = unwrap(registry.lookup(name))  # a node name (QEMU) or a drive id
         except NodeRegistryError:
             raise SnapshotVmError(f"No block device node '{name}'") from None
         if all(d.node is not node for d in out):
@@ -97,8 +97,10 @@ class SnapshotJob(Job):
 
     def run(self) -> None:
         self.total_progress = 1
-        self._work()
-        self.current_progress = 1
+        try:
+            self._work()
+        finally:
+            self.current_progress = 1  # QEMU counts the step done, failed or not
 
 
 def _start(api: ControlApi, args: dict[str, Any], job_type: str, work: Callable[[], object]) -> Any:
