@@ -138,6 +138,10 @@ def _info_registers(mon: "HumanMonitor", args: str) -> str:
     return "".join(dump_registers(index, mon.api.cpu_state(index)) for index in indices)
 
 
+def _info_snapshots(mon: "HumanMonitor", args: str) -> str:
+    return hmp_info_snapshots(mon.api, args)
+
+
 def _info_qtree(mon: "HumanMonitor", args: str) -> str:
     return qtree(mon.api.machine.devices)
 
@@ -162,7 +166,7 @@ INFO_COMMANDS: tuple[HmpCommand, ...] = (
                "vcpu: specific vCPU to query; show the current CPU's registers if no argument is specified)",
                _info_registers),
     HmpCommand(("snapshots",), "", "show the currently saved VM snapshots",
-               _simple(lambda mon, args: hmp_info_snapshots(mon.api, args), "snapshots")),
+               _simple(_info_snapshots, "snapshots")),
     HmpCommand(("status",), "", "show the current VM status (running|paused)", _simple(_info_status, "status")),
     HmpCommand(("uuid",), "", "show the current VM UUID", _simple(_info_uuid, "uuid")),
     HmpCommand(("version",), "", "show the version of QEMU", _simple(_info_version, "version")),
