@@ -4,10 +4,14 @@ Saving is stop-and-copy for now: a running VM is paused (STOP), its virtio I/O d
 flushed (the disks themselves are shared, as in QEMU's shared-storage migration: the destination opens
 the same image paths), the whole state is written, and the VM ends in ``postmigrate`` (a ``cont`` runs it
 again, as in QEMU). A failure at any point resumes a VM that was running and reports ``failed`` with the
-reason. Live pre-copy is later work.
+reason; ``migrate_cancel`` does the same ending ``cancelling`` -> ``cancelled`` (the connection is broken,
+so a destination reading it fails its load and stays stopped). The stream goes out at most at the
+``max-bandwidth`` parameter's rate. Live pre-copy is later work.
 
 Loading happens in a VM started with ``-incoming`` (run state ``inmigrate``): from the command line's URI
-at start-up, or from ``migrate-incoming`` after ``-incoming defer``. Measured with QEMU 7.2: the
+at start-up, or from ``migrate-incoming`` after ``-incoming defer``. A ``tcp:``/``unix:`` destination binds
+its socket at once (an error fails the command or the start-up) and waits for the source in the
+background, the VM staying in ``inmigrate`` with its monitor served meanwhile. Measured with QEMU 7.2: the
 destination then runs if the source was running and no ``-S`` was given, is ``paused`` with ``-S``, and
 stays in ``prelaunch`` when the source had never run; the source ends ``postmigrate``. A stream that fails
 to load leaves the destination in ``inmigrate`` with zeroed RAM: it cannot be started.
@@ -20,7 +24,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from pyemu.migration.errors import MigrationError
-from pyemu.migration.transport import IncomingStream, OutgoingStream, check_uri
+from pyemu.migration.params import MigrationCancelled, MigrationParameters, RateLimiter
+from pyemu.migration.transport import IncomingStream, OutgoingStream, check_uri, is_socket_uri
 from pyemu.migration.vmstate import LoadStats, drain_io, load_vm, migration_blockers, save_vm
 from pyemu.system.runstate import RunState
 
@@ -28,7 +33,7 @@ if TYPE_CHECKING:
     from pyemu.machines.base import Machine
 
 EventSink = Callable[[str, dict[str, Any]], None]
-_ACTIVE = ("setup", "active")
+_ACTIVE = ("setup", "active", "cancelling")
 
 
 class MigrationManager:
@@ -54,6 +59,12 @@ class MigrationManager:
         self._thread: threading.Thread | None = None
         self._outgoing = False
         self._incoming_configured = False
+        self.params = MigrationParameters()
+        """migrate-set-parameters / -capabilities (kept across migrations, as in QEMU)."""
+        self._cancel = threading.Event()
+        self._out: OutgoingStream | None = None
+        self.incoming_address: tuple[str, int] | str | None = None
+        """Where a tcp:/unix: destination listens (the real port when 0 was asked for)."""
 
     @property
     def active(self) -> bool:
@@ -74,7 +85,7 @@ class MigrationManager:
             if status == "failed" and self.error:
                 info["error-desc"] = self.error
             return info
-        now = self._finished_ns if status in ("completed", "failed") else time.monotonic_ns()
+        now = self._finished_ns if status in ("completed", "failed", "cancelled") else time.monotonic_ns()
         info["total-time"] = (now - self._started_ns) // 1_000_000
         if self._setup_ns:
             info["setup-time"] = (self._setup_ns - self._started_ns) // 1_000_000
@@ -113,6 +124,7 @@ class MigrationManager:
             check_uri(uri)
             self._outgoing = True
             self.error = None
+            self._cancel.clear()
             self._stats = LoadStats()
             self._started_ns = time.monotonic_ns()
             self._setup_ns = 0
@@ -121,6 +133,19 @@ class MigrationManager:
             self._thread.start()
         if wait:
             self.wait()
+
+    def cancel(self) -> None:
+        """``migrate_cancel``: an outgoing migration in progress stops (``cancelling`` at once,
+        ``cancelled`` when the save thread has let go of the VM, which runs again if it was running).
+        Nothing to do otherwise, as QEMU (no error)."""
+        with self._lock:
+            if not self._outgoing or self.status not in ("setup", "active"):
+                return
+            self._cancel.set()
+            self._set_status("cancelling")
+            out = self._out
+        if out is not None:
+            out.shutdown()  # a write blocked on a slow or stuck receiver returns now
 
     def wait(self, timeout: float | None = None) -> None:
         thread = self._thread
@@ -134,8 +159,12 @@ class MigrationManager:
         out: OutgoingStream | None = None
         try:
             out = OutgoingStream(uri)
-            self._setup_ns = time.monotonic_ns()
-            self._set_status("active")
+            with self._lock:
+                self._out = out
+                if self._cancel.is_set():
+                    raise MigrationCancelled()
+                self._setup_ns = time.monotonic_ns()
+                self._set_status("active")
             if was_running:
                 paused_at = time.monotonic_ns()
                 machine.pause()
@@ -143,7 +172,9 @@ class MigrationManager:
             drain_io(machine)
             # The run state the destination should take: a VM stopped before has its own state.
             run_state = {RunState.RUNNING: "running", RunState.PRELAUNCH: "prelaunch"}.get(state, "paused")
-            save_vm(machine, out, run_state, self._stats)
+            save_vm(machine, RateLimiter(out, self.params, self._cancel), run_state, self._stats)
+            if self._cancel.is_set():
+                raise MigrationCancelled()
             out.close()
             out = None
             machine.enter_state(RunState.POSTMIGRATE)
@@ -153,12 +184,15 @@ class MigrationManager:
         except Exception as exc:  # every failure ends in "failed" with its reason; the VM goes on
             if out is not None:
                 out.abort()
-            self.error = str(exc)
+            cancelled = self._cancel.is_set()
+            self.error = None if cancelled else str(exc)
             self._finished_ns = time.monotonic_ns()
             if was_running and machine.runstate.state is RunState.PAUSED:
                 machine.resume()
                 self._emit("RESUME", {})
-            self._set_status("failed")
+            self._set_status("cancelled" if cancelled else "failed")
+        finally:
+            self._out = None
 
     # -- incoming -----------------------------------------------------------------------------------------
     def expect_incoming(self, autostart: bool) -> None:
@@ -179,25 +213,33 @@ class MigrationManager:
             check_uri(uri)
             self._outgoing = False
             self.error = None
+            stream: IncomingStream | None = None
+            if is_socket_uri(uri):
+                # QEMU binds at once (a bad address fails the command) and waits for the source in the
+                # background; the monitor keeps being served meanwhile.
+                stream = IncomingStream(uri)
+                self.incoming_address = stream.address
+                background = True
             self._set_status("setup")
         if background:
-            self._thread = threading.Thread(target=self._load_reporting, args=(uri,), name="migration-in",
-                                            daemon=True)
+            self._thread = threading.Thread(target=self._load_reporting, args=(uri, stream),
+                                            name="migration-in", daemon=True)
             self._thread.start()
         else:
             self._load(uri)
 
-    def _load_reporting(self, uri: str) -> None:
+    def _load_reporting(self, uri: str, stream: IncomingStream | None = None) -> None:
         try:
-            self._load(uri)
+            self._load(uri, stream)
         except MigrationError:
             pass  # status failed and the reason are in query-migrate
 
-    def _load(self, uri: str) -> None:
+    def _load(self, uri: str, stream: IncomingStream | None = None) -> None:
         machine = self.machine
-        stream: IncomingStream | None = None
         try:
-            stream = IncomingStream(uri)
+            if stream is None:
+                stream = IncomingStream(uri)
+            stream.accept()
             self._set_status("active")
             run_state = load_vm(machine, stream.source, self._stats)
             stream.close()

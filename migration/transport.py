@@ -1,23 +1,67 @@
-"""QEMU's migration URIs as byte streams: ``file:PATH`` and ``exec:COMMAND``.
+"""QEMU's migration URIs as byte streams: ``file:PATH``, ``exec:COMMAND``, ``tcp:HOST:PORT``, ``unix:PATH``.
 
 ``file:`` writes or reads a regular file (QEMU 8.2's spelling; ``offset=`` is not supported). ``exec:``
 runs ``COMMAND`` through ``/bin/sh -c`` as QEMU does: the saving side writes into its standard input, the
-loading side reads its standard output; a command that exits non-zero fails the migration. ``tcp:``,
-``unix:`` and ``fd:`` are later work and refused by name.
+loading side reads its standard output; a command that exits non-zero fails the migration. ``tcp:`` and
+``unix:`` are QEMU's socket migration: the destination listens (bound when ``-incoming``/``migrate-incoming``
+is given, so a busy port fails at once) and takes one connection; the source connects. HOST may be an IPv6
+address in brackets; port 0 on the destination picks a free port (:attr:`IncomingStream.address` tells
+which). Parse and connect errors use QEMU 7.2's words. ``fd:`` is later work and refused by name.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
-from typing import IO
+from typing import IO, Callable, cast
 
 from pyemu.migration.errors import TransportError
 
 EXEC_TIMEOUT_S = 60.0
-_LATER = ("tcp:", "unix:", "fd:", "rdma:", "vsock:")
+_LATER = ("fd:", "rdma:", "vsock:")
+ACCEPT_POLL_S = 0.2
+
+
+def parse_inet(rest: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[V6]:PORT`` for IPv6) as QEMU's inet_parse reads it; TransportError in its words.
+    A non-numeric port is kept for the resolver to refuse, as QEMU does, so it is returned as -1 here
+    only when the text is empty."""
+    if rest.startswith("["):
+        close = rest.find("]")
+        if close < 0 or rest[close + 1:close + 2] != ":":
+            raise TransportError(f"error parsing IPv6 address '{rest}'")
+        host, port = rest[1:close], rest[close + 2:]
+    else:
+        host, sep, port = rest.rpartition(":")
+        if not sep:
+            raise TransportError(f"error parsing address '{rest}'")
+    if not port:
+        raise TransportError(f"error parsing address '{rest}'")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TransportError(f"address resolution failed for {rest}: {exc.strerror}") from None
+    return str(infos[0][4][0]), int(infos[0][4][1])
+
+
+def _socket_address(kind: str, rest: str) -> tuple[int, tuple[str, int] | str]:
+    if kind == "unix":
+        return socket.AF_UNIX, rest
+    host, port = parse_inet(rest)
+    return (socket.AF_INET6 if ":" in host else socket.AF_INET), (host, port)
 
 
 def _split(uri: str) -> tuple[str, str]:
+    if uri.startswith("tcp:"):
+        rest = uri[4:]
+        if ":" not in rest:
+            raise TransportError(f"error parsing address '{rest}'")
+        return "tcp", rest
+    if uri.startswith("unix:"):
+        if not uri[5:]:
+            raise TransportError("invalid Unix socket address")
+        return "unix", uri[5:]
     for scheme in ("file:", "exec:"):
         if uri.startswith(scheme):
             rest = uri[len(scheme):]
@@ -26,7 +70,7 @@ def _split(uri: str) -> tuple[str, str]:
             return scheme[:-1], rest
     if uri.startswith(_LATER):
         raise TransportError(f"'{uri}': migration over {uri.split(':', 1)[0]} is not supported yet "
-                             "(file: and exec: are)")
+                             "(file:, exec:, tcp: and unix: are)")
     raise TransportError(f"unknown migration protocol: {uri}")
 
 
@@ -35,13 +79,26 @@ def check_uri(uri: str) -> None:
     _split(uri)
 
 
+def is_socket_uri(uri: str) -> bool:
+    """A ``tcp:``/``unix:`` URI: the destination listens and waits for the source in the background."""
+    return uri.startswith(("tcp:", "unix:"))
+
+
 class _Endpoint:
-    """The open end of a ``file:`` or ``exec:`` URI, and the command's process for ``exec:``."""
+    """The open end of a URI: a file, an ``exec:`` command's pipe, or a socket (connected on the saving
+    side; listening on the loading side until :meth:`IncomingStream.accept`)."""
 
     def __init__(self, uri: str, *, writing: bool) -> None:
         self.uri = uri
         kind, rest = _split(uri)
         self._process: subprocess.Popen[bytes] | None = None
+        self._socket: socket.socket | None = None
+        self._listener: socket.socket | None = None
+        self._unix_path: str | None = None
+        if kind in ("tcp", "unix"):
+            family, address = _socket_address(kind, rest)
+            self._open_socket(family, address, rest, writing)
+            return
         try:
             if kind == "file":
                 self._io: IO[bytes] = open(rest, "wb" if writing else "rb")
@@ -55,6 +112,47 @@ class _Endpoint:
                 self._io = self._process.stdout
         except OSError as exc:
             raise TransportError(f"'{uri}': {exc.strerror or exc}") from exc
+
+    def _open_socket(self, family: int, address: tuple[str, int] | str, rest: str, writing: bool) -> None:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if writing:
+                sock.connect(address)
+                self._socket = sock
+                self._io = cast(IO[bytes], sock.makefile("wb", buffering=1 << 16))
+            else:
+                if family != socket.AF_UNIX:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                elif isinstance(address, str) and os.path.exists(address) and not os.path.isdir(address):
+                    os.unlink(address)  # a stale socket left by an earlier run, as QEMU does
+                sock.bind(address)
+                sock.listen(1)
+                sock.settimeout(ACCEPT_POLL_S)
+                self._listener = sock
+                self._unix_path = address if isinstance(address, str) else None
+        except OSError as exc:
+            sock.close()
+            verb = "connect to" if writing else "bind socket to"
+            raise TransportError(f"Failed to {verb} '{rest}': {exc.strerror or exc}") from None
+
+    def shutdown(self) -> None:
+        """Break a connected socket from another thread (migrate_cancel): blocked reads and writes end."""
+        if self._socket is not None:
+            try:
+                self._socket.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _close_socket(self) -> None:
+        for sock in (self._socket, self._listener):
+            if sock is not None:
+                sock.close()
+        if self._unix_path is not None:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+            self._unix_path = None
 
     def _reap(self, check: bool = True) -> None:
         """Wait for an ``exec:`` command (killed first when ``check`` is off and it still runs); a command
@@ -99,13 +197,16 @@ class OutgoingStream(_Endpoint):
         except OSError as exc:
             raise TransportError(f"'{self.uri}': {exc.strerror or exc}") from exc
         finally:
+            self._close_socket()
             self._reap()
 
     def abort(self) -> None:
+        self.shutdown()
         try:
             self._io.close()
         except OSError:
             pass
+        self._close_socket()
         self._reap(check=False)
 
 
@@ -116,12 +217,48 @@ class IncomingStream(_Endpoint):
         super().__init__(uri, writing=False)
 
     @property
+    def address(self) -> tuple[str, int] | str | None:
+        """Where a socket destination listens (the real port when 0 was asked for); None otherwise."""
+        return self._listener.getsockname() if self._listener is not None else self._unix_path
+
+    def accept(self, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Wait for the source to connect (socket URIs; nothing to do for the others). ``cancelled`` is
+        polled so a destination that gives up (migrate_cancel, quit) does not wait forever."""
+        listener = self._listener
+        if listener is None:
+            return
+        while True:
+            if cancelled():
+                raise TransportError(f"'{self.uri}': the incoming migration was cancelled before the source "
+                                     "connected")
+            try:
+                conn, _ = listener.accept()
+                break
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                raise TransportError(f"'{self.uri}': accept failed: {exc.strerror or exc}") from None
+        conn.settimeout(None)
+        listener.close()
+        self._listener = None
+        if self._unix_path is not None:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+            self._unix_path = None
+        self._socket = conn
+        self._io = cast(IO[bytes], conn.makefile("rb", buffering=1 << 16))
+
+    @property
     def source(self) -> IO[bytes]:
         return self._io
 
     def close(self, check: bool = True) -> None:
-        try:
-            self._io.close()
-        except OSError:
-            pass
+        if self._listener is None:
+            try:
+                self._io.close()
+            except OSError:
+                pass
+        self._close_socket()
         self._reap(check)

@@ -19,6 +19,7 @@ from pyemu.monitor.chardev_info import query_chardev
 from pyemu.monitor.commands import PACKAGE, QEMU_VERSION
 from pyemu.monitor.control import ControlApi
 from pyemu.monitor.cpu_dump import dump_registers
+from pyemu.monitor.migration import hmp_info_migrate_parameters, hmp_migrate_cancel, hmp_migrate_set_parameter
 from pyemu.monitor.qtree import qtree
 from pyemu.monitor.vm_snapshot_commands import hmp_delvm, hmp_info_snapshots, hmp_loadvm, hmp_savevm
 from pyemu.system.runstate import RunState
@@ -160,6 +161,8 @@ INFO_COMMANDS: tuple[HmpCommand, ...] = (
     HmpCommand(("cpus",), "", "show infos for each CPU", _simple(_info_cpus, "cpus")),
     HmpCommand(("iothreads",), "", "show iothreads", _simple(_info_iothreads, "iothreads")),
     HmpCommand(("kvm",), "", "show KVM information", _simple(_info_kvm, "kvm")),
+    HmpCommand(("migrate_parameters",), "", "show current migration parameters",
+               _simple(hmp_info_migrate_parameters, "migrate_parameters")),
     HmpCommand(("name",), "", "show the current VM name", _simple(_info_name, "name")),
     HmpCommand(("qtree",), "", "show device tree", _simple(_info_qtree, "qtree")),
     HmpCommand(("registers",), "[-a|vcpu]", "show the cpu registers (-a: show register info for all cpus; "
@@ -252,6 +255,10 @@ COMMANDS: tuple[HmpCommand, ...] = (
     HmpCommand(("help", "?"), "[cmd]", "show the help", _help),
     HmpCommand(("info",), "[subcommand]", "show various information about the system state", _info),
     HmpCommand(("loadvm",), "tag", "restore a VM snapshot from its tag", _vm_snapshot(hmp_loadvm, "loadvm")),
+    HmpCommand(("migrate_cancel",), "", "cancel the current VM migration",
+               _simple(hmp_migrate_cancel, "migrate_cancel")),
+    HmpCommand(("migrate_set_parameter",), "parameter value", "Set the parameter for migration",
+               hmp_migrate_set_parameter),
     HmpCommand(("nmi",), "", "inject an NMI", _simple(_nmi, "nmi")),
     HmpCommand(("quit", "q"), "", "quit the emulator", _quit),
     HmpCommand(("savevm",), "[tag]", "save a VM snapshot. If no tag is provided, a new snapshot is created",

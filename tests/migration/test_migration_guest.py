@@ -227,7 +227,7 @@ def test_bad_stream_on_the_command_line_raises_and_leaves_nothing(kernel: Path, 
     with pytest.raises(MigrationError, match="bad magic"):
         vm.start()
     with pytest.raises(ConfigError, match="not supported yet"):
-        pyemu.VM("-kernel", str(kernel), *BASE, "-incoming", "tcp:localhost:4444")
+        pyemu.VM("-kernel", str(kernel), *BASE, "-incoming", "fd:3")
     with pytest.raises(ConfigError, match="unknown migration protocol"):
         pyemu.VM("-kernel", str(kernel), *BASE, "-incoming", "carrier-pigeon:x")
 
@@ -249,7 +249,7 @@ def test_refusals_leave_the_source_running(kernel: Path, short_dir: Path) -> Non
         with pytest.raises(pyemu.CommandError, match="unknown migration protocol"):
             vm.execute("migrate", {"uri": "nowhere"})
         with pytest.raises(pyemu.CommandError, match="not supported yet"):
-            vm.execute("migrate", {"uri": "tcp:localhost:4444"})
+            vm.execute("migrate", {"uri": "fd:3"})
         assert vm.execute("query-migrate") == {}
         vm.execute("migrate", {"uri": f"file:{short_dir / 'no' / 'such' / 'dir'}"})
         info = wait_migration(vm)
