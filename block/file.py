@@ -247,9 +247,14 @@ class FileProtocol:
             if size > length:
                 raise BlockIOError("Cannot grow device files", errno=errno.EINVAL)
             return
-        if size > MAX_FILE_SIZE:
-            raise BlockIOError("File too large", errno=errno.EFBIG)
-        self._set_length(size)
+        self._check_open(size, 0)
+        with self._size_lock:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as exc:  # QEMU's file-posix words
+                code = exc.errno or errno.EIO
+                raise BlockIOError(f"Could not resize file: {os.strerror(code)}", errno=code) from exc
+            self._size = size
 
     def allocated_bytes(self) -> int:
         """Bytes the host file really occupies (st_blocks), qemu-img's "disk size"."""

@@ -16,6 +16,10 @@ import errno
 from typing import Any, Iterable
 
 from pyemu.block.errors import BlockError, BlockIOError
+from pyemu.block.qcow2.resize import ImageOperationError
+
+BDRV_MAX_LENGTH = 0x7FFF_FFFF_C000_0000
+"""QEMU's largest node length (INT64_MAX aligned down to its largest request): bigger sizes are refused."""
 
 
 class ResizeError(BlockError):
@@ -33,6 +37,8 @@ def resize_node(node: Any, size: int) -> None:
     their own and pass the resize to their child, as QEMU's filters do."""
     if size < 0:
         raise ResizeError("Image size cannot be negative", errno=errno.EINVAL)
+    if size > BDRV_MAX_LENGTH:
+        raise ResizeError(f"offset({size}) exceeds maximum({BDRV_MAX_LENGTH})", errno=errno.EFBIG)
     if node.read_only:
         raise ResizeError("Image is read-only", errno=errno.EACCES)
     own = getattr(node, "resize", None)
@@ -42,7 +48,12 @@ def resize_node(node: Any, size: int) -> None:
     truncate = getattr(node, "truncate", None)
     if callable(truncate) and getattr(node, "name", "") == "qcow2":
         # block_resize may shrink a qcow2 image (qemu-img resize asks for --shrink, QMP does not).
-        truncate(size, shrink=True)
+        try:
+            truncate(size, shrink=True)
+        except ImageOperationError as exc:
+            if exc.errno == errno.EFBIG:  # too large for the L1 table: QEMU's words
+                raise ResizeError("Failed to grow the L1 table: File too large", errno=errno.EFBIG) from None
+            raise
         return
     child = getattr(node, "filtered_child", None)
     if child is not None:

@@ -180,6 +180,13 @@ def test_block_resize_refusals_as_qemu(vm: Any) -> None:
             "Permission conflict on node 'd0f': permissions 'resize' are both required by an unnamed block "
             "device (uses node 'd0f' as 'root' child) and unshared by node 'd0' (uses node 'd0f' as 'file' "
             "child).")
+    # Too large: recorded from qemu-storage-daemon 7.2 (the block layer's limit, qcow2's L1 table, the file's
+    # ftruncate).
+    refused(vm, {"node-name": "d0", "size": (1 << 63) - 512},
+            "offset(9223372036854775296) exceeds maximum(9223372035781033984)")
+    refused(vm, {"node-name": "d0", "size": 1 << 60}, "Failed to grow the L1 table: File too large")
+    refused(vm, {"node-name": "d0", "size": 1 << 62}, "Failed to grow the L1 table: File too large")
+    refused(vm, {"node-name": "r2f", "size": 1 << 62}, "Could not resize file: File too large")
     with pytest.raises(CommandError, match="size"):
         vm.execute("block_resize", {"node-name": "d0"})
     assert sizes(vm)["d0"] == 4 * MiB and capacity(vm, 0) == 4 * MiB // 512
