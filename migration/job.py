@@ -228,6 +228,12 @@ class MigrationManager:
         else:
             self._load(uri)
 
+    def _destination_gone(self) -> bool:
+        """The VM waiting for a tcp:/unix: source was quit or shut down: stop listening (the port and
+        the socket file are released)."""
+        machine = self.machine
+        return bool(getattr(machine, "_quit", False)) or machine.runstate.state is RunState.SHUTDOWN
+
     def _load_reporting(self, uri: str, stream: IncomingStream | None = None) -> None:
         try:
             self._load(uri, stream)
@@ -239,7 +245,7 @@ class MigrationManager:
         try:
             if stream is None:
                 stream = IncomingStream(uri)
-            stream.accept()
+            stream.accept(self._destination_gone)
             self._set_status("active")
             run_state = load_vm(machine, stream.source, self._stats)
             stream.close()
