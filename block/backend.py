@@ -27,6 +27,8 @@ from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.hostio import zero_chunks
 from pyemu.block.locking import BlockPerm
+from pyemu.block.throttle import THROTTLE_GROUPS, ThrottleConfig, ThrottleGroupMember, Ticket
+from pyemu.block.throttle import admitted as throttle_admitted
 
 DISCARD_MODES = ("ignore", "unmap")
 
@@ -105,6 +107,8 @@ class BlockBackend:
         self._cond = threading.Condition()
         self._inflight = 0
         self._closed = False
+        self.throttle: ThrottleGroupMember | None = None
+        """The drive's place in a throttle group (``throttling.*``, ``block_set_io_throttle``), or None."""
         # block_resize: the device learns its drive's new size through these (QEMU's resize_cb dev op).
         self._known_size = root.size()
         self.resize_listeners: list[Callable[[int], None]] = []
@@ -132,18 +136,26 @@ class BlockBackend:
     def size(self) -> int:
         return self.root.size()
 
-    def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
+    def preadv(self, offset: int, buffers: Sequence[memoryview], *, admitted: bool = False) -> None:
+        """``admitted``: the caller already got the request through the throttle (:meth:`admit`); else a
+        throttled drive makes the calling thread wait its turn (never call that from an I/O thread loop)."""
+        if not admitted and self.throttle is not None:
+            self.throttle.wait(False, sum(memoryview(b).nbytes for b in buffers))
         self._enter(offset)
         try:
-            self.root.preadv(offset, buffers)
+            with throttle_admitted(self.throttle_member() if admitted else None):
+                self.root.preadv(offset, buffers)
         finally:
             self._leave()
 
-    def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
+    def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview], *, admitted: bool = False) -> None:
         self._check_writable("write", offset, buffers)
+        if not admitted and self.throttle is not None:
+            self.throttle.wait(True, sum(memoryview(b).nbytes for b in buffers))
         self._enter(offset)
         try:
-            self.root.pwritev(offset, buffers)
+            with throttle_admitted(self.throttle_member() if admitted else None):
+                self.root.pwritev(offset, buffers)
             if self.cache.writethrough and not self.cache.no_flush:
                 self.root.flush()
         finally:
@@ -197,6 +209,47 @@ class BlockBackend:
         finally:
             self._leave()
 
+    # -- I/O throttling (pyemu.block.throttle) ------------------------------------------------------------
+
+    def admit(self, is_write: bool, nbytes: int, wake: Callable[[], None]) -> Ticket | None:
+        """Ask the drive's throttle, without blocking, whether a request may start: None (not throttled)
+        or a granted ticket = go now, pass ``admitted=True``; a pending ticket = ``wake`` runs (on the
+        throttle timer thread) once it may. Devices served by an I/O thread use this."""
+        member = self.throttle_member()
+        return None if member is None else member.admit(is_write, nbytes, wake)
+
+    def throttle_member(self) -> ThrottleGroupMember | None:
+        """The drive's own throttle, else that of a ``throttle`` filter node at its root (one of them:
+        with both, requests wait for the filter on the device's thread -- do not combine them)."""
+        if self.throttle is not None:
+            return self.throttle
+        member = getattr(self.root, "throttle_member", None)
+        return member if isinstance(member, ThrottleGroupMember) else None
+
+    def set_throttle(self, config: ThrottleConfig, group: str | None = None) -> None:
+        """QEMU's ``blk_set_io_limits``/``block_set_io_throttle``: limits for this drive, shared with the
+        other members of ``group`` (default: a group named after the drive, as QEMU); no limits at all
+        takes the drive out of its group."""
+        old = self.throttle
+        if not config.enabled:
+            self.throttle = None
+            if old is not None:
+                THROTTLE_GROUPS.leave(old)
+            return
+        name = group or (old.group.name if old is not None else self.id or self._user)
+        if old is not None and old.group.name == name:
+            old.group.configure(config)
+            return
+        self.throttle = THROTTLE_GROUPS.join(name, self.id or self._user, config)
+        if old is not None:
+            THROTTLE_GROUPS.leave(old)
+
+    def join_throttle_group(self, group: str) -> None:
+        """``throttling.group=G`` without limits of its own: take the group's (an ``-object throttle-group``)."""
+        old, self.throttle = self.throttle, THROTTLE_GROUPS.join(group, self.id or self._user, None)
+        if old is not None:
+            THROTTLE_GROUPS.leave(old)
+
     def close(self) -> None:
         """Refuse new requests, wait for those in flight, close the nodes. Idempotent."""
         with self._cond:
@@ -205,6 +258,9 @@ class BlockBackend:
             self._closed = True
             while self._inflight:
                 self._cond.wait()
+        member, self.throttle = self.throttle, None
+        if member is not None:  # requests still waiting for their turn are let go (they then see ENOMEDIUM)
+            THROTTLE_GROUPS.leave(member)
         self._attachment.detach()
         if self._owned_root is not None:
             self._owned_root.close()

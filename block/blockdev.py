@@ -472,3 +472,4 @@ def deactivate(node: object) -> None:
 from pyemu.block import copy_before_write as _copy_before_write  # noqa: E402,F401
 from pyemu.block import snapshot_access as _snapshot_access  # noqa: E402,F401
 from pyemu.block import copy_on_read as _copy_on_read  # noqa: E402,F401
+from pyemu.block import throttle_filter as _throttle_filter  # noqa: E402,F401

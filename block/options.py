@@ -25,6 +25,7 @@ from pyemu.block.locking import default_permissions
 from pyemu.block.image import open_image, probe_format
 from pyemu.block.nbd.uri import is_nbd_url, target_from_options
 from pyemu.block.raw import SECTOR_SIZE, RawFormat
+from pyemu.block.throttle import ThrottleConfig, ThrottleError
 
 FORMATS = ("raw", "qcow2", "file", "nbd")
 INTERFACES = ("none", "virtio")
@@ -38,6 +39,16 @@ _SIZE_SHIFT = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 
 _TRUE = ("on", "yes", "true")
 _FALSE = ("off", "no", "false")
 _DISCARD_ALIASES = {"ignore": "ignore", "off": "ignore", "unmap": "unmap", "on": "unmap"}
+
+
+#: QEMU's pre-2.4 ``-drive`` throttling names, still accepted by 7.2's -drive (renamed to ``throttling.*``).
+LEGACY_THROTTLE_NAMES = {
+    "bps": "bps-total", "bps_rd": "bps-read", "bps_wr": "bps-write",
+    "iops": "iops-total", "iops_rd": "iops-read", "iops_wr": "iops-write",
+    "bps_max": "bps-total-max", "bps_rd_max": "bps-read-max", "bps_wr_max": "bps-write-max",
+    "iops_max": "iops-total-max", "iops_rd_max": "iops-read-max", "iops_wr_max": "iops-write-max",
+    "iops_size": "iops-size",
+}
 
 
 def _error(message: str) -> BlockConfigError:
@@ -96,6 +107,11 @@ class DriveOptions:
     size: int | None = None
     reconnect_delay: int = 0
     """NBD only: seconds requests wait for a lost NBD connection to come back (QEMU's reconnect-delay)."""
+    throttling: ThrottleConfig = field(default_factory=ThrottleConfig)
+    """``throttling.*`` (and QEMU's legacy ``bps``/``iops_rd``/... spellings): the drive's I/O limits."""
+    throttle_group: str | None = None
+    """``throttling.group``: share the limits with the other drives (and ``-object throttle-group``) of
+    that name."""
 
     def __post_init__(self) -> None:
         if not self.file:
@@ -178,6 +194,7 @@ class DriveOptions:
         cache_name: str | None = None
         cache_overrides: dict[str, bool] = {}
         nbd_props: dict[str, str] = {}
+        limits: dict[str, int] = {}
         for key, value in props:
             if key in ("driver", "file.driver"):
                 if value != "nbd":
@@ -227,6 +244,13 @@ class DriveOptions:
                 values["offset"] = parse_size(key, value)
             elif key == "size":
                 values["size"] = parse_size(key, value)
+            elif key in ("throttling.group", "group"):
+                values["throttle_group"] = value
+            elif key.startswith("throttling.") or key in LEGACY_THROTTLE_NAMES:
+                name = LEGACY_THROTTLE_NAMES.get(key) or key[len("throttling."):]
+                if not value.isdigit():
+                    raise _error(f"Parameter '{key}' expects a number")
+                limits[name] = int(value)
             else:
                 raise _error(f"Invalid parameter '{key}'")
         if nbd_props:
@@ -243,6 +267,11 @@ class DriveOptions:
             raise _error("parameter 'file' is required (empty drives are not supported)")
         cache = CacheMode.parse(cache_name) if cache_name is not None else CacheMode()
         values["cache"] = dataclasses.replace(cache, **cache_overrides)
+        if limits:
+            try:
+                values["throttling"] = ThrottleConfig.from_limits(limits)
+            except ThrottleError as exc:
+                raise _error(str(exc)) from None
         return cls(**values)  # type: ignore[arg-type]
 
 
@@ -279,8 +308,13 @@ def open_drive(options: DriveOptions, *, warn: Callable[[str], None] | None = No
     try:
         if options.snapshot:
             root = temporary_overlay(root, fmt, cache_direct=options.cache.direct)
-        return BlockBackend(root, read_only=options.readonly, cache=options.cache, discard=options.discard,
-                            id=options.effective_id)
+        backend = BlockBackend(root, read_only=options.readonly, cache=options.cache, discard=options.discard,
+                               id=options.effective_id)
+        if options.throttling.enabled:
+            backend.set_throttle(options.throttling, options.throttle_group)
+        elif options.throttle_group is not None:
+            backend.join_throttle_group(options.throttle_group)
+        return backend
     except BlockConfigError as exc:
         root.close()
         if str(exc).startswith("-drive:"):

@@ -31,8 +31,9 @@ import itertools
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 from pyemu.block.errors import BlockConfigError
 from pyemu.system.objects import THROTTLE_LIMITS, THROTTLE_VALUE_MAX as VALUE_MAX, throttle_limits_error
@@ -464,6 +465,26 @@ class ThrottleGroupMember:
         self.group.unregister(self)
 
 
+_ADMITTED = threading.local()
+
+
+@contextmanager
+def admitted(member: ThrottleGroupMember | None) -> Iterator[None]:
+    """Mark, for this thread, that the request about to go down was already admitted by ``member`` (a
+    device asked :meth:`~pyemu.block.backend.BlockBackend.admit`): a ``throttle`` filter node with that
+    member then lets it through instead of waiting a second time."""
+    previous = getattr(_ADMITTED, "member", None)
+    _ADMITTED.member = member
+    try:
+        yield
+    finally:
+        _ADMITTED.member = previous
+
+
+def was_admitted(member: ThrottleGroupMember) -> bool:
+    return getattr(_ADMITTED, "member", None) is member
+
+
 class GroupRegistry:
     """Throttle groups by name: ``-object throttle-group`` ones and those ``throttling.group=`` or
     ``block_set_io_throttle group=`` create (anonymous groups take the drive's name, as QEMU)."""
@@ -477,11 +498,30 @@ class GroupRegistry:
         return self._groups.get(name)
 
     def add_object(self, name: str, config: ThrottleConfig) -> ThrottleGroup:
+        """``-object throttle-group,id=name``: a group that exists without members."""
         group = ThrottleGroup(name, config)
         with self._lock:
             self._groups[name] = group
             self.objects.add(name)
         return group
+
+    def remove_object(self, name: str) -> None:
+        with self._lock:
+            self.objects.discard(name)
+            group = self._groups.get(name)
+            if group is not None and not group.members:
+                del self._groups[name]
+
+    def add_objects(self, objects: Iterable[object]) -> list[str]:
+        """The ``-object throttle-group`` entries of a VM's configuration (``config.backend_objects``)."""
+        from pyemu.system.objects import ThrottleGroup as GroupObject
+
+        names = []
+        for obj in objects:
+            if isinstance(obj, GroupObject):
+                self.add_object(obj.id, ThrottleConfig.from_limits(dict(obj.limits)))
+                names.append(obj.id)
+        return names
 
     def join(self, name: str, member_name: str, config: ThrottleConfig | None) -> ThrottleGroupMember:
         """Join (creating it if needed) group ``name``; ``config`` (from the drive's options) replaces the

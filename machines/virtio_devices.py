@@ -70,7 +70,10 @@ class Backends:
     def open_blockdevs(self) -> None:
         """Open every ``-blockdev`` in command-line order (a definition may name earlier nodes)."""
         from pyemu.block.blockdev import open_blockdev, parse_blockdev_arg
+        from pyemu.block.throttle import THROTTLE_GROUPS
 
+        # -object throttle-group: before any node or drive that names one
+        self.throttle_groups = THROTTLE_GROUPS.add_objects(self.config.backend_objects.values())
         for text in self.config.blockdevs:
             definition, keyval = parse_blockdev_arg(text)
             try:
@@ -128,6 +131,10 @@ class Backends:
         from pyemu.block.blockdev import close_all
 
         close_all(self.nodes)
+        from pyemu.block.throttle import THROTTLE_GROUPS
+
+        for name in getattr(self, "throttle_groups", ()):
+            THROTTLE_GROUPS.remove_object(name)
 
     def object(self, object_id: str, kind: str, user: str, prop: str) -> ObjectOptions:
         for entry in self.config.objects:

@@ -2,7 +2,7 @@
 
 Built from the backend a device holds and the format nodes under it (walked with
 :func:`pyemu.block.graph.children`), so what QMP reports is what the guest really reads through, including
-a ``snapshot=on`` overlay in front of the image. I/O throttling does not exist yet, so its limits are 0.
+a ``snapshot=on`` overlay in front of the image, and the drive's I/O limits (``block_set_io_throttle``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 from pyemu.block.backend import BlockBackend
 from pyemu.block.driver import BlockDriver
 from pyemu.monitor.bitmap_commands import dirty_bitmap_info
+from pyemu.monitor.throttle_commands import throttle_info
 
 
 def _backing(node: BlockDriver) -> BlockDriver | None:
@@ -43,8 +44,8 @@ def block_info(device_id: str, drive_id: str, backend: BlockBackend) -> dict[str
         node = _backing(node)
     inserted: dict[str, Any] = {
         "file": root.filename, "ro": backend.read_only, "drv": root.name, "backing_file_depth": depth,
-        "encrypted": False, "detect_zeroes": "off", "bps": 0, "bps_rd": 0, "bps_wr": 0, "iops": 0,
-        "iops_rd": 0, "iops_wr": 0, "image": image_info(root), "write_threshold": 0,
+        "encrypted": False, "detect_zeroes": "off", **throttle_info(backend), "image": image_info(root),
+        "write_threshold": 0,
         "cache": {"writeback": backend.cache.writeback, "direct": backend.cache.direct,
                   "no-flush": backend.cache.no_flush},
     }

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from pyemu import __version__
 from pyemu.monitor import schema
 from pyemu.monitor.bitmap_commands import HANDLERS as BITMAP_HANDLERS
+from pyemu.monitor.throttle_commands import HANDLERS as THROTTLE_HANDLERS
 from pyemu.monitor.migration import HANDLERS as MIGRATION_HANDLERS
 from pyemu.monitor.nbd_commands import HANDLERS as NBD_HANDLERS
 from pyemu.monitor.job_commands import HANDLERS as JOB_HANDLERS
@@ -173,6 +174,7 @@ HANDLERS: dict[str, Handler] = {
     "quit": _quit,
 }
 HANDLERS.update(BITMAP_HANDLERS)
+HANDLERS.update(THROTTLE_HANDLERS)
 HANDLERS.update(BLOCKDEV_HANDLERS)
 HANDLERS.update(QOM_HANDLERS)
 HANDLERS.update(TRANSACTION_HANDLERS)

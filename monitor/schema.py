@@ -88,6 +88,12 @@ def _members(*specs: str) -> tuple[Member, ...]:
     return tuple(_m(spec) for spec in specs)
 
 
+_THROTTLE_KINDS = ("bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr")
+#: block_set_io_throttle's optional members (QEMU's BlockIOThrottle), also BlockDeviceInfo's.
+_THROTTLE_OPTIONAL = tuple(f"*{kind}{suffix}:int" for suffix in ("_max", "_max_length") for kind in _THROTTLE_KINDS) \
+    + ("*iops_size:int", "*group:str")
+
+
 _MIGRATION_PARAMETERS = _members(
     "*announce-initial:int", "*announce-max:int", "*announce-rounds:int", "*announce-step:int",
     "*compress-level:int", "*compress-threads:int", "*decompress-threads:int",
@@ -138,7 +144,8 @@ _TYPE_LIST: tuple[EnumType | StructType, ...] = (
                                            "backing_file_depth:int", "encrypted:bool", "detect_zeroes:str",
                                            "bps:int", "bps_rd:int", "bps_wr:int", "iops:int", "iops_rd:int",
                                            "iops_wr:int", "image:ImageInfo", "write_threshold:int",
-                                           "cache:BlockdevCacheInfo", "*dirty-bitmaps:[BlockDirtyInfo]")),
+                                           "cache:BlockdevCacheInfo", "*dirty-bitmaps:[BlockDirtyInfo]",
+                                           *_THROTTLE_OPTIONAL)),
     StructType("ChardevInfo", _members("label:str", "filename:str", "frontend-open:bool")),
     StructType("ObjectPropertyInfo", _members("name:str", "type:str", "*description:str", "*default-value:any")),
     StructType("BlockInfo", _members("device:str", "*qdev:str", "type:str", "removable:bool", "locked:bool",
@@ -209,6 +216,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("query-iothreads", (), "[IOThreadInfo]", "the I/O threads and their host thread ids"),
     Command("query-machines", (), "[MachineInfo]", "the board types pyemu offers"),
     Command("query-block", (), "[BlockInfo]", "the VM's drives and the images behind them"),
+    Command("block_set_io_throttle", _members("*device:str", "*id:str", "bps:int", "bps_rd:int", "bps_wr:int",
+                                              "iops:int", "iops_rd:int", "iops_wr:int", *_THROTTLE_OPTIONAL),
+            EMPTY, "a drive's I/O limits (bursts, iops size, the throttle group it shares them with)"),
     Command("query-chardev", (), "[ChardevInfo]", "the character backends and where they lead"),
     # The block graph (pyemu.monitor.blockdev, qom, transaction).
     Command("blockdev-add", _members("driver:str", "*node-name:str", "*read-only:bool", "*auto-read-only:bool",

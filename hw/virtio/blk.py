@@ -5,7 +5,9 @@ lengths in whole sectors, a status byte where the spec puts it -- and a request 
 gets an error status (IOERR, UNSUPP) rather than breaking the device; only a request too malformed to
 carry a status (no writable byte at the end) marks the device as needing a reset. Payloads move
 zero-copy: ``preadv``/``pwritev`` straight between the image and memoryviews of guest RAM, on the
-device's I/O thread.
+device's I/O thread. A throttled drive (:mod:`pyemu.block.throttle`) never makes that thread sleep: a
+read or write the throttle holds back is kept aside with its ticket, the rest of the ring waits behind it,
+and the throttle's timer kicks the queue when its turn comes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from pyemu.block.backend import BlockBackend
 from pyemu.block.errors import BlockError
+from pyemu.block.throttle import Ticket
 from pyemu.hw.virtio.device import ID_BLOCK, VirtioDevice, pack_config
 from pyemu.hw.virtio.errors import VirtqueueError
 from pyemu.hw.virtio.queue import DescriptorChain, Virtqueue
@@ -77,6 +80,9 @@ class VirtioBlk(VirtioDevice):
         self.config = config
         self.requests = 0
         self.errors = 0
+        # A request the drive's throttle holds back, per queue: it is served when its ticket is granted
+        # (the timer kicks the queue); the requests behind it stay in the guest's ring, in order.
+        self._held: dict[int, tuple[DescriptorChain, Ticket]] = {}
         self.config_changes = 0
         backend.resize_listeners.append(self._resized)
 
@@ -116,15 +122,52 @@ class VirtioBlk(VirtioDevice):
         assert self.context is not None
         dma = self.context.dma
         served = 0
+        held = self._held.get(queue.index)
+        if held is not None:
+            if not held[1].granted:
+                return  # still waiting for its turn: the throttle's timer kicks the queue
+            del self._held[queue.index]
+            queue.push(dma, held[0], self._serve(queue, held[0]))
+            served += 1
         while True:
             chain = queue.pop(dma)
             if chain is None:
+                break
+            ticket = self._admit(queue, chain)
+            if ticket is not None and not ticket.granted:
+                self._held[queue.index] = (chain, ticket)
                 break
             written = self._serve(queue, chain)
             queue.push(dma, chain, written)
             served += 1
         if served:
             self.context.notify_queue(queue)
+
+    def _admit(self, queue: Virtqueue, chain: DescriptorChain) -> Ticket | None:
+        """Ask the drive's throttle about a read or write without blocking this I/O thread (which serves
+        other devices too); None when the drive is not throttled or the request is not a read/write (a
+        malformed one is left for :meth:`_serve` to refuse)."""
+        if self.backend.throttle_member() is None or chain.readable_length < HEADER.size \
+                or chain.writable_length < 1:
+            return None
+        kind = HEADER.unpack(chain.read(self.context.dma, 0, HEADER.size))[0]  # type: ignore[union-attr]
+        if kind == T_IN:
+            nbytes, is_write = chain.writable_length - 1, False
+        elif kind == T_OUT:
+            nbytes, is_write = chain.readable_length - HEADER.size, True
+        else:
+            return None
+        context, index = self.context, queue.index
+        assert context is not None
+        return self.backend.admit(is_write, nbytes, lambda: context.kick_queue(index))
+
+    def reset(self) -> None:
+        """Requests held by the throttle belong to the old queues: withdraw their tickets."""
+        held, self._held = self._held, {}
+        member = self.backend.throttle_member()
+        for _chain, ticket in held.values():
+            if member is not None:
+                member.cancel(ticket)
 
     def _serve(self, queue: Virtqueue, chain: DescriptorChain) -> int:
         """Perform one request; returns the bytes written into the guest's buffers (data + status)."""
@@ -150,13 +193,13 @@ class VirtioBlk(VirtioDevice):
                 length = chain.writable_length - 1
                 if not self._in_range(sector, length):
                     return S_IOERR, 0
-                backend.preadv(sector * SECTOR, chain.views(dma, writable=True, length=length))
+                backend.preadv(sector * SECTOR, chain.views(dma, writable=True, length=length), admitted=True)
                 return S_OK, length
             if kind == T_OUT:
                 length = chain.readable_length - HEADER.size
                 if backend.read_only or not self._in_range(sector, length):
                     return S_IOERR, 0
-                backend.pwritev(sector * SECTOR, chain.views(dma, writable=False, start=HEADER.size))
+                backend.pwritev(sector * SECTOR, chain.views(dma, writable=False, start=HEADER.size), admitted=True)
                 return S_OK, 0
             if kind == T_FLUSH:
                 backend.flush()
