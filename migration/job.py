@@ -1,12 +1,14 @@
 """``migrate`` and ``migrate-incoming`` as jobs with QEMU's status, statistics and MIGRATION events.
 
-Saving is stop-and-copy for now: a running VM is paused (STOP), its virtio I/O drained and its disks
+Saving a running VM is live pre-copy (RAM sent while it runs, then rounds of changed pages), then a short
+stop-and-copy: the VM is paused (STOP), its virtio I/O drained and its disks
 flushed (the disks themselves are shared, as in QEMU's shared-storage migration: the destination opens
 the same image paths), the whole state is written, and the VM ends in ``postmigrate`` (a ``cont`` runs it
 again, as in QEMU). A failure at any point resumes a VM that was running and reports ``failed`` with the
 reason; ``migrate_cancel`` does the same ending ``cancelling`` -> ``cancelled`` (the connection is broken,
 so a destination reading it fails its load and stays stopped). The stream goes out at most at the
-``max-bandwidth`` parameter's rate. Live pre-copy is later work.
+``max-bandwidth`` parameter's rate. A running VM is saved live (:mod:`~pyemu.migration.precopy`): it is
+paused only for the final round, whose length is ``downtime``.
 
 Loading happens in a VM started with ``-incoming`` (run state ``inmigrate``): from the command line's URI
 at start-up, or from ``migrate-incoming`` after ``-incoming defer``. A ``tcp:``/``unix:`` destination binds
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pyemu.migration.errors import MigrationError
 from pyemu.migration.params import MigrationCancelled, MigrationParameters, RateLimiter
+from pyemu.migration.precopy import precopy_save
 from pyemu.migration.transport import IncomingStream, OutgoingStream, check_uri, is_socket_uri
 from pyemu.migration.vmstate import LoadStats, drain_io, load_vm, migration_blockers, save_vm
 from pyemu.system.runstate import RunState
@@ -89,17 +92,22 @@ class MigrationManager:
         info["total-time"] = (now - self._started_ns) // 1_000_000
         if self._setup_ns:
             info["setup-time"] = (self._setup_ns - self._started_ns) // 1_000_000
+        stats = self._stats
         if status == "completed":
             info["downtime"] = self._downtime_ns // 1_000_000
-        stats = self._stats
+        elif status == "active" and stats.dirty_sync_count:
+            info["expected-downtime"] = stats.expected_downtime_ms
         seconds = max(1e-9, (now - self._started_ns) / 1e9)
         info["ram"] = {"total": stats.ram_total, "transferred": stats.stream_bytes,
-                       "remaining": 0 if status == "completed" else max(0, stats.ram_total - stats.ram_bytes),
+                       "remaining": 0 if status == "completed" else (
+                           stats.remaining if stats.dirty_sync_count else stats.ram_total),
                        "duplicate": stats.zero_pages, "skipped": 0, "normal": stats.normal_pages,
-                       "normal-bytes": stats.ram_bytes, "page-size": 4096, "dirty-sync-count": 1,
+                       "normal-bytes": stats.ram_bytes, "page-size": 4096,
+                       "dirty-sync-count": stats.dirty_sync_count,
                        "mbps": round(stats.stream_bytes * 8 / 1e6 / seconds, 3), "pages-per-second": 0,
                        "dirty-pages-rate": 0, "postcopy-requests": 0, "multifd-bytes": 0,
-                       "precopy-bytes": 0, "downtime-bytes": stats.stream_bytes, "postcopy-bytes": 0,
+                       "precopy-bytes": stats.precopy_bytes, "downtime-bytes": stats.downtime_bytes,
+                       "postcopy-bytes": 0,
                        "dirty-sync-missed-zero-copy": 0}
         if status == "failed" and self.error:
             info["error-desc"] = self.error
@@ -165,14 +173,21 @@ class MigrationManager:
                     raise MigrationCancelled()
                 self._setup_ns = time.monotonic_ns()
                 self._set_status("active")
+            limited = RateLimiter(out, self.params, self._cancel)
             if was_running:
-                paused_at = time.monotonic_ns()
-                machine.pause()
-                self._emit("STOP", {})
-            drain_io(machine)
-            # The run state the destination should take: a VM stopped before has its own state.
-            run_state = {RunState.RUNNING: "running", RunState.PRELAUNCH: "prelaunch"}.get(state, "paused")
-            save_vm(machine, RateLimiter(out, self.params, self._cancel), run_state, self._stats)
+                def stop_vm() -> None:
+                    nonlocal paused_at
+                    paused_at = time.monotonic_ns()
+                    machine.pause()
+                    self._emit("STOP", {})
+                    drain_io(machine)
+
+                precopy_save(machine, limited, self._stats, self.params, self._cancel, stop_vm)
+            else:
+                drain_io(machine)
+                # The run state the destination should take: a VM stopped before has its own state.
+                run_state = "prelaunch" if state is RunState.PRELAUNCH else "paused"
+                save_vm(machine, limited, run_state, self._stats)
             if self._cancel.is_set():
                 raise MigrationCancelled()
             out.close()

@@ -63,6 +63,15 @@ class LoadStats:
     normal_pages: int = 0
     zero_pages: int = 0
     stream_bytes: int = 0
+    dirty_sync_count: int = 0
+    """Pre-copy: how many times the dirty set was taken (1 for a stop-and-copy)."""
+    remaining: int = 0
+    """Pre-copy: RAM bytes found dirty by the last sync, still to send."""
+    precopy_bytes: int = 0
+    """Stream bytes written while the VM ran."""
+    downtime_bytes: int = 0
+    """Stream bytes written while the VM was stopped (the final stop-and-copy)."""
+    expected_downtime_ms: int = 0
 
 
 # -- identity -----------------------------------------------------------------------------------------------
@@ -158,23 +167,36 @@ def drain_io(machine: Machine, timeout: float = DRAIN_TIMEOUT_S) -> None:
 def save_vm(machine: Machine, out: Writable, run_state: str, stats: LoadStats | None = None) -> LoadStats:
     """Write the whole state of ``machine`` (every vCPU parked, I/O drained) to ``out``."""
     stats = stats or LoadStats()
+    writer = begin_stream(machine, out, run_state)
+    with machine.lock:
+        write_cpu_and_devices(machine, writer)
+        _save_ram(machine, writer, stats)
+    writer.finish()
+    stats.stream_bytes = writer.bytes_written
+    stats.downtime_bytes = writer.bytes_written
+    stats.dirty_sync_count = 1
+    return stats
+
+
+def begin_stream(machine: Machine, out: Writable, run_state: str) -> StreamWriter:
+    """A stream writer on ``out`` with the header (this machine's identity and ``run_state``) written."""
     writer = StreamWriter(out)
     header = identity(machine)
     header["run_state"] = run_state
     writer.section(Kind.HEADER, "", json.dumps(header, separators=(",", ":")).encode())
-    with machine.lock:
-        clock = {"virtual_ns": machine.clock.now(), "tsc": machine.accel.tsc.value()}
-        writer.section(Kind.CLOCK, "", json.dumps(clock).encode())
-        for vcpu in machine.vcpus:
-            writer.section(Kind.CPU, f"cpu{vcpu.index}", codec.dumps(vcpu.save_state()))
-        for device in machine.devices:
-            state = device.state()
-            if state is not None:
-                writer.section(Kind.DEVICE, device.id, codec.dumps(state))
-        _save_ram(machine, writer, stats)
-    writer.finish()
-    stats.stream_bytes = writer.bytes_written
-    return stats
+    return writer
+
+
+def write_cpu_and_devices(machine: Machine, writer: StreamWriter) -> None:
+    """The clock, every vCPU and every stateful device of a stopped machine (caller holds its lock)."""
+    clock = {"virtual_ns": machine.clock.now(), "tsc": machine.accel.tsc.value()}
+    writer.section(Kind.CLOCK, "", json.dumps(clock).encode())
+    for vcpu in machine.vcpus:
+        writer.section(Kind.CPU, f"cpu{vcpu.index}", codec.dumps(vcpu.save_state()))
+    for device in machine.devices:
+        state = device.state()
+        if state is not None:
+            writer.section(Kind.DEVICE, device.id, codec.dumps(state))
 
 
 def _save_ram(machine: Machine, writer: StreamWriter, stats: LoadStats) -> None:
@@ -184,21 +206,38 @@ def _save_ram(machine: Machine, writer: StreamWriter, stats: LoadStats) -> None:
         for start in range(0, region.size, RAM_CHUNK):
             size = min(RAM_CHUNK, region.size - start)
             chunk = memory.read(region.gpa + start, size)  # bytes: compares at memcmp speed, a view does not
-            if chunk == (_ZERO_CHUNK if size == RAM_CHUNK else bytes(size)):
+            zero = _ZERO_CHUNK if size == RAM_CHUNK else bytes(size)
+            if chunk == zero:
                 stats.zero_pages += size // PAGE
                 continue
-            run_start: int | None = None
-            for page in range(0, size + PAGE, PAGE):
-                nonzero = page < size and chunk[page:page + PAGE] != _ZERO_PAGE
-                if nonzero and run_start is None:
-                    run_start = page
-                elif not nonzero and run_start is not None:
-                    writer.section(Kind.RAM, "", _RAM_ADDR.pack(region.gpa + start + run_start) + chunk[run_start:page])
-                    stats.normal_pages += (page - run_start) // PAGE
-                    stats.ram_bytes += page - run_start
-                    run_start = None
-                elif not nonzero and page < size:
-                    stats.zero_pages += 1
+            send_changed_pages(writer, stats, region.gpa + start, chunk, zero, count_zero=True)
+
+
+def send_changed_pages(writer: StreamWriter, stats: LoadStats, gpa: int, chunk: bytes,
+                       reference: bytes | memoryview, *, count_zero: bool = False) -> int:
+    """Write the pages of ``chunk`` (RAM read at ``gpa``) that differ from ``reference`` (what the
+    destination holds there), a RAM section per run of such pages; ``reference`` is updated when it is
+    writable. ``count_zero``: count unchanged pages as zero pages (the first pass over RAM). Returns the
+    RAM bytes written."""
+    size = len(chunk)
+    sent = 0
+    run_start: int | None = None
+    for page in range(0, size + PAGE, PAGE):
+        changed = page < size and chunk[page:page + PAGE] != bytes(reference[page:page + PAGE])
+        if changed and run_start is None:
+            run_start = page
+        elif not changed and run_start is not None:
+            data = chunk[run_start:page]
+            writer.section(Kind.RAM, "", _RAM_ADDR.pack(gpa + run_start) + data)
+            if isinstance(reference, memoryview) and not reference.readonly:
+                reference[run_start:page] = data
+            stats.normal_pages += (page - run_start) // PAGE
+            stats.ram_bytes += page - run_start
+            sent += page - run_start
+            run_start = None
+        if count_zero and not changed and page < size:
+            stats.zero_pages += 1
+    return sent
 
 
 # -- loading ------------------------------------------------------------------------------------------------
@@ -389,5 +428,5 @@ def _apply(machine: Machine, parsed: _Parsed) -> None:
                     kick(queue.index)  # buffers the guest posted before the save are served now
 
 
-__all__ = ["LoadStats", "StreamError", "check_identity", "drain_io", "identity", "load_vm",
-           "migration_blockers", "save_vm"]
+__all__ = ["LoadStats", "StreamError", "begin_stream", "send_changed_pages", "check_identity", "drain_io", "identity", "load_vm",
+           "migration_blockers", "save_vm", "write_cpu_and_devices"]

@@ -56,3 +56,35 @@ def write_counter_kernel(directory: Path) -> Path:
     path = directory / "counter.bin"
     path.write_bytes(make_multiboot_binary(assemble(COUNTER_SOURCE, address=ENTRY, bits=32)))
     return path
+
+
+BUFFER_ADDR = 0x400000
+BUFFER_SIZE = 20 << 20
+WINDOW_PAGES = 256
+FILL = 0x5A5A5A5A
+DIRTY_SOURCE = f"""
+    mov edi, {BUFFER_ADDR:#x}
+    mov ecx, {BUFFER_SIZE // 4:#x}
+    mov eax, {FILL:#x}
+    cld
+    rep stosd
+    xor ebx, ebx
+outer:
+    mov edi, {BUFFER_ADDR:#x}
+    mov ecx, {WINDOW_PAGES}
+inner:
+    inc ebx
+    mov [edi], ebx
+    add edi, 0x1000
+    dec ecx
+    jnz inner
+    jmp outer
+"""
+"""Fills 20 MiB with a pattern, then keeps writing a rising count into the first word of each page of
+a 1 MiB window: the memory a live migration must send once, and a set of pages it must keep resending."""
+
+
+def write_dirty_kernel(directory: Path) -> Path:
+    path = directory / "dirty.bin"
+    path.write_bytes(make_multiboot_binary(assemble(DIRTY_SOURCE, address=ENTRY, bits=32)))
+    return path

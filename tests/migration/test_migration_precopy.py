@@ -1,0 +1,123 @@
+"""Live pre-copy: a guest that keeps writing memory is migrated while it runs; only the last round is
+sent with the VM stopped (far fewer bytes than a stop-and-copy of its RAM), the statistics say so, and
+the destination's RAM equals the source's final RAM page for page."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import pyemu
+from pyemu.migration.precopy import ShadowTracker
+from pyemu.migration.stream import StreamWriter
+from pyemu.migration.vmstate import LoadStats
+from pyemu.system.memory import GuestMemory
+from pyemu.system.runstate import RunState
+
+from migration_programs import BUFFER_ADDR, BUFFER_SIZE, FILL, WINDOW_PAGES, write_dirty_kernel
+from test_migration_guest import BASE, TIMEOUT, stop_vm, wait_migration
+
+MIB = 1 << 20
+
+
+def machine_of(vm: pyemu.VM) -> Any:
+    return vm._instance.machine
+
+
+def wait_filled(vm: pyemu.VM) -> None:
+    memory = machine_of(vm).memory
+    deadline = time.monotonic() + TIMEOUT
+    while memory.read_u32(BUFFER_ADDR + BUFFER_SIZE - 4) != FILL or memory.read_u32(BUFFER_ADDR) < 1000:
+        assert time.monotonic() < deadline, "the guest did not fill its buffer"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp"])
+def test_precopy_downtime_sends_a_fraction_and_every_page_matches(short_dir: Path, transport: str) -> None:
+    kernel = write_dirty_kernel(short_dir)
+    uri = f"unix:{short_dir}/pre.sock" if transport == "unix" else "tcp:127.0.0.1:0"
+    dest = pyemu.VM("-kernel", str(kernel), *BASE, "-incoming", uri, "-S")
+    dest.start()
+    source = pyemu.VM("-kernel", str(kernel), *BASE)
+    source.start()
+    try:
+        if transport == "tcp":
+            uri = f"tcp:127.0.0.1:{dest._instance.control.migration.incoming_address[1]}"
+        wait_filled(source)
+        source.events.drain()
+        source.execute("migrate", {"uri": uri})
+        info = wait_migration(source)
+        assert info["status"] == "completed", info
+        ram = info["ram"]
+        assert ram["dirty-sync-count"] >= 2  # at least one round after the bulk, plus the final one
+        assert ram["precopy-bytes"] > BUFFER_SIZE  # the 20 MiB pattern went while the guest ran...
+        assert ram["downtime-bytes"] < BUFFER_SIZE // 4  # ...the stop-and-copy carried a fraction of it
+        assert ram["transferred"] == ram["precopy-bytes"] + ram["downtime-bytes"]
+        assert ram["remaining"] == 0 and "downtime" in info
+        events = [(e.name, e.data) for e in source.events.drain()]
+        assert events == [("MIGRATION", {"status": "setup"}), ("MIGRATION", {"status": "active"}),
+                          ("STOP", {}), ("MIGRATION", {"status": "completed"})]
+        assert wait_migration(dest) == {"status": "completed"}
+        assert dest.state is RunState.PAUSED
+        src_mem, dst_mem = machine_of(source).memory, machine_of(dest).memory
+        for region in src_mem.regions:
+            for start in range(0, region.size, MIB):
+                gpa = region.gpa + start
+                assert src_mem.read(gpa, MIB) == dst_mem.read(gpa, MIB), f"RAM differs in the MiB at {gpa:#x}"
+        window = [src_mem.read_u32(BUFFER_ADDR + page * 4096) for page in range(WINDOW_PAGES)]
+        assert max(window) - min(window) < 2 * WINDOW_PAGES and min(window) > 0  # the guest's own invariant
+        src_regs = machine_of(source).vcpus[0].save_state().regs
+        assert machine_of(dest).vcpus[0].save_state().regs == src_regs
+        dest.resume()
+        deadline = time.monotonic() + TIMEOUT
+        while dst_mem.read_u32(BUFFER_ADDR) <= window[0] + 10 * WINDOW_PAGES:
+            assert time.monotonic() < deadline, "the destination does not go on writing"
+            time.sleep(0.02)
+    finally:
+        stop_vm(source)
+        stop_vm(dest)
+
+
+def test_a_paused_vm_is_stop_and_copy(short_dir: Path) -> None:
+    kernel = write_dirty_kernel(short_dir)
+    vm = pyemu.VM("-kernel", str(kernel), *BASE)
+    vm.start()
+    try:
+        wait_filled(vm)
+        vm.pause()
+        vm.execute("migrate", {"uri": f"file:{short_dir / 'vm.state'}"})
+        ram = wait_migration(vm)["ram"]
+        assert ram["dirty-sync-count"] == 1 and ram["precopy-bytes"] == 0
+        assert ram["downtime-bytes"] == ram["transferred"] > BUFFER_SIZE
+    finally:
+        stop_vm(vm)
+
+
+def test_shadow_tracker_sends_changes_only_including_pages_that_became_zero() -> None:
+    memory = GuestMemory([(0, 4 * MIB)])
+    try:
+        class Sink:
+            def __init__(self) -> None:
+                self.size = 0
+
+            def write(self, data: bytes, /) -> int:
+                self.size += len(data)
+                return len(data)
+
+        tracker = ShadowTracker(memory)
+        writer = StreamWriter(Sink())
+        stats = LoadStats()
+        memory.write(0x1000, b"\x01" * 4096)
+        memory.write(0x3000, b"\x02")
+        assert tracker.sync(writer, stats, first=True) == 2 * 4096
+        assert stats.zero_pages == 1024 - 2
+        assert tracker.sync(writer, stats) == 0  # nothing changed
+        memory.write(0x1000, bytes(4096))  # became zero: the destination must see zeros too
+        memory.write(0x200000, b"\x03")
+        assert tracker.sync(writer, stats) == 2 * 4096
+        assert tracker.sync(writer, stats) == 0
+    finally:
+        memory.close()
