@@ -71,14 +71,20 @@ def _block_set_io_throttle(api: ControlApi, args: dict[str, Any]) -> Any:
 
 
 def throttle_info(backend: BlockBackend) -> dict[str, Any]:
-    """The BlockDeviceInfo members QEMU fills from the drive's throttle: the six limits always, the burst
-    members, ``iops_size`` and ``group`` while the drive is throttled."""
+    """The BlockDeviceInfo members QEMU 7.2 fills from the drive's throttle: the six limits always; while
+    the drive is throttled its ``group``, each burst set (``*_max`` with its ``*_max_length``) and a set
+    ``iops_size``."""
     member = backend.throttle
     config = member.group.config if member is not None else ThrottleConfig()
     info: dict[str, Any] = {key: config.get(QMP_LIMITS[key]) for key in REQUIRED}
     if member is not None:
-        for key, limit in QMP_LIMITS.items():
-            info[key] = config.get(limit)
+        for key in REQUIRED:
+            peak = config.get(QMP_LIMITS[f"{key}_max"])
+            if peak:
+                info[f"{key}_max"] = peak
+                info[f"{key}_max_length"] = config.get(QMP_LIMITS[f"{key}_max_length"])
+        if config.get("iops-size"):
+            info["iops_size"] = config.get("iops-size")
         info["group"] = member.group.name
     return info
 
