@@ -94,13 +94,16 @@ def _can_snapshot(disks: list[SnapshotDisk]) -> list[SnapshotDisk]:
     return writable
 
 
-def _vmstate_disk(writable: list[SnapshotDisk], vmstate: str | None) -> SnapshotDisk:
+def _vmstate_disk(writable: list[SnapshotDisk], vmstate: str | None,
+                  disks: list[SnapshotDisk] | None = None) -> SnapshotDisk:
     """QEMU's bdrv_all_find_vmstate_bs: the named node, or the first disk that can take snapshots."""
     if vmstate is not None:
         for disk in writable:
             if disk.name == vmstate:
                 return disk
-        raise SnapshotVmError(f"vmstate block device '{vmstate}' does not exist or does not support snapshots")
+        if any(disk.name == vmstate for disk in disks or []):
+            raise SnapshotVmError(f"vmstate block device '{vmstate}' does not support snapshots")
+        raise SnapshotVmError(f"vmstate block device '{vmstate}' does not exist")
     if not writable:
         raise SnapshotVmError("No block device can accept snapshots")
     return writable[0]
@@ -137,7 +140,7 @@ def save_snapshot(machine: "Machine", disks: list[SnapshotDisk], emit: EventSink
         holders = [d for d in writable if d.find(name) is not None]
         if holders and not overwrite:
             raise SnapshotVmError(f"Snapshot '{name}' already exists in one or more devices")
-    target = _vmstate_disk(writable, vmstate)
+    target = _vmstate_disk(writable, vmstate, disks)
     image = target.image
     assert image is not None
     if name is None:
@@ -212,7 +215,7 @@ def load_snapshot(machine: "Machine", disks: list[SnapshotDisk], name: str, *,
     writable = _can_snapshot(disks)
     if any(d.find(name) is None for d in writable):
         raise SnapshotVmError(f"Snapshot '{name}' does not exist in one or more devices")
-    target = _vmstate_disk(writable, vmstate)
+    target = _vmstate_disk(writable, vmstate, disks)
     image = target.image
     snap = target.find(name)
     assert image is not None and snap is not None

@@ -149,11 +149,15 @@ def test_savevm_loadvm_returns_to_the_saved_count_and_ram(vm: pyemu.VM, disk: Pa
     events_before = len(vm.events.drain())
     assert events_before >= 0
     assert hmp(vm, "loadvm s1") == ""
-    assert vm.state is RunState.RUNNING
+    assert vm.state is RunState.RUNNING  # a running VM runs on from the loaded state
     assert [e.name for e in vm.events.drain()] == ["STOP", "RESUME"]
+    wait_counting(vm, saved + 1_000_000)
     vm.pause()
+    assert hmp(vm, "loadvm s1") == ""
+    assert vm.state is RunState.PAUSED  # a stopped VM stays stopped
     resumed = counter(vm)
-    assert resumed < saved + 1_000_000  # back near the save, not where the guest had got to
+    assert resumed <= saved  # the count at the save (the guest ran on after it, up to 'saved')
+    assert machine.vcpus[0].save_state().regs["rbx"] == resumed  # registers and RAM of the same moment
     assert machine.memory.read(MARK_ADDR, 6) == b"before"
     vm.resume()
     wait_counting(vm, resumed + 1000)  # and it runs on from there
@@ -316,3 +320,63 @@ def test_loadvm_at_start_up_continues_from_the_save(kernel: Path, disk: Path) ->
             bad.start()
         finally:
             bad.close()
+
+
+def test_vmstate_node_errors(vm: pyemu.VM) -> None:
+    vm.execute("snapshot-save", {"job-id": "j1", "tag": "t1", "vmstate": "zz", "devices": ["d0"]})
+    _job_events(vm, "j1")
+    assert _job(vm, "j1")["error"] == "vmstate block device 'zz' does not exist"
+    assert hmp(vm, "info snapshots") == "There is no snapshot available.\r\n"
+
+
+def test_a_snapshot_qemu_saved_is_refused_and_the_vm_runs_on(kernel: Path, disk: Path) -> None:
+    """QEMU's VM state is not pyemu's stream: loadvm refuses it before reverting anything."""
+    done = subprocess.run(
+        ["qemu-system-x86_64", "-M", "microvm", "-nodefaults", "-S", "-display", "none", "-m", "32",
+         "-drive", f"file={disk},format=qcow2,if=none,id=d0", "-device", "virtio-blk-device,drive=d0",
+         "-monitor", "stdio"], input="savevm fromqemu\nquit\n", capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert "fromqemu" in qemu_img("snapshot", "-l", str(disk))
+    vm = pyemu.VM("-kernel", str(kernel), *BASE, *drive_args(disk, "d0"))
+    vm.start()
+    try:
+        wait_counting(vm, 1000)
+        answer = hmp(vm, "loadvm fromqemu")
+        assert answer == "Error: Error -22 while loading VM state: not a pyemu VM-state stream (bad magic)\r\n"
+        assert vm.state is RunState.RUNNING
+        wait_counting(vm, counter(vm) + 1000)
+    finally:
+        assert stop_vm(vm) == 0
+
+
+@pytest.mark.kvm
+def test_savevm_loadvm_under_kvm(kernel: Path, disk: Path) -> None:
+    from pyemu.accel.base import AcceleratorUnavailable
+    from pyemu.accel.kvm.accel import KvmAccelerator
+
+    try:
+        KvmAccelerator().close()
+    except AcceleratorUnavailable as error:
+        pytest.skip(f"KVM is not usable here: {error}")
+    kvm = tuple("kvm" if word == "tcg" else word for word in BASE)
+    vm = pyemu.VM("-kernel", str(kernel), *kvm, *drive_args(disk, "d0"))
+    vm.start()
+    try:
+        machine = vm._instance.machine
+        wait_counting(vm, 100_000)
+        machine.memory.write(MARK_ADDR, b"before")
+        assert hmp(vm, "savevm k") == ""
+        vm.pause()
+        saved = machine.vcpus[0].save_state().regs["rbx"]
+        vm.resume()
+        machine.memory.write(MARK_ADDR, b"after!")
+        wait_counting(vm, saved + 100_000)
+        vm.pause()
+        assert hmp(vm, "loadvm k") == ""
+        assert counter(vm) <= saved
+        assert machine.vcpus[0].save_state().regs["rbx"] == counter(vm)
+        assert machine.memory.read(MARK_ADDR, 6) == b"before"
+        vm.resume()
+        wait_counting(vm, counter(vm) + 1000)
+    finally:
+        assert stop_vm(vm) == 0
