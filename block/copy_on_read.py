@@ -225,8 +225,8 @@ def _open_cor(options: dict[str, Any], ctx: OpenContext) -> BlockDriver:
     if "bottom" in options:
         try:
             bottom = ctx.registry.lookup(options["bottom"])
-        except NodeRegistryError as exc:
-            raise BlockdevError(str(exc)) from None
+        except NodeRegistryError:
+            raise BlockdevError(f"Bottom node '{options['bottom']}' not found") from None
         if not in_chain(file, bottom) or unwrap(bottom) is unwrap(file):
             raise BlockdevError(f"Bottom node '{options['bottom']}' is not a node in the backing chain of "
                                 f"'{file.filename}'")

@@ -103,6 +103,9 @@ class DriveOptions:
     serial: str | None = None
     index: int | None = None
     snapshot: bool = False
+    copy_on_read: bool = False
+    """``copy-on-read=on``: a copy-on-read filter above the image (data read from the backing chain is
+    written into the top image, :mod:`pyemu.block.copy_on_read`)."""
     offset: int = 0
     size: int | None = None
     reconnect_delay: int = 0
@@ -226,6 +229,8 @@ class DriveOptions:
                 cache_overrides["writeback"] = parse_bool(key, value)
             elif key == "discard":
                 values["discard"] = value
+            elif key == "copy-on-read":
+                values["copy_on_read"] = parse_bool(key, value)
             elif key == "detect-zeroes":
                 values["detect_zeroes"] = value
             elif key in ("locking", "file.locking"):
@@ -308,6 +313,10 @@ def open_drive(options: DriveOptions, *, warn: Callable[[str], None] | None = No
     try:
         if options.snapshot:
             root = temporary_overlay(root, fmt, cache_direct=options.cache.direct)
+        if options.copy_on_read:
+            from pyemu.block.copy_on_read import CopyOnRead
+
+            root = CopyOnRead(root, user=f"copy-on-read filter of drive '{options.effective_id}'")
         backend = BlockBackend(root, read_only=options.readonly, cache=options.cache, discard=options.discard,
                                id=options.effective_id)
         if options.throttling.enabled:

@@ -12,6 +12,8 @@ backing child becomes ``base`` (:func:`pyemu.block.backing_link.change_backing`)
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -25,6 +27,10 @@ from pyemu.jobs.job import EventSink, Job, check_job_id
 STREAM_STEP = 1 << 20
 """Bytes populated per step (a guest write waits for at most one such step of its own clusters)."""
 ERROR_POLICIES = ("report", "ignore", "enospc", "stop", "auto")
+
+_busy_lock = threading.Lock()
+_busy: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+"""Top images a stream job works on, with the job type (QEMU's op blocker for a second job on them)."""
 
 
 class StreamError(BlockError):
@@ -65,8 +71,21 @@ class StreamJob(Job):
         self.total_progress = unwrap(top).size()
 
     def setup(self) -> None:
-        """Put the copy-on-read filter (bottom = base, no population on guest reads) above the top."""
+        """Put the copy-on-read filter (bottom = base, no population on guest reads) above the top and mark
+        the top busy; undone by :meth:`clean`."""
         user = f"stream job '{self.id}'"
+        with _busy_lock:
+            if unwrap(self.top) in _busy:
+                raise StreamError(f"Node '{self.opts.device}' is busy: block device is in use by block job: "
+                                  f"{_busy[unwrap(self.top)]}")
+            _busy[unwrap(self.top)] = self.job_type
+        try:
+            self._insert_filter(user)
+        except BaseException:
+            self.clean()
+            raise
+
+    def _insert_filter(self, user: str) -> None:
         if len(self._backends) > 1:
             raise StreamError(f"Node '{self.opts.device}' is used by several drives")
         if self._backends:
@@ -110,6 +129,8 @@ class StreamJob(Job):
                 else:
                     cor.close()
         finally:
+            with _busy_lock:
+                _busy.pop(unwrap(self.top), None)
             for release in self.on_release:
                 release()
 
@@ -153,37 +174,52 @@ def _find_base_by_filename(top: Any, filename: str) -> Any:
 def create_stream(args: dict[str, Any], *, resolve: Callable[[str], BlockDriver],
                   backends_of: Callable[[object], list[Any]], emit: EventSink,
                   check_id: Callable[[str], None], registry: NodeRegistry | None) -> StreamJob:
-    """Check ``args`` as QEMU 7.2's qmp_block_stream does and build the job (filter inserted, not started)."""
+    """Check ``args`` as QEMU 7.2's qmp_block_stream does, in its order and words, and build the job (filter
+    inserted, not started)."""
     device = args["device"]
     top = resolve(device)
-    job_id = args.get("job-id", device)
-    check_job_id(job_id)
-    check_id(job_id)
     if "base" in args and "base-node" in args:
         raise StreamError("'base' and 'base-node' cannot be specified at the same time")
+    if "base" in args and "bottom" in args:
+        raise StreamError("'base' and 'bottom' cannot be specified at the same time")
+    if "bottom" in args and "base-node" in args:
+        raise StreamError("'bottom' and 'base-node' cannot be specified at the same time")
+    chain_below = list(backing_chain(top))[1:]
     base: Any = None
+    bottom: Any = None
     if "base" in args:
         base = _find_base_by_filename(top, args["base"])
         if base is None:
             raise StreamError(f"Can't find '{args['base']}' in the backing chain")
     elif "base-node" in args:
         base = unwrap(resolve(args["base-node"]))
-        if not any(node is base for node in list(backing_chain(top))[1:]):
+        if not any(node is base for node in chain_below):
             raise StreamError(f"Node '{args['base-node']}' is not a backing image of '{device}'")
+    elif "bottom" in args:
+        bottom = unwrap(resolve(args["bottom"]))
+        if not any(node is bottom for node in chain_below):
+            raise StreamError(f"Node '{args['bottom']}' is not in a chain starting from '{device}'")
+        base = backing_of(bottom)  # everything down to bottom included is copied
     if "backing-file" in args and base is None:
         raise StreamError("backing file specified, but streaming the entire chain")
     on_error = args.get("on-error", "report")
     if on_error not in ERROR_POLICIES:
         raise StreamError(f"Parameter 'on-error' does not accept value '{on_error}'")
-    if backing_of(top) is None or backing_of(top) is base:
-        pass  # nothing to copy: the job still runs and rewrites the link, as QEMU
+    # QEMU names a job after its device only when that is a drive (a BlockBackend name).
+    is_drive = registry is not None and registry.backend(device) is not None
+    job_id = args.get("job-id", device if is_drive else "")
+    check_job_id(job_id)
+    check_id(job_id)
+    real_top = unwrap(top)
+    with _busy_lock:
+        if real_top in _busy:
+            raise StreamError(f"Node '{device}' is busy: block device is in use by block job: {_busy[real_top]}")
+    if real_top.read_only:
+        raise StreamError("Block node is read-only")
     opts = StreamOptions(job_id=job_id, device=device, base=base, backing_file=args.get("backing-file"),
                          speed=args.get("speed", 0), on_error=on_error,
                          auto_finalize=args.get("auto-finalize", True), auto_dismiss=args.get("auto-dismiss", True),
                          filter_node_name=args.get("filter-node-name"))
-    real_top = unwrap(top)
-    if real_top.read_only:
-        raise StreamError("Block node is read-only")
     job = StreamJob(opts, top=top, backends=backends_of(top), emit=emit, registry=registry)
     job.setup()
     return job

@@ -303,7 +303,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("blockdev-snapshot", _members("node:str", "overlay:str"), EMPTY,
             "put an existing overlay node (without a backing) on top of a running node"),
     Command("block-stream", _members("*job-id:str", "device:str", "*base:str", "*base-node:str",
-                                     "*backing-file:str", "*speed:int", "*on-error:BlockdevOnError",
+                                     "*backing-file:str", "*bottom:str", "*speed:int", "*on-error:BlockdevOnError",
                                      "*filter-node-name:str", "*auto-finalize:bool", "*auto-dismiss:bool"),
             EMPTY, "copy the backing chain's data into the top image, then drop the backing link (a stream job)"),
     # NBD server and block exports. 'addr' is QEMU's SocketAddressLegacy ({"type": "unix"|"inet",

@@ -32,17 +32,24 @@ def _registry(api: ControlApi) -> Any:
 
 
 def _lookup(api: ControlApi, device: str | None, node_name: str | None) -> Any:
+    """The node to snapshot, QEMU's bdrv_lookup_bs words; refused when it is some node's backing already
+    (QEMU's op blocker: "Node 'x' is busy: node is used as backing hd of 'y'")."""
     from pyemu.block.registry import NodeRegistryError
 
     registry = _registry(api)
-    try:
-        if device is not None:
-            return registry.lookup(device)
-        if node_name is not None:
-            return registry.node(node_name).node
-    except NodeRegistryError:
-        pass
-    raise QmpError(f"Cannot find device={device or ''} nor node-name={node_name or ''}")
+    node = None
+    with contextlib.suppress(NodeRegistryError):
+        if device is not None and registry.backend(device) is not None:
+            node = registry.lookup(device)
+        elif node_name is not None:
+            node = registry.node(node_name).node
+    if node is None:
+        raise QmpError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+    name = registry.name_of(node)
+    for parent, role in (registry.parents(name) if name else []):
+        if role == "backing":
+            raise QmpError(f"Node '{node_name or device}' is busy: node is used as backing hd of '{parent}'")
+    return node
 
 
 def attach_overlay(api: ControlApi, top: Any, overlay: Any) -> Callable[[], None]:
@@ -100,32 +107,42 @@ def _check_overlay(api: ControlApi, name: str, overlay: Any) -> None:
 
 
 def _snapshot_sync(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
-    from pyemu.block.blockdev import delete_blockdev, open_blockdev
+    """blockdev-snapshot-sync: QEMU 7.2's checks in its order and words (checked with qemu-storage-daemon),
+    then the overlay is created (absolute-paths) or opened (existing) and put on top."""
+    from pyemu.block.blockdev import DRIVERS, delete_blockdev, open_blockdev
     from pyemu.block.qcow2.create import create_qcow2
+    from pyemu.block.registry import NodeRegistryError, check_node_name
 
     registry = _registry(api)
-    top = _lookup(api, args.get("device"), args.get("node-name"))
-    if args.get("device") is None and args.get("node-name") is None:
-        raise QmpError("Cannot find device= nor node-name=")
+    device, node_name = args.get("device"), args.get("node-name")
+    top = _lookup(api, device, node_name)
+    name = args.get("snapshot-node-name")
+    if node_name is not None and name is None:
+        raise QmpError("New overlay node-name missing")
+    if name is not None:
+        if name in registry or registry.backend(name) is not None:
+            raise QmpError("New overlay node-name already in use")
+        try:
+            check_node_name(name)
+        except NodeRegistryError as exc:
+            raise QmpError(str(exc)) from None
     fmt = args.get("format", "qcow2")
     mode = args.get("mode", "absolute-paths")
-    if mode not in ("existing", "absolute-paths"):
-        raise QmpError(f"Parameter 'mode' does not accept value '{mode}'")
-    name = args.get("snapshot-node-name")
-    if name is not None and (name in registry or registry.backend(name) is not None):
-        raise QmpError(f"Duplicate nodes with node-name='{name}'")
-    if fmt != "qcow2":
-        raise QmpError("The overlay does not support backing images")
     path = args["snapshot-file"]
     real = unwrap(top)
     if mode == "absolute-paths":
-        if real.read_only is False and not real.filename:
-            raise QmpError("Cannot create an overlay of a node without a file name")
+        if fmt not in DRIVERS:
+            raise QmpError(f"Unknown file format '{fmt}'")
+        if fmt != "qcow2":
+            raise QmpError(f"Backing file not supported for file format '{fmt}'")
         try:
-            create_qcow2(path, real.size(), backing_file=os.path.abspath(real.filename),
-                         backing_format=real.name)
+            create_qcow2(path, real.size(), backing_file=os.path.abspath(real.filename), backing_format=real.name)
         except (OSError, PyemuError) as exc:
             raise QmpError(f"Could not create '{path}': {exc}") from None
+    elif not os.path.exists(path):
+        raise QmpError(f"Could not open '{path}': No such file or directory")
+    elif fmt != "qcow2":
+        raise QmpError("The overlay does not support backing images")
     options: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": path}, "backing": None}
     if name is not None:
         options["node-name"] = name
@@ -153,13 +170,13 @@ def _snapshot(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
 
     registry = _registry(api)
     top = _lookup(api, args["node"], args["node"])
+    if registry.get(args["overlay"]) is None and registry.backend(args["overlay"]) is None:
+        raise QmpError(f"Cannot find device='{args['overlay']}' nor node-name='{args['overlay']}'")
     try:
         overlay_entry = registry.lookup_entry(args["overlay"])
     except NodeRegistryError as exc:
         raise QmpError(str(exc)) from None
     _check_overlay(api, overlay_entry.name, overlay_entry.node)
-    if unwrap(overlay_entry.node).read_only:
-        raise QmpError("Block node is read-only")
     return attach_overlay(api, top, overlay_entry.node)
 
 

@@ -219,16 +219,45 @@ def test_qmp_snapshot_sync_then_stream(tmp_path: Path) -> None:
     snap = tmp_path / "snap.qcow2"
     with make_vm(tmp_path, top) as vm:
         vm.start()
+        # QEMU 7.2's words (qemu-storage-daemon), in its order.
         refused(vm, "blockdev-snapshot-sync", {"node-name": "nope", "snapshot-file": str(snap)},
-                "Cannot find device= nor node-name=nope")
-        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap), "format": "raw"},
-                "The overlay does not support backing images")
+                "Cannot find device='' nor node-name='nope'")
+        refused(vm, "blockdev-snapshot-sync", {"snapshot-file": str(snap)}, "Cannot find device='' nor node-name=''")
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap)},
+                "New overlay node-name missing")
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap),
+                                               "snapshot-node-name": "d0"}, "New overlay node-name already in use")
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap),
+                                               "snapshot-node-name": "bad name"}, "Invalid node-name: 'bad name'")
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap), "format": "raw",
+                                               "snapshot-node-name": "s1"},
+                "Backing file not supported for file format 'raw'")
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap), "format": "bogus",
+                                               "snapshot-node-name": "s1"}, "Unknown file format 'bogus'")
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(tmp_path / "none.qcow2"),
+                                               "mode": "existing", "snapshot-node-name": "s1"},
+                f"Could not open '{tmp_path / 'none.qcow2'}': No such file or directory")
+        assert not snap.exists()
         assert vm.execute("blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap),
                                                      "snapshot-node-name": "snap0"}) == {}
         meta = info(snap)
         assert meta["backing-filename"] == str(top)
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(tmp_path / "s2.qcow2"),
+                                               "snapshot-node-name": "s2"},
+                "Node 'd0' is busy: node is used as backing hd of 'snap0'")
         refused(vm, "block-stream", {"device": "snap0", "base": "/nonexistent"},
                 "Can't find '/nonexistent' in the backing chain")
+        refused(vm, "block-stream", {"device": "snap0", "base": "x", "base-node": "y"},
+                "'base' and 'base-node' cannot be specified at the same time")
+        refused(vm, "block-stream", {"device": "snap0", "base": "x", "bottom": "y"},
+                "'base' and 'bottom' cannot be specified at the same time")
+        refused(vm, "block-stream", {"device": "snap0", "bottom": "d0", "base-node": "y"},
+                "'bottom' and 'base-node' cannot be specified at the same time")
+        refused(vm, "block-stream", {"device": "snap0", "backing-file": "foo"},
+                "backing file specified, but streaming the entire chain")
+        refused(vm, "block-stream", {"device": "nope"}, "Cannot find device='nope' nor node-name='nope'")
+        refused(vm, "block-stream", {"device": "snap0"}, "Invalid job ID ''")
+        refused(vm, "block-stream", {"device": "snap0", "job-id": "bad id"}, "Invalid job ID 'bad id'")
         assert vm.execute("block-stream", {"device": "snap0", "job-id": "st"}) == {}
         vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
     check_clean(snap)
@@ -260,3 +289,106 @@ def test_qmp_blockdev_snapshot_existing_overlay(tmp_path: Path) -> None:
         assert "ov" in names
     check_clean(ov)
     check_clean(top)
+
+
+def drive_backend(vm: pyemu.VM) -> Any:
+    (use,) = [u for u in vm._instance.control.machine.drives()]  # type: ignore[union-attr]
+    return use.backend
+
+
+def test_qmp_snapshot_and_stream_while_the_drive_is_written(tmp_path: Path) -> None:
+    """A writer thread writes through the device's drive the whole time: the snapshot moves it onto the
+    overlay, the stream copies the chain below it; every write survives and the images are clean."""
+    base, mid, top = make_chain(tmp_path)
+    snap = tmp_path / "snap.qcow2"
+    with make_vm(tmp_path, top) as vm:
+        vm.start()
+        backend = drive_backend(vm)
+        writer = Writer(backend)
+        writer.start()
+        assert vm.execute("blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap),
+                                                     "snapshot-node-name": "snap0"}) == {}
+        assert backend.root is not None and backend.root.filename == str(snap)
+        assert vm.execute("block-stream", {"device": "snap0", "job-id": "st", "base": str(base)}) == {}
+        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        writer.stop.set()
+        writer.join(WAIT)
+        assert writer.error is None
+        expected = expected_image()
+        writer.apply(expected)
+        assert read_all(backend) == bytes(expected)
+        assert [j for j in vm.execute("query-block-jobs", {})] == []
+    check_clean(snap)
+    check_clean(top)
+    assert info(snap)["backing-filename"] == str(base)
+    copy = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(snap), str(copy)], check=True)
+    assert copy.read_bytes() == bytes(expected)
+
+
+def test_qmp_stream_bottom_busy_and_cancel(tmp_path: Path) -> None:
+    base, mid, top = make_chain(tmp_path)
+    with make_vm(tmp_path, top) as vm:
+        vm.start()
+        nodes = {n["file"]: n["node-name"] for n in vm.execute("query-named-block-nodes", {})
+                 if n["drv"] == "qcow2"}
+        refused(vm, "block-stream", {"device": "d0", "job-id": "x", "bottom": nodes[str(top)]},
+                f"Node '{nodes[str(top)]}' is not in a chain starting from 'd0'")
+        # A stream slowed to a crawl: a second job on the node is refused, cancel leaves the chain alone.
+        assert vm.execute("block-stream", {"device": "d0", "job-id": "slow", "speed": 1}) == {}
+        refused(vm, "block-stream", {"device": "d0", "job-id": "again"},
+                "Node 'd0' is busy: block device is in use by block job: stream")
+        vm.execute("block-job-cancel", {"device": "slow"})
+        vm.events.wait_for("BLOCK_JOB_CANCELLED", WAIT)
+        # bottom=mid: mid's data (MiB 2-4) is copied, the top then sits on base.
+        assert vm.execute("block-stream", {"device": "d0", "job-id": "b", "bottom": nodes[str(mid)]}) == {}
+        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+    check_clean(top)
+    assert info(top)["backing-filename"] == str(base)
+    copy = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
+    assert copy.read_bytes() == bytes(expected_image())
+
+
+def test_transaction_snapshot_aborted_leaves_the_drive(tmp_path: Path) -> None:
+    base, mid, top = make_chain(tmp_path)
+    snap = tmp_path / "snap.qcow2"
+    with make_vm(tmp_path, top) as vm:
+        vm.start()
+        backend = drive_backend(vm)
+        root = backend.root
+        with pytest.raises(CommandError):
+            vm.execute("transaction", {"actions": [
+                {"type": "blockdev-snapshot-sync", "data": {"node-name": "d0", "snapshot-file": str(snap),
+                                                             "snapshot-node-name": "snap0"}},
+                {"type": "abort", "data": {}}]})
+        assert backend.root is root
+        assert "snap0" not in {n["node-name"] for n in vm.execute("query-named-block-nodes", {})}
+        vm.execute("transaction", {"actions": [
+            {"type": "blockdev-snapshot-sync", "data": {"node-name": "d0", "snapshot-file": str(snap),
+                                                         "snapshot-node-name": "snap0"}}]})
+        assert backend.root is not root
+        backend.pwritev(0, [b"\xcd" * 4096])
+    check_clean(snap)
+    check_clean(top)
+    assert info(snap)["backing-filename"] == str(top)
+
+
+def test_drive_copy_on_read_fills_the_top(tmp_path: Path) -> None:
+    base, mid, top = make_chain(tmp_path)
+    kernel = tmp_path / "spin.bin"
+    kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
+    with pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
+                  "-drive", f"file={top},format=qcow2,if=none,id=d0,copy-on-read=on",
+                  "-device", "virtio-blk-device,drive=d0,id=vblk0") as vm:
+        vm.start()
+        backend = drive_backend(vm)
+        assert isinstance(backend.root, CopyOnRead)
+        assert read_all(backend) == bytes(expected_image())
+    check_clean(top)
+    subprocess.run(["qemu-img", "rebase", "-u", "-b", "", str(top)], check=True)
+    mid.unlink()
+    base.unlink()
+    copy = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
+    assert copy.read_bytes() == bytes(expected_image())
