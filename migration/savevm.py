@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from pyemu.machines.base import Machine
 
 EventSink = Callable[[str, dict[str, Any]], None]
+MAX_NAME_BYTES = 255
+"""QEMU keeps a snapshot's name in 256 bytes with the NUL: savevm cuts longer names to 255."""
 
 
 class SnapshotVmError(MigrationError):
@@ -137,6 +139,7 @@ def save_snapshot(machine: "Machine", disks: list[SnapshotDisk], emit: EventSink
         raise SnapshotVmError(f"the VM cannot be saved in state {state.value}")
     writable = _can_snapshot(disks)
     if name is not None:
+        name = name.encode()[:MAX_NAME_BYTES].decode(errors="ignore")
         holders = [d for d in writable if d.find(name) is not None]
         if holders and not overwrite:
             raise SnapshotVmError(f"Snapshot '{name}' already exists in one or more devices")
@@ -145,6 +148,7 @@ def save_snapshot(machine: "Machine", disks: list[SnapshotDisk], emit: EventSink
     assert image is not None
     if name is None:
         name = time.strftime("vm-%Y%m%d%H%M%S", time.localtime())
+    name = name.encode()[:MAX_NAME_BYTES].decode(errors="ignore")  # QEMU's char name[256]: silently cut
     with _stopped(machine, emit) as was_running:
         if overwrite:
             for disk in writable:

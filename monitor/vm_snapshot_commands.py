@@ -33,6 +33,8 @@ def _disks(api: ControlApi, devices: list[str] | None) -> list[SnapshotDisk]:
     from pyemu.block.registry import NodeRegistryError
     from pyemu.monitor.blockdev import node_registry
 
+    if not devices:
+        raise SnapshotVmError("At least one device is required for snapshot")
     registry = node_registry(api)
     out: list[SnapshotDisk] = []
     for name in devices:

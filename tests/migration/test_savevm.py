@@ -326,6 +326,12 @@ def test_vmstate_node_errors(vm: pyemu.VM) -> None:
     vm.execute("snapshot-save", {"job-id": "j1", "tag": "t1", "vmstate": "zz", "devices": ["d0"]})
     _job_events(vm, "j1")
     assert _job(vm, "j1")["error"] == "vmstate block device 'zz' does not exist"
+    vm.execute("snapshot-save", {"job-id": "j2", "tag": "t1", "vmstate": "d0", "devices": []})
+    _job_events(vm, "j2")
+    assert _job(vm, "j2")["error"] == "At least one device is required for snapshot"
+    assert hmp(vm, "savevm " + "x" * 300) == ""  # QEMU cuts a name to 255 bytes
+    assert hmp(vm, "info snapshots").splitlines()[2].split()[1] == "x" * 255
+    assert hmp(vm, "delvm " + "x" * 255) == ""
     assert hmp(vm, "info snapshots") == "There is no snapshot available.\r\n"
 
 
