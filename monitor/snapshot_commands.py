@@ -208,6 +208,26 @@ class _SnapshotAction(Action):
 
 
 # -- block-stream -------------------------------------------------------------------------------------------
+def _register_filter(registry: Any, job: Any) -> None:
+    """``filter-node-name``: the job's copy-on-read filter is a named node while the job runs."""
+    from pyemu.block.registry import NodeEntry, NodeRegistryError
+
+    name, node = job.opts.filter_node_name, job.filter
+    if not name or node is None:
+        return
+    try:
+        registry.add(NodeEntry(name, node, "copy-on-read", owner=f"job:{job.id}"))
+    except NodeRegistryError as exc:
+        job.cancel(force=True)
+        raise QmpError(str(exc)) from None
+
+    def release() -> None:
+        with contextlib.suppress(NodeRegistryError):
+            registry.remove(name, by_monitor=False)
+
+    job.on_release.append(release)
+
+
 def _block_stream(api: ControlApi, args: dict[str, Any]) -> Any:
     from pyemu.block.stream import create_stream
     from pyemu.monitor.blockdev import resolve_node
@@ -219,6 +239,7 @@ def _block_stream(api: ControlApi, args: dict[str, Any]) -> Any:
                             backends_of=lambda node: _backends_of(api, node), emit=api.jobs.emit,
                             check_id=api.jobs.check_new_id, registry=registry)
         api.jobs.add(job)
+        _register_filter(registry, job)
         return job
 
     job = _guard(create)

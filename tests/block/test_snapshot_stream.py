@@ -132,7 +132,10 @@ def test_stream_under_concurrent_writes(tmp_path: Path, with_base: bool) -> None
     writer.join(WAIT)
     assert writer.error is None
     assert job.error is None
-    assert [n for n, _ in got if n.startswith("BLOCK_JOB")] == ["BLOCK_JOB_COMPLETED"]
+    # QEMU 7.2's sequence for a stream job (recorded on qemu-storage-daemon).
+    assert [d["status"] if n == "JOB_STATUS_CHANGE" else n for n, d in got] == [
+        "created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
+    assert got[4][1] == {"device": "s", "len": SIZE, "offset": SIZE, "speed": 0, "type": "stream"}
     expected = expected_image()
     writer.apply(expected)
     assert read_all(backend) == bytes(expected)
@@ -335,11 +338,14 @@ def test_qmp_stream_bottom_busy_and_cancel(tmp_path: Path) -> None:
         refused(vm, "block-stream", {"device": "d0", "job-id": "x", "bottom": nodes[str(top)]},
                 f"Node '{nodes[str(top)]}' is not in a chain starting from 'd0'")
         # A stream slowed to a crawl: a second job on the node is refused, cancel leaves the chain alone.
-        assert vm.execute("block-stream", {"device": "d0", "job-id": "slow", "speed": 1}) == {}
+        assert vm.execute("block-stream", {"device": "d0", "job-id": "slow", "speed": 1,
+                                           "filter-node-name": "cor0"}) == {}
+        assert "cor0" in {n["node-name"] for n in vm.execute("query-named-block-nodes", {})}
         refused(vm, "block-stream", {"device": "d0", "job-id": "again"},
                 "Node 'd0' is busy: block device is in use by block job: stream")
         vm.execute("block-job-cancel", {"device": "slow"})
         vm.events.wait_for("BLOCK_JOB_CANCELLED", WAIT)
+        assert "cor0" not in {n["node-name"] for n in vm.execute("query-named-block-nodes", {})}
         # bottom=mid: mid's data (MiB 2-4) is copied, the top then sits on base.
         assert vm.execute("block-stream", {"device": "d0", "job-id": "b", "bottom": nodes[str(mid)]}) == {}
         vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
