@@ -310,6 +310,7 @@ class BitmapSet:
         self._enabled: tuple[DirtyBitmap, ...] = ()
         self._lock = threading.Lock()
         self.store: BitmapStore | None = None
+        self._hidden: list[DirtyBitmap] = []
 
     def __iter__(self) -> Iterator[DirtyBitmap]:
         with self._lock:
@@ -340,7 +341,21 @@ class BitmapSet:
 
     def _refresh(self) -> None:
         self._enabled = tuple(b for b in self._bitmaps.values()
-                              if b.enabled and not b.inconsistent and not b.readonly)
+                              if b.enabled and not b.inconsistent and not b.readonly) + \
+            tuple(b for b in self._hidden if b.enabled)
+
+    def add_hidden(self, bitmap: DirtyBitmap) -> None:
+        """Attach a nameless bitmap a job uses internally (a mirror's dirty bitmap, QEMU's anonymous
+        bitmap): it records writes but is not listed, looked up or persisted."""
+        with self._lock:
+            self._hidden.append(bitmap)
+            self._refresh()
+
+    def remove_hidden(self, bitmap: DirtyBitmap) -> None:
+        with self._lock:
+            if bitmap in self._hidden:
+                self._hidden.remove(bitmap)
+            self._refresh()
 
     # -- management ----------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from pyemu.monitor.throttle_commands import HANDLERS as THROTTLE_HANDLERS
 from pyemu.monitor.migration import HANDLERS as MIGRATION_HANDLERS
 from pyemu.monitor.nbd_commands import HANDLERS as NBD_HANDLERS
 from pyemu.monitor.job_commands import HANDLERS as JOB_HANDLERS
+from pyemu.monitor.mirror_commands import HANDLERS as MIRROR_HANDLERS
 from pyemu.monitor.block_info import block_info
 from pyemu.monitor.blockdev import HANDLERS as BLOCKDEV_HANDLERS
 from pyemu.monitor.qom import HANDLERS as QOM_HANDLERS
@@ -181,6 +182,7 @@ HANDLERS.update(TRANSACTION_HANDLERS)
 HANDLERS.update(MIGRATION_HANDLERS)
 HANDLERS.update(NBD_HANDLERS)
 HANDLERS.update(JOB_HANDLERS)
+HANDLERS.update(MIRROR_HANDLERS)
 HANDLERS.update(RESIZE_HANDLERS)
 HANDLERS.update(VM_SNAPSHOT_HANDLERS)
 HANDLERS.update(SNAPSHOT_HANDLERS)

@@ -1,0 +1,155 @@
+"""block-commit: merge the data of a chain's upper layers down into a lower one (QEMU 7.2's commit).
+
+Chain ``base <- ... <- top <- ... <- active`` (the drive runs on ``active``):
+
+* intermediate commit (``top`` is not the active layer): a :class:`CommitJob` copies every cluster the
+  layers from ``top`` down to (not including) ``base`` allocate into ``base`` -- reading through ``top``, so
+  the newest layer's data wins -- and, once done, ``top``'s overlay gets ``base`` as its backing (header
+  rewritten durably, :func:`pyemu.block.backing_link.drop_intermediate`); ``top`` and the layers between
+  leave the chain. No ready state: the guest writes to ``active`` only, which the job does not read.
+* active commit (``top`` is the active layer): the mirror machinery (:mod:`pyemu.block.mirror`) copies
+  ``active``'s allocated clusters (and the layers above ``base``) into ``base`` while the guest writes,
+  becomes ready, and ``job-complete`` pivots the drive onto ``base``.
+
+``base`` is written, so it must be writable: pyemu cannot reopen a read-only node read-write (QEMU does),
+so a chain opened read-only below a ``-drive`` is refused with a clear error; ``-blockdev`` chains with a
+read-write ``base`` work. The backing edges from ``top`` down to ``base`` share writes for the job's time
+(QEMU's commit takes the same permissions on the intermediate nodes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pyemu.block import graph
+from pyemu.block.backing_link import backing_chain, drop_intermediate, find_overlay, in_chain, unwrap
+from pyemu.block.driver import BlockDriver
+from pyemu.block.locking import BlockPerm
+from pyemu.block.mirror import MirrorError, MirrorJob, MirrorOptions, build_job, parse_options
+from pyemu.block.registry import NodeRegistry
+from pyemu.jobs.job import EventSink, JobError, check_job_id
+
+
+class CommitJob(MirrorJob):
+    """Intermediate commit: the mirror's copy loop over a node nobody writes, then a chain relink."""
+
+    def __init__(self, opts: MirrorOptions, *, source: BlockDriver, target: BlockDriver, backends: list[Any],
+                 emit: EventSink, base: BlockDriver | None = None, active: BlockDriver | None = None,
+                 backing_file: str | None = None, registry: NodeRegistry | None = None) -> None:
+        super().__init__(opts, source=source, target=target, backends=[], emit=emit, base=base)
+        self.active = active
+        self.backing_file = backing_file
+        self.registry = registry
+
+    def run(self) -> None:
+        self._initial_dirty()
+        while True:
+            self.pause_point()
+            found = self._next_dirty()
+            if found is None:
+                break
+            self._copy_step(*found)
+        self.target.flush()
+
+    def prepare(self) -> None:
+        """Re-point ``top``'s overlay at ``base`` (the header names ``backing-file`` or base's file name)."""
+        assert self.active is not None and self.base is not None
+        base = unwrap(self.base)
+        name = self.backing_file if self.backing_file is not None else base.filename
+        drop_intermediate(self.active, self.source, self.base, backing_file=name,
+                          backing_format=_format_name(base), registry=self.registry)
+
+
+class ActiveCommitJob(MirrorJob):
+    """Active commit: a mirror of the active layer into ``base``; the pivot puts the drive on ``base``."""
+
+
+def _format_name(node: object) -> str:
+    from pyemu.block.qcow2.driver import Qcow2Format
+
+    return "qcow2" if isinstance(node, Qcow2Format) else "raw"
+
+
+def share_writes_on_chain(top: BlockDriver, base: BlockDriver) -> None:
+    """Let the backing edges from ``top`` down to ``base`` share writes (the job writes ``base``; after an
+    active commit the drive does)."""
+    target = unwrap(base)
+    for node in backing_chain(top):
+        if node is target:
+            return
+        attachments = getattr(node, "_attachments", None)
+        if not isinstance(attachments, list):
+            continue
+        for index, attachment in enumerate(list(attachments)):
+            if attachment.role != "backing" or attachment.shared & BlockPerm.WRITE:
+                continue
+            attachment.detach()
+            attachments[index] = graph.attach(attachment.node, user=attachment.user, role=attachment.role,
+                                              perm=attachment.perm, shared=attachment.shared | BlockPerm.WRITE)
+
+
+def create_commit(args: dict[str, Any], *, resolve: Callable[[str], BlockDriver],
+                  find_device: Callable[[str], BlockDriver], backends_of: Callable[[object], list[Any]],
+                  emit: EventSink, check_id: Callable[[str], None], registry: NodeRegistry | None) -> MirrorJob:
+    """Check block-commit's arguments (QEMU's order and messages) and build the job, not started."""
+    if args.get("base") is not None and args.get("base-node") is not None:
+        raise MirrorError("'base-node' and 'base' are mutually exclusive")
+    if args.get("top") is not None and args.get("top-node") is not None:
+        raise MirrorError("'top-node' and 'top' are mutually exclusive")
+    active = find_device(str(args.get("device", "")))
+    opts = parse_options({k: v for k, v in args.items() if k in ("speed", "auto-finalize", "auto-dismiss")},
+                         job_type="commit")
+    opts.device = str(args.get("device", ""))
+    on_error = str(args.get("on-error", "report"))
+    checked = parse_options({"on-source-error": on_error, "on-target-error": on_error})
+    opts.on_source_error = opts.on_target_error = checked.on_source_error
+    opts.filter_node_name = args.get("filter-node-name")
+    chain = list(backing_chain(active))
+    if args.get("top-node") is not None:
+        top = unwrap(resolve(str(args["top-node"])))
+    elif args.get("top") is not None:
+        top = next((n for n in chain if n.filename == args["top"]), None)
+        if top is None:
+            raise MirrorError(f"Top image file {args['top']} not found")
+    else:
+        top = chain[0]
+    if args.get("base-node") is not None:
+        base = unwrap(resolve(str(args["base-node"])))
+    elif args.get("base") is not None:
+        base = next((n for n in chain if n.filename == args["base"]), None)
+        if base is None:
+            raise MirrorError(f"Can't find '{args['base']}' in the backing chain")
+    else:
+        below = [n for n in backing_chain(top)]
+        base = below[-1]
+    if base is top:
+        raise MirrorError("cannot commit an image into itself")
+    if not in_chain(active, top):
+        raise MirrorError(f"'{getattr(top, 'node_name', None) or top.filename}' is not in this backing file "
+                          "chain")
+    if not in_chain(top, base):
+        raise MirrorError(f"'{getattr(base, 'node_name', None) or base.filename}' is not in this backing file "
+                          "chain")
+    job_id = str(args.get("job-id") or "")
+    backends = backends_of(active)
+    if not job_id:
+        job_id = next((str(b.id) for b in backends if getattr(b, "id", "")), "")
+    try:
+        check_job_id(job_id)
+        check_id(job_id)
+    except JobError as exc:
+        raise MirrorError(str(exc)) from None
+    opts.job_id = job_id
+    if base.read_only:
+        raise MirrorError(f"Block node '{getattr(base, 'node_name', None) or base.filename}' is read-only: pyemu "
+                          "cannot reopen it read-write for the commit (open the base with -blockdev read-only=off)")
+    if top is unwrap(active):
+        opts.sync = "top"
+        share_writes_on_chain(top, base)
+        return build_job(opts, source=top, target=base, backends=backends, emit=emit, base=base,
+                         cls=ActiveCommitJob)
+    if find_overlay(active, top) is None:
+        raise MirrorError(f"'{top.filename}' has no overlay in this chain")
+    share_writes_on_chain(top, base)
+    return build_job(opts, source=top, target=base, backends=[], emit=emit, base=base, cls=CommitJob,
+                     active=active, backing_file=args.get("backing-file"), registry=registry)

@@ -1,0 +1,162 @@
+"""QMP ``blockdev-mirror``, ``drive-mirror`` and ``block-commit`` (the jobs live in :mod:`pyemu.block.mirror`
+and :mod:`pyemu.block.commit`); errors become QEMU 7.2's GenericError messages."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from pyemu.monitor.control import ControlApi
+from pyemu.monitor.schema import QmpError
+
+
+def _backends_of(api: ControlApi, node: object) -> list[Any]:
+    return [use.backend for use in api.machine.drives() if use.backend.root is node]
+
+
+def _block_target(api: ControlApi, job: Any) -> None:
+    """blockdev-del of the target refuses while the job runs (QEMU's op blocker message)."""
+    from pyemu.monitor.blockdev import node_registry
+
+    try:
+        registry = node_registry(api)
+    except QmpError:
+        return
+    name = registry.name_of(job.target)
+    entry = registry.get(name) if name else None
+    if entry is None:
+        return
+    blocker = f"block device is in use by block job: {job.job_type}"
+    entry.blockers.append(blocker)
+
+    def release() -> None:
+        if blocker in entry.blockers:
+            entry.blockers.remove(blocker)
+
+    job.on_release.append(release)
+
+
+def _start(api: ControlApi, build: Callable[[], Any]) -> dict[str, Any]:
+    from pyemu.errors import PyemuError
+
+    try:
+        job = build()
+        api.jobs.add(job)
+        _block_target(api, job)
+    except QmpError:
+        raise
+    except PyemuError as exc:
+        raise QmpError(str(exc)) from None
+    job.start()
+    return {}
+
+
+def _resolve(api: ControlApi) -> Callable[[str], Any]:
+    from pyemu.monitor.blockdev import resolve_node
+
+    return lambda name: resolve_node(api, name)
+
+
+def _blockdev_mirror(api: ControlApi, args: dict[str, Any]) -> Any:
+    from pyemu.block.mirror import create_mirror
+
+    return _start(api, lambda: create_mirror(dict(args), resolve=_resolve(api),
+                                             backends_of=lambda node: _backends_of(api, node), emit=api.jobs.emit,
+                                             check_id=api.jobs.check_new_id))
+
+
+def _drive_mirror(api: ControlApi, args: dict[str, Any]) -> Any:
+    """Create (mode=absolute-paths) or open (mode=existing) the target image file, then mirror into it;
+    sync=top gives a new image the source's backing file. The target node belongs to the job's caller: it
+    stays open with the drive after the pivot (closed with it), or is closed when the job does not pivot."""
+    from pyemu.block.backing_link import backing_of, unwrap
+    from pyemu.block.image import create_raw, open_image
+    from pyemu.block.mirror import MirrorError, create_mirror
+    from pyemu.block.qcow2.create import create_qcow2
+    from pyemu.block.qcow2.driver import Qcow2Format
+    from pyemu.errors import PyemuError
+
+    resolve = _resolve(api)
+    filename = str(args.get("target", ""))
+    mode = str(args.get("mode", "absolute-paths"))
+    if mode not in ("absolute-paths", "existing"):
+        raise QmpError(f"Parameter 'mode' does not accept value '{mode}'")
+    sync = str(args.get("sync", "full"))
+    source = resolve(str(args.get("device", "")))
+    fmt = args.get("format")
+    if fmt is None:
+        fmt = "qcow2" if isinstance(unwrap(source), Qcow2Format) else "raw"
+    if fmt not in ("qcow2", "raw"):
+        raise QmpError(f"Unknown file format '{fmt}'")
+    created = False
+    try:
+        if mode == "absolute-paths":
+            backing = backing_of(source) if sync == "top" else None
+            if fmt == "qcow2":
+                create_qcow2(filename, source.size(), backing_file=backing.filename if backing is not None else None,
+                             backing_format=("qcow2" if isinstance(backing, Qcow2Format) else "raw")
+                             if backing is not None else None)
+            else:
+                create_raw(filename, source.size())
+            created = True
+        elif not os.path.exists(filename):
+            raise QmpError(f"Could not open '{filename}': No such file or directory")
+        target = open_image(filename, format=fmt, read_only=False, open_backing=sync != "full")
+    except QmpError:
+        raise
+    except (PyemuError, OSError) as exc:
+        raise QmpError(str(exc)) from None
+
+    def build() -> Any:
+        try:
+            job = create_mirror({k: v for k, v in args.items() if k not in ("format", "mode")}, resolve=resolve,
+                                backends_of=lambda node: _backends_of(api, node), emit=api.jobs.emit,
+                                check_id=api.jobs.check_new_id, target=target)
+        except BaseException:
+            target.close()
+            raise
+        job.target_is_zero = created and sync != "top"
+
+        def close_unless_pivoted() -> None:
+            if not any(b.root is target for b in _backends_of(api, target)):
+                target.close()
+
+        job.on_release.append(close_unless_pivoted)
+        return job
+
+    try:
+        return _start(api, build)
+    except MirrorError as exc:  # pragma: no cover - _start converts
+        raise QmpError(str(exc)) from None
+
+
+def _block_commit(api: ControlApi, args: dict[str, Any]) -> Any:
+    from pyemu.block.commit import create_commit
+    from pyemu.monitor.blockdev import node_registry
+
+    def find_device(name: str) -> Any:
+        try:
+            return node_registry(api).lookup(name)
+        except Exception:  # noqa: BLE001 - any lookup failure is QEMU's DeviceNotFound here
+            raise QmpError(f"Device '{name}' not found", "DeviceNotFound") from None
+
+    def resolve(name: str) -> Any:
+        try:
+            return node_registry(api).lookup(name)
+        except Exception:  # noqa: BLE001
+            raise QmpError(f"Cannot find device='' nor node-name='{name}'") from None
+
+    try:
+        registry = node_registry(api)
+    except QmpError:
+        registry = None
+    return _start(api, lambda: create_commit(dict(args), resolve=resolve, find_device=find_device,
+                                             backends_of=lambda node: _backends_of(api, node), emit=api.jobs.emit,
+                                             check_id=api.jobs.check_new_id, registry=registry))
+
+
+HANDLERS: dict[str, Callable[[ControlApi, dict[str, Any]], Any]] = {
+    "blockdev-mirror": _blockdev_mirror,
+    "drive-mirror": _drive_mirror,
+    "block-commit": _block_commit,
+}
