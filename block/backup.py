@@ -38,7 +38,8 @@ from pyemu.block.copy_before_write import CopyBeforeWrite
 from pyemu.block.dirty_bitmap import DirtyBitmap, bitmaps_of, check_modifiable, BitmapError
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockError
-from pyemu.jobs.job import EventSink, Job, JobError, JobFailed, check_job_id, check_speed, error_text
+from pyemu.jobs.block_job import BlockJobEvents
+from pyemu.jobs.job import EventSink, JobError, JobFailed, check_job_id, check_speed, error_text
 
 SYNC_MODES = ("top", "full", "none", "incremental", "bitmap")
 BITMAP_MODES = ("on-success", "never", "always")
@@ -168,11 +169,10 @@ def error_action(policy: str, err: int) -> str:
     return policy
 
 
-class BackupJob(Job):
+class BackupJob(BlockJobEvents):
     """One ``blockdev-backup``. Build with :func:`create_backup`; :meth:`start` runs it."""
 
     job_type = "backup"
-    is_block_job = True
 
     def __init__(self, opts: BackupOptions, *, source: BlockDriver, target: BlockDriver,
                  bitmap: DirtyBitmap | None, backends: list[Any], emit: EventSink) -> None:
@@ -375,47 +375,6 @@ class BackupJob(Job):
                         del _busy[_unwrap(node)]
             for release in self.on_release:
                 release()
-
-    # -- events ---------------------------------------------------------------------------------------
-    def _block_event_data(self) -> dict[str, Any]:
-        return {"device": self.id, "len": self.total_progress, "offset": self.current_progress,
-                "speed": self.speed, "type": self.job_type}
-
-    def event_finished(self, *, cancelled: bool) -> None:
-        self._update_progress()
-        if cancelled:
-            self._emit("BLOCK_JOB_CANCELLED", self._block_event_data())
-            return
-        data = self._block_event_data()
-        if self.error is not None:
-            data["error"] = self.error
-        self._emit("BLOCK_JOB_COMPLETED", data)
-
-    def event_pending(self) -> None:
-        self._emit("BLOCK_JOB_PENDING", {"type": self.job_type, "id": self.id})
-
-    def event_ready(self) -> None:
-        self._emit("BLOCK_JOB_READY", self._block_event_data())
-
-    def block_info(self) -> dict[str, Any]:
-        """QEMU's BlockJobInfo (query-block-jobs)."""
-        if self.status.value in ("running", "paused"):
-            self._update_progress()
-        with self._cond:
-            info: dict[str, Any] = {
-                "type": self.job_type, "device": self.id, "len": self.total_progress,
-                "offset": self.current_progress, "busy": self.busy, "paused": self.paused,
-                "speed": self.speed, "io-status": self.io_status, "ready": self.status.value in ("ready", "standby"),
-                "status": self.status.value, "auto-finalize": self.auto_finalize,
-                "auto-dismiss": self.auto_dismiss}
-            if self.error is not None:
-                info["error"] = self.error
-            return info
-
-    def info(self) -> dict[str, Any]:
-        if self.status.value in ("running", "paused"):
-            self._update_progress()
-        return super().info()
 
 
 def create_backup(args: dict[str, Any], *, resolve: Callable[[str], BlockDriver], backends_of: Callable[[object], list[Any]],

@@ -22,7 +22,8 @@ from pyemu.block.copy_on_read import CopyOnRead, insert_into_drive
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockError
 from pyemu.block.registry import NodeRegistry
-from pyemu.jobs.job import EventSink, Job, check_job_id
+from pyemu.jobs.block_job import BlockJobEvents
+from pyemu.jobs.job import EventSink, check_job_id
 
 STREAM_STEP = 1 << 20
 """Bytes populated per step (a guest write waits for at most one such step of its own clusters)."""
@@ -50,11 +51,10 @@ class StreamOptions:
     filter_node_name: str | None
 
 
-class StreamJob(Job):
+class StreamJob(BlockJobEvents):
     """One block-stream. Build with :func:`create_stream`; :meth:`start` runs it."""
 
     job_type = "stream"
-    is_block_job = True
 
     def __init__(self, opts: StreamOptions, *, top: BlockDriver, backends: list[Any], emit: EventSink,
                  registry: NodeRegistry | None) -> None:
@@ -62,7 +62,6 @@ class StreamJob(Job):
                          auto_dismiss=opts.auto_dismiss, speed=opts.speed)
         self.opts = opts
         self.top = top
-        self.io_status = "ok"
         self._backends = backends
         self._registry = registry
         self.filter: CopyOnRead | None = None
@@ -133,35 +132,6 @@ class StreamJob(Job):
                 _busy.pop(unwrap(self.top), None)
             for release in self.on_release:
                 release()
-
-    # -- events ---------------------------------------------------------------------------------------------
-    def _block_event_data(self) -> dict[str, Any]:
-        return {"device": self.id, "len": self.total_progress, "offset": self.current_progress,
-                "speed": self.speed, "type": self.job_type}
-
-    def event_finished(self, *, cancelled: bool) -> None:
-        if cancelled:
-            self._emit("BLOCK_JOB_CANCELLED", self._block_event_data())
-            return
-        data = self._block_event_data()
-        if self.error is not None:
-            data["error"] = self.error
-        self._emit("BLOCK_JOB_COMPLETED", data)
-
-    def event_pending(self) -> None:
-        self._emit("BLOCK_JOB_PENDING", {"type": self.job_type, "id": self.id})
-
-    def block_info(self) -> dict[str, Any]:
-        with self._cond:
-            info: dict[str, Any] = {
-                "type": self.job_type, "device": self.id, "len": self.total_progress,
-                "offset": self.current_progress, "busy": self.busy, "paused": self.paused,
-                "speed": self.speed, "io-status": self.io_status, "ready": False,
-                "status": self.status.value, "auto-finalize": self.auto_finalize,
-                "auto-dismiss": self.auto_dismiss}
-            if self.error is not None:
-                info["error"] = self.error
-            return info
 
 
 def _find_base_by_filename(top: Any, filename: str) -> Any:
