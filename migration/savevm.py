@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -29,8 +28,8 @@ from pyemu.block.qcow2.driver import Qcow2Format
 from pyemu.block.qcow2.snapshot import SnapshotInfo
 from pyemu.block.qcow2.vmstate import VmStateReader, VmStateWriter
 from pyemu.migration.errors import MigrationError, StreamCorrupt
-from pyemu.migration.stream import Kind, StreamReader
-from pyemu.migration.vmstate import check_identity, drain_io, identity, load_vm, migration_blockers, save_vm
+from pyemu.migration.stream import StreamReader
+from pyemu.migration.vmstate import check_header, drain_io, identity, load_vm, migration_blockers, save_vm
 from pyemu.system.runstate import RunState
 
 if TYPE_CHECKING:
@@ -199,13 +198,7 @@ def check_vmstate(machine: "Machine", image: Qcow2Format, snap: SnapshotInfo) ->
     first = True
     for section in reader:
         if first:
-            if section.kind is not Kind.HEADER:
-                raise StreamCorrupt("the stream does not start with its header", section.where)
-            try:
-                header = json.loads(section.payload.decode())
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                raise StreamCorrupt("the header is not valid JSON", section.where) from None
-            check_identity(header, identity(machine))
+            check_header(section, identity(machine))
             first = False
     if first:
         raise StreamCorrupt("the stream has no header")

@@ -267,6 +267,19 @@ def load_vm(machine: Machine, source: IO[bytes], stats: LoadStats | None = None)
     return str(parsed.header["run_state"])
 
 
+def check_header(section: Section, own: dict[str, Any]) -> dict[str, Any]:
+    """The stream's first section: the header, as JSON, describing a VM like this one (``own``:
+    :func:`identity` of the destination). Raises StreamCorrupt or StreamMismatch."""
+    if section.kind is not Kind.HEADER:
+        raise StreamCorrupt("the stream does not start with its header", section.where)
+    try:
+        header = json.loads(section.payload.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise StreamCorrupt("the header is not valid JSON", section.where) from None
+    check_identity(header, own)
+    return dict(header)
+
+
 def _read_stream(machine: Machine, reader: StreamReader, stats: LoadStats) -> _Parsed:
     parsed = _Parsed()
     own = identity(machine)
@@ -275,14 +288,7 @@ def _read_stream(machine: Machine, reader: StreamReader, stats: LoadStats) -> _P
     first = True
     for section in reader:
         if first:
-            if section.kind is not Kind.HEADER:
-                raise StreamCorrupt("the stream does not start with its header", section.where)
-            try:
-                header = json.loads(section.payload.decode())
-            except (UnicodeDecodeError, ValueError, RecursionError):
-                raise StreamCorrupt("the header is not valid JSON", section.where) from None
-            check_identity(header, own)
-            parsed.header = header
+            parsed.header = check_header(section, own)
             first = False
             continue
         if section.kind is Kind.HEADER:

@@ -21,10 +21,8 @@ from pyemu.block.qcow2.vmstate import VmStateError, VmStateReader, VmStateWriter
 from pyemu.errors import PyemuError
 from pyemu.system.runstate import RunState
 
-from migration_programs import COUNTER_ADDR, write_counter_kernel
-
-TIMEOUT = 60.0
-BASE = ("-m", "32", "-accel", "tcg", "-serial", "none", "-device", "isa-debug-exit")
+from migration_programs import write_counter_kernel
+from test_migration_guest import BASE, TIMEOUT, counter, stop_vm, wait_counting
 MARK_ADDR = 0x500000  # RAM the counter program never touches
 
 
@@ -41,27 +39,6 @@ def drive_args(path: Path, drive_id: str, fmt: str = "qcow2") -> tuple[str, ...]
 
 def hmp(vm: pyemu.VM, line: str) -> str:
     return str(vm.execute("human-monitor-command", {"command-line": line}))
-
-
-def counter(vm: pyemu.VM) -> int:
-    return int(vm._instance.machine.memory.read_u32(COUNTER_ADDR))
-
-
-def wait_counting(vm: pyemu.VM, above: int) -> int:
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        value = counter(vm)
-        if value > above:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"the counter stayed at {counter(vm)}")
-
-
-def stop_vm(vm: pyemu.VM) -> int:
-    vm.quit()
-    status = vm.wait(TIMEOUT)
-    vm.close()
-    return status
 
 
 @pytest.fixture

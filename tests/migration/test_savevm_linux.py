@@ -16,14 +16,7 @@ import pyemu
 from pyemu.block.qcow2.create import create_qcow2
 from pyemu.system.runstate import RunState
 
-BOOT_TIMEOUT = 600.0
-COMMAND_TIMEOUT = 120.0
-_UPTIME = re.compile(r"UPTIME=(\d+\.\d+)")
-
-
-def guest_uptime(vm: pyemu.VM) -> float:
-    vm.console.send("printf 'UPTIME=%s\\n' $(cut -d' ' -f1 /proc/uptime)\n")
-    return float(vm.console.expect(_UPTIME, timeout=COMMAND_TIMEOUT).group(1))
+from test_migration_linux import BOOT_TIMEOUT, COMMAND_TIMEOUT, guest_uptime
 
 
 def hmp(vm: pyemu.VM, line: str) -> str:
