@@ -7,7 +7,7 @@ interrupt controller; KVM keeps the LAPIC in the kernel and takes MSIs (``needs_
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.errors import PyemuError
@@ -95,6 +95,24 @@ class Accelerator(Protocol):
         ...
 
     def close(self) -> None:
+        ...
+
+
+@runtime_checkable
+class DirtyLogging(Protocol):
+    """An accelerator that can tell which guest pages were written (live migration's dirty tracking),
+    so migration code never imports accelerator internals. Pages are guest-physical addresses of 4 KiB
+    pages; RAM written by devices through :class:`~pyemu.hw.core.dma.DmaMemory` (``wrote``) counts too."""
+
+    def start_dirty_log(self) -> None:
+        """Begin recording written pages (from now on; earlier writes are not reported)."""
+        ...
+
+    def fetch_dirty_pages(self) -> set[int]:
+        """The pages written since the start or the previous fetch; recording goes on."""
+        ...
+
+    def stop_dirty_log(self) -> None:
         ...
 
 

@@ -7,8 +7,8 @@ QEMU's ``file:``, ``exec:``, ``tcp:`` and ``unix:`` URIs, :mod:`~pyemu.migration
 migrate-set-parameters/-capabilities (max-bandwidth is a rate limit) and :mod:`~pyemu.migration.job` runs a save or a load as QMP's
 ``migrate``/``migrate-incoming`` with ``query-migrate`` status and MIGRATION events.
 
-A running VM is migrated live (:mod:`~pyemu.migration.precopy`: changed pages found by comparing RAM
-with what was sent, not yet by KVM's dirty log or a TCG write-tracking hook). Not done yet: ``fd:`` URIs,
+A running VM is migrated live (:mod:`~pyemu.migration.precopy`: changed pages from KVM's dirty log, or under
+TCG by comparing RAM with what was sent; no TCG write-tracking hook yet). Not done yet: ``fd:`` URIs,
 loading a stream under the other accelerator (refused as a mismatch), and devices other than the board's
 own, virtio-blk and virtio-rng (virtio-net, vsock and virtio-serial block migration by name). Input typed
 at a serial chardev but not yet taken into the UART's FIFO stays with the source, as in QEMU.

@@ -11,12 +11,13 @@ stopped, its I/O drained, and the final round, the clock, vCPUs and devices are 
 As in QEMU without auto-converge, a guest that dirties memory faster than it can be sent keeps the
 migration iterating until it converges or is cancelled.
 
-How changed pages are found (:class:`ShadowTracker`): the source keeps a copy of every page as it was
-sent and compares RAM against it at each sync. This finds every change whatever made it -- vCPU stores
-under either accelerator, device DMA, virtio ring updates written through plain views -- at the cost of
-one RAM-sized host buffer and a memcmp of RAM per round. It is not QEMU's mechanism (KVM's dirty log or
-TCG's dirty-memory bitmap fed by the softmmu slow path); those would find the set without the scan and
-are later work (see the report in the package docstring).
+How changed pages are found: with an accelerator that has a dirty log
+(:class:`~pyemu.accel.base.DirtyLogging`; KVM: KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG, plus the pages
+devices reported through DmaMemory) by :class:`LogTracker`; otherwise (TCG for now) by
+:class:`ShadowTracker`, which keeps a copy of every page as it was sent and compares RAM against it at each
+sync -- it finds every change whatever made it (vCPU stores, DMA, ring writes through plain views) at
+the cost of one RAM-sized host buffer and a memcmp of RAM per round. TCG write tracking through the
+TLB-fill hook (QEMU's dirty-memory bitmap fed by the softmmu slow path) is not done.
 
 The stream format needs nothing new: RAM sections may come before the clock, vCPU and device sections
 and a page may appear several times (the destination writes each section as it reads it; the last copy
@@ -29,9 +30,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable
 
+from pyemu.accel.base import DirtyLogging
 from pyemu.migration.params import MigrationCancelled, MigrationParameters
-from pyemu.migration.stream import RAM_CHUNK, StreamWriter, Writable
-from pyemu.migration.vmstate import PAGE, LoadStats, begin_stream, send_changed_pages, write_cpu_and_devices
+from pyemu.migration.stream import RAM_CHUNK, Kind, StreamWriter, Writable
+from pyemu.migration.vmstate import _RAM_ADDR, PAGE, LoadStats, begin_stream, send_changed_pages, write_cpu_and_devices
 
 if TYPE_CHECKING:
     from pyemu.machines.base import Machine
@@ -47,7 +49,7 @@ class ShadowTracker:
         self._shadow = {region.gpa: bytearray(region.size) for region in memory.regions}
 
     def sync(self, writer: StreamWriter, stats: LoadStats, cancel: threading.Event | None = None,
-             first: bool = False) -> int:
+             first: bool = False, final: bool = False) -> int:
         """Send every page that differs from what was sent, chunk by chunk; returns the RAM bytes sent.
         A page the guest writes while its chunk is read is sent as read and found again next round."""
         sent = 0
@@ -68,13 +70,106 @@ class ShadowTracker:
                 stats.stream_bytes = writer.bytes_written
         return sent
 
+    def close(self) -> None:
+        self._shadow.clear()
+
+
+class LogTracker:
+    """Changed pages as the accelerator's dirty log reports them (KVM: KVM_GET_DIRTY_LOG, plus the pages
+    devices wrote through DmaMemory). Round 1 sends every non-zero page with logging already on, so a
+    store that races the read is in the next round's log. The used rings of virtio queues are written
+    through plain views that nothing reports: the final round adds their pages (the device is drained
+    then, so they no longer change)."""
+
+    def __init__(self, machine: Machine, accel: DirtyLogging) -> None:
+        self._machine = machine
+        self._accel = accel
+        self._logging = False
+
+    def sync(self, writer: StreamWriter, stats: LoadStats, cancel: threading.Event | None = None,
+             first: bool = False, final: bool = False) -> int:
+        memory = self._machine.memory
+        sent = 0
+        if first:
+            self._accel.start_dirty_log()
+            self._logging = True
+            for region in memory.regions:
+                for start in range(0, region.size, RAM_CHUNK):
+                    if cancel is not None and cancel.is_set():
+                        raise MigrationCancelled()
+                    size = min(RAM_CHUNK, region.size - start)
+                    chunk = memory.read(region.gpa + start, size)
+                    zero = bytes(size)
+                    if chunk == zero:
+                        stats.zero_pages += size // PAGE
+                        continue
+                    sent += send_changed_pages(writer, stats, region.gpa + start, chunk, zero, count_zero=True)
+                    stats.stream_bytes = writer.bytes_written
+            return sent
+        pages = self._accel.fetch_dirty_pages()
+        if final:
+            pages |= virtio_ring_pages(self._machine)
+        run: list[int] = []
+        for page in sorted(p for p in pages if memory.contains(p, PAGE)):
+            if run and (page != run[-1] + PAGE or len(run) * PAGE >= RAM_CHUNK
+                        or memory.region_of(page) is not memory.region_of(run[0])):
+                sent += self._send_run(writer, stats, run)
+                run = []
+            run.append(page)
+        if run:
+            sent += self._send_run(writer, stats, run)
+        stats.stream_bytes = writer.bytes_written
+        return sent
+
+    def _send_run(self, writer: StreamWriter, stats: LoadStats, run: list[int]) -> int:
+        size = len(run) * PAGE
+        writer.section(Kind.RAM, "", _RAM_ADDR.pack(run[0]) + self._machine.memory.read(run[0], size))
+        stats.normal_pages += len(run)
+        stats.ram_bytes += size
+        return size
+
+    def close(self) -> None:
+        if self._logging:
+            self._logging = False
+            self._accel.stop_dirty_log()
+
+
+def virtio_ring_pages(machine: Machine) -> set[int]:
+    """The pages of every ready virtqueue's descriptor table and rings."""
+    pages: set[int] = set()
+    for device in machine.devices:
+        for queue in getattr(device.model, "queues", None) or ():
+            if not getattr(queue, "ready", False):
+                continue
+            size = int(queue.size)
+            for addr, length in ((queue.desc_addr, 16 * size), (queue.avail_addr, 6 + 2 * size),
+                                 (queue.used_addr, 6 + 8 * size)):
+                pages.update(range(addr & ~(PAGE - 1), addr + length, PAGE))
+    return pages
+
+
+def make_tracker(machine: Machine) -> ShadowTracker | LogTracker:
+    """The accelerator's dirty log when it has one, else the comparison with what was sent."""
+    accel = machine.accel
+    if isinstance(accel, DirtyLogging):
+        return LogTracker(machine, accel)
+    return ShadowTracker(machine.memory)
+
 
 def precopy_save(machine: Machine, out: Writable, stats: LoadStats, params: MigrationParameters,
                  cancel: threading.Event, stop_vm: Callable[[], None]) -> None:
     """Save a running ``machine`` to ``out`` live. ``stop_vm`` pauses it (and drains its I/O) when the
     rest fits in the downtime limit; everything written after that call is the downtime."""
     writer = begin_stream(machine, out, "running")
-    tracker = ShadowTracker(machine.memory)
+    tracker = make_tracker(machine)
+    try:
+        _iterate(machine, writer, tracker, stats, params, cancel, stop_vm)
+    finally:
+        tracker.close()
+
+
+def _iterate(machine: Machine, writer: StreamWriter, tracker: ShadowTracker | LogTracker, stats: LoadStats,
+             params: MigrationParameters, cancel: threading.Event, stop_vm: Callable[[], None]) -> None:
     stats.ram_total = sum(region.size for region in machine.memory.regions)
     stats.remaining = stats.ram_total
     first = True
@@ -100,7 +195,7 @@ def precopy_save(machine: Machine, out: Writable, stats: LoadStats, params: Migr
         raise MigrationCancelled()
     with machine.lock:
         write_cpu_and_devices(machine, writer)
-        tracker.sync(writer, stats, None)
+        tracker.sync(writer, stats, None, final=True)
     stats.dirty_sync_count += 1
     stats.remaining = 0
     writer.finish()

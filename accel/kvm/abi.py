@@ -229,6 +229,11 @@ ffi.cdef(
         uint64_t attr;
         uint64_t addr;
     };
+    struct kvm_dirty_log {
+        uint32_t slot;
+        uint32_t padding1;
+        uint64_t dirty_bitmap;
+    };
     struct kvm_clock_data {
         uint64_t clock;
         uint32_t flags;
@@ -337,6 +342,7 @@ KVM_GET_SUPPORTED_CPUID = _iowr(0x05, "struct kvm_cpuid2")
 # VM ioctls
 KVM_CREATE_VCPU = _io(0x41)
 KVM_SET_USER_MEMORY_REGION = _iow(0x46, "struct kvm_userspace_memory_region")
+KVM_GET_DIRTY_LOG = _iow(0x42, "struct kvm_dirty_log")
 KVM_SET_TSS_ADDR = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR = _iow(0x48, "uint64_t")
 KVM_SET_GSI_ROUTING = _iow(0x6A, "struct kvm_irq_routing")

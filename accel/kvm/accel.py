@@ -106,6 +106,9 @@ class KvmAccelerator:
         self._irqfds: list[tuple[EventNotifier, int]] = []
         self.tsc = KvmGuestTsc(lambda: self.vcpus, self.vm.fd)
         """The guest TSC and kvmclock across pause/resume/reset (see :mod:`pyemu.accel.kvm.guest_tsc`)."""
+        self._dirty_lock = threading.Lock()
+        self._dirty_dma: set[int] | None = None
+        """While logging: the pages devices wrote (KVM logs only the vCPUs' stores)."""
 
     # -- Accelerator protocol ---------------------------------------------------------------------------
     def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
@@ -199,6 +202,47 @@ class KvmAccelerator:
         for notifier, _gsi in self._irqfds:
             notifier.close()
         self.system.close()
+
+    # -- dirty logging (pyemu.accel.base.DirtyLogging) ----------------------------------------------
+    def start_dirty_log(self) -> None:
+        """Every memory slot gets KVM_MEM_LOG_DIRTY_PAGES (KVM write-protects the guest's RAM and records
+        the first store to each page) and device writes are recorded from now on."""
+        with self._dirty_lock:
+            self._dirty_dma = set()
+        for slot, (gpa, size, host) in self.vm.slots.items():
+            self.vm.set_memory_region(slot, gpa, size, host, log_dirty=True)
+
+    def fetch_dirty_pages(self) -> set[int]:
+        pages: set[int] = set()
+        for slot, (gpa, size, _host) in self.vm.slots.items():
+            bitmap = self.vm.get_dirty_log(slot, size)
+            for word_index in range(0, len(bitmap), 8):
+                word = int.from_bytes(bitmap[word_index:word_index + 8], "little")
+                while word:
+                    low = word & -word
+                    bit = low.bit_length() - 1
+                    pages.add(gpa + ((word_index * 8 + bit) << 12))
+                    word ^= low
+        with self._dirty_lock:
+            if self._dirty_dma is not None:
+                pages |= self._dirty_dma
+                self._dirty_dma = set()
+        return pages
+
+    def stop_dirty_log(self) -> None:
+        with self._dirty_lock:
+            self._dirty_dma = None
+        for slot, (gpa, size, host) in self.vm.slots.items():
+            self.vm.set_memory_region(slot, gpa, size, host)
+
+    def invalidate_code(self, gpa: int, size: int) -> None:
+        """A device wrote ``[gpa, gpa+size)`` (DmaMemory.wrote). No translated code to drop under KVM;
+        while dirty logging, the pages are recorded (KVM's log does not see userspace writes)."""
+        if self._dirty_dma is None or size <= 0:
+            return
+        with self._dirty_lock:
+            if self._dirty_dma is not None:
+                self._dirty_dma.update(page << 12 for page in range(gpa >> 12, ((gpa + size - 1) >> 12) + 1))
 
     # -- KVM-specific extras --------------------------------------------------------------------------
     @property

@@ -63,11 +63,14 @@ class KvmVm:
         self.fd.ioctl(abi.KVM_ENABLE_CAP, request)
 
     # -- memory ---------------------------------------------------------------------------------------
-    def set_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, *, readonly: bool = False) -> None:
-        """Map ``size`` bytes of host memory at ``host_addr`` to guest-physical ``gpa`` (size 0 deletes)."""
+    def set_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, *, readonly: bool = False,
+                          log_dirty: bool = False) -> None:
+        """Map ``size`` bytes of host memory at ``host_addr`` to guest-physical ``gpa`` (size 0 deletes).
+        ``log_dirty``: KVM records the pages the guest writes (KVM_MEM_LOG_DIRTY_PAGES; the flag can be
+        changed on a registered slot while vCPUs run)."""
         region = ffi.new("struct kvm_userspace_memory_region *")
         region.slot = slot
-        region.flags = abi.KVM_MEM_READONLY if readonly else 0
+        region.flags = (abi.KVM_MEM_READONLY if readonly else 0) | (abi.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0)
         region.guest_phys_addr = gpa
         region.memory_size = size
         region.userspace_addr = host_addr
@@ -76,6 +79,16 @@ class KvmVm:
             self._slots[slot] = (gpa, size, host_addr)
         else:
             self._slots.pop(slot, None)
+
+    def get_dirty_log(self, slot: int, size: int) -> bytes:
+        """The bitmap (bit n = page n of the slot) of pages written since the last call, which KVM clears
+        and write-protects again (KVM_GET_DIRTY_LOG without manual protection)."""
+        bitmap = ffi.new("uint64_t[]", max(1, (size // 4096 + 63) // 64))
+        log = ffi.new("struct kvm_dirty_log *")
+        log.slot = slot
+        log.dirty_bitmap = int(ffi.cast("uintptr_t", bitmap))
+        self.fd.ioctl(abi.KVM_GET_DIRTY_LOG, log)
+        return bytes(ffi.buffer(bitmap))
 
     @property
     def slots(self) -> dict[int, tuple[int, int, int]]:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 import pyemu
+from pyemu.accel.base import AcceleratorUnavailable
 from pyemu.migration.precopy import ShadowTracker
 from pyemu.migration.stream import StreamWriter
 from pyemu.migration.vmstate import LoadStats
@@ -35,13 +36,29 @@ def wait_filled(vm: pyemu.VM) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("transport", ["unix", "tcp"])
-def test_precopy_downtime_sends_a_fraction_and_every_page_matches(short_dir: Path, transport: str) -> None:
+def kvm_usable() -> bool:
+    from pyemu.accel.kvm.accel import KvmAccelerator
+
+    try:
+        KvmAccelerator().close()
+    except AcceleratorUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("transport,accel", [
+    ("unix", "tcg"), ("tcp", "tcg"),
+    pytest.param("tcp", "kvm", marks=[pytest.mark.kvm, pytest.mark.skipif(not kvm_usable(),
+                                                                          reason="KVM is not usable here")])])
+def test_precopy_downtime_sends_a_fraction_and_every_page_matches(short_dir: Path, transport: str,
+                                                                   accel: str) -> None:
+    """Under TCG changed pages are found by comparison; under KVM by the dirty log (KVM_GET_DIRTY_LOG)."""
     kernel = write_dirty_kernel(short_dir)
+    base = tuple(accel if word == "tcg" else word for word in BASE)
     uri = f"unix:{short_dir}/pre.sock" if transport == "unix" else "tcp:127.0.0.1:0"
-    dest = pyemu.VM("-kernel", str(kernel), *BASE, "-incoming", uri, "-S")
+    dest = pyemu.VM("-kernel", str(kernel), *base, "-incoming", uri, "-S")
     dest.start()
-    source = pyemu.VM("-kernel", str(kernel), *BASE)
+    source = pyemu.VM("-kernel", str(kernel), *base)
     source.start()
     try:
         if transport == "tcp":
@@ -71,6 +88,11 @@ def test_precopy_downtime_sends_a_fraction_and_every_page_matches(short_dir: Pat
         assert max(window) - min(window) < 2 * WINDOW_PAGES and min(window) > 0  # the guest's own invariant
         src_regs = machine_of(source).vcpus[0].save_state().regs
         assert machine_of(dest).vcpus[0].save_state().regs == src_regs
+        if accel == "kvm":
+            from pyemu.accel.kvm.accel import KvmAccelerator
+
+            assert isinstance(machine_of(source).accel, KvmAccelerator)
+            assert machine_of(source).accel._dirty_dma is None  # the log was switched off again
         dest.resume()
         deadline = time.monotonic() + TIMEOUT
         while dst_mem.read_u32(BUFFER_ADDR) <= window[0] + 10 * WINDOW_PAGES:
@@ -121,3 +143,35 @@ def test_shadow_tracker_sends_changes_only_including_pages_that_became_zero() ->
         assert tracker.sync(writer, stats) == 0
     finally:
         memory.close()
+
+
+def test_a_downtime_limit_too_small_keeps_iterating_until_raised(short_dir: Path) -> None:
+    """As QEMU without auto-converge: the guest rewrites 1 MiB all the time, which cannot be sent in
+    1 ms, so rounds go on with the guest running; raising downtime-limit lets the next round converge."""
+    kernel = write_dirty_kernel(short_dir)
+    vm = pyemu.VM("-kernel", str(kernel), *BASE)
+    vm.start()
+    try:
+        wait_filled(vm)
+        vm.execute("migrate-set-parameters", {"downtime-limit": 0})
+        vm.execute("migrate", {"uri": f"file:{short_dir / 'vm.state'}"})
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            info = vm.execute("query-migrate")
+            assert info["status"] in ("setup", "active"), info
+            if info["ram"]["dirty-sync-count"] >= 4:
+                break
+            assert time.monotonic() < deadline, info
+            time.sleep(0.02)
+        assert vm.state is RunState.RUNNING  # still live
+        assert info["expected-downtime"] >= 0 and info["ram"]["remaining"] > 0
+        before = machine_of(vm).memory.read_u32(BUFFER_ADDR)
+        while machine_of(vm).memory.read_u32(BUFFER_ADDR) == before:  # the guest keeps running meanwhile
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        vm.execute("migrate-set-parameters", {"downtime-limit": 2000 * 1000})
+        info = wait_migration(vm)
+        assert info["status"] == "completed" and info["ram"]["dirty-sync-count"] >= 5
+        assert vm.state is RunState.POSTMIGRATE
+    finally:
+        stop_vm(vm)
