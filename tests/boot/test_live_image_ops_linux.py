@@ -124,6 +124,8 @@ def test_cor_snapshot_stream_commit_and_cancel(guest, tmp_path, kind):  # type: 
     wait_job(g, "c1")
     (block,) = [b for b in g.mon("query-block") if b["qdev"].endswith("vblk0")]
     assert block["inserted"]["node-name"] == "ov1"
+    # The committed overlay left the graph with the pivot (QEMU drops the snapshot's node).
+    assert "ov2" not in [n["node-name"] for n in g.mon("query-named-block-nodes")]
     g.wait_writes(2)
     g.stop_writer()
     at_pivot = guest_md5(g)  # ov1's content from here on: later writes go to the next overlay
