@@ -139,12 +139,15 @@ def _is_active(edge: Any) -> int:
 
 def change_backing(node: BlockDriver, new_backing: BlockDriver | None, *, backing_file: str | None,
                    backing_format: str | None, registry: NodeRegistry | None = None,
-                   write_header: bool = True) -> None:
+                   write_header: bool = True, take_ownership: bool = False, keep_old: bool = False) -> None:
     """Re-point the qcow2 ``node`` at ``new_backing`` (None: no backing) and write ``backing_file`` /
     ``backing_format`` into its header, durably. ``registry``, when given, is kept in step: the node's
     entry lists the new child, nodes dropped from the chain are unregistered, a borrowed new backing is
     found by name. ``write_header=False`` changes only the in-memory link (blockdev-snapshot: the user
-    created the overlay's header). Raises BackingLinkError (QEMU's refusals), PermissionConflict (the new backing cannot be
+    created the overlay's header). ``take_ownership``: a new backing that is not in the old chain is
+    handed over (``node`` closes it from now on: a ``-drive``'s image under a snapshot overlay); otherwise
+    it is borrowed (its owner keeps closing it). ``keep_old``: an owned old backing is neither closed nor
+    unregistered (the caller takes it back: undoing a snapshot). Raises BackingLinkError (QEMU's refusals), PermissionConflict (the new backing cannot be
     attached: nothing changed) or BlockIOError (header write failed: nothing changed)."""
     image = _qcow2(node)
     target = unwrap(new_backing) if new_backing is not None else None
@@ -166,7 +169,7 @@ def change_backing(node: BlockDriver, new_backing: BlockDriver | None, *, backin
         located = None
     else:
         located = _locate(image, target) if target is not None else None
-        new_edge = _make_edge(target, located, registry, old_edge)
+        new_edge = _make_edge(target, located, registry, take_ownership)
     old_attachment = _backing_attachment(image)
     new_attachment: graph.Attachment | None = None
     try:
@@ -218,9 +221,12 @@ def change_backing(node: BlockDriver, new_backing: BlockDriver | None, *, backin
         parent = located[0]
         _drop_attachment(parent, _backing_attachment(parent))
         parent.backing = None
-    _release(old_edge, registry, keep=target)
+    if keep_old and not isinstance(old_edge, BorrowedNode):
+        pass  # handed back to the caller, open
+    else:
+        _release(old_edge, registry, keep=target)
     if registry is not None:
-        _registry_relink(registry, image, target)
+        _registry_relink(registry, image, target, owned=not isinstance(new_edge, BorrowedNode))
 
 
 def _drive_above(image: Any) -> bool:
@@ -240,7 +246,7 @@ def _replace_attachment(image: Any, old: graph.Attachment, new: graph.Attachment
 
 
 def _make_edge(target: Any, located: tuple[Any, Any] | None, registry: NodeRegistry | None,
-               old_edge: Any) -> Any:
+               take_ownership: bool) -> Any:
     """What the image will hold for ``target``: the owned node itself (moved up the chain, or handed
     over), or a borrowed handle on a named node."""
     if target is None:
@@ -250,10 +256,10 @@ def _make_edge(target: Any, located: tuple[Any, Any] | None, registry: NodeRegis
         if not isinstance(edge, BorrowedNode):
             return edge  # owned below: ownership moves up
         return BorrowedNode(target, node_name=edge.borrowed_name)
+    if take_ownership:
+        return target  # handed over by the caller
     name = registry.name_of(target) if registry is not None else None
-    if name is not None:
-        return BorrowedNode(target, node_name=name)
-    return target  # handed over by the caller
+    return BorrowedNode(target, node_name=name or "")
 
 
 def _release(old_edge: Any, registry: NodeRegistry | None, *, keep: Any) -> None:
@@ -290,13 +296,13 @@ def _unregister(registry: NodeRegistry, name: str) -> None:
             return
         for role, child in entry.children.items():
             child_entry = registry._nodes.get(child)
-            if child_entry is not None and child_entry.owner == name:
-                if role == "backing":
-                    continue  # a backing child still in a chain is re-owned by _registry_relink
+            if role == "backing" or child_entry is None or child_entry.monitor_owned:
+                continue  # a backing child is dropped (or kept) on its own; the user's nodes stay
+            if not registry.parents(child):
                 _unregister(registry, child)
 
 
-def _registry_relink(registry: NodeRegistry, image: Any, target: Any) -> None:
+def _registry_relink(registry: NodeRegistry, image: Any, target: Any, *, owned: bool) -> None:
     entry = registry.entry_of(image)
     if entry is None:
         return
@@ -309,7 +315,7 @@ def _registry_relink(registry: NodeRegistry, image: Any, target: Any) -> None:
             entry.children.pop("backing", None)
             return
         entry.children["backing"] = child.name
-        if not child.monitor_owned and child.owner not in registry._nodes:
+        if owned and not child.monitor_owned:
             child.owner = entry.name
 
 

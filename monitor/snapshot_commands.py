@@ -56,6 +56,8 @@ def attach_overlay(api: ControlApi, top: Any, overlay: Any) -> Callable[[], None
     """Make ``overlay`` the root of every drive on ``top`` and ``top`` its backing; returns the undo."""
     registry = _registry(api)
     backends = _backends_of(api, top)
+    top_entry = registry.entry_of(top)
+    top_owner = top_entry.owner if top_entry is not None else None
     if unwrap(overlay).size() != unwrap(top).size() and backends:
         raise QmpError("The overlay's size differs from the size of the node it is put on")
     with contextlib.ExitStack() as drained:
@@ -66,8 +68,9 @@ def attach_overlay(api: ControlApi, top: Any, overlay: Any) -> Callable[[], None
             for backend in backends:
                 backend.change_root(overlay)
                 swapped.append(backend)
+            handed_over = any(getattr(backend, "_owned_root", None) is top for backend in backends)
             change_backing(overlay, top, backing_file=None, backing_format=None, registry=registry,
-                           write_header=False)
+                           write_header=False, take_ownership=handed_over)
         except BaseException:
             for backend in swapped:
                 backend.change_root(top)
@@ -84,11 +87,13 @@ def attach_overlay(api: ControlApi, top: Any, overlay: Any) -> Callable[[], None
             for backend in backends:
                 again.enter_context(backend.drained())
             change_backing(overlay, None, backing_file=None, backing_format=None, registry=registry,
-                           write_header=False)
+                           write_header=False, keep_old=True)
             for backend in backends:
                 backend.change_root(top)
                 if getattr(backend, "_owned_root", None) is overlay:
                     backend._owned_root = top
+            if top_entry is not None and top_owner is not None:
+                top_entry.owner = top_owner
 
     return undo
 
@@ -147,7 +152,8 @@ def _snapshot_sync(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
     if name is not None:
         options["node-name"] = name
     try:
-        entry = open_blockdev(options, registry)
+        # Without snapshot-node-name (a drive given by device) the overlay gets an automatic name, as QEMU.
+        entry = open_blockdev(options, registry, owner="monitor" if name is not None else f"drive:{device}")
     except PyemuError as exc:
         raise QmpError(str(exc)) from None
     try:

@@ -398,3 +398,39 @@ def test_drive_copy_on_read_fills_the_top(tmp_path: Path) -> None:
     copy = tmp_path / "copy.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
     assert copy.read_bytes() == bytes(expected_image())
+
+
+def test_drive_snapshot_hands_the_image_to_the_overlay(tmp_path: Path) -> None:
+    """-drive: snapshot by device name (auto-named overlay), stream by device name (job-id defaults to it);
+    at close the drive closes the whole chain (both images clean, locks released)."""
+    base, mid, top = make_chain(tmp_path)
+    snap = tmp_path / "snap.qcow2"
+    kernel = tmp_path / "spin.bin"
+    kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
+    with pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
+                  "-drive", f"file={top},format=qcow2,if=none,id=d0",
+                  "-device", "virtio-blk-device,drive=d0,id=vblk0") as vm:
+        vm.start()
+        backend = drive_backend(vm)
+        root = backend.root
+        with pytest.raises(CommandError):
+            vm.execute("transaction", {"actions": [
+                {"type": "blockdev-snapshot-sync", "data": {"device": "d0", "snapshot-file": str(snap)}},
+                {"type": "abort", "data": {}}]})
+        assert backend.root is root and not root.closed  # the drive's own image was handed back, open
+        assert vm.execute("blockdev-snapshot-sync", {"device": "d0", "snapshot-file": str(snap)}) == {}
+        backend.pwritev(6 * MiB, [b"\xee" * 65536])
+        assert vm.execute("block-stream", {"device": "d0"}) == {}
+        event = vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        assert event.data["device"] == "d0"
+    check_clean(snap)
+    check_clean(top)
+    assert "backing-filename" not in info(snap)
+    expected = expected_image()
+    expected[6 * MiB:6 * MiB + 65536] = b"\xee" * 65536
+    copy = tmp_path / "copy.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(snap), str(copy)], check=True)
+    assert copy.read_bytes() == bytes(expected)
+    # The old top got none of the writes made after the snapshot.
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
+    assert copy.read_bytes() == bytes(expected_image())
