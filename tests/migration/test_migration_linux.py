@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,3 +99,71 @@ def test_linux_with_disk_io_in_flight_is_drained_and_the_disk_works_after(guest_
     with open(disk, "rb") as image:
         image.seek(7000 * 512)
         assert image.read(6) == b"MARKER"  # the restored VM's write reached the shared image
+
+
+def drain(session: Any) -> None:
+    """Read what a console session's process has written so far (until its output pauses for 1 s)."""
+    import os
+    import select
+
+    fd = session.proc.stdout.fileno()
+    while select.select([fd], [], [], 1.0)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return
+        session.output += chunk
+
+
+@pytest.mark.slow
+@pytest.mark.assets
+def test_linux_counter_migrates_live_over_tcp_to_a_second_process(guest_assets: object, short_dir: Path) -> None:
+    """Issue 13's done-when: a Linux guest printing a counter is migrated live over tcp: from one pyemu
+    process to another; the second process's console goes on counting with no number missing or
+    repeated (the console output of both processes, joined, is one unbroken count)."""
+    import socket
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "boot"))
+    from boot_helpers import ConsoleSession, qmp
+
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    src_sock, dst_sock = short_dir / "src.qmp", short_dir / "dst.qmp"
+    args = ["-m", "256M", "-nographic", "-accel", "tcg"]
+    source = ConsoleSession([*args, "-qmp", f"unix:{src_sock},server=on,wait=off"])
+    dest: ConsoleSession | None = None
+    try:
+        source.expect(b"shell on the console", timeout=BOOT_TIMEOUT)
+        source.send("i=0; while true; do i=$((i+1)); echo \"COUNT=$i.\"; sleep 0.1; done &\n")
+        source.expect(b"COUNT=20.", timeout=COMMAND_TIMEOUT)
+        dest = ConsoleSession([*args, "-qmp", f"unix:{dst_sock},server=on,wait=off",
+                               "-incoming", f"tcp:127.0.0.1:{port}"])
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while not dst_sock.exists():
+            assert time.monotonic() < deadline and dest.proc.poll() is None, "the destination did not start"
+            time.sleep(0.1)
+        assert qmp(dst_sock, "query-migrate") == {"status": "setup"}  # listening
+        qmp(src_sock, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+        deadline = time.monotonic() + MIGRATE_TIMEOUT
+        while (info := qmp(src_sock, "query-migrate"))["status"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, info
+            time.sleep(0.1)
+        assert info["status"] == "completed", info
+        assert info["ram"]["dirty-sync-count"] >= 2 and info["ram"]["precopy-bytes"] > 0  # it went live
+        assert qmp(dst_sock, "query-migrate") == {"status": "completed"}
+        assert qmp(dst_sock, "query-status")["status"] == "running"
+        drain(source)  # everything the stopped source printed (it prints nothing more)
+        counts_src = [int(n) for n in re.findall(rb"COUNT=(\d+)\.", source.output)]
+        last = counts_src[-1]
+        dest.expect(f"COUNT={last + 30}.".encode(), timeout=COMMAND_TIMEOUT)
+        joined = source.output + dest.output
+        counts = [int(n) for n in re.findall(rb"COUNT=(\d+)\.", joined)]
+        start = counts.index(1)
+        assert counts[start:] == list(range(1, len(counts) - start + 1)), counts[-60:]  # no gap, no repeat
+        assert len(counts) - start > last  # and the second process added to it
+    finally:
+        source.close()
+        if dest is not None:
+            dest.close()
