@@ -26,6 +26,7 @@ themselves. vCPU threads never reach either path: they only kick the queue.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import threading
@@ -407,7 +408,7 @@ class ThrottleGroup:
             self._token[direction] = token
             if wait:
                 self._timer[direction] = self.timers.arm(self.state.clock() + wait,
-                                                         lambda d=direction: self._fire(d))
+                                                         functools.partial(self._fire, direction))
                 break
             ticket = token.pending[direction].popleft()
             self.state.account(direction, ticket.nbytes)
