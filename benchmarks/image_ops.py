@@ -26,7 +26,6 @@ Usage: python benchmarks/image_ops.py [--quick] [--reps 5] [--size MiB] [--only 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -114,22 +113,11 @@ RUNNERS = {"mirror": run_mirror, "stream": run_stream}
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--reps", type=int)
-    parser.add_argument("--size", type=int, help="disk size in MiB")
-    parser.add_argument("--only", default=",".join(CASES))
-    args = parser.parse_args()
     for tool in ("qemu-img", "qemu-system-x86_64"):
         if shutil.which(tool) is None:
             print(f"{tool} not installed (Debian: qemu-utils, qemu-system-x86)", file=sys.stderr)
             return 2
-    reps = args.reps or (1 if args.quick else 5)
-    size = (args.size or (128 if args.quick else 512)) * MiB
-    cases = [c for c in args.only.split(",") if c]
-    for case in cases:
-        if case not in CASES:
-            parser.error(f"unknown case {case!r} (choose from {', '.join(CASES)})")
+    reps, size, cases = nb.options(__doc__.split("\n")[0], CASES, reps=5, size_mib=512, quick_size_mib=128)
     results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="pyemu-imageops-bench-", dir=os.environ.get("TMPDIR", "/var/tmp")) \
             as tmp:

@@ -222,23 +222,30 @@ def run_case(case: str, kind: str, work: Path, size: int) -> float:
     return seconds
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def options(description: str, cases: tuple[str, ...], *, reps: int, size_mib: int,
+            quick_size_mib: int) -> tuple[int, int, list[str]]:
+    """The benchmarks' common command line (--quick, --reps, --size MiB, --only): reps, size in bytes and
+    the cases chosen."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int)
     parser.add_argument("--size", type=int, help="image size in MiB")
-    parser.add_argument("--only", default=",".join(CASES))
+    parser.add_argument("--only", default=",".join(cases))
     args = parser.parse_args()
+    chosen = [c for c in args.only.split(",") if c]
+    for case in chosen:
+        if case not in cases:
+            parser.error(f"unknown case {case!r} (choose from {', '.join(cases)})")
+    return args.reps or (1 if args.quick else reps), (args.size or (quick_size_mib if args.quick else size_mib)) \
+        * MiB, chosen
+
+
+def main() -> int:
     for tool in ("nbdcopy", "qemu-nbd", "qemu-system-x86_64"):
         if shutil.which(tool) is None:
             print(f"{tool} not installed (Debian: libnbd-bin, qemu-utils, qemu-system-x86)", file=sys.stderr)
             return 2
-    reps = args.reps or (1 if args.quick else 3)
-    size = (args.size or (256 if args.quick else 1024)) * MiB
-    cases = [c for c in args.only.split(",") if c]
-    for case in cases:
-        if case not in CASES:
-            parser.error(f"unknown case {case!r} (choose from {', '.join(CASES)})")
+    reps, size, cases = options(__doc__.split("\n")[0], CASES, reps=3, size_mib=1024, quick_size_mib=256)
     results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="pyemu-nbd-bench-", dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
         work = Path(tmp)
