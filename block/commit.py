@@ -63,6 +63,19 @@ class CommitJob(MirrorJob):
 class ActiveCommitJob(MirrorJob):
     """Active commit: a mirror of the active layer into ``base``; the pivot puts the drive on ``base``."""
 
+    def before_pivot(self) -> None:
+        """The drive becomes ``base``'s writer: the overlays that keep ``base`` as backing (``top``, and
+        nodes dropped from the chain but still open) stop refusing writes on it -- their data above it is
+        what was just committed."""
+        share_writes_on_node(self.target)
+
+
+def share_writes_on_node(node: BlockDriver) -> None:
+    """Widen every backing edge on ``node`` to share writes (widening a share never conflicts)."""
+    for attachment in graph.users(unwrap(node)):
+        if attachment.role == "backing":
+            attachment.shared |= BlockPerm.WRITE
+
 
 def _format_name(node: object) -> str:
     from pyemu.block.qcow2.driver import Qcow2Format

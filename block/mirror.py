@@ -491,12 +491,16 @@ class MirrorJob(Job):
         if not self._pivot:
             return
         self._remove_filter()
+        self.before_pivot()
         for backend in self._backends:
             try:
                 backend.change_root(self.target)
             except BlockError as exc:
                 raise MirrorError(f"Could not switch drive '{backend.id}' to the target: {exc}") from exc
         self.after_pivot()
+
+    def before_pivot(self) -> None:
+        """Hook for active commit (let the drive write the base)."""
 
     def after_pivot(self) -> None:
         """Hook for active commit (the drive now runs on the base)."""
