@@ -120,6 +120,8 @@ def _drive_mirror(api: ControlApi, args: dict[str, Any]) -> Any:
         def close_unless_pivoted() -> None:
             if not any(b.root is target for b in _backends_of(api, target)):
                 target.close()
+                return
+            _register_target(api, target, str(args.get("node-name") or ""), str(fmt))
 
         job.on_release.append(close_unless_pivoted)
         return job
@@ -128,6 +130,19 @@ def _drive_mirror(api: ControlApi, args: dict[str, Any]) -> Any:
         return _start(api, build)
     except MirrorError as exc:  # pragma: no cover - _start converts
         raise QmpError(str(exc)) from None
+
+
+def _register_target(api: ControlApi, target: Any, name: str, fmt: str) -> None:
+    """After the pivot the drive runs on drive-mirror's new image: register it (``node-name`` or an automatic
+    name, as QEMU) so queries find it and the graph's shutdown closes it."""
+    from pyemu.block.registry import NodeEntry
+    from pyemu.monitor.blockdev import node_registry
+
+    try:
+        registry = node_registry(api)
+        registry.add(NodeEntry(name or registry.auto_name(), target, fmt, auto_named=not name))
+    except Exception:  # noqa: BLE001 - a name clash leaves the node unnamed, still the drive's root
+        pass
 
 
 def _block_commit(api: ControlApi, args: dict[str, Any]) -> Any:
