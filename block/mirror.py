@@ -253,6 +253,8 @@ class MirrorJob(Job):
         self._drain: contextlib.ExitStack | None = None
         self._target_active = False
         self._released = False
+        self.target_is_zero = False
+        """drive-mirror's freshly created target reads zeros: a sync=full copy skips the source's zero areas."""
         self.on_release: list[Callable[[], None]] = []
         """Run when the job lets go of its nodes (the monitor lifts its blockdev-del blockers there)."""
 
@@ -362,7 +364,7 @@ class MirrorJob(Job):
                 pos += step
 
     def _target_zeroed(self) -> bool:
-        return bool(getattr(self, "target_is_zero", False))
+        return self.target_is_zero
 
     def _next_dirty(self) -> tuple[int, int] | None:
         for start, length in self._bitmap.dirty_extents(0, self._bitmap.size):

@@ -63,7 +63,7 @@ HANDLERS: dict[str, Callable[[ControlApi, dict[str, Any]], Any]] = {
     "query-jobs": _query_jobs,
     "job-pause": lambda api, args: _guard(_job(api, args["id"]).user_pause),
     "job-resume": lambda api, args: _guard(_job(api, args["id"]).user_resume),
-    "job-cancel": lambda api, args: _guard(_job(api, args["id"]).cancel),
+    "job-cancel": lambda api, args: _guard(lambda: _job(api, args["id"]).cancel(force=True)),  # QEMU: always forced
     "job-complete": lambda api, args: _guard(_job(api, args["id"]).user_complete),
     "job-finalize": lambda api, args: _guard(_job(api, args["id"]).finalize),
     "job-dismiss": lambda api, args: _guard(_job(api, args["id"]).dismiss),

@@ -323,3 +323,32 @@ def test_qmp_drive_mirror_creates_target_and_pivots(tmp_path: Path) -> None:
         assert info.value.desc == f"Could not open '{tmp_path / 'no.qcow2'}': No such file or directory"
     _img("check", str(target))
     _img("compare", str(src), str(target))
+
+
+@qemu_img
+def test_qmp_blockdev_mirror_cancel_verbs_as_qemu(tmp_path: Path) -> None:
+    """QEMU 7.2: job-cancel of a ready mirror aborts (BLOCK_JOB_CANCELLED); block-job-cancel without force
+    completes it without a pivot (BLOCK_JOB_COMPLETED); query-block-jobs shows it ready."""
+    src, tgt = tmp_path / "src.qcow2", tmp_path / "tgt.qcow2"
+    for path in (src, tgt):
+        _img("create", "-f", "qcow2", str(path), "4M")
+    _io(src, "write -P 0x42 0 2M")
+    with make_vm(tmp_path, _qcow2("d0", src), _qcow2("t0", tgt), device="d0") as vm:
+        vm.start()
+        vm.execute("blockdev-mirror", {"job-id": "m", "device": "d0", "target": "t0", "sync": "full"})
+        ready = vm.events.wait_for("BLOCK_JOB_READY", WAIT)
+        assert ready.data == {"device": "m", "len": 4 * MiB, "offset": 4 * MiB, "speed": 0, "type": "mirror"}
+        (info,) = vm.execute("query-block-jobs")
+        assert (info["status"], info["ready"], info["type"], info["len"]) == ("ready", True, "mirror", 4 * MiB)
+        with pytest.raises(CommandError) as refused:
+            vm.execute("blockdev-del", {"node-name": "t0"})
+        assert "block device is in use by block job: mirror" in refused.value.desc
+        vm.execute("job-cancel", {"id": "m"})
+        vm.events.wait_for("BLOCK_JOB_CANCELLED", WAIT)
+        vm.execute("blockdev-mirror", {"job-id": "m2", "device": "d0", "target": "t0", "sync": "full"})
+        vm.events.wait_for("BLOCK_JOB_READY", WAIT)
+        vm.execute("block-job-cancel", {"device": "m2"})
+        done = vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        assert done.data["device"] == "m2" and "error" not in done.data
+        assert vm.execute("query-block-jobs") == []
+    _img("compare", str(src), str(tgt))
