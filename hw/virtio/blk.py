@@ -83,6 +83,8 @@ class VirtioBlk(VirtioDevice):
         # A request the drive's throttle holds back, per queue: it is served when its ticket is granted
         # (the timer kicks the queue); the requests behind it stay in the guest's ring, in order.
         self._held: dict[int, tuple[DescriptorChain, Ticket]] = {}
+        # A backend without throttling support (a test double) is served without admission.
+        self._throttles = hasattr(backend, "admit")
         self.config_changes = 0
         listeners = getattr(backend, "resize_listeners", None)  # a test's stand-in backend may not resize
         if listeners is not None:
@@ -149,8 +151,8 @@ class VirtioBlk(VirtioDevice):
         """Ask the drive's throttle about a read or write without blocking this I/O thread (which serves
         other devices too); None when the drive is not throttled or the request is not a read/write (a
         malformed one is left for :meth:`_serve` to refuse)."""
-        if self.backend.throttle_member() is None or chain.readable_length < HEADER.size \
-                or chain.writable_length < 1:
+        if not self._throttles or self.backend.throttle_member() is None \
+                or chain.readable_length < HEADER.size or chain.writable_length < 1:
             return None
         kind = HEADER.unpack(chain.read(self.context.dma, 0, HEADER.size))[0]  # type: ignore[union-attr]
         if kind == T_IN:
@@ -166,7 +168,7 @@ class VirtioBlk(VirtioDevice):
     def reset(self) -> None:
         """Requests held by the throttle belong to the old queues: withdraw their tickets."""
         held, self._held = self._held, {}
-        member = self.backend.throttle_member()
+        member = self.backend.throttle_member() if self._throttles else None
         for _chain, ticket in held.values():
             if member is not None:
                 member.cancel(ticket)
@@ -195,13 +197,21 @@ class VirtioBlk(VirtioDevice):
                 length = chain.writable_length - 1
                 if not self._in_range(sector, length):
                     return S_IOERR, 0
-                backend.preadv(sector * SECTOR, chain.views(dma, writable=True, length=length), admitted=True)
+                views = chain.views(dma, writable=True, length=length)
+                if self._throttles:
+                    backend.preadv(sector * SECTOR, views, admitted=True)
+                else:
+                    backend.preadv(sector * SECTOR, views)
                 return S_OK, length
             if kind == T_OUT:
                 length = chain.readable_length - HEADER.size
                 if backend.read_only or not self._in_range(sector, length):
                     return S_IOERR, 0
-                backend.pwritev(sector * SECTOR, chain.views(dma, writable=False, start=HEADER.size), admitted=True)
+                data = chain.views(dma, writable=False, start=HEADER.size)
+                if self._throttles:
+                    backend.pwritev(sector * SECTOR, data, admitted=True)
+                else:
+                    backend.pwritev(sector * SECTOR, data)
                 return S_OK, 0
             if kind == T_FLUSH:
                 backend.flush()
