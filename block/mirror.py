@@ -45,7 +45,8 @@ from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, chec
 from pyemu.block.errors import BlockError
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import BlockPerm
-from pyemu.jobs.job import EventSink, Job, JobError, JobFailed, check_job_id, check_speed, error_text
+from pyemu.jobs.block_job import BlockJobEvents
+from pyemu.jobs.job import EventSink, JobError, JobFailed, check_job_id, check_speed, error_text
 
 MIRROR_SYNC_MODES = ("top", "full", "none")
 COPY_MODES = ("background", "write-blocking")
@@ -126,13 +127,6 @@ def parse_options(args: dict[str, Any], *, job_type: str = "mirror") -> MirrorOp
                          auto_finalize=bool(args.get("auto-finalize", True)),
                          auto_dismiss=bool(args.get("auto-dismiss", True)),
                          filter_node_name=args.get("filter-node-name"), job_type=job_type)
-
-
-def error_action(policy: str, err: int) -> str:
-    """QEMU's block_job_error_action: enospc/auto stop only on ENOSPC, otherwise report."""
-    if policy in ("enospc", "auto"):
-        return "stop" if err == errno.ENOSPC else "report"
-    return policy
 
 
 class _CopyError(BlockError):
@@ -226,10 +220,8 @@ class MirrorTop:
         self._attachment.detach()
 
 
-class MirrorJob(Job):
+class MirrorJob(BlockJobEvents):
     """One mirror (or active commit). Build with :func:`create_mirror`; :meth:`start` runs it."""
-
-    is_block_job = True
 
     def __init__(self, opts: MirrorOptions, *, source: BlockDriver, target: BlockDriver, backends: list[Any],
                  emit: EventSink, base: BlockDriver | None = None) -> None:
@@ -241,7 +233,6 @@ class MirrorJob(Job):
         self.target = target
         self.base = base
         """Active commit: the node the copy stops at (clusters allocated above it are copied)."""
-        self.io_status = "ok"
         self._backends = backends
         self._granularity = opts.granularity or max(DEFAULT_GRANULARITY, _cluster_size(target))
         self._bitmap = DirtyBitmap("", source.size(), self._granularity, enabled=opts.copy_mode == "background")
@@ -447,22 +438,9 @@ class MirrorJob(Job):
         return True
 
     def report_error(self, *, read: bool, err: int) -> str:
-        """on-source-error/on-target-error: BLOCK_JOB_ERROR; ``stop`` pauses the job as a user pause."""
-        policy = self.opts.on_source_error if read else self.opts.on_target_error
-        action = error_action(policy, err)
-        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "read" if read else "write",
-                                       "action": action})
-        if action == "stop":
-            with self._cond:
-                self.io_status = "nospace" if err == errno.ENOSPC else "failed"
-                self.user_paused = True
-                self._pause()
-        return action
-
-    def user_resume(self) -> None:
-        with self._cond:
-            super().user_resume()
-            self.io_status = "ok"
+        """on-source-error/on-target-error (QEMU's policies; ``stop`` pauses the job)."""
+        return self.apply_error_policy(self.opts.on_source_error if read else self.opts.on_target_error,
+                                       read=read, err=err)
 
     # -- verbs ----------------------------------------------------------------------------------------------
     def complete(self) -> None:
@@ -536,44 +514,18 @@ class MirrorJob(Job):
             for release in self.on_release:
                 release()
 
-    # -- events and info --------------------------------------------------------------------------------------
+    # -- events and info (BlockJobEvents; len is recomputed from the bitmap first) --------------------------
     def _block_event_data(self) -> dict[str, Any]:
         self._update_progress()
-        return {"device": self.id, "len": self.total_progress, "offset": self.current_progress,
-                "speed": self.speed, "type": self.job_type}
-
-    def event_finished(self, *, cancelled: bool) -> None:
-        if cancelled:
-            self._emit("BLOCK_JOB_CANCELLED", self._block_event_data())
-            return
-        data = self._block_event_data()
-        if self.error is not None:
-            data["error"] = self.error
-        self._emit("BLOCK_JOB_COMPLETED", data)
-
-    def event_pending(self) -> None:
-        self._emit("BLOCK_JOB_PENDING", {"type": self.job_type, "id": self.id})
-
-    def event_ready(self) -> None:
-        self._emit("BLOCK_JOB_READY", self._block_event_data())
+        return super()._block_event_data()
 
     def info(self) -> dict[str, Any]:
         self._update_progress()
         return super().info()
 
     def block_info(self) -> dict[str, Any]:
-        """QEMU's BlockJobInfo (query-block-jobs)."""
         self._update_progress()
-        with self._cond:
-            info: dict[str, Any] = {
-                "type": self.job_type, "device": self.id, "len": self.total_progress,
-                "offset": self.current_progress, "busy": self.busy, "paused": self.paused,
-                "speed": self.speed, "io-status": self.io_status, "ready": self.status.value in ("ready", "standby"),
-                "status": self.status.value, "auto-finalize": self.auto_finalize,
-                "auto-dismiss": self.auto_dismiss}
-            if self.error is not None:
-                info["error"] = self.error
-            return info
+        return super().block_info()
 
 
 def _errno(exc: BaseException) -> int:
