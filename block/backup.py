@@ -26,7 +26,6 @@ Messages are QEMU 7.2's (checked with qemu-storage-daemon).
 from __future__ import annotations
 
 import contextlib
-import errno
 import threading
 import weakref
 from dataclasses import dataclass
@@ -159,14 +158,6 @@ def _find_bitmap(node: object, name: str) -> DirtyBitmap | None:
             current = getattr(current, "filtered_child", None)
         seen += 1
     return None
-
-
-def error_action(policy: str, err: int) -> str:
-    """QEMU's block_job_error_action: the action a policy takes for an errno (enospc/auto stop only on
-    ENOSPC)."""
-    if policy in ("enospc", "auto"):
-        return "stop" if err == errno.ENOSPC else "report"
-    return policy
 
 
 class BackupJob(BlockJobEvents):
@@ -303,23 +294,9 @@ class BackupJob(BlockJobEvents):
                 self.current_progress = min(self.total_progress, copy.copied_bytes + self._skipped)
 
     def report_error(self, *, read: bool, err: int) -> str:
-        """Apply on-source-error/on-target-error: BLOCK_JOB_ERROR, and for ``stop`` pause the job as a
-        user pause (io-status failed; ``job-resume`` retries)."""
-        policy = self.opts.on_source_error if read else self.opts.on_target_error
-        action = error_action(policy, err)
-        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "read" if read else "write",
-                                       "action": action})
-        if action == "stop":
-            with self._cond:
-                self.io_status = "nospace" if err == errno.ENOSPC else "failed"
-                self.user_paused = True
-                self._pause()
-        return action
-
-    def user_resume(self) -> None:
-        with self._cond:
-            super().user_resume()
-            self.io_status = "ok"
+        """Apply on-source-error/on-target-error (:meth:`BlockJobEvents.apply_error_policy`)."""
+        return self.apply_error_policy(self.opts.on_source_error if read else self.opts.on_target_error,
+                                       read=read, err=err)
 
     # -- the end ------------------------------------------------------------------------------------------
     def commit(self) -> None:

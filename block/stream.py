@@ -12,6 +12,7 @@ backing child becomes ``base`` (:func:`pyemu.block.backing_link.change_backing`)
 
 from __future__ import annotations
 
+import errno
 import threading
 import weakref
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any, Callable
 from pyemu.block.backing_link import backing_chain, backing_of, change_backing, unwrap
 from pyemu.block.copy_on_read import CopyOnRead, insert_into_drive
 from pyemu.block.driver import BlockDriver
-from pyemu.block.errors import BlockError
+from pyemu.block.errors import BlockError, BlockIOError
 from pyemu.block.registry import NodeRegistry
 from pyemu.jobs.block_job import BlockJobEvents
 from pyemu.jobs.job import EventSink, check_job_id
@@ -100,15 +101,29 @@ class StreamJob(BlockJobEvents):
         assert cor is not None
         size = self.total_progress
         pos = 0
+        failed: BlockIOError | None = None
         while pos < size:
             self.pause_point()
             step = min(STREAM_STEP, size - pos)
-            copied = cor.populate(pos, step)
+            try:
+                copied = cor.populate(pos, step)
+            except BlockIOError as exc:
+                # QEMU's stream_run: stop pauses and retries the step on resume; ignore goes on but the job
+                # still fails at the end (the link must not drop data it did not copy); report fails now.
+                action = self.apply_error_policy(self.opts.on_error, read=True, err=exc.errno or errno.EIO)
+                if action == "stop":
+                    continue
+                failed = failed or exc
+                if action == "report":
+                    raise
+                copied = 0
             pos += step
             with self._cond:
                 self.current_progress = pos
             if copied:
                 self.rate_limit(copied)
+        if failed is not None:
+            raise failed
 
     def prepare(self) -> None:
         """QEMU's stream_prepare: the top's backing link becomes ``base`` (or none)."""

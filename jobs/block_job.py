@@ -7,9 +7,18 @@ A job mixes :class:`BlockJobEvents` in before :class:`~pyemu.jobs.job.Job` and o
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from pyemu.jobs.job import Job
+
+
+def error_action(policy: str, err: int) -> str:
+    """QEMU's block_job_error_action: the action an on-*-error policy takes for an errno (enospc/auto stop
+    only on ENOSPC)."""
+    if policy in ("enospc", "auto"):
+        return "stop" if err == errno.ENOSPC else "report"
+    return policy
 
 
 class BlockJobEvents(Job):
@@ -17,6 +26,24 @@ class BlockJobEvents(Job):
 
     is_block_job = True
     io_status = "ok"
+
+    def apply_error_policy(self, policy: str, *, read: bool, err: int) -> str:
+        """An I/O error under an on-*-error ``policy``: BLOCK_JOB_ERROR, and for ``stop`` the job pauses as a
+        user pause (io-status failed/nospace; ``job-resume`` retries). Returns the action taken."""
+        action = error_action(policy, err)
+        self._emit("BLOCK_JOB_ERROR", {"device": self.id, "operation": "read" if read else "write",
+                                       "action": action})
+        if action == "stop":
+            with self._cond:
+                self.io_status = "nospace" if err == errno.ENOSPC else "failed"
+                self.user_paused = True
+                self._pause()
+        return action
+
+    def user_resume(self) -> None:
+        with self._cond:
+            super().user_resume()
+            self.io_status = "ok"
 
     def _update_progress(self) -> None:
         """Refresh ``current_progress`` (jobs that count elsewhere override this)."""

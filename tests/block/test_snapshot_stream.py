@@ -434,3 +434,58 @@ def test_drive_snapshot_hands_the_image_to_the_overlay(tmp_path: Path) -> None:
     # The old top got none of the writes made after the snapshot.
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
     assert copy.read_bytes() == bytes(expected_image())
+
+
+@pytest.mark.parametrize("policy", ["report", "stop"])
+def test_stream_read_error_policy(tmp_path: Path, policy: str) -> None:
+    """A backing read error: on-error=report fails the job and keeps the backing link; on-error=stop
+    pauses it (BLOCK_JOB_ERROR, io-status failed) and job-resume retries the step."""
+    import errno
+    import threading as _threading
+
+    from pyemu.block.backing_link import backing_of
+    from pyemu.block.errors import BlockIOError
+    from pyemu.testing.job_events import JobEventLog
+
+    base, mid, top = make_chain(tmp_path)
+    registry = NodeRegistry()
+    entry = open_blockdev({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": str(top)}},
+                          registry)
+    mid_node = backing_of(entry.node)
+    broken = _threading.Event()
+    broken.set()
+    real_preadv = mid_node.preadv
+
+    def failing_preadv(offset: int, buffers: Any) -> None:
+        if broken.is_set():
+            raise BlockIOError("injected", errno=errno.EIO, offset=offset, length=0)
+        real_preadv(offset, buffers)
+
+    mid_node.preadv = failing_preadv
+    log = JobEventLog()
+    jobs = JobManager(log)
+    job = create_stream({"device": "top", "job-id": "s", "on-error": policy}, resolve=registry.lookup,
+                        backends_of=lambda n: [], emit=log, check_id=jobs.check_new_id, registry=registry)
+    jobs.add(job)
+    job.start()
+    if policy == "report":
+        assert job.wait(WAIT)
+        assert job.error == "Input/output error"
+        assert ("BLOCK_JOB_ERROR", {"device": "s", "operation": "read", "action": "report"}) in log.events
+    else:
+        log.wait_status("s", "paused")
+        assert ("BLOCK_JOB_ERROR", {"device": "s", "operation": "read", "action": "stop"}) in log.events
+        assert job.block_info()["io-status"] == "failed"
+        broken.clear()
+        job.user_resume()
+        assert job.wait(WAIT)
+        assert job.error is None
+    close_all(registry)
+    check_clean(top)
+    if policy == "report":
+        assert info(top)["backing-filename"] == str(mid)
+    else:
+        assert "backing-filename" not in info(top)
+        copy = tmp_path / "copy.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
+        assert copy.read_bytes() == bytes(expected_image())
