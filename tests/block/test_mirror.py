@@ -352,3 +352,77 @@ def test_qmp_blockdev_mirror_cancel_verbs_as_qemu(tmp_path: Path) -> None:
         assert done.data["device"] == "m2" and "error" not in done.data
         assert vm.execute("query-block-jobs") == []
     _img("compare", str(src), str(tgt))
+
+
+@qemu_img
+def test_qmp_active_commit_with_guest_writes_pivots_onto_base(tmp_path: Path) -> None:
+    """The drive keeps writing the active layer during an active commit; after job-complete it runs on
+    base, whose contents equal what the drive showed at the switch (qemu-img compare against a raw copy)."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    _img("create", "-f", "qcow2", str(base), "4M")
+    _io(base, "write -P 0x11 0 4M")
+    _img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(top))
+    _io(top, "write -P 0x33 1M 1M")
+    with make_vm(tmp_path, _qcow2("base", base), _qcow2("top", top, backing="base"), device="top") as vm:
+        vm.start()
+        drive: BlockBackend = next(u.backend for u in vm._instance.machine.drives())  # type: ignore[union-attr]
+        writer = Writer(drive, (4 * MiB) // C)
+        vm.execute("block-commit", {"device": "top", "job-id": "c", "base-node": "base"})
+        vm.events.wait_for("BLOCK_JOB_READY", WAIT)
+        poll(lambda: writer.count >= 50, "guest writes")
+        vm.execute("job-complete", {"id": "c"})
+        done = vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        writer.join()
+        assert "error" not in done.data
+        assert drive.root.filename == str(base)
+        seen = bytearray(4 * MiB)
+        drive.preadv(0, [memoryview(seen)])
+        (tmp_path / "seen.raw").write_bytes(bytes(seen))
+    _img("check", str(base))
+    _img("compare", "-f", "raw", "-F", "qcow2", str(tmp_path / "seen.raw"), str(base))
+
+
+@qemu_img
+def test_qmp_write_blocking_mirror_with_guest_writes(tmp_path: Path) -> None:
+    src, tgt = tmp_path / "src.qcow2", tmp_path / "tgt.qcow2"
+    for path in (src, tgt):
+        _img("create", "-f", "qcow2", str(path), "4M")
+    _io(src, "write -P 0x42 0 3M")
+    with make_vm(tmp_path, _qcow2("d0", src), _qcow2("t0", tgt), device="d0") as vm:
+        vm.start()
+        drive: BlockBackend = next(u.backend for u in vm._instance.machine.drives())  # type: ignore[union-attr]
+        writer = Writer(drive, (4 * MiB) // C)
+        vm.execute("blockdev-mirror", {"job-id": "m", "device": "d0", "target": "t0", "sync": "full",
+                                       "copy-mode": "write-blocking"})
+        vm.events.wait_for("BLOCK_JOB_READY", WAIT)
+        poll(lambda: writer.count >= 50, "guest writes")
+        vm.execute("job-complete", {"id": "m"})
+        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        before = writer.count
+        poll(lambda: writer.count > before + 10, "guest writes after the pivot")
+        writer.join()
+        assert drive.root.filename == str(tgt)
+    _img("check", str(tgt))
+    _img("check", str(src))
+
+
+@qemu_img
+def test_qmp_drive_mirror_sync_top_new_image_backs_onto_source_backing(tmp_path: Path) -> None:
+    base, src, target = tmp_path / "base.qcow2", tmp_path / "src.qcow2", tmp_path / "dm.qcow2"
+    _img("create", "-f", "qcow2", str(base), "4M")
+    _io(base, "write -P 0x11 0 4M")
+    _img("create", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(src))
+    _io(src, "write -P 0x77 2M 64k")
+    with make_vm(tmp_path, _qcow2("d0", src), device="d0") as vm:
+        vm.start()
+        vm.execute("drive-mirror", {"device": "d0", "target": str(target), "sync": "top", "job-id": "d",
+                                    "node-name": "dm"})
+        ready = vm.events.wait_for("BLOCK_JOB_READY", WAIT)
+        assert ready.data["len"] == 64 * KiB  # only what the top allocates
+        vm.execute("job-complete", {"id": "d"})
+        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        names = [n["node-name"] for n in vm.execute("query-named-block-nodes", {"flat": True})]
+        assert "dm" in names
+    assert f"backing file: {base}" in _img("info", str(target))
+    _img("check", str(target))
+    _img("compare", str(src), str(target))
