@@ -32,7 +32,8 @@ from pyemu.block.block_copy import BlockCopy, BlockCopyError
 from pyemu.block.blockdev import BlockdevError, DriverSpec, OpenContext, Opt, register_driver
 from pyemu.block.borrowed import BorrowedNode
 from pyemu.block.dirty_bitmap import DirtyBitmap, existing_bitmaps
-from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
+from pyemu.block.driver import BlockDriver, BlockStatus, check_request
+from pyemu.block.filter_node import FilterOverFile
 from pyemu.block.errors import BlockConfigError, BlockIOError
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import PERM_ALL, BlockPerm
@@ -57,7 +58,7 @@ def _unwrap(node: object) -> object:
     return node.node if isinstance(node, BorrowedNode) else node
 
 
-class CopyBeforeWrite:
+class CopyBeforeWrite(FilterOverFile):
     """The filter over ``file`` with copies going to ``target`` (see the module doc)."""
 
     name = "copy-before-write"
@@ -101,24 +102,7 @@ class CopyBeforeWrite:
             self._attachments[0].detach()
             raise
 
-    # -- node properties ------------------------------------------------------------------------------
-    @property
-    def filtered_child(self) -> BlockDriver:
-        """The disk below: reads go there, and its dirty bitmaps record the writes that pass the filter."""
-        return self.file
-
-    @property
-    def filename(self) -> str:
-        return self.file.filename
-
-    @property
-    def read_only(self) -> bool:
-        return self.file.read_only
-
-    @property
-    def capabilities(self) -> BlockCapabilities:
-        return self.file.capabilities
-
+    # -- node properties (filtered_child, filename, read_only, capabilities: FilterOverFile) --------------
     def size(self) -> int:
         return self._size
 

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 from pyemu.block import graph
 from pyemu.block.backing_link import backing_of, unwrap
 from pyemu.block.blockdev import BlockdevError, DriverSpec, OpenContext, Opt, register_driver
-from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
+from pyemu.block.driver import BlockDriver, BlockStatus, check_request
+from pyemu.block.filter_node import FilterOverFile
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import BlockPerm
 
@@ -35,7 +36,7 @@ FILE_SHARED = BlockPerm.CONSISTENT_READ | BlockPerm.WRITE_UNCHANGED
 """Nobody writes the top behind the filter's back (such a write could race a population)."""
 
 
-class CopyOnRead:
+class CopyOnRead(FilterOverFile):
     """The filter node. ``bottom`` (a node of ``file``'s backing chain, excluded) limits what is copied."""
 
     name = "copy-on-read"
@@ -58,22 +59,6 @@ class CopyOnRead:
                                           shared=FILE_SHARED)]
 
     # -- BlockDriver --------------------------------------------------------------------------------------
-    @property
-    def filtered_child(self) -> BlockDriver:
-        return self.file
-
-    @property
-    def filename(self) -> str:
-        return self.file.filename
-
-    @property
-    def read_only(self) -> bool:
-        return self.file.read_only
-
-    @property
-    def capabilities(self) -> BlockCapabilities:
-        return self.file.capabilities
-
     def size(self) -> int:
         return self._size
 
