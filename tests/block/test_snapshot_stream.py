@@ -51,6 +51,14 @@ def info(path: Path) -> dict[str, Any]:
     return dict(json.loads(out.stdout))
 
 
+def assert_contents(path: Path, expected: bytes) -> None:
+    """What QEMU reads from the image (its whole chain) is ``expected``."""
+    copy = path.with_name(path.name + ".raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(copy)], check=True)
+    assert copy.read_bytes() == expected
+    copy.unlink()
+
+
 def check_clean(path: Path) -> None:
     subprocess.run(["qemu-img", "check", str(path)], check=True, capture_output=True)
 
@@ -152,9 +160,7 @@ def test_stream_under_concurrent_writes(tmp_path: Path, with_base: bool) -> None
                        for e in json.loads(out.stdout))
     else:
         assert "backing-filename" not in meta
-    copy = tmp_path / "copy.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
-    assert copy.read_bytes() == bytes(expected)
+    assert_contents(top, bytes(expected))
 
 
 def test_copy_on_read_fills_top(tmp_path: Path) -> None:
@@ -183,9 +189,7 @@ def test_copy_on_read_fills_top(tmp_path: Path) -> None:
     subprocess.run(["qemu-img", "rebase", "-u", "-b", "", str(top)], check=True)
     (tmp_path / "mid.qcow2").unlink()
     (tmp_path / "base.qcow2").unlink()
-    copy = tmp_path / "copy.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
-    assert copy.read_bytes() == bytes(expected)
+    assert_contents(top, bytes(expected))
 
 
 def test_copy_on_read_blockdev_errors(tmp_path: Path) -> None:
@@ -203,11 +207,14 @@ def test_copy_on_read_blockdev_errors(tmp_path: Path) -> None:
     close_all(registry)
 
 
-def make_vm(tmp_path: Path, top: Path) -> pyemu.VM:
+def make_vm(tmp_path: Path, top: Path, drive: str | None = None) -> pyemu.VM:
+    """A stopped VM with a spinning kernel whose virtio-blk disk is ``top``: node d0 (-blockdev), or the
+    ``-drive`` given (``drive`` options after file=top, with id=d0)."""
     kernel = tmp_path / "spin.bin"
     kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
-    return pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
-                    "-blockdev", f"driver=qcow2,node-name=d0,file.driver=file,file.filename={top}",
+    disk = ["-drive", f"file={top},format=qcow2,if=none,id=d0{drive}"] if drive is not None else \
+        ["-blockdev", f"driver=qcow2,node-name=d0,file.driver=file,file.filename={top}"]
+    return pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S", *disk,
                     "-device", "virtio-blk-device,drive=d0,id=vblk0")
 
 
@@ -265,9 +272,7 @@ def test_qmp_snapshot_sync_then_stream(tmp_path: Path) -> None:
         vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
     check_clean(snap)
     assert "backing-filename" not in info(snap)
-    copy = tmp_path / "copy.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(snap), str(copy)], check=True)
-    assert copy.read_bytes() == bytes(expected_image())
+    assert_contents(snap, bytes(expected_image()))
 
 
 def test_qmp_blockdev_snapshot_existing_overlay(tmp_path: Path) -> None:
@@ -324,9 +329,7 @@ def test_qmp_snapshot_and_stream_while_the_drive_is_written(tmp_path: Path) -> N
     check_clean(snap)
     check_clean(top)
     assert info(snap)["backing-filename"] == str(base)
-    copy = tmp_path / "copy.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(snap), str(copy)], check=True)
-    assert copy.read_bytes() == bytes(expected)
+    assert_contents(snap, bytes(expected))
 
 
 def test_qmp_stream_bottom_busy_and_cancel(tmp_path: Path) -> None:
@@ -351,9 +354,7 @@ def test_qmp_stream_bottom_busy_and_cancel(tmp_path: Path) -> None:
         vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
     check_clean(top)
     assert info(top)["backing-filename"] == str(base)
-    copy = tmp_path / "copy.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
-    assert copy.read_bytes() == bytes(expected_image())
+    assert_contents(top, bytes(expected_image()))
 
 
 def test_transaction_snapshot_aborted_leaves_the_drive(tmp_path: Path) -> None:
@@ -382,11 +383,7 @@ def test_transaction_snapshot_aborted_leaves_the_drive(tmp_path: Path) -> None:
 
 def test_drive_copy_on_read_fills_the_top(tmp_path: Path) -> None:
     base, mid, top = make_chain(tmp_path)
-    kernel = tmp_path / "spin.bin"
-    kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
-    with pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
-                  "-drive", f"file={top},format=qcow2,if=none,id=d0,copy-on-read=on",
-                  "-device", "virtio-blk-device,drive=d0,id=vblk0") as vm:
+    with make_vm(tmp_path, top, ",copy-on-read=on") as vm:
         vm.start()
         backend = drive_backend(vm)
         assert isinstance(backend.root, CopyOnRead)
@@ -395,9 +392,7 @@ def test_drive_copy_on_read_fills_the_top(tmp_path: Path) -> None:
     subprocess.run(["qemu-img", "rebase", "-u", "-b", "", str(top)], check=True)
     mid.unlink()
     base.unlink()
-    copy = tmp_path / "copy.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
-    assert copy.read_bytes() == bytes(expected_image())
+    assert_contents(top, bytes(expected_image()))
 
 
 def test_drive_snapshot_hands_the_image_to_the_overlay(tmp_path: Path) -> None:
@@ -405,11 +400,7 @@ def test_drive_snapshot_hands_the_image_to_the_overlay(tmp_path: Path) -> None:
     at close the drive closes the whole chain (both images clean, locks released)."""
     base, mid, top = make_chain(tmp_path)
     snap = tmp_path / "snap.qcow2"
-    kernel = tmp_path / "spin.bin"
-    kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
-    with pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S",
-                  "-drive", f"file={top},format=qcow2,if=none,id=d0",
-                  "-device", "virtio-blk-device,drive=d0,id=vblk0") as vm:
+    with make_vm(tmp_path, top, "") as vm:
         vm.start()
         backend = drive_backend(vm)
         root = backend.root
@@ -428,12 +419,9 @@ def test_drive_snapshot_hands_the_image_to_the_overlay(tmp_path: Path) -> None:
     assert "backing-filename" not in info(snap)
     expected = expected_image()
     expected[6 * MiB:6 * MiB + 65536] = b"\xee" * 65536
-    copy = tmp_path / "copy.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(snap), str(copy)], check=True)
-    assert copy.read_bytes() == bytes(expected)
+    assert_contents(snap, bytes(expected))
     # The old top got none of the writes made after the snapshot.
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
-    assert copy.read_bytes() == bytes(expected_image())
+    assert_contents(top, bytes(expected_image()))
 
 
 @pytest.mark.parametrize("policy", ["report", "stop"])
@@ -486,6 +474,4 @@ def test_stream_read_error_policy(tmp_path: Path, policy: str) -> None:
         assert info(top)["backing-filename"] == str(mid)
     else:
         assert "backing-filename" not in info(top)
-        copy = tmp_path / "copy.raw"
-        subprocess.run(["qemu-img", "convert", "-O", "raw", str(top), str(copy)], check=True)
-        assert copy.read_bytes() == bytes(expected_image())
+        assert_contents(top, bytes(expected_image()))
