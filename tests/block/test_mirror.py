@@ -426,3 +426,17 @@ def test_qmp_drive_mirror_sync_top_new_image_backs_onto_source_backing(tmp_path:
     assert f"backing file: {base}" in _img("info", str(target))
     _img("check", str(target))
     _img("compare", str(src), str(target))
+
+
+@qemu_img
+def test_vm_close_with_a_ready_mirror_cancels_it_and_releases_the_nodes(tmp_path: Path) -> None:
+    src, tgt = tmp_path / "src.qcow2", tmp_path / "tgt.qcow2"
+    for path in (src, tgt):
+        _img("create", "-f", "qcow2", str(path), "4M")
+    with make_vm(tmp_path, _qcow2("d0", src), _qcow2("t0", tgt), device="d0") as vm:
+        vm.start()
+        vm.execute("blockdev-mirror", {"job-id": "m", "device": "d0", "target": "t0", "sync": "full",
+                                       "copy-mode": "write-blocking", "speed": 1})
+        vm.events.wait_for("JOB_STATUS_CHANGE", WAIT)
+    _img("check", str(src))  # both images closed (no lock left) and consistent
+    _img("check", str(tgt))
