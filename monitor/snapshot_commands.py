@@ -143,7 +143,9 @@ def _snapshot_sync(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
         try:
             create_qcow2(path, real.size(), backing_file=os.path.abspath(real.filename), backing_format=real.name)
         except (OSError, PyemuError) as exc:
-            raise QmpError(f"Could not create '{path}': {exc}") from None
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise QmpError(text if text.startswith("Could not create") else f"Could not create '{path}': {text}") \
+                from None
     elif not os.path.exists(path):
         raise QmpError(f"Could not open '{path}': No such file or directory")
     elif fmt != "qcow2":
@@ -155,7 +157,9 @@ def _snapshot_sync(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
         # Without snapshot-node-name (a drive given by device) the overlay gets an automatic name, as QEMU.
         entry = open_blockdev(options, registry, owner="monitor" if name is not None else f"drive:{device}")
     except PyemuError as exc:
-        raise QmpError(str(exc)) from None
+        text = str(exc)
+        prefix = f"Could not open '{path}': "
+        raise QmpError(text[len(prefix):] if text.startswith(prefix) and "qcow2 format" in text else text) from None
     try:
         undo = attach_overlay(api, top, entry.node)
     except BaseException:
@@ -225,7 +229,7 @@ def _register_filter(registry: Any, job: Any) -> None:
         registry.add(NodeEntry(name, node, "copy-on-read", owner=f"job:{job.id}"))
     except NodeRegistryError as exc:
         job.cancel(force=True)
-        raise QmpError(str(exc)) from None
+        raise QmpError(f"Could not create node: {exc}") from None
 
     def release() -> None:
         with contextlib.suppress(NodeRegistryError):

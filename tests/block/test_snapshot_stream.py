@@ -247,6 +247,18 @@ def test_qmp_snapshot_sync_then_stream(tmp_path: Path) -> None:
         refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(tmp_path / "none.qcow2"),
                                                "mode": "existing", "snapshot-node-name": "s1"},
                 f"Could not open '{tmp_path / 'none.qcow2'}': No such file or directory")
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": "/nonexistent/dir/x.qcow2",
+                                               "snapshot-node-name": "s1"},
+                "Could not create '/nonexistent/dir/x.qcow2': No such file or directory")
+        (tmp_path / "junk.bin").write_bytes(b"x" * 4096)
+        refused(vm, "blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(tmp_path / "junk.bin"),
+                                               "mode": "existing", "snapshot-node-name": "s1"},
+                "Image is not in qcow2 format")
+        refused(vm, "block-stream", {"device": "d0", "job-id": "j", "speed": -1},
+                "Parameter 'speed' expects a non-negative value")
+        refused(vm, "block-stream", {"device": "d0", "job-id": "j", "filter-node-name": "d0"},
+                "Could not create node: Duplicate nodes with node-name='d0'")
+        assert vm.execute("query-block-jobs", {}) == []
         assert not snap.exists()
         assert vm.execute("blockdev-snapshot-sync", {"node-name": "d0", "snapshot-file": str(snap),
                                                      "snapshot-node-name": "snap0"}) == {}
