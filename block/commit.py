@@ -40,9 +40,18 @@ class CommitJob(MirrorJob):
         self.active = active
         self.backing_file = backing_file
         self.registry = registry
+        self._scanned = False
+
+    def _update_progress(self) -> None:
+        """QEMU's commit counts the whole top range (skipped clusters too): len is the size, offset what
+        the scan and the copy have covered."""
+        with self._cond:
+            self.total_progress = self._bitmap.size
+            self.current_progress = self._bitmap.size - self._bitmap.count() if self._scanned else 0
 
     def run(self) -> None:
         self._initial_dirty()
+        self._scanned = True
         while True:
             self.pause_point()
             found = self._next_dirty()

@@ -292,7 +292,8 @@ def test_qmp_block_commit_intermediate_and_active(tmp_path: Path) -> None:
             assert (info.value.error_class, info.value.desc) == (cls, message)
         # intermediate: mid into base; top's header now names base
         vm.execute("block-commit", {"device": "top", "job-id": "c1", "top-node": "mid", "base-node": "base"})
-        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        done = vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        assert done.data == {"device": "c1", "len": 4 * MiB, "offset": 4 * MiB, "speed": 0, "type": "commit"}
         assert "backing file: " + str(base) in _img("info", "-U", str(top))
         # active: top into base, ready, complete -> the drive runs on base
         vm.execute("block-commit", {"device": "top", "job-id": "c2", "base-node": "base"})
@@ -440,3 +441,21 @@ def test_vm_close_with_a_ready_mirror_cancels_it_and_releases_the_nodes(tmp_path
         vm.events.wait_for("JOB_STATUS_CHANGE", WAIT)
     _img("check", str(src))  # both images closed (no lock left) and consistent
     _img("check", str(tgt))
+
+
+def test_target_error_stop_pauses_and_resume_retries() -> None:
+    size = 1 * MiB
+    src, tgt = MemDisk(size, data=pattern(size)), MemDisk(size)
+    tgt.fail["write"] = 28  # ENOSPC
+    rec, manager = JobEventLog(), JobManager(JobEventLog())
+    job = mirror({"src": src, "tgt": tgt}, rec, manager, None, **{"on-target-error": "enospc"})
+    job.start()
+    rec.wait_status("m", "paused")
+    assert ("BLOCK_JOB_ERROR", {"device": "m", "operation": "write", "action": "stop"}) in rec.events
+    assert job.block_info()["io-status"] == "nospace"
+    del tgt.fail["write"]
+    job.user_resume()
+    rec.wait_status("m", "ready")
+    assert bytes(tgt.data) == bytes(src.data)
+    job.cancel()
+    rec.wait_status("m", "null")
