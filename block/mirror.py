@@ -61,7 +61,7 @@ IDLE_POLL = 0.05
 ERROR_RETRY_DELAY = 0.1
 
 _busy_lock = threading.Lock()
-_busy: dict[int, str] = {}
+_busy: dict[int, tuple[str, str]] = {}
 """id() of the nodes a running mirror or commit job uses: QEMU's op blockers against a second job."""
 
 
@@ -254,12 +254,14 @@ class MirrorJob(BlockJobEvents):
         """Take the nodes (op blockers), attach the hidden bitmap and, for write-blocking, the filter."""
         try:
             with _busy_lock:
-                for node, name in ((self.source, self.opts.device), (self.target, self.opts.target_name)):
-                    if id(unwrap(node)) in _busy:
-                        raise MirrorError(f"Node '{_label(node, name)}' is busy: block device is in use by block "
-                                          f"job: {self.job_type}")
-                _busy[id(unwrap(self.source))] = self.id
-                _busy[id(unwrap(self.target))] = self.id
+                if id(unwrap(self.source)) in _busy:
+                    # QEMU: the running job's filter sits above the source, so it is no root node any more.
+                    raise MirrorError("Need a root block node")
+                if id(unwrap(self.target)) in _busy:
+                    raise MirrorError(f"Node '{_label(self.target, self.opts.target_name)}' is busy: block device is "
+                                      f"in use by block job: {_busy[id(unwrap(self.target))][1]}")
+                _busy[id(unwrap(self.source))] = (self.id, self.job_type)
+                _busy[id(unwrap(self.target))] = (self.id, self.job_type)
             borrowed.activate(self.target)
             self._target_active = True
             bitmaps_of(unwrap(self.source)).add_hidden(self._bitmap)
@@ -509,7 +511,7 @@ class MirrorJob(BlockJobEvents):
                 self._target_active = False
             with _busy_lock:
                 for node in (self.source, self.target):
-                    if _busy.get(id(unwrap(node))) == self.id:
+                    if _busy.get(id(unwrap(node)), ("", ""))[0] == self.id:
                         del _busy[id(unwrap(node))]
             for release in self.on_release:
                 release()

@@ -14,26 +14,29 @@ def _backends_of(api: ControlApi, node: object) -> list[Any]:
     return [use.backend for use in api.machine.drives() if use.backend.root is node]
 
 
+class _TargetUse:
+    """The job's hold on its target, as QEMU's job BlockBackend on it: blockdev-del of the target says
+    "Node x is in use" while the job runs (QEMU 7.2's words for a mirror's target)."""
+
+    def __init__(self, node: Any) -> None:
+        self.id = ""
+        self._node = node
+
+    @property
+    def root(self) -> Any:
+        return self._node
+
+
 def _block_target(api: ControlApi, job: Any) -> None:
-    """blockdev-del of the target refuses while the job runs (QEMU's op blocker message)."""
     from pyemu.monitor.blockdev import node_registry
 
     try:
         registry = node_registry(api)
     except QmpError:
         return
-    name = registry.name_of(job.target)
-    entry = registry.get(name) if name else None
-    if entry is None:
-        return
-    blocker = f"block device is in use by block job: {job.job_type}"
-    entry.blockers.append(blocker)
-
-    def release() -> None:
-        if blocker in entry.blockers:
-            entry.blockers.remove(blocker)
-
-    job.on_release.append(release)
+    use = _TargetUse(job.target)
+    registry.add_anonymous_backend(use)
+    job.on_release.append(lambda: registry.remove_anonymous_backend(use))
 
 
 def _start(api: ControlApi, build: Callable[[], Any]) -> dict[str, Any]:

@@ -343,7 +343,10 @@ def test_qmp_blockdev_mirror_cancel_verbs_as_qemu(tmp_path: Path) -> None:
         assert (info["status"], info["ready"], info["type"], info["len"]) == ("ready", True, "mirror", 4 * MiB)
         with pytest.raises(CommandError) as refused:
             vm.execute("blockdev-del", {"node-name": "t0"})
-        assert "block device is in use by block job: mirror" in refused.value.desc
+        assert refused.value.desc == "Node t0 is in use"
+        with pytest.raises(CommandError) as refused:  # QEMU: the source is below the running job's filter
+            vm.execute("blockdev-mirror", {"job-id": "x", "sync": "full", "device": "d0", "target": "t0"})
+        assert refused.value.desc == "Need a root block node"
         vm.execute("job-cancel", {"id": "m"})
         vm.events.wait_for("BLOCK_JOB_CANCELLED", WAIT)
         vm.execute("blockdev-mirror", {"job-id": "m2", "device": "d0", "target": "t0", "sync": "full"})
