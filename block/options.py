@@ -182,6 +182,8 @@ class DriveOptions:
         notes: list[str] = []
         if self.aio == "native":
             notes.append("-drive: aio=native behaves as aio=threads in pyemu")
+        if self.copy_on_read and self.readonly:
+            notes.append("-drive: warning: disabling copy-on-read on read-only drive")  # QEMU 7.2's words
         return tuple(notes)
 
     def probe_warning(self) -> str:
@@ -313,7 +315,7 @@ def open_drive(options: DriveOptions, *, warn: Callable[[str], None] | None = No
     try:
         if options.snapshot:
             root = temporary_overlay(root, fmt, cache_direct=options.cache.direct)
-        if options.copy_on_read:
+        if options.copy_on_read and not options.readonly:
             from pyemu.block.copy_on_read import CopyOnRead
 
             root = CopyOnRead(root, user=f"copy-on-read filter of drive '{options.effective_id}'")

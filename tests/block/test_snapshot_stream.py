@@ -487,3 +487,11 @@ def test_stream_read_error_policy(tmp_path: Path, policy: str) -> None:
     else:
         assert "backing-filename" not in info(top)
         assert_contents(top, bytes(expected_image()))
+
+
+def test_drive_copy_on_read_read_only_is_disabled() -> None:
+    """QEMU 7.2: 'warning: disabling copy-on-read on read-only drive' and no filter."""
+    from pyemu.block.options import DriveOptions
+
+    options = DriveOptions(file="x.qcow2", format="qcow2", readonly=True, copy_on_read=True)
+    assert "-drive: warning: disabling copy-on-read on read-only drive" in options.notes
