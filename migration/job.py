@@ -66,6 +66,7 @@ class MigrationManager:
         """migrate-set-parameters / -capabilities (kept across migrations, as in QEMU)."""
         self._cancel = threading.Event()
         self._out: OutgoingStream | None = None
+        self._listening: IncomingStream | None = None
         self.incoming_address: tuple[str, int] | str | None = None
         """Where a tcp:/unix: destination listens (the real port when 0 was asked for)."""
 
@@ -83,6 +84,10 @@ class MigrationManager:
         status = self.status
         if status is None:
             return {}
+        listening = self._listening
+        if listening is not None and listening.listening:
+            # QEMU 7.2: a destination waiting for its source reports where it listens, and no status.
+            return {"socket-address": [listening.socket_address()]}
         info: dict[str, Any] = {"status": status}
         if not self._outgoing:
             if status == "failed" and self.error:
@@ -234,6 +239,7 @@ class MigrationManager:
                 # background; the monitor keeps being served meanwhile.
                 stream = IncomingStream(uri)
                 self.incoming_address = stream.address
+                self._listening = stream
                 background = True
             self._set_status("setup")
         if background:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-from typing import IO, Callable, cast
+from typing import IO, Any, Callable, cast
 
 from pyemu.migration.errors import TransportError
 
@@ -220,6 +220,20 @@ class IncomingStream(_Endpoint):
     def address(self) -> tuple[str, int] | str | None:
         """Where a socket destination listens (the real port when 0 was asked for); None otherwise."""
         return self._listener.getsockname() if self._listener is not None else self._unix_path
+
+    @property
+    def listening(self) -> bool:
+        """A socket destination still waiting for its source."""
+        return self._listener is not None
+
+    def socket_address(self) -> dict[str, Any]:
+        """Where this destination listens, as QEMU's query-migrate ``socket-address`` entry."""
+        address = self.address
+        if isinstance(address, str) or address is None:
+            return {"type": "unix", "path": address or ""}
+        host = str(address[0])
+        return {"type": "inet", "host": host, "port": str(address[1]),
+                ("ipv6" if ":" in host else "ipv4"): True}
 
     def accept(self, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Wait for the source to connect (socket URIs; nothing to do for the others). ``cancelled`` is

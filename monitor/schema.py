@@ -164,7 +164,7 @@ _TYPE_LIST: tuple[EnumType | StructType, ...] = (
                                           "postcopy-bytes:int", "dirty-sync-missed-zero-copy:int")),
     StructType("MigrationInfo", _members("*status:MigrationStatus", "*ram:MigrationStats", "*total-time:int",
                                          "*expected-downtime:int", "*downtime:int", "*setup-time:int",
-                                         "*error-desc:str")),
+                                         "*error-desc:str", "*socket-address:[any]")),
     # migrate-set-parameters / query-migrate-parameters (pyemu.migration.params): QEMU 7.2's members.
     StructType("MigrationParameters", _MIGRATION_PARAMETERS),
     EnumType("MigrationCapability", ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress",

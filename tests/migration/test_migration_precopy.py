@@ -153,7 +153,9 @@ def test_a_downtime_limit_too_small_keeps_iterating_until_raised(short_dir: Path
     vm.start()
     try:
         wait_filled(vm)
-        vm.execute("migrate-set-parameters", {"downtime-limit": 0})
+        # 8 MiB/s: every round lasts long enough (>= 1/8 s for the 1 MiB window) for the guest to dirty its
+        # window again even on a loaded host; a round that found nothing would rightly converge.
+        vm.execute("migrate-set-parameters", {"downtime-limit": 0, "max-bandwidth": 8 << 20})
         vm.execute("migrate", {"uri": f"file:{short_dir / 'vm.state'}"})
         deadline = time.monotonic() + TIMEOUT
         while True:
@@ -169,7 +171,7 @@ def test_a_downtime_limit_too_small_keeps_iterating_until_raised(short_dir: Path
         while machine_of(vm).memory.read_u32(BUFFER_ADDR) == before:  # the guest keeps running meanwhile
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        vm.execute("migrate-set-parameters", {"downtime-limit": 2000 * 1000})
+        vm.execute("migrate-set-parameters", {"downtime-limit": 2000 * 1000, "max-bandwidth": 0})
         info = wait_migration(vm)
         assert info["status"] == "completed" and info["ram"]["dirty-sync-count"] >= 5
         assert vm.state is RunState.POSTMIGRATE
