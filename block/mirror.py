@@ -275,6 +275,11 @@ class MirrorJob(BlockJobEvents):
             self._release()
             raise
 
+    @property
+    def filter_node(self) -> "MirrorTop | None":
+        """The write-blocking filter above the source (None in background mode or once removed)."""
+        return self._filter
+
     # -- the guest's path in write-blocking mode ------------------------------------------------------------
     def mark_dirty(self, offset: int, length: int) -> None:
         if length > 0:

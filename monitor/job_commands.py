@@ -104,7 +104,7 @@ def create_backup_job(api: ControlApi, args: dict[str, Any]) -> Any:
         api.jobs.add(job)
         _block_target(api, job)
         try:
-            _register_filter(api, job)
+            register_filter_node(api, job)
         except BaseException:
             job.cancel(force=True)  # a created job: aborted at once, filter and blockers released
             raise
@@ -137,9 +137,11 @@ def _block_target(api: ControlApi, job: Any) -> None:
     job.on_release.append(release)
 
 
-def _register_filter(api: ControlApi, job: Any) -> None:
-    """``filter-node-name``: the job's copy-before-write filter is a named node while the job runs (listed by
-    query-named-block-nodes, not deletable by blockdev-del), gone with the job, as in QEMU."""
+def register_filter_node(api: ControlApi, job: Any, *, driver: str = "copy-before-write",
+                         with_target: bool = True) -> None:
+    """``filter-node-name``: the job's filter (backup's copy-before-write, a mirror's mirror_top) is a named
+    node while the job runs (listed by query-named-block-nodes, not deletable by blockdev-del), gone with the
+    job, as in QEMU."""
     from pyemu.block.registry import NodeEntry, NodeRegistryError
     from pyemu.monitor.blockdev import node_registry
 
@@ -147,9 +149,9 @@ def _register_filter(api: ControlApi, job: Any) -> None:
     if not name or node is None:
         return
     registry = node_registry(api)
-    children = {role: child for role, child in (("file", registry.name_of(job.source)),
-                                                ("target", registry.name_of(job.target))) if child}
-    registry.add(NodeEntry(name, node, "copy-before-write", owner=f"job:{job.id}", children=children))
+    roles = (("file", job.source), ("target", job.target)) if with_target else (("file", job.source),)
+    children = {role: child for role, child in ((role, registry.name_of(n)) for role, n in roles) if child}
+    registry.add(NodeEntry(name, node, driver, owner=f"job:{job.id}", children=children))
 
     def release() -> None:
         try:

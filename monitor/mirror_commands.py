@@ -7,6 +7,7 @@ import os
 from typing import Any, Callable
 
 from pyemu.monitor.control import ControlApi
+from pyemu.monitor.job_commands import register_filter_node
 from pyemu.monitor.schema import QmpError
 
 
@@ -46,6 +47,11 @@ def _start(api: ControlApi, build: Callable[[], Any]) -> dict[str, Any]:
         job = build()
         api.jobs.add(job)
         _block_target(api, job)
+        try:
+            register_filter_node(api, job, driver="mirror_top", with_target=False)
+        except BaseException:
+            job.cancel(force=True)  # a created job: aborted at once, filter and holds released
+            raise
     except QmpError:
         raise
     except PyemuError as exc:

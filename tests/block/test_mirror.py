@@ -397,8 +397,10 @@ def test_qmp_write_blocking_mirror_with_guest_writes(tmp_path: Path) -> None:
         drive: BlockBackend = next(u.backend for u in vm._instance.machine.drives())  # type: ignore[union-attr]
         writer = Writer(drive, (4 * MiB) // C)
         vm.execute("blockdev-mirror", {"job-id": "m", "device": "d0", "target": "t0", "sync": "full",
-                                       "copy-mode": "write-blocking"})
+                                       "copy-mode": "write-blocking", "filter-node-name": "mt"})
         vm.events.wait_for("BLOCK_JOB_READY", WAIT)
+        nodes = {n["node-name"]: n["drv"] for n in vm.execute("query-named-block-nodes", {"flat": True})}
+        assert nodes["mt"] == "mirror_top"
         poll(lambda: writer.count >= 50, "guest writes")
         vm.execute("job-complete", {"id": "m"})
         vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
@@ -406,6 +408,7 @@ def test_qmp_write_blocking_mirror_with_guest_writes(tmp_path: Path) -> None:
         poll(lambda: writer.count > before + 10, "guest writes after the pivot")
         writer.join()
         assert drive.root.filename == str(tgt)
+        assert "mt" not in [n["node-name"] for n in vm.execute("query-named-block-nodes", {"flat": True})]
     _img("check", str(tgt))
     _img("check", str(src))
 
