@@ -77,7 +77,8 @@ class MigrationManager:
     # -- status -------------------------------------------------------------------------------------------
     def _set_status(self, status: str) -> None:
         self.status = status
-        self._emit("MIGRATION", {"status": status})
+        if self.params.capabilities["events"]:  # QEMU 7.2: MIGRATION events only with this capability
+            self._emit("MIGRATION", {"status": status})
 
     def query(self) -> dict[str, Any]:
         """query-migrate's MigrationInfo ({} before any migration, as QEMU)."""

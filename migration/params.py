@@ -4,8 +4,8 @@ Every parameter QEMU 7.2's ``query-migrate-parameters`` reports is accepted with
 check (same messages), and kept; the ones pyemu acts on are ``max-bandwidth`` (bytes per second the
 source writes, :class:`RateLimiter`) and ``downtime-limit`` (milliseconds the pre-copy's final
 stop-and-copy may take). Capabilities: QEMU's names are all known; only the ones pyemu does something with
-(``events``: MIGRATION events are always sent, so the flag is accepted either way) may be enabled, the
-others are refused naming the capability.
+(``events``: MIGRATION events are sent only while it is on, as in QEMU 7.2) may be enabled, the others are
+refused naming the capability.
 """
 
 from __future__ import annotations

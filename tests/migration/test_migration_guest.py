@@ -68,6 +68,7 @@ def save_running(kernel: Path, path: Path, *extra: str) -> tuple[int, int, int, 
     vm.start()
     try:
         wait_counting(vm, 100_000)
+        vm.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})  # QEMU: MIGRATION events only with it
         vm.execute("migrate", {"uri": f"file:{path}"})
         info = wait_migration(vm)
         assert info["status"] == "completed", info
@@ -209,6 +210,7 @@ def test_bad_stream_over_qmp_fails_and_nothing_runs(kernel: Path, short_dir: Pat
     vm = pyemu.VM("-kernel", str(kernel), *BASE, "-incoming", "defer")
     vm.start()
     try:
+        vm.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         vm.execute("migrate-incoming", {"uri": f"file:{bad}"})
         info = wait_migration(vm)
         assert info["status"] == "failed" and "section" in info["error-desc"]

@@ -65,6 +65,7 @@ def test_precopy_downtime_sends_a_fraction_and_every_page_matches(short_dir: Pat
             uri = f"tcp:127.0.0.1:{dest._instance.control.migration.incoming_address[1]}"
         wait_filled(source)
         source.events.drain()
+        source.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         source.execute("migrate", {"uri": uri})
         info = wait_migration(source)
         assert info["status"] == "completed", info

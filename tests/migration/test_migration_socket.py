@@ -111,6 +111,7 @@ def test_cancel_leaves_the_source_running_and_the_destination_gives_up(kernel: P
         port = manager(dest).incoming_address[1]
         wait_counting(source, 10_000)
         source.execute("migrate-set-parameters", {"max-bandwidth": 2000})  # bytes/s: the save takes minutes
+        source.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
         source.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         deadline = time.monotonic() + TIMEOUT
         while source.execute("query-migrate")["status"] != "active":
@@ -142,6 +143,23 @@ def wait_migration_end(vm: pyemu.VM) -> dict[str, Any]:
             return info
         time.sleep(0.02)
     raise AssertionError(f"migration did not end: {info}")
+
+
+def test_migration_events_only_with_the_events_capability(kernel: Path, short_dir: Path) -> None:
+    """QEMU 7.2 sends MIGRATION events only when the 'events' capability is on (off by default)."""
+    vm = pyemu.VM("-kernel", str(kernel), *BASE, "-S")
+    vm.start()
+    try:
+        vm.execute("migrate", {"uri": f"file:{short_dir / 'a.state'}"})
+        assert wait_migration_end(vm)["status"] == "completed"
+        assert [e.name for e in vm.events.drain() if e.name == "MIGRATION"] == []
+        vm.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        vm.execute("migrate", {"uri": f"file:{short_dir / 'b.state'}"})
+        assert wait_migration_end(vm)["status"] == "completed"
+        assert [e.data["status"] for e in vm.events.drain() if e.name == "MIGRATION"] == [
+            "setup", "active", "completed"]
+    finally:
+        stop_vm(vm)
 
 
 def test_connect_errors_are_qemus(kernel: Path, short_dir: Path) -> None:
