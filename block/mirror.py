@@ -245,6 +245,8 @@ class MirrorJob(BlockJobEvents):
         self._target_active = False
         self._released = False
         self.target_is_zero = False
+        self.pivot_hooks: list[Callable[[], None]] = []
+        """Run after the pivot, drained (drive-mirror sync=none links the new image onto the source)."""
         """drive-mirror's freshly created target reads zeros: a sync=full copy skips the source's zero areas."""
         self.on_release: list[Callable[[], None]] = []
         """Run when the job lets go of its nodes (the monitor lifts its blockdev-del blockers there)."""
@@ -490,7 +492,9 @@ class MirrorJob(BlockJobEvents):
         """Hook for active commit (let the drive write the base)."""
 
     def after_pivot(self) -> None:
-        """Hook for active commit (the drive now runs on the base)."""
+        """The drive now runs on the target (still drained): run :attr:`pivot_hooks`."""
+        for hook in self.pivot_hooks:
+            hook()
 
     def clean(self) -> None:
         self._release()

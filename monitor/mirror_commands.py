@@ -100,7 +100,8 @@ def _drive_mirror(api: ControlApi, args: dict[str, Any]) -> Any:
     created = False
     try:
         if mode == "absolute-paths":
-            backing = backing_of(source) if sync == "top" else None
+            # QEMU: sync=top backs the new image onto the source's backing, sync=none onto the source itself.
+            backing = backing_of(source) if sync == "top" else unwrap(source) if sync == "none" else None
             if fmt == "qcow2":
                 create_qcow2(filename, source.size(), backing_file=backing.filename if backing is not None else None,
                              backing_format=("qcow2" if isinstance(backing, Qcow2Format) else "raw")
@@ -110,7 +111,7 @@ def _drive_mirror(api: ControlApi, args: dict[str, Any]) -> Any:
             created = True
         elif not os.path.exists(filename):
             raise QmpError(f"Could not open '{filename}': No such file or directory")
-        target = open_image(filename, format=fmt, read_only=False, open_backing=sync != "full")
+        target = open_image(filename, format=fmt, read_only=False, open_backing=sync == "top")
     except QmpError:
         raise
     except (PyemuError, OSError) as exc:
@@ -125,6 +126,8 @@ def _drive_mirror(api: ControlApi, args: dict[str, Any]) -> Any:
             target.close()
             raise
         job.target_is_zero = created and sync != "top"
+        if sync == "none" and created and isinstance(target, Qcow2Format):
+            job.pivot_hooks.append(lambda: _link_to_source(api, target, unwrap(source)))
 
         def close_unless_pivoted() -> None:
             if not any(b.root is target for b in _backends_of(api, target)):
@@ -139,6 +142,20 @@ def _drive_mirror(api: ControlApi, args: dict[str, Any]) -> Any:
         return _start(api, build)
     except MirrorError as exc:  # pragma: no cover - _start converts
         raise QmpError(str(exc)) from None
+
+
+def _link_to_source(api: ControlApi, target: Any, source: Any) -> None:
+    """drive-mirror sync=none, after the pivot: the new image's backing is the old source node itself (its
+    file is not opened a second time), borrowed; QEMU links it at the same point (mirror_exit_common)."""
+    from pyemu.block.backing_link import change_backing
+    from pyemu.monitor.blockdev import node_registry
+
+    try:
+        registry = node_registry(api)
+    except QmpError:
+        registry = None
+    change_backing(target, source, backing_file=source.filename, backing_format=target.header.backing_format,
+                   registry=registry, write_header=False)
 
 
 def _register_target(api: ControlApi, target: Any, name: str, fmt: str) -> None:

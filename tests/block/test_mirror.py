@@ -465,3 +465,22 @@ def test_target_error_stop_pauses_and_resume_retries() -> None:
     assert bytes(tgt.data) == bytes(src.data)
     job.cancel()
     rec.wait_status("m", "null")
+
+
+@qemu_img
+def test_qmp_drive_mirror_sync_none_new_image_backs_onto_the_source(tmp_path: Path) -> None:
+    src, target = tmp_path / "src.qcow2", tmp_path / "dm.qcow2"
+    _img("create", "-f", "qcow2", str(src), "4M")
+    _io(src, "write -P 0x66 0 1M")
+    with make_vm(tmp_path, _qcow2("d0", src), device="d0") as vm:
+        vm.start()
+        vm.execute("drive-mirror", {"device": "d0", "target": str(target), "sync": "none", "job-id": "d"})
+        vm.events.wait_for("BLOCK_JOB_READY", WAIT)
+        vm.execute("job-complete", {"id": "d"})
+        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        drive: BlockBackend = next(u.backend for u in vm._instance.machine.drives())  # type: ignore[union-attr]
+        seen = bytearray(MiB)
+        drive.preadv(0, [memoryview(seen)])  # the drive, now on the new image, reads the old data through it
+        assert bytes(seen) == b"\x66" * MiB
+    assert f"backing file: {src}" in _img("info", str(target))
+    _img("compare", str(src), str(target))
