@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,10 @@ class Writer(threading.Thread):
     """Writes 4 KiB blocks of 0xAB at offsets spread over the disk through ``backend`` until stopped; records
     what it wrote (so the final image is known)."""
 
-    def __init__(self, backend: Any, lo: int = 0) -> None:
+    def __init__(self, backend: Any, lo: int = 0, every: int = 1) -> None:
         super().__init__(daemon=True)
         self.lo = lo
+        self.every = every  # write only every N-th cluster: the others are left for a job to copy
         self.backend = backend
         self.stop = threading.Event()
         self.written: list[int] = []
@@ -86,7 +88,8 @@ class Writer(threading.Thread):
         i = 0
         try:
             while not self.stop.is_set() and i < 2000:
-                offset = self.lo + (i * 7 * 65536 + 4096 * (i % 13)) % (SIZE - self.lo)
+                slots = (SIZE - self.lo) // 65536 // self.every
+                offset = self.lo + (i * 7 % slots) * self.every * 65536 + 4096 * (i % 13)
                 self.backend.pwritev(offset, [b"\xab" * 4096])
                 self.written.append(offset)
                 i += 1
@@ -132,7 +135,7 @@ def test_stream_under_concurrent_writes(tmp_path: Path, with_base: bool) -> None
     job = create_stream(args, resolve=registry.lookup, backends_of=lambda n: [backend] if n is backend.root
                         or n is entry.node else [], emit=emit, check_id=jobs.check_new_id, registry=registry)
     jobs.add(job)
-    writer = Writer(backend)
+    writer = Writer(backend, every=3)  # 42 of the 128 clusters: the job copies the rest
     writer.start()
     job.start()
     assert job.wait(WAIT)
@@ -495,3 +498,44 @@ def test_drive_copy_on_read_read_only_is_disabled() -> None:
 
     options = DriveOptions(file="x.qcow2", format="qcow2", readonly=True, copy_on_read=True)
     assert "-drive: warning: disabling copy-on-read on read-only drive" in options.notes
+
+
+def test_stream_cancelled_midway_under_writes(tmp_path: Path) -> None:
+    """A cancelled stream (after it copied part of the chain) leaves the image consistent: every write
+    there, the backing link unchanged, the filter gone."""
+    from pyemu.testing.job_events import JobEventLog
+
+    base, mid, top = make_chain(tmp_path)
+    registry = NodeRegistry()
+    entry = open_blockdev({"driver": "qcow2", "node-name": "top", "file": {"driver": "file", "filename": str(top)}},
+                          registry)
+    backend = BlockBackend(entry.node, read_only=False, id="d0", owns_root=False)
+    log = JobEventLog()
+    jobs = JobManager(log)
+    job = create_stream({"device": "top", "job-id": "s", "speed": 64 * 1024}, resolve=registry.lookup,
+                        backends_of=lambda n: [backend], emit=log, check_id=jobs.check_new_id, registry=registry)
+    jobs.add(job)
+    writer = Writer(backend, every=3)
+    writer.start()
+    job.start()
+    progressed = threading.Event()
+    deadline = time.monotonic() + WAIT
+    while not progressed.wait(0.01) and time.monotonic() < deadline:  # progress sets no event: poll it
+        if job.current_progress > 0 or job.status.value not in ("created", "running"):
+            progressed.set()
+    assert job.status.value == "running"  # 1 MiB copied, then the speed limit holds it for ~16 s
+    job.cancel()
+    assert job.wait(WAIT)
+    writer.stop.set()
+    writer.join(WAIT)
+    assert writer.error is None
+    assert "BLOCK_JOB_CANCELLED" in log.names()
+    assert not isinstance(backend.root, CopyOnRead)
+    expected = expected_image()
+    writer.apply(expected)
+    assert read_all(backend) == bytes(expected)
+    backend.close()
+    close_all(registry)
+    check_clean(top)
+    assert info(top)["backing-filename"] == str(mid)
+    assert_contents(top, bytes(expected))
