@@ -69,6 +69,8 @@ class StreamJob(BlockJobEvents):
         self._filter_backend: Any = None
         self.on_release: list[Callable[[], None]] = []
         self.total_progress = unwrap(top).size()
+        self.copied_bytes = 0
+        """Bytes the job wrote into the top (clusters the guest wrote first are not copied)."""
 
     def setup(self) -> None:
         """Put the copy-on-read filter (bottom = base, no population on guest reads) above the top and mark
@@ -120,6 +122,7 @@ class StreamJob(BlockJobEvents):
             pos += step
             with self._cond:
                 self.current_progress = pos
+                self.copied_bytes += copied
             if copied:
                 self.rate_limit(copied)
         if failed is not None:

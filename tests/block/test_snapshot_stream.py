@@ -143,6 +143,7 @@ def test_stream_under_concurrent_writes(tmp_path: Path, with_base: bool) -> None
     writer.join(WAIT)
     assert writer.error is None
     assert job.error is None
+    assert job.copied_bytes > 0
     # QEMU 7.2's sequence for a stream job (recorded on qemu-storage-daemon).
     assert [d["status"] if n == "JOB_STATUS_CHANGE" else n for n, d in got] == [
         "created", "running", "waiting", "pending", "BLOCK_JOB_COMPLETED", "concluded", "null"]
