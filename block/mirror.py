@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterator, Sequence
 from pyemu.block import borrowed, graph
 from pyemu.block.backing_link import backing_chain, unwrap
 from pyemu.block.dirty_bitmap import DirtyBitmap, bitmaps_of
-from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
+from pyemu.block.driver import BlockDriver, BlockStatus, check_request
+from pyemu.block.filter_node import FilterOverFile
 from pyemu.block.errors import BlockError
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import BlockPerm
@@ -158,7 +159,7 @@ class RangeLocks:
                 self._cond.notify_all()
 
 
-class MirrorTop:
+class MirrorTop(FilterOverFile):
     """The ``mirror_top`` filter of a write-blocking mirror: guest writes reach the target synchronously
     once their clusters were copied (see the module doc)."""
 
@@ -170,22 +171,6 @@ class MirrorTop:
         self._attachment = graph.attach(below, user=f"mirror job '{job.id}'", role="file",
                                         perm=BlockPerm.CONSISTENT_READ | BlockPerm.WRITE,
                                         shared=BlockPerm.CONSISTENT_READ | BlockPerm.WRITE_UNCHANGED)
-
-    @property
-    def filtered_child(self) -> BlockDriver:
-        return self.file
-
-    @property
-    def filename(self) -> str:
-        return self.file.filename
-
-    @property
-    def read_only(self) -> bool:
-        return self.file.read_only
-
-    @property
-    def capabilities(self) -> BlockCapabilities:
-        return self.file.capabilities
 
     def size(self) -> int:
         return self.file.size()
