@@ -30,6 +30,7 @@ import os
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, cast
 
@@ -52,6 +53,10 @@ RELEASE_TIMEOUT = 30.0
 export is released anyway (its backend still waits for requests in flight before it closes)."""
 _ID_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")  # QEMU's id_wellformed
 
+
+
+SAFE_REMOVAL_GRACE = 0.5
+"""Seconds a safe ``block-export-del`` waits for clients that are disconnecting before it refuses."""
 
 class ExportError(BlockError):
     """A block export or NBD server request was refused; the message is QEMU's."""
@@ -322,10 +327,25 @@ class ExportManager:
             raise ExportError(f"Dirty bitmap '{bitmap_name}' not found")
         return owner, bitmap
 
+    def _settle_clients(self, export_id: str, grace: float = SAFE_REMOVAL_GRACE) -> None:
+        """Give clients that already closed their connection a moment to be noticed: a tool that has just
+        exited (qemu-io, nbdcopy) is otherwise still counted for a few milliseconds, and a safe removal right
+        after it would be refused at random. A client that stays connected is still refused after ``grace``."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with self._lock:
+                export = self._exports.get(export_id)
+                server = self._server
+                if export is None or server is None or not server.clients_of(export.nbd.name):
+                    return
+            time.sleep(0.01)
+
     def delete(self, export_id: str, *, hard: bool = False) -> None:
         """QMP ``block-export-del``. ``hard`` disconnects the clients; safe mode refuses while any is
         connected. BLOCK_EXPORT_DELETED follows once the export is really gone (before this returns when
         no client was connected)."""
+        if not hard:
+            self._settle_clients(export_id)
         with self._lock:
             export = self._exports.get(export_id)
             if export is None:
