@@ -20,6 +20,7 @@ from pyemu.block.blockdev import DriverSpec, OpenContext, Opt, register_driver
 from pyemu.block.borrowed import BorrowedNode
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
 from pyemu.block.errors import BlockIOError
+from pyemu.block.filter_node import FilterOverFile
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import PERM_ALL, BlockPerm
 
@@ -30,7 +31,7 @@ def _snapshot_api(node: object) -> Any:
     return real if hasattr(real, "snapshot_preadv") else None
 
 
-class SnapshotAccess:
+class SnapshotAccess(FilterOverFile):
     """Reads the point-in-time view of the copy-before-write node ``file``. Owns ``file`` (an inline
     definition); a node given by name arrives as a borrowed handle whose close only lets go."""
 
@@ -45,14 +46,6 @@ class SnapshotAccess:
         self._attachment = graph.attach(file, user=user or "a snapshot-access node", role="file",
                                         perm=BlockPerm(0), shared=PERM_ALL)
         self._closed = False
-
-    @property
-    def filtered_child(self) -> BlockDriver:
-        return self.file
-
-    @property
-    def filename(self) -> str:
-        return self.file.filename
 
     @property
     def read_only(self) -> bool:

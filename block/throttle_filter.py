@@ -12,13 +12,14 @@ from typing import Any, Sequence
 
 from pyemu.block import graph
 from pyemu.block.blockdev import BlockdevError, DriverSpec, OpenContext, Opt, register_driver
-from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus
+from pyemu.block.driver import BlockDriver, BlockStatus
+from pyemu.block.filter_node import FilterOverFile
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import PERM_ALL, BlockPerm
 from pyemu.block.throttle import THROTTLE_GROUPS, ThrottleGroupMember, was_admitted
 
 
-class ThrottleFilter:
+class ThrottleFilter(FilterOverFile):
     """The filter node: passes everything to ``file``, reads and writes after their turn."""
 
     name = "throttle"
@@ -30,22 +31,6 @@ class ThrottleFilter:
         perm = BlockPerm.CONSISTENT_READ | (BlockPerm(0) if file.read_only else BlockPerm.WRITE)
         self._attachment = graph.attach(file, user=user or "throttle filter", role="file", perm=perm,
                                         shared=PERM_ALL)
-
-    @property
-    def filtered_child(self) -> BlockDriver:
-        return self.file
-
-    @property
-    def filename(self) -> str:
-        return self.file.filename
-
-    @property
-    def read_only(self) -> bool:
-        return self.file.read_only
-
-    @property
-    def capabilities(self) -> BlockCapabilities:
-        return self.file.capabilities
 
     def size(self) -> int:
         return self.file.size()
