@@ -185,10 +185,16 @@ class TimerQueue:
                 current = self.now() if now is None else now
                 if not self._heap or self._heap[0][0] > current:
                     return ran
-                _, _, _, timer = heapq.heappop(self._heap)
-                timer.expire_ns = None
-                timer._generation += 1
+                _, _, generation, timer = heapq.heappop(self._heap)
+            # The timer stays armed (expire_ns set) until the machine lock is held: a device saving its
+            # state under that lock in between sees an expiry that is due now, never a running counter
+            # whose timer is neither armed nor fired yet.
             with self.lock:
+                with self._wake:
+                    if timer._generation != generation:
+                        continue  # cancelled or re-armed while we waited for the lock
+                    timer.expire_ns = None
+                    timer._generation += 1
                 timer.callback()
             ran += 1
 

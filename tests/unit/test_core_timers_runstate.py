@@ -84,3 +84,45 @@ def test_runstate_transitions_and_first_shutdown_cause_wins():
     assert seen[0] == (RunState.PRELAUNCH, RunState.RUNNING)
     with pytest.raises(RunStateError):
         RunStateMachine().transition(RunState.INTERNAL_ERROR)
+
+
+def test_a_due_timer_stays_armed_until_its_callback_holds_the_lock():
+    """A state saved under the machine lock while the timer thread has already taken a due timer off the
+    queue (but waits for the lock) must see that timer armed: the one-shot LAPIC timer once saved
+    'counter running, timer not armed' this way and the migration destination refused the stream."""
+    from pyemu.hw.intc.lapic_timer import ApicTimer
+
+    clock = FakeClock()
+    lock = threading.RLock()
+    queue = TimerQueue(lock=lock, clock=clock)
+    fired = []
+    apic_timer = ApicTimer(queue, lambda: fired.append(clock.ns), crystal_hz=1_000_000_000, tsc_hz=1)
+    apic_timer.write_initial_count(100)
+    clock.ns = 500
+    with lock:
+        runner = threading.Thread(target=queue.run_due)
+        runner.start()
+        while queue._heap:  # the runner has popped the due timer and now waits for the lock
+            runner.join(0.001)
+        saved = ApicTimer.check_state(apic_timer.state())
+        assert saved.running and saved.remaining_ns == 0 and fired == []
+    runner.join(5)
+    assert fired == [500] and not apic_timer.state().running
+
+
+def test_a_due_timer_cancelled_while_its_callback_waits_for_the_lock_does_not_fire():
+    clock = FakeClock()
+    lock = threading.RLock()
+    queue = TimerQueue(lock=lock, clock=clock)
+    fired = []
+    timer = queue.new_timer(lambda: fired.append(1))
+    timer.mod(10)
+    clock.ns = 20
+    with lock:
+        runner = threading.Thread(target=queue.run_due)
+        runner.start()
+        while queue._heap:
+            runner.join(0.001)
+        timer.cancel()
+    runner.join(5)
+    assert fired == [] and not timer.pending
