@@ -35,6 +35,7 @@ from pyemu.block import graph
 from pyemu.block.borrowed import BorrowedNode
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockError, BlockIOError
+from pyemu.block.implicit import release_if_unused
 from pyemu.block.registry import NodeRegistry
 
 MAX_BACKING_NAME = 1023
@@ -221,12 +222,12 @@ def change_backing(node: BlockDriver, new_backing: BlockDriver | None, *, backin
         parent = located[0]
         _drop_attachment(parent, _backing_attachment(parent))
         parent.backing = None
+    if registry is not None:
+        _registry_relink(registry, image, target, owned=not isinstance(new_edge, BorrowedNode))
     if keep_old and not isinstance(old_edge, BorrowedNode):
         pass  # handed back to the caller, open
     else:
         _release(old_edge, registry, keep=target)
-    if registry is not None:
-        _registry_relink(registry, image, target, owned=not isinstance(new_edge, BorrowedNode))
 
 
 def _drive_above(image: Any) -> bool:
@@ -269,6 +270,7 @@ def _release(old_edge: Any, registry: NodeRegistry | None, *, keep: Any) -> None
         return
     if isinstance(old_edge, BorrowedNode):
         old_edge.close()
+        release_if_unused(registry, old_edge.node)  # a snapshot overlay left with no user goes (QEMU)
         return
     dropped = [n for n in backing_chain_owned(old_edge) if n is not keep]
     if registry is not None:

@@ -26,6 +26,7 @@ from pyemu.block import borrowed
 from pyemu.block.borrowed import BorrowedNode
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockConfigError, BlockError
+from pyemu.block.implicit import IMPLICIT_OWNER, release_if_unused
 from pyemu.block.keyval import parse_keyval
 from pyemu.block.registry import NodeEntry, NodeRegistry, NodeRegistryError, check_node_name
 
@@ -331,18 +332,26 @@ def _open(raw: dict[str, Any], registry: NodeRegistry, *, keyval: bool, owner: s
 def delete_blockdev(registry: NodeRegistry, name: str) -> None:
     """``blockdev-del``: unregister the node (QEMU's checks, see NodeRegistry.remove) and close it."""
     removed = registry.remove(name)
+    borrowed_below = [edge.node for entry in removed
+                      if isinstance(edge := getattr(entry.node, "backing", None), BorrowedNode)]
     # The first entry is the node itself; closing it closes the inline children it owns.
     removed[0].node.close()
     for entry in removed[1:]:
         entry.node.close()
+    for node in borrowed_below:
+        release_if_unused(registry, node)  # a snapshot overlay it was the last user of goes too
 
 
 def close_all(registry: NodeRegistry) -> None:
-    """Close every node the user created, newest first (VM shutdown)."""
+    """Close every node the user created or the graph created for them, newest first (VM shutdown)."""
     for entry in reversed(list(registry)):
-        if entry.monitor_owned and entry.name in registry:
+        if entry.owner in ("monitor", IMPLICIT_OWNER) and entry.name in registry:
             try:
-                delete_blockdev(registry, entry.name)
+                if entry.monitor_owned:
+                    delete_blockdev(registry, entry.name)
+                else:
+                    for gone in registry.remove(entry.name, by_monitor=False):
+                        gone.node.close()
             except NodeRegistryError:
                 entry.node.close()
 

@@ -40,6 +40,20 @@ def _block_target(api: ControlApi, job: Any) -> None:
     job.on_release.append(lambda: registry.remove_anonymous_backend(use))
 
 
+def _release_source_after_pivot(api: ControlApi, job: Any) -> None:
+    """Once the job has let go of everything: a source the drive pivoted away from that the graph created
+    (a snapshot overlay, an earlier drive-mirror's image) and nothing uses any more leaves the graph, as
+    QEMU drops an active commit's top."""
+    from pyemu.block.implicit import release_if_unused
+    from pyemu.monitor.blockdev import node_registry
+
+    try:
+        registry = node_registry(api)
+    except QmpError:
+        return
+    job.on_release.append(lambda: release_if_unused(registry, job.source))
+
+
 def _start(api: ControlApi, build: Callable[[], Any]) -> dict[str, Any]:
     from pyemu.errors import PyemuError
 
@@ -52,6 +66,7 @@ def _start(api: ControlApi, build: Callable[[], Any]) -> dict[str, Any]:
         except BaseException:
             job.cancel(force=True)  # a created job: aborted at once, filter and holds released
             raise
+        _release_source_after_pivot(api, job)
     except QmpError:
         raise
     except PyemuError as exc:
@@ -161,12 +176,14 @@ def _link_to_source(api: ControlApi, target: Any, source: Any) -> None:
 def _register_target(api: ControlApi, target: Any, name: str, fmt: str) -> None:
     """After the pivot the drive runs on drive-mirror's new image: register it (``node-name`` or an automatic
     name, as QEMU) so queries find it and the graph's shutdown closes it."""
+    from pyemu.block.implicit import IMPLICIT_OWNER
     from pyemu.block.registry import NodeEntry
     from pyemu.monitor.blockdev import node_registry
 
     try:
         registry = node_registry(api)
-        registry.add(NodeEntry(name or registry.auto_name(), target, fmt, auto_named=not name))
+        registry.add(NodeEntry(name or registry.auto_name(), target, fmt, owner=IMPLICIT_OWNER,
+                               auto_named=not name))
     except Exception:  # noqa: BLE001 - a name clash leaves the node unnamed, still the drive's root
         pass
 

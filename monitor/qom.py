@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from pyemu.block.implicit import release_if_unused
 from pyemu.errors import PyemuError
 from pyemu.monitor.blockdev import node_registry
 from pyemu.monitor.control import ControlApi
@@ -108,14 +109,16 @@ def _qom_set(api: ControlApi, args: dict[str, Any]) -> Any:
         raise QmpError(f"Cannot find device='' nor node-name='{value}'")
     if entry.read_only and not model.backend.read_only:
         raise QmpError("Block node is read-only")
-    replace_root(model.backend, entry.node)
+    old = replace_root(model.backend, entry.node)
+    release_if_unused(registry, old)  # a snapshot overlay nothing else uses leaves the graph (QEMU)
     return {}
 
 
-def replace_root(backend: Any, new: Any) -> None:
-    """Swap ``backend``'s root for ``new`` (drained; permissions of both subtrees moved; all or nothing)."""
+def replace_root(backend: Any, new: Any) -> Any:
+    """Swap ``backend``'s root for ``new`` (drained; permissions of both subtrees moved; all or nothing);
+    returns the old root."""
     try:
-        backend.change_root(new)
+        return backend.change_root(new)
     except PyemuError as error:
         raise QmpError(str(error)) from None
 

@@ -115,6 +115,7 @@ def _snapshot_sync(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
     """blockdev-snapshot-sync: QEMU 7.2's checks in its order and words (checked with qemu-storage-daemon),
     then the overlay is created (absolute-paths) or opened (existing) and put on top."""
     from pyemu.block.blockdev import DRIVERS, delete_blockdev, open_blockdev
+    from pyemu.block.implicit import IMPLICIT_OWNER
     from pyemu.block.qcow2.create import create_qcow2
     from pyemu.block.registry import NodeRegistryError, check_node_name
 
@@ -155,7 +156,8 @@ def _snapshot_sync(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
         options["node-name"] = name
     try:
         # Without snapshot-node-name (a drive given by device) the overlay gets an automatic name, as QEMU.
-        entry = open_blockdev(options, registry, owner="monitor" if name is not None else f"drive:{device}")
+        # A named overlay is the graph's, not the user's: it goes when its last user does (QEMU's refcount).
+        entry = open_blockdev(options, registry, owner=IMPLICIT_OWNER if name is not None else f"drive:{device}")
     except PyemuError as exc:
         text = str(exc)
         prefix = f"Could not open '{path}': "

@@ -315,6 +315,56 @@ def test_qmp_blockdev_snapshot_existing_overlay(tmp_path: Path) -> None:
     check_clean(top)
 
 
+def node_names(vm: pyemu.VM) -> set[str]:
+    return {n["node-name"] for n in vm.execute("query-named-block-nodes", {})}
+
+
+def writable_by_another_process(path: Path) -> bool:
+    """Whether qemu-io can open ``path`` (not its backing chain) for writing: only once pyemu closed the image
+    (QEMU's image locks)."""
+    spec = json.dumps({"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": str(path)}})
+    return subprocess.run(["qemu-io", "-c", "write 0 512", f"json:{spec}"], capture_output=True).returncode == 0
+
+
+def test_snapshot_overlays_leave_the_graph_with_their_last_user(tmp_path: Path) -> None:
+    """blockdev-snapshot-sync's overlays are the graph's (QEMU: not monitor-owned, reference-counted): a
+    stream that drops one from the chain and an active commit that pivots away from one close it, and it
+    leaves query-named-block-nodes; the user's own -blockdev node stays (checked with qemu-storage-daemon
+    7.2: the streamed-over overlay vanished, d0 stayed)."""
+    base, mid, top = make_chain(tmp_path)
+    ov1, ov2, ov3 = (tmp_path / f"ov{i}.qcow2" for i in (1, 2, 3))
+    with make_vm(tmp_path, top) as vm:
+        vm.start()
+        for node, path, name in (("d0", ov1, "ov1"), ("ov1", ov2, "ov2")):
+            vm.execute("blockdev-snapshot-sync", {"node-name": node, "snapshot-file": str(path),
+                                                  "snapshot-node-name": name})
+        refused(vm, "blockdev-del", {"node-name": "ov2"}, "Node ov2 is in use")
+        assert {"d0", "ov1", "ov2"} <= node_names(vm) and not writable_by_another_process(ov1)
+
+        vm.execute("block-stream", {"job-id": "s", "device": "ov2"})
+        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        names = node_names(vm)
+        assert "ov1" not in names and {"d0", "ov2"} <= names
+        assert writable_by_another_process(ov1)  # closed, its lock gone
+        assert not writable_by_another_process(top)  # d0 is the user's: still open
+
+        vm.execute("blockdev-snapshot-sync", {"node-name": "ov2", "snapshot-file": str(ov3),
+                                              "snapshot-node-name": "ov3"})
+        vm.execute("block-commit", {"job-id": "c", "device": "ov3"})
+        vm.events.wait_for("BLOCK_JOB_READY", WAIT)
+        vm.execute("job-complete", {"id": "c"})
+        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        (block,) = vm.execute("query-block", {})
+        assert block["inserted"]["node-name"] == "ov2"
+        assert "ov3" not in node_names(vm)
+        assert writable_by_another_process(ov3)
+        refused(vm, "blockdev-del", {"node-name": "ov2"}, "Node ov2 is in use")
+    for image in (ov2, ov3, top):
+        check_clean(image)
+    assert "backing-filename" not in info(ov2)
+    assert_contents(ov2, bytes(expected_image()))
+
+
 def drive_backend(vm: pyemu.VM) -> Any:
     (use,) = [u for u in vm._instance.control.machine.drives()]  # type: ignore[union-attr]
     return use.backend

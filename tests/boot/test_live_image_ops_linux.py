@@ -87,9 +87,7 @@ def snapshot(g: Guest, node: str, overlay: Path, name: str) -> None:
                                      "snapshot-node-name": name, "format": "qcow2"})
 
 
-@pytest.mark.parametrize("kind", [pytest.param(
-    "pyemu", marks=pytest.mark.xfail(strict=False, reason="issue 12 open: after the active commit's pivot pyemu "
-                                     "keeps the committed overlay in the graph (QEMU drops it)")), *KINDS[1:]])
+@pytest.mark.parametrize("kind", KINDS)
 def test_cor_snapshot_stream_commit_and_cancel(guest, tmp_path, kind):  # type: ignore[no-untyped-def]
     rng = random.Random()
     base, disk = tmp_path / "base.qcow2", tmp_path / "disk.qcow2"
