@@ -49,7 +49,6 @@ class CopyOnRead(FilterOverFile):
         self.owns_child = owns_child
         top = unwrap(file)
         self.granularity = int(getattr(top, "cluster_size", DEFAULT_GRANULARITY) or DEFAULT_GRANULARITY)
-        self._size = file.size()
         self._cond = threading.Condition()
         self._locked: list[tuple[int, int]] = []
         self._closed = False
@@ -60,7 +59,8 @@ class CopyOnRead(FilterOverFile):
 
     # -- BlockDriver --------------------------------------------------------------------------------------
     def size(self) -> int:
-        return self._size
+        """The top's size, asked each time: a ``block_resize`` through the filter changes it."""
+        return self.file.size()
 
     def block_status(self, offset: int, length: int) -> BlockStatus:
         return self.file.block_status(offset, length)
@@ -70,7 +70,7 @@ class CopyOnRead(FilterOverFile):
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         length = total_length(byte_views(buffers, writable=True))
-        check_request(offset, length, self._size, what="read")
+        check_request(offset, length, self.size(), what="read")
         if not self.populate_reads or self.file.read_only or length == 0:
             self.file.preadv(offset, buffers)
             return
@@ -81,17 +81,17 @@ class CopyOnRead(FilterOverFile):
 
     def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview]) -> None:
         length = total_length(byte_views(buffers, writable=False))
-        check_request(offset, length, self._size, what="write")
+        check_request(offset, length, self.size(), what="write")
         with self._range(*self._aligned(offset, length)):
             self.file.pwritev(offset, buffers)
 
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
-        check_request(offset, length, self._size, what="write-zeroes")
+        check_request(offset, length, self.size(), what="write-zeroes")
         with self._range(*self._aligned(offset, length)):
             self.file.write_zeroes(offset, length, may_unmap=may_unmap)
 
     def discard(self, offset: int, length: int) -> None:
-        check_request(offset, length, self._size, what="discard")
+        check_request(offset, length, self.size(), what="discard")
         with self._range(*self._aligned(offset, length)):
             self.file.discard(offset, length)
 
@@ -108,7 +108,7 @@ class CopyOnRead(FilterOverFile):
     def populate(self, offset: int, length: int) -> int:
         """Copy into the top what the chain (above ``bottom``) holds for ``[offset, offset+length)`` and the
         top does not allocate; returns the bytes written. Safe against concurrent guest writes."""
-        check_request(offset, length, self._size, what="populate")
+        check_request(offset, length, self.size(), what="populate")
         written = 0
         start, end = self._aligned(offset, length)
         pos = start
@@ -158,7 +158,7 @@ class CopyOnRead(FilterOverFile):
     def _aligned(self, offset: int, length: int) -> tuple[int, int]:
         g = self.granularity
         start = offset - offset % g
-        end = min(self._size, -(-(offset + max(length, 1)) // g) * g)
+        end = min(self.size(), -(-(offset + max(length, 1)) // g) * g)
         return start, max(end, start)
 
     def _range(self, start: int, end: int) -> "_RangeHold":

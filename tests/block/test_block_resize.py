@@ -224,3 +224,13 @@ def test_block_resize_refused_under_a_running_backup(vm: Any, tmp_path: Path) ->
     finally:
         vm.execute("block-job-cancel", {"device": "j"})
         vm.events.wait_for("BLOCK_JOB_CANCELLED", 60)
+
+
+def test_block_resize_through_a_copy_on_read_filter(vm: Any) -> None:
+    """A copy-on-read filter has no size of its own: resizing it resizes the image below, and the filter and
+    the device above both see the new size (the filter used to keep the size it was created with)."""
+    vm.execute("blockdev-add", {"driver": "copy-on-read", "node-name": "cor0", "file": "d0"})
+    vm.execute("qom-set", {"path": "/machine/peripheral/vblk0", "property": "drive", "value": "cor0"})
+    vm.execute("block_resize", {"node-name": "cor0", "size": 12 * MiB})
+    assert sizes(vm)["d0"] == 12 * MiB and sizes(vm)["cor0"] == 12 * MiB
+    assert capacity(vm, 0) == 12 * MiB // 512
