@@ -12,12 +12,13 @@ As in QEMU without auto-converge, a guest that dirties memory faster than it can
 migration iterating until it converges or is cancelled.
 
 How changed pages are found: with an accelerator that has a dirty log
-(:class:`~pyemu.accel.base.DirtyLogging`; KVM: KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG, plus the pages
-devices reported through DmaMemory) by :class:`LogTracker`; otherwise (TCG for now) by
-:class:`ShadowTracker`, which keeps a copy of every page as it was sent and compares RAM against it at each
-sync -- it finds every change whatever made it (vCPU stores, DMA, ring writes through plain views) at
-the cost of one RAM-sized host buffer and a memcmp of RAM per round. TCG write tracking through the
-TLB-fill hook (QEMU's dirty-memory bitmap fed by the softmmu slow path) is not done.
+(:class:`~pyemu.accel.base.DirtyLogging`; KVM: KVM_MEM_LOG_DIRTY_PAGES + KVM_GET_DIRTY_LOG; TCG: write
+tracking through pyemu's own TLB-fill hook, :mod:`pyemu.accel.tcg.dirty_log`, QEMU's dirty-memory bitmap
+fed by the softmmu slow path in spirit; both plus the pages devices reported through DmaMemory) by
+:class:`LogTracker`. When the accelerator cannot log (the software CPU with its engine's own TLB fill,
+``PYEMU_TCG_ENGINE_TLB=1``) by :class:`ShadowTracker`, which keeps a copy of every page as it was sent and
+compares RAM against it at each sync -- it finds every change whatever made it (vCPU stores, DMA, ring
+writes through plain views) at the cost of one RAM-sized host buffer and a memcmp of RAM per round.
 
 The stream format needs nothing new: RAM sections may come before the clock, vCPU and device sections
 and a page may appear several times (the destination writes each section as it reads it; the last copy
@@ -149,9 +150,10 @@ def virtio_ring_pages(machine: Machine) -> set[int]:
 
 
 def make_tracker(machine: Machine) -> ShadowTracker | LogTracker:
-    """The accelerator's dirty log when it has one, else the comparison with what was sent."""
+    """The accelerator's dirty log when it has one (and can use it now), else the comparison with what
+    was sent."""
     accel = machine.accel
-    if isinstance(accel, DirtyLogging):
+    if isinstance(accel, DirtyLogging) and getattr(accel, "dirty_logging_available", True):
         return LogTracker(machine, accel)
     return ShadowTracker(machine.memory)
 

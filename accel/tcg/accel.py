@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.tcg.calibration import calibrate
+from pyemu.accel.tcg.dirty_log import TcgDirtyLog
 from pyemu.accel.tcg.block_gate import load_gate_module
 from pyemu.accel.tcg.errors import TcgError
 from pyemu.accel.tcg.guest_tsc import GuestTsc
@@ -40,6 +41,7 @@ class TcgAccelerator:
         self.vcpus: list[TcgVcpu] = []
         self.scheduler = RoundRobin()
         self._code_map: CodeMap | None = None
+        self._dirty_log: TcgDirtyLog | None = None
         self.tsc = GuestTsc()
         """The guest TSC of every vCPU (one offset: they cannot differ under Unicorn)."""
 
@@ -61,6 +63,7 @@ class TcgAccelerator:
                            "coherent; unset PYEMU_TCG_ENGINE_TLB")
         if self._code_map is None and tlb_hook_enabled():
             self._code_map = CodeMap(self._memory, load_gate_module())
+            self._dirty_log = TcgDirtyLog(self._code_map, self.scheduler)
         vcpu = TcgVcpu(index, self._memory, self._dispatcher, self._cpuid, calibrate(), interrupts,
                        scheduler=self.scheduler, code_map=self._code_map, tsc=self.tsc)
         self.vcpus.append(vcpu)
@@ -77,11 +80,38 @@ class TcgAccelerator:
         if size <= 0:
             return
         code_map = self._code_map
+        if code_map is not None:
+            code_map.dirty.mark(gpa, size)  # live migration's dirty log (a no-op unless logging)
         if code_map is not None and not any(code_map.owners(page << 12)
                                             for page in range(gpa >> 12, (gpa + size - 1 >> 12) + 1)):
             return
         for vcpu in self.vcpus:
             vcpu.invalidate_code(gpa, size)
+
+    # -- dirty logging (pyemu.accel.base.DirtyLogging), see pyemu.accel.tcg.dirty_log -------------------
+    @property
+    def dirty_logging_available(self) -> bool:
+        """The log needs the TLB-fill hook (not with ``PYEMU_TCG_ENGINE_TLB=1``) and a vCPU created."""
+        return self._dirty_log is not None
+
+    def _log(self) -> TcgDirtyLog:
+        if self._dirty_log is None:
+            raise TcgError("dirty-page logging needs the TLB-fill hook and at least one vCPU")
+        return self._dirty_log
+
+    def start_dirty_log(self) -> None:
+        self._log().start()
+
+    def fetch_dirty_pages(self) -> set[int]:
+        return self._log().fetch()
+
+    def stop_dirty_log(self) -> None:
+        self._log().stop()
+
+    @property
+    def dirty_log_statistics(self) -> dict[str, int]:
+        """Pages marked and write fills left to Unicorn's MMU while logging (tests, benchmarks)."""
+        return self._code_map.dirty.statistics if self._code_map is not None else {}
 
     def msi_sink(self) -> MsiSink | None:
         return None

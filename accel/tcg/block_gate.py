@@ -60,6 +60,10 @@ struct pyemu_code_map {
     uint32_t inval_count[8];
     int32_t inval_overflow[8];
     uint64_t inval_pages[8][512];
+    uint8_t *dirty;
+    int32_t logging;
+    uint64_t dirty_marks;
+    uint64_t log_fallbacks;
 };
 struct pyemu_tlb {
     int (*ctl)(void *uc, uint32_t control, ...);
@@ -80,6 +84,8 @@ _Bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry 
 void pyemu_tlb_resume(void *uc, struct pyemu_tlb *s);
 void pyemu_code_forget(struct pyemu_code_map *m, int engine);
 void pyemu_code_forget_writes(struct pyemu_code_map *m, int engine);
+void pyemu_dirty_mark(struct pyemu_code_map *m, uint64_t first, uint64_t last);
+uint64_t pyemu_dirty_take(struct pyemu_code_map *m, uint64_t *out);
 int pyemu_read_code(void *uc, struct pyemu_tlb *s, uint64_t address, uint8_t *out, int len);
 struct pyemu_gate {
     int32_t stop_request;

@@ -9,6 +9,7 @@ dispatcher, exactly as a guest access would (QEMU's address_space_rw).
 from __future__ import annotations
 
 import struct
+from typing import Callable
 
 from unicorn import Uc
 
@@ -21,8 +22,11 @@ _U32 = struct.Struct("<I")
 
 
 class GuestPhysical:
-    def __init__(self, uc: Uc, memory: GuestMemory, dispatcher: ExitDispatcher) -> None:
+    def __init__(self, uc: Uc, memory: GuestMemory, dispatcher: ExitDispatcher,
+                 on_write: Callable[[int, int], None] | None = None) -> None:
         self._uc = uc
+        # Reports RAM this vCPU wrote without a TLB entry (the dirty log of live migration).
+        self._on_write = on_write
         self._memory = memory
         self._dispatcher = dispatcher
         # (start, end, view) per RAM region: page-table walks read entries here without the
@@ -51,11 +55,15 @@ class GuestPhysical:
     def write(self, gpa: int, data: bytes) -> None:
         if self._memory.contains(gpa, len(data)):
             self._uc.mem_write(gpa, data)
+            if self._on_write is not None:
+                self._on_write(gpa, len(data))
             return
         for offset in range(0, len(data), 4):
             chunk = data[offset:offset + 4]
             if self._memory.contains(gpa + offset, len(chunk)):
                 self._uc.mem_write(gpa + offset, chunk)
+                if self._on_write is not None:
+                    self._on_write(gpa + offset, len(chunk))
             else:
                 self._dispatcher.mmio_write(gpa + offset, len(chunk), int.from_bytes(chunk, "little"))
 
@@ -76,10 +84,18 @@ class GuestPhysical:
         found = self._ram_view(gpa, 8)
         if found is not None:
             view, offset = found
-            _U64.pack_into(view, offset, _U64.unpack_from(view, offset)[0] | bits)
+            old = _U64.unpack_from(view, offset)[0]
+            if old | bits != old:
+                _U64.pack_into(view, offset, old | bits)
+                if self._on_write is not None:
+                    self._on_write(gpa, 8)
 
     def set_bits_u32(self, gpa: int, bits: int) -> None:
         found = self._ram_view(gpa, 4)
         if found is not None:
             view, offset = found
-            _U32.pack_into(view, offset, _U32.unpack_from(view, offset)[0] | bits)
+            old = _U32.unpack_from(view, offset)[0]
+            if old | bits != old:
+                _U32.pack_into(view, offset, old | bits)
+                if self._on_write is not None:
+                    self._on_write(gpa, 4)

@@ -14,6 +14,7 @@
  */
 #include <stdint.h>
 #include <stdbool.h>
+#include <string.h>
 
 #define PYEMU_RAM_SLOTS 8
 
@@ -37,6 +38,12 @@ struct pyemu_code_map {
     uint32_t inval_count[PYEMU_MAX_ENGINES];
     int32_t inval_overflow[PYEMU_MAX_ENGINES];
     uint64_t inval_pages[PYEMU_MAX_ENGINES][PYEMU_INVAL_CAP];
+    /* Dirty log (dirty_log.py): while `logging`, a page is granted WRITE only once it is marked here; a
+     * write fill marks it. Cleared by pyemu_dirty_take while no engine runs (the sync holds the turn). */
+    uint8_t *dirty;             /* per page: written since the last take */
+    int32_t logging;
+    uint64_t dirty_marks;       /* statistics: pages marked by write fills and page-table updates */
+    uint64_t log_fallbacks;     /* statistics: write fills left to Unicorn's MMU while logging */
 };
 
 struct pyemu_tlb {
@@ -100,13 +107,25 @@ static int read_phys(const struct pyemu_tlb *s, uint64_t gpa, int width, uint64_
     return 0; /* a table outside RAM: leave it to Unicorn */
 }
 
-/* Walk state: 0 = ok (page, prot filled), -1 = not ours (fault or unusual: Unicorn decides). */
-struct walk { uint64_t page; int prot; };
+/* Walk state: 0 = ok (page, prot filled), -1 = not ours (fault or unusual: Unicorn decides). The
+ * entries read on the way (guest-physical address and value) let the dirty log see which page-table
+ * pages Unicorn's walk then changed (accessed/dirty bits). */
+struct walk { uint64_t page; int prot; int entries; uint64_t entry_gpa[4]; uint64_t entry_val[4]; };
+
+static void note_entry(struct walk *out, uint64_t gpa, uint64_t value)
+{
+    if (out->entries < 4) {
+        out->entry_gpa[out->entries] = gpa;
+        out->entry_val[out->entries] = value;
+        out->entries++;
+    }
+}
 
 static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, struct walk *out)
 {
     uint64_t cr0 = 0, cr3 = 0, cr4 = 0, cs = 0, rflags = 0;
     struct pyemu_msr efer = { 0xC0000080u, 0 };
+    out->entries = 0;
     s->reg_read(uc, s->reg_cr0, &cr0);
     if (!(cr0 & CR0_PG)) {
         out->page = va & 0xFFFFF000ULL; /* paging off: linear = physical (32-bit) */
@@ -137,6 +156,7 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
             if (!read_phys(s, table + ((va >> shift) & 511) * 8, 8, &e) || !(e & P_BIT)) {
                 return -1;
             }
+            note_entry(out, table + ((va >> shift) & 511) * 8, e);
             if ((e & ADDR_RSVD) || ((e & NX_BIT) && !nxe)) {
                 return -1;
             }
@@ -177,6 +197,7 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
             if (!read_phys(s, table + ((va >> shift) & 511) * 8, 8, &e) || !(e & P_BIT)) {
                 return -1;
             }
+            note_entry(out, table + ((va >> shift) & 511) * 8, e);
             if ((e & ADDR_RSVD) || ((e & NX_BIT) && !nxe)) {
                 return -1;
             }
@@ -207,6 +228,8 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
         if (!read_phys(s, (pde & 0xFFFFF000ULL) + ((va >> 12) & 1023) * 4, 4, &pte) || !(pte & P_BIT)) {
             return -1;
         }
+        note_entry(out, (cr3 & 0xFFFFF000ULL) + (va >> 22) * 4, pde);
+        note_entry(out, (pde & 0xFFFFF000ULL) + ((va >> 12) & 1023) * 4, pte);
         rw = pde & pte & RW_BIT;
         us = pde & pte & US_BIT;
         leaf = pte;
@@ -244,6 +267,40 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
     return 0;
 }
 
+static inline void mark_dirty(struct pyemu_code_map *m, uint64_t index)
+{
+    if (index < m->page_count && !m->dirty[index]) {
+        m->dirty[index] = 1;
+        m->dirty_marks++;
+    }
+}
+
+/* Unicorn's walk (uc_vmem_translate) sets accessed/dirty bits in the entries: a write to guest RAM
+ * that no TLB entry sees. Mark every table page whose entry changed. */
+static void mark_changed_entries(struct pyemu_tlb *s, const struct walk *w, int width)
+{
+    for (int i = 0; i < w->entries; i++) {
+        uint64_t now = 0;
+        if (read_phys(s, w->entry_gpa[i], width, &now) && now != w->entry_val[i]) {
+            mark_dirty(s->code, w->entry_gpa[i] >> 12);
+        }
+    }
+}
+
+/* While logging, WRITE only for a page already marked; a write fill marks it. */
+static int log_permissions(struct pyemu_code_map *m, uint64_t index, int type, int prot)
+{
+    if (!(prot & PROT_W) || index >= m->page_count) {
+        return prot;
+    }
+    if (type == MEM_WRITE) {
+        mark_dirty(m, index);
+    } else if (!m->dirty[index]) {
+        prot &= ~PROT_W;
+    }
+    return prot;
+}
+
 static bool give_up(struct pyemu_tlb *s, void *uc)
 {
     s->ctl(uc, s->ctl_tlb_type, TLB_CPU);
@@ -251,6 +308,14 @@ static bool give_up(struct pyemu_tlb *s, void *uc)
     s->fill_failed = 1;
     s->fallbacks++;
     return false;
+}
+
+static bool give_up_fill(struct pyemu_tlb *s, void *uc, int type)
+{
+    if (s->code->logging && type == MEM_WRITE) {
+        s->code->log_fallbacks++;
+    }
+    return give_up(s, uc);
 }
 
 /* Another engine may hold translations of the page a store is about to reach: it must drop them before
@@ -327,7 +392,7 @@ bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry *
     int want = type == MEM_WRITE ? PROT_W : type == MEM_FETCH ? PROT_X : PROT_R;
     s->fills++;
     if (walk(s, uc, vaddr, type, &w) != 0) {
-        return give_up(s, uc);
+        return give_up_fill(s, uc, type);
     }
     s->ctl(uc, s->ctl_tlb_type, TLB_CPU);
     int ok = s->vmem_translate(uc, vaddr, want, &paddr) == 0;
@@ -335,9 +400,24 @@ bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry *
     if (!ok || (paddr & ~0xFFFULL) != w.page) {
         /* Unicorn's walk disagrees: it decides. A failed probe left its #PF pending (the INTR hook
          * delivers it); otherwise the vCPU re-runs the instruction under Unicorn's own MMU. */
-        return give_up(s, uc);
+        if (s->code->logging && w.entries) {
+            uint64_t cr4 = 0;
+            s->reg_read(uc, s->reg_cr4, &cr4);
+            mark_changed_entries(s, &w, (cr4 & CR4_PAE) ? 8 : 4);
+        }
+        return give_up_fill(s, uc, type);
     }
-    int prot = code_permissions(s, w.page >> 12, type, w.prot);
+    int prot = w.prot;
+    if (s->code->logging) {
+        if (w.entries) {
+            uint64_t cr4 = 0;
+            s->reg_read(uc, s->reg_cr4, &cr4);
+            /* Long mode implies PAE: 8-byte entries unless legacy 32-bit paging. */
+            mark_changed_entries(s, &w, (cr4 & CR4_PAE) ? 8 : 4);
+        }
+        prot = log_permissions(s->code, w.page >> 12, type, prot);
+    }
+    prot = code_permissions(s, w.page >> 12, type, prot);
     result->paddr = w.page;
     result->perms = prot;
     return true;
@@ -350,8 +430,9 @@ void pyemu_tlb_resume(void *uc, struct pyemu_tlb *s)
     if (__atomic_load_n(&s->fallback, __ATOMIC_ACQUIRE)) {
         s->ctl(uc, s->ctl_tlb_type, TLB_VIRTUAL);
         __atomic_store_n(&s->fallback, 0, __ATOMIC_RELEASE);
-        if (s->code->engines > 1) {
-            /* Entries the engine's own MMU filled meanwhile were granted without the code map's say. */
+        if (s->code->engines > 1 || s->code->logging) {
+            /* Entries the engine's own MMU filled meanwhile were granted without the code map's (or the
+             * dirty log's) say. */
             s->ctl(uc, s->ctl_tlb_flush);
         }
     }
@@ -394,4 +475,38 @@ int pyemu_read_code(void *uc, struct pyemu_tlb *s, uint64_t address, uint8_t *ou
         }
     }
     return 0;
+}
+
+/* Python marks (device DMA, the vCPU's own frame pushes): pages [first, last]. */
+void pyemu_dirty_mark(struct pyemu_code_map *m, uint64_t first, uint64_t last)
+{
+    for (uint64_t i = first; i <= last && i < m->page_count; i++) {
+        m->dirty[i] = 1;
+    }
+}
+
+/* The marked pages' indices into `out` (room for page_count), clearing the marks; returns how many. */
+uint64_t pyemu_dirty_take(struct pyemu_code_map *m, uint64_t *out)
+{
+    uint64_t n = 0;
+    uint64_t whole = m->page_count / 8;
+    for (uint64_t w = 0; w < whole; w++) {
+        uint64_t word;
+        memcpy(&word, m->dirty + w * 8, sizeof word);
+        if (word) {
+            for (uint64_t i = w * 8; i < w * 8 + 8; i++) {
+                if (m->dirty[i]) {
+                    out[n++] = i;
+                    m->dirty[i] = 0;
+                }
+            }
+        }
+    }
+    for (uint64_t i = whole * 8; i < m->page_count; i++) {
+        if (m->dirty[i]) {
+            out[n++] = i;
+            m->dirty[i] = 0;
+        }
+    }
+    return n;
 }

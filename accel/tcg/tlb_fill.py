@@ -63,6 +63,7 @@ from unicorn import unicorn_const as uc_const
 from unicorn import x86_const as x86
 
 from pyemu.accel.tcg.block_gate import BlockGate, native_function
+from pyemu.accel.tcg.dirty_log import DirtyBitmap
 from pyemu.accel.tcg.errors import EngineError
 from pyemu.system.memory import GuestMemory
 
@@ -102,6 +103,8 @@ class CodeMap:
         self.state.writers = self._writers
         self.state.page_count = pages
         self.engines = 0
+        self.dirty = DirtyBitmap(self.state, module, pages)
+        """Pages written while live migration logs them (:mod:`pyemu.accel.tcg.dirty_log`)."""
 
     def add_engine(self) -> int:
         """Register one more engine; returns its index (its bit in the map)."""
@@ -121,6 +124,12 @@ class CodeMap:
         self.state.flush_needed[engine] = 0
         self._lib.pyemu_code_forget_writes(self.state, engine)
         return True
+
+    def request_tlb_flush_all(self) -> None:
+        """Every engine flushes its TLB before it runs again (a dirty-log sync; the caller holds the
+        scheduler's turn, so none is running)."""
+        for engine in range(self.engines):
+            self.state.flush_needed[engine] = 1
 
     @property
     def flush_requests(self) -> int:

@@ -115,7 +115,9 @@ class TcgVcpu:
         self._tlb = TlbFill(self._uc, memory, self._gate, code_map) if tlb_hook_enabled() else None
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)
-        self._traps = Traps(self._uc, self._blob, GuestPhysical(self._uc, memory, dispatcher), index,
+        physical = GuestPhysical(self._uc, memory, dispatcher,
+                                 on_write=code_map.dirty.mark if code_map is not None else None)
+        self._traps = Traps(self._uc, self._blob, physical, index,
                             self._log_shutdown)
         self._code = CodeInvalidator(self._uc, self._blob, memory, self._gate)
         self._wake = threading.Event()
@@ -275,9 +277,13 @@ class TcgVcpu:
     def _start_turn(self) -> None:
         """Drop what other engines made stale since this one last ran (see tlb_fill.CodeMap)."""
         tlb = self._tlb
-        if tlb is None or tlb.code_map.engines < 2:
+        if tlb is None:
             return
         code_map = tlb.code_map
+        if code_map.engines < 2:
+            if code_map.take_flush_request(tlb.engine):  # a dirty-log sync (dirty_log.py)
+                self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            return
         pages = code_map.take_invalidations(tlb.engine)
         if pages is None:
             self._uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)

@@ -88,3 +88,58 @@ def write_dirty_kernel(directory: Path) -> Path:
     path = directory / "dirty.bin"
     path.write_bytes(make_multiboot_binary(assemble(DIRTY_SOURCE, address=ENTRY, bits=32)))
     return path
+
+
+PAGING_PD = 0x200000
+PAGING_WINDOW = 0x800000
+PAGING_WINDOW_PAGES = 64
+PAGING_SOURCE = f"""
+    mov edi, {PAGING_PD + 0x1000:#x}
+    mov eax, 0x3
+    mov ecx, 4096
+ptes:
+    mov [edi], eax
+    add eax, 0x1000
+    add edi, 4
+    dec ecx
+    jnz ptes
+    mov edi, {PAGING_PD:#x}
+    mov eax, {PAGING_PD + 0x1003:#x}
+    mov ecx, 4
+pdes:
+    mov [edi], eax
+    add eax, 0x1000
+    add edi, 4
+    dec ecx
+    jnz pdes
+    mov eax, {PAGING_PD:#x}
+    mov cr3, eax
+    mov eax, cr0
+    or eax, 0x80000000
+    mov cr0, eax
+    xor ebx, ebx
+outer:
+    mov edi, {PAGING_WINDOW:#x}
+    mov ecx, {PAGING_WINDOW_PAGES}
+inner:
+    inc ebx
+    mov [edi], ebx
+    add edi, 0x1000
+    dec ecx
+    jnz inner
+    mov esi, ebx
+    and esi, 0x3f000
+    mov eax, {PAGING_WINDOW + 0x100000:#x}
+    add eax, esi
+    mov [eax + 8], ebx
+    jmp outer
+"""
+"""Identity-maps 16 MiB with 4 KiB pages (32-bit paging, accessed/dirty bits clear), then keeps writing
+a count into the first word of each page of a 256 KiB window, and now and then one page of the 256 KiB
+after the next MiB: stores through page tables whose accessed/dirty bits the CPU sets as it goes."""
+
+
+def write_paging_kernel(directory: Path) -> Path:
+    path = directory / "paging.bin"
+    path.write_bytes(make_multiboot_binary(assemble(PAGING_SOURCE, address=ENTRY, bits=32)))
+    return path

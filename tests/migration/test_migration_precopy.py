@@ -12,13 +12,15 @@ import pytest
 
 import pyemu
 from pyemu.accel.base import AcceleratorUnavailable
-from pyemu.migration.precopy import ShadowTracker
+from pyemu.hw.core.dma import DmaMemory
+from pyemu.migration.precopy import LogTracker, ShadowTracker, make_tracker
 from pyemu.migration.stream import StreamWriter
 from pyemu.migration.vmstate import LoadStats
 from pyemu.system.memory import GuestMemory
 from pyemu.system.runstate import RunState
 
-from migration_programs import BUFFER_ADDR, BUFFER_SIZE, FILL, WINDOW_PAGES, write_dirty_kernel
+from migration_programs import (BUFFER_ADDR, BUFFER_SIZE, FILL, PAGING_PD, PAGING_WINDOW, PAGING_WINDOW_PAGES,
+                                WINDOW_PAGES, write_dirty_kernel, write_paging_kernel)
 from test_migration_guest import BASE, TIMEOUT, stop_vm, wait_migration
 
 MIB = 1 << 20
@@ -176,5 +178,83 @@ def test_a_downtime_limit_too_small_keeps_iterating_until_raised(short_dir: Path
         info = wait_migration(vm)
         assert info["status"] == "completed" and info["ram"]["dirty-sync-count"] >= 5
         assert vm.state is RunState.POSTMIGRATE
+    finally:
+        stop_vm(vm)
+
+
+def ram_pages(memory: GuestMemory) -> dict[int, bytes]:
+    """Every page of RAM by guest-physical address (a snapshot to compare the dirty log against)."""
+    pages: dict[int, bytes] = {}
+    for region in memory.regions:
+        data = memory.read(region.gpa, region.size)
+        for offset in range(0, region.size, 4096):
+            pages[region.gpa + offset] = data[offset:offset + 4096]
+    return pages
+
+
+def wait_guest_wrote(memory: GuestMemory, gpa: int, rounds: int) -> None:
+    """Until the guest's count at ``gpa`` rose by ``rounds`` (it runs while the log records)."""
+    start = memory.read_u32(gpa)
+    deadline = time.monotonic() + TIMEOUT
+    while memory.read_u32(gpa) < start + rounds:
+        assert time.monotonic() < deadline, "the guest stopped writing"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("program", ["flat", "paging"])
+def test_tcg_dirty_log_reports_every_page_written_between_syncs(short_dir: Path, program: str) -> None:
+    """The TLB-fill hook's log (issue 13: TCG write tracking through pyemu's own hook): between two
+    syncs, every page whose bytes changed -- guest stores with paging off, stores through page tables
+    whose accessed/dirty bits the CPU sets, device DMA -- is reported, in round after round (each sync
+    makes the next store to an already reported page come back to the hook), and little else is."""
+    kernel = write_dirty_kernel(short_dir) if program == "flat" else write_paging_kernel(short_dir)
+    counted = BUFFER_ADDR if program == "flat" else PAGING_WINDOW
+    vm = pyemu.VM("-kernel", str(kernel), *BASE)
+    vm.start()
+    try:
+        machine = machine_of(vm)
+        memory = machine.memory
+        if program == "flat":
+            wait_filled(vm)
+        else:
+            wait_guest_wrote(memory, PAGING_WINDOW + 4096 * (PAGING_WINDOW_PAGES - 1), 1)
+        accel = machine.accel
+        assert accel.dirty_logging_available
+        assert isinstance(make_tracker(machine), LogTracker)  # precopy uses the log, not the comparison
+        dma = DmaMemory(memory, accel.invalidate_code)  # the path device models write guest RAM through
+        accel.start_dirty_log()
+        try:
+            for round_ in range(4):
+                vm.pause()
+                if program == "paging":  # the CPU sets them again at its next walk (the sync flushed TLBs)
+                    pte = PAGING_PD + 0x1000 + (PAGING_WINDOW >> 12) * 4
+                    for i in range(PAGING_WINDOW_PAGES):
+                        memory.write_u32(pte + 4 * i, memory.read_u32(pte + 4 * i) & ~0x60)
+                accel.fetch_dirty_pages()
+                before = ram_pages(memory)
+                vm.resume()
+                wait_guest_wrote(memory, counted, 3 * WINDOW_PAGES)
+                dma_page = 0x1800000 + round_ * 0x3000
+                dma.write(dma_page + 100, bytes([round_ + 1]) * 5000)  # two pages
+                vm.pause()
+                reported = accel.fetch_dirty_pages()
+                after = ram_pages(memory)
+                changed = {gpa for gpa, data in after.items() if before[gpa] != data}
+                assert changed - reported == set(), f"round {round_}: writes not reported"
+                assert {dma_page, dma_page + 4096} <= reported
+                window = PAGING_WINDOW if program == "paging" else BUFFER_ADDR
+                pages = PAGING_WINDOW_PAGES if program == "paging" else WINDOW_PAGES
+                assert {window + 4096 * i for i in range(pages)} <= changed
+                assert len(reported - changed) <= 8, sorted(reported - changed)
+                if program == "paging":  # accessed/dirty bits set by the CPU's page walk
+                    assert (PAGING_PD + 0x1000 + (PAGING_WINDOW >> 12) * 4) & ~0xFFF in changed
+                vm.resume()
+        finally:
+            accel.stop_dirty_log()
+        stats = accel.dirty_log_statistics
+        assert stats["log_fallbacks"] == 0 and stats["dirty_marks"] > 0
+        before_value = memory.read_u32(counted)
+        wait_guest_wrote(memory, counted, 1)  # logging off: the guest runs on
+        assert memory.read_u32(counted) > before_value
     finally:
         stop_vm(vm)
