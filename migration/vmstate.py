@@ -27,6 +27,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from pyemu.hw.core.state import StateError
 from pyemu.migration import codec
+from pyemu.migration import cross_accel
 from pyemu.migration.errors import (MigrationBlocked, MigrationError, StreamCorrupt, StreamError,
                                     StreamMismatch)
 from pyemu.migration.stream import RAM_CHUNK, Kind, Section, StreamReader, StreamWriter, Writable
@@ -113,12 +114,17 @@ def check_identity(saved: Any, own: dict[str, Any]) -> None:
                              f"({saved['ram_layout']}), this VM {own_size >> 20} MiB")
     if saved["vcpus"] != own["vcpus"]:
         raise StreamMismatch(f"the stream has {saved['vcpus']} vCPUs, this VM {own['vcpus']}")
-    if saved["accel"] != own["accel"]:
-        raise StreamMismatch(f"the stream was saved under -accel {saved['accel']}, this VM runs "
-                             f"{own['accel']} (moving between accelerators is not supported yet)")
-    if saved["devices"] != own["devices"]:
-        theirs = saved["devices"] if isinstance(saved["devices"], list) else []
-        ours = own["devices"]
+    if saved["accel"] != own["accel"] and saved["accel"] not in cross_accel.ACCELERATORS:
+        raise StreamMismatch(f"the stream was saved under -accel {str(saved['accel'])[:20]!r}, this VM runs "
+                             f"{own['accel']}")
+    # A stream of the other accelerator converts (pyemu.migration.cross_accel): compare the boards without
+    # the devices only one accelerator has (the software CPU's userspace LAPICs).
+    other_accel = saved["accel"] != own["accel"]
+    saved_devices = cross_accel.board_devices(saved["devices"]) if other_accel else saved["devices"]
+    own_devices = cross_accel.board_devices(own["devices"]) if other_accel else own["devices"]
+    if saved_devices != own_devices:
+        theirs = saved_devices if isinstance(saved_devices, list) else []
+        ours = own_devices
         for index in range(max(len(theirs), len(ours))):
             a = theirs[index] if index < len(theirs) else None
             b = ours[index] if index < len(ours) else None
@@ -247,6 +253,8 @@ class _Parsed:
     clock: tuple[int, int] | None = None
     cpus: dict[int, X86CpuState] = field(default_factory=dict)
     devices: dict[str, Any] = field(default_factory=dict)
+    foreign: dict[str, Any] = field(default_factory=dict)
+    """Device sections of the other accelerator's board (converted by pyemu.migration.cross_accel)."""
 
 
 def load_vm(machine: Machine, source: IO[bytes], stats: LoadStats | None = None) -> str:
@@ -286,9 +294,11 @@ def _read_stream(machine: Machine, reader: StreamReader, stats: LoadStats) -> _P
     stateful = {d[0] for d in own["devices"] if d[2] is not None}
     allowed = codec.state_classes()
     first = True
+    foreign: frozenset[str] = frozenset()
     for section in reader:
         if first:
             parsed.header = check_header(section, own)
+            foreign = cross_accel.foreign_device_ids(parsed.header, own)
             first = False
             continue
         if section.kind is Kind.HEADER:
@@ -304,6 +314,10 @@ def _read_stream(machine: Machine, reader: StreamReader, stats: LoadStats) -> _P
             state = codec.loads(section.payload, section.where, {codec.qualified_name(X86CpuState): X86CpuState})
             check_cpu_state(state, section.where)
             parsed.cpus[index] = state
+        elif section.kind is Kind.DEVICE and section.id in foreign:
+            if section.id in parsed.foreign:
+                raise StreamCorrupt("this device's state appears twice", section.where)
+            parsed.foreign[section.id] = codec.loads(section.payload, section.where, allowed)
         elif section.kind is Kind.DEVICE:
             if section.id not in stateful:
                 raise StreamCorrupt("no such stateful device in this VM", section.where)
@@ -319,6 +333,8 @@ def _read_stream(machine: Machine, reader: StreamReader, stats: LoadStats) -> _P
     missing_cpus = sorted(set(range(machine.vcpu_count)) - set(parsed.cpus))
     if missing_cpus:
         raise StreamCorrupt(f"the stream lacks the state of vCPU {missing_cpus[0]}")
+    if parsed.header["accel"] != own["accel"]:
+        cross_accel.convert(machine, parsed.header["accel"], parsed.cpus, parsed.foreign, parsed.devices)
     missing = [d for d in stateful if d not in parsed.devices]
     if missing:
         raise StreamCorrupt(f"the stream lacks the state of device '{missing[0]}'")

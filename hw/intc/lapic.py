@@ -326,6 +326,12 @@ class LocalApic:
         self._maybe_kick()
 
     @staticmethod
+    def check_saved_state(state: object) -> LapicState:
+        """``state`` if this APIC could load it (:meth:`from_state`'s check, without applying anything):
+        what a converter producing a LapicState from another accelerator's form checks its result with."""
+        return LocalApic._check_state(state)
+
+    @staticmethod
     def _check_state(state: object) -> LapicState:
         """``state`` if its registers hold values this APIC's registers can hold (reserved bits clear, the
         read-only bits of the LVT as the APIC itself sets them, the LVT timer mode matching the timer)."""
