@@ -11,9 +11,12 @@ Chain ``base <- ... <- top <- ... <- active`` (the drive runs on ``active``):
   ``active``'s allocated clusters (and the layers above ``base``) into ``base`` while the guest writes,
   becomes ready, and ``job-complete`` pivots the drive onto ``base``.
 
-``base`` is written, so it must be writable: pyemu cannot reopen a read-only node read-write (QEMU does),
-so a chain opened read-only below a ``-drive`` is refused with a clear error; ``-blockdev`` chains with a
-read-write ``base`` work. The backing edges from ``top`` down to ``base`` share writes for the job's time
+``base`` is written, and an intermediate commit rewrites the backing link in ``top``'s overlay: a chain
+opened read-only (the backing files of a ``-drive``, ``-blockdev read-only=on`` nodes) has those nodes
+reopened read-write for the job (:class:`pyemu.block.reopen.ReadWriteHold`; another process holding the image
+makes block-commit fail with QEMU's ``Failed to get "write" lock``) and read-only again when it ends --
+completed, cancelled or failed -- except a base an active commit pivoted the drive onto. (QEMU 7.2 leaves an
+active commit's base read-write after a cancel too; pyemu restores what the user opened.) The backing edges from ``top`` down to ``base`` share writes for the job's time
 (QEMU's commit takes the same permissions on the intermediate nodes).
 """
 
@@ -27,6 +30,7 @@ from pyemu.block.driver import BlockDriver
 from pyemu.block.locking import BlockPerm
 from pyemu.block.mirror import MirrorError, MirrorJob, MirrorOptions, build_job, parse_options
 from pyemu.block.registry import NodeRegistry
+from pyemu.block.reopen import ReadWriteHold, ReopenError
 from pyemu.jobs.job import EventSink, JobError, check_job_id
 
 
@@ -71,6 +75,14 @@ class CommitJob(MirrorJob):
 
 class ActiveCommitJob(MirrorJob):
     """Active commit: a mirror of the active layer into ``base``; the pivot puts the drive on ``base``."""
+
+    reopened: ReadWriteHold | None = None
+    """The nodes reopened read-write for the job; a pivot keeps ``base`` writable (the drive's now)."""
+
+    def after_pivot(self) -> None:
+        if self.reopened is not None:
+            self.reopened.forget(self.target)
+        super().after_pivot()
 
     def before_pivot(self) -> None:
         """The drive becomes ``base``'s writer: the overlays that keep ``base`` as backing (``top``, and
@@ -162,16 +174,31 @@ def create_commit(args: dict[str, Any], *, resolve: Callable[[str], BlockDriver]
     except JobError as exc:
         raise MirrorError(str(exc)) from None
     opts.job_id = job_id
-    if base.read_only:
-        raise MirrorError(f"Block node '{getattr(base, 'node_name', None) or base.filename}' is read-only: pyemu "
-                          "cannot reopen it read-write for the commit (open the base with -blockdev read-only=off)")
-    if top is unwrap(active):
-        opts.sync = "top"
+    overlay = None
+    if top is not unwrap(active):
+        overlay = find_overlay(active, top)
+        if overlay is None:
+            raise MirrorError(f"'{top.filename}' has no overlay in this chain")
+    # QEMU's commit_start / commit_active_start: the base (and the overlay whose backing link the end
+    # rewrites) reopen read-write for the job's time when the chain opened them read-only.
+    hold = ReadWriteHold()
+    try:
+        hold.acquire(base, *([overlay] if overlay is not None else []))
+    except ReopenError as exc:
+        raise MirrorError(str(exc)) from None
+    try:
         share_writes_on_chain(top, base)
-        return build_job(opts, source=top, target=base, backends=backends, emit=emit, base=base,
-                         cls=ActiveCommitJob)
-    if find_overlay(active, top) is None:
-        raise MirrorError(f"'{top.filename}' has no overlay in this chain")
-    share_writes_on_chain(top, base)
-    return build_job(opts, source=top, target=base, backends=[], emit=emit, base=base, cls=CommitJob,
-                     active=active, backing_file=args.get("backing-file"), registry=registry)
+        if overlay is None:
+            opts.sync = "top"
+            job = build_job(opts, source=top, target=base, backends=backends, emit=emit, base=base,
+                            cls=ActiveCommitJob)
+        else:
+            job = build_job(opts, source=top, target=base, backends=[], emit=emit, base=base, cls=CommitJob,
+                            active=active, backing_file=args.get("backing-file"), registry=registry)
+    except BaseException:
+        hold.release()
+        raise
+    job.on_release.append(hold.release)
+    if isinstance(job, ActiveCommitJob):
+        job.reopened = hold
+    return job

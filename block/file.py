@@ -29,6 +29,7 @@ from pyemu.block.hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLO
                                 dio_alignment, fallocate, read_full, write_full, zero_chunks)
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import BlockPerm, ImageLock, default_permissions
+from pyemu.block.reopen import ReopenError
 
 LOCKING_MODES = ("auto", "on", "off")
 MAX_FILE_SIZE = (1 << 63) - 1  # off_t
@@ -68,6 +69,8 @@ class FileProtocol:
         self._flush_error = 0  # errno of a failed fdatasync: the page cache state is unknown from then on
         self._close_lock = threading.Lock()
         self._closed = False
+        self._saved_perms: tuple[BlockPerm, BlockPerm] | None = None
+        """The locks held before a read-write reopen, put back by the reopen to read-only."""
 
     # -- opening -------------------------------------------------------------------------------------------
 
@@ -119,6 +122,94 @@ class FileProtocol:
             if extra_fd >= 0:
                 os.close(extra_fd)
             raise
+
+    # -- reopening (read-only <-> read-write; pyemu.block.reopen) ------------------------------------------
+
+    def reopen(self, *, read_only: bool, perm: BlockPerm | None = None, shared: BlockPerm | None = None) -> None:
+        """Switch the node between read-only and read-write in place, all or nothing (QEMU's file-posix
+        reopen): a new descriptor is opened with the new access mode, the image locks move to it with the
+        new ``perm``/``shared`` (default: a read-write drive's, or what was held before the last read-write
+        reopen), and only when both worked does it replace the old one -- ``dup2`` onto the same number, so
+        a request already in a system call finishes on the old description and every later one uses the new.
+        Raises ReopenError (the file cannot be opened so: "Could not reopen file: ...") or ImageLockedError
+        (another process holds a conflicting lock); the node is unchanged then. Callers quiesce the node's
+        writers before going read-only."""
+        self._check_open(-1, -1)
+        if read_only == self.read_only and perm is None and shared is None:
+            return
+        if perm is None or shared is None:
+            if read_only and self._saved_perms is not None:
+                default_perm, default_shared = self._saved_perms
+            else:
+                default_perm, default_shared = default_permissions(read_only=read_only)
+            perm = default_perm if perm is None else perm
+            shared = default_shared if shared is None else shared
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            new_fd = os.open(self.filename, flags | (os.O_DIRECT if self._direct is not None else 0))
+        except OSError as exc:
+            raise ReopenError(f"Could not reopen file: {os.strerror(exc.errno or errno.EIO)}",
+                               errno=exc.errno) from exc
+        new_extra = -1
+        new_lock: ImageLock | None = None
+        old_lock = self.lock
+        held = (old_lock.perm, old_lock.shared) if old_lock is not None and old_lock.active else None
+        try:
+            st_new, st_old = os.fstat(new_fd), os.fstat(self._fd)
+            if (st_new.st_dev, st_new.st_ino) != (st_old.st_dev, st_old.st_ino):
+                # QEMU reopens by name too; pyemu refuses to switch to another file behind the same name.
+                raise ReopenError(f"Could not reopen file: '{self.filename}' is no longer the image that was "
+                                  "opened", errno=errno.ESTALE)
+            if self._direct is not None:
+                new_extra = os.open(self.filename, flags)
+            if old_lock is not None and old_lock.active:
+                new_lock = self._move_locks(new_fd, old_lock, perm, shared)
+        except BaseException:
+            os.close(new_fd)
+            if new_extra >= 0:
+                os.close(new_extra)
+            raise
+        # Committed: the new descriptions take the old numbers (the old ones close, dropping nothing we
+        # still need: their lock bytes were released above).
+        if not read_only and self.read_only:
+            self._saved_perms = held
+        if read_only:
+            self.read_only = True
+        try:
+            if self._direct is not None:
+                os.dup2(new_extra, self._direct.buffered_fd, inheritable=False)
+            os.dup2(new_fd, self._fd, inheritable=False)
+        finally:
+            os.close(new_fd)
+            if new_extra >= 0:
+                os.close(new_extra)
+        if new_lock is not None:
+            moved = ImageLock(self._fd, self.filename)  # the same description, under the number we keep
+            moved.perm, moved.shared, moved.active = new_lock.perm, new_lock.shared, True
+            self.lock = moved
+        self.read_only = read_only
+
+    def _move_locks(self, new_fd: int, old_lock: ImageLock, perm: BlockPerm, shared: BlockPerm) -> ImageLock:
+        """Take ``perm``/``shared`` on ``new_fd``, let the old description's bytes go, then test: a conflict
+        puts the old bytes back and raises ImageLockedError (no moment without our old locks' union)."""
+        new_lock = ImageLock(new_fd, self.filename)
+        old_perm, old_shared = old_lock.perm, old_lock.shared
+        try:
+            new_lock.take(perm, shared)
+        except OSError as exc:
+            new_lock.release()
+            raise BlockIOError.from_os_error("lock", self.filename, exc) from exc
+        old_lock.release()
+        try:
+            new_lock.check()
+        except BaseException:
+            new_lock.release()
+            try:
+                old_lock.take(old_perm, old_shared)
+            except OSError:
+                pass  # shared read locks cannot conflict; only a vanished descriptor fails, and then nothing holds
+            raise
+        return new_lock
 
     # -- the driver interface ------------------------------------------------------------------------------
 

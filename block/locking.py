@@ -144,6 +144,19 @@ class ImageLock:
             raise
         return True
 
+    def take(self, perm: BlockPerm, shared: BlockPerm) -> None:
+        """Hold the bytes for ``perm``/``shared`` without testing for conflicts (a reopen moving its locks to
+        a new file description tests with :meth:`check` only once the old description let go of its own,
+        which would otherwise conflict with the new ones). Shared locks never block. Raises OSError."""
+        for byte in self._bytes(perm, shared):
+            _fcntl_lock(self._fd, F_OFD_SETLK, fcntl.F_RDLCK, byte)
+        self.active = True
+        self.perm, self.shared = perm, shared
+
+    def check(self) -> None:
+        """Raise ImageLockedError when another description conflicts with the permissions held."""
+        self._check(self.perm, self.shared)
+
     def _check(self, perm: BlockPerm, shared: BlockPerm) -> None:
         for i, bit in _BITS:
             if perm & bit and byte_is_locked_by_others(self._fd, SHARED_LOCK_BASE + i):

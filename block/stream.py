@@ -18,11 +18,14 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pyemu.block import graph
 from pyemu.block.backing_link import backing_chain, backing_of, change_backing, unwrap
 from pyemu.block.copy_on_read import CopyOnRead, insert_into_drive
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockError, BlockIOError
+from pyemu.block.locking import BlockPerm
 from pyemu.block.registry import NodeRegistry
+from pyemu.block.reopen import ReadWriteHold, ReopenError
 from pyemu.jobs.block_job import BlockJobEvents
 from pyemu.jobs.job import EventSink, check_job_id
 
@@ -68,6 +71,7 @@ class StreamJob(BlockJobEvents):
         self.filter: CopyOnRead | None = None
         self._filter_backend: Any = None
         self.on_release: list[Callable[[], None]] = []
+        self._unshare: Callable[[], None] | None = None
         self.total_progress = unwrap(top).size()
         self.copied_bytes = 0
         """Bytes the job wrote into the top (clusters the guest wrote first are not copied)."""
@@ -95,6 +99,10 @@ class StreamJob(BlockJobEvents):
             self.filter = insert_into_drive(self._filter_backend, bottom=self.opts.base, populate_reads=False,
                                             user=user)
         else:
+            # An intermediate node: its overlay's backing edge refuses writers, but what the job writes is
+            # what that overlay already reads through it (QEMU's filter sits on that edge and writes
+            # "unchanged" data); the edge shares writes for the job's time.
+            self._unshare = _share_writes_while_streaming(self.top)
             self.filter = CopyOnRead(self.top, bottom=self.opts.base, populate_reads=False, owns_child=False,
                                      user=user)
 
@@ -146,10 +154,25 @@ class StreamJob(BlockJobEvents):
                 else:
                     cor.close()
         finally:
+            unshare, self._unshare = self._unshare, None
+            if unshare is not None:
+                unshare()
             with _busy_lock:
                 _busy.pop(unwrap(self.top), None)
             for release in self.on_release:
                 release()
+
+
+def _share_writes_while_streaming(node: BlockDriver) -> Callable[[], None]:
+    """Let the backing edges on ``node`` share writes; returns the undo (only the edges widened here)."""
+    widened = [a for a in graph.users(unwrap(node)) if a.role == "backing" and not a.shared & BlockPerm.WRITE]
+    for attachment in widened:
+        attachment.shared |= BlockPerm.WRITE
+
+    def undo() -> None:
+        for attachment in widened:
+            attachment.shared &= ~BlockPerm.WRITE
+    return undo
 
 
 def _find_base_by_filename(top: Any, filename: str) -> Any:
@@ -202,12 +225,22 @@ def create_stream(args: dict[str, Any], *, resolve: Callable[[str], BlockDriver]
     with _busy_lock:
         if real_top in _busy:
             raise StreamError(f"Node '{device}' is busy: block device is in use by block job: {_busy[real_top]}")
-    if real_top.read_only:
-        raise StreamError("Block node is read-only")
+    # QEMU's stream_start: a read-only top (an intermediate node of a -drive chain) is reopened read-write
+    # for the job and read-only again when it ends (stream_clean).
+    hold = ReadWriteHold()
+    try:
+        hold.acquire(real_top)
+    except ReopenError as exc:
+        raise StreamError(str(exc)) from None
     opts = StreamOptions(job_id=job_id, device=device, base=base, backing_file=args.get("backing-file"),
                          speed=args.get("speed", 0), on_error=on_error,
                          auto_finalize=args.get("auto-finalize", True), auto_dismiss=args.get("auto-dismiss", True),
                          filter_node_name=args.get("filter-node-name"))
-    job = StreamJob(opts, top=top, backends=backends_of(top), emit=emit, registry=registry)
-    job.setup()
+    try:
+        job = StreamJob(opts, top=top, backends=backends_of(top), emit=emit, registry=registry)
+        job.on_release.append(hold.release)
+        job.setup()
+    except BaseException:
+        hold.release()  # idempotent: a failed setup's clean may have done it already
+        raise
     return job

@@ -192,6 +192,78 @@ class Qcow2Format:
             check_image(self, repair="all")
             self._update_header(self.header.with_incompatible(Incompatible.DIRTY, False))
 
+    # -- reopening (pyemu.block.reopen) --------------------------------------------------------------------
+
+    def reopen(self, *, read_only: bool) -> None:
+        """Switch between read-only and read-write while open, all or nothing (QEMU's qcow2 reopen).
+
+        Read-write: the file child reopens read-write, this node's permissions on it widen to a writer's,
+        then what a read-only open skipped is done (:meth:`_open_for_writing`: autoclear bits, the repair
+        of an image left dirty with lazy refcounts; persistent bitmaps become writable and IN_USE).
+        Read-only: everything reaches the disk first (bitmaps stored, metadata and queued frees flushed,
+        the dirty bit cleared), then the permissions narrow and the file reopens read-only. Raises
+        ReopenError / ImageLockedError / PermissionConflict / BlockIOError; the node is unchanged then."""
+        from pyemu.block.reopen import ReopenError, set_read_only, swap_attachment
+
+        self._check_open(-1, -1)
+        if read_only == self._read_only:
+            return
+        if not read_only and self.header.corrupt:
+            raise ReopenError("qcow2: Image is corrupt; cannot be opened read/write")
+        file_attachment = self._attachments[0]
+        perm, shared = graph.format_node_permissions(writable=not read_only)
+        if read_only:
+            with self.gate.exclusive(), self._meta:
+                self.bitmap_store.store()
+                self.quiesce_metadata()
+                if self.header.dirty:
+                    self._update_header(self.header.with_incompatible(Incompatible.DIRTY, False))
+                    self._sync()
+                self._read_only = True
+                self._set_bitmaps_readonly(True)
+            try:
+                self._attachments[0] = swap_attachment(file_attachment, perm, shared)
+                set_read_only(self.file, True)
+            except BaseException:  # all on disk already: writable again, as it was
+                self._attachments[0] = swap_attachment(self._attachments[0], file_attachment.perm,
+                                                       file_attachment.shared)
+                self._read_only = False
+                self._set_bitmaps_readonly(False)
+                raise
+            return
+        self._attachments[0] = swap_attachment(file_attachment, perm, shared)
+        try:
+            set_read_only(self.file, False)
+        except BaseException:
+            self._attachments[0] = swap_attachment(self._attachments[0], file_attachment.perm,
+                                                   file_attachment.shared)
+            raise
+        try:
+            with self.gate.exclusive(), self._meta:
+                self._read_only = False
+                self._open_for_writing()
+                self._set_bitmaps_readonly(False)
+                self.bitmap_store.mark_in_use()
+        except BaseException:
+            self._read_only = True
+            self._set_bitmaps_readonly(True)
+            try:
+                set_read_only(self.file, True)
+            finally:
+                self._attachments[0] = swap_attachment(self._attachments[0], file_attachment.perm,
+                                                       file_attachment.shared)
+            raise
+
+    def _set_bitmaps_readonly(self, readonly: bool) -> None:
+        """The persistent bitmaps loaded from this image follow its access mode (QEMU's readonly flag)."""
+        bitmaps = existing_bitmaps(self)
+        if bitmaps is None:
+            return
+        for bitmap in bitmaps:
+            if bitmap.persistent and bitmap.name in self.bitmap_store.entries:
+                bitmap.readonly = readonly
+        bitmaps.refresh()
+
     # -- the BlockDriver interface -------------------------------------------------------------------------
 
     @property
