@@ -67,6 +67,9 @@ class MigrationManager:
         self._cancel = threading.Event()
         self._out: OutgoingStream | None = None
         self._listening: IncomingStream | None = None
+        self.exit_on_failed_load = False
+        """End the VM with exit status 1 when a background incoming load fails (the pyemu command sets
+        it, matching qemu-system's exit; a start-up ``-incoming file:``/``exec:`` failure raises instead)."""
         self.incoming_address: tuple[str, int] | str | None = None
         """Where a tcp:/unix: destination listens (the real port when 0 was asked for)."""
 
@@ -259,8 +262,17 @@ class MigrationManager:
     def _load_reporting(self, uri: str, stream: IncomingStream | None = None) -> None:
         try:
             self._load(uri, stream)
-        except MigrationError:
-            pass  # status failed and the reason are in query-migrate
+        except MigrationError as exc:
+            # Status failed and the reason are in query-migrate. The pyemu command then ends as QEMU 7.2's
+            # qemu-system does (process_incoming_migration_co: "load of migration failed", exit status 1);
+            # an embedded VM (pyemu.VM) stays in inmigrate for its owner to inspect.
+            if self.exit_on_failed_load and not self._destination_gone():
+                from pyemu.system.messages import error_report
+                from pyemu.system.runstate import ShutdownCause
+
+                error_report(str(exc))
+                error_report("load of migration failed: Invalid argument")
+                self.machine.request_shutdown(ShutdownCause.HOST_ERROR, 1)
 
     def _load(self, uri: str, stream: IncomingStream | None = None) -> None:
         machine = self.machine
