@@ -4,8 +4,9 @@ Every parameter QEMU 7.2's ``query-migrate-parameters`` reports is accepted with
 check (same messages), and kept; the ones pyemu acts on are ``max-bandwidth`` (bytes per second the
 source writes, :class:`RateLimiter`) and ``downtime-limit`` (milliseconds the pre-copy's final
 stop-and-copy may take). Capabilities: QEMU's names are all known; only the ones pyemu does something with
-(``events``: MIGRATION events are sent only while it is on, as in QEMU 7.2) may be enabled, the others are
-refused naming the capability.
+(``events``: MIGRATION events are sent only while it is on, as in QEMU 7.2; ``mapped-ram``, QEMU 9.0's,
+which 7.2 lacks: a ``file:`` save with RAM at fixed offsets, restored by mapping it) may be enabled, the
+others are refused naming the capability.
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ _RANGES: dict[str, tuple[int, int, str]] = {
 CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events",
                 "postcopy-ram", "x-colo", "release-ram", "block", "return-path", "pause-before-switchover",
                 "multifd", "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
-                "validate-uuid", "background-snapshot", "zero-copy-send", "postcopy-preempt")
-"""QEMU 7.2's MigrationCapability, in its order."""
-SUPPORTED_CAPABILITIES = frozenset({"events"})
+                "validate-uuid", "background-snapshot", "zero-copy-send", "postcopy-preempt", "mapped-ram")
+"""QEMU 7.2's MigrationCapability, in its order, then QEMU 9.0's ``mapped-ram`` (7.2 lacks it): a ``file:``
+save puts RAM at fixed offsets so a restore maps it lazily (:mod:`pyemu.migration.mapped_ram`)."""
+SUPPORTED_CAPABILITIES = frozenset({"events", "mapped-ram"})
 
 
 class MigrationParameters:

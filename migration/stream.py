@@ -36,13 +36,16 @@ class Kind(enum.IntEnum):
     CPU = 3
     CLOCK = 4
     RAM = 5
+    MAPPED_RAM = 6
+    """A RAM region stored page-aligned after the stream's end marker (:mod:`pyemu.migration.mapped_ram`)."""
     END = 0x7F
 
 
 RAM_CHUNK = 1 << 20
 """At most this many bytes of RAM per section (plus its 8-byte address)."""
 MAX_PAYLOAD: dict[Kind, int] = {Kind.HEADER: 1 << 20, Kind.DEVICE: 1 << 20, Kind.CPU: 1 << 20,
-                                Kind.CLOCK: 4096, Kind.RAM: 8 + RAM_CHUNK, Kind.END: _END.size}
+                                Kind.CLOCK: 4096, Kind.RAM: 8 + RAM_CHUNK, Kind.MAPPED_RAM: 4096,
+                                Kind.END: _END.size}
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,16 @@ class Writable(Protocol):
 
 def _crc(kind: int, ident: bytes, payload: bytes | memoryview) -> int:
     return zlib.crc32(payload, zlib.crc32(ident, zlib.crc32(bytes([kind])))) & 0xFFFFFFFF
+
+
+def section_size(ident: str, payload_size: int) -> int:
+    """Bytes a section with this id and payload size takes in the stream (a writer that must know where
+    the stream ends before writing its last sections, as the mapped-ram layout does)."""
+    return _SECTION.size + len(ident.encode()) + payload_size
+
+
+END_SECTION_SIZE = _SECTION.size + _END.size
+"""Bytes of the end marker section."""
 
 
 class StreamWriter:

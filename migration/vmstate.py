@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import IO, TYPE_CHECKING, Any
 
 from pyemu.hw.core.state import StateError
-from pyemu.migration import codec
+from pyemu.migration import codec, mapped_ram
 from pyemu.migration import cross_accel
 from pyemu.migration.errors import (MigrationBlocked, MigrationError, StreamCorrupt, StreamError,
                                     StreamMismatch)
@@ -253,6 +253,8 @@ class _Parsed:
     clock: tuple[int, int] | None = None
     cpus: dict[int, X86CpuState] = field(default_factory=dict)
     devices: dict[str, Any] = field(default_factory=dict)
+    mapped: list[mapped_ram.MappedRegion] = field(default_factory=list)
+    """MAPPED_RAM sections: RAM to map from the stream's file once everything else checked out."""
     foreign: dict[str, Any] = field(default_factory=dict)
     """Device sections of the other accelerator's board (converted by pyemu.migration.cross_accel)."""
 
@@ -266,7 +268,10 @@ def load_vm(machine: Machine, source: IO[bytes], stats: LoadStats | None = None)
     with machine.lock:
         try:
             machine.memory.clear()  # the boot image loaded at build time; skipped zero pages must read 0
-            parsed = _read_stream(machine, StreamReader(source), stats)
+            reader = StreamReader(source)
+            parsed = _read_stream(machine, reader, stats)
+            if parsed.mapped:  # mapped-ram: RAM is the file's pages, faulted in on first touch
+                mapped_ram.map_regions(machine, source, parsed.mapped, reader.bytes_read, stats)
             _apply(machine, parsed)
         except BaseException:
             machine.memory.clear()
@@ -325,7 +330,13 @@ def _read_stream(machine: Machine, reader: StreamReader, stats: LoadStats) -> _P
                 raise StreamCorrupt("this device's state appears twice", section.where)
             parsed.devices[section.id] = codec.loads(section.payload, section.where, allowed)
         elif section.kind is Kind.RAM:
+            if parsed.mapped:
+                raise StreamCorrupt("RAM data in a mapped-ram stream", section.where)
             _load_ram(machine, section, stats)
+        elif section.kind is Kind.MAPPED_RAM:
+            if stats.ram_bytes:
+                raise StreamCorrupt("a mapped-ram section in a stream that carries RAM data", section.where)
+            parsed.mapped.append(mapped_ram.parse_section(section, machine, parsed.mapped))
     if first:
         raise StreamCorrupt("the stream has no header")
     if parsed.clock is None:

@@ -172,7 +172,7 @@ _TYPE_LIST: tuple[EnumType | StructType, ...] = (
                                      "pause-before-switchover", "multifd", "dirty-bitmaps",
                                      "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
                                      "validate-uuid", "background-snapshot", "zero-copy-send",
-                                     "postcopy-preempt")),
+                                     "postcopy-preempt", "mapped-ram")),  # mapped-ram: QEMU 9.0's
     StructType("MigrationCapabilityStatus", _members("capability:MigrationCapability", "state:bool")),
     # Jobs (pyemu.block.jobs, pyemu.monitor.job_commands): QEMU's job.json and block-core.json job types.
     EnumType("JobType", ("commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load",

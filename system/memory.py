@@ -22,6 +22,10 @@ GuestAddress = NewType("GuestAddress", int)
 """A guest-physical address (as opposed to a host pointer or an offset into the memfd)."""
 
 PAGE_SIZE = 4096
+_MAP_FIXED = 0x10  # Linux's MAP_FIXED (Python's mmap module does not export it)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class GuestMemory:
         self._buffer = memoryview(self._mmap)
         # The host address of the mapping, for KVM_SET_USER_MEMORY_REGION and uc.mem_map_ptr.
         self._base_ptr = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
+        self._file_backed: dict[int, tuple[int, int]] = {}
+        """Regions (by gpa) mapped privately from a file, with that file's (st_dev, st_ino)."""
 
     # -- lookup -----------------------------------------------------------------------------------------
     def region_of(self, gpa: int, size: int = 1) -> RamRegion:
@@ -162,9 +168,51 @@ class GuestMemory:
         except OSError as exc:
             raise ConfigError(f"dump-guest-core=off: madvise(MADV_DONTDUMP) failed: {exc.strerror}") from exc
 
+    # -- file-backed RAM (mapped-ram restore) ---------------------------------------------------------
+    def map_file_private(self, region: RamRegion, fd: int, offset: int) -> None:
+        """Back ``region`` with ``fd``'s bytes at ``offset``, copy-on-write (``MAP_PRIVATE``), at the very
+        host address the region has now.
+
+        Why at the same address: the accelerators were given that address once (Unicorn's ``mem_map_ptr``,
+        KVM's memory slot) and keep using it; replacing the pages under it (``MAP_FIXED``) needs no
+        re-registration (KVM's MMU notifiers drop the old translations). Nothing is read here: the kernel
+        faults each page in from the file on first touch, and a guest write copies it privately, so the
+        file never changes. The memfd's pages of the region stay unused until :meth:`clear` maps it back.
+        """
+        if region not in self.regions:
+            raise GuestMemoryError(f"{region} is not a RAM region of this VM", gpa=region.gpa, size=region.size)
+        if offset % PAGE_SIZE or offset < 0:
+            raise GuestMemoryError(f"file offset {offset:#x} is not page-aligned", gpa=region.gpa, size=region.size)
+        self._map_fixed(region, mmap.MAP_PRIVATE, fd, offset)
+        self._file_backed[region.gpa] = (os.fstat(fd).st_dev, os.fstat(fd).st_ino)
+
+    def file_backed(self, st_dev: int, st_ino: int) -> bool:
+        """True when some region is mapped from this file (it must not be truncated or rewritten in
+        place while the VM runs: a truncated mapping raises SIGBUS on the next touch)."""
+        return (st_dev, st_ino) in self._file_backed.values()
+
+    def _map_fixed(self, region: RamRegion, flags: int, fd: int, offset: int) -> None:
+        address = self.host_address(region)
+        result = _libc.mmap(ctypes.c_void_p(address), ctypes.c_size_t(region.size),
+                            mmap.PROT_READ | mmap.PROT_WRITE, flags | _MAP_FIXED, fd, ctypes.c_long(offset))
+        if result != address:
+            err = ctypes.get_errno()
+            raise GuestMemoryError(f"cannot map RAM at {region.gpa:#x}: {os.strerror(err)}",
+                                   gpa=region.gpa, size=region.size)
+
     def clear(self) -> None:
-        """Zero all of guest RAM (machine reset)."""
-        ctypes.memset(self._base_ptr, 0, self.total_size)
+        """Zero all of guest RAM (machine reset, or a load starting over). Regions mapped from a file go
+        back to the memfd first; the memfd's pages are then released (``MADV_REMOVE``) rather than
+        written, so clearing costs no page allocation and gives the host its memory back (a fresh
+        mapping of a released page reads zero)."""
+        for region in self.regions:
+            if region.gpa in self._file_backed:
+                self._map_fixed(region, mmap.MAP_SHARED, self.fd, region.offset)
+                del self._file_backed[region.gpa]
+        try:
+            self._mmap.madvise(mmap.MADV_REMOVE, 0, self.total_size)
+        except OSError:  # not a shmem mapping after all: write the zeros
+            ctypes.memset(self._base_ptr, 0, self.total_size)
 
     def close(self) -> None:
         """Release the mapping. Views handed out earlier must have been released by then."""
