@@ -124,10 +124,20 @@ timer:
     inc dword ptr [eax]
     mov eax, 0xfee000b0
     mov dword ptr [eax], 0
-    pop eax
-    iretd
+    jmp return_from_interrupt
 spurious:
-    iretd
+    push eax
+return_from_interrupt:
+    mov eax, [esp + 12]
+    and eax, 0xfffffdff
+    mov [esp + 8], eax
+    mov eax, [esp + 4]
+    mov [esp + 12], eax
+    pop eax
+    add esp, 4
+    popfd
+    sti
+    ret
 fail:
     mov dx, 0xf4
     mov al, 0x55
@@ -137,7 +147,10 @@ spin:
 """
 """Builds an IDT (exceptions -> fail, vector 0x40 -> a handler that counts ticks and sends EOI, the rest
 ignored), fills 64 KiB with a pattern, starts the LAPIC timer periodic at 100 Hz and enables interrupts.
-Then, as the counter program of migration_programs.py: counter in RAM and EBX must agree, the pattern word
+Handlers return without IRET: this host's KVM (PVM, DESIGN.md) fails to emulate a 32-bit ring-0 IRET
+("instruction emulation failed", measured), so they rebuild the frame as [EFLAGS without IF, EIP] and end
+with POPFD; STI; RET (STI's one-instruction shadow, and a nested interrupt before RET still returns through
+the stack, never through a fixed slot). Then, as the counter program of migration_programs.py: counter in RAM and EBX must agree, the pattern word
 for the counter must be intact, RDTSC must never go backwards; a mismatch exits with status 0xab."""
 
 
@@ -218,8 +231,10 @@ def test_counter_with_timer_moves_tcg_kvm_tcg(kvm_usable: None, short_dir: Path,
         assert struct.unpack_from("<I", page, 0x320)[0] == 0x20000 | TIMER_VECTOR  # periodic, vector 0x40
         assert struct.unpack_from("<I", page, 0x380)[0] == TIMER_PERIOD
         assert struct.unpack_from("<I", page, 0xF0)[0] == 0x1FF
-        tsc_at_load = machine.accel.tsc.value()
+        apic_bus_hz = machine.accel.vm.apic_bus_hz
         vm.resume()
+        tsc_after_resume = machine.accel.tsc.value()  # KVM's guest TSC, running (not the frozen copy)
+        tsc_controllable = machine.accel.tsc.controllable
         wait_above(vm, TICKS_ADDR, saved_tcg["ticks"] + 3)  # the in-kernel timer keeps firing
         wait_above(vm, COUNTER_ADDR, saved_tcg["counter"] + 2_000)
         saved_kvm = migrate_to_file(vm, second)
@@ -237,6 +252,7 @@ def test_counter_with_timer_moves_tcg_kvm_tcg(kvm_usable: None, short_dir: Path,
         assert lapic.timer.initial_count == TIMER_PERIOD and lapic.timer.running
         assert machine.accel.tsc.value() == saved_kvm["tsc"]  # the software CPU continues KVM's TSC exactly
         vm.resume()
+        tsc_back = machine.accel.tsc.value() - saved_kvm["tsc"]
         wait_above(vm, TICKS_ADDR, saved_kvm["ticks"] + 3)  # the userspace timer fires again
         wait_above(vm, COUNTER_ADDR, saved_kvm["counter"] + 100_000)
         vm.pause()
@@ -245,13 +261,15 @@ def test_counter_with_timer_moves_tcg_kvm_tcg(kvm_usable: None, short_dir: Path,
     finally:
         assert stop_vm(vm) == 0  # every check passed after both moves
 
-    # Measured, reported (no timing assert): the guest TSC across each move.
-    record_property("tsc_jump_tcg_to_kvm", tsc_at_load - saved_tcg["tsc"])
-    record_property("tsc_kvm_to_tcg_exact", True)
-    record_property("guest_tsc_back_under_tcg", back_tsc - saved_kvm["guest_tsc"])
-    print(f"\nTSC across tcg->kvm: saved {saved_tcg['tsc']:#x}, KVM reads {tsc_at_load:#x} at load "
-          f"(jump {tsc_at_load - saved_tcg['tsc']:+d} cycles); kvm->tcg: saved {saved_kvm['tsc']:#x}, "
-          f"continued exactly; ticks {saved_tcg['ticks']} -> {saved_kvm['ticks']} -> moving on")
+    assert back_tsc >= saved_kvm["guest_tsc"]
+    # Measured, reported (no timing assert): the guest TSC across each move, just after the resume.
+    jump_to_kvm = tsc_after_resume - saved_tcg["tsc"]
+    record_property("tsc_jump_tcg_to_kvm_cycles", jump_to_kvm)
+    record_property("tsc_jump_kvm_to_tcg_cycles", tsc_back)
+    print(f"\nguest TSC tcg->kvm: saved {saved_tcg['tsc']:#x}, {tsc_after_resume:#x} just after the resume "
+          f"under KVM (jump {jump_to_kvm:+d} cycles; KVM TSC controllable: {tsc_controllable}); kvm->tcg: "
+          f"{tsc_back:+d} cycles just after the resume; KVM LAPIC bus {apic_bus_hz} Hz; timer ticks "
+          f"{saved_tcg['ticks']} (tcg) -> {saved_kvm['ticks']} (kvm) -> more (tcg)")
 
 
 @pytest.mark.kvm
