@@ -164,6 +164,76 @@ def test_cor_snapshot_stream_commit_and_cancel(guest, tmp_path, kind):  # type: 
     assert hashlib.md5(bytes([PATTERN]) * COR_LENGTH).hexdigest() == cor_md5
 
 
+def node_read_only(g: Guest, image: Path) -> bool:
+    """query-named-block-nodes' ``ro`` of the qcow2 node over ``image``."""
+    (entry,) = [n for n in g.mon("query-named-block-nodes") if n["file"] == str(image) and n["drv"] == "qcow2"]
+    return bool(entry["ro"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_commit_cancelled_at_random_points(guest, tmp_path, kind):  # type: ignore[no-untyped-def]
+    """Commit jobs cancelled at random points into a base the chain opened read-only (reopened read-write
+    for the job): an intermediate commit and an active commit cancelled before ready, and an active commit
+    cancelled after ready (completes without a pivot: the base is a point-in-time copy of the disk). The
+    guest keeps running on a consistent chain and its checksum matches the host's view."""
+    rng = random.Random()
+    base, disk, ov1 = tmp_path / "base.qcow2", tmp_path / "disk.qcow2", tmp_path / "ov1.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(base), str(DISK_SIZE))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P {PATTERN} 0 {DISK_SIZE}", str(base))
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(disk), str(DISK_SIZE))
+    # 24 MiB above the base: at 4 MiB/s a rate-limited commit needs 6 s to become ready, so a cancel in its
+    # first 1.5 s always comes before ready.
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P {PATTERN + 1} 0 {24 * MiB}", str(disk))
+    g = guest(kind, "qcow2")  # d0 = disk.qcow2; base.qcow2 opened read-only from its header
+    assert node_read_only(g, base)
+    g.start_writer(HALF)
+    g.wait_writes(3)
+    snapshot(g, "d0", ov1, "ov1")  # base <- disk (d0) <- ov1 (the guest's)
+    g.wait_writes(2)
+
+    # Intermediate commit (d0 into the base) cancelled at a random point: the base goes back read-only.
+    g.mon("block-commit", {"job-id": "ci", "device": "ov1", "top-node": "d0", "base": str(base),
+                           "speed": 4 * MiB})
+    cancel_at_random_point(g, "ci", rng)
+    assert node_read_only(g, base)
+    assert backing_depth(g, "ov1") == 2
+    g.wait_writes(2)
+
+    # Active commit (ov1 into the base) cancelled at a random point before ready.
+    g.mon("block-commit", {"job-id": "ca", "device": "ov1", "speed": 4 * MiB})
+    cancel_at_random_point(g, "ca", rng)
+    g.wait_writes(2)
+
+    # Active commit cancelled after ready: completes without a pivot, the base equal to the disk then.
+    g.mon("block-commit", {"job-id": "cr", "device": "ov1"})
+    g.mon.wait_event("BLOCK_JOB_READY", "cr")
+    g.wait_writes(2)  # in sync while the guest writes
+    g.stop_writer()
+    at_cancel = guest_md5(g)
+    g.mon("block-job-cancel", {"device": "cr"})
+    wait_job(g, "cr")
+    (block,) = [b for b in g.mon("query-block") if b["qdev"].endswith("vblk0")]
+    assert block["inserted"]["node-name"] == "ov1"  # no pivot
+    assert backing_depth(g, "ov1") == 2
+    g.start_writer(HALF)
+    g.wait_writes(3)
+    g.stop_writer()
+    final = guest_md5(g)
+    g.power_off()
+
+    for image in (base, disk, ov1):
+        qemu_img_check(image)
+    assert info(ov1)["backing-filename"] == str(disk)
+    assert info(disk)["backing-filename"] == str(base)
+    assert host_md5(ov1, tmp_path) == final
+    assert host_md5(disk, tmp_path) != final  # the guest's later writes went to ov1 only
+    # The base (no backing file of its own) is the disk as the guest saw it when the ready commit was
+    # cancelled.
+    assert "backing-filename" not in info(base)
+    assert host_md5(base, tmp_path) == at_cancel
+    assert at_cancel != final
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_mirror_cancel_and_switch(guest, tmp_path, kind):  # type: ignore[no-untyped-def]
     rng = random.Random()
