@@ -38,7 +38,7 @@ from pyemu.accel.kvm.state import (
 )
 from pyemu.accel.tcg.msrs import SAVED_MSRS as TCG_MSRS
 from pyemu.hw.core.state import StateError
-from pyemu.hw.intc.lapic import LapicState
+from pyemu.hw.intc.lapic import LapicState, LocalApic
 from pyemu.hw.intc.lapic_kvm_page import KvmLapic
 from pyemu.hw.intc.lapic_kvm_page import from_kvm as lapic_from_kvm
 from pyemu.hw.intc.lapic_kvm_page import to_kvm as lapic_to_kvm
@@ -104,8 +104,11 @@ def convert(machine: Machine, source_accel: str, cpus: dict[int, X86CpuState], f
             cpus[index] = cpu_to_kvm(cpus[index], lapic, index)
         return
     for index in sorted(cpus):
-        crystal = machine.lapics[index].timer.crystal_hz if index < len(machine.lapics) else TSC_CRYSTAL_HZ
-        cpus[index], devices[lapic_id(index)] = cpu_to_tcg(cpus[index], index, crystal)
+        device = machine.devices.get(lapic_id(index))
+        model = device.model if device is not None else None
+        if not isinstance(model, LocalApic):
+            raise StreamMismatch(f"this VM has no userspace LAPIC '{lapic_id(index)}' for vCPU {index}")
+        cpus[index], devices[lapic_id(index)] = cpu_to_tcg(cpus[index], index, model.timer.crystal_hz)
 
 
 def cpu_to_kvm(state: X86CpuState, lapic: Any, index: int) -> X86CpuState:

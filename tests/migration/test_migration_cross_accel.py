@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ from pyemu.hw.core.state import StateError
 from pyemu.hw.intc.lapic import LVT_MASKED, LapicState, LocalApic
 from pyemu.hw.intc.lapic_kvm_page import KVM_APIC_REG_SIZE, KvmLapic, from_kvm, timer_current_count, to_kvm
 from pyemu.hw.intc.lapic_timer import MODE_ONESHOT, MODE_PERIODIC, ApicTimerState
+from pyemu.migration import codec
 from pyemu.migration.errors import StreamCorrupt, StreamMismatch
+from pyemu.migration.stream import Kind, Section, StreamReader, StreamWriter
 from pyemu.migration.vmstate import load_vm, save_vm
 from pyemu.system.runstate import RunState
 from pyemu.system.timers import TimerQueue
 from pyemu.target.x86.boot.synthetic import make_multiboot_binary
+from pyemu.target.x86.cpu_state import MpState, PendingEvents, X86CpuState
 from pyemu.testing.asm import assemble
 
 from migration_programs import COUNTER_ADDR, ENTRY, TSC_ADDR
@@ -272,25 +276,79 @@ def test_counter_with_timer_moves_tcg_kvm_tcg(kvm_usable: None, short_dir: Path,
           f"{saved_tcg['ticks']} (tcg) -> {saved_kvm['ticks']} (kvm) -> more (tcg)")
 
 
+def prelaunch_stream(kernel: Path, args: tuple[str, ...]) -> bytes:
+    vm = pyemu.VM("-kernel", str(kernel), *args, "-S")
+    vm.start()
+    try:
+        out = io.BytesIO()
+        save_vm(machine_of(vm), out, "prelaunch")
+        return out.getvalue()
+    finally:
+        stop_vm(vm)
+
+
+def reframe(parts: list[Section]) -> bytes:
+    """A stream with valid framing and checksums around ``parts`` (to reach the checks behind them)."""
+    out = io.BytesIO()
+    writer = StreamWriter(out)
+    for part in parts:
+        writer.section(part.kind, part.id, part.payload)
+    writer.finish()
+    return out.getvalue()
+
+
 @pytest.mark.kvm
-def test_kvm_stream_into_tcg_and_back_prelaunch(kvm_usable: None, short_dir: Path) -> None:
-    """A stream of a VM that never ran (prelaunch) converts both ways and loads without a run."""
+@pytest.mark.parametrize("smp", ["1", "2"])
+def test_streams_of_a_vm_that_never_ran_convert_both_ways(kvm_usable: None, short_dir: Path, smp: str) -> None:
+    """A prelaunch stream (APs waiting for SIPI with -smp 2) loads under the other accelerator, and the
+    converted vCPUs carry the LAPIC where the destination keeps it."""
     kernel = write_timer_kernel(short_dir)
-    streams: dict[str, bytes] = {}
-    for accel, args in (("tcg", BASE), ("kvm", KVM)):
-        vm = pyemu.VM("-kernel", str(kernel), *args, "-S")
+    streams = {"tcg": prelaunch_stream(kernel, (*BASE, "-smp", smp)),
+               "kvm": prelaunch_stream(kernel, (*KVM, "-smp", smp))}
+    for source, args in (("tcg", KVM), ("kvm", BASE)):
+        vm = pyemu.VM("-kernel", str(kernel), *args, "-smp", smp, "-incoming", "defer")
         vm.start()
         try:
-            out = io.BytesIO()
-            save_vm(machine_of(vm), out, "prelaunch")
-            streams[accel] = out.getvalue()
+            machine = machine_of(vm)
+            assert load_vm(machine, io.BytesIO(streams[source])) == "prelaunch"
+            for index, vcpu in enumerate(machine.vcpus):
+                state = vcpu.save_state()
+                if source == "tcg":
+                    assert state.lapic is not None and state.lapic[0x23] == index  # APIC ID in bits 31:24
+                    assert state.apic_base is not None and bool(state.apic_base & 1 << 8) == (index == 0)
+                else:
+                    assert machine.lapics[index].apic_id == index
+                    assert (state.mp_state is MpState.WAIT_FOR_SIPI) == (index > 0)
         finally:
             stop_vm(vm)
-    for source, args in (("tcg", KVM), ("kvm", BASE)):
+
+
+@pytest.mark.kvm
+def test_hostile_lapic_sections_leave_the_other_accelerator_untouched(kvm_usable: None, short_dir: Path) -> None:
+    """A software-CPU stream whose LAPIC state no APIC holds, and a KVM stream whose LAPIC page is hostile:
+    a typed StreamCorrupt naming the section, RAM cleared, the destination still in inmigrate."""
+    kernel = write_timer_kernel(short_dir)
+    tcg_parts = list(StreamReader(io.BytesIO(prelaunch_stream(kernel, BASE))))
+    kvm_parts = list(StreamReader(io.BytesIO(prelaunch_stream(kernel, KVM))))
+    for index, part in enumerate(tcg_parts):
+        if part.kind is Kind.DEVICE and part.id == "lapic0":
+            lapic = codec.loads(part.payload, part.where, codec.state_classes())
+            tcg_parts[index] = Section(part.kind, part.id, codec.dumps(replace(lapic, tpr=0x1FF)))
+    for index, part in enumerate(kvm_parts):
+        if part.kind is Kind.CPU:
+            cpu = codec.loads(part.payload, part.where, {codec.qualified_name(X86CpuState): X86CpuState})
+            page = bytearray(cpu.lapic)
+            page[0x20] = 1  # a reserved bit of the xAPIC ID register
+            cpu.lapic = bytes(page)
+            kvm_parts[index] = Section(part.kind, part.id, codec.dumps(cpu))
+    for parts, args, where in ((tcg_parts, KVM, "lapic0"), (kvm_parts, BASE, "cpu0")):
         vm = pyemu.VM("-kernel", str(kernel), *args, "-incoming", "defer")
         vm.start()
         try:
-            assert load_vm(machine_of(vm), io.BytesIO(streams[source])) == "prelaunch"
+            with pytest.raises(StreamCorrupt, match=where):
+                load_vm(machine_of(vm), io.BytesIO(reframe(parts)))
+            assert machine_of(vm).memory.read(0, 32 << 20) == bytes(32 << 20)
+            assert vm.state is RunState.INMIGRATE
         finally:
             stop_vm(vm)
 
@@ -300,13 +358,7 @@ def test_real_mismatches_stay_typed_across_accelerators(kvm_usable: None, short_
     """Other RAM size, other vCPU count: refused by name although the accelerators differ; the
     destination stays in inmigrate."""
     kernel = write_timer_kernel(short_dir)
-    vm = pyemu.VM("-kernel", str(kernel), *BASE, "-S")
-    vm.start()
-    try:
-        out = io.BytesIO()
-        save_vm(machine_of(vm), out, "prelaunch")
-    finally:
-        stop_vm(vm)
+    stream = prelaunch_stream(kernel, BASE)
     for extra, words in ((("-m", "64"), "RAM differs"), (("-smp", "2"), "vCPUs")):
         args = list(KVM)
         if extra[0] == "-m":
@@ -317,7 +369,7 @@ def test_real_mismatches_stay_typed_across_accelerators(kvm_usable: None, short_
         vm.start()
         try:
             with pytest.raises(StreamMismatch, match=words):
-                load_vm(machine_of(vm), io.BytesIO(out.getvalue()))
+                load_vm(machine_of(vm), io.BytesIO(stream))
             assert vm.state is RunState.INMIGRATE
         finally:
             stop_vm(vm)
@@ -343,8 +395,6 @@ def busy_lapic() -> LapicState:
     timer = ApicTimerState(mode=MODE_PERIODIC, divide_config=0x3, initial_count=1000, running=True,
                            anchor_age_ns=12_345, anchor_count=1000, next_expiry=0, tsc_deadline=0,
                            remaining_ns=1_000)
-    from dataclasses import replace
-
     return replace(state, irr=(1 << 0x41) | (1 << 0xEE), isr=1 << 0x30, tmr=1 << 0xEE, esr=0x40,
                    icr_low=0x000C4031, timer=timer, nmi_pending=True)
 
@@ -424,8 +474,6 @@ def test_hostile_kvm_pages_are_state_errors(kvm: KvmLapic, words: str) -> None:
 
 
 def test_hostile_userspace_states_are_state_errors() -> None:
-    from dataclasses import replace
-
     good = busy_lapic()
     for bad in (replace(good, tpr=0x100), replace(good, lvt=good.lvt[:5]), replace(good, irr=1 << 3),
                 replace(good, timer=replace(good.timer, running=False))):
@@ -435,7 +483,6 @@ def test_hostile_userspace_states_are_state_errors() -> None:
 
 def test_kvm_vcpu_using_kvmclock_or_x2apic_is_a_typed_mismatch() -> None:
     from pyemu.migration.cross_accel import cpu_to_tcg
-    from pyemu.target.x86.cpu_state import X86CpuState
 
     page = to_kvm(busy_lapic(), crystal_hz=CRYSTAL_HZ, bsp=True)
     state = X86CpuState(lapic=page.page, apic_base=page.apic_base, msrs={0x4B564D01: 0x1234001})
@@ -450,10 +497,7 @@ def test_kvm_vcpu_using_kvmclock_or_x2apic_is_a_typed_mismatch() -> None:
 
 
 def test_interrupt_kvm_was_injecting_goes_back_to_irr() -> None:
-    from dataclasses import replace
-
     from pyemu.migration.cross_accel import cpu_to_tcg
-    from pyemu.target.x86.cpu_state import PendingEvents, X86CpuState
 
     lapic = replace(busy_lapic(), isr=1 << 0x41, irr=0)
     kvm = to_kvm(lapic, crystal_hz=CRYSTAL_HZ, bsp=True)
