@@ -2,6 +2,7 @@
 
     pyemu-guest fetch [--cache DIR] [--force] [--debs DIR]
     pyemu-guest path [--cache DIR] [--json]
+    pyemu-guest selftests build|path|run ...   (Linux's x86 selftests: see pyemu.guest.selftests_cli)
 
 Errors print one line (``pyemu-guest: error: ...``) and exit with status 1; ``path`` exits with 2 when
 the assets have not been fetched, so scripts can test for them.
@@ -16,6 +17,7 @@ import sys
 from pyemu.errors import PyemuError
 from pyemu.guest.assets import GuestAssets, asset_dir, find_assets
 from pyemu.guest.fetch import run_fetch
+from pyemu.guest import selftests_cli
 
 EXIT_ERROR = 1
 EXIT_NOT_FETCHED = 2
@@ -36,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     path = commands.add_parser("path", help="print the paths of the fetched assets")
     path.add_argument("--cache", metavar="DIR", help="cache directory (as for fetch)")
     path.add_argument("--json", action="store_true", help="print a JSON object instead of lines")
+    selftests_cli.add_parser(commands)
     return parser
 
 
@@ -62,6 +65,8 @@ def _print_paths(assets: GuestAssets, as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "selftests":
+            return selftests_cli.main(args)
         if args.command == "fetch":
             report = (lambda _m: None) if args.quiet else (lambda m: print(f"pyemu-guest: {m}", file=sys.stderr))
             result = run_fetch(args.cache, force=args.force, debs_dir=args.debs, report=report)
