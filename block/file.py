@@ -28,7 +28,7 @@ from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DirectIO,
                                 dio_alignment, fallocate, read_full, write_full, zero_chunks)
 from pyemu.block.iovec import byte_views, total_length
-from pyemu.block.locking import BlockPerm, ImageLock, default_permissions
+from pyemu.block.locking import BlockPerm, ImageLock, default_permissions, note_opened, opening_inactive
 from pyemu.block.reopen import ReopenError
 
 LOCKING_MODES = ("auto", "on", "off")
@@ -108,15 +108,20 @@ class FileProtocol:
             if locking != "off":
                 default_perm, default_shared = default_permissions(read_only=read_only)
                 lock = ImageLock(fd, filename)
-                if not lock.acquire(default_perm if perm is None else perm,
-                                    default_shared if shared is None else shared, required=locking == "on"):
+                if opening_inactive():  # a migration destination: the locks are taken at activation
+                    lock.perm = default_perm if perm is None else perm
+                    lock.shared = default_shared if shared is None else shared
+                elif not lock.acquire(default_perm if perm is None else perm,
+                                      default_shared if shared is None else shared, required=locking == "on"):
                     lock = None
             direct_io: DirectIO | None = None
             if direct:
                 extra_fd = os.open(filename, flags)
                 direct_io = DirectIO(fd, extra_fd, size, dio_alignment(fd))
-            return cls(fd=fd, filename=filename, size=size, read_only=read_only, is_block_device=is_block_device,
+            node = cls(fd=fd, filename=filename, size=size, read_only=read_only, is_block_device=is_block_device,
                        direct=direct_io, lock=lock, growable=growable and not is_block_device, no_flush=no_flush)
+            note_opened(node)
+            return node
         except BaseException:
             os.close(fd)
             if extra_fd >= 0:

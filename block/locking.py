@@ -30,6 +30,9 @@ import errno
 import fcntl
 import os
 import struct
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator
 
 from pyemu.block.errors import BlockConfigError, BlockIOError, ImageLockedError
 
@@ -176,3 +179,34 @@ class ImageLock:
                 pass  # unlocking cannot conflict; an fd already closed releases everything anyway
         self.active = False
         self.perm, self.shared = BlockPerm(0), PERM_ALL
+
+
+# -- inactive images (an incoming migration's destination; pyemu.migration.images) -------------------------
+_OPENED: ContextVar[list[Any] | None] = ContextVar("pyemu_opened_images", default=None)
+_INACTIVE: ContextVar[bool] = ContextVar("pyemu_inactive_images", default=False)
+
+
+@contextmanager
+def collecting_images(*, inactive: bool) -> Iterator[list[Any]]:
+    """Record the file nodes opened in the body (a VM being built); with ``inactive`` they open without
+    taking their locks, as QEMU opens a migration destination's images (BDRV_O_INACTIVE): the source still
+    uses them until the end of the migration. :meth:`ImageLock.acquire` with the recorded ``perm`` and
+    ``shared`` activates one later."""
+    opened: list[Any] = []
+    opened_token = _OPENED.set(opened)
+    inactive_token = _INACTIVE.set(inactive)
+    try:
+        yield opened
+    finally:
+        _INACTIVE.reset(inactive_token)
+        _OPENED.reset(opened_token)
+
+
+def opening_inactive() -> bool:
+    return _INACTIVE.get()
+
+
+def note_opened(node: Any) -> None:
+    opened = _OPENED.get()
+    if opened is not None:
+        opened.append(node)

@@ -25,7 +25,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
+from pyemu.block.errors import BlockError
 from pyemu.migration.errors import MigrationError
+from pyemu.migration.images import activate_images
 from pyemu.migration.params import MigrationCancelled, MigrationParameters, RateLimiter
 from pyemu.migration.precopy import precopy_save
 from pyemu.migration.transport import IncomingStream, OutgoingStream, check_uri, is_socket_uri
@@ -293,6 +295,17 @@ class MigrationManager:
                 raise
             raise MigrationError(f"loading the VM state failed: {exc}") from exc
         self.incoming_expected = False
+        try:
+            activate_images(machine)  # the source let go of them before its final state (images.py)
+        except BlockError as exc:
+            # QEMU 7.2 (process_incoming_migration_bh): the error is reported, the migration completes
+            # and the VM stays stopped; a later cont tries again.
+            from pyemu.system.messages import error_report
+
+            error_report(str(exc))
+            machine.enter_state(RunState.PAUSED)
+            self._set_status("completed")
+            return
         if run_state == "running" and self.autostart:
             machine.resume()
             self._set_status("completed")

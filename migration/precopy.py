@@ -32,6 +32,9 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 from pyemu.accel.base import DirtyLogging
+from pyemu.block.errors import BlockError
+from pyemu.migration.images import activate_images, inactivate_images
+from pyemu.system.messages import error_report
 from pyemu.migration.params import MigrationCancelled, MigrationParameters
 from pyemu.migration.stream import RAM_CHUNK, Kind, StreamWriter, Writable
 from pyemu.migration.vmstate import _RAM_ADDR, PAGE, LoadStats, begin_stream, send_changed_pages, write_cpu_and_devices
@@ -164,8 +167,25 @@ def precopy_save(machine: Machine, out: Writable, stats: LoadStats, params: Migr
     rest fits in the downtime limit; everything written after that call is the downtime."""
     writer = begin_stream(machine, out, "running")
     tracker = make_tracker(machine)
+    inactivated = False
+
+    def stop_and_inactivate() -> None:
+        # As QEMU's migration_completion: the stopped, drained source lets go of its images (their
+        # locks) before the final state goes out, so the destination can take them when it has loaded.
+        nonlocal inactivated
+        stop_vm()
+        inactivate_images(machine)
+        inactivated = True
+
     try:
-        _iterate(machine, writer, tracker, stats, params, cancel, stop_vm)
+        _iterate(machine, writer, tracker, stats, params, cancel, stop_and_inactivate)
+    except BaseException:
+        if inactivated:
+            try:
+                activate_images(machine)  # failed or cancelled: the source goes on with its images
+            except BlockError as exc:
+                error_report(str(exc))
+        raise
     finally:
         tracker.close()
 

@@ -149,6 +149,13 @@ class ControlApi:
             return
         if self.migration.active:
             raise ControlError("Migration is in progress")
+        from pyemu.block.errors import BlockError
+        from pyemu.migration.images import activate_images
+
+        try:
+            activate_images(self.machine)  # QEMU's qmp_cont: a source left in postmigrate takes its images back
+        except BlockError as exc:
+            raise ControlError(str(exc)) from exc
         self.machine.resume()
         self._emit("RESUME", {})
 

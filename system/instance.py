@@ -76,8 +76,15 @@ class VmInstance:
         self.config = config
         boot = resolve_boot(config, notice)
         self.accel = choose_accelerator(config.accel, notice)
+        from pyemu.block.locking import collecting_images
+        from pyemu.migration.images import ImageActivation, register
+
         try:
-            self.machine = Microvm.create(config, self.accel, boot, on_quit=on_quit)
+            # An -incoming VM opens its images inactive (no locks) until its migration ends (QEMU's
+            # BDRV_O_INACTIVE; pyemu.migration.images).
+            with collecting_images(inactive=config.incoming is not None) as opened:
+                self.machine = Microvm.create(config, self.accel, boot, on_quit=on_quit)
+            register(self.machine, ImageActivation(opened, active=config.incoming is None))
         except BaseException:
             self.accel.close()
             raise
