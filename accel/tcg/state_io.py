@@ -11,6 +11,8 @@ Order matters in ``load_state`` because QEMU derives state from control-register
    copy. A flat 32-bit protected-mode state (PVH, multiboot) thus runs as 32-bit code inside the 64-bit
    engine.
 4. MSRs last through Unicorn's MSR interface (KVM's order too: MSR_FS_BASE beats the segment base).
+5. The x87/SSE registers (``state.fpu``, when captured) through Unicorn's register interface, after the
+   blob copy that would otherwise put the old ones back (:func:`load_fpu`).
 
 CR8 is not loaded: under TCG the task priority lives in the userspace LAPIC model.
 """
@@ -28,7 +30,7 @@ from pyemu.accel.tcg.segments import (
     compute_hflags,
     segment_to_cache,
 )
-from pyemu.target.x86.cpu_state import CR0_PE, EFER_LMA, GPR_NAMES, DescriptorTable, X86CpuState
+from pyemu.target.x86.cpu_state import CR0_PE, EFER_LMA, GPR_NAMES, DescriptorTable, FpuState, X86CpuState
 
 SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 
@@ -64,6 +66,8 @@ def load_state(uc: Uc, blob: CpuBlob, state: X86CpuState) -> None:
     for index, value in state.msrs.items():
         if index != MSR_EFER:
             uc.msr_write(index, value)
+    if state.fpu is not None:
+        load_fpu(uc, state.fpu)
 
 
 def save_state(uc: Uc, blob: CpuBlob, cr2: int) -> X86CpuState:
@@ -88,4 +92,47 @@ def save_state(uc: Uc, blob: CpuBlob, cr2: int) -> X86CpuState:
         cr8=0,
         efer=blob.efer,
         msrs={index: uc.msr_read(index) for index in SAVED_MSRS},
+        fpu=save_fpu(uc),
     )
+
+
+# x87 and SSE through Unicorn's register interface (measured on 2.1.4): FPSW reads and writes the status word
+# with TOP in bits 13:11; FP0..FP7 are the *physical* registers as (mantissa, exponent) pairs, so ST(i) is
+# FP((TOP + i) & 7); FPTAG is the full 16-bit tag word by physical register (11 = empty), which FXSAVE
+# abridges to one bit per register (1 = not empty). XMM0..XMM15 read and write as 128-bit integers.
+_TAG_EMPTY = 3
+_FXSAVE_MXCSR_MASK = 0xFFFF
+"""The MXCSR bits this engine's SSE takes (QEMU's TCG FXSAVE stores 0xffff there too)."""
+
+
+def save_fpu(uc: Uc) -> FpuState:
+    """The x87/SSE registers in FXSAVE terms (:class:`FpuState`), as KVM's side captures them."""
+    fsw = uc.reg_read(x86.UC_X86_REG_FPSW) & 0xFFFF
+    top = (fsw >> 11) & 7
+    tags = uc.reg_read(x86.UC_X86_REG_FPTAG)
+    ftw = sum(1 << i for i in range(8) if (tags >> (2 * i)) & 3 != _TAG_EMPTY)
+    st = []
+    for i in range(8):
+        mantissa, exponent = uc.reg_read(x86.UC_X86_REG_FP0 + ((top + i) & 7))
+        st.append(mantissa.to_bytes(8, "little") + exponent.to_bytes(2, "little"))
+    xmm = tuple(uc.reg_read(x86.UC_X86_REG_XMM0 + i).to_bytes(16, "little") for i in range(16))
+    return FpuState(fcw=uc.reg_read(x86.UC_X86_REG_FPCW) & 0xFFFF, fsw=fsw, ftw=ftw,
+                    last_opcode=uc.reg_read(x86.UC_X86_REG_FOP) & 0x7FF, last_ip=uc.reg_read(x86.UC_X86_REG_FIP),
+                    last_dp=uc.reg_read(x86.UC_X86_REG_FDP), st=tuple(st),
+                    mxcsr=uc.reg_read(x86.UC_X86_REG_MXCSR) & 0xFFFFFFFF, mxcsr_mask=_FXSAVE_MXCSR_MASK, xmm=xmm)
+
+
+def load_fpu(uc: Uc, fpu: FpuState) -> None:
+    """Put FXSAVE-form registers into the engine (the inverse of :func:`save_fpu`). A register tagged
+    valid gets tag 00; the engine, like QEMU's TCG, tells only empty from not empty. The last instruction
+    and data pointers are informational (FXSAVE reports them) and the engine keeps its own."""
+    uc.reg_write(x86.UC_X86_REG_FPCW, fpu.fcw & 0xFFFF)
+    uc.reg_write(x86.UC_X86_REG_FPSW, fpu.fsw & 0xFFFF)
+    top = (fpu.fsw >> 11) & 7
+    uc.reg_write(x86.UC_X86_REG_FPTAG, sum((0 if fpu.ftw >> i & 1 else _TAG_EMPTY) << (2 * i) for i in range(8)))
+    for i, raw in enumerate(fpu.st):
+        uc.reg_write(x86.UC_X86_REG_FP0 + ((top + i) & 7),
+                     (int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:10], "little")))
+    uc.reg_write(x86.UC_X86_REG_MXCSR, fpu.mxcsr & 0xFFFF)
+    for i, raw in enumerate(fpu.xmm):
+        uc.reg_write(x86.UC_X86_REG_XMM0 + i, int.from_bytes(raw, "little"))
