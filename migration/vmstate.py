@@ -11,7 +11,9 @@ Loading (:func:`load_vm`) is two-phase so a bad stream never leaves a half-resto
 section is checked (framing, checksum, decoding against the state classes, identity against this machine,
 CPU register ranges, RAM addresses) while RAM is written into the *stopped, not yet run* destination; only
 when the end marker has been read are the clock, TSC, devices and vCPUs set. Any failure clears RAM and
-resets the devices again, so the destination holds nothing of the stream and cannot run it.
+resets the devices again, so the destination holds nothing of the stream and cannot run it. A stream saved
+under the other accelerator (KVM <-> the software CPU) is converted after reading and before anything is
+applied (:mod:`pyemu.migration.cross_accel`: the userspace LAPIC devices <-> KVM's LAPIC page in the vCPUs).
 
 Devices whose state is not complete enough to move are refused up front by :func:`migration_blockers`
 (QEMU's migration blockers), naming the device; virtio devices that may move are drained first
