@@ -19,14 +19,13 @@ from typing import Any
 import pytest
 
 import pyemu
-from pyemu.accel.base import AcceleratorUnavailable
 from pyemu.hw.core.state import StateError
 from pyemu.hw.intc.lapic import LVT_MASKED, LapicState, LocalApic
 from pyemu.hw.intc.lapic_kvm_page import KVM_APIC_REG_SIZE, KvmLapic, from_kvm, timer_current_count, to_kvm
 from pyemu.hw.intc.lapic_timer import MODE_ONESHOT, MODE_PERIODIC, ApicTimerState
 from pyemu.migration import codec
 from pyemu.migration.errors import StreamCorrupt, StreamMismatch
-from pyemu.migration.stream import Kind, Section, StreamReader, StreamWriter
+from pyemu.migration.stream import Kind, Section, StreamReader
 from pyemu.migration.vmstate import load_vm, save_vm
 from pyemu.system.runstate import RunState
 from pyemu.system.timers import TimerQueue
@@ -36,6 +35,8 @@ from pyemu.testing.asm import assemble
 
 from migration_programs import COUNTER_ADDR, ENTRY, TSC_ADDR
 from test_migration_guest import BASE, TIMEOUT, machine_of, stop_vm, wait_migration
+from test_migration_kvm import kvm_usable  # noqa: F401 (the fixture)
+from test_migration_stream import reframe
 
 KVM = tuple("kvm" if word == "tcg" else word for word in BASE)
 CRYSTAL_HZ = 25_000_000
@@ -215,18 +216,9 @@ def restore(kernel: Path, accel: tuple[str, ...], path: Path) -> pyemu.VM:
     return vm
 
 
-@pytest.fixture
-def kvm_usable() -> None:
-    from pyemu.accel.kvm.accel import KvmAccelerator
-
-    try:
-        KvmAccelerator().close()
-    except AcceleratorUnavailable as error:
-        pytest.skip(f"KVM is not usable here: {error}")
-
-
 @pytest.mark.kvm
-def test_counter_with_timer_moves_tcg_kvm_tcg(kvm_usable: None, short_dir: Path,
+@pytest.mark.usefixtures("kvm_usable")
+def test_counter_with_timer_moves_tcg_kvm_tcg(short_dir: Path,
                                                 record_property: Any) -> None:
     kernel = write_timer_kernel(short_dir)
     first, second = short_dir / "tcg.state", short_dir / "kvm.state"
@@ -304,19 +296,10 @@ def prelaunch_stream(kernel: Path, args: tuple[str, ...]) -> bytes:
         stop_vm(vm)
 
 
-def reframe(parts: list[Section]) -> bytes:
-    """A stream with valid framing and checksums around ``parts`` (to reach the checks behind them)."""
-    out = io.BytesIO()
-    writer = StreamWriter(out)
-    for part in parts:
-        writer.section(part.kind, part.id, part.payload)
-    writer.finish()
-    return out.getvalue()
-
-
 @pytest.mark.kvm
+@pytest.mark.usefixtures("kvm_usable")
 @pytest.mark.parametrize("smp", ["1", "2"])
-def test_streams_of_a_vm_that_never_ran_convert_both_ways(kvm_usable: None, short_dir: Path, smp: str) -> None:
+def test_streams_of_a_vm_that_never_ran_convert_both_ways(short_dir: Path, smp: str) -> None:
     """A prelaunch stream (APs waiting for SIPI with -smp 2) loads under the other accelerator, and the
     converted vCPUs carry the LAPIC where the destination keeps it."""
     kernel = write_timer_kernel(short_dir)
@@ -341,7 +324,8 @@ def test_streams_of_a_vm_that_never_ran_convert_both_ways(kvm_usable: None, shor
 
 
 @pytest.mark.kvm
-def test_hostile_lapic_sections_leave_the_other_accelerator_untouched(kvm_usable: None, short_dir: Path) -> None:
+@pytest.mark.usefixtures("kvm_usable")
+def test_hostile_lapic_sections_leave_the_other_accelerator_untouched(short_dir: Path) -> None:
     """A software-CPU stream whose LAPIC state no APIC holds, and a KVM stream whose LAPIC page is hostile:
     a typed StreamCorrupt naming the section, RAM cleared, the destination still in inmigrate."""
     kernel = write_timer_kernel(short_dir)
@@ -371,7 +355,8 @@ def test_hostile_lapic_sections_leave_the_other_accelerator_untouched(kvm_usable
 
 
 @pytest.mark.kvm
-def test_real_mismatches_stay_typed_across_accelerators(kvm_usable: None, short_dir: Path) -> None:
+@pytest.mark.usefixtures("kvm_usable")
+def test_real_mismatches_stay_typed_across_accelerators(short_dir: Path) -> None:
     """Other RAM size, other vCPU count: refused by name although the accelerators differ; the
     destination stays in inmigrate."""
     kernel = write_timer_kernel(short_dir)
