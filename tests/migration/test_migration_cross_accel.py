@@ -535,3 +535,56 @@ def test_software_cpu_fpu_and_sse_registers_round_trip(short_dir: Path) -> None:
             fpu.fcw, fpu.fsw, fpu.ftw, fpu.st[:2], fpu.mxcsr, fpu.xmm)
     finally:
         stop_vm(vm)
+
+
+def live_migrate(source: pyemu.VM, dest_args: tuple[str, ...], kernel: Path, dest_uri: str) -> pyemu.VM:
+    """Migrate the running ``source`` live to a new VM with ``dest_args`` listening on ``dest_uri``; the
+    destination runs on (returned), the source ends postmigrate and is stopped with its exit status checked."""
+    dest = pyemu.VM("-kernel", str(kernel), *dest_args, "-incoming", dest_uri)
+    dest.start()
+    try:
+        address = dest._instance.control.migration.incoming_address
+        uri = f"tcp:127.0.0.1:{address[1]}" if dest_uri.startswith("tcp:") else dest_uri
+        source.execute("migrate", {"uri": uri})
+        info = wait_migration(source)
+        assert info["status"] == "completed", info
+        assert source.state is RunState.POSTMIGRATE
+        assert wait_migration(dest) == {"status": "completed"}
+        assert dest.state is RunState.RUNNING
+    except BaseException:
+        stop_vm(dest)
+        raise
+    finally:
+        assert stop_vm(source) == 0
+    return dest
+
+
+@pytest.mark.kvm
+@pytest.mark.usefixtures("kvm_usable")
+def test_live_migration_tcg_to_kvm_and_back(short_dir: Path) -> None:
+    """Live (pre-copy) migration between the accelerators: software CPU -> KVM over unix:, KVM -> software
+    CPU over tcp:, the program counting and taking timer interrupts throughout, every check passing."""
+    kernel = write_timer_kernel(short_dir)
+    vm = pyemu.VM("-kernel", str(kernel), *BASE)
+    vm.start()
+    try:
+        wait_above(vm, TICKS_ADDR, 3)
+        wait_above(vm, COUNTER_ADDR, 50_000)
+    except BaseException:
+        stop_vm(vm)
+        raise
+    vm = live_migrate(vm, KVM, kernel, f"unix:{short_dir}/to-kvm.sock")
+    try:
+        ticks, value = read_u32(vm, TICKS_ADDR), read_u32(vm, COUNTER_ADDR)
+        wait_above(vm, TICKS_ADDR, ticks + 3)
+        wait_above(vm, COUNTER_ADDR, value + 2_000)
+    except BaseException:
+        stop_vm(vm)
+        raise
+    vm = live_migrate(vm, BASE, kernel, "tcp:127.0.0.1:0")
+    try:
+        ticks, value = read_u32(vm, TICKS_ADDR), read_u32(vm, COUNTER_ADDR)
+        wait_above(vm, TICKS_ADDR, ticks + 3)
+        wait_above(vm, COUNTER_ADDR, value + 100_000)
+    finally:
+        assert stop_vm(vm) == 0
