@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import pyemu
+from pyemu.block.qcow2.create import create_qcow2
 from pyemu.hw.core.state import StateError
 from pyemu.hw.intc.lapic import LVT_MASKED, LapicState, LocalApic
 from pyemu.hw.intc.lapic_kvm_page import KVM_APIC_REG_SIZE, KvmLapic, from_kvm, timer_current_count, to_kvm
@@ -586,5 +587,45 @@ def test_live_migration_tcg_to_kvm_and_back(short_dir: Path) -> None:
         ticks, value = read_u32(vm, TICKS_ADDR), read_u32(vm, COUNTER_ADDR)
         wait_above(vm, TICKS_ADDR, ticks + 3)
         wait_above(vm, COUNTER_ADDR, value + 100_000)
+    finally:
+        assert stop_vm(vm) == 0
+
+
+@pytest.mark.kvm
+@pytest.mark.usefixtures("kvm_usable")
+def test_savevm_under_tcg_loadvm_under_kvm_and_back(short_dir: Path) -> None:
+    """The same internal snapshot (qcow2 vmstate area) starts the program under either accelerator with
+    ``-loadvm``, and a snapshot taken under KVM starts it under the software CPU."""
+    from test_savevm import drive_args, hmp
+
+    kernel = write_timer_kernel(short_dir)
+    disk = short_dir / "disk.qcow2"
+    create_qcow2(str(disk), 16 << 20)
+    drive = drive_args(disk, "d0")
+    vm = pyemu.VM("-kernel", str(kernel), *BASE, *drive)
+    vm.start()
+    try:
+        wait_above(vm, TICKS_ADDR, 3)
+        wait_above(vm, COUNTER_ADDR, 50_000)
+        assert "rror" not in hmp(vm, "savevm from-tcg")
+        saved = read_u32(vm, COUNTER_ADDR)
+    finally:
+        assert stop_vm(vm) == 0
+    vm = pyemu.VM("-kernel", str(kernel), *KVM, *drive, "-loadvm", "from-tcg")
+    vm.start()
+    try:
+        ticks = read_u32(vm, TICKS_ADDR)
+        wait_above(vm, COUNTER_ADDR, saved + 2_000)
+        wait_above(vm, TICKS_ADDR, ticks + 3)
+        assert "rror" not in hmp(vm, "savevm from-kvm")
+        saved = read_u32(vm, COUNTER_ADDR)
+    finally:
+        assert stop_vm(vm) == 0
+    vm = pyemu.VM("-kernel", str(kernel), *BASE, *drive, "-loadvm", "from-kvm")
+    vm.start()
+    try:
+        ticks = read_u32(vm, TICKS_ADDR)
+        wait_above(vm, COUNTER_ADDR, saved + 100_000)
+        wait_above(vm, TICKS_ADDR, ticks + 3)
     finally:
         assert stop_vm(vm) == 0
