@@ -88,6 +88,10 @@ APIC_BASE_ADDRESS_MASK = 0xFFFFFF000
 
 ICR_DELIVERY_STATUS = 1 << 12
 """ICR low bit 12 ("send pending"): status set by the APIC itself, never state to carry (KVM clears it too)."""
+ICR_LOW_STORED = 0x000CCFFF
+"""ICR low bits an xAPIC keeps (SDM 11.6.1): vector 7:0, delivery mode 10:8, destination mode 11, level 14,
+trigger mode 15, shorthand 19:18. KVM stores whatever the guest wrote there (minus bit 12); the software
+CPU's APIC keeps these bits of the same write, so the conversion keeps them too rather than refusing."""
 LVT_DELIVERY_STATUS = 1 << 12
 """LVT bit 12: read-only delivery status, idle whenever software can look."""
 
@@ -166,8 +170,11 @@ def _timer_from_registers(mode: int, divide_config: int, initial: int, current: 
         raise StateError(_NAME, f"TSC deadline {deadline:#x} while the LVT timer is not in TSC-deadline mode")
     if current > initial:
         raise StateError(_NAME, f"current count {current:#x} above the initial count {initial:#x}")
-    running = current > 0
+    # A periodic timer with an initial count never stops; KVM reads its count as 0 when the expiry is due
+    # at the moment of KVM_GET_LAPIC (or overdue), which is "fire now, then reload", not "stopped".
+    running = current > 0 or (mode == MODE_PERIODIC and initial > 0)
     remaining = -(-current * divide_value(divide_config) * NS_PER_S // crystal_hz) if running else None
+    # (a due periodic timer: anchored at count 0, armed now; its next expiry is a whole period later)
     return ApicTimerState(mode=mode, divide_config=divide_config, initial_count=initial, running=running,
                           anchor_age_ns=0, anchor_count=current, next_expiry=0, tsc_deadline=0,
                           remaining_ns=remaining)
@@ -240,7 +247,7 @@ def from_kvm(kvm: KvmLapic, *, crystal_hz: int) -> LapicState:
         apic_id=apic_id_reg >> 24, tpr=_get(page, REG_TPR), ldr=_get(page, REG_LDR), dfr=_get(page, REG_DFR),
         svr=_get(page, REG_SVR), irr=_get_256(page, REG_IRR), isr=_get_256(page, REG_ISR),
         tmr=_get_256(page, REG_TMR), esr=_get(page, REG_ESR), esr_pending=0,
-        icr_low=_get(page, REG_ICR_LOW) & ~ICR_DELIVERY_STATUS, icr_high=_get(page, REG_ICR_HIGH), lvt=lvt,
+        icr_low=_get(page, REG_ICR_LOW) & ICR_LOW_STORED, icr_high=_get(page, REG_ICR_HIGH), lvt=lvt,
         lint_levels=(0, 0), nmi_pending=kvm.nmi_pending, extint_pending=False,
         hardware_enabled=bool(kvm.apic_base & APIC_BASE_ENABLE), timer=timer)
     LocalApic.check_saved_state(state)

@@ -449,6 +449,28 @@ def test_lapic_round_trip_kvm_page_with_expired_oneshot() -> None:
     assert again.page == bytes(expected)
 
 
+def test_periodic_timer_due_at_the_save_keeps_running() -> None:
+    """KVM reads a periodic timer's count as 0 when its expiry is due at KVM_GET_LAPIC: it fires at once on
+    the software CPU and reloads, it does not stop. Reserved ICR bits KVM kept are dropped, as the software
+    CPU's APIC drops them on a write."""
+    base = to_kvm(busy_lapic(), crystal_hz=CRYSTAL_HZ, bsp=False)
+    page = bytearray(base.page)
+    struct.pack_into("<I", page, 0x390, 0)
+    struct.pack_into("<I", page, 0x300, 0x30000 | 0x4031)
+    state = from_kvm(replace(base, page=bytes(page)), crystal_hz=CRYSTAL_HZ)
+    assert state.timer.running and state.timer.remaining_ns == 0 and state.timer.anchor_count == 0
+    assert state.icr_low == 0x4031
+    now = [5_000_000]
+    queue = TimerQueue(clock=lambda: now[0])
+    apic = LocalApic(queue, apic_id=3, bsp=False)
+    apic.from_state(state)
+    assert not apic.irr & 1 << 0x40
+    queue.run_due()
+    assert apic.irr & 1 << 0x40  # the LVT timer vector fired at once
+    after = apic.state().timer
+    assert after.running and after.remaining_ns == 16 * 1000 * 40  # and reloads: the next in one period
+
+
 def _page_with(offset: int, value: int) -> KvmLapic:
     base = to_kvm(busy_lapic(), crystal_hz=CRYSTAL_HZ, bsp=False)
     page = bytearray(base.page)
