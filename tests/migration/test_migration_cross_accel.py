@@ -651,3 +651,22 @@ def test_savevm_under_tcg_loadvm_under_kvm_and_back(short_dir: Path) -> None:
         wait_above(vm, TICKS_ADDR, ticks + 3)
     finally:
         assert stop_vm(vm) == 0
+
+
+def test_header_check_ignores_only_the_userspace_apic_devices() -> None:
+    """check_identity: a KVM header matches a software-CPU VM whose only extra devices are its userspace
+    APICs; an unknown accelerator, or any other device difference, stays a StreamMismatch."""
+    from pyemu.migration.vmstate import check_identity
+
+    common = [["ioapic", "ioapic", "pyemu.hw.intc.ioapic.IoApicState", 1]]
+    apics = [["lapic0", "apic", "pyemu.hw.intc.lapic.LapicState", 1], ["apic-bus", "apic-bus", None, None]]
+    own = {"board": "microvm", "options": {}, "ram_layout": [[0, 32 << 20]], "vcpus": 1, "accel": "tcg",
+           "devices": apics + common}
+    kvm = dict(own, accel="kvm", devices=list(common), run_state="running")
+    check_identity(kvm, own)
+    with pytest.raises(StreamMismatch, match="hvf"):
+        check_identity(dict(kvm, accel="hvf"), own)
+    with pytest.raises(StreamMismatch, match="devices differ"):
+        check_identity(dict(kvm, devices=common + [["rtc", "mc146818rtc", "pyemu.hw.timer.rtc.RtcState", 1]]), own)
+    with pytest.raises(StreamMismatch, match="devices differ"):  # same accelerator: the APICs count
+        check_identity(dict(kvm, accel="tcg"), own)
