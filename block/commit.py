@@ -179,26 +179,38 @@ def create_commit(args: dict[str, Any], *, resolve: Callable[[str], BlockDriver]
         overlay = find_overlay(active, top)
         if overlay is None:
             raise MirrorError(f"'{top.filename}' has no overlay in this chain")
-    # QEMU's commit_start / commit_active_start: the base (and the overlay whose backing link the end
-    # rewrites) reopen read-write for the job's time when the chain opened them read-only.
+    # The base (and the overlay whose backing link the end rewrites) reopen read-write for the job's time
+    # when the chain opened them read-only: QEMU's commit_active_start does it before the job exists,
+    # commit_start once it does (a failure then shows the job created -> null).
     hold = ReadWriteHold()
-    try:
-        hold.acquire(base, *([overlay] if overlay is not None else []))
-    except ReopenError as exc:
-        raise MirrorError(str(exc)) from None
-    try:
-        share_writes_on_chain(top, base)
-        if overlay is None:
+    if overlay is None:
+        _acquire(hold, base)
+        try:
+            share_writes_on_chain(top, base)
             opts.sync = "top"
             job = build_job(opts, source=top, target=base, backends=backends, emit=emit, base=base,
                             cls=ActiveCommitJob)
-        else:
-            job = build_job(opts, source=top, target=base, backends=[], emit=emit, base=base, cls=CommitJob,
-                            active=active, backing_file=args.get("backing-file"), registry=registry)
-    except BaseException:
-        hold.release()
-        raise
-    job.on_release.append(hold.release)
-    if isinstance(job, ActiveCommitJob):
+        except BaseException:
+            hold.release()
+            raise
+        assert isinstance(job, ActiveCommitJob)
         job.reopened = hold
+    else:
+        share_writes_on_chain(top, base)
+        job = build_job(opts, source=top, target=base, backends=[], emit=emit, base=base, cls=CommitJob,
+                        active=active, backing_file=args.get("backing-file"), registry=registry)
+        try:
+            _acquire(hold, base, overlay)
+        except BaseException:
+            job.clean()
+            job.drop()
+            raise
+    job.on_release.append(hold.release)
     return job
+
+
+def _acquire(hold: ReadWriteHold, *nodes: BlockDriver) -> None:
+    try:
+        hold.acquire(*nodes)
+    except ReopenError as exc:
+        raise MirrorError(str(exc)) from None

@@ -398,8 +398,14 @@ def test_commit_refused_when_another_process_holds_base_or_overlay(tmp_path: Pat
         vm.start()
         before = ro_state(vm)
         holder.append(Holder(base))
+        vm.events.drain()
         refused(vm, "block-commit", {"device": "d0", "job-id": "c"}, 'Failed to get "write" lock')
+        assert vm.events.drain() == []  # active commit: refused before the job exists
         refused(vm, "block-commit", {"device": "d0", "job-id": "c", "top": str(l1)}, 'Failed to get "write" lock')
+        # intermediate commit: QEMU's commit_start creates the job first
+        assert [(e.name, e.data) for e in vm.events.drain()] == [
+            ("JOB_STATUS_CHANGE", {"status": "created", "id": "c"}),
+            ("JOB_STATUS_CHANGE", {"status": "null", "id": "c"})]
         holder.pop().close()
         holder.append(Holder(l2))
         refused(vm, "block-commit", {"device": "d0", "job-id": "c", "top": str(l1)}, 'Failed to get "write" lock')
@@ -436,3 +442,54 @@ def test_stream_into_intermediate_read_only_node(tmp_path: Path) -> None:
     for path in (mid, top):
         check_clean(path)
     assert flat(top, tmp_path) == expected
+
+
+def test_qcow2_reopen_keeps_persistent_bitmaps_consistent(tmp_path: Path) -> None:
+    """A persistent bitmap in a backing image: read-only it is loaded readonly; the read-write reopen
+    makes it record writes (flagged in-use on disk meanwhile), the reopen to read-only stores it clean."""
+    base, top = chain(tmp_path, 2)
+    img("bitmap", "--add", str(base), "b0")
+    image = open_image(str(top), read_only=False)
+    try:
+        backing = image.backing
+        set_read_only(backing, False)
+        flags = json_info(base)["format-specific"]["data"]["bitmaps"][0]["flags"]
+        assert "in-use" in flags
+        backing.pwritev(2 * MiB, [b"\x55" * (64 * KiB)])
+        set_read_only(backing, True)
+        (bitmap,) = json_info(base)["format-specific"]["data"]["bitmaps"]
+        assert bitmap["name"] == "b0" and "in-use" not in bitmap["flags"]
+    finally:
+        image.close()
+    check_clean(base)
+
+
+def json_info(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads(img("info", "-U", "--output=json", str(path)))
+
+
+def test_active_commit_into_a_raw_backing_file(tmp_path: Path) -> None:
+    base, top = tmp_path / "base.raw", tmp_path / "top.qcow2"
+    img("create", "-q", "-f", "raw", str(base), str(SIZE))
+    qio(base, f"write -P 0x21 0 {SIZE}", fmt="raw")
+    img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top), str(SIZE))
+    qio(top, f"write -P 0x22 {MiB} {MiB}")
+    expected = flat(top, tmp_path)
+    with drive_vm(tmp_path, top) as vm:
+        vm.start()
+
+        def base_ro() -> bool:
+            (entry,) = [n for n in vm.execute("query-named-block-nodes") if n["drv"] == "raw"]
+            return bool(entry["ro"])
+
+        assert base_ro()
+        vm.execute("block-commit", {"device": "d0", "job-id": "c"})
+        vm.events.wait_for("BLOCK_JOB_READY", WAIT)
+        assert not base_ro()
+        vm.execute("block-job-cancel", {"device": "c"})
+        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        assert base_ro()
+    assert base.read_bytes() == expected
+    check_clean(top)
