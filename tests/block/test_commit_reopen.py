@@ -493,3 +493,46 @@ def test_active_commit_into_a_raw_backing_file(tmp_path: Path) -> None:
         assert base_ro()
     assert base.read_bytes() == expected
     check_clean(top)
+
+
+@pytest.mark.parametrize("file_node", ["inline", "named"])
+def test_commit_into_blockdev_read_only_on_base(tmp_path: Path, file_node: str) -> None:
+    """-blockdev read-only=on nodes are reopened too (QEMU 7.2, measured: the reopen ignores how the node was
+    opened), also when the base's file is a named node of its own; a cancel and a completion both leave
+    the base read-only."""
+    base, mid, top = chain(tmp_path, 3)
+    expected = flat(top, tmp_path)
+    kernel = tmp_path / "spin.bin"
+    kernel.write_bytes(make_multiboot_binary(b"\xeb\xfe"))
+    if file_node == "inline":
+        base_args = ["-blockdev", f"driver=qcow2,node-name=b,read-only=on,file.driver=file,file.filename={base}"]
+    else:
+        base_args = ["-blockdev", f"driver=file,node-name=bf,read-only=on,filename={base}",
+                     "-blockdev", "driver=qcow2,node-name=b,read-only=on,file=bf"]
+    with pyemu.VM("-kernel", str(kernel), "-m", "32", "-accel", "tcg", "-serial", "none", "-S", *base_args,
+                  "-blockdev", f"driver=qcow2,node-name=a,read-only=on,backing=b,file.driver=file,"
+                               f"file.filename={mid}",
+                  "-blockdev", f"driver=qcow2,node-name=t,backing=a,file.driver=file,file.filename={top}",
+                  "-device", "virtio-blk-device,drive=t,id=vblk0") as vm:
+        vm.start()
+
+        def ro(name: str) -> bool:
+            (entry,) = [n for n in vm.execute("query-named-block-nodes") if n["node-name"] == name]
+            return bool(entry["ro"])
+
+        vm.execute("block-commit", {"device": "t", "job-id": "c", "top-node": "a", "base-node": "b",
+                                    "speed": 64 * KiB})
+        assert not ro("b") and ro("a")
+        assert_writable_from_outside(base)
+        vm.execute("block-job-cancel", {"device": "c"})
+        vm.events.wait_for("BLOCK_JOB_CANCELLED", WAIT)
+        assert ro("b") and (file_node == "inline" or ro("bf"))
+        assert_read_only_from_outside(base)
+        vm.execute("block-commit", {"device": "t", "job-id": "c2", "top-node": "a", "base-node": "b"})
+        assert "error" not in vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT).data
+        assert ro("b")
+        assert_read_only_from_outside(base)
+    check_clean(base)
+    check_clean(top)
+    assert f"backing file: {base}" in img("info", "-U", str(top))
+    assert flat(top, tmp_path) == expected
