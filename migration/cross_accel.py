@@ -105,6 +105,9 @@ def convert(machine: Machine, source_accel: str, cpus: dict[int, X86CpuState], f
             if lapic is None:
                 raise StreamCorrupt(f"the stream lacks the state of device '{lapic_id(index)}'")
             cpus[index] = cpu_to_kvm(cpus[index], lapic, index)
+        extra = sorted(set(foreign) - {lapic_id(index) for index in cpus})
+        if extra:
+            raise StreamCorrupt(f"a LAPIC of no vCPU of this VM ({len(cpus)} vCPUs)", f"section device '{extra[0]}'")
         return
     for index in sorted(cpus):
         device = machine.devices.get(lapic_id(index))

@@ -10,6 +10,7 @@ need no accelerator."""
 from __future__ import annotations
 
 import io
+import json
 import struct
 import time
 from dataclasses import replace
@@ -332,6 +333,12 @@ def test_hostile_lapic_sections_leave_the_other_accelerator_untouched(short_dir:
     kernel = write_timer_kernel(short_dir)
     tcg_parts = list(StreamReader(io.BytesIO(prelaunch_stream(kernel, BASE))))
     kvm_parts = list(StreamReader(io.BytesIO(prelaunch_stream(kernel, KVM))))
+    # a header naming a LAPIC of a vCPU this VM does not have, with its section
+    lapic_section = next(p for p in tcg_parts if p.kind is Kind.DEVICE and p.id == "lapic0")
+    header = json.loads(tcg_parts[0].payload)
+    header["devices"].append(["lapic7", "apic", "pyemu.hw.intc.lapic.LapicState", 1])
+    stray_parts = [Section(Kind.HEADER, "", json.dumps(header).encode()), *tcg_parts[1:],
+                   Section(Kind.DEVICE, "lapic7", lapic_section.payload)]
     for index, part in enumerate(tcg_parts):
         if part.kind is Kind.DEVICE and part.id == "lapic0":
             lapic = codec.loads(part.payload, part.where, codec.state_classes())
@@ -343,7 +350,7 @@ def test_hostile_lapic_sections_leave_the_other_accelerator_untouched(short_dir:
             page[0x20] = 1  # a reserved bit of the xAPIC ID register
             cpu.lapic = bytes(page)
             kvm_parts[index] = Section(part.kind, part.id, codec.dumps(cpu))
-    for parts, args, where in ((tcg_parts, KVM, "lapic0"), (kvm_parts, BASE, "cpu0")):
+    for parts, args, where in ((tcg_parts, KVM, "lapic0"), (kvm_parts, BASE, "cpu0"), (stray_parts, KVM, "lapic7")):
         vm = pyemu.VM("-kernel", str(kernel), *args, "-incoming", "defer")
         vm.start()
         try:
