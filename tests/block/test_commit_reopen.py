@@ -420,13 +420,19 @@ def test_commit_refused_when_another_process_holds_base_or_overlay(tmp_path: Pat
         check_clean(path)
 
 
-def test_stream_into_intermediate_read_only_node(tmp_path: Path) -> None:
-    """QEMU's stream_start reopens a read-only top read-write and stream_clean back (measured on 7.2)."""
+def test_stream_into_intermediate_read_only_node(tmp_path: Path, holder: list[Holder]) -> None:
+    """QEMU's stream_start reopens a read-only top read-write and stream_clean back (measured on 7.2);
+    another process holding it makes block-stream fail with the lock message and no job events."""
     base, mid, top = chain(tmp_path, 3)
     expected = flat(top, tmp_path)
     with drive_vm(tmp_path, top) as vm:
         vm.start()
         name = nodes(vm)["l1.qcow2"]["node-name"]
+        holder.append(Holder(mid))
+        vm.events.drain()
+        refused(vm, "block-stream", {"device": name, "job-id": "s"}, 'Failed to get "write" lock')
+        assert vm.events.drain() == [] and ro_state(vm)["l1.qcow2"] is True
+        holder.pop().close()
         vm.execute("block-stream", {"device": name, "job-id": "s", "speed": 64 * KiB})
         assert ro_state(vm)["l1.qcow2"] is False
         vm.execute("block-job-cancel", {"device": "s"})
@@ -536,3 +542,46 @@ def test_commit_into_blockdev_read_only_on_base(tmp_path: Path, file_node: str) 
     check_clean(top)
     assert f"backing file: {base}" in img("info", "-U", str(top))
     assert flat(top, tmp_path) == expected
+
+
+def test_reopen_under_concurrent_reads_through_the_chain(tmp_path: Path) -> None:
+    """Readers never see an error or wrong data while the backing node and its file switch modes back and
+    forth under them (the descriptor is swapped with dup2; qcow2 switches under its exclusive I/O gate)."""
+    import threading
+
+    base, top = chain(tmp_path, 2)
+    expected = flat(top, tmp_path)
+    image = open_image(str(top), read_only=False)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    reads = [0]
+
+    def reader() -> None:
+        buf = bytearray(256 * KiB)
+        try:
+            while not stop.is_set():
+                for offset in range(0, SIZE, len(buf)):
+                    image.preadv(offset, [memoryview(buf)])
+                    assert buf == expected[offset:offset + len(buf)], f"wrong data at {offset}"
+                    reads[0] += 1
+        except BaseException as exc:  # noqa: B902 - reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, daemon=True) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + WAIT
+        toggles = 0
+        while (toggles < 40 or reads[0] < 64) and not errors:  # the readers really run alongside
+            assert time.monotonic() < deadline, "readers made no progress"
+            set_read_only(image.backing, False)
+            set_read_only(image.backing, True)
+            toggles += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(WAIT)
+        image.close()
+    assert not errors, errors
+    check_clean(base)
