@@ -5,6 +5,10 @@ address, Unicorn through ``mem_map_ptr``), device models read and write them thr
 later snapshot or vhost-user backend can share the fd. Every accessor is bounds-checked: an access that is
 not wholly inside one RAM region raises :class:`~pyemu.errors.GuestMemoryError` instead of touching host
 memory outside the guest.
+
+A mapped-ram restore (:mod:`pyemu.migration.mapped_ram`) replaces a region's pages with a private
+copy-on-write mapping of the saved file at the same host address (:meth:`GuestMemory.map_file_private`);
+:meth:`GuestMemory.clear` puts the memfd back.
 """
 
 from __future__ import annotations
