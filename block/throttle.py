@@ -13,6 +13,15 @@ turns. Each direction (read, write) has one timer for the whole group and a toke
 whose request goes next; after each request the token moves round-robin to the next member with requests
 waiting, so one busy drive cannot starve another that shares its limit.
 
+A late timer loses nothing. The buckets leak only down to empty, so an idle device banks at most a tenth
+of a second; but a device whose request is *waiting* is not idle. When the timer fires late (a busy host:
+the timer thread got the CPU a few hundred milliseconds after its deadline), the requests that were waiting
+are granted as of the times they were due -- the deadline, then each next one a request's worth of time
+later, never before it arrived -- and only then does the bucket leak on to now. So the rate over a window
+is the limit however late the timer runs (up to :data:`MAX_CATCH_UP_NS`); a punctual timer behaves exactly
+as QEMU's. The trace that found it: under ``stress-ng`` the timer fired 100-300 ms late now and then, the
+bucket drained to empty meanwhile, and that time's allowance was gone for good.
+
 How requests wait -- the design decision. In pyemu a virtio-blk device serves its queue on an
 :class:`~pyemu.system.iothread.IoThread` that usually serves every other device too, and
 ``BlockBackend.pwritev`` runs on that thread. Sleeping there would stall every device on the thread.
@@ -40,6 +49,9 @@ from pyemu.block.errors import BlockConfigError
 from pyemu.system.objects import THROTTLE_LIMITS, THROTTLE_VALUE_MAX as VALUE_MAX, throttle_limits_error
 
 NS = 1_000_000_000
+MAX_CATCH_UP_NS = NS
+"""How far back a late timer's grants may be dated: a timer thread stalled longer than this (a suspended
+host) does not release a flood of requests at once."""
 READ, WRITE = 0, 1
 _KINDS = ("total", "read", "write")
 
@@ -155,17 +167,23 @@ class ThrottleState:
         self.buckets = config.buckets()
         self._last = self.clock()
 
-    def _leak(self) -> None:
-        now = self.clock()
+    @property
+    def leaked_to(self) -> int:
+        """The clock time the buckets are leaked to (a wait from :meth:`wait_ns` counts from there)."""
+        return self._last
+
+    def _leak(self, until: int | None = None) -> None:
+        now = self.clock() if until is None else until
         delta = now - self._last
         if delta > 0:
             for bucket in self.buckets.values():
                 bucket.leak(delta)
             self._last = now
 
-    def wait_ns(self, direction: int) -> int:
-        """0 if a request in ``direction`` may start now, else how long until it may."""
-        self._leak()
+    def wait_ns(self, direction: int, at: int | None = None) -> int:
+        """0 if a request in ``direction`` may start now (or at clock time ``at``, not before the time the
+        buckets are already leaked to), else how long after :attr:`leaked_to` until it may."""
+        self._leak(at)
         return max(b.wait_ns() for name, b in self.buckets.items() if _uses(name, direction))
 
     def account(self, direction: int, nbytes: int) -> None:
@@ -290,6 +308,7 @@ class Ticket:
     wake: Callable[[], None] | None
     granted: bool = False
     cancelled: bool = False
+    queued_at: int = 0  # clock time it started waiting: a late timer never dates its grant earlier
 
 
 class ThrottleGroup:
@@ -307,6 +326,7 @@ class ThrottleGroup:
         self._lock = threading.Lock()
         self._token: list[ThrottleGroupMember | None] = [None, None]
         self._timer: list[object | None] = [None, None]
+        self._deadline = [0, 0]  # what each direction's timer was armed for (it may fire later)
 
     @property
     def config(self) -> ThrottleConfig:
@@ -363,6 +383,7 @@ class ThrottleGroup:
                 ticket.granted = True
                 self._token[direction] = member
                 return
+            ticket.queued_at = self.state.clock()
             member.pending[direction].append(ticket)
             woken = self._schedule(direction, after=member)
         _wake(woken)
@@ -391,11 +412,14 @@ class ThrottleGroup:
         return fallback
 
     def _schedule(self, direction: int, after: "ThrottleGroupMember | None" = None,
-                  armed: "ThrottleGroupMember | None" = None) -> list[Ticket]:
+                  armed: "ThrottleGroupMember | None" = None, due: int | None = None) -> list[Ticket]:
         """Under the lock: grant what may go now, in turns; arm the direction's timer for the rest (for the
-        member whose turn it is: ``armed`` when it fires). Returns the granted tickets (woken by the caller
-        once the lock is released)."""
+        member whose turn it is: ``armed`` when it fires). ``due``: the deadline of the timer that fired --
+        waiting requests are granted as of the times they were due from there on, so a late timer loses
+        no allowance. Returns the granted tickets (woken by the caller once the lock is released)."""
         woken: list[Ticket] = []
+        now = self.state.clock()
+        cursor = now if due is None else min(now, max(due, now - MAX_CATCH_UP_NS))
         while self._timer[direction] is None:
             if armed is not None and armed.pending[direction]:
                 token: ThrottleGroupMember | None = armed
@@ -404,12 +428,18 @@ class ThrottleGroup:
             armed = None
             if token is None or not token.pending[direction]:
                 break
-            wait = self.state.wait_ns(direction) if self.state.config.enabled else 0
             self._token[direction] = token
+            start = max(cursor, token.pending[direction][0].queued_at)
+            wait = self.state.wait_ns(direction, at=start) if self.state.config.enabled else 0
             if wait:
-                self._timer[direction] = self.timers.arm(self.state.clock() + wait,
-                                                         functools.partial(self._fire, direction))
+                start = self.state.leaked_to + wait
+                if start <= now:  # it was due while the timer was late: its turn is at that time
+                    cursor, armed = start, token
+                    continue
+                self._deadline[direction] = start
+                self._timer[direction] = self.timers.arm(start, functools.partial(self._fire, direction))
                 break
+            cursor = max(cursor, self.state.leaked_to)
             ticket = token.pending[direction].popleft()
             self.state.account(direction, ticket.nbytes)
             ticket.granted = True
@@ -419,7 +449,7 @@ class ThrottleGroup:
     def _fire(self, direction: int) -> None:
         with self._lock:
             self._timer[direction] = None
-            woken = self._schedule(direction, armed=self._token[direction])
+            woken = self._schedule(direction, armed=self._token[direction], due=self._deadline[direction])
         _wake(woken)
 
     def _disarm(self, direction: int) -> None:

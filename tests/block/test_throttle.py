@@ -3,6 +3,8 @@ and QEMU's validity messages. No wall clock anywhere."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import pytest
 
 from pyemu.block.throttle import (NS, FakeTimers, ThrottleConfig, ThrottleError, ThrottleGroup,
@@ -48,6 +50,119 @@ def test_bps_limit_is_exact_over_a_window() -> None:
     assert 20_000_000 <= total <= 20_000_000 + 100_000 + 2 * 65536
     steady = client.bytes_between(5, 15)
     assert abs(steady - 10_000_000) <= 2 * 65536
+
+
+class LateTimers(FakeTimers):
+    """Timers on a busy host: every callback runs ``late`` ns after the deadline it was armed for."""
+
+    def __init__(self, late: int) -> None:
+        super().__init__()
+        self.late = late
+
+    def arm(self, deadline_ns: int, callback: Callable[[], None]) -> object:
+        return super().arm(deadline_ns + self.late, callback)
+
+
+class SlowGuest(Client):
+    """A guest that needs ``round_trip`` ns after each completion before its next request arrives, with
+    ``depth`` requests in flight (fio's iodepth): a request granted at t is followed by one at t+round_trip."""
+
+    def __init__(self, member: ThrottleGroupMember, timers: FakeTimers, *, size: int, round_trip: int,
+                 depth: int = 1) -> None:
+        super().__init__(member, timers, size=size)
+        self.round_trip, self.depth = round_trip, depth
+
+    def start(self) -> None:
+        for _ in range(self.depth):
+            self._issue()
+
+    def _issue(self) -> None:
+        if self.stopped:
+            return
+        ticket = self.member.admit(self.write, self.size, self._woken)
+        if ticket.granted:
+            self._woken()
+
+    def _woken(self) -> None:
+        self.granted.append(self.timers.now)
+        # the guest's next request (its own clock is punctual: FakeTimers.arm even when the throttle's is late)
+        FakeTimers.arm(self.timers, self.timers.now + self.round_trip, self._issue)
+
+
+@pytest.mark.parametrize("late_ms, depth", [(30, 1), (150, 2), (200, 4)])
+def test_a_late_timer_loses_no_allowance(late_ms: int, depth: int) -> None:
+    # 2 MiB/s in 64 KiB requests (31 ms each) while every timer fires late; 150 and 200 ms are longer than
+    # the bucket's tenth of a second, so a bucket leaking down to empty meanwhile used to throw that time
+    # away (14.2 and ~10 MiB instead of 16 in the window). The requests that waited behind the late one are
+    # granted as of their due times; the guest's next ones arrive after the late wake-up (a request's worth
+    # plus the bucket's tenth of a second is what those cover: 162 ms at depth 2, 224 ms at depth 4).
+    timers = LateTimers(late_ms * NS // 1000)
+    group = ThrottleGroup("g", ThrottleConfig.from_limits({"bps-total": 2 << 20}), clock=timers.clock,
+                          timers=timers)
+    guest = SlowGuest(group.register("a"), timers, size=65536, round_trip=0, depth=depth)
+    guest.start()
+    timers.advance(20 * NS)
+    window = guest.bytes_between(2, 18)
+    assert abs(window - 16 * (2 << 20)) <= (late_ms * (2 << 20) // 1000) + 2 * 65536, window / (2 << 20)
+    total = guest.bytes_between(0, 20)
+    assert total <= 20 * (2 << 20) + (2 << 20) // 10 + 65536  # and never more than the limit allows
+
+
+def test_late_timer_grants_are_never_dated_before_the_request() -> None:
+    # One request waits; the timer is 2 s late; a second request arrives 1.5 s into that lateness. The
+    # first is due at its deadline, the second no earlier than its arrival: the bucket after both is the
+    # level they make from those times, so the third waits its full share.
+    timers = LateTimers(2 * NS)
+    group = ThrottleGroup("g", ThrottleConfig.from_limits({"bps-total": 1_000_000}), clock=timers.clock,
+                          timers=timers)
+    member = group.register("a")
+    assert member.admit(True, 100_000, None).granted   # the bucket's size (a tenth of a second)
+    assert member.admit(True, 100_000, None).granted   # at or below the size: it goes, level 200000
+    first = member.admit(True, 100_000, None)          # due at 0.1 s
+    assert not first.granted and timers.next_deadline == 2 * NS + 100_000_001
+    timers.advance(1_500_000_000)
+    second = member.admit(True, 100_000, None)          # arrives at 1.5 s: the level has leaked away by then
+    timers.advance(700_000_000)                         # the timer fires at 2.1 s
+    assert first.granted and second.granted
+    third = member.admit(True, 100_000, None)
+    # first accounted at 0.1 s (level 200000), leaked to 1.5 s (0), second accounted (100000), leaked to
+    # 2.1 s: empty -- nothing was lost, nothing was banked beyond the rules.
+    assert third.granted
+
+
+def test_guest_round_trip_shorter_than_a_request_keeps_the_rate() -> None:
+    # One request in flight, 20 ms of guest time between a completion and the next request: 64 KiB at
+    # 2 MiB/s is 31 ms, so the throttle, not the guest, sets the pace.
+    group, timers = make_group(bps_total=2 << 20)
+    guest = SlowGuest(group.register("a"), timers, size=65536, round_trip=20_000_000)
+    guest.start()
+    timers.advance(20 * NS)
+    assert abs(guest.bytes_between(2, 18) - 16 * (2 << 20)) <= 2 * 65536
+
+
+def test_depth_absorbs_guest_stalls_shorter_than_the_queue() -> None:
+    # Four requests in flight, each followed by 100 ms of guest time (longer than a request's 31 ms and
+    # than the bucket's tenth of a second): the other three keep the device busy, the rate holds.
+    group, timers = make_group(bps_total=2 << 20)
+    guest = SlowGuest(group.register("a"), timers, size=65536, round_trip=100_000_000, depth=4)
+    guest.start()
+    timers.advance(20 * NS)
+    assert abs(guest.bytes_between(2, 18) - 16 * (2 << 20)) <= 2 * 65536
+
+
+def test_a_request_between_timer_ticks_goes_when_the_bucket_allows() -> None:
+    # No request waits: one that arrives once the bucket has leaked below its size starts at once, not at
+    # some later tick.
+    group, timers = make_group(bps_total=1_000_000)
+    member = group.register("a")
+    assert member.admit(True, 300_000, None).granted
+    timers.advance(150_000_000)        # level 150000: still above the 100000 size
+    early = member.admit(True, 4096, None)
+    assert not early.granted and timers.next_deadline == 200_000_001
+    timers.advance(60_000_000)
+    assert early.granted
+    timers.advance(200_000_000)        # idle: 104096 leaked 200000 -> empty
+    assert member.admit(True, 4096, None).granted and timers.next_deadline is None
 
 
 def test_unlimited_group_never_queues() -> None:
