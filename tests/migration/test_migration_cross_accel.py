@@ -231,7 +231,7 @@ def test_counter_with_timer_moves_tcg_kvm_tcg(short_dir: Path,
         wait_above(vm, TICKS_ADDR, 5)  # the userspace LAPIC timer fires
         wait_above(vm, COUNTER_ADDR, 100_000)
         saved_tcg = migrate_to_file(vm, first)
-        assert saved_tcg["counter"] == saved_tcg["ebx"]
+        assert saved_tcg["counter"] == saved_tcg["ebx"]  # the software CPU stops at block starts only
     finally:
         assert stop_vm(vm) == 0  # no check of the program failed under the software CPU
 
@@ -253,7 +253,7 @@ def test_counter_with_timer_moves_tcg_kvm_tcg(short_dir: Path,
         wait_above(vm, TICKS_ADDR, saved_tcg["ticks"] + 3)  # the in-kernel timer keeps firing
         wait_above(vm, COUNTER_ADDR, saved_tcg["counter"] + 2_000)
         saved_kvm = migrate_to_file(vm, second)
-        assert saved_kvm["counter"] == saved_kvm["ebx"]
+        assert saved_kvm["counter"] - saved_kvm["ebx"] in (0, 1)  # KVM may stop between `inc [edi]` and `inc ebx`
     finally:
         assert stop_vm(vm) == 0  # no check failed under KVM (a jump back of the TSC would have)
 

@@ -43,7 +43,7 @@ def test_counter_guest_saved_and_restored_under_kvm(kvm_usable: None, short_dir:
         assert wait_migration(vm)["status"] == "completed"
         value = counter(vm)
         ebx = machine_of(vm).vcpus[0].save_state().regs["rbx"]
-        assert value == ebx
+        assert value - ebx in (0, 1)  # KVM may stop the loop between its `inc [edi]` and `inc ebx`
     finally:
         assert stop_vm(vm) == 0
 
