@@ -30,15 +30,15 @@ from pyemu.system.runstate import RunState
 from pyemu.target.x86.boot.synthetic import make_multiboot_binary
 from pyemu.testing.asm import assemble
 
-from migration_programs import ENTRY
+from migration_programs import COUNTER_ADDR, ENTRY
+from test_migration_guest import counter, machine_of, stop_vm, wait_counting, wait_migration
+from test_migration_kvm import kvm_usable  # noqa: F401  (a fixture)
 
-TIMEOUT = 60.0
 KVM_TIMEOUT = 300.0
 MiB = 1 << 20
 RAM = 64 * MiB
 BUF = 0x400000
 BUF_SIZE = 24 * MiB
-COUNTER = 0x300000
 PATTERN = 0xA5A5A5A5
 BASE = ("-m", "64", "-accel", "tcg", "-serial", "none", "-device", "isa-debug-exit")
 
@@ -51,7 +51,7 @@ fill:
     add edi, 4
     cmp edi, {BUF + BUF_SIZE:#x}
     jb fill
-    mov esi, {COUNTER:#x}
+    mov esi, {COUNTER_ADDR:#x}
     xor ebx, ebx
     mov dword ptr [esi], 0
 again:
@@ -82,42 +82,6 @@ fail:
 spin:
     jmp spin
 """
-
-
-def machine_of(vm: pyemu.VM) -> Any:
-    return vm._instance.machine
-
-
-def counter(vm: pyemu.VM) -> int:
-    return int(machine_of(vm).memory.read_u32(COUNTER))
-
-
-def wait_counting(vm: pyemu.VM, above: int, timeout: float = TIMEOUT) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = counter(vm)
-        if value > above:
-            return value
-        assert vm.state is RunState.RUNNING, vm.state
-        time.sleep(0.02)
-    raise AssertionError(f"the counter stayed at {counter(vm)}")
-
-
-def wait_migration(vm: pyemu.VM, timeout: float = TIMEOUT) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = vm.execute("query-migrate")
-        if info.get("status") in ("completed", "failed", "cancelled"):
-            return info
-        time.sleep(0.05)
-    raise AssertionError(f"migration did not finish: {info}")
-
-
-def stop_vm(vm: pyemu.VM) -> int:
-    vm.quit()
-    status = vm.wait(TIMEOUT)
-    vm.close()
-    return status
 
 
 def enable_mapped_ram(vm: pyemu.VM) -> None:
@@ -183,7 +147,7 @@ def target(kernel: Path) -> Iterator[pyemu.VM]:
     vm.start()
     yield vm
     vm.quit()
-    vm.wait(TIMEOUT)
+    vm.wait(60)
     vm.close()
 
 
@@ -416,7 +380,7 @@ def test_mapped_stream_needs_a_file_and_a_matching_vm(saved: tuple[Path, dict[st
         load_vm(machine_of(target), io.BytesIO(state_file.read_bytes()))
     assert_untouched(target)
     target.execute("migrate-incoming", {"uri": f"exec:cat {state_file}"})
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + 60
     while (info := target.execute("query-migrate")).get("status") not in ("failed", "completed"):
         assert time.monotonic() < deadline, info
         time.sleep(0.05)
@@ -431,7 +395,7 @@ def test_mapped_stream_needs_a_file_and_a_matching_vm(saved: tuple[Path, dict[st
         assert machine_of(smaller).memory._file_backed == {}
     finally:
         smaller.quit()
-        smaller.wait(TIMEOUT)
+        smaller.wait(60)
         smaller.close()
 
 
@@ -452,17 +416,6 @@ def test_reset_after_a_mapped_restore_returns_ram_to_the_vm(saved: tuple[Path, d
 
 
 # -- KVM ------------------------------------------------------------------------------------------------------
-@pytest.fixture
-def kvm_usable() -> None:
-    from pyemu.accel.kvm.accel import KvmAccelerator
-    from pyemu.accel.base import AcceleratorUnavailable
-
-    try:
-        KvmAccelerator().close()
-    except AcceleratorUnavailable as error:
-        pytest.skip(f"KVM is not usable here: {error}")
-
-
 @pytest.mark.kvm
 @pytest.mark.slow
 def test_mapped_restore_under_kvm(kvm_usable: None, kernel: Path, tmp_path: Path) -> None:
