@@ -192,6 +192,8 @@ class FileProtocol:
             moved = ImageLock(self._fd, self.filename)  # the same description, under the number we keep
             moved.perm, moved.shared, moved.active = new_lock.perm, new_lock.shared, True
             self.lock = moved
+        elif old_lock is not None:  # inactive (a migration destination): activation takes the new mode's
+            old_lock.perm, old_lock.shared = perm, shared
         self.read_only = read_only
 
     def _move_locks(self, new_fd: int, old_lock: ImageLock, perm: BlockPerm, shared: BlockPerm) -> ImageLock:
