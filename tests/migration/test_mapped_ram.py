@@ -213,6 +213,11 @@ def test_capability_is_listed_and_needs_a_file_uri(kernel: Path) -> None:
             with pytest.raises(pyemu.CommandError, match=r"seekable transport \(e\.g\. file\)"):
                 vm.execute("migrate", {"uri": uri})
         assert vm.state is RunState.RUNNING
+        # A target that cannot be written: the save fails, the VM runs on, nothing is left behind.
+        vm.execute("migrate", {"uri": "file:/nonexistent-dir/vm.state"})
+        info = wait_migration(vm)
+        assert info["status"] == "failed" and "No such file or directory" in info["error-desc"], info
+        assert vm.state is RunState.RUNNING
     finally:
         assert stop_vm(vm) == 0
 
