@@ -140,7 +140,7 @@ class Microvm(Machine):
             raise ConfigError(f"-smp {self.vcpu_count}: the software CPU (-accel tcg) runs at most "
                               f"{MAX_SOFTWARE_VCPUS} vCPUs", option="-smp")
         if accel.needs_userspace_lapic:
-            self.cpuid = self.cpuid.without("x2apic", "tsc_deadline")
+            self.cpuid = self.cpuid.without("x2apic", "tsc_deadline", "tsc_adjust")  # need RDMSR/WRMSR hooks
         self.cpuid = self.config.cpu.apply(self.cpuid)  # -cpu max,-feature
         accel.attach(self.memory, self.dispatcher, self.cpuid)
 

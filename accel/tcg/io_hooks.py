@@ -17,11 +17,11 @@ from pyemu.accel.tcg.block_gate import BlockGate
 from pyemu.accel.tcg.context import CpuBlob
 from pyemu.target.x86.cpuid import CpuidTable
 
-TCG_UNSUPPORTED_FEATURES = ("x2apic", "tsc_deadline")
+TCG_UNSUPPORTED_FEATURES = ("x2apic", "tsc_deadline", "tsc_adjust")
 
 
 def vcpu_cpuid(table: CpuidTable, apic_id: int) -> CpuidTable:
-    """The table one software vCPU presents: its APIC ID, without x2APIC and TSC-deadline."""
+    """The table one software vCPU presents: its APIC ID, without x2APIC, TSC-deadline and TSC_ADJUST."""
     return table.with_apic_id(apic_id).without(*TCG_UNSUPPORTED_FEATURES)
 
 

@@ -27,6 +27,19 @@ MSR_FS_BASE = 0xC0000100
 MSR_GS_BASE = 0xC0000101
 MSR_KERNEL_GS_BASE = 0xC0000102
 MSR_TSC_AUX = 0xC0000103
+MSR_IA32_TSC_ADJUST = 0x3B
+
+TSC_ADJUST_UNSUPPORTED_WHY = (
+    "IA32_TSC_ADJUST (MSR 0x3b) needs RDMSR/WRMSR interception, which Unicorn 2.1.4 lacks (UC_HOOK_INSN "
+    "refuses UC_X86_INS_RDMSR/WRMSR with UC_ERR_ARG); its core reads the MSR as 0 and ignores writes, so a "
+    "write would not move the guest TSC as the SDM requires"
+)
+"""Why the software CPU's CPUID drops ``tsc_adjust`` (CPUID.7.0:EBX[1]), measured by
+``tests/guest/test_tcg_tsc_features.py``. Offering the bit anyway would let Linux 6.1 skip its clocksource
+watchdog, and Linux itself would never notice (it only writes the MSR to repair a value it read as
+non-zero); but a guest that moves its TSC through the MSR would silently get no effect. Unicorn's upstream
+(after 2.1.4) hooks RDMSR/WRMSR: with it, the MSR becomes a per-vCPU addend to the guest TSC offset and the
+bit can be offered."""
 
 SAVED_MSRS = (
     MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP, MSR_IA32_PAT,

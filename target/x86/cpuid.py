@@ -22,7 +22,7 @@ FEATURES: dict[str, tuple[int, str, int]] = {
     "sse4_1": (1, "ecx", 19), "sse4_2": (1, "ecx", 20), "x2apic": (1, "ecx", 21), "movbe": (1, "ecx", 22),
     "popcnt": (1, "ecx", 23), "tsc_deadline": (1, "ecx", 24), "aes": (1, "ecx", 25),
     "xsave": (1, "ecx", 26), "hypervisor": (1, "ecx", 31),
-    "fsgsbase": (7, "ebx", 0), "bmi1": (7, "ebx", 3), "bmi2": (7, "ebx", 8), "erms": (7, "ebx", 9),
+    "fsgsbase": (7, "ebx", 0), "tsc_adjust": (7, "ebx", 1), "bmi1": (7, "ebx", 3), "bmi2": (7, "ebx", 8), "erms": (7, "ebx", 9),
     "arat": (6, "eax", 2),
     "lahf_lm": (0x80000001, "ecx", 0),
     "syscall": (0x80000001, "edx", 11), "nx": (0x80000001, "edx", 20), "pdpe1gb": (0x80000001, "edx", 26),
@@ -93,8 +93,13 @@ class CpuidTable:
 DEFAULT_FEATURES = (
     "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca",
     "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "sse3", "ssse3", "cx16", "sse4_1",
-    "sse4_2", "popcnt", "hypervisor", "arat", "lahf_lm", "syscall", "nx", "lm",
+    "sse4_2", "popcnt", "hypervisor", "arat", "lahf_lm", "syscall", "nx", "lm", "invtsc", "tsc_adjust",
 )
+"""Both TSC bits are what Linux 6.1 needs (with family 6's CONSTANT_TSC) to trust the TSC without the
+clocksource watchdog (arch/x86/kernel/tsc.c ``check_system_tsc_reliable``): ``invtsc`` (0x80000007 EDX[8],
+Linux's NONSTOP_TSC) because both guest TSCs tick with the host's invariant TSC, and ``tsc_adjust``
+(IA32_TSC_ADJUST, MSR 0x3b) where the accelerator implements that MSR -- KVM does; the software CPU
+cannot (:data:`pyemu.accel.tcg.msrs.TSC_ADJUST_UNSUPPORTED_WHY`) and drops the bit."""
 
 TSC_CRYSTAL_HZ = 25_000_000  # leaf 0x15 crystal; the LAPIC timer counts at crystal / divide
 DEFAULT_TSC_HZ = 2_600_000_000  # when the accelerator cannot say (boards pass the real rate)
@@ -117,8 +122,12 @@ def default_cpuid(
     table.set(1, 0, signature, (8 << 8) | (max(1, vcpus) << 16), 0, 0)  # CLFLUSH size 64, logical count
     table.set(6, 0, 0, 0, 0, 0)
     table.set(7, 0, 0, 0, 0, 0)
-    table.set(0xB, 0, 1, 1, 0x100, 0)  # SMT level: one thread
-    table.set(0xB, 1, 0, max(1, vcpus), 0x201, 0)  # core level
+    # One package of ``vcpus`` single-thread cores, as QEMU 7.2's ``-smp N`` on microvm (cores preferred
+    # over sockets). EAX is how far to shift the APIC ID to reach the next level: 0 bits of thread ID, then
+    # enough bits for the core IDs; with 0 there, Linux put every vCPU in a package of its own and ran
+    # the cross-package TSC warp test and delay-loop calibration at each AP bring-up.
+    table.set(0xB, 0, 0, 1, 0x100, 0)  # SMT level: one thread per core
+    table.set(0xB, 1, (max(1, vcpus) - 1).bit_length(), max(1, vcpus), 0x201, 0)  # core level
     # TSC = crystal * ebx / eax; 0x15 ECX crystal Hz. Linux takes tsc_khz and the APIC timer rate from it.
     ratio_num = tsc_hz // 1_000_000
     table.set(0x15, 0, TSC_CRYSTAL_HZ // 1_000_000, ratio_num, TSC_CRYSTAL_HZ, 0)
