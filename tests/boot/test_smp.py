@@ -125,6 +125,10 @@ def test_linux_boots_to_the_shell_on_two_software_cpus(console, guest_assets):
     assert cal is not None and int(cal.group(1)) > 0 and int(cal.group(2)) > 0
     vm.send("taskset -c 1 sh -c 'echo on-cpu=$(cut -d\" \" -f39 /proc/self/stat)'\n")
     vm.expect(b"on-cpu=1", 60)
+    # Still on the TSC after the boot and the shell work (the watchdog checks every 0.5 s, any time).
+    vm.send('echo "cs=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)=sc"\n')
+    clocksource = re.search(rb"cs=([\w-]*)=sc\r?\n", vm.expect(b"=sc\r\n", 60))
+    assert clocksource is not None and clocksource.group(1) == b"tsc", vm.output[-3000:].decode(errors="replace")
     # A machine reset puts the AP back to waiting for SIPI, and the kernel starts it again.
     vm.send("reboot -f\n")
     restarted_at = vm.expect(b"reboot: Restarting system", 60).index(b"reboot: Restarting system")
