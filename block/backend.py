@@ -171,31 +171,38 @@ class BlockBackend:
         finally:
             self._leave()
 
-    def discard(self, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int, *, admitted: bool = False) -> None:
         """Pass the guest's discard down with discard=unmap; with discard=ignore (or a node that cannot
-        discard) succeed without doing anything, as QEMU does."""
+        discard) succeed without doing anything, as QEMU does. The drive's own limits do not apply to
+        discards (QEMU's blk_co_pdiscard has no throttle); a ``throttle`` filter node's do, as writes
+        (``admitted``: the device already got it through that node's member)."""
         self._check_writable("discard", offset, length)
         if self.discard_mode == "ignore":
             return
         self._enter(offset)
         try:
             if self.root.capabilities.discard:  # a hint: a node without it (after a root swap) just keeps data
-                self.root.discard(offset, length)
+                with throttle_admitted(self.throttle_member() if admitted else None):
+                    self.root.discard(offset, length)
         finally:
             self._mark_dirty(offset, length)
             self._leave()
 
-    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool, admitted: bool = False) -> None:
         """Zero the range; ``may_unmap`` is honoured only with discard=unmap (QEMU drops BDRV_REQ_MAY_UNMAP
-        otherwise)."""
+        otherwise). Throttled as a write of ``length`` bytes, as QEMU's blk_co_pwrite_zeroes goes through
+        blk_co_pwritev_part (``admitted`` as for :meth:`pwritev`): zeroes are no way around a limit."""
         self._check_writable("write-zeroes", offset, length)
+        if not admitted and self.throttle is not None:
+            self.throttle.wait(True, length)
         self._enter(offset)
         try:
-            if self.root.capabilities.write_zeroes:
-                self.root.write_zeroes(offset, length, may_unmap=may_unmap and self.discard_mode == "unmap")
-            else:  # the device offered WRITE_ZEROES for the node it started on; a swapped-in one gets zeros
-                for pos, zeros in zero_chunks(offset, length):
-                    self.root.pwritev(pos, [zeros])
+            with throttle_admitted(self.throttle_member() if admitted else None):
+                if self.root.capabilities.write_zeroes:
+                    self.root.write_zeroes(offset, length, may_unmap=may_unmap and self.discard_mode == "unmap")
+                else:  # the device offered WRITE_ZEROES for the node it started on; a swapped-in one gets zeros
+                    for pos, zeros in zero_chunks(offset, length):
+                        self.root.pwritev(pos, [zeros])
             if self.cache.writethrough and not self.cache.no_flush:
                 self.root.flush()
         finally:

@@ -1,7 +1,8 @@
 """The ``throttle`` filter driver: ``-blockdev driver=throttle,throttle-group=G,file=NODE``.
 
 Requests through the node share group ``G``'s limits (an ``-object throttle-group``, which must exist, as
-in QEMU). A device whose drive has this node at its root asks the filter's member for admission without
+in QEMU). Reads, writes, write-zeroes and discards all count (the last two as writes of their length, as
+QEMU's filter). A device whose drive has this node at its root asks the filter's member for admission without
 blocking its I/O thread (:meth:`~pyemu.block.backend.BlockBackend.admit`) and the filter lets those
 requests through; any other caller (a job, an export) waits in its own thread.
 """
@@ -52,9 +53,17 @@ class ThrottleFilter(FilterOverFile):
         self.file.pwritev(offset, buffers)
 
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool) -> None:
+        """Counted as a write of ``length`` bytes (QEMU's throttle_co_pwrite_zeroes): zeroing is no way
+        around the group's limit."""
+        if not was_admitted(self.throttle_member):
+            self.throttle_member.wait(True, length)
         self.file.write_zeroes(offset, length, may_unmap=may_unmap)
 
     def discard(self, offset: int, length: int) -> None:
+        """Counted as a write of ``length`` bytes too, as QEMU's throttle_co_pdiscard does (only the
+        drive-level throttle leaves discards alone)."""
+        if not was_admitted(self.throttle_member):
+            self.throttle_member.wait(True, length)
         self.file.discard(offset, length)
 
     def close(self) -> None:

@@ -148,9 +148,11 @@ class VirtioBlk(VirtioDevice):
             self.context.notify_queue(queue)
 
     def _admit(self, queue: Virtqueue, chain: DescriptorChain) -> Ticket | None:
-        """Ask the drive's throttle about a read or write without blocking this I/O thread (which serves
-        other devices too); None when the drive is not throttled or the request is not a read/write (a
-        malformed one is left for :meth:`_serve` to refuse)."""
+        """Ask the drive's throttle about a request without blocking this I/O thread (which serves other
+        devices too); None when the drive is not throttled or the request is not throttled (a flush, a
+        malformed request: :meth:`_serve` refuses it). Write-zeroes count as writes of their length, as in
+        QEMU (a guest cannot zero its way around a bps limit); discards only under a ``throttle`` filter
+        node, whose QEMU driver counts them -- drive-level limits leave them alone (blk_co_pdiscard)."""
         if not self._throttles or self.backend.throttle_member() is None \
                 or chain.readable_length < HEADER.size or chain.writable_length < 1:
             return None
@@ -159,6 +161,14 @@ class VirtioBlk(VirtioDevice):
             nbytes, is_write = chain.writable_length - 1, False
         elif kind == T_OUT:
             nbytes, is_write = chain.readable_length - HEADER.size, True
+        elif kind == T_WRITE_ZEROES or (kind == T_DISCARD and getattr(self.backend, "throttle", None) is None):
+            feature = F_DISCARD if kind == T_DISCARD else F_WRITE_ZEROES
+            if not self.context.driver_features & feature:  # type: ignore[union-attr]
+                return None  # refused by _serve
+            segments = self._segments(chain)
+            if segments is None:
+                return None
+            nbytes, is_write = sum(count for _sector, count, _flags in segments) * SECTOR, True
         else:
             return None
         context, index = self.context, queue.index
@@ -244,23 +254,38 @@ class VirtioBlk(VirtioDevice):
         feature = F_DISCARD if kind == T_DISCARD else F_WRITE_ZEROES
         if not self.context.driver_features & feature or self.backend.read_only:  # type: ignore[union-attr]
             return S_UNSUPP if not self.backend.read_only else S_IOERR
-        # Check the size before copying anything: an indirect table can make the payload gigabytes long.
-        size = chain.readable_length - HEADER.size
-        if size <= 0 or size % SEGMENT_STRUCT.size or size // SEGMENT_STRUCT.size > MAX_DISCARD_SEGMENTS:
+        segments = self._segments(chain)
+        if segments is None:
             return S_IOERR
-        payload = chain.read(self.context.dma, HEADER.size, size)  # type: ignore[union-attr]
-        for sector, count, flags in SEGMENT_STRUCT.iter_unpack(payload):
+        for sector, count, flags in segments:
             if count > MAX_DISCARD_SECTORS or not self._in_range(sector, count * SECTOR):
                 return S_IOERR
             if kind == T_DISCARD:
                 if flags:
                     return S_UNSUPP
-                self.backend.discard(sector * SECTOR, count * SECTOR)
+                if self._throttles:  # admitted by _admit when throttled (a test double takes no keyword)
+                    self.backend.discard(sector * SECTOR, count * SECTOR, admitted=True)
+                else:
+                    self.backend.discard(sector * SECTOR, count * SECTOR)
             else:
                 if flags & ~WRITE_ZEROES_UNMAP:
                     return S_UNSUPP
-                self.backend.write_zeroes(sector * SECTOR, count * SECTOR, may_unmap=bool(flags & WRITE_ZEROES_UNMAP))
+                unmap = bool(flags & WRITE_ZEROES_UNMAP)
+                if self._throttles:
+                    self.backend.write_zeroes(sector * SECTOR, count * SECTOR, may_unmap=unmap, admitted=True)
+                else:
+                    self.backend.write_zeroes(sector * SECTOR, count * SECTOR, may_unmap=unmap)
         return S_OK
+
+    def _segments(self, chain: DescriptorChain) -> list[tuple[int, int, int]] | None:
+        """A discard / write-zeroes request's (sector, count, flags) segments; None when the payload is
+        malformed. The size is checked before anything is copied: an indirect table can make the payload
+        gigabytes long."""
+        size = chain.readable_length - HEADER.size
+        if size <= 0 or size % SEGMENT_STRUCT.size or size // SEGMENT_STRUCT.size > MAX_DISCARD_SEGMENTS:
+            return None
+        payload = chain.read(self.context.dma, HEADER.size, size)  # type: ignore[union-attr]
+        return list(SEGMENT_STRUCT.iter_unpack(payload))
 
     def close(self) -> None:
         self.backend.close()

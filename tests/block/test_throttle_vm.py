@@ -15,7 +15,7 @@ import pytest
 import pyemu
 from pyemu.api.errors import CommandError
 from pyemu.block.options import DriveOptions, open_drive
-from pyemu.block.throttle import THROTTLE_GROUPS, ThrottleConfig
+from pyemu.block.throttle import NS, THROTTLE_GROUPS, ThrottleConfig
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio import blk as vblk
 from pyemu.hw.virtio.mmio import VirtioMmio
@@ -61,6 +61,12 @@ class Disk:
         data = self.driver.buffer(length)
         status = self.driver.buffer(1)
         self.driver.submit(0, [(header, 16, False), (data, length, True), (status, 1, True)])
+
+    def zero_or_discard(self, kind: int, sector: int, count: int, flags: int = 0) -> None:
+        header = self.driver.buffer(struct.pack("<IIQ", kind, 0, 0))
+        segment = self.driver.buffer(vblk.SEGMENT_STRUCT.pack(sector, count, flags))
+        status = self.driver.buffer(1)
+        self.driver.submit(0, [(header, 16, False), (segment, vblk.SEGMENT_STRUCT.size, False), (status, 1, True)])
 
     def completed(self) -> int:
         self.done += len(self.driver.used(0))
@@ -127,8 +133,9 @@ def test_throttled_drive_rate_respects_the_limit(rig) -> None:  # type: ignore[n
 
 
 def test_group_members_share_the_limit(rig) -> None:  # type: ignore[no-untyped-def]
+    # Both drives bring the limits: in QEMU a -drive with throttling.group= but no limits is not throttled.
     a = rig("ga", [("throttling.bps-total", str(512 * KiB)), ("throttling.group", "shared-h5")])
-    b = rig("gb", [("throttling.group", "shared-h5")])
+    b = rig("gb", [("throttling.bps-total", str(512 * KiB)), ("throttling.group", "shared-h5")])
     assert a.backend.throttle is not None and b.backend.throttle is not None
     assert a.backend.throttle.group is b.backend.throttle.group
     start = time.monotonic()
@@ -138,6 +145,67 @@ def test_group_members_share_the_limit(rig) -> None:  # type: ignore[no-untyped-
     wait_until(lambda: a.completed() == 8 and b.completed() == 8)
     # 1 MiB in all through one 512 KiB/s limit: both drives count against it
     assert time.monotonic() - start >= (1 * MiB - 52 * KiB - 64 * KiB) / (512 * KiB)
+
+
+def test_write_zeroes_count_as_writes(rig) -> None:  # type: ignore[no-untyped-def]
+    # QEMU's blk_co_pwrite_zeroes goes through blk_co_pwritev_part and its throttle: zeroing 4 MiB at
+    # 64 KiB/s fills the bucket by 4 MiB (an empty bucket lets it start at once), and the next write waits
+    # about a minute -- a guest cannot zero its way around a bps limit.
+    disk = rig("wz", [("throttling.bps-total", str(64 * KiB))])
+    fast = rig("wzfast", [])
+    member = disk.backend.throttle
+    assert member is not None
+    disk.zero_or_discard(vblk.T_WRITE_ZEROES, 0, 4 * MiB // 512)
+    wait_until(lambda: disk.completed() == 1)
+    assert member.group.state.buckets["bps-total"].level > 2 * MiB  # leaks 64 KiB/s: > 2 MiB for 32 s
+    disk.zero_or_discard(vblk.T_WRITE_ZEROES, 0, 8, vblk.WRITE_ZEROES_UNMAP)
+    disk.write(0, 4 * KiB)
+    wait_until(lambda: len(member.pending[1]) == 1)  # held by the throttle...
+    fast.write(0, 64 * KiB)
+    wait_until(lambda: fast.completed() == 1)        # ...without holding the I/O thread
+    assert disk.completed() == 1
+    disk.backend.set_throttle(ThrottleConfig())
+    wait_until(lambda: disk.completed() == 3)
+    assert disk.device.errors == 0
+
+
+def test_discard_is_not_drive_throttled(rig) -> None:  # type: ignore[no-untyped-def]
+    # QEMU's blk_co_pdiscard has no throttle: a drive's own limits leave discards alone.
+    disk = rig("dc", [("throttling.bps-total", str(64 * KiB)), ("discard", "unmap")])
+    member = disk.backend.throttle
+    assert member is not None
+    disk.zero_or_discard(vblk.T_DISCARD, 0, 4 * MiB // 512)
+    disk.write(0, 4 * KiB)  # the bucket is still empty: goes at once
+    wait_until(lambda: disk.completed() == 2)
+    assert member.group.state.buckets["bps-total"].level <= 4 * KiB and disk.device.errors == 0
+
+
+def test_throttle_filter_counts_write_zeroes_and_discards(tmp_path: Path) -> None:
+    # QEMU's throttle driver intercepts both as writes of their length (throttle_co_pwrite_zeroes/pdiscard).
+    from pyemu.block.blockdev import open_blockdev
+    from pyemu.block.registry import NodeRegistry
+    from pyemu.block.throttle import FakeTimers, ThrottleGroup
+    from pyemu.block.throttle_filter import ThrottleFilter
+
+    path = tmp_path / "tf.raw"
+    path.write_bytes(bytes(4 * MiB))
+    registry = NodeRegistry()
+    file = open_blockdev({"driver": "file", "node-name": "tf0", "filename": str(path)}, registry).node
+    timers = FakeTimers()  # a clock that stands still: the bucket shows exactly what was counted
+    group = ThrottleGroup("tf", ThrottleConfig.from_limits({"bps-total": 10 * MiB}), clock=timers.clock,
+                          timers=timers)
+    node = ThrottleFilter(file, group.register("tf"))
+    node.write_zeroes(0, 512 * KiB, may_unmap=False)
+    assert group.state.buckets["bps-total"].level == 512 * KiB
+    node.discard(512 * KiB, 520 * KiB)
+    assert group.state.buckets["bps-total"].level == 1032 * KiB
+    woken: list[bool] = []
+    ticket = group.members[0].admit(True, 512, lambda: woken.append(True))
+    assert not ticket.granted  # the bucket (a tenth of 10 MiB/s) is full: the next write waits
+    timers.advance(NS)
+    assert ticket.granted and woken == [True]
+    node._attachment.detach()
+    registry.remove("tf0")
 
 
 # -- QMP and the command line ---------------------------------------------------------------------------------
