@@ -321,10 +321,8 @@ def open_drive(options: DriveOptions, *, warn: Callable[[str], None] | None = No
             root = CopyOnRead(root, user=f"copy-on-read filter of drive '{options.effective_id}'")
         backend = BlockBackend(root, read_only=options.readonly, cache=options.cache, discard=options.discard,
                                id=options.effective_id)
-        if options.throttling.enabled:
+        if options.throttling.enabled:  # throttling.group= alone throttles nothing in QEMU 7.2 either
             backend.set_throttle(options.throttling, options.throttle_group)
-        elif options.throttle_group is not None:
-            backend.join_throttle_group(options.throttle_group)
         return backend
     except BlockConfigError as exc:
         root.close()
