@@ -10,7 +10,7 @@ a Python program can hold several VMs, each driven from its own thread.
 from __future__ import annotations
 
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from pyemu.accel.base import Accelerator, AcceleratorUnavailable, create_accelerator
 from pyemu.errors import ConfigError
@@ -20,7 +20,7 @@ from pyemu.monitor.server import MonitorServer, endpoints_from_config
 from pyemu.system import log
 from pyemu.system.config import VmConfig
 from pyemu.system.messages import error_report
-from pyemu.system.runstate import ShutdownCause
+from pyemu.system.runstate import RunState, ShutdownCause
 
 DEFAULT_CMDLINE = "console=ttyS0"
 
@@ -66,6 +66,23 @@ def resolve_boot(config: VmConfig, notice: Notice = error_report) -> BootSource:
     return BootSource(str(assets.vmlinux), str(assets.initrd), cmdline)
 
 
+def _follow_run_state(machine: Any) -> None:
+    """Devices whose host side moves data into guest RAM on its own (virtio-net's TAP) stop while the VM
+    does not run (QEMU's vm state change handlers); they hear of every run-state change from now on."""
+    models = [inner for device in machine.devices
+              if hasattr(inner := getattr(device.model, "device", device.model), "set_vm_running")]
+    if not models:
+        return
+
+    def on_transition(_old: RunState, new: RunState) -> None:
+        for model in models:
+            model.set_vm_running(new is RunState.RUNNING)
+
+    machine.runstate.add_listener(on_transition)
+    for model in models:
+        model.set_vm_running(machine.runstate.state is RunState.RUNNING)
+
+
 class VmInstance:
     """A built VM: board, control API and monitors. ``start`` runs it, ``run`` serves it until it ends,
     ``close`` releases everything (threads, accelerator, sockets). Errors while building leave nothing
@@ -85,6 +102,7 @@ class VmInstance:
             with collecting_images(inactive=config.incoming is not None) as opened:
                 self.machine = Microvm.create(config, self.accel, boot, on_quit=on_quit)
             register(self.machine, ImageActivation(opened, active=config.incoming is None))
+            _follow_run_state(self.machine)
         except BaseException:
             self.accel.close()
             raise

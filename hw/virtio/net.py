@@ -177,7 +177,9 @@ class NetConfig:
 @dataclass(frozen=True)
 class VirtioNetState(DeviceState):
     """What the device adds to the transport's state: the (possibly driver-set) MAC, the link and the
-    receive offloads in force. A frame caught between the TAP and the guest is not kept (a NIC drops it)."""
+    receive offloads in force. A frame caught between the TAP and the guest is not kept (a NIC drops it);
+    while the VM is stopped no frame moves at all (:meth:`VirtioNet.set_vm_running`), so the state and
+    the rings in RAM saved by a migration do not change after they were taken."""
 
     VERSION = 1
     mac: str = format_mac(DEFAULT_MAC)
@@ -219,6 +221,9 @@ class VirtioNet(VirtioDevice):
         self._rx_len = 0
         self._tx_timer: threading.Timer | None = None
         self._timer_lock = threading.Lock()
+        self._vm_running = True
+        """False while the VM is stopped: no frame moves between the TAP and guest RAM (QEMU's
+        virtio_net_can_receive / vm_running), so a paused or migrating VM's RAM stays still."""
         self.rx_frames = self.rx_bytes = self.rx_dropped = 0
         self.tx_frames = self.tx_bytes = self.tx_dropped = self.tx_errors = 0
 
@@ -311,8 +316,21 @@ class VirtioNet(VirtioDevice):
             self.context.kick_queue(RX)
             self.context.kick_queue(TX)
 
+    def set_vm_running(self, running: bool) -> None:
+        """The VM started or stopped running (any thread; the board's run-state listener). Stopped: frames
+        stay in the TAP and the guest's transmit buffers stay posted, as with QEMU, so guest RAM does not
+        change behind a migration's last RAM round; running again: both queues are served at once."""
+        if running == self._vm_running:
+            return
+        self._vm_running = running
+        if running and self.context is not None:
+            self.context.kick_queue(RX)
+            self.context.kick_queue(TX)
+
     # -- queues (I/O thread, holding queue.lock) ------------------------------------------------------------
     def process_queue(self, queue: Virtqueue) -> None:
+        if not self._vm_running and queue.index in (RX, TX):
+            return  # served again when the VM runs (set_vm_running)
         if queue.index == RX:
             self._process_rx(queue)
         elif queue.index == TX:
