@@ -19,6 +19,7 @@ system depends on to the embedder; this package supplies them:
 ``tlb_fill`` (+ ``.c``)   the C TLB-fill hook: fast stores, and code coherence between the engines
 ``scheduler``             round-robin turns: one engine of a VM runs at a time (guest atomics stay atomic)
 ``code_cache``            dropping stale translations after RAM was written behind the engine
+``dirty_log``             live migration's dirty-page log, fed by the TLB-fill hook
 ``state_io``/``msrs``     X86CpuState in and out; what RDMSR/WRMSR can and cannot do here
 ========================  ============================================================================
 
