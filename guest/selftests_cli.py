@@ -97,8 +97,7 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="pyemu-selftests.") as scratch:
         initrd = Path(scratch) / "initramfs.cpio.gz"
         tests = build_selftest_initramfs(assets, selftests, initrd, tests=args.test, timeout=args.timeout)
-        run = run_suite(args.emulator, args.accel, assets.kernel, initrd, tests=len(tests),
-                        test_timeout=args.timeout, echo=args.echo)
+        run = run_suite(args.emulator, args.accel, assets.kernel, initrd, test_timeout=args.timeout, echo=args.echo)
     for name in tests:
         status, rc, seconds = run.results.get(name, ("MISSING", -1, 0.0))
         print(f"{name:<26} {status:<8} rc={rc:<4} {seconds:8.2f} s")
