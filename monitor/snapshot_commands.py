@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from pyemu.block.backing_link import change_backing, unwrap
 from pyemu.errors import PyemuError
@@ -111,7 +111,7 @@ def _check_overlay(api: ControlApi, name: str, overlay: Any) -> None:
         raise QmpError("The overlay is already in use")
 
 
-def _snapshot_sync(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
+def _snapshot_sync(api: ControlApi, args: dict[str, Any]) -> "_Prepared":
     """blockdev-snapshot-sync: QEMU 7.2's checks in its order and words (checked with qemu-storage-daemon),
     then the overlay is created (absolute-paths) or opened (existing) and put on top."""
     from pyemu.block.blockdev import DRIVERS, delete_blockdev, open_blockdev
@@ -174,10 +174,10 @@ def _snapshot_sync(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
             entry.owner = "monitor"
             delete_blockdev(registry, entry.name)
 
-    return full_undo
+    return _Prepared(full_undo, top)
 
 
-def _snapshot(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
+def _snapshot(api: ControlApi, args: dict[str, Any]) -> "_Prepared":
     from pyemu.block.registry import NodeRegistryError
 
     registry = _registry(api)
@@ -189,7 +189,7 @@ def _snapshot(api: ControlApi, args: dict[str, Any]) -> Callable[[], None]:
     except NodeRegistryError as exc:
         raise QmpError(str(exc)) from None
     _check_overlay(api, overlay_entry.name, overlay_entry.node)
-    return attach_overlay(api, top, overlay_entry.node)
+    return _Prepared(attach_overlay(api, top, overlay_entry.node), top)
 
 
 def _guard(action: Callable[[], Any]) -> Any:
@@ -201,22 +201,57 @@ def _guard(action: Callable[[], Any]) -> Any:
         raise QmpError(str(exc)) from None
 
 
-class _SnapshotAction(Action):
-    """``transaction`` snapshot actions: prepare does the snapshot, abort undoes it."""
+class _Prepared(NamedTuple):
+    """A snapshot put in place: how to take it back, and the old top it went on."""
 
-    def __init__(self, api: ControlApi, data: dict[str, Any], do: Callable[[ControlApi, dict[str, Any]], Any]):
+    undo: Callable[[], None]
+    old_top: Any
+
+
+def _old_top_read_only(old_top: Any) -> None:
+    """Once the snapshot is committed, the node below the overlay is reopened read-only (QEMU 7.2 does, seen
+    with qemu-storage-daemon: ``ro`` turns true, its write lock goes), unless a copy-on-read filter works on
+    it (here: any user still holding write permission on it, which a copy-on-read filter does). A failure is
+    ignored, as QEMU ignores it: the snapshot itself stands."""
+    from pyemu.block.graph import users
+    from pyemu.block.locking import BlockPerm
+    from pyemu.block.reopen import set_read_only
+
+    real = unwrap(old_top)
+    if any(attachment.perm & BlockPerm.WRITE for attachment in users(real)):
+        return
+    with contextlib.suppress(PyemuError):
+        set_read_only(real, True)
+
+
+class _SnapshotAction(Action):
+    """``transaction`` snapshot actions: prepare does the snapshot, abort undoes it, commit makes the old top
+    read-only."""
+
+    def __init__(self, api: ControlApi, data: dict[str, Any],
+                 do: Callable[[ControlApi, dict[str, Any]], "_Prepared"]):
         self.api, self.data, self._do = api, data, do
-        self._undo: Callable[[], None] | None = None
+        self._prepared: _Prepared | None = None
 
     def prepare(self) -> None:
-        self._undo = _guard(lambda: self._do(self.api, self.data))
+        self._prepared = _guard(lambda: self._do(self.api, self.data))
 
     def commit(self) -> None:
-        pass
+        if self._prepared is not None:
+            _old_top_read_only(self._prepared.old_top)
 
     def abort(self) -> None:
-        if self._undo is not None:
-            self._undo()
+        if self._prepared is not None:
+            self._prepared.undo()
+
+
+def _snapshot_command(do: Callable[[ControlApi, dict[str, Any]], _Prepared]) -> Callable[
+        [ControlApi, dict[str, Any]], Any]:
+    def handler(api: ControlApi, args: dict[str, Any]) -> Any:
+        _old_top_read_only(_guard(lambda: do(api, args)).old_top)
+        return {}
+
+    return handler
 
 
 # -- block-stream -------------------------------------------------------------------------------------------
@@ -265,7 +300,7 @@ register_action("blockdev-snapshot",
                 lambda api, data: _SnapshotAction(api, data, _snapshot), command="blockdev-snapshot")
 
 HANDLERS: dict[str, Callable[[ControlApi, dict[str, Any]], Any]] = {
-    "blockdev-snapshot-sync": lambda api, args: (_guard(lambda: _snapshot_sync(api, args)), {})[1],
-    "blockdev-snapshot": lambda api, args: (_guard(lambda: _snapshot(api, args)), {})[1],
+    "blockdev-snapshot-sync": _snapshot_command(_snapshot_sync),
+    "blockdev-snapshot": _snapshot_command(_snapshot),
     "block-stream": _block_stream,
 }

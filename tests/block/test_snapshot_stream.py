@@ -590,3 +590,29 @@ def test_stream_cancelled_midway_under_writes(tmp_path: Path) -> None:
     check_clean(top)
     assert info(top)["backing-filename"] == str(mid)
     assert_contents(top, bytes(expected))
+
+
+def test_the_old_top_is_read_only_after_a_snapshot(tmp_path: Path) -> None:
+    """QEMU 7.2 reopens the node under a new overlay read-only when the snapshot commits (qemu-storage-daemon:
+    its ``ro`` turns true and its write lock goes); a later commit into it reopens it read-write again."""
+    base, mid, top = make_chain(tmp_path)
+    ov1 = tmp_path / "ov1.qcow2"
+    with make_vm(tmp_path, top) as vm:
+        vm.start()
+        ro = {n["node-name"]: n["ro"] for n in vm.execute("query-named-block-nodes", {})}
+        assert ro["d0"] is False
+        vm.execute("transaction", {"actions": [{"type": "blockdev-snapshot-sync", "data": {
+            "node-name": "d0", "snapshot-file": str(ov1), "snapshot-node-name": "ov1"}}]})
+        ro = {n["node-name"]: n["ro"] for n in vm.execute("query-named-block-nodes", {})}
+        assert ro["d0"] is True and ro["ov1"] is False
+        assert subprocess.run(["qemu-io", "-r", "-c", "read 0 512", str(top)],
+                              capture_output=True).returncode == 0  # no write lock on it any more
+        drive_backend(vm).pwritev(0, [b"\x07" * 512])  # the guest's writes go to the overlay
+        vm.execute("block-commit", {"job-id": "c", "device": "ov1", "base-node": "d0"})
+        vm.events.wait_for("BLOCK_JOB_READY", WAIT)
+        vm.execute("job-complete", {"id": "c"})
+        vm.events.wait_for("BLOCK_JOB_COMPLETED", WAIT)
+        (block,) = vm.execute("query-block", {})
+        assert block["inserted"]["node-name"] == "d0" and block["inserted"]["ro"] is False
+    check_clean(top)
+    qemu_io(top, "read -P 7 0 512")
