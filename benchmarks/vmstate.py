@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pyemu.guest.assets import find_assets
 
@@ -253,7 +253,10 @@ def restore_run(work: Path, ram: int, fill: int) -> dict[str, float]:
            }
     for name, path in (("restore_mapped_s", mapped), ("restore_plain_s", plain)):
         with vm("pyemu", work, name, ram, ["-incoming", f"file:{path}"]) as restored:
-            row[name] = restored.shell_answers()
+            try:
+                row[name] = restored.shell_answers()
+            except RuntimeError as exc:
+                raise RuntimeError(f"{name[:-2]}: {exc}") from None
     row["load_mapped_ms"] = load_ms(mapped, ram)
     row["load_plain_ms"] = load_ms(plain, ram)
     mapped.unlink()
@@ -261,10 +264,29 @@ def restore_run(work: Path, ram: int, fill: int) -> dict[str, float]:
     return row
 
 
+def retried(run: Callable[[], dict[str, float]], runs: int, failures: list[str]) -> list[dict[str, float]]:
+    """``runs`` successful runs; a failed one (a guest that did not answer) is recorded and retried, at
+    most twice in all, as boot.py does."""
+    samples: list[dict[str, float]] = []
+    attempts = 0
+    while len(samples) < runs and attempts < runs + 2:
+        attempts += 1
+        try:
+            samples.append(run())
+        except RuntimeError as failed:
+            print(f"  failed run (retrying): {str(failed)[:2000]}", file=sys.stderr)
+            failures.append(str(failed).splitlines()[0])
+    if not samples:
+        raise SystemExit("every run failed")
+    return samples
+
+
 def restore_part(work: Path, ram: int, runs: int, fill: int) -> dict[str, Any]:
-    samples = [restore_run(work, ram, fill) for _ in range(runs)]
+    failures: list[str] = []
+    samples = retried(lambda: restore_run(work, ram, fill), runs, failures)
     result: dict[str, Any] = {key: median([s[key] for s in samples]) for key in samples[0]}
     result["samples"] = samples
+    result["failed_runs"] = failures
     result["ratio_restore_mapped_to_cold"] = round(result["restore_mapped_s"] / result["cold_boot_s"], 3)
     result["ratio_restore_plain_to_cold"] = round(result["restore_plain_s"] / result["cold_boot_s"], 3)
     print(f"restore  cold boot to shell {result['cold_boot_s']:6.2f} s | mapped-ram restore to shell "
@@ -293,9 +315,11 @@ def migrate_part(work: Path, ram: int, runs: int, qemu: bool) -> dict[str, Any]:
     result: dict[str, Any] = {}
     kinds = ["pyemu"] + (["qemu"] if qemu else [])
     samples: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
+    failures: list[str] = []
     for rep in range(runs):
         for kind in (kinds if rep % 2 == 0 else kinds[::-1]):  # take turns: neither always goes first
-            samples[kind].append(migrate_run(kind, work, ram))
+            samples[kind] += retried(lambda: migrate_run(kind, work, ram), 1, failures)
+    result["failed_runs"] = failures
     for kind in kinds:
         result[f"{kind}_tcg"] = {key: median([s[key] for s in samples[kind]]) for key in samples[kind][0]}
         result[f"{kind}_tcg"]["samples"] = samples[kind]
