@@ -114,36 +114,132 @@ def drain(session: Any) -> None:
         session.output += chunk
 
 
+HOST_ADDR = "10.0.2.2"
+GUEST_ADDR = "10.0.2.15"
+GUEST_MAC = "52:54:00:12:34:56"
+
+
+def _ip(*argv: str) -> None:
+    import subprocess
+
+    done = subprocess.run(["ip", *argv], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, (argv, done.stderr)
+
+
+@pytest.fixture
+def bridged_namespace() -> Any:
+    """A network namespace of our own with a bridge ``br0`` (10.0.2.2/24) that the source's and the
+    destination's TAPs join, as two hosts on one LAN; deleted afterwards whatever happens. Nothing is
+    routed outside it."""
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("ip") is None or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root, iproute2 and /dev/net/tun for a network namespace with TAPs")
+    name = f"pyemu-mig-{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=30)
+    if made.returncode:
+        pytest.skip(f"'ip netns add' is unavailable here: {made.stderr.strip()}")
+    try:
+        _ip("-n", name, "link", "set", "lo", "up")
+        _ip("-n", name, "link", "add", "br0", "type", "bridge", "forward_delay", "0")
+        # A fixed address: a bridge otherwise takes its lowest port's, which changes when the destination's
+        # TAP joins, and the guest's ARP entry for the host would point at the old one.
+        _ip("-n", name, "link", "set", "br0", "address", "02:00:00:00:00:02")
+        _ip("-n", name, "addr", "add", f"{HOST_ADDR}/24", "dev", "br0")
+        _ip("-n", name, "link", "set", "br0", "up")
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=30)
+
+
+def _join_bridge(namespace: str, tap: str, proc: Any) -> None:
+    """Put the TAP a pyemu process created into the bridge (it appears while the process starts)."""
+    import subprocess
+
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    while subprocess.run(["ip", "-n", namespace, "link", "show", tap], capture_output=True).returncode:
+        assert time.monotonic() < deadline and proc.poll() is None, f"{tap} did not appear"
+        time.sleep(0.2)
+    _ip("-n", namespace, "link", "set", tap, "master", "br0")
+    _ip("-n", namespace, "link", "set", tap, "up")
+
+
 @pytest.mark.slow
 @pytest.mark.assets
-def test_linux_counter_migrates_live_over_tcp_to_a_second_process(guest_assets: object, short_dir: Path) -> None:
+def test_linux_counter_migrates_live_over_tcp_to_a_second_process(guest_assets: object, short_dir: Path,
+                                                                  bridged_namespace: str) -> None:
     """Issue 13's done-when: a Linux guest printing a counter is migrated live over tcp: from one pyemu
     process to another; the second process's console goes on counting with no number missing or
-    repeated (the console output of both processes, joined, is one unbroken count)."""
+    repeated (the console output of both processes, joined, is one unbroken count). Its virtio disk
+    (shared storage: both processes open the same image; the destination takes the image's locks only
+    when the migration ends) and its virtio-net NIC (each process has its own TAP on one bridge, as two
+    hosts on a LAN) keep working; the source ends ``postmigrate``; a cancelled migration before it left
+    the source running, counting, and on its disk."""
     import socket
+    import subprocess
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent.parent / "boot"))
-    from boot_helpers import ConsoleSession, qmp
+    from boot_helpers import ConsoleSession, qmp, shell
+
+    class NamespacedSession(ConsoleSession):
+        def __init__(self, argv: list[str]) -> None:  # noqa: D107 - a ConsoleSession inside the namespace
+            self.proc = subprocess.Popen(
+                ["ip", "netns", "exec", bridged_namespace, sys.executable, "-m", "pyemu.system.main", *argv],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            self.output = b""
 
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
+    port = probe.getsockname()[1]  # the namespace's own loopback: any free number will do
     probe.close()
+    disk = short_dir / "disk.raw"
+    disk.write_bytes(bytes(8 << 20))
     src_sock, dst_sock = short_dir / "src.qmp", short_dir / "dst.qmp"
-    args = ["-m", "256M", "-nographic", "-accel", "tcg"]
-    source = ConsoleSession([*args, "-qmp", f"unix:{src_sock},server=on,wait=off"])
+    args = ["-m", "256M", "-nographic", "-accel", "tcg", "-drive", f"file={disk},format=raw,if=virtio",
+            "-device", f"virtio-net-device,netdev=n0,mac={GUEST_MAC}"]
+    source = NamespacedSession([*args, "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                                "-qmp", f"unix:{src_sock},server=on,wait=off"])
     dest: ConsoleSession | None = None
     try:
         source.expect(b"shell on the console", timeout=BOOT_TIMEOUT)
+        _join_bridge(bridged_namespace, "tap0", source.proc)
+        status, text = shell(source, f"ip link set eth0 up && ip addr add {GUEST_ADDR}/24 dev eth0 && "
+                                     f"ping -c 2 -W 10 {HOST_ADDR}", COMMAND_TIMEOUT)
+        assert status == 0 and "2 packets received" in text, text
+        status, text = shell(source, "echo BEFORE-MOVE | dd of=/dev/vda bs=512 seek=100 conv=fsync", COMMAND_TIMEOUT)
+        assert status == 0, text
         source.send("i=0; while true; do i=$((i+1)); echo \"COUNT=$i.\"; sleep 0.1; done &\n")
         source.expect(b"COUNT=20.", timeout=COMMAND_TIMEOUT)
-        dest = ConsoleSession([*args, "-qmp", f"unix:{dst_sock},server=on,wait=off",
-                               "-incoming", f"tcp:127.0.0.1:{port}"])
+
+        # A migration cancelled half-way leaves the source running on its image.
+        qmp(src_sock, "migrate-set-parameters", {"max-bandwidth": 1 << 20})  # a few minutes for 256 MiB
+        qmp(src_sock, "migrate", {"uri": "exec:cat > /dev/null"})
+        deadline = time.monotonic() + COMMAND_TIMEOUT
+        while (info := qmp(src_sock, "query-migrate"))["status"] != "active" or info["ram"]["transferred"] == 0:
+            assert time.monotonic() < deadline, info
+            time.sleep(0.1)
+        qmp(src_sock, "migrate_cancel")
+        while (info := qmp(src_sock, "query-migrate"))["status"] not in ("cancelled", "failed", "completed"):
+            assert time.monotonic() < deadline, info
+            time.sleep(0.1)
+        assert info["status"] == "cancelled", info
+        assert qmp(src_sock, "query-status")["status"] == "running"
+        drain(source)
+        seen = int(re.findall(rb"COUNT=(\d+)\.", source.output)[-1])
+        source.expect(f"COUNT={seen + 10}.".encode(), timeout=COMMAND_TIMEOUT)  # still counting
+        qmp(src_sock, "migrate-set-parameters", {"max-bandwidth": 0})
+
+        dest = NamespacedSession([*args, "-netdev", "tap,id=n0,ifname=tap1,script=no,downscript=no",
+                                  "-qmp", f"unix:{dst_sock},server=on,wait=off",
+                                  "-incoming", f"tcp:127.0.0.1:{port}"])
         deadline = time.monotonic() + COMMAND_TIMEOUT
         while not dst_sock.exists():
             assert time.monotonic() < deadline and dest.proc.poll() is None, "the destination did not start"
             time.sleep(0.1)
+        _join_bridge(bridged_namespace, "tap1", dest.proc)
         assert qmp(dst_sock, "query-migrate")["socket-address"][0]["port"] == str(port)  # listening
         qmp(src_sock, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         deadline = time.monotonic() + MIGRATE_TIMEOUT
@@ -154,6 +250,7 @@ def test_linux_counter_migrates_live_over_tcp_to_a_second_process(guest_assets: 
         assert info["ram"]["dirty-sync-count"] >= 2 and info["ram"]["precopy-bytes"] > 0  # it went live
         assert qmp(dst_sock, "query-migrate") == {"status": "completed"}
         assert qmp(dst_sock, "query-status")["status"] == "running"
+        assert qmp(src_sock, "query-status")["status"] == "postmigrate"
         drain(source)  # everything the stopped source printed (it prints nothing more)
         counts_src = [int(n) for n in re.findall(rb"COUNT=(\d+)\.", source.output)]
         last = counts_src[-1]
@@ -163,6 +260,22 @@ def test_linux_counter_migrates_live_over_tcp_to_a_second_process(guest_assets: 
         start = counts.index(1)
         assert counts[start:] == list(range(1, len(counts) - start + 1)), counts[-60:]  # no gap, no repeat
         assert len(counts) - start > last  # and the second process added to it
+
+        dest.send("\nkill %1; wait\n")
+        # The disk: what the source wrote is there, and the destination writes and reads it.
+        status, text = shell(dest, "echo 3 > /proc/sys/vm/drop_caches; "
+                                   "dd if=/dev/vda bs=512 skip=100 count=1 2>/dev/null | head -c 11 | tr A-Z a-z; echo; "
+                                   "echo AFTER-MOVE | dd of=/dev/vda bs=512 seek=200 conv=fsync 2>/dev/null && "
+                                   "echo 3 > /proc/sys/vm/drop_caches && "
+                                   "dd if=/dev/vda bs=512 skip=200 count=1 2>/dev/null | head -c 10 | tr A-Z a-z",
+                             COMMAND_TIMEOUT)
+        assert status == 0 and "before-move" in text and "after-move" in text, text
+        with open(disk, "rb") as image:
+            image.seek(200 * 512)
+            assert image.read(10) == b"AFTER-MOVE"  # the destination's write reached the shared image
+        # The network: the guest, now behind the destination's TAP, still talks to the host.
+        status, text = shell(dest, f"ping -c 3 -W 10 {HOST_ADDR}", COMMAND_TIMEOUT)
+        assert status == 0 and "3 packets received" in text, text  # requests out, replies back in
     finally:
         source.close()
         if dest is not None:
