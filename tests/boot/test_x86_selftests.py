@@ -43,8 +43,11 @@ INTERMITTENT: dict[str, str] = {
     "fsgsbase": "a race in the test that slow emulation opens: after ARCH_SET_GS(1) and 'mov 0 to %gs' it reads "
                 "the base through a SIGSEGV (0) and then asks the kernel (ARCH_GET_GS); a context switch in "
                 "between makes Linux restore its saved base 1 (save_base_legacy's documented Intel behaviour; "
-                "pyemu's CPU is Intel, QEMU's qemu64 AMD). Failed in 1 of 2 pyemu runs, with a timer tick in "
-                "that window",
+                "pyemu's CPU is Intel, QEMU's qemu64 AMD). Failed in 1 of 3 pyemu runs",
+    "ldt_gdt": "the same race for FS: set_thread_area (int 0x80) invalidates FS, which loads a null selector "
+               "(base 0); a context switch before ARCH_GET_FS (likely on the syscall's way out when a tick came "
+               "during it) restores the saved glibc TLS base: '[FAIL] New FSBASE was 0x...'. Failed in 1 of 3 "
+               "pyemu runs",
 }
 
 
@@ -90,6 +93,11 @@ def runs(guest_assets, suite_initrd, tmp_path_factory) -> dict[str, SuiteRun]:  
         thread.join()
     for exc in errors.values():
         raise exc
+    if not results["qemu"].completed:
+        # The reference, not the system under test: QEMU TCG once hung for good in ldt_gdt on a host loaded
+        # to 15 (no kernel message, the in-guest limit never fired). One more boot, alone; the test below
+        # still fails if that one does not finish either.
+        results["qemu"] = run_suite("qemu", "tcg", guest_assets.kernel, initrd, log=logs / "qemu-retry.log")
     return results
 
 
