@@ -58,6 +58,21 @@ def write_counter_kernel(directory: Path) -> Path:
     return path
 
 
+def window_pass(address: int, pages: int) -> str:
+    """One pass of stores of the rising count (EBX) into the first word of each page of a window (labels
+    ``outer``, at its start, and ``inner``)."""
+    return f"""outer:
+    mov edi, {address:#x}
+    mov ecx, {pages}
+inner:
+    inc ebx
+    mov [edi], ebx
+    add edi, 0x1000
+    dec ecx
+    jnz inner
+"""
+
+
 BUFFER_ADDR = 0x400000
 BUFFER_SIZE = 20 << 20
 WINDOW_PAGES = 256
@@ -69,16 +84,7 @@ DIRTY_SOURCE = f"""
     cld
     rep stosd
     xor ebx, ebx
-outer:
-    mov edi, {BUFFER_ADDR:#x}
-    mov ecx, {WINDOW_PAGES}
-inner:
-    inc ebx
-    mov [edi], ebx
-    add edi, 0x1000
-    dec ecx
-    jnz inner
-    jmp outer
+{window_pass(BUFFER_ADDR, WINDOW_PAGES)}    jmp outer
 """
 """Fills 20 MiB with a pattern, then keeps writing a rising count into the first word of each page of
 a 1 MiB window: the memory a live migration must send once, and a set of pages it must keep resending."""
@@ -118,16 +124,7 @@ pdes:
     or eax, 0x80000000
     mov cr0, eax
     xor ebx, ebx
-outer:
-    mov edi, {PAGING_WINDOW:#x}
-    mov ecx, {PAGING_WINDOW_PAGES}
-inner:
-    inc ebx
-    mov [edi], ebx
-    add edi, 0x1000
-    dec ecx
-    jnz inner
-    mov esi, ebx
+{window_pass(PAGING_WINDOW, PAGING_WINDOW_PAGES)}    mov esi, ebx
     and esi, 0x3f000
     mov eax, {PAGING_WINDOW + 0x100000:#x}
     add eax, esi
