@@ -258,3 +258,21 @@ def test_tcg_dirty_log_reports_every_page_written_between_syncs(short_dir: Path,
         assert memory.read_u32(counted) > before_value
     finally:
         stop_vm(vm)
+
+
+def test_without_the_tlb_fill_hook_precopy_falls_back_to_the_comparison(short_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's own TLB fill (PYEMU_TCG_ENGINE_TLB=1) has no dirty log: the shadow comparison moves it."""
+    monkeypatch.setenv("PYEMU_TCG_ENGINE_TLB", "1")
+    kernel = write_dirty_kernel(short_dir)
+    vm = pyemu.VM("-kernel", str(kernel), *BASE)
+    vm.start()
+    try:
+        wait_filled(vm)
+        assert not machine_of(vm).accel.dirty_logging_available
+        assert isinstance(make_tracker(machine_of(vm)), ShadowTracker)
+        vm.execute("migrate", {"uri": f"file:{short_dir / 'vm.state'}"})
+        info = wait_migration(vm)
+        assert info["status"] == "completed" and info["ram"]["dirty-sync-count"] >= 2
+    finally:
+        stop_vm(vm)
