@@ -84,6 +84,8 @@ class GuestMemory:
         # The host address of the mapping, for KVM_SET_USER_MEMORY_REGION and uc.mem_map_ptr.
         self._base_ptr = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
         self._file_backed: dict[int, tuple[int, int]] = {}
+        self._no_dump = False
+        """dump-guest-core=off: a region mapped anew must be excluded again (madvise flags are per mapping)."""
         """Regions (by gpa) mapped privately from a file, with that file's (st_dev, st_ino)."""
 
     # -- lookup -----------------------------------------------------------------------------------------
@@ -169,6 +171,7 @@ class GuestMemory:
         core dump of pyemu, as QEMU does with MADV_DONTDUMP."""
         try:
             self._mmap.madvise(mmap.MADV_DONTDUMP)
+            self._no_dump = True
         except OSError as exc:
             raise ConfigError(f"dump-guest-core=off: madvise(MADV_DONTDUMP) failed: {exc.strerror}") from exc
 
@@ -203,6 +206,8 @@ class GuestMemory:
             err = ctypes.get_errno()
             raise GuestMemoryError(f"cannot map RAM at {region.gpa:#x}: {os.strerror(err)}",
                                    gpa=region.gpa, size=region.size)
+        if self._no_dump:
+            self._mmap.madvise(mmap.MADV_DONTDUMP, region.offset, region.size)
 
     def clear(self) -> None:
         """Zero all of guest RAM (machine reset, or a load starting over). Regions mapped from a file go
