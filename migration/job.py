@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pyemu.block.errors import BlockError
 from pyemu.migration.errors import MigrationError
 from pyemu.migration.images import activate_images
+from pyemu.migration.mapped_ram import SEEKABLE_ONLY, MappedRamFile, open_outgoing, save_mapped
 from pyemu.migration.params import MigrationCancelled, MigrationParameters, RateLimiter
 from pyemu.migration.precopy import precopy_save
 from pyemu.migration.transport import IncomingStream, OutgoingStream, check_uri, is_socket_uri
@@ -67,7 +68,7 @@ class MigrationManager:
         self.params = MigrationParameters()
         """migrate-set-parameters / -capabilities (kept across migrations, as in QEMU)."""
         self._cancel = threading.Event()
-        self._out: OutgoingStream | None = None
+        self._out: OutgoingStream | MappedRamFile | None = None
         self._listening: IncomingStream | None = None
         self.exit_on_failed_load = False
         """End the VM with exit status 1 when a background incoming load fails (the pyemu command sets
@@ -141,6 +142,8 @@ class MigrationManager:
             if blockers:
                 raise blockers[0]
             check_uri(uri)
+            if self.params.capabilities["mapped-ram"] and not uri.startswith("file:"):
+                raise MigrationError(SEEKABLE_ONLY)
             self._outgoing = True
             self.error = None
             self._cancel.clear()
@@ -175,9 +178,10 @@ class MigrationManager:
         machine = self.machine
         was_running = state is RunState.RUNNING
         paused_at = time.monotonic_ns()
-        out: OutgoingStream | None = None
+        out: OutgoingStream | MappedRamFile | None = None
+        mapped = self.params.capabilities["mapped-ram"]
         try:
-            out = OutgoingStream(uri)
+            out = open_outgoing(uri, machine, mapped=mapped)
             with self._lock:
                 self._out = out
                 if self._cancel.is_set():
@@ -185,14 +189,22 @@ class MigrationManager:
                 self._setup_ns = time.monotonic_ns()
                 self._set_status("active")
             limited = RateLimiter(out, self.params, self._cancel)
-            if was_running:
-                def stop_vm() -> None:
-                    nonlocal paused_at
-                    paused_at = time.monotonic_ns()
-                    machine.pause()
-                    self._emit("STOP", {})
-                    drain_io(machine)
 
+            def stop_vm() -> None:
+                nonlocal paused_at
+                paused_at = time.monotonic_ns()
+                machine.pause()
+                self._emit("STOP", {})
+                drain_io(machine)
+
+            if isinstance(out, MappedRamFile):  # stop-and-copy into the file's fixed RAM offsets
+                if was_running:
+                    stop_vm()
+                else:
+                    drain_io(machine)
+                run_state = "running" if was_running else "prelaunch" if state is RunState.PRELAUNCH else "paused"
+                save_mapped(machine, out, run_state, self._stats, self._cancel)
+            elif was_running:
                 precopy_save(machine, limited, self._stats, self.params, self._cancel, stop_vm)
             else:
                 drain_io(machine)
