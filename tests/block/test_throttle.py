@@ -108,6 +108,34 @@ def test_a_late_timer_loses_no_allowance(late_ms: int, depth: int) -> None:
     assert total <= 20 * (2 << 20) + (2 << 20) // 10 + 65536  # and never more than the limit allows
 
 
+def test_late_timers_keep_group_turns_and_bursts() -> None:
+    # Two members sharing 2 MiB/s while every timer is 150 ms late: the catch-up grants still go in turns
+    # (an even split) and add up to the limit.
+    timers = LateTimers(150_000_000)
+    group = ThrottleGroup("g", ThrottleConfig.from_limits({"bps-total": 2 << 20}), clock=timers.clock,
+                          timers=timers)
+    a = SlowGuest(group.register("a"), timers, size=65536, round_trip=0, depth=2)
+    b = SlowGuest(group.register("b"), timers, size=65536, round_trip=0, depth=2)
+    a.start()
+    b.start()
+    timers.advance(20 * NS)
+    share_a, share_b = a.bytes_between(2, 18), b.bytes_between(2, 18)
+    assert share_a + share_b == pytest.approx(16 * (2 << 20), abs=(2 << 20) * 15 // 100 + 2 * 65536)
+    assert abs(share_a - share_b) <= 3 * 65536
+    # A burst (max 8 MiB/s, max-length 1: an 8 MiB bucket over 1 MiB/s; as in QEMU, a length of 1 has no
+    # second bucket bounding the peak rate) with late timers: the bucket's worth plus the average in the
+    # first second, never more, then the average.
+    timers = LateTimers(150_000_000)
+    group = ThrottleGroup("g", ThrottleConfig.from_limits({"bps-total": 1 << 20, "bps-total-max": 8 << 20,
+                                                           "bps-total-max-length": 1}),
+                          clock=timers.clock, timers=timers)
+    guest = SlowGuest(group.register("a"), timers, size=65536, round_trip=0, depth=2)
+    guest.start()
+    timers.advance(12 * NS)
+    assert (8 << 20) <= guest.bytes_between(0, 1) <= (8 << 20) + (1 << 20) + 2 * 65536
+    assert guest.bytes_between(4, 12) == pytest.approx(8 * (1 << 20), abs=(1 << 20) * 15 // 100 + 2 * 65536)
+
+
 def test_late_timer_grants_are_never_dated_before_the_request() -> None:
     # One request waits; the timer is 2 s late; a second request arrives 1.5 s into that lateness. The
     # first is due at its deadline, the second no earlier than its arrival: the bucket after both is the
