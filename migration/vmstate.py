@@ -29,7 +29,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 from pyemu.hw.core.state import StateError
 from pyemu.migration import codec, mapped_ram
-from pyemu.migration import cross_accel
 from pyemu.migration.errors import (MigrationBlocked, MigrationError, StreamCorrupt, StreamError,
                                     StreamMismatch)
 from pyemu.migration.stream import RAM_CHUNK, Kind, Section, StreamReader, StreamWriter, Writable
@@ -115,14 +114,18 @@ def check_identity(saved: Any, own: dict[str, Any]) -> None:
                              f"({saved['ram_layout']}), this VM {own_size >> 20} MiB")
     if saved["vcpus"] != own["vcpus"]:
         raise StreamMismatch(f"the stream has {saved['vcpus']} vCPUs, this VM {own['vcpus']}")
-    if saved["accel"] != own["accel"] and saved["accel"] not in cross_accel.ACCELERATORS:
-        raise StreamMismatch(f"the stream was saved under -accel {str(saved['accel'])[:20]!r}, this VM runs "
-                             f"{own['accel']}")
-    # A stream of the other accelerator converts (pyemu.migration.cross_accel): compare the boards without
-    # the devices only one accelerator has (the software CPU's userspace LAPICs).
-    other_accel = saved["accel"] != own["accel"]
-    saved_devices = cross_accel.board_devices(saved["devices"]) if other_accel else saved["devices"]
-    own_devices = cross_accel.board_devices(own["devices"]) if other_accel else own["devices"]
+    saved_devices, own_devices = saved["devices"], own["devices"]
+    if saved["accel"] != own["accel"]:
+        # Imported only here: it pulls in KVM's ABI, which restoring on the same accelerator never needs.
+        from pyemu.migration import cross_accel
+
+        if saved["accel"] not in cross_accel.ACCELERATORS:
+            raise StreamMismatch(f"the stream was saved under -accel {str(saved['accel'])[:20]!r}, this VM "
+                                 f"runs {own['accel']}")
+        # A stream of the other accelerator converts (pyemu.migration.cross_accel): compare the boards
+        # without the devices only one accelerator has (the software CPU's userspace LAPICs).
+        saved_devices = cross_accel.board_devices(saved["devices"])
+        own_devices = cross_accel.board_devices(own["devices"])
     if saved_devices != own_devices:
         theirs = saved_devices if isinstance(saved_devices, list) else []
         ours = own_devices
@@ -254,10 +257,10 @@ class _Parsed:
     clock: tuple[int, int] | None = None
     cpus: dict[int, X86CpuState] = field(default_factory=dict)
     devices: dict[str, Any] = field(default_factory=dict)
-    mapped: list[mapped_ram.MappedRegion] = field(default_factory=list)
-    """MAPPED_RAM sections: RAM to map from the stream's file once everything else checked out."""
     foreign: dict[str, Any] = field(default_factory=dict)
     """Device sections of the other accelerator's board (converted by pyemu.migration.cross_accel)."""
+    mapped: list[mapped_ram.MappedRegion] = field(default_factory=list)
+    """MAPPED_RAM sections: RAM to map from the stream's file once everything else checked out."""
 
 
 def load_vm(machine: Machine, source: IO[bytes], stats: LoadStats | None = None) -> str:
@@ -304,7 +307,10 @@ def _read_stream(machine: Machine, reader: StreamReader, stats: LoadStats) -> _P
     for section in reader:
         if first:
             parsed.header = check_header(section, own)
-            foreign = cross_accel.foreign_device_ids(parsed.header, own)
+            if parsed.header.get("accel") != own["accel"]:
+                from pyemu.migration import cross_accel
+
+                foreign = cross_accel.foreign_device_ids(parsed.header, own)
             first = False
             continue
         if section.kind is Kind.HEADER:
@@ -346,6 +352,8 @@ def _read_stream(machine: Machine, reader: StreamReader, stats: LoadStats) -> _P
     if missing_cpus:
         raise StreamCorrupt(f"the stream lacks the state of vCPU {missing_cpus[0]}")
     if parsed.header["accel"] != own["accel"]:
+        from pyemu.migration import cross_accel
+
         cross_accel.convert(machine, parsed.header["accel"], parsed.cpus, parsed.foreign, parsed.devices)
     missing = [d for d in stateful if d not in parsed.devices]
     if missing:
