@@ -114,11 +114,14 @@ def test_throttled_drives_from_linux(console, guest_assets, tmp_path, kind):  # 
         assert status == 0 and written(image) >= 60 * MiB, out
 
         # One group limit for two drives: 2 MiB/s between them, split evenly while both write.
-        for name in ("ga", "gb"):
-            background(vm, writers(dev[name], 12, depth=4, bs_kib=64))
+        # One guest command starts both (two commands a console round trip apart let the first drive
+        # write alone, at the whole limit, while the second one's writers were still being forked).
+        background(vm, " & ".join(f"({writers(dev[name], 14, depth=4, bs_kib=64)})" for name in ("ga", "gb"))
+                   + " & wait")
         start = wait_for(lambda: min(written(disks["ga"]), written(disks["gb"])) >= 256 * 1024,
                          "both group members writing")
         before = {name: written(disks[name]) for name in ("ga", "gb")}
+        assert max(before.values()) < 10 * MiB, before  # both still have seconds of writing ahead
         time.sleep(WINDOW / 4)
         elapsed = time.monotonic() - start
         shares = {name: (written(disks[name]) - before[name]) / elapsed for name in ("ga", "gb")}
