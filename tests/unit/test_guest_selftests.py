@@ -17,6 +17,8 @@ from pyemu.guest.cpio import read_archive
 from pyemu.guest.errors import PackageContentError
 from pyemu.guest.selftest_suite import (
     DONE_MARKER,
+    HEARTBEAT,
+    HEARTBEAT_SECONDS,
     LIST_PATH,
     RUNNER_PATH,
     SelftestRunError,
@@ -148,7 +150,8 @@ def test_the_runner_classifies_pass_skip_fail_timeout_and_trims_long_output(tmp_
     (tmp_path / "cmdline").write_text("console=ttyS0 pyemu.selftest_timeout=2\n")
     script = (render_runner(120).replace("/selftests/", f"{tmp_path}/selftests/")
               .replace("/proc/cmdline", str(tmp_path / "cmdline")).replace("cd /tmp", f"cd {tmp_path}")
-              .replace("/tmp/output", f"{tmp_path}/output").replace("\npoweroff\n", "\n"))
+              .replace("/tmp/output", f"{tmp_path}/output").replace("\npoweroff\n", "\n")
+              .replace(f"sleep {HEARTBEAT_SECONDS};", "sleep 0.5;"))
     completed = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120)
     out = completed.stdout
     assert completed.returncode == 0, completed.stderr
@@ -160,6 +163,7 @@ def test_the_runner_classifies_pass_skip_fail_timeout_and_trims_long_output(tmp_
     assert results["hang"][2] >= 2.0
     assert "line-0-" in out and "line-3999-" in out and "line-2000-" not in out
     assert "bytes of output left out" in out
+    assert HEARTBEAT in out  # the hanging test ran silently for 2 s
 
 
 def test_result_lines_are_read_through_carriage_returns_and_kernel_messages():
