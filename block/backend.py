@@ -26,7 +26,7 @@ from pyemu.block.dirty_bitmap import existing_bitmaps
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.hostio import zero_chunks
-from pyemu.block.locking import BlockPerm
+from pyemu.block.locking import PERM_ALL, BlockPerm, note_opened, opening_inactive
 from pyemu.block.throttle import THROTTLE_GROUPS, ThrottleConfig, ThrottleGroupMember, Ticket
 from pyemu.block.throttle import admitted as throttle_admitted
 
@@ -99,6 +99,13 @@ class BlockBackend:
         # export passes ``shared`` (everything, as QEMU's exports: they sit beside the guest's device).
         self._shared = shared if shared is not None else \
             BlockPerm.CONSISTENT_READ | BlockPerm.WRITE_UNCHANGED | BlockPerm.RESIZE
+        # QEMU's blk->disable_perm for a device of an -incoming VM: until the VM first runs it shares
+        # everything, so a writable NBD export of its node can take the source's mirror (non-shared storage
+        # migration); pyemu.migration.images applies the real sharing when the VM runs.
+        self._deferred_shared: BlockPerm | None = None
+        if shared is None and opening_inactive():
+            self._deferred_shared, self._shared = self._shared, PERM_ALL
+            note_opened(self)
         self._attachment = graph.attach(root, user=self._user, role="root", perm=self._perm, shared=self._shared)
         self._quiesced = 0
         self.cache = cache
@@ -256,6 +263,22 @@ class BlockBackend:
         old, self.throttle = self.throttle, THROTTLE_GROUPS.join(group, self.id or self._user, None)
         if old is not None:
             THROTTLE_GROUPS.leave(old)
+
+    def apply_deferred_sharing(self) -> None:
+        """Refuse other writers from now on, as a device does (QEMU's blk_vm_state_changed once an incoming
+        VM runs); PermissionConflict, and the backend keeps sharing everything, while another user writes."""
+        wanted = self._deferred_shared
+        if wanted is None:
+            return
+        old = self._attachment
+        graph.detach(old)
+        try:
+            self._attachment = graph.attach(old.node, user=self._user, role="root", perm=self._perm, shared=wanted)
+        except BaseException:
+            self._attachment = graph.attach(old.node, user=self._user, role="root", perm=self._perm,
+                                            shared=self._shared)
+            raise
+        self._shared, self._deferred_shared = wanted, None
 
     def close(self) -> None:
         """Refuse new requests, wait for those in flight, close the nodes. Idempotent."""

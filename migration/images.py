@@ -30,6 +30,7 @@ class ImageActivation:
 
     def __init__(self, files: list[Any], *, active: bool) -> None:
         self._files = [f for f in files if getattr(f, "lock", None) is not None]
+        self._backends = [f for f in files if hasattr(f, "apply_deferred_sharing")]
         self._lock = threading.Lock()
         self.active = active
 
@@ -65,8 +66,30 @@ class ImageActivation:
             self.active = True
 
 
+    def vm_running(self) -> None:
+        """The devices' backends stop sharing write (QEMU's blk_vm_state_changed: they shared everything
+        while an NBD export of their node took a non-shared storage migration); a conflict is reported, as
+        QEMU does, and leaves that backend sharing."""
+        from pyemu.system.messages import error_report
+
+        backends, self._backends = self._backends, []
+        for backend in backends:
+            try:
+                backend.apply_deferred_sharing()
+            except BlockError as exc:
+                error_report(str(exc))
+
+
 def register(machine: Any, activation: ImageActivation) -> None:
     _REGISTRY[machine] = activation
+    if activation._backends:
+        from pyemu.system.runstate import RunState
+
+        def on_transition(old: RunState, new: RunState) -> None:
+            if new is RunState.RUNNING:
+                activation.vm_running()
+
+        machine.runstate.add_listener(on_transition)
 
 
 def images_of(machine: Any) -> ImageActivation | None:
