@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import pyemu
 from pyemu.system.runstate import RunState
 from pyemu.target.x86.boot.synthetic import make_multiboot_binary
@@ -203,6 +205,10 @@ def test_migration_with_the_disk_mirrored_to_an_nbd_export_on_the_destination(sh
         dest.execute("cont")
         assert dest.state is RunState.RUNNING
         wait_counting(dest, switched + 2 * SECTORS)  # each count is a completed write on the destination
+        dest.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(nbd_socket)}}})
+        with pytest.raises(pyemu.CommandError, match="Conflicts with use by device 'virtio-blk-device'"):
+            # running, the device refuses other writers again (it shared write only for the migration)
+            dest.execute("block-export-add", {"type": "nbd", "id": "e1", "node-name": "d0", "writable": True})
     finally:
         source_status = stop_vm(source)
         dest_status = stop_vm(dest) if dest.state is not RunState.SHUTDOWN else 0
