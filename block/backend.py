@@ -268,7 +268,7 @@ class BlockBackend:
         """Refuse other writers from now on, as a device does (QEMU's blk_vm_state_changed once an incoming
         VM runs); PermissionConflict, and the backend keeps sharing everything, while another user writes."""
         wanted = self._deferred_shared
-        if wanted is None:
+        if wanted is None or self._closed:
             return
         old = self._attachment
         graph.detach(old)

@@ -65,7 +65,6 @@ class ImageActivation:
                 raise
             self.active = True
 
-
     def vm_running(self) -> None:
         """The devices' backends stop sharing write (QEMU's blk_vm_state_changed: they shared everything
         while an NBD export of their node took a non-shared storage migration); a conflict is reported, as
