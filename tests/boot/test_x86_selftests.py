@@ -44,11 +44,11 @@ INTERMITTENT: dict[str, str] = {
                 "after ARCH_SET_GS(1) and 'mov 0 to %gs' it reads the base through a SIGSEGV (0), then asks the "
                 "kernel (ARCH_GET_GS); a context switch in between makes Linux restore its saved base 1 "
                 "(save_base_legacy's Intel behaviour; pyemu's CPU is Intel, QEMU's qemu64 AMD). "
-                "Failed in 1 of 3 pyemu runs",
+                "Failed in 2 of 4 pyemu runs",
     "ldt_gdt": "most likely the same race for FS: set_thread_area (int 0x80) invalidates FS, which loads a null "
                "selector (base 0); a context switch before ARCH_GET_FS (likely on the syscall's way out when a "
                "tick came during it) restores the saved glibc TLS base: '[FAIL] New FSBASE was 0x...'. "
-               "Failed in 1 of 3 pyemu runs",
+               "Failed in 1 of 4 pyemu runs",
 }
 
 
