@@ -356,8 +356,9 @@ def test_savevm_loadvm_under_kvm(kernel: Path, disk: Path) -> None:
         wait_counting(vm, saved + 100_000)
         vm.pause()
         assert hmp(vm, "loadvm k") == ""
-        assert counter(vm) <= saved
-        assert machine.vcpus[0].save_state().regs["rbx"] == counter(vm)
+        # KVM may stop the loop between its two increments: RAM can be one ahead of EBX at the save.
+        assert counter(vm) <= saved + 1
+        assert machine.vcpus[0].save_state().regs["rbx"] in (counter(vm), counter(vm) - 1)
         assert machine.memory.read(MARK_ADDR, 6) == b"before"
         vm.resume()
         wait_counting(vm, counter(vm) + 1000)
