@@ -172,7 +172,7 @@ class LapicState(DeviceState):
     """The local APIC as data. ``irr``/``isr``/``tmr`` are 256-bit integers, bit n = vector n; ``timer`` holds
     its times relative to the moment the state was taken (see :class:`ApicTimerState`)."""
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: the timer's state carries its backlog of missed ticks
 
     apic_id: int
     tpr: int
@@ -492,6 +492,7 @@ class LocalApic:
         if not self.svr & SVR_ENABLE:
             # Software disable masks every LVT entry (SDM 10.4.7.2); IRR/ISR are kept.
             self.lvt = [entry | LVT_MASKED for entry in self.lvt]
+            self.timer.clear_backlog()
         self._maybe_kick()
 
     def _write_lvt(self, index: int, value: int) -> None:
@@ -507,6 +508,8 @@ class LocalApic:
             if mode == 3:
                 log.log("guest_errors", "lapic: reserved timer mode 3 treated as one-shot")
             self.timer.set_mode(_LVT_TIMER_MODES[mode])
+            if entry & LVT_MASKED:
+                self.timer.clear_backlog()
         elif index in (LVT_LINT0, LVT_LINT1):
             # A level-triggered input that is still asserted is delivered once it gets unmasked.
             self._evaluate_lint(index - LVT_LINT0)
@@ -578,6 +581,9 @@ class LocalApic:
             self.isr |= bit
             if log.enabled("int"):
                 log.log("int", f"lapic{self.apic_id}: deliver vector {vector:#x}")
+            if vector == self.lvt[LVT_TIMER] & 0xFF and self.timer.take_missed():
+                # An owed periodic tick (see ApicTimer): requested again now, taken after this one's EOI.
+                self._deliver_lvt(LVT_TIMER)
             return vector
         if self.irr and self.software_enabled:
             return self.spurious_vector
@@ -823,6 +829,16 @@ class LocalApic:
             self.accept_message(mode, vector, False, f"LVT {LVT_NAMES[index]}")
 
     def _timer_expired(self) -> None:
+        """An expiry of the counter. A masked entry owes nothing; an expiry that finds the previous timer
+        interrupt still requested in IRR (the vCPU has not taken it yet) would merge with it, so it is
+        owed instead (the timer's backlog, delivered from :meth:`acknowledge_interrupt`)."""
+        entry = self.lvt[LVT_TIMER]
+        if entry & LVT_MASKED:
+            self.timer.clear_backlog()
+            return
+        if self.irr & (1 << (entry & 0xFF)):
+            self.timer.add_missed(1)
+            return
         self._deliver_lvt(LVT_TIMER)
 
     def _signal_error(self, bits: int) -> None:

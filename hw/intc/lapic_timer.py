@@ -8,6 +8,15 @@ arithmetic on virtual time: nothing ticks, the current count is computed when re
 The counter is described by an *anchor*: at virtual time ``anchor_ns`` it held ``anchor_count``. Loading the
 initial count anchors it at the initial count; changing the divider while it runs re-anchors it at its
 current value so the count continues from there at the new rate (rather than jumping).
+
+Lost ticks: a periodic timer whose expiry runs late (the host did not schedule the timer thread) or whose
+previous interrupt is still waiting in IRR (the vCPU did not run) would give the guest fewer interrupts
+than periods. Linux counts jiffies by periodic timer interrupts until its TSC has passed the clocksource
+watchdog, and the watchdog compares the TSC against those jiffies: on a loaded host the missing ticks made
+it mark the TSC unstable. So, like QEMU's ``lost_tick_policy=delay`` and KVM's pending-timer count, the
+missed ticks are kept as a *backlog* and re-delivered back to back, each once the guest has accepted the
+previous one (:meth:`ApicTimer.take_missed`). The backlog is bounded by :data:`MAX_BACKLOG_NS` worth of
+periods and cleared whenever the guest reprograms the timer.
 """
 
 from __future__ import annotations
@@ -28,6 +37,11 @@ MODE_TSC_DEADLINE = 2
 # timer thread into a busy loop. Like KVM (which limits periodic timers to 200 us by default) the *interrupts*
 # of a periodic timer are spaced at least this much; the count register still reads exact values.
 MIN_PERIODIC_INTERRUPT_NS = 100_000
+
+#: Missed periodic ticks are re-delivered up to this much virtual time's worth; older ones are dropped (a
+#: guest that did not run for longer than this cannot catch up by interrupts alone, and a storm of a
+#: thousand back-to-back interrupts would only stall it further). KVM's PIT reinjection bounds it likewise.
+MAX_BACKLOG_NS = 1_000_000_000
 
 
 def divide_value(config: int) -> int:
@@ -50,7 +64,7 @@ class ApicTimerState(DeviceState):
     after it the armed expiry was due (None: not armed; 0: due or overdue).
     """
 
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2  # 2: ``backlog``
 
     mode: int
     divide_config: int
@@ -61,6 +75,8 @@ class ApicTimerState(DeviceState):
     next_expiry: int
     tsc_deadline: int
     remaining_ns: int | None
+    backlog: int = 0
+    """Missed periodic ticks still to be delivered (only in periodic mode)."""
 
 
 class ApicTimer:
@@ -90,6 +106,7 @@ class ApicTimer:
         self._anchor_count = 0
         self._next_expiry = 0  # index of the next expiry of a periodic timer, counted from the anchor
         self.tsc_deadline = 0
+        self._backlog = 0
 
     # -- the divider and counter -------------------------------------------------------------------------
     @property
@@ -133,6 +150,7 @@ class ApicTimer:
         self.initial_count = count & 0xFFFFFFFF
         if self.initial_count == 0:
             self._running = False
+            self._backlog = 0
             self._timer.cancel()
             return
         self._anchor(self.initial_count)
@@ -141,6 +159,7 @@ class ApicTimer:
         self._anchor_ns = self._queue.now()
         self._anchor_count = count
         self._next_expiry = 0
+        self._backlog = 0  # ticks missed under the old programming are not owed under the new one
         self._running = count > 0
         if self._running:
             self._timer.mod(self._tick_time(count))
@@ -154,6 +173,7 @@ class ApicTimer:
             mode = MODE_ONESHOT
         if mode == self.mode:
             return
+        self._backlog = 0
         if (mode == MODE_TSC_DEADLINE) != (self.mode == MODE_TSC_DEADLINE):
             self._timer.cancel()
             self._running = False
@@ -188,6 +208,46 @@ class ApicTimer:
         delay = -(-delta * NS_PER_S // self.tsc_hz) if delta > 0 else 0
         self._timer.mod(self._queue.now() + delay)
 
+    # -- lost-tick compensation --------------------------------------------------------------------------
+    @property
+    def period_ns(self) -> int:
+        """One period of the counter as programmed (initial count x divide at the crystal rate)."""
+        return self.initial_count * self.divide * NS_PER_S // self.crystal_hz
+
+    @property
+    def backlog(self) -> int:
+        """Missed periodic ticks not yet re-delivered."""
+        return self._backlog
+
+    def max_backlog(self) -> int:
+        """How many missed ticks may wait: :data:`MAX_BACKLOG_NS` worth of periods, none for a timer faster
+        than :data:`MIN_PERIODIC_INTERRUPT_NS` (its interrupts are rate-limited on purpose, so the periods
+        it skips are not lost ticks) and none outside a running periodic timer."""
+        if self.mode != MODE_PERIODIC or not self._running or not self.initial_count:
+            return 0
+        period = self.period_ns
+        if period < MIN_PERIODIC_INTERRUPT_NS:
+            return 0
+        return MAX_BACKLOG_NS // period
+
+    def add_missed(self, ticks: int) -> None:
+        """Owe the guest ``ticks`` more timer interrupts (the LAPIC calls this when an expiry finds the
+        previous interrupt still pending in IRR); beyond :meth:`max_backlog` they are dropped."""
+        if ticks > 0:
+            self._backlog = min(self._backlog + ticks, self.max_backlog())
+
+    def take_missed(self) -> bool:
+        """One owed tick, if any: the LAPIC calls this when the guest accepts a timer interrupt and raises
+        the next one at once, so the owed ticks arrive back to back, each after the previous one."""
+        if self._backlog <= 0:
+            return False
+        self._backlog -= 1
+        return True
+
+    def clear_backlog(self) -> None:
+        """Forget the owed ticks (the LVT entry got masked: a masked timer's periods are no one's ticks)."""
+        self._backlog = 0
+
     # -- expiry ------------------------------------------------------------------------------------------
     def _on_timer(self) -> None:
         if self.mode == MODE_TSC_DEADLINE:
@@ -195,10 +255,11 @@ class ApicTimer:
         elif self.mode == MODE_PERIODIC and self.initial_count:
             now = self._queue.now()
             expired_at = self._tick_time(self._anchor_count + self._next_expiry * self.initial_count)
-            # Expiry k happens at anchor_count + k * initial_count ticks; skip expiries the timer thread
-            # was too late for (one interrupt, as a real LAPIC whose IRR bit is already set).
+            # Expiry k happens at anchor_count + k * initial_count ticks. Expiries the timer thread was too
+            # late for get one interrupt now and go to the backlog for the rest.
             elapsed = self._ticks_between(self._anchor_ns, now)
             passed = (elapsed - self._anchor_count) // self.initial_count if elapsed >= self._anchor_count else 0
+            self.add_missed(passed - self._next_expiry)
             self._next_expiry = max(self._next_expiry + 1, passed + 1)
             deadline = self._tick_time(self._anchor_count + self._next_expiry * self.initial_count)
             self._timer.mod(max(deadline, expired_at + MIN_PERIODIC_INTERRUPT_NS))
@@ -217,6 +278,7 @@ class ApicTimer:
         self._anchor_count = 0
         self._next_expiry = 0
         self.tsc_deadline = 0
+        self._backlog = 0
 
     # -- state -------------------------------------------------------------------------------------------
     def state(self) -> ApicTimerState:
@@ -233,6 +295,7 @@ class ApicTimer:
             next_expiry=self._next_expiry,
             tsc_deadline=self.tsc_deadline,
             remaining_ns=None if expire_ns is None else max(0, expire_ns - now),
+            backlog=self._backlog,
         )
 
     def from_state(self, state: DeviceState) -> None:
@@ -271,6 +334,11 @@ class ApicTimer:
             if armed != s.running:
                 raise StateError("lapic-timer", f"counter {'running' if s.running else 'stopped'} with the "
                                                 f"timer {'armed' if armed else 'not armed'}")
+        # The exact bound depends on the crystal rate, which the state does not carry: apply_state clamps
+        # to it; here only the widest one (periods no shorter than MIN_PERIODIC_INTERRUPT_NS).
+        periodic = s.mode == MODE_PERIODIC and s.running and s.initial_count > 0
+        limit = MAX_BACKLOG_NS // MIN_PERIODIC_INTERRUPT_NS if periodic else 0
+        check_range("lapic-timer", "backlog", s.backlog, 0, limit)
         return s
 
     def apply_state(self, s: ApicTimerState) -> None:
@@ -285,5 +353,6 @@ class ApicTimer:
         self._anchor_count = s.anchor_count
         self._next_expiry = s.next_expiry
         self.tsc_deadline = s.tsc_deadline
+        self._backlog = min(s.backlog, self.max_backlog())
         if s.remaining_ns is not None:
             self._timer.mod(now + s.remaining_ns)

@@ -857,7 +857,7 @@ def test_restored_twin_behaves_identically(case: Case) -> None:
 def test_state_is_frozen_hashable_and_versioned(case: Case) -> None:
     saved = driven(case).dev.state()
     assert type(saved) is STATE_TYPES[case.name]
-    assert saved.version == type(saved).VERSION == 1
+    assert saved.version == type(saved).VERSION >= 1  # the LAPIC's is 2 (its timer's backlog)
     assert immutable(saved)
     assert hash(saved) == hash(replace(saved))
     first = dataclasses.fields(saved)[0].name
