@@ -313,10 +313,12 @@ def test_real_debian_vmlinuz_header():
     assert data[offset : offset + 6] == b"\xfd7zXZ\0"
 
 
-def test_real_debian_vmlinuz_loads(tmp_path):
+def test_real_debian_vmlinuz_loads(tmp_path, monkeypatch):
     assets = find_assets()
     if assets is None:
         pytest.skip("Debian guest assets not fetched (run 'pyemu-guest fetch')")
+    # The in-guest decompressor's path (the host-side one: tests/unit/test_boot_bzimage_host.py).
+    monkeypatch.setenv("PYEMU_BZIMAGE_GUEST_DECOMPRESS", "1")
     memory = GuestMemory([(0, 256 * MiB)])
     try:
         result = load_bzimage(memory, assets.kernel, assets.initrd, "console=ttyS0", e820_for(256 * MiB))

@@ -22,9 +22,12 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable
 
+from pyemu.system import log
+from pyemu.target.x86.boot.bzimage_host import FORCE_GUEST_ENV, HostKernel, forced_guest_decompression, host_kernel
 from pyemu.target.x86.boot.cmdline import place_cmdline
 from pyemu.target.x86.boot.e820 import E820Map, EntryLike
 from pyemu.target.x86.boot.errors import (
+    BootError,
     ImageTooLargeError,
     MemoryMapError,
     NotAKernelError,
@@ -308,6 +311,53 @@ def _choose_load_address(plan: BootPlan, header: SetupHeader, size: int, path: s
     )
 
 
+@dataclass(frozen=True)
+class _DirectEntry:
+    """The kernel proper decompressed on the host, and where the decompressor would have put it."""
+
+    kernel: HostKernel
+    output: int  # physical address of startup_64 (the decompressor's "output")
+
+
+def _host_decompressed(path: str, header: SetupHeader, load_addr: int, footprint: int) -> _DirectEntry | None:
+    """The kernel proper to enter directly (see :mod:`pyemu.target.x86.boot.bzimage_host`), or None to run
+    the guest's decompressor, with a ``-d boot`` line saying why."""
+    if forced_guest_decompression():
+        log.log("boot", f"{FORCE_GUEST_ENV} is set: the bzImage decompresses itself in the guest")
+        return None
+    try:
+        kernel = host_kernel(path)
+    except BootError as exc:
+        log.log("boot", f"host-side decompression not used, the guest decompresses the kernel: {exc}")
+        return None
+    elf = kernel.elf
+    # The decompressor's output address without KASLR: the load address rounded up to kernel_alignment,
+    # at least LOAD_PHYSICAL_ADDR (pref_address); a kernel that is not relocatable runs at pref_address.
+    base = header.pref_address
+    output = max(load_addr + (-load_addr % header.kernel_alignment), base) if header.relocatable else base
+    reason = None
+    if elf.entry != base or elf.phys_start < base:
+        reason = (f"the ELF entry {elf.entry:#x} / first segment {elf.phys_start:#x} is not at the header's "
+                  f"LOAD_PHYSICAL_ADDR {base:#x}")
+    elif output + (elf.phys_end - base) > load_addr + footprint:
+        reason = f"the kernel proper ({elf.phys_end - base:#x} bytes) does not fit the {footprint:#x} reserved"
+    if reason is not None:
+        log.log("boot", f"host-side decompression not used, the guest decompresses the kernel: {reason}")
+        return None
+    log.log("boot", f"entering the host-decompressed kernel proper at {output:#x} ({kernel.path})")
+    return _DirectEntry(kernel, output)
+
+
+def _place_kernel_proper(memory: GuestMemory, direct: _DirectEntry, header: SetupHeader) -> None:
+    """Copy the PT_LOAD segments where the decompressor's parse_elf() puts them, tails zeroed."""
+    with ImageFile(direct.kernel.path, "kernel") as image:
+        for segment in direct.kernel.elf.segments:
+            gpa = direct.output + segment.paddr - header.pref_address
+            image.copy_to_memory(memory, gpa, segment.offset, segment.filesz, what="a PT_LOAD segment")
+            if segment.memsz > segment.filesz:
+                memory.fill(gpa + segment.filesz, segment.memsz - segment.filesz)
+
+
 def load_bzimage(
     memory: GuestMemory,
     kernel_path: str | os.PathLike[str],
@@ -329,7 +379,11 @@ def load_bzimage(
         footprint = max(header.init_size, kernel_bytes)
         load_addr = _choose_load_address(plan, header, footprint, path)
         kernel = plan.reserve("kernel", load_addr, footprint, error=ImageTooLargeError)
-        image.copy_to_memory(memory, load_addr, header.setup_size, kernel_bytes, what="protected-mode kernel")
+        direct = _host_decompressed(path, header, load_addr, footprint)
+        if direct is None:
+            image.copy_to_memory(memory, load_addr, header.setup_size, kernel_bytes, what="protected-mode kernel")
+        else:
+            _place_kernel_proper(memory, direct, header)
 
     initrd = None
     if initrd_path is not None:
@@ -348,16 +402,21 @@ def load_bzimage(
         e820=memory_map,
         rsdp_addr=rsdp_addr,
     )
+    if direct is not None:
+        # What the decompressor's choose_random_location() leaves in loadflags (see bzimage_host).
+        kaslr = direct.kernel.has_relocs and "nokaslr" not in cmdline.split()
+        zero_page[HDR_LOADFLAGS] = (zero_page[HDR_LOADFLAGS] | KASLR_FLAG) if kaslr else (
+            zero_page[HDR_LOADFLAGS] & ~KASLR_FLAG)
     memory.write(ZERO_PAGE_ADDR, zero_page)
 
     cpu = X86CpuState()
-    entry = load_addr + ENTRY_64_OFFSET
+    entry = load_addr + ENTRY_64_OFFSET if direct is None else direct.output
     cpu.set_flat_long64(entry, tables.pml4)
     install_gdt(memory, GDT_ADDR, cpu)
     cpu.regs["rsi"] = ZERO_PAGE_ADDR
     cpu.regs["rsp"] = STACK_TOP
     return BootResult(
-        protocol="bzimage",
+        protocol="bzimage" if direct is None else "bzimage (host-decompressed)",
         cpu=cpu,
         entry=entry,
         boot_info_addr=ZERO_PAGE_ADDR,
