@@ -38,8 +38,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("M", True, "same as -machine", "type[,prop=value...]"),
     OptionSpec("accel", True, "accelerator: tcg, kvm, or a fallback list kvm:tcg", "name[:name...]"),
     OptionSpec("enable-kvm", False, "same as -accel kvm"),
-    OptionSpec("cpu", True, "CPU model: max (any accelerator) or host (KVM); -feature clears a CPUID feature, "
-               "+feature keeps one the accelerator offers; -cpu help lists the models",
+    OptionSpec("cpu", True, "CPU model: qemu64, kvm64, Nehalem, Westmere, max (any accelerator) or host (KVM); "
+               "+feature/-feature switch CPUID features (QEMU's names); -cpu help lists models and flags",
                "model[,-feature|+feature|feature=on|off...]"),
     OptionSpec("m", True, "guest RAM size, e.g. 512M, 2G (a bare number is MiB)", "[size=]size"),
     OptionSpec("smp", True, "number of vCPUs and QEMU's topology (the product must match maxcpus)",

@@ -57,6 +57,7 @@ from pyemu.accel.tcg.block_gate import BlockGate
 from pyemu.accel.tcg.calibration import BlobLayout
 from pyemu.accel.tcg.code_cache import CodeInvalidator
 from pyemu.accel.tcg.context import CpuBlob
+from pyemu.accel.tcg.cpu_model import engine_model
 from pyemu.accel.tcg.delivery import Event, EventKind
 from pyemu.accel.tcg.errors import EngineError, GuestFault
 from pyemu.accel.tcg.guest_tsc import GuestTsc
@@ -108,6 +109,8 @@ class TcgVcpu:
         self._tsc_offset_at = layout.tsc_offset
         try:
             self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
+            # Before anything initialises the engine: its model gates instructions and CR4 bits.
+            self._uc.ctl_set_cpu_model(engine_model(cpuid))
         except UcError as exc:
             raise EngineError(f"cannot create a Unicorn x86-64 engine: {exc}", operation="uc_open") from exc
         self._gate = BlockGate(self._uc)

@@ -28,7 +28,21 @@ FEATURES: dict[str, tuple[int, str, int]] = {
     "syscall": (0x80000001, "edx", 11), "nx": (0x80000001, "edx", 20), "pdpe1gb": (0x80000001, "edx", 26),
     "rdtscp": (0x80000001, "edx", 27), "lm": (0x80000001, "edx", 29),
     "invtsc": (0x80000007, "edx", 8),
+    # Beyond the default table: what named models and ``-cpu max`` may offer (pyemu.target.x86.cpu_models).
+    "monitor": (1, "ecx", 3), "vmx": (1, "ecx", 5), "fma": (1, "ecx", 12), "pcid": (1, "ecx", 17),
+    "avx": (1, "ecx", 28), "f16c": (1, "ecx", 29), "rdrand": (1, "ecx", 30), "ht": (1, "edx", 28),
+    "smep": (7, "ebx", 7), "hle": (7, "ebx", 4), "avx2": (7, "ebx", 5), "invpcid": (7, "ebx", 10),
+    "rtm": (7, "ebx", 11), "mpx": (7, "ebx", 14), "avx512f": (7, "ebx", 16), "rdseed": (7, "ebx", 18),
+    "adx": (7, "ebx", 19), "smap": (7, "ebx", 20), "clflushopt": (7, "ebx", 23), "clwb": (7, "ebx", 24),
+    "sha_ni": (7, "ebx", 29),
+    "umip": (7, "ecx", 2), "pku": (7, "ecx", 3), "la57": (7, "ecx", 16), "rdpid": (7, "ecx", 22),
+    "svm": (0x80000001, "ecx", 2), "cr8legacy": (0x80000001, "ecx", 4), "abm": (0x80000001, "ecx", 5),
+    "sse4a": (0x80000001, "ecx", 6), "3dnowprefetch": (0x80000001, "ecx", 8),
+    # Leaf 0xD sub-leaf 1 (see FEATURE_SUBLEAF).
+    "xsaveopt": (0xD, "eax", 0), "xsavec": (0xD, "eax", 1), "xgetbv1": (0xD, "eax", 2), "xsaves": (0xD, "eax", 3),
 }
+#: Features that live in a sub-leaf other than 0 (all others: sub-leaf 0).
+FEATURE_SUBLEAF: dict[str, int] = {"xsaveopt": 1, "xsavec": 1, "xgetbv1": 1, "xsaves": 1}
 
 _REGS = ("eax", "ebx", "ecx", "edx")
 # Leaves whose answer depends on ECX (sub-leaf); others ignore ECX.
@@ -56,14 +70,19 @@ class CpuidTable:
 
     def has(self, feature: str) -> bool:
         leaf, reg, bit = FEATURES[feature]
-        return bool(self.lookup(leaf)[_REGS.index(reg)] >> bit & 1)
+        return bool(self.lookup(leaf, FEATURE_SUBLEAF.get(feature, 0))[_REGS.index(reg)] >> bit & 1)
+
+    def features(self) -> frozenset[str]:
+        """Every named feature this table offers (the guest-visible feature set, e.g. for migration)."""
+        return frozenset(name for name in FEATURES if self.has(name))
 
     def _set_bit(self, feature: str, on: bool) -> None:
         leaf, reg, bit = FEATURES[feature]
-        values = list(self.lookup(leaf))
+        subleaf = FEATURE_SUBLEAF.get(feature, 0)
+        values = list(self.lookup(leaf, subleaf))
         index = _REGS.index(reg)
         values[index] = values[index] | (1 << bit) if on else values[index] & ~(1 << bit)
-        self.entries[(leaf, 0)] = tuple(values)  # type: ignore[assignment]
+        self.entries[(leaf, subleaf)] = tuple(values)  # type: ignore[assignment]
 
     def without(self, *features: str) -> "CpuidTable":
         """A copy with ``features`` cleared (e.g. what an accelerator cannot provide)."""

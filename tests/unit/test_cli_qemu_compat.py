@@ -57,8 +57,8 @@ def test_cpu_host_and_max_are_accepted_and_host_needs_kvm():
 
 @pytest.mark.parametrize("value,fragment", [
     ("bogus", "unable to find CPU model 'bogus'"),
-    ("max,+avx512f", "CPU feature 'avx512f' is unknown to pyemu's CPUID"),
-    ("max,bogus=on", "CPU feature 'bogus' is unknown"),
+    ("max,+bogus", "Property 'max-x86_64-cpu.bogus' not found"),
+    ("max,bogus=on", "can't apply global max-x86_64-cpu.bogus=on: Property 'max-x86_64-cpu.bogus' not found"),
     ("host,migratable=maybe", "expects 'on' or 'off'"),
 ])
 def test_cpu_refusals(value, fragment):
@@ -76,9 +76,17 @@ def test_cpu_feature_switches_in_qemu_spellings(spin_kernel):
         assert machine.cpuid.has("lm") and machine.cpuid.has("sse4_1")
     finally:
         machine.close()
-    # Switching on what the accelerator's table lacks is refused (the software CPU has no x2APIC).
+    # Switching on what the accelerator lacks drops it with QEMU's warning (the software CPU has no x2APIC),
+    # or fails with enforce=on.
     config = parse_args(["-cpu", "max,+x2apic", "-kernel", spin_kernel, "-serial", "null", "-m", "32"])
-    with pytest.raises(ConfigError, match="CPU feature 'x2apic' is not available with this accelerator"):
+    machine = build_board(config, spin_kernel)
+    try:
+        assert not machine.cpuid.has("x2apic") and machine.cpuid.has("smap")
+    finally:
+        machine.close()
+    config = parse_args(["-cpu", "max,+x2apic,enforce=on", "-kernel", spin_kernel, "-serial", "null", "-m", "32"])
+    with pytest.raises(ConfigError, match=re.escape("TCG doesn't support requested feature: CPUID.01H:ECX.x2apic "
+                                                    "[bit 21]")):
         build_board(config, spin_kernel)
 
 
@@ -181,7 +189,7 @@ def test_rtc_base_date_reaches_the_boards_rtc(spin_kernel):
 # -- -msg ------------------------------------------------------------------------------------------------
 def test_msg_timestamp_prefixes_error_lines(spin_kernel):
     result = pyemu("-msg", "timestamp=on", "-name", "guest=vm7", "-cpu", "bogus")
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z pyemu: -cpu: unable to find CPU model 'bogus'.*\n",
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z pyemu: unable to find CPU model 'bogus'.*\n",
                         result.stderr), result.stderr
     result = pyemu("-msg", "timestamp=on,guest-name=on", "-name", "vm7", "-accel", "tcg", "-cpu", "host",
                    "-kernel", spin_kernel, "-serial", "none", "-m", "32")
