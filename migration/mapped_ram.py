@@ -44,6 +44,7 @@ from typing import IO, TYPE_CHECKING
 
 from pyemu.migration.errors import MigrationError, StreamCorrupt, StreamTruncated, TransportError
 from pyemu.migration.params import MigrationCancelled
+from pyemu.migration.ram_scan import changed_runs, populated_chunks
 from pyemu.migration.stream import END_SECTION_SIZE, Kind, Section, StreamWriter, section_size
 from pyemu.migration.transport import OutgoingStream
 
@@ -57,7 +58,6 @@ ALIGN = 1 << 20
 _ENTRY = struct.Struct("<QQQQ")
 _CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(_CHUNK)
-_ZERO_PAGE = bytes(PAGE)
 SEEKABLE_ONLY = "Migration requires seekable transport (e.g. file)"
 """QEMU 9's refusal of mapped-ram on a transport other than ``file:``."""
 
@@ -214,26 +214,21 @@ def _write_region(machine: Machine, target: MappedRamFile, gpa: int, size: int, 
                   stats: LoadStats, cancel: threading.Event | None) -> None:
     """The non-zero pages of one region, each run of them with one pwrite (zero pages stay holes)."""
     memory = machine.memory
-    for start in range(0, size, _CHUNK):
+    for piece_gpa, length in populated_chunks(memory, memory.region_of(gpa, size), stats, _CHUNK):
         if cancel is not None and cancel.is_set():
             raise MigrationCancelled()
-        length = min(_CHUNK, size - start)
-        chunk = memory.read(gpa + start, length)  # bytes: compares at memcmp speed
+        start = piece_gpa - gpa
+        chunk = memory.read(piece_gpa, length)  # bytes: compares at memcmp speed
         if chunk == (_ZERO_CHUNK if length == _CHUNK else bytes(length)):
             stats.zero_pages += length // PAGE
             continue
-        run: int | None = None
-        for page in range(0, length + PAGE, PAGE):
-            zero = page == length or chunk[page:page + PAGE] == _ZERO_PAGE
-            if not zero and run is None:
-                run = page
-            elif zero and run is not None:
-                target.pwrite(memoryview(chunk)[run:page], offset + start + run)
-                stats.normal_pages += (page - run) // PAGE
-                stats.ram_bytes += page - run
-                run = None
-            if zero and page < length:
-                stats.zero_pages += 1
+        written = 0
+        for run_start, run_end in changed_runs(chunk):
+            target.pwrite(memoryview(chunk)[run_start:run_end], offset + start + run_start)
+            written += run_end - run_start
+        stats.normal_pages += written // PAGE
+        stats.ram_bytes += written
+        stats.zero_pages += (length - written) // PAGE
 
 
 # -- loading ----------------------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ from pyemu.migration.images import activate_images, inactivate_images
 from pyemu.system.messages import error_report
 from pyemu.migration.params import MigrationCancelled, MigrationParameters
 from pyemu.migration.stream import RAM_CHUNK, Kind, StreamWriter, Writable
-from pyemu.migration.vmstate import _RAM_ADDR, PAGE, LoadStats, begin_stream, send_changed_pages, write_cpu_and_devices
+from pyemu.migration.ram_scan import populated_chunks
+from pyemu.migration.vmstate import _RAM_ADDR, _ZERO_CHUNK, PAGE, LoadStats, begin_stream, send_changed_pages, write_cpu_and_devices
 
 if TYPE_CHECKING:
     from pyemu.machines.base import Machine
@@ -60,11 +61,16 @@ class ShadowTracker:
         for region in self._memory.regions:
             shadow = self._shadow[region.gpa]
             view = memoryview(shadow)
-            for start in range(0, region.size, RAM_CHUNK):
+            # Round 1 may skip the memfd's holes (they read zero, as the shadow does); later rounds compare
+            # everything, since a page sent before may have become a hole again.
+            pieces = (populated_chunks(self._memory, region, stats) if first else
+                      ((region.gpa + start, min(RAM_CHUNK, region.size - start))
+                       for start in range(0, region.size, RAM_CHUNK)))
+            for gpa, size in pieces:
                 if cancel is not None and cancel.is_set():
                     raise MigrationCancelled()
-                size = min(RAM_CHUNK, region.size - start)
-                chunk = self._memory.read(region.gpa + start, size)
+                start = gpa - region.gpa
+                chunk = self._memory.read(gpa, size)
                 if chunk == bytes(view[start:start + size]):
                     if first:
                         stats.zero_pages += size // PAGE
@@ -98,16 +104,14 @@ class LogTracker:
             self._accel.start_dirty_log()
             self._logging = True
             for region in memory.regions:
-                for start in range(0, region.size, RAM_CHUNK):
+                for gpa, size in populated_chunks(memory, region, stats):
                     if cancel is not None and cancel.is_set():
                         raise MigrationCancelled()
-                    size = min(RAM_CHUNK, region.size - start)
-                    chunk = memory.read(region.gpa + start, size)
-                    zero = bytes(size)
-                    if chunk == zero:
+                    chunk = memory.read(gpa, size)
+                    if chunk == (_ZERO_CHUNK if size == RAM_CHUNK else bytes(size)):
                         stats.zero_pages += size // PAGE
                         continue
-                    sent += send_changed_pages(writer, stats, region.gpa + start, chunk, zero, count_zero=True)
+                    sent += send_changed_pages(writer, stats, gpa, chunk, None, count_zero=True)
                     stats.stream_bytes = writer.bytes_written
             return sent
         pages = self._accel.fetch_dirty_pages()

@@ -31,6 +31,7 @@ from pyemu.hw.core.state import StateError
 from pyemu.migration import codec, mapped_ram
 from pyemu.migration.errors import (MigrationBlocked, MigrationError, StreamCorrupt, StreamError,
                                     StreamMismatch)
+from pyemu.migration.ram_scan import changed_runs, populated_chunks
 from pyemu.migration.stream import RAM_CHUNK, Kind, Section, StreamReader, StreamWriter, Writable
 from pyemu.target.x86.cpu_state import GPR_NAMES, LAPIC_PAGE_SIZE, X86CpuState
 
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 PAGE = 4096
 _ZERO_CHUNK = bytes(RAM_CHUNK)
-_ZERO_PAGE = bytes(PAGE)
 _U64 = (1 << 64) - 1
 _RAM_ADDR = struct.Struct("<Q")
 DRAIN_TIMEOUT_S = 10.0
@@ -213,40 +213,32 @@ def _save_ram(machine: Machine, writer: StreamWriter, stats: LoadStats) -> None:
     memory = machine.memory
     for region in memory.regions:
         stats.ram_total += region.size
-        for start in range(0, region.size, RAM_CHUNK):
-            size = min(RAM_CHUNK, region.size - start)
-            chunk = memory.read(region.gpa + start, size)  # bytes: compares at memcmp speed, a view does not
-            zero = _ZERO_CHUNK if size == RAM_CHUNK else bytes(size)
-            if chunk == zero:
+        for gpa, size in populated_chunks(memory, region, stats):
+            chunk = memory.read(gpa, size)  # bytes: compares at memcmp speed, a view does not
+            if chunk == (_ZERO_CHUNK if size == RAM_CHUNK else bytes(size)):
                 stats.zero_pages += size // PAGE
                 continue
-            send_changed_pages(writer, stats, region.gpa + start, chunk, zero, count_zero=True)
+            send_changed_pages(writer, stats, gpa, chunk, None, count_zero=True)
 
 
 def send_changed_pages(writer: StreamWriter, stats: LoadStats, gpa: int, chunk: bytes,
-                       reference: bytes | memoryview, *, count_zero: bool = False) -> int:
+                       reference: memoryview | None, *, count_zero: bool = False) -> int:
     """Write the pages of ``chunk`` (RAM read at ``gpa``) that differ from ``reference`` (what the
-    destination holds there), a RAM section per run of such pages; ``reference`` is updated when it is
-    writable. ``count_zero``: count unchanged pages as zero pages (the first pass over RAM). Returns the
+    destination holds there; None: zeros), a RAM section per run of such pages; ``reference`` is updated
+    when it is writable. ``count_zero``: count unchanged pages as zero pages (the first pass over RAM). Returns the
     RAM bytes written."""
-    size = len(chunk)
     sent = 0
-    run_start: int | None = None
-    for page in range(0, size + PAGE, PAGE):
-        changed = page < size and chunk[page:page + PAGE] != bytes(reference[page:page + PAGE])
-        if changed and run_start is None:
-            run_start = page
-        elif not changed and run_start is not None:
-            data = chunk[run_start:page]
-            writer.section(Kind.RAM, "", _RAM_ADDR.pack(gpa + run_start) + data)
-            if isinstance(reference, memoryview) and not reference.readonly:
-                reference[run_start:page] = data
-            stats.normal_pages += (page - run_start) // PAGE
-            stats.ram_bytes += page - run_start
-            sent += page - run_start
-            run_start = None
-        if count_zero and not changed and page < size:
-            stats.zero_pages += 1
+    update = reference is not None and not reference.readonly
+    for start, end in changed_runs(chunk, reference):
+        data = chunk[start:end]
+        writer.section(Kind.RAM, "", _RAM_ADDR.pack(gpa + start) + data)
+        if update:
+            reference[start:end] = data  # type: ignore[index]
+        sent += end - start
+    stats.normal_pages += sent // PAGE
+    stats.ram_bytes += sent
+    if count_zero:
+        stats.zero_pages += (len(chunk) - sent) // PAGE
     return sent
 
 

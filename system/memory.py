@@ -18,7 +18,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import NewType
+from typing import Iterator, NewType
 
 from pyemu.errors import ConfigError, GuestMemoryError
 
@@ -126,6 +126,31 @@ class GuestMemory:
     def host_address(self, region: RamRegion) -> int:
         """Host virtual address of the first byte of ``region`` (for accelerators)."""
         return self._base_ptr + region.offset
+
+    def populated_spans(self, region: RamRegion) -> Iterator[tuple[int, int]]:
+        """The ``(gpa, size)`` runs of ``region`` that may hold non-zero bytes, in address order.
+
+        Why: a page the guest never touched is a hole in the memfd and reads zero, and reading it
+        through the shared mapping would allocate it (shmem fills holes on a read fault), which costs a
+        page fault and a zeroed page each -- scanning a mostly idle 512 MiB guest that way took most of a
+        migration's time and left the source holding all its RAM. ``SEEK_DATA``/``SEEK_HOLE`` on the
+        memfd find the allocated runs without touching anything. A region mapped privately from a file
+        (a mapped-ram restore) is returned whole: its copied-on-write pages are not in the memfd."""
+        if region.gpa in self._file_backed:
+            yield region.gpa, region.size
+            return
+        end = region.offset + region.size
+        position = region.offset
+        while position < end:
+            try:
+                data = os.lseek(self.fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after ``position``
+                return
+            if data >= end:
+                return
+            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            yield region.gpa + data - region.offset, hole - data
+            position = hole
 
     # -- access -----------------------------------------------------------------------------------------
     def view(self, gpa: int, size: int) -> memoryview:

@@ -274,3 +274,34 @@ def test_errors_are_one_typed_tree() -> None:
     for cls in (StreamCorrupt, StreamFormatError, StreamTruncated, StreamMismatch):
         assert issubclass(cls, StreamError) and issubclass(cls, MigrationError)
         assert issubclass(cls, pyemu.errors.PyemuError)
+
+
+def test_saving_reads_only_populated_ram_and_allocates_none(kernel: Path) -> None:
+    """A save skips the memfd's holes without reading them: reading one through the mapping would allocate
+    a page (the cost that made pre-copy slow and left the source holding all its RAM). The stream still
+    accounts for every page, and a destination gets the same RAM."""
+    from pyemu.migration.vmstate import LoadStats
+
+    vm = pyemu.VM("-kernel", str(kernel), *BASE)
+    vm.start()
+    try:
+        machine = machine_of(vm)
+        for _ in range(200):
+            if machine.memory.read_u32(COUNTER_ADDR) >= 100:
+                break
+            import time
+            time.sleep(0.05)
+        vm.pause()
+        region = machine.memory.regions[0]
+        before = list(machine.memory.populated_spans(region))
+        assert 0 < sum(size for _, size in before) < region.size // 4
+        stats = LoadStats()
+        out = io.BytesIO()
+        save_vm(machine, out, "paused", stats)
+        assert list(machine.memory.populated_spans(region)) == before
+        pages = sum(r.size for r in machine.memory.regions) // 4096
+        assert stats.zero_pages + stats.normal_pages == pages and stats.normal_pages > 0
+    finally:
+        vm.quit()
+        vm.wait(30)
+        vm.close()

@@ -102,3 +102,17 @@ def test_irq_line_and_fanout():
     unconnected = IrqLine()
     unconnected.raise_irq()
     assert unconnected.level == 1
+
+
+def test_populated_spans_find_what_was_written_without_touching_holes():
+    memory = GuestMemory([(0, 1 << 20), (4 << 20, 1 << 20)])
+    low, high = memory.regions
+    assert list(memory.populated_spans(low)) == [] and list(memory.populated_spans(high)) == []
+    memory.write(0x3000, b"a")
+    memory.write(0x3FFF + 1, b"b")  # the next page: one run of two pages
+    memory.write((4 << 20) + 0x8000, b"c")
+    assert list(memory.populated_spans(low)) == [(0x3000, 0x2000)]
+    assert list(memory.populated_spans(high)) == [((4 << 20) + 0x8000, 0x1000)]
+    memory.clear()  # released pages are holes again
+    assert list(memory.populated_spans(low)) == []
+    memory.close()
