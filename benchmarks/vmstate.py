@@ -16,7 +16,8 @@ MiB (default 512), the same kernel command line for both emulators. Two parts:
   ``-incoming``, pyemu against ``qemu-system-x86_64 -M microvm -accel tcg`` with the same kernel,
   initramfs and RAM; ``total-time`` and ``downtime`` as each source's ``query-migrate`` reports them
   (default parameters on both, so ``max-bandwidth`` is 128 MiB/s for both), then the destination's shell
-  must answer. Ratios pyemu/QEMU (below 1: pyemu is faster).
+  must answer. Ratios pyemu/QEMU (below 1: pyemu is faster). ``migrate_unlimited``: the same with
+  ``max-bandwidth`` 0 (no limit) on both, which shows how fast each can move pages at all.
 
 pyemu runs with a warm bytecode cache (``PYTHONPYCACHEPREFIX``, even where ``PYTHONDONTWRITEBYTECODE`` is
 set, as it is in our sessions: an installed pyemu has its ``.pyc`` files; without them compiling pyemu's
@@ -25,7 +26,7 @@ modules adds about 1 s to every start). One untimed pyemu start warms it first.
 Medians of ``--runs`` (default 3). The load average goes with the results (the machine is shared).
 Results are printed and written to ``benchmarks/results/vmstate.json``.
 
-Usage: python benchmarks/vmstate.py [--runs 3] [--ram 512] [--fill 128] [--only restore,migrate]
+Usage: python benchmarks/vmstate.py [--runs 3] [--ram 512] [--fill 128] [--only restore,migrate,migrate_unlimited]
 """
 
 from __future__ import annotations
@@ -297,12 +298,16 @@ def restore_part(work: Path, ram: int, runs: int, fill: int) -> dict[str, Any]:
 
 
 # -- migration ----------------------------------------------------------------------------------------------
-def migrate_run(kind: str, work: Path, ram: int) -> dict[str, float]:
+def migrate_run(kind: str, work: Path, ram: int, bandwidth: int | None) -> dict[str, float]:
+    """One migration; ``bandwidth``: ``max-bandwidth`` to set first (0 = no limit on both emulators),
+    None keeps the default (128 MiB/s)."""
     port = free_port()
     with vm(kind, work, f"{kind}-src", ram) as source, \
             vm(kind, work, f"{kind}-dst", ram, ["-incoming", f"tcp:127.0.0.1:{port}"]) as destination:
         boot_to_shell(source)
         destination.qmp("query-status")  # listening by now
+        if bandwidth is not None:
+            source.qmp("migrate-set-parameters", {"max-bandwidth": bandwidth})
         source.qmp("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
         info = source.wait_migration()
         destination.shell_answers()
@@ -311,20 +316,20 @@ def migrate_run(kind: str, work: Path, ram: int) -> dict[str, float]:
                 "transferred_mib": round(ram_info.get("transferred", 0) / (1 << 20), 1)}
 
 
-def migrate_part(work: Path, ram: int, runs: int, qemu: bool) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+def migrate_part(work: Path, ram: int, runs: int, qemu: bool, bandwidth: int | None) -> dict[str, Any]:
+    result: dict[str, Any] = {"max_bandwidth": "default (128 MiB/s)" if bandwidth is None else bandwidth or "no limit"}
     kinds = ["pyemu"] + (["qemu"] if qemu else [])
     samples: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     failures: list[str] = []
     for rep in range(runs):
         for kind in (kinds if rep % 2 == 0 else kinds[::-1]):  # take turns: neither always goes first
-            samples[kind] += retried(lambda: migrate_run(kind, work, ram), 1, failures)
+            samples[kind] += retried(lambda: migrate_run(kind, work, ram, bandwidth), 1, failures)
     result["failed_runs"] = failures
     for kind in kinds:
         result[f"{kind}_tcg"] = {key: median([s[key] for s in samples[kind]]) for key in samples[kind][0]}
         result[f"{kind}_tcg"]["samples"] = samples[kind]
-    line = (f"migrate  pyemu total {result['pyemu_tcg']['total_time_ms']:7.0f} ms downtime "
-            f"{result['pyemu_tcg']['downtime_ms']:6.0f} ms")
+    line = (f"migrate ({result['max_bandwidth']})  pyemu total {result['pyemu_tcg']['total_time_ms']:7.0f} ms "
+            f"downtime {result['pyemu_tcg']['downtime_ms']:6.0f} ms")
     if qemu:
         p, q = result["pyemu_tcg"], result["qemu_tcg"]
         result["ratio_total_time"] = round(p["total_time_ms"] / max(1.0, q["total_time_ms"]), 2)
@@ -341,7 +346,7 @@ def main() -> int:
     parser.add_argument("--ram", type=int, default=512, help="guest RAM in MiB")
     parser.add_argument("--fill", type=int, default=128,
                         help="MiB of data the guest writes into its RAM-backed root before it is saved (restore)")
-    parser.add_argument("--only", default="restore,migrate")
+    parser.add_argument("--only", default="restore,migrate,migrate_unlimited")
     args = parser.parse_args()
     if find_assets() is None:
         print("guest assets missing: run 'pyemu-guest fetch'", file=sys.stderr)
@@ -355,7 +360,7 @@ def main() -> int:
     if RESULTS.exists():  # a run of one part keeps the other part's figures
         with contextlib.suppress(ValueError):
             previous = json.loads(RESULTS.read_text())
-            for part in ("restore", "migrate"):
+            for part in ("restore", "migrate", "migrate_unlimited"):
                 if part not in parts and part in previous:
                     report[part] = previous[part]
     with tempfile.TemporaryDirectory(prefix="pyemu-vmstate-", dir="/tmp") as tmp:
@@ -366,7 +371,9 @@ def main() -> int:
             report["restore"] = restore_part(work, args.ram, args.runs, args.fill)
             report["restore"]["fill_mib"] = args.fill
         if "migrate" in parts:
-            report["migrate"] = migrate_part(work, args.ram, args.runs, qemu)
+            report["migrate"] = migrate_part(work, args.ram, args.runs, qemu, None)
+        if "migrate_unlimited" in parts:
+            report["migrate_unlimited"] = migrate_part(work, args.ram, args.runs, qemu, 0)
     report["loadavg_after"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
