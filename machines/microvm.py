@@ -391,8 +391,12 @@ class Microvm(Machine):
 
     def migration_identity(self) -> dict[str, object]:
         features = self.features
-        return {"board": "microvm", "options": {"acpi": features.acpi, "pic": features.pic, "pit": features.pit,
-                                                "rtc": features.rtc, "isa-serial": features.isa_serial}}
+        options: dict[str, object] = {"acpi": features.acpi, "pic": features.pic, "pit": features.pit,
+                                      "rtc": features.rtc, "isa-serial": features.isa_serial}
+        cpu = self.config.cpu
+        if cpu.model is not None or cpu.props:  # the guest's CPUID: a stream of another -cpu is refused
+            options["cpu"] = cpu.describe()
+        return {"board": "microvm", "options": options}
 
     def iothreads(self) -> list[IoThread]:
         return list(self.virtio.iothreads.values())
