@@ -44,9 +44,10 @@ from unicorn import x86_const as x86
 from pyemu.system.cache import cache_root
 from pyemu.accel.tcg.errors import BlockHookBuildError, EngineError
 
-# One compiled module holds both engine callbacks: the TLB-fill hook (tlb_fill.c, first: the gate reads
-# its state) and the block gate.
-_SOURCES = (Path(__file__).with_name("tlb_fill.c"), Path(__file__).with_name("block_gate.c"))
+# One compiled module holds the engine callbacks: the TLB-fill hook (tlb_fill.c, first: the gate reads
+# its state), the block gate and the I/O permission guard (io_guard.c, see io_guard.py).
+_SOURCES = (Path(__file__).with_name("tlb_fill.c"), Path(__file__).with_name("block_gate.c"),
+            Path(__file__).with_name("io_guard.c"))
 _CDEF = """
 struct pyemu_tlb_entry { uint64_t paddr; int perms; };
 struct pyemu_ram_slot { uint64_t gpa; uint64_t size; uint8_t *host; };
@@ -109,6 +110,28 @@ struct pyemu_gate {
     uint64_t last_block;
 };
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
+struct pyemu_io_guard {
+    uint8_t *env;
+    void *cpu;
+    int32_t off_hflags;
+    int32_t off_eflags;
+    int32_t off_tr_base;
+    int32_t off_tr_limit;
+    int32_t off_tr_flags;
+    int32_t enabled;
+    uint32_t (*py_in)(void *uc, uint32_t port, int size, void *key);
+    void (*py_out)(void *uc, uint32_t port, int size, uint32_t value, void *key);
+    _Bool (*restore_state)(void *cpu, uintptr_t host_pc, _Bool will_exit);
+    void (*raise_err_ra)(void *env, int intno, int error_code, uintptr_t retaddr);
+    uint32_t (*lduw_mmuidx_ra)(void *env, uint64_t addr, int mmu_idx, uintptr_t retaddr);
+    uint64_t checks;
+    uint64_t faults;
+    uint64_t unrestored;
+    uint64_t code_lo, code_hi;
+    uint64_t helpers[6];
+};
+uint32_t pyemu_io_in(void *uc, uint32_t port, int size, void *user_data);
+void pyemu_io_out(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
 """
 _build_lock = threading.Lock()
 _module: ModuleType | None = None

@@ -28,10 +28,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.assets]
 # Tests QEMU TCG passes and pyemu's software CPU does not yet, and why. Do not fix CPU bugs here: fix the
 # CPU, then remove the entry (this test fails until you do).
 KNOWN_FAILURES: dict[str, str] = {
-    "ioperm": "IN/OUT at CPL 3 are not checked against IOPL and the TSS I/O permission bitmap: Unicorn's IN/OUT "
-              "hook (accel/tcg/io_hooks.py) serves the port where a CPU raises #GP (outb to 0x80 works with no "
-              "ioperm() grant)",
-    "iopl": "same cause as ioperm: with IOPL 0 (and no I/O bitmap grant) outb to 0x80 and 0xed still work at CPL 3",
     "test_FCOMI": "FCOMI/FCOMIP with a QNaN operand and FUCOMI with an SNaN do not raise the x87 invalid-operation "
                   "exception (FE_INVALID stays clear); QEMU 7.2's x87 does",
     "test_FISTTP": "FISTTP of pi (truncating 3.14 to 3) does not leave exactly the inexact flag (FE_INEXACT) set",

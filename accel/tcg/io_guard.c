@@ -1,0 +1,151 @@
+/* pyemu software CPU: the I/O permission guard (see io_guard.py for why it is written in C).
+ *
+ * Registered as the UC_HOOK_INSN callbacks for IN and OUT (which also serve INS/OUTS). Unicorn 2.1.4
+ * translates IN/OUT without QEMU's gen_check_io ("Unicorn: allow all I/O instructions"), so a CPL-3
+ * program with IOPL 0 reaches the port. The guard runs first: in protected mode with CPL > IOPL (or in
+ * virtual-8086 mode) it looks up the port in the TSS I/O permission bitmap and, when the access is not
+ * allowed, raises #GP(0) the way a QEMU helper does: it puts the CPU state back to the start of the
+ * instruction (cpu_restore_state with the return address into the translated block, found on the stack)
+ * and leaves through raise_exception_err_ra, so nothing of the instruction or of the rest of its block
+ * has executed. Allowed accesses are handed to the Python callbacks.
+ */
+#include <stdint.h>
+
+struct pyemu_io_guard {
+    uint8_t *env;                 /* QEMU's CPUX86State of this engine */
+    void *cpu;                    /* its CPUState */
+    int32_t off_hflags;           /* offsets into env (calibrated) */
+    int32_t off_eflags;
+    int32_t off_tr_base;
+    int32_t off_tr_limit;
+    int32_t off_tr_flags;
+    int32_t enabled;              /* 0: hand every access on without looking (no env found) */
+    uint32_t (*py_in)(void *uc, uint32_t port, int size, void *key);
+    void (*py_out)(void *uc, uint32_t port, int size, uint32_t value, void *key);
+    _Bool (*restore_state)(void *cpu, uintptr_t host_pc, _Bool will_exit);
+    void (*raise_err_ra)(void *env, int intno, int error_code, uintptr_t retaddr);
+    uint32_t (*lduw_mmuidx_ra)(void *env, uint64_t addr, int mmu_idx, uintptr_t retaddr);
+    uint64_t checks;              /* statistics: accesses looked up in the bitmap */
+    uint64_t faults;              /* statistics: #GP raised */
+    uint64_t unrestored;          /* statistics: faults raised without finding the block's return address */
+    uint64_t code_lo, code_hi;    /* this engine's TCG code buffer */
+    uint64_t helpers[6];          /* helper_in{b,w,l} and helper_out{b,w,l}: what the block calls */
+};
+
+#define IO_HF_CPL_MASK 3u
+#define IO_HF_PE (1u << 7)
+#define IO_HF_SMAP (1u << 23)
+#define IO_EFLAGS_IOPL_SHIFT 12
+#define IO_EFLAGS_VM (1ull << 17)
+#define IO_EFLAGS_AC (1ull << 18)
+#define IO_MMU_KSMAP_IDX 0
+#define IO_MMU_KNOSMAP_IDX 2
+#define IO_GP 13
+#define IO_STACK_WORDS 2048
+
+static uint32_t io_u32(const uint8_t *p) { uint32_t v; __builtin_memcpy(&v, p, 4); return v; }
+static uint64_t io_u64(const uint8_t *p) { uint64_t v; __builtin_memcpy(&v, p, 8); return v; }
+
+static int io_in_code(struct pyemu_io_guard *g, uint64_t address, uint64_t size)
+{
+    return address >= g->code_lo && address + size <= g->code_hi && address + size > address;
+}
+
+/* Is ``word`` the address after a call from translated code to one of the I/O helpers? TCG's x86-64
+ * backend calls a helper with ``call rel32`` when it is within 2 GiB, else ``call [rip + disp32]`` through
+ * a constant pool inside the block. */
+static int io_is_helper_return(struct pyemu_io_guard *g, uint64_t word)
+{
+    uint64_t target = 0;
+    if (!io_in_code(g, word - 6, 6))
+        return 0;
+    const uint8_t *code = (const uint8_t *)(uintptr_t)word;
+    int32_t disp;
+    __builtin_memcpy(&disp, code - 4, 4);
+    if (code[-5] == 0xE8) {
+        target = word + (int64_t)disp;
+    } else if (code[-6] == 0xFF && code[-5] == 0x15) {
+        uint64_t slot = word + (int64_t)disp;
+        if (!io_in_code(g, slot, 8))
+            return 0;
+        target = io_u64((const uint8_t *)(uintptr_t)slot);
+    } else {
+        return 0;
+    }
+    for (int i = 0; i < 6; i++)
+        if (g->helpers[i] && target == g->helpers[i])
+            return 1;
+    return 0;
+}
+
+/* Put env back to the start of the IN/OUT instruction (RIP and QEMU's lazy-flags state) from the return
+ * address into the translated block, the value QEMU's GETPC() gives the helper: the innermost stack word
+ * that points into this engine's code buffer right after a call to an I/O helper. Stale words left in
+ * frames by earlier calls (block hooks) point elsewhere in the block and are not taken. */
+static __attribute__((noinline)) int io_restore(struct pyemu_io_guard *g)
+{
+    uint64_t *frame = (uint64_t *)__builtin_frame_address(0);
+    for (int i = 0; i < IO_STACK_WORDS; i++) {
+        uint64_t word = frame[i];
+        if (io_is_helper_return(g, word))
+            return g->restore_state(g->cpu, (uintptr_t)word, 0) ? 1 : 0;
+    }
+    return 0;
+}
+
+/* SDM 19.5.2 and QEMU's check_io: the 16-bit bitmap offset at TSS+0x66, two bytes read at offset +
+ * port/8, both inside the TSS limit, and every bit of the access clear. A busy TSS is accepted too (the
+ * cached TR type is busy on hardware; QEMU caches the available type). */
+static int io_bitmap_allows(struct pyemu_io_guard *g, uint32_t hflags, uint64_t eflags, uint32_t port, int size)
+{
+    uint8_t *env = g->env;
+    uint32_t flags = io_u32(env + g->off_tr_flags);
+    uint32_t type = (flags >> 8) & 0x1F;   /* with the S bit, which must be clear */
+    uint32_t limit = io_u32(env + g->off_tr_limit);
+    uint64_t base = io_u64(env + g->off_tr_base);
+    if (!(flags & (1u << 15)) || (type != 9 && type != 11) || limit < 103)
+        return 0;
+    int mmu_idx = !(hflags & IO_HF_SMAP) ? IO_MMU_KNOSMAP_IDX
+                  : ((hflags & IO_HF_CPL_MASK) < 3 && (eflags & IO_EFLAGS_AC)) ? IO_MMU_KNOSMAP_IDX
+                  : IO_MMU_KSMAP_IDX;
+    uint32_t offset = g->lduw_mmuidx_ra(env, base + 0x66, mmu_idx, 0) + (port >> 3);
+    if (offset + 1 > limit)
+        return 0;
+    uint32_t bits = g->lduw_mmuidx_ra(env, base + offset, mmu_idx, 0) >> (port & 7);
+    return (bits & ((1u << size) - 1)) == 0;
+}
+
+static void io_check(struct pyemu_io_guard *g, uint32_t port, int size)
+{
+    if (!g->enabled)
+        return;
+    uint8_t *env = g->env;
+    uint32_t hflags = io_u32(env + g->off_hflags);
+    if (!(hflags & IO_HF_PE))
+        return;
+    uint64_t eflags = io_u64(env + g->off_eflags);
+    if (!(eflags & IO_EFLAGS_VM) && (hflags & IO_HF_CPL_MASK) <= ((eflags >> IO_EFLAGS_IOPL_SHIFT) & 3))
+        return;
+    g->checks++;
+    /* Restore first: a #PF while reading the bitmap leaves through the same path. */
+    if (!io_restore(g))
+        g->unrestored++;
+    if (io_bitmap_allows(g, hflags, eflags, port & 0xFFFF, size))
+        return;
+    g->faults++;
+    g->raise_err_ra(env, IO_GP, 0, 0);
+}
+
+uint32_t pyemu_io_in(void *uc, uint32_t port, int size, void *user_data)
+{
+    struct pyemu_io_guard *g = (struct pyemu_io_guard *)user_data;
+    io_check(g, port, size);
+    return g->py_in(uc, port, size, 0);
+}
+
+void pyemu_io_out(void *uc, uint32_t port, int size, uint32_t value, void *user_data)
+{
+    struct pyemu_io_guard *g = (struct pyemu_io_guard *)user_data;
+    io_check(g, port, size);
+    g->py_out(uc, port, size, value, 0);
+}

@@ -1,0 +1,268 @@
+"""I/O permission checks for IN/OUT/INS/OUTS: #GP(0) where a CPU raises it, from a C hook.
+
+Why: Unicorn 2.1.4 translates port I/O without QEMU's ``gen_check_io`` (its source says "Unicorn: allow
+all I/O instructions"), so its IN/OUT hooks serve a port even at CPL 3 with IOPL 0 and no grant in the
+TSS I/O bitmap. Measured with a guest program: a CPL-3 ``in al, dx`` with IOPL 0 and an empty bitmap
+reached the device. Linux's ``ioperm``/``iopl`` selftests fail on that.
+
+Why in C and not in the Python IN/OUT hook: a hook cannot make the instruction fault. Writing RIP or
+calling ``uc_emu_stop`` from the hook lets the rest of the instruction (the register write of IN, the
+RDI/RCX updates of INS/OUTS) and the following instructions of the translated block run before the
+engine stops (measured: the next ``inc rbx`` ran). QEMU's own helpers raise #GP by restoring the CPU
+state from the translated block's return address and leaving with a longjmp; libunicorn exports those
+functions (``cpu_restore_state``, ``raise_exception_err_ra``, ``cpu_lduw_mmuidx_ra``), and a C hook may do
+what a QEMU helper does. ``io_guard.c`` therefore runs as the IN and OUT hooks, checks CPL/IOPL in
+QEMU's CPU state (nothing else is looked at in the common case of CPL <= IOPL), reads the bitmap of the
+64-bit or 32-bit TSS, and either hands the access to the Python callbacks or raises #GP(0); the fault
+then reaches ``UC_HOOK_INTR`` with RIP at the IN/OUT instruction like any other, and
+:mod:`pyemu.accel.tcg.traps` delivers it.
+
+What it needs from the engine, found per engine (:func:`locate_cpu`): the address of ``CPUX86State``
+(``env``) and of its ``CPUState``. ``uc_struct`` holds a pointer to the CPU object, whose ``env`` starts with
+the general registers: pointers stored in the first 16 KiB of ``uc_struct`` are followed (read through
+``/proc/self/mem``, which fails instead of crashing on an unmapped address) to the nearest object that
+contains this engine's register file, a pointer back to the engine and a pointer to ``env`` (QEMU's
+``CPUState.env_ptr``); the whole calibrated blob must then equal the bytes at ``env``. Offsets found for the
+first engine are reused for the next ones (and checked again).
+
+Known difference from hardware: an INS that faults leaves zero in its destination (QEMU writes a
+dummy zero there before the port read, to be restartable on #PF, and Unicorn's hook runs after it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+import threading
+from typing import Any, Callable
+
+from unicorn import UC_HOOK_INSN, Uc
+from unicorn import x86_const as x86
+
+from pyemu.accel.tcg.block_gate import BlockGate, native_function
+from pyemu.accel.tcg.calibration import BlobLayout
+from pyemu.accel.tcg.context import CpuBlob
+from pyemu.accel.tcg.errors import CalibrationError, EngineError
+
+_UC_SCAN = 0x4000          # bytes of uc_struct searched for the CPU pointer
+_CPU_WINDOW = 0x20000      # bytes of the CPU object searched for env
+_cached: tuple[int, int] | None = None   # (offset of the CPU pointer in uc_struct, env - cpu)
+_cache_lock = threading.Lock()
+_cached_code: tuple[int, int] | None = None   # (offset of the TCG context pointer, of code_gen_buffer in it)
+_MARK = 0x5A17_C0DE_0000_0000
+
+_HELPERS = tuple(f"helper_{kind}{width}_x86_64" for kind in ("in", "out") for width in "bwl")
+InCallback = Callable[[Uc, int, int, Any], int]
+OutCallback = Callable[[Uc, int, int, int, Any], None]
+
+
+def _read(fd: int, address: int, size: int) -> bytes | None:
+    try:
+        return os.pread(fd, size, address)
+    except (OSError, OverflowError, ValueError):
+        return None
+
+
+def locate_cpu(uc: Uc, blob: CpuBlob) -> tuple[int, int]:
+    """(``CPUState`` address, ``CPUX86State`` address) of ``uc``'s vCPU; CalibrationError if not found."""
+    global _cached
+    layout = blob.layout
+    header = layout.gpr["rax"]   # env starts with regs[]; the blob has a header before it
+    blob.pull()
+    saved = blob.snapshot()
+    handle = handle_of(uc)
+    for index, name in enumerate(layout.gpr):   # a register file no other memory holds
+        blob.set_gpr(name, _MARK | ((handle >> 3) & 0xFF_FFFF) << 8 | index)
+    blob.push()
+    image = blob.snapshot()[header:]
+    fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _cache_lock:
+            cached = _cached
+        if cached is not None:
+            found = _from_cache(fd, handle, image, cached)
+            if found is not None:
+                return found
+        cpu, env, offset = _scan(fd, handle, image)
+        with _cache_lock:
+            _cached = (offset, env - cpu)
+        return cpu, env
+    finally:
+        os.close(fd)
+        blob.restore(saved)
+        blob.push()
+
+
+def handle_of(uc: Uc) -> int:
+    """The engine's ``uc_struct`` address."""
+    return ctypes.cast(uc._uch, ctypes.c_void_p).value or 0
+
+
+def _rwx_regions() -> list[tuple[int, int]]:
+    regions = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].startswith("rwx"):
+                low, high = (int(part, 16) for part in fields[0].split("-"))
+                regions.append((low, high))
+    return regions
+
+
+def locate_code_buffer(uc: Uc) -> tuple[int, int]:
+    """[start, end) of the engine's TCG code buffer: the writable-and-executable mapping whose start
+    ``uc_struct`` reaches through one pointer (its TCG context's ``code_gen_buffer``)."""
+    global _cached_code
+    handle = handle_of(uc)
+    regions = {low: high for low, high in _rwx_regions()}
+    fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _cache_lock:
+            cached = _cached_code
+        if cached is not None:
+            found = _code_at(fd, handle, cached, regions)
+            if found is not None:
+                return found
+        uc_bytes = _read(fd, handle, _UC_SCAN) or b""
+        for offset in range(0, len(uc_bytes) - 7, 8):
+            pointer = struct.unpack_from("<Q", uc_bytes, offset)[0]
+            if pointer < 0x10000 or pointer >= 1 << 47 or pointer & 7:
+                continue
+            window = _read(fd, pointer, 0x1000)
+            if window is None:
+                continue
+            for inner in range(0, len(window) - 7, 8):
+                start = struct.unpack_from("<Q", window, inner)[0]
+                if start in regions:
+                    with _cache_lock:
+                        _cached_code = (offset, inner)
+                    return start, regions[start]
+    finally:
+        os.close(fd)
+    raise CalibrationError("the engine's TCG code buffer was not found", field="code_gen_buffer")
+
+
+def _code_at(fd: int, handle: int, cached: tuple[int, int], regions: dict[int, int]) -> tuple[int, int] | None:
+    word = _read(fd, handle + cached[0], 8)
+    if word is None:
+        return None
+    inner = _read(fd, struct.unpack("<Q", word)[0] + cached[1], 8)
+    if inner is None:
+        return None
+    start = struct.unpack("<Q", inner)[0]
+    return (start, regions[start]) if start in regions else None
+
+
+def _from_cache(fd: int, handle: int, image: bytes, cached: tuple[int, int]) -> tuple[int, int] | None:
+    word = _read(fd, handle + cached[0], 8)
+    if word is None:
+        return None
+    cpu = struct.unpack("<Q", word)[0]
+    env = cpu + cached[1]
+    return (cpu, env) if _read(fd, env, len(image)) == image else None
+
+
+def _scan(fd: int, handle: int, image: bytes) -> tuple[int, int, int]:
+    uc_bytes = _read(fd, handle, _UC_SCAN)
+    if uc_bytes is None:
+        raise CalibrationError("cannot read the engine structure", field="env")
+    registers = image[:128]
+    best: tuple[int, int, int] | None = None
+    for offset in range(0, len(uc_bytes) - 7, 8):
+        pointer = struct.unpack_from("<Q", uc_bytes, offset)[0]
+        if pointer < 0x10000 or pointer >= 1 << 47 or pointer & 7:
+            continue
+        window = _read(fd, pointer, _CPU_WINDOW)
+        if window is None:
+            continue
+        start = window.find(registers)
+        if start < 0 or start & 7:
+            continue
+        env = pointer + start
+        before = window[:start]
+        if struct.pack("<Q", handle) not in before or struct.pack("<Q", env) not in before:
+            continue
+        if best is None or start < best[1] - best[0]:
+            best = (pointer, env, offset)
+    if best is None:
+        raise CalibrationError("the engine's CPUX86State was not found", field="env")
+    if _read(fd, best[1], len(image)) != image:
+        raise CalibrationError("the CPU state at the located env differs from the blob", field="env")
+    return best
+
+
+class IoGuard:
+    """The IN/OUT hooks of one engine: the C guard in front of the Python callbacks ``on_in``/``on_out``
+    (same signatures as Unicorn's IN/OUT hook callbacks; exceptions they raise stop the engine and are
+    raised again by ``emu_start``, as with ``uc.hook_add``)."""
+
+    def __init__(self, uc: Uc, blob: CpuBlob, gate: BlockGate, on_in: InCallback, on_out: OutCallback) -> None:
+        from unicorn.unicorn_py3.arch.intel import HOOK_INSN_IN_CFUNC, HOOK_INSN_OUT_CFUNC
+        from unicorn.unicorn_py3.unicorn import uccallback
+
+        module = gate.module
+        self._ffi: Any = module.ffi
+        self._uc = uc
+        self.state: Any = self._ffi.new("struct pyemu_io_guard *")
+        library = gate.library
+        self._library = library
+        # The binding's own wrapper: an exception in a callback is recorded and emu_start raises it.
+        binding: Any = uc  # the py3 binding's class; its stubs name another one
+        self._py_in = uccallback(binding, HOOK_INSN_IN_CFUNC)(on_in)
+        self._py_out = uccallback(binding, HOOK_INSN_OUT_CFUNC)(on_out)
+        state = self.state
+        state.py_in = self._ffi.cast("uint32_t (*)(void *, uint32_t, int, void *)",
+                                     ctypes.cast(self._py_in, ctypes.c_void_p).value)
+        state.py_out = self._ffi.cast("void (*)(void *, uint32_t, int, uint32_t, void *)",
+                                      ctypes.cast(self._py_out, ctypes.c_void_p).value)
+        self._configure(uc, blob, library)
+        self._handles: list[ctypes.c_size_t] = []
+        user_data = ctypes.c_void_p(int(self._ffi.cast("uintptr_t", state)))
+        for name, insn in (("pyemu_io_in", x86.UC_X86_INS_IN), ("pyemu_io_out", x86.UC_X86_INS_OUT)):
+            handle = ctypes.c_size_t()
+            status = library.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_INSN,
+                                         ctypes.c_void_p(native_function(module, name)), user_data,
+                                         ctypes.c_uint64(1), ctypes.c_uint64(0), ctypes.c_int(insn))
+            if status != 0:
+                raise EngineError(f"uc_hook_add(UC_HOOK_INSN) failed with error {status}", operation="hook_add")
+            self._handles.append(handle)
+
+    def _configure(self, uc: Uc, blob: CpuBlob, library: ctypes.CDLL) -> None:
+        layout: BlobLayout = blob.layout
+        header = layout.gpr["rax"]
+        cpu, env = locate_cpu(uc, blob)
+        state = self.state
+        state.env = self._ffi.cast("uint8_t *", env)
+        state.cpu = self._ffi.cast("void *", cpu)
+        state.off_hflags = layout.hflags - header
+        state.off_eflags = layout.rflags - header
+        state.off_tr_base = layout.tr + layout.seg.base - header
+        state.off_tr_limit = layout.tr + layout.seg.limit - header
+        state.off_tr_flags = layout.tr + layout.seg.flags - header
+
+        def function(name: str, ctype: str) -> Any:
+            address = ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+            if not address:
+                raise CalibrationError(f"libunicorn does not export {name}", field="io_guard")
+            return self._ffi.cast(ctype, address)
+
+        state.restore_state = function("cpu_restore_state_x86_64", "_Bool (*)(void *, uintptr_t, _Bool)")
+        state.raise_err_ra = function("raise_exception_err_ra_x86_64", "void (*)(void *, int, int, uintptr_t)")
+        state.lduw_mmuidx_ra = function("cpu_lduw_mmuidx_ra_x86_64",
+                                        "uint32_t (*)(void *, uint64_t, int, uintptr_t)")
+        for index, name in enumerate(_HELPERS):
+            state.helpers[index] = int(self._ffi.cast("uintptr_t", function(name, "void *")))
+        state.code_lo, state.code_hi = locate_code_buffer(uc)
+        state.enabled = 1
+
+    @property
+    def statistics(self) -> dict[str, int]:
+        """Bitmap look-ups, #GP raised, and faults raised without a restored state (should stay 0)."""
+        return {"checks": int(self.state.checks), "faults": int(self.state.faults),
+                "unrestored": int(self.state.unrestored)}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            self._library.uc_hook_del(self._uc._uch, handle)
+        self._handles = []
