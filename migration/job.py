@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from pyemu.block.errors import BlockError
 from pyemu.migration.errors import MigrationError
-from pyemu.migration.images import activate_images
+from pyemu.migration.images import activate_images, inactivate_images
 from pyemu.migration.mapped_ram import SEEKABLE_ONLY, MappedRamFile, open_outgoing, save_mapped
 from pyemu.migration.params import MigrationCancelled, MigrationParameters, RateLimiter
 from pyemu.migration.precopy import precopy_save
 from pyemu.migration.transport import IncomingStream, OutgoingStream, check_uri, is_socket_uri
 from pyemu.migration.vmstate import LoadStats, drain_io, load_vm, migration_blockers, save_vm
+from pyemu.system.messages import error_report
 from pyemu.system.runstate import RunState
 
 if TYPE_CHECKING:
@@ -179,6 +180,7 @@ class MigrationManager:
         was_running = state is RunState.RUNNING
         paused_at = time.monotonic_ns()
         out: OutgoingStream | MappedRamFile | None = None
+        inactivated = False
         mapped = self.params.capabilities["mapped-ram"]
         try:
             out = open_outgoing(uri, machine, mapped=mapped)
@@ -202,12 +204,18 @@ class MigrationManager:
                     stop_vm()
                 else:
                     drain_io(machine)
+                inactivate_images(machine)
+                inactivated = True
                 run_state = "running" if was_running else "prelaunch" if state is RunState.PRELAUNCH else "paused"
                 save_mapped(machine, out, run_state, self._stats, self._cancel)
             elif was_running:
                 precopy_save(machine, limited, self._stats, self.params, self._cancel, stop_vm)
             else:
                 drain_io(machine)
+                # As QEMU's migration_completion, whatever the run state: the source lets go of its
+                # images before the state goes out, so the destination can take them when it has loaded.
+                inactivate_images(machine)
+                inactivated = True
                 # The run state the destination should take: a VM stopped before has its own state.
                 run_state = "prelaunch" if state is RunState.PRELAUNCH else "paused"
                 save_vm(machine, limited, run_state, self._stats)
@@ -222,6 +230,11 @@ class MigrationManager:
         except Exception as exc:  # every failure ends in "failed" with its reason; the VM goes on
             if out is not None:
                 out.abort()
+            if inactivated:  # (pre-copy takes its images back itself)
+                try:
+                    activate_images(machine)
+                except BlockError as activate_error:
+                    error_report(str(activate_error))
             cancelled = self._cancel.is_set()
             self.error = None if cancelled else str(exc)
             self._finished_ns = time.monotonic_ns()
@@ -281,7 +294,6 @@ class MigrationManager:
             # qemu-system does (process_incoming_migration_co: "load of migration failed", exit status 1);
             # an embedded VM (pyemu.VM) stays in inmigrate for its owner to inspect.
             if self.exit_on_failed_load and not self._destination_gone():
-                from pyemu.system.messages import error_report
                 from pyemu.system.runstate import ShutdownCause
 
                 error_report(str(exc))
@@ -312,8 +324,6 @@ class MigrationManager:
         except BlockError as exc:
             # QEMU 7.2 (process_incoming_migration_bh): the error is reported, the migration completes
             # and the VM stays stopped; a later cont tries again.
-            from pyemu.system.messages import error_report
-
             error_report(str(exc))
             machine.enter_state(RunState.PAUSED)
             self._set_status("completed")
