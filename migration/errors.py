@@ -50,3 +50,11 @@ class StreamCorrupt(StreamError):
 
 class StreamMismatch(StreamError):
     """A valid stream of a different VM: board, board options, RAM, vCPUs or devices differ."""
+
+
+class IncomingLoadFailed(MigrationError):
+    """A start-up ``-incoming`` load failed in a pyemu process: the reason has been reported, and this is
+    qemu-system's last word before it exits 1 (QEMU 7.2's process_incoming_migration_co)."""
+
+    def __init__(self) -> None:
+        super().__init__("load of migration failed: Invalid argument")

@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from pyemu.block.errors import BlockError
-from pyemu.migration.errors import MigrationError
+from pyemu.migration.errors import IncomingLoadFailed, MigrationError
 from pyemu.migration.images import activate_images, inactivate_images
 from pyemu.migration.mapped_ram import SEEKABLE_ONLY, MappedRamFile, open_outgoing, save_mapped
 from pyemu.migration.params import MigrationCancelled, MigrationParameters, RateLimiter
@@ -277,6 +277,12 @@ class MigrationManager:
             self._thread = threading.Thread(target=self._load_reporting, args=(uri, stream),
                                             name="migration-in", daemon=True)
             self._thread.start()
+        elif self.exit_on_failed_load:  # the pyemu command: report as qemu-system does, then exit 1
+            try:
+                self._load(uri)
+            except MigrationError as exc:
+                error_report(str(exc))
+                raise IncomingLoadFailed() from exc
         else:
             self._load(uri)
 
@@ -297,7 +303,7 @@ class MigrationManager:
                 from pyemu.system.runstate import ShutdownCause
 
                 error_report(str(exc))
-                error_report("load of migration failed: Invalid argument")
+                error_report(str(IncomingLoadFailed()))
                 self.machine.request_shutdown(ShutdownCause.HOST_ERROR, 1)
 
     def _load(self, uri: str, stream: IncomingStream | None = None) -> None:

@@ -100,3 +100,18 @@ def test_deferred_migrate_incoming_of_a_bad_file_exits_1(short_dir: Path) -> Non
             proc.wait()
     assert status == 1, err
     assert "load of migration failed: Invalid argument" in err and "section" in err, err
+
+
+def test_startup_incoming_of_a_bad_file_or_command_exits_1_as_qemu(short_dir: Path) -> None:
+    """``-incoming exec:`` (and pyemu's ``file:``) load before the VM starts: the reason, then QEMU's
+    "load of migration failed: Invalid argument" line (measured on qemu-system-x86_64 7.2 with
+    ``-incoming "exec:cat garbage"``: "Not a migration stream" + that line, exit 1)."""
+    kernel = write_counter_kernel(short_dir)
+    garbage = short_dir / "garbage.bin"
+    garbage.write_bytes(b"not a stream" * 100)
+    for uri in (f"exec:cat {garbage}", f"file:{garbage}"):
+        proc = pyemu_process(kernel, "-incoming", uri)
+        status, err = finish(proc)
+        assert status == 1, err
+        assert err.splitlines() == ["pyemu: not a pyemu VM-state stream (bad magic)",
+                                    "pyemu: load of migration failed: Invalid argument"], err
