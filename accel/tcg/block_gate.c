@@ -28,7 +28,11 @@ struct pyemu_gate {
     uint32_t verify_left;  /* ... blocks of the loop still to look at for a PAUSE */
     uint64_t not_pause;    /* ... the last anchor found to be a loop without PAUSE (rep string, memset) */
     uint64_t last_block;   /* the start of the block running now (for sampling profilers) */
+    const uint32_t *hflags2; /* QEMU's env->hflags2 of this engine (io_guard.py finds env), or NULL */
+    int32_t nmi_held;      /* vCPU: an NMI waits for the end of NMI blocking; stop once HF2_NMI_MASK is clear */
 };
+
+#define GATE_HF2_NMI_MASK (1u << 2)
 
 /* Spin detection, only while another vCPU waits for the turn (the scheduler runs one engine at a time,
  * so a guest spinning on a lock held by a vCPU that is not running waits for nothing). A loop is a block
@@ -82,6 +86,10 @@ void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data
     if (__atomic_load_n(&gate->stop_request, __ATOMIC_ACQUIRE)
         || __atomic_load_n(&gate->service_request, __ATOMIC_ACQUIRE)) {
         goto stop;
+    }
+    if (gate->nmi_held && !first && gate->hflags2
+        && !(__atomic_load_n(gate->hflags2, __ATOMIC_RELAXED) & GATE_HF2_NMI_MASK)) {
+        goto stop;   /* the first block after the NMI handler's IRET */
     }
     if (!first && __atomic_load_n(&gate->irq_pending, __ATOMIC_ACQUIRE)) {
         uint64_t rflags = 0;

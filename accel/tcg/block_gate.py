@@ -108,6 +108,8 @@ struct pyemu_gate {
     uint32_t verify_left;
     uint64_t not_pause;
     uint64_t last_block;
+    const uint32_t *hflags2;
+    int32_t nmi_held;
 };
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
 struct pyemu_io_guard {
@@ -288,6 +290,14 @@ class BlockGate:
         self.state.contended = 1 if contended else 0
 
     # vCPU side ---------------------------------------------------------------------------------------
+    def watch_nmi_mask(self, hflags2_address: int) -> None:
+        """Where this engine's ``env->hflags2`` lives (see :mod:`pyemu.accel.tcg.io_guard`)."""
+        self.state.hflags2 = self._ffi.cast("const uint32_t *", hflags2_address)
+
+    def hold_nmi(self, held: bool) -> None:
+        """An NMI waits while NMIs are blocked: stop at the first block start after the IRET that ends it."""
+        self.state.nmi_held = 1 if held else 0
+
     def arm(self) -> None:
         """Before each emu_start: exempt the resume block, forget the previous stop."""
         self.state.skip_first = 1

@@ -18,7 +18,7 @@ RAX 40 (general registers in QEMU order RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, 
 RIP 168, RFLAGS 176, hflags 216, segment caches ES/CS/SS/DS/FS/GS at 224 + 24*i (selector +0, base +8,
 limit +16, flags +20), LDTR 368, TR 392, GDTR 416, IDTR 440, CR0 464 (CR2 480, CR3 488, CR4 496), EFER 632,
 STAR 4864, LSTAR 4880, CSTAR 4888, FMASK 4896, error_code 5424, exception_is_int 5428, old_exception 5536,
-tsc_offset 5552. A fresh engine holds ``old_exception = -1``.
+tsc_offset 5552, hflags2 220 (right after hflags, as in QEMU). A fresh engine holds ``old_exception = -1``.
 
 ``tsc_offset`` is QEMU's ``env->tsc_offset`` (set by SVM's VMRUN in QEMU, never by Unicorn's API): RDTSC
 returns the host TSC plus it, so it is how the guest TSC starts at 0 and stops while the VM is paused.
@@ -107,6 +107,7 @@ class BlobLayout:
     exception_is_int: int
     old_exception: int
     tsc_offset: int
+    hflags2: int = -1   # QEMU's env->hflags2 (HF2_NMI_MASK: NMIs blocked until IRET); see _calibrate_hflags2
 
 
 def _aligned_offsets(blob: bytes, fmt: str, value: int) -> list[int]:
@@ -380,6 +381,49 @@ def _calibrate_tsc_offset(probe: _Probe, old_exception: int) -> int:
     return _unique(found, "tsc_offset")
 
 
+HF2_GIF = 1 << 0        # QEMU's HF2_GIF_MASK: set at reset (SVM's global interrupt flag)
+HF2_NMI = 1 << 2        # QEMU's HF2_NMI_MASK: an NMI is being handled; IRET clears it
+_HFLAGS2_WINDOW = 32    # bytes after hflags searched for hflags2
+_STACK = 0x8000
+
+
+def _calibrate_hflags2(probe: _Probe, hflags: int) -> int:
+    """``hflags2``: the 32-bit field after ``hflags`` that holds GIF (1) at reset and whose NMI bit an
+    ``iretq`` clears. Each candidate gets the NMI bit alone, then the probe runs ``iretq`` to a flat 64-bit
+    code segment; the field QEMU's IRET helper clears is the one. This also checks, on this libunicorn, that
+    IRET ends NMI blocking (what the vCPU relies on)."""
+    uc = probe.uc
+    uc.mem_write(_GDT + 0x28, _descriptor(0, 0xFFFFF, 0x9B, 0xA))   # 64-bit code, DPL 0
+    uc.mem_write(_GDT + 0x30, _descriptor(0, 0xFFFFF, 0x93, 0xC))   # flat data, DPL 0
+    target = _CODE + 0x10
+    uc.mem_write(_CODE, bytes.fromhex("48cf"))                      # iretq
+    uc.mem_write(target, b"\xf4")
+    uc.mem_write(_STACK - 40, struct.pack("<5Q", target, 0x28, 0x2, _STACK, 0x30))
+    uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+    start = uc.context_save()
+    plain = bytes(start)
+    found = []
+    for offset in range(hflags + 4, min(len(plain) - 4, hflags + _HFLAGS2_WINDOW), 4):
+        value = struct.unpack_from("<I", plain, offset)[0]
+        if value & (HF2_GIF | HF2_NMI) != HF2_GIF:
+            continue
+        raw = bytearray(plain)
+        struct.pack_into("<I", raw, offset, value | HF2_NMI)
+        ctx = uc.context_save()
+        _write_context(ctx, raw)
+        uc.context_restore(ctx)
+        uc.reg_write(x86.UC_X86_REG_RSP, _STACK - 40)
+        try:
+            uc.emu_start(_CODE, target)
+        except UcError:
+            continue
+        after = bytes(uc.context_save())
+        if uc.reg_read(x86.UC_X86_REG_RIP) == target and struct.unpack_from("<I", after, offset)[0] == value:
+            found.append(offset)
+    uc.context_restore(start)
+    return _unique(found, "hflags2")
+
+
 def _write_context(ctx: object, raw: bytes | bytearray) -> None:
     import ctypes
 
@@ -409,5 +453,6 @@ def calibrate() -> BlobLayout:
         uc.reg_write(name, 0)
     exceptions = _calibrate_exceptions(probe, set(gpr.values()))
     tsc_offset = _calibrate_tsc_offset(probe, exceptions["old_exception"])
+    hflags2 = _calibrate_hflags2(probe, control["hflags"])
     return BlobLayout(size=size, gpr=gpr, rip=rip, rflags=rflags, segments=segments, seg=seg, **tables,
-                      **control, **msrs, **exceptions, tsc_offset=tsc_offset)
+                      **control, **msrs, **exceptions, tsc_offset=tsc_offset, hflags2=hflags2)

@@ -141,6 +141,15 @@ class CpuBlob:
         self.set_u32(self.layout.hflags, value)
 
     @property
+    def hflags2(self) -> int:
+        """QEMU's ``hflags2`` (bit 2, HF2_NMI_MASK: NMIs are blocked until the next IRET)."""
+        return self.u32(self.layout.hflags2)
+
+    @hflags2.setter
+    def hflags2(self, value: int) -> None:
+        self.set_u32(self.layout.hflags2, value)
+
+    @property
     def cr0(self) -> int:
         return self.u64(self.layout.cr0)
 

@@ -232,6 +232,7 @@ class IoGuard:
         layout: BlobLayout = blob.layout
         header = layout.gpr["rax"]
         cpu, env = locate_cpu(uc, blob)
+        self.env = env
         state = self.state
         state.env = self._ffi.cast("uint8_t *", env)
         state.cpu = self._ffi.cast("void *", cpu)

@@ -6,7 +6,8 @@ Run loop (``run``), per iteration:
 2. processor events from the local APIC (:class:`~pyemu.hw.intc.api.ProcessorSignals`) are taken: INIT
    puts the vCPU in its INIT state, waiting for a start-up IPI; a SIPI starts a waiting vCPU in real mode
    at vector x 0x1000 (an application processor starts this way; it is created waiting); an NMI is
-   delivered through IDT vector 2 whatever RFLAGS.IF says;
+   delivered through IDT vector 2 whatever RFLAGS.IF says, unless NMIs are blocked (from an NMI's delivery
+   to the handler's IRET, QEMU's HF2_NMI_MASK): then it waits for the first block after that IRET;
 3. a vCPU halted with IF=1 waits on an Event (set by ``kick``/``request_stop``) until the interrupt
    controller has something pending; a vCPU waiting for SIPI waits for a processor event;
 4. the vCPU takes its turn (:mod:`pyemu.accel.tcg.scheduler`: one engine of the VM runs at a time) and
@@ -54,7 +55,7 @@ from unicorn import (
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.exits import Exit, Halt, Shutdown, Stopped
 from pyemu.accel.tcg.block_gate import BlockGate
-from pyemu.accel.tcg.calibration import BlobLayout
+from pyemu.accel.tcg.calibration import HF2_NMI, BlobLayout
 from pyemu.accel.tcg.code_cache import CodeInvalidator
 from pyemu.accel.tcg.context import CpuBlob
 from pyemu.accel.tcg.cpu_model import engine_model
@@ -118,6 +119,7 @@ class TcgVcpu:
         self._tlb = TlbFill(self._uc, memory, self._gate, code_map) if tlb_hook_enabled() else None
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)
+        self._gate.watch_nmi_mask(self._io.guard.env + layout.hflags2 - layout.gpr["rax"])
         physical = GuestPhysical(self._uc, memory, dispatcher,
                                  on_write=code_map.dirty.mark if code_map is not None else None)
         self._traps = Traps(self._uc, self._blob, physical, index,
@@ -129,6 +131,7 @@ class TcgVcpu:
         self._mp = MpState.RUNNABLE if index == 0 else MpState.WAIT_FOR_SIPI
         self._events_signalled = False
         self._nmi_latched = False  # inject_nmi without a local APIC (QEMU's CPU_INTERRUPT_NMI)
+        self._nmi_held = False     # an NMI taken while NMIs were blocked (inside an NMI handler)
         self._running = threading.Lock()
         self._closed = False
         self.last_dump: str | None = None
@@ -138,6 +141,7 @@ class TcgVcpu:
         """Also drops every translated block: a state load is a reset or a restore, after which guest RAM
         was typically rewritten by the host (kernel reloaded), which the engine cannot notice itself."""
         load_state(self._uc, self._blob, state)
+        self._clear_nmi_blocking()
         self._uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         if self._tlb is not None:
@@ -150,6 +154,16 @@ class TcgVcpu:
         self._mp = MpState.WAIT_FOR_SIPI if mp_state is MpState.WAIT_FOR_SIPI else MpState.RUNNABLE
         if self._halted:
             self._gate.signal_interrupt()  # look at the controller once: it may hold the wake-up already
+
+    def _clear_nmi_blocking(self) -> None:
+        """A loaded state starts outside any NMI handler (``X86CpuState`` carries no TCG NMI blocking)."""
+        blob = self._blob
+        blob.pull()
+        if blob.hflags2 & HF2_NMI:
+            blob.hflags2 = blob.hflags2 & ~HF2_NMI
+            blob.push()
+        self._nmi_held = False
+        self._gate.hold_nmi(False)
 
     def save_state(self) -> X86CpuState:
         state = save_state(self._uc, self._blob, self._traps.cr2)
@@ -266,6 +280,8 @@ class TcgVcpu:
                     continue
             with self._scheduler.turn(self, self._has_work_waiting):
                 self._start_turn()
+                if self._nmi_held:
+                    self._nmi_now()
                 self._inject_interrupt()
                 if self._traps.pending_exit is not None:
                     continue
@@ -327,13 +343,27 @@ class TcgVcpu:
             self._deliver_nmi()
 
     def _deliver_nmi(self) -> None:
-        """Vector 2 through the guest IDT, waking a halted vCPU (an NMI ends HLT even with IF=0)."""
         with self._scheduler.turn(self):
-            blob = self._blob
-            blob.pull()
-            self._halted = False
-            self._traps.deliver(Event(_NMI_VECTOR, EventKind.EXTERNAL), return_rip=blob.rip,
-                                rflags=blob.rflags)
+            self._nmi_now()
+
+    def _nmi_now(self) -> None:
+        """Vector 2 through the guest IDT, waking a halted vCPU (an NMI ends HLT even with IF=0), unless
+        NMIs are blocked: as QEMU's TCG, delivery sets HF2_NMI_MASK in ``hflags2`` and the guest's IRET
+        clears it (Unicorn's IRET helpers do; calibration checks it). A blocked NMI stays pending here (one
+        at most, as on hardware) and the C block gate, which reads ``hflags2`` at every block start, stops
+        at the first block after the handler's IRET."""
+        blob = self._blob
+        blob.pull()
+        if blob.hflags2 & HF2_NMI:
+            self._nmi_held = True
+            self._gate.hold_nmi(True)
+            return
+        self._nmi_held = False
+        self._gate.hold_nmi(False)
+        self._halted = False
+        blob.hflags2 = blob.hflags2 | HF2_NMI   # pushed by the delivery below
+        self._traps.deliver(Event(_NMI_VECTOR, EventKind.EXTERNAL), return_rip=blob.rip,
+                            rflags=blob.rflags)
 
     def _execute(self) -> Exit | None:
         if self._gate.service_requested or self._code.pending:

@@ -1,0 +1,164 @@
+"""NMI blocking until IRET, and NMIs ending HLT, checked from inside the guest.
+
+After a CPU delivers an NMI it holds back further NMIs until the next IRET; one more NMI arriving in the
+meantime stays pending and is delivered right after that IRET (SDM 6.7.1). The guest raises NMIs itself by
+writing a port whose device calls the vCPU's ``inject_nmi`` (the QMP ``inject-nmi`` path).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pyemu.accel.exits import Halt
+from pyemu.testing import GuestProgram, describe, run_program
+from pyemu.testing.board import DeviceMapping
+from pyemu.testing.environment import DATA
+from pyemu.testing.interrupts import FakeInterruptController
+from pyemu.testing.runner import RunContext
+from pyemu.target.x86.cpu_state import MpState
+
+NMI_PORT = 0x540
+DEPTH, MAX_DEPTH, ENTRIES = DATA + 0x900, DATA + 0x908, DATA + 0x910
+ENTRY_MARK, EXIT_MARK = DATA + 0x940, DATA + 0x980     # r14 at each handler entry / at its IRET, by entry
+SPIN_LIMIT = 50_000_000
+
+
+class NmiButton:
+    """A port that injects an NMI into the vCPU whenever the guest writes it."""
+
+    def __init__(self) -> None:
+        self.vcpu: object | None = None
+        self.presses = 0
+
+    def read(self, offset: int, size: int) -> int:
+        return 0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.presses += 1
+        if self.vcpu is not None:
+            self.vcpu.inject_nmi()  # type: ignore[attr-defined]
+
+
+NMI_HANDLER = f"""
+    push rax
+    push rbx
+    push rcx
+    push rdx
+    mov rbx, {DEPTH}
+    inc qword ptr [rbx]
+    mov rax, [rbx]
+    cmp rax, [rbx + 8]
+    jbe nmi_counted
+    mov [rbx + 8], rax              ; deepest nesting seen
+nmi_counted:
+    inc qword ptr [rbx + 0x10]
+    mov rax, [rbx + 0x10]
+    mov [rbx + 0x40 + rax * 8], r14 ; main-loop count at this entry
+    cmp rax, 1
+    jne nmi_return
+    mov dx, {NMI_PORT}              ; the second NMI, raised while this one is handled
+    out dx, al
+    mov rcx, 200000                 ; stay in the handler for many blocks
+nmi_spin:
+    dec rcx
+    jnz nmi_spin
+nmi_return:
+    mov rax, [rbx + 0x10]
+    mov [rbx + 0x80 + rax * 8], r14 ; main-loop count at the IRET
+    dec qword ptr [rbx]
+    pop rdx
+    pop rcx
+    pop rbx
+    pop rax
+    iretq
+"""
+
+
+def test_nmi_blocked_until_iret_and_not_lost(accel: str) -> None:
+    button = NmiButton()
+    program = GuestProgram(
+        code=f"""
+            xor r14, r14
+            mov dx, {NMI_PORT}
+            out dx, al                      ; the first NMI
+            mov rbx, {ENTRIES}
+            mov rcx, {SPIN_LIMIT}
+        wait:
+            inc r14
+            cmp qword ptr [rbx], 2
+            jae done
+            dec rcx
+            jnz wait
+        done:
+            mov eax, 0x600d
+            mov dx, exit_port
+            out dx, eax
+        """,
+        handlers={2: NMI_HANDLER},
+    )
+
+    def connect(context: RunContext) -> None:
+        button.vcpu = context.vcpu
+
+    result = run_program(program, accel, before_run=connect, timeout=60.0,
+                         devices=[DeviceMapping("pio", NMI_PORT, 1, button)])
+    assert result.exit_value == 0x600D, describe(result)
+    assert button.presses == 2
+    assert result.u64(ENTRIES) == 2, "the NMI raised inside the handler was lost"
+    assert result.u64(MAX_DEPTH) == 1, "an NMI was delivered inside the NMI handler"
+    assert result.u64(DEPTH) == 0
+    if accel == "tcg":
+        # The held NMI came right after the first handler's IRET: the main loop did not run in between.
+        # (This host's PVM-based KVM takes it some main-loop iterations later -- 96 in one run -- so the
+        # kvm case checks only that it was held and not lost.)
+        assert result.u64(ENTRY_MARK + 16) == result.u64(EXIT_MARK + 8)
+
+
+def test_nmi_wakes_hlt() -> None:
+    """TCG: a vCPU waiting in HLT (IF=1, nothing pending at its interrupt controller) takes an NMI and
+    continues after the HLT once the handler returns. (KVM does this in the kernel; the host cannot tell
+    here when the guest has reached its HLT.)"""
+    program = GuestProgram(
+        code=f"""
+            mov rbx, {ENTRIES}
+            sti
+            hlt
+            mov rax, [rbx]
+            mov rcx, {DATA}
+            mov [rcx], rax                  ; NMIs taken before the HLT returned
+            mov eax, 0x600d
+            mov dx, exit_port
+            out dx, eax
+        """,
+        handlers={2: f"""
+            push rbx
+            mov rbx, {ENTRIES}
+            inc qword ptr [rbx]
+            pop rbx
+            iretq
+        """},
+    )
+    injected = threading.Event()
+
+    def nmi_when_halted(context: RunContext) -> None:
+        vcpu = context.vcpu
+
+        def wait_then_inject() -> None:
+            deadline = time.monotonic() + 30.0
+            while time.monotonic() < deadline:
+                if getattr(vcpu, "mp_state", None) is MpState.HALTED:
+                    injected.set()
+                    vcpu.inject_nmi()
+                    return
+                time.sleep(0.005)
+
+        threading.Thread(target=wait_then_inject, daemon=True).start()
+
+    result = run_program(program, "tcg", interrupts=FakeInterruptController(), before_run=nmi_when_halted,
+                         timeout=60.0)
+    assert injected.is_set(), "the vCPU never halted"
+    assert result.exit_value == 0x600D, describe(result)
+    assert not isinstance(result.exit, Halt)
+    assert result.u64(DATA) == 1
+    assert result.u64(ENTRIES) == 1
