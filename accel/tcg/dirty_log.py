@@ -24,10 +24,10 @@ How (while logging):
   the sync returned.
 
 Known limit: when the hook leaves an access to Unicorn's own MMU (a #PF, or page-table shapes the C walk
-does not handle: 4 MiB PSE pages, 1 GiB pages, SMAP with EFLAGS.AC=0, tables outside RAM), the rest of
+does not handle: 4 MiB PSE pages, SMAP with EFLAGS.AC=0, tables outside RAM), the rest of
 that one translation block runs with Unicorn's MMU, whose stores are not seen; they are counted in
 ``log_fallbacks`` (a faulting store writes nothing; the shapes are not used by the guests pyemu boots:
-no 1 GiB pages or SMAP in its CPUID, Linux x86-64 uses no PSE). While logging, the hook flushes the
+Linux x86-64 uses no PSE, and under SMAP touches user pages only with EFLAGS.AC set). While logging, the hook flushes the
 TLB when it takes the engine back, so no entry granted by Unicorn's MMU outlives that block.
 """
 

@@ -165,7 +165,12 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
                 return -1;
             }
             if (level == 1 && (e & PS_BIT)) {
-                return -1; /* 1 GiB pages: not offered in CPUID, leave to Unicorn */
+                if (e & 0x3FFFE000ULL) {
+                    return -1; /* reserved bits of a 1 GiB page: Unicorn raises the #PF */
+                }
+                leaf = e;
+                page = (e & ADDR_MASK & ~0x3FFFFFFFULL) | (va & 0x3FFFF000ULL);
+                break;
             }
             if (level == 2 && (e & PS_BIT)) {
                 if (e & 0x1FE000ULL) {

@@ -22,7 +22,7 @@ before; a code fetch from a data page misses (its entry lacks EXEC), marks the p
 full entry.
 
 Faults are left to Unicorn: when the read-only walk would refuse the access (or meets anything unusual:
-tables outside RAM, 1 GiB or 4 MiB pages, LA57, PKE, SMAP with EFLAGS.AC=0), the hook switches the
+tables outside RAM, 4 MiB pages, LA57, PKE, SMAP with EFLAGS.AC=0), the hook switches the
 engine back to ``UC_TLB_CPU`` and reports a miss, which ends ``emu_start`` with UC_ERR_EXCEPTION and RIP
 at the instruction (``fill_failed`` is set). The vCPU re-runs it under the engine's own MMU, which raises
 the architectural #PF; the block gate switches back to this hook at the next block start.
