@@ -25,8 +25,10 @@ contains this engine's register file, a pointer back to the engine and a pointer
 ``CPUState.env_ptr``); the whole calibrated blob must then equal the bytes at ``env``. Offsets found for the
 first engine are reused for the next ones (and checked again).
 
-Known difference from hardware: an INS that faults leaves zero in its destination (QEMU writes a
-dummy zero there before the port read, to be restartable on #PF, and Unicorn's hook runs after it).
+Known differences from hardware, both from where Unicorn calls the hook (after the memory access of the
+string forms, where QEMU's own check comes before it): an INS that faults leaves zero in its destination
+(QEMU writes a dummy zero there before the port read, to be restartable on #PF), and an INS/OUTS whose
+memory operand faults raises that #PF (or #GP) instead of the I/O #GP a CPU checks first.
 """
 
 from __future__ import annotations

@@ -212,3 +212,19 @@ def test_cpl0_ignores_iopl_and_bitmap(accel: str) -> None:
     result = run_program(program, accel)
     assert result.exit_value == 0x600D, describe(result)
     assert port_traffic(result) == [("read", 1, 1)]
+
+
+def test_every_fault_restored_the_instruction_state() -> None:
+    """TCG: the guard found the translated block's return address for each #GP it raised (the exact
+    instruction state, not only RIP), and looked at the bitmap only for CPL 3 accesses."""
+    vcpus = []
+    probes = [probe(i, instruction, length).format(port=RECORD_PORT + 1)
+              for i, (instruction, length) in enumerate([("in al, dx", 1), ("out dx, eax", 1), ("rep insb", 2),
+                                                         ("outsw", 2)])]
+    setup = "mov rdi, user_stack_top\nsub rdi, 0x200\nmov rsi, rdi\nmov rcx, 2\n"
+    program = user_program([setup] + probes, IOPL0_RFLAGS, bitmap=True)
+    result = run_program(program, "tcg", before_run=lambda context: vcpus.append(context.vcpu))
+    assert result.exit_value == 0x600D, describe(result)
+    assert [rip for rip, _code in faults(result)] == [probe_address(result, i) for i in range(4)]
+    statistics = vcpus[0]._io.guard.statistics  # type: ignore[attr-defined]
+    assert statistics == {"checks": 4, "faults": 4, "unrestored": 0}
