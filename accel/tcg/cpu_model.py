@@ -52,12 +52,15 @@ def _features(bitmaps: tuple[int, ...]) -> frozenset[str]:
 ENGINE_MODELS: dict[str, frozenset[str]] = {row[0]: _features(row[1:]) for row in _MEASURED}
 #: Features some engine model has: the ones the engine gates on its model (others are pyemu's business).
 ENGINE_GATED: frozenset[str] = frozenset().union(*ENGINE_MODELS.values())
+#: Features no engine model lists but the engine executes when it has another one: RDSEED is decoded
+#: under the RDRAND check (measured: #UD under Westmere, executed under Ivy Bridge and later).
+ENGINE_NEEDS: dict[str, str] = {"rdseed": "rdrand"}
 
 
 def engine_model_name(table: CpuidTable) -> str:
     """The smallest Unicorn model executing every engine-gated feature ``table`` offers (the largest
     measured model when none covers them all)."""
-    wanted = table.features() & ENGINE_GATED
+    wanted = {ENGINE_NEEDS.get(f, f) for f in table.features()} & ENGINE_GATED
     for name, features in ENGINE_MODELS.items():
         if wanted <= features:
             return name

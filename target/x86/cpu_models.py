@@ -30,12 +30,13 @@ _PPRO = ("fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "
 #: the default table's features, by the Linux boot tests. Not here, with the reason:
 #: x2apic, tsc_deadline, tsc_adjust (need RDMSR/WRMSR interception Unicorn 2.1.4 lacks, accel/tcg/msrs.py);
 #: vme (QEMU 5.0's TCG does not implement it: not in its TCG_FEATURES); avx, avx2, fma, f16c, avx512f
-#: (no AVX in QEMU 5.0's TCG); umip, rdpid, rdseed, sha_ni, invpcid, xsavec, xsaves, hle, rtm, mpx, vmx,
-#: svm, monitor (not executed by Unicorn 2.1.4's TCG: absent from every Unicorn model's CPUID);
+#: (no AVX in QEMU 5.0's TCG; VZEROUPPER runs without the #UD it owes); rtm, hle (XBEGIN decodes as a MOV);
+#: umip, rdpid, sha_ni, invpcid, xsavec, xsaves, mpx, vmx, svm, monitor (not executed by Unicorn 2.1.4: #UD,
+#: tests/guest/test_cpu_features.py). rdseed is executed although no Unicorn model's CPUID lists it;
 #: la57 (Unicorn's Icelake-Server has it, but pyemu's TLB-fill hook and boards assume 4-level paging).
 TCG_FEATURES: frozenset[str] = frozenset(DEFAULT_FEATURES) - {"vme", "tsc_adjust"} | {
     "pclmulqdq", "movbe", "aes", "xsave", "rdrand", "fsgsbase", "bmi1", "bmi2", "erms", "smep", "adx", "smap",
-    "clflushopt", "clwb", "pku", "xsaveopt", "xgetbv1", "rdtscp", "pdpe1gb", "abm",
+    "clflushopt", "clwb", "pku", "xsaveopt", "xgetbv1", "rdtscp", "pdpe1gb", "abm", "rdseed",
 }
 
 #: XCR0 components ``-cpu max`` offers under TCG: x87 and SSE state only (no AVX in the engine).

@@ -71,7 +71,7 @@ def test_max_offers_exactly_the_tested_features_and_the_guest_reads_them() -> No
 
 TESTED = frozenset({
     "movbe", "abm", "bmi1", "bmi2", "adx", "pclmulqdq", "aes", "rdrand", "rdtscp", "fsgsbase", "smep", "smap",
-    "pku", "xsave", "xsaveopt", "xgetbv1", "clflushopt", "clwb", "erms", "pdpe1gb",
+    "pku", "xsave", "xsaveopt", "xgetbv1", "clflushopt", "clwb", "erms", "pdpe1gb", "rdseed",
 })
 
 
@@ -547,3 +547,87 @@ def test_cpuid_osxsave_bit_follows_cr4() -> None:
     """))
     assert not result.u32("data", 0) & (1 << 27)
     assert result.u32("data", 1) & (1 << 27)
+
+
+# -- evidence for what max leaves out: the engine (Unicorn's Skylake-Server) raises #UD for them -------------
+@pytest.mark.parametrize("feature,code", [
+    ("rdpid", ".byte 0xf3, 0x0f, 0xc7, 0xf8"),             # rdpid rax
+    ("sha-ni", ".byte 0x0f, 0x3a, 0xcc, 0xc1, 0x00"),      # sha1rnds4 xmm0, xmm1, 0
+    ("invpcid", ".byte 0x66, 0x0f, 0x38, 0x82, 0x07"),     # invpcid rax, [rdi]
+    ("xsavec", ".byte 0x0f, 0xc7, 0x27"),                  # xsavec [rdi]
+    ("xsaves", ".byte 0x0f, 0xc7, 0x2f"),                  # xsaves [rdi]
+    ("monitor", ".byte 0x0f, 0x01, 0xc8"),                 # monitor
+])
+def test_engine_of_max_does_not_execute_what_max_leaves_out(feature: str, code: str) -> None:
+    result = run_max(GuestProgram(f"""
+        {_cr4_set(CR4_OSXSAVE)}
+        mov eax, 3
+        xor edx, edx
+        xor ecx, ecx
+        xsetbv
+        lea rdi, [r15 + 0x1000]
+        xor eax, eax
+        {code}
+        {exit_with(0xBAD)}
+    """, handlers={UD: exit_with(OK)}))
+    assert result.exit_value == OK, feature
+
+
+def test_engine_runs_vzeroupper_and_xbegin_wrongly_so_max_leaves_out_avx_and_rtm() -> None:
+    """Without AVX enabled in XCR0 (and without AVX at all) VZEROUPPER must raise #UD, as must XBEGIN
+    without RTM; Unicorn 2.1.4 (QEMU 5.0's decoder) runs the VEX form as its legacy opcode and C7 F8 as
+    ``mov eax, imm32`` instead."""
+    result = run_max(GuestProgram(f"""
+        {_cr4_set(CR4_OSXSAVE)}
+        mov eax, 3
+        xor edx, edx
+        xor ecx, ecx
+        xsetbv
+        .byte 0xc5, 0xf8, 0x77          # vzeroupper
+        mov qword ptr [r15], 1
+        mov eax, 5
+        .byte 0xc7, 0xf8, 0x78, 0x56, 0x34, 0x12   # xbegin +0x12345678
+        mov [r15 + 8], rax
+        {exit_with(OK)}
+    """, handlers={UD: exit_with(0x0D)}))
+    assert result.u64("data", 0) == 1  # no #UD
+    assert result.u64("data", 1) == 0x12345678  # decoded as MOV, not as XBEGIN
+
+
+def test_rdseed_sets_cf_and_gives_varying_values() -> None:
+    result = run_max(GuestProgram(f"""
+        mov rcx, 100
+    first:
+        rdseed rax
+        jc got_first
+        loop first
+        {exit_with(0xBAD1)}
+    got_first:
+        mov [r15], rax
+        mov rcx, 100
+    second:
+        rdseed rbx
+        jc got_second
+        loop second
+        {exit_with(0xBAD2)}
+    got_second:
+        mov [r15 + 8], rbx
+        {exit_with(OK)}
+    """))
+    assert result.u64("data", 0) != result.u64("data", 1)
+
+
+def test_westmere_with_rdseed_gets_an_engine_that_runs_it() -> None:
+    """rdseed needs the engine's RDRAND gate: ``-cpu Westmere,+rdseed`` must not run on Unicorn's Westmere."""
+    table = CpuOptions("Westmere", (("+rdseed", "on"),)).apply(
+        default_cpuid().without("x2apic", "tsc_deadline", "tsc_adjust"), "tcg")
+    result = run_program(GuestProgram(f"""
+        mov rcx, 100
+    again:
+        rdseed eax
+        jc done
+        loop again
+    done:
+        {exit_with(OK)}
+    """, handlers={UD: exit_with(0xBAD)}), "tcg", cpuid=table, timeout=60)
+    assert result.exit_value == OK, describe(result)

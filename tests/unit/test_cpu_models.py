@@ -122,7 +122,8 @@ def test_engine_model_choice() -> None:
     assert engine_model_name(tcg_table("qemu64")) == "QEMU64"
     assert engine_model_name(tcg_table("Westmere")) == "WESTMERE"
     assert engine_model_name(tcg_table(None)) == "NEHALEM"
-    assert TCG_FEATURES - {"hypervisor", "arat", "invtsc"} <= ENGINE_MODELS["SKYLAKE_SERVER"] | {"vme"}
+    assert engine_model_name(tcg_table("Westmere", ("+rdseed", "on"))) == "IVYBRIDGE"  # RDSEED: RDRAND's gate
+    assert TCG_FEATURES - {"hypervisor", "arat", "invtsc", "rdseed"} <= ENGINE_MODELS["SKYLAKE_SERVER"]
 
 
 @pytest.fixture
