@@ -37,7 +37,7 @@ import ctypes
 import os
 import struct
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from unicorn import UC_HOOK_INSN, Uc
 from unicorn import x86_const as x86
@@ -49,26 +49,63 @@ from pyemu.accel.tcg.errors import CalibrationError, EngineError
 
 _UC_SCAN = 0x4000          # bytes of uc_struct searched for the CPU pointer
 _CPU_WINDOW = 0x20000      # bytes of the CPU object searched for env
-_cached: tuple[int, int] | None = None   # (offset of the CPU pointer in uc_struct, env - cpu)
-_cache_lock = threading.Lock()
-_cached_code: tuple[int, int] | None = None   # (offset of the TCG context pointer, of code_gen_buffer in it)
 _MARK = 0x5A17_C0DE_0000_0000
+# Where the first engine had them, as (offset of a pointer in uc_struct, offset from that pointer):
+# the CPU pointer and env - cpu; the TCG context pointer and its code_gen_buffer field.
+_cache: dict[str, tuple[int, int]] = {}
+_cache_lock = threading.Lock()
 
 _HELPERS = tuple(f"helper_{kind}{width}_x86_64" for kind in ("in", "out") for width in "bwl")
 InCallback = Callable[[Uc, int, int, Any], int]
 OutCallback = Callable[[Uc, int, int, int, Any], None]
 
 
-def _read(fd: int, address: int, size: int) -> bytes | None:
-    try:
-        return os.pread(fd, size, address)
-    except (OSError, OverflowError, ValueError):
-        return None
+class _ProcessMemory:
+    """Reads of this process's memory through ``/proc/self/mem``: an unmapped address is None, not a crash."""
+
+    def __enter__(self) -> "_ProcessMemory":
+        self._fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        os.close(self._fd)
+
+    def read(self, address: int, size: int) -> bytes | None:
+        try:
+            return os.pread(self._fd, size, address)
+        except (OSError, OverflowError, ValueError):
+            return None
+
+    def word(self, address: int) -> int | None:
+        data = self.read(address, 8)
+        return None if data is None else int(struct.unpack("<Q", data)[0])
+
+    def pointers(self, handle: int) -> Iterator[tuple[int, int]]:
+        """(offset, value) of the words in ``uc_struct`` that look like heap pointers, in order."""
+        data = self.read(handle, _UC_SCAN) or b""
+        for offset in range(0, len(data) - 7, 8):
+            pointer = struct.unpack_from("<Q", data, offset)[0]
+            if 0x10000 <= pointer < 1 << 47 and not pointer & 7:
+                yield offset, pointer
+
+
+def _cached(name: str) -> tuple[int, int] | None:
+    with _cache_lock:
+        return _cache.get(name)
+
+
+def _remember(name: str, value: tuple[int, int]) -> None:
+    with _cache_lock:
+        _cache[name] = value
+
+
+def handle_of(uc: Uc) -> int:
+    """The engine's ``uc_struct`` address."""
+    return ctypes.cast(uc._uch, ctypes.c_void_p).value or 0
 
 
 def locate_cpu(uc: Uc, blob: CpuBlob) -> tuple[int, int]:
     """(``CPUState`` address, ``CPUX86State`` address) of ``uc``'s vCPU; CalibrationError if not found."""
-    global _cached
     layout = blob.layout
     header = layout.gpr["rax"]   # env starts with regs[]; the blob has a header before it
     blob.pull()
@@ -78,108 +115,28 @@ def locate_cpu(uc: Uc, blob: CpuBlob) -> tuple[int, int]:
         blob.set_gpr(name, _MARK | ((handle >> 3) & 0xFF_FFFF) << 8 | index)
     blob.push()
     image = blob.snapshot()[header:]
-    fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with _cache_lock:
-            cached = _cached
-        if cached is not None:
-            found = _from_cache(fd, handle, image, cached)
-            if found is not None:
-                return found
-        cpu, env, offset = _scan(fd, handle, image)
-        with _cache_lock:
-            _cached = (offset, env - cpu)
-        return cpu, env
+        with _ProcessMemory() as memory:
+            cached = _cached("cpu")
+            if cached is not None:
+                cpu = memory.word(handle + cached[0])
+                if cpu is not None and memory.read(cpu + cached[1], len(image)) == image:
+                    return cpu, cpu + cached[1]
+            cpu, env, offset = _scan_for_env(memory, handle, image)
+            _remember("cpu", (offset, env - cpu))
+            return cpu, env
     finally:
-        os.close(fd)
         blob.restore(saved)
         blob.push()
 
 
-def handle_of(uc: Uc) -> int:
-    """The engine's ``uc_struct`` address."""
-    return ctypes.cast(uc._uch, ctypes.c_void_p).value or 0
-
-
-def _rwx_regions() -> list[tuple[int, int]]:
-    regions = []
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            if len(fields) >= 2 and fields[1].startswith("rwx"):
-                low, high = (int(part, 16) for part in fields[0].split("-"))
-                regions.append((low, high))
-    return regions
-
-
-def locate_code_buffer(uc: Uc) -> tuple[int, int]:
-    """[start, end) of the engine's TCG code buffer: the writable-and-executable mapping whose start
-    ``uc_struct`` reaches through one pointer (its TCG context's ``code_gen_buffer``)."""
-    global _cached_code
-    handle = handle_of(uc)
-    regions = {low: high for low, high in _rwx_regions()}
-    fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with _cache_lock:
-            cached = _cached_code
-        if cached is not None:
-            found = _code_at(fd, handle, cached, regions)
-            if found is not None:
-                return found
-        uc_bytes = _read(fd, handle, _UC_SCAN) or b""
-        for offset in range(0, len(uc_bytes) - 7, 8):
-            pointer = struct.unpack_from("<Q", uc_bytes, offset)[0]
-            if pointer < 0x10000 or pointer >= 1 << 47 or pointer & 7:
-                continue
-            window = _read(fd, pointer, 0x1000)
-            if window is None:
-                continue
-            for inner in range(0, len(window) - 7, 8):
-                start = struct.unpack_from("<Q", window, inner)[0]
-                if start in regions:
-                    with _cache_lock:
-                        _cached_code = (offset, inner)
-                    return start, regions[start]
-    finally:
-        os.close(fd)
-    raise CalibrationError("the engine's TCG code buffer was not found", field="code_gen_buffer")
-
-
-def _code_at(fd: int, handle: int, cached: tuple[int, int], regions: dict[int, int]) -> tuple[int, int] | None:
-    word = _read(fd, handle + cached[0], 8)
-    if word is None:
-        return None
-    inner = _read(fd, struct.unpack("<Q", word)[0] + cached[1], 8)
-    if inner is None:
-        return None
-    start = struct.unpack("<Q", inner)[0]
-    return (start, regions[start]) if start in regions else None
-
-
-def _from_cache(fd: int, handle: int, image: bytes, cached: tuple[int, int]) -> tuple[int, int] | None:
-    word = _read(fd, handle + cached[0], 8)
-    if word is None:
-        return None
-    cpu = struct.unpack("<Q", word)[0]
-    env = cpu + cached[1]
-    return (cpu, env) if _read(fd, env, len(image)) == image else None
-
-
-def _scan(fd: int, handle: int, image: bytes) -> tuple[int, int, int]:
-    uc_bytes = _read(fd, handle, _UC_SCAN)
-    if uc_bytes is None:
-        raise CalibrationError("cannot read the engine structure", field="env")
+def _scan_for_env(memory: _ProcessMemory, handle: int, image: bytes) -> tuple[int, int, int]:
     registers = image[:128]
     best: tuple[int, int, int] | None = None
-    for offset in range(0, len(uc_bytes) - 7, 8):
-        pointer = struct.unpack_from("<Q", uc_bytes, offset)[0]
-        if pointer < 0x10000 or pointer >= 1 << 47 or pointer & 7:
-            continue
-        window = _read(fd, pointer, _CPU_WINDOW)
-        if window is None:
-            continue
-        start = window.find(registers)
-        if start < 0 or start & 7:
+    for offset, pointer in memory.pointers(handle):
+        window = memory.read(pointer, _CPU_WINDOW)
+        start = -1 if window is None else window.find(registers)
+        if window is None or start < 0 or start & 7:
             continue
         env = pointer + start
         before = window[:start]
@@ -189,9 +146,42 @@ def _scan(fd: int, handle: int, image: bytes) -> tuple[int, int, int]:
             best = (pointer, env, offset)
     if best is None:
         raise CalibrationError("the engine's CPUX86State was not found", field="env")
-    if _read(fd, best[1], len(image)) != image:
+    if memory.read(best[1], len(image)) != image:
         raise CalibrationError("the CPU state at the located env differs from the blob", field="env")
     return best
+
+
+def _rwx_regions() -> dict[int, int]:
+    regions = {}
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].startswith("rwx"):
+                low, high = (int(part, 16) for part in fields[0].split("-"))
+                regions[low] = high
+    return regions
+
+
+def locate_code_buffer(uc: Uc) -> tuple[int, int]:
+    """[start, end) of the engine's TCG code buffer: the writable-and-executable mapping whose start
+    ``uc_struct`` reaches through one pointer (its TCG context's ``code_gen_buffer``)."""
+    handle = handle_of(uc)
+    regions = _rwx_regions()
+    with _ProcessMemory() as memory:
+        cached = _cached("code")
+        if cached is not None:
+            context = memory.word(handle + cached[0])
+            start = None if context is None else memory.word(context + cached[1])
+            if start in regions:
+                return start, regions[start]
+        for offset, pointer in memory.pointers(handle):
+            window = memory.read(pointer, 0x1000) or b""
+            for inner in range(0, len(window) - 7, 8):
+                start = struct.unpack_from("<Q", window, inner)[0]
+                if start in regions:
+                    _remember("code", (offset, inner))
+                    return start, regions[start]
+    raise CalibrationError("the engine's TCG code buffer was not found", field="code_gen_buffer")
 
 
 class IoGuard:
