@@ -20,8 +20,7 @@ from pyemu.target.x86.cpuid import DEFAULT_FEATURES, FEATURE_SUBLEAF, FEATURES, 
 #: QEMU's spelling where it is not pyemu's key with ``_`` turned into ``-``.
 _QEMU_NAMES = {"sse4_1": "sse4.1", "sse4_2": "sse4.2"}
 #: Other names QEMU accepts for a feature (after ``-``/``.`` became ``_``).
-ALIASES = {"pni": "sse3", "pclmuldq": "pclmulqdq", "xd": "nx", "i64": "lm", "lahf": "lahf_lm",
-           "sha": "sha_ni"}
+ALIASES = {"pni": "sse3", "pclmuldq": "pclmulqdq", "xd": "nx", "i64": "lm"}
 
 _PPRO = ("fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca", "cmov",
          "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2")
@@ -31,8 +30,11 @@ _PPRO = ("fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "
 #: x2apic, tsc_deadline, tsc_adjust (need RDMSR/WRMSR interception Unicorn 2.1.4 lacks, accel/tcg/msrs.py);
 #: vme (QEMU 5.0's TCG does not implement it: not in its TCG_FEATURES); avx, avx2, fma, f16c, avx512f
 #: (no AVX in QEMU 5.0's TCG; VZEROUPPER runs without the #UD it owes); rtm, hle (XBEGIN decodes as a MOV);
-#: umip, rdpid, sha_ni, invpcid, xsavec, xsaves, mpx, vmx, svm, monitor (not executed by Unicorn 2.1.4: #UD,
-#: tests/guest/test_cpu_features.py). rdseed is executed although no Unicorn model's CPUID lists it;
+#: rdpid, sha_ni, invpcid, xsavec, xsaves (#UD under max's engine model, tests/guest/test_cpu_features.py;
+#: in no Unicorn model); monitor (#UD there); mpx (only Unicorn's Snowridge lists it, which lacks PKU and
+#: CLWB: one engine model per vCPU); sse4a (INSERTQ computes a wrong result: tested); cr8legacy (the engine's
+#: CR8 is not pyemu's userspace-LAPIC TPR); umip, vmx, svm (in no Unicorn model).
+#: rdseed is executed although no Unicorn model's CPUID lists it;
 #: la57 (Unicorn's Icelake-Server has it, but pyemu's TLB-fill hook and boards assume 4-level paging).
 TCG_FEATURES: frozenset[str] = frozenset(DEFAULT_FEATURES) - {"vme", "tsc_adjust"} | {
     "pclmulqdq", "movbe", "aes", "xsave", "rdrand", "fsgsbase", "bmi1", "bmi2", "erms", "smep", "adx", "smap",

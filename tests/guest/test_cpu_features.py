@@ -631,3 +631,26 @@ def test_westmere_with_rdseed_gets_an_engine_that_runs_it() -> None:
         {exit_with(OK)}
     """, handlers={UD: exit_with(0xBAD)}), "tcg", cpuid=table, timeout=60)
     assert result.exit_value == OK, describe(result)
+
+
+def test_engine_runs_sse4a_extrq_but_insertq_wrongly_so_max_leaves_out_sse4a() -> None:
+    """SSE4a is not refused by the engine of ``max`` (no #UD, though its CPUID lacks it); EXTRQ computes
+    the right field but INSERTQ does not (QEMU 5.0's helper), so the feature is not offered."""
+    result = run_max(GuestProgram(f"""
+        mov rax, 0x123456789abcdef0
+        movq xmm0, rax
+        .byte 0x66, 0x0f, 0x78, 0xc0, 0x10, 0x08   # extrq xmm0, 16, 8
+        movq [r15], xmm0
+        mov rax, 0xffff
+        movq xmm1, rax
+        mov rax, 0x1111111111111111
+        movq xmm2, rax
+        mov rax, 0x0810                            # length 16, index 8
+        movq xmm3, rax
+        punpcklqdq xmm1, xmm3
+        .byte 0xf2, 0x0f, 0x79, 0xd1               # insertq xmm2, xmm1
+        movq [r15 + 8], xmm2
+        {exit_with(OK)}
+    """, handlers={UD: exit_with(0x0D)}))
+    assert result.u64("data", 0) == 0xBCDE  # EXTRQ: bits 8..23
+    assert result.u64("data", 1) != 0x1111_1111_11FF_FF11  # INSERTQ should give this; the engine does not
