@@ -838,6 +838,7 @@ class LocalApic:
             return
         if self.irr & (1 << (entry & 0xFF)):
             self.timer.add_missed(1)
+            self._maybe_kick()  # as a merged expiry did: the vCPU looks again for the interrupt it has not taken
             return
         self._deliver_lvt(LVT_TIMER)
 
