@@ -35,6 +35,7 @@ errors raised by device models during the run become ``Shutdown(reason)`` with a
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Any
 
 from unicorn import (
@@ -75,7 +76,15 @@ from pyemu.errors import PyemuError
 from pyemu.hw.intc.api import InterruptController
 from pyemu.system import log
 from pyemu.system.memory import GuestMemory
-from pyemu.target.x86.cpu_state import EFER_LMA, GPR_NAMES, RFLAGS_IF, MpState, Segment, X86CpuState
+from pyemu.target.x86.cpu_state import (
+    EFER_LMA,
+    GPR_NAMES,
+    RFLAGS_IF,
+    MpState,
+    PendingEvents,
+    Segment,
+    X86CpuState,
+)
 from pyemu.target.x86.cpuid import CpuidTable
 
 # emu_start's "until" address: the last byte of the address space, never the start of a block.
@@ -141,7 +150,7 @@ class TcgVcpu:
         """Also drops every translated block: a state load is a reset or a restore, after which guest RAM
         was typically rewritten by the host (kernel reloaded), which the engine cannot notice itself."""
         load_state(self._uc, self._blob, state)
-        self._clear_nmi_blocking()
+        self._load_nmi_state(state.events)
         self._uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         if self._tlb is not None:
@@ -155,20 +164,30 @@ class TcgVcpu:
         if self._halted:
             self._gate.signal_interrupt()  # look at the controller once: it may hold the wake-up already
 
-    def _clear_nmi_blocking(self) -> None:
-        """A loaded state starts outside any NMI handler (``X86CpuState`` carries no TCG NMI blocking)."""
+    def _load_nmi_state(self, events: PendingEvents | None) -> None:
+        """NMI blocking and a waiting NMI from ``events`` (KVM's names: ``nmi_masked``, ``nmi_pending``);
+        without them (a reset, INIT, an older stream) the vCPU starts outside any NMI handler."""
+        masked = events is not None and events.nmi_masked
         blob = self._blob
         blob.pull()
-        if blob.hflags2 & HF2_NMI:
-            blob.hflags2 = blob.hflags2 & ~HF2_NMI
+        if bool(blob.hflags2 & HF2_NMI) != masked:
+            blob.hflags2 = blob.hflags2 | HF2_NMI if masked else blob.hflags2 & ~HF2_NMI
             blob.push()
         self._nmi_held = False
         self._gate.hold_nmi(False)
+        if events is not None and (events.nmi_pending or events.nmi_injected):
+            self._nmi_latched = True   # taken (or held, while masked) by the run loop's event step
+            self._events_signalled = True
 
     def save_state(self) -> X86CpuState:
         state = save_state(self._uc, self._blob, self._traps.cr2)
         state.mp_state = (MpState.WAIT_FOR_SIPI if self._mp is MpState.WAIT_FOR_SIPI
                           else MpState.HALTED if self._halted else MpState.RUNNABLE)
+        self._blob.pull()
+        masked = bool(self._blob.hflags2 & HF2_NMI)
+        pending = self._nmi_held or self._nmi_latched
+        if masked or pending:
+            state.events = replace(state.events or PendingEvents(), nmi_masked=masked, nmi_pending=pending)
         return state
 
     def kick(self) -> None:

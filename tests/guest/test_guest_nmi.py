@@ -15,8 +15,8 @@ from pyemu.testing import GuestProgram, describe, run_program
 from pyemu.testing.board import DeviceMapping
 from pyemu.testing.environment import DATA
 from pyemu.testing.interrupts import FakeInterruptController
-from pyemu.testing.runner import RunContext
-from pyemu.target.x86.cpu_state import MpState
+from pyemu.testing.runner import RunContext, prepared
+from pyemu.target.x86.cpu_state import MpState, PendingEvents
 
 NMI_PORT = 0x540
 DEPTH, MAX_DEPTH, ENTRIES = DATA + 0x900, DATA + 0x908, DATA + 0x910
@@ -162,3 +162,63 @@ def test_nmi_wakes_hlt() -> None:
     assert not isinstance(result.exit, Halt)
     assert result.u64(DATA) == 1
     assert result.u64(ENTRIES) == 1
+
+
+def test_nmi_blocking_travels_with_the_vcpu_state() -> None:
+    """TCG: ``save_state``/``load_state`` carry NMI blocking as KVM names it (``events.nmi_masked``): a
+    vCPU loaded inside an NMI handler holds an NMI back until it executes IRET."""
+    button = NmiButton()
+    program = GuestProgram(
+        code=f"""
+            mov dx, {NMI_PORT}
+            out dx, al                      ; NMIs are blocked: this one has to wait
+            mov rcx, 100000
+        spin:
+            dec rcx
+            jnz spin
+            mov rbx, {ENTRIES}
+            mov rdi, {DATA}
+            mov rax, [rbx]
+            mov [rdi], rax                  ; NMIs taken before the IRET
+            mov rax, rsp
+            mov rdx, ss
+            push rdx
+            push rax
+            pushfq
+            mov rdx, cs
+            push rdx
+            mov rax, after_iret
+            push rax
+            iretq                           ; same privilege: ends NMI blocking
+        after_iret:
+            mov rax, [rbx]
+            mov [rdi + 8], rax
+            mov eax, 0x600d
+            mov dx, exit_port
+            out dx, eax
+        """,
+        handlers={2: f"""
+            push rbx
+            mov rbx, {ENTRIES}
+            inc qword ptr [rbx]
+            pop rbx
+            iretq
+        """},
+    )
+    with prepared(program, "tcg", devices=[DeviceMapping("pio", NMI_PORT, 1, button)]) as machine:
+        vcpu = machine.vcpu
+        button.vcpu = vcpu
+        assert vcpu.save_state().events is None
+        state = vcpu.save_state()
+        state.events = PendingEvents(nmi_masked=True)
+        vcpu.load_state(state)
+        saved = vcpu.save_state().events
+        assert saved is not None and saved.nmi_masked and not saved.nmi_pending
+        deadline = time.monotonic() + 60.0
+        while machine.board.exit_device.value is None and time.monotonic() < deadline:
+            vcpu.run()
+        assert machine.board.exit_device.value == 0x600D
+        memory = machine.board.memory
+        taken_before, taken_after = (int.from_bytes(memory.read(DATA + 8 * i, 8), "little") for i in range(2))
+    assert button.presses == 1
+    assert (taken_before, taken_after) == (0, 1)
