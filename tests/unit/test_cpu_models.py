@@ -165,3 +165,36 @@ def test_cpu_max_boots_a_kernel_from_the_command_line(spin_kernel: str) -> None:
                           capture_output=True, text=True, timeout=120)
     assert "pyemu: warning: TCG doesn't support requested feature: CPUID.01H:ECX.vmx [bit 5]" in proc.stderr
     assert proc.returncode == 0, proc.stderr
+
+
+# -- KVM: the entries pyemu hands KVM_SET_CPUID2 for a model ----------------------------------------------
+def test_kvm_entries_follow_the_model_within_what_kvm_supports() -> None:
+    """Named models are the model's features intersected with KVM_GET_SUPPORTED_CPUID; ``host`` is every
+    feature pyemu knows that KVM supports. (On this project's PVM hosts the guest then sees the host's
+    CPUID whatever is set -- measured with a guest program -- so this checks what pyemu asks KVM for.)"""
+    from pyemu.accel.kvm.cpuid import build_vcpu_cpuid
+    from pyemu.accel.kvm.system import KvmSystem
+    from pyemu.testing.accelerators import kvm_unavailable_reason
+
+    reason = kvm_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    system = KvmSystem()
+    try:
+        supported = system.supported_cpuid()
+    finally:
+        system.close()
+    kvm = {(e.function, e.index): e.regs for e in supported}
+
+    def entries(model: str) -> dict[tuple[int, int], tuple[int, int, int, int]]:
+        table = CpuOptions(model).apply(default_cpuid(), "kvm")
+        return {(e.function, e.index): e.regs for e in build_vcpu_cpuid(table, supported)}
+
+    westmere = entries("Westmere")
+    assert westmere[(7, 0)][1] == 0  # no leaf-7 features in Westmere
+    assert westmere[(1, 0)][2] & (1 << 25) == kvm[(1, 0)][2] & (1 << 25)  # aes where KVM has it
+    assert not westmere[(1, 0)][2] & (1 << 28)  # no AVX
+    host = entries("host")
+    for leaf, reg in (((7, 0), 1), ((1, 0), 3), ((0x80000001, 0), 2)):
+        assert host[leaf][reg] & ~kvm[leaf][reg] == 0, (leaf, reg)
+    assert host[(7, 0)][1] == kvm[(7, 0)][1] & host[(7, 0)][1] and host[(7, 0)][1] != 0
