@@ -145,7 +145,9 @@ class CpuOptions:
 def cpu_help() -> str:
     """``-cpu help`` in QEMU's layout: the models, then the recognized flags wrapped as QEMU wraps them."""
     lines = ["Available CPUs:"]
-    lines += [f"x86 {m.name:<22}{m.description}" for m in sorted(MODELS.values(), key=lambda m: m.name.lower())]
+    # QEMU's order: named models by strcmp (capitals first), then host and max.
+    lines += [f"x86 {m.name:<22}{m.description}" for m in sorted(MODELS.values(),
+                                                              key=lambda m: (m.every_supported, m.name))]
     lines += ["", "Recognized CPUID flags:"]
     row = " "
     for flag in recognized_flags():
