@@ -16,7 +16,7 @@ from pyemu.system.cpu_options import CpuOptions
 from pyemu.target.x86.cpu_models import TCG_FEATURES
 from pyemu.target.x86.cpuid import DEFAULT_FEATURES, CpuidTable, default_cpuid
 from pyemu.testing import GuestProgram, ProgramResult, describe, run_program
-from pyemu.testing.environment import PT0
+from pyemu.testing.environment import DATA, PT0
 from pyemu.testing.handlers import exit_with, read_frame, recording_handler
 
 OK = 0x600D
@@ -667,3 +667,47 @@ def test_xcr0_is_x87_only_after_reset() -> None:
         {exit_with(OK)}
     """))
     assert result.u64("data", 0) == 1
+
+
+def _xcr0_pkru_program() -> GuestProgram:
+    """Sets XCR0 = x87 only and PKRU = 0xc, stops (exit value 1), then reads both back into data."""
+    return GuestProgram(f"""
+        mov r15, data
+        {_cr4_set(CR4_OSXSAVE | CR4_PKE)}
+        mov eax, 1
+        xor edx, edx
+        xor ecx, ecx
+        xsetbv
+        mov eax, 0x0c
+        xor ecx, ecx
+        xor edx, edx
+        wrpkru
+        {exit_with(1)}
+        xor ecx, ecx
+        xgetbv
+        mov [r15], rax
+        xor ecx, ecx
+        rdpkru
+        mov [r15 + 8], rax
+        {exit_with(OK)}
+    """)
+
+
+@pytest.mark.parametrize("register,offset,value", [
+    ("xcr0", 0, 1),
+    pytest.param("pkru", 8, 0xC, marks=pytest.mark.xfail(strict=True, reason="the TCG vCPU state (X86CpuState) "
+                                                          "does not carry PKRU yet")),
+])
+def test_state_saved_and_loaded_into_a_fresh_engine_keeps(register: str, offset: int, value: int) -> None:
+    """What a snapshot or a migration under TCG does: save_state, then load_state into another engine."""
+    from pyemu.testing import prepared
+
+    table = cpu_table("max")
+    with prepared(_xcr0_pkru_program(), "tcg", cpuid=table) as source:
+        source.vcpu.run()
+        state = source.vcpu.save_state()
+        with prepared(_xcr0_pkru_program(), "tcg", cpuid=table) as target:
+            target.board.memory.write(0, source.board.memory.read(0, 0x200000))
+            target.vcpu.load_state(state)
+            target.vcpu.run()
+            assert target.board.memory.read_u64(DATA + offset) == value, register
