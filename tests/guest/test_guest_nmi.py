@@ -75,6 +75,15 @@ nmi_return:
 """
 
 
+COUNTING_NMI_HANDLER = f"""
+    push rbx
+    mov rbx, {ENTRIES}
+    inc qword ptr [rbx]
+    pop rbx
+    iretq
+"""
+
+
 def test_nmi_blocked_until_iret_and_not_lost(accel: str) -> None:
     button = NmiButton()
     program = GuestProgram(
@@ -131,13 +140,7 @@ def test_nmi_wakes_hlt() -> None:
             mov dx, exit_port
             out dx, eax
         """,
-        handlers={2: f"""
-            push rbx
-            mov rbx, {ENTRIES}
-            inc qword ptr [rbx]
-            pop rbx
-            iretq
-        """},
+        handlers={2: COUNTING_NMI_HANDLER},
     )
     injected = threading.Event()
 
@@ -197,13 +200,7 @@ def test_nmi_blocking_travels_with_the_vcpu_state() -> None:
             mov dx, exit_port
             out dx, eax
         """,
-        handlers={2: f"""
-            push rbx
-            mov rbx, {ENTRIES}
-            inc qword ptr [rbx]
-            pop rbx
-            iretq
-        """},
+        handlers={2: COUNTING_NMI_HANDLER},
     )
     with prepared(program, "tcg", devices=[DeviceMapping("pio", NMI_PORT, 1, button)]) as machine:
         vcpu = machine.vcpu
