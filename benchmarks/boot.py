@@ -10,10 +10,21 @@ pyemu/QEMU ratios are printed and written to ``benchmarks/results/boot.json``.
 ``--profile`` additionally runs one pyemu boot under cProfile and stores the top functions by own time,
 which is where to look when pyemu is slower.
 
+``--guest-profile`` samples the guest RIP during one boot per image under both emulators and maps the
+samples to the kernel's symbols (``benchmarks/guest_profile.py``): the top guest functions, the idle (HLT)
+share, and which functions take longer under pyemu; written to ``benchmarks/results/boot_guest_profile.json``.
+
+The bzImage row also times pyemu with the kernel's own decompressor (``PYEMU_BZIMAGE_GUEST_DECOMPRESS=1``)
+beside the default host-side decompression (``target/x86/boot/bzimage_host.py``), in the same run.
+
+``--tsc-early-khz 0`` adds ``tsc_early_khz=<host TSC kHz>`` to both emulators' command lines: on a busy host
+QEMU TCG's PIT calibration of the TSC fails and its boot never finishes (pyemu states the rate in CPUID).
+
 The PVH vmlinux also boots with ``-smp 2`` (``--smp``): pyemu's vCPUs take turns on one host thread,
 QEMU runs one host thread per vCPU (MTTCG), so this row compares against real parallelism.
 
-Usage: python benchmarks/boot.py [--runs 3] [--profile] [--images bzimage,pvh] [--smp 1,2]
+Usage: python benchmarks/boot.py [--runs 3] [--profile] [--guest-profile] [--images bzimage,pvh] [--smp 1,2]
+                                [--tsc-early-khz N]
 """
 
 from __future__ import annotations
@@ -35,9 +46,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import guest_profile  # benchmarks/guest_profile.py, beside this script
 from pyemu.guest.assets import find_assets
 
 RESULTS = Path(__file__).resolve().parent / "results" / "boot.json"
+GUEST_PROFILE_RESULTS = RESULTS.with_name("boot_guest_profile.json")
+GUEST_DECOMPRESS_ENV = "PYEMU_BZIMAGE_GUEST_DECOMPRESS"
 MARKER = re.compile(rb"pyemu-guest: init reached \(uptime ([0-9.]+) s\)")
 POWER_DOWN = b"reboot: Power down"
 CMDLINE = "console=ttyS0 pyemu.poweroff=1"
@@ -51,14 +65,15 @@ class BootFailed(Exception):
     pass
 
 
-def run_once(argv: list[str]) -> tuple[float, float | None, int]:
+def run_once(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float | None, int]:
     """Run a VM until it powers off; wall seconds, guest uptime at /init, exit status.
 
     The wall time ends when the process exits, or when the kernel prints its power-down line and the
     process has not exited 2 s later (QEMU 7.2's microvm with ``-smp 2`` under MTTCG stays up after the
     guest powered off; it is then killed and its status recorded as -9)."""
     started = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=None if env is None else {**os.environ, **env})
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     output = b""
@@ -91,14 +106,15 @@ def run_once(argv: list[str]) -> tuple[float, float | None, int]:
     return wall, float(match.group(1)), status
 
 
-def run_many(argv: list[str], runs: int, failures: list[str]) -> list[tuple[float, float | None, int]]:
+def run_many(argv: list[str], runs: int, failures: list[str],
+             env: dict[str, str] | None = None) -> list[tuple[float, float | None, int]]:
     """``runs`` successful boots; a failed boot is recorded in ``failures`` and retried (at most twice)."""
     samples: list[tuple[float, float | None, int]] = []
     attempts = 0
     while len(samples) < runs and attempts < runs + 2:
         attempts += 1
         try:
-            samples.append(run_once(argv))
+            samples.append(run_once(argv, env))
         except BootFailed as failed:
             print(f"  failed boot (retrying): {failed}", file=sys.stderr)
             failures.append(str(failed).splitlines()[0])
@@ -107,16 +123,16 @@ def run_many(argv: list[str], runs: int, failures: list[str]) -> list[tuple[floa
     return samples
 
 
-def pyemu_argv(kernel: Path, initrd: Path, smp: int = 1) -> list[str]:
+def pyemu_argv(kernel: Path, initrd: Path, smp: int = 1, cmdline: str = CMDLINE) -> list[str]:
     return [sys.executable, "-m", "pyemu.system.main", "-machine", "microvm", "-accel", "tcg", "-m", MEMORY,
-            "-smp", str(smp), "-kernel", str(kernel), "-initrd", str(initrd), "-append", CMDLINE,
+            "-smp", str(smp), "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline,
             "-nographic", "-no-reboot"]
 
 
-def qemu_argv(qemu: str, kernel: Path, initrd: Path, smp: int = 1) -> list[str]:
+def qemu_argv(qemu: str, kernel: Path, initrd: Path, smp: int = 1, cmdline: str = CMDLINE) -> list[str]:
     """QEMU's default TCG threading: one host thread per vCPU (MTTCG) for x86 guests on x86 hosts."""
     return [qemu, "-machine", "microvm,acpi=on", "-accel", "tcg", "-m", MEMORY, "-smp", str(smp),
-            "-kernel", str(kernel), "-initrd", str(initrd), "-append", CMDLINE, "-nographic", "-no-reboot",
+            "-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline, "-nographic", "-no-reboot",
             "-nodefaults", "-serial", "stdio"]
 
 
@@ -165,12 +181,51 @@ def profile_boot(kernel: Path, initrd: Path, top: int = 25) -> list[dict[str, ob
     return rows[:top]
 
 
+def write_guest_profile(names: list[str], images: dict[str, Path], bzimage: Path, initrd: Path,
+                        qemu: str | None, tsc_khz: int | None) -> None:
+    """Guest-level profiles of each image (the bzImage also with its own decompressor), both emulators."""
+    if qemu is None:
+        print("--guest-profile needs qemu-system-x86_64 (its boot lists the kernel's symbols)", file=sys.stderr)
+        return
+    symbols = guest_profile.kallsyms(qemu, bzimage, initrd)
+    profiles: dict[str, object] = {
+        "what": "guest RIP samples over wall time, mapped to /proc/kallsyms; pyemu sampled in-process at 1 kHz "
+                "(block gate's current block), QEMU through its gdbstub at 250 Hz (VM paused per sample, "
+                "pauses excluded from its wall time)",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "images": {},
+    }
+    runs: list[tuple[str, str, dict[str, str] | None]] = [(name, name, None) for name in names]
+    if "bzimage" in names:
+        runs.append(("bzimage-guest-decompressor", "bzimage", {GUEST_DECOMPRESS_ENV: "1"}))
+    for label, image, env in runs:
+        for attempt in range(3):
+            try:
+                result = guest_profile.profile_image(image, images[image], initrd, CMDLINE, qemu=qemu, hz=1000.0,
+                                                     qemu_hz=250.0, symbols=symbols, tsc_early_khz=tsc_khz,
+                                                     pyemu_env=env, with_qemu=label != "bzimage-guest-decompressor")
+                break
+            except (guest_profile.ProfileError, subprocess.SubprocessError) as failed:
+                print(f"  profiled boot failed (attempt {attempt + 1}): {str(failed).splitlines()[0]}",
+                      file=sys.stderr)
+        else:
+            continue
+        profiles["images"][label] = result  # type: ignore[index]
+        guest_profile.print_profile(label, result)
+    GUEST_PROFILE_RESULTS.write_text(json.dumps(profiles, indent=2) + "\n")
+    print(f"written to {GUEST_PROFILE_RESULTS}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--images", default="bzimage,pvh")
     parser.add_argument("--smp", default="1,2", help="vCPU counts to boot the PVH vmlinux with (bzImage: 1)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--guest-profile", action="store_true",
+                        help="sample the guest RIP under both emulators (benchmarks/guest_profile.py)")
+    parser.add_argument("--tsc-early-khz", type=int, default=None,
+                        help="add tsc_early_khz=N to both command lines (0: the host's TSC rate)")
     args = parser.parse_args()
     assets = find_assets()
     if assets is None:
@@ -178,11 +233,16 @@ def main() -> int:
         return 2
     qemu = shutil.which("qemu-system-x86_64")
     images = {"bzimage": assets.kernel, "pvh": assets.vmlinux}
+    tsc_khz = guest_profile.tsc_khz(args.tsc_early_khz)
+    cmdline = CMDLINE + (f" tsc_early_khz={tsc_khz}" if tsc_khz else "")
     report: dict[str, object] = {
         "benchmark": "boot to /init and power-off, Debian 6.1 + busybox initramfs",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "cpus": os.cpu_count(),
-        "memory": MEMORY, "cmdline": CMDLINE, "results": {},
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "memory": MEMORY, "cmdline": cmdline, "results": {},
     }
+    if args.guest_profile:
+        write_guest_profile(args.images.split(","), images, assets.kernel, assets.initrd, qemu, tsc_khz)
     results: dict[str, dict[str, object]] = {}
     configs = [(image, 1) for image in args.images.split(",")]
     configs += [("pvh", int(n)) for n in args.smp.split(",") if int(n) > 1 and "pvh" in args.images]
@@ -191,18 +251,30 @@ def main() -> int:
         name = image if smp == 1 else f"{image}-smp{smp}"
         row: dict[str, object] = {"vcpus": smp}
         failures: list[str] = []
-        row["pyemu_tcg"] = summarise(run_many(pyemu_argv(kernel, assets.initrd, smp), args.runs, failures))
+        row["pyemu_tcg"] = summarise(run_many(pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures))
+        if image == "bzimage":  # before host-side decompression, in the same run
+            row["pyemu_tcg_guest_decompressor"] = summarise(run_many(
+                pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures, {GUEST_DECOMPRESS_ENV: "1"}))
         if qemu:
-            row["qemu_tcg"] = summarise(run_many(qemu_argv(qemu, kernel, assets.initrd, smp), args.runs, failures))
+            row["qemu_tcg"] = summarise(run_many(qemu_argv(qemu, kernel, assets.initrd, smp, cmdline), args.runs,
+                                                 failures))
             p, q = row["pyemu_tcg"], row["qemu_tcg"]
             row["ratio_wall"] = round(p["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
             row["ratio_init_uptime"] = round(p["init_uptime_s"] / q["init_uptime_s"], 2)  # type: ignore[index, operator]
+            if "pyemu_tcg_guest_decompressor" in row:
+                g = row["pyemu_tcg_guest_decompressor"]
+                row["ratio_wall_guest_decompressor"] = round(g["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
         if failures:
             row["failed_boots"] = failures
         results[name] = row
         print(f"{name:10} pyemu wall {row['pyemu_tcg']['wall_s']:7.2f} s  init at {row['pyemu_tcg']['init_uptime_s']:6.2f} s"  # type: ignore[index]
               + (f" | qemu wall {row['qemu_tcg']['wall_s']:6.2f} s  init at {row['qemu_tcg']['init_uptime_s']:5.2f} s"  # type: ignore[index]
                  f" | ratio wall {row['ratio_wall']}x  init {row['ratio_init_uptime']}x" if qemu else " | qemu not installed"))
+        if "pyemu_tcg_guest_decompressor" in row:
+            g = row["pyemu_tcg_guest_decompressor"]
+            print(f"{'':10} pyemu wall {g['wall_s']:7.2f} s  init at {g['init_uptime_s']:6.2f} s"  # type: ignore[index]
+                  f" with the guest's own decompressor ({GUEST_DECOMPRESS_ENV}=1)"
+                  + (f" | ratio wall {row['ratio_wall_guest_decompressor']}x" if qemu else ""))
     report["results"] = results
     if args.profile:
         report["profile_top_own_time"] = profile_boot(images["pvh"], assets.initrd)
