@@ -135,7 +135,9 @@ def cpu_to_kvm(state: X86CpuState, lapic: Any, index: int) -> X86CpuState:
     out.msrs.pop(MSR_IA32_TSC_DEADLINE, None)
     if kvm.tsc_deadline:
         out.msrs[MSR_IA32_TSC_DEADLINE] = kvm.tsc_deadline
-    out.events = PendingEvents(nmi_pending=kvm.nmi_pending, sipi_vector=lapic.startup_vector or 0)
+    own = state.events or PendingEvents()  # the software CPU's NMI blocking and held NMI (KVM's names)
+    out.events = PendingEvents(nmi_pending=kvm.nmi_pending or own.nmi_pending, nmi_masked=own.nmi_masked,
+                               sipi_vector=lapic.startup_vector or 0)
     if lapic.init_pending:
         out.mp_state = MpState.INIT_RECEIVED
     elif lapic.startup_vector is not None and state.mp_state is MpState.WAIT_FOR_SIPI:
@@ -148,7 +150,8 @@ def cpu_to_tcg(state: X86CpuState, index: int, crystal_hz: int) -> tuple[X86CpuS
 
     * An external interrupt KVM had started to inject (``events.interrupt``) was already moved from IRR to
       ISR by KVM's acknowledge; it goes back to IRR, so the software CPU delivers it again from the start.
-    * An NMI being injected or pending becomes the LAPIC's pending NMI.
+    * An NMI being injected or pending becomes the LAPIC's pending NMI; NMI blocking (inside a handler,
+      until its IRET) stays blocking.
     * INIT received / SIPI received become the LAPIC's latched INIT / start-up vector.
     * MSRs the software CPU cannot hold are dropped (IA32_TSC: the clock section carries the TSC; the TSC
       deadline went into the LAPIC timer; MISC_ENABLE, TSC_ADJUST, the KVM paravirtual MSRs when disabled).
@@ -206,7 +209,8 @@ def cpu_to_tcg(state: X86CpuState, index: int, crystal_hz: int) -> tuple[X86CpuS
     out.msrs = {msr: value for msr, value in state.msrs.items() if msr in TCG_MSRS}
     out.lapic = None
     out.apic_base = None
-    out.events = None
+    # NMI blocking stays with the vCPU (a pending NMI went into the LAPIC above).
+    out.events = PendingEvents(nmi_masked=True) if events.nmi_masked else None
     out.xsave = None
     out.cr8 = 0
     out.mp_state = mp_state

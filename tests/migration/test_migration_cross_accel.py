@@ -677,3 +677,21 @@ def test_header_check_ignores_only_the_userspace_apic_devices() -> None:
         check_identity(dict(kvm, devices=common + [["rtc", "mc146818rtc", "pyemu.hw.timer.rtc.RtcState", 1]]), own)
     with pytest.raises(StreamMismatch, match="devices differ"):  # same accelerator: the APICs count
         check_identity(dict(kvm, accel="tcg"), own)
+
+
+def test_nmi_blocking_and_a_held_nmi_cross_both_ways() -> None:
+    """A software vCPU inside its NMI handler (blocking until IRET) with another NMI held: KVM's state gets
+    nmi_masked and nmi_pending; back on the software CPU the blocking stays with the vCPU and the held NMI
+    is the LAPIC's pending one."""
+    from pyemu.migration.cross_accel import cpu_to_kvm, cpu_to_tcg
+
+    lapic = replace(busy_lapic(), nmi_pending=False)
+    state = X86CpuState(mp_state=MpState.RUNNABLE, events=PendingEvents(nmi_masked=True, nmi_pending=True))
+    kvm = cpu_to_kvm(state, lapic, 1)
+    assert kvm.events is not None and kvm.events.nmi_masked and kvm.events.nmi_pending
+    back, back_lapic = cpu_to_tcg(kvm, 1, CRYSTAL_HZ)
+    assert back.events is not None and back.events.nmi_masked and not back.events.nmi_pending
+    assert back_lapic.nmi_pending
+    calm = cpu_to_kvm(X86CpuState(mp_state=MpState.RUNNABLE), lapic, 1)
+    assert calm.events is not None and not calm.events.nmi_masked and not calm.events.nmi_pending
+    assert cpu_to_tcg(calm, 1, CRYSTAL_HZ)[0].events is None
