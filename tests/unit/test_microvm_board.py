@@ -184,16 +184,35 @@ def test_pvh_test_kernel_same_output_and_status_on_both_accelerators(tmp_path, a
 
 
 def test_dash_s_creates_the_vm_paused(tmp_path):
+    """The VM is built and waits in prelaunch: QMP answers while not one guest instruction has run (the
+    kernel would exit at once with status 3). Ready is what QMP says, not a fixed delay (start-up takes
+    seconds on a busy host, and a SIGTERM before the handlers exist ends the process differently)."""
+    import json
+    import socket as socket_module
+
     image = kernel(tmp_path, "mov dx, 0xf4\n mov eax, 1\n out dx, eax\n hlt")
+    qmp = tmp_path / "qmp.sock"
     proc = subprocess.Popen([sys.executable, "-m", "pyemu.system.main", "-accel", "tcg", "-m", "64M",
-                             "-kernel", image, "-nographic", "-S",
+                             "-kernel", image, "-nographic", "-S", "-qmp", f"unix:{qmp},server=on,wait=off",
                              "-device", "isa-debug-exit,iobase=0xf4,iosize=4"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        time.sleep(2.0)
-        assert proc.poll() is None  # without -S this kernel exits at once with status 3
+        deadline = time.monotonic() + 60
+        while not qmp.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no QMP socket"
+            time.sleep(0.05)
+        with socket_module.socket(socket_module.AF_UNIX) as client:
+            client.settimeout(60)
+            client.connect(str(qmp))
+            reader = client.makefile("rb")
+            json.loads(reader.readline())  # greeting
+            client.sendall(b'{"execute": "qmp_capabilities"}\n')
+            json.loads(reader.readline())
+            client.sendall(b'{"execute": "query-status"}\n')
+            assert json.loads(reader.readline())["return"]["status"] == "prelaunch"
+        assert proc.poll() is None
         proc.terminate()
-        out, _ = proc.communicate(timeout=10)
+        out, _ = proc.communicate(timeout=30)
         assert out == b""  # not one guest instruction ran
         assert proc.returncode == 0
     finally:
