@@ -153,7 +153,8 @@ def qemu_loop(iterations: int, timeout: float) -> tuple[float, float]:
             raise
         total = time.perf_counter() - start
         if "S" not in marks or "E" not in marks:
-            raise RuntimeError(f"QEMU did not print both markers: {process.stderr.read().decode()[:400]}")
+            errors = process.stderr.read().decode()[:400] if process.stderr is not None else ""
+            raise RuntimeError(f"QEMU did not print both markers: {errors}")
         return marks["E"] - marks["S"], total
 
 

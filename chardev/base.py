@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from types import TracebackType
 from typing import Callable, Protocol, Union
 
 Receiver = Callable[[bytes], int]
@@ -58,9 +59,12 @@ Selectable = Union[int, HasFileno]  # what select() accepts
 
 
 class MachineLock(Protocol):
+    """The board's lock as a backend sees it (a ``threading.RLock`` or ``Lock``)."""
+
     def __enter__(self) -> object: ...
 
-    def __exit__(self, *args: object) -> object: ...
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None, /) -> object: ...
 
 
 class WakePipe:

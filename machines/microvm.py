@@ -25,6 +25,7 @@ from pyemu.hw.char.serial_isa import ISA_SERIAL_RESOURCES, IsaSerial
 from pyemu.hw.core.device import BoardDevice, IoRange
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.core.irq import IrqLine, fanout
+from pyemu.hw.intc.api import MsiSink
 from pyemu.hw.intc.apic_bus import ApicBus
 from pyemu.hw.intc.ioapic import IOAPIC_MMIO_SIZE, IoApic
 from pyemu.hw.intc.lapic import LocalApic
@@ -163,7 +164,7 @@ class Microvm(Machine):
             self.apic_bus = ApicBus(self.lapics, current_cpu)
             devices.add(BoardDevice("apic-bus", self.apic_bus, driver="apic-bus", on_reset=lambda: None, ranges=(
                 IoRange("mmio", memmap.LAPIC_BASE, memmap.LAPIC_SIZE, self.apic_bus.mmio_page()),)))
-            msi_sink = self.apic_bus
+            msi_sink: MsiSink = self.apic_bus
         else:
             sink = accel.msi_sink()
             if sink is None:
@@ -334,7 +335,7 @@ class Microvm(Machine):
             return
         if device.driver == "pvpanic":
             props = dict(device.props)
-            device_id = props.pop("id", None) or self.devices.new_id("pvpanic")
+            device_id = props.pop("id", "") or self.devices.new_id("pvpanic")
             pvpanic = Pvpanic(self._pvpanic_event, PvpanicConfig.from_properties(props))
             self.devices.add(BoardDevice(device_id, pvpanic, driver="pvpanic", ranges=(
                 IoRange("pio", pvpanic.config.ioport, 1, pvpanic),), aml=pvpanic.aml()))

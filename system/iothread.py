@@ -58,7 +58,10 @@ class IoThread:
     def add_reader(self, source: HasFileno, handler: Handler, on_error: ErrorHandler | None = None) -> None:
         """Run ``handler()`` on this thread whenever ``source`` is readable. For an
         :class:`EventNotifier` the handler clears it (``test_and_clear``) before looking at its work."""
-        self._change(lambda: self._selector.register(source, selectors.EVENT_READ, (handler, on_error)))
+        def register() -> None:
+            self._selector.register(source, selectors.EVENT_READ, (handler, on_error))
+
+        self._change(register)
 
     def remove_reader(self, source: HasFileno) -> None:
         def unregister() -> None:

@@ -185,7 +185,7 @@ def build_dsdt_aml(
     # Device terms from the board come right after the serial ports they usually describe, so the PNP
     # devices keep their numbering (COM1 00:00, RTC 00:01) whoever supplies them.
     devices = [serial_port_device(p, legacy_pic=legacy_pic) for p in serial_ports]
-    devices += list(device_aml)
+    devices += [Aml(term) for term in device_aml]  # terms the devices encoded themselves
     if rtc:
         devices.append(rtc_device(legacy_pic=legacy_pic))
     devices += [ged_device(ged_layout), power_button_device()]

@@ -49,6 +49,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from pyemu.chardev.base import MachineLock
 from pyemu.errors import ConfigError
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio.device import ID_CONSOLE, VirtioDevice, pack_config
@@ -110,7 +111,7 @@ class HostBackend(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
-    def attach(self, frontend: "ConsolePort", lock: threading.Lock) -> None: ...
+    def attach(self, frontend: "ConsolePort", lock: MachineLock) -> None: ...
 
     def detach(self) -> None: ...
 

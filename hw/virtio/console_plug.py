@@ -104,7 +104,7 @@ def attach_virtconsole(props: PropReader, backends: Backends, transports: Sequen
         port = ConsolePort(backend, console=driver == "virtconsole", nr=None if nr == BAD_ID else nr,
                            name=name or None, label=driver)
         serial.add_port(port)
-        if backend is not None:
+        if backend is not None and chardev_id:
             # A console is open for its chardev from the start (QEMU's virtconsole); a serial port
             # once the guest's driver opens it.
             backends.chardevs.add(chardev_id, backend, frontend_open=lambda: port.console or port.guest_connected)
