@@ -48,6 +48,7 @@ from pathlib import Path
 
 import guest_profile  # benchmarks/guest_profile.py, beside this script
 from pyemu.guest.assets import find_assets
+from pyemu.system.cache import cache_root
 
 RESULTS = Path(__file__).resolve().parent / "results" / "boot.json"
 GUEST_PROFILE_RESULTS = RESULTS.with_name("boot_guest_profile.json")
@@ -65,15 +66,19 @@ class BootFailed(Exception):
     pass
 
 
-def run_once(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float | None, int]:
-    """Run a VM until it powers off; wall seconds, guest uptime at /init, exit status.
+Boot = tuple[float, float | None, int, float]  # wall s, guest uptime at /init, exit status, CPU s
+
+
+def run_once(argv: list[str], env: dict[str, str] | None = None) -> Boot:
+    """Run a VM until it powers off; wall seconds, guest uptime at /init, exit status, and the CPU time
+    (user + system, all threads) the process used -- steadier than wall time on a busy host.
 
     The wall time ends when the process exits, or when the kernel prints its power-down line and the
     process has not exited 2 s later (QEMU 7.2's microvm with ``-smp 2`` under MTTCG stays up after the
     guest powered off; it is then killed and its status recorded as -9)."""
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=None if env is None else {**os.environ, **env})
+                            env=env)
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     output = b""
@@ -96,20 +101,22 @@ def run_once(argv: list[str], env: dict[str, str] | None = None) -> tuple[float,
             output += chunk
             if powered_off_at is None and POWER_DOWN in output:
                 powered_off_at = time.monotonic()
-    status = proc.wait()
+    _, raw_status, usage = os.wait4(proc.pid, 0)
+    status = proc.returncode = os.waitstatus_to_exitcode(raw_status)
+    cpu = usage.ru_utime + usage.ru_stime
     wall = time.monotonic() - started if status != -9 or powered_off_at is None else powered_off_at - started
     proc.stdout.close()
     match = MARKER.search(output)
     if match is None:
         tail = output[-2000:].decode(errors="replace")
         raise BootFailed(f"no init marker from {argv[0]} (status {status}); output tail:\n{tail}")
-    return wall, float(match.group(1)), status
+    return wall, float(match.group(1)), status, cpu
 
 
 def run_many(argv: list[str], runs: int, failures: list[str],
-             env: dict[str, str] | None = None) -> list[tuple[float, float | None, int]]:
+             env: dict[str, str] | None = None) -> list[Boot]:
     """``runs`` successful boots; a failed boot is recorded in ``failures`` and retried (at most twice)."""
-    samples: list[tuple[float, float | None, int]] = []
+    samples: list[Boot] = []
     attempts = 0
     while len(samples) < runs and attempts < runs + 2:
         attempts += 1
@@ -121,6 +128,17 @@ def run_many(argv: list[str], runs: int, failures: list[str],
     if not samples:
         raise SystemExit(f"every boot of {argv[0]} failed")
     return samples
+
+
+def pyemu_env(bytecode: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a pyemu run. With ``bytecode``, Python keeps compiled modules (in pyemu's cache,
+    not the source tree) even where ``PYTHONDONTWRITEBYTECODE`` is set, as an installed package has them:
+    compiling pyemu's ~300 modules at every start costs ~0.5 s of wall time."""
+    env = {**os.environ, **(extra or {})}
+    if bytecode:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env.setdefault("PYTHONPYCACHEPREFIX", str(cache_root() / "pycache"))
+    return env
 
 
 def pyemu_argv(kernel: Path, initrd: Path, smp: int = 1, cmdline: str = CMDLINE) -> list[str]:
@@ -136,11 +154,13 @@ def qemu_argv(qemu: str, kernel: Path, initrd: Path, smp: int = 1, cmdline: str 
             "-nodefaults", "-serial", "stdio"]
 
 
-def summarise(samples: list[tuple[float, float | None, int]]) -> dict[str, object]:
+def summarise(samples: list[Boot]) -> dict[str, object]:
     walls = [s[0] for s in samples]
     uptimes = [s[1] for s in samples if s[1] is not None]
+    cpus = [s[3] for s in samples]
     return {"wall_s": round(statistics.median(walls), 3), "init_uptime_s": round(statistics.median(uptimes), 3),
-            "runs": len(samples), "wall_samples": [round(w, 3) for w in walls],
+            "cpu_s": round(statistics.median(cpus), 3), "runs": len(samples),
+            "wall_samples": [round(w, 3) for w in walls], "cpu_samples": [round(c, 3) for c in cpus],
             "exit_status": sorted({s[2] for s in samples})}
 
 
@@ -226,7 +246,10 @@ def main() -> int:
                         help="sample the guest RIP under both emulators (benchmarks/guest_profile.py)")
     parser.add_argument("--tsc-early-khz", type=int, default=None,
                         help="add tsc_early_khz=N to both command lines (0: the host's TSC rate)")
+    parser.add_argument("--no-bytecode-cache", action="store_true",
+                        help="let PYTHONDONTWRITEBYTECODE stand: pyemu compiles its modules at every start")
     args = parser.parse_args()
+    bytecode = not args.no_bytecode_cache
     assets = find_assets()
     if assets is None:
         print("guest assets missing: run 'pyemu-guest fetch'", file=sys.stderr)
@@ -240,7 +263,12 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "cpus": os.cpu_count(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "memory": MEMORY, "cmdline": cmdline, "results": {},
+        "pyemu_bytecode_cache": bytecode,
+        "python_dont_write_bytecode_in_environment": bool(os.environ.get("PYTHONDONTWRITEBYTECODE")),
     }
+    if bytecode:  # compile once, untimed, as an installation does
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(__file__).resolve().parents[1])],
+                       env=pyemu_env(True), stdout=subprocess.DEVNULL, check=False)
     if args.guest_profile:
         write_guest_profile(args.images.split(","), images, assets.kernel, assets.initrd, qemu, tsc_khz)
     results: dict[str, dict[str, object]] = {}
@@ -251,30 +279,36 @@ def main() -> int:
         name = image if smp == 1 else f"{image}-smp{smp}"
         row: dict[str, object] = {"vcpus": smp}
         failures: list[str] = []
-        row["pyemu_tcg"] = summarise(run_many(pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures))
+        row["pyemu_tcg"] = summarise(run_many(pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures,
+                                              pyemu_env(bytecode)))
         if image == "bzimage":  # before host-side decompression, in the same run
             row["pyemu_tcg_guest_decompressor"] = summarise(run_many(
-                pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures, {GUEST_DECOMPRESS_ENV: "1"}))
+                pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures,
+                pyemu_env(bytecode, {GUEST_DECOMPRESS_ENV: "1"})))
         if qemu:
             row["qemu_tcg"] = summarise(run_many(qemu_argv(qemu, kernel, assets.initrd, smp, cmdline), args.runs,
                                                  failures))
             p, q = row["pyemu_tcg"], row["qemu_tcg"]
             row["ratio_wall"] = round(p["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
             row["ratio_init_uptime"] = round(p["init_uptime_s"] / q["init_uptime_s"], 2)  # type: ignore[index, operator]
+            row["ratio_cpu"] = round(p["cpu_s"] / q["cpu_s"], 2)  # type: ignore[index, operator]
             if "pyemu_tcg_guest_decompressor" in row:
                 g = row["pyemu_tcg_guest_decompressor"]
                 row["ratio_wall_guest_decompressor"] = round(g["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
+                row["ratio_cpu_guest_decompressor"] = round(g["cpu_s"] / q["cpu_s"], 2)  # type: ignore[index, operator]
         if failures:
             row["failed_boots"] = failures
         results[name] = row
         print(f"{name:10} pyemu wall {row['pyemu_tcg']['wall_s']:7.2f} s  init at {row['pyemu_tcg']['init_uptime_s']:6.2f} s"  # type: ignore[index]
               + (f" | qemu wall {row['qemu_tcg']['wall_s']:6.2f} s  init at {row['qemu_tcg']['init_uptime_s']:5.2f} s"  # type: ignore[index]
-                 f" | ratio wall {row['ratio_wall']}x  init {row['ratio_init_uptime']}x" if qemu else " | qemu not installed"))
+                 f" | ratio wall {row['ratio_wall']}x  init {row['ratio_init_uptime']}x  cpu {row['ratio_cpu']}x"
+                 if qemu else " | qemu not installed"))
         if "pyemu_tcg_guest_decompressor" in row:
             g = row["pyemu_tcg_guest_decompressor"]
             print(f"{'':10} pyemu wall {g['wall_s']:7.2f} s  init at {g['init_uptime_s']:6.2f} s"  # type: ignore[index]
                   f" with the guest's own decompressor ({GUEST_DECOMPRESS_ENV}=1)"
-                  + (f" | ratio wall {row['ratio_wall_guest_decompressor']}x" if qemu else ""))
+                  + (f" | ratio wall {row['ratio_wall_guest_decompressor']}x  cpu {row['ratio_cpu_guest_decompressor']}x"
+                     if qemu else ""))
     report["results"] = results
     if args.profile:
         report["profile_top_own_time"] = profile_boot(images["pvh"], assets.initrd)

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pyemu.accel.tcg.guest_profile import KernelSymbols, Profile, Sample, VcpuSampler, summarise
+from pyemu.accel.tcg.guest_profile import KernelSymbols, Profile, Sample, VcpuSampler, bucket_seconds, summarise
 from pyemu.system.cache import cache_root
 
 MEMORY = "512M"
@@ -327,20 +327,18 @@ def profile_image(image: str, kernel: Path, initrd: Path, cmdline: str, *, qemu:
     profile, timings = pyemu_profile(kernel, initrd, cmdline, hz, pyemu_env)
     result["pyemu_tcg"] = summarise(profile, symbols, top) | {"host_timings": timings}
     if qemu and with_qemu:
-        result["qemu_tcg"] = summarise(qemu_profile(qemu, kernel, initrd, cmdline, qemu_hz), symbols, top)
-        result["slower_under_pyemu"] = compare(result["pyemu_tcg"], result["qemu_tcg"])
+        reference = qemu_profile(qemu, kernel, initrd, cmdline, qemu_hz)
+        result["qemu_tcg"] = summarise(reference, symbols, top)
+        result["slower_under_pyemu"] = compare(bucket_seconds(profile, symbols), bucket_seconds(reference, symbols))
     return result
 
 
-def compare(pyemu: dict[str, Any], qemu: dict[str, Any], top: int = 15) -> list[dict[str, Any]]:
-    """Buckets by extra seconds under pyemu (share x wall of each), largest first."""
-    def seconds(summary: dict[str, Any]) -> dict[str, float]:
-        return {row["function"]: float(row["seconds"]) for row in summary["top"]}
-
-    mine, theirs = seconds(pyemu), seconds(qemu)
+def compare(mine: dict[str, float], theirs: dict[str, float], top: int = 15) -> list[dict[str, Any]]:
+    """Buckets by extra seconds under pyemu (``mine``) over QEMU (``theirs``), largest first."""
     extra = {name: round(mine.get(name, 0.0) - theirs.get(name, 0.0), 3) for name in set(mine) | set(theirs)}
     rows: list[dict[str, Any]] = [
-        {"function": name, "pyemu_s": mine.get(name, 0.0), "qemu_s": theirs.get(name, 0.0), "extra_s": extra[name]}
+        {"function": name, "pyemu_s": round(mine.get(name, 0.0), 3), "qemu_s": round(theirs.get(name, 0.0), 3),
+         "extra_s": extra[name]}
         for name in sorted(extra, key=lambda name: extra[name], reverse=True)]
     return rows[:top]
 

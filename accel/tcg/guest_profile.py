@@ -97,6 +97,13 @@ def classify(samples: Sequence[Sample], symbols: KernelSymbols) -> list[str]:
     return names
 
 
+def bucket_seconds(profile: Profile, symbols: KernelSymbols) -> dict[str, float]:
+    """Every bucket's estimated wall seconds (its share of the samples times the sampled wall time)."""
+    counts = Counter(classify(profile.samples, symbols))
+    total = sum(counts.values()) or 1
+    return {name: count / total * profile.wall_s for name, count in counts.items()}
+
+
 def summarise(profile: Profile, symbols: KernelSymbols, top: int = 25) -> dict[str, Any]:
     """Top buckets by share of samples, with the idle and outside-the-kernel shares and their seconds
     (share x wall time: samples are taken at a fixed wall-clock rate)."""
