@@ -80,6 +80,7 @@ struct pyemu_tlb {
     struct pyemu_code_map *code;
     uint32_t ram_count;
     struct pyemu_ram_slot ram[8];
+    const uint32_t *pkru;
 };
 _Bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry *result, void *user_data);
 void pyemu_tlb_resume(void *uc, struct pyemu_tlb *s);

@@ -18,7 +18,7 @@ RAX 40 (general registers in QEMU order RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, 
 RIP 168, RFLAGS 176, hflags 216, segment caches ES/CS/SS/DS/FS/GS at 224 + 24*i (selector +0, base +8,
 limit +16, flags +20), LDTR 368, TR 392, GDTR 416, IDTR 440, CR0 464 (CR2 480, CR3 488, CR4 496), EFER 632,
 STAR 4864, LSTAR 4880, CSTAR 4888, FMASK 4896, error_code 5424, exception_is_int 5428, old_exception 5536,
-tsc_offset 5552, hflags2 220 (right after hflags, as in QEMU). A fresh engine holds ``old_exception = -1``.
+tsc_offset 5552, hflags2 220 (right after hflags, as in QEMU), xcr0 4944, pkru 5344. A fresh engine holds ``old_exception = -1``.
 
 ``tsc_offset`` is QEMU's ``env->tsc_offset`` (set by SVM's VMRUN in QEMU, never by Unicorn's API): RDTSC
 returns the host TSC plus it, so it is how the guest TSC starts at 0 and stops while the VM is paused.
@@ -108,6 +108,8 @@ class BlobLayout:
     old_exception: int
     tsc_offset: int
     hflags2: int = -1   # QEMU's env->hflags2 (HF2_NMI_MASK: NMIs blocked until IRET); see _calibrate_hflags2
+    xcr0: int = -1      # QEMU's env->xcr0 (8 bytes) and env->pkru (4 bytes); see _calibrate_xsave_state
+    pkru: int = -1
 
 
 def _aligned_offsets(blob: bytes, fmt: str, value: int) -> list[int]:
@@ -424,6 +426,44 @@ def _calibrate_hflags2(probe: _Probe, hflags: int) -> int:
     return _unique(found, "hflags2")
 
 
+_CR4_OSXSAVE = 1 << 18
+_CR4_PKE = 1 << 22
+
+
+def _calibrate_xsave_state(gpr: dict[str, int]) -> tuple[int, int]:
+    """(``xcr0``, ``pkru``): the fields XSETBV and WRPKRU write, found by running each twice with different
+    values in a scratch engine whose model has XSAVE and PKU (Skylake-Server; the layout of the CPU state
+    does not depend on the model). The general registers that carried the values are not candidates.
+    Needed because the vCPU state carries both (XSAVE components 0/1 and 9) and the TLB-fill hook reads
+    PKRU for protection keys."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_set_cpu_model(x86.UC_CPU_X86_SKYLAKE_SERVER)
+    uc.mem_map(0, 0x10000)
+    uc.reg_write(x86.UC_X86_REG_CR4, uc.reg_read(x86.UC_X86_REG_CR4) | _CR4_OSXSAVE | _CR4_PKE)
+    known = set(gpr.values())
+
+    def run(code: bytes, eax: int) -> bytes:
+        uc.mem_write(_CODE, code)
+        uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
+        uc.reg_write(x86.UC_X86_REG_RAX, eax)
+        uc.reg_write(x86.UC_X86_REG_RCX, 0)
+        uc.reg_write(x86.UC_X86_REG_RDX, 0)
+        try:
+            uc.emu_start(_CODE, _CODE + len(code))
+        except UcError as exc:
+            raise CalibrationError(f"XSETBV/WRPKRU probe failed: {exc}", field="xsave") from exc
+        return bytes(uc.context_save())
+
+    def locate(code: bytes, fmt: str, values: tuple[int, int], field: str) -> int:
+        blobs = [run(code, value) for value in values]
+        return _unique([o for o in _aligned_offsets(blobs[0], fmt, values[0])
+                        if struct.unpack_from(fmt, blobs[1], o)[0] == values[1] and o not in known], field)
+
+    xcr0 = locate(bytes.fromhex("0f01d1"), "<Q", (0x7, 0x203), "xcr0")             # xsetbv
+    pkru = locate(bytes.fromhex("0f01ef"), "<I", (0x5A5A_1234, 0x3C3C_5678), "pkru")  # wrpkru
+    return xcr0, pkru
+
+
 def _write_context(ctx: object, raw: bytes | bytearray) -> None:
     import ctypes
 
@@ -454,5 +494,7 @@ def calibrate() -> BlobLayout:
     exceptions = _calibrate_exceptions(probe, set(gpr.values()))
     tsc_offset = _calibrate_tsc_offset(probe, exceptions["old_exception"])
     hflags2 = _calibrate_hflags2(probe, control["hflags"])
+    xcr0, pkru = _calibrate_xsave_state(gpr)
     return BlobLayout(size=size, gpr=gpr, rip=rip, rflags=rflags, segments=segments, seg=seg, **tables,
-                      **control, **msrs, **exceptions, tsc_offset=tsc_offset, hflags2=hflags2)
+                      **control, **msrs, **exceptions, tsc_offset=tsc_offset, hflags2=hflags2, xcr0=xcr0,
+                      pkru=pkru)

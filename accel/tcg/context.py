@@ -150,6 +150,24 @@ class CpuBlob:
         self.set_u32(self.layout.hflags2, value)
 
     @property
+    def xcr0(self) -> int:
+        """XCR0 (the XSAVE components the guest enabled with XSETBV)."""
+        return self.u64(self.layout.xcr0)
+
+    @xcr0.setter
+    def xcr0(self, value: int) -> None:
+        self.set_u64(self.layout.xcr0, value)
+
+    @property
+    def pkru(self) -> int:
+        """PKRU (protection-key rights for user pages, written by WRPKRU)."""
+        return self.u32(self.layout.pkru)
+
+    @pkru.setter
+    def pkru(self, value: int) -> None:
+        self.set_u32(self.layout.pkru, value)
+
+    @property
     def cr0(self) -> int:
         return self.u64(self.layout.cr0)
 

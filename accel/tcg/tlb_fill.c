@@ -3,7 +3,7 @@
  *
  * Registered as a UC_HOOK_TLB_FILL callback with the engine in UC_TLB_VIRTUAL mode. For each TLB miss:
  *   1. walk the guest page tables read-only (long mode, PAE, 32-bit) to find the page and what the CPU
- *      would permit; anything unusual, and any access the walk would refuse, is "not ours": switch the
+ *      would permit (with protection keys: PKRU read from the engine's env); anything unusual, and any access the walk would refuse, is "not ours": switch the
  *      engine to its own MMU (UC_TLB_CPU) and report a miss, so the vCPU re-runs the instruction with
  *      Unicorn's page walk, which raises the architectural #PF (the block gate switches back);
  *   2. let Unicorn's own walk do the same translation (uc_vmem_translate with the engine briefly in
@@ -60,6 +60,7 @@ struct pyemu_tlb {
     struct pyemu_code_map *code;
     uint32_t ram_count;
     struct pyemu_ram_slot ram[PYEMU_RAM_SLOTS];
+    const uint32_t *pkru;       /* QEMU's env->pkru of this engine (calibrated), or NULL: PKE left to Unicorn */
 };
 
 struct pyemu_msr { uint32_t rid; uint64_t value; };
@@ -137,7 +138,7 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
     s->reg_read(uc, s->reg_msr, &efer);
     s->reg_read(uc, s->reg_cs, &cs);
     s->reg_read(uc, s->reg_rflags, &rflags);
-    if (cr4 & (CR4_LA57 | CR4_PKE)) {
+    if ((cr4 & CR4_LA57) || ((cr4 & CR4_PKE) && !s->pkru)) {
         return -1;
     }
     int user = (cs & 3) == 3 || (rflags & RFLAGS_VM);
@@ -258,6 +259,17 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
         }
         if ((cr4 & CR4_SMAP) && !(rflags & RFLAGS_AC)) {
             return -1; /* supervisor data access to a user page under SMAP: Unicorn decides */
+        }
+    }
+    if ((cr4 & CR4_PKE) && us && (efer.value & EFER_LMA)) {
+        /* Protection keys (IA-32e paging only): the leaf's key (bits 62:59) selects two PKRU bits. AD
+         * forbids data reads and writes, WD writes (user accesses, and supervisor ones under CR0.WP);
+         * fetches are not affected. Unicorn's WRPKRU flushes the TLB, so a grant does not outlive it. */
+        uint32_t rights = __atomic_load_n(s->pkru, __ATOMIC_RELAXED) >> (2 * ((leaf >> 59) & 15));
+        if (rights & 1) {
+            prot &= ~(PROT_R | PROT_W);
+        } else if ((rights & 2) && (user || (cr0 & CR0_WP))) {
+            prot &= ~PROT_W;
         }
     }
     if (!(leaf & D_BIT) && type != MEM_WRITE) {

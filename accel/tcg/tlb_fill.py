@@ -22,10 +22,20 @@ before; a code fetch from a data page misses (its entry lacks EXEC), marks the p
 full entry.
 
 Faults are left to Unicorn: when the read-only walk would refuse the access (or meets anything unusual:
-tables outside RAM, 4 MiB pages, LA57, PKE, SMAP with EFLAGS.AC=0), the hook switches the
+tables outside RAM, 4 MiB pages, LA57, SMAP with EFLAGS.AC=0), the hook switches the
 engine back to ``UC_TLB_CPU`` and reports a miss, which ends ``emu_start`` with UC_ERR_EXCEPTION and RIP
 at the instruction (``fill_failed`` is set). The vCPU re-runs it under the engine's own MMU, which raises
 the architectural #PF; the block gate switches back to this hook at the next block start.
+
+Protection keys (CR4.PKE, which Linux sets when CPUID offers PKU, as ``-cpu max`` does): the walk applies
+them itself, reading PKRU from the engine's ``env`` (:meth:`TlbFill.watch_pkru`; the offset is calibrated,
+:func:`pyemu.accel.tcg.calibration._calibrate_xsave_state`). For a user page (U/S=1 at every level) in
+IA-32e paging, the leaf's key (bits 62:59) selects PKRU.AD (no data reads or writes) and PKRU.WD (no
+writes by user accesses, nor by supervisor accesses under CR0.WP); fetches and supervisor pages are not
+affected. An access the key forbids is left to Unicorn as any other fault (its #PF carries the PK bit);
+a permitted one stays on the hook (before, every fill with CR4.PKE set fell back to Unicorn's MMU, and
+with it the dirty log and the code map). Grants cannot outlive a PKRU change: Unicorn's WRPKRU helper
+flushes the TLB, as QEMU's does. Without a located ``env`` (``pkru`` NULL) PKE falls back as before.
 
 Also needed for this mode: ``emu_start``'s "until" address. At the end of every run Unicorn invalidates
 the code at ``until - 1`` (``softmmu/cpus.c``), translating that address through the TLB; with this hook
@@ -206,6 +216,12 @@ class TlbFill:
         uc.ctl_exits_enabled(True)
         self.use_hook()
         gate.state.tlb = state
+
+    def watch_pkru(self, pkru_address: int) -> None:
+        """Where this engine's ``env->pkru`` lives (``env`` from :func:`pyemu.accel.tcg.io_guard.locate_cpu`
+        plus the calibrated offset): the walk then applies protection keys instead of leaving every fill
+        under CR4.PKE to Unicorn."""
+        self.state.pkru = self._ffi.cast("const uint32_t *", pkru_address)
 
     def use_hook(self) -> None:
         """Fill the TLB through the hook from now on (start-up, state load)."""

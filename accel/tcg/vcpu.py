@@ -129,6 +129,8 @@ class TcgVcpu:
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)
         self._gate.watch_nmi_mask(self._io.guard.env + layout.hflags2 - layout.gpr["rax"])
+        if self._tlb is not None:
+            self._tlb.watch_pkru(self._io.guard.env + layout.pkru - layout.gpr["rax"])
         physical = GuestPhysical(self._uc, memory, dispatcher,
                                  on_write=code_map.dirty.mark if code_map is not None else None)
         self._traps = Traps(self._uc, self._blob, physical, index,
