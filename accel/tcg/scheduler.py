@@ -17,6 +17,12 @@ CPU takes its interrupts at once, and Linux counts its early periodic timer tick
 at a time, so a tick held back for a whole turn is a tick lost (measured: with 4 ms turns and no urgency,
 Linux's clocksource watchdog found jiffies 22% behind the TSC and declared the TSC unstable). A vCPU that halts or waits for a SIPI
 does so without a turn, so an idle vCPU costs nothing. With one vCPU the turn is never contended.
+
+A preemption is repeated every :attr:`RoundRobin.slice_s` while the turn stays overdue: the request is a
+flag the owner's block gate shares with other engine work (code invalidation clears it between runs), so
+one request can be consumed before the engine ever starts. Asked only once, a lost request let a vCPU
+spinning with interrupts off in Linux's ``stop_machine`` keep its turn forever, waiting for the vCPU that
+was waiting for the turn (seen on a loaded host: the boot hung when Linux switched to the TSC).
 """
 
 from __future__ import annotations
@@ -48,9 +54,12 @@ class RoundRobin:
         self._serving = 0
         self._owner: Preemptible | None = None
         self._owner_since = 0.0
-        self._preempted = False
+        self._preempted_at: float | None = None  # when the current turn was last asked to end
         self.turns = 0
         self.preemptions = 0
+        """Turns that a waiter asked to end (once each, however often it had to ask)."""
+        self.repeated_preemptions = 0
+        """Requests repeated because the owner had not stopped a slice after the previous one."""
 
     @contextmanager
     def turn(self, vcpu: Preemptible, urgent: Callable[[], bool] = lambda: False) -> Iterator[None]:
@@ -79,16 +88,21 @@ class RoundRobin:
                     continue
                 owner.set_contended(True)
                 turn_s = self.urgent_slice_s if urgent() else self.slice_s
-                remaining = self._owner_since + turn_s - time.monotonic()
-                if remaining <= 0 and not self._preempted:
-                    self._preempted = True
-                    self.preemptions += 1
+                now = time.monotonic()
+                remaining = self._owner_since + turn_s - now
+                asked = self._preempted_at
+                if remaining <= 0 and (asked is None or now - asked >= self.slice_s):
+                    if asked is None:
+                        self.preemptions += 1
+                    else:
+                        self.repeated_preemptions += 1
+                    self._preempted_at = now
                     owner.preempt()
                     remaining = self.slice_s
                 self._cond.wait(timeout=max(remaining, 0.0005))
             self._owner = vcpu
             self._owner_since = time.monotonic()
-            self._preempted = False
+            self._preempted_at = None
             self.turns += 1
             vcpu.set_contended(self._next_ticket > self._serving + 1)
             self._cond.notify_all()  # waiters start timing this turn (for preemption) from now

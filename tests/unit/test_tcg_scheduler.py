@@ -129,3 +129,44 @@ def test_a_lone_vcpu_is_never_preempted():
     assert not vcpu.preempted.is_set()
     assert rr.turns == 3 and rr.preemptions == 0
     assert vcpu.contended == [False, False, False, False, False, False]
+
+
+class DeafVcpu(FakeVcpu):
+    """Loses the first preemption request (its block gate's flag was consumed by other engine work)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.requests = 0
+
+    def preempt(self) -> None:
+        self.requests += 1
+        if self.requests > 1:
+            super().preempt()
+
+
+def test_a_lost_preemption_request_is_repeated():
+    rr = RoundRobin(slice_s=0.02, urgent_slice_s=0.02)
+    owner = DeafVcpu("owner")
+    holding = threading.Event()
+
+    def hold() -> None:
+        with rr.turn(owner):
+            holding.set()
+            owner.preempted.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(5)
+    got_turn = threading.Event()
+
+    def take() -> None:
+        with rr.turn(FakeVcpu("waiter")):
+            got_turn.set()
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    assert got_turn.wait(30)  # without the repeat, the owner would hold the turn for good
+    holder.join(5)
+    thread.join(5)
+    assert owner.requests >= 2
+    assert rr.preemptions == 1 and rr.repeated_preemptions >= 1
