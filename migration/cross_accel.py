@@ -45,7 +45,7 @@ from pyemu.hw.intc.lapic_kvm_page import to_kvm as lapic_to_kvm
 from pyemu.hw.intc.lapic_timer import MODE_TSC_DEADLINE
 from pyemu.migration.errors import StreamCorrupt, StreamMismatch
 from pyemu.system import log
-from pyemu.target.x86.cpu_state import MpState, PendingEvents, X86CpuState
+from pyemu.target.x86.cpu_state import XFEATURE_PKRU, MpState, PendingEvents, X86CpuState, XsaveComponents
 from pyemu.target.x86.cpuid import TSC_CRYSTAL_HZ
 
 if TYPE_CHECKING:
@@ -59,9 +59,9 @@ _KVM_PARAVIRT_MSRS = {
     MSR_KVM_SYSTEM_TIME_NEW: "kvmclock", MSR_KVM_ASYNC_PF_EN: "KVM async page faults",
     MSR_KVM_STEAL_TIME: "KVM steal time", MSR_KVM_PV_EOI_EN: "KVM paravirtual EOI"}
 """KVM paravirtual features enabled by bit 0 of their MSR: a guest using one would hang without it."""
-_TCG_XCR0 = 0b11
-"""XSAVE components the software CPU holds (x87, SSE: :class:`FpuState`); the rest of KVM's XSAVE area
-(AVX and later) has no place there."""
+_TCG_XCR0 = 0b11 | XFEATURE_PKRU
+"""XSAVE components the software CPU holds (x87, SSE: :class:`FpuState`; PKRU: ``xsave`` as
+:meth:`XsaveComponents.with_pkru`); the rest of KVM's XSAVE area (AVX and later) has no place there."""
 
 
 def board_devices(devices: Any) -> Any:
@@ -155,8 +155,9 @@ def cpu_to_tcg(state: X86CpuState, index: int, crystal_hz: int) -> tuple[X86CpuS
     * INIT received / SIPI received become the LAPIC's latched INIT / start-up vector.
     * MSRs the software CPU cannot hold are dropped (IA32_TSC: the clock section carries the TSC; the TSC
       deadline went into the LAPIC timer; MISC_ENABLE, TSC_ADJUST, the KVM paravirtual MSRs when disabled).
-    * The x87/SSE registers (``fpu``) load as they are; the rest of the XSAVE area is dropped when the guest
-      enabled nothing beyond x87/SSE in XCR0 (pyemu's default CPU model has no XSAVE at all).
+    * The x87/SSE registers (``fpu``) load as they are; of the rest of the XSAVE area XCR0 and PKRU are kept
+      (the software CPU holds both), the other components are dropped when the guest enabled nothing
+      beyond x87/SSE/PKRU in XCR0 (pyemu's default CPU model has no XSAVE at all).
     * Refused (StreamMismatch): a guest using x2APIC, the TSC-deadline timer, a KVM paravirtual feature or
       XSAVE components beyond SSE (the software CPU offers none of them and the guest could not go on), or a vCPU stopped in the middle of
       delivering an exception or software interrupt (the software CPU cannot resume a half-done delivery).
@@ -170,7 +171,8 @@ def cpu_to_tcg(state: X86CpuState, index: int, crystal_hz: int) -> tuple[X86CpuS
                                  "provide", where)
     if state.xsave is not None and state.xsave.xcr0 & ~_TCG_XCR0:
         raise StreamMismatch(f"vCPU {index} enabled XSAVE components {state.xsave.xcr0 & ~_TCG_XCR0:#x} (XCR0 "
-                             f"{state.xsave.xcr0:#x}) beyond x87/SSE, which the software CPU does not have", where)
+                             f"{state.xsave.xcr0:#x}) beyond x87/SSE/PKRU, which the software CPU does not have",
+                             where)
     events = state.events or PendingEvents()
     if events.exception_vector is not None:
         raise StreamMismatch(f"vCPU {index} was saved while delivering exception {events.exception_vector}, "
@@ -211,7 +213,8 @@ def cpu_to_tcg(state: X86CpuState, index: int, crystal_hz: int) -> tuple[X86CpuS
     out.apic_base = None
     # NMI blocking stays with the vCPU (a pending NMI went into the LAPIC above).
     out.events = PendingEvents(nmi_masked=True) if events.nmi_masked else None
-    out.xsave = None
+    out.xsave = (XsaveComponents.with_pkru(state.xsave.xcr0, state.xsave.pkru) if state.xsave is not None
+                 else None)
     out.cr8 = 0
     out.mp_state = mp_state
     ignored = sorted(set(state.msrs) - set(TCG_MSRS) - set(_KVM_PARAVIRT_MSRS) - {MSR_KVM_WALL_CLOCK_NEW})

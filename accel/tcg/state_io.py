@@ -14,6 +14,11 @@ Order matters in ``load_state`` because QEMU derives state from control-register
 5. The x87/SSE registers (``state.fpu``, when captured) through Unicorn's register interface, after the
    blob copy that would otherwise put the old ones back (:func:`load_fpu`).
 
+XCR0 and PKRU travel as KVM carries them, in ``state.xsave`` (:meth:`XsaveComponents.with_pkru`: the XSAVE
+header and PKRU, component 9, at its standard offset), captured once the guest enabled XSAVE or protection
+keys (CR4.OSXSAVE or CR4.PKE) and loaded into the blob (calibrated fields). The vCPU flushes the TLB after a
+load, so no translation granted under the old PKRU survives.
+
 CR8 is not loaded: under TCG the task priority lives in the userspace LAPIC model.
 """
 
@@ -30,7 +35,17 @@ from pyemu.accel.tcg.segments import (
     compute_hflags,
     segment_to_cache,
 )
-from pyemu.target.x86.cpu_state import CR0_PE, EFER_LMA, GPR_NAMES, DescriptorTable, FpuState, X86CpuState
+from pyemu.target.x86.cpu_state import (
+    CR0_PE,
+    EFER_LMA,
+    GPR_NAMES,
+    DescriptorTable,
+    FpuState,
+    X86CpuState,
+    XsaveComponents,
+)
+
+CR4_OSXSAVE, CR4_PKE = 1 << 18, 1 << 22
 
 SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 
@@ -62,6 +77,9 @@ def load_state(uc: Uc, blob: CpuBlob, state: X86CpuState) -> None:
                                  es=caches["es"], cr0=blob.cr0, cr4=blob.cr4, efer=state.efer,
                                  rflags_vm=bool(state.rflags & (1 << 17)))
     blob.old_exception = -1
+    if state.xsave is not None:
+        blob.xcr0 = state.xsave.xcr0
+        blob.pkru = state.xsave.pkru
     blob.push()
     for index, value in state.msrs.items():
         if index != MSR_EFER:
@@ -94,6 +112,7 @@ def save_state(uc: Uc, blob: CpuBlob, cr2: int) -> X86CpuState:
         efer=blob.efer,
         msrs={index: uc.msr_read(index) for index in SAVED_MSRS},
         fpu=save_fpu(uc),
+        xsave=XsaveComponents.with_pkru(blob.xcr0, blob.pkru) if blob.cr4 & (CR4_OSXSAVE | CR4_PKE) else None,
     )
 
 

@@ -148,6 +148,12 @@ class FpuState:
         return bytes(area)
 
 
+XFEATURE_PKRU = 1 << 9
+"""XCR0 / XSTATE_BV bit of the PKRU component."""
+XSAVE_PKRU_OFFSET, XSAVE_PKRU_SIZE = 2688, 8
+"""Where PKRU sits in the standard (non-compacted) XSAVE area: CPUID.(0xD, 9).EBX/EAX on every CPU with PKU."""
+
+
 @dataclass(frozen=True)
 class XsaveComponents:
     """The XSAVE area past the legacy region, opaque: the 64-byte XSAVE header (XSTATE_BV first) and the
@@ -161,6 +167,24 @@ class XsaveComponents:
     @property
     def xstate_bv(self) -> int:
         return int.from_bytes(self.area[:8], "little") if len(self.area) >= 8 else 0
+
+    @property
+    def pkru(self) -> int:
+        """PKRU (component 9): 0, its init value, when XSTATE_BV says the component is in its init state."""
+        at = XSAVE_PKRU_OFFSET - FXSAVE_SIZE
+        if not self.xstate_bv & XFEATURE_PKRU or len(self.area) < at + 4:
+            return 0
+        return int.from_bytes(self.area[at:at + 4], "little")
+
+    @classmethod
+    def with_pkru(cls, xcr0: int, pkru: int) -> "XsaveComponents":
+        """The area of a vCPU whose only extended state is PKRU (the software CPU's): the XSAVE header,
+        then PKRU at its standard offset, XSTATE_BV bit 9 set unless PKRU is 0 (its init value)."""
+        at = XSAVE_PKRU_OFFSET - FXSAVE_SIZE
+        area = bytearray(at + XSAVE_PKRU_SIZE)
+        area[:8] = (XFEATURE_PKRU if pkru else 0).to_bytes(8, "little")
+        area[at:at + 4] = (pkru & 0xFFFF_FFFF).to_bytes(4, "little")
+        return cls(xcr0, bytes(area))
 
 
 @dataclass(frozen=True)

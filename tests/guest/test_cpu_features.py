@@ -695,8 +695,7 @@ def _xcr0_pkru_program() -> GuestProgram:
 
 @pytest.mark.parametrize("register,offset,value", [
     ("xcr0", 0, 1),
-    pytest.param("pkru", 8, 0xC, marks=pytest.mark.xfail(strict=True, reason="the TCG vCPU state (X86CpuState) "
-                                                          "does not carry PKRU yet")),
+    ("pkru", 8, 0xC),
 ])
 def test_state_saved_and_loaded_into_a_fresh_engine_keeps(register: str, offset: int, value: int) -> None:
     """What a snapshot or a migration under TCG does: save_state, then load_state into another engine."""

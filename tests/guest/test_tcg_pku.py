@@ -212,3 +212,72 @@ def test_supervisor_writes_follow_wd_under_cr0_wp_and_supervisor_pages_ignore_ke
     keyed = result.symbols["keyed"] + 8
     assert result.u64(DATA + 8) == 9
     assert _faults(result) == [(ERR_P | ERR_W | ERR_PK, keyed), (ERR_P | ERR_PK, keyed)]
+
+
+def _pkru_program(pkru: int) -> GuestProgram:
+    """Sets XCR0 = x87|SSE, CR4.OSXSAVE|PKE and PKRU, stops (exit value 1), then reads XCR0 and PKRU back
+    into data."""
+    return GuestProgram(f"""
+        mov r15, data
+        mov rax, cr4
+        or rax, {CR4_PKE | 1 << 18}
+        mov cr4, rax
+        mov eax, 3
+        xor edx, edx
+        xor ecx, ecx
+        xsetbv
+        {_wrpkru(pkru)}
+        {exit_with(1)}
+        jmp resume                    ; ends the block: the stop after the exit write comes before XGETBV
+    resume:
+        xor ecx, ecx
+        xgetbv
+        mov [r15], rax
+        xor ecx, ecx
+        rdpkru
+        mov [r15 + 8], rax
+        {exit_with(OK)}
+    """)
+
+
+def test_pkru_and_xcr0_travel_as_kvm_carries_them_and_back() -> None:
+    """A TCG save carries XCR0 and PKRU in KVM's XSAVE layout (PKRU at 2688, XSTATE_BV bit 9); the same
+    area, taken as a KVM vCPU's and converted for the software CPU, loads into a fresh engine whose RDPKRU
+    and XGETBV give them back."""
+    from pyemu.accel.kvm.state import XSAVE_AREA_SIZE, xsave_join, xsave_split
+    from pyemu.hw.intc.lapic import LocalApic
+    from pyemu.hw.intc.lapic_kvm_page import to_kvm
+    from pyemu.migration.cross_accel import cpu_to_tcg
+    from pyemu.system.timers import TimerQueue
+    from pyemu.target.x86.cpuid import TSC_CRYSTAL_HZ
+    from pyemu.testing import prepared
+
+    pkru = 0x5C
+    table = _max_table()
+    with prepared(_pkru_program(pkru), "tcg", cpuid=table) as source:
+        source.vcpu.run()
+        state = source.vcpu.save_state()
+        ram = source.board.memory.read(0, 0x200000)
+    assert state.xsave is not None and state.xsave.xcr0 == 0x3 and state.xsave.pkru == pkru
+    area = xsave_join(state.fpu, state.xsave, b"")
+    assert len(area) == XSAVE_AREA_SIZE
+    assert int.from_bytes(area[2688:2692], "little") == pkru
+    assert int.from_bytes(area[512:520], "little") & (1 << 9)
+
+    lapic = to_kvm(LocalApic(TimerQueue(clock=lambda: 0), apic_id=0, bsp=True).state(), crystal_hz=TSC_CRYSTAL_HZ,
+                   bsp=True)
+    as_kvm = state.copy()
+    as_kvm.lapic, as_kvm.apic_base = lapic.page, lapic.apic_base
+    as_kvm.fpu, as_kvm.xsave = xsave_split(area, 0x203)   # PKRU enabled in XCR0: no longer refused
+    converted, _lapic = cpu_to_tcg(as_kvm, 0, TSC_CRYSTAL_HZ)
+    assert converted.xsave is not None and (converted.xsave.xcr0, converted.xsave.pkru) == (0x203, pkru)
+    # XCR0 = x87|SSE (not the engine's reset value 0x203), so the load below is seen
+    as_kvm.fpu, as_kvm.xsave = xsave_split(area, 0x3)
+    converted, _lapic = cpu_to_tcg(as_kvm, 0, TSC_CRYSTAL_HZ)
+    with prepared(_pkru_program(0), "tcg", cpuid=table) as target:
+        target.board.memory.write(0, ram)
+        target.board.memory.write(DATA, bytes(16))
+        target.vcpu.load_state(converted)
+        target.vcpu.run()
+        assert target.board.memory.read_u64(DATA) == 0x3
+        assert target.board.memory.read_u64(DATA + 8) == pkru
