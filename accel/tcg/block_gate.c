@@ -30,6 +30,12 @@ struct pyemu_gate {
     uint64_t last_block;   /* the start of the block running now (for sampling profilers) */
     const uint32_t *hflags2; /* QEMU's env->hflags2 of this engine (io_guard.py finds env), or NULL */
     int32_t nmi_held;      /* vCPU: an NMI waits for the end of NMI blocking; stop once HF2_NMI_MASK is clear */
+    const uint64_t *cr4;   /* QEMU's env->cr[4] of this engine (or &cr4_seen until it is located) */
+    uint64_t cr4_seen;     /* vCPU: CR4 at emu_start; gate: CR4 as of the last block start */
+    uint64_t cr4_refused;  /* vCPU: bits reserved under this vCPU's CPUID (a MOV to CR4 setting one: #GP) */
+    int32_t cr4_fault;     /* gate: stopped because CR4 gained a refused bit; cr4_old, fault_block say more */
+    uint64_t cr4_old;      /* ... CR4 before the MOV */
+    uint64_t fault_block;  /* ... the block that ended with the MOV to CR4 */
 };
 
 #define GATE_HF2_NMI_MASK (1u << 2)
@@ -76,7 +82,21 @@ void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data
 {
     struct pyemu_gate *gate = (struct pyemu_gate *)user_data;
     int first = gate->skip_first;
+    uint64_t previous = gate->last_block;
     gate->last_block = address;
+    uint64_t cr4 = __atomic_load_n(gate->cr4, __ATOMIC_RELAXED);
+    if (__builtin_expect(cr4 != gate->cr4_seen, 0)) {
+        /* A MOV to CR4 ends its block, so this is the first block start after it. Unicorn's CR4 helper
+         * takes any value: a newly set bit this vCPU's CPUID does not offer is refused here (the vCPU
+         * puts the old CR4 back and raises #GP at the MOV, the last instruction of `previous`). */
+        if (cr4 & ~gate->cr4_seen & gate->cr4_refused) {
+            gate->cr4_fault = 1;
+            gate->cr4_old = gate->cr4_seen;
+            gate->fault_block = previous;
+            goto stop;
+        }
+        gate->cr4_seen = cr4;
+    }
     if (first) {
         gate->skip_first = 0; /* no store per block on the common path */
     }

@@ -111,6 +111,12 @@ struct pyemu_gate {
     uint64_t last_block;
     const uint32_t *hflags2;
     int32_t nmi_held;
+    const uint64_t *cr4;
+    uint64_t cr4_seen;
+    uint64_t cr4_refused;
+    int32_t cr4_fault;
+    uint64_t cr4_old;
+    uint64_t fault_block;
 };
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
 struct pyemu_io_guard {
@@ -237,6 +243,7 @@ class BlockGate:
         self.state.reg_read = self._ffi.cast("int (*)(void *, int, void *)", ctypes.cast(library.uc_reg_read, ctypes.c_void_p).value)
         self.state.emu_stop = self._ffi.cast("int (*)(void *)", ctypes.cast(library.uc_emu_stop, ctypes.c_void_p).value)
         self.state.rflags_regid = x86.UC_X86_REG_RFLAGS
+        self.state.cr4 = self._ffi.addressof(self.state, "cr4_seen")  # never differs: no CR4 check yet
         self._library = library
         self._handle = ctypes.c_size_t()
         self.module = module
@@ -294,6 +301,26 @@ class BlockGate:
     def watch_nmi_mask(self, hflags2_address: int) -> None:
         """Where this engine's ``env->hflags2`` lives (see :mod:`pyemu.accel.tcg.io_guard`)."""
         self.state.hflags2 = self._ffi.cast("const uint32_t *", hflags2_address)
+
+    def watch_cr4(self, cr4_address: int, refused: int) -> None:
+        """Where this engine's ``env->cr[4]`` lives, and the CR4 bits a MOV to CR4 may not set (reserved
+        under the vCPU's CPUID): a block start that sees one newly set stops with :attr:`cr4_fault`."""
+        self.state.cr4_refused = refused & 0xFFFF_FFFF_FFFF_FFFF
+        self.state.cr4 = self._ffi.cast("const uint64_t *", cr4_address)
+        self.state.cr4_seen = self.state.cr4[0]
+
+    def expect_cr4(self, value: int) -> None:
+        """The host set CR4 itself (state load, a refused MOV undone): no guest write to check."""
+        self.state.cr4_seen = value
+
+    def take_cr4_fault(self) -> tuple[int, int, int] | None:
+        """(CR4 before the refused MOV, start of the block that ended with it, start of the block after
+        it) once after the gate stopped for a refused CR4 bit; None otherwise."""
+        state = self.state
+        if not state.cr4_fault:
+            return None
+        state.cr4_fault = 0
+        return int(state.cr4_old), int(state.fault_block), int(state.last_block)
 
     def hold_nmi(self, held: bool) -> None:
         """An NMI waits while NMIs are blocked: stop at the first block start after the IRET that ends it."""

@@ -67,6 +67,9 @@ class Traps:
         self.cr2 = 0
         self.pending_exit: Exit | None = None
         self.delivered = 0
+        self.intercept: Callable[[], bool] | None = None
+        """Asked first on every exception (blob pulled): True when it delivered something else instead
+        (the vCPU's check for a refused MOV to CR4 whose next code fetch faulted, cr4_guard.py)."""
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, x86.UC_X86_INS_SYSCALL)
@@ -79,6 +82,8 @@ class Traps:
             return
         blob = self._blob
         blob.pull()
+        if self.intercept is not None and self.intercept():
+            return
         instruction_rip = None
         if blob.exception_is_int:
             event = Event(intno, EventKind.SOFTWARE)

@@ -52,6 +52,7 @@ from unicorn import (
     Uc,
     UcError,
 )
+from unicorn.x86_const import UC_X86_REG_CR4, UC_X86_REG_RFLAGS
 
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.exits import Exit, Halt, Shutdown, Stopped
@@ -60,6 +61,7 @@ from pyemu.accel.tcg.calibration import HF2_NMI, BlobLayout
 from pyemu.accel.tcg.code_cache import CodeInvalidator
 from pyemu.accel.tcg.context import CpuBlob
 from pyemu.accel.tcg.cpu_model import engine_model
+from pyemu.accel.tcg.cr4_guard import block_span, mov_to_cr4_before, refused_cr4_bits
 from pyemu.accel.tcg.delivery import Event, EventKind
 from pyemu.accel.tcg.errors import EngineError, GuestFault
 from pyemu.accel.tcg.guest_tsc import GuestTsc
@@ -68,7 +70,7 @@ from pyemu.accel.tcg.memory_map import PhysicalMap
 from pyemu.accel.tcg.paging import PagingRegs
 from pyemu.accel.tcg.physmem import GuestPhysical
 from pyemu.accel.tcg.scheduler import RoundRobin
-from pyemu.accel.tcg.segments import DESC_L, HF_INHIBIT_IRQ
+from pyemu.accel.tcg.segments import DESC_B, DESC_L, HF_INHIBIT_IRQ
 from pyemu.accel.tcg.state_io import load_state, save_state
 from pyemu.accel.tcg.tlb_fill import CodeMap, TlbFill, tlb_hook_enabled
 from pyemu.accel.tcg.traps import Traps
@@ -91,6 +93,7 @@ from pyemu.target.x86.cpuid import CpuidTable
 _UNTIL = 0xFFFF_FFFF_FFFF_FFFF
 _HLT = 0xF4
 _NMI_VECTOR = 2
+_GP_VECTOR = 13
 
 
 def startup_state(vector: int) -> X86CpuState:
@@ -131,10 +134,12 @@ class TcgVcpu:
         self._gate.watch_nmi_mask(self._io.guard.env + layout.hflags2 - layout.gpr["rax"])
         if self._tlb is not None:
             self._tlb.watch_pkru(self._io.guard.env + layout.pkru - layout.gpr["rax"])
+        self._gate.watch_cr4(self._io.guard.env + layout.cr4 - layout.gpr["rax"], refused_cr4_bits(cpuid))
         physical = GuestPhysical(self._uc, memory, dispatcher,
                                  on_write=code_map.dirty.mark if code_map is not None else None)
         self._traps = Traps(self._uc, self._blob, physical, index,
                             self._log_shutdown)
+        self._traps.intercept = self._cr4_fault_before_block
         self._code = CodeInvalidator(self._uc, self._blob, memory, self._gate)
         self._wake = threading.Event()
         self._halted = False
@@ -153,6 +158,8 @@ class TcgVcpu:
         was typically rewritten by the host (kernel reloaded), which the engine cannot notice itself."""
         load_state(self._uc, self._blob, state)
         self._load_nmi_state(state.events)
+        self._blob.pull()
+        self._gate.expect_cr4(self._blob.cr4)   # the host's CR4, not a guest MOV to check
         self._uc.ctl(UC_CTL_TB_FLUSH, UC_CTL_IO_WRITE)
         self._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         if self._tlb is not None:
@@ -407,6 +414,10 @@ class TcgVcpu:
             if exc.errno == UC_ERR_EXCEPTION and tlb is not None and tlb.take_fill_failure():
                 return None  # the TLB-fill hook left the access to the engine's MMU: run it again
             return self._fail(self._engine_error_reason(exc))
+        if self._gate.stopped:
+            fault = self._gate.take_cr4_fault()
+            if fault is not None:
+                self._refuse_cr4(*fault)
         if self._traps.pending_exit is not None or self._gate.stopped or self._gate.stop_requested:
             return None
         blob.pull()
@@ -416,6 +427,48 @@ class TcgVcpu:
             self._halted = True
             return None
         return Halt()
+
+    def _cr4_fault_before_block(self) -> bool:
+        """In the exception hook (blob pulled): the exception came from fetching the block after a refused
+        MOV to CR4, before the gate could run (SMEP with code on user pages faults that fetch). Then the
+        #GP at the MOV replaces it; False (deliver the exception) otherwise. Two compares per exception."""
+        gate = self._gate.state
+        cr4 = self._blob.cr4
+        seen = int(gate.cr4_seen)
+        if cr4 == seen or not cr4 & ~seen & int(gate.cr4_refused):
+            return False
+        blob = self._blob
+        cs = blob.segment("cs")
+        after = blob.rip if blob.efer & EFER_LMA and cs.flags & DESC_L else (cs.base + blob.rip) & 0xFFFF_FFFF
+        return self._refuse_cr4(seen, int(gate.last_block), after)
+
+    def _refuse_cr4(self, old: int, block: int, after: int) -> bool:
+        """The block at ``block`` ended with a MOV to CR4 that set a bit this vCPU's CPUID does not offer;
+        ``after`` is the next block. Put CR4 back and raise #GP(0) at the MOV (see cr4_guard.py); False
+        when the block does not end with such a MOV (nothing done)."""
+        blob = self._blob
+        blob.pull()
+        cs = blob.segment("cs")
+        bits = 64 if blob.efer & EFER_LMA and cs.flags & DESC_L else 32 if cs.flags & DESC_B else 16
+        length = block_span(block, after)
+        mov = None
+        if length is not None:
+            try:
+                memory = self._traps.linear(PagingRegs(blob.cr0, blob.cr3, old, blob.efer))
+                mov = mov_to_cr4_before(memory.read(block, length, fetch=True), block, after, bits)
+            except GuestFault:
+                mov = None
+        if mov is None:   # not a MOV to CR4 (cannot happen as far as known): leave the value as written
+            log.log("unimp", f"cpu{self.index}: CR4 gained reserved bits {blob.cr4 & ~old:#x} in the block at "
+                             f"{block:#x}, which does not end with a MOV to CR4; kept")
+            return False
+        self._uc.reg_write(UC_X86_REG_CR4, old)
+        self._gate.expect_cr4(old)
+        blob.pull()
+        rip = (blob.rip - (after - mov)) & 0xFFFF_FFFF_FFFF_FFFF
+        self._traps.deliver(Event(_GP_VECTOR, EventKind.EXCEPTION, 0), return_rip=rip,
+                            rflags=self._uc.reg_read(UC_X86_REG_RFLAGS))
+        return True
 
     def _after_hlt(self, rip: int) -> bool:
         blob = self._blob

@@ -510,8 +510,6 @@ def test_qemu64_engine_raises_ud_for_what_its_cpuid_lacks(instruction: str, leng
     assert result.exit_value == OK
 
 
-@pytest.mark.xfail(strict=True, reason="Unicorn 2.1.4's CR4 write helper never raises #GP (QEMU 5.0's "
-                   "cpu_x86_update_cr4 only clears SMAP/PKE); no Unicorn model makes CR4.OSXSAVE fault")
 def test_qemu64_cr4_osxsave_without_xsave_raises_gp() -> None:
     run_max(GuestProgram(f"""
         {_cr4_set(CR4_OSXSAVE)}
