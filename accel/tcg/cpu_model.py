@@ -10,7 +10,8 @@ is told it may execute, it can, and most of what it is told it may not, raises #
 Measured on Unicorn 2.1.4 (``uc_ctl_set_cpu_model`` then CPUID without pyemu's hook; the bitmaps below are
 checked against the engine by tests/unit/test_tcg_cpu_model.py). What still differs from hardware, with
 no Unicorn model to fix it: the CR4 write helper never raises #GP -- CR4.OSXSAVE, FSGSBASE, SMEP, UMIP,
-PCIDE, VMXE and LA57 are accepted whatever the model says (only SMAP and PKE follow the model); XSETBV
+PCIDE, VMXE and LA57 are accepted whatever the model says (only SMAP and PKE follow the model; pyemu's
+block gate raises the #GP the guest's CPUID calls for, :mod:`pyemu.accel.tcg.cr4_guard`); XSETBV
 accepts the engine model's XCR0 components (Skylake-Server: 0x2e7) although pyemu's CPUID leaf 0xD
 offers x87|SSE only; the default Unicorn model before this choice was Haswell.
 """
