@@ -8,7 +8,7 @@ smallest Unicorn model whose instruction-level features cover the guest's CPUID,
 is told it may execute, it can, and most of what it is told it may not, raises #UD as on hardware.
 
 Measured on Unicorn 2.1.4 (``uc_ctl_set_cpu_model`` then CPUID without pyemu's hook; the bitmaps below are
-checked against the engine by tests/unit/test_tcg_cpu_model.py). What still differs from hardware, with
+checked against the engine by tests/unit/test_cpu_models.py). What still differs from hardware, with
 no Unicorn model to fix it: the CR4 write helper never raises #GP -- CR4.OSXSAVE, FSGSBASE, SMEP, UMIP,
 PCIDE, VMXE and LA57 are accepted whatever the model says (only SMAP and PKE follow the model; pyemu's
 block gate raises the #GP the guest's CPUID calls for, :mod:`pyemu.accel.tcg.cr4_guard`); XSETBV
