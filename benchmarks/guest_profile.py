@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -280,11 +281,13 @@ def _pyemu_child(kernel: str, initrd: str, cmdline: str, hz: float, out: str, pr
     from pyemu.system.main import main
 
     vcpus: list[Any] = []
-    sampler = VcpuSampler(lambda: vcpus, hz)
+    threads: dict[int, int] = {}
+    sampler = VcpuSampler(lambda: vcpus, hz, lambda: threads)
     original = Machine._vcpu_loop
     marks: dict[str, float] = {}
 
     def sampled_vcpu_loop(self: Machine, index: int, vcpu: Any) -> None:
+        threads[index] = threading.get_ident()
         vcpus.append(vcpu)
         if index == 0:
             marks["vcpu_start"] = time.monotonic()
@@ -292,6 +295,10 @@ def _pyemu_child(kernel: str, initrd: str, cmdline: str, hz: float, out: str, pr
         original(self, index, vcpu)
 
     Machine._vcpu_loop = sampled_vcpu_loop  # type: ignore[method-assign]
+    # The sampler needs the GIL to look; while the vCPU thread runs Python it gets it only at the switch
+    # interval (5 ms by default): a short one keeps samples on time (late ones are weighted, see
+    # pyemu.accel.tcg.guest_profile.sample_weights).
+    sys.setswitchinterval(0.0002)
     serial = Path(out).with_suffix(".serial")
     marks["main"] = time.monotonic()
     main(["-machine", "microvm", "-accel", "tcg", "-m", MEMORY, "-kernel", kernel, "-initrd", initrd,
@@ -300,7 +307,7 @@ def _pyemu_child(kernel: str, initrd: str, cmdline: str, hz: float, out: str, pr
     if MARKER not in serial.read_bytes():
         raise ProfileError("the sampled pyemu boot did not reach /init")
     Path(out).write_text(json.dumps({
-        "hz": hz, "wall_s": profile.wall_s, "samples": [[s.at, s.rip, s.halted] for s in profile.samples],
+        "hz": hz, "wall_s": profile.wall_s, "samples": [[s.at, s.rip, s.halted, s.host] for s in profile.samples],
         "before_main_s": round(marks["main"] - process_start, 3),
         "main_to_vcpu_start_s": round(marks["vcpu_start"] - marks["main"], 3),
     }))
@@ -364,6 +371,10 @@ def print_profile(name: str, result: dict[str, Any], rows: int = 12) -> None:
               f"user {summary['user_share'] * 100:.1f}%")
         for row in summary["top"][:rows]:
             print(f"    {row['share'] * 100:5.1f}%  {row['seconds']:6.2f} s  {row['function']}")
+        if "host_top" in summary:
+            print(f"  {who} host thread of vCPU 0:")
+            for row in summary["host_top"][:8]:
+                print(f"    {row['share'] * 100:5.1f}%  {row['where']}")
     if "slower_under_pyemu" in result:
         print(f"{name}: most extra time under pyemu (s):")
         for row in result["slower_under_pyemu"][:10]:

@@ -12,7 +12,8 @@ Pieces:
 * :class:`VcpuSampler` -- a host thread that samples software vCPUs (:class:`~pyemu.accel.tcg.vcpu.TcgVcpu`)
   while they run: the C block gate stores the start of the block running now (``last_block``, one store
   per block), and the vCPU's halted flag says whether it waits in HLT. Both are plain reads from another
-  thread, safe while Unicorn runs (no engine call is made);
+  thread, safe while Unicorn runs (no engine call is made). Given the vCPU threads, it also records where
+  each thread is on the host (inside the engine, or which pyemu function: the cost of exits and hooks);
 * :func:`summarise` -- top functions by share of samples, the idle share, and the share of samples outside
   the kernel (boot code before the kernel proper; user space).
 """
@@ -21,10 +22,13 @@ from __future__ import annotations
 
 import bisect
 import re
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
 from typing import Any, Callable, Iterable, Sequence
 
 KERNEL_SPACE = 0xFFFF_8000_0000_0000
@@ -62,11 +66,33 @@ class KernelSymbols:
 
 @dataclass(frozen=True)
 class Sample:
-    """One look at a vCPU: seconds since the start, its RIP (block start), whether it was halted."""
+    """One look at a vCPU: seconds since the start, its RIP (block start), whether it was halted, and
+    where its host thread was (:func:`host_location`; empty when not known, e.g. for QEMU)."""
 
     at: float
     rip: int
     halted: bool
+    host: str = ""
+
+
+ENGINE = "[in Unicorn: translated code and C hooks]"
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def host_location(frame: FrameType | None) -> str:
+    """Where a vCPU thread is, from its innermost Python frame: inside ``emu_start`` (the engine runs
+    guest code, with the GIL released), or the innermost pyemu function (a Python hook or exit handler:
+    I/O, MMIO, exception delivery, the run loop, waiting in HLT)."""
+    if frame is None:
+        return ""
+    if frame.f_code.co_name == "emu_start":
+        return ENGINE
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(_PACKAGE_ROOT):
+            return f"{filename[len(_PACKAGE_ROOT) + 1:]}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "[outside pyemu]"
 
 
 @dataclass
@@ -97,33 +123,64 @@ def classify(samples: Sequence[Sample], symbols: KernelSymbols) -> list[str]:
     return names
 
 
+def sample_weights(profile: Profile) -> list[float]:
+    """Each sample stands for the wall time since the one before it (the first: one period).
+
+    Why weights and not counts: a sampler that cannot run on time (pyemu's sampling thread waits for the
+    GIL while the vCPU thread runs Python: an exit, a hook) takes its next sample late; counting samples
+    would under-weight exactly the Python-heavy stretches, while the delay itself measures them."""
+    weights: list[float] = []
+    previous = None
+    for sample in profile.samples:
+        weights.append(1.0 / profile.hz if previous is None else max(sample.at - previous, 0.0))
+        previous = sample.at
+    return weights
+
+
+def _weighted(keys: Sequence[str], weights: Sequence[float]) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for key, weight in zip(keys, weights):
+        totals[key] = totals.get(key, 0.0) + weight
+    return totals
+
+
+def _largest(totals: dict[str, float], top: int) -> list[tuple[str, float]]:
+    return sorted(totals.items(), key=lambda item: item[1], reverse=True)[:top]
+
+
 def bucket_seconds(profile: Profile, symbols: KernelSymbols) -> dict[str, float]:
-    """Every bucket's estimated wall seconds (its share of the samples times the sampled wall time)."""
-    counts = Counter(classify(profile.samples, symbols))
-    total = sum(counts.values()) or 1
-    return {name: count / total * profile.wall_s for name, count in counts.items()}
+    """Every bucket's estimated wall seconds (its weighted share of the samples times the sampled wall)."""
+    totals = _weighted(classify(profile.samples, symbols), sample_weights(profile))
+    total = sum(totals.values()) or 1.0
+    return {name: weight / total * profile.wall_s for name, weight in totals.items()}
 
 
 def summarise(profile: Profile, symbols: KernelSymbols, top: int = 25) -> dict[str, Any]:
-    """Top buckets by share of samples, with the idle and outside-the-kernel shares and their seconds
-    (share x wall time: samples are taken at a fixed wall-clock rate)."""
+    """Top buckets by share of the sampled time (:func:`sample_weights`), with the idle and
+    outside-the-kernel shares and their seconds (share x wall time)."""
     names = classify(profile.samples, symbols)
+    weights = sample_weights(profile)
     counts = Counter(names)
-    total = len(names) or 1
+    totals = _weighted(names, weights)
+    total = sum(totals.values()) or 1.0
 
-    def share(count: int) -> float:
-        return round(count / total, 4)
+    def share(weight: float) -> float:
+        return round(weight / total, 4)
 
-    rows = [{"function": name, "samples": count, "share": share(count),
-             "seconds": round(count / total * profile.wall_s, 3)}
-            for name, count in counts.most_common(top)]
-    return {
+    rows = [{"function": name, "samples": counts[name], "share": share(weight),
+             "seconds": round(weight / total * profile.wall_s, 3)}
+            for name, weight in _largest(totals, top)]
+    summary: dict[str, Any] = {
         "samples": len(names), "hz": profile.hz, "wall_s": round(profile.wall_s, 3),
-        "idle_share": share(counts[IDLE]),
-        "before_kernel_share": share(counts[BEFORE_KERNEL]),
-        "user_share": share(counts[USER_SPACE]),
+        "idle_share": share(totals.get(IDLE, 0.0)),
+        "before_kernel_share": share(totals.get(BEFORE_KERNEL, 0.0)),
+        "user_share": share(totals.get(USER_SPACE, 0.0)),
         "top": rows,
     }
+    if any(sample.host for sample in profile.samples):
+        hosts = _weighted([sample.host for sample in profile.samples], weights)
+        summary["host_top"] = [{"where": where, "share": share(weight)} for where, weight in _largest(hosts, top)]
+    return summary
 
 
 class VcpuSampler:
@@ -133,8 +190,11 @@ class VcpuSampler:
     the block gate's ``last_block`` are sampled; each sample costs two attribute reads and one read of the
     gate's C struct, done without calling into the engine."""
 
-    def __init__(self, vcpus: Callable[[], Sequence[Any]], hz: float = 1000.0) -> None:
+    def __init__(self, vcpus: Callable[[], Sequence[Any]], hz: float = 1000.0,
+                 threads: Callable[[], dict[int, int]] | None = None) -> None:
+        """``threads`` maps a vCPU index to its host thread's ident, to record where that thread is."""
         self._vcpus = vcpus
+        self._threads = threads
         self.profile = Profile(hz)
         self.per_vcpu: dict[int, list[Sample]] = {}
         self._stop = threading.Event()
@@ -158,12 +218,18 @@ class VcpuSampler:
         next_at = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
+            idents = self._threads() if self._threads is not None else {}
+            frames = sys._current_frames() if idents else {}
             for vcpu in list(self._vcpus()):
                 gate = getattr(vcpu, "_gate", None)
                 if gate is None:
                     continue
-                sample = Sample(now - self._started, int(gate.last_block), bool(getattr(vcpu, "_halted", False)))
-                self.per_vcpu.setdefault(int(getattr(vcpu, "index", 0)), []).append(sample)
+                index = int(getattr(vcpu, "index", 0))
+                ident = idents.get(index)
+                host = host_location(frames.get(ident)) if ident is not None else ""
+                sample = Sample(now - self._started, int(gate.last_block), bool(getattr(vcpu, "_halted", False)),
+                                host)
+                self.per_vcpu.setdefault(index, []).append(sample)
             next_at += period
             delay = next_at - time.monotonic()
             if delay < 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -13,6 +14,7 @@ import pytest
 
 from pyemu.accel.tcg.guest_profile import (
     BEFORE_KERNEL,
+    ENGINE,
     IDLE,
     USER_SPACE,
     KernelSymbols,
@@ -21,6 +23,7 @@ from pyemu.accel.tcg.guest_profile import (
     VcpuSampler,
     bucket_seconds,
     classify,
+    host_location,
     summarise,
 )
 
@@ -69,15 +72,25 @@ def test_summarise_shares_and_seconds():
     symbols = KernelSymbols.from_kallsyms(KALLSYMS)
     samples = [Sample(i / 10, 0xFFFFFFFF81000010, False) for i in range(6)]
     samples += [Sample(0.6 + i / 10, 0, True) for i in range(2)]
-    samples += [Sample(0.8 + i / 10, 0xFFFFFFFF81002000, False) for i in range(2)]
-    summary = summarise(Profile(10.0, samples, wall_s=2.0), symbols, top=2)
-    assert bucket_seconds(Profile(10.0, samples, wall_s=2.0), symbols) == pytest.approx(
-        {"startup_64": 1.2, IDLE: 0.4, "memset_orig": 0.4})
-    assert summary["samples"] == 10 and summary["idle_share"] == 0.2
+    samples += [Sample(0.8, 0xFFFFFFFF81002000, False), Sample(0.85, 0xFFFFFFFF81002000, False)]
+    summary = summarise(Profile(10.0, samples, wall_s=1.9), symbols, top=2)
+    assert bucket_seconds(Profile(10.0, samples, wall_s=1.9), symbols) == pytest.approx(
+        {"startup_64": 1.2, IDLE: 0.4, "memset_orig": 0.3})
+    assert summary["samples"] == 10 and summary["idle_share"] == pytest.approx(0.2105, abs=1e-4)
     assert summary["top"] == [
-        {"function": "startup_64", "samples": 6, "share": 0.6, "seconds": 1.2},
-        {"function": IDLE, "samples": 2, "share": 0.2, "seconds": 0.4},
+        {"function": "startup_64", "samples": 6, "share": 0.6316, "seconds": 1.2},
+        {"function": IDLE, "samples": 2, "share": 0.2105, "seconds": 0.4},
     ]
+
+
+def test_late_samples_weigh_the_time_they_stood_for():
+    """A sample taken 50 ms late (the sampler waited for the GIL) counts for those 50 ms."""
+    symbols = KernelSymbols.from_kallsyms(KALLSYMS)
+    samples = [Sample(i * 0.001, 0xFFFFFFFF81000000, False) for i in range(50)]
+    samples.append(Sample(0.099, 0xFFFFFFFF81002000, False))
+    seconds = bucket_seconds(Profile(1000.0, samples, wall_s=0.1), symbols)
+    assert seconds["memset_orig"] == pytest.approx(0.05, rel=0.05)
+    assert seconds["startup_64"] == pytest.approx(0.05, rel=0.05)
 
 
 class FakeGate:
@@ -111,6 +124,42 @@ def test_sampler_reads_gate_and_halted_flag_of_each_vcpu():
     assert all(s.halted for s in sampler.per_vcpu[1])
     times = [s.at for s in profile.samples]
     assert times == sorted(times)
+
+
+def test_host_location_of_a_thread():
+    """Inside the engine (``emu_start`` innermost), or the innermost pyemu function."""
+    started = threading.Event()
+    release = threading.Lock()
+    release.acquire()
+
+    def emu_start() -> None:  # stands for the Unicorn binding's method, which blocks in C (uc_emu_start)
+        started.set()
+        release.acquire(timeout=10)  # a C call: no Python frame above this one while it waits
+
+    worker = threading.Thread(target=emu_start)
+    worker.start()
+    started.wait(10)
+    try:
+        for _ in range(1000):  # until the worker is past started.set() and blocked in the C call
+            frames = sys._current_frames()
+            if host_location(frames[worker.ident]).startswith("[in Unicorn"):
+                break
+            started.wait(0.01)
+        assert host_location(frames[worker.ident]).startswith("[in Unicorn")
+        assert host_location(frames[threading.get_ident()]) == "tests/unit/test_guest_profile.py:test_host_location_of_a_thread"
+        assert host_location(None) == ""
+    finally:
+        release.release()
+        worker.join()
+
+
+def test_summary_lists_host_locations():
+    symbols = KernelSymbols.from_kallsyms(KALLSYMS)
+    samples = [Sample(i / 10, 0xFFFFFFFF81000000, False, ENGINE) for i in range(3)]
+    samples.append(Sample(0.3, 0xFFFFFFFF81000000, False, "hw/x.py:f"))
+    summary = summarise(Profile(10.0, samples, 0.4), symbols)
+    assert summary["host_top"] == [{"where": ENGINE, "share": 0.75}, {"where": "hw/x.py:f", "share": 0.25}]
+    assert "host_top" not in summarise(Profile(1.0, [Sample(0.0, 0, False)], 1.0), symbols)
 
 
 def test_gdb_packet_framing():
