@@ -82,21 +82,21 @@ void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data
 {
     struct pyemu_gate *gate = (struct pyemu_gate *)user_data;
     int first = gate->skip_first;
-    uint64_t previous = gate->last_block;
-    gate->last_block = address;
     uint64_t cr4 = __atomic_load_n(gate->cr4, __ATOMIC_RELAXED);
     if (__builtin_expect(cr4 != gate->cr4_seen, 0)) {
         /* A MOV to CR4 ends its block, so this is the first block start after it. Unicorn's CR4 helper
          * takes any value: a newly set bit this vCPU's CPUID does not offer is refused here (the vCPU
-         * puts the old CR4 back and raises #GP at the MOV, the last instruction of `previous`). */
+         * puts the old CR4 back and raises #GP at the MOV, the last instruction of the previous block). */
         if (cr4 & ~gate->cr4_seen & gate->cr4_refused) {
             gate->cr4_fault = 1;
             gate->cr4_old = gate->cr4_seen;
-            gate->fault_block = previous;
+            gate->fault_block = gate->last_block;
+            gate->last_block = address;
             goto stop;
         }
         gate->cr4_seen = cr4;
     }
+    gate->last_block = address;
     if (first) {
         gate->skip_first = 0; /* no store per block on the common path */
     }
