@@ -102,3 +102,24 @@ def test_decoder_finds_the_mov_only_when_it_ends_the_block() -> None:
     assert mov_to_cr4_before(code, 0x1000, 0x1007, 64) == 0x1003
     assert mov_to_cr4_before(code[:3] + b"\x0f\x22\xd8", 0x1000, 0x1006, 64) is None   # mov cr3, rax
     assert mov_to_cr4_before(code, 0x1000, 0x1006, 64) is None   # the block does not end at an instruction
+
+
+def test_32bit_protected_mode_mov_to_cr4_faults_at_the_mov() -> None:
+    """The MOV is decoded as 32-bit code (the PVH/multiboot entry state Linux starts in), paging off."""
+    program = GuestProgram(f"""
+        mov edi, data
+        mov eax, cr4
+        mov [edi], eax
+        mov ecx, cr4
+        or ecx, {CR4_OSXSAVE:#x}
+        mov cr4, ecx
+        mov eax, cr4
+        mov [edi + 8], eax
+        {exit_with(OK)}
+    """, mode="protected", handlers={GP: recording_handler(0, error_code=True, skip=3, bits=32)})
+    result = run_program(program, "tcg", cpuid=_table("qemu64"), timeout=60)
+    assert result.exit_value == OK, describe(result)
+    frame = read_frame(result, 0)
+    assert frame.count == 1 and frame.error_code == 0
+    assert result.read(frame.rip, 3) == b"\x0f\x22\xe1"   # mov cr4, ecx
+    assert result.u32(DATA + 8) == result.u32(DATA)
