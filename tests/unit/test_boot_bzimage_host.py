@@ -166,6 +166,16 @@ def test_falls_back_to_the_guest_decompressor_and_says_why(tmp_path, memory, pay
     assert reason in text
 
 
+def test_unwritable_cache_falls_back(tmp_path, memory, monkeypatch, boot_log):
+    path = write_bzimage(tmp_path, xz(kernel_elf()))
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("PYEMU_CACHE", str(blocker))  # kernels/ cannot be created under a file
+    result = load_bzimage(memory, path, None, "", e820())
+    assert result.entry == LOAD + 0x200
+    assert "cannot cache the decompressed kernel" in boot_log.getvalue()
+
+
 def test_no_payload_falls_back(tmp_path, memory, boot_log):
     path = tmp_path / "bzImage"
     path.write_bytes(make_bzimage())

@@ -104,8 +104,9 @@ def _decompress(bzimage: bytes, name: str) -> bytes:
         raise HostDecompressUnavailable(str(exc)) from exc
 
 
-def _store(path: Path, data: bytes) -> bool:
-    """Write ``data`` to ``path`` atomically (rename), False when the cache is not writable."""
+def _store(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (rename); HostDecompressUnavailable when the cache is not
+    writable (the entry path reads the kernel from that file, and a scratch copy elsewhere would leak)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, scratch = tempfile.mkstemp(prefix=".partial-", dir=path.parent)
@@ -118,9 +119,7 @@ def _store(path: Path, data: bytes) -> bool:
             os.unlink(scratch)
             raise
     except OSError as exc:
-        log.log("boot", f"cannot cache the decompressed kernel at {path}: {exc}")
-        return False
-    return True
+        raise HostDecompressUnavailable(f"cannot cache the decompressed kernel at {path}: {exc}") from exc
 
 
 def host_kernel(kernel_path: str | os.PathLike[str]) -> HostKernel:
@@ -128,14 +127,15 @@ def host_kernel(kernel_path: str | os.PathLike[str]) -> HostKernel:
 
     Raises HostDecompressUnavailable (a BootError) with the reason when the payload is not a 64-bit
     x86 ELF this path can enter exactly."""
-    data = Path(kernel_path).read_bytes()
+    try:
+        data = Path(kernel_path).read_bytes()
+    except OSError as exc:
+        raise HostDecompressUnavailable(f"cannot read '{kernel_path}': {exc.strerror}") from exc
     digest = hashlib.sha256(data).hexdigest()
     cached = _cache_path(digest)
     if not cached.is_file():
         elf_bytes = _decompress(data, str(kernel_path))
-        if not _store(cached, elf_bytes):
-            cached = Path(tempfile.mkdtemp(prefix="pyemu-vmlinux-")) / f"{digest}.vmlinux"
-            cached.write_bytes(elf_bytes)
+        _store(cached, elf_bytes)
         log.log("boot", f"decompressed the bzImage payload on the host into {cached} ({len(elf_bytes)} bytes)")
     with ImageFile(cached, "kernel") as image:
         head = image.read_at(0, min(image.size, _HEADERS_READ), what="ELF headers")
