@@ -9,6 +9,8 @@
  * and leaves through raise_exception_err_ra, so nothing of the instruction or of the rest of its block
  * has executed. Allowed accesses are handed to the Python callbacks.
  */
+#define _GNU_SOURCE
+#include <pthread.h>
 #include <stdint.h>
 
 struct pyemu_io_guard {
@@ -82,10 +84,36 @@ static int io_is_helper_return(struct pyemu_io_guard *g, uint64_t word)
  * address into the translated block, the value QEMU's GETPC() gives the helper: the innermost stack word
  * that points into this engine's code buffer right after a call to an I/O helper. Stale words left in
  * frames by earlier calls (block hooks) point elsewhere in the block and are not taken. */
+/* The highest address of this thread's stack (0 when unknown): the walk below must not read past it. A
+ * vCPU thread's C stack can be shallow (Python 3.11 runs nested Python calls in one C frame), so a fixed
+ * walk of IO_STACK_WORDS could leave the stack mapping and crash when no return address matches. */
+static __thread uintptr_t io_stack_top;
+
+static uintptr_t io_thread_stack_top(void)
+{
+    if (!io_stack_top) {
+        pthread_attr_t attr;
+        void *low;
+        size_t size;
+        if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+            if (pthread_attr_getstack(&attr, &low, &size) == 0)
+                io_stack_top = (uintptr_t)low + size;
+            pthread_attr_destroy(&attr);
+        }
+    }
+    return io_stack_top;
+}
+
 static __attribute__((noinline)) int io_restore(struct pyemu_io_guard *g)
 {
     uint64_t *frame = (uint64_t *)__builtin_frame_address(0);
-    for (int i = 0; i < IO_STACK_WORDS; i++) {
+    uintptr_t top = io_thread_stack_top();
+    int words = IO_STACK_WORDS;
+    if (!top || top <= (uintptr_t)frame)
+        return 0;
+    if ((top - (uintptr_t)frame) / 8 < (uintptr_t)words)
+        words = (int)((top - (uintptr_t)frame) / 8);
+    for (int i = 0; i < words; i++) {
         uint64_t word = frame[i];
         if (io_is_helper_return(g, word))
             return g->restore_state(g->cpu, (uintptr_t)word, 0) ? 1 : 0;

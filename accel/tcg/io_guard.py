@@ -39,7 +39,7 @@ import struct
 import threading
 from typing import Any, Callable, Iterator
 
-from unicorn import UC_HOOK_INSN, Uc
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
 from unicorn import x86_const as x86
 
 from pyemu.accel.tcg.block_gate import BlockGate, native_function
@@ -50,6 +50,8 @@ from pyemu.accel.tcg.errors import CalibrationError, EngineError
 _UC_SCAN = 0x4000          # bytes of uc_struct searched for the CPU pointer
 _CPU_WINDOW = 0x20000      # bytes of the CPU object searched for env
 _MARK = 0x5A17_C0DE_0000_0000
+_CODE_SLACK = 0x10000      # code_gen_buffer_size may exceed its mapping by a guard page or two
+_CODE_WATCH = 0x40000      # bytes at a code buffer's start compared before and after translating
 # Where the first engine had them, as (offset of a pointer in uc_struct, offset from that pointer):
 # the CPU pointer and env - cpu; the TCG context pointer and its code_gen_buffer field.
 _cache: dict[str, tuple[int, int]] = {}
@@ -162,26 +164,65 @@ def _rwx_regions() -> dict[int, int]:
     return regions
 
 
-def locate_code_buffer(uc: Uc) -> tuple[int, int]:
-    """[start, end) of the engine's TCG code buffer: the writable-and-executable mapping whose start
-    ``uc_struct`` reaches through one pointer (its TCG context's ``code_gen_buffer``)."""
-    handle = handle_of(uc)
+def _code_buffer_at(memory: _ProcessMemory, context: int, inner: int,
+                    regions: dict[int, int]) -> tuple[int, int] | None:
+    """The rwx mapping described at ``context + inner`` as (``code_gen_buffer``, ``code_gen_buffer_size``)."""
+    pair = memory.read(context + inner, 16)
+    if pair is None:
+        return None
+    start, size = struct.unpack("<QQ", pair)
+    end = regions.get(start)
+    if end is None or not end - start <= size <= end - start + _CODE_SLACK:
+        return None
+    return start, end
+
+
+def _code_buffer_offsets() -> tuple[int, int]:
+    """Where ``uc_struct`` holds its TCG context and the context its code buffer, found on a scratch engine.
+
+    Why by translating code: with several engines in a process, pointers in one engine's ``uc_struct`` lead
+    to heap objects that hold another engine's buffer and size (measured with two and three engines: the
+    first such pair, and even one with a pointer back to the engine nearby, was another engine's). Only the
+    engine's own buffer receives the code it translates, so the scratch engine runs four instructions and
+    the candidate whose buffer changed is the one; the offsets are then the same in every engine."""
+    scratch = Uc(UC_ARCH_X86, UC_MODE_64)
+    scratch.mem_map(0, 0x1000)
+    handle = handle_of(scratch)
     regions = _rwx_regions()
     with _ProcessMemory() as memory:
-        cached = _cached("code")
-        if cached is not None:
-            context = memory.word(handle + cached[0])
-            start = None if context is None else memory.word(context + cached[1])
-            if start in regions:
-                return start, regions[start]
+        candidates = []
         for offset, pointer in memory.pointers(handle):
             window = memory.read(pointer, 0x1000) or b""
-            for inner in range(0, len(window) - 7, 8):
-                start = struct.unpack_from("<Q", window, inner)[0]
-                if start in regions:
-                    _remember("code", (offset, inner))
-                    return start, regions[start]
+            for inner in range(0, len(window) - 15, 8):
+                if struct.unpack_from("<Q", window, inner)[0] in regions:
+                    found = _code_buffer_at(memory, pointer, inner, regions)
+                    if found is not None:
+                        candidates.append((offset, inner, found[0]))
+        before = {start: memory.read(start, _CODE_WATCH) for _o, _i, start in candidates}
+        scratch.mem_write(0x100, bytes([0x48, 0xFF, 0xC3] * 4 + [0xF4]))   # inc rbx (x4); hlt
+        scratch.emu_start(0x100, 0x10C)
+        for offset, inner, start in candidates:
+            if memory.read(start, _CODE_WATCH) != before[start]:
+                return offset, inner
     raise CalibrationError("the engine's TCG code buffer was not found", field="code_gen_buffer")
+
+
+def locate_code_buffer(uc: Uc) -> tuple[int, int]:
+    """[start, end) of the engine's TCG code buffer: the writable-and-executable mapping that ``uc_struct``
+    reaches through its TCG context's ``code_gen_buffer`` and ``code_gen_buffer_size`` (offsets found once
+    per process, see :func:`_code_buffer_offsets`)."""
+    cached = _cached("code")
+    if cached is None:
+        cached = _code_buffer_offsets()
+        _remember("code", cached)
+    regions = _rwx_regions()
+    with _ProcessMemory() as memory:
+        context = memory.word(handle_of(uc) + cached[0])
+        found = None if context is None else _code_buffer_at(memory, context, cached[1], regions)
+    if found is None:
+        raise CalibrationError("the engine's TCG code buffer is not where the scratch engine had it",
+                               field="code_gen_buffer")
+    return found
 
 
 class IoGuard:
