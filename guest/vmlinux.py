@@ -12,6 +12,7 @@ from __future__ import annotations
 import lzma
 import shutil
 import subprocess
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -22,36 +23,61 @@ from pyemu.target.x86.boot.errors import BootError
 ELF_MAGIC = b"\x7fELF"
 
 
-def _decompress_xz(data: bytes) -> bytes:
+# The most a payload may decompress to. Debian's 6.1 kernel is ~60 MB; a kernel larger than this could not
+# run in the guest RAM pyemu boots it with either, and a hostile bzImage ("zip bomb") must not make the
+# host allocate gigabytes before anything checks it.
+MAX_KERNEL_BYTES = 512 << 20
+
+
+def _bounded(output: bytes, limit: int) -> bytes:
+    if len(output) > limit:
+        raise KernelExtractError(f"the kernel payload decompresses to more than {limit} bytes (the limit for a kernel)")
+    return output
+
+
+def _decompress_xz(data: bytes, limit: int) -> bytes:
     decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-    output = decoder.decompress(data)
+    output = _bounded(decoder.decompress(data, max_length=limit + 1), limit)
     if not decoder.eof:
         raise KernelExtractError("the xz payload ends before its stream does")
     return output
 
 
-def _decompress_lzma(data: bytes) -> bytes:
+def _decompress_lzma(data: bytes, limit: int) -> bytes:
     decoder = lzma.LZMADecompressor(format=lzma.FORMAT_ALONE)
-    return decoder.decompress(data)
+    return _bounded(decoder.decompress(data, max_length=limit + 1), limit)
 
 
-def _decompress_gzip(data: bytes) -> bytes:
+def _decompress_gzip(data: bytes, limit: int) -> bytes:
     decoder = zlib.decompressobj(wbits=31)
-    output = decoder.decompress(data)
+    output = _bounded(decoder.decompress(data, limit + 1), limit)
     if not decoder.eof:
         raise KernelExtractError("the gzip payload ends before its stream does")
     return output
 
 
-def _decompress_zstd(data: bytes) -> bytes:
+def _decompress_zstd(data: bytes, limit: int) -> bytes:
     tool = shutil.which("zstd")
     if tool is None:
         raise KernelExtractError("the kernel payload is zstd-compressed and the 'zstd' tool is not installed")
-    # The kernel appends the size after the frame; zstd stops at the end of the frame.
-    completed = subprocess.run([tool, "-dc", "-q"], input=data, capture_output=True, timeout=300)
-    if completed.returncode != 0 and not completed.stdout:
-        raise KernelExtractError(f"zstd could not decompress the payload: {completed.stderr.decode(errors='replace')}")
-    return completed.stdout
+    # The kernel appends the size after the frame; zstd stops at the end of the frame. The output is read
+    # through a pipe up to the limit, so an oversized frame stops the tool instead of filling the host.
+    with tempfile.TemporaryFile() as source:
+        source.write(data)
+        source.seek(0)
+        with subprocess.Popen([tool, "-dc", "-q"], stdin=source, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) as process:
+            assert process.stdout is not None and process.stderr is not None
+            output = process.stdout.read(limit + 1)
+            if len(output) > limit:
+                process.kill()
+                process.wait()
+                return _bounded(output, limit)
+            errors = process.stderr.read()
+            status = process.wait(timeout=300)
+    if status != 0 and not output:
+        raise KernelExtractError(f"zstd could not decompress the payload: {errors.decode(errors='replace')}")
+    return output
 
 
 _DECODERS = (
@@ -69,8 +95,9 @@ def payload_compression(payload: bytes) -> str:
     return "unknown"
 
 
-def extract_vmlinux(bzimage: bytes, *, name: str = "bzImage") -> bytes:
-    """The ELF kernel inside ``bzimage`` (the whole file's bytes)."""
+def extract_vmlinux(bzimage: bytes, *, name: str = "bzImage", limit: int = MAX_KERNEL_BYTES) -> bytes:
+    """The ELF kernel inside ``bzimage`` (the whole file's bytes); KernelExtractError when it is corrupt,
+    in an unknown format, or larger than ``limit`` bytes once decompressed."""
     try:
         header = parse_setup_header(bzimage[:HEAD_BYTES], file_size=len(bzimage), path=name)
         offset, length = header.payload_range()
@@ -80,7 +107,7 @@ def extract_vmlinux(bzimage: bytes, *, name: str = "bzImage") -> bytes:
     for magic, kind, decoder in _DECODERS:
         if payload.startswith(magic):
             try:
-                elf = decoder(payload)
+                elf = decoder(payload, limit)
             except (lzma.LZMAError, zlib.error) as exc:
                 raise KernelExtractError(f"the {kind} payload of {name} is corrupt: {exc}") from exc
             break

@@ -2,7 +2,9 @@
 
 import gzip
 import lzma
+import shutil
 import struct
+import subprocess
 
 import pytest
 
@@ -56,3 +58,24 @@ def test_real_kernel_payload_matches_cached_vmlinux():
     if assets is None:
         pytest.skip("Debian guest assets not fetched (run 'pyemu-guest fetch')")
     assert extract_vmlinux(assets.kernel.read_bytes()) == assets.vmlinux.read_bytes()
+
+
+@pytest.mark.parametrize("compression", ["xz", "gzip", "lzma", "zstd"])
+def test_a_payload_that_decompresses_past_the_limit_is_refused(compression):
+    """A bzImage whose payload inflates beyond the limit (a "zip bomb") is refused before the host holds
+    more than the limit of it; at the limit it is still accepted."""
+    elf = ELF + bytes(4096)
+    if compression == "xz":
+        payload = kernel_xz(elf)
+    elif compression == "gzip":
+        payload = gzip.compress(elf) + struct.pack("<I", len(elf))
+    elif compression == "lzma":
+        payload = lzma.compress(elf, format=lzma.FORMAT_ALONE) + struct.pack("<I", len(elf))
+    else:
+        if shutil.which("zstd") is None:
+            pytest.skip("the zstd tool is not installed")
+        payload = subprocess.run(["zstd", "-q", "-c"], input=elf, capture_output=True, check=True).stdout
+    image = make_bzimage(BzImageSpec(payload=payload))
+    assert extract_vmlinux(image, limit=len(elf)) == elf
+    with pytest.raises(KernelExtractError, match="decompresses to more than"):
+        extract_vmlinux(image, limit=len(elf) - 1)
