@@ -83,6 +83,11 @@ class Accelerator(Protocol):
         """The guest TSC of every vCPU (read-only in the protocol, so each accelerator keeps its own type)."""
         ...
 
+    def cpu_features(self) -> frozenset[str]:
+        """The CPUID features (pyemu's keys) this accelerator can present to a guest on this host: what
+        ``-cpu`` checks a model against (QEMU's "... doesn't support requested feature" warning)."""
+        ...
+
     def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
         """Bind guest RAM and the I/O dispatcher (create the VM, register memory slots)."""
         ...

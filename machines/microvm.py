@@ -142,7 +142,8 @@ class Microvm(Machine):
                               f"{MAX_SOFTWARE_VCPUS} vCPUs", option="-smp")
         if accel.needs_userspace_lapic:
             self.cpuid = self.cpuid.without("x2apic", "tsc_deadline", "tsc_adjust")  # need RDMSR/WRMSR hooks
-        self.cpuid = self.config.cpu.apply(self.cpuid, accel.name, warn_report)  # -cpu MODEL,-feature
+        self.cpuid = self.config.cpu.apply(self.cpuid, accel.name, warn_report,  # -cpu MODEL,-feature
+                                           available=accel.cpu_features())
         accel.attach(self.memory, self.dispatcher, self.cpuid)
 
         devices = self.devices

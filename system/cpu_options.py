@@ -99,13 +99,18 @@ class CpuOptions:
         return (self.model or "default") + (f",{flags}" if flags else "")
 
     def apply(self, table: CpuidTable, accel_name: str = "tcg",
-              warn: Callable[[str], None] | None = None) -> CpuidTable:
+              warn: Callable[[str], None] | None = None,
+              available: frozenset[str] | None = None) -> CpuidTable:
         """``table`` (pyemu's default table shaped by the board) turned into this option's CPU for the
         accelerator: the model's identity and features, the switches, minus what the accelerator cannot
-        provide (QEMU's warning for each, or a ConfigError with ``enforce=on``)."""
+        provide (QEMU's warning for each, or a ConfigError with ``enforce=on``). ``available``: what the
+        accelerator reports it can present on this host (``Accelerator.cpu_features``); without it, what
+        pyemu knows of the accelerator in general."""
         switches = self.feature_switches()
         model = self.cpu_model
         supported = self.supported(accel_name)
+        if available is not None:
+            supported &= available
         if model is None:  # pyemu's default table: only the switches change it
             wanted = set(table.features()) | {f for f, on in switches.items() if on}
             supported = supported | table.features()

@@ -14,7 +14,7 @@ import threading
 from pyemu.accel.base import AcceleratorUnavailable
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.kvm import abi
-from pyemu.accel.kvm.cpuid import build_vcpu_cpuid, dropped_features
+from pyemu.accel.kvm.cpuid import build_vcpu_cpuid, dropped_features, supported_features
 from pyemu.accel.kvm.errors import KvmError
 from pyemu.accel.kvm.guest_tsc import KvmGuestTsc
 from pyemu.accel.kvm.kick import install_kick_handler
@@ -111,6 +111,11 @@ class KvmAccelerator:
         """While logging: the pages devices wrote (KVM logs only the vCPUs' stores)."""
 
     # -- Accelerator protocol ---------------------------------------------------------------------------
+    def cpu_features(self) -> frozenset[str]:
+        """What KVM can present on this host (KVM_GET_SUPPORTED_CPUID, see :func:`supported_features`)."""
+        return supported_features(self.system.supported_cpuid(),
+                                  tsc_deadline=bool(self.system.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER)))
+
     def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
         if self._memory is not None:
             raise ConfigError("kvm: accelerator already attached to a machine")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pyemu.accel.kvm import abi
 from pyemu.accel.kvm.system import CpuidEntry
-from pyemu.target.x86.cpuid import FEATURES, CpuidTable
+from pyemu.target.x86.cpuid import FEATURE_SUBLEAF, FEATURES, CpuidTable
 
 _REGS = ("eax", "ebx", "ecx", "edx")
 
@@ -150,6 +150,25 @@ def _add_kvm_leaves(out: dict[tuple[int, int], list[int]], kvm: dict[tuple[int, 
     sig = KVM_SIGNATURE
     out[(base, 0)] = [base + 1] + [int.from_bytes(sig[i : i + 4], "little") for i in (0, 4, 8)]
     out[(base + 1, 0)] = [features, 0, 0, 0]
+
+
+def supported_features(supported: tuple[CpuidEntry, ...], *, tsc_deadline: bool = False) -> frozenset[str]:
+    """pyemu's feature keys a KVM vCPU can present on this host: KVM_GET_SUPPORTED_CPUID's bits, the bits
+    KVM provides whatever the host (as :func:`build_vcpu_cpuid` allows them), and TSC-deadline when the
+    capability says so. ``-cpu`` checks a model against this before the vCPU exists, to warn as QEMU does
+    ("host doesn't support requested feature") or refuse with ``enforce=on``."""
+    kvm = _supported_map(supported)
+    names = []
+    for name, (leaf, reg, bit) in FEATURES.items():
+        subleaf = FEATURE_SUBLEAF.get(name, 0)
+        entry = kvm.get((leaf, subleaf))
+        allowed = entry.regs[_REGS.index(reg)] if entry is not None else 0
+        allowed |= _ALWAYS_ALLOWED.get((leaf, subleaf, reg), 0)
+        if (leaf, subleaf, reg) == (1, 0, "ecx") and tsc_deadline:
+            allowed |= _TSC_DEADLINE_BIT
+        if allowed >> bit & 1:
+            names.append(name)
+    return frozenset(names)
 
 
 def dropped_features(table: CpuidTable, entries: list[CpuidEntry]) -> list[str]:

@@ -25,6 +25,7 @@ from pyemu.accel.tcg.tsc import host_tsc_hz
 from pyemu.accel.tcg.vcpu import TcgVcpu
 from pyemu.hw.intc.api import InterruptController, MsiSink
 from pyemu.system.memory import GuestMemory
+from pyemu.target.x86.cpu_models import TCG_FEATURES
 from pyemu.target.x86.cpuid import CpuidTable
 
 
@@ -49,6 +50,10 @@ class TcgAccelerator:
     def tsc_hz(self) -> int:
         """The TSC rate the guest sees (the host's: RDTSC is not virtualised by Unicorn)."""
         return host_tsc_hz()
+
+    def cpu_features(self) -> frozenset[str]:
+        """What the software CPU executes (each backed by a guest test, see TCG_FEATURES)."""
+        return TCG_FEATURES
 
     def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
         self._memory = memory

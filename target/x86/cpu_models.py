@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pyemu.target.x86.cpuid import DEFAULT_FEATURES, FEATURE_SUBLEAF, FEATURES, CpuidTable, _str_regs
 
 #: QEMU's spelling where it is not pyemu's key with ``_`` turned into ``-``.
-_QEMU_NAMES = {"sse4_1": "sse4.1", "sse4_2": "sse4.2"}
+_QEMU_NAMES = {"sse4_1": "sse4.1", "sse4_2": "sse4.2", "sse3": "pni"}
 #: Other names QEMU accepts for a feature (after ``-``/``.`` became ``_``).
 ALIASES = {"pni": "sse3", "pclmuldq": "pclmulqdq", "xd": "nx", "i64": "lm"}
 

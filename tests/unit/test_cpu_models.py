@@ -198,3 +198,37 @@ def test_kvm_entries_follow_the_model_within_what_kvm_supports() -> None:
     for leaf, reg in (((7, 0), 1), ((1, 0), 3), ((0x80000001, 0), 2)):
         assert host[leaf][reg] & ~kvm[leaf][reg] == 0, (leaf, reg)
     assert host[(7, 0)][1] == kvm[(7, 0)][1] & host[(7, 0)][1] and host[(7, 0)][1] != 0
+
+
+def test_kvm_features_are_what_supported_cpuid_says() -> None:
+    """KVM_GET_SUPPORTED_CPUID's bits as pyemu's feature keys, with the bits KVM adds whatever the host
+    (hypervisor, ARAT) and TSC-deadline only with its capability."""
+    from pyemu.accel.kvm.cpuid import supported_features
+    from pyemu.accel.kvm.system import CpuidEntry
+
+    sse42, aes, smep, xsaveopt = 1 << 20, 1 << 25, 1 << 7, 1 << 0
+    entries = (CpuidEntry(1, 0, 0, 0, 0, sse42 | aes, 0), CpuidEntry(7, 0, 1, 0, smep, 0, 0),
+               CpuidEntry(0xD, 1, 1, xsaveopt, 0, 0, 0))
+    found = supported_features(entries)
+    assert {"sse4_2", "aes", "smep", "xsaveopt", "hypervisor"} <= found
+    assert not found & {"sse4_1", "smap", "tsc_deadline", "avx"}
+    assert "tsc_deadline" in supported_features(entries, tsc_deadline=True)
+
+
+def test_a_model_feature_the_host_kvm_lacks_is_dropped_with_qemus_warning() -> None:
+    """Under KVM the model is checked against what this host's KVM can present, as QEMU 7.2 does:
+    "host doesn't support requested feature: ..." per feature, or an error with enforce=on; max takes
+    exactly what KVM has, without a warning."""
+    host_has = frozenset(MODELS["Nehalem"].features) - {"sse4_2", "popcnt"} | {"aes"}
+    warnings: list[str] = []
+    table = CpuOptions("Nehalem", (("+aes", "on"),)).apply(default_cpuid(), "kvm", warnings.append,
+                                                           available=host_has)
+    assert warnings == ["host doesn't support requested feature: CPUID.01H:ECX.sse4.2 [bit 20]",
+                        "host doesn't support requested feature: CPUID.01H:ECX.popcnt [bit 23]"]
+    assert not table.has("sse4_2") and not table.has("popcnt") and table.has("aes") and table.has("sse4_1")
+    with pytest.raises(ConfigError, match=r"host doesn't support requested feature: CPUID.01H:ECX.sse4.2"):
+        CpuOptions("Nehalem", (("enforce", "on"),)).apply(default_cpuid(), "kvm", available=host_has)
+    warnings.clear()
+    maximum = CpuOptions("max").apply(default_cpuid(), "kvm", warnings.append, available=host_has)
+    assert warnings == [] and maximum.features() - {"hypervisor"} <= host_has
+    assert not maximum.has("sse4_2")

@@ -78,6 +78,9 @@ class FakeAccel:
         self.tsc_calls: list[str] = []
         self.tsc = FakeTsc(self.tsc_calls)
 
+    def cpu_features(self) -> frozenset[str]:
+        return frozenset()
+
     def close(self) -> None:
         pass
 
