@@ -78,27 +78,28 @@ static int spin_check(void *uc, struct pyemu_gate *gate, uint64_t address, uint3
     return 0;
 }
 
-void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data)
+/* Everything but the common case: a CR4 change, the first block after emu_start, or a flag some thread
+ * set. Kept out of line so that the common path below calls nothing and saves no registers: the gate runs
+ * at every block start, and a boot executes a few hundred million of them (the call itself is then most
+ * of the gate's cost, as for Unicorn's own per-block exit check). */
+static __attribute__((noinline)) void gate_slow(void *uc, struct pyemu_gate *gate, uint64_t address,
+                                                uint32_t size, uint64_t cr4, uint64_t previous_block)
 {
-    struct pyemu_gate *gate = (struct pyemu_gate *)user_data;
     int first = gate->skip_first;
-    uint64_t cr4 = __atomic_load_n(gate->cr4, __ATOMIC_RELAXED);
-    if (__builtin_expect(cr4 != gate->cr4_seen, 0)) {
+    if (cr4 != gate->cr4_seen) {
         /* A MOV to CR4 ends its block, so this is the first block start after it. Unicorn's CR4 helper
          * takes any value: a newly set bit this vCPU's CPUID does not offer is refused here (the vCPU
          * puts the old CR4 back and raises #GP at the MOV, the last instruction of the previous block). */
         if (cr4 & ~gate->cr4_seen & gate->cr4_refused) {
             gate->cr4_fault = 1;
             gate->cr4_old = gate->cr4_seen;
-            gate->fault_block = gate->last_block;
-            gate->last_block = address;
+            gate->fault_block = previous_block;
             goto stop;
         }
         gate->cr4_seen = cr4;
     }
-    gate->last_block = address;
     if (first) {
-        gate->skip_first = 0; /* no store per block on the common path */
+        gate->skip_first = 0;
     }
     if (gate->tlb && !first && __atomic_load_n(&gate->tlb->fallback, __ATOMIC_ACQUIRE)) {
         pyemu_tlb_resume(uc, gate->tlb);
@@ -127,4 +128,25 @@ stop:
     gate->stopped = 1;
     gate->stops++;
     gate->emu_stop(uc);
+}
+
+void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    struct pyemu_gate *gate = (struct pyemu_gate *)user_data;
+    uint64_t cr4 = __atomic_load_n(gate->cr4, __ATOMIC_RELAXED);
+    uint64_t previous_block = gate->last_block;
+    const struct pyemu_tlb *tlb = gate->tlb;
+    /* Every reason to look closer, in one test: the loads are independent and share a cache line or two
+     * (acquire loads are plain loads on x86-64). */
+    int32_t attention = gate->skip_first
+        | __atomic_load_n(&gate->stop_request, __ATOMIC_ACQUIRE)
+        | __atomic_load_n(&gate->service_request, __ATOMIC_ACQUIRE)
+        | __atomic_load_n(&gate->irq_pending, __ATOMIC_ACQUIRE)
+        | gate->nmi_held | gate->contended
+        | (tlb ? __atomic_load_n(&tlb->fallback, __ATOMIC_ACQUIRE) : 0);
+    gate->last_block = address;
+    if (__builtin_expect(cr4 == gate->cr4_seen && !attention, 1)) {
+        return;
+    }
+    gate_slow(uc, gate, address, size, cr4, previous_block);
 }
