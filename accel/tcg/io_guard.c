@@ -9,7 +9,9 @@
  * and leaves through raise_exception_err_ra, so nothing of the instruction or of the rest of its block
  * has executed. Allowed accesses are handed to the Python callbacks.
  */
-#define _GNU_SOURCE
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE   /* pthread_getattr_np (Python.h, included first by cffi, defines it already) */
+#endif
 #include <pthread.h>
 #include <stdint.h>
 
