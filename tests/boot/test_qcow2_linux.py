@@ -19,7 +19,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.assets]
 
 BOOT_TIMEOUT = 240
 MiB = 1 << 20
-PATTERN = b"pyemu-qcow2\n"  # what `yes pyemu-qcow2` prints
+PATTERN = b"pyemu-qcow2\n"  # repeated by _pattern_source in the guest and _pattern here
+
+
+def _pattern_source(length: int) -> str:
+    """A guest shell command printing ``_pattern(length)``: one awk process with a few large writes.
+    Why not ``yes | head -c``: busybox's ``head -c`` copies 1 MiB in ~30 s of emulated time on a busy host
+    (measured), and its small writes turn ``dd``'s blocks into thousands of partial ones."""
+    return (f"awk 'BEGIN {{ s = \"pyemu-qcow2\\n\"; while (length(s) < {length}) s = s s; "
+            f"printf \"%s\", substr(s, 1, {length}) }}'")
 
 
 def _sha256(path) -> str:  # type: ignore[no-untyped-def]
@@ -59,9 +67,9 @@ def test_qcow2_overlay_and_snapshot_drive(console, guest_assets, tmp_path):
 
     # Writes: 1 MiB at 3 MiB (whole clusters), 5000 bytes at 8 MiB + 512 (partial clusters: copy-on-write
     # from the backing file), then read back through the guest page cache dropped.
-    status, out = shell(vm, "yes pyemu-qcow2 | head -c 1048576 | dd of=/dev/vda bs=65536 seek=48 conv=fsync "
-                            "2>/dev/null && yes pyemu-qcow2 | head -c 5120 | "
-                            "dd of=/dev/vda bs=512 seek=16385 conv=fsync 2>/dev/null && "
+    status, out = shell(vm, f"{_pattern_source(MiB)} | dd of=/dev/vda bs=65536 seek=48 iflag=fullblock "
+                            f"conv=fsync 2>/dev/null && {_pattern_source(5120)} | "
+                            "dd of=/dev/vda bs=512 seek=16385 iflag=fullblock conv=fsync 2>/dev/null && "
                             "echo 3 > /proc/sys/vm/drop_caches && md5sum /dev/vda")
     assert status == 0, out
     expected = bytearray(base_bytes)
@@ -70,7 +78,7 @@ def test_qcow2_overlay_and_snapshot_drive(console, guest_assets, tmp_path):
     assert hashlib.md5(expected).hexdigest() in out, out
 
     # The snapshot=on drive: the guest sees its write ...
-    status, out = shell(vm, "yes pyemu-qcow2 | head -c 65536 | dd of=/dev/vdb bs=65536 conv=fsync 2>/dev/null "
+    status, out = shell(vm, f"{_pattern_source(65536)} | dd of=/dev/vdb bs=65536 iflag=fullblock conv=fsync 2>/dev/null "
                             "&& echo 3 > /proc/sys/vm/drop_caches && dd if=/dev/vdb bs=65536 count=1 2>/dev/null "
                             "| md5sum")
     assert status == 0 and hashlib.md5(_pattern(65536)).hexdigest() in out, out
