@@ -25,6 +25,23 @@ from pyemu.errors import GuestMemoryError
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio.errors import VirtqueueError
 
+_FENCE = threading.Lock()
+
+
+def full_fence() -> None:
+    """A full memory barrier between this thread's earlier stores and its later loads (QEMU's smp_mb()).
+
+    Why: notification suppression is a Dekker-style handshake with the guest. The device publishes the used
+    index and then reads ``used_event``; the driver publishes ``used_event`` and then reads the used index
+    (the same for ``avail_event`` and the available index). Each side fences between its store and its
+    load; without the device's fence, an x86 host may let its load pass its store, both sides read the old
+    value, and the interrupt (or the kick) is lost until some later request. Taking an uncontended lock is
+    an atomic read-modify-write (``lock cmpxchg``), a full barrier on x86, and costs well under a
+    microsecond."""
+    with _FENCE:
+        pass
+
+
 DESC_SIZE = 16
 DESC_F_NEXT = 1
 DESC_F_WRITE = 2
@@ -205,7 +222,11 @@ class Virtqueue:
         self.popped += 1
         if self.event_idx:
             # avail_event: "notify me when you make this index available" -- i.e. on the very next one.
+            # The fence orders it before the next pop's read of the available index: otherwise a buffer the
+            # driver adds meanwhile could be missed by that read while the driver, still seeing the older
+            # avail_event, does not notify.
             self._put_u16(dma, self.used_addr + 4 + 8 * self.size, self.last_avail)
+            full_fence()
         return chain
 
     def _table_view(self, dma: DmaMemory, table: int, entries: int) -> memoryview:
@@ -295,12 +316,14 @@ class Virtqueue:
     def should_interrupt(self, dma: DmaMemory) -> bool:
         """After pushes: does the driver want an interrupt for them? (Call once per batch.)"""
         if not self.event_idx:
+            full_fence()  # as below, for the driver's NO_INTERRUPT flag
             flags = self._u16(dma, self.avail_addr)
             return not flags & AVAIL_F_NO_INTERRUPT
         old, new = self.signalled_used, self.used_idx
         self.signalled_used = new
         if old is None:
             return True
+        full_fence()  # the used index just published must be visible before used_event is read
         used_event = self._u16(dma, self.avail_addr + 4 + 2 * self.size)
         # vring_need_event: interrupt if used_event lies in [old, new).
         return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
