@@ -69,6 +69,7 @@ class ConsoleSession:
 
 _marker_count = [0]
 KERNEL_LOG_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")
+KERNEL_LOG_TAIL = re.compile(r"\[\s*\d+\.\d+\] .*$")  # a kernel message that began mid-line runs to its end
 
 
 def shell(vm: ConsoleSession, command: str, timeout: float = 60) -> tuple[int, str]:
@@ -88,8 +89,13 @@ def shell(vm: ConsoleSession, command: str, timeout: float = 60) -> tuple[int, s
     begin = out.index(begin_needle, start) + len(begin_needle)
     text = out[begin:end].decode(errors="replace").replace("\r", "")
     # The kernel prints to the same console whenever it likes (on a busy host: "clocksource: Long readout
-    # interval..."); its lines are not the command's output.
-    lines = [line for line in text.split("\n") if not KERNEL_LOG_LINE.match(line)]
+    # interval...", "random: crng init done"), also in the middle of a line the command is printing
+    # ("12[   40.1] random: crng init done", seen in CI): its messages are not the command's output.
+    lines = []
+    for line in text.split("\n"):
+        if KERNEL_LOG_LINE.match(line):
+            continue
+        lines.append(KERNEL_LOG_TAIL.sub("", line))
     return status, "\n".join(lines).strip("\n")
 
 
