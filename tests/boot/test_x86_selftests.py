@@ -48,6 +48,14 @@ INTERMITTENT: dict[str, str] = {
 }
 
 
+# Tests in which the guest kernel itself can go silent for good under QEMU 7.2 TCG as well as under pyemu: a
+# run that hangs there is booted once more (QEMU's reference run too). ldt_gdt: 4 of 10 full QEMU runs; under
+# pyemu about 1 in 4-6 runs of ldt_gdt alone beside stress-ng (2026-12-04). What pyemu's trace shows (issue
+# 14): a timer interrupt inside set_thread_area, then a #PF in _raw_spin_lock_irqsave on the IRQ stack at the
+# per-CPU hrtimer lock's address with bit 30 set, then a fault loop; the console stays silent.
+HANG_UNDER_BOTH = frozenset({"ldt_gdt"})
+
+
 @pytest.fixture(scope="module")
 def selftests() -> SelftestSet:
     """The built selftests; skipped when not built, a failure in CI (``.ci/run`` builds them)."""
@@ -96,7 +104,18 @@ def runs(guest_assets, suite_initrd, tmp_path_factory) -> dict[str, SuiteRun]:  
         # fires; ioperm+iopl+ldt_gdt alone never hung). One more boot, alone; the test below still fails if
         # that one does not finish either.
         results["qemu"] = run_suite("qemu", "tcg", guest_assets.kernel, initrd, log=logs / "qemu-retry.log")
+    if not results["pyemu"].completed and _silent_in(results["pyemu"]) in HANG_UNDER_BOTH:
+        # The same hang as QEMU's above, in the same test (see HANG_UNDER_BOTH): one more boot, alone; the
+        # test below fails if that one does not finish either, or if pyemu goes silent anywhere else.
+        results["pyemu"] = run_suite("pyemu", "tcg", guest_assets.kernel, initrd, log=logs / "pyemu-retry.log")
     return results
+
+
+def _silent_in(run: SuiteRun) -> str | None:
+    """The test a run that did not finish was in when its console went silent (None: between tests)."""
+    started = [line.split("begin ", 1)[1].strip() for line in run.console.splitlines()
+               if line.startswith("x86-selftest: begin ")]
+    return started[-1] if started and run.status(started[-1]) == "MISSING" else None
 
 
 def _tail(run: SuiteRun) -> str:
