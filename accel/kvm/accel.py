@@ -113,8 +113,12 @@ class KvmAccelerator:
     # -- Accelerator protocol ---------------------------------------------------------------------------
     def cpu_features(self) -> frozenset[str]:
         """What KVM can present on this host (KVM_GET_SUPPORTED_CPUID, see :func:`supported_features`)."""
-        return supported_features(self.system.supported_cpuid(),
-                                  tsc_deadline=bool(self.system.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER)))
+        return supported_features(self.system.supported_cpuid(), tsc_deadline=self._tsc_deadline_timer)
+
+    @property
+    def _tsc_deadline_timer(self) -> bool:
+        """KVM_CAP_TSC_DEADLINE_TIMER: the in-kernel LAPIC offers the TSC-deadline mode."""
+        return bool(self.system.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER))
 
     def attach(self, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable) -> None:
         if self._memory is not None:
@@ -142,7 +146,7 @@ class KvmAccelerator:
             self.system.supported_cpuid(),
             tsc_khz=tsc_khz,
             apic_bus_hz=self.vm.apic_bus_hz,
-            tsc_deadline=bool(self.system.check_extension(abi.KVM_CAP_TSC_DEADLINE_TIMER)),
+            tsc_deadline=self._tsc_deadline_timer,
             kvmclock=self.kvmclock,
         )
         if index == 0:

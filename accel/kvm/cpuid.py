@@ -65,6 +65,18 @@ def _flags_for(leaf: int, subleaf: int, kvm: dict[tuple[int, int], CpuidEntry]) 
     return abi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX if leaf in _INDEXED_LEAVES else 0
 
 
+def _allowed_bits(kvm: dict[tuple[int, int], CpuidEntry], leaf: int, subleaf: int, reg: str,
+                  tsc_deadline: bool) -> int:
+    """The feature bits of one register a KVM vCPU can present: KVM_GET_SUPPORTED_CPUID's, the ones KVM
+    provides whatever the host, and TSC-deadline when the capability is there."""
+    host = kvm.get((leaf, subleaf))
+    allowed = host.regs[_REGS.index(reg)] if host is not None else 0
+    allowed |= _ALWAYS_ALLOWED.get((leaf, subleaf, reg), 0)
+    if (leaf, subleaf, reg) == (1, 0, "ecx") and tsc_deadline:
+        allowed |= _TSC_DEADLINE_BIT
+    return allowed
+
+
 def build_vcpu_cpuid(
     table: CpuidTable,
     supported: tuple[CpuidEntry, ...],
@@ -84,14 +96,8 @@ def build_vcpu_cpuid(
     for (leaf, subleaf), regs in sorted(table.entries.items()):
         values = list(regs)
         masked = FEATURE_REGISTERS.get((leaf, subleaf), ())
-        host = kvm.get((leaf, subleaf))
         for name in masked:
-            i = _REGS.index(name)
-            allowed = host.regs[i] if host is not None else 0
-            allowed |= _ALWAYS_ALLOWED.get((leaf, subleaf, name), 0)
-            if (leaf, subleaf, name) == (1, 0, "ecx") and tsc_deadline:
-                allowed |= _TSC_DEADLINE_BIT
-            values[i] &= allowed
+            values[_REGS.index(name)] &= _allowed_bits(kvm, leaf, subleaf, name, tsc_deadline)
         out[(leaf, subleaf)] = values
 
     _limit_address_sizes(out, kvm)
@@ -153,22 +159,12 @@ def _add_kvm_leaves(out: dict[tuple[int, int], list[int]], kvm: dict[tuple[int, 
 
 
 def supported_features(supported: tuple[CpuidEntry, ...], *, tsc_deadline: bool = False) -> frozenset[str]:
-    """pyemu's feature keys a KVM vCPU can present on this host: KVM_GET_SUPPORTED_CPUID's bits, the bits
-    KVM provides whatever the host (as :func:`build_vcpu_cpuid` allows them), and TSC-deadline when the
-    capability says so. ``-cpu`` checks a model against this before the vCPU exists, to warn as QEMU does
+    """pyemu's feature keys a KVM vCPU can present on this host (the bits :func:`build_vcpu_cpuid`
+    keeps, see :func:`_allowed_bits`). ``-cpu`` checks a model against this before the vCPU exists, to warn as QEMU does
     ("host doesn't support requested feature") or refuse with ``enforce=on``."""
     kvm = _supported_map(supported)
-    names = []
-    for name, (leaf, reg, bit) in FEATURES.items():
-        subleaf = FEATURE_SUBLEAF.get(name, 0)
-        entry = kvm.get((leaf, subleaf))
-        allowed = entry.regs[_REGS.index(reg)] if entry is not None else 0
-        allowed |= _ALWAYS_ALLOWED.get((leaf, subleaf, reg), 0)
-        if (leaf, subleaf, reg) == (1, 0, "ecx") and tsc_deadline:
-            allowed |= _TSC_DEADLINE_BIT
-        if allowed >> bit & 1:
-            names.append(name)
-    return frozenset(names)
+    return frozenset(name for name, (leaf, reg, bit) in FEATURES.items()
+                     if _allowed_bits(kvm, leaf, FEATURE_SUBLEAF.get(name, 0), reg, tsc_deadline) >> bit & 1)
 
 
 def dropped_features(table: CpuidTable, entries: list[CpuidEntry]) -> list[str]:
