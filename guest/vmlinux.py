@@ -62,19 +62,21 @@ def _decompress_zstd(data: bytes, limit: int) -> bytes:
         raise KernelExtractError("the kernel payload is zstd-compressed and the 'zstd' tool is not installed")
     # The kernel appends the size after the frame; zstd stops at the end of the frame. The output is read
     # through a pipe up to the limit, so an oversized frame stops the tool instead of filling the host.
-    with tempfile.TemporaryFile() as source:
+    # Its messages go to a file, not a second pipe, so a chatty tool cannot block while this reads stdout.
+    with tempfile.TemporaryFile() as source, tempfile.TemporaryFile() as messages:
         source.write(data)
         source.seek(0)
         with subprocess.Popen([tool, "-dc", "-q"], stdin=source, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE) as process:
-            assert process.stdout is not None and process.stderr is not None
+                              stderr=messages) as process:
+            assert process.stdout is not None
             output = process.stdout.read(limit + 1)
             if len(output) > limit:
                 process.kill()
                 process.wait()
                 return _bounded(output, limit)
-            errors = process.stderr.read()
             status = process.wait(timeout=300)
+        messages.seek(0)
+        errors = messages.read()
     if status != 0 and not output:
         raise KernelExtractError(f"zstd could not decompress the payload: {errors.decode(errors='replace')}")
     return output
