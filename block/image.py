@@ -28,7 +28,7 @@ MAX_CHAIN_DEPTH = 64
 
 def probe_format(filename: str) -> str:
     """"qcow2" when the file starts with the qcow2 magic, else "raw" (what QEMU's probe returns for these)."""
-    from pyemu.block.nbd.uri import is_nbd_url
+    from pyemu.block.nbd import is_nbd_url
     if is_nbd_url(filename):
         from pyemu.block.nbd.image import open_nbd_image, probe_nbd_format
         node = open_nbd_image(filename, format="nbd")
@@ -62,7 +62,7 @@ def open_image(filename: str, *, format: str | None = None, read_only: bool = Tr
     are opened read-only and shared with writers that do not change them. ``backing_format`` is not used for
     the top image; it is how a parent passes its header's backing format down.
     """
-    from pyemu.block.nbd.uri import is_nbd_url
+    from pyemu.block.nbd import is_nbd_url
     if is_nbd_url(filename):
         from pyemu.block.nbd.image import open_nbd_image
         return open_nbd_image(filename, format=format, read_only=read_only)

@@ -15,9 +15,9 @@ import urllib.parse
 from dataclasses import dataclass
 
 from pyemu.block.errors import BlockConfigError
+from pyemu.block.nbd import URL_PREFIXES, is_nbd_url  # noqa: F401 (re-exported)
 from pyemu.block.nbd.protocol import DEFAULT_PORT, MAX_STRING
 
-URL_PREFIXES = ("nbd://", "nbd+unix://", "nbd+tcp://", "nbds://", "nbds+unix://", "nbd:")
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,6 @@ class NbdTarget:
             return f"nbd+unix:///{name}?socket={self.address.path}"
         host = f"[{self.address.host}]" if ":" in self.address.host else self.address.host
         return f"nbd://{host}:{self.address.port}/{name}"
-
-
-def is_nbd_url(filename: str) -> bool:
-    return filename.startswith(URL_PREFIXES)
 
 
 def _port(text: str, url: str) -> int:
