@@ -41,7 +41,7 @@ from pyemu.block.qcow2.header import (OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSH
                                       Qcow2FormatError, Qcow2Header, parse_header, serialize_header)
 from pyemu.block.qcow2.layout import (ALL_ALLOC, ALL_ZERO, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO,
                                       OFFSET_MASK, Autoclear, ClusterKind, Incompatible)
-from pyemu.block.qcow2.mapping import ClusterMap, Mapping, decode, entry_problem
+from pyemu.block.qcow2.mapping import ClusterMap, L2Table, Mapping, continuing_entries, decode, entry_problem
 from pyemu.block.qcow2.refcount import Refcounts
 
 MAX_RUN_BYTES = 8 << 20  # one allocating write handles at most this much guest data at a time
@@ -51,7 +51,7 @@ class IoGate:
     """Shared for guest requests, exclusive for tree-wide changes (a small readers-writer lock)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # not re-entered; a plain lock is cheaper per request
         self._shared = 0
         self._exclusive = False
         self._waiting_exclusive = 0
@@ -293,7 +293,8 @@ class Qcow2Format:
                 with self._meta:
                     extents = self._extents(offset + done, offset + length)
                 for mapping, start, ext_len in extents:
-                    part = take(advance(views, start - offset), ext_len)
+                    whole = start == offset and ext_len == length  # one extent (most requests): no re-slicing
+                    part = views if whole else take(advance(views, start - offset), ext_len)
                     self._read_extent(mapping, start, part)
                     done = start + ext_len - offset
 
@@ -524,7 +525,30 @@ class Qcow2Format:
                 out.append((mapping, pos, unit_end - pos))
             pos = unit_end
             count += 1
+            if not self.geometry.extended_l2 and mapping.kind is not ClusterKind.COMPRESSED and pos < end and \
+                    pos >> self.cluster_bits >> l2_bits == table_index:
+                assert table is not None
+                pos, more = self._extend_last(out, table, pos, end, limit - count)
+                count += more
         return out
+
+    def _extend_last(self, out: list[tuple[Mapping, int, int]], table: L2Table, pos: int, end: int,
+                     budget: int) -> tuple[int, int]:
+        """Grow the last extent of ``out`` over the following clusters of ``table`` (standard entries; ``pos``
+        cluster aligned, at most ``budget`` clusters) that continue it. Returns the new position and how
+        many clusters were taken."""
+        mapping, start, length = out[-1]
+        cb = self.cluster_bits
+        first = (pos >> cb) & ((1 << self.geometry.l2_bits) - 1)
+        stop = min(self.geometry.l2_entries, first + budget, first + ((end - 1) >> cb) - (pos >> cb) + 1)
+        next_host = mapping.host_offset + start % self.cluster_size + length
+        more = continuing_entries(table.words, first, stop, mapping.kind, next_host, self.cluster_size,
+                                  self.file.size())
+        if not more:
+            return pos, 0
+        new_pos = min(end, ((pos >> cb) + more) << cb)
+        out[-1] = (mapping, start, length + new_pos - pos)
+        return new_pos, more
 
     def _read_extent(self, mapping: Mapping, start: int, views: list[memoryview]) -> None:
         length = total_length(views)
@@ -619,44 +643,58 @@ class Qcow2Format:
                 word, bitmap = self.map.checked_entry(vcluster)
                 lo = pos - (vcluster << self.cluster_bits)
                 hi = min(cs, end - (vcluster << self.cluster_bits))
+                # Runs end before ``end`` and span less than MAX_RUN_BYTES (from pos in place, from the cluster
+                # start when allocating); the helpers get the exclusive cluster bound.
                 if self._writable_in_place(word, bitmap, lo, hi):
-                    host = (word & OFFSET_MASK) + lo
                     self._check_data_offset(word & OFFSET_MASK, vcluster)
-                    guest_end = min(end, (vcluster + 1) << self.cluster_bits)
-                    # Extend over following clusters that are in place and contiguous on the host.
-                    while guest_end < end and guest_end - pos < MAX_RUN_BYTES:
-                        c = guest_end >> self.cluster_bits
-                        if c in self._allocating:
-                            break
-                        w, b = self.map.checked_entry(c)
-                        chi = min(cs, end - (c << self.cluster_bits))
-                        if (w & OFFSET_MASK) != host - lo + ((c - vcluster) << self.cluster_bits) or \
-                                not self._writable_in_place(w, b, 0, chi):
-                            break
-                        guest_end = min(end, (c + 1) << self.cluster_bits)
-                    return self._Run(in_place=True, host=host, guest_end=guest_end)
-                # Allocation run: this cluster and following ones that also need allocating.
-                last = vcluster
-                while ((last + 1) << self.cluster_bits) < end and (last + 1 - vcluster) * cs < MAX_RUN_BYTES:
-                    c = last + 1
-                    if c in self._allocating:
-                        break
-                    w, b = self.map.checked_entry(c)
-                    chi = min(cs, end - (c << self.cluster_bits))
-                    if self._writable_in_place(w, b, 0, chi):
-                        break
-                    last = c
-                count = last - vcluster + 1
-                self._mark_dirty_for_lazy()
-                for i in range(count):
-                    self.map.writable_l2((vcluster + i) >> self.geometry.l2_bits)  # tables exist before data
-                entries = [self.map.checked_entry(vcluster + i) for i in range(count)]  # after any table copy
-                host = self.refcounts.alloc(count)
-                self._check_overlap(host, count * cs)
-                self._allocating.update(range(vcluster, vcluster + count))
-                guest_end = min(end, (last + 1) << self.cluster_bits)
-                return self._Run(in_place=False, host=host, guest_end=guest_end, first=vcluster, clusters=count,
-                                 entries=entries)
+                    stop = min(-(-end // cs), -(-(pos + MAX_RUN_BYTES) // cs))
+                    return self._in_place_run(vcluster, word & OFFSET_MASK, pos, end, stop)
+                return self._allocation_run(vcluster, end, min(-(-end // cs), vcluster - (-MAX_RUN_BYTES // cs)))
+
+    def _in_place_run(self, vcluster: int, host: int, pos: int, end: int, stop: int) -> "Qcow2Format._Run":
+        """The run from ``pos`` in cluster ``vcluster`` (already owned at ``host``), extended over the following
+        clusters (before cluster ``stop``) that are owned too and contiguous on the host. Caller holds
+        ``_meta``."""
+        cb = self.cluster_bits
+        guest_end = min(end, (vcluster + 1) << cb)
+        entries = self.map.walk(vcluster + 1, stop)
+        for c in range(vcluster + 1, stop):
+            if c in self._allocating:
+                break
+            w, b = next(entries)
+            if (w & OFFSET_MASK) != host + ((c - vcluster) << cb) or \
+                    not self._writable_in_place(w, b, 0, min(self.cluster_size, end - (c << cb))):
+                break
+            guest_end = min(end, (c + 1) << cb)
+        return self._Run(in_place=True, host=host + pos - (vcluster << cb), guest_end=guest_end)
+
+    def _allocation_run(self, vcluster: int, end: int, stop: int) -> "Qcow2Format._Run":
+        """Cluster ``vcluster`` and the following ones (before cluster ``stop``) that also need allocating:
+        their L2 tables made writable, new host clusters reserved, the clusters marked allocating. Caller
+        holds ``_meta``."""
+        cb = self.cluster_bits
+        last = vcluster
+        if not self._allocating:  # (else every cluster is checked against the other allocations in turn)
+            last += self.map.unallocated_run(vcluster + 1, stop)
+        entries = self.map.walk(last + 1, stop)
+        for c in range(last + 1, stop):
+            if c in self._allocating:
+                break
+            w, b = next(entries)
+            if self._writable_in_place(w, b, 0, min(self.cluster_size, end - (c << cb))):
+                break
+            last = c
+        count = last - vcluster + 1
+        self._mark_dirty_for_lazy()
+        l2_bits = self.geometry.l2_bits
+        for l1_index in range(vcluster >> l2_bits, (last >> l2_bits) + 1):
+            self.map.writable_l2(l1_index)  # tables exist before data
+        run_entries = list(self.map.walk(vcluster, last + 1))  # after any table copy
+        host = self.refcounts.alloc(count)
+        self._check_overlap(host, count * self.cluster_size)
+        self._allocating.update(range(vcluster, vcluster + count))
+        return self._Run(in_place=False, host=host, guest_end=min(end, (last + 1) << cb), first=vcluster,
+                         clusters=count, entries=run_entries)
 
     def _allocating_write(self, run: "Qcow2Format._Run", pos: int, data: list[memoryview]) -> None:
         cs = self.cluster_size
@@ -716,9 +754,9 @@ class Qcow2Format:
         with self._meta:
             try:
                 self._data_dirty = True
-                for i, (word, bitmap) in enumerate(run.entries):
-                    vcluster = run.first + i
-                    self.map.set_entry(vcluster, (run.host + i * cs) | FLAG_COPIED, new_bitmaps[i])
+                self.map.set_entries(run.first, [((run.host + i * cs) | FLAG_COPIED, new_bitmaps[i])
+                                                 for i in range(run.clusters)])
+                for word, _ in run.entries:
                     self._release_old(word)
                 self._maybe_write_back()
             finally:

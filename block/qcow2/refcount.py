@@ -173,20 +173,36 @@ class Refcounts:
     def update(self, cluster: int, count: int, delta: int) -> None:
         """Add ``delta`` to the refcounts of ``count`` clusters from ``cluster`` (blocks must exist for
         increments; :meth:`alloc` guarantees that). Overflow and underflow are refused before any change."""
-        mask = (1 << self.block_bits) - 1
-        for c in range(cluster, cluster + count):
-            block = self._block(c >> self.block_bits)
-            value = 0 if block is None else block.get(c & mask)
-            if not 0 <= value + delta <= self.max:
-                what = "overflow" if delta > 0 else "underflow"
-                raise BlockIOError(f"qcow2: refcount {what} for cluster {c} (refcount {value}, "
-                                   f"{1 << self.order}-bit refcounts)",
-                                   errno=errno.ERANGE if delta > 0 else errno.EIO)
-        for c in range(cluster, cluster + count):
-            block = self._ensure_block(c)
-            block.set(c & mask, block.get(c & mask) + delta)
-            if delta < 0 and block.get(c & mask) == 0:
-                self.free_hint = min(self.free_hint, c)
+        spans = self._spans(cluster, count)
+        for index, lo, hi in spans:
+            block = self._block(index)
+            for i in range(lo, hi):
+                value = 0 if block is None else block.get(i)
+                if not 0 <= value + delta <= self.max:
+                    what = "overflow" if delta > 0 else "underflow"
+                    raise BlockIOError(f"qcow2: refcount {what} for cluster {(index << self.block_bits) + i} "
+                                       f"(refcount {value}, {1 << self.order}-bit refcounts)",
+                                       errno=errno.ERANGE if delta > 0 else errno.EIO)
+        for index, lo, hi in spans:
+            block = self._ensure_block((index << self.block_bits) + lo)
+            for i in range(lo, hi):
+                value = block.get(i) + delta
+                block.set(i, value)
+                if delta < 0 and value == 0:
+                    self.free_hint = min(self.free_hint, (index << self.block_bits) + i)
+
+    def _spans(self, cluster: int, count: int) -> list[tuple[int, int, int]]:
+        """``(block index, first, end)`` for the clusters ``[cluster, cluster + count)``, one per refcount
+        block they fall in, so a run of clusters looks its blocks up once each rather than per cluster."""
+        per_block = 1 << self.block_bits
+        spans = []
+        pos, end = cluster, cluster + count
+        while pos < end:
+            index = pos >> self.block_bits
+            stop = min(end, (index + 1) * per_block)
+            spans.append((index, pos - index * per_block, stop - index * per_block))
+            pos = stop
+        return spans
 
     def set(self, cluster: int, value: int) -> None:
         """Set one refcount outright (repair)."""
