@@ -47,6 +47,7 @@ from pyemu.system.config import DeviceOptions, VmConfig
 from pyemu.system.cpu_context import current_cpu
 from pyemu.system.runstate import ShutdownCause
 from pyemu.target.x86.boot.loader import load_kernel
+from pyemu.target.x86.cpu_models import TCG_WITHHELD_FEATURES
 from pyemu.target.x86.cpu_state import MpState, X86CpuState
 from pyemu.target.x86.cpuid import DEFAULT_TSC_HZ, CpuidTable, default_cpuid
 
@@ -141,7 +142,7 @@ class Microvm(Machine):
             raise ConfigError(f"-smp {self.vcpu_count}: the software CPU (-accel tcg) runs at most "
                               f"{MAX_SOFTWARE_VCPUS} vCPUs", option="-smp")
         if accel.needs_userspace_lapic:
-            self.cpuid = self.cpuid.without("x2apic", "tsc_deadline", "tsc_adjust")  # need RDMSR/WRMSR hooks
+            self.cpuid = self.cpuid.without(*TCG_WITHHELD_FEATURES)
         self.cpuid = self.config.cpu.apply(self.cpuid, accel.name, warn_report,  # -cpu MODEL,-feature
                                            available=accel.cpu_features())
         accel.attach(self.memory, self.dispatcher, self.cpuid)

@@ -17,16 +17,16 @@ from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.tcg.block_gate import BlockGate
 from pyemu.accel.tcg.context import CpuBlob
 from pyemu.accel.tcg.io_guard import IoGuard
+from pyemu.target.x86.cpu_models import TCG_WITHHELD_FEATURES
 from pyemu.target.x86.cpuid import CpuidTable
 
-TCG_UNSUPPORTED_FEATURES = ("x2apic", "tsc_deadline", "tsc_adjust")
 _XSAVE, _OSXSAVE, _CR4_OSXSAVE = 1 << 26, 1 << 27, 1 << 18  # CPUID.1:ECX, CR4
 _PKU, _OSPKE, _CR4_PKE = 1 << 3, 1 << 4, 1 << 22  # CPUID.(7,0):ECX, CR4
 
 
 def vcpu_cpuid(table: CpuidTable, apic_id: int) -> CpuidTable:
-    """The table one software vCPU presents: its APIC ID, without x2APIC, TSC-deadline and TSC_ADJUST."""
-    return table.with_apic_id(apic_id).without(*TCG_UNSUPPORTED_FEATURES)
+    """The table one software vCPU presents: its APIC ID, without x2APIC and the TSC-deadline timer."""
+    return table.with_apic_id(apic_id).without(*TCG_WITHHELD_FEATURES)
 
 
 class IoHooks:

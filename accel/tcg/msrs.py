@@ -29,19 +29,24 @@ MSR_KERNEL_GS_BASE = 0xC0000102
 MSR_TSC_AUX = 0xC0000103
 MSR_IA32_TSC_ADJUST = 0x3B
 
-TSC_ADJUST_UNSUPPORTED_WHY = (
-    "IA32_TSC_ADJUST (MSR 0x3b) needs RDMSR/WRMSR interception, which Unicorn 2.1.4 lacks (UC_HOOK_INSN "
-    "refuses UC_X86_INS_RDMSR/WRMSR with UC_ERR_ARG); its core reads the MSR as 0 and ignores writes, so a "
-    "write would not move the guest TSC as the SDM requires"
+TSC_WRITES_IGNORED_WHY = (
+    "RDMSR/WRMSR cannot be intercepted in Unicorn 2.1.4 (UC_HOOK_INSN refuses UC_X86_INS_RDMSR/WRMSR with "
+    "UC_ERR_ARG); its core reads IA32_TSC_ADJUST (MSR 0x3b) as 0 and ignores writes to it, as it ignores "
+    "writes to IA32_TSC (MSR 0x10)"
 )
-"""Why the software CPU's CPUID drops ``tsc_adjust`` (CPUID.7.0:EBX[1]), measured by
-``tests/guest/test_tcg_tsc_features.py``. Offering the bit anyway would let Linux 6.1 skip its clocksource
-watchdog, and Linux itself would never notice (it only writes the MSR to repair a value it read as
-non-zero); but a guest that moves its TSC through the MSR would silently get no effect. unicorn-engine/unicorn
-PR #2298 (merged 2026-07, in no release yet: 2.1.4 is the newest on PyPI) makes RDMSR/WRMSR hookable: with
-it, the MSR becomes a per-vCPU addend to the guest TSC offset and the bit can be offered. Measured with the
-bit shown to a 2-vCPU Debian 6.1 guest (experiment, MSR still inert) under ``stress-ng --cpu 2``: 0 of 6
-boots lost the TSC, against 4 of 5 without it."""
+"""Why a guest cannot move its TSC under the software CPU, through either MSR (measured by
+``tests/guest/test_tsc_features.py``).
+
+``tsc_adjust`` (CPUID.7.0:EBX[1]) is offered all the same: its MSR reads 0, which is its value on a CPU
+whose TSC was never written, and Linux 6.1 only writes it to repair a value it read as non-zero, so for
+Linux the MSR behaves exactly as on hardware. The bit is what lets Linux trust the TSC (with constant and
+nonstop TSC; arch/x86/kernel/tsc.c ``check_system_tsc_reliable``): without it Linux checks the TSC
+against ``refined-jiffies``, counted by timer interrupts that a busy host delivers late, and marks the TSC
+unstable (before the bit: 4 of 5 two-vCPU boots beside ``stress-ng --cpu 2``; with it 0 of 6). With the
+bit Linux also skips the 20 ms TSC warp test at each AP bring-up, since every vCPU's TSC_ADJUST agrees.
+What differs from hardware: a guest that writes the MSR to move its TSC sees no effect, as with WRMSR to
+IA32_TSC. unicorn-engine/unicorn PR #2298 (merged 2026-07, in no release yet: 2.1.4 is the newest on PyPI)
+makes RDMSR/WRMSR hookable; with it, the MSR becomes a per-vCPU addend to the guest TSC offset."""
 
 SAVED_MSRS = (
     MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP, MSR_IA32_PAT,

@@ -27,7 +27,8 @@ _PPRO = ("fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "
 
 #: What the software CPU provides, each backed by a guest test (tests/guest/test_cpu_features.py) or, for
 #: the default table's features, by the Linux boot tests. Not here, with the reason:
-#: x2apic, tsc_deadline, tsc_adjust (need RDMSR/WRMSR interception Unicorn 2.1.4 lacks, accel/tcg/msrs.py);
+#: x2apic, tsc_deadline (need RDMSR/WRMSR interception Unicorn 2.1.4 lacks, accel/tcg/msrs.py; tsc_adjust
+#: is offered although its MSR ignores writes, accel/tcg/msrs.py TSC_WRITES_IGNORED_WHY says why);
 #: vme (QEMU 5.0's TCG does not implement it: not in its TCG_FEATURES); avx, avx2, fma, f16c, avx512f
 #: (no AVX in QEMU 5.0's TCG; VZEROUPPER runs without the #UD it owes); rtm, hle (XBEGIN decodes as a MOV);
 #: rdpid, sha_ni, invpcid, xsavec, xsaves (#UD under max's engine model, tests/guest/test_cpu_features.py;
@@ -36,10 +37,14 @@ _PPRO = ("fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "
 #: CR8 is not pyemu's userspace-LAPIC TPR); umip, vmx, svm (in no Unicorn model).
 #: rdseed is executed although no Unicorn model's CPUID lists it;
 #: la57 (Unicorn's Icelake-Server has it, but pyemu's TLB-fill hook and boards assume 4-level paging).
-TCG_FEATURES: frozenset[str] = frozenset(DEFAULT_FEATURES) - {"vme", "tsc_adjust"} | {
+TCG_FEATURES: frozenset[str] = frozenset(DEFAULT_FEATURES) - {"vme"} | {
     "pclmulqdq", "movbe", "aes", "xsave", "rdrand", "fsgsbase", "bmi1", "bmi2", "erms", "smep", "adx", "smap",
     "clflushopt", "clwb", "pku", "xsaveopt", "xgetbv1", "rdtscp", "pdpe1gb", "abm", "rdseed",
 }
+
+TCG_WITHHELD_FEATURES = ("x2apic", "tsc_deadline")
+"""Default-table features the software CPU takes out of every vCPU's CPUID: both need RDMSR/WRMSR
+interception (accel/tcg/msrs.py)."""
 
 #: XCR0 components ``-cpu max`` offers under TCG: x87 and SSE state only (no AVX in the engine).
 TCG_XCR0 = 0x3

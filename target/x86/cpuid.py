@@ -117,8 +117,8 @@ DEFAULT_FEATURES = (
 """Both TSC bits are what Linux 6.1 needs (with family 6's CONSTANT_TSC) to trust the TSC without the
 clocksource watchdog (arch/x86/kernel/tsc.c ``check_system_tsc_reliable``): ``invtsc`` (0x80000007 EDX[8],
 Linux's NONSTOP_TSC) because both guest TSCs tick with the host's invariant TSC, and ``tsc_adjust``
-(IA32_TSC_ADJUST, MSR 0x3b) where the accelerator implements that MSR -- KVM does; the software CPU
-cannot (:data:`pyemu.accel.tcg.msrs.TSC_ADJUST_UNSUPPORTED_WHY`) and drops the bit."""
+(IA32_TSC_ADJUST, MSR 0x3b), which KVM implements and the software CPU reads as 0 but cannot write
+(:data:`pyemu.accel.tcg.msrs.TSC_WRITES_IGNORED_WHY`)."""
 
 TSC_CRYSTAL_HZ = 25_000_000  # leaf 0x15 crystal; the LAPIC timer counts at crystal / divide
 DEFAULT_TSC_HZ = 2_600_000_000  # when the accelerator cannot say (boards pass the real rate)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from pyemu.system.cpu_options import CpuOptions
-from pyemu.target.x86.cpu_models import TCG_FEATURES
+from pyemu.target.x86.cpu_models import TCG_FEATURES, TCG_WITHHELD_FEATURES
 from pyemu.target.x86.cpuid import DEFAULT_FEATURES, CpuidTable, default_cpuid
 from pyemu.testing import GuestProgram, ProgramResult, describe, run_program
 from pyemu.testing.environment import DATA, PT0
@@ -27,7 +27,7 @@ PF, UD, GP = 14, 6, 13
 
 def cpu_table(model: str) -> CpuidTable:
     """The table a microvm under TCG presents with ``-cpu MODEL`` (as Microvm._build makes it)."""
-    base = default_cpuid().without("x2apic", "tsc_deadline", "tsc_adjust")
+    base = default_cpuid().without(*TCG_WITHHELD_FEATURES)
     return CpuOptions(model).apply(base, "tcg")
 
 
@@ -618,7 +618,7 @@ def test_rdseed_sets_cf_and_gives_varying_values() -> None:
 def test_westmere_with_rdseed_gets_an_engine_that_runs_it() -> None:
     """rdseed needs the engine's RDRAND gate: ``-cpu Westmere,+rdseed`` must not run on Unicorn's Westmere."""
     table = CpuOptions("Westmere", (("+rdseed", "on"),)).apply(
-        default_cpuid().without("x2apic", "tsc_deadline", "tsc_adjust"), "tcg")
+        default_cpuid().without(*TCG_WITHHELD_FEATURES), "tcg")
     result = run_program(GuestProgram(f"""
         mov rcx, 100
     again:

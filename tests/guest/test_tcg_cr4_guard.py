@@ -12,6 +12,7 @@ import pytest
 
 from pyemu.accel.tcg.cr4_guard import mov_to_cr4_before, refused_cr4_bits
 from pyemu.system.cpu_options import CpuOptions
+from pyemu.target.x86.cpu_models import TCG_WITHHELD_FEATURES
 from pyemu.target.x86.cpuid import CpuidTable, default_cpuid
 from pyemu.testing import GuestProgram, ProgramResult, describe, run_program
 from pyemu.testing.environment import DATA
@@ -24,7 +25,7 @@ CR4_VMXE, CR4_FSGSBASE, CR4_OSXSAVE, CR4_SMEP, CR4_SMAP = 1 << 13, 1 << 16, 1 <<
 
 def _table(model: str) -> CpuidTable:
     """The CPUID a microvm under TCG presents with ``-cpu MODEL``."""
-    return CpuOptions(model).apply(default_cpuid().without("x2apic", "tsc_deadline", "tsc_adjust"), "tcg")
+    return CpuOptions(model).apply(default_cpuid().without(*TCG_WITHHELD_FEATURES), "tcg")
 
 
 def _run(code: str, model: str, skip: int) -> ProgramResult:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from pyemu.system.cpu_options import CpuOptions
+from pyemu.target.x86.cpu_models import TCG_WITHHELD_FEATURES
 from pyemu.target.x86.cpuid import CpuidTable, default_cpuid
 from pyemu.testing import GuestProgram, ProgramResult, describe, run_program
 from pyemu.testing.environment import DATA, PT0
@@ -34,7 +35,7 @@ def _hook_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _max_table() -> CpuidTable:
     """The CPUID a microvm under TCG presents with ``-cpu max`` (it offers pku)."""
-    return CpuOptions("max").apply(default_cpuid().without("x2apic", "tsc_deadline", "tsc_adjust"), "tcg")
+    return CpuOptions("max").apply(default_cpuid().without(*TCG_WITHHELD_FEATURES), "tcg")
 
 
 def _run(program: GuestProgram) -> tuple[ProgramResult, dict[str, int]]:

@@ -18,14 +18,14 @@ from pyemu.migration.vmstate import check_identity, identity
 from pyemu.system.cpu_options import CpuOptions, cpu_help
 from pyemu.system.options import EarlyExit, parse_args
 from pyemu.target.x86.boot.synthetic import make_multiboot_binary
-from pyemu.target.x86.cpu_models import MODELS, TCG_FEATURES, feature_key, where
+from pyemu.target.x86.cpu_models import MODELS, TCG_FEATURES, TCG_WITHHELD_FEATURES, feature_key, where
 from pyemu.target.x86.cpuid import default_cpuid
 
 SPIN = bytes([0xEB, 0xFE])
 
 
 def tcg_table(model: str | None, *props: tuple[str, str], warn=None):
-    base = default_cpuid().without("x2apic", "tsc_deadline", "tsc_adjust")
+    base = default_cpuid().without(*TCG_WITHHELD_FEATURES)
     return CpuOptions(model, tuple(props)).apply(base, "tcg", warn)
 
 
@@ -81,7 +81,7 @@ def test_models_identity_and_features() -> None:
     assert westmere.lookup(1)[0] == 0x000206C1
     assert tcg_table("kvm64").lookup(1)[0] == 0x00000F61
     assert (0xD, 0) in tcg_table("max").entries and (0xD, 0) not in tcg_table("Nehalem").entries
-    default = default_cpuid().without("x2apic", "tsc_deadline", "tsc_adjust")
+    default = default_cpuid().without(*TCG_WITHHELD_FEATURES)
     assert tcg_table(None) == default  # no -cpu: pyemu's historical table, unchanged
 
 
@@ -123,7 +123,7 @@ def test_engine_model_choice() -> None:
     assert engine_model_name(tcg_table("Westmere")) == "WESTMERE"
     assert engine_model_name(tcg_table(None)) == "NEHALEM"
     assert engine_model_name(tcg_table("Westmere", ("+rdseed", "on"))) == "IVYBRIDGE"  # RDSEED: RDRAND's gate
-    assert TCG_FEATURES - {"hypervisor", "arat", "invtsc", "rdseed"} <= ENGINE_MODELS["SKYLAKE_SERVER"]
+    assert TCG_FEATURES - {"hypervisor", "arat", "invtsc", "tsc_adjust", "rdseed"} <= ENGINE_MODELS["SKYLAKE_SERVER"]
 
 
 @pytest.fixture
