@@ -79,6 +79,8 @@ def read_full(fd: int, offset: int, views: Sequence[memoryview], *, align: int =
         if count == 0:
             zero_fill(rest)
             return
+        if len(rest) == 1 and count == rest[0].nbytes:
+            return  # one buffer, filled by one call: the usual request needs no bookkeeping
         pos += count
         rest = advance(rest, count)
         if rest and pos % align:
@@ -97,6 +99,8 @@ def write_full(fd: int, offset: int, views: Sequence[memoryview]) -> None:
             continue
         if count == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if len(rest) == 1 and count == rest[0].nbytes:
+            return  # one buffer, written by one call: the usual request needs no bookkeeping
         pos += count
         rest = advance(rest, count)
 

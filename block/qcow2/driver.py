@@ -55,12 +55,15 @@ class IoGate:
         self._shared = 0
         self._exclusive = False
         self._waiting_exclusive = 0
+        # Holds carry no state of their own, so every request shares these two instead of making one.
+        self._shared_hold = _Hold(self, exclusive=False)
+        self._exclusive_hold = _Hold(self, exclusive=True)
 
     def shared(self) -> "_Hold":
-        return _Hold(self, exclusive=False)
+        return self._shared_hold
 
     def exclusive(self) -> "_Hold":
-        return _Hold(self, exclusive=True)
+        return self._exclusive_hold
 
     def _enter(self, exclusive: bool) -> None:
         with self._cond:
@@ -81,6 +84,8 @@ class IoGate:
                 self._exclusive = False
             else:
                 self._shared -= 1
+                if self._shared or not self._waiting_exclusive:
+                    return  # only a waiting exclusive holder can be waiting for the last shared one to leave
             self._cond.notify_all()
 
 
