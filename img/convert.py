@@ -14,8 +14,6 @@ write out of order too; ``-m 1`` copies one unit at a time.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import contextlib
 import functools
 import itertools
@@ -23,7 +21,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple, TypeVar
 
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockIOError
@@ -37,6 +35,9 @@ from pyemu.img.images import (as_qcow2, backing_of, check_format, close_checked,
                               open_image, resolve_backing)
 from pyemu.img.progress import Progress
 from pyemu.img.sizes import SizeRangeError, SizeSyntaxError, parse_size
+from pyemu.img.workers import OrderedPool
+
+T = TypeVar("T")
 
 SPEC = OptionSpec("B:CF:O:S:T:Ucf:l:m:no:pqr:t:W", ("force-share", "target-is-zero"))
 
@@ -336,41 +337,29 @@ class Copier:
         if workers <= 1:
             for a, b in units:
                 self.unit(a, b)
+        elif out_of_order:
+            _on_pool(self.unit, units, threads=workers, window=2 * workers, then=None)
         else:
-            threads = workers if out_of_order else reader_threads(workers)
-            with concurrent.futures.ThreadPoolExecutor(max_workers=threads,
-                                                       thread_name_prefix="pyemu-img-convert") as pool:
-                if out_of_order:
-                    self._run_out_of_order(pool, units)
-                else:
-                    self._run_pipelined(pool, units, workers)
+            _on_pool(self.plan, units, threads=reader_threads(workers), window=workers, then=self.apply)
         self.progress.set(self.sources.size)
 
-    def _run_pipelined(self, pool: concurrent.futures.Executor, units: list[tuple[int, int]], depth: int) -> None:
-        """Plan up to ``depth`` units ahead on the pool; write them in order here. On an error the units not
-        started yet are cancelled and the running ones finish before the pool (and the images) close."""
-        pending: collections.deque[concurrent.futures.Future[Planned]] = collections.deque()
-        queue = iter(units)
-        try:
-            for a, b in itertools.islice(queue, depth):
-                pending.append(pool.submit(self.plan, a, b))
-            while pending:
-                planned = pending.popleft().result()
-                following = next(queue, None)
-                if following is not None:
-                    pending.append(pool.submit(self.plan, *following))
-                self.apply(planned)
-        finally:
-            _cancel(pending)
 
-    def _run_out_of_order(self, pool: concurrent.futures.Executor, units: list[tuple[int, int]]) -> None:
-        """-W: every worker plans and writes whole units; the first failure cancels the rest."""
-        futures = [pool.submit(self.unit, a, b) for a, b in units]
-        try:
-            for future in concurrent.futures.as_completed(futures):
-                future.result()
-        finally:
-            _cancel(futures)
+def _on_pool(task: Callable[[int, int], T], units: list[tuple[int, int]], *, threads: int, window: int,
+             then: Callable[[T], None] | None) -> None:
+    """``task(start, end)`` for every unit on ``threads`` threads, at most ``window`` units ahead of the one
+    taken back here in order and passed to ``then``. The first failure taken ends the copy: units not
+    started are dropped and running ones finish before this returns (and the images close)."""
+    with OrderedPool(task, threads, "pyemu-img-convert") as pool:
+        following = iter(units)
+        for a, b in itertools.islice(following, window):
+            pool.submit(a, b)
+        for _ in units:
+            result = pool.take()
+            more = next(following, None)
+            if more is not None:
+                pool.submit(*more)
+            if then is not None:
+                then(result)
 
 
 def reader_threads(workers: int) -> int:
@@ -380,12 +369,6 @@ def reader_threads(workers: int) -> int:
     and 0.19 s with one (medians of 7). Reads from a slow device gain from more; a host with more CPUs gets
     them."""
     return max(1, min(workers, (os.cpu_count() or 2) - 1))
-
-
-def _cancel(futures: Iterable[concurrent.futures.Future[Any]]) -> None:
-    """Cancel futures that have not started (a no-op for finished ones)."""
-    for future in futures:
-        future.cancel()
 
 
 def _runs(buf: bytearray, lo: int, hi: int, block: int, base: int) -> Iterator[tuple[int, int, bool]]:
