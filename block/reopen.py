@@ -26,15 +26,12 @@ Public API:
 
 from __future__ import annotations
 
-import logging
 import threading
 from typing import Any
 
 from pyemu.block import graph
 from pyemu.block.errors import BlockError, ImageLockedError
 from pyemu.block.locking import BlockPerm
-
-log = logging.getLogger(__name__)
 
 
 class ReopenError(BlockError):
@@ -160,7 +157,9 @@ def _restore(real: Any) -> None:
     try:
         set_read_only(real, True)
     except BlockError as exc:
-        log.warning("could not reopen '%s' read-only: %s", node_label(real), exc)
+        import logging  # here, not at the top: every pyemu-img command imports this module, few get here
+
+        logging.getLogger(__name__).warning("could not reopen '%s' read-only: %s", node_label(real), exc)
 
 
 __all__ = ["ReadWriteHold", "ReopenError", "node_label", "set_read_only", "swap_attachment"]
