@@ -504,14 +504,15 @@ class Qcow2Format:
                 # No L2 table: the whole range it would map is unallocated; skip it in one step.
                 span = self.cluster_size << self.geometry.l2_bits
                 stop = min(end, (pos // span + 1) * span)
-                unallocated = Mapping(ClusterKind.UNALLOCATED)
-                if out and out[-1][0].kind is ClusterKind.UNALLOCATED:
-                    out[-1] = (out[-1][0], out[-1][1], out[-1][2] + stop - pos)
-                else:
-                    out.append((unallocated, pos, stop - pos))
+                self._add_extent(out, Mapping(ClusterKind.UNALLOCATED), pos, stop - pos)
                 pos = stop
                 count += 1
                 continue
+            if not self.geometry.extended_l2:
+                new_pos, taken = self._standard_run(out, table, pos, end, limit - count)
+                if taken:
+                    pos, count = new_pos, count + taken
+                    continue
             word, bitmap = self.map.table_entry(table, (pos >> self.cluster_bits) & l2_mask)
             problem = entry_problem(self.geometry, word, bitmap)
             if problem:
@@ -520,40 +521,47 @@ class Qcow2Format:
             unit_end = min(end, (pos // unit + 1) * unit)
             if mapping.kind is ClusterKind.COMPRESSED:
                 unit_end = min(end, (pos // self.cluster_size + 1) * self.cluster_size)
-            last, start, length = out[-1] if out else (None, 0, 0)
-            if last is not None and last.kind is mapping.kind and (
-                    mapping.kind in (ClusterKind.ZERO, ClusterKind.UNALLOCATED) or
-                    mapping.kind is ClusterKind.NORMAL and
-                    last.host_offset + start % unit + length == mapping.host_offset + pos % unit):
-                out[-1] = (last, start, length + unit_end - pos)
-            else:
-                out.append((mapping, pos, unit_end - pos))
+            self._add_extent(out, mapping, pos, unit_end - pos)
             pos = unit_end
             count += 1
-            if not self.geometry.extended_l2 and mapping.kind is not ClusterKind.COMPRESSED and pos < end and \
-                    pos >> self.cluster_bits >> l2_bits == table_index:
-                assert table is not None
-                pos, more = self._extend_last(out, table, pos, end, limit - count)
-                count += more
         return out
 
-    def _extend_last(self, out: list[tuple[Mapping, int, int]], table: L2Table, pos: int, end: int,
-                     budget: int) -> tuple[int, int]:
-        """Grow the last extent of ``out`` over the following clusters of ``table`` (standard entries; ``pos``
-        cluster aligned, at most ``budget`` clusters) that continue it. Returns the new position and how
-        many clusters were taken."""
-        mapping, start, length = out[-1]
+    def _standard_run(self, out: list[tuple[Mapping, int, int]], table: L2Table, pos: int, end: int,
+                      budget: int) -> tuple[int, int]:
+        """Standard L2 entries: the run of clusters from ``pos`` (at most ``budget``, inside ``table``) that
+        mean the same as the first -- data at consecutive host clusters, zero, or unallocated -- checked and
+        added to ``out`` in one pass (:func:`continuing_entries`). Returns the new position and the clusters
+        taken; 0 for a compressed or invalid first entry, which the per-entry path then handles (and
+        reports)."""
         cb = self.cluster_bits
-        first = (pos >> cb) & ((1 << self.geometry.l2_bits) - 1)
-        stop = min(self.geometry.l2_entries, first + budget, first + ((end - 1) >> cb) - (pos >> cb) + 1)
-        next_host = mapping.host_offset + start % self.cluster_size + length
-        more = continuing_entries(table.words, first, stop, mapping.kind, next_host, self.cluster_size,
-                                  self.file.size())
-        if not more:
+        index = (pos >> cb) & ((1 << self.geometry.l2_bits) - 1)
+        word = table.words[index]
+        if word & FLAG_COMPRESSED:
             return pos, 0
-        new_pos = min(end, ((pos >> cb) + more) << cb)
-        out[-1] = (mapping, start, length + new_pos - pos)
-        return new_pos, more
+        host = word & OFFSET_MASK
+        kind = (ClusterKind.ZERO if word & FLAG_ZERO else ClusterKind.NORMAL if host else ClusterKind.UNALLOCATED)
+        stop = min(self.geometry.l2_entries, index + budget, index + ((end - 1) >> cb) - (pos >> cb) + 1)
+        taken = continuing_entries(table.words, index, stop, kind, host, self.cluster_size, self.file.size())
+        if not taken:
+            return pos, 0
+        new_pos = min(end, ((pos >> cb) + taken) << cb)
+        self._add_extent(out, Mapping(kind, host) if kind is ClusterKind.NORMAL else Mapping(kind), pos,
+                         new_pos - pos)
+        return new_pos, taken
+
+    def _add_extent(self, out: list[tuple[Mapping, int, int]], mapping: Mapping, pos: int, length: int) -> None:
+        """Append ``(mapping, pos, length)`` to ``out``, or grow the last extent when this one continues it
+        (same kind; for data, the next host byte)."""
+        if out:
+            last, start, last_length = out[-1]
+            unit = self._unit()
+            if last.kind is mapping.kind and (
+                    mapping.kind in (ClusterKind.ZERO, ClusterKind.UNALLOCATED) or
+                    mapping.kind is ClusterKind.NORMAL and
+                    last.host_offset + start % unit + last_length == mapping.host_offset + pos % unit):
+                out[-1] = (last, start, last_length + length)
+                return
+        out.append((mapping, pos, length))
 
     def _read_extent(self, mapping: Mapping, start: int, views: list[memoryview]) -> None:
         length = total_length(views)

@@ -84,8 +84,9 @@ def continuing_entries(words: array.array, first: int, stop: int, kind: ClusterK
                        cluster_size: int, file_size: int) -> int:
     """How many standard (not extended) L2 entries ``words[first:stop]`` in a row continue an extent of
     ``kind``: valid (as :func:`entry_problem` and the driver's data-offset check judge them) and meaning the
-    same, a NORMAL one also stored at the next host cluster (``next_host``, then onwards). Stops at the first
-    that does not; the caller looks at that one on its own, so it reports a bad entry exactly as before.
+    same, a NORMAL one also stored at the next host cluster (``next_host``, then onwards; the first entry
+    itself may be judged by passing its own kind and host). Stops at the first that does not; the caller
+    looks at that one on its own, so it reports a bad entry exactly as the per-entry code does.
 
     Why: reads and status queries of large ranges spend most of their time decoding entry after entry in
     Python; one tight loop over the table's words keeps a 2 MiB read or status query to a few microseconds.
@@ -105,7 +106,7 @@ def continuing_entries(words: array.array, first: int, stop: int, kind: ClusterK
         elif kind is ClusterKind.UNALLOCATED:
             if host:
                 break
-        elif host != next_host or host >= file_size:
+        elif host != next_host or host % cluster_size or host >= file_size:
             break
         else:
             next_host += cluster_size

@@ -65,18 +65,20 @@ def test_extents_stop_at_kind_and_contiguity_changes(tmp_path: Path) -> None:
         node.close()
 
 
+def _entry(path: Path, vcluster: int) -> int:
+    with open(path, "rb") as f:
+        f.seek(_l2_entry_offset(path, vcluster))
+        word: int = struct.unpack(">Q", f.read(8))[0]
+    return word
+
+
 @pytest.mark.parametrize("problem", ["outside the image", "reserved bits"])
 def test_bad_entry_inside_a_run_is_reported(tmp_path: Path, problem: str) -> None:
     """Entry 7 of a contiguous run goes bad in a way only the entry itself shows: its host cluster is the
     next one as expected, but lies past the end of the file (truncated), or a reserved bit is set."""
     path = _image(tmp_path, "write -P 1 0 1M")
-    with open(path, "rb") as f:
-        f.seek(_l2_entry_offset(path, 7))
-        word = struct.unpack(">Q", f.read(8))[0]
-    previous = _l2_entry_offset(path, 6)
-    with open(path, "rb") as f:
-        f.seek(previous)
-        assert struct.unpack(">Q", f.read(8))[0] & 0x00FF_FFFF_FFFF_FE00 == (word & 0x00FF_FFFF_FFFF_FE00) - CS
+    word = _entry(path, 7)
+    assert _entry(path, 6) & 0x00FF_FFFF_FFFF_FE00 == (word & 0x00FF_FFFF_FFFF_FE00) - CS
     if problem == "outside the image":
         with open(path, "r+b") as f:
             f.truncate(word & 0x00FF_FFFF_FFFF_FE00)
@@ -114,3 +116,23 @@ def test_allocating_writes_over_zero_runs_and_existing_clusters(tmp_path: Path) 
     flat = tmp_path / "flat.raw"
     subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(flat)], check=True)
     assert flat.read_bytes() == expected
+
+
+@pytest.mark.parametrize("problem, change", [
+    ("reserved bits", lambda word: word | 0x2),
+    ("unaligned", lambda word: word + 0x200),
+    ("reserved bits", lambda word: 0x4),  # an otherwise unallocated entry
+])
+def test_bad_first_entry_of_a_request_is_reported(tmp_path: Path, problem: str, change) -> None:  # type: ignore[no-untyped-def]
+    path = _image(tmp_path, "write -P 1 0 1M")
+    _set_entry(path, 3, change(_entry(path, 3)))
+    node = open_image(str(path), read_only=True)
+    try:
+        for offset, length in ((3 * CS, 4096), (3 * CS + 512, 3 * CS)):
+            with pytest.raises(BlockIOError) as info:
+                node.preadv(offset, [memoryview(bytearray(length))])
+            assert problem in str(info.value) and "guest cluster 3" in str(info.value), str(info.value)
+        with pytest.raises(BlockIOError):
+            node.block_status(3 * CS, CS)
+    finally:
+        node.close()
