@@ -23,6 +23,7 @@ from pyemu.block.errors import BlockIOError
 from pyemu.block.file import FileProtocol
 from pyemu.img.bench import bench_threads
 from pyemu.img.convert import UNIT, reader_threads
+from pyemu.img.workers import OrderedPool
 
 pytestmark = needs_qemu_img
 
@@ -158,3 +159,42 @@ def test_thread_counts_follow_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     assert bench_threads(16, direct=True) == 16
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert [reader_threads(m) for m in (1, 2, 8, 16)] == [1, 2, 7, 7]
+
+
+def test_ordered_pool_keeps_order_raises_in_place_and_drops_unstarted_tasks() -> None:
+    import time
+
+    def slow_inverse(index: int) -> int:
+        time.sleep((5 - index) * 0.01)  # later tasks finish first
+        if index == 3:
+            raise ValueError("task 3")
+        return index
+
+    with OrderedPool(slow_inverse, 4, "test-pool") as pool:
+        for index in range(5):
+            pool.submit(index)
+        assert [pool.take() for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(ValueError, match="task 3"):
+            pool.take()
+        assert pool.take() == 4
+
+    started: list[int] = []
+    release = threading.Event()
+
+    def blocking(index: int) -> None:
+        started.append(index)
+        release.wait(10)
+
+    pool2: OrderedPool[None] = OrderedPool(blocking, 1, "test-pool")
+    for index in range(10):
+        pool2.submit(index)
+    closer = threading.Thread(target=pool2.close)
+    while not started:
+        time.sleep(0.001)
+    closer.start()
+    while not pool2._stopping:  # close() has begun (white box: the flag it sets before joining)
+        time.sleep(0.001)
+    release.set()
+    closer.join(10)
+    assert not closer.is_alive() and started == [0]
+    assert not [t for t in threading.enumerate() if t.name.startswith("test-pool")]
