@@ -30,10 +30,12 @@ class Vcpu(Protocol):
 
     def run(self) -> Exit:
         """Run guest code on the calling thread until something the board must act on:
-        ``Halt`` (HLT that nothing can wake: IF=0, or no interrupt source), ``Shutdown`` (triple fault or
-        an unrecoverable CPU state; ``reason`` says which), ``Stopped`` (after :meth:`request_stop`).
+        ``Halt`` (HLT that no interrupt can end: IF=0, or no interrupt source), ``Shutdown`` (triple fault
+        or an unrecoverable CPU state; ``reason`` says which), ``Stopped`` (after :meth:`request_stop`).
         Port and MMIO accesses are handled inside, through the dispatcher. A HLT with IF=1 and an
-        interrupt source waits inside ``run`` until an interrupt arrives or a stop is requested."""
+        interrupt source waits inside ``run`` until an interrupt arrives or a stop is requested. After
+        ``Halt`` the vCPU stays halted: the next ``run`` waits until an NMI, INIT or SIPI ends the HLT, as
+        on hardware, or a stop is requested."""
         ...
 
     def kick(self) -> None:

@@ -294,12 +294,9 @@ class Machine:
                 self._vcpu_shutdown(index, exit_.reason)
                 continue
             if isinstance(exit_, Halt):
-                # HLT with interrupts disabled: the vCPU is dead until a reset, as on hardware.
+                # HLT with interrupts disabled: as on hardware only an NMI, INIT or SIPI ends it, which the
+                # next run() waits for (Linux halts offline and stopped CPUs so, and wakes them with INIT).
                 log.log("guest_errors", f"vcpu{index}: halted with interrupts disabled")
-                with self._cond:
-                    self._parked[index] = True
-                    self._cond.notify_all()
-                    self._cond.wait_for(lambda: not self._want_run or self._quit)
                 continue
 
     def _vcpu_shutdown(self, index: int, reason: str) -> None:

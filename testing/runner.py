@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from pyemu.accel.base import Vcpu, create_accelerator
-from pyemu.accel.exits import Exit, Halt, Stopped
+from pyemu.accel.exits import Exit, Stopped
 from pyemu.target.x86.cpu_state import X86CpuState
 from pyemu.target.x86.cpuid import CpuidTable, default_cpuid
 from pyemu.testing.board import DEFAULT_RAM_SIZE, Access, DeviceMapping, TestBoard
@@ -117,7 +117,7 @@ def run_program(program: GuestProgram, accel: str = "tcg", *, timeout: float = 5
                 interrupts: FakeInterruptController | None = None,
                 before_run: Callable[[RunContext], None] | None = None,
                 cpuid: CpuidTable | None = None, ram_size: int = DEFAULT_RAM_SIZE,
-                keep_running_on_halt: bool = False, devices: Iterable[DeviceMapping] = ()) -> ProgramResult:
+                devices: Iterable[DeviceMapping] = ()) -> ProgramResult:
     """Run ``program`` to its end. ``timeout`` bounds the wall time (then the result is ``timed_out``).
     ``devices`` maps your own device models onto the board (see :class:`DeviceMapping`)."""
     with prepared(program, accel, interrupts=interrupts, cpuid=cpuid, ram_size=ram_size,
@@ -139,8 +139,6 @@ def run_program(program: GuestProgram, accel: str = "tcg", *, timeout: float = 5
             while True:
                 result = vcpu.run()
                 if isinstance(result, Stopped) and board.exit_device.value is None and not timed_out.is_set():
-                    continue
-                if isinstance(result, Halt) and keep_running_on_halt and not timed_out.is_set():
                     continue
                 break
         finally:

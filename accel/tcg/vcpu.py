@@ -9,7 +9,8 @@ Run loop (``run``), per iteration:
    delivered through IDT vector 2 whatever RFLAGS.IF says, unless NMIs are blocked (from an NMI's delivery
    to the handler's IRET, QEMU's HF2_NMI_MASK): then it waits for the first block after that IRET;
 3. a vCPU halted with IF=1 waits on an Event (set by ``kick``/``request_stop``) until the interrupt
-   controller has something pending; a vCPU waiting for SIPI waits for a processor event;
+   controller has something pending; one halted with IF=0, or waiting for SIPI, waits for a processor
+   event (an NMI, INIT or SIPI ends such a HLT);
 4. the vCPU takes its turn (:mod:`pyemu.accel.tcg.scheduler`: one engine of the VM runs at a time) and
    first drops translations of pages other engines stored to (:class:`~pyemu.accel.tcg.tlb_fill.CodeMap`);
 5. a pending external interrupt is injected through the IDT if RFLAGS.IF=1 and no interrupt shadow is
@@ -19,8 +20,9 @@ Run loop (``run``), per iteration:
    :mod:`pyemu.accel.tcg.guest_tsc`), then the engine runs from RIP;
 7. the engine returns because the C block gate stopped it (stop request, interrupt window, the end of the
    turn or a PAUSE spin while another vCPU waits; RIP exact at a block start), because a hook recorded an exit, or because of HLT (RIP after the ``hlt``). HLT with
-   IF=0, or without an interrupt controller, is ``Halt()``; with IF=1 the vCPU waits (step 2) and the
-   interrupt is delivered with the return RIP after the ``hlt``. The turn ends with the iteration.
+   IF=0, or without an interrupt controller, returns ``Halt()`` and the next ``run`` waits (step 3); with
+   IF=1 the vCPU waits at once and the interrupt is delivered with the return RIP after the ``hlt``. The
+   turn ends with the iteration.
 
 Why the interrupt signal is a flag and not a queue: the interrupt controller owns pending state
 (:class:`~pyemu.hw.intc.api.InterruptController`); ``kick`` only says "look again". The loop clears the flag
@@ -301,7 +303,8 @@ class TcgVcpu:
                     return Stopped()
                 continue
             if self._halted:
-                if not self._wait_for_interrupt():
+                woken = self._wait_for_interrupt() if self._halt_wakes_on_interrupt() else self._wait_for_event()
+                if not woken:
                     self._gate.clear_stop()
                     return Stopped()
                 if self._events_signalled:
@@ -423,10 +426,20 @@ class TcgVcpu:
         blob.pull()
         if not self._after_hlt(blob.rip):
             return self._fail(f"emulation ended without HLT at RIP {blob.rip:#x}")
+        self._halted = True
         if blob.rflags & RFLAGS_IF and self._interrupts is not None:
-            self._halted = True
             return None
+        # Halted with interrupts disabled: the caller hears of it, and the next run() waits for what ends
+        # such a HLT on hardware (NMI, INIT, SIPI): Linux parks offline CPUs and stopped ones this way.
         return Halt()
+
+    def _halt_wakes_on_interrupt(self) -> bool:
+        """Whether a maskable interrupt can end the current HLT (IF=1 and an interrupt controller)."""
+        if self._interrupts is None:
+            return False
+        blob = self._blob
+        blob.pull()
+        return bool(blob.rflags & RFLAGS_IF)
 
     def _cr4_fault_before_block(self) -> bool:
         """In the exception hook (blob pulled): the exception came from fetching the block after a refused

@@ -133,6 +133,13 @@ def test_linux_boots_to_the_shell_on_two_software_cpus(console, guest_assets):
     assert cal is not None and int(cal.group(1)) > 0 and int(cal.group(2)) > 0
     vm.send("taskset -c 1 sh -c 'echo on-cpu=$(cut -d\" \" -f39 /proc/self/stat)'\n")
     vm.expect(b"on-cpu=1", 60)
+    # CPU hotplug: an offline CPU halts with interrupts disabled and is woken again by INIT and SIPI.
+    vm.send("echo 0 > /sys/devices/system/cpu/cpu1/online; echo off=$(cat /sys/devices/system/cpu/online)=\n")
+    vm.expect(b"off=0=", 60)
+    vm.send("echo 1 > /sys/devices/system/cpu/cpu1/online; echo on=$(cat /sys/devices/system/cpu/online)=\n")
+    vm.expect(b"on=0-1=", 60)
+    vm.send("taskset -c 1 sh -c 'echo back-on-cpu=$(cut -d\" \" -f39 /proc/self/stat)'\n")
+    vm.expect(b"back-on-cpu=1", 60)
     # Still on the TSC after the boot and the shell work (the watchdog checks every 0.5 s, any time).
     vm.send('echo "cs=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)=sc"\n')
     clocksource = re.search(rb"cs=([\w-]*)=sc\r?\n", vm.expect(b"=sc\r\n", 60))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-from pyemu.accel.exits import Halt
+from pyemu.accel.exits import Halt, Stopped
 from pyemu.testing import GuestProgram, describe, run_program
 from pyemu.testing.board import DeviceMapping
 from pyemu.testing.environment import DATA
@@ -165,6 +165,45 @@ def test_nmi_wakes_hlt() -> None:
     assert not isinstance(result.exit, Halt)
     assert result.u64(DATA) == 1
     assert result.u64(ENTRIES) == 1
+
+
+def test_nmi_ends_a_hlt_with_interrupts_disabled() -> None:
+    """TCG: ``cli; hlt`` is reported as ``Halt`` once; the next ``run`` waits (it executes nothing past the
+    HLT, and a stop request ends the wait), and an NMI ends the HLT as on hardware: the handler runs and
+    the program goes on after the ``hlt``. Linux parks offline and stopped CPUs so."""
+    program = GuestProgram(
+        code=f"""
+            mov rbx, {ENTRIES}
+            cli
+            hlt
+            mov rax, [rbx]
+            mov rcx, {DATA}
+            mov [rcx], rax                  ; NMIs taken before the HLT ended
+            mov eax, 0x600d
+            mov dx, exit_port
+            out dx, eax
+        """,
+        handlers={2: COUNTING_NMI_HANDLER},
+    )
+    with prepared(program, "tcg") as machine:
+        vcpu, board = machine.vcpu, machine.board
+        assert isinstance(vcpu.run(), Halt)
+        assert vcpu.mp_state is MpState.HALTED
+        halted_at = vcpu.save_state().rip
+        # Nothing can end this HLT but an NMI: a second run waits until it is asked to stop.
+        stopper = threading.Timer(0.3, vcpu.request_stop)
+        stopper.start()
+        assert isinstance(vcpu.run(), Stopped)
+        stopper.join()
+        assert vcpu.save_state().rip == halted_at and board.exit_device.value is None
+        # Now an NMI while the vCPU waits in run().
+        threading.Timer(0.3, vcpu.inject_nmi).start()
+        deadline = time.monotonic() + 60.0
+        while board.exit_device.value is None and time.monotonic() < deadline:
+            vcpu.run()
+        assert board.exit_device.value == 0x600D
+        taken = int.from_bytes(board.memory.read(DATA, 8), "little")
+    assert taken == 1
 
 
 def test_nmi_blocking_travels_with_the_vcpu_state() -> None:

@@ -151,11 +151,18 @@ def test_stop_requested_before_run_returns_stopped_then_resumes() -> None:
         assert machine.board.exit_device.value == 0x600D
 
 
-def test_run_after_halt_continues_after_the_hlt() -> None:
+def test_run_after_halt_waits_in_the_hlt() -> None:
+    """After ``Halt`` (HLT with IF=0) the vCPU stays halted, as a KVM vCPU does: running it again waits for
+    an NMI, INIT or SIPI (tests/guest/test_guest_nmi.py) and returns ``Stopped`` on a stop request."""
+    import threading
+
     with prepared(GuestProgram(f"cli\nhlt\n{exit_with(0x600d)}")) as machine:
         assert isinstance(machine.vcpu.run(), Halt)
+        stopper = threading.Timer(0.2, machine.vcpu.request_stop)
+        stopper.start()
         assert isinstance(machine.vcpu.run(), Stopped)
-        assert machine.board.exit_device.value == 0x600D
+        stopper.join()
+        assert machine.board.exit_device.value is None
 
 
 def test_request_stop_wakes_a_waiting_hlt() -> None:
@@ -194,14 +201,12 @@ def test_code_rewritten_behind_the_engine_runs_new_after_invalidation() -> None:
         call rax
         mov rbx, data
         mov [rbx], rax
-        cli
-        hlt
+        {exit_with(1)}
         mov rax, {page}
         call rax
         mov rbx, data
         mov [rbx + 8], rax
-        cli
-        hlt
+        {exit_with(2)}
         mov rax, {page}
         call rax
         mov rbx, data
@@ -214,13 +219,24 @@ def test_code_rewritten_behind_the_engine_runs_new_after_invalidation() -> None:
 
     with prepared(program) as machine:
         memory, vcpu = machine.board.memory, machine.vcpu
+        exit_device = machine.board.exit_device
+
+        def run_to(value: int) -> None:
+            """Run until the program writes ``value`` to the exit port (each write stops the vCPU; the
+            device keeps the first value, so it is cleared for each stage)."""
+            exit_device.value = None
+            for _ in range(3):
+                if isinstance(vcpu.run(), Stopped) and exit_device.value == value:
+                    return
+            raise AssertionError(f"exit port {exit_device.value!r}, expected {value:#x}")
+
         memory.write(page, code(1))
-        assert isinstance(vcpu.run(), Halt)
+        run_to(1)
         memory.write(page, code(2))                     # not noticed by the engine
-        assert isinstance(vcpu.run(), Halt)
+        run_to(2)
         memory.write(page, code(3))
         machine.accelerator.invalidate_code(page, 6)
-        assert isinstance(vcpu.run(), Stopped)
+        run_to(0x600D)
         assert [memory.read_u64(DATA + 8 * i) for i in range(3)] == [1, 1, 3]
 
 
