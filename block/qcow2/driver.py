@@ -51,7 +51,10 @@ class IoGate:
     """Shared for guest requests, exclusive for tree-wide changes (a small readers-writer lock)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())  # not re-entered; a plain lock is cheaper per request
+        # Held as ``with self._lock`` (a C-level context manager) rather than ``with self._cond`` (Python
+        # frames on every request); the condition waits on that same lock. Never re-entered: a plain lock.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._shared = 0
         self._exclusive = False
         self._waiting_exclusive = 0
@@ -66,7 +69,7 @@ class IoGate:
         return self._exclusive_hold
 
     def _enter(self, exclusive: bool) -> None:
-        with self._cond:
+        with self._lock:
             if exclusive:
                 self._waiting_exclusive += 1
                 while self._exclusive or self._shared:
@@ -79,7 +82,7 @@ class IoGate:
                 self._shared += 1
 
     def _leave(self, exclusive: bool) -> None:
-        with self._cond:
+        with self._lock:
             if exclusive:
                 self._exclusive = False
             else:
@@ -113,6 +116,7 @@ class Qcow2Format:
         self._read_only = read_only
         self.backing = backing
         self.geometry = header.geometry
+        self._regions: tuple[Qcow2Header, list[tuple[str, int, int]]] | None = None
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
         self._meta = threading.RLock()
@@ -491,9 +495,9 @@ class Qcow2Format:
     def _extents(self, pos: int, end: int, *, limit: int = 1024) -> list[tuple[Mapping, int, int]]:
         """Merged extents (mapping of the first byte, start, length) covering [pos, end), at most ``limit``
         units (subclusters) looked at. NORMAL extents merge while host offsets are contiguous."""
-        unit = self._unit()
         out: list[tuple[Mapping, int, int]] = []
         count = 0
+        standard = not self.geometry.extended_l2
         l2_bits, l2_mask = self.geometry.l2_bits, (1 << self.geometry.l2_bits) - 1
         table_index, table = -1, None
         while pos < end and count < limit:
@@ -508,7 +512,7 @@ class Qcow2Format:
                 pos = stop
                 count += 1
                 continue
-            if not self.geometry.extended_l2:
+            if standard:
                 new_pos, taken = self._standard_run(out, table, pos, end, limit - count)
                 if taken:
                     pos, count = new_pos, count + taken
@@ -518,6 +522,7 @@ class Qcow2Format:
             if problem:
                 raise self.corruption(f"{problem} (guest cluster {pos >> self.cluster_bits})")
             mapping = self._decode_checked(pos, word, bitmap)
+            unit = self._unit()
             unit_end = min(end, (pos // unit + 1) * unit)
             if mapping.kind is ClusterKind.COMPRESSED:
                 unit_end = min(end, (pos // self.cluster_size + 1) * self.cluster_size)
@@ -564,18 +569,17 @@ class Qcow2Format:
         out.append((mapping, pos, length))
 
     def _read_extent(self, mapping: Mapping, start: int, views: list[memoryview]) -> None:
-        length = total_length(views)
         kind = mapping.kind
-        if kind is ClusterKind.ZERO:
-            zero_fill(views)
-        elif kind is ClusterKind.NORMAL:
+        if kind is ClusterKind.NORMAL:
             self.file.preadv(mapping.host_offset + (start % self._unit()), views)
+        elif kind is ClusterKind.ZERO:
+            zero_fill(views)
         elif kind is ClusterKind.COMPRESSED:
             data = self._decompress(mapping)
             in_cluster = start & (self.cluster_size - 1)
-            copy_in(views, 0, memoryview(data)[in_cluster:in_cluster + length])
+            copy_in(views, 0, memoryview(data)[in_cluster:in_cluster + total_length(views)])
         else:
-            self._read_backing(start, views, length)
+            self._read_backing(start, views, total_length(views))
 
     def _read_backing(self, start: int, views: list[memoryview], length: int) -> None:
         if self.backing is None:
@@ -609,7 +613,8 @@ class Qcow2Format:
         pos = offset
         while pos < end:
             run = self._plan(pos, end)
-            sub = take(advance(views, pos - offset), run.guest_end - pos)
+            whole = pos == offset and run.guest_end == end  # one run (most requests): no re-slicing
+            sub = views if whole else take(advance(views, pos - offset), run.guest_end - pos)
             if run.in_place:
                 self._check_overlap(run.host, run.guest_end - pos)
                 self.file.pwritev(run.host, sub)
@@ -970,16 +975,24 @@ class Qcow2Format:
         """Refuse a data write over the header, the active L1 table, the refcount table or the snapshot
         table (QEMU's cheap overlap checks): the refcounts said the cluster was free, so they are wrong."""
         end = offset + length
+        for name, start, size in self._metadata_regions():
+            if size and offset < start + size and start < end:
+                raise self.corruption(f"Preventing invalid write on metadata (overlaps with {name})")
+
+    def _metadata_regions(self) -> list[tuple[str, int, int]]:
+        """What :meth:`_check_overlap` protects, worked out again only when the header (immutable, replaced
+        on every change) is a new one: the check runs on every data write."""
         h = self.header
+        if self._regions is not None and self._regions[0] is h:
+            return self._regions[1]
         cs = self.cluster_size
         regions = [("qcow2_header", 0, cs),
                    ("active L1 table", h.l1_table_offset, h.l1_size * 8),
                    ("refcount table", h.refcount_table_offset, h.refcount_table_clusters * cs)]
         if h.nb_snapshots:
             regions.append(("snapshot table", h.snapshots_offset, cs))
-        for name, start, size in regions:
-            if size and offset < start + size and start < end:
-                raise self.corruption(f"Preventing invalid write on metadata (overlaps with {name})")
+        self._regions = (h, regions)
+        return regions
 
     # -- whole-image operations (delegated) ----------------------------------------------------------------
 
