@@ -675,15 +675,16 @@ class Qcow2Format:
         ``_meta``."""
         cb = self.cluster_bits
         guest_end = min(end, (vcluster + 1) << cb)
-        entries = self.map.walk(vcluster + 1, stop)
-        for c in range(vcluster + 1, stop):
-            if c in self._allocating:
-                break
-            w, b = next(entries)
-            if (w & OFFSET_MASK) != host + ((c - vcluster) << cb) or \
-                    not self._writable_in_place(w, b, 0, min(self.cluster_size, end - (c << cb))):
-                break
-            guest_end = min(end, (c + 1) << cb)
+        if stop > vcluster + 1:  # (most writes stay in one cluster: no walk to set up)
+            entries = self.map.walk(vcluster + 1, stop)
+            for c in range(vcluster + 1, stop):
+                if c in self._allocating:
+                    break
+                w, b = next(entries)
+                if (w & OFFSET_MASK) != host + ((c - vcluster) << cb) or \
+                        not self._writable_in_place(w, b, 0, min(self.cluster_size, end - (c << cb))):
+                    break
+                guest_end = min(end, (c + 1) << cb)
         return self._Run(in_place=True, host=host + pos - (vcluster << cb), guest_end=guest_end)
 
     def _allocation_run(self, vcluster: int, end: int, stop: int) -> "Qcow2Format._Run":
