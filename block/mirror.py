@@ -24,7 +24,8 @@ every cluster it touches is already copied (clean), to the target too before com
 marks them dirty. Job copies and filter writes of overlapping clusters exclude each other (a range lock),
 so the target never receives a stale copy after a newer guest write.
 
-Completion: the drive is drained (requests wait), the last dirty clusters are copied, and in the job's
+Completion: once ``job-complete`` (or a soft cancel) has come and at most :data:`FINAL_SYNC_BYTES` are
+dirty, the drive is drained (requests wait), the last dirty clusters are copied, and in the job's
 prepare the drive's root is switched to the target (:meth:`~pyemu.block.backend.BlockBackend.change_root`);
 the drain ends there. With ``auto-finalize=false`` the guest's I/O waits until ``job-finalize``, as in
 QEMU (its mirror stays drained between run and prepare too).
@@ -57,6 +58,11 @@ MAX_GRANULARITY = 64 << 20
 DEFAULT_GRANULARITY = 64 << 10
 DEFAULT_BUF_SIZE = 1 << 20
 """QEMU's DEFAULT_MIRROR_BUF_SIZE: bytes copied per step at most."""
+FINAL_SYNC_BYTES = 16 << 20
+"""Dirty bytes at most that a requested completion copies with the drive drained. QEMU drains only when
+nothing is dirty, so a guest that dirties clusters faster than the job copies them keeps ``job-complete``
+from ever finishing; copying up to this much with the guest's requests held back (tens of milliseconds)
+always converges."""
 IDLE_POLL = 0.05
 """Seconds a ready (or converged) job waits before looking at the dirty bitmap again (QEMU polls too)."""
 ERROR_RETRY_DELAY = 0.1
@@ -298,19 +304,23 @@ class MirrorJob(BlockJobEvents):
         self._initial_dirty()
         while True:
             self.pause_point()
+            if self._finishing() and self._bitmap.count() <= FINAL_SYNC_BYTES:
+                if self._final_sync():
+                    return
+                continue
             found = self._next_dirty()
             if found is not None:
                 self._copy_step(*found)
                 continue
             if self.status.value not in ("ready", "standby"):
                 self.set_ready()
-            with self._cond:
-                finishing = self._complete_requested or self._soft_cancel
-            if finishing:
-                if self._final_sync():
-                    return
-                continue
-            self.sleep(IDLE_POLL)
+            if not self._finishing():
+                self.sleep(IDLE_POLL)
+
+    def _finishing(self) -> bool:
+        """``job-complete`` or a soft cancel has come (both only once the job is ready)."""
+        with self._cond:
+            return self._complete_requested or self._soft_cancel
 
     def _initial_dirty(self) -> None:
         """Mark what the copy must cover: everything (full), what the top allocates (top), what the layers

@@ -106,6 +106,35 @@ def test_mirror_full_ready_complete_pivots_with_equal_target(copy_mode: str) -> 
     assert [n for n in rec.names() if n.startswith("BLOCK")] == ["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED"]
 
 
+def test_job_complete_finishes_while_the_guest_dirties_faster_than_the_job_copies() -> None:
+    """Ready, then the copy is slowed to 64 KiB/s while the guest keeps writing all over the disk: nothing
+    is ever clean for long, yet ``job-complete`` finishes, copying what is still dirty with the drive
+    drained (FINAL_SYNC_BYTES), and the target equals the source at the switch."""
+    size = 4 * MiB
+    src, tgt = MemDisk(size, data=pattern(size)), MemDisk(size)
+    drive = BlockBackend(src, read_only=False, owns_root=False)
+    rec, manager = JobEventLog(), JobManager(JobEventLog())
+    job = mirror({"src": src, "tgt": tgt}, rec, manager, drive)
+    writer = Writer(drive, size // C)
+    job.start()
+    rec.wait_status("m", "ready")
+    job.set_speed(64 * KiB)
+    poll(lambda: writer.count >= 200, "guest writes")
+    switched: dict[str, bytes] = {}
+    original_prepare = job.prepare
+
+    def checked_prepare() -> None:
+        switched["src"], switched["tgt"] = bytes(src.data), bytes(tgt.data)
+        original_prepare()
+
+    job.prepare = checked_prepare  # type: ignore[method-assign]
+    manager.get("m").user_complete()
+    rec.wait_status("m", "null")
+    writer.join()
+    assert switched["src"] == switched["tgt"]
+    assert drive.root is tgt
+
+
 def test_mirror_write_blocking_target_follows_guest_writes_while_ready() -> None:
     size = 1 * MiB
     src, tgt = MemDisk(size, data=pattern(size)), MemDisk(size)
