@@ -73,6 +73,33 @@ class Writer:
         self.thread.join(WAIT)
 
 
+def ready_mirror_under_writes(size: int) -> tuple[MemDisk, MemDisk, BlockBackend, JobEventLog, MirrorJob, Writer]:
+    """A background sync=full mirror of a patterned ``size``-byte disk through a drive a Writer keeps
+    writing, started and ready: ``(src, tgt, drive, events, job, writer)``."""
+    src, tgt = MemDisk(size, data=pattern(size)), MemDisk(size)
+    drive = BlockBackend(src, read_only=False, owns_root=False)
+    rec, manager = JobEventLog(), JobManager(JobEventLog())
+    job = mirror({"src": src, "tgt": tgt}, rec, manager, drive)
+    writer = Writer(drive, size // C)
+    job.start()
+    rec.wait_status("m", "ready")
+    return src, tgt, drive, rec, job, writer
+
+
+def contents_at_switch(job: MirrorJob, src: MemDisk, tgt: MemDisk) -> dict[str, bytes]:
+    """Source and target contents as the job's prepare sees them (drained, just before the switch), under
+    keys "src" and "tgt" once it has run."""
+    switched: dict[str, bytes] = {}
+    original_prepare = job.prepare
+
+    def checked_prepare() -> None:
+        switched["src"], switched["tgt"] = bytes(src.data), bytes(tgt.data)
+        original_prepare()
+
+    job.prepare = checked_prepare  # type: ignore[method-assign]
+    return switched
+
+
 @pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
 def test_mirror_full_ready_complete_pivots_with_equal_target(copy_mode: str) -> None:
     size = 4 * MiB
@@ -86,14 +113,7 @@ def test_mirror_full_ready_complete_pivots_with_equal_target(copy_mode: str) -> 
     job.start()
     rec.wait_status("m", "ready")
     poll(lambda: writer.count >= 50, "guest writes")  # the guest keeps writing while ready
-    switched: dict[str, bytes] = {}
-    original_prepare = job.prepare
-
-    def checked_prepare() -> None:  # at the switch (drained): the target equals the source
-        switched["src"], switched["tgt"] = bytes(src.data), bytes(tgt.data)
-        original_prepare()
-
-    job.prepare = checked_prepare  # type: ignore[method-assign]
+    switched = contents_at_switch(job, src, tgt)
     manager.get("m").user_complete()
     rec.wait_status("m", "null")
     before = writer.count
@@ -110,25 +130,11 @@ def test_job_complete_finishes_while_the_guest_dirties_faster_than_the_job_copie
     """Ready, then the copy is slowed to 64 KiB/s while the guest keeps writing all over the disk: nothing
     is ever clean for long, yet ``job-complete`` finishes, copying what is still dirty with the drive
     drained (FINAL_SYNC_BYTES), and the target equals the source at the switch."""
-    size = 4 * MiB
-    src, tgt = MemDisk(size, data=pattern(size)), MemDisk(size)
-    drive = BlockBackend(src, read_only=False, owns_root=False)
-    rec, manager = JobEventLog(), JobManager(JobEventLog())
-    job = mirror({"src": src, "tgt": tgt}, rec, manager, drive)
-    writer = Writer(drive, size // C)
-    job.start()
-    rec.wait_status("m", "ready")
+    src, tgt, drive, rec, job, writer = ready_mirror_under_writes(4 * MiB)
     job.set_speed(64 * KiB)
     poll(lambda: writer.count >= 200, "guest writes")
-    switched: dict[str, bytes] = {}
-    original_prepare = job.prepare
-
-    def checked_prepare() -> None:
-        switched["src"], switched["tgt"] = bytes(src.data), bytes(tgt.data)
-        original_prepare()
-
-    job.prepare = checked_prepare  # type: ignore[method-assign]
-    manager.get("m").user_complete()
+    switched = contents_at_switch(job, src, tgt)
+    job.user_complete()
     rec.wait_status("m", "null")
     writer.join()
     assert switched["src"] == switched["tgt"]
@@ -154,22 +160,8 @@ def test_mirror_write_blocking_target_follows_guest_writes_while_ready() -> None
 
 
 def test_soft_cancel_after_ready_completes_without_pivot_and_target_is_consistent() -> None:
-    size = 2 * MiB
-    src, tgt = MemDisk(size, data=pattern(size)), MemDisk(size)
-    drive = BlockBackend(src, read_only=False, owns_root=False)
-    rec, manager = JobEventLog(), JobManager(JobEventLog())
-    job = mirror({"src": src, "tgt": tgt}, rec, manager, drive)
-    writer = Writer(drive, size // C)
-    job.start()
-    rec.wait_status("m", "ready")
-    snap: dict[str, bytes] = {}
-    original_prepare = job.prepare
-
-    def checked_prepare() -> None:
-        snap["src"], snap["tgt"] = bytes(src.data), bytes(tgt.data)
-        original_prepare()
-
-    job.prepare = checked_prepare  # type: ignore[method-assign]
+    src, tgt, drive, rec, job, writer = ready_mirror_under_writes(2 * MiB)
+    snap = contents_at_switch(job, src, tgt)
     job.cancel()  # block-job-cancel without force on a ready mirror
     rec.wait_status("m", "null")
     writer.join()

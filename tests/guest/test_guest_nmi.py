@@ -124,24 +124,29 @@ def test_nmi_blocked_until_iret_and_not_lost(accel: str) -> None:
         assert result.u64(ENTRY_MARK + 16) == result.u64(EXIT_MARK + 8)
 
 
-def test_nmi_wakes_hlt() -> None:
-    """TCG: a vCPU waiting in HLT (IF=1, nothing pending at its interrupt controller) takes an NMI and
-    continues after the HLT once the handler returns. (KVM does this in the kernel; the host cannot tell
-    here when the guest has reached its HLT.)"""
-    program = GuestProgram(
+def _halting_program(interrupt_flag: str) -> GuestProgram:
+    """``sti``/``cli``, HLT, then record at DATA how many NMIs the counting handler took, and exit 0x600d."""
+    return GuestProgram(
         code=f"""
             mov rbx, {ENTRIES}
-            sti
+            {interrupt_flag}
             hlt
             mov rax, [rbx]
             mov rcx, {DATA}
-            mov [rcx], rax                  ; NMIs taken before the HLT returned
+            mov [rcx], rax                  ; NMIs taken before the HLT ended
             mov eax, 0x600d
             mov dx, exit_port
             out dx, eax
         """,
         handlers={2: COUNTING_NMI_HANDLER},
     )
+
+
+def test_nmi_wakes_hlt() -> None:
+    """TCG: a vCPU waiting in HLT (IF=1, nothing pending at its interrupt controller) takes an NMI and
+    continues after the HLT once the handler returns. (KVM does this in the kernel; the host cannot tell
+    here when the guest has reached its HLT.)"""
+    program = _halting_program("sti")
     injected = threading.Event()
 
     def nmi_when_halted(context: RunContext) -> None:
@@ -171,20 +176,7 @@ def test_nmi_ends_a_hlt_with_interrupts_disabled() -> None:
     """TCG: ``cli; hlt`` is reported as ``Halt`` once; the next ``run`` waits (it executes nothing past the
     HLT, and a stop request ends the wait), and an NMI ends the HLT as on hardware: the handler runs and
     the program goes on after the ``hlt``. Linux parks offline and stopped CPUs so."""
-    program = GuestProgram(
-        code=f"""
-            mov rbx, {ENTRIES}
-            cli
-            hlt
-            mov rax, [rbx]
-            mov rcx, {DATA}
-            mov [rcx], rax                  ; NMIs taken before the HLT ended
-            mov eax, 0x600d
-            mov dx, exit_port
-            out dx, eax
-        """,
-        handlers={2: COUNTING_NMI_HANDLER},
-    )
+    program = _halting_program("cli")
     with prepared(program, "tcg") as machine:
         vcpu, board = machine.vcpu, machine.board
         assert isinstance(vcpu.run(), Halt)
