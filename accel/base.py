@@ -34,8 +34,9 @@ class Vcpu(Protocol):
         or an unrecoverable CPU state; ``reason`` says which), ``Stopped`` (after :meth:`request_stop`).
         Port and MMIO accesses are handled inside, through the dispatcher. A HLT with IF=1 and an
         interrupt source waits inside ``run`` until an interrupt arrives or a stop is requested. After
-        ``Halt`` the vCPU stays halted: the next ``run`` waits until an NMI, INIT or SIPI ends the HLT, as
-        on hardware, or a stop is requested."""
+        ``Halt`` the vCPU stays halted: running it again does not go past the HLT until an NMI, INIT or SIPI
+        ends it, as on hardware (the software CPU waits inside ``run`` until then or a stop request; KVM
+        waits in the kernel and returns ``Halt`` again at each halt probe)."""
         ...
 
     def kick(self) -> None:
