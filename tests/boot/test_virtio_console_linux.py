@@ -10,6 +10,7 @@ proves both data queues and the input flow control. COM1 (``-nographic``) stays 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -102,11 +103,15 @@ def test_interactive_shell_on_hvc0_over_a_socket_chardev(console, guest_assets):
         out = peer.expect(b"tty=/dev/", 60, after=mark)
         peer.expect(b"\n", 10, after=out.index(b"tty=/dev/", mark))
         assert b"tty=/dev/hvc0" in peer.output[mark:], peer.output[mark:]
-        # Several lines typed at once (more than one receive buffer's worth in flight): none is lost.
+        # Several lines typed at once (more than one receive buffer's worth in flight): none is lost. Each
+        # command writes to a file, and the last one prints it: printed while input still arrives, the
+        # tty's echo of later lines could land inside earlier lines' output.
         mark = len(peer.output)
-        peer.send("".join(f'echo "li""ne-{n}"\n' for n in range(20)))
-        peer.expect(b"line-19\r\n", 60, after=mark)
-        assert all(f"line-{n}\r\n".encode() in peer.output[mark:] for n in range(20)), peer.output[mark:]
+        peer.send("".join(f'echo "li""ne-{n}" >> /tmp/typed\n' for n in range(20))
+                  + 'echo "be""gin"; cat /tmp/typed; echo "e""nd"\n')
+        block = re.search(rb"begin\r\n(.*?)end\r\n", peer.expect(b"end\r\n", 60, after=mark)[mark:], re.S)
+        assert block is not None, peer.output[mark:]
+        assert block.group(1).split() == [f"line-{n}".encode() for n in range(20)], peer.output[mark:]
 
         vm.send("poweroff -f\n")
         assert vm.wait(60) == 0
