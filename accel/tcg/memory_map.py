@@ -25,8 +25,6 @@ size of 4; instruction fetches from a device window fail with UC_ERR_FETCH_PROT 
 
 from __future__ import annotations
 
-from typing import Callable
-
 from unicorn import UC_PROT_ALL, Uc, UcError
 
 from pyemu.accel.dispatch import ExitDispatcher
@@ -38,25 +36,23 @@ PHYS_ADDRESS_LIMIT = 1 << 40
 
 class DeviceWindow:
     """MMIO callbacks for one window starting at ``base`` (Unicorn passes offsets into the window).
-    ``stop_requested`` lets a device access that asked the machine to stop end the run soon."""
 
-    __slots__ = ("base", "_dispatcher", "_stop_requested")
+    No ``uc.emu_stop()`` here, even when the access made the machine ask for a stop: PyPI's Unicorn 2.1.4
+    checks for a stop request after every guest load and store and leaves by putting RIP back at the
+    accessing instruction, so the device access ran again on resume (measured: a write during which a stop
+    was requested repeated at every resume, forever). The block gate stops at the next block start."""
 
-    def __init__(self, base: int, dispatcher: ExitDispatcher, stop_requested: Callable[[], bool]) -> None:
+    __slots__ = ("base", "_dispatcher")
+
+    def __init__(self, base: int, dispatcher: ExitDispatcher) -> None:
         self.base = base
         self._dispatcher = dispatcher
-        self._stop_requested = stop_requested
 
-    def read(self, uc: Uc, offset: int, size: int, _user: object) -> int:
-        value = self._dispatcher.mmio_read(self.base + offset, size)
-        if self._stop_requested():
-            uc.emu_stop()
-        return value
+    def read(self, _uc: Uc, offset: int, size: int, _user: object) -> int:
+        return self._dispatcher.mmio_read(self.base + offset, size)
 
-    def write(self, uc: Uc, offset: int, size: int, value: int, _user: object) -> None:
+    def write(self, _uc: Uc, offset: int, size: int, value: int, _user: object) -> None:
         self._dispatcher.mmio_write(self.base + offset, size, value)
-        if self._stop_requested():
-            uc.emu_stop()
 
 
 def ram_holes(memory: GuestMemory, limit: int = PHYS_ADDRESS_LIMIT) -> list[tuple[int, int]]:
@@ -75,11 +71,9 @@ def ram_holes(memory: GuestMemory, limit: int = PHYS_ADDRESS_LIMIT) -> list[tupl
 class PhysicalMap:
     """Maps RAM and device windows into one engine and keeps the window callbacks alive."""
 
-    def __init__(self, uc: Uc, memory: GuestMemory, dispatcher: ExitDispatcher,
-                 stop_requested: Callable[[], bool] = lambda: False) -> None:
+    def __init__(self, uc: Uc, memory: GuestMemory, dispatcher: ExitDispatcher) -> None:
         self._uc = uc
         self._dispatcher = dispatcher
-        self._stop_requested = stop_requested
         self.windows: list[DeviceWindow] = []
         try:
             for region in memory.regions:
@@ -90,6 +84,6 @@ class PhysicalMap:
             raise EngineError(f"cannot map guest physical memory: {exc}", operation="mem_map") from exc
 
     def _map_window(self, start: int, size: int) -> None:
-        window = DeviceWindow(start, self._dispatcher, self._stop_requested)
+        window = DeviceWindow(start, self._dispatcher)
         self._uc.mmio_map(start, size, window.read, None, window.write, None)
         self.windows.append(window)

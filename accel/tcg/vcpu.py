@@ -129,7 +129,7 @@ class TcgVcpu:
         except UcError as exc:
             raise EngineError(f"cannot create a Unicorn x86-64 engine: {exc}", operation="uc_open") from exc
         self._gate = BlockGate(self._uc)
-        self._map = PhysicalMap(self._uc, memory, dispatcher, lambda: self._gate.stop_requested)
+        self._map = PhysicalMap(self._uc, memory, dispatcher)
         self._tlb = TlbFill(self._uc, memory, self._gate, code_map) if tlb_hook_enabled() else None
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)
