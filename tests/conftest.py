@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+import pyemu.accel.tcg  # noqa: F401  chooses the libunicorn (pyemu's build when present) before any test imports unicorn
 from pyemu.guest.assets import find_assets
 
 

@@ -21,6 +21,7 @@ system depends on to the embedder; this package supplies them:
 ``code_cache``            dropping stale translations after RAM was written behind the engine
 ``dirty_log``             live migration's dirty-page log, fed by the TLB-fill hook
 ``state_io``/``msrs``     X86CpuState in and out; what RDMSR/WRMSR can and cannot do here
+``engine_*``              pyemu's patched libunicorn: the patches, its build, choosing it on import
 ========================  ============================================================================
 
 Known limits (measured on 2.1.4, see the modules): RDMSR/WRMSR are not interceptable (no x2APIC,
@@ -32,3 +33,14 @@ guest the TLB-fill hook does it); vCPUs take turns on one host thread at a time 
 ``-accel tcg,thread=single``), because Unicorn's atomics are not host-atomic; NMIs are delivered without
 NMI blocking; no task gates or virtual-8086 mode.
 """
+
+from pyemu.accel.tcg.engine_library import select_engine_library
+from pyemu.accel.tcg.errors import EngineBuildError
+
+# Before any module of this package imports unicorn (which loads its library once): pyemu's build when
+# present. A bad PYEMU_UNICORN is reported when the software CPU starts, not as an import traceback.
+ENGINE_LIBRARY_ERROR: EngineBuildError | None = None
+try:
+    ENGINE_LIBRARY = select_engine_library()
+except EngineBuildError as _exc:
+    ENGINE_LIBRARY, ENGINE_LIBRARY_ERROR = "pypi", _exc

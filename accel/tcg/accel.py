@@ -36,6 +36,10 @@ class TcgAccelerator:
     needs_userspace_lapic = True
 
     def __init__(self) -> None:
+        from pyemu.accel import tcg
+
+        if tcg.ENGINE_LIBRARY_ERROR is not None:  # PYEMU_UNICORN asked for what cannot be had
+            raise tcg.ENGINE_LIBRARY_ERROR
         self._memory: GuestMemory | None = None
         self._dispatcher: ExitDispatcher | None = None
         self._cpuid: CpuidTable | None = None

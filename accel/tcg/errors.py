@@ -43,6 +43,15 @@ class BlockHookBuildError(TcgError):
         self.build_dir = build_dir
 
 
+class EngineBuildError(TcgError):
+    """pyemu's build of the Unicorn engine failed; ``step`` names where (download, patch, configure,
+    compile, check). The software CPU then runs on the PyPI library, slower but the same guest-visible CPU."""
+
+    def __init__(self, message: str, *, step: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class GuestFault(TcgError):
     """An architectural exception raised while the vCPU itself accesses guest state (IDT/GDT/TSS reads,
     stack pushes during delivery, SYSCALL's instruction fetch). Internal to delivery: it becomes the

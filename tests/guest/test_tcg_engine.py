@@ -10,7 +10,7 @@ from pyemu.accel.tcg.accel import TcgAccelerator
 from pyemu.accel.tcg.errors import TcgError
 from pyemu.target.x86.cpu_state import DescriptorTable, Segment, X86CpuState
 from pyemu.testing import FakeInterruptController, GuestProgram, describe, prepared, run_program
-from pyemu.testing.environment import DATA, RECORD_MMIO
+from pyemu.testing.environment import DATA, PD0, RECORD_MMIO
 from pyemu.testing.handlers import exit_with, recording_handler, slot_address
 
 
@@ -100,6 +100,29 @@ def test_instruction_fetch_from_device_space_shuts_down() -> None:
         assert isinstance(result, Shutdown)
         assert "fetch" in result.reason.lower()
         assert "RIP=" in (machine.vcpu.last_dump or "")
+
+
+@pytest.mark.parametrize("access", ["mov [rdi], rcx", "mov rcx, [rdi]"], ids=["store", "load"])
+def test_a_page_above_maxphyaddr_faults_before_the_engine_sees_the_access(access: str) -> None:
+    """A 2 MiB page at 2 TiB, above the 40 physical address bits CPUID reports: the access is a #PF
+    (reserved bit), as on hardware, and never a failed engine access. pyemu's libunicorn build relies on
+    that (accel/tcg/engine_patches.py: no store can fail inside the engine)."""
+    far_page = (1 << 41) | 0x83                                       # present, writable, 2 MiB page
+    result = run_program(GuestProgram(f"""
+        mov rax, {PD0 + 8 * 511}
+        mov rbx, {far_page}
+        mov [rax], rbx
+        mov rax, cr3
+        mov cr3, rax
+        mov rdi, 0x3FE00000
+        mov rcx, 0x1234
+        mov r8, 1
+        {access}
+        mov r8, 2
+        {exit_with(0x600d)}
+    """))
+    assert result.unexpected_vector == 14, describe(result)
+    assert result.regs["r8"] == 1
 
 
 def test_eight_byte_mmio_access_arrives_as_two_dwords() -> None:
@@ -281,3 +304,69 @@ def test_host_tsc_rate_matches_what_the_guest_measures() -> None:
         if errors[-1] < 0.001:
             break
     assert min(errors) < 0.001, errors
+
+
+STOPPING_DEVICE_BASE = 0x3000_0000
+
+
+class StoppingDevice:
+    """An MMIO register that records every access and asks the vCPU to stop during each one, as a device
+    that makes the machine stop (reset, power-off) or a stop arriving from another thread would."""
+
+    def __init__(self) -> None:
+        self.vcpu: object | None = None
+        self.accesses: list[tuple[str, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.accesses.append(("read", offset))
+        self.vcpu.request_stop()  # type: ignore[union-attr]
+        return 0x55
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.accesses.append(("write", value))
+        self.vcpu.request_stop()  # type: ignore[union-attr]
+
+
+def test_device_access_during_which_a_stop_was_requested_happens_once() -> None:
+    """A stop requested inside an MMIO access ends the run and the access is not repeated on resume.
+    PyPI's Unicorn puts RIP back at the accessing instruction when the access itself calls ``uc_emu_stop``
+    (accel/tcg/memory_map.py), which made the guest repeat the write at every resume."""
+    from pyemu.testing.board import DeviceMapping
+
+    device = StoppingDevice()
+    program = GuestProgram(f"""
+        mov rdi, {STOPPING_DEVICE_BASE}
+        mov dword ptr [rdi], 1
+        mov eax, [rdi + 4]
+        mov r8, rax
+        mov dword ptr [rdi], 2
+        {exit_with(0x600d)}
+    """)
+    with prepared(program, devices=[DeviceMapping("mmio", STOPPING_DEVICE_BASE, 0x1000, device)]) as machine:
+        device.vcpu = machine.vcpu
+        for _ in range(10):
+            assert isinstance(machine.vcpu.run(), Stopped)
+            if machine.board.exit_device.value is not None:
+                break
+        assert machine.board.exit_device.value == 0x600D
+        assert device.accesses == [("write", 1), ("read", 4), ("write", 2)]
+        assert machine.vcpu.save_state().regs["r8"] == 0x55
+
+
+def test_device_access_happens_once_on_pypi_unicorn_too() -> None:
+    """The same check on PyPI's libunicorn, in a child process (a process loads one library)."""
+    import os
+    import subprocess
+    import sys
+
+    from pyemu.accel import tcg
+
+    if tcg.ENGINE_LIBRARY != "pyemu":
+        pytest.skip("this process already runs on PyPI's libunicorn")
+    env = dict(os.environ, PYEMU_UNICORN="pypi")
+    completed = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{__file__}::test_device_access_during_which_a_stop_was_requested_happens_once"],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
+    assert "1 passed" in completed.stdout
