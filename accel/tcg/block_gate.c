@@ -36,9 +36,34 @@ struct pyemu_gate {
     int32_t cr4_fault;     /* gate: stopped because CR4 gained a refused bit; cr4_old, fault_block say more */
     uint64_t cr4_old;      /* ... CR4 before the MOV */
     uint64_t fault_block;  /* ... the block that ended with the MOV to CR4 */
+    int32_t attention;     /* host and gate: some flag above may be set; see "Attention" below */
 };
 
 #define GATE_HF2_NMI_MASK (1u << 2)
+
+/* Attention: with pyemu's libunicorn (accel/tcg/engine_patches.py), the translated code calls this hook
+ * only when `attention` is non-zero or CR4 differs from `cr4_seen`, and stores each block's start in
+ * `last_block` itself. Whoever sets a flag then sets `attention` (after the flag); the gate clears it on
+ * entry, before it reads the flags, and sets it again on the way out while a flag still wants the gate at
+ * the next block (a pending interrupt waiting for IF=1, a held NMI, a waiting vCPU, a TLB fallback, a stop
+ * not yet taken). With PyPI's library the hook runs at every block and `attention` changes nothing. */
+static inline int32_t gate_flags(const struct pyemu_gate *gate)
+{
+    const struct pyemu_tlb *tlb = gate->tlb;
+    return gate->skip_first
+        | __atomic_load_n(&gate->stop_request, __ATOMIC_ACQUIRE)
+        | __atomic_load_n(&gate->service_request, __ATOMIC_ACQUIRE)
+        | __atomic_load_n(&gate->irq_pending, __ATOMIC_ACQUIRE)
+        | gate->nmi_held | gate->contended
+        | (tlb ? __atomic_load_n(&tlb->fallback, __ATOMIC_ACQUIRE) : 0);
+}
+
+static inline void gate_keep_attention(struct pyemu_gate *gate)
+{
+    if (gate_flags(gate)) {
+        __atomic_store_n(&gate->attention, 1, __ATOMIC_RELEASE);
+    }
+}
 
 /* Spin detection, only while another vCPU waits for the turn (the scheduler runs one engine at a time,
  * so a guest spinning on a lock held by a vCPU that is not running waits for nothing). A loop is a block
@@ -123,10 +148,12 @@ static __attribute__((noinline)) void gate_slow(void *uc, struct pyemu_gate *gat
         gate->yields++;
         goto stop;
     }
+    gate_keep_attention(gate);
     return;
 stop:
     gate->stopped = 1;
     gate->stops++;
+    gate_keep_attention(gate);
     gate->emu_stop(uc);
 }
 
@@ -135,15 +162,14 @@ void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data
     struct pyemu_gate *gate = (struct pyemu_gate *)user_data;
     uint64_t cr4 = __atomic_load_n(gate->cr4, __ATOMIC_RELAXED);
     uint64_t previous_block = gate->last_block;
-    const struct pyemu_tlb *tlb = gate->tlb;
+    int32_t attention;
+    if (__atomic_load_n(&gate->attention, __ATOMIC_RELAXED)) {
+        /* A full barrier before the flags are read: a flag set after this sets attention again. */
+        __atomic_exchange_n(&gate->attention, 0, __ATOMIC_SEQ_CST);
+    }
     /* Every reason to look closer, in one test: the loads are independent and share a cache line or two
      * (acquire loads are plain loads on x86-64). */
-    int32_t attention = gate->skip_first
-        | __atomic_load_n(&gate->stop_request, __ATOMIC_ACQUIRE)
-        | __atomic_load_n(&gate->service_request, __ATOMIC_ACQUIRE)
-        | __atomic_load_n(&gate->irq_pending, __ATOMIC_ACQUIRE)
-        | gate->nmi_held | gate->contended
-        | (tlb ? __atomic_load_n(&tlb->fallback, __ATOMIC_ACQUIRE) : 0);
+    attention = gate_flags(gate);
     gate->last_block = address;
     if (__builtin_expect(cr4 == gate->cr4_seen && !attention, 1)) {
         return;

@@ -128,6 +128,11 @@ def check_library(directory: Path) -> str:
     return report
 
 
+def kept_sdist() -> Path:
+    """Where the build keeps the Unicorn source archive it was made from."""
+    return build_dir().parent / "sdist" / f"unicorn-{UNICORN_VERSION}.tar.gz"
+
+
 def build_engine(*, sdist: Path | None = None, force: bool = False, log: TextIO | None = None) -> Path:
     """Build and install pyemu's libunicorn unless a complete build is cached; returns the library."""
     say = (lambda message: print(message, file=log)) if log is not None else (lambda message: None)
@@ -147,6 +152,10 @@ def build_engine(*, sdist: Path | None = None, force: bool = False, log: TextIO 
         if sdist is None:
             say(f"pyemu-engine: downloading unicorn {UNICORN_VERSION} source")
             sdist = download_sdist(scratch)
+        kept = kept_sdist()
+        if sdist != kept:  # kept beside the build: tests check the patches against the real source
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(sdist, kept)
         source = unpack_source(sdist, scratch / "source")
         apply_patches(source)
         say(f"pyemu-engine: compiling (patch set {patch_digest()})")
@@ -162,7 +171,7 @@ def build_engine(*, sdist: Path | None = None, force: bool = False, log: TextIO 
         stamp = {"unicorn": UNICORN_VERSION, "patches": patch_digest(), "sdist": sdist.name,
                  "seconds": round(time.monotonic() - started, 1), "check": report.split(maxsplit=1)[1]}
         (target / "stamp").write_text(json.dumps(stamp, indent=1) + "\n")
-    for stale in target.parent.glob("*-*"):  # builds of older patch sets: never selected again
+    for stale in target.parent.glob(f"{UNICORN_VERSION}-*"):  # builds of older patch sets: never selected again
         if stale != target and (stale / "stamp").is_file():
             shutil.rmtree(stale, ignore_errors=True)
     say(f"pyemu-engine: built {target / LIBRARY_NAME} in {time.monotonic() - started:.0f} s")

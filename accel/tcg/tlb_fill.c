@@ -61,6 +61,7 @@ struct pyemu_tlb {
     uint32_t ram_count;
     struct pyemu_ram_slot ram[PYEMU_RAM_SLOTS];
     const uint32_t *pkru;       /* QEMU's env->pkru of this engine (calibrated), or NULL: PKE left to Unicorn */
+    int32_t *attention;         /* the block gate's attention word: a fallback needs the gate at the next block */
 };
 
 struct pyemu_msr { uint32_t rid; uint64_t value; };
@@ -322,6 +323,9 @@ static bool give_up(struct pyemu_tlb *s, void *uc)
 {
     s->ctl(uc, s->ctl_tlb_type, TLB_CPU);
     __atomic_store_n(&s->fallback, 1, __ATOMIC_RELEASE);
+    if (s->attention) {
+        __atomic_store_n(s->attention, 1, __ATOMIC_RELEASE);
+    }
     s->fill_failed = 1;
     s->fallbacks++;
     return false;

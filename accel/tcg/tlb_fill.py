@@ -216,6 +216,7 @@ class TlbFill:
         uc.ctl_exits_enabled(True)
         self.use_hook()
         gate.state.tlb = state
+        state.attention = ffi.addressof(gate.state, "attention")
 
     def watch_pkru(self, pkru_address: int) -> None:
         """Where this engine's ``env->pkru`` lives (``env`` from :func:`pyemu.accel.tcg.io_guard.locate_cpu`

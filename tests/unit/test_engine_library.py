@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from pyemu.accel import tcg
-from pyemu.accel.tcg.engine_build import check_library, main, unpack_source
+from pyemu.accel.tcg.engine_build import check_library, kept_sdist, main, unpack_source
 from pyemu.accel.tcg.engine_library import LIBRARY_NAME, build_dir, loaded_library, select_engine_library
-from pyemu.accel.tcg.engine_patches import PATCHES, SourcePatch, apply_patches, patch_digest
+from pyemu.accel.tcg.engine_patches import (EXIT_LABEL_AT_BLOCK_END, EXIT_LABEL_FIELD, INLINE_BLOCK_START_CHECK,
+                                            NO_CHECK_AFTER_MEMORY_ACCESS, PATCHES, SourcePatch, apply_patches,
+                                            patch_digest)
 from pyemu.accel.tcg.errors import EngineBuildError
 
 # The lines of Unicorn 2.1.4 the patches anchor on, in the files they patch: enough to patch a tree.
@@ -27,6 +29,15 @@ GEN_ICOUNT = ("static inline void gen_tb_start(TCGContext *tcg_ctx, TranslationB
               "    tcg_gen_exit_tb(tcg_ctx, tb, TB_EXIT_REQUESTED);\n}\n")
 
 
+EXIT_CHECK_PATCHES = (NO_CHECK_AFTER_MEMORY_ACCESS, EXIT_LABEL_FIELD, INLINE_BLOCK_START_CHECK,
+                      EXIT_LABEL_AT_BLOCK_END)
+
+
+def _apply(patches: tuple[SourcePatch, ...], root: Path) -> None:
+    for patch in patches:
+        patch.apply(root)
+
+
 def _source_tree(root: Path) -> Path:
     for relative, text in (("qemu/tcg/tcg-op.c", TCG_OP), ("qemu/include/tcg/tcg.h", TCG_H),
                            ("qemu/include/exec/gen-icount.h", GEN_ICOUNT)):
@@ -37,7 +48,7 @@ def _source_tree(root: Path) -> Path:
 
 def test_patches_apply_to_the_lines_they_were_written_for(tmp_path: Path) -> None:
     root = _source_tree(tmp_path)
-    apply_patches(root)
+    _apply(EXIT_CHECK_PATCHES, root)
     tcg_op = (root / "qemu/tcg/tcg-op.c").read_text()
     assert tcg_op.count("check_exit_request(tcg_ctx);") == 0
     assert "void check_exit_request(TCGContext *tcg_ctx)" in tcg_op
@@ -53,11 +64,25 @@ def test_a_source_that_does_not_fit_is_refused_not_half_patched(tmp_path: Path) 
     root = _source_tree(tmp_path)
     (root / "qemu/tcg/tcg-op.c").write_text(TCG_OP.replace("    check_exit_request(tcg_ctx);\n", "", 1))
     with pytest.raises(EngineBuildError, match="expected 6 match") as raised:
-        apply_patches(root)
+        _apply(EXIT_CHECK_PATCHES, root)
     assert raised.value.step == "patch"
     missing = SourcePatch("missing", "qemu/nowhere.c", "x", "y", 1)
     with pytest.raises(EngineBuildError, match="cannot read qemu/nowhere.c"):
         missing.apply(root)
+
+
+def test_every_patch_fits_unicorns_real_source(tmp_path: Path) -> None:
+    """Against the sdist the build was made from (kept in the cache by ``pyemu-engine build``)."""
+    sdist = kept_sdist()
+    if not sdist.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{sdist} missing in CI: .ci/run must run 'pyemu-engine build'")
+        pytest.skip("no Unicorn sdist kept (run 'pyemu-engine build')")
+    source = unpack_source(sdist, tmp_path)
+    apply_patches(source)
+    translator = (source / "qemu/accel/tcg/translator.c").read_text()
+    assert "uc->pyemu_attention" in translator and "pyemu_last_block" in translator
+    assert "uc_pyemu_block_gate" in (source / "uc.c").read_text()
 
 
 def test_a_changed_patch_set_is_a_different_build() -> None:
@@ -147,3 +172,10 @@ def test_ci_runs_the_software_cpu_on_pyemus_build() -> None:
         pytest.skip("outside CI the build is optional ('pyemu-engine build')")
     assert tcg.ENGINE_LIBRARY == "pyemu", tcg.ENGINE_LIBRARY_ERROR
     assert Path(loaded_library()).parent == build_dir()
+
+
+def test_the_block_gate_is_conditional_exactly_on_pyemus_build() -> None:
+    from pyemu.testing import GuestProgram, prepared
+
+    with prepared(GuestProgram("hlt")) as machine:
+        assert machine.vcpu._gate.conditional == (tcg.ENGINE_LIBRARY == "pyemu")  # type: ignore[attr-defined]
