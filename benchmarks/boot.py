@@ -14,6 +14,9 @@ which is where to look when pyemu is slower.
 samples to the kernel's symbols (``benchmarks/guest_profile.py``): the top guest functions, the idle (HLT)
 share, and which functions take longer under pyemu; written to ``benchmarks/results/boot_guest_profile.json``.
 
+When pyemu's libunicorn is built (``pyemu-engine build``; pyemu then uses it), every row also times pyemu
+on PyPI's library (``PYEMU_UNICORN=pypi``) in the same run.
+
 The bzImage row also times pyemu with the kernel's own decompressor (``PYEMU_BZIMAGE_GUEST_DECOMPRESS=1``)
 beside the default host-side decompression (``target/x86/boot/bzimage_host.py``), in the same run.
 
@@ -47,6 +50,7 @@ import time
 from pathlib import Path
 
 import guest_profile  # benchmarks/guest_profile.py, beside this script
+from pyemu.accel.tcg.engine_library import CHOICE_VARIABLE, built_library
 from pyemu.guest.assets import find_assets
 from pyemu.system.cache import cache_root
 
@@ -139,6 +143,19 @@ def pyemu_env(bytecode: bool, extra: dict[str, str] | None = None) -> dict[str, 
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env.setdefault("PYTHONPYCACHEPREFIX", str(cache_root() / "pycache"))
     return env
+
+
+def pyemu_variants(image: str, engine_built: bool) -> list[tuple[str, dict[str, str], str]]:
+    """The extra pyemu rows of one image, each (key suffix, environment, label), timed in the same run:
+    the bzImage with the kernel's own decompressor, and, when pyemu's libunicorn is built (the default
+    then), every image on PyPI's library, which shows what the engine patches are worth."""
+    variants = []
+    if image == "bzimage":
+        variants.append(("guest_decompressor", {GUEST_DECOMPRESS_ENV: "1"},
+                          f"with the guest's own decompressor ({GUEST_DECOMPRESS_ENV}=1)"))
+    if engine_built:
+        variants.append(("pypi_engine", {CHOICE_VARIABLE: "pypi"}, f"on PyPI's libunicorn ({CHOICE_VARIABLE}=pypi)"))
+    return variants
 
 
 def pyemu_argv(kernel: Path, initrd: Path, smp: int = 1, cmdline: str = CMDLINE) -> list[str]:
@@ -265,7 +282,9 @@ def main() -> int:
         "memory": MEMORY, "cmdline": cmdline, "results": {},
         "pyemu_bytecode_cache": bytecode,
         "python_dont_write_bytecode_in_environment": bool(os.environ.get("PYTHONDONTWRITEBYTECODE")),
+        "engine_library": str(built_library() or "pypi"),
     }
+    engine_built = built_library() is not None
     if bytecode:  # compile once, untimed, as an installation does
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(__file__).resolve().parents[1])],
                        env=pyemu_env(True), stdout=subprocess.DEVNULL, check=False)
@@ -281,10 +300,9 @@ def main() -> int:
         failures: list[str] = []
         row["pyemu_tcg"] = summarise(run_many(pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures,
                                               pyemu_env(bytecode)))
-        if image == "bzimage":  # before host-side decompression, in the same run
-            row["pyemu_tcg_guest_decompressor"] = summarise(run_many(
-                pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures,
-                pyemu_env(bytecode, {GUEST_DECOMPRESS_ENV: "1"})))
+        for suffix, extra_env, _label in pyemu_variants(image, engine_built):
+            row[f"pyemu_tcg_{suffix}"] = summarise(run_many(
+                pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures, pyemu_env(bytecode, extra_env)))
         if qemu:
             row["qemu_tcg"] = summarise(run_many(qemu_argv(qemu, kernel, assets.initrd, smp, cmdline), args.runs,
                                                  failures))
@@ -292,10 +310,10 @@ def main() -> int:
             row["ratio_wall"] = round(p["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
             row["ratio_init_uptime"] = round(p["init_uptime_s"] / q["init_uptime_s"], 2)  # type: ignore[index, operator]
             row["ratio_cpu"] = round(p["cpu_s"] / q["cpu_s"], 2)  # type: ignore[index, operator]
-            if "pyemu_tcg_guest_decompressor" in row:
-                g = row["pyemu_tcg_guest_decompressor"]
-                row["ratio_wall_guest_decompressor"] = round(g["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
-                row["ratio_cpu_guest_decompressor"] = round(g["cpu_s"] / q["cpu_s"], 2)  # type: ignore[index, operator]
+            for suffix, _env, _label in pyemu_variants(image, engine_built):
+                g = row[f"pyemu_tcg_{suffix}"]
+                row[f"ratio_wall_{suffix}"] = round(g["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
+                row[f"ratio_cpu_{suffix}"] = round(g["cpu_s"] / q["cpu_s"], 2)  # type: ignore[index, operator]
         if failures:
             row["failed_boots"] = failures
         results[name] = row
@@ -303,11 +321,10 @@ def main() -> int:
               + (f" | qemu wall {row['qemu_tcg']['wall_s']:6.2f} s  init at {row['qemu_tcg']['init_uptime_s']:5.2f} s"  # type: ignore[index]
                  f" | ratio wall {row['ratio_wall']}x  init {row['ratio_init_uptime']}x  cpu {row['ratio_cpu']}x"
                  if qemu else " | qemu not installed"))
-        if "pyemu_tcg_guest_decompressor" in row:
-            g = row["pyemu_tcg_guest_decompressor"]
-            print(f"{'':10} pyemu wall {g['wall_s']:7.2f} s  init at {g['init_uptime_s']:6.2f} s"  # type: ignore[index]
-                  f" with the guest's own decompressor ({GUEST_DECOMPRESS_ENV}=1)"
-                  + (f" | ratio wall {row['ratio_wall_guest_decompressor']}x  cpu {row['ratio_cpu_guest_decompressor']}x"
+        for suffix, _env, label in pyemu_variants(image, engine_built):
+            g = row[f"pyemu_tcg_{suffix}"]
+            print(f"{'':10} pyemu wall {g['wall_s']:7.2f} s  init at {g['init_uptime_s']:6.2f} s {label}"  # type: ignore[index]
+                  + (f" | ratio wall {row[f'ratio_wall_{suffix}']}x  cpu {row[f'ratio_cpu_{suffix}']}x"
                      if qemu else ""))
     report["results"] = results
     if args.profile:

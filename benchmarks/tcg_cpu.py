@@ -17,6 +17,9 @@ Measured here:
    next; per-interrupt round trip including the thread hand-off (GIL) latency.
 5. ``syscall``: a CPL3 loop of SYSCALL with a kernel entry that only does SYSRET; per round trip.
 
+With pyemu's libunicorn built (the default then), the loops of 1. and 2. also run on PyPI's library in a
+child process (``PYEMU_UNICORN=pypi``), in the same run.
+
 Prints the figures and writes them to ``benchmarks/results/tcg_cpu.json``. Everything is bounded in time
 (a stop deadline per pyemu run, a subprocess timeout for QEMU).
 """
@@ -36,7 +39,9 @@ import threading
 import time
 from pathlib import Path
 
+from pyemu.accel import tcg  # first: chooses the libunicorn before anything imports unicorn
 from pyemu.accel.exits import Stopped
+from pyemu.accel.tcg.engine_library import CHOICE_VARIABLE, loaded_library
 from pyemu.testing import FakeInterruptController, GuestProgram, assemble, prepared
 from pyemu.testing.handlers import recording_handler, slot_address
 
@@ -255,26 +260,49 @@ def syscall_round_trip(count: int) -> float:
         return elapsed / count
 
 
+def loop_figures(iterations: int, repeat: int) -> dict[str, float]:
+    """The three tight loops (best of ``repeat``) on the libunicorn this process loaded, in M instr/s."""
+    instructions = 2 * iterations + 1
+    loop64 = min(pyemu_loop(iterations, 64, 60) for _ in range(repeat))
+    loop32 = min(pyemu_loop(iterations, 32, 60) for _ in range(repeat))
+    raw = min(raw_unicorn_loop(iterations) for _ in range(repeat))
+    print(f"pyemu TCG  64-bit dec/jnz loop: {instructions / loop64 / 1e6:7.1f} M instr/s ({loop64:.3f} s)",
+          file=sys.stderr)
+    print(f"bare Unicorn 64-bit loop (no hooks): {instructions / raw / 1e6:7.1f} M instr/s", file=sys.stderr)
+    print(f"pyemu TCG  32-bit dec/jnz loop: {instructions / loop32 / 1e6:7.1f} M instr/s ({loop32:.3f} s)",
+          file=sys.stderr)
+    return {"raw_unicorn_loop64_minstr_per_s": round(instructions / raw / 1e6, 1),
+            "pyemu_loop64_minstr_per_s": round(instructions / loop64 / 1e6, 1),
+            "pyemu_loop32_minstr_per_s": round(instructions / loop32 / 1e6, 1)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=150_000_000, help="loop iterations (2 instr each)")
     parser.add_argument("--interrupts", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-qemu", action="store_true")
+    parser.add_argument("--loops-only", action="store_true",
+                        help="print the loop figures as JSON and stop (the PyPI-library run in a child process)")
     args = parser.parse_args()
     instructions = 2 * args.iterations + 1
     figures: dict[str, object] = {"host": platform.node(), "python": sys.version.split()[0],
-                                  "iterations": args.iterations, "cpus": os.cpu_count()}
-
-    loop64 = min(pyemu_loop(args.iterations, 64, 60) for _ in range(args.repeat))
-    loop32 = min(pyemu_loop(args.iterations, 32, 60) for _ in range(args.repeat))
-    raw = min(raw_unicorn_loop(args.iterations) for _ in range(args.repeat))
-    figures["raw_unicorn_loop64_minstr_per_s"] = round(instructions / raw / 1e6, 1)
-    figures["pyemu_loop64_minstr_per_s"] = round(instructions / loop64 / 1e6, 1)
-    figures["pyemu_loop32_minstr_per_s"] = round(instructions / loop32 / 1e6, 1)
-    print(f"pyemu TCG  64-bit dec/jnz loop: {instructions / loop64 / 1e6:7.1f} M instr/s ({loop64:.3f} s)")
-    print(f"bare Unicorn 64-bit loop (no hooks): {instructions / raw / 1e6:7.1f} M instr/s")
-    print(f"pyemu TCG  32-bit dec/jnz loop: {instructions / loop32 / 1e6:7.1f} M instr/s ({loop32:.3f} s)")
+                                  "iterations": args.iterations, "cpus": os.cpu_count(),
+                                  "engine_library": loaded_library()}
+    loops = loop_figures(args.iterations, args.repeat)
+    if args.loops_only:
+        print(json.dumps(loops))
+        return 0
+    figures.update(loops)
+    loop32 = instructions / (loops["pyemu_loop32_minstr_per_s"] * 1e6)
+    if tcg.ENGINE_LIBRARY == "pyemu":  # the same loops on PyPI's library, in a process that loads it
+        child = subprocess.run([sys.executable, __file__, "--loops-only", "--iterations", str(args.iterations),
+                                "--repeat", str(args.repeat)], env={**os.environ, CHOICE_VARIABLE: "pypi"},
+                               capture_output=True, text=True, timeout=600, check=True)
+        pypi = json.loads(child.stdout.splitlines()[-1])
+        figures["pypi_engine"] = pypi
+        print(f"  on PyPI's libunicorn: pyemu 64-bit {pypi['pyemu_loop64_minstr_per_s']} M instr/s, "
+              f"bare {pypi['raw_unicorn_loop64_minstr_per_s']} M instr/s")
 
     if not args.no_qemu and shutil.which("qemu-system-x86_64"):
         runs = [qemu_loop(args.iterations, 120) for _ in range(args.repeat)]
