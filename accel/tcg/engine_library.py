@@ -5,7 +5,8 @@ first imported, from ``$LIBUNICORN_PATH`` if set. pyemu's build (``pyemu-engine 
 :mod:`pyemu.accel.tcg.engine_build`) lives in pyemu's cache, so :func:`select_engine_library` points
 ``LIBUNICORN_PATH`` there before the first ``import unicorn`` (``pyemu.accel.tcg`` calls it on import).
 
-``PYEMU_UNICORN`` chooses: ``auto`` (default: the build when present, PyPI's library otherwise), ``pypi``
+The build is used only with the binding release it was made from (2.1.4); another release of the
+``unicorn`` package gets its own library. ``PYEMU_UNICORN`` chooses: ``auto`` (default: the build when present, PyPI's library otherwise), ``pypi``
 (always PyPI's), ``pyemu`` (the build; its absence is an error when the software CPU starts). A
 ``LIBUNICORN_PATH`` the user set is left alone. Both libraries run the same guest-visible CPU; the build
 drops per-access helper calls (:mod:`pyemu.accel.tcg.engine_patches`).
@@ -13,6 +14,7 @@ drops per-access helper calls (:mod:`pyemu.accel.tcg.engine_patches`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -40,8 +42,17 @@ def built_library(environ: dict[str, str] | os._Environ[str] | None = None) -> P
     return None
 
 
+def binding_is_built_release() -> bool:
+    """Whether the installed ``unicorn`` binding is the release the build was made from (a stat, not an
+    import: importing would load a library, and ``importlib.metadata`` costs ~30 ms at every start)."""
+    spec = importlib.util.find_spec("unicorn")
+    if spec is None or spec.origin is None:
+        return False
+    return (Path(spec.origin).parent.parent / f"unicorn-{UNICORN_VERSION}.dist-info").is_dir()
+
+
 def select_engine_library(environ: dict[str, str] | os._Environ[str] | None = None, *,
-                          unicorn_loaded: bool | None = None) -> str:
+                          unicorn_loaded: bool | None = None, binding_matches: bool | None = None) -> str:
     """Point ``LIBUNICORN_PATH`` at the chosen library before ``unicorn`` is imported; returns which one
     the process will use: ``"pyemu"``, ``"pypi"``, or ``"user"`` (``LIBUNICORN_PATH`` set beforehand).
 
@@ -67,6 +78,11 @@ def select_engine_library(environ: dict[str, str] | os._Environ[str] | None = No
     if choice == "pyemu" and library is None:
         raise EngineBuildError(f"{CHOICE_VARIABLE}=pyemu but no build in {build_dir(environ)} "
                                "(run 'pyemu-engine build')", step="select")
+    if library is not None and not (binding_is_built_release() if binding_matches is None else binding_matches):
+        if choice == "pyemu":
+            raise EngineBuildError(f"{CHOICE_VARIABLE}=pyemu but the installed unicorn binding is not "
+                                   f"{UNICORN_VERSION}, the release the build was made from", step="select")
+        return "pypi"  # another binding release: its own library, not a build of a different one
     if choice == "pypi" or library is None:
         return "pypi"
     env["LIBUNICORN_PATH"] = str(library.parent)

@@ -130,6 +130,16 @@ def test_choice_follows_pyemu_unicorn_and_the_cache(tmp_path: Path) -> None:
     assert select_engine_library(late, unicorn_loaded=True) == "pypi" and "LIBUNICORN_PATH" not in late
 
 
+def test_the_build_is_not_loaded_under_another_binding_release(tmp_path: Path) -> None:
+    _fake_build(tmp_path)
+    env = {"PYEMU_CACHE": str(tmp_path)}
+    assert select_engine_library(env, unicorn_loaded=False, binding_matches=False) == "pypi"
+    assert "LIBUNICORN_PATH" not in env
+    with pytest.raises(EngineBuildError, match="binding is not 2.1.4"):
+        select_engine_library({**env, "PYEMU_UNICORN": "pyemu"}, unicorn_loaded=False, binding_matches=False)
+    assert select_engine_library(env, unicorn_loaded=False, binding_matches=True) == "pyemu"
+
+
 def test_an_incomplete_build_is_not_chosen(tmp_path: Path) -> None:
     directory = _fake_build(tmp_path)
     (directory / "stamp").unlink()                                            # the stamp is written last
