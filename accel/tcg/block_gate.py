@@ -279,8 +279,7 @@ class BlockGate:
         status = register(uc._uch, address("attention"), address("cr4"), address("cr4_seen"), address("last_block"))
         if status != 0:
             raise EngineError(f"uc_pyemu_block_gate failed with error {status}", operation="hook_add")
-        state.attention = 1
-        return True
+        return True  # attention is first set by arm(), before every emu_start
 
     def _attention(self) -> None:
         """After setting a flag: make the translated code call the gate at the next block start."""

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from pyemu.accel.tcg.engine_library import LIBRARY_NAME, build_dir, built_library
+from pyemu.accel.tcg.engine_library import LIBRARY_NAME, binding_is_built_release, build_dir, built_library
 from pyemu.accel.tcg.engine_patches import UNICORN_VERSION, apply_patches, patch_digest
 from pyemu.accel.tcg.errors import EngineBuildError
 
@@ -39,7 +39,6 @@ STEP_TIMEOUT_S = 1800.0
 # Runs in a child process with LIBUNICORN_PATH set: the binding checks the library's release on load;
 # a dec/jnz loop of 1000 iterations must leave RCX at 0 and RIP at the end of the code (0x100d).
 _SELF_CHECK = """
-import sys
 from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, uc_version
 from unicorn.unicorn_py3 import unicorn as binding
 from unicorn.x86_const import UC_X86_REG_RCX, UC_X86_REG_RIP
@@ -71,13 +70,13 @@ def _run(command: list[str], *, step: str, cwd: Path | None = None, env: dict[st
 
 
 def installed_binding_version() -> str:
-    """The release of the installed ``unicorn`` Python package (without importing it)."""
+    """The release of the installed ``unicorn`` Python package (without importing it), for messages."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("unicorn")
-    except PackageNotFoundError as exc:
-        raise EngineBuildError("the unicorn Python package is not installed", step="download") from exc
+    except PackageNotFoundError:
+        return "not installed"
 
 
 def download_sdist(directory: Path) -> Path:
@@ -140,10 +139,11 @@ def build_engine(*, sdist: Path | None = None, force: bool = False, log: TextIO 
     if existing is not None and not force:
         say(f"pyemu-engine: already built: {existing}")
         return existing
-    binding = installed_binding_version()
-    if binding != UNICORN_VERSION:
-        raise EngineBuildError(f"the installed unicorn binding is {binding}; the patches are for "
-                               f"{UNICORN_VERSION}", step="download")
+    if not binding_is_built_release():  # the test the selection makes: a build it would not load is useless
+        raise EngineBuildError(f"the installed unicorn binding is {installed_binding_version()}; the patches are "
+                               f"for {UNICORN_VERSION}", step="download")
+    if sdist is not None and not sdist.is_file():
+        raise EngineBuildError(f"--sdist {sdist}: no such file", step="download")
     target = build_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -154,8 +154,12 @@ def build_engine(*, sdist: Path | None = None, force: bool = False, log: TextIO 
             sdist = download_sdist(scratch)
         kept = kept_sdist()
         if sdist != kept:  # kept beside the build: tests check the patches against the real source
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(sdist, kept)
+            try:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(sdist, kept)
+            except OSError as exc:
+                raise EngineBuildError(f"cannot keep {sdist.name} in {kept.parent}: {exc.strerror}",
+                                       step="download") from exc
         source = unpack_source(sdist, scratch / "source")
         apply_patches(source)
         say(f"pyemu-engine: compiling (patch set {patch_digest()})")
@@ -166,8 +170,7 @@ def build_engine(*, sdist: Path | None = None, force: bool = False, log: TextIO 
         report = check_library(staged)
         if target.exists():
             shutil.rmtree(target)
-        os.replace(staged, target)
-        check_library(target)
+        os.replace(staged, target)  # a rename: the checked file itself
         stamp = {"unicorn": UNICORN_VERSION, "patches": patch_digest(), "sdist": sdist.name,
                  "seconds": round(time.monotonic() - started, 1), "check": report.split(maxsplit=1)[1]}
         (target / "stamp").write_text(json.dumps(stamp, indent=1) + "\n")

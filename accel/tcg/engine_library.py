@@ -6,8 +6,9 @@ first imported, from ``$LIBUNICORN_PATH`` if set. pyemu's build (``pyemu-engine 
 ``LIBUNICORN_PATH`` there before the first ``import unicorn`` (``pyemu.accel.tcg`` calls it on import).
 
 The build is used only with the binding release it was made from (2.1.4); another release of the
-``unicorn`` package gets its own library. ``PYEMU_UNICORN`` chooses: ``auto`` (default: the build when present, PyPI's library otherwise), ``pypi``
-(always PyPI's), ``pyemu`` (the build; its absence is an error when the software CPU starts). A
+``unicorn`` package gets its own library. ``PYEMU_UNICORN`` chooses: ``auto`` (default: the build when
+present, PyPI's library otherwise), ``pypi`` (always PyPI's), ``pyemu`` (the build; its absence is an
+error when the software CPU starts). A
 ``LIBUNICORN_PATH`` the user set is left alone. Both libraries run the same guest-visible CPU; the build
 drops per-access helper calls (:mod:`pyemu.accel.tcg.engine_patches`).
 """

@@ -189,3 +189,12 @@ def test_the_block_gate_is_conditional_exactly_on_pyemus_build() -> None:
 
     with prepared(GuestProgram("hlt")) as machine:
         assert machine.vcpu._gate.conditional == (tcg.ENGINE_LIBRARY == "pyemu")  # type: ignore[attr-defined]
+
+
+def test_build_with_a_missing_sdist_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PYEMU_CACHE", str(tmp_path / "cache"))
+    assert main(["build", "--force", "--quiet", "--sdist", str(tmp_path / "missing.tar.gz")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("pyemu-engine: error (download): --sdist") and "no such file" in error
+    assert not (tmp_path / "cache" / "unicorn").exists() or not any((tmp_path / "cache" / "unicorn").glob("2.1.4-*"))
