@@ -27,6 +27,12 @@ start in ``*last_block`` after it. pyemu points these at the gate's attention wo
 a gate flag), at QEMU's ``env->cr[4]`` and the CR4 the gate last saw (the CR4 guard), and at the gate's
 ``last_block`` (the CR4 guard's previous block, the guest profiler's samples).
 
+And one the guest needs that QEMU 5.0's TCG cannot give: RDMSR of IA32_ARCH_CAPABILITIES reads 0 there, so a
+guest told it runs on a family-6 Intel CPU assumes every speculative-execution flaw and turns on page-table
+isolation, whose CR3 switch at every kernel entry and exit flushes the software TLB. The last three patches
+add ``uc_pyemu_set_arch_capabilities(uc, value)`` and make the MSR read that value
+(:data:`pyemu.accel.tcg.msrs.SOFTWARE_CPU_ARCH_CAPABILITIES`).
+
 Measured, PVH boot of Debian's kernel to /init and power-off (``benchmarks/boot.py``, same run, QEMU
 2.0 s): 4.78 s on PyPI's library; 3.79 s with the two exit-check patches; 3.52 s with the TLB patch
 too; 3.15 s with the conditional gate. The tight ``dec/jnz`` loop of ``benchmarks/tcg_cpu.py``: see
@@ -243,9 +249,49 @@ CONDITIONAL_BLOCK_HOOK = SourcePatch(
     count=1,
 )
 
+ARCH_CAPABILITIES_FIELD = SourcePatch(
+    name="arch-capabilities-field",
+    path="include/uc_priv.h",
+    pattern=r"^(    uint64_t \*pyemu_last_block;\n)",
+    replacement=(r"\1"
+                 r"    /* pyemu: what RDMSR of IA32_ARCH_CAPABILITIES (0x10a) reads; 0 until pyemu sets it. */\n"
+                 r"    uint64_t pyemu_arch_capabilities;\n"),
+    count=1,
+)
+
+ARCH_CAPABILITIES_API = SourcePatch(
+    name="arch-capabilities-api",
+    path="uc.c",
+    pattern=r"^(UNICORN_EXPORT\nuc_err uc_emu_stop\(uc_engine \*uc\)\n)",
+    replacement=(
+        "/* pyemu: the value the guest reads from IA32_ARCH_CAPABILITIES (the CPU's \"not affected\" bits). */\n"
+        "UNICORN_EXPORT\n"
+        "uc_err uc_pyemu_set_arch_capabilities(uc_engine *uc, uint64_t value)\n"
+        "{\n"
+        "    uc->pyemu_arch_capabilities = value;\n"
+        "    return UC_ERR_OK;\n"
+        "}\n"
+        "\n"
+        r"\1"),
+    count=1,
+)
+
+RDMSR_ARCH_CAPABILITIES = SourcePatch(
+    name="rdmsr-arch-capabilities",
+    path="qemu/target/i386/misc_helper.c",
+    # helper_rdmsr's case list (QEMU 5.0 reads this MSR as 0, like every MSR it does not know).
+    pattern=r"^(     case MSR_IA32_UCODE_REV:\n)",
+    replacement=("    case MSR_IA32_ARCH_CAPABILITIES:\n"
+                 "        val = env->uc->pyemu_arch_capabilities;  /* pyemu */\n"
+                 "        break;\n"
+                 r"\1"),
+    count=1,
+)
+
 PATCHES: tuple[SourcePatch, ...] = (
     NO_CHECK_AFTER_MEMORY_ACCESS, EXIT_LABEL_FIELD, INLINE_BLOCK_START_CHECK, EXIT_LABEL_AT_BLOCK_END,
-    CODE_PAGE_TLB_SLOTS_ONLY, GATE_FIELDS, GATE_API, CONDITIONAL_BLOCK_HOOK,
+    CODE_PAGE_TLB_SLOTS_ONLY, GATE_FIELDS, GATE_API, CONDITIONAL_BLOCK_HOOK, ARCH_CAPABILITIES_FIELD,
+    ARCH_CAPABILITIES_API, RDMSR_ARCH_CAPABILITIES,
 )
 
 

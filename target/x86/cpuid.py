@@ -34,7 +34,7 @@ FEATURES: dict[str, tuple[int, str, int]] = {
     "smep": (7, "ebx", 7), "hle": (7, "ebx", 4), "avx2": (7, "ebx", 5), "invpcid": (7, "ebx", 10),
     "rtm": (7, "ebx", 11), "mpx": (7, "ebx", 14), "avx512f": (7, "ebx", 16), "rdseed": (7, "ebx", 18),
     "adx": (7, "ebx", 19), "smap": (7, "ebx", 20), "clflushopt": (7, "ebx", 23), "clwb": (7, "ebx", 24),
-    "sha_ni": (7, "ebx", 29),
+    "sha_ni": (7, "ebx", 29), "arch_capabilities": (7, "edx", 29),
     "umip": (7, "ecx", 2), "pku": (7, "ecx", 3), "la57": (7, "ecx", 16), "rdpid": (7, "ecx", 22),
     "svm": (0x80000001, "ecx", 2), "cr8legacy": (0x80000001, "ecx", 4), "abm": (0x80000001, "ecx", 5),
     "sse4a": (0x80000001, "ecx", 6), "3dnowprefetch": (0x80000001, "ecx", 8),
@@ -113,12 +113,18 @@ DEFAULT_FEATURES = (
     "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca",
     "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "sse3", "ssse3", "cx16", "sse4_1",
     "sse4_2", "popcnt", "hypervisor", "arat", "lahf_lm", "syscall", "nx", "lm", "invtsc", "tsc_adjust",
+    "arch_capabilities",
 )
 """Both TSC bits are what Linux 6.1 needs (with family 6's CONSTANT_TSC) to trust the TSC without the
 clocksource watchdog (arch/x86/kernel/tsc.c ``check_system_tsc_reliable``): ``invtsc`` (0x80000007 EDX[8],
 Linux's NONSTOP_TSC) because both guest TSCs tick with the host's invariant TSC, and ``tsc_adjust``
 (IA32_TSC_ADJUST, MSR 0x3b), which KVM implements and the software CPU reads as 0 but cannot write
-(:data:`pyemu.accel.tcg.msrs.TSC_WRITES_IGNORED_WHY`)."""
+(:data:`pyemu.accel.tcg.msrs.TSC_WRITES_IGNORED_WHY`).
+
+``arch_capabilities`` (CPUID.7.0:EDX[29], the IA32_ARCH_CAPABILITIES MSR) is how a family-6 Intel CPU says
+which speculative-execution flaws it does not have; without it Linux assumes all of them and pays for page-
+table isolation at every kernel entry. KVM fills the MSR from the host; the software CPU's value is
+:data:`pyemu.accel.tcg.msrs.SOFTWARE_CPU_ARCH_CAPABILITIES`."""
 
 TSC_CRYSTAL_HZ = 25_000_000  # leaf 0x15 crystal; the LAPIC timer counts at crystal / divide
 DEFAULT_TSC_HZ = 2_600_000_000  # when the accelerator cannot say (boards pass the real rate)

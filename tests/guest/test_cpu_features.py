@@ -12,6 +12,14 @@ from __future__ import annotations
 
 import pytest
 
+from pyemu.accel.tcg.block_gate import _uc_library
+from pyemu.accel.tcg.msrs import (
+    ARCH_CAP_ITS_NO,
+    ARCH_CAP_MDS_NO,
+    ARCH_CAP_RDCL_NO,
+    MSR_IA32_ARCH_CAPABILITIES,
+    SOFTWARE_CPU_ARCH_CAPABILITIES,
+)
 from pyemu.system.cpu_options import CpuOptions
 from pyemu.target.x86.cpu_models import TCG_FEATURES, TCG_WITHHELD_FEATURES
 from pyemu.target.x86.cpuid import DEFAULT_FEATURES, CpuidTable, default_cpuid
@@ -269,6 +277,39 @@ def test_rdtscp_returns_tsc_aux_in_ecx() -> None:
     """))
     assert result.u64("data", 1) == 0x1234
     assert result.u64("data", 2) > result.u64("data", 0)  # the TSC part still counts forward
+
+
+def _arch_capabilities_program() -> GuestProgram:
+    return GuestProgram(f"""
+        mov rdi, data
+        mov eax, 7
+        xor ecx, ecx
+        cpuid
+        mov [rdi], edx
+        mov ecx, {MSR_IA32_ARCH_CAPABILITIES:#x}
+        rdmsr
+        shl rdx, 32
+        or rax, rdx
+        mov [rdi + 8], rax
+        {exit_with(OK)}
+    """)
+
+
+def test_arch_capabilities_msr_states_the_flaws_the_software_cpu_does_not_have() -> None:
+    """CPUID.7.0:EDX[29] offers IA32_ARCH_CAPABILITIES; on pyemu's libunicorn it reads the "not affected"
+    bits (no Meltdown, MDS, TAA, ITS... so Linux skips page-table isolation), on PyPI's library 0."""
+    result = run_max(_arch_capabilities_program())
+    assert result.u32("data", 0) >> 29 & 1
+    expected = SOFTWARE_CPU_ARCH_CAPABILITIES if hasattr(_uc_library(), "uc_pyemu_set_arch_capabilities") else 0
+    assert result.u64("data", 1) == expected
+    if expected:
+        assert expected & ARCH_CAP_RDCL_NO and expected & ARCH_CAP_MDS_NO and expected & ARCH_CAP_ITS_NO
+
+
+def test_arch_capabilities_msr_reads_zero_where_cpuid_does_not_offer_it() -> None:
+    result = run_max(_arch_capabilities_program(), model="qemu64")
+    assert not result.u32("data", 0) >> 29 & 1
+    assert result.u64("data", 1) == 0
 
 
 def test_fsgsbase_instructions_need_cr4_fsgsbase() -> None:
