@@ -69,6 +69,8 @@ class Backends:
 
     def open_blockdevs(self) -> None:
         """Open every ``-blockdev`` in command-line order (a definition may name earlier nodes)."""
+        if not self.config.blockdevs and not self.config.backend_objects:
+            return  # nothing to open: the block graph's modules stay unimported (~10 ms of start-up)
         from pyemu.block.blockdev import open_blockdev, parse_blockdev_arg
         from pyemu.block.throttle import THROTTLE_GROUPS
 
@@ -128,13 +130,16 @@ class Backends:
         return backend
 
     def close_nodes(self) -> None:
-        from pyemu.block.blockdev import close_all
+        if next(iter(self.nodes), None) is not None:  # with no node, the block graph needs no import
+            from pyemu.block.blockdev import close_all
 
-        close_all(self.nodes)
-        from pyemu.block.throttle import THROTTLE_GROUPS
+            close_all(self.nodes)
+        groups = getattr(self, "throttle_groups", ())
+        if groups:
+            from pyemu.block.throttle import THROTTLE_GROUPS
 
-        for name in getattr(self, "throttle_groups", ()):
-            THROTTLE_GROUPS.remove_object(name)
+            for name in groups:
+                THROTTLE_GROUPS.remove_object(name)
 
     def object(self, object_id: str, kind: str, user: str, prop: str) -> ObjectOptions:
         for entry in self.config.objects:

@@ -8,10 +8,8 @@ the session, so :mod:`pyemu.monitor.qmp` serves it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable
 
-from pyemu import __version__
 from pyemu.monitor import schema
 from pyemu.monitor.bitmap_commands import HANDLERS as BITMAP_HANDLERS
 from pyemu.monitor.throttle_commands import HANDLERS as THROTTLE_HANDLERS
@@ -27,20 +25,8 @@ from pyemu.monitor.snapshot_commands import HANDLERS as SNAPSHOT_HANDLERS
 from pyemu.monitor.transaction import HANDLERS as TRANSACTION_HANDLERS
 from pyemu.monitor.vm_snapshot_commands import HANDLERS as VM_SNAPSHOT_HANDLERS
 from pyemu.monitor.control import ControlApi, ControlError
+from pyemu.monitor.protocol import PACKAGE, QEMU_VERSION, Reply
 from pyemu.monitor.schema import QmpError
-
-QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
-"""The QEMU release whose QMP pyemu speaks (clients check the greeting's version)."""
-PACKAGE = f"pyemu {__version__}"
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A return value plus an action to run once the reply is on its way to the client."""
-
-    value: Any
-    after: Callable[[], None] | None = None
-
 
 Handler = Callable[[ControlApi, dict[str, Any]], Any]
 

@@ -19,12 +19,17 @@ from __future__ import annotations
 import os
 import uuid as uuid_module
 from dataclasses import dataclass
-from typing import Any, Callable
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Callable
 
 from pyemu.errors import PyemuError
 from pyemu.machines.base import Machine
 from pyemu.system.runstate import NEEDS_RESET, RunState, ShutdownCause
 from pyemu.target.x86.cpu_state import X86CpuState
+
+if TYPE_CHECKING:
+    from pyemu.block.exports import ExportManager
+    from pyemu.jobs.job import JobManager
 
 EventSink = Callable[[str, dict[str, Any]], None]
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
@@ -68,14 +73,30 @@ class ControlApi:
 
         self.migration = MigrationManager(machine, self._emit)
         """``migrate``/``migrate-incoming``/``query-migrate`` (:mod:`pyemu.monitor.migration`)."""
+
+    # The block services below are made by their first user (a QMP command, the Python API): their modules
+    # import the NBD server and the job machinery, ~10 ms of start-up a VM without them does not need.
+    @cached_property
+    def exports(self) -> ExportManager:
+        """The NBD server and block exports (:mod:`pyemu.monitor.nbd_commands`); closed with the VM."""
         from pyemu.block.exports import ExportManager
 
-        self.exports = ExportManager(self._emit)
-        """The NBD server and block exports (:mod:`pyemu.monitor.nbd_commands`); closed with the VM."""
+        return ExportManager(self._emit)
+
+    @cached_property
+    def jobs(self) -> JobManager:
+        """Backup, stream, commit and mirror jobs (:mod:`pyemu.monitor.job_commands`); cancelled at VM close."""
         from pyemu.jobs.job import JobManager
 
-        self.jobs = JobManager(self._emit)
-        """Backup (and later snapshot) jobs (:mod:`pyemu.monitor.job_commands`); cancelled at VM close."""
+        return JobManager(self._emit)
+
+    def close_block_services(self) -> None:
+        """Cancel the jobs (no job worker may touch a node once the graph closes), then close the exports
+        (NBD clients gone, exports released before the nodes close) -- those that were ever made."""
+        if "jobs" in self.__dict__:
+            self.jobs.cancel_all()
+        if "exports" in self.__dict__:
+            self.exports.close()
 
     # -- events -----------------------------------------------------------------------------------------
     def subscribe(self, sink: EventSink) -> None:

@@ -16,7 +16,7 @@ from typing import Callable
 from pyemu.errors import PyemuError
 from pyemu.monitor.block_info import block_info
 from pyemu.monitor.chardev_info import query_chardev
-from pyemu.monitor.commands import PACKAGE, QEMU_VERSION
+from pyemu.monitor.protocol import PACKAGE, QEMU_VERSION
 from pyemu.monitor.control import ControlApi
 from pyemu.monitor.cpu_dump import dump_registers
 from pyemu.monitor.migration import hmp_info_migrate_parameters, hmp_migrate_cancel, hmp_migrate_set_parameter

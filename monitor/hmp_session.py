@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pyemu.monitor.commands import QEMU_VERSION
+from pyemu.monitor.protocol import QEMU_VERSION
 from pyemu.monitor.hmp import HumanMonitor
 
 PROMPT = b"(qemu) "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from pyemu.monitor import schema
-from pyemu.monitor.commands import PACKAGE, QEMU_VERSION, Reply
+from pyemu.monitor.protocol import PACKAGE, QEMU_VERSION, Reply
 from pyemu.monitor.schema import QmpError
 
 MAX_OBJECT = 1 << 20

@@ -19,17 +19,17 @@ import socket
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from pyemu.chardev.spec import UNIX_PATH_MAX, SocketSpec, StdioSpec, parse_chardev_spec
 from pyemu.errors import ConfigError, PyemuError
-from pyemu.monitor.commands import make_executor
 from pyemu.monitor.chardev_info import peer_address, socket_filename
 from pyemu.monitor.control import ControlApi
-from pyemu.monitor.hmp import HumanMonitor
-from pyemu.monitor.hmp_session import HmpSession
 from pyemu.monitor.qmp import QmpSession, timestamp
 from pyemu.system.config import ObjectOptions, VmConfig
+
+if TYPE_CHECKING:
+    from pyemu.monitor.hmp_session import HmpSession
 
 MAX_PENDING_OUTPUT = 16 << 20
 """Bytes queued for one client before it is considered stuck and dropped."""
@@ -110,11 +110,18 @@ class _Client:
         self.out = bytearray()
         self.dead = False
         self.session: QmpSession | HmpSession
+        # The command tables (HMP's and QMP's import every command module, ~35 ms) are loaded when a
+        # monitor client appears, not by every VM's start-up.
         if endpoint.mode == "readline":
+            from pyemu.monitor.hmp import HumanMonitor
+            from pyemu.monitor.hmp_session import HmpSession
+
             # On stdio the terminal echoes and edits the line itself (cooked mode).
             self.session = HmpSession(HumanMonitor(server.control), self.queue,
                                       echo=not isinstance(endpoint.spec, StdioSpec))
         else:
+            from pyemu.monitor.commands import make_executor
+
             self.session = QmpSession(make_executor(server.control), self.queue, pretty=endpoint.pretty)
 
     def queue(self, data: bytes) -> None:

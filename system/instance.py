@@ -159,6 +159,5 @@ class VmInstance:
             self._closed = True
         if self.monitor is not None:
             self.monitor.close()  # after the quit reply and the SHUTDOWN event went out
-        self.control.jobs.cancel_all()  # no job worker may touch a node once the graph closes
-        self.control.exports.close()  # NBD clients gone and exports released before the nodes close
+        self.control.close_block_services()
         self.machine.close()

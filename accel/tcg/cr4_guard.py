@@ -25,9 +25,6 @@ long mode, toggling LA57 in 64-bit code) are not checked.
 
 from __future__ import annotations
 
-import capstone
-from capstone import x86_const as cs_x86
-
 from pyemu.target.x86.cpuid import CpuidTable
 
 #: CR4 bits every x86-64 CPU QEMU models accepts: VME PVI TSD DE PSE PAE MCE PGE PCE OSFXSR OSXMMEXCPT.
@@ -53,7 +50,13 @@ def refused_cr4_bits(table: CpuidTable) -> int:
 
 def mov_to_cr4_before(code: bytes, start: int, end: int, bits: int) -> int | None:
     """The address of the MOV to CR4 that ends the block ``[start, end)`` whose bytes are ``code``
-    (decoded as ``bits``-bit code), or None when the block does not end with one."""
+    (decoded as ``bits``-bit code), or None when the block does not end with one.
+
+    capstone is imported here, on the first refused MOV to CR4 (rare), not with the vCPU: its import
+    took ~14 ms of every VM's start-up."""
+    import capstone
+    from capstone import x86_const as cs_x86
+
     mode = {64: capstone.CS_MODE_64, 32: capstone.CS_MODE_32, 16: capstone.CS_MODE_16}[bits]
     decoder = capstone.Cs(capstone.CS_ARCH_X86, mode)
     decoder.detail = True
