@@ -134,9 +134,7 @@ class TcgVcpu:
         self._tlb = TlbFill(self._uc, memory, self._gate, code_map) if tlb_hook_enabled() else None
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)
-        self.arch_capabilities = set_arch_capabilities(self._gate.library, self._uc._uch,
-                                                       cpuid.has("arch_capabilities"))
-        """What the guest's RDMSR of IA32_ARCH_CAPABILITIES reads (msrs.SOFTWARE_CPU_ARCH_CAPABILITIES)."""
+        set_arch_capabilities(self._gate.library, self._uc._uch, cpuid.has("arch_capabilities"))
         self._gate.watch_nmi_mask(self._io.guard.env + layout.hflags2 - layout.gpr["rax"])
         if self._tlb is not None:
             self._tlb.watch_pkru(self._io.guard.env + layout.pkru - layout.gpr["rax"])

@@ -22,11 +22,11 @@ from pyemu.target.x86.boot import bzimage_host
 from pyemu.target.x86.boot.bzimage import HDR_LOADFLAGS, KASLR_FLAG, load_bzimage
 from pyemu.target.x86.boot.bzimage_host import (
     FORCE_GUEST_ENV,
-    HostDecompressUnavailable,
-    elf_extent,
     forced_guest_decompression,
     host_kernel,
 )
+from pyemu.target.x86.boot.elfimage import read_elf
+from pyemu.target.x86.boot.errors import NotAKernelError
 from pyemu.target.x86.boot.layout import ZERO_PAGE_ADDR
 from pyemu.target.x86.boot.synthetic import BzImageSpec, ElfSegment, make_bzimage, make_elf
 
@@ -197,9 +197,9 @@ def test_environment_forces_the_guest_decompressor(tmp_path, memory, monkeypatch
 
 def test_elf_extent_stops_before_the_relocation_table():
     elf = kernel_elf(relocs=False)
-    assert elf_extent(elf + RELOCS) == len(elf)
-    with pytest.raises(HostDecompressUnavailable):
-        elf_extent(b"\x7fELF")
+    assert read_elf(io.BytesIO(elf + RELOCS), path="payload", file_size=len(elf + RELOCS)).extent == len(elf)
+    with pytest.raises(NotAKernelError):
+        read_elf(io.BytesIO(b"\x7fELF"), path="payload", file_size=4)
 
 
 def test_real_debian_bzimage_host_path():

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +45,6 @@ from pyemu.target.x86.boot.image import ImageFile
 
 FORCE_GUEST_ENV = "PYEMU_BZIMAGE_GUEST_DECOMPRESS"
 CACHE_SUBDIR = "kernels"
-_ELF64_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
-_PHDR64 = struct.Struct("<IIQQQQ")  # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz
-_HEADERS_READ = 1 << 16  # the ELF header and program headers of a kernel sit in its first page
 
 
 @dataclass(frozen=True)
@@ -68,25 +64,6 @@ def forced_guest_decompression(environ: dict[str, str] | None = None) -> bool:
     """True when the user asked for the kernel's own decompressor (``PYEMU_BZIMAGE_GUEST_DECOMPRESS=1``)."""
     env = os.environ if environ is None else environ
     return env.get(FORCE_GUEST_ENV, "").strip().lower() not in ("", "0", "no", "off", "false")
-
-
-def elf_extent(elf: bytes) -> int:
-    """Bytes of the ELF file that starts ``elf`` (headers, segments, section table): what follows it is the
-    relocation table the kernel build appends for the decompressor. ``elf`` needs to hold the ELF header
-    and the program headers only."""
-    if len(elf) < _ELF64_HEADER.size:
-        raise HostDecompressUnavailable("the decompressed payload is shorter than an ELF header")
-    fields = _ELF64_HEADER.unpack_from(elf, 0)
-    phoff, shoff = fields[5], fields[6]
-    phentsize, phnum, shentsize, shnum = fields[9], fields[10], fields[11], fields[12]
-    end = max(phoff + phentsize * phnum, shoff + shentsize * shnum)
-    if phnum and (phentsize < _PHDR64.size or phoff + phentsize * phnum > len(elf)):
-        raise HostDecompressUnavailable("the payload ELF's program headers are not where a kernel has them")
-    for index in range(phnum):
-        p_type, _, p_offset, _, _, p_filesz = _PHDR64.unpack_from(elf, phoff + index * phentsize)
-        if p_type:
-            end = max(end, p_offset + p_filesz)
-    return end
 
 
 def _cache_path(digest: str) -> Path:
@@ -138,12 +115,10 @@ def host_kernel(kernel_path: str | os.PathLike[str]) -> HostKernel:
         _store(cached, elf_bytes)
         log.log("boot", f"decompressed the bzImage payload on the host into {cached} ({len(elf_bytes)} bytes)")
     with ImageFile(cached, "kernel") as image:
-        head = image.read_at(0, min(image.size, _HEADERS_READ), what="ELF headers")
         elf = read_elf(image.stream, path=str(cached), file_size=image.size)
-        extent = elf_extent(head)
         size = image.size
     if elf.elf_class != 64 or elf.machine != EM_X86_64:
         raise HostDecompressUnavailable(f"the payload is a {elf.elf_class}-bit {elf.machine} ELF, not x86-64")
     if not elf.segments:
         raise HostDecompressUnavailable("the payload ELF has no PT_LOAD segment")
-    return HostKernel(cached, elf, has_relocs=size > extent)
+    return HostKernel(cached, elf, has_relocs=size > elf.extent)

@@ -24,8 +24,9 @@ _CLASSES = {1: 32, 2: 64}
 ELFDATA2LSB = 1
 PT_LOAD, PT_NOTE = 1, 4
 PN_XNUM = 0xFFFF
-# e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize, e_phentsize, e_phnum after e_ident/e_type.
-_HEADER = {32: struct.Struct("<HIIIIIHHH"), 64: struct.Struct("<HIQQQIHHH")}
+# e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize, e_phentsize, e_phnum, e_shentsize,
+# e_shnum: the ELF header after e_ident and e_type.
+_HEADER = {32: struct.Struct("<HIIIIIHHHHH"), 64: struct.Struct("<HIQQQIHHHHH")}
 # As (type, offset, vaddr, paddr, filesz, memsz, align) once reordered; ELF64 moves p_flags up front.
 _PHDR = {32: struct.Struct("<IIIIIIII"), 64: struct.Struct("<IIQQQQQQ")}
 
@@ -53,8 +54,19 @@ def _read_exactly(stream: BinaryIO, offset: int, size: int, what: str) -> bytes:
     return data
 
 
-def _elf_header(stream: BinaryIO) -> tuple[int, int, int, int, int, int]:
-    """(class, e_machine, e_entry, e_phoff, e_phentsize, e_phnum) of a little-endian ELF file."""
+@dataclass(frozen=True)
+class _ElfHeader:
+    elf_class: int
+    machine: int
+    entry: int
+    phoff: int
+    phentsize: int
+    phnum: int
+    section_table_end: int  # e_shoff + e_shentsize * e_shnum
+
+
+def _elf_header(stream: BinaryIO) -> _ElfHeader:
+    """The fields of a little-endian ELF file's header that loading it needs."""
     ident = _read_exactly(stream, 0, 16, "ELF identification")
     if ident[:4] != ELF_MAGIC:
         raise _ElfFormatError("no ELF magic")
@@ -65,12 +77,12 @@ def _elf_header(stream: BinaryIO) -> tuple[int, int, int, int, int, int]:
         raise _ElfFormatError("not a little-endian ELF file")
     layout = _HEADER[elf_class]
     fields = layout.unpack(_read_exactly(stream, 18, layout.size, "ELF header"))
-    machine, entry, phoff, phentsize, phnum = fields[0], fields[2], fields[3], fields[7], fields[8]
+    machine, entry, phoff, shoff, phentsize, phnum, shentsize, shnum = (fields[i] for i in (0, 2, 3, 4, 7, 8, 9, 10))
     if phnum == PN_XNUM:
         raise _ElfFormatError("extended program header numbering (e_phnum = PN_XNUM) is not supported")
     if phnum and phentsize < _PHDR[elf_class].size:
         raise _ElfFormatError(f"program header entries of {phentsize} bytes are too small")
-    return elf_class, machine, entry, phoff, phentsize, phnum
+    return _ElfHeader(elf_class, machine, entry, phoff, phentsize, phnum, shoff + shentsize * shnum)
 
 
 def _program_headers(stream: BinaryIO, elf_class: int, phoff: int, phentsize: int,
@@ -111,6 +123,9 @@ class ElfImage:
     entry: int
     segments: tuple[LoadSegment, ...]
     notes: tuple[ElfNote, ...]
+    extent: int
+    """Bytes of the file the ELF itself spans (headers, every segment's file bytes, the section table): a
+    bzImage's payload appends its relocation table after them."""
 
     def find_note(self, name: str, note_type: int) -> ElfNote | None:
         for note in self.notes:
@@ -151,32 +166,37 @@ def parse_notes(data: bytes, alignment: int = 4) -> Iterator[ElfNote]:
 def read_elf(stream: BinaryIO, *, path: str, file_size: int) -> ElfImage:
     """Program headers and notes of the ELF file open as ``stream``; typed errors for bad files."""
     try:
-        elf_class, machine, entry, phoff, phentsize, phnum = _elf_header(stream)
-        table_end = phoff + phnum * phentsize
-        if phnum and table_end > file_size:
+        header = _elf_header(stream)
+        table_end = header.phoff + header.phnum * header.phentsize
+        if header.phnum and table_end > file_size:
             raise TruncatedImageError(
                 f"kernel '{path}' is truncated: its program headers end at {table_end} but the file has {file_size}",
                 path=path,
             )
         segments: list[LoadSegment] = []
         notes: list[ElfNote] = []
-        for header in list(_program_headers(stream, elf_class, phoff, phentsize, phnum)):
-            if header.type == PT_LOAD and header.memsz > 0:
-                if header.offset + header.filesz > file_size:
+        extent = max(table_end, header.section_table_end)
+        for program in _program_headers(stream, header.elf_class, header.phoff, header.phentsize, header.phnum):
+            if program.type:
+                extent = max(extent, program.offset + program.filesz)
+            if program.type == PT_LOAD and program.memsz > 0:
+                if program.offset + program.filesz > file_size:
                     raise TruncatedImageError(
                         f"kernel '{path}' is truncated: a PT_LOAD segment needs bytes up to "
-                        f"{header.offset + header.filesz} but the file has {file_size}",
+                        f"{program.offset + program.filesz} but the file has {file_size}",
                         path=path,
                     )
-                if header.filesz > header.memsz:
+                if program.filesz > program.memsz:
                     raise NotAKernelError(f"kernel '{path}': a PT_LOAD segment has filesz > memsz", path=path)
-                segments.append(LoadSegment(header.offset, header.paddr, header.vaddr, header.filesz, header.memsz))
-            elif header.type == PT_NOTE:
-                if header.offset + header.filesz > file_size:
+                segments.append(LoadSegment(program.offset, program.paddr, program.vaddr, program.filesz,
+                                            program.memsz))
+            elif program.type == PT_NOTE:
+                if program.offset + program.filesz > file_size:
                     raise TruncatedImageError(f"kernel '{path}' is truncated inside a PT_NOTE segment", path=path)
-                stream.seek(header.offset)
-                notes.extend(parse_notes(stream.read(header.filesz), header.align))
-        return ElfImage(elf_class, _MACHINES.get(machine, f"EM_{machine}"), entry, tuple(segments), tuple(notes))
+                stream.seek(program.offset)
+                notes.extend(parse_notes(stream.read(program.filesz), program.align))
+        return ElfImage(header.elf_class, _MACHINES.get(header.machine, f"EM_{header.machine}"), header.entry,
+                        tuple(segments), tuple(notes), extent)
     except (_ElfFormatError, struct.error) as exc:
         raise NotAKernelError(f"kernel '{path}' is not a valid ELF file: {exc}", path=path) from exc
 
