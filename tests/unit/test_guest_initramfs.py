@@ -221,7 +221,7 @@ def test_guest_scripts_are_valid_shell():
 def test_inittab_hands_every_way_down_to_the_shutdown_script():
     lines = [line for line in render_inittab().splitlines() if line and not line.startswith("#")]
     assert lines == [
-        f"::once:/{ACPID_SCRIPT}",
+        f"::wait:/{ACPID_SCRIPT}",
         f"::once:/{CONSOLE_SCRIPT}",
         "::ctrlaltdel:/sbin/reboot",
         f"::shutdown:/{SHUTDOWN_SCRIPT}",
