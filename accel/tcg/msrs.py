@@ -96,10 +96,6 @@ turns on page-table isolation (a CR3 switch, which flushes the software TLB, at 
 exit), VERW buffer clearing and ITS return thunks. Measured on a PVH boot of Debian's kernel: ``nopti``
 alone took 0.2-0.3 s off ~3.0 s. QEMU's default TCG models are AMD ones, which Linux trusts by family.
 
-Offered by ``-cpu max`` (and ``+arch-capabilities``), not by the default table: with it, the software CPU's
-dirty log over-reported a busy Linux guest's pages ~4.7x (tests/migration/test_migration_linux.py bounds it
-at 2x + 64), which ``mitigations=off`` alone does not cause; not understood yet (issue 14's notes).
-
 Only pyemu's libunicorn can answer it (``uc_pyemu_set_arch_capabilities``); PyPI's Unicorn reads every MSR
 it does not know as 0, which is also a valid value of this MSR (a CPU claiming no immunity), so offering
 the CPUID bit is truthful on both libraries."""

@@ -39,7 +39,7 @@ _PPRO = ("fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "
 #: la57 (Unicorn's Icelake-Server has it, but pyemu's TLB-fill hook and boards assume 4-level paging).
 TCG_FEATURES: frozenset[str] = frozenset(DEFAULT_FEATURES) - {"vme"} | {
     "pclmulqdq", "movbe", "aes", "xsave", "rdrand", "fsgsbase", "bmi1", "bmi2", "erms", "smep", "adx", "smap",
-    "clflushopt", "clwb", "pku", "xsaveopt", "xgetbv1", "rdtscp", "pdpe1gb", "abm", "rdseed", "arch_capabilities",
+    "clflushopt", "clwb", "pku", "xsaveopt", "xgetbv1", "rdtscp", "pdpe1gb", "abm", "rdseed",
 }
 
 TCG_WITHHELD_FEATURES = ("x2apic", "tsc_deadline")

@@ -113,13 +113,18 @@ DEFAULT_FEATURES = (
     "fpu", "vme", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca",
     "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "sse3", "ssse3", "cx16", "sse4_1",
     "sse4_2", "popcnt", "hypervisor", "arat", "lahf_lm", "syscall", "nx", "lm", "invtsc", "tsc_adjust",
+    "arch_capabilities",
 )
 """Both TSC bits are what Linux 6.1 needs (with family 6's CONSTANT_TSC) to trust the TSC without the
 clocksource watchdog (arch/x86/kernel/tsc.c ``check_system_tsc_reliable``): ``invtsc`` (0x80000007 EDX[8],
 Linux's NONSTOP_TSC) because both guest TSCs tick with the host's invariant TSC, and ``tsc_adjust``
 (IA32_TSC_ADJUST, MSR 0x3b), which KVM implements and the software CPU reads as 0 but cannot write
 (:data:`pyemu.accel.tcg.msrs.TSC_WRITES_IGNORED_WHY`).
-"""
+
+``arch_capabilities`` (CPUID.7.0:EDX[29], the IA32_ARCH_CAPABILITIES MSR) is how a family-6 Intel CPU says
+which speculative-execution flaws it does not have; without it Linux assumes all of them and pays for page-
+table isolation at every kernel entry. KVM fills the MSR from the host; the software CPU's value is
+:data:`pyemu.accel.tcg.msrs.SOFTWARE_CPU_ARCH_CAPABILITIES`."""
 
 TSC_CRYSTAL_HZ = 25_000_000  # leaf 0x15 crystal; the LAPIC timer counts at crystal / divide
 DEFAULT_TSC_HZ = 2_600_000_000  # when the accelerator cannot say (boards pass the real rate)
