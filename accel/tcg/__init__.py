@@ -26,8 +26,7 @@ system depends on to the embedder; this package supplies them:
 
 Known limits (measured on 2.1.4, see the modules): RDMSR/WRMSR are not interceptable (no x2APIC,
 TSC-deadline, kvmclock); 8-byte MMIO accesses arrive as two 4-byte accesses; instruction fetch from device
-memory shuts the vCPU down; CR2 written by the guest itself (``mov cr2``) is not preserved across a stop,
-only CR2 set by a delivered #PF is; translated code is not kept coherent with RAM written outside the
+memory shuts the vCPU down; translated code is not kept coherent with RAM written outside the
 engine unless :meth:`TcgAccelerator.invalidate_code` is called (device DMA; between the vCPUs of an SMP
 guest the TLB-fill hook does it); vCPUs take turns on one host thread at a time (QEMU's
 ``-accel tcg,thread=single``), because Unicorn's atomics are not host-atomic; NMIs are delivered without

@@ -88,8 +88,8 @@ def load_state(uc: Uc, blob: CpuBlob, state: X86CpuState) -> None:
         load_fpu(uc, state.fpu)
 
 
-def save_state(uc: Uc, blob: CpuBlob, cr2: int) -> X86CpuState:
-    """Read the state back; ``cr2`` is the vCPU's shadow (the engine clears CR2 across emu_start)."""
+def save_state(uc: Uc, blob: CpuBlob) -> X86CpuState:
+    """Read the state back."""
     blob.pull()
     segments = {name: cache_to_segment(blob.segment(name)) for name in SEGMENTS}
     gdt = blob.table("gdt")
@@ -105,7 +105,7 @@ def save_state(uc: Uc, blob: CpuBlob, cr2: int) -> X86CpuState:
         gdt=DescriptorTable(gdt[0], gdt[1]),
         idt=DescriptorTable(idt[0], idt[1]),
         cr0=blob.cr0,
-        cr2=cr2,
+        cr2=blob.cr2,
         cr3=blob.cr3,
         cr4=blob.cr4,
         cr8=0,

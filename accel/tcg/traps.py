@@ -29,7 +29,6 @@ from unicorn import x86_const as x86
 from pyemu.accel.exits import Exit, Shutdown
 from pyemu.accel.tcg.context import CpuBlob
 from pyemu.accel.tcg.delivery import (
-    PF,
     UD,
     VECTORS_WITH_ERROR_CODE,
     Delivered,
@@ -53,7 +52,8 @@ _RIP = x86.UC_X86_REG_RIP
 
 
 class Traps:
-    """Exception/interrupt/SYSCALL handling of one engine. ``cr2`` is the vCPU's CR2 shadow."""
+    """Exception/interrupt/SYSCALL handling of one engine. CR2 lives in the engine's state only: the
+    engine keeps it across runs, sets it for a #PF it raises, and the guest's ``mov cr2`` writes it."""
 
     def __init__(self, uc: Uc, blob: CpuBlob, phys: GuestPhysical, index: int,
                  on_shutdown: Callable[[str], None]) -> None:
@@ -64,7 +64,6 @@ class Traps:
         self._delivery = InterruptDelivery(self._walker, phys)
         self._index = index
         self._on_shutdown = on_shutdown
-        self.cr2 = 0
         self.pending_exit: Exit | None = None
         self.delivered = 0
         self.intercept: Callable[[], bool] | None = None
@@ -91,8 +90,6 @@ class Traps:
         else:
             code = blob.error_code if intno in VECTORS_WITH_ERROR_CODE else None
             event = Event(intno, EventKind.EXCEPTION, code)
-            if intno == PF:
-                self.cr2 = blob.cr2
         self.deliver(event, return_rip=blob.rip, rflags=uc.reg_read(_RFLAGS), instruction_rip=instruction_rip)
 
     def _software_interrupt_start(self, next_rip: int, vector: int) -> int:
@@ -212,7 +209,7 @@ class Traps:
             self._shutdown(str(exc), f"vector {event.vector} at RIP {return_rip:#x}")
             return False
         if delivered.cr2 is not None:
-            self.cr2 = delivered.cr2
+            self._blob.cr2 = delivered.cr2  # a #PF raised while delivering (pushed by _enter)
         self._log_delivery(event, delivered, state)
         self._enter(delivered.entry, rip_bias=rip_bias)
         self.delivered += 1
@@ -231,7 +228,6 @@ class Traps:
         blob.hflags = compute_hflags(blob.hflags, cpl=entry.cpl, cs=entry.cs, ss=entry.ss, ds=ds, es=es,
                                      cr0=blob.cr0, cr4=blob.cr4, efer=efer)
         blob.old_exception = -1
-        blob.cr2 = self.cr2
         blob.push()
         self._uc.reg_write(_RFLAGS, entry.rflags)
         self._uc.reg_write(_RIP, (entry.rip - rip_bias) & 0xFFFF_FFFF_FFFF_FFFF)

@@ -170,7 +170,6 @@ class TcgVcpu:
             self._tlb.use_hook()
             self._tlb.forget_code()
         self._traps.flush_translations()
-        self._traps.cr2 = state.cr2
         mp_state = state.mp_state or MpState.RUNNABLE
         self._halted = mp_state is MpState.HALTED
         self._mp = MpState.WAIT_FOR_SIPI if mp_state is MpState.WAIT_FOR_SIPI else MpState.RUNNABLE
@@ -193,7 +192,7 @@ class TcgVcpu:
             self._events_signalled = True
 
     def save_state(self) -> X86CpuState:
-        state = save_state(self._uc, self._blob, self._traps.cr2)
+        state = save_state(self._uc, self._blob)
         state.mp_state = (MpState.WAIT_FOR_SIPI if self._mp is MpState.WAIT_FOR_SIPI
                           else MpState.HALTED if self._halted else MpState.RUNNABLE)
         self._blob.pull()
@@ -404,7 +403,6 @@ class TcgVcpu:
         blob = self._blob
         blob.pull()
         blob.old_exception = -1
-        blob.cr2 = self._traps.cr2
         blob.set_u64(self._tsc_offset_at, self.tsc.offset)
         blob.push()
         self._gate.arm()
@@ -583,6 +581,6 @@ class TcgVcpu:
             lines.append(f"{name.upper():3}={seg.selector:04x} {seg.base:016x} {seg.limit:08x} {seg.flags:08x}")
         gdt, idt = blob.table("gdt"), blob.table("idt")
         lines.append(f"GDT={gdt[0]:016x} {gdt[1]:08x} IDT={idt[0]:016x} {idt[1]:08x}")
-        lines.append(f"CR0={blob.cr0:08x} CR2={self._traps.cr2:016x} CR3={blob.cr3:016x} CR4={blob.cr4:08x} "
+        lines.append(f"CR0={blob.cr0:08x} CR2={blob.cr2:016x} CR3={blob.cr3:016x} CR4={blob.cr4:08x} "
                      f"EFER={blob.efer:016x}")
         return "\n".join(lines)

@@ -8,7 +8,7 @@ import pytest
 from pyemu.accel.exits import Halt, Shutdown, Stopped
 from pyemu.accel.tcg.accel import TcgAccelerator
 from pyemu.accel.tcg.errors import TcgError
-from pyemu.target.x86.cpu_state import DescriptorTable, Segment, X86CpuState
+from pyemu.target.x86.cpu_state import DescriptorTable, MpState, Segment, X86CpuState
 from pyemu.testing import FakeInterruptController, GuestProgram, describe, prepared, run_program
 from pyemu.testing.environment import DATA, PD0, RECORD_MMIO
 from pyemu.testing.handlers import exit_with, recording_handler, slot_address
@@ -39,6 +39,31 @@ def test_state_round_trip_long_mode() -> None:
         assert (again.cr0, again.cr3, again.cr4, again.efer) == (state.cr0, state.cr3, state.cr4, state.efer)
         for index, value in state.msrs.items():
             assert again.msrs[index] == value
+
+
+def test_cr2_the_guest_wrote_survives_a_stop_and_a_state_round_trip() -> None:
+    """CR2 lives in the engine only (no shadow in Python that a run would overwrite): what the guest's
+    ``mov cr2`` wrote is what the host saves, and what the guest reads after the host stopped it."""
+    program = GuestProgram(f"""
+        mov rax, 0x7f00dead1000
+        mov cr2, rax
+        cli
+        hlt
+        mov rax, cr2
+        mov [data], rax
+        {exit_with(0x600d)}
+    """)
+    with prepared(program) as machine:
+        vcpu = machine.vcpu
+        assert isinstance(vcpu.run(), Halt)
+        state = vcpu.save_state()
+        assert state.cr2 == 0x7F00_DEAD_1000
+        state.rip += 1  # past the HLT, running
+        state.mp_state = MpState.RUNNABLE
+        vcpu.load_state(state)
+        assert isinstance(vcpu.run(), Stopped)
+        assert machine.board.exit_device.value == 0x600D
+        assert machine.board.memory.read_u64(DATA) == 0x7F00_DEAD_1000
 
 
 def test_state_round_trip_protected_mode() -> None:
