@@ -21,7 +21,7 @@ system depends on to the embedder; this package supplies them:
 ``code_cache``            dropping stale translations after RAM was written behind the engine
 ``dirty_log``             live migration's dirty-page log, fed by the TLB-fill hook
 ``state_io``/``msrs``     X86CpuState in and out; what RDMSR/WRMSR can and cannot do here
-``engine_*``              pyemu's patched libunicorn: the patches, its build, choosing it on import
+``engine_*``              pyemu's patched libunicorn: the patches, its build, choosing it, what it delivers itself
 ========================  ============================================================================
 
 Known limits (measured on 2.1.4, see the modules): RDMSR/WRMSR are not interceptable (no x2APIC,

@@ -33,6 +33,12 @@ isolation, whose CR3 switch at every kernel entry and exit flushes the software 
 add ``uc_pyemu_set_arch_capabilities(uc, value)`` and make the MSR read that value
 (:data:`pyemu.accel.tcg.msrs.SOFTWARE_CPU_ARCH_CAPABILITIES`).
 
+And events that Unicorn only reports, which pyemu then carried out in Python: the ``native-*`` and
+``fill-fallback-in-run`` patches let the engine deliver page faults through the guest's IDT with QEMU's
+own ``x86_cpu_do_interrupt``, fill a TLB entry that pyemu's fill hook hands over within the run (before,
+the failed fill ended ``emu_start``), and execute SYSCALL in IA-32e mode instead of calling the hooks.
+pyemu switches them on per engine (``uc_pyemu_native_events``; :mod:`pyemu.accel.tcg.engine_delivery`).
+
 Measured, PVH boot of Debian's kernel to /init and power-off (``benchmarks/boot.py``, same run, QEMU
 2.0 s): 4.78 s on PyPI's library; 3.79 s with the two exit-check patches; 3.52 s with the TLB patch
 too; 3.15 s with the conditional gate. The tight ``dec/jnz`` loop of ``benchmarks/tcg_cpu.py``: see
@@ -288,10 +294,130 @@ RDMSR_ARCH_CAPABILITIES = SourcePatch(
     count=1,
 )
 
+NATIVE_EVENT_FIELDS = SourcePatch(
+    name="native-event-fields",
+    path="include/uc_priv.h",
+    pattern=r"^(    uint64_t pyemu_arch_capabilities;\n)",
+    replacement=(r"\1"
+                 r"    /* pyemu: exceptions (not INT n) whose vector bit is set here are delivered by QEMU's own\n"
+                 r"     * x86_cpu_do_interrupt instead of the UC_HOOK_INTR hooks, while the CR4 the block gate\n"
+                 r"     * watches is what it last saw. pyemu_native_delivered counts them and native SYSCALLs. */\n"
+                 r"    uint64_t pyemu_native_vectors;\n"
+                 r"    uint64_t pyemu_native_delivered;\n"
+                 r"    /* pyemu: when a UC_HOOK_TLB_FILL hook misses after switching the engine to UC_TLB_CPU,\n"
+                 r"     * the CPU's own MMU fills the entry (or raises the #PF) at once, inside the run. */\n"
+                 r"    bool pyemu_fill_fallback;\n"
+                 r"    /* pyemu: SYSCALL in IA-32e mode with EFER.SCE does what the CPU does, not the hooks. */\n"
+                 r"    bool pyemu_native_syscall;\n"),
+    count=1,
+)
+
+NATIVE_EVENT_API = SourcePatch(
+    name="native-event-api",
+    path="uc.c",
+    pattern=r"^(UNICORN_EXPORT\nuc_err uc_emu_stop\(uc_engine \*uc\)\n)",
+    replacement=(
+        "/* pyemu: which exception vectors QEMU delivers itself (bit n = vector n; 0: every one goes to the\n"
+        " * INTR hooks, as in Unicorn); flags bit 0: a TLB-fill hook's hand-over to the CPU's MMU happens\n"
+        " * inside the run; bit 1: SYSCALL (IA-32e mode) is the CPU's, not the hooks'. */\n"
+        "UNICORN_EXPORT\n"
+        "uc_err uc_pyemu_native_events(uc_engine *uc, uint64_t vectors, uint32_t flags)\n"
+        "{\n"
+        "    if (flags & ~3u) {\n"
+        "        return UC_ERR_ARG;\n"
+        "    }\n"
+        "    uc->pyemu_native_vectors = vectors;\n"
+        "    uc->pyemu_fill_fallback = flags & 1;\n"
+        "    uc->pyemu_native_syscall = (flags >> 1) & 1;\n"
+        "    return UC_ERR_OK;\n"
+        "}\n"
+        "\n"
+        "/* pyemu: how many exceptions and SYSCALLs QEMU did itself since the engine was made. */\n"
+        "UNICORN_EXPORT\n"
+        "uint64_t uc_pyemu_native_delivered(uc_engine *uc)\n"
+        "{\n"
+        "    return uc->pyemu_native_delivered;\n"
+        "}\n"
+        "\n"
+        r"\1"),
+    count=1,
+)
+
+NATIVE_EXCEPTION_DELIVERY = SourcePatch(
+    name="native-exception-delivery",
+    path="qemu/accel/tcg/cpu-exec.c",
+    # cpu_handle_exception, before Unicorn hands the exception to its INTR hooks.
+    pattern=r"^(        // Unicorn: call registered interrupt callbacks\n        catched = false;\n)",
+    replacement=(
+        "#if defined(TARGET_X86_64)\n"
+        "        {\n"
+        "            /* pyemu: deliver through the guest's IDT here, as QEMU does, for the chosen vectors. */\n"
+        "            CPUArchState *pyemu_env = cpu->env_ptr;\n"
+        "            int vector = cpu->exception_index;\n"
+        "            if (vector < 64 && (uc->pyemu_native_vectors >> vector & 1) && !pyemu_env->exception_is_int\n"
+        "                && (!uc->pyemu_watched || **uc->pyemu_watched == *uc->pyemu_seen)) {\n"
+        "                CPU_GET_CLASS(cpu)->do_interrupt(cpu);\n"
+        "                cpu->exception_index = -1;\n"
+        "                uc->pyemu_native_delivered++;\n"
+        "                *ret = EXCP_INTERRUPT;\n"
+        "                return false;\n"
+        "            }\n"
+        "        }\n"
+        "#endif\n"
+        r"\1"),
+    count=1,
+)
+
+FILL_FALLBACK_IN_RUN = SourcePatch(
+    name="fill-fallback-in-run",
+    path="qemu/softmmu/unicorn_vtlb.c",
+    pattern=r"^(tlb_miss:\n)",
+    replacement=(
+        r"\1"
+        "    if (handled && uc->pyemu_fill_fallback && cs->cc->tlb_fill != unicorn_fill_tlb) {\n"
+        "        /* pyemu: the hook handed the access to the CPU's MMU (UC_TLB_CPU): fill or fault now. */\n"
+        "        return cs->cc->tlb_fill(cs, address, size, rw, mmu_idx, probe, retaddr);\n"
+        "    }\n"),
+    count=1,
+)
+
+NATIVE_SYSCALL = SourcePatch(
+    name="native-syscall",
+    path="qemu/target/i386/seg_helper.c",
+    # Unicorn's helper_syscall only calls the UC_HOOK_INSN hooks; this runs the instruction (Intel SDM
+    # vol. 2B "SYSCALL", IA-32e mode) when pyemu asks for it. Outside IA-32e mode, or with EFER.SCE clear
+    # (#UD), the hooks still decide.
+    pattern=(r"^(    // Unicorn: call registered syscall hooks\n    struct hook \*hook;\n    uc_engine \*uc = env->uc;\n"
+             r"    bool synced = false;\n)"),
+    replacement=(
+        r"\1"
+        "\n"
+        "    if (uc->pyemu_native_syscall && (env->efer & MSR_EFER_SCE) && (env->hflags & HF_LMA_MASK)) {\n"
+        "        /* pyemu: RCX = next RIP, R11 = RFLAGS without RF, RFLAGS &= ~(FMASK | RF), flat DPL-0\n"
+        "         * CS (64-bit) and SS from STAR[47:32], CPL 0, RIP = LSTAR (CSTAR from compatibility mode). */\n"
+        "        uint32_t rflags = cpu_compute_eflags(env);\n"
+        "        int selector = (env->star >> 32) & 0xfffc;\n"
+        "        target_ulong entry = (env->hflags & HF_CS64_MASK) ? env->lstar : env->cstar;\n"
+        "        env->regs[R_ECX] = env->eip + next_eip_addend;\n"
+        "        env->regs[11] = rflags & ~RF_MASK;\n"
+        "        cpu_load_eflags(env, rflags & ~((uint32_t)env->fmask | RF_MASK),\n"
+        "                        ~(CC_O | CC_S | CC_Z | CC_A | CC_P | CC_C | DF_MASK));\n"
+        "        cpu_x86_load_seg_cache(env, R_CS, selector, 0, 0xffffffff, DESC_G_MASK | DESC_L_MASK |\n"
+        "                               DESC_P_MASK | DESC_S_MASK | DESC_CS_MASK | DESC_R_MASK | DESC_A_MASK);\n"
+        "        cpu_x86_load_seg_cache(env, R_SS, selector + 8, 0, 0xffffffff, DESC_G_MASK | DESC_B_MASK |\n"
+        "                               DESC_P_MASK | DESC_S_MASK | DESC_W_MASK | DESC_A_MASK);\n"
+        "        env->eip = entry;\n"
+        "        uc->pyemu_native_delivered++;\n"
+        "        return;\n"
+        "    }\n"),
+    count=1,
+)
+
 PATCHES: tuple[SourcePatch, ...] = (
     NO_CHECK_AFTER_MEMORY_ACCESS, EXIT_LABEL_FIELD, INLINE_BLOCK_START_CHECK, EXIT_LABEL_AT_BLOCK_END,
     CODE_PAGE_TLB_SLOTS_ONLY, GATE_FIELDS, GATE_API, CONDITIONAL_BLOCK_HOOK, ARCH_CAPABILITIES_FIELD,
-    ARCH_CAPABILITIES_API, RDMSR_ARCH_CAPABILITIES,
+    ARCH_CAPABILITIES_API, RDMSR_ARCH_CAPABILITIES, NATIVE_EVENT_FIELDS, NATIVE_EVENT_API, NATIVE_EXCEPTION_DELIVERY,
+    FILL_FALLBACK_IN_RUN, NATIVE_SYSCALL,
 )
 
 

@@ -38,6 +38,7 @@ from pyemu.accel.tcg.delivery import (
     InterruptDelivery,
     InterruptedState,
 )
+from pyemu.accel.tcg.engine_delivery import EngineDelivery
 from pyemu.accel.tcg.errors import GuestFault, TripleFault, UnsupportedGuestState
 from pyemu.accel.tcg.paging import LinearMemory, PageWalker, PagingRegs
 from pyemu.accel.tcg.physmem import GuestPhysical
@@ -66,6 +67,8 @@ class Traps:
         self._on_shutdown = on_shutdown
         self.pending_exit: Exit | None = None
         self.delivered = 0
+        self.engine_delivery: EngineDelivery | None = None
+        """The engine's own #PF delivery (pyemu's libunicorn), switched off when the vCPU shuts down."""
         self.intercept: Callable[[], bool] | None = None
         """Asked first on every exception (blob pulled): True when it delivered something else instead
         (the vCPU's check for a refused MOV to CR4 whose next code fetch faulted, cr4_guard.py)."""
@@ -234,6 +237,8 @@ class Traps:
 
     def _shutdown(self, reason: str, detail: str) -> None:
         self.pending_exit = Shutdown(reason)
+        if self.engine_delivery is not None:
+            self.engine_delivery.use(False)  # nothing more is delivered before the run stops
         self._on_shutdown(f"{reason}: {detail}")
         self._uc.emu_stop()
 

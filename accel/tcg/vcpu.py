@@ -69,6 +69,7 @@ from pyemu.accel.tcg.errors import EngineError, GuestFault
 from pyemu.accel.tcg.guest_tsc import GuestTsc
 from pyemu.accel.tcg.io_hooks import IoHooks, vcpu_cpuid
 from pyemu.accel.tcg.memory_map import PhysicalMap
+from pyemu.accel.tcg.engine_delivery import EngineDelivery
 from pyemu.accel.tcg.msrs import set_arch_capabilities
 from pyemu.accel.tcg.paging import PagingRegs
 from pyemu.accel.tcg.physmem import GuestPhysical
@@ -144,6 +145,8 @@ class TcgVcpu:
         self._traps = Traps(self._uc, self._blob, physical, index,
                             self._log_shutdown)
         self._traps.intercept = self._cr4_fault_before_block
+        self._delivery = EngineDelivery(self._gate.library, self._uc._uch)
+        self._traps.engine_delivery = self._delivery
         self._code = CodeInvalidator(self._uc, self._blob, memory, self._gate)
         self._wake = threading.Event()
         self._halted = False
@@ -403,6 +406,7 @@ class TcgVcpu:
         blob = self._blob
         blob.pull()
         blob.old_exception = -1
+        self._delivery.use(not log.enabled("int"))  # -d int logs deliveries from Python
         blob.set_u64(self._tsc_offset_at, self.tsc.offset)
         blob.push()
         self._gate.arm()

@@ -1,0 +1,141 @@
+"""Page faults and SYSCALL done inside the engine on pyemu's libunicorn (accel/tcg/engine_delivery.py):
+what the guest sees is the same as through the Python hooks, the engine really did the work (its count),
+and the hooks take over again where they must (``-d int``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from pyemu.accel.exits import Stopped
+from pyemu.accel.tcg.block_gate import _uc_library
+from pyemu.system import log
+from pyemu.testing import GuestProgram, describe, prepared, pte_address
+from pyemu.testing.environment import DATA, KERNEL_CS, KERNEL_DS
+from pyemu.testing.handlers import exit_with
+
+ENGINE_DELIVERS = hasattr(_uc_library(), "uc_pyemu_native_events")
+FIRST_PAGE = 0x48000   # inside the data area, mapped with 4 KiB PTEs in pt0
+PAGES = 3
+SYSCALLS = 4
+
+# Unmaps PAGES pages, then writes each: every write faults once; the handler records CR2 and the error
+# code, maps the page back and retries. Then SYSCALLS system calls at CPL0 (to LSTAR and back by jmp rcx).
+PROGRAM = GuestProgram(
+    code=f"""
+        mov rbx, {pte_address(FIRST_PAGE)}
+        xor ecx, ecx
+    unmap:
+        mov qword ptr [rbx + rcx * 8], 0
+        inc ecx
+        cmp ecx, {PAGES}
+        jne unmap
+        mov rax, cr3
+        mov cr3, rax                    ; flush the TLB
+        mov rdi, {FIRST_PAGE + 0x18}
+        xor esi, esi
+    touch:
+        mov qword ptr [rdi], rsi        ; #PF, retried after the handler mapped the page
+        add rdi, 0x1000
+        inc esi
+        cmp esi, {PAGES}
+        jne touch
+        xor esi, esi
+        mov rcx, back
+        mov rbx, data
+        mov [rbx + 0x328], rcx          ; where each SYSCALL returns
+    calls:
+        mov rax, 0x5a5a
+        syscall
+    back:
+        inc esi
+        cmp esi, {SYSCALLS}
+        jne calls
+        {exit_with(0x600d)}
+    """,
+    sections={"syscall_entry": """
+        mov rbx, data
+        mov [rbx + 0x300], rcx          ; return RIP
+        mov [rbx + 0x308], r11          ; RFLAGS at the SYSCALL
+        mov rax, cs
+        mov [rbx + 0x310], rax
+        mov rax, ss
+        mov [rbx + 0x318], rax
+        inc qword ptr [rbx + 0x320]
+        jmp rcx
+    """},
+    handlers={14: f"""
+        push rax
+        push rbx
+        push rcx
+        mov rbx, data
+        mov rcx, [rbx + 0x100]          ; faults so far
+        mov rax, cr2
+        mov [rbx + rcx * 8], rax
+        mov rax, [rsp + 24]             ; error code
+        mov [rbx + 0x80 + rcx * 8], rax
+        inc qword ptr [rbx + 0x100]
+        mov rax, cr2
+        and rax, ~0xfff
+        mov rcx, rax
+        sub rcx, {FIRST_PAGE}
+        shr rcx, 9                      ; the page's PTE offset: page index * 8
+        mov rbx, {pte_address(FIRST_PAGE)}
+        or rax, 0x3
+        mov [rbx + rcx], rax
+        pop rcx
+        pop rbx
+        pop rax
+        add rsp, 8
+        iretq
+    """},
+)
+
+
+@pytest.fixture
+def int_log(tmp_path: Path) -> Iterator[Path]:
+    """``-d int`` into a file for the test, the previous mask back afterwards."""
+    before = frozenset(name for name in log.CATEGORIES if log.enabled(name))
+    path = tmp_path / "int.log"
+    stream = log._state.stream
+    log.set_file(str(path))
+    log.set_mask({"int"})
+    try:
+        yield path
+    finally:
+        log.set_mask(before)
+        log._state.stream.close()
+        log._state.stream = stream
+
+
+def _run_and_check() -> int:
+    """Run PROGRAM; check what the guest saw; return how many events the engine did itself."""
+    with prepared(PROGRAM) as machine:
+        result = machine.vcpu.run()
+        assert isinstance(result, Stopped) and machine.board.exit_device.value == 0x600D, \
+            describe(result) if not isinstance(result, Stopped) else machine.vcpu.last_dump
+        memory = machine.board.memory
+        assert memory.read_u64(DATA + 0x100) == PAGES
+        for page in range(PAGES):
+            assert memory.read_u64(DATA + page * 8) == FIRST_PAGE + 0x18 + page * 0x1000   # CR2
+            assert memory.read_u64(DATA + 0x80 + page * 8) == 0b010   # write, not present, supervisor
+            assert memory.read_u64(FIRST_PAGE + 0x18 + page * 0x1000) == page             # the retried store
+        assert memory.read_u64(DATA + 0x320) == SYSCALLS
+        assert memory.read_u64(DATA + 0x300) == memory.read_u64(DATA + 0x328)
+        assert memory.read_u64(DATA + 0x308) & 0x2 == 0x2                               # reserved bit 1
+        assert (memory.read_u64(DATA + 0x310), memory.read_u64(DATA + 0x318)) == (KERNEL_CS, KERNEL_DS)
+        return machine.vcpu._delivery.delivered  # type: ignore[attr-defined]
+
+
+def test_page_faults_and_syscalls_are_done_by_the_engine() -> None:
+    delivered = _run_and_check()
+    assert delivered == (PAGES + SYSCALLS if ENGINE_DELIVERS else 0)
+
+
+def test_int_logging_hands_them_back_to_the_hooks(int_log: Path) -> None:
+    assert _run_and_check() == 0
+    text = int_log.read_text()
+    assert text.count("exception vector 0xe error 0x2 ") == PAGES, text[:2000]
+    assert text.count("syscall at") == SYSCALLS, text[:2000]
