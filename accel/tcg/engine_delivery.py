@@ -55,11 +55,6 @@ class EngineDelivery:
             self._count.argtypes = [ctypes.c_void_p]
             self._count.restype = ctypes.c_uint64
 
-    @property
-    def available(self) -> bool:
-        """pyemu's libunicorn (PyPI's has no such entry points)."""
-        return self._set is not None and self._count is not None
-
     def use(self, on: bool) -> None:
         """Let the engine deliver :data:`ENGINE_VECTORS` and run SYSCALL (True), or leave every exception
         and SYSCALL to the hooks (False). Either way a TLB entry the fill hook hands over is filled (or
