@@ -39,6 +39,14 @@ own ``x86_cpu_do_interrupt``, fill a TLB entry that pyemu's fill hook hands over
 the failed fill ended ``emu_start``), and execute SYSCALL in IA-32e mode instead of calling the hooks.
 pyemu switches them on per engine (``uc_pyemu_native_events``; :mod:`pyemu.accel.tcg.engine_delivery`).
 
+And one correctness gap of Unicorn's own (QEMU has it right): self-modifying-code checks on stores. QEMU keeps
+every store to a RAM page that holds translated code on the slow path, in every TLB entry that maps the page.
+Unicorn makes a not-executable entry's stores fast after its first one, and when a page gets code only
+re-arms the entry of the code's own virtual page, so code rewritten through a second mapping (Linux's
+not-executable mapping of a module being loaded, the direct map) could run as its old bytes. The
+``page-has-code``, ``stores-to-code-stay-checked`` and ``protect-code-in-every-mapping`` patches restore
+QEMU's rule (:mod:`pyemu.accel.tcg.tlb_fill` has the story).
+
 Measured, PVH boot of Debian's kernel to /init and power-off (``benchmarks/boot.py``, same run, QEMU
 2.0 s): 4.78 s on PyPI's library; 3.79 s with the two exit-check patches; 3.52 s with the TLB patch
 too; 3.15 s with the conditional gate. The tight ``dec/jnz`` loop of ``benchmarks/tcg_cpu.py``: see
@@ -413,11 +421,65 @@ NATIVE_SYSCALL = SourcePatch(
     count=1,
 )
 
+PAGE_HAS_CODE = SourcePatch(
+    name="page-has-code",
+    path="qemu/accel/tcg/translate-all.c",
+    pattern=r"^(static inline PageDesc \*page_find\(struct uc_struct \*uc, tb_page_addr_t index\)\n\{\n"
+            r"    return page_find_alloc\(uc, index, 0\);\n\}\n)",
+    replacement=(r"\1"
+                 "\n"
+                 "/* pyemu: whether any translation block still holds code from the RAM page at addr. */\n"
+                 "bool pyemu_page_has_code(struct uc_struct *uc, tb_page_addr_t addr)\n"
+                 "{\n"
+                 "    PageDesc *p = page_find(uc, addr >> TARGET_PAGE_BITS);\n"
+                 "    return p != NULL && p->first_tb != 0;\n"
+                 "}\n"),
+    count=1,
+)
+
+STORES_TO_CODE_STAY_CHECKED = SourcePatch(
+    name="stores-to-code-stay-checked",
+    path="qemu/accel/tcg/cputlb.c",
+    # notdirty_write: Unicorn makes an entry's stores fast after its first one whenever the entry is not
+    # executable; QEMU only once the page holds no more code. A writable but not executable mapping of a
+    # code page (Linux loads a module through an NX mapping of pages a freed module's code was translated
+    # from) must keep checking, or its later stores leave stale translations behind.
+    pattern=r"^(            !\(tlbe->addr_code != -1\) &&\n)",
+    replacement=r"\1            !pyemu_page_has_code(cpu->uc, ram_addr & TARGET_PAGE_MASK) &&\n",
+    count=1,
+)
+
+PAGE_HAS_CODE_DECLARATION = SourcePatch(
+    name="page-has-code-declaration",
+    path="qemu/accel/tcg/cputlb.c",
+    pattern=r"^(static void notdirty_write\(CPUState \*cpu, vaddr mem_vaddr, unsigned size,\n)",
+    replacement=r"bool pyemu_page_has_code(struct uc_struct *uc, tb_page_addr_t addr);  /* pyemu */\n\n\1",
+    count=1,
+)
+
+PROTECT_CODE_IN_EVERY_MAPPING = SourcePatch(
+    name="protect-code-in-every-mapping",
+    path="qemu/accel/tcg/cputlb.c",
+    # tlb_protect_code runs when a RAM page gets its first translation block. Unicorn's is empty: only
+    # the entry of the code's own virtual page is made to check stores again (tb_gen_code). QEMU marks
+    # every TLB entry that maps the page, which also covers aliases (the direct map, another vmalloc
+    # mapping) whose stores were already fast.
+    pattern=(r"^(void tlb_protect_code\(struct uc_struct \*uc, ram_addr_t ram_addr\)\n\{\n"
+             r"    cpu_physical_memory_test_and_clear_dirty\(ram_addr, TARGET_PAGE_SIZE,\n"
+             r"                                             DIRTY_MEMORY_CODE\);\n)"),
+    replacement=(r"\1"
+                 "    if (uc->cpu) {  /* pyemu: every entry of this CPU that maps the page checks stores */\n"
+                 "        tlb_reset_dirty(uc->cpu, (uintptr_t)qemu_map_ram_ptr(uc, NULL, ram_addr), TARGET_PAGE_SIZE);\n"
+                 "    }\n"),
+    count=1,
+)
+
 PATCHES: tuple[SourcePatch, ...] = (
     NO_CHECK_AFTER_MEMORY_ACCESS, EXIT_LABEL_FIELD, INLINE_BLOCK_START_CHECK, EXIT_LABEL_AT_BLOCK_END,
     CODE_PAGE_TLB_SLOTS_ONLY, GATE_FIELDS, GATE_API, CONDITIONAL_BLOCK_HOOK, ARCH_CAPABILITIES_FIELD,
     ARCH_CAPABILITIES_API, RDMSR_ARCH_CAPABILITIES, NATIVE_EVENT_FIELDS, NATIVE_EVENT_API, NATIVE_EXCEPTION_DELIVERY,
-    FILL_FALLBACK_IN_RUN, NATIVE_SYSCALL,
+    FILL_FALLBACK_IN_RUN, NATIVE_SYSCALL, PAGE_HAS_CODE, PAGE_HAS_CODE_DECLARATION, STORES_TO_CODE_STAY_CHECKED,
+    PROTECT_CODE_IN_EVERY_MAPPING,
 )
 
 

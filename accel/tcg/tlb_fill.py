@@ -21,6 +21,15 @@ that hold code keep the executable entries and Unicorn's self-modifying-code che
 before; a code fetch from a data page misses (its entry lacks EXEC), marks the page as code and gets a
 full entry.
 
+A page that holds code can also be written through a mapping that may not execute it (the kernel's direct
+map; Linux writes a module through an NX mapping and only then makes it executable). Unicorn makes such an
+entry's stores fast after its first one, and never re-checks an entry that was fast before the page got
+code, so translations of the old bytes survive: a module loaded where a freed module's code had run ran
+the old module's code (1 boot in ~15 here oopsed in ``insmod button``). pyemu's libunicorn restores
+QEMU's rule (engine patches ``stores-to-code-stay-checked`` and ``protect-code-in-every-mapping``): an
+entry stays checked while its page holds any translation, and a page's first translation makes every
+entry that maps it check again. PyPI's library still has the gap (``tests/guest/test_tcg_tlb_fill.py``).
+
 Faults are left to Unicorn: when the read-only walk would refuse the access (or meets anything unusual:
 tables outside RAM, 4 MiB pages, LA57, SMAP with EFLAGS.AC=0), the hook switches the
 engine back to ``UC_TLB_CPU`` and reports a miss, which ends ``emu_start`` with UC_ERR_EXCEPTION and RIP

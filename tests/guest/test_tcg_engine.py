@@ -3,6 +3,8 @@ documented Unicorn limits, the MOV SS shadow, stop/halt semantics of run()."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from pyemu.accel.exits import Halt, Shutdown, Stopped
@@ -399,4 +401,4 @@ def test_stops_interrupts_and_cr4_checks_also_work_on_pypi_unicorn() -> None:
                                 *targets], env=dict(os.environ, PYEMU_UNICORN="pypi"),
                                capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-2000:]
-    assert " passed" in completed.stdout and "failed" not in completed.stdout
+    assert " passed" in completed.stdout and not re.search(r"\b\d+ failed", completed.stdout)  # "2 xfailed" is fine
