@@ -67,6 +67,19 @@ class ConsoleSession:
                 stream.close()
 
 
+#: Console lines that mean the guest kernel went wrong, whatever the test checks: an oops (an emulation bug
+#: that kills one task, like the stale translation that made ``insmod button`` jump to 0, lets a boot reach
+#: its shell), a panic, a module the init script failed to load. Not soft-lockup reports: a starved host
+#: can make a healthy guest print those.
+KERNEL_TROUBLE = re.compile(rb"Oops: |Kernel panic|kernel BUG at|general protection fault|"
+                            rb"stack-protector: |pyemu-guest: could not load [^\r\n]*")
+
+
+def kernel_trouble(output: bytes) -> list[str]:
+    """The lines of ``output`` that match :data:`KERNEL_TROUBLE`."""
+    return [line.decode(errors="replace").strip() for line in output.splitlines() if KERNEL_TROUBLE.search(line)]
+
+
 _marker_count = [0]
 KERNEL_LOG_LINE = re.compile(r"^\[\s*\d+\.\d+\] ")
 KERNEL_LOG_TAIL = re.compile(r"\[\s*\d+\.\d+\] .*$")  # a kernel message that began mid-line runs to its end

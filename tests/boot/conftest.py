@@ -6,7 +6,7 @@ import pytest
 
 from typing import Callable, Iterator
 
-from boot_helpers import ConsoleSession, Guest
+from boot_helpers import ConsoleSession, Guest, kernel_trouble
 from pyemu.accel.base import AcceleratorUnavailable
 
 
@@ -33,6 +33,9 @@ def console():
     yield start
     for session in sessions:
         session.close()
+    trouble = [line for session in sessions for line in kernel_trouble(session.output)]
+    if trouble:
+        pytest.fail("the guest kernel reported trouble on the console:\n" + "\n".join(trouble[:20]), pytrace=False)
 
 
 @pytest.fixture

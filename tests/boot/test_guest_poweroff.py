@@ -24,7 +24,7 @@ qmp_legacy = pytest.importorskip("qemu.qmp.legacy")
 
 BOOT_TIMEOUT = 240
 QMP_TIMEOUT = 60
-SHUTDOWN_TIMEOUT = 90
+SHUTDOWN_TIMEOUT = 90.0  # a float: qemu.qmp's pull_event(wait=) treats an int as "wait forever"
 BUSYBOX_INIT_DOWN = b"The system is going down NOW!"
 
 
