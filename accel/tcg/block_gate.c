@@ -37,6 +37,11 @@ struct pyemu_gate {
     uint64_t cr4_old;      /* ... CR4 before the MOV */
     uint64_t fault_block;  /* ... the block that ended with the MOV to CR4 */
     int32_t attention;     /* host and gate: some flag above may be set; see "Attention" below */
+    int (*raise_irq)(void *uc); /* pyemu's libunicorn: uc_pyemu_raise_interrupt, or NULL */
+    int32_t engine_irq;    /* vCPU: a pending interrupt is raised in the engine instead of stopping it */
+    uint64_t irq_raised;   /* statistics: interrupts raised in the engine */
+    uint64_t raised_at;    /* gate: the block start where it raised one that the engine has not asked
+                            * the vCPU for yet (UINT64_MAX: none); the vCPU resets it when asked */
 };
 
 #define GATE_HF2_NMI_MASK (1u << 2)
@@ -140,7 +145,17 @@ static __attribute__((noinline)) void gate_slow(void *uc, struct pyemu_gate *gat
     if (!first && __atomic_load_n(&gate->irq_pending, __ATOMIC_ACQUIRE)) {
         uint64_t rflags = 0;
         if (gate->reg_read(uc, gate->rflags_regid, &rflags) == 0 && (rflags & 0x200)) {
-            goto stop;
+            if (!gate->engine_irq || !gate->raise_irq || gate->raised_at == address) {
+                /* Back at the block where one was raised, and nobody was asked for its vector: the CPU
+                 * did not accept it here (an interrupt shadow), so the vCPU decides, as without. */
+                goto stop;
+            }
+            /* This hook runs before the block's exit check, so the engine leaves the block chain
+             * right here and, if the CPU accepts an interrupt at this boundary, asks the vCPU's
+             * interrupt controller for the vector (which clears irq_pending; block_gate.py). */
+            gate->raise_irq(uc);
+            gate->raised_at = address;
+            gate->irq_raised++;
         }
     }
     if (gate->contended && gate->tlb && spin_check(uc, gate, address, size)) {

@@ -38,6 +38,11 @@ And events that Unicorn only reports, which pyemu then carried out in Python: th
 own ``x86_cpu_do_interrupt``, fill a TLB entry that pyemu's fill hook hands over within the run (before,
 the failed fill ended ``emu_start``), and execute SYSCALL in IA-32e mode instead of calling the hooks.
 pyemu switches them on per engine (``uc_pyemu_native_events``; :mod:`pyemu.accel.tcg.engine_delivery`).
+The ``irq-*`` patches do the same for external interrupts: the block gate, finding one pending with IF=1,
+raises QEMU's ``CPU_INTERRUPT_HARD`` (``uc_pyemu_raise_interrupt``) instead of stopping the run, and QEMU's
+own hardirq path (``x86_cpu_exec_interrupt``, which honours the interrupt shadow) asks the vCPU's interrupt
+controller for the vector through a callback (``uc_pyemu_interrupt_controller``) and delivers it
+(:meth:`pyemu.accel.tcg.block_gate.BlockGate.take_interrupts_in_engine`).
 
 And one correctness gap of Unicorn's own (QEMU has it right): self-modifying-code checks on stores. QEMU keeps
 every store to a RAM page that holds translated code on the slow path, in every TLB entry that maps the page.
@@ -474,12 +479,92 @@ PROTECT_CODE_IN_EVERY_MAPPING = SourcePatch(
     count=1,
 )
 
+IRQ_FIELDS = SourcePatch(
+    name="irq-fields",
+    path="include/uc_priv.h",
+    pattern=r"^(    bool pyemu_native_syscall;\n)",
+    replacement=(r"\1"
+                 r"    /* pyemu: external interrupts delivered by QEMU's own hardirq path. The target sets\n"
+                 r"     * pyemu_raise_interrupt (request one at the next block boundary where IF=1); at that\n"
+                 r"     * boundary pyemu_irq_acknowledge(pyemu_irq_opaque) names the vector, or -1 for none. */\n"
+                 r"    void (*pyemu_raise_interrupt)(struct uc_struct *uc);\n"
+                 r"    int (*pyemu_irq_acknowledge)(void *opaque);\n"
+                 r"    void *pyemu_irq_opaque;\n"),
+    count=1,
+)
+
+IRQ_API = SourcePatch(
+    name="irq-api",
+    path="uc.c",
+    pattern=r"^(UNICORN_EXPORT\nuc_err uc_emu_stop\(uc_engine \*uc\)\n)",
+    replacement=(
+        "/* pyemu: where the vector of a requested external interrupt comes from (NULL: requests deliver\n"
+        " * nothing). */\n"
+        "UNICORN_EXPORT\n"
+        "uc_err uc_pyemu_interrupt_controller(uc_engine *uc, int (*acknowledge)(void *), void *opaque)\n"
+        "{\n"
+        "    uc->pyemu_irq_acknowledge = acknowledge;\n"
+        "    uc->pyemu_irq_opaque = opaque;\n"
+        "    return UC_ERR_OK;\n"
+        "}\n"
+        "\n"
+        "/* pyemu: request an external interrupt, taken at the next block boundary where the CPU accepts one\n"
+        " * (IF=1, no interrupt shadow). Only from the thread running the engine (its hooks). */\n"
+        "UNICORN_EXPORT\n"
+        "uc_err uc_pyemu_raise_interrupt(uc_engine *uc)\n"
+        "{\n"
+        "    if (!uc->pyemu_raise_interrupt) {\n"
+        "        return UC_ERR_ARCH;\n"
+        "    }\n"
+        "    uc->pyemu_raise_interrupt(uc);\n"
+        "    return UC_ERR_OK;\n"
+        "}\n"
+        "\n"
+        r"\1"),
+    count=1,
+)
+
+IRQ_RAISE = SourcePatch(
+    name="irq-raise",
+    path="qemu/target/i386/unicorn.c",
+    pattern=r"^(void uc_init\(struct uc_struct \*uc\)\n\{\n)",
+    replacement=(
+        "/* pyemu: QEMU's CPU_INTERRUPT_HARD, and the exit of the running block chain that makes the CPU loop\n"
+        " * look at it (what QEMU's tcg_handle_interrupt does for its own thread). */\n"
+        "static void pyemu_raise_interrupt(struct uc_struct *uc)\n"
+        "{\n"
+        "    uc->cpu->interrupt_request |= CPU_INTERRUPT_HARD;\n"
+        "    atomic_set(&cpu_neg(uc->cpu)->icount_decr.u16.high, -1);\n"
+        "}\n"
+        "\n"
+        r"\1"
+        "    uc->pyemu_raise_interrupt = pyemu_raise_interrupt;\n"),
+    count=1,
+)
+
+IRQ_ACKNOWLEDGE = SourcePatch(
+    name="irq-acknowledge",
+    path="qemu/target/i386/seg_helper.c",
+    # x86_cpu_exec_interrupt's CPU_INTERRUPT_HARD case, where QEMU asks its interrupt controller.
+    pattern=r"^(        // intno = cpu_get_pic_interrupt\(env\);\n        intno = 0;\n)",
+    replacement=(
+        r"\1"
+        "        if (cs->uc->pyemu_irq_acknowledge) {\n"
+        "            /* pyemu: the interrupt controller names the vector (and moves it to in-service). */\n"
+        "            intno = cs->uc->pyemu_irq_acknowledge(cs->uc->pyemu_irq_opaque);\n"
+        "            if (intno < 0) {\n"
+        "                break;\n"
+        "            }\n"
+        "        }\n"),
+    count=1,
+)
+
 PATCHES: tuple[SourcePatch, ...] = (
     NO_CHECK_AFTER_MEMORY_ACCESS, EXIT_LABEL_FIELD, INLINE_BLOCK_START_CHECK, EXIT_LABEL_AT_BLOCK_END,
     CODE_PAGE_TLB_SLOTS_ONLY, GATE_FIELDS, GATE_API, CONDITIONAL_BLOCK_HOOK, ARCH_CAPABILITIES_FIELD,
     ARCH_CAPABILITIES_API, RDMSR_ARCH_CAPABILITIES, NATIVE_EVENT_FIELDS, NATIVE_EVENT_API, NATIVE_EXCEPTION_DELIVERY,
     FILL_FALLBACK_IN_RUN, NATIVE_SYSCALL, PAGE_HAS_CODE, PAGE_HAS_CODE_DECLARATION, STORES_TO_CODE_STAY_CHECKED,
-    PROTECT_CODE_IN_EVERY_MAPPING,
+    PROTECT_CODE_IN_EVERY_MAPPING, IRQ_FIELDS, IRQ_API, IRQ_RAISE, IRQ_ACKNOWLEDGE,
 )
 
 

@@ -147,6 +147,8 @@ class TcgVcpu:
         self._traps.intercept = self._cr4_fault_before_block
         self._delivery = EngineDelivery(self._gate.library, self._uc._uch)
         self._traps.engine_delivery = self._delivery
+        self._acknowledge_failure: str | None = None
+        self._engine_irq = interrupts is not None and self._gate.take_interrupts_in_engine(self._acknowledge_in_engine)
         self._code = CodeInvalidator(self._uc, self._blob, memory, self._gate)
         self._wake = threading.Event()
         self._halted = False
@@ -406,7 +408,9 @@ class TcgVcpu:
         blob = self._blob
         blob.pull()
         blob.old_exception = -1
-        self._delivery.use(not log.enabled("int"))  # -d int logs deliveries from Python
+        engine_delivers = not log.enabled("int")  # -d int logs deliveries from Python
+        self._delivery.use(engine_delivers)
+        self._gate.engine_interrupts(engine_delivers and self._engine_irq)
         blob.set_u64(self._tsc_offset_at, self.tsc.offset)
         blob.push()
         self._gate.arm()
@@ -421,6 +425,9 @@ class TcgVcpu:
             if exc.errno == UC_ERR_EXCEPTION and tlb is not None and tlb.take_fill_failure():
                 return None  # the TLB-fill hook left the access to the engine's MMU: run it again
             return self._fail(self._engine_error_reason(exc))
+        if self._acknowledge_failure is not None:
+            reason, self._acknowledge_failure = self._acknowledge_failure, None
+            return self._fail(reason)
         if self._gate.stopped:
             fault = self._gate.take_cr4_fault()
             if fault is not None:
@@ -436,6 +443,32 @@ class TcgVcpu:
         # Halted with interrupts disabled: the caller hears of it, and the next run() waits for what ends
         # such a HLT on hardware (NMI, INIT, SIPI): Linux parks offline CPUs and stopped ones this way.
         return Halt()
+
+    def _acknowledge_in_engine(self) -> int:
+        """The engine asks, at a block boundary where the CPU accepts an interrupt, for the vector of the
+        one the gate raised (BlockGate.take_interrupts_in_engine): moved to in-service by the controller,
+        as :meth:`_inject_interrupt` does, or -1 when none is deliverable any more (a TPR raised since)."""
+        controller = self._interrupts
+        gate = self._gate
+        if controller is None:
+            return -1
+        gate.interrupt_taken()
+        try:
+            with self._lock:
+                gate.clear_interrupt()
+                # As _inject_interrupt: a LAPIC whose IRR holds only blocked vectors answers INTA with the
+                # spurious vector, which must not be delivered for a request nothing is deliverable for.
+                vector = controller.acknowledge_interrupt() if controller.interrupt_pending() else None
+                if controller.interrupt_pending():
+                    gate.signal_interrupt()
+        except Exception as exc:  # a model error: the vCPU shuts down with the reason instead of a traceback
+            self._acknowledge_failure = f"interrupt controller failed: {type(exc).__name__}: {exc}"
+            gate.request_stop()
+            return -1
+        if vector is None:
+            return -1
+        self._halted = False
+        return vector
 
     def _halt_wakes_on_interrupt(self) -> bool:
         """Whether a maskable interrupt can end the current HLT (IF=1 and an interrupt controller)."""

@@ -1,20 +1,22 @@
-"""Page faults and SYSCALL done inside the engine on pyemu's libunicorn (accel/tcg/engine_delivery.py):
-what the guest sees is the same as through the Python hooks, the engine really did the work (its count),
-and the hooks take over again where they must (``-d int``)."""
+"""Page faults, SYSCALL and external interrupts done inside the engine on pyemu's libunicorn
+(accel/tcg/engine_delivery.py, BlockGate.take_interrupts_in_engine): what the guest sees is the same as
+through the Python hooks, the engine really did the work (its counts), and the hooks take over again where
+they must (``-d int``)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
 from pyemu.accel.exits import Stopped
 from pyemu.accel.tcg.block_gate import _uc_library
 from pyemu.system import log
-from pyemu.testing import GuestProgram, describe, prepared, pte_address
+from pyemu.testing import FakeInterruptController, GuestProgram, describe, prepared, pte_address
 from pyemu.testing.environment import DATA, KERNEL_CS, KERNEL_DS
-from pyemu.testing.handlers import exit_with
+from pyemu.testing.handlers import exit_with, read_frame, recording_handler, slot_address
 
 ENGINE_DELIVERS = hasattr(_uc_library(), "uc_pyemu_native_events")
 FIRST_PAGE = 0x48000   # inside the data area, mapped with 4 KiB PTEs in pt0
@@ -139,3 +141,74 @@ def test_int_logging_hands_them_back_to_the_hooks(int_log: Path) -> None:
     text = int_log.read_text()
     assert text.count("exception vector 0xe error 0x2 ") == PAGES, text[:2000]
     assert text.count("syscall at") == SYSCALLS, text[:2000]
+
+
+VECTOR = 0x31
+INTERRUPTS = 3
+COUNT = slot_address(0) + 0x48  # recording_handler(0)'s delivery counter
+
+# Spins with IF=1 until the handler counted INTERRUPTS deliveries (raised by a host thread meanwhile).
+SPIN_PROGRAM = GuestProgram(
+    code=f"""
+        mov rbx, {COUNT}
+        sti
+    spin:
+        cmp qword ptr [rbx], {INTERRUPTS}
+        jb spin
+        cli
+        {exit_with(0x600d)}
+    """,
+    handlers={VECTOR: recording_handler(0, error_code=False)},
+)
+
+
+class _Ram:
+    """What read_frame reads: ``u64(address)`` of the test board's RAM."""
+
+    def __init__(self, memory: Any) -> None:
+        self._memory = memory
+
+    def u64(self, address: int) -> int:
+        return int(self._memory.read_u64(address))
+
+
+def _run_spin() -> tuple[int, int, list[int]]:
+    """Run SPIN_PROGRAM with INTERRUPTS raised one after another from a host thread; returns (interrupts
+    the gate raised in the engine, deliveries made in Python, vectors acknowledged)."""
+    controller = FakeInterruptController()
+    with prepared(SPIN_PROGRAM, interrupts=controller) as machine:
+        vcpu = machine.vcpu
+
+        def fire() -> None:
+            for count in range(1, INTERRUPTS + 1):
+                controller.raise_vector(VECTOR)
+                assert controller.wait_acknowledged(count, 30.0)
+
+        thread = threading.Thread(target=fire, daemon=True)
+        thread.start()
+        while machine.board.exit_device.value is None:
+            result = vcpu.run()
+            assert isinstance(result, Stopped), describe(result)
+        thread.join(30.0)
+        assert machine.board.exit_device.value == 0x600D
+        frame = read_frame(_Ram(machine.board.memory), 0)
+        assert frame.count == INTERRUPTS
+        assert frame.cs == KERNEL_CS and frame.rflags & (1 << 9)   # the spin loop, interrupted with IF=1
+        return (vcpu._gate.interrupts_raised,  # type: ignore[attr-defined]
+                vcpu._traps.delivered, list(controller.acknowledged))  # type: ignore[attr-defined]
+
+
+def test_interrupts_are_delivered_by_the_engine() -> None:
+    raised, in_python, acknowledged = _run_spin()
+    assert acknowledged == [VECTOR] * INTERRUPTS
+    if ENGINE_DELIVERS:
+        assert raised >= INTERRUPTS and in_python == 0
+    else:
+        assert raised == 0 and in_python == INTERRUPTS
+
+
+def test_int_logging_delivers_interrupts_from_python(int_log: Path) -> None:
+    raised, in_python, acknowledged = _run_spin()
+    assert acknowledged == [VECTOR] * INTERRUPTS
+    assert raised == 0 and in_python == INTERRUPTS
+    assert int_log.read_text().count("external vector 0x31") == INTERRUPTS
