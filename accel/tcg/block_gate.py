@@ -259,6 +259,7 @@ class BlockGate:
         self.state.rflags_regid = x86.UC_X86_REG_RFLAGS
         self.state.cr4 = self._ffi.addressof(self.state, "cr4_seen")  # never differs: no CR4 check yet
         self._library = library
+        self._raise_before_run: Any = None  # uc_pyemu_raise_interrupt, once take_interrupts_in_engine found it
         self._handle = ctypes.c_size_t()
         self.module = module
         callback = native_function(module, "pyemu_block_gate")
@@ -306,7 +307,17 @@ class BlockGate:
         if status != 0:
             raise EngineError(f"uc_pyemu_interrupt_controller failed with error {status}", operation="hook_add")
         self.state.raise_irq = self._ffi.cast("int (*)(void *)", ctypes.cast(raise_irq, ctypes.c_void_p).value)
+        self._raise_before_run = raise_irq
         return True
+
+    def raise_interrupt_before_run(self) -> None:
+        """Between runs (the vCPU's thread; IF=1 and no interrupt shadow, which the caller checked): QEMU's
+        hardirq path takes the pending interrupt at the start of the next run, before its first block, as
+        the gate does within a run. A vCPU woken from HLT thus needs no delivery in Python."""
+        status = self._raise_before_run(self._uc._uch)
+        if status != 0:
+            raise EngineError(f"uc_pyemu_raise_interrupt failed with error {status}", operation="emu_start")
+        self.state.irq_raised += 1
 
     def interrupt_taken(self) -> None:
         """The engine asked for the vector of a raised interrupt (its thread, inside the run)."""

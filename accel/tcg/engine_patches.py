@@ -43,6 +43,8 @@ raises QEMU's ``CPU_INTERRUPT_HARD`` (``uc_pyemu_raise_interrupt``) instead of s
 own hardirq path (``x86_cpu_exec_interrupt``, which honours the interrupt shadow) asks the vCPU's interrupt
 controller for the vector through a callback (``uc_pyemu_interrupt_controller``) and delivers it
 (:meth:`pyemu.accel.tcg.block_gate.BlockGate.take_interrupts_in_engine`).
+With QEMU delivering events, its delivery's own faults reach the guest: the ``idt-error-code-*`` patches
+correct the error code of a fault on the IDT (QEMU 5.0's long mode says vector * 16 + 2, and never sets EXT).
 
 And one correctness gap of Unicorn's own (QEMU has it right): self-modifying-code checks on stores. QEMU keeps
 every store to a RAM page that holds translated code on the slow path, in every TLB entry that maps the page.
@@ -559,12 +561,35 @@ IRQ_ACKNOWLEDGE = SourcePatch(
     count=1,
 )
 
+IDT_ERROR_CODE_LONG_MODE = SourcePatch(
+    name="idt-error-code-long-mode",
+    path="qemu/target/i386/seg_helper.c",
+    # do_interrupt64's IDT checks (limit, gate type, DPL, present): QEMU 5.0 reports vector * 16 + 2 and
+    # never the EXT bit. The error code names the IDT entry as in every mode (vector * 8, IDT bit 1), with
+    # EXT (bit 0) set unless INT n/INT3/INTO caused the delivery (Intel SDM vol. 3A, 6.13 "Error Code").
+    # Since the engine delivers page faults and external interrupts itself, a guest sees these codes.
+    pattern=r"^(        raise_exception_err\(env, EXCP0[DB]_[A-Z]+, )intno \* 16 \+ 2\);\n",
+    replacement=r"\1intno * 8 + 2 + (is_int ? 0 : 1));  /* pyemu */\n",
+    count=4,
+)
+
+IDT_ERROR_CODE_EXT = SourcePatch(
+    name="idt-error-code-ext",
+    path="qemu/target/i386/seg_helper.c",
+    # The same checks in do_interrupt_protected (and do_interrupt_real's IVT limit, where no error code
+    # is pushed): the entry is right, the EXT bit is missing.
+    pattern=r"^(        (?:    )?raise_exception_err\(env, EXCP0[DB]_[A-Z]+, )intno \* 8 \+ 2\);\n",
+    replacement=r"\1intno * 8 + 2 + (is_int ? 0 : 1));  /* pyemu */\n",
+    count=6,
+)
+
 PATCHES: tuple[SourcePatch, ...] = (
     NO_CHECK_AFTER_MEMORY_ACCESS, EXIT_LABEL_FIELD, INLINE_BLOCK_START_CHECK, EXIT_LABEL_AT_BLOCK_END,
     CODE_PAGE_TLB_SLOTS_ONLY, GATE_FIELDS, GATE_API, CONDITIONAL_BLOCK_HOOK, ARCH_CAPABILITIES_FIELD,
     ARCH_CAPABILITIES_API, RDMSR_ARCH_CAPABILITIES, NATIVE_EVENT_FIELDS, NATIVE_EVENT_API, NATIVE_EXCEPTION_DELIVERY,
     FILL_FALLBACK_IN_RUN, NATIVE_SYSCALL, PAGE_HAS_CODE, PAGE_HAS_CODE_DECLARATION, STORES_TO_CODE_STAY_CHECKED,
-    PROTECT_CODE_IN_EVERY_MAPPING, IRQ_FIELDS, IRQ_API, IRQ_RAISE, IRQ_ACKNOWLEDGE,
+    PROTECT_CODE_IN_EVERY_MAPPING, IRQ_FIELDS, IRQ_API, IRQ_RAISE, IRQ_ACKNOWLEDGE, IDT_ERROR_CODE_LONG_MODE,
+    IDT_ERROR_CODE_EXT,
 )
 
 

@@ -571,6 +571,9 @@ class TcgVcpu:
         blob.pull()
         if not blob.rflags & RFLAGS_IF or blob.hflags & HF_INHIBIT_IRQ:
             return  # the block gate stops again once IF=1 and the shadow is over
+        if self._engine_irq and not log.enabled("int"):
+            gate.raise_interrupt_before_run()  # the engine asks _acknowledge_in_engine before its first block
+            return
         with self._lock:
             vector = controller.acknowledge_interrupt()
             gate.clear_interrupt()
