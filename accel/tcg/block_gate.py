@@ -244,6 +244,12 @@ def _uc_library() -> ctypes.CDLL:
 _NO_BLOCK = (1 << 64) - 1
 
 
+def engine_takes_interrupts() -> bool:
+    """``PYEMU_TCG_ENGINE_IRQ=0`` keeps external interrupts in Python even on pyemu's libunicorn (for A/B
+    measurements and bisecting), as ``-d int`` does without its log."""
+    return os.environ.get("PYEMU_TCG_ENGINE_IRQ", "") not in ("0", "no", "false")
+
+
 class BlockGate:
     """The gate of one engine: flags set by host threads, read by the C hook at every block start."""
 

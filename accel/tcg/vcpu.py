@@ -58,7 +58,7 @@ from unicorn.x86_const import UC_X86_REG_CR4, UC_X86_REG_RFLAGS
 
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.exits import Exit, Halt, Shutdown, Stopped
-from pyemu.accel.tcg.block_gate import BlockGate
+from pyemu.accel.tcg.block_gate import BlockGate, engine_takes_interrupts
 from pyemu.accel.tcg.calibration import HF2_NMI, BlobLayout
 from pyemu.accel.tcg.code_cache import CodeInvalidator
 from pyemu.accel.tcg.context import CpuBlob
@@ -148,7 +148,8 @@ class TcgVcpu:
         self._delivery = EngineDelivery(self._gate.library, self._uc._uch)
         self._traps.engine_delivery = self._delivery
         self._acknowledge_failure: str | None = None
-        self._engine_irq = interrupts is not None and self._gate.take_interrupts_in_engine(self._acknowledge_in_engine)
+        self._engine_irq = interrupts is not None and engine_takes_interrupts() \
+            and self._gate.take_interrupts_in_engine(self._acknowledge_in_engine)
         self._code = CodeInvalidator(self._uc, self._blob, memory, self._gate)
         self._wake = threading.Event()
         self._halted = False
