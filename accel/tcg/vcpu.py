@@ -409,7 +409,7 @@ class TcgVcpu:
         blob = self._blob
         blob.pull()
         blob.old_exception = -1
-        engine_delivers = not log.enabled("int")  # -d int logs deliveries from Python
+        engine_delivers = self._engine_delivers()
         self._delivery.use(engine_delivers)
         self._gate.engine_interrupts(engine_delivers and self._engine_irq)
         blob.set_u64(self._tsc_offset_at, self.tsc.offset)
@@ -445,6 +445,11 @@ class TcgVcpu:
         # such a HLT on hardware (NMI, INIT, SIPI): Linux parks offline CPUs and stopped ones this way.
         return Halt()
 
+    @staticmethod
+    def _engine_delivers() -> bool:
+        """Whether the engine may deliver events itself now: ``-d int`` logs every delivery from Python."""
+        return not log.enabled("int")
+
     def _acknowledge_in_engine(self) -> int:
         """The engine asks, at a block boundary where the CPU accepts an interrupt, for the vector of the
         one the gate raised (BlockGate.take_interrupts_in_engine): moved to in-service by the controller,
@@ -455,13 +460,7 @@ class TcgVcpu:
             return -1
         gate.interrupt_taken()
         try:
-            with self._lock:
-                gate.clear_interrupt()
-                # As _inject_interrupt: a LAPIC whose IRR holds only blocked vectors answers INTA with the
-                # spurious vector, which must not be delivered for a request nothing is deliverable for.
-                vector = controller.acknowledge_interrupt() if controller.interrupt_pending() else None
-                if controller.interrupt_pending():
-                    gate.signal_interrupt()
+            vector = self._take_vector(controller)
         except Exception as exc:  # a model error: the vCPU shuts down with the reason instead of a traceback
             self._acknowledge_failure = f"interrupt controller failed: {type(exc).__name__}: {exc}"
             gate.request_stop()
@@ -557,6 +556,19 @@ class TcgVcpu:
                     return True
             self._wake.wait()
 
+    def _take_vector(self, controller: InterruptController) -> int | None:
+        """The vector the controller moves to in-service for this vCPU (INTA), or None if nothing is
+        deliverable: a LAPIC whose IRR holds only blocked vectors answers INTA with the spurious vector,
+        which must not be delivered. The gate's flag is left set while more is pending. Both delivery
+        paths (the engine's callback and the Python one) take it here."""
+        gate = self._gate
+        with self._lock:
+            gate.clear_interrupt()
+            vector = controller.acknowledge_interrupt() if controller.interrupt_pending() else None
+            if controller.interrupt_pending():
+                gate.signal_interrupt()
+        return vector
+
     def _inject_interrupt(self) -> None:
         controller = self._interrupts
         gate = self._gate
@@ -572,14 +584,10 @@ class TcgVcpu:
         blob.pull()
         if not blob.rflags & RFLAGS_IF or blob.hflags & HF_INHIBIT_IRQ:
             return  # the block gate stops again once IF=1 and the shadow is over
-        if self._engine_irq and not log.enabled("int"):
+        if self._engine_irq and self._engine_delivers():
             gate.raise_interrupt_before_run()  # the engine asks _acknowledge_in_engine before its first block
             return
-        with self._lock:
-            vector = controller.acknowledge_interrupt()
-            gate.clear_interrupt()
-            if controller.interrupt_pending():
-                gate.signal_interrupt()
+        vector = self._take_vector(controller)
         if vector is None:
             return
         self._halted = False

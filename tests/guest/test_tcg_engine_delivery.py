@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -190,8 +190,18 @@ HALT_PROGRAM = GuestProgram(
 )
 
 
+def _run_while_raising(machine: Any, fire: Callable[[], None]) -> None:
+    """Run the vCPU until the program exits while ``fire`` raises interrupts from a host thread."""
+    thread = threading.Thread(target=fire, daemon=True)
+    thread.start()
+    while machine.board.exit_device.value is None:
+        result = machine.vcpu.run()
+        assert isinstance(result, Stopped), describe(result)
+    thread.join(30.0)
+
+
 def _run_spin(program: GuestProgram = SPIN_PROGRAM) -> tuple[int, int, list[int]]:
-    """Run SPIN_PROGRAM with INTERRUPTS raised one after another from a host thread; returns (interrupts
+    """Run ``program`` with INTERRUPTS raised one after another from a host thread; returns (interrupts
     the gate raised in the engine, deliveries made in Python, vectors acknowledged)."""
     controller = FakeInterruptController()
     with prepared(program, interrupts=controller) as machine:
@@ -202,12 +212,7 @@ def _run_spin(program: GuestProgram = SPIN_PROGRAM) -> tuple[int, int, list[int]
                 controller.raise_vector(VECTOR)
                 assert controller.wait_acknowledged(count, 30.0)
 
-        thread = threading.Thread(target=fire, daemon=True)
-        thread.start()
-        while machine.board.exit_device.value is None:
-            result = vcpu.run()
-            assert isinstance(result, Stopped), describe(result)
-        thread.join(30.0)
+        _run_while_raising(machine, fire)
         assert machine.board.exit_device.value == 0x600D
         frame = read_frame(_Ram(machine.board.memory), 0)
         assert frame.count == INTERRUPTS
@@ -284,12 +289,6 @@ def test_an_interrupt_taken_in_a_run_through_a_not_present_gate_sets_ext() -> No
         gates={VECTOR: Gate(present=False)},
     )
     with prepared(program, interrupts=controller) as machine:
-        vcpu = machine.vcpu
-        thread = threading.Thread(target=lambda: controller.raise_vector(VECTOR), daemon=True)
-        thread.start()
-        while machine.board.exit_device.value is None:
-            result = vcpu.run()
-            assert isinstance(result, Stopped), describe(result)
-        thread.join(30.0)
+        _run_while_raising(machine, lambda: controller.raise_vector(VECTOR))
         assert machine.board.exit_device.value == 0x11
         assert read_frame(_Ram(machine.board.memory), 0).error_code == VECTOR * 8 + 2 + 1
