@@ -26,7 +26,7 @@ import struct
 import threading
 from typing import Iterator, Sequence
 
-from pyemu.block.iovec import IOV_MAX, advance, copy_in, copy_out, take, zero_fill
+from pyemu.block.iovec import IOV_MAX, ByteViews, advance, copy_in, copy_out, take, total_length, zero_fill
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -65,42 +65,51 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             raise OSError(code, os.strerror(code))
 
 
+def _nonempty(views: Sequence[memoryview]) -> Sequence[memoryview]:
+    """``views`` without empty views (a :class:`ByteViews` has none)."""
+    return views if type(views) is ByteViews else [v for v in views if v.nbytes]
+
+
 def read_full(fd: int, offset: int, views: Sequence[memoryview], *, align: int = 1) -> None:
     """Fill ``views`` from ``offset``; zeros past the end of the file. With O_DIRECT (``align`` > 1) a short
     read that stops at an unaligned position can only be the end of the file, so the rest is zeroed
     instead of issuing a read the kernel would refuse."""
-    rest = [v for v in views if v.nbytes]
+    rest = _nonempty(views)
+    remaining = total_length(rest)
     pos = offset
-    while rest:
+    while remaining > 0:
         try:
-            count = os.preadv(fd, rest[:IOV_MAX], pos)
+            count = os.preadv(fd, rest if len(rest) <= IOV_MAX else rest[:IOV_MAX], pos)
         except InterruptedError:
             continue
         if count == 0:
             zero_fill(rest)
             return
-        if len(rest) == 1 and count == rest[0].nbytes:
-            return  # one buffer, filled by one call: the usual request needs no bookkeeping
+        remaining -= count
+        if remaining <= 0:
+            return  # filled by one call: the usual request needs no bookkeeping
         pos += count
         rest = advance(rest, count)
-        if rest and pos % align:
+        if pos % align:
             zero_fill(rest)
             return
 
 
 def write_full(fd: int, offset: int, views: Sequence[memoryview]) -> None:
     """Write every byte of ``views`` at ``offset``; a write that makes no progress is ENOSPC."""
-    rest = [v for v in views if v.nbytes]
+    rest = _nonempty(views)
+    remaining = total_length(rest)
     pos = offset
-    while rest:
+    while remaining > 0:
         try:
-            count = os.pwritev(fd, rest[:IOV_MAX], pos)
+            count = os.pwritev(fd, rest if len(rest) <= IOV_MAX else rest[:IOV_MAX], pos)
         except InterruptedError:
             continue
         if count == 0:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        if len(rest) == 1 and count == rest[0].nbytes:
-            return  # one buffer, written by one call: the usual request needs no bookkeeping
+        remaining -= count
+        if remaining <= 0:
+            return  # written by one call: the usual request needs no bookkeeping
         pos += count
         rest = advance(rest, count)
 
@@ -182,21 +191,23 @@ class DirectIO:
     def preadv(self, offset: int, views: Sequence[memoryview], length: int) -> None:
         split = min(offset + length, max(offset, self.tail_start))
         if split > offset:
-            self._read_direct(offset, take(views, split - offset), split - offset)
+            self._read_direct(offset, views if split - offset == length else take(views, split - offset),
+                              split - offset)
         if offset + length > split:
             read_full(self.buffered_fd, split, advance(views, split - offset))
 
     def pwritev(self, offset: int, views: Sequence[memoryview], length: int) -> None:
         split = min(offset + length, max(offset, self.tail_start))
         if split > offset:
-            self._write_direct(offset, take(views, split - offset), split - offset)
+            self._write_direct(offset, views if split - offset == length else take(views, split - offset),
+                               split - offset)
         if offset + length > split:
             write_full(self.buffered_fd, split, advance(views, split - offset))
 
     def _is_aligned(self, offset: int, length: int) -> bool:
         return not (offset | length) % self.align
 
-    def _read_direct(self, offset: int, views: list[memoryview], length: int) -> None:
+    def _read_direct(self, offset: int, views: Sequence[memoryview], length: int) -> None:
         if self._is_aligned(offset, length):
             try:
                 read_full(self.fd, offset, views, align=self.align)
@@ -213,7 +224,7 @@ class DirectIO:
             lo, hi = max(c0, offset), min(c1, end)
             copy_in(views, lo - offset, bounce[lo - c0:hi - c0])
 
-    def _write_direct(self, offset: int, views: list[memoryview], length: int) -> None:
+    def _write_direct(self, offset: int, views: Sequence[memoryview], length: int) -> None:
         a0, a1 = self.aligned_range(offset, length)
         with self.range_lock.hold(a0, a1):
             if self._is_aligned(offset, length):
@@ -225,7 +236,7 @@ class DirectIO:
                         raise
             self._write_bounced(offset, views, length, a0, a1)
 
-    def _write_bounced(self, offset: int, views: list[memoryview], length: int, a0: int, a1: int) -> None:
+    def _write_bounced(self, offset: int, views: Sequence[memoryview], length: int, a0: int, a1: int) -> None:
         end = offset + length
         a = self.align
         bounce = self._bounce()

@@ -218,7 +218,8 @@ class Microvm(Machine):
         self._check_chardevs()
         self._build_serial_ports(on_quit)
         self.virtio = VirtioPlugger(config=self.config, devices=devices,
-                                    dma=DmaMemory(self.memory, getattr(accel, "invalidate_code", None)),
+                                    dma=DmaMemory(self.memory, getattr(accel, "invalidate_code", None),
+                                                  getattr(accel, "invalidate_code_ranges", None)),
                                     irq_pin=self.ioapic.pin, lock=self.lock, accel=accel)
         self.virtio.backends.chardevs = self.chardevs
         for warning in check_globals(self.config.globals, lambda d: d in ISA_DRIVERS or self.virtio.handles(d)):

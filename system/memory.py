@@ -18,7 +18,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterator, NewType
+from typing import Iterable, Iterator, NewType
 
 from pyemu.errors import ConfigError, GuestMemoryError
 
@@ -157,6 +157,31 @@ class GuestMemory:
         """A writable zero-copy view of guest RAM ``[gpa, gpa+size)``."""
         start = self.host_offset(gpa, size)
         return self._buffer[start : start + size]
+
+    def views(self, ranges: Iterable[tuple[int, int]]) -> list[memoryview]:
+        """Views of several ``(gpa, size)`` ranges (a request's scatter-gather list); GuestMemoryError if
+        any is not wholly inside one RAM region, before any view is handed out."""
+        buffer = self._buffer
+        if len(self._spans) != 1:
+            host_offset = self.host_offset
+            views = []
+            for gpa, size in ranges:
+                at = host_offset(gpa, size)
+                views.append(buffer[at:at + size])
+            return views
+        start, end, offset = self._spans[0]
+        delta = offset - start
+        out = []
+        for gpa, size in ranges:
+            if gpa < start or gpa + size > end or size < 0:
+                self.host_offset(gpa, size)  # raises the usual GuestMemoryError
+            out.append(buffer[gpa + delta:gpa + delta + size])
+        return out
+
+    @property
+    def spans(self) -> tuple[tuple[int, int], ...]:
+        """The RAM regions as ``(start, end)`` guest-physical pairs, in address order."""
+        return tuple((start, end) for start, end, _offset in self._spans)
 
     def read(self, gpa: int, size: int) -> bytes:
         return bytes(self.view(gpa, size))

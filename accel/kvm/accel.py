@@ -10,6 +10,7 @@ unusable KVM is reported there, where ``-accel kvm:tcg`` can still fall back to 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from pyemu.accel.base import AcceleratorUnavailable
 from pyemu.accel.dispatch import ExitDispatcher
@@ -252,6 +253,13 @@ class KvmAccelerator:
         with self._dirty_lock:
             if self._dirty_dma is not None:
                 self._dirty_dma.update(page << 12 for page in range(gpa >> 12, ((gpa + size - 1) >> 12) + 1))
+
+    def invalidate_code_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """:meth:`invalidate_code` for each range of one device request."""
+        if self._dirty_dma is None:
+            return
+        for gpa, size in ranges:
+            self.invalidate_code(gpa, size)
 
     # -- KVM-specific extras --------------------------------------------------------------------------
     @property

@@ -13,6 +13,8 @@ vCPU is created.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.tcg.calibration import calibrate
 from pyemu.accel.tcg.dirty_log import TcgDirtyLog
@@ -86,16 +88,24 @@ class TcgAccelerator:
         before the translation is made, so a page not marked there has no translation to go stale); a
         disk read into the page cache or a network buffer then costs a byte test per page instead of
         a service stop of every vCPU."""
-        if size <= 0:
-            return
+        self.invalidate_code_ranges(((gpa, size),))
+
+    def invalidate_code_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """:meth:`invalidate_code` for each ``(gpa, size)`` of one device request (up to a range per guest
+        page), with one pass over the code map for all of them."""
         code_map = self._code_map
-        if code_map is not None:
-            code_map.dirty.mark(gpa, size)  # live migration's dirty log (a no-op unless logging)
-        if code_map is not None and not any(code_map.owners(page << 12)
-                                            for page in range(gpa >> 12, (gpa + size - 1 >> 12) + 1)):
-            return
-        for vcpu in self.vcpus:
-            vcpu.invalidate_code(gpa, size)
+        if code_map is None:
+            stale = [(gpa, size) for gpa, size in ranges if size > 0]
+        else:
+            dirty = code_map.dirty
+            if dirty.logging:  # live migration's dirty log
+                for gpa, size in ranges:
+                    dirty.mark(gpa, size)
+            has_code = code_map.has_code
+            stale = [(gpa, size) for gpa, size in ranges if size > 0 and has_code(gpa, size)]
+        for gpa, size in stale:
+            for vcpu in self.vcpus:
+                vcpu.invalidate_code(gpa, size)
 
     # -- dirty logging (pyemu.accel.base.DirtyLogging), see pyemu.accel.tcg.dirty_log -------------------
     @property

@@ -116,6 +116,8 @@ class CodeMap:
         ram_end = max((r.end for r in memory.regions), default=0)
         pages = (ram_end + 0xFFF) >> 12
         self._owners = ffi.new("uint8_t[]", max(pages, 1))
+        self._owner_bytes = memoryview(ffi.buffer(self._owners))
+        self._page_count = pages
         self._writers = ffi.new("uint8_t[]", max(pages, 1))
         self.state: Any = ffi.new("struct pyemu_code_map *")
         self.state.owners = self._owners
@@ -171,6 +173,13 @@ class CodeMap:
         """``engine`` dropped every translation and its TLB: it owns no page and may write none."""
         self._lib.pyemu_code_forget(self.state, engine)
         self._lib.pyemu_code_forget_writes(self.state, engine)
+
+    def has_code(self, gpa: int, size: int) -> bool:
+        """Whether any engine may hold translated code from a page of ``[gpa, gpa+size)`` (``size`` > 0)."""
+        first, last = gpa >> 12, (gpa + size - 1) >> 12
+        if first == last:
+            return first < self._page_count and self._owner_bytes[first] != 0
+        return any(self._owner_bytes[first:last + 1])
 
     def owners(self, gpa: int) -> int:
         """The owner bits of the page holding ``gpa`` (tests, diagnostics)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from pyemu.block.backend import BlockBackend
 from pyemu.block.errors import BlockError
+from pyemu.block.iovec import ByteViews
 from pyemu.block.throttle import Ticket
 from pyemu.hw.virtio.device import ID_BLOCK, VirtioDevice, pack_config
 from pyemu.hw.virtio.errors import VirtqueueError
@@ -55,6 +56,8 @@ WRITE_ZEROES_UNMAP = 1
 MAX_DISCARD_SECTORS = 0x3FFFFF  # just under 2 GiB per request, as QEMU advertises
 MAX_DISCARD_SEGMENTS = 1
 SEGMENT_STRUCT = struct.Struct("<QII")
+MAX_MERGED_REQUESTS = 32
+MAX_MERGED_BYTES = 8 << 20
 HEADER = struct.Struct("<IIQ")
 
 
@@ -80,6 +83,8 @@ class VirtioBlk(VirtioDevice):
         self.config = config
         self.requests = 0
         self.errors = 0
+        self.merged = 0
+        """Requests served as part of an earlier request's host I/O (reads or writes merged)."""
         # A request the drive's throttle holds back, per queue: it is served when its ticket is granted
         # (the timer kicks the queue); the requests behind it stay in the guest's ring, in order.
         self._held: dict[int, tuple[DescriptorChain, Ticket]] = {}
@@ -133,6 +138,56 @@ class VirtioBlk(VirtioDevice):
             del self._held[queue.index]
             queue.push(dma, held[0], self._serve(queue, held[0]))
             served += 1
+        if self._throttles and self.backend.throttle_member() is not None:
+            served += self._process_throttled(queue)
+            if served:
+                self.context.notify_queue(queue)
+            return
+        if served:
+            self.context.notify_queue(queue)
+        while self._process_batch(queue):
+            self.context.notify_queue(queue)
+
+    def _process_batch(self, queue: Virtqueue) -> int:
+        """Pop every request the driver has offered, serve them -- adjacent reads (or writes) of
+        consecutive sectors as one host request, as QEMU's virtio-blk merges them -- and push them back
+        together. Returns how many were served. A malformed chain raises after the requests before it
+        are served and pushed (the transport then marks the device broken)."""
+        dma = self.context.dma  # type: ignore[union-attr]
+        chains: list[DescriptorChain] = []
+        failure: VirtqueueError | None = None
+        while len(chains) < queue.size:
+            try:
+                chain = queue.pop(dma)
+            except VirtqueueError as exc:
+                failure = exc
+                break
+            if chain is None:
+                break
+            chains.append(chain)
+            if chain.writable_length < 1 or chain.readable_length < HEADER.size:
+                break  # it breaks the device when its turn comes: take nothing from the ring after it
+        done: list[tuple[DescriptorChain, int]] = []
+        try:
+            index = 0
+            while index < len(chains):
+                merged = self._serve_merged(chains, index, done)
+                if merged:
+                    index += merged
+                    continue
+                done.append((chains[index], self._serve(queue, chains[index])))
+                index += 1
+        finally:
+            if done:
+                queue.push_many(dma, done)
+        if failure is not None:
+            raise failure
+        return len(done)
+
+    def _process_throttled(self, queue: Virtqueue) -> int:
+        """One request at a time through the drive's throttle, which may hold one back (see _admit)."""
+        dma = self.context.dma  # type: ignore[union-attr]
+        served = 0
         while True:
             chain = queue.pop(dma)
             if chain is None:
@@ -144,8 +199,64 @@ class VirtioBlk(VirtioDevice):
             written = self._serve(queue, chain)
             queue.push(dma, chain, written)
             served += 1
-        if served:
-            self.context.notify_queue(queue)
+        return served
+
+    def _data_request(self, chain: DescriptorChain) -> tuple[int, int, int] | None:
+        """``(kind, first sector, data bytes)`` of a well-formed read or write that can be served, or None
+        (anything else is left to :meth:`_serve`, which reports it)."""
+        if chain.writable_length < 1 or chain.readable_length < HEADER.size:
+            return None
+        kind, _reserved, sector = HEADER.unpack(chain.read(self.context.dma, 0, HEADER.size))  # type: ignore[union-attr]
+        if kind == T_IN:
+            length = chain.writable_length - 1
+        elif kind == T_OUT and not self.backend.read_only:
+            length = chain.readable_length - HEADER.size
+        else:
+            return None
+        if length <= 0 or length % SECTOR or (sector + length // SECTOR) * SECTOR > self.backend.size():
+            return None
+        return kind, sector, length
+
+    def _serve_merged(self, chains: list[DescriptorChain], index: int,
+                      done: list[tuple[DescriptorChain, int]]) -> int:
+        """Serve ``chains[index]`` and the reads (or writes) right behind it that continue where it ends as
+        one host request; returns how many were served (0: nothing to merge, or the merged request failed
+        and each is left to :meth:`_serve`, so every request still gets its own status)."""
+        first = self._data_request(chains[index])
+        if first is None:
+            return 0
+        kind, sector, length = first
+        group = [chains[index]]
+        end = sector + length // SECTOR
+        total = length
+        while index + len(group) < len(chains) and len(group) < MAX_MERGED_REQUESTS:
+            following = self._data_request(chains[index + len(group)])
+            if following is None or following[0] != kind or following[1] != end \
+                    or total + following[2] > MAX_MERGED_BYTES:
+                break
+            group.append(chains[index + len(group)])
+            end += following[2] // SECTOR
+            total += following[2]
+        if len(group) == 1:
+            return 0
+        dma = self.context.dma  # type: ignore[union-attr]
+        views: list[memoryview] = []
+        for chain in group:
+            if kind == T_IN:
+                views.extend(chain.views(dma, writable=True, length=chain.writable_length - 1))
+            else:
+                views.extend(chain.views(dma, writable=False, start=HEADER.size))
+        data = ByteViews(views, total, writable=True)
+        try:
+            self._transfer(kind, sector * SECTOR, data)
+        except BlockError:
+            return 0  # served one by one instead, each with its own status
+        for chain in group:
+            chain.write(dma, bytes([S_OK]), chain.writable_length - 1)
+            done.append((chain, chain.writable_length if kind == T_IN else 1))
+        self.requests += len(group)
+        self.merged += len(group) - 1
+        return len(group)
 
     def _admit(self, queue: Virtqueue, chain: DescriptorChain) -> Ticket | None:
         """Ask the drive's throttle about a request without blocking this I/O thread (which serves other
@@ -207,21 +318,13 @@ class VirtioBlk(VirtioDevice):
                 length = chain.writable_length - 1
                 if not self._in_range(sector, length):
                     return S_IOERR, 0
-                views = chain.views(dma, writable=True, length=length)
-                if self._throttles:
-                    backend.preadv(sector * SECTOR, views, admitted=True)
-                else:
-                    backend.preadv(sector * SECTOR, views)
+                self._transfer(T_IN, sector * SECTOR, chain.views(dma, writable=True, length=length))
                 return S_OK, length
             if kind == T_OUT:
                 length = chain.readable_length - HEADER.size
                 if backend.read_only or not self._in_range(sector, length):
                     return S_IOERR, 0
-                data = chain.views(dma, writable=False, start=HEADER.size)
-                if self._throttles:
-                    backend.pwritev(sector * SECTOR, data, admitted=True)
-                else:
-                    backend.pwritev(sector * SECTOR, data)
+                self._transfer(T_OUT, sector * SECTOR, chain.views(dma, writable=False, start=HEADER.size))
                 return S_OK, 0
             if kind == T_FLUSH:
                 backend.flush()
@@ -239,6 +342,19 @@ class VirtioBlk(VirtioDevice):
                                     f"{sector}: {exc} (errno {code})")
             return S_IOERR, 0
         return S_UNSUPP, 0
+
+    def _transfer(self, kind: int, offset: int, views: ByteViews) -> None:
+        """The host side of a read (T_IN) or write (T_OUT). A throttled request was admitted by _admit
+        (a test double takes no keyword)."""
+        if kind == T_IN:
+            if self._throttles:
+                self.backend.preadv(offset, views, admitted=True)
+            else:
+                self.backend.preadv(offset, views)
+        elif self._throttles:
+            self.backend.pwritev(offset, views, admitted=True)
+        else:
+            self.backend.pwritev(offset, views)
 
     def _in_range(self, sector: int, length: int) -> bool:
         if length % SECTOR:

@@ -926,9 +926,10 @@ class Recorded:
 
 
 def record(queue: Virtqueue) -> Recorded:
-    """Wrap the queue's pop/push (instance attributes) to see what the device was given."""
+    """Wrap the queue's pop/push_many (instance attributes; ``push`` goes through ``push_many``) to see what
+    the device was given."""
     rec = Recorded()
-    pop, push = queue.pop, queue.push
+    pop, push_many = queue.pop, queue.push_many
 
     def recording_pop(dma: DmaMemory) -> DescriptorChain | None:
         chain = pop(dma)
@@ -936,11 +937,11 @@ def record(queue: Virtqueue) -> Recorded:
             rec.popped.append(chain)
         return chain
 
-    def recording_push(dma: DmaMemory, chain: DescriptorChain, written: int) -> None:
-        push(dma, chain, written)
-        rec.pushed.append((chain, written))
+    def recording_push_many(dma: DmaMemory, entries: list[tuple[DescriptorChain, int]]) -> None:
+        push_many(dma, entries)
+        rec.pushed.extend(entries)
 
-    queue.pop, queue.push = recording_pop, recording_push  # type: ignore[method-assign]
+    queue.pop, queue.push_many = recording_pop, recording_push_many  # type: ignore[method-assign]
     return rec
 
 
