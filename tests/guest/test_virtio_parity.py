@@ -208,7 +208,8 @@ def run_with_devices(program: GuestProgram, accel: str, image: Path) -> tuple[in
     with prepared(program, accel, interrupts=controller) as machine:
         try:
             board, accelerator = machine.board, machine.accelerator
-            dma = DmaMemory(board.memory, getattr(accelerator, "invalidate_code", None))
+            dma = DmaMemory(board.memory, getattr(accelerator, "invalidate_code", None),
+                            getattr(accelerator, "invalidate_code_ranges", None))  # wired as the board does
             backend = open_drive(DriveOptions.from_props((("file", str(image)), ("format", "raw"), ("id", "d0"))))
             devices = [(BLK_BASE, BLK_GSI, VirtioBlk(backend, BlkConfig(drive_id="d0"))),
                        (RNG_BASE, RNG_GSI, VirtioRng(EntropySource("/dev/urandom"), RngConfig()))]
