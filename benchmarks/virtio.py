@@ -36,7 +36,7 @@ the failure is recorded. The host's load average is recorded with every sample (
 
 Results: a table (pyemu, QEMU, ratio pyemu/QEMU) and ``benchmarks/results/virtio.json``.
 
-Usage: python benchmarks/virtio.py [--quick] [--reps 3] [--vms pyemu,qemu] [--no-net] [--tsc-khz N]
+Usage: python benchmarks/virtio.py [--quick] [--reps 3] [--vms pyemu,qemu] [--no-net] [--only FIG,...] [--tsc-khz N]
 """
 
 from __future__ import annotations
@@ -576,12 +576,20 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one repetition of each")
     parser.add_argument("--vms", default="pyemu,qemu")
     parser.add_argument("--no-net", action="store_true", help="skip the virtio-net part")
+    parser.add_argument("--only", default="", help=f"comma-separated figures to measure (of {', '.join(FIGURES)}); "
+                                                   "default all (the JSON then holds only these)")
     parser.add_argument("--image-mib", type=int, default=IMAGE_MIB)
     parser.add_argument("--net-mib", type=int, default=NET_MIB)
     parser.add_argument("--tsc-khz", type=int, help="host TSC kHz for QEMU's tsc_early_khz (default: from dmesg)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     reps = 1 if args.quick else args.reps
+    only = [f for f in args.only.split(",") if f]
+    unknown = [f for f in only if f not in FIGURES]
+    if unknown:
+        parser.error(f"--only: unknown figure(s) {', '.join(unknown)} (known: {', '.join(FIGURES)})")
+    if only and not set(only) & set(NET_FIGURES):
+        args.no_net = True
     assets = find_assets()
     if assets is None:
         print("guest assets missing: run 'pyemu-guest fetch'", file=sys.stderr)
@@ -643,7 +651,7 @@ def main() -> int:
         for label, reason in skipped.items():
             if reason:
                 print(f"{label}: network part skipped: {reason}")
-        figures = list(DISK_FIGURES) + list(NET_FIGURES)
+        figures = [f for f in (*DISK_FIGURES, *NET_FIGURES) if not only or f in only]
         for label in vms:
             plan = Plan(reps=reps, image_mib=args.image_mib, net_mib=args.net_mib, helper=helper, netns=netns,
                         net=skipped[label] is None)

@@ -513,8 +513,8 @@ class VirtioNet(VirtioDevice):
         offset = 0
         for chain in chains:
             take = min(chain.writable_length, total - offset)
-            for view in chain.views(dma, writable=True, length=take):
-                size = len(view)
+            for view in dma.views(chain.ranges(writable=True, length=take)):
+                size = view.nbytes
                 view[:] = frame[offset : offset + size]
                 offset += size
             entries.append((chain, take))

@@ -104,6 +104,18 @@ def _successors(entries: int) -> tuple[int, ...]:
     return tuple(range(1, entries))
 
 
+class _Rings(NamedTuple):
+    """Views of one activated queue's rings (all None when they are not wholly inside guest RAM)."""
+
+    desc: memoryview | None
+    avail: memoryview | None
+    used: memoryview | None
+
+
+_NO_RINGS = _Rings(None, None, None)
+_U16 = struct.Struct("<H")
+
+
 class Segment(NamedTuple):
     """One descriptor's buffer: ``length`` bytes of guest RAM at ``gpa``, device-writable or not."""
 
@@ -164,7 +176,7 @@ class DescriptorChain:
     def __repr__(self) -> str:
         return f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
 
-    def _ranges(self, *, writable: bool, start: int = 0, length: int | None = None) -> list[Piece]:
+    def ranges(self, *, writable: bool, start: int = 0, length: int | None = None) -> list[Piece]:
         """The guest ``(gpa, size)`` pieces of ``length`` bytes from byte ``start`` of the readable (or
         writable) stream. Asking for more than the stream holds raises VirtqueueError (a request too short
         for its type)."""
@@ -201,9 +213,9 @@ class DescriptorChain:
         return out
 
     def views(self, dma: DmaMemory, *, writable: bool, start: int = 0, length: int | None = None) -> ByteViews:
-        """Zero-copy views of the pieces :meth:`_ranges` names (same arguments, same VirtqueueError), as
+        """Zero-copy views of the pieces :meth:`ranges` names (same arguments, same VirtqueueError), as
         the block layer's :class:`ByteViews` (flat bytes, total length known)."""
-        pieces = self._ranges(writable=writable, start=start, length=length)
+        pieces = self.ranges(writable=writable, start=start, length=length)
         return ByteViews(dma.views(pieces), sum(n for _, n in pieces) if len(pieces) != 1 else pieces[0][1],
                          writable=True)
 
@@ -214,7 +226,7 @@ class DescriptorChain:
 
     def write(self, dma: DmaMemory, data: bytes, start: int = 0) -> None:
         """Copy ``data`` into the writable stream at ``start`` (and report it to the DMA layer)."""
-        pieces = self._ranges(writable=True, start=start, length=len(data))
+        pieces = self.ranges(writable=True, start=start, length=len(data))
         views = dma.views(pieces)  # all pieces checked before any byte is written
         offset = 0
         for view in views:
@@ -262,6 +274,7 @@ class Virtqueue:
         self.signalled_used: int | None = None
         self.popped = 0
         self.pushed = 0
+        self._rings: _Rings | None = None
 
     # -- set-up -----------------------------------------------------------------------------------------
     def ring_problem(self, dma: DmaMemory) -> str | None:
@@ -286,9 +299,39 @@ class Virtqueue:
         self.last_avail = 0
         self.used_idx = 0
         self.signalled_used = None
+        self._rings = None
         self.ready = True
 
     # -- guest memory helpers ---------------------------------------------------------------------------
+    def _ring_views(self, dma: DmaMemory) -> _Rings:
+        """Views of the three rings, made once per activation (every pop and push reads or writes them;
+        RAM stays mapped at one address for the VM's life, so the views stay valid). Rings not wholly
+        inside RAM -- which the transport never activates, but a test may -- get no views, and every
+        access then goes through the checked per-field path."""
+        rings = self._rings
+        if rings is None:
+            size = self.size
+            spans = ((self.desc_addr, DESC_SIZE * size), (self.avail_addr, 6 + 2 * size),
+                     (self.used_addr, 6 + 8 * size))
+            rings = _Rings(*dma.views(spans)) if all(dma.contains(a, n) for a, n in spans) else _NO_RINGS
+            self._rings = rings
+        return rings
+
+    def _avail_u16(self, dma: DmaMemory, offset: int) -> int:
+        """The 16-bit field at ``offset`` of the available ring."""
+        view = self._ring_views(dma).avail
+        if view is not None:
+            return int(_U16.unpack_from(view, offset)[0])
+        return self._u16(dma, self.avail_addr + offset)
+
+    def _put_used_u16(self, dma: DmaMemory, offset: int, value: int) -> None:
+        """Store the 16-bit field at ``offset`` of the used ring."""
+        view = self._ring_views(dma).used
+        if view is not None:
+            _U16.pack_into(view, offset, value & 0xFFFF)
+        else:
+            self._put_u16(dma, self.used_addr + offset, value)
+
     def _u16(self, dma: DmaMemory, gpa: int) -> int:
         try:
             return int(struct.unpack_from("<H", dma.view(gpa, 2))[0])
@@ -303,7 +346,7 @@ class Virtqueue:
 
     # -- the available side -----------------------------------------------------------------------------
     def avail_idx(self, dma: DmaMemory) -> int:
-        return self._u16(dma, self.avail_addr + 2)
+        return self._avail_u16(dma, 2)
 
     def has_work(self, dma: DmaMemory) -> bool:
         return self.ready and self.avail_idx(dma) != self.last_avail
@@ -320,7 +363,7 @@ class Virtqueue:
             raise VirtqueueError(self.index, f"available index {avail} is {pending} ahead of the device's "
                                              f"{self.last_avail}, more than the queue size {self.size}")
         slot = self.last_avail % self.size
-        head = self._u16(dma, self.avail_addr + 4 + 2 * slot)
+        head = self._avail_u16(dma, 4 + 2 * slot)
         if head >= self.size:
             raise VirtqueueError(self.index, f"available ring slot {slot} names descriptor {head} "
                                              f"of a {self.size}-entry table")
@@ -332,7 +375,7 @@ class Virtqueue:
             # The fence orders it before the next pop's read of the available index: otherwise a buffer the
             # driver adds meanwhile could be missed by that read while the driver, still seeing the older
             # avail_event, does not notify.
-            self._put_u16(dma, self.used_addr + 4 + 8 * self.size, self.last_avail)
+            self._put_used_u16(dma, 4 + 8 * self.size, self.last_avail)
             full_fence()
         return chain
 
@@ -346,10 +389,10 @@ class Virtqueue:
     def _walk(self, dma: DmaMemory, head: int) -> DescriptorChain:
         """Follow the chain from ``head``, checking every rule in the module docstring.
 
-        The hot loop of every device: a block request is up to 256 descriptors. So the table is read in
-        one unpack (the ring's table entry by entry, as a chain there is usually short; an indirect table
-        whole), the RAM bounds check is inline for the usual single-region guest, and the pieces are plain
-        tuples."""
+        The hot loop of every device: a block request is up to 256 descriptors, a 64 KiB received frame
+        takes 17 one-buffer chains. So a one-buffer chain returns after one unpack, an indirect table is
+        read in one unpack (the ring's table entry by entry, as a chain there is usually short), the RAM
+        bounds check is inline for the usual single-region guest, and the pieces are plain tuples."""
         readable: list[Piece] = []
         writable: list[Piece] = []
         read_total = write_total = 0
@@ -357,7 +400,15 @@ class Virtqueue:
         lo, hi = spans[0] if len(spans) == 1 else (1, 0)  # (1, 0) sends every check to dma.contains
         contains = dma.contains
         table, table_size, index, in_indirect = self.desc_addr, self.size, head, False
-        entries = self._table_view(dma, table, table_size)
+        ring_table = self._ring_views(dma).desc
+        entries = ring_table if ring_table is not None else self._table_view(dma, table, table_size)
+        addr, length, flags, _ = _DESCRIPTOR.unpack_from(entries, DESC_SIZE * head)
+        if not flags & (DESC_F_NEXT | DESC_F_INDIRECT) and length and lo <= addr and addr + length <= hi:
+            # A one-buffer chain (a receive buffer, an entropy request): nothing else to check.
+            piece = ((addr, length),)
+            if flags & DESC_F_WRITE:
+                return DescriptorChain.from_pieces(head, (), piece, 0, length)
+            return DescriptorChain.from_pieces(head, piece, (), length, 0)
         flat: tuple[int, ...] | None = None  # an indirect table's fields, read in one unpack
         unpack = _DESCRIPTOR.unpack_from
         visited = 0
@@ -428,18 +479,21 @@ class Virtqueue:
         size = self.size
         written_ranges: list[Piece] = []
         try:
-            ring = dma.view(self.used_addr + 4, 8 * size)
+            ring = self._ring_views(dma).used
+            base = 4
+            if ring is None:
+                ring, base = dma.view(self.used_addr + 4, 8 * size), 0
             for chain, written in entries:
                 written = max(0, min(written, chain.writable_length))
                 if written:
                     written_ranges.extend(chain.written_ranges(written))
-                _USED_ELEM.pack_into(ring, 8 * (index % size), chain.head, written)
+                _USED_ELEM.pack_into(ring, base + 8 * (index % size), chain.head, written)
                 index = (index + 1) & 0xFFFF
         except GuestMemoryError as exc:
             raise VirtqueueError(self.index, "used ring outside guest RAM") from exc
         if written_ranges:
             dma.wrote_ranges(written_ranges)
-        self._put_u16(dma, self.used_addr + 2, index)
+        self._put_used_u16(dma, 2, index)
         self.used_idx = index
         self.pushed += len(entries)
 
@@ -454,13 +508,13 @@ class Virtqueue:
         """After pushes: does the driver want an interrupt for them? (Call once per batch.)"""
         if not self.event_idx:
             full_fence()  # as below, for the driver's NO_INTERRUPT flag
-            flags = self._u16(dma, self.avail_addr)
+            flags = self._avail_u16(dma, 0)
             return not flags & AVAIL_F_NO_INTERRUPT
         old, new = self.signalled_used, self.used_idx
         self.signalled_used = new
         if old is None:
             return True
         full_fence()  # the used index just published must be visible before used_event is read
-        used_event = self._u16(dma, self.avail_addr + 4 + 2 * self.size)
+        used_event = self._avail_u16(dma, 4 + 2 * self.size)
         # vring_need_event: interrupt if used_event lies in [old, new).
         return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
