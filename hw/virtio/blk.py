@@ -222,6 +222,8 @@ class VirtioBlk(VirtioDevice):
         """Serve ``chains[index]`` and the reads (or writes) right behind it that continue where it ends as
         one host request; returns how many were served (0: nothing to merge, or the merged request failed
         and each is left to :meth:`_serve`, so every request still gets its own status)."""
+        if index + 1 >= len(chains):
+            return 0  # nothing behind it (a queue-depth-1 guest's every request)
         first = self._data_request(chains[index])
         if first is None:
             return 0

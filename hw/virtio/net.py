@@ -342,9 +342,9 @@ class VirtioNet(VirtioDevice):
     def _process_tx(self, queue: Virtqueue) -> None:
         assert self.context is not None
         dma = self.context.dma
-        served = 0
+        sent: list[tuple[DescriptorChain, int]] = []
         try:
-            while served < TX_BUDGET:
+            while len(sent) < TX_BUDGET:
                 chain = queue.pop(dma)
                 if chain is None:
                     return
@@ -355,11 +355,11 @@ class VirtioNet(VirtioDevice):
                     queue.unpop(1)
                     self._schedule_tx_retry()
                     return
-                queue.push(dma, chain, 0)
-                served += 1
+                sent.append((chain, 0))
             self.context.kick_queue(queue.index)  # more may be waiting: after the other queues' turn
         finally:
-            if served:
+            if sent:  # the batch goes back with one used-index update
+                queue.push_many(dma, sent)
                 self.context.notify_queue(queue)
 
     def _transmit(self, chain: DescriptorChain, dma: DmaMemory) -> bool:
