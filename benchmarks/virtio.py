@@ -30,13 +30,17 @@ its kernel command line: without it QEMU 7.2's microvm often hangs under TCG on 
 calibrating the TSC against the PIT (see /work/shared/DESIGN.md, facts of 2026-12-03). pyemu gets the
 plain ``console=ttyS0``.
 
+``--rounds N`` boots each VM N times, alternating which goes first: this shared host's disk and CPU speed
+drift over minutes (QEMU's sequential read measured 924 and 1620 MB/s in two runs ten minutes apart), and
+a fixed order would hand one VM the later state every time.
+
 Everything is bounded in time: a boot that does not reach the shell, or a console that stops answering,
 ends the session; a new session (at most 2 retries, as in boot.py) collects the samples still missing and
 the failure is recorded. The host's load average is recorded with every sample (the machine is shared).
 
 Results: a table (pyemu, QEMU, ratio pyemu/QEMU) and ``benchmarks/results/virtio.json``.
 
-Usage: python benchmarks/virtio.py [--quick] [--reps 3] [--vms pyemu,qemu] [--no-net] [--only FIG,...] [--tsc-khz N]
+Usage: python benchmarks/virtio.py [--quick] [--reps 3] [--rounds 1] [--vms pyemu,qemu] [--no-net] [--only FIG,...] [--tsc-khz N]
 """
 
 from __future__ import annotations
@@ -544,6 +548,20 @@ def run_vm(label: str, argv: list[str], plan: Plan, figures: list[str], workdir:
     return result
 
 
+def merge_results(earlier: VmResult | None, later: VmResult) -> VmResult:
+    """One VM's samples over several rounds (``--rounds``): samples, errors and sessions add up; a figure
+    disabled in one round (failed twice) stays recorded as such."""
+    if earlier is None:
+        return later
+    for name, samples in later.samples.items():
+        earlier.samples.setdefault(name, []).extend(samples)
+    for name, errors in later.errors.items():
+        earlier.errors.setdefault(name, []).extend(errors)
+    earlier.disabled.update(later.disabled)
+    earlier.sessions.extend(later.sessions)
+    return earlier
+
+
 def summarise(result: VmResult, figures: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in figures:
@@ -573,6 +591,8 @@ def summarise(result: VmResult, figures: list[str]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each measurement in one boot")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="boot every VM this many times, alternating their order (medians over all samples)")
     parser.add_argument("--quick", action="store_true", help="one repetition of each")
     parser.add_argument("--vms", default="pyemu,qemu")
     parser.add_argument("--no-net", action="store_true", help="skip the virtio-net part")
@@ -608,7 +628,7 @@ def main() -> int:
         "benchmark": "virtio-blk and virtio-net throughput inside the Debian 6.1 guest, pyemu TCG vs QEMU 7.2 TCG",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": host_info(qemu, tsc_khz, tsc_source),
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
-        "settings": {"reps": reps, "memory": MEMORY, "vcpus": 1, "image_mib": args.image_mib,
+        "settings": {"reps": reps, "rounds": args.rounds, "memory": MEMORY, "vcpus": 1, "image_mib": args.image_mib,
                      "seq_block": "1 MiB", "seq_max_secs": SEQ_MAX_SECS, "rand_block": "4 KiB",
                      "rand_secs": RAND_SECS, "rand_seed": RAND_SEED, "net_mib": args.net_mib,
                      "drive": "format=raw,if=none,cache=none + virtio-blk-device",
@@ -652,18 +672,25 @@ def main() -> int:
             if reason:
                 print(f"{label}: network part skipped: {reason}")
         figures = [f for f in (*DISK_FIGURES, *NET_FIGURES) if not only or f in only]
-        for label in vms:
-            plan = Plan(reps=reps, image_mib=args.image_mib, net_mib=args.net_mib, helper=helper, netns=netns,
-                        net=skipped[label] is None)
-            make_image(image, args.image_mib)  # each VM starts from the same image
-            argv = (pyemu_argv(assets.vmlinux, initrd) if label == "pyemu"
-                    else qemu_argv(qemu, assets.vmlinux, initrd, tsc_khz))  # type: ignore[arg-type]
-            argv += disk_args(image) + (NET_ARGS if plan.net else [])
-            if plan.net and netns is not None:
-                argv = netns.wrap(argv)
-            print(f"{label}: {' '.join(argv)}", flush=True)
-            result = run_vm(label, argv, plan, figures, workdir)
-            vm_reports[label] = {"argv": argv, "sessions": result.sessions,
+        results: dict[str, VmResult] = {}
+        argvs: dict[str, list[str]] = {}
+        for round_index in range(args.rounds):
+            # Alternate the order: this host's disk and CPU speed drift over minutes, and whichever VM runs
+            # second would otherwise always meet the later state.
+            for label in (vms if round_index % 2 == 0 else list(reversed(vms))):
+                plan = Plan(reps=reps, image_mib=args.image_mib, net_mib=args.net_mib, helper=helper,
+                            netns=netns, net=skipped[label] is None)
+                make_image(image, args.image_mib)  # each VM starts from the same image
+                argv = (pyemu_argv(assets.vmlinux, initrd) if label == "pyemu"
+                        else qemu_argv(qemu, assets.vmlinux, initrd, tsc_khz))  # type: ignore[arg-type]
+                argv += disk_args(image) + (NET_ARGS if plan.net else [])
+                if plan.net and netns is not None:
+                    argv = netns.wrap(argv)
+                print(f"{label} (round {round_index + 1} of {args.rounds}): {' '.join(argv)}", flush=True)
+                argvs[label] = argv
+                results[label] = merge_results(results.get(label), run_vm(label, argv, plan, figures, workdir))
+        for label, result in results.items():
+            vm_reports[label] = {"argv": argvs[label], "sessions": result.sessions,
                                  "figures": summarise(result, figures)}
             if all(not result.samples[f] for f in figures):
                 vm_reports[label]["failed"] = "no sample: every session failed"
@@ -705,7 +732,7 @@ def main() -> int:
     for label, reason in (report.get("net_skipped") or {}).items():
         if reason:
             print(f"{label}: network part skipped: {reason}")
-    print(f"(medians of {reps}; QEMU booted with tsc_early_khz={tsc_khz}; load average now "
+    print(f"(medians of {reps * args.rounds}; QEMU booted with tsc_early_khz={tsc_khz}; load average now "
           f"{report['load_avg_end']})")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")
