@@ -55,10 +55,7 @@ class DmaMemory:
     def wrote(self, gpa: int, size: int) -> None:
         """``[gpa, gpa+size)`` was written by a device: translated code from it must go."""
         if size > 0:
-            if self._invalidate_ranges is not None:
-                self._invalidate_ranges(((gpa, size),))
-            elif self._invalidate is not None:
-                self._invalidate(gpa, size)
+            self.wrote_ranges(((gpa, size),))
 
     def wrote_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
         """Every ``(gpa, size)`` in ``ranges`` was written by a device (one report for a whole request)."""
