@@ -21,6 +21,7 @@ from pyemu.accel.tcg.dirty_log import TcgDirtyLog
 from pyemu.accel.tcg.block_gate import load_gate_module
 from pyemu.accel.tcg.errors import TcgError
 from pyemu.accel.tcg.guest_tsc import GuestTsc
+from pyemu.accel.tcg.halt_poll import default_max_poll_ns
 from pyemu.accel.tcg.scheduler import RoundRobin
 from pyemu.accel.tcg.tlb_fill import CodeMap, tlb_hook_enabled
 from pyemu.accel.tcg.tsc import host_tsc_hz
@@ -78,6 +79,9 @@ class TcgAccelerator:
         vcpu = TcgVcpu(index, self._memory, self._dispatcher, self._cpuid, calibrate(), interrupts,
                        scheduler=self.scheduler, code_map=self._code_map, tsc=self.tsc)
         self.vcpus.append(vcpu)
+        max_poll_ns = default_max_poll_ns(len(self.vcpus))
+        for each in self.vcpus:
+            each.halt_polling.max_ns = max_poll_ns
         return vcpu
 
     def invalidate_code(self, gpa: int, size: int) -> None:

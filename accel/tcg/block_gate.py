@@ -130,6 +130,7 @@ struct pyemu_gate {
     uint64_t raised_at;
 };
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
+int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns);
 struct pyemu_io_guard {
     uint8_t *env;
     void *cpu;
@@ -428,6 +429,18 @@ class BlockGate:
         self.state.stopped = 0
         self.state.yielded = 0
         self._attention()
+
+    # Halted (vCPU side, the engine not running) -------------------------------------------------------
+    def begin_wait(self) -> None:
+        """Before a halted vCPU looks for work: forget ``attention`` so that :meth:`poll` sees only flags
+        set from now on. Safe because the engine is not running; :meth:`arm` sets it again before the
+        next run."""
+        self.state.attention = 0
+
+    def poll(self, budget_ns: int) -> bool:
+        """Spin up to ``budget_ns`` (GIL released) until some thread sets a flag: True if one did. A halted
+        vCPU's alternative to sleeping on its wake-up event (see :mod:`pyemu.accel.tcg.halt_poll`)."""
+        return bool(self._lib.pyemu_gate_poll(self.state, budget_ns))
 
     @property
     def yielded(self) -> bool:

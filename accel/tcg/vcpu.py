@@ -8,9 +8,10 @@ Run loop (``run``), per iteration:
    at vector x 0x1000 (an application processor starts this way; it is created waiting); an NMI is
    delivered through IDT vector 2 whatever RFLAGS.IF says, unless NMIs are blocked (from an NMI's delivery
    to the handler's IRET, QEMU's HF2_NMI_MASK): then it waits for the first block after that IRET;
-3. a vCPU halted with IF=1 waits on an Event (set by ``kick``/``request_stop``) until the interrupt
-   controller has something pending; one halted with IF=0, or waiting for SIPI, waits for a processor
-   event (an NMI, INIT or SIPI ends such a HLT);
+3. a vCPU halted with IF=1 waits until the interrupt controller has something pending: first spinning in
+   C for its adaptive halt-polling window (:mod:`pyemu.accel.tcg.halt_poll`; any gate flag ends it), then
+   sleeping on an Event (set by ``kick``/``request_stop``); one halted with IF=0, or waiting for SIPI,
+   waits for a processor event (an NMI, INIT or SIPI ends such a HLT);
 4. the vCPU takes its turn (:mod:`pyemu.accel.tcg.scheduler`: one engine of the VM runs at a time) and
    first drops translations of pages other engines stored to (:class:`~pyemu.accel.tcg.tlb_fill.CodeMap`);
 5. a pending external interrupt is injected through the IDT if RFLAGS.IF=1 and no interrupt shadow is
@@ -37,6 +38,7 @@ errors raised by device models during the run become ``Shutdown(reason)`` with a
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -67,6 +69,7 @@ from pyemu.accel.tcg.cr4_guard import block_span, mov_to_cr4_before, refused_cr4
 from pyemu.accel.tcg.delivery import Event, EventKind
 from pyemu.accel.tcg.errors import EngineError, GuestFault
 from pyemu.accel.tcg.guest_tsc import GuestTsc
+from pyemu.accel.tcg.halt_poll import MAX_POLL_NS, HaltPolling
 from pyemu.accel.tcg.io_hooks import IoHooks, vcpu_cpuid
 from pyemu.accel.tcg.memory_map import PhysicalMap
 from pyemu.accel.tcg.engine_delivery import EngineDelivery
@@ -152,6 +155,8 @@ class TcgVcpu:
             and self._gate.take_interrupts_in_engine(self._acknowledge_in_engine)
         self._code = CodeInvalidator(self._uc, self._blob, memory, self._gate)
         self._wake = threading.Event()
+        self.halt_polling = HaltPolling(MAX_POLL_NS)
+        """How long a halt spins before sleeping (the accelerator sets the maximum for the VM's size)."""
         self._halted = False
         # An application processor starts as on a PC: waiting for INIT/SIPI from the boot processor.
         self._mp = MpState.RUNNABLE if index == 0 else MpState.WAIT_FOR_SIPI
@@ -542,19 +547,37 @@ class TcgVcpu:
         return self._wait(None)
 
     def _wait(self, controller: InterruptController | None) -> bool:
-        while True:
-            self._wake.clear()
-            if self._gate.stop_requested:
-                return False
-            if self._events_signalled:
-                return True
-            if controller is not None:
-                with self._lock:
-                    pending = controller.interrupt_pending()
-                if pending:
-                    self._gate.signal_interrupt()
+        """Wait for work; a halt waiting for an interrupt first spins for the adaptive halt-polling window
+        (:mod:`pyemu.accel.tcg.halt_poll`), then sleeps on the wake-up event."""
+        polling = self.halt_polling
+        window = polling.budget_ns() if controller is not None else 0
+        started = time.monotonic_ns() if controller is not None and polling.max_ns else 0
+        woken_while_polling = False
+        try:
+            while True:
+                self._wake.clear()
+                self._gate.begin_wait()
+                if self._gate.stop_requested:
+                    return False
+                if self._events_signalled:
                     return True
-            self._wake.wait()
+                if controller is not None:
+                    with self._lock:
+                        pending = controller.interrupt_pending()
+                    if pending:
+                        self._gate.signal_interrupt()
+                        return True
+                if window:
+                    polling.polls += 1
+                    woken_while_polling = self._gate.poll(window)
+                    window = 0  # one spin per halt; a flag that was not ours leads to the sleep below
+                    if woken_while_polling:
+                        continue
+                woken_while_polling = False
+                self._wake.wait()
+        finally:
+            if started:
+                polling.record(time.monotonic_ns() - started, woken_while_polling=woken_while_polling)
 
     def _take_vector(self, controller: InterruptController) -> int | None:
         """The vector the controller moves to in-service for this vCPU (INTA), or None if nothing is

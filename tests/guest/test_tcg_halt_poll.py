@@ -1,0 +1,118 @@
+"""Halt polling of the software CPU: the gate's spin ends on any flag and lets other Python threads run,
+the adaptive window follows KVM's rule, and a halted guest is woken by an interrupt both while its vCPU
+spins and after it went to sleep."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+
+from pyemu.accel.tcg import halt_poll
+from pyemu.accel.tcg.block_gate import BlockGate
+from pyemu.accel.tcg.halt_poll import GROW_START_NS, MAX_POLL_NS, HaltPolling, default_max_poll_ns
+from pyemu.testing import FakeInterruptController, GuestProgram, prepared
+from pyemu.testing.handlers import exit_with, recording_handler, slot_address
+
+VECTOR = 0x30
+COUNT = slot_address(0) + 0x48  # recording_handler(0)'s delivery counter
+LONG_NS = 20_000_000_000         # longer than any test waits: a poll that returns was ended by a flag
+
+
+@pytest.fixture
+def gate():
+    gate = BlockGate(Uc(UC_ARCH_X86, UC_MODE_64))
+    yield gate
+    gate.close()
+
+
+def test_poll_ends_when_another_thread_signals_and_releases_the_gil(gate: BlockGate) -> None:
+    gate.begin_wait()
+    result: list[bool] = []
+    poller = threading.Thread(target=lambda: result.append(gate.poll(LONG_NS)))
+    poller.start()
+    spins = 0
+    deadline = time.monotonic() + 0.05
+    while time.monotonic() < deadline:  # Python runs here while the poller spins in C
+        spins += 1
+    assert poller.is_alive(), "the poll ended with no flag set"
+    gate.signal_interrupt()
+    poller.join(timeout=10)
+    assert not poller.is_alive()
+    assert result == [True]
+    assert spins > 1000
+
+
+def test_poll_returns_false_when_its_budget_runs_out(gate: BlockGate) -> None:
+    gate.begin_wait()
+    started = time.monotonic()
+    assert gate.poll(2_000_000) is False
+    assert time.monotonic() - started >= 0.002
+
+
+def test_begin_wait_forgets_flags_set_before_it(gate: BlockGate) -> None:
+    gate.request_service()
+    gate.begin_wait()
+    assert gate.poll(1_000_000) is False
+    gate.request_stop()
+    assert gate.poll(LONG_NS) is True
+
+
+def test_window_grows_on_short_halts_and_resets_on_long_ones() -> None:
+    polling = HaltPolling(MAX_POLL_NS)
+    assert polling.budget_ns() == 0                    # an idle guest does not spin at first
+    polling.record(50_000, woken_while_polling=False)  # short: the next one would have been caught
+    assert polling.budget_ns() == GROW_START_NS
+    sizes = []
+    for _ in range(8):
+        polling.record(150_000, woken_while_polling=False)
+        sizes.append(polling.budget_ns())
+    assert sizes[:4] == [2 * GROW_START_NS, 4 * GROW_START_NS, 8 * GROW_START_NS, 16 * GROW_START_NS]
+    assert sizes[-1] == MAX_POLL_NS
+    polling.record(30_000, woken_while_polling=True)   # caught: the window stays
+    assert polling.budget_ns() == MAX_POLL_NS and polling.poll_hits == 1
+    polling.record(MAX_POLL_NS + 1, woken_while_polling=False)  # idle time: stop spinning
+    assert polling.budget_ns() == 0
+
+
+def test_no_polling_without_a_host_cpu_to_spare(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(halt_poll.os, "cpu_count", lambda: 2)
+    assert default_max_poll_ns(1) == MAX_POLL_NS
+    assert default_max_poll_ns(2) == 0
+    polling = HaltPolling(default_max_poll_ns(2))
+    polling.record(10_000, woken_while_polling=False)
+    assert polling.budget_ns() == 0
+
+
+HALT_THEN_COUNT = f"""
+    sti
+    hlt
+    cli
+    mov rbx, {COUNT}
+    mov eax, [rbx]
+    {exit_with("eax")}
+"""
+
+
+@pytest.mark.parametrize("spin", [True, False], ids=["woken-while-spinning", "woken-from-sleep"])
+def test_interrupt_wakes_a_halted_vcpu(spin: bool) -> None:
+    controller = FakeInterruptController()
+    program = GuestProgram(HALT_THEN_COUNT, handlers={VECTOR: recording_handler(0, error_code=False)})
+    with prepared(program, interrupts=controller) as machine:
+        vcpu = machine.vcpu
+        polling = vcpu.halt_polling  # type: ignore[attr-defined]
+        # Spinning: a window longer than the wait, so the halt ends inside it whatever the host's load.
+        polling.max_ns = LONG_NS if spin else 0
+        polling.window_ns = LONG_NS if spin else 0
+
+        def fire() -> None:
+            time.sleep(0.05)
+            controller.raise_vector(VECTOR)
+
+        threading.Thread(target=fire, daemon=True).start()
+        vcpu.run()
+        assert machine.board.exit_device.value == 1
+        assert polling.polls == (1 if spin else 0)
+        assert polling.poll_hits == (1 if spin else 0)
