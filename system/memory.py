@@ -17,6 +17,7 @@ import ctypes
 import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NewType
 
@@ -51,6 +52,34 @@ class RamRegion:
         """First guest-physical address after the region."""
         return self.gpa + self.size
 
+
+
+# -- single stores into memory a vCPU may be reading ------------------------------------------------------
+# Why not ``struct.pack_into``: CPython's packer clears its destination before it writes the fields
+# (``memset`` in ``s_pack_internal``), so a guest reading the field meanwhile sees 0 -- measured: a C
+# reader polling a 16-bit field that Python kept packing the same value into saw 0 about 31 million times
+# a second. A virtqueue's used index read as 0 for a moment made Linux's virtio drivers take stale used
+# entries ("id 1 is not a head!", a receive queue marked broken). An item assignment through a typed
+# memoryview is one native store of the whole field. Guest memory is little-endian, as are the x86 hosts
+# pyemu runs on (``sys.byteorder`` is checked at import).
+
+if sys.byteorder != "little":  # pragma: no cover - pyemu runs x86 guests on x86 hosts
+    raise ImportError("pyemu's guest-memory stores assume a little-endian host")
+
+
+def store_u16(view: memoryview, offset: int, value: int) -> None:
+    """``value`` into the 2 bytes at ``view[offset]`` as one store (see above)."""
+    view[offset:offset + 2].cast("H")[0] = value & 0xFFFF
+
+
+def store_u32(view: memoryview, offset: int, value: int) -> None:
+    """``value`` into the 4 bytes at ``view[offset]`` as one store."""
+    view[offset:offset + 4].cast("I")[0] = value & 0xFFFF_FFFF
+
+
+def store_u64(view: memoryview, offset: int, value: int) -> None:
+    """``value`` into the 8 bytes at ``view[offset]`` as one store."""
+    view[offset:offset + 8].cast("Q")[0] = value & 0xFFFF_FFFF_FFFF_FFFF
 
 class GuestMemory:
     """Guest RAM backed by one anonymous memfd, mapped once into this process.
@@ -208,13 +237,13 @@ class GuestMemory:
         self.view(gpa, 1)[0] = value & 0xFF
 
     def write_u16(self, gpa: int, value: int) -> None:
-        struct.pack_into("<H", self.view(gpa, 2), 0, value & 0xFFFF)
+        store_u16(self.view(gpa, 2), 0, value)
 
     def write_u32(self, gpa: int, value: int) -> None:
-        struct.pack_into("<I", self.view(gpa, 4), 0, value & 0xFFFFFFFF)
+        store_u32(self.view(gpa, 4), 0, value)
 
     def write_u64(self, gpa: int, value: int) -> None:
-        struct.pack_into("<Q", self.view(gpa, 8), 0, value & 0xFFFFFFFFFFFFFFFF)
+        store_u64(self.view(gpa, 8), 0, value)
 
     def exclude_from_core_dumps(self) -> None:
         """``-machine dump-guest-core=off``: keep guest RAM (possibly gigabytes, possibly secret) out of a

@@ -14,7 +14,7 @@ from typing import Callable
 from unicorn import Uc
 
 from pyemu.accel.dispatch import ExitDispatcher
-from pyemu.system.memory import GuestMemory
+from pyemu.system.memory import GuestMemory, store_u32, store_u64
 
 
 _U64 = struct.Struct("<Q")
@@ -86,7 +86,7 @@ class GuestPhysical:
             view, offset = found
             old = _U64.unpack_from(view, offset)[0]
             if old | bits != old:
-                _U64.pack_into(view, offset, old | bits)
+                store_u64(view, offset, old | bits)  # one store: not pack_into, which zeroes first
                 if self._on_write is not None:
                     self._on_write(gpa, 8)
 
@@ -96,6 +96,6 @@ class GuestPhysical:
             view, offset = found
             old = _U32.unpack_from(view, offset)[0]
             if old | bits != old:
-                _U32.pack_into(view, offset, old | bits)
+                store_u32(view, offset, old | bits)
                 if self._on_write is not None:
                     self._on_write(gpa, 4)

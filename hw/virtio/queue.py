@@ -26,6 +26,7 @@ from pyemu.block.iovec import ByteViews
 from pyemu.errors import GuestMemoryError
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio.errors import VirtqueueError
+from pyemu.system.memory import store_u16
 
 _FENCE = threading.Lock()
 
@@ -51,7 +52,6 @@ DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 MAX_QUEUE_SIZE = 32768
 _DESCRIPTOR = struct.Struct("<QIHH")  # address, length, flags, next
-_USED_ELEM = struct.Struct("<II")  # head, bytes written
 MAX_SEGMENT_TOTAL = 1 << 32
 """A chain's bytes in one direction must fit the used ring's 32-bit length field."""
 
@@ -105,14 +105,18 @@ def _successors(entries: int) -> tuple[int, ...]:
 
 
 class _Rings(NamedTuple):
-    """Views of one activated queue's rings (all None when they are not wholly inside guest RAM)."""
+    """Views of one activated queue's rings (all None when they are not wholly inside guest RAM). The
+    used ring is written only through its typed views, one store per field: the driver reads it while
+    the device writes, and ``struct.pack_into`` would zero a field before writing it
+    (:func:`pyemu.system.memory.store_u16` says more)."""
 
     desc: memoryview | None
     avail: memoryview | None
-    used: memoryview | None
+    used_u16: memoryview | None  # flags, idx, ..., avail_event
+    used_u32: memoryview | None  # the header word, then id and len of each element
 
 
-_NO_RINGS = _Rings(None, None, None)
+_NO_RINGS = _Rings(None, None, None, None)
 _U16 = struct.Struct("<H")
 
 
@@ -313,7 +317,11 @@ class Virtqueue:
             size = self.size
             spans = ((self.desc_addr, DESC_SIZE * size), (self.avail_addr, 6 + 2 * size),
                      (self.used_addr, 6 + 8 * size))
-            rings = _Rings(*dma.views(spans)) if all(dma.contains(a, n) for a, n in spans) else _NO_RINGS
+            if all(dma.contains(a, n) for a, n in spans):
+                desc, avail, used = dma.views(spans)
+                rings = _Rings(desc, avail, used.cast("H"), used[:4 + 8 * size].cast("I"))
+            else:
+                rings = _NO_RINGS
             self._rings = rings
         return rings
 
@@ -325,10 +333,10 @@ class Virtqueue:
         return self._u16(dma, self.avail_addr + offset)
 
     def _put_used_u16(self, dma: DmaMemory, offset: int, value: int) -> None:
-        """Store the 16-bit field at ``offset`` of the used ring."""
-        view = self._ring_views(dma).used
-        if view is not None:
-            _U16.pack_into(view, offset, value & 0xFFFF)
+        """Store the 16-bit field at ``offset`` of the used ring (one store: the driver may be reading)."""
+        words = self._ring_views(dma).used_u16
+        if words is not None:
+            words[offset >> 1] = value & 0xFFFF
         else:
             self._put_u16(dma, self.used_addr + offset, value)
 
@@ -340,7 +348,7 @@ class Virtqueue:
 
     def _put_u16(self, dma: DmaMemory, gpa: int, value: int) -> None:
         try:
-            struct.pack_into("<H", dma.view(gpa, 2), 0, value & 0xFFFF)
+            store_u16(dma.view(gpa, 2), 0, value)
         except GuestMemoryError as exc:
             raise VirtqueueError(self.index, f"ring access at {gpa:#x} outside guest RAM") from exc
 
@@ -479,15 +487,16 @@ class Virtqueue:
         size = self.size
         written_ranges: list[Piece] = []
         try:
-            ring = self._ring_views(dma).used
-            base = 4
-            if ring is None:
-                ring, base = dma.view(self.used_addr + 4, 8 * size), 0
+            words = self._ring_views(dma).used_u32
+            if words is None:
+                words = dma.view(self.used_addr, 4 + 8 * size).cast("I")
             for chain, written in entries:
                 written = max(0, min(written, chain.writable_length))
                 if written:
                     written_ranges.extend(chain.written_ranges(written))
-                _USED_ELEM.pack_into(ring, base + 8 * (index % size), chain.head, written)
+                slot = 1 + 2 * (index % size)
+                words[slot] = chain.head
+                words[slot + 1] = written
                 index = (index + 1) & 0xFFFF
         except GuestMemoryError as exc:
             raise VirtqueueError(self.index, "used ring outside guest RAM") from exc
