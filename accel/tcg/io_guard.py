@@ -53,8 +53,10 @@ _MARK = 0x5A17_C0DE_0000_0000
 _CODE_SLACK = 0x10000      # code_gen_buffer_size may exceed its mapping by a guard page or two
 _CODE_WATCH = 0x40000      # bytes at a code buffer's start compared before and after translating
 # Where the first engine had them, as (offset of a pointer in uc_struct, offset from that pointer):
-# the CPU pointer and env - cpu; the TCG context pointer and its code_gen_buffer field.
+# the CPU pointer and env - cpu.
 _cache: dict[str, tuple[int, int]] = {}
+# The ways from ``uc_struct`` to the TCG context's code_gen_buffer field, most trustworthy first.
+_code_paths: dict[str, list[tuple[int, int]]] = {}
 _cache_lock = threading.Lock()
 
 _HELPERS = tuple(f"helper_{kind}{width}_x86_64" for kind in ("in", "out") for width in "bwl")
@@ -177,52 +179,72 @@ def _code_buffer_at(memory: _ProcessMemory, context: int, inner: int,
     return start, end
 
 
-def _code_buffer_offsets() -> tuple[int, int]:
-    """Where ``uc_struct`` holds its TCG context and the context its code buffer, found on a scratch engine.
+def _translating_paths(scratch: Uc, memory: _ProcessMemory) -> list[tuple[int, int]]:
+    """Every (offset in ``uc_struct``, offset from that pointer) at which ``scratch`` reaches a code-buffer
+    pair whose buffer receives the code ``scratch`` translates."""
+    handle = handle_of(scratch)
+    regions = _rwx_regions()
+    candidates = []
+    for offset, pointer in memory.pointers(handle):
+        window = memory.read(pointer, 0x1000) or b""
+        for inner in range(0, len(window) - 15, 8):
+            if struct.unpack_from("<Q", window, inner)[0] in regions:
+                found = _code_buffer_at(memory, pointer, inner, regions)
+                if found is not None:
+                    candidates.append((offset, inner, found[0]))
+    before = {start: memory.read(start, _CODE_WATCH) for _o, _i, start in candidates}
+    scratch.mem_write(0x100, bytes([0x48, 0xFF, 0xC3] * 4 + [0xF4]))   # inc rbx (x4); hlt
+    scratch.emu_start(0x100, 0x10C)
+    return [(offset, inner) for offset, inner, start in candidates
+            if memory.read(start, _CODE_WATCH) != before[start]]
+
+
+def _code_buffer_paths() -> list[tuple[int, int]]:
+    """Where ``uc_struct`` holds its TCG context and the context its code buffer, found on scratch engines,
+    most trustworthy first.
 
     Why by translating code: with several engines in a process, pointers in one engine's ``uc_struct`` lead
     to heap objects that hold another engine's buffer and size (measured with two and three engines: the
     first such pair, and even one with a pointer back to the engine nearby, was another engine's). Only the
-    engine's own buffer receives the code it translates, so the scratch engine runs four instructions and
-    the candidate whose buffer changed is the one; the offsets are then the same in every engine."""
-    scratch = Uc(UC_ARCH_X86, UC_MODE_64)
-    scratch.mem_map(0, 0x1000)
-    handle = handle_of(scratch)
-    regions = _rwx_regions()
+    engine's own buffer receives the code it translates.
+
+    Why two scratch engines and the shortest reach: the 4 KiB window read from each pointer also covers the
+    heap objects beside it, so a neighbour of the TCG context reaches the same field (measured: in about
+    half of the scratch engines one to three such paths came before the real one in ``uc_struct`` order).
+    Such a path holds only while the allocator places the two objects side by side, and once in about a
+    hundred processes it did not for a later engine. A path must therefore work in two engines alive at
+    once, and the one with the smallest offset from its pointer (the pointer to the object that owns the
+    field) is tried first."""
+    scratches = [Uc(UC_ARCH_X86, UC_MODE_64) for _ in range(2)]
+    for scratch in scratches:
+        scratch.mem_map(0, 0x1000)
     with _ProcessMemory() as memory:
-        candidates = []
-        for offset, pointer in memory.pointers(handle):
-            window = memory.read(pointer, 0x1000) or b""
-            for inner in range(0, len(window) - 15, 8):
-                if struct.unpack_from("<Q", window, inner)[0] in regions:
-                    found = _code_buffer_at(memory, pointer, inner, regions)
-                    if found is not None:
-                        candidates.append((offset, inner, found[0]))
-        before = {start: memory.read(start, _CODE_WATCH) for _o, _i, start in candidates}
-        scratch.mem_write(0x100, bytes([0x48, 0xFF, 0xC3] * 4 + [0xF4]))   # inc rbx (x4); hlt
-        scratch.emu_start(0x100, 0x10C)
-        for offset, inner, start in candidates:
-            if memory.read(start, _CODE_WATCH) != before[start]:
-                return offset, inner
-    raise CalibrationError("the engine's TCG code buffer was not found", field="code_gen_buffer")
+        first, second = (_translating_paths(scratch, memory) for scratch in scratches)
+    paths = sorted(set(first) & set(second), key=lambda path: (path[1], path[0]))
+    if not paths:
+        raise CalibrationError("the engine's TCG code buffer was not found", field="code_gen_buffer")
+    return paths
 
 
 def locate_code_buffer(uc: Uc) -> tuple[int, int]:
     """[start, end) of the engine's TCG code buffer: the writable-and-executable mapping that ``uc_struct``
-    reaches through its TCG context's ``code_gen_buffer`` and ``code_gen_buffer_size`` (offsets found once
-    per process, see :func:`_code_buffer_offsets`)."""
-    cached = _cached("code")
-    if cached is None:
-        cached = _code_buffer_offsets()
-        _remember("code", cached)
+    reaches through its TCG context's ``code_gen_buffer`` and ``code_gen_buffer_size`` (paths found once
+    per process, see :func:`_code_buffer_paths`; the first that leads to such a mapping is taken)."""
+    with _cache_lock:
+        paths = _code_paths.get("code")
+    if paths is None:
+        paths = _code_buffer_paths()
+        with _cache_lock:
+            _code_paths["code"] = paths
     regions = _rwx_regions()
     with _ProcessMemory() as memory:
-        context = memory.word(handle_of(uc) + cached[0])
-        found = None if context is None else _code_buffer_at(memory, context, cached[1], regions)
-    if found is None:
-        raise CalibrationError("the engine's TCG code buffer is not where the scratch engine had it",
-                               field="code_gen_buffer")
-    return found
+        for offset, inner in paths:
+            context = memory.word(handle_of(uc) + offset)
+            found = None if context is None else _code_buffer_at(memory, context, inner, regions)
+            if found is not None:
+                return found
+    raise CalibrationError("the engine's TCG code buffer is not where the scratch engines had it",
+                           field="code_gen_buffer")
 
 
 class IoGuard:

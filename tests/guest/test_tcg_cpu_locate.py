@@ -87,6 +87,7 @@ def check(count):
     buffers = []
     for uc in engines:
         io_guard._cache.clear()
+        io_guard._code_paths.clear()
         buffers.append(io_guard.locate_code_buffer(uc))
     owners = []
     for uc in engines:
