@@ -128,6 +128,7 @@ struct pyemu_gate {
     int32_t engine_irq;
     uint64_t irq_raised;
     uint64_t raised_at;
+    uint32_t spin_burst;
 };
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
 int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns);
@@ -243,6 +244,11 @@ def _uc_library() -> ctypes.CDLL:
 
 
 _NO_BLOCK = (1 << 64) - 1
+SPIN_BURST = 2048
+"""Block starts the spin detector looks at per "contended" from the scheduler: a PAUSE loop of up to 16
+blocks shows itself within 48 rounds (``SPIN_GAP``, ``SPIN_HITS`` in ``block_gate.c``), a short one within
+the first hundred blocks; at the tens of millions of blocks per second a booting kernel runs, 2048 are some
+tens of microseconds. (A dozen-block loop needs about 600.)"""
 
 
 def engine_takes_interrupts() -> bool:
@@ -386,9 +392,12 @@ class BlockGate:
         return bool(self.state.irq_pending)
 
     def set_contended(self, contended: bool) -> None:
-        """The scheduler: another vCPU waits for this one's turn, so a PAUSE spin should give it up."""
+        """The scheduler: another vCPU waits for this one's turn, so a PAUSE spin should give it up. Each
+        call with True gives the spin detector a new burst of :data:`SPIN_BURST` block starts
+        (``block_gate.c`` says why in bursts)."""
         self.state.contended = 1 if contended else 0
         if contended:
+            self.state.spin_burst = SPIN_BURST
             self._attention()
 
     # vCPU side ---------------------------------------------------------------------------------------

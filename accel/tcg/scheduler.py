@@ -9,8 +9,10 @@ a time makes every guest instruction atomic with respect to the other vCPUs, exa
 locks (:class:`pyemu.accel.tcg.tlb_fill.CodeMap`).
 
 How turns work: a vCPU thread takes a ticket and waits until it is served (FIFO, so nobody starves). A
-waiting vCPU marks the running one *contended*: its block gate then gives the turn up as soon as the guest
-spins in a PAUSE loop (it waits for something only another vCPU can do), and the first waiter preempts it
+waiting vCPU marks the running one *contended*, again every :attr:`RoundRobin.spin_look_s` while it waits:
+its block gate then gives the turn up as soon as the guest spins in a PAUSE loop (it waits for something
+only another vCPU can do; the gate looks for that in a short burst after each mark, since looking at every
+block start all along cost a two-vCPU boot 11% of its time), and the first waiter preempts it
 outright once its turn is older than :attr:`RoundRobin.slice_s`. A waiter with an interrupt or processor
 event pending is *urgent* and preempts after only :attr:`RoundRobin.urgent_slice_s`: on hardware every
 CPU takes its interrupts at once, and Linux counts its early periodic timer ticks (jiffies) one interrupt
@@ -39,7 +41,8 @@ class Preemptible(Protocol):
         ...
 
     def set_contended(self, contended: bool) -> None:
-        """Another vCPU waits for the turn (any thread)."""
+        """Another vCPU waits for the turn (any thread); said again every :attr:`RoundRobin.spin_look_s`
+        while it waits, and each time the owner looks for a PAUSE spin for a short while."""
         ...
 
 
@@ -49,6 +52,10 @@ class RoundRobin:
     def __init__(self, slice_s: float = 0.004, urgent_slice_s: float = 0.0005) -> None:
         self.slice_s = slice_s
         self.urgent_slice_s = urgent_slice_s
+        self.spin_look_s = 0.0005
+        """How often a waiter tells the owner again that it waits: the owner's block gate looks for a PAUSE
+        spin only in a short burst after each time (see ``block_gate.c``), so a spin that begins later is
+        found within this long."""
         self._cond = threading.Condition()
         self._next_ticket = 0
         self._serving = 0
@@ -99,7 +106,7 @@ class RoundRobin:
                     self._preempted_at = now
                     owner.preempt()
                     remaining = self.slice_s
-                self._cond.wait(timeout=max(remaining, 0.0005))
+                self._cond.wait(timeout=min(max(remaining, 0.0005), self.spin_look_s))
             self._owner = vcpu
             self._owner_since = time.monotonic()
             self._preempted_at = None

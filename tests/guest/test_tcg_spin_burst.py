@@ -1,0 +1,68 @@
+"""The block gate looks for a PAUSE spin only in a burst after each "contended" from the scheduler: a spin
+that begins after the burst is not seen (the gate is not even called then, which is the point) until the
+next "contended", which the scheduler repeats while a vCPU waits (``RoundRobin.spin_look_s``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from pyemu.accel.tcg.block_gate import SPIN_BURST
+from pyemu.testing import GuestProgram, prepared
+
+# A busy loop without PAUSE, long enough to use up a burst many times over (it is found to be "not a
+# spin" and left alone), then a PAUSE spin that never ends.
+PROGRAM = GuestProgram(f"""
+    mov rcx, {400 * SPIN_BURST}
+warm:
+    dec rcx
+    jnz warm
+spin:
+    pause
+    jmp spin
+""")
+SPIN_LOOP = bytes([0xF3, 0x90, 0xEB, 0xFC])   # pause; jmp spin
+
+
+def _wait_for(condition, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def test_a_spin_after_the_burst_is_found_at_the_next_contended_mark() -> None:
+    with prepared(PROGRAM) as machine:
+        vcpu = machine.vcpu
+        gate = vcpu._gate  # type: ignore[attr-defined]
+        main = machine.symbols["main"]
+        spin = main + machine.board.memory.read(main, 0x40).index(SPIN_LOOP)
+        runner = threading.Thread(target=vcpu.run, daemon=True)
+        runner.start()
+        try:
+            assert _wait_for(lambda: main < gate.last_block < main + 0x40), "the guest never ran its busy loop"
+            gate.set_contended(True)          # one mark, while the guest is in the loop without PAUSE
+            assert _wait_for(lambda: spin <= gate.last_block < spin + 0x10), "the guest never reached its spin"
+            time.sleep(0.2)
+            assert vcpu.spin_yields == 0      # the burst was spent on the busy loop
+
+            marking = threading.Event()
+
+            def mark() -> None:               # what a waiting vCPU's scheduler does
+                while not marking.is_set():
+                    gate.set_contended(True)
+                    time.sleep(0.0005)
+
+            marker = threading.Thread(target=mark, daemon=True)
+            marker.start()
+            try:
+                assert _wait_for(lambda: vcpu.spin_yields > 0), "a marked spin never gave up the turn"
+            finally:
+                marking.set()
+                marker.join()
+        finally:
+            vcpu.request_stop()
+            runner.join(timeout=10)
+        assert not runner.is_alive()
