@@ -1,4 +1,5 @@
-"""Where pyemu keeps what it fetches or builds outside the repository (guest assets, compiled C hooks)."""
+"""Where pyemu keeps what it fetches, builds or measures outside the repository (guest assets, compiled C
+hooks, host facts), and how small cache files are written."""
 
 from __future__ import annotations
 
@@ -14,3 +15,21 @@ def cache_root(environ: dict[str, str] | os._Environ[str] | None = None) -> Path
     if env.get("XDG_CACHE_HOME"):
         return Path(env["XDG_CACHE_HOME"]).expanduser() / "pyemu"
     return Path(env.get("HOME") or Path.home()).expanduser() / ".cache" / "pyemu"
+
+
+def store_small_file(path: Path, text: str) -> bool:
+    """Write ``text`` to ``path`` whole or not at all (a rename), so a concurrent reader never sees half of
+    it. False when it cannot be written: a cache that cannot be written only costs the next process the
+    work it saves."""
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_text(text)
+        os.replace(temporary, path)
+        return True
+    except OSError:
+        try:
+            temporary.unlink()
+        except OSError:
+            pass
+        return False

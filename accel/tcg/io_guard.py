@@ -37,6 +37,7 @@ import ctypes
 import os
 import struct
 import threading
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
@@ -46,6 +47,7 @@ from pyemu.accel.tcg.block_gate import BlockGate, native_function
 from pyemu.accel.tcg.calibration import BlobLayout
 from pyemu.accel.tcg.context import CpuBlob
 from pyemu.accel.tcg.errors import CalibrationError, EngineError
+from pyemu.system.cache import cache_root, store_small_file
 
 _UC_SCAN = 0x4000          # bytes of uc_struct searched for the CPU pointer
 _CPU_WINDOW = 0x20000      # bytes of the CPU object searched for env
@@ -229,13 +231,31 @@ def _code_buffer_paths() -> list[tuple[int, int]]:
 def locate_code_buffer(uc: Uc) -> tuple[int, int]:
     """[start, end) of the engine's TCG code buffer: the writable-and-executable mapping that ``uc_struct``
     reaches through its TCG context's ``code_gen_buffer`` and ``code_gen_buffer_size`` (paths found once
-    per process, see :func:`_code_buffer_paths`; the first that leads to such a mapping is taken)."""
+    per library build, see :func:`_code_buffer_paths` and :func:`_known_paths`; the first that leads to
+    such a mapping is taken)."""
     with _cache_lock:
         paths = _code_paths.get("code")
-    if paths is None:
+    if paths is not None:   # found or borne out in this process already
+        return _found_or_raise(_buffer_by_paths(uc, paths))
+    paths = _known_paths()
+    found = _buffer_by_paths(uc, paths)
+    if found is None:       # none stored, or a stored set this engine does not bear out
         paths = _code_buffer_paths()
-        with _cache_lock:
-            _code_paths["code"] = paths
+        _store_paths(paths)
+        found = _buffer_by_paths(uc, paths)
+    with _cache_lock:
+        _code_paths["code"] = paths
+    return _found_or_raise(found)
+
+
+def _found_or_raise(found: tuple[int, int] | None) -> tuple[int, int]:
+    if found is None:
+        raise CalibrationError("the engine's TCG code buffer is not where the scratch engines had it",
+                               field="code_gen_buffer")
+    return found
+
+
+def _buffer_by_paths(uc: Uc, paths: list[tuple[int, int]]) -> tuple[int, int] | None:
     regions = _rwx_regions()
     with _ProcessMemory() as memory:
         for offset, inner in paths:
@@ -243,8 +263,49 @@ def locate_code_buffer(uc: Uc) -> tuple[int, int]:
             found = None if context is None else _code_buffer_at(memory, context, inner, regions)
             if found is not None:
                 return found
-    raise CalibrationError("the engine's TCG code buffer is not where the scratch engines had it",
-                           field="code_gen_buffer")
+    return None
+
+
+def _paths_file() -> Path:
+    return cache_root() / "tcg-code-buffer-paths"
+
+
+def _library_identity() -> str:
+    """The loaded libunicorn as path, size and modification time: the paths are a property of its build."""
+    from pyemu.accel.tcg.engine_library import loaded_library
+
+    path = loaded_library()
+    try:
+        status = os.stat(path)
+    except OSError:
+        return path
+    return f"{path} {status.st_size} {status.st_mtime_ns}"
+
+
+def _known_paths() -> list[tuple[int, int]]:
+    """The paths stored by an earlier process for this very library, or [] (two scratch engines and the
+    search cost each VM start 25-50 ms, a tenth of pyemu's start-up). Stored paths are checked on every
+    engine like fresh ones, and a set the engine does not bear out is searched for again."""
+    try:
+        lines = _paths_file().read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return []
+    if not lines or lines[0] != _library_identity():
+        return []
+    paths = []
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) != 2 or not all(field.isdigit() for field in fields):
+            return []
+        offset, inner = int(fields[0]), int(fields[1])
+        if offset >= _UC_SCAN or inner >= 0x1000 or offset % 8 or inner % 8:
+            return []
+        paths.append((offset, inner))
+    return paths
+
+
+def _store_paths(paths: list[tuple[int, int]]) -> None:
+    store_small_file(_paths_file(), "\n".join([_library_identity(), *(f"{o} {i}" for o, i in paths)]) + "\n")
 
 
 class IoGuard:

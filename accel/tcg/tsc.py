@@ -22,7 +22,6 @@ TSC is the host TSC plus an offset (:mod:`pyemu.accel.tcg.guest_tsc`), recompute
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RDX
 
-from pyemu.system.cache import cache_root
+from pyemu.system.cache import cache_root, store_small_file
 
 SAMPLE_S = 0.03
 _CODE_ADDR = 0x1000
@@ -123,14 +122,4 @@ def _cached_rate(cache: Path, boot_id: str) -> int | None:
 
 
 def _store_rate(cache: Path, boot_id: str, hz: int) -> None:
-    """Write the file whole or not at all (a rename), so a concurrent reader never sees half of it."""
-    temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(f"{boot_id} {hz}\n")
-        os.replace(temporary, cache)
-    except OSError:
-        try:
-            temporary.unlink()
-        except OSError:
-            pass
+    store_small_file(cache, f"{boot_id} {hz}\n")

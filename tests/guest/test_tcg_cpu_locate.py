@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 from unicorn import x86_const as x86
@@ -88,6 +89,7 @@ def check(count):
     for uc in engines:
         io_guard._cache.clear()
         io_guard._code_paths.clear()
+        io_guard._paths_file().unlink(missing_ok=True)   # search again, not the stored paths
         buffers.append(io_guard.locate_code_buffer(uc))
     owners = []
     for uc in engines:
@@ -110,12 +112,49 @@ print(wrong)
 """
 
 
-def test_each_engine_finds_the_buffer_its_own_translations_go_to() -> None:
+def test_each_engine_finds_the_buffer_its_own_translations_go_to(tmp_path: Path) -> None:
     """Several engines, each located without offsets cached from another: pointers in one engine's
     uc_struct reach other engines' TCG contexts (measured: a quarter to a half of these engines took
     another's buffer when the first buffer-like pair found was believed), and a guard given another
     engine's buffer never finds the block's return address. Ownership is checked by translating code in
     one engine at a time and seeing which buffer changed."""
-    done = subprocess.run([sys.executable, "-c", _OWNERSHIP_CHECK], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", _OWNERSHIP_CHECK], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYEMU_CACHE": str(tmp_path)})
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"(round, engines, whose buffer changed per engine): {done.stdout}"
+
+
+_STORED_PATHS_CHECK = """
+import os
+from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+from pyemu.accel.tcg import io_guard
+
+def engine():
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x1000)
+    return uc
+
+searched = []
+search = io_guard._code_buffer_paths
+io_guard._code_buffer_paths = lambda: searched.append(1) or search()
+mode = os.environ["CHECK_MODE"]
+if mode == "garbage":   # right library, paths that lead nowhere
+    io_guard._store_paths([(8, 8)])
+engines = [engine(), engine()]   # both alive: each has its own buffer
+first, second = (io_guard.locate_code_buffer(uc) for uc in engines)
+print(len(searched), first != second, io_guard._known_paths() == io_guard._code_paths["code"])
+"""
+
+
+def test_stored_paths_spare_the_search_and_bad_ones_are_searched_again(tmp_path: Path) -> None:
+    """A process stores the paths for its library; the next one uses them without scratch engines, and a
+    stored set that leads to no code buffer is replaced by a new search."""
+    def run(mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", _STORED_PATHS_CHECK], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYEMU_CACHE": str(tmp_path), "CHECK_MODE": mode})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split("\n")[0]
+    assert run("first") == "1 True True"      # searched, stored; two engines, two buffers
+    assert run("again") == "0 True True"      # stored paths used: no search
+    assert run("garbage") == "1 True True"    # searched again, and the good paths stored
+    assert run("again") == "0 True True"
