@@ -70,6 +70,38 @@ def test_timer_thread_runs_callbacks_under_the_lock():
         queue.stop()
 
 
+def test_only_a_sooner_deadline_wakes_the_timer_thread_and_later_ones_still_fire():
+    """Arming for later than the first deadline does not notify the sleeping timer thread (the notify is a
+    cross-CPU wake-up the arming vCPU pays for); the thread finds such timers when it wakes anyway, also
+    when the first entry is a timer since re-armed for later (a stale heap entry)."""
+    queue = TimerQueue()
+    notified = []
+    original_notify = queue._wake.notify
+    queue._wake.notify = lambda n=1: (notified.append(n), original_notify(n))  # type: ignore[method-assign]
+    fired: list[str] = []
+    done = threading.Event()
+    both = threading.Event()
+    first = queue.new_timer(lambda: (fired.append("first"), both.set()))
+    later = queue.new_timer(lambda: (fired.append("later"), done.set()))
+    queue.start()
+    try:
+        first.mod_in(40_000_000)
+        assert len(notified) == 1                # the first deadline wakes the thread to sleep less
+        later.mod_in(60_000_000)
+        first.mod_in(80_000_000)                 # re-armed later: its old entry stays first, stale
+        assert len(notified) == 1                # neither woke the thread
+        assert done.wait(5.0)
+        assert fired == ["later"]                # found when the thread woke for the stale entry
+        assert both.wait(5.0)
+        assert fired == ["later", "first"]
+        soon = threading.Event()
+        first.mod_in(1000 * 1_000_000_000)       # the thread now sleeps for 1000 s ...
+        queue.new_timer(soon.set).mod_in(1_000_000)
+        assert soon.wait(30.0)                   # ... unless a sooner deadline wakes it
+    finally:
+        queue.stop()
+
+
 def test_runstate_transitions_and_first_shutdown_cause_wins():
     rs = RunStateMachine()
     seen = []
