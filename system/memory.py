@@ -53,7 +53,6 @@ class RamRegion:
         return self.gpa + self.size
 
 
-
 # -- single stores into memory a vCPU may be reading ------------------------------------------------------
 # Why not ``struct.pack_into``: CPython's packer clears its destination before it writes the fields
 # (``memset`` in ``s_pack_internal``), so a guest reading the field meanwhile sees 0 -- measured: a C
@@ -80,6 +79,7 @@ def store_u32(view: memoryview, offset: int, value: int) -> None:
 def store_u64(view: memoryview, offset: int, value: int) -> None:
     """``value`` into the 8 bytes at ``view[offset]`` as one store."""
     view[offset:offset + 8].cast("Q")[0] = value & 0xFFFF_FFFF_FFFF_FFFF
+
 
 class GuestMemory:
     """Guest RAM backed by one anonymous memfd, mapped once into this process.

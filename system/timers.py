@@ -154,6 +154,14 @@ class TimerQueue:
 
     # -- arming ------------------------------------------------------------------------------------------
     def _arm(self, timer: Timer, deadline_ns: int) -> None:
+        """Queue ``timer`` for ``deadline_ns``; only a deadline sooner than the first one wakes the thread.
+
+        Why: a waiting thread sleeps until the heap's first entry (see :meth:`_loop`), and that entry only
+        moves earlier while it sleeps, each time with a notify; so a deadline at or after it is seen when
+        the thread wakes anyway (a stale first entry, from a timer re-armed later, costs one early wake-up
+        that finds nothing due). The notify is a cross-CPU wake-up that the arming thread pays for inside
+        the syscall (~18 us here): a guest re-arming its LAPIC timer for later, as Linux does on every idle
+        entry and exit, paid it on every TMICT or TSC-deadline write."""
         with self._wake:
             timer._generation += 1
             timer.expire_ns = deadline_ns
@@ -161,13 +169,6 @@ class TimerQueue:
             heapq.heappush(self._heap, (deadline_ns, next(self._seq), timer._generation, timer))
             if sooner:
                 self._wake.notify()
-
-    # Why only a sooner deadline wakes the thread: a waiting thread sleeps until the heap's first entry
-    # (see _loop), and that entry only moves earlier while it sleeps, each time with a notify; so a deadline
-    # at or after it is seen when the thread wakes anyway (a stale first entry, from a timer re-armed later,
-    # costs one early wake-up that finds nothing due). The notify is a cross-CPU wake-up that the arming
-    # thread pays for inside the syscall (~18 us here): a guest re-arming its LAPIC timer for later, as
-    # Linux does on every idle entry and exit, paid it on every TMICT or TSC-deadline write.
 
     def _cancel(self, timer: Timer) -> None:
         with self._wake:

@@ -76,9 +76,9 @@ static inline void gate_keep_attention(struct pyemu_gate *gate)
 /* Spin detection, only while another vCPU waits for the turn (the scheduler runs one engine at a time,
  * so a guest spinning on a lock held by a vCPU that is not running waits for nothing). A loop is a block
  * start that comes back within SPIN_GAP blocks, SPIN_HITS times (16 blocks: Linux's stop_machine loop,
- * with its watchdog and RCU calls and their return thunks, is about a dozen); it is a spin if one of its blocks ends
- * with PAUSE (F3 90), which Linux's cpu_relax() puts in every busy-wait, and which ends a translation
- * block in QEMU's x86 translator. Busy loops without PAUSE (rep movs, memset) are remembered and left
+ * with its watchdog and RCU calls and their return thunks, is about a dozen); it is a spin if one of its
+ * blocks ends with PAUSE (F3 90), which Linux's cpu_relax() puts in every busy-wait, and which ends a
+ * translation block in QEMU's x86 translator. Busy loops without PAUSE (rep movs, memset) are remembered and left
  * alone.
  *
  * The detector needs the gate at every block start, which costs as much as the rest of the engine's
@@ -171,10 +171,13 @@ static __attribute__((noinline)) void gate_slow(void *uc, struct pyemu_gate *gat
             gate->irq_raised++;
         }
     }
-    if (gate->contended && gate->spin_burst && gate->tlb && (gate->spin_burst--, spin_check(uc, gate, address, size))) {
-        gate->yielded = 1;
-        gate->yields++;
-        goto stop;
+    if (gate->contended && gate->spin_burst && gate->tlb) {
+        gate->spin_burst--;
+        if (spin_check(uc, gate, address, size)) {
+            gate->yielded = 1;
+            gate->yields++;
+            goto stop;
+        }
     }
     gate_keep_attention(gate);
     return;

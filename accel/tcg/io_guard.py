@@ -238,7 +238,7 @@ def locate_code_buffer(uc: Uc) -> tuple[int, int]:
     if paths is not None:   # found or borne out in this process already
         return _found_or_raise(_buffer_by_paths(uc, paths))
     paths = _known_paths()
-    found = _buffer_by_paths(uc, paths)
+    found = _buffer_by_paths(uc, paths) if paths else None
     if found is None:       # none stored, or a stored set this engine does not bear out
         paths = _code_buffer_paths()
         _store_paths(paths)
