@@ -26,6 +26,7 @@ from pyemu.accel.tcg.scheduler import RoundRobin
 from pyemu.accel.tcg.tlb_fill import CodeMap, tlb_hook_enabled
 from pyemu.accel.tcg.tsc import host_tsc_hz
 from pyemu.accel.tcg.vcpu import TcgVcpu
+from pyemu.accel.tcg.vcpu_placement import SharedCpu
 from pyemu.hw.intc.api import InterruptController, MsiSink
 from pyemu.system.memory import GuestMemory
 from pyemu.target.x86.cpu_models import TCG_FEATURES
@@ -48,6 +49,8 @@ class TcgAccelerator:
         self._cpuid: CpuidTable | None = None
         self.vcpus: list[TcgVcpu] = []
         self.scheduler = RoundRobin()
+        self.placement = SharedCpu()
+        """The host CPU the vCPU threads share when they cannot each have one (see vcpu_placement.py)."""
         self._code_map: CodeMap | None = None
         self._dirty_log: TcgDirtyLog | None = None
         self.tsc = GuestTsc()
@@ -77,11 +80,14 @@ class TcgAccelerator:
             self._code_map = CodeMap(self._memory, load_gate_module())
             self._dirty_log = TcgDirtyLog(self._code_map, self.scheduler)
         vcpu = TcgVcpu(index, self._memory, self._dispatcher, self._cpuid, calibrate(), interrupts,
-                       scheduler=self.scheduler, code_map=self._code_map, tsc=self.tsc)
+                       scheduler=self.scheduler, code_map=self._code_map, tsc=self.tsc,
+                       placement=self.placement)
         self.vcpus.append(vcpu)
         max_poll_ns = default_max_poll_ns(len(self.vcpus))
         for each in self.vcpus:
             each.halt_polling.max_ns = max_poll_ns
+        # vCPUs that cannot spin on CPUs of their own hand the turn over on one CPU instead.
+        self.placement.enabled = len(self.vcpus) > 1 and max_poll_ns == 0
         return vcpu
 
     def invalidate_code(self, gpa: int, size: int) -> None:
@@ -143,3 +149,4 @@ class TcgAccelerator:
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()
+        self.placement.close()

@@ -81,6 +81,7 @@ from pyemu.accel.tcg.segments import DESC_B, DESC_L, HF_INHIBIT_IRQ
 from pyemu.accel.tcg.state_io import load_state, save_state
 from pyemu.accel.tcg.tlb_fill import CodeMap, TlbFill, tlb_hook_enabled
 from pyemu.accel.tcg.traps import Traps
+from pyemu.accel.tcg.vcpu_placement import SharedCpu
 from pyemu.errors import PyemuError
 from pyemu.hw.intc.api import InterruptController
 from pyemu.system import log
@@ -117,13 +118,14 @@ class TcgVcpu:
     def __init__(self, index: int, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable,
                  layout: BlobLayout, interrupts: InterruptController | None = None, *,
                  scheduler: RoundRobin | None = None, code_map: CodeMap | None = None,
-                 tsc: GuestTsc | None = None) -> None:
+                 tsc: GuestTsc | None = None, placement: SharedCpu | None = None) -> None:
         self.index = index
         self._interrupts = interrupts
         # INIT / SIPI / NMI come from a local APIC model; a plain interrupt controller has none.
         self._signals: Any = interrupts if hasattr(interrupts, "take_init") else None
         self._lock = dispatcher.lock
         self._scheduler = scheduler if scheduler is not None else RoundRobin()
+        self._placement = placement if placement is not None else SharedCpu()
         # The VM's guest TSC (shared by its vCPUs): its offset goes into the blob before every run.
         self.tsc = tsc if tsc is not None else GuestTsc()
         self._tsc_offset_at = layout.tsc_offset
@@ -254,7 +256,7 @@ class TcgVcpu:
         self._code.request(gpa, size)
 
     def run(self) -> Exit:
-        with self._running:
+        with self._running, self._placement.member():
             try:
                 return self._run_loop()
             except UcError as exc:

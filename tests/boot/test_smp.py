@@ -14,9 +14,12 @@ the process has a wall-clock timeout.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -79,6 +82,49 @@ def test_a_cpu_spinning_with_pause_on_a_held_lock_gives_up_its_turn(tmp_path):
         machine.close()
     assert status == smp_kernels.exit_status(smp_kernels.SHARED_OK)
     assert yields > 0
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a process allowed two host CPUs")
+def test_software_vcpu_threads_share_one_host_cpu_while_they_run(tmp_path):
+    """The two vCPU threads run on one host CPU (vcpu_placement.py: they take turns, and a turn handed to a
+    thread on the same CPU costs no cross-CPU wake-up); the other threads and the caller stay free."""
+    from pyemu.machines.microvm import Microvm
+    from pyemu.system.options import parse_args
+    from pyemu.system.instance import choose_accelerator, resolve_boot
+
+    image = tmp_path / "shared.bin"
+    image.write_bytes(smp_kernels.shared_memory_kernel(200_000))
+    config = parse_args(["-M", "microvm", "-accel", "tcg", "-smp", "2", "-m", "64M", "-kernel", str(image),
+                         "-serial", "null", "-device",
+                         f"isa-debug-exit,iobase={smp_kernels.EXIT_PORT:#x},iosize=4"])
+    machine = Microvm.create(config, choose_accelerator(config.accel), resolve_boot(config))
+    own = os.sched_getaffinity(0)
+    machine.accel.placement.enabled = True   # as on a host without a spare CPU per vCPU (halt_poll.py)
+    seen: set[tuple[frozenset[int], ...]] = set()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            try:
+                seen.add(tuple(frozenset(os.sched_getaffinity(tid)) for tid in machine.vcpu_thread_ids()
+                               if tid is not None))
+            except OSError:
+                pass   # a vCPU thread ended
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        machine.start()
+        sampler.start()
+        status = machine.wait()
+    finally:
+        done.set()
+        machine.close()
+    sampler.join(timeout=10)
+    assert status == smp_kernels.exit_status(smp_kernels.SHARED_OK)
+    shared = [each for each in seen if len(each) == 2 and len(each[0]) == 1 and each[0] == each[1]]
+    assert shared, f"the vCPU threads never shared one CPU: {seen}"
+    assert os.sched_getaffinity(0) == own
 
 
 def test_code_rewritten_by_one_software_cpu_runs_new_on_the_other(tmp_path):
