@@ -113,9 +113,18 @@ class BlobLayout:
 
 
 def _aligned_offsets(blob: bytes, fmt: str, value: int) -> list[int]:
+    """Offsets, multiples of the field's width, where ``blob`` holds ``value`` packed as ``fmt``: found with
+    ``bytes.find`` (unpacking every aligned field of the 5.6 KiB blob in Python, 51 times, was half of
+    the calibration's time)."""
     width = struct.calcsize(fmt)
-    return [off for off in range(0, len(blob) - width + 1, width)
-            if struct.unpack_from(fmt, blob, off)[0] == value]
+    needle = struct.pack(fmt, value)
+    found = []
+    at = blob.find(needle)
+    while at >= 0:
+        if at % width == 0:
+            found.append(at)
+        at = blob.find(needle, at + 1)
+    return found
 
 
 def _unique(candidates: list[int] | set[int], field: str) -> int:

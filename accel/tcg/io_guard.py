@@ -23,7 +23,8 @@ the general registers: pointers stored in the first 16 KiB of ``uc_struct`` are 
 ``/proc/self/mem``, which fails instead of crashing on an unmapped address) to the nearest object that
 contains this engine's register file, a pointer back to the engine and a pointer to ``env`` (QEMU's
 ``CPUState.env_ptr``); the whole calibrated blob must then equal the bytes at ``env``. Offsets found for the
-first engine are reused for the next ones (and checked again).
+first engine are reused for the next ones, and by later processes with the same library
+(:mod:`pyemu.accel.tcg.engine_facts`), and checked again each time.
 
 Known differences from hardware, both from where Unicorn calls the hook (after the memory access of the
 string forms, where QEMU's own check comes before it): an INS that faults leaves zero in its destination
@@ -37,7 +38,6 @@ import ctypes
 import os
 import struct
 import threading
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, Uc
@@ -47,7 +47,7 @@ from pyemu.accel.tcg.block_gate import BlockGate, native_function
 from pyemu.accel.tcg.calibration import BlobLayout
 from pyemu.accel.tcg.context import CpuBlob
 from pyemu.accel.tcg.errors import CalibrationError, EngineError
-from pyemu.system.cache import cache_root, store_small_file
+from pyemu.accel.tcg.engine_facts import store_pairs, stored_pairs
 
 _UC_SCAN = 0x4000          # bytes of uc_struct searched for the CPU pointer
 _CPU_WINDOW = 0x20000      # bytes of the CPU object searched for env
@@ -59,6 +59,9 @@ _CODE_WATCH = 0x40000      # bytes at a code buffer's start compared before and 
 _cache: dict[str, tuple[int, int]] = {}
 # The ways from ``uc_struct`` to the TCG context's code_gen_buffer field, most trustworthy first.
 _code_paths: dict[str, list[tuple[int, int]]] = {}
+# Their names in the facts kept on disk per library build (engine_facts.py).
+CPU_FACTS = "cpu-path"
+CODE_FACTS = "code-buffer-paths"
 _cache_lock = threading.Lock()
 
 _HELPERS = tuple(f"helper_{kind}{width}_x86_64" for kind in ("in", "out") for width in "bwl")
@@ -124,12 +127,14 @@ def locate_cpu(uc: Uc, blob: CpuBlob) -> tuple[int, int]:
     try:
         with _ProcessMemory() as memory:
             cached = _cached("cpu")
-            if cached is not None:
-                cpu = memory.word(handle + cached[0])
-                if cpu is not None and memory.read(cpu + cached[1], len(image)) == image:
-                    return cpu, cpu + cached[1]
+            for path in [cached] if cached is not None else stored_pairs(CPU_FACTS, _UC_SCAN, _CPU_WINDOW):
+                cpu = memory.word(handle + path[0])
+                if cpu is not None and memory.read(cpu + path[1], len(image)) == image:
+                    _remember("cpu", path)
+                    return cpu, cpu + path[1]
             cpu, env, offset = _scan_for_env(memory, handle, image)
             _remember("cpu", (offset, env - cpu))
+            store_pairs(CPU_FACTS, [(offset, env - cpu)])
             return cpu, env
     finally:
         blob.restore(saved)
@@ -231,17 +236,17 @@ def _code_buffer_paths() -> list[tuple[int, int]]:
 def locate_code_buffer(uc: Uc) -> tuple[int, int]:
     """[start, end) of the engine's TCG code buffer: the writable-and-executable mapping that ``uc_struct``
     reaches through its TCG context's ``code_gen_buffer`` and ``code_gen_buffer_size`` (paths found once
-    per library build, see :func:`_code_buffer_paths` and :func:`_known_paths`; the first that leads to
+    per library build, see :func:`_code_buffer_paths` and :mod:`pyemu.accel.tcg.engine_facts`; the first that leads to
     such a mapping is taken)."""
     with _cache_lock:
         paths = _code_paths.get("code")
     if paths is not None:   # found or borne out in this process already
         return _found_or_raise(_buffer_by_paths(uc, paths))
-    paths = _known_paths()
+    paths = stored_pairs(CODE_FACTS, _UC_SCAN, 0x1000)
     found = _buffer_by_paths(uc, paths) if paths else None
     if found is None:       # none stored, or a stored set this engine does not bear out
         paths = _code_buffer_paths()
-        _store_paths(paths)
+        store_pairs(CODE_FACTS, paths)
         found = _buffer_by_paths(uc, paths)
     with _cache_lock:
         _code_paths["code"] = paths
@@ -264,48 +269,6 @@ def _buffer_by_paths(uc: Uc, paths: list[tuple[int, int]]) -> tuple[int, int] | 
             if found is not None:
                 return found
     return None
-
-
-def _paths_file() -> Path:
-    return cache_root() / "tcg-code-buffer-paths"
-
-
-def _library_identity() -> str:
-    """The loaded libunicorn as path, size and modification time: the paths are a property of its build."""
-    from pyemu.accel.tcg.engine_library import loaded_library
-
-    path = loaded_library()
-    try:
-        status = os.stat(path)
-    except OSError:
-        return path
-    return f"{path} {status.st_size} {status.st_mtime_ns}"
-
-
-def _known_paths() -> list[tuple[int, int]]:
-    """The paths stored by an earlier process for this very library, or [] (two scratch engines and the
-    search cost each VM start 25-50 ms, a tenth of pyemu's start-up). Stored paths are checked on every
-    engine like fresh ones, and a set the engine does not bear out is searched for again."""
-    try:
-        lines = _paths_file().read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    if not lines or lines[0] != _library_identity():
-        return []
-    paths = []
-    for line in lines[1:]:
-        fields = line.split()
-        if len(fields) != 2 or not all(field.isdigit() for field in fields):
-            return []
-        offset, inner = int(fields[0]), int(fields[1])
-        if offset >= _UC_SCAN or inner >= 0x1000 or offset % 8 or inner % 8:
-            return []
-        paths.append((offset, inner))
-    return paths
-
-
-def _store_paths(paths: list[tuple[int, int]]) -> None:
-    store_small_file(_paths_file(), "\n".join([_library_identity(), *(f"{o} {i}" for o, i in paths)]) + "\n")
 
 
 class IoGuard:

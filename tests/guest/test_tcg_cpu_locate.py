@@ -70,7 +70,7 @@ def test_code_buffer_is_the_engines_own_rwx_mapping() -> None:
 _OWNERSHIP_CHECK = """
 import os, sys
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
-from pyemu.accel.tcg import io_guard
+from pyemu.accel.tcg import engine_facts, io_guard
 
 def read(address, size):
     fd = os.open("/proc/self/mem", os.O_RDONLY)
@@ -89,7 +89,7 @@ def check(count):
     for uc in engines:
         io_guard._cache.clear()
         io_guard._code_paths.clear()
-        io_guard._paths_file().unlink(missing_ok=True)   # search again, not the stored paths
+        engine_facts.facts_file(io_guard.CODE_FACTS).unlink(missing_ok=True)   # search again, not the stored paths
         buffers.append(io_guard.locate_code_buffer(uc))
     owners = []
     for uc in engines:
@@ -127,7 +127,7 @@ def test_each_engine_finds_the_buffer_its_own_translations_go_to(tmp_path: Path)
 _STORED_PATHS_CHECK = """
 import os
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
-from pyemu.accel.tcg import io_guard
+from pyemu.accel.tcg import engine_facts, io_guard
 
 def engine():
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
@@ -139,10 +139,11 @@ search = io_guard._code_buffer_paths
 io_guard._code_buffer_paths = lambda: searched.append(1) or search()
 mode = os.environ["CHECK_MODE"]
 if mode == "garbage":   # right library, paths that lead nowhere
-    io_guard._store_paths([(8, 8)])
+    engine_facts.store_pairs(io_guard.CODE_FACTS, [(8, 8)])
 engines = [engine(), engine()]   # both alive: each has its own buffer
 first, second = (io_guard.locate_code_buffer(uc) for uc in engines)
-print(len(searched), first != second, io_guard._known_paths() == io_guard._code_paths["code"])
+stored = engine_facts.stored_pairs(io_guard.CODE_FACTS, 0x4000, 0x1000)
+print(len(searched), first != second, stored == io_guard._code_paths["code"])
 """
 
 
@@ -158,3 +159,40 @@ def test_stored_paths_spare_the_search_and_bad_ones_are_searched_again(tmp_path:
     assert run("again") == "0 True True"      # stored paths used: no search
     assert run("garbage") == "1 True True"    # searched again, and the good paths stored
     assert run("again") == "0 True True"
+
+
+_STORED_CPU_PATH_CHECK = """
+import os
+from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+from unicorn import x86_const as x86
+from pyemu.accel.tcg import engine_facts, io_guard
+from pyemu.accel.tcg.calibration import calibrate
+from pyemu.accel.tcg.context import CpuBlob
+
+scans = []
+scan = io_guard._scan_for_env
+io_guard._scan_for_env = lambda *args: scans.append(1) or scan(*args)
+if os.environ["CHECK_MODE"] == "garbage":   # right library, a path that leads to no register file
+    engine_facts.store_pairs(io_guard.CPU_FACTS, [(8, 16)])
+uc = Uc(UC_ARCH_X86, UC_MODE_64)
+uc.mem_map(0, 0x1000)
+uc.reg_write(x86.UC_X86_REG_RBX, 0x0123_4567_89AB_CDEF)
+_cpu, env = io_guard.locate_cpu(uc, CpuBlob(uc, calibrate()))
+fd = os.open("/proc/self/mem", os.O_RDONLY)
+rbx = int.from_bytes(os.pread(fd, 8, env + 3 * 8), "little")   # env starts with RAX, RCX, RDX, RBX
+print(len(scans), hex(rbx), engine_facts.stored_pairs(io_guard.CPU_FACTS, 0x4000, 0x20000) != [(8, 16)])
+"""
+
+
+def test_the_stored_cpu_path_spares_the_scan_and_a_bad_one_is_scanned_again(tmp_path: Path) -> None:
+    """locate_cpu's search (10-15 ms of every VM start) is done once per library build: later processes
+    follow the stored path, checked against the engine's registers like a fresh one."""
+    def run(mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", _STORED_CPU_PATH_CHECK], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYEMU_CACHE": str(tmp_path), "CHECK_MODE": mode})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+    assert run("first") == "1 0x123456789abcdef True"     # scanned and stored
+    assert run("again") == "0 0x123456789abcdef True"     # followed the stored path
+    assert run("garbage") == "1 0x123456789abcdef True"   # a wrong path: scanned again, the right one stored
+    assert run("again") == "0 0x123456789abcdef True"
