@@ -131,6 +131,7 @@ struct pyemu_gate {
     uint32_t spin_burst;
 };
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
+void pyemu_gate_pause(void *uc, void *opaque);
 int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns);
 struct pyemu_io_guard {
     uint8_t *env;
@@ -283,6 +284,20 @@ class BlockGate:
         if status != 0:
             raise EngineError(f"uc_hook_add(UC_HOOK_BLOCK) failed with error {status}", operation="hook_add")
         self.conditional = self._make_conditional(library, uc)
+        self.pause_yields = self._yield_at_pause(library, uc, module, user_data)
+
+    @staticmethod
+    def _yield_at_pause(library: ctypes.CDLL, uc: Uc, module: ModuleType, user_data: int) -> bool:
+        """With pyemu's libunicorn, every PAUSE the guest executes while the turn is contended ends the run
+        (``pyemu_gate_pause`` in ``block_gate.c``); PyPI's library has only the spin detector. Returns which."""
+        register = getattr(library, "uc_pyemu_on_pause", None)
+        if register is None:
+            return False
+        status = register(uc._uch, ctypes.c_void_p(native_function(module, "pyemu_gate_pause")),
+                          ctypes.c_void_p(user_data))
+        if status != 0:
+            raise EngineError(f"uc_pyemu_on_pause failed with error {status}", operation="hook_add")
+        return True
 
     def _make_conditional(self, library: ctypes.CDLL, uc: Uc) -> bool:
         """With pyemu's libunicorn, have the translated code call the gate only when it has something to

@@ -45,6 +45,9 @@ controller for the vector through a callback (``uc_pyemu_interrupt_controller``)
 (:meth:`pyemu.accel.tcg.block_gate.BlockGate.take_interrupts_in_engine`).
 With QEMU delivering events, its delivery's own faults reach the guest: the ``idt-error-code-*`` patches
 correct the error code of a fault on the IDT (QEMU 5.0's long mode says vector * 16 + 2, and never sets EXT).
+The ``pause-*`` patches call a function of pyemu's at every PAUSE (``uc_pyemu_on_pause``): the block gate
+ends the vCPU's turn there when another vCPU waits for it, as QEMU's single-threaded TCG moves on to the
+next vCPU at every PAUSE (:func:`pyemu.accel.tcg.block_gate.BlockGate`).
 
 And one correctness gap of Unicorn's own (QEMU has it right): self-modifying-code checks on stores. QEMU keeps
 every store to a RAM page that holds translated code on the slow path, in every TLB entry that maps the page.
@@ -583,13 +586,58 @@ IDT_ERROR_CODE_EXT = SourcePatch(
     count=6,
 )
 
+PAUSE_FIELDS = SourcePatch(
+    name="pause-fields",
+    path="include/uc_priv.h",
+    pattern=r"^(    void \*pyemu_irq_opaque;\n)",
+    replacement=(r"\1"
+                 r"    /* pyemu: called at every PAUSE, on the engine's thread, before the CPU loop is left as\n"
+                 r"     * QEMU's do_pause leaves it; it may stop the run (uc_emu_stop). */\n"
+                 r"    void (*pyemu_on_pause)(struct uc_struct *uc, void *opaque);\n"
+                 r"    void *pyemu_pause_opaque;\n"),
+    count=1,
+)
+
+PAUSE_API = SourcePatch(
+    name="pause-api",
+    path="uc.c",
+    pattern=r"^(UNICORN_EXPORT\nuc_err uc_emu_stop\(uc_engine \*uc\)\n)",
+    replacement=(
+        "/* pyemu: a function the engine calls at every PAUSE (NULL: none). */\n"
+        "UNICORN_EXPORT\n"
+        "uc_err uc_pyemu_on_pause(uc_engine *uc, void (*on_pause)(struct uc_struct *, void *), void *opaque)\n"
+        "{\n"
+        "    uc->pyemu_on_pause = on_pause;\n"
+        "    uc->pyemu_pause_opaque = opaque;\n"
+        "    return UC_ERR_OK;\n"
+        "}\n"
+        "\n"
+        r"\1"),
+    count=1,
+)
+
+PAUSE_HOOK = SourcePatch(
+    name="pause-hook",
+    path="qemu/target/i386/misc_helper.c",
+    # helper_pause, after RIP moved past the PAUSE: QEMU's do_pause then leaves the CPU loop ("just let
+    # another CPU run"), which in Unicorn only re-enters it.
+    pattern=r"^(    env->eip \+= next_eip_addend;\n\n    do_pause\(cpu\);\n)",
+    replacement=("    env->eip += next_eip_addend;\n"
+                 "    if (env->uc->pyemu_on_pause) {  /* pyemu */\n"
+                 "        env->uc->pyemu_on_pause(env->uc, env->uc->pyemu_pause_opaque);\n"
+                 "    }\n"
+                 "\n"
+                 "    do_pause(cpu);\n"),
+    count=1,
+)
+
 PATCHES: tuple[SourcePatch, ...] = (
     NO_CHECK_AFTER_MEMORY_ACCESS, EXIT_LABEL_FIELD, INLINE_BLOCK_START_CHECK, EXIT_LABEL_AT_BLOCK_END,
     CODE_PAGE_TLB_SLOTS_ONLY, GATE_FIELDS, GATE_API, CONDITIONAL_BLOCK_HOOK, ARCH_CAPABILITIES_FIELD,
     ARCH_CAPABILITIES_API, RDMSR_ARCH_CAPABILITIES, NATIVE_EVENT_FIELDS, NATIVE_EVENT_API, NATIVE_EXCEPTION_DELIVERY,
     FILL_FALLBACK_IN_RUN, NATIVE_SYSCALL, PAGE_HAS_CODE, PAGE_HAS_CODE_DECLARATION, STORES_TO_CODE_STAY_CHECKED,
     PROTECT_CODE_IN_EVERY_MAPPING, IRQ_FIELDS, IRQ_API, IRQ_RAISE, IRQ_ACKNOWLEDGE, IDT_ERROR_CODE_LONG_MODE,
-    IDT_ERROR_CODE_EXT,
+    IDT_ERROR_CODE_EXT, PAUSE_FIELDS, PAUSE_API, PAUSE_HOOK,
 )
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from pyemu.accel.tcg.block_gate import SPIN_BURST
 from pyemu.testing import GuestProgram, prepared
 
@@ -33,9 +35,19 @@ def _wait_for(condition, timeout: float = 20.0) -> bool:  # type: ignore[no-unty
     return False
 
 
+def _without_pause_hook(vcpu: object) -> None:
+    """Leave only the spin detector (as on PyPI's library): pyemu's libunicorn would end the turn at the
+    spin's first PAUSE (see the PAUSE test below)."""
+    gate = vcpu._gate  # type: ignore[attr-defined]
+    register = getattr(gate.library, "uc_pyemu_on_pause", None)
+    if register is not None:
+        assert register(vcpu._uc._uch, None, None) == 0  # type: ignore[attr-defined]
+
+
 def test_a_spin_after_the_burst_is_found_at_the_next_contended_mark() -> None:
     with prepared(PROGRAM) as machine:
         vcpu = machine.vcpu
+        _without_pause_hook(vcpu)
         gate = vcpu._gate  # type: ignore[attr-defined]
         main = machine.symbols["main"]
         spin = main + machine.board.memory.read(main, 0x40).index(SPIN_LOOP)
@@ -62,6 +74,35 @@ def test_a_spin_after_the_burst_is_found_at_the_next_contended_mark() -> None:
             finally:
                 marking.set()
                 marker.join()
+        finally:
+            vcpu.request_stop()
+            runner.join(timeout=10)
+        assert not runner.is_alive()
+
+
+def test_with_pyemus_engine_a_contended_pause_ends_the_turn_at_once() -> None:
+    """The engine calls the gate at every PAUSE (engine patch ``pause-hook``): one "contended", long used up
+    by the busy loop's burst, is enough for the spin's first PAUSE to end the turn; without a waiter the
+    guest spins on."""
+    with prepared(PROGRAM) as machine:
+        vcpu = machine.vcpu
+        gate = vcpu._gate  # type: ignore[attr-defined]
+        if not gate.conditional:
+            pytest.skip("PyPI's libunicorn has none of pyemu's engine patches (PYEMU_UNICORN=pypi)")
+        assert gate.pause_yields, "pyemu's libunicorn without uc_pyemu_on_pause"
+        main = machine.symbols["main"]
+        spin = main + machine.board.memory.read(main, 0x40).index(SPIN_LOOP)
+        runner = threading.Thread(target=vcpu.run, daemon=True)
+        runner.start()
+        try:
+            assert _wait_for(lambda: main < gate.last_block < main + 0x40), "the guest never ran its busy loop"
+            assert vcpu.spin_yields == 0  # type: ignore[attr-defined]  # no waiter yet: PAUSE changes nothing
+            gate.set_contended(True)          # one mark, while the guest is in the loop without PAUSE
+            assert _wait_for(lambda: vcpu.spin_yields == 1), "a contended PAUSE did not end the turn"  # type: ignore[attr-defined]
+            # The turn came back uncontended (no one else queued): the guest spins on, past the PAUSE.
+            assert _wait_for(lambda: spin <= gate.last_block < spin + 0x10)
+            time.sleep(0.1)
+            assert vcpu.spin_yields == 1  # type: ignore[attr-defined]
         finally:
             vcpu.request_stop()
             runner.join(timeout=10)
