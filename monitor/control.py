@@ -30,6 +30,7 @@ from pyemu.target.x86.cpu_state import X86CpuState
 if TYPE_CHECKING:
     from pyemu.block.exports import ExportManager
     from pyemu.jobs.job import JobManager
+    from pyemu.migration.job import MigrationManager
 
 EventSink = Callable[[str, dict[str, Any]], None]
 NIL_UUID = "00000000-0000-0000-0000-000000000000"
@@ -69,13 +70,21 @@ class ControlApi:
         machine.runstate.add_listener(self._on_transition)
         machine.reset_handlers.append(self._on_reset)
         machine.add_event_sink(self._emit)  # STOP on internal-error, GUEST_PANICKED, GUEST_CRASHLOADED
+
+    # The services below are made by their first user (a QMP command, the Python API, -incoming): their
+    # modules import the NBD server, the job machinery and the migration stream, ~15 ms of start-up a VM
+    # without them does not need.
+    @cached_property
+    def migration(self) -> MigrationManager:
+        """``migrate``/``migrate-incoming``/``query-migrate`` (:mod:`pyemu.monitor.migration`)."""
         from pyemu.migration.job import MigrationManager
 
-        self.migration = MigrationManager(machine, self._emit)
-        """``migrate``/``migrate-incoming``/``query-migrate`` (:mod:`pyemu.monitor.migration`)."""
+        return MigrationManager(self.machine, self._emit)
 
-    # The block services below are made by their first user (a QMP command, the Python API): their modules
-    # import the NBD server and the job machinery, ~10 ms of start-up a VM without them does not need.
+    @property
+    def migrating(self) -> bool:
+        """A migration runs (False without making the manager)."""
+        return "migration" in self.__dict__ and self.migration.active
     @cached_property
     def exports(self) -> ExportManager:
         """The NBD server and block exports (:mod:`pyemu.monitor.nbd_commands`); closed with the VM."""
@@ -168,7 +177,7 @@ class ControlApi:
         if state is RunState.INMIGRATE:
             self.migration.autostart = True  # QEMU: run as soon as the incoming state is loaded
             return
-        if self.migration.active:
+        if self.migrating:
             raise ControlError("Migration is in progress")
         from pyemu.block.errors import BlockError
         from pyemu.migration.images import activate_images

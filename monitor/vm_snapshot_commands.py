@@ -50,7 +50,7 @@ def _disks(api: ControlApi, devices: list[str] | None) -> list[SnapshotDisk]:
 def save(api: ControlApi, name: str | None, *, overwrite: bool, vmstate: str | None = None,
          devices: list[str] | None = None) -> str:
     with _LOCK:
-        if api.migration.active:
+        if api.migrating:
             raise SnapshotVmError("There's a migration process in progress")
         return save_snapshot(api.machine, _disks(api, devices), api._emit, name, overwrite=overwrite,
                              vmstate=vmstate)
@@ -59,7 +59,7 @@ def save(api: ControlApi, name: str | None, *, overwrite: bool, vmstate: str | N
 def load(api: ControlApi, name: str, *, vmstate: str | None = None, devices: list[str] | None = None) -> None:
     """QEMU's loadvm: stop, load, and run again only if the VM was running and the load succeeded."""
     with _LOCK:
-        if api.migration.active:
+        if api.migrating:
             raise SnapshotVmError("There's a migration process in progress")
         machine = api.machine
         was_running = machine.runstate.state is RunState.RUNNING

@@ -10,17 +10,19 @@ a Python program can hold several VMs, each driven from its own thread.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pyemu.accel.base import Accelerator, AcceleratorUnavailable, create_accelerator
 from pyemu.errors import ConfigError
 from pyemu.machines.microvm import BootSource, Microvm
 from pyemu.monitor.control import ControlApi
-from pyemu.monitor.server import MonitorServer, endpoints_from_config
 from pyemu.system import log
 from pyemu.system.config import VmConfig
 from pyemu.system.messages import error_report
 from pyemu.system.runstate import RunState, ShutdownCause
+
+if TYPE_CHECKING:
+    from pyemu.monitor.server import MonitorServer
 
 DEFAULT_CMDLINE = "console=ttyS0"
 
@@ -110,6 +112,8 @@ class VmInstance:
         try:
             self.control = ControlApi(self.machine, name=config.name, uuid=config.uuid)
             if config.monitors:
+                from pyemu.monitor.server import MonitorServer, endpoints_from_config  # QMP: ~8 ms of imports
+
                 # A monitor can inspect a VM whose vCPU failed (info registers) and reset it: stay.
                 self.machine.keep_on_internal_error = True
                 self.monitor = MonitorServer(self.control, endpoints_from_config(config))

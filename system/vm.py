@@ -39,7 +39,8 @@ def _run(config: VmConfig, ready: Callable[[], None] | None) -> int:
 
     instance = VmInstance(config, on_quit=on_quit)
     built.append(instance)
-    instance.control.migration.exit_on_failed_load = True  # as qemu-system after a failed incoming load
+    if config.incoming is not None:  # (migrate-incoming needs -incoming defer)
+        instance.control.migration.exit_on_failed_load = True  # as qemu-system after a failed incoming load
 
     def on_signal(signum: int, _frame: object) -> None:
         error_report(f"terminating on signal {signum}")
