@@ -5,13 +5,14 @@ turn to each other thousands of times per boot. Handing it to a thread asleep on
 cross-CPU wake-up (on this project's hosts, themselves VMs, ~18 µs for the waker alone, see
 :mod:`pyemu.accel.tcg.halt_poll`) and the GIL's hand-off on top; to a thread on the same CPU it costs a
 context switch. Measured on a 2-CPU host (2026-12-05, Debian's kernel booted to power-off, runs
-interleaved): ``-smp 2`` 3.56 → 3.43 s and ``-smp 4`` 5.07 → 4.59 s (medians of 6); beside
-``stress-ng --cpu 2`` ``-smp 4`` 6.9 → 6.4 s, and never slower beside ``stress-ng --cpu 1``. The other
-threads (I/O threads, timers, the main loop) stay free, so device work runs beside the guest.
+interleaved, medians of 5): ``-smp 4`` 4.70 → 4.36 s, ``-smp 8`` 7.93 → 5.95 s, ``-smp 2`` unchanged (3.33
+→ 3.37 s, until a PAUSE ended a contended turn at once: block_gate.c); beside ``stress-ng --cpu 2``
+``-smp 4`` 6.9 → 6.4 s. The other threads (I/O threads, timers, the main loop) stay free, so device work
+runs beside the guest.
 
 A pinned thread is one the kernel's load balancer can no longer move away from a busy CPU, so the group
-is reviewed by a thread of its own (:meth:`SharedCpu.review`, every :attr:`SharedCpu.review_s`): when others kept its CPU busy
-for more than :attr:`SharedCpu.busy_share` of the period (the CPU's busy time in ``/proc/stat`` less the
+is reviewed by a thread of its own (:meth:`SharedCpu.review`, every :attr:`SharedCpu.review_s`): when
+others kept its CPU busy for more than :attr:`SharedCpu.busy_share` of the period (the CPU's busy time in ``/proc/stat`` less the
 group's own run time from ``/proc/<pid>/task/<tid>/schedstat``) and another allowed CPU was idle for at
 least as large a share, the group moves there. When every CPU is busy it stays: moving would not help.
 (Not the group's run-queue wait: that is mostly its own threads waiting for each other, a vCPU woken by an
