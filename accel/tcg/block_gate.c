@@ -121,6 +121,20 @@ static int spin_check(void *uc, struct pyemu_gate *gate, uint64_t address, uint3
     return 0;
 }
 
+/* End the run at this point (from the gate, or from the PAUSE hook below); `yield` marks a turn given up
+ * because the guest spins. */
+static void gate_stop(void *uc, struct pyemu_gate *gate, int yield)
+{
+    if (yield) {
+        gate->yielded = 1;
+        gate->yields++;
+    }
+    gate->stopped = 1;
+    gate->stops++;
+    gate_keep_attention(gate);
+    gate->emu_stop(uc);
+}
+
 /* Everything but the common case: a CR4 change, the first block after emu_start, or a flag some thread
  * set. Kept out of line so that the common path below calls nothing and saves no registers: the gate runs
  * at every block start, and a boot executes a few hundred million of them (the call itself is then most
@@ -174,18 +188,14 @@ static __attribute__((noinline)) void gate_slow(void *uc, struct pyemu_gate *gat
     if (gate->contended && gate->spin_burst && gate->tlb) {
         gate->spin_burst--;
         if (spin_check(uc, gate, address, size)) {
-            gate->yielded = 1;
-            gate->yields++;
-            goto stop;
+            gate_stop(uc, gate, 1);
+            return;
         }
     }
     gate_keep_attention(gate);
     return;
 stop:
-    gate->stopped = 1;
-    gate->stops++;
-    gate_keep_attention(gate);
-    gate->emu_stop(uc);
+    gate_stop(uc, gate, 0);
 }
 
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data)
@@ -220,11 +230,7 @@ void pyemu_gate_pause(void *uc, void *opaque)
 {
     struct pyemu_gate *gate = (struct pyemu_gate *)opaque;
     if (__atomic_load_n(&gate->contended, __ATOMIC_ACQUIRE) && !gate->stopped) {
-        gate->yielded = 1;
-        gate->yields++;
-        gate->stopped = 1;
-        gate->stops++;
-        gate->emu_stop(uc);
+        gate_stop(uc, gate, 1);
     }
 }
 

@@ -39,6 +39,20 @@ def run_kernel(tmp_path, image: bytes, accel: str, timeout: float = 90) -> subpr
     )
 
 
+def shared_memory_machine(tmp_path):
+    """The shared-counter kernel on a two-vCPU TCG board built in this process (not started)."""
+    from pyemu.machines.microvm import Microvm
+    from pyemu.system.options import parse_args
+    from pyemu.system.instance import choose_accelerator, resolve_boot
+
+    image = tmp_path / "shared.bin"
+    image.write_bytes(smp_kernels.shared_memory_kernel(200_000))
+    config = parse_args(["-M", "microvm", "-accel", "tcg", "-smp", "2", "-m", "64M", "-kernel", str(image),
+                         "-serial", "null", "-device",
+                         f"isa-debug-exit,iobase={smp_kernels.EXIT_PORT:#x},iosize=4"])
+    return Microvm.create(config, choose_accelerator(config.accel), resolve_boot(config))
+
+
 @pytest.mark.parametrize("accel", ["tcg", pytest.param("kvm", marks=pytest.mark.kvm)])
 def test_bsp_starts_the_ap_with_init_sipi_and_the_ap_runs(tmp_path, accel, request):
     if accel == "kvm":
@@ -64,16 +78,7 @@ def test_two_software_cpus_lose_no_update_to_shared_counters(tmp_path):
 def test_a_cpu_spinning_with_pause_on_a_held_lock_gives_up_its_turn(tmp_path):
     """The same kernel in-process: spins on the lock the other CPU holds must end turns early (the block
     gate's PAUSE-spin yield), instead of burning each whole 4 ms turn."""
-    from pyemu.machines.microvm import Microvm
-    from pyemu.system.options import parse_args
-    from pyemu.system.instance import choose_accelerator, resolve_boot
-
-    image = tmp_path / "shared.bin"
-    image.write_bytes(smp_kernels.shared_memory_kernel(200_000))
-    config = parse_args(["-M", "microvm", "-accel", "tcg", "-smp", "2", "-m", "64M", "-kernel", str(image),
-                         "-serial", "null", "-device",
-                         f"isa-debug-exit,iobase={smp_kernels.EXIT_PORT:#x},iosize=4"])
-    machine = Microvm.create(config, choose_accelerator(config.accel), resolve_boot(config))
+    machine = shared_memory_machine(tmp_path)
     try:
         machine.start()
         status = machine.wait()
@@ -88,16 +93,7 @@ def test_a_cpu_spinning_with_pause_on_a_held_lock_gives_up_its_turn(tmp_path):
 def test_software_vcpu_threads_share_one_host_cpu_while_they_run(tmp_path):
     """The two vCPU threads run on one host CPU (vcpu_placement.py: they take turns, and a turn handed to a
     thread on the same CPU costs no cross-CPU wake-up); the other threads and the caller stay free."""
-    from pyemu.machines.microvm import Microvm
-    from pyemu.system.options import parse_args
-    from pyemu.system.instance import choose_accelerator, resolve_boot
-
-    image = tmp_path / "shared.bin"
-    image.write_bytes(smp_kernels.shared_memory_kernel(200_000))
-    config = parse_args(["-M", "microvm", "-accel", "tcg", "-smp", "2", "-m", "64M", "-kernel", str(image),
-                         "-serial", "null", "-device",
-                         f"isa-debug-exit,iobase={smp_kernels.EXIT_PORT:#x},iosize=4"])
-    machine = Microvm.create(config, choose_accelerator(config.accel), resolve_boot(config))
+    machine = shared_memory_machine(tmp_path)
     own = os.sched_getaffinity(0)
     machine.accel.placement.enabled = True   # as on a host without a spare CPU per vCPU (halt_poll.py)
     seen: set[tuple[frozenset[int], ...]] = set()

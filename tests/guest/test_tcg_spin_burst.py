@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import pytest
 
@@ -44,16 +46,27 @@ def _without_pause_hook(vcpu: object) -> None:
         assert register(vcpu._uc._uch, None, None) == 0  # type: ignore[attr-defined]
 
 
+@contextmanager
+def _running(machine: Any) -> Iterator[tuple[Any, Any, int, int]]:
+    """The vCPU running PROGRAM on a thread of its own: (vcpu, its gate, main, the spin loop's address);
+    stopped and joined on the way out."""
+    vcpu = machine.vcpu
+    main = machine.symbols["main"]
+    spin = main + machine.board.memory.read(main, 0x40).index(SPIN_LOOP)
+    runner = threading.Thread(target=vcpu.run, daemon=True)
+    runner.start()
+    try:
+        yield vcpu, vcpu._gate, main, spin
+    finally:
+        vcpu.request_stop()
+        runner.join(timeout=10)
+    assert not runner.is_alive()
+
+
 def test_a_spin_after_the_burst_is_found_at_the_next_contended_mark() -> None:
     with prepared(PROGRAM) as machine:
-        vcpu = machine.vcpu
-        _without_pause_hook(vcpu)
-        gate = vcpu._gate  # type: ignore[attr-defined]
-        main = machine.symbols["main"]
-        spin = main + machine.board.memory.read(main, 0x40).index(SPIN_LOOP)
-        runner = threading.Thread(target=vcpu.run, daemon=True)
-        runner.start()
-        try:
+        _without_pause_hook(machine.vcpu)
+        with _running(machine) as (vcpu, gate, main, spin):
             assert _wait_for(lambda: main < gate.last_block < main + 0x40), "the guest never ran its busy loop"
             gate.set_contended(True)          # one mark, while the guest is in the loop without PAUSE
             assert _wait_for(lambda: spin <= gate.last_block < spin + 0x10), "the guest never reached its spin"
@@ -74,10 +87,6 @@ def test_a_spin_after_the_burst_is_found_at_the_next_contended_mark() -> None:
             finally:
                 marking.set()
                 marker.join()
-        finally:
-            vcpu.request_stop()
-            runner.join(timeout=10)
-        assert not runner.is_alive()
 
 
 def test_with_pyemus_engine_a_contended_pause_ends_the_turn_at_once() -> None:
@@ -85,16 +94,11 @@ def test_with_pyemus_engine_a_contended_pause_ends_the_turn_at_once() -> None:
     by the busy loop's burst, is enough for the spin's first PAUSE to end the turn; without a waiter the
     guest spins on."""
     with prepared(PROGRAM) as machine:
-        vcpu = machine.vcpu
-        gate = vcpu._gate  # type: ignore[attr-defined]
+        gate = machine.vcpu._gate  # type: ignore[attr-defined]
         if not gate.conditional:
             pytest.skip("PyPI's libunicorn has none of pyemu's engine patches (PYEMU_UNICORN=pypi)")
         assert gate.pause_yields, "pyemu's libunicorn without uc_pyemu_on_pause"
-        main = machine.symbols["main"]
-        spin = main + machine.board.memory.read(main, 0x40).index(SPIN_LOOP)
-        runner = threading.Thread(target=vcpu.run, daemon=True)
-        runner.start()
-        try:
+        with _running(machine) as (vcpu, gate, main, spin):
             assert _wait_for(lambda: main < gate.last_block < main + 0x40), "the guest never ran its busy loop"
             assert vcpu.spin_yields == 0  # type: ignore[attr-defined]  # no waiter yet: PAUSE changes nothing
             gate.set_contended(True)          # one mark, while the guest is in the loop without PAUSE
@@ -103,7 +107,3 @@ def test_with_pyemus_engine_a_contended_pause_ends_the_turn_at_once() -> None:
             assert _wait_for(lambda: spin <= gate.last_block < spin + 0x10)
             time.sleep(0.1)
             assert vcpu.spin_yields == 1  # type: ignore[attr-defined]
-        finally:
-            vcpu.request_stop()
-            runner.join(timeout=10)
-        assert not runner.is_alive()

@@ -126,16 +126,23 @@ def test_members_on_other_threads_share_the_first_members_cpu(host: ScriptedHost
         group.close()
 
 
+def _reviewed_by_hand(host: ScriptedHost) -> tuple[SharedCpu, int]:
+    """An enabled group without its reviewer thread (the test calls review), and the calling thread's id
+    with its run time at 0."""
+    group = _group(host)
+    group.close()
+    me = threading.get_native_id()
+    host.run_ns[me] = 0
+    return group, me
+
+
 def _run_period(host: ScriptedHost, group: SharedCpu, tid: int, *, busy: dict[int, float], group_s: float) -> None:
     host.elapse(group.review_s, busy=busy, group_s={tid: group_s})
     group.review()
 
 
 def test_the_group_leaves_a_cpu_someone_else_keeps_busy_for_the_idlest_one(host: ScriptedHost) -> None:
-    group = _group(host)
-    group.close()   # no reviewer thread: the test reviews by hand
-    me = threading.get_native_id()
-    host.run_ns[me] = 0
+    group, me = _reviewed_by_hand(host)
     with group.member():
         # The group ran half the period on CPU 1, another task the other half; CPU 3 idled most.
         _run_period(host, group, me, busy={1: 0.25, 0: 0.2, 2: 0.24, 3: 0.05}, group_s=0.125)
@@ -144,10 +151,7 @@ def test_the_group_leaves_a_cpu_someone_else_keeps_busy_for_the_idlest_one(host:
 
 
 def test_the_group_stays_when_its_own_threads_keep_the_cpu_busy(host: ScriptedHost) -> None:
-    group = _group(host)
-    group.close()
-    me = threading.get_native_id()
-    host.run_ns[me] = 0
+    group, me = _reviewed_by_hand(host)
     with group.member():
         for _ in range(4):
             _run_period(host, group, me, busy={1: 0.25}, group_s=0.25)
@@ -155,27 +159,19 @@ def test_the_group_stays_when_its_own_threads_keep_the_cpu_busy(host: ScriptedHo
 
 
 def test_the_group_stays_when_every_other_cpu_is_busy_too(host: ScriptedHost) -> None:
-    group = _group(host)
-    group.close()
-    me = threading.get_native_id()
-    host.run_ns[me] = 0
+    group, me = _reviewed_by_hand(host)
     with group.member():
         _run_period(host, group, me, busy={0: 0.25, 1: 0.25, 2: 0.22, 3: 0.24}, group_s=0.12)
         assert group.cpu == 1 and group.moves == 0
 
 
 def test_a_member_that_left_during_the_period_still_counts_as_the_groups_own_use(host: ScriptedHost) -> None:
-    group = _group(host)
-    group.close()
-    me = threading.get_native_id()
-    host.run_ns[me] = 0
+    group, me = _reviewed_by_hand(host)
     left = threading.Event()
     done = threading.Event()
-    other: list[int] = []
 
     def vcpu() -> None:
         tid = threading.get_native_id()
-        other.append(tid)
         host.run_ns[tid] = 0
         with group.member():
             host.elapse(0.0, busy={}, group_s={tid: 0.2})   # it ran 0.2 s of the period, then left
@@ -195,10 +191,7 @@ def test_a_member_that_left_during_the_period_still_counts_as_the_groups_own_use
 
 
 def test_a_paused_group_starts_a_fresh_period_when_it_runs_again(host: ScriptedHost) -> None:
-    group = _group(host)
-    group.close()
-    me = threading.get_native_id()
-    host.run_ns[me] = 0
+    group, me = _reviewed_by_hand(host)
     with group.member():
         pass
     host.elapse(10.0, busy={1: 10.0}, group_s={})   # someone else used CPU 1 while the VM was paused
