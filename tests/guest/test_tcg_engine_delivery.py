@@ -174,16 +174,21 @@ class _Ram:
         return int(self._memory.read_u64(address))
 
 
-# Waits with STI; HLT until the handler counted INTERRUPTS deliveries: each one wakes a halted vCPU.
+# Waits with STI; HLT until the handler counted INTERRUPTS deliveries: each one wakes a halted vCPU. The
+# count is checked with IF=0 and STI's one-instruction shadow covers the HLT, so an interrupt that arrives
+# between the check and the HLT is taken after the HLT (it ends the halt). Checked with IF=1, the last
+# interrupt could be taken before the HLT, which would then wait for an interrupt that never comes.
 HALT_PROGRAM = GuestProgram(
     code=f"""
         mov rbx, {COUNT}
-        sti
     wait:
-        hlt
-        cmp qword ptr [rbx], {INTERRUPTS}
-        jb wait
         cli
+        cmp qword ptr [rbx], {INTERRUPTS}
+        jae done
+        sti
+        hlt
+        jmp wait
+    done:
         {exit_with(0x600d)}
     """,
     handlers={VECTOR: recording_handler(0, error_code=False)},
