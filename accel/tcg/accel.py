@@ -22,6 +22,7 @@ from pyemu.accel.tcg.block_gate import load_gate_module
 from pyemu.accel.tcg.errors import TcgError
 from pyemu.accel.tcg.guest_tsc import GuestTsc
 from pyemu.accel.tcg.halt_poll import default_max_poll_ns
+from pyemu.accel.tcg.io_guard import PortShadows
 from pyemu.accel.tcg.scheduler import RoundRobin
 from pyemu.accel.tcg.tlb_fill import CodeMap, tlb_hook_enabled
 from pyemu.accel.tcg.tsc import host_tsc_hz
@@ -55,6 +56,7 @@ class TcgAccelerator:
         self._dirty_log: TcgDirtyLog | None = None
         self.tsc = GuestTsc()
         """The guest TSC of every vCPU (one offset: they cannot differ under Unicorn)."""
+        self._port_shadows: PortShadows | None = None
 
     @property
     def tsc_hz(self) -> int:
@@ -82,6 +84,10 @@ class TcgAccelerator:
         vcpu = TcgVcpu(index, self._memory, self._dispatcher, self._cpuid, calibrate(), interrupts,
                        scheduler=self.scheduler, code_map=self._code_map, tsc=self.tsc,
                        placement=self.placement)
+        if self._port_shadows is None:
+            self._port_shadows = PortShadows(load_gate_module())
+            self._dispatcher.pio.bind_shadows(self._port_shadows.publish)
+        vcpu.use_port_shadows(self._port_shadows)
         self.vcpus.append(vcpu)
         max_poll_ns = default_max_poll_ns(len(self.vcpus))
         for each in self.vcpus:
@@ -145,8 +151,15 @@ class TcgAccelerator:
     def msi_sink(self) -> MsiSink | None:
         return None
 
+    @property
+    def port_shadow_hits(self) -> int:
+        """Port reads the engines answered from device-published shadows (tests, benchmarks)."""
+        return self._port_shadows.hits if self._port_shadows is not None else 0
+
     def close(self) -> None:
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()
         self.placement.close()
+        if self._port_shadows is not None and self._dispatcher is not None:
+            self._dispatcher.pio.bind_shadows(None)

@@ -133,6 +133,12 @@ struct pyemu_gate {
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
 void pyemu_gate_pause(void *uc, void *opaque);
 int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns);
+struct pyemu_io_shadows {
+    uint32_t count;
+    uint32_t port[8];
+    int32_t value[8];
+    uint64_t hits;
+};
 struct pyemu_io_guard {
     uint8_t *env;
     void *cpu;
@@ -152,6 +158,7 @@ struct pyemu_io_guard {
     uint64_t unrestored;
     uint64_t code_lo, code_hi;
     uint64_t helpers[6];
+    struct pyemu_io_shadows *shadows;
 };
 uint32_t pyemu_io_in(void *uc, uint32_t port, int size, void *user_data);
 void pyemu_io_out(void *uc, uint32_t port, int size, uint32_t value, void *user_data);

@@ -15,6 +15,18 @@
 #include <pthread.h>
 #include <stdint.h>
 
+/* Port reads answered without the Python callback: a device publishes the value of a one-byte register
+ * while reading it has no side effect (system/bus.py ReadShadow); value -1 means "ask the device". Shared
+ * by every vCPU of a VM; written by whichever thread publishes, under the device's lock. A slot is filled
+ * port first, then value, then count, so a reader never sees a half-made slot. */
+#define IO_SHADOW_SLOTS 8
+struct pyemu_io_shadows {
+    uint32_t count;
+    uint32_t port[IO_SHADOW_SLOTS];
+    int32_t value[IO_SHADOW_SLOTS];
+    uint64_t hits;                /* statistics: reads answered here */
+};
+
 struct pyemu_io_guard {
     uint8_t *env;                 /* QEMU's CPUX86State of this engine */
     void *cpu;                    /* its CPUState */
@@ -34,6 +46,7 @@ struct pyemu_io_guard {
     uint64_t unrestored;          /* statistics: faults raised without finding the block's return address */
     uint64_t code_lo, code_hi;    /* this engine's TCG code buffer */
     uint64_t helpers[6];          /* helper_in{b,w,l} and helper_out{b,w,l}: what the block calls */
+    struct pyemu_io_shadows *shadows;  /* NULL: every read goes to Python */
 };
 
 #define IO_HF_CPL_MASK 3u
@@ -170,6 +183,20 @@ uint32_t pyemu_io_in(void *uc, uint32_t port, int size, void *user_data)
 {
     struct pyemu_io_guard *g = (struct pyemu_io_guard *)user_data;
     io_check(g, port, size);
+    struct pyemu_io_shadows *s = g->shadows;
+    if (s && size == 1) {
+        uint32_t count = __atomic_load_n(&s->count, __ATOMIC_ACQUIRE);
+        for (uint32_t i = 0; i < count && i < IO_SHADOW_SLOTS; i++) {
+            if (s->port[i] == port) {
+                int32_t value = __atomic_load_n(&s->value[i], __ATOMIC_ACQUIRE);
+                if (value >= 0) {
+                    s->hits++;
+                    return (uint32_t)value;
+                }
+                break;
+            }
+        }
+    }
     return g->py_in(uc, port, size, 0);
 }
 

@@ -271,6 +271,43 @@ def _buffer_by_paths(uc: Uc, paths: list[tuple[int, int]]) -> tuple[int, int] | 
     return None
 
 
+SHADOW_SLOTS = 8
+"""Ports whose read shadows the C guard answers (io_guard.c ``IO_SHADOW_SLOTS``); more go to Python."""
+
+
+class PortShadows:
+    """The VM's port read shadows in C (``struct pyemu_io_shadows``), shared by every vCPU's guard: a one-byte
+    IN from a port whose device published a value is answered by the guard without calling Python (see
+    :class:`pyemu.system.bus.ReadShadow`). :meth:`publish` is the sink the port bus feeds
+    (``Bus.bind_shadows``)."""
+
+    def __init__(self, module: Any) -> None:
+        self._ffi: Any = module.ffi
+        self.state: Any = self._ffi.new("struct pyemu_io_shadows *")
+        self._slots: dict[int, int] = {}
+        self._lock = threading.Lock()  # devices publish from their own threads (vCPU, chardev I/O)
+
+    def publish(self, port: int, value: int | None) -> None:
+        """Port ``port`` now reads as ``value`` (None: the read must reach the device)."""
+        with self._lock:
+            state = self.state
+            slot = self._slots.get(port)
+            if slot is None:
+                if value is None or len(self._slots) >= SHADOW_SLOTS:
+                    return  # nothing to answer, or no room: the device keeps serving the reads
+                slot = len(self._slots)
+                state.port[slot] = port   # the slot is complete before count lets the guard see it
+                state.value[slot] = -1
+                state.count = slot + 1
+                self._slots[port] = slot
+            state.value[slot] = -1 if value is None else value
+
+    @property
+    def hits(self) -> int:
+        """Reads answered from a shadow (all vCPUs)."""
+        return int(self.state.hits)
+
+
 class IoGuard:
     """The IN/OUT hooks of one engine: the C guard in front of the Python callbacks ``on_in``/``on_out``
     (same signatures as Unicorn's IN/OUT hook callbacks; exceptions they raise stop the engine and are
@@ -297,6 +334,7 @@ class IoGuard:
                                       ctypes.cast(self._py_out, ctypes.c_void_p).value)
         self._configure(uc, blob, library)
         self._handles: list[ctypes.c_size_t] = []
+        self._shadows: PortShadows | None = None
         user_data = ctypes.c_void_p(int(self._ffi.cast("uintptr_t", state)))
         for name, insn in (("pyemu_io_in", x86.UC_X86_INS_IN), ("pyemu_io_out", x86.UC_X86_INS_OUT)):
             handle = ctypes.c_size_t()
@@ -335,6 +373,11 @@ class IoGuard:
             state.helpers[index] = int(self._ffi.cast("uintptr_t", function(name, "void *")))
         state.code_lo, state.code_hi = locate_code_buffer(uc)
         state.enabled = 1
+
+    def use_shadows(self, shadows: PortShadows | None) -> None:
+        """Answer shadowed port reads from ``shadows`` (None: every read goes to Python)."""
+        self._shadows = shadows   # the C table must live as long as the guard points at it
+        self.state.shadows = shadows.state if shadows is not None else self._ffi.NULL
 
     @property
     def statistics(self) -> dict[str, int]:

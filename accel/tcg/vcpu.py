@@ -71,6 +71,7 @@ from pyemu.accel.tcg.errors import EngineError, GuestFault
 from pyemu.accel.tcg.guest_tsc import GuestTsc
 from pyemu.accel.tcg.halt_poll import MAX_POLL_NS, HaltPolling
 from pyemu.accel.tcg.io_hooks import IoHooks, vcpu_cpuid
+from pyemu.accel.tcg.io_guard import PortShadows
 from pyemu.accel.tcg.memory_map import PhysicalMap
 from pyemu.accel.tcg.engine_delivery import EngineDelivery
 from pyemu.accel.tcg.msrs import set_arch_capabilities
@@ -214,6 +215,10 @@ class TcgVcpu:
         if masked or pending:
             state.events = replace(state.events or PendingEvents(), nmi_masked=masked, nmi_pending=pending)
         return state
+
+    def use_port_shadows(self, shadows: PortShadows | None) -> None:
+        """Let the engine answer shadowed port reads itself (see :class:`pyemu.system.bus.ReadShadow`)."""
+        self._io.guard.use_shadows(shadows)
 
     def kick(self) -> None:
         self._gate.signal_interrupt()

@@ -32,6 +32,7 @@ from typing import Callable, ClassVar
 from pyemu.hw.core.irq import IrqLine
 from pyemu.hw.core.state import DeviceState, StateError, check_bits, check_bool, check_range, check_state
 from pyemu.system import log
+from pyemu.system.bus import ReadShadow
 from pyemu.system.timers import TimerQueue
 
 # Register offsets (DLAB=0 unless noted).
@@ -187,12 +188,28 @@ class Serial16550:
         self._timers = timers
         self._timeout_timer = timers.new_timer(self._character_timeout, f"{name}-rx-timeout")
         self._rx_space_notifier: Callable[[], None] | None = None
+        self._lsr_shadow: ReadShadow | None = None
         self._rx: deque[int] = deque()
         self._irq_level = 0
         self._load(Serial16550State())
         self._update_irq(force=True)
 
     # -- wiring -----------------------------------------------------------------------------------------
+    def set_lsr_shadow(self, shadow: ReadShadow | None) -> None:
+        """Publish LSR's value to ``shadow`` while reading it has no side effect (no error bits to clear):
+        the console driver reads LSR before every byte it writes, and an accelerator can then answer
+        those reads without calling the model. Published after every access and input, under the lock
+        they run under."""
+        if self._lsr_shadow is not None:
+            self._lsr_shadow.publish(None)
+        self._lsr_shadow = shadow
+        self._publish_lsr()
+
+    def _publish_lsr(self) -> None:
+        shadow = self._lsr_shadow
+        if shadow is not None:
+            shadow.publish(None if self._lsr_errors else self._lsr())
+
     def set_rx_space_notifier(self, callback: Callable[[], None] | None) -> None:
         """``callback()`` is called (under the machine lock, must not block) whenever the receiver goes
         from full to accepting again, so a backend holding unread input can deliver it."""
@@ -202,18 +219,23 @@ class Serial16550:
     def read(self, offset: int, size: int) -> int:
         """Read ``size`` consecutive byte registers (wider accesses are split, as QEMU does)."""
         if size == 1:
-            return self._read_register(offset)
-        value = 0
-        for i in range(size):
-            value |= self._read_register(offset + i) << (8 * i)
+            value = self._read_register(offset)
+        else:
+            value = 0
+            for i in range(size):
+                value |= self._read_register(offset + i) << (8 * i)
+        if offset <= LSR < offset + size or offset <= RBR < offset + size:
+            self._publish_lsr()   # an LSR read cleared errors, an RBR read took a byte
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         if size == 1:
             self._write_register(offset, value & 0xFF)
-            return
-        for i in range(size):
-            self._write_register(offset + i, (value >> (8 * i)) & 0xFF)
+        else:
+            for i in range(size):
+                self._write_register(offset + i, (value >> (8 * i)) & 0xFF)
+        if offset != THR or size != 1 or self._mcr & MCR_LOOP:
+            self._publish_lsr()   # FIFO resets, loopback input (a plain THR write leaves LSR as it was)
 
     # -- input from the backend (machine lock held by the caller) ---------------------------------------
     def can_receive(self) -> int:
@@ -233,6 +255,7 @@ class Serial16550:
             self._push_rx(byte)
         self._received()
         self._update_irq()
+        self._publish_lsr()
 
     def receive_break(self) -> None:
         """A break condition on the line: a zero character flagged with LSR.BI."""
@@ -242,6 +265,7 @@ class Serial16550:
         self._lsr_errors |= LSR_BI
         self._received()
         self._update_irq()
+        self._publish_lsr()
 
     def set_modem_inputs(self, lines: int) -> None:
         """Drive the CTS/DSR/RI/DCD inputs (MSR bits 4-7), setting the delta bits for changes."""
@@ -257,6 +281,7 @@ class Serial16550:
         had_no_room = self.can_receive() == 0
         self._load(Serial16550State())
         self._update_irq(force=True)
+        self._publish_lsr()
         if had_no_room:
             self._notify_rx_space()
 
@@ -290,6 +315,7 @@ class Serial16550:
         if s.timeout_remaining_ns is not None:
             self._timeout_timer.mod_in(s.timeout_remaining_ns)
         self._update_irq(force=True)
+        self._publish_lsr()
         self._notify_rx_space()
 
     def _check_state(self, state: object) -> Serial16550State:

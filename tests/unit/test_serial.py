@@ -431,3 +431,82 @@ def test_isa_binding_on_the_pio_bus() -> None:
     assert sent == b"Z"
     com2 = IsaSerial.create(IrqLine(), timers, index=1)
     assert (com2.iobase, com2.irq) == (0x2F8, 3)
+
+
+# -- the LSR read shadow (system/bus.py ReadShadow) ------------------------------------------------------
+
+
+def _shadowed(rig: Rig):  # type: ignore[no-untyped-def]
+    bus = pio_bus()
+    shadow = bus.read_shadow(0x3F8 + s.LSR)
+    rig.uart.set_lsr_shadow(shadow)
+    return shadow
+
+
+def _check_shadow(rig: Rig, shadow) -> None:  # type: ignore[no-untyped-def]
+    """The shadow is what an LSR read returns, and the read then changes nothing -- or it is None and the
+    read has something to clear."""
+    published = shadow.value
+    read = rig.rd(s.LSR)
+    if published is None:
+        assert read & (s.LSR_OE | s.LSR_BI), f"shadow withheld, but LSR {read:#x} has nothing to clear"
+    else:
+        assert read == published, f"shadow {published:#x}, LSR reads {read:#x}"
+        assert rig.rd(s.LSR) == read and shadow.value == published
+
+
+def test_lsr_shadow_follows_every_change_and_is_withheld_while_a_read_would_clear_errors(rig: Rig) -> None:
+    shadow = _shadowed(rig)
+    assert shadow.value == s.LSR_THRE | s.LSR_TEMT
+    rig.uart.receive(b"a")                       # input from the backend: DR
+    assert shadow.value == s.LSR_THRE | s.LSR_TEMT | s.LSR_DR
+    _check_shadow(rig, shadow)
+    assert rig.rd(s.RBR) == ord("a")
+    assert shadow.value == s.LSR_THRE | s.LSR_TEMT
+    rig.uart.receive(b"cd")                      # no FIFO: the second byte overruns the first
+    assert shadow.value is None                  # a read must reach the model to clear OE
+    _check_shadow(rig, shadow)
+    assert shadow.value == s.LSR_THRE | s.LSR_TEMT | s.LSR_DR
+    rig.wr(s.FCR, s.FCR_ENABLE | s.FCR_CLEAR_RX)  # FIFO on and emptied
+    assert shadow.value == s.LSR_THRE | s.LSR_TEMT
+    rig.uart.receive(b"ab")
+    assert rig.rd(s.RBR) == ord("a")
+    assert shadow.value == s.LSR_THRE | s.LSR_TEMT | s.LSR_DR   # one byte left
+    _check_shadow(rig, shadow)
+    assert rig.rd(s.RBR) == ord("b")
+    assert shadow.value == s.LSR_THRE | s.LSR_TEMT
+    rig.uart.receive_break()
+    assert shadow.value is None
+    _check_shadow(rig, shadow)
+    rig.wr(s.MCR, s.MCR_LOOP)
+    rig.rd(s.RBR)
+    rig.wr(s.THR, ord("x"))                      # loopback: the byte comes back as input
+    assert shadow.value is not None and shadow.value & s.LSR_DR
+    _check_shadow(rig, shadow)
+    saved = rig.uart.state()
+    rig.uart.reset()
+    assert shadow.value == s.LSR_THRE | s.LSR_TEMT
+    rig.uart.from_state(saved)
+    assert shadow.value is not None and shadow.value & s.LSR_DR
+    rig.uart.set_lsr_shadow(None)                # detached: the old shadow stops answering
+    assert shadow.value is None
+
+
+def test_plain_transmit_leaves_the_shadow_alone(rig: Rig) -> None:
+    shadow = _shadowed(rig)
+    published: list[object] = []
+    shadow._sink = lambda address, value: published.append(value)  # type: ignore[attr-defined]
+    for byte in b"hello":
+        rig.wr(s.THR, byte)
+    assert rig.sent == b"hello" and published == []
+    assert shadow.value == rig.rd(s.LSR)
+
+
+def test_isa_binding_shadows_lsr_on_its_bus() -> None:
+    timers = TimerQueue(clock=Clock())
+    com1 = IsaSerial.create(IrqLine(), timers)
+    bus = pio_bus()
+    seen: dict[int, object] = {}
+    bus.bind_shadows(lambda address, value: seen.__setitem__(address, value))
+    com1.register(bus)
+    assert seen == {0x3FD: s.LSR_THRE | s.LSR_TEMT}
