@@ -34,6 +34,25 @@ class ExitDispatcher:
     def io_out(self, port: int, size: int, value: int) -> None:
         self._write(self.pio, port, size, value)
 
+    def io_out_burst(self, port: int, data: bytes) -> None:
+        """One-byte writes of ``data`` to ``port``, in order, that waited in a vCPU's queue of posted
+        writes (:class:`pyemu.system.bus.RegisterFastPath`): one call of the device's ``write_burst``
+        when it has one, under one lock hold."""
+        entry = self.pio.find(port)
+        burst = getattr(entry.device, "write_burst", None) if entry is not None else None
+        if entry is None or burst is None:
+            for value in data:
+                self._write(self.pio, port, 1, value)
+            return
+        try:
+            if entry.own_lock:
+                burst(port - entry.base, data)
+                return
+            with self.lock:
+                burst(port - entry.base, data)
+        except Exception as exc:
+            self._device_failed(self.pio, entry, "write", port, exc)
+
     def mmio_read(self, addr: int, size: int) -> int:
         return self._read(self.mmio, addr, size)
 

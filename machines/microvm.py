@@ -304,7 +304,7 @@ class Microvm(Machine):
             self.devices.add(BoardDevice(f"serial{index}", port.core, driver="isa-serial", ranges=(
                 IoRange("pio", port.iobase, REGISTER_COUNT, port.core),),
                 aml=serial_port_device(info, legacy_pic=self.features.pic), on_close=lambda: None))
-            port.shadow_lsr(self.pio)
+            port.add_fast_paths(self.pio)
             backend.attach(port.core, self.lock)
             # QEMU labels a -serial's implicit chardev serialN, a -serial chardev:ID by that ID.
             self.chardevs.add(spec.id if isinstance(spec, ChardevRefSpec) else f"serial{index}", backend)

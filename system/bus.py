@@ -40,35 +40,64 @@ class BusRange:
         return self.base + self.length
 
 
-ShadowSink = Callable[[int, "int | None"], None]
+FastPathSink = Callable[[int, "int | None", bool], None]
 
 
-class ReadShadow:
-    """What a one-byte register reads as, published by its device whenever reading it has no side effect
-    (None while a read must reach the device: it would clear something, say).
+class RegisterFastPath:
+    """What an accelerator may do with one byte register without calling its device, as the device says
+    from moment to moment (KVM's coalesced PIO and QEMU's, generalised a little):
 
-    Why: an accelerator that can answer such a read itself spares the guest an exit into Python. A 16550's
-    line status register is read before every byte a Linux console writes (~16,000 reads in a boot to
+    * ``read_value``: what a read returns while reading has no side effect (None: the read must reach the
+      device -- it would clear something, say);
+    * ``posted_writes``: one-byte writes may wait in a per-vCPU queue and reach the device together
+      (:meth:`ExitDispatcher.io_out_burst`), in order, before the vCPU's next access that is neither such
+      a write nor such a read, and before the vCPU's run ends. The device allows it only while such a write
+      changes nothing another access could observe sooner (no interrupt, no register that is not itself
+      read through ``read_value``).
+
+    Why: a 16550 console costs the guest an LSR read and a THR write per byte (~16,000 of each in a boot to
     /init, ~2 us each through the software CPU's exit path). The device stays the authority: it publishes
-    after every change, under the same lock as its accesses, and a read it does not shadow goes to it as
-    before. An accelerator that does not bind the bus's shadows (KVM) simply never looks."""
+    after every change, under the lock its accesses run under. An accelerator that does not bind the bus's
+    fast paths (KVM) never looks."""
 
-    __slots__ = ("address", "value", "_sink")
+    __slots__ = ("address", "read_value", "posted_writes", "_sink")
 
     def __init__(self, address: int) -> None:
         self.address = address
-        self.value: int | None = None
-        self._sink: ShadowSink | None = None
+        self.read_value: int | None = None
+        self.posted_writes = False
+        self._sink: FastPathSink | None = None
 
-    def publish(self, value: int | None) -> None:
-        if value == self.value:
+    def publish_read(self, value: int | None) -> None:
+        if value == self.read_value:
             return
         if value is not None and not 0 <= value <= 0xFF:
-            raise ValueError(f"a read shadow holds one byte, not {value:#x}")
-        self.value = value
+            raise ValueError(f"a byte register reads as one byte, not {value:#x}")
+        self.read_value = value
+        self._send()
+
+    def post_writes(self, allowed: bool) -> None:
+        if allowed == self.posted_writes:
+            return
+        self.posted_writes = allowed
+        self._send()
+
+    def clear(self) -> None:
+        """Neither: every access reaches the device again."""
+        self.read_value = None
+        self.posted_writes = False
+        self._send()
+
+    def _send(self) -> None:
         sink = self._sink
         if sink is not None:
-            sink(self.address, value)
+            sink(self.address, self.read_value, self.posted_writes)
+
+
+class BurstWriter(Protocol):
+    """A device that takes several posted one-byte writes to one register at once (optional)."""
+
+    def write_burst(self, offset: int, data: bytes) -> None: ...
 
 
 class Bus:
@@ -79,8 +108,8 @@ class Bus:
         self.address_limit = address_limit
         self._starts: list[int] = []
         self._ranges: list[BusRange] = []
-        self._shadows: dict[int, ReadShadow] = {}
-        self._shadow_sink: ShadowSink | None = None
+        self._fast_paths: dict[int, RegisterFastPath] = {}
+        self._fast_path_sink: FastPathSink | None = None
 
     def register(self, base: int, length: int, device: BusDevice, name: str | None = None, *,
                  own_lock: bool = False, owner: object = None) -> BusRange:
@@ -101,33 +130,33 @@ class Bus:
         return entry
 
     def unregister(self, device: BusDevice) -> None:
-        """Remove every range ``device`` occupies (and the read shadows inside them)."""
+        """Remove every range ``device`` occupies (and the fast paths inside them)."""
         keep = [r for r in self._ranges if r.device is not device]
         for gone in (r for r in self._ranges if r.device is device):
-            for address in [a for a in self._shadows if gone.base <= a < gone.end]:
-                self._shadows.pop(address).publish(None)
+            for address in [a for a in self._fast_paths if gone.base <= a < gone.end]:
+                self._fast_paths.pop(address).clear()
         self._ranges = keep
         self._starts = [r.base for r in keep]
 
-    # -- read shadows ---------------------------------------------------------------------------------
-    def read_shadow(self, address: int) -> ReadShadow:
-        """The shadow of the byte register at ``address`` (one per address), for its device to publish."""
+    # -- fast paths ---------------------------------------------------------------------------------
+    def fast_path(self, address: int) -> RegisterFastPath:
+        """The fast path of the byte register at ``address`` (one per address), for its device to publish."""
         if not 0 <= address < self.address_limit:
-            raise BusError(f"{self.name}: read shadow at {address:#x} outside the bus")
-        shadow = self._shadows.get(address)
-        if shadow is None:
-            shadow = self._shadows[address] = ReadShadow(address)
-            shadow._sink = self._shadow_sink
-        return shadow
+            raise BusError(f"{self.name}: fast path at {address:#x} outside the bus")
+        path = self._fast_paths.get(address)
+        if path is None:
+            path = self._fast_paths[address] = RegisterFastPath(address)
+            path._sink = self._fast_path_sink
+        return path
 
-    def bind_shadows(self, sink: ShadowSink | None) -> None:
-        """Send every shadow's value, now and after each change, to ``sink(address, value)`` (an
-        accelerator's table); None unbinds."""
-        self._shadow_sink = sink
-        for shadow in self._shadows.values():
-            shadow._sink = sink
+    def bind_fast_paths(self, sink: FastPathSink | None) -> None:
+        """Send every fast path's settings, now and after each change, to ``sink(address, read_value,
+        posted_writes)`` (an accelerator's table); None unbinds."""
+        self._fast_path_sink = sink
+        for path in self._fast_paths.values():
+            path._sink = sink
             if sink is not None:
-                sink(shadow.address, shadow.value)
+                path._send()
 
     def find(self, addr: int) -> BusRange | None:
         """The range containing ``addr``, or None."""

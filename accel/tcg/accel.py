@@ -22,7 +22,7 @@ from pyemu.accel.tcg.block_gate import load_gate_module
 from pyemu.accel.tcg.errors import TcgError
 from pyemu.accel.tcg.guest_tsc import GuestTsc
 from pyemu.accel.tcg.halt_poll import default_max_poll_ns
-from pyemu.accel.tcg.io_guard import PortShadows
+from pyemu.accel.tcg.port_fast_paths import PortFastPaths, PostedWriteWatch
 from pyemu.accel.tcg.scheduler import RoundRobin
 from pyemu.accel.tcg.tlb_fill import CodeMap, tlb_hook_enabled
 from pyemu.accel.tcg.tsc import host_tsc_hz
@@ -56,7 +56,8 @@ class TcgAccelerator:
         self._dirty_log: TcgDirtyLog | None = None
         self.tsc = GuestTsc()
         """The guest TSC of every vCPU (one offset: they cannot differ under Unicorn)."""
-        self._port_shadows: PortShadows | None = None
+        self._port_fast: PortFastPaths | None = None
+        self._posted_watch: PostedWriteWatch | None = None
 
     @property
     def tsc_hz(self) -> int:
@@ -84,10 +85,11 @@ class TcgAccelerator:
         vcpu = TcgVcpu(index, self._memory, self._dispatcher, self._cpuid, calibrate(), interrupts,
                        scheduler=self.scheduler, code_map=self._code_map, tsc=self.tsc,
                        placement=self.placement)
-        if self._port_shadows is None:
-            self._port_shadows = PortShadows(load_gate_module())
-            self._dispatcher.pio.bind_shadows(self._port_shadows.publish)
-        vcpu.use_port_shadows(self._port_shadows)
+        if self._port_fast is None:
+            self._port_fast = PortFastPaths(load_gate_module())
+            self._dispatcher.pio.bind_fast_paths(self._port_fast.publish)
+            self._posted_watch = PostedWriteWatch(lambda: self.vcpus)
+        vcpu.use_port_fast_paths(self._port_fast)
         self.vcpus.append(vcpu)
         max_poll_ns = default_max_poll_ns(len(self.vcpus))
         for each in self.vcpus:
@@ -152,14 +154,17 @@ class TcgAccelerator:
         return None
 
     @property
-    def port_shadow_hits(self) -> int:
-        """Port reads the engines answered from device-published shadows (tests, benchmarks)."""
-        return self._port_shadows.hits if self._port_shadows is not None else 0
+    def port_fast_path_statistics(self) -> dict[str, int]:
+        """Port reads answered and writes posted by the engines without a call into Python (see
+        :class:`pyemu.system.bus.RegisterFastPath`; tests, benchmarks)."""
+        return self._port_fast.statistics if self._port_fast is not None else {}
 
     def close(self) -> None:
+        if self._posted_watch is not None:
+            self._posted_watch.close()
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()
         self.placement.close()
-        if self._port_shadows is not None and self._dispatcher is not None:
-            self._dispatcher.pio.bind_shadows(None)
+        if self._port_fast is not None and self._dispatcher is not None:
+            self._dispatcher.pio.bind_fast_paths(None)

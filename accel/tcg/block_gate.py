@@ -133,11 +133,13 @@ struct pyemu_gate {
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
 void pyemu_gate_pause(void *uc, void *opaque);
 int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns);
-struct pyemu_io_shadows {
+struct pyemu_port_fast {
     uint32_t count;
     uint32_t port[8];
-    int32_t value[8];
-    uint64_t hits;
+    int32_t read_value[8];
+    int32_t posted[8];
+    uint64_t read_hits;
+    uint64_t posted_writes;
 };
 struct pyemu_io_guard {
     uint8_t *env;
@@ -158,7 +160,11 @@ struct pyemu_io_guard {
     uint64_t unrestored;
     uint64_t code_lo, code_hi;
     uint64_t helpers[6];
-    struct pyemu_io_shadows *shadows;
+    struct pyemu_port_fast *fast;
+    void (*py_flush)(void *uc, uint32_t count, void *key);
+    uint32_t reads_since_post;
+    uint32_t ring_used;
+    uint32_t ring[512];
 };
 uint32_t pyemu_io_in(void *uc, uint32_t port, int size, void *user_data);
 void pyemu_io_out(void *uc, uint32_t port, int size, uint32_t value, void *user_data);

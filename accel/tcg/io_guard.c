@@ -15,16 +15,21 @@
 #include <pthread.h>
 #include <stdint.h>
 
-/* Port reads answered without the Python callback: a device publishes the value of a one-byte register
- * while reading it has no side effect (system/bus.py ReadShadow); value -1 means "ask the device". Shared
- * by every vCPU of a VM; written by whichever thread publishes, under the device's lock. A slot is filled
- * port first, then value, then count, so a reader never sees a half-made slot. */
-#define IO_SHADOW_SLOTS 8
-struct pyemu_io_shadows {
+/* Port accesses handled without the Python callbacks, as the device allows from moment to moment
+ * (system/bus.py RegisterFastPath): a one-byte read answered with read_value (-1: ask the device), and a
+ * one-byte write queued in the vCPU's ring of posted writes (posted != 0), delivered in order before the
+ * vCPU's next other access and at the end of its run. Shared by every vCPU of a VM; written by whichever
+ * thread publishes, under the device's lock. A slot is filled port first, then its settings, then count,
+ * so a reader never sees a half-made slot. */
+#define IO_FAST_SLOTS 8
+#define IO_POSTED_RING 512
+struct pyemu_port_fast {
     uint32_t count;
-    uint32_t port[IO_SHADOW_SLOTS];
-    int32_t value[IO_SHADOW_SLOTS];
-    uint64_t hits;                /* statistics: reads answered here */
+    uint32_t port[IO_FAST_SLOTS];
+    int32_t read_value[IO_FAST_SLOTS];
+    int32_t posted[IO_FAST_SLOTS];
+    uint64_t read_hits;           /* statistics: reads answered here */
+    uint64_t posted_writes;       /* statistics: writes queued */
 };
 
 struct pyemu_io_guard {
@@ -46,7 +51,11 @@ struct pyemu_io_guard {
     uint64_t unrestored;          /* statistics: faults raised without finding the block's return address */
     uint64_t code_lo, code_hi;    /* this engine's TCG code buffer */
     uint64_t helpers[6];          /* helper_in{b,w,l} and helper_out{b,w,l}: what the block calls */
-    struct pyemu_io_shadows *shadows;  /* NULL: every read goes to Python */
+    struct pyemu_port_fast *fast; /* NULL: every access goes to Python */
+    void (*py_flush)(void *uc, uint32_t count, void *key);  /* delivers ring[0..count) */
+    uint32_t reads_since_post;    /* fast reads since the last posted write */
+    uint32_t ring_used;           /* posted writes waiting: port << 8 | value, oldest first */
+    uint32_t ring[IO_POSTED_RING];
 };
 
 #define IO_HF_CPL_MASK 3u
@@ -179,24 +188,46 @@ static void io_check(struct pyemu_io_guard *g, uint32_t port, int size)
     g->raise_err_ra(env, IO_GP, 0, 0);
 }
 
+static int io_fast_slot(struct pyemu_port_fast *f, uint32_t port)
+{
+    uint32_t count = __atomic_load_n(&f->count, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < count && i < IO_FAST_SLOTS; i++)
+        if (f->port[i] == port)
+            return (int)i;
+    return -1;
+}
+
+/* Hand the posted writes to Python (on this vCPU's thread, like every hook). */
+static void io_flush(struct pyemu_io_guard *g, void *uc)
+{
+    uint32_t count = g->ring_used;
+    if (count) {
+        g->py_flush(uc, count, 0);
+        g->ring_used = 0;
+    }
+}
+
 uint32_t pyemu_io_in(void *uc, uint32_t port, int size, void *user_data)
 {
     struct pyemu_io_guard *g = (struct pyemu_io_guard *)user_data;
     io_check(g, port, size);
-    struct pyemu_io_shadows *s = g->shadows;
-    if (s && size == 1) {
-        uint32_t count = __atomic_load_n(&s->count, __ATOMIC_ACQUIRE);
-        for (uint32_t i = 0; i < count && i < IO_SHADOW_SLOTS; i++) {
-            if (s->port[i] == port) {
-                int32_t value = __atomic_load_n(&s->value[i], __ATOMIC_ACQUIRE);
-                if (value >= 0) {
-                    s->hits++;
-                    return (uint32_t)value;
-                }
-                break;
+    struct pyemu_port_fast *f = g->fast;
+    if (f && size == 1) {
+        int slot = io_fast_slot(f, port);
+        if (slot >= 0) {
+            int32_t value = __atomic_load_n(&f->read_value[slot], __ATOMIC_ACQUIRE);
+            if (value >= 0) {
+                f->read_hits++;
+                /* A second read in a row with writes still queued: the guest polls (for input, say)
+                 * instead of writing on, so what it wrote must be out now. A console that reads LSR
+                 * once per byte it writes keeps its bytes queued. */
+                if (g->ring_used && ++g->reads_since_post >= 2)
+                    io_flush(g, uc);
+                return (uint32_t)value;
             }
         }
     }
+    io_flush(g, uc);
     return g->py_in(uc, port, size, 0);
 }
 
@@ -204,5 +235,18 @@ void pyemu_io_out(void *uc, uint32_t port, int size, uint32_t value, void *user_
 {
     struct pyemu_io_guard *g = (struct pyemu_io_guard *)user_data;
     io_check(g, port, size);
+    struct pyemu_port_fast *f = g->fast;
+    if (f && size == 1) {
+        int slot = io_fast_slot(f, port);
+        if (slot >= 0 && __atomic_load_n(&f->posted[slot], __ATOMIC_ACQUIRE)) {
+            if (g->ring_used == IO_POSTED_RING)
+                io_flush(g, uc);
+            g->ring[g->ring_used++] = (port & 0xFFFF) << 8 | (value & 0xFF);
+            g->reads_since_post = 0;
+            f->posted_writes++;
+            return;
+        }
+    }
+    io_flush(g, uc);
     g->py_out(uc, port, size, value, 0);
 }

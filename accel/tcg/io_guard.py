@@ -67,6 +67,9 @@ _cache_lock = threading.Lock()
 _HELPERS = tuple(f"helper_{kind}{width}_x86_64" for kind in ("in", "out") for width in "bwl")
 InCallback = Callable[[Uc, int, int, Any], int]
 OutCallback = Callable[[Uc, int, int, int, Any], None]
+PostedCallback = Callable[[int, bytes], None]
+"""Posted one-byte writes to a port, oldest first: ``(port, data)``."""
+_FLUSH_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p)
 
 
 class _ProcessMemory:
@@ -271,49 +274,14 @@ def _buffer_by_paths(uc: Uc, paths: list[tuple[int, int]]) -> tuple[int, int] | 
     return None
 
 
-SHADOW_SLOTS = 8
-"""Ports whose read shadows the C guard answers (io_guard.c ``IO_SHADOW_SLOTS``); more go to Python."""
-
-
-class PortShadows:
-    """The VM's port read shadows in C (``struct pyemu_io_shadows``), shared by every vCPU's guard: a one-byte
-    IN from a port whose device published a value is answered by the guard without calling Python (see
-    :class:`pyemu.system.bus.ReadShadow`). :meth:`publish` is the sink the port bus feeds
-    (``Bus.bind_shadows``)."""
-
-    def __init__(self, module: Any) -> None:
-        self._ffi: Any = module.ffi
-        self.state: Any = self._ffi.new("struct pyemu_io_shadows *")
-        self._slots: dict[int, int] = {}
-        self._lock = threading.Lock()  # devices publish from their own threads (vCPU, chardev I/O)
-
-    def publish(self, port: int, value: int | None) -> None:
-        """Port ``port`` now reads as ``value`` (None: the read must reach the device)."""
-        with self._lock:
-            state = self.state
-            slot = self._slots.get(port)
-            if slot is None:
-                if value is None or len(self._slots) >= SHADOW_SLOTS:
-                    return  # nothing to answer, or no room: the device keeps serving the reads
-                slot = len(self._slots)
-                state.port[slot] = port   # the slot is complete before count lets the guard see it
-                state.value[slot] = -1
-                state.count = slot + 1
-                self._slots[port] = slot
-            state.value[slot] = -1 if value is None else value
-
-    @property
-    def hits(self) -> int:
-        """Reads answered from a shadow (all vCPUs)."""
-        return int(self.state.hits)
-
-
 class IoGuard:
     """The IN/OUT hooks of one engine: the C guard in front of the Python callbacks ``on_in``/``on_out``
     (same signatures as Unicorn's IN/OUT hook callbacks; exceptions they raise stop the engine and are
-    raised again by ``emu_start``, as with ``uc.hook_add``)."""
+    raised again by ``emu_start``, as with ``uc.hook_add``) and ``on_posted`` (posted writes, see
+    :meth:`use_fast_paths`)."""
 
-    def __init__(self, uc: Uc, blob: CpuBlob, gate: BlockGate, on_in: InCallback, on_out: OutCallback) -> None:
+    def __init__(self, uc: Uc, blob: CpuBlob, gate: BlockGate, on_in: InCallback, on_out: OutCallback,
+                 on_posted: PostedCallback) -> None:
         from unicorn.unicorn_py3.arch.intel import HOOK_INSN_IN_CFUNC, HOOK_INSN_OUT_CFUNC
         from unicorn.unicorn_py3.unicorn import uccallback
 
@@ -327,14 +295,18 @@ class IoGuard:
         binding: Any = uc  # the py3 binding's class; its stubs name another one
         self._py_in = uccallback(binding, HOOK_INSN_IN_CFUNC)(on_in)
         self._py_out = uccallback(binding, HOOK_INSN_OUT_CFUNC)(on_out)
+        self._on_posted = on_posted
+        self._py_flush = uccallback(binding, _FLUSH_CFUNC)(self._on_flush)
         state = self.state
         state.py_in = self._ffi.cast("uint32_t (*)(void *, uint32_t, int, void *)",
                                      ctypes.cast(self._py_in, ctypes.c_void_p).value)
         state.py_out = self._ffi.cast("void (*)(void *, uint32_t, int, uint32_t, void *)",
                                       ctypes.cast(self._py_out, ctypes.c_void_p).value)
+        state.py_flush = self._ffi.cast("void (*)(void *, uint32_t, void *)",
+                                        ctypes.cast(self._py_flush, ctypes.c_void_p).value)
         self._configure(uc, blob, library)
         self._handles: list[ctypes.c_size_t] = []
-        self._shadows: PortShadows | None = None
+        self._fast: Any = None
         user_data = ctypes.c_void_p(int(self._ffi.cast("uintptr_t", state)))
         for name, insn in (("pyemu_io_in", x86.UC_X86_INS_IN), ("pyemu_io_out", x86.UC_X86_INS_OUT)):
             handle = ctypes.c_size_t()
@@ -374,10 +346,41 @@ class IoGuard:
         state.code_lo, state.code_hi = locate_code_buffer(uc)
         state.enabled = 1
 
-    def use_shadows(self, shadows: PortShadows | None) -> None:
-        """Answer shadowed port reads from ``shadows`` (None: every read goes to Python)."""
-        self._shadows = shadows   # the C table must live as long as the guard points at it
-        self.state.shadows = shadows.state if shadows is not None else self._ffi.NULL
+    def use_fast_paths(self, fast: Any) -> None:
+        """Serve port accesses through ``fast`` (a :class:`pyemu.accel.tcg.port_fast_paths.PortFastPaths`)
+        where its devices allow (None: every access goes to Python). Posted writes still queued are
+        delivered first."""
+        self.flush_posted()
+        self._fast = fast   # the C table must live as long as the guard points at it
+        self.state.fast = fast.state if fast is not None else self._ffi.NULL
+
+    def flush_posted(self) -> None:
+        """Deliver the posted writes this vCPU queued (its own thread, outside the engine: at the end of
+        a run and before its state is read)."""
+        count = self.state.ring_used
+        if count:
+            self._deliver(count)
+            self.state.ring_used = 0
+
+    @property
+    def posted_pending(self) -> int:
+        """Posted writes queued now (read from any thread: a snapshot)."""
+        return int(self.state.ring_used)
+
+    def _on_flush(self, _uc: Uc, count: int, _key: object) -> None:
+        self._deliver(count)   # the guard resets its count after this returns
+
+    def _deliver(self, count: int) -> None:
+        """``ring[0..count)`` as runs of bytes to one port, oldest first, to ``on_posted``."""
+        entries = self._ffi.unpack(self.state.ring, min(count, len(self.state.ring)))
+        start = 0
+        while start < len(entries):
+            port = entries[start] >> 8
+            end = start + 1
+            while end < len(entries) and entries[end] >> 8 == port:
+                end += 1
+            self._on_posted(port, bytes(entry & 0xFF for entry in entries[start:end]))
+            start = end
 
     @property
     def statistics(self) -> dict[str, int]:

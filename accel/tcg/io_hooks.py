@@ -38,7 +38,7 @@ class IoHooks:
         self._blob = blob
         self.cpuid_count = 0
         # IN/OUT go through the C permission guard (io_guard.py), which raises #GP(0) where a CPU does.
-        self.guard = IoGuard(uc, blob, gate, self._on_in, self._on_out)
+        self.guard = IoGuard(uc, blob, gate, self._on_in, self._on_out, self._on_posted)
         uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, x86.UC_X86_INS_CPUID)
 
     def _on_in(self, uc: Uc, port: int, size: int, _user: object) -> int:
@@ -51,6 +51,11 @@ class IoHooks:
         self._dispatcher.io_out(port, size, value & ((1 << (8 * size)) - 1))
         if self._gate.stop_requested:  # e.g. the device asked the machine to stop: end the run soon
             uc.emu_stop()
+
+    def _on_posted(self, port: int, data: bytes) -> None:
+        # No emu_stop here for a stop the device asked for: the block gate ends the run at the next block
+        # start, and this may run after the run ended (the vCPU's own flush).
+        self._dispatcher.io_out_burst(port, data)
 
     def _on_cpuid(self, _uc: Uc, _user: object) -> int:
         """Answer through the CPU-state blob (QEMU syncs the registers around the CPUID helper): one

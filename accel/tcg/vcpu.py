@@ -71,7 +71,7 @@ from pyemu.accel.tcg.errors import EngineError, GuestFault
 from pyemu.accel.tcg.guest_tsc import GuestTsc
 from pyemu.accel.tcg.halt_poll import MAX_POLL_NS, HaltPolling
 from pyemu.accel.tcg.io_hooks import IoHooks, vcpu_cpuid
-from pyemu.accel.tcg.io_guard import PortShadows
+from pyemu.accel.tcg.port_fast_paths import PortFastPaths
 from pyemu.accel.tcg.memory_map import PhysicalMap
 from pyemu.accel.tcg.engine_delivery import EngineDelivery
 from pyemu.accel.tcg.msrs import set_arch_capabilities
@@ -216,9 +216,16 @@ class TcgVcpu:
             state.events = replace(state.events or PendingEvents(), nmi_masked=masked, nmi_pending=pending)
         return state
 
-    def use_port_shadows(self, shadows: PortShadows | None) -> None:
-        """Let the engine answer shadowed port reads itself (see :class:`pyemu.system.bus.ReadShadow`)."""
-        self._io.guard.use_shadows(shadows)
+    def use_port_fast_paths(self, fast: PortFastPaths | None) -> None:
+        """Let the engine serve port accesses the devices allow without Python (see
+        :class:`pyemu.system.bus.RegisterFastPath`)."""
+        self._io.guard.use_fast_paths(fast)
+
+    @property
+    def posted_pending(self) -> int:
+        """Posted port writes this vCPU has queued (any thread; see
+        :class:`pyemu.accel.tcg.port_fast_paths.PostedWriteWatch`)."""
+        return self._io.guard.posted_pending
 
     def kick(self) -> None:
         self._gate.signal_interrupt()
@@ -438,6 +445,8 @@ class TcgVcpu:
             if exc.errno == UC_ERR_EXCEPTION and tlb is not None and tlb.take_fill_failure():
                 return None  # the TLB-fill hook left the access to the engine's MMU: run it again
             return self._fail(self._engine_error_reason(exc))
+        finally:
+            self._io.guard.flush_posted()   # port writes the run left queued reach their devices now
         if self._acknowledge_failure is not None:
             reason, self._acknowledge_failure = self._acknowledge_failure, None
             return self._fail(reason)

@@ -32,7 +32,7 @@ from typing import Callable, ClassVar
 from pyemu.hw.core.irq import IrqLine
 from pyemu.hw.core.state import DeviceState, StateError, check_bits, check_bool, check_range, check_state
 from pyemu.system import log
-from pyemu.system.bus import ReadShadow
+from pyemu.system.bus import RegisterFastPath
 from pyemu.system.timers import TimerQueue
 
 # Register offsets (DLAB=0 unless noted).
@@ -188,27 +188,47 @@ class Serial16550:
         self._timers = timers
         self._timeout_timer = timers.new_timer(self._character_timeout, f"{name}-rx-timeout")
         self._rx_space_notifier: Callable[[], None] | None = None
-        self._lsr_shadow: ReadShadow | None = None
+        self._lsr_path: RegisterFastPath | None = None
+        self._thr_path: RegisterFastPath | None = None
         self._rx: deque[int] = deque()
         self._irq_level = 0
+        self._stats: dict[str, int] = {}
         self._load(Serial16550State())
         self._update_irq(force=True)
 
     # -- wiring -----------------------------------------------------------------------------------------
-    def set_lsr_shadow(self, shadow: ReadShadow | None) -> None:
-        """Publish LSR's value to ``shadow`` while reading it has no side effect (no error bits to clear):
-        the console driver reads LSR before every byte it writes, and an accelerator can then answer
-        those reads without calling the model. Published after every access and input, under the lock
-        they run under."""
-        if self._lsr_shadow is not None:
-            self._lsr_shadow.publish(None)
-        self._lsr_shadow = shadow
-        self._publish_lsr()
+    def set_fast_paths(self, lsr: RegisterFastPath | None, thr: RegisterFastPath | None) -> None:
+        """Publish to ``lsr`` LSR's value while reading it has no side effect (no error bits to clear), and
+        allow ``thr`` posted writes while a THR write only transmits: the console driver polls LSR and
+        writes THR for every byte, and an accelerator can then serve both without calling the model. Both
+        are published after every access and input, under the lock those run under."""
+        for old in (self._lsr_path, self._thr_path):
+            if old is not None:
+                old.clear()
+        self._lsr_path, self._thr_path = lsr, thr
+        self._publish_fast_paths()
 
-    def _publish_lsr(self) -> None:
-        shadow = self._lsr_shadow
-        if shadow is not None:
-            shadow.publish(None if self._lsr_errors else self._lsr())
+    def _publish_fast_paths(self) -> None:
+        lsr, thr = self._lsr_path, self._thr_path
+        if lsr is not None:
+            lsr.publish_read(None if self._lsr_errors else self._lsr())
+        if thr is not None:
+            # A THR write then changes no register and no interrupt: THRE stays pending-and-reported as it
+            # is (IER.THRI off), the byte is not looped back, and the port is THR, not the divisor latch.
+            thr.post_writes(not (self._ier & IER_THRI or self._mcr & MCR_LOOP or self._lcr & LCR_DLAB))
+
+    def write_burst(self, offset: int, data: bytes) -> None:
+        """Posted one-byte writes, oldest first (:meth:`pyemu.accel.dispatch.ExitDispatcher.io_out_burst`):
+        THR bytes go to the backend in one piece when they only transmit."""
+        if offset != THR or self._ier & IER_THRI or self._mcr & MCR_LOOP or self._lcr & LCR_DLAB:
+            for value in data:
+                self.write(offset, 1, value)
+            return
+        self._stats["tx"] += len(data)
+        if self.transmit is not None:
+            self.transmit(bytes(data))
+        self._thr_ipending = True
+        self._update_irq()
 
     def set_rx_space_notifier(self, callback: Callable[[], None] | None) -> None:
         """``callback()`` is called (under the machine lock, must not block) whenever the receiver goes
@@ -225,7 +245,7 @@ class Serial16550:
             for i in range(size):
                 value |= self._read_register(offset + i) << (8 * i)
         if offset <= LSR < offset + size or offset <= RBR < offset + size:
-            self._publish_lsr()   # an LSR read cleared errors, an RBR read took a byte
+            self._publish_fast_paths()   # an LSR read cleared errors, an RBR read took a byte
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -235,7 +255,7 @@ class Serial16550:
             for i in range(size):
                 self._write_register(offset + i, (value >> (8 * i)) & 0xFF)
         if offset != THR or size != 1 or self._mcr & MCR_LOOP:
-            self._publish_lsr()   # FIFO resets, loopback input (a plain THR write leaves LSR as it was)
+            self._publish_fast_paths()   # FIFO resets, IER/LCR/MCR changes, loopback input
 
     # -- input from the backend (machine lock held by the caller) ---------------------------------------
     def can_receive(self) -> int:
@@ -255,7 +275,7 @@ class Serial16550:
             self._push_rx(byte)
         self._received()
         self._update_irq()
-        self._publish_lsr()
+        self._publish_fast_paths()
 
     def receive_break(self) -> None:
         """A break condition on the line: a zero character flagged with LSR.BI."""
@@ -265,7 +285,7 @@ class Serial16550:
         self._lsr_errors |= LSR_BI
         self._received()
         self._update_irq()
-        self._publish_lsr()
+        self._publish_fast_paths()
 
     def set_modem_inputs(self, lines: int) -> None:
         """Drive the CTS/DSR/RI/DCD inputs (MSR bits 4-7), setting the delta bits for changes."""
@@ -281,7 +301,7 @@ class Serial16550:
         had_no_room = self.can_receive() == 0
         self._load(Serial16550State())
         self._update_irq(force=True)
-        self._publish_lsr()
+        self._publish_fast_paths()
         if had_no_room:
             self._notify_rx_space()
 
@@ -315,7 +335,7 @@ class Serial16550:
         if s.timeout_remaining_ns is not None:
             self._timeout_timer.mod_in(s.timeout_remaining_ns)
         self._update_irq(force=True)
-        self._publish_lsr()
+        self._publish_fast_paths()
         self._notify_rx_space()
 
     def _check_state(self, state: object) -> Serial16550State:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyemu.errors import ConfigError
-from pyemu.hw.char.serial import LSR, REGISTER_COUNT, Serial16550, TransmitCallback
+from pyemu.hw.char.serial import LSR, REGISTER_COUNT, THR, Serial16550, TransmitCallback
 from pyemu.hw.core.irq import IrqLine
 from pyemu.system.bus import Bus, BusRange
 from pyemu.system.timers import TimerQueue
@@ -50,12 +50,12 @@ class IsaSerial:
         return cls(core, iobase, irq)
 
     def register(self, pio: Bus) -> BusRange:
-        """Place the eight registers on the port-I/O bus, LSR with a read shadow (see
-        :meth:`Serial16550.set_lsr_shadow`)."""
+        """Place the eight registers on the port-I/O bus, with LSR's and THR's fast paths."""
         entry = pio.register(self.iobase, REGISTER_COUNT, self.core, f"serial@{self.iobase:#x}")
-        self.shadow_lsr(pio)
+        self.add_fast_paths(pio)
         return entry
 
-    def shadow_lsr(self, pio: Bus) -> None:
-        """Give LSR a read shadow on ``pio`` (for a board that registers the ranges itself)."""
-        self.core.set_lsr_shadow(pio.read_shadow(self.iobase + LSR))
+    def add_fast_paths(self, pio: Bus) -> None:
+        """Give LSR and THR their fast paths on ``pio`` (see :meth:`Serial16550.set_fast_paths`; for a board
+        that registers the ranges itself)."""
+        self.core.set_fast_paths(pio.fast_path(self.iobase + LSR), pio.fast_path(self.iobase + THR))

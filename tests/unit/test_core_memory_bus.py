@@ -118,43 +118,45 @@ def test_populated_spans_find_what_was_written_without_touching_holes():
     memory.close()
 
 
-# -- read shadows -----------------------------------------------------------------------------------------
+# -- fast paths -------------------------------------------------------------------------------------------
 
 
-def test_read_shadows_reach_the_bound_sink_now_and_on_every_change() -> None:
+def test_fast_paths_reach_the_bound_sink_now_and_on_every_change() -> None:
     bus = pio_bus()
-    lsr = bus.read_shadow(0x3FD)
-    assert bus.read_shadow(0x3FD) is lsr and lsr.value is None
-    lsr.publish(0x60)                             # nothing bound yet: kept, sent when bound
-    sent: list[tuple[int, int | None]] = []
-    bus.bind_shadows(lambda address, value: sent.append((address, value)))
-    assert sent == [(0x3FD, 0x60)]
-    lsr.publish(0x60)                             # no change, nothing sent
-    lsr.publish(0x61)
-    later = bus.read_shadow(0x2FD)                # made after binding: bound too
-    later.publish(0x20)
-    lsr.publish(None)
-    assert sent == [(0x3FD, 0x60), (0x3FD, 0x61), (0x2FD, 0x20), (0x3FD, None)]
-    bus.bind_shadows(None)
-    lsr.publish(0x60)
-    assert sent[-1] == (0x3FD, None)
+    lsr = bus.fast_path(0x3FD)
+    assert bus.fast_path(0x3FD) is lsr and lsr.read_value is None and not lsr.posted_writes
+    lsr.publish_read(0x60)                        # nothing bound yet: kept, sent when bound
+    sent: list[tuple[int, int | None, bool]] = []
+    bus.bind_fast_paths(lambda address, value, posted: sent.append((address, value, posted)))
+    assert sent == [(0x3FD, 0x60, False)]
+    lsr.publish_read(0x60)                        # no change, nothing sent
+    lsr.publish_read(0x61)
+    thr = bus.fast_path(0x3F8)                    # made after binding: bound too
+    thr.post_writes(True)
+    thr.post_writes(True)
+    lsr.publish_read(None)
+    assert sent == [(0x3FD, 0x60, False), (0x3FD, 0x61, False), (0x3F8, None, True), (0x3FD, None, False)]
+    bus.bind_fast_paths(None)
+    lsr.publish_read(0x60)
+    assert sent[-1] == (0x3FD, None, False)
 
 
-def test_read_shadows_refuse_what_a_byte_register_cannot_hold_and_go_with_their_device() -> None:
+def test_fast_paths_refuse_what_a_byte_register_cannot_hold_and_go_with_their_device() -> None:
     bus = pio_bus()
     with pytest.raises(BusError):
-        bus.read_shadow(0x10000)
-    shadow = bus.read_shadow(0x3FD)
+        bus.fast_path(0x10000)
+    path = bus.fast_path(0x3FD)
     with pytest.raises(ValueError):
-        shadow.publish(0x100)
+        path.publish_read(0x100)
     device = _Echo()
     bus.register(0x3F8, 8, device, "uart")
-    shadow.publish(0x60)
-    sent: list[tuple[int, int | None]] = []
-    bus.bind_shadows(lambda address, value: sent.append((address, value)))
+    path.publish_read(0x60)
+    path.post_writes(True)
+    sent: list[tuple[int, int | None, bool]] = []
+    bus.bind_fast_paths(lambda address, value, posted: sent.append((address, value, posted)))
     bus.unregister(device)
-    assert sent[-1] == (0x3FD, None) and shadow.value is None
-    assert bus.read_shadow(0x3FD) is not shadow   # a device placed there later starts afresh
+    assert sent[-1] == (0x3FD, None, False) and path.read_value is None and not path.posted_writes
+    assert bus.fast_path(0x3FD) is not path       # a device placed there later starts afresh
 
 
 class _Echo:

@@ -150,3 +150,30 @@ def test_state_of_a_stateless_device_cannot_be_loaded() -> None:
     assert device.state() is None
     with pytest.raises(StateError):
         device.from_state(CounterState())
+
+
+class Burster(Counter):
+    """A Counter that takes posted bursts too; a burst containing 0xad is a device bug."""
+
+    def __init__(self, log: list[str], name: str) -> None:
+        super().__init__(log, name)
+        self.bursts: list[tuple[int, bytes]] = []
+
+    def write_burst(self, offset: int, data: bytes) -> None:
+        if 0xAD in data:
+            raise ValueError("bug in the burst path")
+        self.bursts.append((offset, data))
+
+
+def test_posted_bursts_go_to_write_burst_or_byte_by_byte_and_a_failure_marks_the_device() -> None:
+    manager, dispatcher, log = make()
+    plain, burster = Counter(log, "plain"), Burster(log, "burster")
+    manager.add(BoardDevice("plain", plain, ranges=(IoRange("pio", 0x3F8, 8, plain),)))
+    manager.add(BoardDevice("burster", burster, ranges=(IoRange("pio", 0x2F8, 8, burster),)))
+    dispatcher.io_out_burst(0x3F8, b"abc")          # no write_burst: three writes
+    assert plain.value == 3
+    dispatcher.io_out_burst(0x2F9, b"xyz")
+    assert burster.bursts == [(1, b"xyz")] and burster.value == 0
+    dispatcher.io_out_burst(0x2F8, b"\xad")          # no exception reaches the vCPU
+    assert burster.broken is not None and "bug in the burst path" in burster.broken
+    dispatcher.io_out_burst(0x80, b"lost")           # nothing there: dropped like any unassigned write

@@ -433,80 +433,100 @@ def test_isa_binding_on_the_pio_bus() -> None:
     assert (com2.iobase, com2.irq) == (0x2F8, 3)
 
 
-# -- the LSR read shadow (system/bus.py ReadShadow) ------------------------------------------------------
+# -- LSR's and THR's fast paths (system/bus.py RegisterFastPath) --------------------------------------
 
 
-def _shadowed(rig: Rig):  # type: ignore[no-untyped-def]
+def _with_fast_paths(rig: Rig):  # type: ignore[no-untyped-def]
     bus = pio_bus()
-    shadow = bus.read_shadow(0x3F8 + s.LSR)
-    rig.uart.set_lsr_shadow(shadow)
-    return shadow
+    lsr, thr = bus.fast_path(0x3F8 + s.LSR), bus.fast_path(0x3F8 + s.THR)
+    rig.uart.set_fast_paths(lsr, thr)
+    return lsr, thr
 
 
-def _check_shadow(rig: Rig, shadow) -> None:  # type: ignore[no-untyped-def]
-    """The shadow is what an LSR read returns, and the read then changes nothing -- or it is None and the
-    read has something to clear."""
-    published = shadow.value
+def _check_lsr(rig: Rig, lsr) -> None:  # type: ignore[no-untyped-def]
+    """The published value is what an LSR read returns, and the read then changes nothing -- or it is None
+    and the read has something to clear."""
+    published = lsr.read_value
     read = rig.rd(s.LSR)
     if published is None:
-        assert read & (s.LSR_OE | s.LSR_BI), f"shadow withheld, but LSR {read:#x} has nothing to clear"
+        assert read & (s.LSR_OE | s.LSR_BI), f"read value withheld, but LSR {read:#x} has nothing to clear"
     else:
-        assert read == published, f"shadow {published:#x}, LSR reads {read:#x}"
-        assert rig.rd(s.LSR) == read and shadow.value == published
+        assert read == published, f"published {published:#x}, LSR reads {read:#x}"
+        assert rig.rd(s.LSR) == read and lsr.read_value == published
 
 
-def test_lsr_shadow_follows_every_change_and_is_withheld_while_a_read_would_clear_errors(rig: Rig) -> None:
-    shadow = _shadowed(rig)
-    assert shadow.value == s.LSR_THRE | s.LSR_TEMT
+def test_lsr_read_value_follows_every_change_and_is_withheld_while_a_read_would_clear_errors(rig: Rig) -> None:
+    lsr, _thr = _with_fast_paths(rig)
+    assert lsr.read_value == s.LSR_THRE | s.LSR_TEMT
     rig.uart.receive(b"a")                       # input from the backend: DR
-    assert shadow.value == s.LSR_THRE | s.LSR_TEMT | s.LSR_DR
-    _check_shadow(rig, shadow)
+    assert lsr.read_value == s.LSR_THRE | s.LSR_TEMT | s.LSR_DR
+    _check_lsr(rig, lsr)
     assert rig.rd(s.RBR) == ord("a")
-    assert shadow.value == s.LSR_THRE | s.LSR_TEMT
+    assert lsr.read_value == s.LSR_THRE | s.LSR_TEMT
     rig.uart.receive(b"cd")                      # no FIFO: the second byte overruns the first
-    assert shadow.value is None                  # a read must reach the model to clear OE
-    _check_shadow(rig, shadow)
-    assert shadow.value == s.LSR_THRE | s.LSR_TEMT | s.LSR_DR
+    assert lsr.read_value is None                # a read must reach the model to clear OE
+    _check_lsr(rig, lsr)
+    assert lsr.read_value == s.LSR_THRE | s.LSR_TEMT | s.LSR_DR
     rig.wr(s.FCR, s.FCR_ENABLE | s.FCR_CLEAR_RX)  # FIFO on and emptied
-    assert shadow.value == s.LSR_THRE | s.LSR_TEMT
+    assert lsr.read_value == s.LSR_THRE | s.LSR_TEMT
     rig.uart.receive(b"ab")
     assert rig.rd(s.RBR) == ord("a")
-    assert shadow.value == s.LSR_THRE | s.LSR_TEMT | s.LSR_DR   # one byte left
-    _check_shadow(rig, shadow)
+    assert lsr.read_value == s.LSR_THRE | s.LSR_TEMT | s.LSR_DR   # one byte left
+    _check_lsr(rig, lsr)
     assert rig.rd(s.RBR) == ord("b")
-    assert shadow.value == s.LSR_THRE | s.LSR_TEMT
+    assert lsr.read_value == s.LSR_THRE | s.LSR_TEMT
     rig.uart.receive_break()
-    assert shadow.value is None
-    _check_shadow(rig, shadow)
+    assert lsr.read_value is None
+    _check_lsr(rig, lsr)
     rig.wr(s.MCR, s.MCR_LOOP)
     rig.rd(s.RBR)
     rig.wr(s.THR, ord("x"))                      # loopback: the byte comes back as input
-    assert shadow.value is not None and shadow.value & s.LSR_DR
-    _check_shadow(rig, shadow)
+    assert lsr.read_value is not None and lsr.read_value & s.LSR_DR
+    _check_lsr(rig, lsr)
     saved = rig.uart.state()
     rig.uart.reset()
-    assert shadow.value == s.LSR_THRE | s.LSR_TEMT
+    assert lsr.read_value == s.LSR_THRE | s.LSR_TEMT
     rig.uart.from_state(saved)
-    assert shadow.value is not None and shadow.value & s.LSR_DR
-    rig.uart.set_lsr_shadow(None)                # detached: the old shadow stops answering
-    assert shadow.value is None
+    assert lsr.read_value is not None and lsr.read_value & s.LSR_DR
+    rig.uart.set_fast_paths(None, None)          # detached: the old paths stop serving
+    assert lsr.read_value is None
 
 
-def test_plain_transmit_leaves_the_shadow_alone(rig: Rig) -> None:
-    shadow = _shadowed(rig)
-    published: list[object] = []
-    shadow._sink = lambda address, value: published.append(value)  # type: ignore[attr-defined]
+def test_thr_writes_may_be_posted_only_while_they_just_transmit(rig: Rig) -> None:
+    _lsr, thr = _with_fast_paths(rig)
+    assert thr.posted_writes
+    for register, value in ((s.IER, s.IER_THRI), (s.MCR, s.MCR_LOOP), (s.LCR, s.LCR_DLAB)):
+        rig.wr(register, value)                  # THRE interrupts, loopback, the divisor latch at 0
+        assert not thr.posted_writes, register
+        rig.wr(register, 0)
+        assert thr.posted_writes, register
+    saved = rig.uart.state()
+    rig.wr(s.IER, s.IER_THRI)
+    rig.uart.from_state(saved)
+    assert thr.posted_writes
+
+
+def test_a_burst_of_posted_thr_bytes_is_one_transmit_and_leaves_what_single_writes_leave(rig: Rig) -> None:
+    _with_fast_paths(rig)
+    single = Rig()
     for byte in b"hello":
-        rig.wr(s.THR, byte)
-    assert rig.sent == b"hello" and published == []
-    assert shadow.value == rig.rd(s.LSR)
+        single.wr(s.THR, byte)
+    transmitted: list[bytes] = []
+    rig.uart.transmit = transmitted.append
+    rig.uart.write_burst(s.THR, b"hello")
+    assert transmitted == [b"hello"]
+    assert rig.uart.state() == single.uart.state()
+    rig.wr(s.LCR, s.LCR_DLAB)                    # not posted any more: a burst that arrives anyway is
+    rig.uart.write_burst(s.THR, bytes([0x01, 0x00]))   # written byte by byte (here the divisor latch)
+    rig.wr(s.LCR, 0)
+    assert rig.uart.state().divisor & 0xFF == 0x00 and transmitted == [b"hello"]
 
 
-def test_isa_binding_shadows_lsr_on_its_bus() -> None:
+def test_isa_binding_gives_lsr_and_thr_fast_paths_on_its_bus() -> None:
     timers = TimerQueue(clock=Clock())
     com1 = IsaSerial.create(IrqLine(), timers)
     bus = pio_bus()
     seen: dict[int, object] = {}
-    bus.bind_shadows(lambda address, value: seen.__setitem__(address, value))
+    bus.bind_fast_paths(lambda address, value, posted: seen.__setitem__(address, (value, posted)))
     com1.register(bus)
-    assert seen == {0x3FD: s.LSR_THRE | s.LSR_TEMT}
+    assert seen == {0x3FD: (s.LSR_THRE | s.LSR_TEMT, False), 0x3F8: (None, True)}
