@@ -50,8 +50,9 @@ class RegisterFastPath:
     * ``read_value``: what a read returns while reading has no side effect (None: the read must reach the
       device -- it would clear something, say);
     * ``posted_writes``: one-byte writes may wait in a per-vCPU queue and reach the device together
-      (:meth:`ExitDispatcher.io_out_burst`), in order, before the vCPU's next access that is neither such
-      a write nor such a read, and before the vCPU's run ends. The device allows it only while such a write
+      (``ExitDispatcher.io_out_burst``: the device's ``write_burst(offset, data)`` if it has one, else one
+      write each), in order, before the vCPU's next access that is neither such a write nor such a read,
+      when it reads such a register twice in a row (polls), and before the vCPU's run ends. The device allows it only while such a write
       changes nothing another access could observe sooner (no interrupt, no register that is not itself
       read through ``read_value``).
 
@@ -92,12 +93,6 @@ class RegisterFastPath:
         sink = self._sink
         if sink is not None:
             sink(self.address, self.read_value, self.posted_writes)
-
-
-class BurstWriter(Protocol):
-    """A device that takes several posted one-byte writes to one register at once (optional)."""
-
-    def write_burst(self, offset: int, data: bytes) -> None: ...
 
 
 class Bus:

@@ -213,14 +213,17 @@ class Serial16550:
         if lsr is not None:
             lsr.publish_read(None if self._lsr_errors else self._lsr())
         if thr is not None:
-            # A THR write then changes no register and no interrupt: THRE stays pending-and-reported as it
-            # is (IER.THRI off), the byte is not looped back, and the port is THR, not the divisor latch.
-            thr.post_writes(not (self._ier & IER_THRI or self._mcr & MCR_LOOP or self._lcr & LCR_DLAB))
+            thr.post_writes(self._thr_only_transmits())
+
+    def _thr_only_transmits(self) -> bool:
+        """Whether a write to offset 0 changes no register and no interrupt: THRE stays pending-and-reported
+        as it is (IER.THRI off), the byte is not looped back, and the port is THR, not the divisor latch."""
+        return not (self._ier & IER_THRI or self._mcr & MCR_LOOP or self._lcr & LCR_DLAB)
 
     def write_burst(self, offset: int, data: bytes) -> None:
         """Posted one-byte writes, oldest first (:meth:`pyemu.accel.dispatch.ExitDispatcher.io_out_burst`):
         THR bytes go to the backend in one piece when they only transmit."""
-        if offset != THR or self._ier & IER_THRI or self._mcr & MCR_LOOP or self._lcr & LCR_DLAB:
+        if offset != THR or not self._thr_only_transmits():
             for value in data:
                 self.write(offset, 1, value)
             return
