@@ -13,6 +13,7 @@ marks it broken), a read returns all-ones, and the vCPU goes on -- the same rule
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 from pyemu.accel.exits import Exit, IoIn, IoOut, MmioRead, MmioWrite
 from pyemu.system import log
@@ -44,14 +45,7 @@ class ExitDispatcher:
             for value in data:
                 self._write(self.pio, port, 1, value)
             return
-        try:
-            if entry.own_lock:
-                burst(port - entry.base, data)
-                return
-            with self.lock:
-                burst(port - entry.base, data)
-        except Exception as exc:
-            self._device_failed(self.pio, entry, "write", port, exc)
+        self._write_to(self.pio, entry, port, burst, port - entry.base, data)
 
     def mmio_read(self, addr: int, size: int) -> int:
         return self._read(self.mmio, addr, size)
@@ -79,12 +73,16 @@ class ExitDispatcher:
             with self.lock:
                 bus.write(addr, size, value)
             return
+        self._write_to(bus, entry, addr, entry.device.write, addr - entry.base, size, value)
+
+    def _write_to(self, bus: Bus, entry: BusRange, addr: int, write: Callable[..., None], *args: object) -> None:
+        """``write(*args)`` on ``entry``'s device under the lock it needs; a raising device is marked failed."""
         try:
             if entry.own_lock:
-                entry.device.write(addr - entry.base, size, value)
+                write(*args)
                 return
             with self.lock:
-                entry.device.write(addr - entry.base, size, value)
+                write(*args)
         except Exception as exc:
             self._device_failed(bus, entry, "write", addr, exc)
 

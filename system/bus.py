@@ -52,9 +52,9 @@ class RegisterFastPath:
     * ``posted_writes``: one-byte writes may wait in a per-vCPU queue and reach the device together
       (``ExitDispatcher.io_out_burst``: the device's ``write_burst(offset, data)`` if it has one, else one
       write each), in order, before the vCPU's next access that is neither such a write nor such a read,
-      when it reads such a register twice in a row (polls), and before the vCPU's run ends. The device allows it only while such a write
-      changes nothing another access could observe sooner (no interrupt, no register that is not itself
-      read through ``read_value``).
+      when it reads such a register twice in a row (polls), and before the vCPU's run ends. The device
+      allows it only while such a write changes nothing another access could observe sooner (no
+      interrupt, no register that is not itself read through ``read_value``).
 
     Why: a 16550 console costs the guest an LSR read and a THR write per byte (~16,000 of each in a boot to
     /init, ~2 us each through the software CPU's exit path). The device stays the authority: it publishes
