@@ -10,7 +10,7 @@ ELF or multiboot), without firmware.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from pyemu.accel.base import Accelerator
 from pyemu.chardev import NoneSpec, open_chardev, parse_chardev_spec
@@ -41,7 +41,6 @@ from pyemu.machines import memmap
 from pyemu.machines.base import Machine
 from pyemu.machines.device_props import check_globals
 from pyemu.machines.virtio_devices import DriveUse, VirtioPlugger
-from pyemu.system.iothread import IoThread
 from pyemu.system.messages import warn_report
 from pyemu.system.config import DeviceOptions, VmConfig
 from pyemu.system.cpu_context import current_cpu
@@ -50,6 +49,9 @@ from pyemu.target.x86.boot.loader import load_kernel
 from pyemu.target.x86.cpu_models import TCG_WITHHELD_FEATURES
 from pyemu.target.x86.cpu_state import MpState, X86CpuState
 from pyemu.target.x86.cpuid import DEFAULT_TSC_HZ, CpuidTable, default_cpuid
+
+if TYPE_CHECKING:
+    from pyemu.system.iothread import IoThread
 
 GED_GSI = 9
 # Real-mode code at the reset vector: pulse the i8042 reset line (mov al, 0xfe; out 0x64, al), then
@@ -258,9 +260,11 @@ class Microvm(Machine):
     def _check_chardevs(self) -> None:
         """Every ``-chardev`` is validated at start-up, used or not (as QEMU does), and stdio can have one
         reader only: a ``-chardev stdio`` next to a serial port on stdio would split the user's typing."""
-        from pyemu.chardev.options import parse_chardev_options
+        stdio: list[str] = []
+        if self.config.chardevs:  # (the options module and every backend's spec: only for a -chardev)
+            from pyemu.chardev.options import parse_chardev_options
 
-        stdio = [c.id for c in self.config.chardevs if isinstance(parse_chardev_options(c).spec, StdioSpec)]
+            stdio = [c.id for c in self.config.chardevs if isinstance(parse_chardev_options(c).spec, StdioSpec)]
         serial_on_stdio = self.features.isa_serial and any(
             isinstance(parse_chardev_spec(text, option="-serial"), StdioSpec)
             for text in self.config.serial_specs())
@@ -272,6 +276,8 @@ class Microvm(Machine):
     def _open_unused_chardevs(self) -> None:
         """QEMU opens every ``-chardev`` at start-up, used or not (a socket listens, a file is created) and
         ``query-chardev`` lists it with ``frontend-open: false``; the ones a monitor takes are its own."""
+        if not self.config.chardevs:
+            return
         from pyemu.chardev.options import open_chardev_options
 
         taken = {use.label for use in self.chardevs.uses()}

@@ -24,25 +24,27 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from pyemu.block.backend import BlockBackend
 from pyemu.block.registry import NodeRegistry
 from pyemu.errors import ConfigError, PyemuError
-from pyemu.hw.virtio.blk import VirtioBlk
 from pyemu.hw.acpi.dsdt import VirtioMmioSlot, virtio_mmio_device
 from pyemu.hw.core.device import BoardDevice, DeviceManager, IoRange
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.core.irq import EdgeInterrupt, IrqLine, NotifierInterrupt, PulseInterrupt
-from pyemu.hw.virtio.console_plug import PORT_DRIVERS  # ports plug into a virtio-serial-device, not a slot
-from pyemu.hw.virtio.device import VirtioDevice
-from pyemu.hw.virtio.mmio import WINDOW_SIZE, VirtioMmio
 from pyemu.machines import memmap
 from pyemu.machines.device_props import PropReader
 from pyemu.system.chardev_registry import ChardevRegistry
 from pyemu.system.config import DeviceOptions, ObjectOptions, VmConfig
-from pyemu.system.event_notifier import EventNotifier
-from pyemu.system.iothread import IoThread
+
+if TYPE_CHECKING:
+    # The device, transport and I/O-thread modules are imported by the first device that needs them: a
+    # board without virtio devices starts without them (their imports cost ~20 ms of every start).
+    from pyemu.block.backend import BlockBackend
+    from pyemu.hw.virtio.device import VirtioDevice
+    from pyemu.hw.virtio.mmio import VirtioMmio
+    from pyemu.system.event_notifier import EventNotifier
+    from pyemu.system.iothread import IoThread
 
 DEFAULT_IOTHREAD = "main-loop"
 
@@ -107,7 +109,7 @@ class Backends:
         raise ConfigError(f"-device {user}: Property '{user}.drive' can't find value '{drive_id}'", option="-device")
 
     def _node_backend(self, entry, node_name: str, user: str) -> BlockBackend:  # type: ignore[no-untyped-def]
-        from pyemu.block.backend import CacheMode
+        from pyemu.block.backend import BlockBackend, CacheMode
         from pyemu.block.blockdev import activate, deactivate
 
         if self.nodes.in_use_by_backend(node_name):
@@ -172,7 +174,7 @@ class Backends:
         self.claimed.add((kind, ident))
 
 
-DeviceBuilder = Callable[[PropReader, Backends], VirtioDevice]
+DeviceBuilder = Callable[[PropReader, Backends], "VirtioDevice"]
 
 
 def register_drive_nodes(nodes: NodeRegistry, backend: BlockBackend) -> None:
@@ -300,6 +302,8 @@ class VirtioPlugger:
                 if unknown:
                     raise ConfigError(f"-object iothread: Property 'iothread.{unknown[0]}' not found",
                                       option="-object")
+                from pyemu.system.iothread import IoThread
+
                 self.iothreads[entry.id] = IoThread(entry.id)
             elif entry.type not in ("rng-random", "secret", "throttle-group"):  # the latter two: system.objects
                 raise ConfigError(f"-object: invalid object type: {entry.type}", option="-object")
@@ -310,9 +314,13 @@ class VirtioPlugger:
             raise
 
     def handles(self, driver: str) -> bool:
+        from pyemu.hw.virtio.console_plug import PORT_DRIVERS  # ports plug into a virtio-serial-device
+
         return driver in BUILDERS or driver in PORT_DRIVERS
 
     def _iothread(self, name: str | None, driver: str) -> IoThread:
+        from pyemu.system.iothread import IoThread
+
         if name is None:
             name = DEFAULT_IOTHREAD
             if name not in self.iothreads:
@@ -324,9 +332,11 @@ class VirtioPlugger:
         return thread
 
     def add(self, options: DeviceOptions) -> BoardDevice:
-        if options.driver in PORT_DRIVERS:
-            from pyemu.hw.virtio.console_plug import attach_virtconsole
+        from pyemu.hw.virtio.blk import VirtioBlk
+        from pyemu.hw.virtio.console_plug import PORT_DRIVERS, attach_virtconsole
+        from pyemu.hw.virtio.mmio import WINDOW_SIZE, VirtioMmio
 
+        if options.driver in PORT_DRIVERS:
             return attach_virtconsole(PropReader(options), self.backends, self.transports, self.devices)
         slot_index = len(self.transports)
         if slot_index >= memmap.VIRTIO_MMIO_SLOTS:

@@ -16,7 +16,6 @@ and ignores it, and is refused under KVM, where pyemu does not implement it.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from dataclasses import dataclass
 
@@ -65,7 +64,7 @@ class OvercommitOptions:
         """``mem-lock=on``: lock every present and future page of the process (guest RAM included)."""
         if not self.mem_lock:
             return
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has
         if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
             error = ctypes.get_errno()
             raise ConfigError(f"locking memory failed (mlockall: {os.strerror(error)})", option="-overcommit")

@@ -14,10 +14,12 @@ copy-on-write mapping of the saved file at the same host address (:meth:`GuestMe
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, NewType
 
@@ -113,6 +115,8 @@ class GuestMemory:
         # The host address of the mapping, for KVM_SET_USER_MEMORY_REGION and uc.mem_map_ptr.
         self._base_ptr = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
         self._file_backed: dict[int, tuple[int, int]] = {}
+        self._fd_position = threading.Lock()
+        """Held while the memfd's file position matters (``sendfile`` writes at it; SEEK_DATA moves it)."""
         self._no_dump = False
         """dump-guest-core=off: a region mapped anew must be excluded again (madvise flags are per mapping)."""
         """Regions (by gpa) mapped privately from a file, with that file's (st_dev, st_ino)."""
@@ -172,12 +176,14 @@ class GuestMemory:
         position = region.offset
         while position < end:
             try:
-                data = os.lseek(self.fd, position, os.SEEK_DATA)
+                with self._fd_position:
+                    data = os.lseek(self.fd, position, os.SEEK_DATA)
             except OSError:  # ENXIO: no data after ``position``
                 return
             if data >= end:
                 return
-            hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+            with self._fd_position:
+                hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
             yield region.gpa + data - region.offset, hole - data
             position = hole
 
@@ -217,6 +223,47 @@ class GuestMemory:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
+
+    def copy_from_file(self, gpa: int, fd: int, offset: int, size: int) -> int:
+        """Copy up to ``size`` bytes of file ``fd`` at ``offset`` into guest RAM at ``gpa``; the count copied
+        (less only at the file's end). OSError from the host read passes through.
+
+        Why not ``readinto`` a view: the kernel's ``sendfile`` copies page-cache pages straight into the
+        memfd's pages, so guest RAM is not faulted in page by page through this process's mapping first
+        (a ~60 MiB vmlinux loaded in 20-25 ms instead of 35-48 ms, a fifth of pyemu's start-up). A region
+        mapped privately from a file is written through the mapping, where the guest sees it."""
+        start = self.host_offset(gpa, size)
+        if self._file_backed and self.region_of(gpa, size).gpa in self._file_backed:
+            return self._read_into_view(gpa, fd, offset, size)
+        done = 0
+        with self._fd_position:
+            os.lseek(self.fd, start, os.SEEK_SET)
+            while done < size:
+                try:
+                    count = os.sendfile(self.fd, fd, offset + done, size - done)
+                except OSError as exc:
+                    if done == 0 and exc.errno in (errno.EINVAL, errno.ENOSYS):  # a file sendfile cannot read
+                        break
+                    raise
+                if count == 0:
+                    return done
+                done += count
+        if done < size:
+            done += self._read_into_view(gpa + done, fd, offset + done, size - done)
+        return done
+
+    def _read_into_view(self, gpa: int, fd: int, offset: int, size: int) -> int:
+        view = self.view(gpa, size)
+        try:
+            done = 0
+            while done < size:
+                count = os.preadv(fd, [view[done:]], offset + done)
+                if count == 0:
+                    break
+                done += count
+            return done
+        finally:
+            view.release()
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
         self.view(gpa, size)[:] = bytes([byte]) * size

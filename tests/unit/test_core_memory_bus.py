@@ -1,5 +1,7 @@
 """Guest memory bounds, bus dispatch by range, IRQ lines."""
 
+import os
+
 import pytest
 
 from pyemu.errors import BusError, ConfigError, GuestMemoryError
@@ -116,6 +118,39 @@ def test_populated_spans_find_what_was_written_without_touching_holes():
     memory.clear()  # released pages are holes again
     assert list(memory.populated_spans(low)) == []
     memory.close()
+
+
+def test_copy_from_file_puts_file_bytes_at_the_address_and_stops_at_the_files_end(tmp_path):
+    data = bytes(range(256)) * 64  # 16 KiB
+    path = tmp_path / "image"
+    path.write_bytes(data)
+    memory = GuestMemory([(0, 1 << 20), (4 << 20, 1 << 20)])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert memory.copy_from_file((4 << 20) + 0x1001, fd, 3, 0x2000) == 0x2000
+        assert memory.read((4 << 20) + 0x1001, 0x2000) == data[3:3 + 0x2000]
+        assert memory.read((4 << 20) + 0x1000, 1) == b"\0" and memory.read((4 << 20) + 0x3001, 1) == b"\0"
+        # Past the file's end: what there is, and the count says so.
+        assert memory.copy_from_file(0x100, fd, len(data) - 10, 100) == 10
+        assert memory.read(0x100, 11) == data[-10:] + b"\0"
+        # Not wholly inside one RAM region: refused before anything is copied.
+        with pytest.raises(GuestMemoryError):
+            memory.copy_from_file((1 << 20) - 8, fd, 0, 16)
+        assert memory.read((1 << 20) - 8, 8) == bytes(8)
+        # A region mapped privately from a file: the copy lands where the guest reads it.
+        backing = tmp_path / "ram"
+        backing.write_bytes(bytes(1 << 20))
+        backing_fd = os.open(backing, os.O_RDONLY)
+        try:
+            memory.map_file_private(memory.regions[0], backing_fd, 0)
+            assert memory.copy_from_file(0x2000, fd, 0, 512) == 512
+            assert memory.read(0x2000, 512) == data[:512]
+            assert backing.read_bytes()[0x2000:0x2200] == bytes(512)  # the file itself never changes
+        finally:
+            os.close(backing_fd)
+    finally:
+        os.close(fd)
+        memory.close()
 
 
 # -- fast paths -------------------------------------------------------------------------------------------

@@ -20,10 +20,9 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from pyemu.system import log
-from pyemu.target.x86.boot.bzimage_host import FORCE_GUEST_ENV, HostKernel, forced_guest_decompression, host_kernel
 from pyemu.target.x86.boot.cmdline import place_cmdline
 from pyemu.target.x86.boot.e820 import E820Map, EntryLike
 from pyemu.target.x86.boot.errors import (
@@ -54,6 +53,9 @@ from pyemu.target.x86.boot.paging import build_identity_tables, identity_gib_nee
 from pyemu.target.x86.boot.result import BootResult
 from pyemu.target.x86.cpu_state import X86CpuState
 from pyemu.system.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from pyemu.target.x86.boot.bzimage_host import HostKernel
 
 # -- setup header ---------------------------------------------------------------------------------------
 SETUP_HEADER_OFFSET = 0x1F1
@@ -322,6 +324,10 @@ class _DirectEntry:
 def _host_decompressed(path: str, header: SetupHeader, load_addr: int, footprint: int) -> _DirectEntry | None:
     """The kernel proper to enter directly (see :mod:`pyemu.target.x86.boot.bzimage_host`), or None to run
     the guest's decompressor, with a ``-d boot`` line saying why."""
+    # Imported here: host-side decompression brings hashing, lzma and temporary files (~12 ms of
+    # imports) that only a bzImage boot needs.
+    from pyemu.target.x86.boot.bzimage_host import FORCE_GUEST_ENV, forced_guest_decompression, host_kernel
+
     if forced_guest_decompression():
         log.log("boot", f"{FORCE_GUEST_ENV} is set: the bzImage decompresses itself in the guest")
         return None

@@ -1,7 +1,7 @@
 """Reading kernel and initrd files with errors that name the file.
 
-Kernels are tens of MiB (an uncompressed ``vmlinux`` is ~65 MiB), so large parts are read straight into
-guest RAM through a memoryview (``readinto``) instead of through an intermediate ``bytes`` copy.
+Kernels are tens of MiB (an uncompressed ``vmlinux`` is ~65 MiB), so large parts are copied straight into
+guest RAM (:meth:`GuestMemory.copy_from_file`) instead of through an intermediate ``bytes`` copy.
 """
 
 from __future__ import annotations
@@ -59,22 +59,16 @@ class ImageFile:
         return self.read_at(0, min(size, self.size))
 
     def copy_to_memory(self, memory: GuestMemory, gpa: int, offset: int, size: int, *, what: str) -> None:
-        """Read ``size`` bytes at file ``offset`` directly into guest RAM at ``gpa``."""
+        """Copy ``size`` bytes at file ``offset`` into guest RAM at ``gpa`` (in the kernel: no bytes object,
+        no page faults through pyemu's mapping)."""
         if offset < 0 or offset + size > self.size:
             raise self.truncated(offset + size, what)
-        view = memory.view(gpa, size)
         try:
-            self._file.seek(offset)
-            done = 0
-            while done < size:
-                count = self._file.readinto(view[done:])
-                if not count:
-                    raise self.truncated(offset + size, what)
-                done += count
+            copied = memory.copy_from_file(gpa, self._file.fileno(), offset, size)
         except OSError as exc:
             raise ImageReadError(f"cannot read {self.what} '{self.path}': {exc.strerror}", path=self.path) from exc
-        finally:
-            view.release()
+        if copied < size:
+            raise self.truncated(offset + size, what)
 
     def truncated(self, needed: int, what: str) -> TruncatedImageError:
         return TruncatedImageError(
