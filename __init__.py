@@ -10,7 +10,11 @@ another (see :mod:`pyemu.api`). Those names load on first use, so importing a su
 
 from typing import Any
 
+from pyemu.system.dataclass_code import install as _install_dataclass_code
+
 __version__ = "0.1.0"
+
+_install_dataclass_code()  # before any of pyemu's dataclasses is made (see the module)
 
 _API_NAMES = frozenset({
     "CommandError", "Console", "ConsoleClosed", "ConsoleError", "ConsoleTimeout", "Event", "EventStream",

@@ -3,8 +3,10 @@
 Why: where ``uc_struct`` keeps its CPU object and its TCG code buffer is found by searching the process's
 memory (:mod:`pyemu.accel.tcg.io_guard`): 10-50 ms at every VM start, a large share of pyemu's start-up.
 Both are properties of the library's build (its struct layouts and the order it allocates them in), so a
-later process with the same library reads them instead (``<cache>/tcg-<name>``: the library's path, size
-and modification time on the first line, then one ``first second`` pair of offsets per line). The caller
+later process with the same library reads them instead (``<cache>/tcg-<name>-<library key>``: the library's
+path, size and modification time on the first line, then one ``first second`` pair of offsets per line).
+Each library has its own file: a host that runs both pyemu's build and PyPI's library (the benchmarks do,
+turn about) would otherwise search again at every switch. The caller
 checks every stored fact on each engine as it would a fresh one and searches again when the engine does
 not bear it out, so a stale or damaged file costs a search, never a wrong answer.
 """
@@ -12,6 +14,7 @@ not bear it out, so a stale or damaged file costs a search, never a wrong answer
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 from pyemu.system.cache import cache_root, store_small_file
@@ -32,7 +35,8 @@ def library_identity() -> str:
 
 
 def facts_file(name: str) -> Path:
-    return cache_root() / f"tcg-{name}"
+    key = zlib.crc32(library_identity().encode())  # names the file only; its first line is what is checked
+    return cache_root() / f"tcg-{name}-{key:08x}"
 
 
 def stored_pairs(name: str, first_below: int, second_below: int) -> list[Pair]:
