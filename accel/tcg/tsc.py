@@ -29,6 +29,7 @@ from pathlib import Path
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 from unicorn.x86_const import UC_X86_REG_RAX, UC_X86_REG_RDX
 
+from pyemu.accel.tcg.engine_lifetime import free_when_collected_only
 from pyemu.system.cache import cache_root, store_small_file
 
 SAMPLE_S = 0.03
@@ -74,6 +75,7 @@ def host_tsc() -> int:
     with _reader_lock:
         if _reader is None:
             _reader = _scratch_engine()
+            free_when_collected_only(_reader)  # lives as long as the process
         return _read_tsc(_reader)
 
 

@@ -74,6 +74,7 @@ from pyemu.accel.tcg.io_hooks import IoHooks, vcpu_cpuid
 from pyemu.accel.tcg.port_fast_paths import PortFastPaths
 from pyemu.accel.tcg.memory_map import PhysicalMap
 from pyemu.accel.tcg.engine_delivery import EngineDelivery
+from pyemu.accel.tcg.engine_lifetime import free_when_collected_only
 from pyemu.accel.tcg.msrs import set_arch_capabilities
 from pyemu.accel.tcg.paging import PagingRegs
 from pyemu.accel.tcg.physmem import GuestPhysical
@@ -132,6 +133,7 @@ class TcgVcpu:
         self._tsc_offset_at = layout.tsc_offset
         try:
             self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
+            free_when_collected_only(self._uc)
             # Before anything initialises the engine: its model gates instructions and CR4 bits.
             self._uc.ctl_set_cpu_model(engine_model(cpuid))
         except UcError as exc:
