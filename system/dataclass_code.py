@@ -36,8 +36,8 @@ MAX_ENTRIES = 4096
 class _Table:
     """Source text -> compiled code, loaded on first use, saved at exit if this process added to it."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path | None = None) -> None:
+        self._path = path
         self._code: dict[str, CodeType] | None = None
         self._used: set[str] = set()
         self._added = False
@@ -57,18 +57,31 @@ class _Table:
             self._used.add(source)
             return code
 
+    @property
+    def path(self) -> Path | None:
+        """Where the table lives (found on first use: pyemu may be imported where there is no home)."""
+        if self._path is None:
+            try:
+                self._path = table_path()
+            except (OSError, RuntimeError, KeyError):
+                return None
+        return self._path
+
     def save(self) -> None:
         with self._lock:
-            if not self._added or self._code is None or sys.dont_write_bytecode:
+            path = self.path
+            if not self._added or self._code is None or sys.dont_write_bytecode or path is None:
                 return
             kept = self._code
             if len(kept) > MAX_ENTRIES:
                 kept = {source: code for source, code in kept.items() if source in self._used}
-            store_small_file(self.path, marshal.dumps(kept))
+            store_small_file(path, marshal.dumps(kept))
             self._added = False
 
 
-def _load(path: Path) -> dict[str, CodeType]:
+def _load(path: Path | None) -> dict[str, CodeType]:
+    if path is None:
+        return {}
     try:
         table = marshal.loads(path.read_bytes())
     except (OSError, EOFError, ValueError, TypeError):
@@ -84,7 +97,7 @@ def table_path() -> Path:
     return cache_root() / "pycache" / f"dataclass-methods.{sys.implementation.cache_tag}.marshal"
 
 
-_table = _Table(table_path())
+_table = _Table()
 
 
 def _exec(source: Any, globals: dict[str, Any] | None = None, locals: dict[str, Any] | None = None) -> None:
