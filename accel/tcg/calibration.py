@@ -30,13 +30,16 @@ SVM intercepts) only matter inside an SVM guest, so a wrong try is harmless. The
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import struct
 from dataclasses import dataclass
 
 from unicorn import UC_ARCH_X86, UC_CTL_IO_WRITE, UC_CTL_TB_FLUSH, UC_HOOK_INTR, UC_MODE_64, Uc, UcError
 from unicorn import x86_const as x86
 
+from pyemu.accel.tcg.engine_facts import stored_text, store_text
 from pyemu.accel.tcg.errors import CalibrationError
 
 # The order QEMU keeps the general registers in (R_EAX=0, R_ECX=1, ...). Used only to present results.
@@ -484,7 +487,50 @@ def _write_context(ctx: object, raw: bytes | bytearray) -> None:
 
 @functools.cache
 def calibrate() -> BlobLayout:
-    """Probe a scratch engine once per process and return the blob layout (cached)."""
+    """The blob layout of the loaded libunicorn: as an earlier process stored it for this very library
+    (:mod:`pyemu.accel.tcg.engine_facts`), else probed now and stored. Once per process.
+
+    Why stored: probing takes two scratch engines and ~60 runs of them, 10-25 ms of every VM's start
+    on this host, for offsets fixed by the library's build. A stored layout that does not parse into
+    every field of :class:`BlobLayout` is probed again."""
+    stored = stored_layout(LAYOUT_FACTS)
+    if stored is not None:
+        return stored
+    layout = probe_layout()
+    store_layout(LAYOUT_FACTS, layout)
+    return layout
+
+
+LAYOUT_FACTS = "blob-layout"
+
+
+def stored_layout(name: str) -> BlobLayout | None:
+    """The layout stored under ``name`` for the loaded library, or None (none, another library, damaged)."""
+    text = stored_text(name)
+    if text is None:
+        return None
+    try:
+        fields = json.loads(text)
+        fields["seg"] = SegmentCacheLayout(**fields["seg"])
+        layout = BlobLayout(**fields)
+    except (ValueError, TypeError, KeyError):
+        return None
+    nested = ("size", "gpr", "segments", "seg")
+    offsets = [value for key, value in dataclasses.asdict(layout).items() if key not in nested]
+    offsets += [*layout.gpr.values(), *layout.segments.values(), *dataclasses.astuple(layout.seg)]
+    if (type(layout.size) is not int or layout.size <= 0 or list(layout.gpr) != list(GPR_UC_IDS)
+            or list(layout.segments) != list(SEGMENT_NAMES)
+            or not all(type(value) is int and -1 <= value < layout.size for value in offsets)):
+        return None
+    return layout
+
+
+def store_layout(name: str, layout: BlobLayout) -> None:
+    store_text(name, json.dumps(dataclasses.asdict(layout)))  # in field order: gpr's order is QEMU's
+
+
+def probe_layout() -> BlobLayout:
+    """Probe a scratch engine for every offset of :class:`BlobLayout` (see the module docstring)."""
     probe = _Probe()
     uc = probe.uc
     size = len(probe.blob())

@@ -8,7 +8,8 @@ path, size and modification time on the first line, then one ``first second`` pa
 Each library has its own file: a host that runs both pyemu's build and PyPI's library (the benchmarks do,
 turn about) would otherwise search again at every switch. The caller
 checks every stored fact on each engine as it would a fresh one and searches again when the engine does
-not bear it out, so a stale or damaged file costs a search, never a wrong answer.
+not bear it out, so a stale or damaged file costs a search, never a wrong answer. The CPU-state blob's
+layout (:func:`pyemu.accel.tcg.calibration.calibrate`) is kept the same way, as JSON.
 """
 
 from __future__ import annotations
@@ -39,17 +40,29 @@ def facts_file(name: str) -> Path:
     return cache_root() / f"tcg-{name}-{key:08x}"
 
 
+def stored_text(name: str) -> str | None:
+    """What an earlier process stored under ``name`` for this very library (None: nothing, or another
+    library's)."""
+    try:
+        identity, _, text = facts_file(name).read_text().partition("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if identity == library_identity() else None
+
+
+def store_text(name: str, text: str) -> None:
+    """Keep ``text`` for the next process with this library (silently not, if the cache is read-only)."""
+    store_small_file(facts_file(name), f"{library_identity()}\n{text}")
+
+
 def stored_pairs(name: str, first_below: int, second_below: int) -> list[Pair]:
     """The pairs an earlier process stored under ``name`` for this very library, or [] (none, another
     library, or anything malformed: each offset a multiple of 8 below its bound)."""
-    try:
-        lines = facts_file(name).read_text().splitlines()
-    except (OSError, UnicodeDecodeError):
-        return []
-    if not lines or lines[0] != library_identity():
+    text = stored_text(name)
+    if text is None:
         return []
     pairs = []
-    for line in lines[1:]:
+    for line in text.splitlines():
         fields = line.split()
         if len(fields) != 2 or not all(field.isdigit() for field in fields):
             return []
@@ -62,4 +75,4 @@ def stored_pairs(name: str, first_below: int, second_below: int) -> list[Pair]:
 
 def store_pairs(name: str, pairs: list[Pair]) -> None:
     """Keep ``pairs`` for the next process with this library (silently not, if the cache is read-only)."""
-    store_small_file(facts_file(name), "\n".join([library_identity(), *(f"{a} {b}" for a, b in pairs)]) + "\n")
+    store_text(name, "".join(f"{a} {b}\n" for a, b in pairs))

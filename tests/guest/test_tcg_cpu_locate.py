@@ -196,3 +196,47 @@ def test_the_stored_cpu_path_spares_the_scan_and_a_bad_one_is_scanned_again(tmp_
     assert run("again") == "0 0x123456789abcdef True"     # followed the stored path
     assert run("garbage") == "1 0x123456789abcdef True"   # a wrong path: scanned again, the right one stored
     assert run("again") == "0 0x123456789abcdef True"
+
+
+_STORED_LAYOUT_CHECK = """
+import json, os
+from pyemu.accel.tcg import calibration, engine_facts
+
+probes = []
+probe = calibration.probe_layout
+calibration.probe_layout = lambda: probes.append(1) or probe()
+mode = os.environ["CHECK_MODE"]
+if mode != "first":
+    text = engine_facts.stored_text(calibration.LAYOUT_FACTS)
+    fields = json.loads(text)
+    if mode == "out-of-range":
+        fields["rip"] = fields["size"] + 8
+    elif mode == "missing-field":
+        del fields["cr3"]
+    elif mode == "not-json":
+        fields = None
+    elif mode == "reordered":  # the registers' order is QEMU's regs[] order, which the vCPU relies on
+        fields["gpr"] = dict(sorted(fields["gpr"].items()))
+    if fields is not None:
+        engine_facts.store_text(calibration.LAYOUT_FACTS, json.dumps(fields))
+    else:
+        engine_facts.store_text(calibration.LAYOUT_FACTS, "{not json")
+layout = calibration.calibrate()
+fresh = probe()
+print(len(probes), layout == fresh and list(layout.gpr) == list(fresh.gpr))
+"""
+
+
+def test_the_stored_blob_layout_spares_the_probe_and_a_damaged_one_is_probed_again(tmp_path: Path) -> None:
+    """The blob layout is probed once per library build; a stored one that does not parse into every field,
+    or has an offset outside the blob, is probed again (and stored right)."""
+    def run(mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", _STORED_LAYOUT_CHECK], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYEMU_CACHE": str(tmp_path), "CHECK_MODE": mode})
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+    assert run("first") == "1 True"       # probed and stored
+    assert run("again") == "0 True"       # the stored layout, equal to a fresh probe
+    for damage in ("out-of-range", "missing-field", "not-json", "reordered"):
+        assert run(damage) == "1 True", damage
+        assert run("again") == "0 True"
