@@ -115,11 +115,11 @@ class GuestMemory:
         # The host address of the mapping, for KVM_SET_USER_MEMORY_REGION and uc.mem_map_ptr.
         self._base_ptr = ctypes.addressof(ctypes.c_char.from_buffer(self._mmap))
         self._file_backed: dict[int, tuple[int, int]] = {}
+        """Regions (by gpa) mapped privately from a file, with that file's (st_dev, st_ino)."""
         self._fd_position = threading.Lock()
         """Held while the memfd's file position matters (``sendfile`` writes at it; SEEK_DATA moves it)."""
         self._no_dump = False
         """dump-guest-core=off: a region mapped anew must be excluded again (madvise flags are per mapping)."""
-        """Regions (by gpa) mapped privately from a file, with that file's (st_dev, st_ino)."""
 
     # -- lookup -----------------------------------------------------------------------------------------
     def region_of(self, gpa: int, size: int = 1) -> RamRegion:
