@@ -4,8 +4,10 @@
 For each configuration it runs the VM ``--runs`` times with ``pyemu.poweroff=1`` on the kernel command
 line (the initramfs /init prints ``pyemu-guest: init reached (uptime X s)`` and powers off at once) and
 records two figures: wall time from process start to exit, and the guest's own uptime when /init ran.
-QEMU runs ``-M microvm,acpi=on -accel tcg`` with the same kernel, initramfs and memory size. Medians and
-pyemu/QEMU ratios are printed and written to ``benchmarks/results/boot.json``.
+QEMU runs ``-M microvm,acpi=on -accel tcg`` with the same kernel, initramfs and memory size. The runs are
+interleaved (each round boots pyemu, its variants and QEMU once, in turning order), so every ratio compares
+boots of the same minutes on this drifting host. Medians and pyemu/QEMU ratios are printed and written to
+``benchmarks/results/boot.json``.
 
 ``--profile`` additionally runs one pyemu boot under cProfile and stores the top functions by own time,
 which is where to look when pyemu is slower.
@@ -117,20 +119,32 @@ def run_once(argv: list[str], env: dict[str, str] | None = None) -> Boot:
     return wall, float(match.group(1)), status, cpu
 
 
-def run_many(argv: list[str], runs: int, failures: list[str],
-             env: dict[str, str] | None = None) -> list[Boot]:
-    """``runs`` successful boots; a failed boot is recorded in ``failures`` and retried (at most twice)."""
-    samples: list[Boot] = []
-    attempts = 0
-    while len(samples) < runs and attempts < runs + 2:
-        attempts += 1
-        try:
-            samples.append(run_once(argv, env))
-        except BootFailed as failed:
-            print(f"  failed boot (retrying): {failed}", file=sys.stderr)
-            failures.append(str(failed).splitlines()[0])
-    if not samples:
-        raise SystemExit(f"every boot of {argv[0]} failed")
+def run_interleaved(commands: dict[str, tuple[list[str], dict[str, str] | None]], runs: int,
+                    failures: list[str]) -> dict[str, list[Boot]]:
+    """``runs`` successful boots of every command, in rounds: each round boots each command once, the order
+    turning by one from round to round. Why: this host's speed drifts by 10-30% over minutes (QEMU's own PVH
+    boot measured 2.2 and 2.7 s half an hour apart), so blocks of one command's runs after the other's
+    compared two different hosts. A failed boot is recorded in ``failures`` and retried in a later round
+    (at most two extra rounds)."""
+    samples: dict[str, list[Boot]] = {key: [] for key in commands}
+    keys = list(commands)
+    for round_index in range(runs + 2):
+        pending = [key for key in keys if len(samples[key]) < runs]
+        if not pending:
+            break
+        shift = round_index % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            if key not in pending:
+                continue
+            argv, env = commands[key]
+            try:
+                samples[key].append(run_once(argv, env))
+            except BootFailed as failed:
+                print(f"  failed boot (retrying): {failed}", file=sys.stderr)
+                failures.append(str(failed).splitlines()[0])
+    for key, got in samples.items():
+        if not got:
+            raise SystemExit(f"every boot of {key} failed")
     return samples
 
 
@@ -298,14 +312,16 @@ def main() -> int:
         name = image if smp == 1 else f"{image}-smp{smp}"
         row: dict[str, object] = {"vcpus": smp}
         failures: list[str] = []
-        row["pyemu_tcg"] = summarise(run_many(pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures,
-                                              pyemu_env(bytecode)))
+        commands: dict[str, tuple[list[str], dict[str, str] | None]] = {
+            "pyemu_tcg": (pyemu_argv(kernel, assets.initrd, smp, cmdline), pyemu_env(bytecode))}
         for suffix, extra_env, _label in pyemu_variants(image, engine_built):
-            row[f"pyemu_tcg_{suffix}"] = summarise(run_many(
-                pyemu_argv(kernel, assets.initrd, smp, cmdline), args.runs, failures, pyemu_env(bytecode, extra_env)))
+            commands[f"pyemu_tcg_{suffix}"] = (pyemu_argv(kernel, assets.initrd, smp, cmdline),
+                                               pyemu_env(bytecode, extra_env))
         if qemu:
-            row["qemu_tcg"] = summarise(run_many(qemu_argv(qemu, kernel, assets.initrd, smp, cmdline), args.runs,
-                                                 failures))
+            commands["qemu_tcg"] = (qemu_argv(qemu, kernel, assets.initrd, smp, cmdline), None)
+        for key, boots in run_interleaved(commands, args.runs, failures).items():
+            row[key] = summarise(boots)
+        if qemu:
             p, q = row["pyemu_tcg"], row["qemu_tcg"]
             row["ratio_wall"] = round(p["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
             row["ratio_init_uptime"] = round(p["init_uptime_s"] / q["init_uptime_s"], 2)  # type: ignore[index, operator]
