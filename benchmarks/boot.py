@@ -129,12 +129,11 @@ def run_interleaved(commands: dict[str, tuple[list[str], dict[str, str] | None]]
     samples: dict[str, list[Boot]] = {key: [] for key in commands}
     keys = list(commands)
     for round_index in range(runs + 2):
-        pending = [key for key in keys if len(samples[key]) < runs]
-        if not pending:
+        if all(len(got) >= runs for got in samples.values()):
             break
         shift = round_index % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            if key not in pending:
+            if len(samples[key]) >= runs:
                 continue
             argv, env = commands[key]
             try:

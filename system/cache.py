@@ -17,17 +17,17 @@ def cache_root(environ: dict[str, str] | os._Environ[str] | None = None) -> Path
     return Path(env.get("HOME") or Path.home()).expanduser() / ".cache" / "pyemu"
 
 
-def store_small_file(path: Path, text: str | bytes) -> bool:
-    """Write ``text`` to ``path`` whole or not at all (a rename), so a concurrent reader never sees half of
+def store_small_file(path: Path, content: str | bytes) -> bool:
+    """Write ``content`` to ``path`` whole or not at all (a rename), so a concurrent reader never sees half of
     it. False when it cannot be written: a cache that cannot be written only costs the next process the
     work it saves."""
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(text, bytes):
-            temporary.write_bytes(text)
+        if isinstance(content, bytes):
+            temporary.write_bytes(content)
         else:
-            temporary.write_text(text)
+            temporary.write_text(content)
         os.replace(temporary, path)
         return True
     except OSError:

@@ -124,6 +124,15 @@ def test_each_engine_finds_the_buffer_its_own_translations_go_to(tmp_path: Path)
     assert done.stdout.strip() == "[]", f"(round, engines, whose buffer changed per engine): {done.stdout}"
 
 
+def _first_line_of_check(script: str, cache: Path, mode: str) -> str:
+    """Run a check ``script`` in a fresh process with its own pyemu cache and ``CHECK_MODE``; its first
+    output line (the stored facts persist in ``cache`` from one call to the next)."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYEMU_CACHE": str(cache), "CHECK_MODE": mode})
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()[0]
+
+
 _STORED_PATHS_CHECK = """
 import os
 from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
@@ -151,10 +160,7 @@ def test_stored_paths_spare_the_search_and_bad_ones_are_searched_again(tmp_path:
     """A process stores the paths for its library; the next one uses them without scratch engines, and a
     stored set that leads to no code buffer is replaced by a new search."""
     def run(mode: str) -> str:
-        done = subprocess.run([sys.executable, "-c", _STORED_PATHS_CHECK], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "PYEMU_CACHE": str(tmp_path), "CHECK_MODE": mode})
-        assert done.returncode == 0, done.stderr
-        return done.stdout.split("\n")[0]
+        return _first_line_of_check(_STORED_PATHS_CHECK, tmp_path, mode)
     assert run("first") == "1 True True"      # searched, stored; two engines, two buffers
     assert run("again") == "0 True True"      # stored paths used: no search
     assert run("garbage") == "1 True True"    # searched again, and the good paths stored
@@ -188,10 +194,7 @@ def test_the_stored_cpu_path_spares_the_scan_and_a_bad_one_is_scanned_again(tmp_
     """locate_cpu's search (10-15 ms of every VM start) is done once per library build: later processes
     follow the stored path, checked against the engine's registers like a fresh one."""
     def run(mode: str) -> str:
-        done = subprocess.run([sys.executable, "-c", _STORED_CPU_PATH_CHECK], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "PYEMU_CACHE": str(tmp_path), "CHECK_MODE": mode})
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
+        return _first_line_of_check(_STORED_CPU_PATH_CHECK, tmp_path, mode)
     assert run("first") == "1 0x123456789abcdef True"     # scanned and stored
     assert run("again") == "0 0x123456789abcdef True"     # followed the stored path
     assert run("garbage") == "1 0x123456789abcdef True"   # a wrong path: scanned again, the right one stored
@@ -231,10 +234,7 @@ def test_the_stored_blob_layout_spares_the_probe_and_a_damaged_one_is_probed_aga
     """The blob layout is probed once per library build; a stored one that does not parse into every field,
     or has an offset outside the blob, is probed again (and stored right)."""
     def run(mode: str) -> str:
-        done = subprocess.run([sys.executable, "-c", _STORED_LAYOUT_CHECK], capture_output=True, text=True,
-                              timeout=120, env={**os.environ, "PYEMU_CACHE": str(tmp_path), "CHECK_MODE": mode})
-        assert done.returncode == 0, done.stderr
-        return done.stdout.strip()
+        return _first_line_of_check(_STORED_LAYOUT_CHECK, tmp_path, mode)
     assert run("first") == "1 True"       # probed and stored
     assert run("again") == "0 True"       # the stored layout, equal to a fresh probe
     for damage in ("out-of-range", "missing-field", "not-json", "reordered"):
