@@ -87,6 +87,9 @@ struct pyemu_tlb {
     struct pyemu_ram_slot ram[8];
     const uint32_t *pkru;
     int32_t *attention;
+    int32_t own_walk;
+    const uint8_t *env;
+    int32_t env_cr0, env_cr3, env_cr4, env_efer, env_cs, env_rflags;
 };
 _Bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry *result, void *user_data);
 void pyemu_tlb_resume(void *uc, struct pyemu_tlb *s);

@@ -39,13 +39,23 @@ FILL_IN_RUN = 1
 """``uc_pyemu_native_events`` flag: a TLB entry the fill hook hands over is filled (or faults) in the run."""
 ENGINE_SYSCALL = 2
 """``uc_pyemu_native_events`` flag: SYSCALL in IA-32e mode is the engine's."""
+FILL_WITHOUT_STATE_RESTORE = 4
+"""``uc_pyemu_native_events`` flag: a TLB fill calls the hook without restoring RIP and the lazy flags
+first (the restore looked the running block up at each of ~720k fills of a Linux boot). Only for a hook
+that reads its registers in place (:meth:`pyemu.accel.tcg.tlb_fill.TlbFill.read_registers_in_place`):
+``uc_reg_read`` of RFLAGS computes the arithmetic flags from the lazy state, which between restores is
+stale, and came back with bits such as VM set (a 32-bit guest's stores were then walked as user
+accesses; tests/migration/test_migration_precopy.py's dirty log caught it)."""
 
 
 class EngineDelivery:
     """Switches one engine's own delivery on and off (cheap: two stores in the engine)."""
 
-    def __init__(self, library: ctypes.CDLL, uc_handle: Any) -> None:
+    def __init__(self, library: ctypes.CDLL, uc_handle: Any, *, fill_without_restore: bool = False) -> None:
+        """``fill_without_restore``: the engine's TLB-fill hook reads no lazily kept state
+        (:data:`FILL_WITHOUT_STATE_RESTORE`)."""
         self._set = getattr(library, "uc_pyemu_native_events", None)
+        self._fill_flags = FILL_IN_RUN | (FILL_WITHOUT_STATE_RESTORE if fill_without_restore else 0)
         self._count = getattr(library, "uc_pyemu_native_delivered", None)
         self._handle = uc_handle
         self._on: bool | None = None
@@ -62,7 +72,7 @@ class EngineDelivery:
         if on == self._on or self._set is None:
             return
         status = self._set(self._handle, ENGINE_VECTORS if on else 0,
-                           FILL_IN_RUN | (ENGINE_SYSCALL if on else 0))
+                           self._fill_flags | (ENGINE_SYSCALL if on else 0))
         if status != 0:
             raise EngineError(f"uc_pyemu_native_events failed with error {status}", operation="ctl")
         self._on = on

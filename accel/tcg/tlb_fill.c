@@ -62,6 +62,10 @@ struct pyemu_tlb {
     struct pyemu_ram_slot ram[PYEMU_RAM_SLOTS];
     const uint32_t *pkru;       /* QEMU's env->pkru of this engine (calibrated), or NULL: PKE left to Unicorn */
     int32_t *attention;         /* the block gate's attention word: a fallback needs the gate at the next block */
+    int32_t own_walk;           /* pyemu's libunicorn: this walk sets accessed/dirty bits and reports large pages
+                                   itself (no second walk by Unicorn); see pyemu_tlb_fill */
+    const uint8_t *env;         /* QEMU's CPUX86State of this engine, or NULL: registers through reg_read */
+    int32_t env_cr0, env_cr3, env_cr4, env_efer, env_cs, env_rflags; /* calibrated offsets in it */
 };
 
 struct pyemu_msr { uint32_t rid; uint64_t value; };
@@ -71,6 +75,7 @@ enum { MEM_READ = 16, MEM_WRITE = 17, MEM_FETCH = 18 };
 enum { TLB_CPU = 0, TLB_VIRTUAL = 1 };
 
 #define P_BIT   (1ULL << 0)
+#define A_BIT   (1ULL << 5)
 #define RW_BIT  (1ULL << 1)
 #define US_BIT  (1ULL << 2)
 #define D_BIT   (1ULL << 6)
@@ -92,27 +97,44 @@ enum { TLB_CPU = 0, TLB_VIRTUAL = 1 };
 #define RFLAGS_AC (1ULL << 18)
 #define RFLAGS_VM (1ULL << 17)
 
-static int read_phys(const struct pyemu_tlb *s, uint64_t gpa, int width, uint64_t *value)
+/* Where [gpa, gpa + width) is in this process, or NULL when it is not all in one RAM region. */
+static uint8_t *host_pointer(const struct pyemu_tlb *s, uint64_t gpa, int width)
 {
     for (uint32_t i = 0; i < s->ram_count; i++) {
         const struct pyemu_ram_slot *r = &s->ram[i];
         if (gpa >= r->gpa && gpa + width <= r->gpa + r->size) {
-            const uint8_t *p = r->host + (gpa - r->gpa);
-            if (width == 8) {
-                *value = __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED);
-            } else {
-                *value = __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED);
-            }
-            return 1;
+            return r->host + (gpa - r->gpa);
         }
     }
-    return 0; /* a table outside RAM: leave it to Unicorn */
+    return NULL;
 }
 
-/* Walk state: 0 = ok (page, prot filled), -1 = not ours (fault or unusual: Unicorn decides). The
- * entries read on the way (guest-physical address and value) let the dirty log see which page-table
- * pages Unicorn's walk then changed (accessed/dirty bits). */
-struct walk { uint64_t page; int prot; int entries; uint64_t entry_gpa[4]; uint64_t entry_val[4]; };
+static int read_phys(const struct pyemu_tlb *s, uint64_t gpa, int width, uint64_t *value)
+{
+    const uint8_t *p = host_pointer(s, gpa, width);
+    if (p == NULL) {
+        return 0; /* a table outside RAM: leave it to Unicorn */
+    }
+    if (width == 8) {
+        *value = __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED);
+    } else {
+        *value = __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED);
+    }
+    return 1;
+}
+
+/* Walk state: 0 = ok (page, prot, size filled), -1 = not ours (fault or unusual: Unicorn decides). The
+ * entries read on the way (guest-physical address and value, `width` bytes each; the last one is the
+ * leaf) are where the accessed/dirty bits go, and let the dirty log see which page-table pages changed. */
+struct walk {
+    uint64_t page; uint64_t size; int prot; int width; int entries;
+    uint64_t entry_gpa[4]; uint64_t entry_val[4];
+};
+
+/* With pyemu's libunicorn, the permissions a fill returns also say how large the guest's page is:
+ * Unicorn then notes a large page, so that INVLPG of any address in it drops every entry it made. */
+#define FILL_PAGE_2M 0x100
+#define FILL_PAGE_1G 0x200
 
 static void note_entry(struct walk *out, uint64_t gpa, uint64_t value)
 {
@@ -128,17 +150,31 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
     uint64_t cr0 = 0, cr3 = 0, cr4 = 0, cs = 0, rflags = 0;
     struct pyemu_msr efer = { 0xC0000080u, 0 };
     out->entries = 0;
-    s->reg_read(uc, s->reg_cr0, &cr0);
+    out->size = 0x1000;
+    out->width = 8;
+    if (s->env != NULL) {
+        /* Read in place: each uc_reg_read is a call through Unicorn's register switch (RFLAGS also
+         * computes the lazy flags), six per fill. Only the VM and AC flags are used, which QEMU keeps
+         * in env->eflags itself. */
+        cr0 = *(const uint64_t *)(s->env + s->env_cr0);
+        cr3 = *(const uint64_t *)(s->env + s->env_cr3);
+        cr4 = *(const uint64_t *)(s->env + s->env_cr4);
+        efer.value = *(const uint64_t *)(s->env + s->env_efer);
+        cs = *(const uint32_t *)(s->env + s->env_cs);
+        rflags = *(const uint64_t *)(s->env + s->env_rflags);
+    } else {
+        s->reg_read(uc, s->reg_cr0, &cr0);
+        s->reg_read(uc, s->reg_cr3, &cr3);
+        s->reg_read(uc, s->reg_cr4, &cr4);
+        s->reg_read(uc, s->reg_msr, &efer);
+        s->reg_read(uc, s->reg_cs, &cs);
+        s->reg_read(uc, s->reg_rflags, &rflags);
+    }
     if (!(cr0 & CR0_PG)) {
         out->page = va & 0xFFFFF000ULL; /* paging off: linear = physical (32-bit) */
         out->prot = PROT_R | PROT_W | PROT_X;
         return 0;
     }
-    s->reg_read(uc, s->reg_cr3, &cr3);
-    s->reg_read(uc, s->reg_cr4, &cr4);
-    s->reg_read(uc, s->reg_msr, &efer);
-    s->reg_read(uc, s->reg_cs, &cs);
-    s->reg_read(uc, s->reg_rflags, &rflags);
     if ((cr4 & CR4_LA57) || ((cr4 & CR4_PKE) && !s->pkru)) {
         return -1;
     }
@@ -172,6 +208,7 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
                 }
                 leaf = e;
                 page = (e & ADDR_MASK & ~0x3FFFFFFFULL) | (va & 0x3FFFF000ULL);
+                out->size = 1ULL << 30;
                 break;
             }
             if (level == 2 && (e & PS_BIT)) {
@@ -180,6 +217,7 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
                 }
                 leaf = e;
                 page = (e & ADDR_MASK & ~0x1FFFFFULL) | (va & 0x1FF000ULL);
+                out->size = 1ULL << 21;
                 break;
             }
             if (level == 3) {
@@ -215,6 +253,7 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
                 }
                 leaf = e;
                 page = (e & ADDR_MASK & ~0x1FFFFFULL) | (va & 0x1FF000ULL);
+                out->size = 1ULL << 21;
                 break;
             }
             if (level == 1) {
@@ -226,6 +265,7 @@ static int walk(const struct pyemu_tlb *s, void *uc, uint64_t va, int type, stru
     } else {
         uint64_t pde, pte;
         va &= 0xFFFFFFFFULL;
+        out->width = 4;
         if (!read_phys(s, (cr3 & 0xFFFFF000ULL) + (va >> 22) * 4, 4, &pde) || !(pde & P_BIT)) {
             return -1;
         }
@@ -295,8 +335,9 @@ static inline void mark_dirty(struct pyemu_code_map *m, uint64_t index)
 
 /* Unicorn's walk (uc_vmem_translate) sets accessed/dirty bits in the entries: a write to guest RAM
  * that no TLB entry sees. Mark every table page whose entry changed. */
-static void mark_changed_entries(struct pyemu_tlb *s, const struct walk *w, int width)
+static void mark_changed_entries(struct pyemu_tlb *s, const struct walk *w)
 {
+    int width = w->width;
     for (int i = 0; i < w->entries; i++) {
         uint64_t now = 0;
         if (read_phys(s, w->entry_gpa[i], width, &now) && now != w->entry_val[i]) {
@@ -405,42 +446,66 @@ static int code_permissions(struct pyemu_tlb *s, uint64_t index, int type, int p
     return prot;
 }
 
+/* Sets the bits the CPU sets when a walk succeeds: accessed in every entry, and dirty in the leaf for a
+ * store, each entry written only when a bit is missing (a 4-byte store of the entry's low half, where
+ * both bits are, as QEMU's walk does). The stores bypass the TLB, like the CPU's own, so the dirty log
+ * marks the table page here. */
+static void set_accessed_dirty(struct pyemu_tlb *s, const struct walk *w, int type)
+{
+    for (int i = 0; i < w->entries; i++) {
+        uint64_t bits = A_BIT | (i == w->entries - 1 && type == MEM_WRITE ? D_BIT : 0);
+        if ((w->entry_val[i] & bits) == bits) {
+            continue;
+        }
+        uint32_t *low = (uint32_t *)host_pointer(s, w->entry_gpa[i], 4);
+        if (low == NULL) {
+            continue; /* the walk read it from RAM, so it is there */
+        }
+        __atomic_store_n(low, (uint32_t)(w->entry_val[i] | bits), __ATOMIC_RELAXED);
+        if (s->code->logging) {
+            mark_dirty(s->code, w->entry_gpa[i] >> 12);
+        }
+    }
+}
+
+/* Unicorn's own walk of the same address (uc_vmem_translate with the engine briefly in UC_TLB_CPU
+ * mode): with PyPI's library it sets the accessed/dirty bits and notes large pages. False when it
+ * disagrees with this walk (it then decides: a failed probe left its #PF pending). */
+static bool unicorn_walk_agrees(struct pyemu_tlb *s, void *uc, uint64_t vaddr, int want, const struct walk *w)
+{
+    uint64_t paddr = 0;
+    s->ctl(uc, s->ctl_tlb_type, TLB_CPU);
+    int ok = s->vmem_translate(uc, vaddr, want, &paddr) == 0;
+    s->ctl(uc, s->ctl_tlb_type, TLB_VIRTUAL);
+    if (s->code->logging && w->entries) {
+        mark_changed_entries(s, w);
+    }
+    return ok && (paddr & ~0xFFFULL) == w->page;
+}
+
 bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry *result, void *user_data)
 {
     struct pyemu_tlb *s = (struct pyemu_tlb *)user_data;
     struct walk w;
-    uint64_t paddr = 0;
     int want = type == MEM_WRITE ? PROT_W : type == MEM_FETCH ? PROT_X : PROT_R;
     s->fills++;
     if (walk(s, uc, vaddr, type, &w) != 0) {
         return give_up_fill(s, uc, type);
     }
-    s->ctl(uc, s->ctl_tlb_type, TLB_CPU);
-    int ok = s->vmem_translate(uc, vaddr, want, &paddr) == 0;
-    s->ctl(uc, s->ctl_tlb_type, TLB_VIRTUAL);
-    if (!ok || (paddr & ~0xFFFULL) != w.page) {
-        /* Unicorn's walk disagrees: it decides. A failed probe left its #PF pending (the INTR hook
-         * delivers it); otherwise the vCPU re-runs the instruction under Unicorn's own MMU. */
-        if (s->code->logging && w.entries) {
-            uint64_t cr4 = 0;
-            s->reg_read(uc, s->reg_cr4, &cr4);
-            mark_changed_entries(s, &w, (cr4 & CR4_PAE) ? 8 : 4);
-        }
+    int size_bits = 0;
+    if (s->own_walk) {
+        set_accessed_dirty(s, &w, type);
+        size_bits = w.size == (1ULL << 30) ? FILL_PAGE_1G : w.size == (1ULL << 21) ? FILL_PAGE_2M : 0;
+    } else if (!unicorn_walk_agrees(s, uc, vaddr, want, &w)) {
         return give_up_fill(s, uc, type);
     }
     int prot = w.prot;
     if (s->code->logging) {
-        if (w.entries) {
-            uint64_t cr4 = 0;
-            s->reg_read(uc, s->reg_cr4, &cr4);
-            /* Long mode implies PAE: 8-byte entries unless legacy 32-bit paging. */
-            mark_changed_entries(s, &w, (cr4 & CR4_PAE) ? 8 : 4);
-        }
         prot = log_permissions(s->code, w.page >> 12, type, prot);
     }
     prot = code_permissions(s, w.page >> 12, type, prot);
     result->paddr = w.page;
-    result->perms = prot;
+    result->perms = prot | size_bits;
     return true;
 }
 

@@ -147,13 +147,15 @@ class TcgVcpu:
         self._gate.watch_nmi_mask(self._io.guard.env + layout.hflags2 - layout.gpr["rax"])
         if self._tlb is not None:
             self._tlb.watch_pkru(self._io.guard.env + layout.pkru - layout.gpr["rax"])
+            self._tlb.read_registers_in_place(self._io.guard.env, layout)
         self._gate.watch_cr4(self._io.guard.env + layout.cr4 - layout.gpr["rax"], refused_cr4_bits(cpuid))
         physical = GuestPhysical(self._uc, memory, dispatcher,
                                  on_write=code_map.dirty.mark if code_map is not None else None)
         self._traps = Traps(self._uc, self._blob, physical, index,
                             self._log_shutdown)
         self._traps.intercept = self._cr4_fault_before_block
-        self._delivery = EngineDelivery(self._gate.library, self._uc._uch)
+        self._delivery = EngineDelivery(self._gate.library, self._uc._uch,
+                                        fill_without_restore=self._tlb is not None)
         self._traps.engine_delivery = self._delivery
         self._acknowledge_failure: str | None = None
         self._engine_irq = interrupts is not None and engine_takes_interrupts() \

@@ -259,3 +259,101 @@ def test_a_1gib_page_is_walked_by_the_hook() -> None:
     assert result.exit_value == 0x600D, describe(result)
     assert result.u64(DATA + 8) == 0x4242 and result.u64(DATA + 16) == 0x4343
     assert vcpus[0].tlb_statistics["fallbacks"] == 0
+
+
+def test_a_walk_sets_accessed_at_every_level_and_dirty_in_a_2mib_leaf() -> None:
+    """The bits a successful walk sets, also in the upper levels and in a 2 MiB leaf: accessed in every
+    entry it used, dirty only in the leaf and only for a store. With pyemu's libunicorn the hook's own
+    walk sets them (no second walk by Unicorn), so nothing else would."""
+    program = GuestProgram(code=f"""
+        mov rsi, data
+        mov rbx, {0x3000 + 16}                  ; PD0 entry 2
+        mov rcx, 0x2000                         ; PDPT entry 0
+        mov rdx, 0x1000                         ; PML4 entry 0
+        mov rdi, 0x401000                       ; inside VA 4 MiB..6 MiB
+        mov rax, 0x800087                       ; VA 4 MiB -> a 2 MiB page at 8 MiB, A and D clear
+        mov [rbx], rax
+        and qword ptr [rcx], ~0x20              ; the upper levels lose their accessed bits
+        and qword ptr [rdx], ~0x20
+        mov rax, cr3
+        mov cr3, rax
+        mov rax, [rdi]                          ; a read through the 2 MiB page
+        mov rax, [rbx]
+        mov [rsi], rax
+        mov rax, [rcx]
+        mov [rsi + 8], rax
+        mov rax, [rdx]
+        mov [rsi + 16], rax
+        mov qword ptr [rdi], 7                  ; then a store
+        mov rax, [rbx]
+        mov [rsi + 24], rax
+        {exit_with(0x600d)}
+    """)
+    result = run_program(program, "tcg", ram_size=16 << 20)
+    assert result.exit_value == 0x600D, describe(result)
+    assert result.u64(DATA) & 0x60 == 0x20, hex(result.u64(DATA))
+    assert result.u64(DATA + 8) & 0x20 and result.u64(DATA + 16) & 0x20
+    assert result.u64(DATA + 24) & 0x60 == 0x60, hex(result.u64(DATA + 24))
+    assert result.u64(0x801000) == 7
+
+
+def test_invlpg_of_one_address_in_a_2mib_page_drops_every_entry_made_from_it() -> None:
+    """Accesses to two 4 KiB pieces of one 2 MiB page make two TLB entries; after the page is remapped,
+    INVLPG of one address in it must drop both (the SDM: INVLPG invalidates the whole large page), so
+    the other piece reads through the new mapping. Needs the engine to know the page's size."""
+    program = GuestProgram(code=f"""
+        mov rsi, data
+        mov rbx, {0x3000 + 16}                  ; PD0 entry 2
+        mov rdi, 0x401000
+        mov rcx, 0x802000
+        mov qword ptr [rcx], 0x1111             ; old page (identity-mapped at 8 MiB)
+        mov rcx, 0xA02000
+        mov qword ptr [rcx], 0x2222             ; new page (identity-mapped at 10 MiB)
+        mov rax, 0x800087                       ; VA 4 MiB -> 8 MiB (2 MiB page)
+        mov [rbx], rax
+        mov rax, cr3
+        mov cr3, rax
+        mov rax, [rdi]                          ; two entries from the same large page
+        mov rax, [rdi + 0x1000]
+        mov [rsi], rax
+        mov rax, 0xA00087                       ; remap VA 4 MiB -> 10 MiB
+        mov [rbx], rax
+        invlpg [rdi]                            ; one address of the page
+        mov rax, [rdi + 0x1000]                 ; the other piece
+        mov [rsi + 8], rax
+        {exit_with(0x600d)}
+    """)
+    result = run_program(program, "tcg", ram_size=16 << 20)
+    assert result.exit_value == 0x600D, describe(result)
+    assert result.u64(DATA) == 0x1111
+    assert result.u64(DATA + 8) == 0x2222, hex(result.u64(DATA + 8))
+
+
+def test_a_fill_in_the_middle_of_a_block_reads_the_privilege_right() -> None:
+    """The hook runs without Unicorn restoring the lazy flags first (engine patch
+    fill-without-state-restore), so it must not compute RFLAGS from them: after POPF the engine's flags
+    state says "all in CC_SRC", and an ADD in the next block leaves its operand there (0x20000, the VM
+    bit). A supervisor store then filled in that block must still be walked as a supervisor access, by
+    the hook (no fallback to Unicorn's MMU, which would also hide the store from the dirty log)."""
+    vcpus: list = []
+    pte = pte_address(FRESH)
+    program = GuestProgram(code=f"""
+        mov rbx, {pte}
+        mov qword ptr [rbx], {FRESH | 0x3}      ; present, writable, supervisor only
+        mov rdi, {FRESH}
+        mov r8, 20
+    again:
+        invlpg [rdi]
+        pushfq
+        popfq                                   ; ends the block with the flags state in CC_SRC
+        xor ecx, ecx
+        add ecx, 0x20000                        ; CC_SRC = 0x20000 (RFLAGS.VM's bit)
+        mov qword ptr [rdi], rcx                ; a write fill inside this block
+        dec r8
+        jnz again
+        {exit_with(0x600d)}
+    """)
+    result = run_program(program, "tcg", before_run=_capture(vcpus))
+    assert result.exit_value == 0x600D, describe(result)
+    assert result.u64(FRESH) == 0x20000
+    assert vcpus[0].tlb_statistics["fallbacks"] == 0, vcpus[0].tlb_statistics
