@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import select
 import shutil
 import socket

@@ -62,7 +62,7 @@ QEMU = "qemu-system-x86_64"
 # -- the guest ----------------------------------------------------------------------------------------------
 def guest_code(kind: str, count: int) -> str:
     """Loop ``count`` times over one exit of ``kind`` ("pio" or "mmio"), then leave via isa-debug-exit."""
-    body = {"pio": f"mov dx, {BENCH_PORT:#x}\nout dx, al", "mmio": f"mov dword ptr [ebx], eax"}[kind]
+    body = {"pio": f"mov dx, {BENCH_PORT:#x}\nout dx, al", "mmio": "mov dword ptr [ebx], eax"}[kind]
     loop = f"mov ecx, {count}\nagain:\n{body}\ndec ecx\njnz again\n" if count else ""
     marker = f"mov dx, {MARKER_PORT:#x}\nmov al, {{}}\nout dx, al\nxor eax, eax\n"
     return (
