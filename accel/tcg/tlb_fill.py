@@ -265,6 +265,12 @@ class TlbFill:
         state.env_rflags = layout.rflags - header
         state.env = self._ffi.cast("const uint8_t *", env)
 
+    @property
+    def reads_registers_in_place(self) -> bool:
+        """Whether the walk reads no lazily kept state (so the engine may skip restoring it before a fill:
+        :data:`pyemu.accel.tcg.engine_delivery.FILL_WITHOUT_STATE_RESTORE`)."""
+        return self.state.env != self._ffi.NULL
+
     def watch_pkru(self, pkru_address: int) -> None:
         """Where this engine's ``env->pkru`` lives (``env`` from :func:`pyemu.accel.tcg.io_guard.locate_cpu`
         plus the calibrated offset): the walk then applies protection keys instead of leaving every fill

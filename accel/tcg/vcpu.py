@@ -155,7 +155,8 @@ class TcgVcpu:
                             self._log_shutdown)
         self._traps.intercept = self._cr4_fault_before_block
         self._delivery = EngineDelivery(self._gate.library, self._uc._uch,
-                                        fill_without_restore=self._tlb is not None)
+                                        fill_without_restore=self._tlb is not None
+                                        and self._tlb.reads_registers_in_place)
         self._traps.engine_delivery = self._delivery
         self._acknowledge_failure: str | None = None
         self._engine_irq = interrupts is not None and engine_takes_interrupts() \
