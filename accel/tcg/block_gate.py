@@ -289,12 +289,6 @@ class BlockGate:
         self.state.rflags_regid = x86.UC_X86_REG_RFLAGS
         self.state.cr4 = self._ffi.addressof(self.state, "cr4_seen")  # never differs: no CR4 check yet
         self._library = library
-        self._refuse_cr4: Any = getattr(library, "uc_pyemu_refuse_cr4", None)
-        """pyemu's libunicorn: the CR4 write helper raises the #GP itself (engine patch
-        ``cr4-refused-in-helper``), so translated blocks carry no CR4 watch."""
-        if self._refuse_cr4 is not None:
-            self._refuse_cr4.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
-            self._refuse_cr4.restype = ctypes.c_int
         self._raise_before_run: Any = None  # uc_pyemu_raise_interrupt, once take_interrupts_in_engine found it
         self._handle = ctypes.c_size_t()
         self.module = module
@@ -334,11 +328,7 @@ class BlockGate:
         def address(field: str) -> ctypes.c_void_p:
             return ctypes.c_void_p(int(ffi.cast("uintptr_t", ffi.addressof(state, field))))
 
-        if self._refuse_cr4 is not None:  # no CR4 watch in every block: the write helper checks
-            watched, seen = ctypes.c_void_p(None), ctypes.c_void_p(None)
-        else:
-            watched, seen = address("cr4"), address("cr4_seen")
-        status = register(uc._uch, address("attention"), watched, seen, address("last_block"))
+        status = register(uc._uch, address("attention"), address("cr4"), address("cr4_seen"), address("last_block"))
         if status != 0:
             raise EngineError(f"uc_pyemu_block_gate failed with error {status}", operation="hook_add")
         return True  # attention is first set by arm(), before every emu_start
@@ -448,14 +438,8 @@ class BlockGate:
 
     def watch_cr4(self, cr4_address: int, refused: int) -> None:
         """Where this engine's ``env->cr[4]`` lives, and the CR4 bits a MOV to CR4 may not set (reserved
-        under the vCPU's CPUID): a block start that sees one newly set stops with :attr:`cr4_fault`.
-        With pyemu's libunicorn the engine's CR4 write helper raises the #GP(0) itself instead."""
+        under the vCPU's CPUID): a block start that sees one newly set stops with :attr:`cr4_fault`."""
         self.state.cr4_refused = refused & 0xFFFF_FFFF_FFFF_FFFF
-        if self._refuse_cr4 is not None:
-            status = self._refuse_cr4(self._uc._uch, refused & 0xFFFF_FFFF_FFFF_FFFF)
-            if status != 0:
-                raise EngineError(f"uc_pyemu_refuse_cr4 failed with error {status}", operation="ctl")
-            return
         self.state.cr4 = self._ffi.cast("const uint64_t *", cr4_address)
         self.state.cr4_seen = self.state.cr4[0]
 

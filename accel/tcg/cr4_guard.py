@@ -16,13 +16,6 @@ last instruction must be the MOV to CR4 (prefixes and REX included, so its start
 old CR4 back through Unicorn's register interface (which runs ``cpu_x86_update_cr4`` again: hflags and
 the TLB follow) and delivers #GP(0) with RIP at the MOV, as the CPU would have.
 
-With pyemu's libunicorn (engine patch ``cr4-refused-in-helper``) none of the above runs: the gate hands
-the refused bits to the engine (``uc_pyemu_refuse_cr4``), whose CR4 write helper raises #GP(0) before
-CR4 changes, with RIP at the MOV as QEMU 7.2 does, and translated blocks carry no CR4 watch. The watch was
-two dependent loads, a compare and a branch at every block entry: a PVH boot of Debian's kernel took
-2.07 s with it and 1.95 s without (interleaved medians of 10, QEMU 2.16 s). PyPI's library keeps the
-block-start check above.
-
 Not covered: SMAP and PKE when the engine model lacks them as well as CPUID -- the helper clears them
 silently, CR4 does not change, and nothing is left to see (the engine model covers CPUID's features, so
 this only happens for a CPUID without SMAP/PKE running on a model without them: the bit is dropped

@@ -22,8 +22,7 @@ Then pyemu's own per-block cost: its C block gate (:mod:`pyemu.accel.tcg.block_g
 ``UC_HOOK_BLOCK`` callback, was called at every block start to find, almost always, that nothing needs
 it (13% of a PVH boot's samples, most of it the call itself). The last three patches add
 ``uc_pyemu_block_gate(uc, attention, watched, seen, last_block)``: the translated code then tests
-``*attention != 0 || **watched != *seen`` (without a watch since ``cr4-refused-in-helper``: ``*attention != 0``)
-inline and calls the hook only then, and stores the block's
+``*attention != 0 || **watched != *seen`` inline and calls the hook only then, and stores the block's
 start in ``*last_block`` after it. pyemu points these at the gate's attention word (set by whoever sets
 a gate flag), at QEMU's ``env->cr[4]`` and the CR4 the gate last saw (the CR4 guard), and at the gate's
 ``last_block`` (the CR4 guard's previous block, the guest profiler's samples).
@@ -63,8 +62,6 @@ block's range in the hook's hash table (a malloc'd entry and a look-up per block
 deleting the hook could retranslate just those blocks. ``global-hooks-keep-no-regions`` records nothing
 for a hook over all addresses, and ``global-hook-delete-flushes`` drops every block when such a hook is
 deleted (pyemu deletes it only with its engine). PVH boot, interleaved medians of 12: 2.26 -> 2.17 s.
-The CR4 guard moved into the engine the same way (``cr4-refused-in-helper``, :mod:`pyemu.accel.tcg.cr4_guard`):
-translated blocks no longer watch CR4 at their entry: 2.07 -> 1.95 s (interleaved medians of 10, QEMU 2.16 s).
 
 And one correctness gap of Unicorn's own (QEMU has it right): self-modifying-code checks on stores. QEMU keeps
 every store to a RAM page that holds translated code on the slow path, in every TLB entry that maps the page.
@@ -216,8 +213,6 @@ GATE_FIELDS = SourcePatch(
                  r"    uint64_t **pyemu_watched;\n"
                  r"    uint64_t *pyemu_seen;\n"
                  r"    uint64_t *pyemu_last_block;\n"
-                 r"    /* pyemu: CR4 bits a MOV to CR4 may not newly set (#GP(0) in the write helper). */\n"
-                 r"    uint64_t pyemu_cr4_refused;\n"
                  r"\2"),
     count=1,
 )
@@ -233,21 +228,13 @@ GATE_API = SourcePatch(
         "uc_err uc_pyemu_block_gate(uc_engine *uc, int32_t *attention, uint64_t **watched, uint64_t *seen,\n"
         "                           uint64_t *last_block)\n"
         "{\n"
-        "    if (!attention || !last_block || !watched != !seen) {  /* watched and seen: both or neither */\n"
+        "    if (!attention || !watched || !seen || !last_block) {\n"
         "        return UC_ERR_ARG;\n"
         "    }\n"
         "    uc->pyemu_attention = attention;\n"
         "    uc->pyemu_watched = watched;\n"
         "    uc->pyemu_seen = seen;\n"
         "    uc->pyemu_last_block = last_block;\n"
-        "    return UC_ERR_OK;\n"
-        "}\n"
-        "\n"
-        "/* pyemu: the CR4 bits a MOV to CR4 may not newly set: the write helper raises #GP(0) instead. */\n"
-        "UNICORN_EXPORT\n"
-        "uc_err uc_pyemu_refuse_cr4(uc_engine *uc, uint64_t bits)\n"
-        "{\n"
-        "    uc->pyemu_cr4_refused = bits;\n"
         "    return UC_ERR_OK;\n"
         "}\n"
         "\n"
@@ -279,9 +266,6 @@ CONDITIONAL_BLOCK_HOOK = SourcePatch(
         "            tcg_gen_brcondi_i32(tcg_ctx, TCG_COND_NE, attention, 0, pyemu_call);\n"
         "            tcg_temp_free_i32(tcg_ctx, attention);\n"
         "            tcg_temp_free_ptr(tcg_ctx, where);\n"
-        "            if (!uc->pyemu_watched) {  /* nothing watched: CR4 is checked by its write helper */\n"
-        "                tcg_gen_br(tcg_ctx, pyemu_skip);\n"
-        "            } else {\n"
         "            watched_at = tcg_const_ptr(tcg_ctx, uc->pyemu_watched);\n"
         "            seen_at = tcg_const_ptr(tcg_ctx, uc->pyemu_seen);\n"
         "            watched = tcg_temp_new_ptr(tcg_ctx);\n"
@@ -296,7 +280,6 @@ CONDITIONAL_BLOCK_HOOK = SourcePatch(
         "            tcg_temp_free_ptr(tcg_ctx, watched);\n"
         "            tcg_temp_free_ptr(tcg_ctx, seen_at);\n"
         "            tcg_temp_free_ptr(tcg_ctx, watched_at);\n"
-        "            }\n"
         "            gen_set_label(tcg_ctx, pyemu_call);\n"
         "        }\n"
         "        ops->pc_sync(db, cpu);\n"
@@ -509,22 +492,6 @@ GLOBAL_HOOK_DELETE_FLUSHES = SourcePatch(
                  "            if (hook->begin > hook->end && (i == UC_HOOK_BLOCK_IDX || i == UC_HOOK_CODE_IDX)) {\n"
                  "                uc->tb_flush(uc);  /* pyemu: its blocks were not recorded */\n"
                  "            }\n"
-                 r"\2"),
-    count=1,
-)
-
-CR4_REFUSED_IN_HELPER = SourcePatch(
-    name="cr4-refused-in-helper",
-    path="qemu/target/i386/misc_helper.c",
-    # QEMU 5.0's CR4 write helper stores any value (pyemu.accel.tcg.cr4_guard has the story). pyemu's
-    # block gate found a refused bit at the next block start, which cost every translated block a watch
-    # of CR4 (two dependent loads, a compare and a branch at each block entry: ~6% of a PVH boot). With
-    # this patch the helper raises #GP(0) itself, before CR4 changes, with RIP at the MOV, as QEMU 7.2.
-    pattern=r"^(    case 4:\n)(        cpu_x86_update_cr4\(env, \(uint32_t\)t0\);\n)",
-    replacement=(r"\1"
-                 "        if ((t0 & ~env->cr[4]) & env->uc->pyemu_cr4_refused) {  /* pyemu */\n"
-                 "            raise_exception_err_ra(env, EXCP0D_GPF, 0, GETPC());\n"
-                 "        }\n"
                  r"\2"),
     count=1,
 )
@@ -796,8 +763,7 @@ PATCHES: tuple[SourcePatch, ...] = (
     CODE_PAGE_TLB_SLOTS_ONLY, GATE_FIELDS, GATE_API, CONDITIONAL_BLOCK_HOOK, ARCH_CAPABILITIES_FIELD,
     ARCH_CAPABILITIES_API, RDMSR_ARCH_CAPABILITIES, NATIVE_EVENT_FIELDS, NATIVE_EVENT_API,
     NATIVE_EXCEPTION_DELIVERY, FILL_FALLBACK_IN_RUN, FILL_WITHOUT_STATE_RESTORE, FILL_PAGE_SIZE,
-    GLOBAL_HOOKS_KEEP_NO_REGIONS, GLOBAL_HOOK_DELETE_FLUSHES, CR4_REFUSED_IN_HELPER,
-    NATIVE_SYSCALL,
+    GLOBAL_HOOKS_KEEP_NO_REGIONS, GLOBAL_HOOK_DELETE_FLUSHES, NATIVE_SYSCALL,
     PAGE_HAS_CODE, PAGE_HAS_CODE_DECLARATION, STORES_TO_CODE_STAY_CHECKED, PROTECT_CODE_IN_EVERY_MAPPING,
     IRQ_FIELDS, IRQ_API, IRQ_RAISE, IRQ_ACKNOWLEDGE, IDT_ERROR_CODE_LONG_MODE, IDT_ERROR_CODE_EXT, PAUSE_FIELDS,
     PAUSE_API, PAUSE_HOOK, GUEST_FENCES_ARE_HOST_FENCES, LOCKED_OPS_ARE_HOST_FENCES,
