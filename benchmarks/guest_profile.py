@@ -276,8 +276,11 @@ def pyemu_profile(kernel: Path, initrd: Path, cmdline: str, hz: float,
 
 
 def _pyemu_child(kernel: str, initrd: str, cmdline: str, hz: float, out: str, process_start: float) -> int:
+    from pyemu.accel.tcg.block_gate import track_block_starts
     from pyemu.machines.base import Machine
     from pyemu.system.main import main
+
+    track_block_starts(True)  # the sampler reads each vCPU's last_block
 
     vcpus: list[Any] = []
     threads: dict[int, int] = {}

@@ -19,9 +19,9 @@ back within a few blocks, in a loop one of whose blocks ends with PAUSE (Linux's
 ends a block in QEMU's translator), since such a loop waits for something only another vCPU can do.
 
 With pyemu's libunicorn (:mod:`pyemu.accel.tcg.engine_patches`), the translated code calls the gate only
-when its ``attention`` word is set or CR4 changed (every flag setter below sets ``attention``; the gate
-clears it and sets it again while a flag still needs it) and stores ``last_block`` itself; a PVH boot
-went from 3.52 s to 3.15 s. With PyPI's library the gate runs at every block start (``conditional``).
+when its ``attention`` word is set (every flag setter below sets it, and so does the engine's CR4 write
+helper; the gate clears it and sets it again while a flag still needs it); a PVH boot went from 3.52 s to
+3.15 s. ``last_block`` is then kept current only on request (:func:`track_block_starts`). With PyPI's library the gate runs at every block start (``conditional``).
 
 Build: cffi API mode compiles ``block_gate.c`` once into pyemu's cache, ``~/.cache/pyemu`` (see
 :func:`pyemu.system.cache.cache_root`; a
@@ -268,6 +268,25 @@ the first hundred blocks; at the tens of millions of blocks per second a booting
 tens of microseconds. (A dozen-block loop needs about 600.)"""
 
 
+GATE_CR4_NOTIFY = 1
+"""``uc_pyemu_gate_options``: the CR4 write helper asks for the gate (engine patch ``cr4-write-notifies-gate``);
+translated blocks carry no CR4 watch."""
+GATE_TRACK_BLOCKS = 2
+"""``uc_pyemu_gate_options``: every translated block stores its start in ``last_block``."""
+
+_track_block_starts = False
+
+
+def track_block_starts(on: bool = True) -> bool:
+    """For sampling profilers and tests that watch where the guest runs: engines made from now on keep
+    :attr:`BlockGate.last_block` current at every block start. Off by default with pyemu's libunicorn,
+    where that store was a per-block cost of every guest (PyPI's library calls the gate at every block,
+    which keeps it current anyway). Returns the previous setting."""
+    global _track_block_starts
+    previous, _track_block_starts = _track_block_starts, on
+    return previous
+
+
 def engine_takes_interrupts() -> bool:
     """``PYEMU_TCG_ENGINE_IRQ=0`` keeps external interrupts in Python even on pyemu's libunicorn (for A/B
     measurements and bisecting), as ``-d int`` does without its log."""
@@ -331,6 +350,10 @@ class BlockGate:
         status = register(uc._uch, address("attention"), address("cr4"), address("cr4_seen"), address("last_block"))
         if status != 0:
             raise EngineError(f"uc_pyemu_block_gate failed with error {status}", operation="hook_add")
+        options = GATE_CR4_NOTIFY | (GATE_TRACK_BLOCKS if _track_block_starts else 0)
+        status = library.uc_pyemu_gate_options(uc._uch, ctypes.c_int32(options))
+        if status != 0:
+            raise EngineError(f"uc_pyemu_gate_options failed with error {status}", operation="hook_add")
         return True  # attention is first set by arm(), before every emu_start
 
     def take_interrupts_in_engine(self, acknowledge: Callable[[], int]) -> bool:
@@ -493,7 +516,9 @@ class BlockGate:
 
     @property
     def last_block(self) -> int:
-        """The guest address of the block the engine entered last (any thread; for sampling)."""
+        """The guest address of the block the engine entered last (any thread; for sampling). With pyemu's
+        libunicorn only current while :func:`track_block_starts` was on when the engine was made; otherwise
+        the last block start the gate itself looked at, or the last MOV to CR4."""
         return int(self.state.last_block)
 
     @property

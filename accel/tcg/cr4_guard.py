@@ -5,14 +5,18 @@ value, clearing only SMAP and PKE when the *engine* model lacks them. A guest to
 no XSAVE could still set CR4.OSXSAVE, and so on for SMEP, FSGSBASE, UMIP, LA57, PCIDE, VMXE and the bits
 no feature defines. QEMU 7.2 (``cr4_reserved_bits``) and hardware raise #GP(0) and leave CR4 unchanged.
 
-How, exactly and at no cost on the common path (measured below): a MOV to CR4 ends QEMU's translation
-block (the translator's ``gen_eob`` after the helper), so the next block start -- where the C block gate
-runs anyway -- is the first point after it. The gate compares ``env->cr[4]`` (located through
-:func:`pyemu.accel.tcg.io_guard.locate_cpu`) with the value it saw last: one load and one compare per
-block. When a bit newly set is in :func:`refused_cr4_bits` it stops the engine there, before anything of
-the new block ran, and records the CR4 before the write and the block that ended with the MOV. The vCPU
-then (:func:`mov_to_cr4_before`) decodes that block forward with capstone up to the new block's start: its
-last instruction must be the MOV to CR4 (prefixes and REX included, so its start is exact). It puts the
+How, exactly and at no cost on the common path: a MOV to CR4 ends QEMU's translation block (the
+translator's ``gen_eob`` after the helper), so the next block start is the first point after it. There the
+C block gate compares ``env->cr[4]`` (located through :func:`pyemu.accel.tcg.io_guard.locate_cpu`) with
+the value it saw last. With pyemu's libunicorn the write helper itself asks for the gate and records the
+MOV's address (engine patch ``cr4-write-notifies-gate``); with PyPI's library the gate runs at every block
+start anyway and compares there (pyemu's libunicorn once compiled that watch into every block: two
+dependent loads, a compare and a branch per block). When a bit newly set is in :func:`refused_cr4_bits`
+the gate stops the engine before anything of the new block ran, and records the CR4 before the write and
+where the MOV is (its own address with pyemu's libunicorn, the start of the block that ended with it with
+PyPI's). The vCPU then (:func:`mov_to_cr4_before`) decodes forward from there with capstone up to the new
+block's start: the last instruction must be the MOV to CR4 (prefixes and REX included, so its start is
+exact). It puts the
 old CR4 back through Unicorn's register interface (which runs ``cpu_x86_update_cr4`` again: hflags and
 the TLB follow) and delivers #GP(0) with RIP at the MOV, as the CPU would have.
 

@@ -25,7 +25,11 @@ it (13% of a PVH boot's samples, most of it the call itself). The last three pat
 ``*attention != 0 || **watched != *seen`` inline and calls the hook only then, and stores the block's
 start in ``*last_block`` after it. pyemu points these at the gate's attention word (set by whoever sets
 a gate flag), at QEMU's ``env->cr[4]`` and the CR4 the gate last saw (the CR4 guard), and at the gate's
-``last_block`` (the CR4 guard's previous block, the guest profiler's samples).
+``last_block`` (the CR4 guard's previous block, the guest profiler's samples). Since
+``cr4-write-notifies-gate``, pyemu asks (``uc_pyemu_gate_options``) for blocks without the CR4 watch and
+without the ``last_block`` store (kept only while a sampling profiler asks for it): the CR4 write helper
+sets ``*attention`` and records the MOV's address itself, and each block is left with one load and one
+branch before its code.
 
 And one the guest needs that QEMU 5.0's TCG cannot give: RDMSR of IA32_ARCH_CAPABILITIES reads 0 there, so a
 guest told it runs on a family-6 Intel CPU assumes every speculative-execution flaw and turns on page-table
@@ -213,6 +217,8 @@ GATE_FIELDS = SourcePatch(
                  r"    uint64_t **pyemu_watched;\n"
                  r"    uint64_t *pyemu_seen;\n"
                  r"    uint64_t *pyemu_last_block;\n"
+                 r"    /* pyemu: PYEMU_GATE_* options (uc_pyemu_gate_options). */\n"
+                 r"    int32_t pyemu_gate_options;\n"
                  r"\2"),
     count=1,
 )
@@ -235,6 +241,20 @@ GATE_API = SourcePatch(
         "    uc->pyemu_watched = watched;\n"
         "    uc->pyemu_seen = seen;\n"
         "    uc->pyemu_last_block = last_block;\n"
+        "    return UC_ERR_OK;\n"
+        "}\n"
+        "\n"
+        "/* pyemu: PYEMU_GATE_CR4_NOTIFY (1): blocks carry no CR4 watch; the CR4 write helper sets\n"
+        " * *pyemu_attention and stores the MOV's address in *pyemu_last_block instead. PYEMU_GATE_TRACK_BLOCKS\n"
+        " * (2): every block stores its start in *pyemu_last_block (for sampling profilers). Like\n"
+        " * uc_pyemu_block_gate, before any code is translated. */\n"
+        "UNICORN_EXPORT\n"
+        "uc_err uc_pyemu_gate_options(uc_engine *uc, int32_t options)\n"
+        "{\n"
+        "    if (!uc->pyemu_attention || (options & ~3)) {\n"
+        "        return UC_ERR_ARG;\n"
+        "    }\n"
+        "    uc->pyemu_gate_options = options;\n"
         "    return UC_ERR_OK;\n"
         "}\n"
         "\n"
@@ -266,6 +286,9 @@ CONDITIONAL_BLOCK_HOOK = SourcePatch(
         "            tcg_gen_brcondi_i32(tcg_ctx, TCG_COND_NE, attention, 0, pyemu_call);\n"
         "            tcg_temp_free_i32(tcg_ctx, attention);\n"
         "            tcg_temp_free_ptr(tcg_ctx, where);\n"
+        "            if (uc->pyemu_gate_options & 1) {  /* CR4 writes set attention themselves */\n"
+        "                tcg_gen_br(tcg_ctx, pyemu_skip);\n"
+        "            } else {\n"
         "            watched_at = tcg_const_ptr(tcg_ctx, uc->pyemu_watched);\n"
         "            seen_at = tcg_const_ptr(tcg_ctx, uc->pyemu_seen);\n"
         "            watched = tcg_temp_new_ptr(tcg_ctx);\n"
@@ -280,6 +303,7 @@ CONDITIONAL_BLOCK_HOOK = SourcePatch(
         "            tcg_temp_free_ptr(tcg_ctx, watched);\n"
         "            tcg_temp_free_ptr(tcg_ctx, seen_at);\n"
         "            tcg_temp_free_ptr(tcg_ctx, watched_at);\n"
+        "            }\n"
         "            gen_set_label(tcg_ctx, pyemu_call);\n"
         "        }\n"
         "        ops->pc_sync(db, cpu);\n"
@@ -290,11 +314,13 @@ CONDITIONAL_BLOCK_HOOK = SourcePatch(
         "            TCGv_ptr where;\n"
         "            TCGv_i64 start;\n"
         "            gen_set_label(tcg_ctx, pyemu_skip);\n"
-        "            where = tcg_const_ptr(tcg_ctx, uc->pyemu_last_block);\n"
-        "            start = tcg_const_i64(tcg_ctx, db->pc_first);\n"
-        "            tcg_gen_st_i64(tcg_ctx, start, where, 0);\n"
-        "            tcg_temp_free_i64(tcg_ctx, start);\n"
-        "            tcg_temp_free_ptr(tcg_ctx, where);\n"
+        "            if (!(uc->pyemu_gate_options & 1) || (uc->pyemu_gate_options & 2)) {\n"
+        "                where = tcg_const_ptr(tcg_ctx, uc->pyemu_last_block);\n"
+        "                start = tcg_const_i64(tcg_ctx, db->pc_first);\n"
+        "                tcg_gen_st_i64(tcg_ctx, start, where, 0);\n"
+        "                tcg_temp_free_i64(tcg_ctx, start);\n"
+        "                tcg_temp_free_ptr(tcg_ctx, where);\n"
+        "            }\n"
         "        }\n"
         "    }\n"),
     count=1,
@@ -493,6 +519,28 @@ GLOBAL_HOOK_DELETE_FLUSHES = SourcePatch(
                  "                uc->tb_flush(uc);  /* pyemu: its blocks were not recorded */\n"
                  "            }\n"
                  r"\2"),
+    count=1,
+)
+
+CR4_WRITE_NOTIFIES_GATE = SourcePatch(
+    name="cr4-write-notifies-gate",
+    path="qemu/target/i386/misc_helper.c",
+    # The CR4 guard (pyemu.accel.tcg.cr4_guard) checks a guest's MOV to CR4 at the next block start. Every
+    # translated block used to watch env->cr[4] for it (two dependent loads, a compare and a branch at each
+    # block entry, and a store of the block's start for the guard to find the MOV). With
+    # PYEMU_GATE_CR4_NOTIFY the write helper itself asks for the gate (a MOV to CR4 ends its block, so the
+    # next block start is the first point after it) and records where the MOV is (RIP was synced to it
+    # before the helper call).
+    pattern=r"^(    case 4:\n        cpu_x86_update_cr4\(env, \(uint32_t\)t0\);\n)",
+    replacement=(r"\1"
+                 "        if (env->uc->pyemu_gate_options & 1) {  /* pyemu */\n"
+                 "            target_ulong pyemu_mov = env->eip + env->segs[R_CS].base;\n"
+                 "            if (!(env->hflags & HF_CS64_MASK)) {\n"
+                 "                pyemu_mov = (uint32_t)pyemu_mov;\n"
+                 "            }\n"
+                 "            *env->uc->pyemu_last_block = pyemu_mov;\n"
+                 "            __atomic_store_n(env->uc->pyemu_attention, 1, __ATOMIC_SEQ_CST);\n"
+                 "        }\n"),
     count=1,
 )
 
@@ -763,7 +811,8 @@ PATCHES: tuple[SourcePatch, ...] = (
     CODE_PAGE_TLB_SLOTS_ONLY, GATE_FIELDS, GATE_API, CONDITIONAL_BLOCK_HOOK, ARCH_CAPABILITIES_FIELD,
     ARCH_CAPABILITIES_API, RDMSR_ARCH_CAPABILITIES, NATIVE_EVENT_FIELDS, NATIVE_EVENT_API,
     NATIVE_EXCEPTION_DELIVERY, FILL_FALLBACK_IN_RUN, FILL_WITHOUT_STATE_RESTORE, FILL_PAGE_SIZE,
-    GLOBAL_HOOKS_KEEP_NO_REGIONS, GLOBAL_HOOK_DELETE_FLUSHES, NATIVE_SYSCALL,
+    GLOBAL_HOOKS_KEEP_NO_REGIONS, GLOBAL_HOOK_DELETE_FLUSHES, CR4_WRITE_NOTIFIES_GATE,
+    NATIVE_SYSCALL,
     PAGE_HAS_CODE, PAGE_HAS_CODE_DECLARATION, STORES_TO_CODE_STAY_CHECKED, PROTECT_CODE_IN_EVERY_MAPPING,
     IRQ_FIELDS, IRQ_API, IRQ_RAISE, IRQ_ACKNOWLEDGE, IDT_ERROR_CODE_LONG_MODE, IDT_ERROR_CODE_EXT, PAUSE_FIELDS,
     PAUSE_API, PAUSE_HOOK, GUEST_FENCES_ARE_HOST_FENCES, LOCKED_OPS_ARE_HOST_FENCES,

@@ -11,7 +11,7 @@ Pieces:
 * :class:`KernelSymbols` -- a sorted symbol table (``/proc/kallsyms`` text) with address lookup;
 * :class:`VcpuSampler` -- a host thread that samples software vCPUs (:class:`~pyemu.accel.tcg.vcpu.TcgVcpu`)
   while they run: the C block gate stores the start of the block running now (``last_block``, one store
-  per block), and the vCPU's halted flag says whether it waits in HLT. Both are plain reads from another
+  per block once :func:`~pyemu.accel.tcg.block_gate.track_block_starts` asked for it), and the vCPU's halted flag says whether it waits in HLT. Both are plain reads from another
   thread, safe while Unicorn runs (no engine call is made). Given the vCPU threads, it also records where
   each thread is on the host (inside the engine, or which pyemu function: the cost of exits and hooks);
 * :func:`summarise` -- top functions by share of samples, the idle share, and the share of samples outside
@@ -188,7 +188,9 @@ class VcpuSampler:
 
     ``vcpus`` returns the vCPUs to look at (it may grow while the machine starts). Only vCPU objects with
     the block gate's ``last_block`` are sampled; each sample costs two attribute reads and one read of the
-    gate's C struct, done without calling into the engine."""
+    gate's C struct, done without calling into the engine. With pyemu's libunicorn the engines must be made
+    after :func:`pyemu.accel.tcg.block_gate.track_block_starts` (otherwise ``last_block`` only moves when
+    the gate runs)."""
 
     def __init__(self, vcpus: Callable[[], Sequence[Any]], hz: float = 1000.0,
                  threads: Callable[[], dict[int, int]] | None = None) -> None:

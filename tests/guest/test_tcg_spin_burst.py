@@ -11,7 +11,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from pyemu.accel.tcg.block_gate import SPIN_BURST
+from pyemu.accel.tcg.block_gate import SPIN_BURST, track_block_starts
 from pyemu.testing import GuestProgram, prepared
 
 # A busy loop without PAUSE, long enough to use up a burst many times over (it is found to be "not a
@@ -26,6 +26,14 @@ spin:
     jmp spin
 """)
 SPIN_LOOP = bytes([0xF3, 0x90, 0xEB, 0xFC])   # pause; jmp spin
+
+
+@pytest.fixture(autouse=True)
+def _block_starts_tracked() -> Iterator[None]:
+    """These tests follow the guest through the gate's ``last_block``, kept current only on request."""
+    previous = track_block_starts(True)
+    yield
+    track_block_starts(previous)
 
 
 def _wait_for(condition, timeout: float = 20.0) -> bool:  # type: ignore[no-untyped-def]

@@ -83,6 +83,8 @@ def test_every_patch_fits_unicorns_real_source(tmp_path: Path) -> None:
     translator = (source / "qemu/accel/tcg/translator.c").read_text()
     assert "uc->pyemu_attention" in translator and "pyemu_last_block" in translator
     assert "uc_pyemu_block_gate" in (source / "uc.c").read_text()
+    assert "uc_pyemu_gate_options" in (source / "uc.c").read_text()
+    assert "pyemu_gate_options & 1" in (source / "qemu/target/i386/misc_helper.c").read_text()
 
 
 def test_a_changed_patch_set_is_a_different_build() -> None:
