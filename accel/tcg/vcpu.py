@@ -37,6 +37,7 @@ errors raised by device models during the run become ``Shutdown(reason)`` with a
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import replace
@@ -235,7 +236,7 @@ class TcgVcpu:
     def kick(self) -> None:
         self._gate.signal_interrupt()
         self._wake.set()
-        self._scheduler.nudge()
+        self._scheduler.nudge(self)
 
     def notify_event(self) -> None:
         """INIT, a start-up IPI or an NMI is pending at the local APIC: stop at the next block start
@@ -243,7 +244,7 @@ class TcgVcpu:
         self._events_signalled = True
         self._gate.request_service()
         self._wake.set()
-        self._scheduler.nudge()
+        self._scheduler.nudge(self)
 
     def inject_nmi(self) -> None:
         """An NMI from outside the APIC bus (QMP ``inject-nmi``, any thread). As QEMU's
@@ -350,6 +351,11 @@ class TcgVcpu:
                 result = self._execute()
             if result is not None:
                 return result
+            if self._gate.yielded:
+                # The turn ended because the guest spins waiting for another vCPU: let that vCPU's thread,
+                # which shares this host CPU and may only just have been woken, run and queue for the turn
+                # before this one asks again (os.sched_yield releases the GIL; alone, it returns at once).
+                os.sched_yield()
 
     def _has_work_waiting(self) -> bool:
         """While waiting for the turn: an interrupt or processor event is pending (the turn is urgent)."""

@@ -170,3 +170,20 @@ def test_a_lost_preemption_request_is_repeated():
     thread.join(5)
     assert owner.requests >= 2
     assert rr.preemptions == 1 and rr.repeated_preemptions >= 1
+
+
+def test_an_interrupt_for_a_waiting_vcpu_tells_the_owner_at_once():
+    """nudge(woken) marks the turn's owner contended right away (its PAUSE spin then ends the turn), without
+    waiting for the woken vCPU's thread to run and ask; an interrupt for the owner itself, or with no owner,
+    marks nothing."""
+    rr = RoundRobin(slice_s=10.0, urgent_slice_s=10.0)
+    owner, woken = FakeVcpu("owner"), FakeVcpu("woken")
+    rr.nudge(woken)                       # nobody holds the turn
+    with rr.turn(owner):
+        before = list(owner.contended)
+        rr.nudge(owner)                   # the owner's own interrupt
+        assert owner.contended == before
+        rr.nudge(woken)
+        assert owner.contended[len(before):] == [True]
+    assert woken.contended == []
+
