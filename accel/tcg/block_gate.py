@@ -21,7 +21,8 @@ ends a block in QEMU's translator), since such a loop waits for something only a
 With pyemu's libunicorn (:mod:`pyemu.accel.tcg.engine_patches`), the translated code calls the gate only
 when its ``attention`` word is set (every flag setter below sets it, and so does the engine's CR4 write
 helper; the gate clears it and sets it again while a flag still needs it); a PVH boot went from 3.52 s to
-3.15 s. ``last_block`` is then kept current only on request (:func:`track_block_starts`). With PyPI's library the gate runs at every block start (``conditional``).
+3.15 s. ``last_block`` is then kept current only on request (:func:`track_block_starts`). With PyPI's
+library the gate runs at every block start (``conditional``).
 
 Build: cffi API mode compiles ``block_gate.c`` once into pyemu's cache, ``~/.cache/pyemu`` (see
 :func:`pyemu.system.cache.cache_root`; a
