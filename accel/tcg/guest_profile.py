@@ -11,9 +11,10 @@ Pieces:
 * :class:`KernelSymbols` -- a sorted symbol table (``/proc/kallsyms`` text) with address lookup;
 * :class:`VcpuSampler` -- a host thread that samples software vCPUs (:class:`~pyemu.accel.tcg.vcpu.TcgVcpu`)
   while they run: the C block gate stores the start of the block running now (``last_block``, one store
-  per block once :func:`~pyemu.accel.tcg.block_gate.track_block_starts` asked for it), and the vCPU's halted flag says whether it waits in HLT. Both are plain reads from another
-  thread, safe while Unicorn runs (no engine call is made). Given the vCPU threads, it also records where
-  each thread is on the host (inside the engine, or which pyemu function: the cost of exits and hooks);
+  per block once :func:`~pyemu.accel.tcg.block_gate.track_block_starts` asked for it), and the vCPU's
+  halted flag says whether it waits in HLT. Both are plain reads from another thread, safe while Unicorn
+  runs (no engine call is made). Given the vCPU threads, it also records where each thread is on the host
+  (inside the engine, or which pyemu function: the cost of exits and hooks);
 * :func:`summarise` -- top functions by share of samples, the idle share, and the share of samples outside
   the kernel (boot code before the kernel proper; user space).
 """

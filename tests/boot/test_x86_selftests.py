@@ -49,11 +49,16 @@ INTERMITTENT: dict[str, str] = {
 
 
 # Tests in which the guest kernel itself can go silent for good under QEMU 7.2 TCG as well as under pyemu: a
-# run that hangs there is booted once more (QEMU's reference run too). ldt_gdt: 4 of 10 full QEMU runs; under
-# pyemu about 1 in 4-6 runs of ldt_gdt alone beside stress-ng (2026-12-04). What pyemu's trace shows (issue
-# 14): a timer interrupt inside set_thread_area, then a #PF in _raw_spin_lock_irqsave on the IRQ stack at the
-# per-CPU hrtimer lock's address with bit 30 set, then a fault loop; the console stays silent.
+# run that hangs there is booted again, up to RETRIES times (QEMU's reference run too). ldt_gdt: 4 of 10 full
+# QEMU runs; under pyemu about 1 in 4-6 runs of ldt_gdt alone beside stress-ng (2026-12-04). What pyemu's
+# trace shows (issue 14): a timer interrupt inside set_thread_area, then a #PF in _raw_spin_lock_irqsave on the
+# IRQ stack at the per-CPU hrtimer lock's address with bit 30 set, then a fault loop; the console stays silent.
 HANG_UNDER_BOTH = frozenset({"ldt_gdt"})
+
+RETRIES = 2
+"""Boots after a first one silent in a test of HANG_UNDER_BOTH. Measured on 2026-12-06 (whole suite in a loop,
+two or three loops side by side): pyemu's guest hung in ldt_gdt in about 1 of 8 runs, QEMU's in this session's
+CI run too; with one retry a hang in both boots failed the test about once in 60 loaded runs."""
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +117,6 @@ def runs(guest_assets, suite_initrd, tmp_path_factory) -> dict[str, SuiteRun]:  
             results["pyemu"] = run_suite("pyemu", "tcg", guest_assets.kernel, initrd,
                                          log=logs / f"pyemu-retry{retry}.log")
     return results
-
-
-RETRIES = 2
-"""Boots after a first one silent in a test of HANG_UNDER_BOTH. Measured on 2026-12-06 (whole suite in a loop,
-two or three loops side by side): pyemu's guest hung in ldt_gdt in about 1 of 8 runs, QEMU's in this session's
-CI run too; with one retry a hang in both boots failed the test about once in 60 loaded runs."""
 
 
 def _silent_in(run: SuiteRun) -> str | None:

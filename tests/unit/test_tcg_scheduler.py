@@ -186,4 +186,3 @@ def test_an_interrupt_for_a_waiting_vcpu_tells_the_owner_at_once():
         rr.nudge(woken)
         assert owner.contended[len(before):] == [True]
     assert woken.contended == []
-
