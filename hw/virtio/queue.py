@@ -68,7 +68,6 @@ def _table_struct(entries: int) -> struct.Struct:
 
 
 _NEXT_WRITE = DESC_F_NEXT | DESC_F_WRITE
-_NEXT_FLAGS = frozenset((DESC_F_NEXT, _NEXT_WRITE))
 
 
 def _linear_table(flat: tuple[int, ...], entries: int, lo: int, hi: int) -> tuple[
@@ -78,15 +77,22 @@ def _linear_table(flat: tuple[int, ...], entries: int, lo: int, hi: int) -> tupl
     RAM span ``[lo, hi)`` -- checked with whole-column operations instead of an entry-by-entry loop;
     None for any other table (the walk's loop then decides, so no verdict differs)."""
     addrs, lengths, flags, links = flat[0::4], flat[1::4], flat[2::4], flat[3::4]
-    if links[:-1] != _successors(entries) or flags[-1] & ~DESC_F_WRITE or not _NEXT_FLAGS.issuperset(flags[:-1]):
+    if links[:-1] != _successors(entries) or flags[-1] & ~DESC_F_WRITE:
         return None
-    if 0 in lengths or min(addrs) < lo or max(map(operator.add, addrs, lengths)) > hi:
+    body = flags[:-1]
+    readable = body.count(DESC_F_NEXT)
+    if readable + body.count(_NEXT_WRITE) != entries - 1:
+        return None  # an entry with other flags (indirect, or no NEXT) before the last
+    if 0 in lengths or min(addrs) < lo:
+        return None
+    # The sum of the largest address and the largest length bounds every entry's end (one pass each
+    # instead of a sum per entry); only a table near the end of RAM needs the exact ends.
+    if max(addrs) + max(lengths) > hi and max(map(operator.add, addrs, lengths)) > hi:
         return None
     # Readable entries first: the NEXT-only flags form a prefix, and after the first writable entry the
     # chain's end must be writable too.
-    body = flags[:-1]
-    first_writable = body.index(_NEXT_WRITE) if _NEXT_WRITE in body else entries - 1
-    if body.count(DESC_F_NEXT) != first_writable:
+    first_writable = body.index(_NEXT_WRITE) if readable < entries - 1 else entries - 1
+    if readable != first_writable:
         return None
     if not flags[-1] & DESC_F_WRITE:
         if first_writable < entries - 1:
@@ -132,6 +138,26 @@ Piece = tuple[int, int]
 """A guest ``(gpa, size)`` range."""
 
 
+def _locate(pieces: tuple[Piece, ...], total: int, offset: int) -> tuple[int, int]:
+    """``(index, start)`` of the piece that holds byte ``offset`` (``0 <= offset < total``) of a stream of
+    ``total`` bytes, searched from the nearer end: a block request's header, status byte and data
+    boundaries all sit one or two pieces from an end of a chain of up to 256."""
+    if offset < total - offset:
+        cursor = 0
+        for index, (_gpa, size) in enumerate(pieces):
+            if cursor + size > offset:
+                return index, cursor
+            cursor += size
+    else:
+        cursor = total
+        for index in range(len(pieces) - 1, -1, -1):
+            size = pieces[index][1]
+            cursor -= size
+            if size and cursor <= offset:
+                return index, cursor
+    raise AssertionError(f"byte {offset} is not in a stream of {total}")  # ranges() checked the bounds
+
+
 class DescriptorChain:
     """One request: the head index the used ring gets back, and its buffers in order (readable first).
 
@@ -142,10 +168,13 @@ class DescriptorChain:
     __slots__ = ("head", "readable", "writable", "readable_length", "writable_length")
 
     def __init__(self, head: int, segments: tuple[Segment, ...] | list[Segment]) -> None:
-        readable = tuple((s.gpa, s.length) for s in segments if not s.writable)
-        writable = tuple((s.gpa, s.length) for s in segments if s.writable)
-        if any(s.writable for s in segments[:len(readable)]):
+        kinds = [s.writable for s in segments]
+        if True in kinds and False in kinds[kinds.index(True):]:
             raise ValueError("a descriptor chain lists its device-readable buffers first")
+        # Empty buffers carry no bytes (the walk never keeps one): leaving them out keeps every piece
+        # that ranges() and views() hand out non-empty.
+        readable = tuple((s.gpa, s.length) for s in segments if not s.writable and s.length)
+        writable = tuple((s.gpa, s.length) for s in segments if s.writable and s.length)
         self._set(head, readable, writable, sum(n for _, n in readable), sum(n for _, n in writable))
 
     def _set(self, head: int, readable: tuple[Piece, ...], writable: tuple[Piece, ...], readable_length: int,
@@ -190,38 +219,28 @@ class DescriptorChain:
         if start < 0 or length < 0 or start + length > total:
             raise VirtqueueError(-1, f"request needs bytes {start}..{start + length} of a "
                                      f"{'writable' if writable else 'readable'} area of {total}")
+        if length == 0:
+            return []
         pieces = self.writable if writable else self.readable
-        if start == 0:
-            # A prefix -- the usual ask: a block request's data without its status byte at the end -- is
-            # the pieces less a few at the tail, so trim from there instead of walking every piece.
-            prefix = list(pieces)
-            excess = total - length
-            while excess and prefix[-1][1] <= excess:
-                excess -= prefix.pop()[1]
-            if excess:
-                gpa, size = prefix[-1]
-                prefix[-1] = (gpa, size - excess)
-            return prefix
-        out: list[Piece] = []
-        cursor = 0
         end = start + length
-        for gpa, size in pieces:
-            seg_start = cursor
-            cursor += size
-            lo = start if start > seg_start else seg_start
-            hi = end if end < cursor else cursor
-            if lo < hi:
-                out.append((gpa + lo - seg_start, hi - lo))
-            if cursor >= end:
-                break
+        first, first_at = _locate(pieces, total, start)
+        last, last_at = _locate(pieces, total, end - 1)
+        out = list(pieces[first:last + 1])
+        gpa, size = out[-1]
+        if last_at + size != end:
+            out[-1] = (gpa, end - last_at)
+        if start != first_at:
+            gpa, size = out[0]
+            out[0] = (gpa + start - first_at, size - (start - first_at))
         return out
 
     def views(self, dma: DmaMemory, *, writable: bool, start: int = 0, length: int | None = None) -> ByteViews:
         """Zero-copy views of the pieces :meth:`ranges` names (same arguments, same VirtqueueError), as
         the block layer's :class:`ByteViews` (flat bytes, total length known)."""
         pieces = self.ranges(writable=writable, start=start, length=length)
-        return ByteViews(dma.views(pieces), sum(n for _, n in pieces) if len(pieces) != 1 else pieces[0][1],
-                         writable=True)
+        if length is None:
+            length = (self.writable_length if writable else self.readable_length) - start
+        return ByteViews(dma.views(pieces), length, writable=True)
 
     def read(self, dma: DmaMemory, start: int = 0, length: int | None = None) -> bytes:
         """Copy bytes out of the readable stream (headers; payloads use :meth:`views`)."""

@@ -14,6 +14,8 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio.errors import VirtqueueError
@@ -22,6 +24,7 @@ from pyemu.hw.virtio.queue import (
     DESC_F_NEXT,
     DESC_F_WRITE,
     DescriptorChain,
+    Segment,
     Virtqueue,
     _linear_table,
 )
@@ -133,3 +136,21 @@ def test_one_buffer_chains(memory: GuestMemory) -> None:
         queue.pop(dma)
     queue.last_avail += 1  # skip the bad one, as if the device had been reset past it
     assert queue.pop(dma) == DescriptorChain.from_pieces(6, (), (), 0, 0)
+
+
+@settings(max_examples=400, deadline=None)
+@given(sizes=st.lists(st.one_of(st.just(0), st.integers(1, 9000)), min_size=1, max_size=12), data=st.data())
+def test_ranges_match_byte_by_byte_slicing(sizes: list[int], data: st.DataObject) -> None:
+    """`DescriptorChain.ranges` searches for both ends of the asked bytes from the nearer end of the chain;
+    whatever the pieces (empty ones included) it names exactly the bytes a byte-by-byte walk would."""
+    pieces = [(0x100000 * (index + 1), size) for index, size in enumerate(sizes)]
+    chain = DescriptorChain(7, [Segment(gpa, size, True) for gpa, size in pieces])
+    total = sum(sizes)
+    start = data.draw(st.integers(0, total))
+    length = data.draw(st.integers(0, total - start))
+    flat = [gpa + i for gpa, size in pieces for i in range(size)][start:start + length]
+    got = chain.ranges(writable=True, start=start, length=length)
+    assert all(size > 0 for _gpa, size in got) or length == 0 and got == []
+    assert [gpa + i for gpa, size in got for i in range(size)] == flat
+    with pytest.raises(VirtqueueError):
+        chain.ranges(writable=True, start=start, length=total - start + 1)
