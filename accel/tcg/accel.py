@@ -119,8 +119,7 @@ class TcgAccelerator:
             if dirty.logging:  # live migration's dirty log
                 for gpa, size in ranges:
                     dirty.mark(gpa, size)
-            has_code = code_map.has_code
-            stale = [(gpa, size) for gpa, size in ranges if size > 0 and has_code(gpa, size)]
+            stale = code_map.ranges_with_code(ranges)
         for gpa, size in stale:
             for vcpu in self.vcpus:
                 vcpu.invalidate_code(gpa, size)

@@ -533,6 +533,29 @@ void pyemu_code_forget(struct pyemu_code_map *m, int engine)
     }
 }
 
+/* The index of the first (gpa, size) pair of `pairs` with size > 0 that touches a page some engine holds
+ * translated code from, or -1: device DMA reports up to 256 scattered pages per request and almost never
+ * code, and one pass here replaces a Python loop over them. Pages beyond the map hold no code. */
+int64_t pyemu_code_first_hit(const struct pyemu_code_map *m, const uint64_t *pairs, uint64_t count)
+{
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t gpa = pairs[2 * i], size = pairs[2 * i + 1];
+        if (!size || gpa >> 12 >= m->page_count) {
+            continue;
+        }
+        uint64_t last = gpa + (size - 1) < gpa ? UINT64_MAX >> 12 : (gpa + (size - 1)) >> 12;
+        if (last >= m->page_count) {
+            last = m->page_count - 1;
+        }
+        for (uint64_t page = gpa >> 12; page <= last; page++) {
+            if (m->owners[page]) {
+                return (int64_t)i;
+            }
+        }
+    }
+    return -1;
+}
+
 /* An engine flushed its TLB: it holds no write entry any more. */
 void pyemu_code_forget_writes(struct pyemu_code_map *m, int engine)
 {

@@ -80,6 +80,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
+from collections.abc import Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from unicorn import UC_HOOK_TLB_FILL, Uc
@@ -194,6 +197,26 @@ class CodeMap:
         if first == last:
             return first < self._page_count and self._owner_bytes[first] != 0
         return any(self._owner_bytes[first:last + 1])
+
+    def ranges_with_code(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The ranges of ``ranges`` that some engine may hold translated code from (empty ones never).
+
+        One block request writes up to 256 scattered pages and almost never code, so C looks for the first
+        range that touches code (``pyemu_code_first_hit``, a third of the time of a :meth:`has_code` call
+        per range) and only the ranges from there on are looked at one by one."""
+        if not ranges:
+            return []
+        try:
+            packed = struct.pack(f"<{2 * len(ranges)}Q", *chain.from_iterable(ranges))
+        except struct.error:  # not 64-bit values: the per-range path decides
+            first = 0
+        else:
+            pairs = self._ffi.from_buffer("uint64_t[]", packed)
+            first = int(self._lib.pyemu_code_first_hit(self.state, pairs, len(ranges)))
+            if first < 0:
+                return []
+        has_code = self.has_code
+        return [(gpa, size) for gpa, size in ranges[first:] if size > 0 and has_code(gpa, size)]
 
     def owners(self, gpa: int) -> int:
         """The owner bits of the page holding ``gpa`` (tests, diagnostics)."""
