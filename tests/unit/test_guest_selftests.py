@@ -21,6 +21,7 @@ from pyemu.guest.selftest_suite import (
     HEARTBEAT_SECONDS,
     LIST_PATH,
     RUNNER_PATH,
+    SKIP_OPTION,
     SelftestRunError,
     build_selftest_initramfs,
     emulator_command,
@@ -129,12 +130,28 @@ def test_the_initramfs_holds_the_guest_the_tests_and_an_inittab_that_runs_them(t
         build_selftest_initramfs(assets, selftests, destination, tests=["vm86"])
 
 
-def test_the_runner_classifies_pass_skip_fail_timeout_and_trims_long_output(tmp_path):
-    """The runner script run by the host's shell, its guest paths pointed at a scratch tree."""
+def _run_runner(tmp_path: Path, programs: dict[str, str], cmdline: str) -> str:
+    """The runner script run by the host's shell, its guest paths pointed at a scratch tree; its output."""
     if shutil.which("timeout") is None:
         pytest.skip("no timeout command on this host")
     bin_dir = tmp_path / "selftests" / "bin"
     bin_dir.mkdir(parents=True)
+    for name, body in programs.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        os.chmod(bin_dir / name, 0o755)
+    (tmp_path / "selftests" / "list").write_text("".join(f"{name}\n" for name in programs))
+    (tmp_path / "cmdline").write_text(f"console=ttyS0 {cmdline}\n")
+    script = (render_runner(120).replace("/selftests/", f"{tmp_path}/selftests/")
+              .replace("/proc/cmdline", str(tmp_path / "cmdline")).replace("cd /tmp", f"cd {tmp_path}")
+              .replace("/tmp/output", f"{tmp_path}/output").replace("\npoweroff\n", "\n")
+              .replace(f"sleep {HEARTBEAT_SECONDS};", "sleep 0.5;"))
+    completed = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.rstrip().endswith(DONE_MARKER)
+    return completed.stdout
+
+
+def test_the_runner_classifies_pass_skip_fail_timeout_and_trims_long_output(tmp_path):
     programs = {
         "ok": "echo fine; exit 0",
         "skip": "echo '[SKIP] no such feature'; exit 4",
@@ -143,19 +160,8 @@ def test_the_runner_classifies_pass_skip_fail_timeout_and_trims_long_output(tmp_
         "hang": "exec sleep 60",
         "chatty": "i=0; while [ $i -lt 4000 ]; do echo line-$i-xxxxxxxxxx; i=$((i+1)); done",
     }
-    for name, body in programs.items():
-        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
-        os.chmod(bin_dir / name, 0o755)
-    (tmp_path / "selftests" / "list").write_text("".join(f"{name}\n" for name in programs))
-    (tmp_path / "cmdline").write_text("console=ttyS0 pyemu.selftest_timeout=2\n")
-    script = (render_runner(120).replace("/selftests/", f"{tmp_path}/selftests/")
-              .replace("/proc/cmdline", str(tmp_path / "cmdline")).replace("cd /tmp", f"cd {tmp_path}")
-              .replace("/tmp/output", f"{tmp_path}/output").replace("\npoweroff\n", "\n")
-              .replace(f"sleep {HEARTBEAT_SECONDS};", "sleep 0.5;"))
-    completed = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=120)
-    out = completed.stdout
-    assert completed.returncode == 0, completed.stderr
-    assert "limit 2 s each" in out and out.rstrip().endswith(DONE_MARKER)
+    out = _run_runner(tmp_path, programs, "pyemu.selftest_timeout=2")
+    assert "limit 2 s each" in out
     results = parse_results(out)
     assert {name: status for name, (status, _, _) in results.items()} == {
         "ok": "PASS", "skip": "SKIP", "bad": "FAIL", "crash": "FAIL", "hang": "TIMEOUT", "chatty": "PASS"}
@@ -164,6 +170,21 @@ def test_the_runner_classifies_pass_skip_fail_timeout_and_trims_long_output(tmp_
     assert "line-0-" in out and "line-3999-" in out and "line-2000-" not in out
     assert "bytes of output left out" in out
     assert HEARTBEAT in out  # the hanging test ran silently for 2 s
+
+
+def test_the_runner_reports_tests_the_host_skips_without_running_them(tmp_path):
+    """``pyemu.selftest_skip=`` (how QEMU's reference boot leaves out the test its guest hangs in): those
+    tests are reported SKIP and never start; a test whose name only contains a skipped one still runs."""
+    marker = tmp_path / "ran"
+    programs = {"first": "exit 0", "ldt_gdt": f"touch {marker}-ldt; exit 0", "ldt": "exit 1",
+                "last": f"touch {marker}-last; exit 4"}
+    out = _run_runner(tmp_path, programs, f"{SKIP_OPTION}=ldt_gdt,absent")
+    results = parse_results(out)
+    assert {name: status for name, (status, _, _) in results.items()} == {
+        "first": "PASS", "ldt_gdt": "SKIP", "ldt": "FAIL", "last": "SKIP"}
+    assert results["ldt_gdt"] == ("SKIP", 4, 0.0)
+    assert not (tmp_path / "ran-ldt").exists() and (tmp_path / "ran-last").exists()
+    assert "x86-selftest: begin ldt_gdt" not in out and f"ldt_gdt: not run ({SKIP_OPTION})" in out
 
 
 def test_result_lines_are_read_through_carriage_returns_and_kernel_messages():
