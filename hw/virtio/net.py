@@ -513,10 +513,15 @@ class VirtioNet(VirtioDevice):
         offset = 0
         for chain in chains:
             take = min(chain.writable_length, total - offset)
-            for view in dma.views(chain.ranges(writable=True, length=take)):
-                size = view.nbytes
-                view[:] = frame[offset : offset + size]
-                offset += size
+            pieces = chain.writable
+            if len(pieces) == 1:  # a mergeable receive buffer is one descriptor: no range walk
+                dma.view(pieces[0][0], take)[:] = frame[offset : offset + take]
+                offset += take
+            else:
+                for view in dma.views(chain.ranges(writable=True, length=take)):
+                    size = view.nbytes
+                    view[:] = frame[offset : offset + size]
+                    offset += size
             entries.append((chain, take))
         if len(entries) == 1:
             queue.push(dma, chains[0], entries[0][1])

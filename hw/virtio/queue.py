@@ -382,27 +382,35 @@ class Virtqueue:
         """The next available chain, validated; None when the driver has offered nothing new."""
         if not self.ready:
             return None
-        avail = self.avail_idx(dma)
-        pending = (avail - self.last_avail) & 0xFFFF
+        # The rings' views once per pop, not once per field (a received 64 KiB frame takes ~16 pops).
+        rings = self._ring_views(dma)
+        ring = rings.avail
+        last = self.last_avail
+        avail = _U16.unpack_from(ring, 2)[0] if ring is not None else self._avail_u16(dma, 2)
+        pending = (avail - last) & 0xFFFF
         if pending == 0:
             return None
         if pending > self.size:
             raise VirtqueueError(self.index, f"available index {avail} is {pending} ahead of the device's "
-                                             f"{self.last_avail}, more than the queue size {self.size}")
-        slot = self.last_avail % self.size
-        head = self._avail_u16(dma, 4 + 2 * slot)
+                                             f"{last}, more than the queue size {self.size}")
+        slot = last % self.size
+        head = _U16.unpack_from(ring, 4 + 2 * slot)[0] if ring is not None else self._avail_u16(dma, 4 + 2 * slot)
         if head >= self.size:
             raise VirtqueueError(self.index, f"available ring slot {slot} names descriptor {head} "
                                              f"of a {self.size}-entry table")
         chain = self._walk(dma, head)
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        self.last_avail = last = (last + 1) & 0xFFFF
         self.popped += 1
         if self.event_idx:
             # avail_event: "notify me when you make this index available" -- i.e. on the very next one.
             # The fence orders it before the next pop's read of the available index: otherwise a buffer the
             # driver adds meanwhile could be missed by that read while the driver, still seeing the older
             # avail_event, does not notify.
-            self._put_used_u16(dma, 4 + 8 * self.size, self.last_avail)
+            words = rings.used_u16
+            if words is not None:
+                words[2 + 4 * self.size] = last  # (4 + 8 * size) bytes in: one 16-bit store
+            else:
+                self._put_u16(dma, self.used_addr + 4 + 8 * self.size, last)
             full_fence()
         return chain
 
@@ -420,13 +428,9 @@ class Virtqueue:
         takes 17 one-buffer chains. So a one-buffer chain returns after one unpack, an indirect table is
         read in one unpack (the ring's table entry by entry, as a chain there is usually short), the RAM
         bounds check is inline for the usual single-region guest, and the pieces are plain tuples."""
-        readable: list[Piece] = []
-        writable: list[Piece] = []
-        read_total = write_total = 0
         spans = dma.spans
         lo, hi = spans[0] if len(spans) == 1 else (1, 0)  # (1, 0) sends every check to dma.contains
-        contains = dma.contains
-        table, table_size, index, in_indirect = self.desc_addr, self.size, head, False
+        table, table_size = self.desc_addr, self.size
         ring_table = self._ring_views(dma).desc
         entries = ring_table if ring_table is not None else self._table_view(dma, table, table_size)
         addr, length, flags, _ = _DESCRIPTOR.unpack_from(entries, DESC_SIZE * head)
@@ -436,6 +440,11 @@ class Virtqueue:
             if flags & DESC_F_WRITE:
                 return DescriptorChain.from_pieces(head, (), piece, 0, length)
             return DescriptorChain.from_pieces(head, piece, (), length, 0)
+        readable: list[Piece] = []
+        writable: list[Piece] = []
+        read_total = write_total = 0
+        contains = dma.contains
+        index, in_indirect = head, False
         flat: tuple[int, ...] | None = None  # an indirect table's fields, read in one unpack
         unpack = _DESCRIPTOR.unpack_from
         visited = 0
