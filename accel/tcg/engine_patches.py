@@ -806,6 +806,23 @@ LOCKED_CMPXCHG8B_IS_A_HOST_FENCE = SourcePatch(
     count=2,
 )
 
+LONG_MODE_IGNORES_CS_DS_ES_SS_BASES = SourcePatch(
+    name="long-mode-ignores-cs-ds-es-ss-bases",
+    path="qemu/target/i386/translate.c",
+    # In 64-bit mode a CS, DS, ES or SS segment-override prefix adds no base (the SDM's "segmentation in
+    # IA-32e mode": those bases count as 0; only FS and GS add theirs). QEMU 5.0 (and 7.2) added the
+    # segment's cached base for an explicit override. Linux patches its LOCK prefixes into DS prefixes on
+    # a single CPU ("ds cmpxchg" in _raw_spin_lock), and a DS loaded in user mode from a TLS descriptor
+    # keeps its base in the kernel: x86 selftest ldt_gdt's timer interrupt then took its spin lock at
+    # the lock's address plus the TLS base, faulted, and the guest hung (measured: CR2 - RDI = the test's
+    # TLS base, 0x4... + 4, in every hang).
+    pattern=(r"^(static void gen_lea_v_seg\(DisasContext \*s, MemOp aflag, TCGv a0,\n +int def_seg, int ovr_seg\)\n"
+             r"\{\n    TCGContext \*tcg_ctx = s->uc->tcg_ctx;\n)"),
+    replacement=(r"\1\n    if (CODE64(s) && ovr_seg >= 0 && ovr_seg < R_FS) {  /* pyemu */\n"
+                 r"        ovr_seg = -1;\n    }\n"),
+    count=1,
+)
+
 PATCHES: tuple[SourcePatch, ...] = (
     NO_CHECK_AFTER_MEMORY_ACCESS, EXIT_LABEL_FIELD, INLINE_BLOCK_START_CHECK, EXIT_LABEL_AT_BLOCK_END,
     CODE_PAGE_TLB_SLOTS_ONLY, GATE_FIELDS, GATE_API, CONDITIONAL_BLOCK_HOOK, ARCH_CAPABILITIES_FIELD,
@@ -816,7 +833,7 @@ PATCHES: tuple[SourcePatch, ...] = (
     PAGE_HAS_CODE, PAGE_HAS_CODE_DECLARATION, STORES_TO_CODE_STAY_CHECKED, PROTECT_CODE_IN_EVERY_MAPPING,
     IRQ_FIELDS, IRQ_API, IRQ_RAISE, IRQ_ACKNOWLEDGE, IDT_ERROR_CODE_LONG_MODE, IDT_ERROR_CODE_EXT, PAUSE_FIELDS,
     PAUSE_API, PAUSE_HOOK, GUEST_FENCES_ARE_HOST_FENCES, LOCKED_OPS_ARE_HOST_FENCES,
-    LOCKED_CMPXCHG8B_IS_A_HOST_FENCE,
+    LOCKED_CMPXCHG8B_IS_A_HOST_FENCE, LONG_MODE_IGNORES_CS_DS_ES_SS_BASES,
 )
 
 

@@ -51,20 +51,20 @@ INTERMITTENT: dict[str, str] = {
 }
 
 
-# Tests in which the guest kernel itself can go silent for good under QEMU 7.2 TCG as well as under pyemu. pyemu
-# runs them, and a run that hangs there is booted again, up to RETRIES times. QEMU's reference run leaves them
-# out (reported SKIP): they are INTERMITTENT, so its verdict is never compared, and its hangs there (4 of 10
-# full runs, two in a row in a CI run of 2026-12-06, each waited out for SILENCE_LIMIT) outran the test's
-# time. ldt_gdt under pyemu: about 1 in 4-6 runs of ldt_gdt alone beside stress-ng (2026-12-04). What pyemu's
-# trace shows (issue 14): a timer interrupt inside set_thread_area, then a #PF in _raw_spin_lock_irqsave on the
-# IRQ stack at the per-CPU hrtimer lock's address with bit 30 set, then a fault loop; the console stays silent.
+# Tests in which QEMU 7.2 TCG's guest can go silent for good, and pyemu's on PyPI's library. pyemu runs them, and
+# a run that hangs there is booted again, up to RETRIES times. QEMU's reference run leaves them out (reported
+# SKIP): they are INTERMITTENT, so its verdict is never compared, and its hangs there (4 of 10 full runs, two in
+# a row in a CI run of 2026-12-06, each waited out for SILENCE_LIMIT) outran the test's time. The cause, found
+# on 2026-12-06: on one CPU Linux takes spin locks with "ds cmpxchg" (its LOCK prefixes patched into DS), and
+# QEMU's translator added the base DS still cached from the test's TLS descriptor to such 64-bit accesses; the
+# hrtimer lock taken in a timer interrupt during set_thread_area then faulted and the guest hung. pyemu's engine
+# ignores CS/DS/ES/SS overrides in 64-bit mode (tests/guest/test_tcg_segment_overrides.py).
 HANG_UNDER_BOTH = frozenset({"ldt_gdt"})
 
 RETRIES = 4
-"""Boots after a first one silent in a test of HANG_UNDER_BOTH. pyemu's guest hung in ldt_gdt in about 1 of 8
-whole-suite runs (2026-12-06 morning, two or three loops side by side), but in 2 of 3 boots of one test run
-that afternoon and in 5 of 24 boots of iopl+ldt_gdt alone, two side by side: with two retries three hangs in
-a row are not rare enough. Each hang costs SILENCE_LIMIT plus the boot to ldt_gdt (~2.5 min in all)."""
+"""Boots after a first one silent in a test of HANG_UNDER_BOTH. Before the engine fix pyemu's guest hung in
+ldt_gdt in 2 of 3 boots of one test run and 5 of 24 boots of iopl+ldt_gdt alone (2026-12-06); after it, 0 of 32.
+Kept for PyPI's library, which has the bug. Each hang costs SILENCE_LIMIT plus the boot to ldt_gdt."""
 
 
 @pytest.fixture(scope="module")
