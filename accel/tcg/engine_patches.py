@@ -810,7 +810,7 @@ LONG_MODE_IGNORES_CS_DS_ES_SS_BASES = SourcePatch(
     name="long-mode-ignores-cs-ds-es-ss-bases",
     path="qemu/target/i386/translate.c",
     # In 64-bit mode a CS, DS, ES or SS segment-override prefix adds no base (the SDM's "segmentation in
-    # IA-32e mode": those bases count as 0; only FS and GS add theirs). QEMU 5.0 (and 7.2) added the
+    # IA-32e mode": those bases count as 0; only FS and GS add theirs). QEMU 5.0 added the
     # segment's cached base for an explicit override. Linux patches its LOCK prefixes into DS prefixes on
     # a single CPU ("ds cmpxchg" in _raw_spin_lock), and a DS loaded in user mode from a TLS descriptor
     # keeps its base in the kernel: x86 selftest ldt_gdt's timer interrupt then took its spin lock at

@@ -52,7 +52,14 @@ def poll(predicate: Any, what: str) -> None:
 
 
 class Writer:
-    """The guest: writes small patterns all over the drive until stopped."""
+    """The guest: writes small patterns all over the drive until stopped, a write every 0.2 ms at most.
+
+    Why a pause: a background mirror or commit is READY only once it has caught up with the writes, and a
+    writer looping without pause on a busy host could out-write the job (both are Python threads sharing
+    one GIL) for longer than the test waits (CI, 2026-12-06: no BLOCK_JOB_READY within 60 s). A guest
+    writes at a finite rate; write-blocking mode is what keeps up with any rate, and is tested too."""
+
+    PAUSE_S = 0.0002
 
     def __init__(self, drive: BlockBackend, clusters: int) -> None:
         self.drive, self.clusters = drive, clusters
@@ -67,6 +74,7 @@ class Writer:
             self.drive.pwritev((n * 37 % self.clusters) * C + 512 * (n % 7), [bytes([n % 251 + 1]) * 4096])
             n += 1
             self.count = n
+            self.stop.wait(self.PAUSE_S)
 
     def join(self) -> None:
         self.stop.set()

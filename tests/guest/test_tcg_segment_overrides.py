@@ -3,7 +3,7 @@ segmentation in IA-32e mode).
 
 Why it matters: Linux on one CPU patches its LOCK prefixes into DS prefixes (``ds cmpxchg`` in
 ``_raw_spin_lock``), and a DS loaded in user mode from a TLS descriptor keeps its base in the kernel.
-QEMU 5.0's translator (and 7.2's) added that base for an explicit override, so in the x86 selftest
+QEMU 5.0's translator (Unicorn's) added that base for an explicit override, so in the x86 selftest
 ``ldt_gdt`` a timer interrupt during ``set_thread_area`` took the hrtimer lock at the lock's address plus
 the test's TLS base, faulted and hung the guest (engine patch ``long-mode-ignores-cs-ds-es-ss-bases``).
 """
