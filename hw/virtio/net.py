@@ -514,14 +514,13 @@ class VirtioNet(VirtioDevice):
         for chain in chains:
             take = min(chain.writable_length, total - offset)
             pieces = chain.writable
-            if len(pieces) == 1:  # a mergeable receive buffer is one descriptor: no range walk
-                dma.view(pieces[0][0], take)[:] = frame[offset : offset + take]
-                offset += take
-            else:
-                for view in dma.views(chain.ranges(writable=True, length=take)):
-                    size = view.nbytes
-                    view[:] = frame[offset : offset + size]
-                    offset += size
+            # A mergeable receive buffer is one descriptor: its view without the range walk.
+            views = ([dma.view(pieces[0][0], take)] if len(pieces) == 1
+                     else dma.views(chain.ranges(writable=True, length=take)))
+            for view in views:
+                size = view.nbytes
+                view[:] = frame[offset : offset + size]
+                offset += size
             entries.append((chain, take))
         if len(entries) == 1:
             queue.push(dma, chains[0], entries[0][1])

@@ -344,16 +344,16 @@ class Virtqueue:
             self._rings = rings
         return rings
 
-    def _avail_u16(self, dma: DmaMemory, offset: int) -> int:
-        """The 16-bit field at ``offset`` of the available ring."""
-        view = self._ring_views(dma).avail
+    def _avail_u16(self, dma: DmaMemory, offset: int, rings: _Rings | None = None) -> int:
+        """The 16-bit field at ``offset`` of the available ring (``rings``: the views, if the caller has them)."""
+        view = (rings or self._ring_views(dma)).avail
         if view is not None:
             return int(_U16.unpack_from(view, offset)[0])
         return self._u16(dma, self.avail_addr + offset)
 
-    def _put_used_u16(self, dma: DmaMemory, offset: int, value: int) -> None:
+    def _put_used_u16(self, dma: DmaMemory, offset: int, value: int, rings: _Rings | None = None) -> None:
         """Store the 16-bit field at ``offset`` of the used ring (one store: the driver may be reading)."""
-        words = self._ring_views(dma).used_u16
+        words = (rings or self._ring_views(dma)).used_u16
         if words is not None:
             words[offset >> 1] = value & 0xFFFF
         else:
@@ -384,9 +384,8 @@ class Virtqueue:
             return None
         # The rings' views once per pop, not once per field (a received 64 KiB frame takes ~16 pops).
         rings = self._ring_views(dma)
-        ring = rings.avail
         last = self.last_avail
-        avail = _U16.unpack_from(ring, 2)[0] if ring is not None else self._avail_u16(dma, 2)
+        avail = self._avail_u16(dma, 2, rings)
         pending = (avail - last) & 0xFFFF
         if pending == 0:
             return None
@@ -394,7 +393,7 @@ class Virtqueue:
             raise VirtqueueError(self.index, f"available index {avail} is {pending} ahead of the device's "
                                              f"{last}, more than the queue size {self.size}")
         slot = last % self.size
-        head = _U16.unpack_from(ring, 4 + 2 * slot)[0] if ring is not None else self._avail_u16(dma, 4 + 2 * slot)
+        head = self._avail_u16(dma, 4 + 2 * slot, rings)
         if head >= self.size:
             raise VirtqueueError(self.index, f"available ring slot {slot} names descriptor {head} "
                                              f"of a {self.size}-entry table")
@@ -406,11 +405,7 @@ class Virtqueue:
             # The fence orders it before the next pop's read of the available index: otherwise a buffer the
             # driver adds meanwhile could be missed by that read while the driver, still seeing the older
             # avail_event, does not notify.
-            words = rings.used_u16
-            if words is not None:
-                words[2 + 4 * self.size] = last  # (4 + 8 * size) bytes in: one 16-bit store
-            else:
-                self._put_u16(dma, self.used_addr + 4 + 8 * self.size, last)
+            self._put_used_u16(dma, 4 + 8 * self.size, last, rings)
             full_fence()
         return chain
 

@@ -57,9 +57,9 @@ INTERMITTENT: dict[str, str] = {
 # a row in a CI run of 2026-12-06, each waited out for SILENCE_LIMIT) outran the test's time. The cause, found
 # on 2026-12-06 under pyemu (QEMU 7.2's hang is most likely the same): on one CPU Linux takes spin locks with
 # "ds cmpxchg" (its LOCK prefixes patched into DS), and QEMU 5.0's translator (Unicorn's) added the base DS still
-# cached from the test's TLS descriptor to such 64-bit accesses; the
-# hrtimer lock taken in a timer interrupt during set_thread_area then faulted and the guest hung. pyemu's engine
-# ignores CS/DS/ES/SS overrides in 64-bit mode (tests/guest/test_tcg_segment_overrides.py).
+# cached from the test's TLS descriptor to such 64-bit accesses; the hrtimer lock taken in a timer interrupt
+# during set_thread_area then faulted and the guest hung. pyemu's engine ignores CS/DS/ES/SS overrides in 64-bit
+# mode (tests/guest/test_tcg_segment_overrides.py).
 HANG_UNDER_BOTH = frozenset({"ldt_gdt"})
 
 RETRIES = 4
