@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -58,16 +59,44 @@ static int fail(const char *what) {
     return 1;
 }
 
+/* kB of this process's anonymous memory in transparent huge pages (0 if unknown). */
+static long huge_kb(void) {
+    FILE *f = fopen("/proc/self/smaps_rollup", "r");
+    char line[256];
+    long kb = 0;
+    if (!f) return 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "AnonHugePages: %ld kB", &kb) == 1) break;
+    fclose(f);
+    return kb;
+}
+
 static void report(const char *op, long long bytes, long long ops, double secs) {
     if (secs <= 0) secs = 1e-9;
-    printf("GIO op=%s bytes=%lld ops=%lld secs=%.6f mbps=%.3f iops=%.1f\n", op, bytes, ops, secs,
-           bytes / secs / 1e6, ops / secs);
+    printf("GIO op=%s bytes=%lld ops=%lld secs=%.6f mbps=%.3f iops=%.1f thp_kb=%ld\n", op, bytes, ops, secs,
+           bytes / secs / 1e6, ops / secs, huge_kb());
     fflush(stdout);
 }
 
 static void *aligned(size_t size, int fill) {
     void *buf;
     if (posix_memalign(&buf, 4096, size) != 0) return NULL;
+    memset(buf, fill, size);
+    return buf;
+}
+
+/* A buffer in one transparent huge page where the guest can give one, so a 1 MiB request is one physically
+ * contiguous segment in every VM. With 4 KiB pages the request's segment count depends on where the guest's
+ * allocator happened to find free pages (measured: 255 scattered pages in one VM, 1-2 segments in the other,
+ * and the host's O_DIRECT read of 255 scattered pages is ~40% slower), which is the guest's luck, not the
+ * device's speed. Falls back to 4 KiB pages; the result line's thp_kb= says which it was. */
+static void *huge_aligned(size_t size, int fill) {
+    const size_t huge = 2 * MiB;
+    size_t span = (size + huge - 1) / huge * huge;
+    char *area = mmap(NULL, span + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (area == MAP_FAILED) return aligned(size, fill);
+    char *buf = (char *)(((uintptr_t)area + huge - 1) & ~(uintptr_t)(huge - 1));
+    madvise(buf, span, MADV_HUGEPAGE);
     memset(buf, fill, size);
     return buf;
 }
@@ -85,7 +114,7 @@ static int sequential(const char *dev, long max_mib, double max_secs, int writin
     if (fd < 0) return fail("open");
     long long size = device_size(fd) / BLOCK * BLOCK;
     if (size <= 0) return fail("device size");
-    char *buf = aligned(BLOCK, 0x5a);
+    char *buf = huge_aligned(BLOCK, 0x5a);
     if (!buf) return fail("posix_memalign");
     long long done = 0, ops = 0, offset = 0, limit = max_mib * MiB;
     started();

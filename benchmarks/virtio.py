@@ -85,7 +85,7 @@ BOOT_TIMEOUT = 180  # to the shell prompt (pyemu: ~5 s idle; much more when the 
 COMMAND_TIMEOUT = 120  # a console command (disk measurements are bounded well below this)
 MAX_RETRIES = 2
 
-GIO_LINE = re.compile(r"GIO op=(\S+) bytes=(\d+) ops=(\d+) secs=([0-9.]+) mbps=([0-9.]+) iops=([0-9.]+)")
+GIO_LINE = re.compile(r"GIO op=(\S+) bytes=(\d+) ops=(\d+) secs=([0-9.]+) mbps=([0-9.]+) iops=([0-9.]+)(?: thp_kb=(\d+))?")
 
 # name -> (title, unit, value field of the GIO line)
 FIGURES = {
@@ -350,7 +350,8 @@ def parse_gio(text: str, op: str) -> dict[str, float]:
     for match in GIO_LINE.finditer(text):
         if match.group(1) == op:
             return {"bytes": int(match.group(2)), "ops": int(match.group(3)), "secs": float(match.group(4)),
-                    "mbps": float(match.group(5)), "iops": float(match.group(6))}
+                    "mbps": float(match.group(5)), "iops": float(match.group(6)),
+                    "thp_kb": int(match.group(7) or 0)}
     raise MeasurementFailed(f"no 'GIO op={op}' line in: {text[-400:]!r}")
 
 
@@ -459,6 +460,10 @@ def guest_setup(vm: Console, plan: Plan, info: dict[str, object]) -> bool:
     _, sectors = vm.shell("cat /sys/block/vda/size")
     info["vda_bytes"] = int(sectors.split()[-1]) * 512 if sectors.split() and sectors.split()[-1].isdigit() else None
     _, info["vda_scheduler"] = vm.shell("cat /sys/block/vda/queue/scheduler")
+    # Linux turns transparent huge pages off in a guest of under 512 MiB of RAM (ours has just under): allow
+    # them for madvise()d memory, so guest_io's 1 MiB buffer is one physically contiguous piece in both VMs.
+    vm.shell("echo madvise > /sys/kernel/mm/transparent_hugepage/enabled")
+    _, info["transparent_hugepage"] = vm.shell("cat /sys/kernel/mm/transparent_hugepage/enabled")
     if not plan.net:
         return False
     _, ifaces = vm.shell("ls /sys/class/net")

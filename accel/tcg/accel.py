@@ -22,6 +22,7 @@ from pyemu.accel.tcg.block_gate import load_gate_module
 from pyemu.accel.tcg.errors import TcgError
 from pyemu.accel.tcg.guest_tsc import GuestTsc
 from pyemu.accel.tcg.halt_poll import default_max_poll_ns
+from pyemu.accel.tcg.mmio_notify import MmioNotifiers
 from pyemu.accel.tcg.port_fast_paths import PortFastPaths, PostedWriteWatch
 from pyemu.accel.tcg.scheduler import RoundRobin
 from pyemu.accel.tcg.tlb_fill import CodeMap, tlb_hook_enabled
@@ -29,6 +30,7 @@ from pyemu.accel.tcg.tsc import host_tsc_hz
 from pyemu.accel.tcg.vcpu import TcgVcpu
 from pyemu.accel.tcg.vcpu_placement import SharedCpu
 from pyemu.hw.intc.api import InterruptController, MsiSink
+from pyemu.system.event_notifier import EventNotifier
 from pyemu.system.memory import GuestMemory
 from pyemu.target.x86.cpu_models import TCG_FEATURES
 from pyemu.target.x86.cpuid import CpuidTable
@@ -58,6 +60,7 @@ class TcgAccelerator:
         """The guest TSC of every vCPU (one offset: they cannot differ under Unicorn)."""
         self._port_fast: PortFastPaths | None = None
         self._posted_watch: PostedWriteWatch | None = None
+        self._mmio_notifiers: MmioNotifiers | None = None
 
     @property
     def tsc_hz(self) -> int:
@@ -84,7 +87,7 @@ class TcgAccelerator:
             self._dirty_log = TcgDirtyLog(self._code_map, self.scheduler)
         vcpu = TcgVcpu(index, self._memory, self._dispatcher, self._cpuid, calibrate(), interrupts,
                        scheduler=self.scheduler, code_map=self._code_map, tsc=self.tsc,
-                       placement=self.placement)
+                       placement=self.placement, mmio_notifiers=self._notifier_table())
         if self._port_fast is None:
             self._port_fast = PortFastPaths(load_gate_module())
             self._dispatcher.pio.bind_fast_paths(self._port_fast.publish)
@@ -97,6 +100,22 @@ class TcgAccelerator:
         # vCPUs that cannot spin on CPUs of their own hand the turn over on one CPU instead.
         self.placement.enabled = len(self.vcpus) > 1 and max_poll_ns == 0
         return vcpu
+
+    # -- event notifiers (virtio kicks without Python on the vCPU thread, see mmio_notify.py) -----------
+    def _notifier_table(self) -> MmioNotifiers:
+        if self._mmio_notifiers is None:
+            self._mmio_notifiers = MmioNotifiers(load_gate_module())
+        return self._mmio_notifiers
+
+    def bind_ioeventfd(self, notifier: EventNotifier, addr: int, length: int, datamatch: int) -> None:
+        """A guest write of ``datamatch`` (``length`` bytes) at MMIO ``addr`` signals ``notifier`` from the
+        engine's C window callback: the vCPU does not enter Python for it."""
+        self._notifier_table().bind(notifier, addr, length, datamatch)
+
+    @property
+    def ioeventfd_hits(self) -> int:
+        """Guest writes that signalled a bound notifier without Python (tests, benchmarks)."""
+        return self._mmio_notifiers.hits if self._mmio_notifiers is not None else 0
 
     def invalidate_code(self, gpa: int, size: int) -> None:
         """Guest RAM ``[gpa, gpa+size)`` was written outside the engines (device DMA): every vCPU drops
@@ -167,3 +186,5 @@ class TcgAccelerator:
         self.placement.close()
         if self._port_fast is not None and self._dispatcher is not None:
             self._dispatcher.pio.bind_fast_paths(None)
+        if self._mmio_notifiers is not None:
+            self._mmio_notifiers.close()

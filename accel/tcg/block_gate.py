@@ -51,9 +51,10 @@ from pyemu.system.cache import cache_root
 from pyemu.accel.tcg.errors import BlockHookBuildError, EngineError
 
 # One compiled module holds the engine callbacks: the TLB-fill hook (tlb_fill.c, first: the gate reads
-# its state), the block gate and the I/O permission guard (io_guard.c, see io_guard.py).
+# its state), the block gate, the I/O permission guard (io_guard.c, see io_guard.py) and the device
+# windows' write callback (mmio_notify.c, see mmio_notify.py).
 _SOURCES = (Path(__file__).with_name("tlb_fill.c"), Path(__file__).with_name("block_gate.c"),
-            Path(__file__).with_name("io_guard.c"))
+            Path(__file__).with_name("io_guard.c"), Path(__file__).with_name("mmio_notify.c"))
 _CDEF = """
 struct pyemu_tlb_entry { uint64_t paddr; int perms; };
 struct pyemu_ram_slot { uint64_t gpa; uint64_t size; uint8_t *host; };
@@ -173,6 +174,19 @@ struct pyemu_io_guard {
 };
 uint32_t pyemu_io_in(void *uc, uint32_t port, int size, void *user_data);
 void pyemu_io_out(void *uc, uint32_t port, int size, uint32_t value, void *user_data);
+struct pyemu_mmio_notify {
+    uint32_t count;
+    uint64_t addr[64];
+    uint32_t value[64];
+    int32_t fd[64];
+    uint64_t hits;
+};
+struct pyemu_mmio_window {
+    uint64_t base;
+    struct pyemu_mmio_notify *notify;
+    void (*py_write)(void *uc, uint64_t offset, unsigned size, uint64_t value, void *key);
+};
+void pyemu_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t value, void *user_data);
 """
 _build_lock = threading.Lock()
 _module: ModuleType | None = None

@@ -25,10 +25,14 @@ size of 4; instruction fetches from a device window fail with UC_ERR_FETCH_PROT 
 
 from __future__ import annotations
 
+import ctypes
+from typing import Any
+
 from unicorn import UC_PROT_ALL, Uc, UcError
 
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.tcg.errors import EngineError
+from pyemu.accel.tcg.mmio_notify import MmioNotifiers
 from pyemu.system.memory import GuestMemory
 
 PHYS_ADDRESS_LIMIT = 1 << 40
@@ -69,12 +73,16 @@ def ram_holes(memory: GuestMemory, limit: int = PHYS_ADDRESS_LIMIT) -> list[tupl
 
 
 class PhysicalMap:
-    """Maps RAM and device windows into one engine and keeps the window callbacks alive."""
+    """Maps RAM and device windows into one engine and keeps the window callbacks alive. With ``notifiers``
+    the windows' writes pass through the VM's ioeventfd table first (:mod:`pyemu.accel.tcg.mmio_notify`)."""
 
-    def __init__(self, uc: Uc, memory: GuestMemory, dispatcher: ExitDispatcher) -> None:
+    def __init__(self, uc: Uc, memory: GuestMemory, dispatcher: ExitDispatcher,
+                 notifiers: MmioNotifiers | None = None) -> None:
         self._uc = uc
         self._dispatcher = dispatcher
+        self._notifiers = notifiers
         self.windows: list[DeviceWindow] = []
+        self._keep: list[Any] = []  # C structs and ctypes callbacks the engine points at
         try:
             for region in memory.regions:
                 uc.mem_map_ptr(region.gpa, region.size, UC_PROT_ALL, memory.host_address(region))
@@ -85,5 +93,33 @@ class PhysicalMap:
 
     def _map_window(self, start: int, size: int) -> None:
         window = DeviceWindow(start, self._dispatcher)
-        self._uc.mmio_map(start, size, window.read, None, window.write, None)
+        if self._notifiers is None:
+            self._uc.mmio_map(start, size, window.read, None, window.write, None)
+        else:
+            self._map_notifying_window(window, start, size, self._notifiers)
         self.windows.append(window)
+
+    def _map_notifying_window(self, window: DeviceWindow, start: int, size: int,
+                              notifiers: MmioNotifiers) -> None:
+        """``uc_mmio_map`` with the C write callback in front of ``window.write``. The Python callbacks are
+        wrapped as the binding's own ``mmio_map`` wraps them (an exception is kept and ``emu_start`` raises
+        it)."""
+        from unicorn.unicorn_py3.unicorn import MMIO_READ_CFUNC, MMIO_WRITE_CFUNC, uccallback, uclib
+
+        from pyemu.accel.tcg.block_gate import native_function
+
+        binding: Any = self._uc
+        py_read = uccallback(binding, MMIO_READ_CFUNC)(window.read)
+        py_write = uccallback(binding, MMIO_WRITE_CFUNC)(window.write)
+        ffi = notifiers.module.ffi
+        state = ffi.new("struct pyemu_mmio_window *")
+        state.base = start
+        state.notify = notifiers.state
+        state.py_write = ffi.cast("void (*)(void *, uint64_t, unsigned, uint64_t, void *)",
+                                  ctypes.cast(py_write, ctypes.c_void_p).value)
+        self._keep.extend((py_read, py_write, state))
+        status = uclib.uc_mmio_map(binding._uch, start, size, py_read, None,
+                                   native_function(notifiers.module, "pyemu_mmio_write"),
+                                   int(ffi.cast("uintptr_t", state)))
+        if status != 0:
+            raise UcError(status)

@@ -74,6 +74,7 @@ from pyemu.accel.tcg.halt_poll import MAX_POLL_NS, HaltPolling
 from pyemu.accel.tcg.io_hooks import IoHooks, vcpu_cpuid
 from pyemu.accel.tcg.port_fast_paths import PortFastPaths
 from pyemu.accel.tcg.memory_map import PhysicalMap
+from pyemu.accel.tcg.mmio_notify import MmioNotifiers
 from pyemu.accel.tcg.engine_delivery import EngineDelivery
 from pyemu.accel.tcg.engine_lifetime import free_when_collected_only
 from pyemu.accel.tcg.msrs import set_arch_capabilities
@@ -121,7 +122,8 @@ class TcgVcpu:
     def __init__(self, index: int, memory: GuestMemory, dispatcher: ExitDispatcher, cpuid: CpuidTable,
                  layout: BlobLayout, interrupts: InterruptController | None = None, *,
                  scheduler: RoundRobin | None = None, code_map: CodeMap | None = None,
-                 tsc: GuestTsc | None = None, placement: SharedCpu | None = None) -> None:
+                 tsc: GuestTsc | None = None, placement: SharedCpu | None = None,
+                 mmio_notifiers: MmioNotifiers | None = None) -> None:
         self.index = index
         self._interrupts = interrupts
         # INIT / SIPI / NMI come from a local APIC model; a plain interrupt controller has none.
@@ -140,7 +142,7 @@ class TcgVcpu:
         except UcError as exc:
             raise EngineError(f"cannot create a Unicorn x86-64 engine: {exc}", operation="uc_open") from exc
         self._gate = BlockGate(self._uc)
-        self._map = PhysicalMap(self._uc, memory, dispatcher)
+        self._map = PhysicalMap(self._uc, memory, dispatcher, mmio_notifiers)
         self._tlb = TlbFill(self._uc, memory, self._gate, code_map) if tlb_hook_enabled() else None
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)

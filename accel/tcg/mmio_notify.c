@@ -1,0 +1,55 @@
+/* pyemu software CPU: ioeventfds, the software CPU's twin of KVM_IOEVENTFD (see mmio_notify.py for why).
+ *
+ * Every device window's write callback is pyemu_mmio_write. A 4-byte write whose address and value match a
+ * bound notifier (a virtio QueueNotify register and the queue's index) becomes one eventfd write here, on
+ * the vCPU's thread and without Python: the I/O thread that serves the queue wakes at once instead of
+ * waiting for the vCPU thread to leave the Python callback and hand over the GIL. Any other write goes to
+ * the window's Python callback, as before.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#define MMIO_NOTIFY_SLOTS 64
+
+/* The VM's bindings, shared by every vCPU's windows. A slot is written address, value and fd first, count
+ * last (release), so a vCPU never sees a half-made slot; slots are never reused while the VM runs. */
+struct pyemu_mmio_notify {
+    uint32_t count;
+    uint64_t addr[MMIO_NOTIFY_SLOTS];
+    uint32_t value[MMIO_NOTIFY_SLOTS];
+    int32_t fd[MMIO_NOTIFY_SLOTS];  /* -1: unbound (the write goes to Python again) */
+    uint64_t hits;                  /* statistics: writes that became an eventfd write here */
+};
+
+/* One device window of one engine: where it starts, and the Python callback for everything else. */
+struct pyemu_mmio_window {
+    uint64_t base;
+    struct pyemu_mmio_notify *notify;
+    void (*py_write)(void *uc, uint64_t offset, unsigned size, uint64_t value, void *key);
+};
+
+void pyemu_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t value, void *user_data)
+{
+    struct pyemu_mmio_window *w = (struct pyemu_mmio_window *)user_data;
+    struct pyemu_mmio_notify *n = w->notify;
+    if (n && size == 4) {
+        uint64_t addr = w->base + offset;
+        uint32_t count = __atomic_load_n(&n->count, __ATOMIC_ACQUIRE);
+        for (uint32_t i = 0; i < count && i < MMIO_NOTIFY_SLOTS; i++) {
+            if (n->addr[i] != addr || (uint64_t)n->value[i] != value)
+                continue;
+            int32_t fd = __atomic_load_n(&n->fd[i], __ATOMIC_ACQUIRE);
+            if (fd < 0)
+                break;
+            uint64_t one = 1;
+            /* EAGAIN: the counter is at its limit, so the notifier is signalled already. */
+            if (write(fd, &one, sizeof one) == (ssize_t)sizeof one || errno == EAGAIN) {
+                __atomic_add_fetch(&n->hits, 1, __ATOMIC_RELAXED);
+                return;
+            }
+            break;  /* a closed descriptor: let the device see the write (and log it) */
+        }
+    }
+    w->py_write(uc, offset, size, value, 0);
+}
