@@ -516,6 +516,11 @@ class BlockGate:
         next run."""
         self.state.attention = 0
 
+    @property
+    def attention_raised(self) -> bool:
+        """Some thread set a flag since :meth:`begin_wait` (a halted vCPU's last look before it sleeps)."""
+        return bool(self.state.attention)
+
     def poll(self, budget_ns: int) -> bool:
         """Spin up to ``budget_ns`` (GIL released) until some thread sets a flag: True if one did. A halted
         vCPU's alternative to sleeping on its wake-up event (see :mod:`pyemu.accel.tcg.halt_poll`)."""

@@ -116,3 +116,44 @@ def test_interrupt_wakes_a_halted_vcpu(spin: bool) -> None:
         assert machine.board.exit_device.value == 1
         assert polling.polls == (1 if spin else 0)
         assert polling.poll_hits == (1 if spin else 0)
+
+
+HALT_LOOP = f"""
+    mov rbx, {COUNT:#x}
+    sti
+again:
+    hlt
+    cmp qword ptr [rbx], 20
+    jb again
+    mov rax, qword ptr [rbx]
+    {exit_with("eax")}
+"""
+
+
+@pytest.mark.parametrize("spin", [True, False], ids=["woken-while-spinning", "woken-from-sleep"])
+def test_halts_at_one_place_walk_the_page_tables_once(spin: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vCPU checks that a run ended on a HLT by reading the byte before RIP through the guest's page
+    tables; a HLT it has halted at before (same CR3, same address) is not walked again."""
+    from pyemu.accel.tcg.traps import Traps
+
+    walks: list[int] = []
+    original = Traps.linear
+    monkeypatch.setattr(Traps, "linear", lambda self, regs: walks.append(regs.cr3) or original(self, regs))
+    controller = FakeInterruptController()
+    program = GuestProgram(HALT_LOOP, handlers={VECTOR: recording_handler(0, error_code=False)})
+    with prepared(program, interrupts=controller) as machine:
+        vcpu = machine.vcpu
+        vcpu.halt_polling.max_ns = LONG_NS if spin else 0  # type: ignore[attr-defined]
+        vcpu.halt_polling.window_ns = LONG_NS if spin else 0  # type: ignore[attr-defined]
+
+        def fire() -> None:
+            for count in range(1, 21):
+                time.sleep(0.002)
+                controller.raise_vector(VECTOR)
+                if not controller.wait_acknowledged(count, timeout=10):
+                    return
+
+        threading.Thread(target=fire, daemon=True).start()
+        vcpu.run()
+        assert machine.board.exit_device.value == 20
+    assert len(walks) == 1, f"{len(walks)} page walks for 20 halts at one HLT"
