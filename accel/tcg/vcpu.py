@@ -174,6 +174,8 @@ class TcgVcpu:
         self.halt_polling = HaltPolling(MAX_POLL_NS)
         """How long a halt spins before sleeping (the accelerator sets the maximum for the VM's size)."""
         self._halted = False
+        self._halt_rflags: int | None = None
+        """RFLAGS when the last run ended in a HLT (None: halted some other way, read the engine)."""
         # An application processor starts as on a PC: waiting for INIT/SIPI from the boot processor.
         self._mp = MpState.RUNNABLE if index == 0 else MpState.WAIT_FOR_SIPI
         self._events_signalled = False
@@ -200,6 +202,7 @@ class TcgVcpu:
         self._hlt_sites.clear()
         mp_state = state.mp_state or MpState.RUNNABLE
         self._halted = mp_state is MpState.HALTED
+        self._halt_rflags = None
         self._mp = MpState.WAIT_FOR_SIPI if mp_state is MpState.WAIT_FOR_SIPI else MpState.RUNNABLE
         if self._halted:
             self._gate.signal_interrupt()  # look at the controller once: it may hold the wake-up already
@@ -483,6 +486,7 @@ class TcgVcpu:
         if not self._after_hlt(blob.rip):
             return self._fail(f"emulation ended without HLT at RIP {blob.rip:#x}")
         self._halted = True
+        self._halt_rflags = blob.rflags
         if blob.rflags & RFLAGS_IF and self._interrupts is not None:
             return None
         # Halted with interrupts disabled: the caller hears of it, and the next run() waits for what ends
@@ -518,9 +522,12 @@ class TcgVcpu:
         """Whether a maskable interrupt can end the current HLT (IF=1 and an interrupt controller)."""
         if self._interrupts is None:
             return False
-        blob = self._blob
-        blob.pull()
-        return bool(blob.rflags & RFLAGS_IF)
+        rflags = self._halt_rflags
+        if rflags is None:  # halted by load_state: read the engine
+            blob = self._blob
+            blob.pull()
+            rflags = blob.rflags
+        return bool(rflags & RFLAGS_IF)
 
     def _cr4_fault_before_block(self) -> bool:
         """In the exception hook (blob pulled): the exception came from fetching the block after a refused
@@ -568,25 +575,25 @@ class TcgVcpu:
         """Whether the run that ended at ``rip`` ended on a HLT (the byte before RIP is 0xF4): the engine
         stops for nothing else once the gate's reasons are ruled out, and this guards that assumption.
 
-        A guest halts at a few places only (its idle loop), so a (CR3, linear address) once seen to hold a
-        HLT is taken as one again without walking the guest's page tables in Python, which cost ~15 µs per
+        A guest halts at a few places only (its idle loop), so a (CR3, RIP) once seen to hold a HLT (where
+        RIP is the linear address, as in 64-bit code) is taken as one again without walking the guest's page tables in Python, which cost ~15 µs per
         halt (2026-12-06, a halt-and-wake micro-benchmark). What the cache could get wrong is only what the
         check guards against: an engine stop for an unknown reason exactly where a HLT used to be."""
         blob = self._blob
+        site = (blob.cr3, rip)
+        sites = self._hlt_sites
+        if site in sites:
+            return True
         cs = blob.segment("cs")
         # The byte before RIP, as a linear address: CS.base counts outside 64-bit code (real mode: an AP
         # started by SIPI runs with CS.base = vector << 12).
         linear = rip - 1 if blob.efer & EFER_LMA and cs.flags & DESC_L else (cs.base + rip - 1) & 0xFFFF_FFFF
-        site = (blob.cr3, linear)
-        sites = self._hlt_sites
-        if site in sites:
-            return True
         try:
             memory = self._traps.linear(PagingRegs(blob.cr0, blob.cr3, blob.cr4, blob.efer))
             halted = memory.read(linear, 1, fetch=True)[0] == _HLT
         except GuestFault:
             return False
-        if halted:
+        if halted and linear == rip - 1:  # 64-bit code (or a zero CS base): the site is its RIP
             if len(sites) >= _HLT_SITES:
                 sites.clear()
             sites.add(site)
