@@ -360,10 +360,10 @@ class TcgVcpu:
                 self._start_turn()
                 if self._nmi_held:
                     self._nmi_now()
-                self._inject_interrupt()
+                pulled = self._inject_interrupt()
                 if self._traps.pending_exit is not None:
                     continue
-                result = self._execute()
+                result = self._execute(pulled)
             if result is not None:
                 return result
             if self._gate.yielded:
@@ -448,11 +448,15 @@ class TcgVcpu:
         self._traps.deliver(Event(_NMI_VECTOR, EventKind.EXTERNAL), return_rip=blob.rip,
                             rflags=blob.rflags)
 
-    def _execute(self) -> Exit | None:
+    def _execute(self, pulled: bool = False) -> Exit | None:
+        """One engine run. ``pulled``: the blob holds the engine's state already (read since the last
+        change), which saves a context read on the way from an interrupt to the guest."""
         if self._gate.service_requested or self._code.pending:
             self._code.service()
+            pulled = False
         blob = self._blob
-        blob.pull()
+        if not pulled:
+            blob.pull()
         blob.old_exception = -1
         engine_delivers = self._engine_delivers()
         self._delivery.use(engine_delivers)
@@ -659,29 +663,32 @@ class TcgVcpu:
                 gate.signal_interrupt()
         return vector
 
-    def _inject_interrupt(self) -> None:
+    def _inject_interrupt(self) -> bool:
+        """Deliver a pending interrupt (or have the engine take it before its first block); True when the
+        blob was read from the engine and nothing changed the engine since (see :meth:`_execute`)."""
         controller = self._interrupts
         gate = self._gate
         if controller is None or not gate.interrupt_signalled:
-            return
+            return False
         gate.clear_interrupt()
         with self._lock:
             pending = controller.interrupt_pending()
         if not pending:
-            return
+            return False
         gate.signal_interrupt()
         blob = self._blob
         blob.pull()
         if not blob.rflags & RFLAGS_IF or blob.hflags & HF_INHIBIT_IRQ:
-            return  # the block gate stops again once IF=1 and the shadow is over
+            return True  # the block gate stops again once IF=1 and the shadow is over
         if self._engine_irq and self._engine_delivers():
             gate.raise_interrupt_before_run()  # the engine asks _acknowledge_in_engine before its first block
-            return
+            return True
         vector = self._take_vector(controller)
         if vector is None:
-            return
+            return True
         self._halted = False
         self._traps.deliver(Event(vector, EventKind.EXTERNAL), return_rip=blob.rip, rflags=blob.rflags)
+        return False
 
     # -- failure reporting ------------------------------------------------------------------------------
     def _engine_error_reason(self, exc: UcError) -> str:
