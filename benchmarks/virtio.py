@@ -9,7 +9,11 @@ measures, ``--reps`` times each (default 3, ``--quick`` 1):
 
 * sequential read and sequential write MB/s (MB = 10^6 bytes) on a virtio-blk raw image (256 MiB, host
   ``cache=none``), ``O_DIRECT`` 1 MiB requests (the write figure includes the final ``fdatasync``), so
-  neither the guest page cache nor busybox dd matters;
+  neither the guest page cache nor busybox dd matters. The 1 MiB buffer is one transparent huge page in
+  both guests (the benchmark sets THP to ``madvise``, which Linux turns off below 512 MiB of RAM; each
+  sample's ``thp_kb`` says whether it got one), so every request is one physically contiguous segment:
+  with 4 KiB pages the request's segment count was the guest allocator's luck (255 scattered pages in one
+  VM, 1-2 segments in the other on 2026-12-06), and the host reads 255 scattered pieces ~40% slower;
 * 4 KiB random read IOPS, ``O_DIRECT``, queue depth 1, fixed xorshift seed, ~5 s.
 
   The helper times these with ``clock_gettime`` in the guest, but the figures reported are timed with the
