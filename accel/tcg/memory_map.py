@@ -31,6 +31,7 @@ from typing import Any
 from unicorn import UC_PROT_ALL, Uc, UcError
 
 from pyemu.accel.dispatch import ExitDispatcher
+from pyemu.accel.tcg.block_gate import native_function
 from pyemu.accel.tcg.errors import EngineError
 from pyemu.accel.tcg.mmio_notify import MmioNotifiers
 from pyemu.system.memory import GuestMemory
@@ -105,8 +106,6 @@ class PhysicalMap:
         wrapped as the binding's own ``mmio_map`` wraps them (an exception is kept and ``emu_start`` raises
         it)."""
         from unicorn.unicorn_py3.unicorn import MMIO_READ_CFUNC, MMIO_WRITE_CFUNC, uccallback, uclib
-
-        from pyemu.accel.tcg.block_gate import native_function
 
         binding: Any = self._uc
         py_read = uccallback(binding, MMIO_READ_CFUNC)(window.read)

@@ -168,7 +168,7 @@ class TcgVcpu:
         self._code = CodeInvalidator(self._uc, self._blob, memory, self._gate)
         self._wake = threading.Event()
         self._hlt_sites: set[tuple[int, int]] = set()
-        """(CR3, linear address) of HLT instructions this vCPU halted at (see _after_hlt)."""
+        """(CR3, RIP) of the HLT instructions this vCPU halted at in 64-bit code (see _after_hlt)."""
         self._sleeping = False
         """In _wait, about to sleep on _wake (kick sets the event only then)."""
         self.halt_polling = HaltPolling(MAX_POLL_NS)
@@ -580,9 +580,10 @@ class TcgVcpu:
         stops for nothing else once the gate's reasons are ruled out, and this guards that assumption.
 
         A guest halts at a few places only (its idle loop), so a (CR3, RIP) once seen to hold a HLT (where
-        RIP is the linear address, as in 64-bit code) is taken as one again without walking the guest's page tables in Python, which cost ~15 µs per
-        halt (2026-12-06, a halt-and-wake micro-benchmark). What the cache could get wrong is only what the
-        check guards against: an engine stop for an unknown reason exactly where a HLT used to be."""
+        RIP is the linear address, as in 64-bit code) is taken as one again without walking the guest's
+        page tables in Python, which cost ~15 µs per halt (2026-12-06, a halt-and-wake micro-benchmark).
+        What the cache could get wrong is only what the check guards against: an engine stop for an
+        unknown reason exactly where a HLT used to be."""
         blob = self._blob
         site = (blob.cr3, rip)
         sites = self._hlt_sites

@@ -513,11 +513,7 @@ class VirtioNet(VirtioDevice):
         offset = 0
         for chain in chains:
             take = min(chain.writable_length, total - offset)
-            pieces = chain.writable
-            # A mergeable receive buffer is one descriptor: its view without the range walk.
-            views = ([dma.view(pieces[0][0], take)] if len(pieces) == 1
-                     else dma.views(chain.ranges(writable=True, length=take)))
-            for view in views:
+            for view in dma.views(chain.ranges(writable=True, length=take)):
                 size = view.nbytes
                 view[:] = frame[offset : offset + size]
                 offset += size

@@ -222,6 +222,8 @@ class DescriptorChain:
         if length == 0:
             return []
         pieces = self.writable if writable else self.readable
+        if len(pieces) == 1:  # a one-buffer chain (a mergeable receive buffer): no walk
+            return [(pieces[0][0] + start, length)]
         end = start + length
         first, first_at = _locate(pieces, total, start)
         last, last_at = _locate(pieces, total, end - 1)
