@@ -36,8 +36,9 @@ def default_max_poll_ns(vcpus: int) -> int:
     """:data:`MAX_POLL_NS` when the host has a CPU for a spinning vCPU beside the running one and the I/O
     thread (one vCPU runs guest code at a time; see :mod:`pyemu.accel.tcg.scheduler`), else 0 (no
     polling): with ``-smp 2`` on two host CPUs a halted vCPU spinning would take the CPU the I/O thread
-    or the running vCPU needs."""
-    cpus = os.cpu_count() or 1
+    or the running vCPU needs. The CPUs counted are those this process may run on (``taskset``, a
+    container's cpuset), not all the host has."""
+    cpus = len(os.sched_getaffinity(0)) or 1
     return MAX_POLL_NS if cpus >= vcpus + 1 else 0
 
 

@@ -78,12 +78,22 @@ def test_window_grows_on_short_halts_and_resets_on_long_ones() -> None:
 
 
 def test_no_polling_without_a_host_cpu_to_spare(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(halt_poll.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(halt_poll.os, "sched_getaffinity", lambda pid: {0, 1})
     assert default_max_poll_ns(1) == MAX_POLL_NS
     assert default_max_poll_ns(2) == 0
     polling = HaltPolling(default_max_poll_ns(2))
     polling.record(10_000, woken_while_polling=False)
     assert polling.budget_ns() == 0
+
+
+def test_cpus_the_process_may_not_use_do_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VM started under ``taskset -c 1`` (or in a container limited to one CPU) on a many-CPU host has
+    one CPU: a spinning vCPU would take it from the I/O thread that is to wake it."""
+    monkeypatch.setattr(halt_poll.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(halt_poll.os, "sched_getaffinity", lambda pid: {5})
+    assert default_max_poll_ns(1) == 0
+    monkeypatch.setattr(halt_poll.os, "sched_getaffinity", lambda pid: {5, 9})
+    assert default_max_poll_ns(1) == MAX_POLL_NS
 
 
 HALT_THEN_COUNT = f"""
