@@ -7,6 +7,9 @@ a busy device never holds up guest code, and device work never runs under the bo
 
 A handler that raises is the handler's device's problem: the exception goes to the ``on_error`` callback
 given with the handler (the device marks itself broken), the thread keeps serving everyone else.
+
+Wake-up flags that handlers leave to the thread (:mod:`pyemu.system.wake_publish`) are set as it goes to
+sleep, after it has released the GIL.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from pyemu.errors import ConfigError, PyemuError
-from pyemu.system import log
+from pyemu.system import log, wake_publish
 from pyemu.system.event_notifier import EventNotifier
 
 Handler = Callable[[], None]
@@ -131,8 +134,16 @@ class IoThread:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        pending = wake_publish.take_flags_on_this_thread()
         while not self._stopping:
-            events = self._selector.select()
+            publisher = wake_publish.publisher()
+            if pending and publisher is not None:
+                flags = tuple(pending)
+                pending.clear()
+                publisher(self._selector.fileno(), flags)  # returns once a descriptor is ready
+                events = self._selector.select(0)
+            else:
+                events = self._selector.select()
             self.iterations += 1
             for key, _mask in events:
                 if key.data is None:

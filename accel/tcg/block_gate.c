@@ -6,6 +6,7 @@
  */
 #include <stdint.h>
 #include <sched.h>
+#include <sys/epoll.h>
 #include <time.h>
 
 /* Built together with tlb_fill.c, which comes first (struct pyemu_tlb, pyemu_tlb_resume). */
@@ -264,4 +265,17 @@ int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns)
             return __atomic_load_n(&gate->attention, __ATOMIC_ACQUIRE) ? 1 : 0;
         }
     }
+}
+
+/* An I/O thread goes to sleep: set the wake-up flags its handlers left to it (wake_publish.py's
+ * publish_on_sleep), then wait on its epoll set. cffi releases the GIL for the call, so a vCPU spinning in
+ * pyemu_gate_poll sees its flag only when the GIL is free, and takes it without sleeping in the GIL's wait.
+ * The events are only waited for here; the thread's selector reads them after. */
+int pyemu_publish_and_wait(int epfd, const intptr_t *flags, int count, int timeout_ms)
+{
+    struct epoll_event events[16];
+    for (int i = 0; i < count; i++) {
+        __atomic_store_n((int32_t *)flags[i], 1, __ATOMIC_RELEASE);
+    }
+    return epoll_wait(epfd, events, 16, timeout_ms);
 }

@@ -42,7 +42,7 @@ import tempfile
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from unicorn import UC_HOOK_BLOCK, Uc
 from unicorn import x86_const as x86
@@ -139,6 +139,7 @@ struct pyemu_gate {
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
 void pyemu_gate_pause(void *uc, void *opaque);
 int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns);
+int pyemu_publish_and_wait(int epfd, const intptr_t *flags, int count, int timeout_ms);
 struct pyemu_port_fast {
     uint32_t count;
     uint32_t port[8];
@@ -263,6 +264,15 @@ def native_function(module: ModuleType, name: str) -> int:
     return int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0)
 
 
+def wake_publisher(module: ModuleType) -> Callable[[int, Sequence[int]], None]:
+    """The C function an I/O thread goes to sleep through (see :mod:`pyemu.system.wake_publish`)."""
+    publish_and_wait = module.lib.pyemu_publish_and_wait
+
+    def publish(epoll_fd: int, flags: Sequence[int]) -> None:
+        publish_and_wait(epoll_fd, list(flags), len(flags), -1)
+    return publish
+
+
 def _uc_library() -> ctypes.CDLL:
     """The libunicorn instance the Python binding uses."""
     try:
@@ -318,6 +328,7 @@ class BlockGate:
         self._lib: Any = module.lib
         self._uc = uc
         self.state: Any = self._ffi.new("struct pyemu_gate *")
+        self._wake_flags: tuple[int, int] | None = None
         library = _uc_library()
         self.state.reg_read = self._ffi.cast("int (*)(void *, int, void *)", ctypes.cast(library.uc_reg_read, ctypes.c_void_p).value)
         self.state.emu_stop = self._ffi.cast("int (*)(void *)", ctypes.cast(library.uc_emu_stop, ctypes.c_void_p).value)
@@ -525,6 +536,17 @@ class BlockGate:
         """Spin up to ``budget_ns`` (GIL released) until some thread sets a flag: True if one did. A halted
         vCPU's alternative to sleeping on its wake-up event (see :mod:`pyemu.accel.tcg.halt_poll`)."""
         return bool(self._lib.pyemu_gate_poll(self.state, budget_ns))
+
+    @property
+    def wake_flags(self) -> tuple[int, int]:
+        """Addresses of the two flags :meth:`signal_interrupt` sets (interrupt pending, then attention), for
+        a thread that sets them later in C (:func:`pyemu.system.wake_publish.publish_on_sleep`)."""
+        flags = self._wake_flags
+        if flags is None:
+            ffi, state = self._ffi, self.state
+            flags = self._wake_flags = (int(ffi.cast("intptr_t", ffi.addressof(state, "irq_pending"))),
+                                        int(ffi.cast("intptr_t", ffi.addressof(state, "attention"))))
+        return flags
 
     @property
     def yielded(self) -> bool:

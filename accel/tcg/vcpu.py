@@ -89,6 +89,7 @@ from pyemu.accel.tcg.vcpu_placement import SharedCpu
 from pyemu.errors import PyemuError
 from pyemu.hw.intc.api import InterruptController
 from pyemu.system import log
+from pyemu.system.wake_publish import publish_on_sleep
 from pyemu.system.memory import GuestMemory
 from pyemu.target.x86.cpu_state import (
     EFER_LMA,
@@ -171,6 +172,12 @@ class TcgVcpu:
         """(CR3, RIP) of the HLT instructions this vCPU halted at in 64-bit code (see _after_hlt)."""
         self._sleeping = False
         """In _wait, about to sleep on _wake (kick sets the event only then)."""
+        self._polling = False
+        """In _wait, spinning in the gate's poll with the GIL released."""
+        self._kick_published = False
+        """A kick left the gate's flags to an I/O thread to set as it goes to sleep (see kick)."""
+        self.kicks_published = 0
+        """Kicks handed to an I/O thread that way (statistics for tests and benchmarks)."""
         self.halt_polling = HaltPolling(MAX_POLL_NS)
         """How long a halt spins before sleeping (the accelerator sets the maximum for the VM's size)."""
         self._halted = False
@@ -245,6 +252,14 @@ class TcgVcpu:
         return self._io.guard.posted_pending
 
     def kick(self) -> None:
+        if self._polling and publish_on_sleep(self._gate.wake_flags):
+            # From an I/O thread's handler while this vCPU spins in C: flags set now would end the spin
+            # while the kicker still holds the GIL, and the vCPU would sleep in the GIL's wait until woken
+            # across CPUs. The I/O thread sets them once it has let the GIL go (system/iothread.py).
+            self._kick_published = True
+            self.kicks_published += 1
+            self._scheduler.nudge(self)
+            return
         self._gate.signal_interrupt()
         # Only a vCPU asleep on the event needs it set: a running or polling one sees the gate's flag. Both
         # sides run under the GIL, so either _wait reads the flag after it was set, or this reads _sleeping
@@ -636,10 +651,20 @@ class TcgVcpu:
                         return True
                 if window:
                     polling.polls += 1
-                    woken_while_polling = self._gate.poll(window)
+                    self._polling = True
+                    try:
+                        woken_while_polling = self._gate.poll(window)
+                    finally:
+                        self._polling = False
                     window = 0  # one spin per halt; a flag that was not ours leads to the sleep below
                     if woken_while_polling:
+                        self._kick_published = False
                         continue
+                if self._kick_published:
+                    # The spin ended before the kicking I/O thread went to sleep and set the flags; the
+                    # interrupt is in the controller already: look again instead of sleeping through it.
+                    self._kick_published = False
+                    continue
                 woken_while_polling = False
                 self._sleeping = True
                 try:

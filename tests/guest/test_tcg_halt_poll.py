@@ -128,6 +128,80 @@ def test_interrupt_wakes_a_halted_vcpu(spin: bool) -> None:
         assert polling.poll_hits == (1 if spin else 0)
 
 
+def test_an_io_threads_interrupt_reaches_a_polling_vcpu_after_the_thread_lets_the_gil_go() -> None:
+    """A handler on an I/O thread raises the interrupt while the vCPU spins: the flags are left to the I/O
+    thread, which sets them in C on its way to sleep (system/wake_publish.py), and the spin ends on them."""
+    from pyemu.system.iothread import IoThread
+
+    controller = FakeInterruptController()
+    program = GuestProgram(HALT_THEN_COUNT, handlers={VECTOR: recording_handler(0, error_code=False)})
+    iothread = IoThread("halt-poll-test")
+    iothread.start()
+    try:
+        with prepared(program, interrupts=controller) as machine:
+            vcpu = machine.vcpu
+            vcpu.halt_polling.max_ns = LONG_NS  # type: ignore[attr-defined]
+            vcpu.halt_polling.window_ns = LONG_NS  # type: ignore[attr-defined]
+
+            def fire() -> None:
+                time.sleep(0.05)
+                iothread.call_soon(lambda: controller.raise_vector(VECTOR))
+
+            threading.Thread(target=fire, daemon=True).start()
+            started = time.monotonic()
+            vcpu.run()
+            # Well inside the 20 s spin: only the published flags can have ended it.
+            assert time.monotonic() - started < 10
+            assert machine.board.exit_device.value == 1
+            assert vcpu.kicks_published == 1  # type: ignore[attr-defined]
+            assert vcpu.halt_polling.poll_hits == 1  # type: ignore[attr-defined]
+    finally:
+        iothread.close()
+
+
+def test_a_spin_that_ends_before_the_io_thread_sleeps_does_not_sleep_through_the_interrupt() -> None:
+    """The handler raises the interrupt and then keeps its thread busy for long after the vCPU's spin has
+    run out: the vCPU must see the interrupt the controller holds, not sleep until a wake-up that the
+    published flags never give (they end a spin; they do not set the sleeper's event)."""
+    from pyemu.system.iothread import IoThread
+
+    controller = FakeInterruptController()
+    program = GuestProgram(HALT_THEN_COUNT, handlers={VECTOR: recording_handler(0, error_code=False)})
+    iothread = IoThread("halt-poll-race")
+    iothread.start()
+    handler_done = threading.Event()
+    try:
+        with prepared(program, interrupts=controller) as machine:
+            vcpu = machine.vcpu
+
+            def raise_then_stay_busy() -> None:
+                controller.raise_vector(VECTOR)  # published, since the vCPU polls
+                time.sleep(3.0)  # the flags are set only after this; the spin runs out long before
+                handler_done.set()
+
+            def fire() -> None:
+                deadline = time.monotonic() + 10
+                while not vcpu._polling and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                    time.sleep(0.0002)
+                iothread.call_soon(raise_then_stay_busy)
+
+            vcpu.halt_polling.max_ns = 300_000_000  # type: ignore[attr-defined]
+            vcpu.halt_polling.window_ns = 300_000_000  # type: ignore[attr-defined]
+            threading.Thread(target=fire, daemon=True).start()
+            result: list[object] = []
+            runner = threading.Thread(target=lambda: result.append(vcpu.run()), daemon=True)
+            runner.start()
+            runner.join(timeout=30)
+            if runner.is_alive():
+                vcpu.request_stop()
+                runner.join(timeout=10)
+            assert machine.board.exit_device.value == 1
+            assert vcpu.kicks_published == 1  # type: ignore[attr-defined]
+            assert not handler_done.is_set(), "the vCPU waited for the I/O thread to go to sleep"
+    finally:
+        iothread.close()
+
+
 HALT_LOOP = f"""
     mov rbx, {COUNT:#x}
     sti
