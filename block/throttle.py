@@ -41,9 +41,9 @@ import itertools
 import threading
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol
 
 from pyemu.block.errors import BlockConfigError
 from pyemu.system.objects import THROTTLE_LIMITS, THROTTLE_VALUE_MAX as VALUE_MAX, throttle_limits_error
@@ -499,17 +499,37 @@ class ThrottleGroupMember:
 _ADMITTED = threading.local()
 
 
-@contextmanager
-def admitted(member: ThrottleGroupMember | None) -> Iterator[None]:
+class _Admitted:
+    """The context :func:`admitted` returns: sets the thread's mark, puts the previous one back."""
+
+    __slots__ = ("_member", "_previous")
+
+    def __init__(self, member: ThrottleGroupMember | None) -> None:
+        self._member = member
+        self._previous: ThrottleGroupMember | None = None
+
+    def __enter__(self) -> None:
+        self._previous = getattr(_ADMITTED, "member", None)
+        _ADMITTED.member = self._member
+
+    def __exit__(self, *_exc: object) -> None:
+        _ADMITTED.member = self._previous
+
+
+_NOTHING_TO_MARK = nullcontext()
+
+
+def admitted(member: ThrottleGroupMember | None) -> AbstractContextManager[None]:
     """Mark, for this thread, that the request about to go down was already admitted by ``member`` (a
     device asked :meth:`~pyemu.block.backend.BlockBackend.admit`): a ``throttle`` filter node with that
-    member then lets it through instead of waiting a second time."""
-    previous = getattr(_ADMITTED, "member", None)
-    _ADMITTED.member = member
-    try:
-        yield
-    finally:
-        _ADMITTED.member = previous
+    member then lets it through instead of waiting a second time.
+
+    Every request of every drive passes here, mostly with no member and no mark set: that case gets a
+    shared do-nothing context. (A generator-based context manager cost ~5 µs per request on the virtio-blk
+    path, measured 2026-12-06: a tenth of the I/O thread's Python per 4 KiB read.)"""
+    if member is None and getattr(_ADMITTED, "member", None) is None:
+        return _NOTHING_TO_MARK
+    return _Admitted(member)
 
 
 def was_admitted(member: ThrottleGroupMember) -> bool:

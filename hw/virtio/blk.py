@@ -254,8 +254,9 @@ class VirtioBlk(VirtioDevice):
         except BlockError:
             return 0  # served one by one instead, each with its own status
         for chain in group:
-            chain.write(dma, bytes([S_OK]), chain.writable_length - 1)
-            done.append((chain, chain.writable_length if kind == T_IN else 1))
+            written = chain.writable_length if kind == T_IN else 1
+            chain.write(dma, bytes([S_OK]), chain.writable_length - 1, report=written < chain.writable_length)
+            done.append((chain, written))
         self.requests += len(group)
         self.merged += len(group) - 1
         return len(group)
@@ -307,7 +308,9 @@ class VirtioBlk(VirtioDevice):
         kind, _reserved, sector = HEADER.unpack(chain.read(dma, 0, HEADER.size))
         self.requests += 1
         status, data_written = self._dispatch(queue, chain, kind, sector)
-        chain.write(dma, bytes([status]), writable - 1)
+        # The push reports the first data_written + 1 bytes; the status byte is among them when it follows
+        # the data directly (reads, and writes with a one-byte writable part: every request Linux makes).
+        chain.write(dma, bytes([status]), writable - 1, report=data_written + 1 < writable)
         if status != S_OK:
             self.errors += 1
         return data_written + 1
