@@ -140,8 +140,7 @@ class IoThread:
             if pending and publisher is not None:
                 flags = tuple(pending)
                 pending.clear()
-                publisher(self._selector.fileno(), flags)  # returns once a descriptor is ready
-                events = self._selector.select(0)
+                events = self._keys(publisher(self._selector.fileno(), flags))
             else:
                 events = self._selector.select()
             self.iterations += 1
@@ -158,6 +157,17 @@ class IoThread:
                 change()
             for handler, on_error in calls:
                 self._run(handler, on_error)
+
+    def _keys(self, fds: list[int]) -> list[tuple[selectors.SelectorKey, int]]:
+        """What ``select()`` would have returned for these ready descriptors (one unregistered since is
+        skipped)."""
+        keys = []
+        for fd in fds:
+            try:
+                keys.append((self._selector.get_key(fd), selectors.EVENT_READ))
+            except KeyError:
+                continue
+        return keys
 
     def _run(self, handler: Handler, on_error: ErrorHandler | None) -> None:
         try:

@@ -19,9 +19,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 
-WakePublisher = Callable[[int, Sequence[int]], None]
+WakePublisher = Callable[[int, Sequence[int]], list[int]]
 """``publisher(epoll_fd, flags)``: store 1 into each 32-bit flag (given by address), then block until a
-descriptor of the epoll set ``epoll_fd`` is ready -- both with the GIL released."""
+descriptor of the epoll set ``epoll_fd`` is ready -- both with the GIL released -- and return the ready
+descriptors (empty after a signal)."""
 
 _publisher: WakePublisher | None = None
 _thread_local = threading.local()

@@ -139,7 +139,8 @@ struct pyemu_gate {
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
 void pyemu_gate_pause(void *uc, void *opaque);
 int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns);
-int pyemu_publish_and_wait(int epfd, const intptr_t *flags, int count, int timeout_ms);
+int pyemu_publish_and_wait(int epfd, const intptr_t *flags, int count, int *ready, int max_ready,
+                           int timeout_ms);
 struct pyemu_port_fast {
     uint32_t count;
     uint32_t port[8];
@@ -264,12 +265,15 @@ def native_function(module: ModuleType, name: str) -> int:
     return int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0)
 
 
-def wake_publisher(module: ModuleType) -> Callable[[int, Sequence[int]], None]:
+def wake_publisher(module: ModuleType) -> Callable[[int, Sequence[int]], list[int]]:
     """The C function an I/O thread goes to sleep through (see :mod:`pyemu.system.wake_publish`)."""
     publish_and_wait = module.lib.pyemu_publish_and_wait
+    new = module.ffi.new
 
-    def publish(epoll_fd: int, flags: Sequence[int]) -> None:
-        publish_and_wait(epoll_fd, list(flags), len(flags), -1)
+    def publish(epoll_fd: int, flags: Sequence[int]) -> list[int]:
+        ready = new("int[64]")  # per call: several I/O threads may be asleep in here at once
+        count = publish_and_wait(epoll_fd, list(flags), len(flags), ready, 64, -1)
+        return list(ready[0:count]) if count > 0 else []
     return publish
 
 

@@ -20,10 +20,14 @@ class RecordingPublisher:
         self.calls: list[tuple[int, tuple[int, ...]]] = []
         self.published = threading.Event()
 
-    def __call__(self, epoll_fd: int, flags) -> None:  # type: ignore[no-untyped-def]
+    def __call__(self, epoll_fd: int, flags) -> list[int]:  # type: ignore[no-untyped-def]
         self.calls.append((epoll_fd, tuple(flags)))
         self.published.set()
-        select.select([epoll_fd], [], [])  # an epoll descriptor is readable when one of its set is ready
+        poller = select.epoll.fromfd(os.dup(epoll_fd))
+        try:
+            return [fd for fd, _mask in poller.poll()]
+        finally:
+            poller.close()
 
 
 @pytest.fixture
@@ -86,8 +90,8 @@ def test_the_c_publisher_sets_every_flag_before_it_waits() -> None:
     ready_r, ready_w = os.pipe()
     poller.register(ready_r, select.EPOLLIN)
     try:
-        os.write(ready_w, b"x")  # a ready descriptor: the wait returns at once
-        wake_publisher(module)(poller.fileno(), addresses[:2])
+        os.write(ready_w, b"x")  # a ready descriptor: the wait returns at once, naming it
+        assert wake_publisher(module)(poller.fileno(), addresses[:2]) == [ready_r]
         assert list(flags) == [1, 1, 0]
     finally:
         poller.close()
