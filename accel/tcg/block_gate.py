@@ -49,6 +49,7 @@ from unicorn import x86_const as x86
 
 from pyemu.system.cache import cache_root
 from pyemu.accel.tcg.errors import BlockHookBuildError, EngineError
+from pyemu.system.wake_publish import WakePublisher
 
 # One compiled module holds the engine callbacks: the TLB-fill hook (tlb_fill.c, first: the gate reads
 # its state), the block gate, the I/O permission guard (io_guard.c, see io_guard.py) and the device
@@ -265,7 +266,7 @@ def native_function(module: ModuleType, name: str) -> int:
     return int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0)
 
 
-def wake_publisher(module: ModuleType) -> Callable[[int, Sequence[int]], list[int]]:
+def wake_publisher(module: ModuleType) -> WakePublisher:
     """The C function an I/O thread goes to sleep through (see :mod:`pyemu.system.wake_publish`)."""
     publish_and_wait = module.lib.pyemu_publish_and_wait
     new = module.ffi.new

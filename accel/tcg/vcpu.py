@@ -255,7 +255,7 @@ class TcgVcpu:
         if self._polling and publish_on_sleep(self._gate.wake_flags):
             # From an I/O thread's handler while this vCPU spins in C: flags set now would end the spin
             # while the kicker still holds the GIL, and the vCPU would sleep in the GIL's wait until woken
-            # across CPUs. The I/O thread sets them once it has let the GIL go (system/iothread.py).
+            # across CPUs. The I/O thread sets them once it has let the GIL go (system/wake_publish.py).
             self._kick_published = True
             self.kicks_published += 1
             self._scheduler.nudge(self)
@@ -657,14 +657,11 @@ class TcgVcpu:
                     finally:
                         self._polling = False
                     window = 0  # one spin per halt; a flag that was not ours leads to the sleep below
-                    if woken_while_polling:
+                    # A kick published during the spin may not have ended it yet (its I/O thread is still
+                    # busy): its interrupt is in the controller already, so look again instead of sleeping.
+                    if woken_while_polling or self._kick_published:
                         self._kick_published = False
                         continue
-                if self._kick_published:
-                    # The spin ended before the kicking I/O thread went to sleep and set the flags; the
-                    # interrupt is in the controller already: look again instead of sleeping through it.
-                    self._kick_published = False
-                    continue
                 woken_while_polling = False
                 self._sleeping = True
                 try:
