@@ -23,6 +23,7 @@ import errno as _errno
 import threading
 from typing import Iterator
 
+from pyemu.block.buffers import io_buffer
 from pyemu.block.dirty_bitmap import DirtyBitmap
 from pyemu.block.driver import BlockDriver, check_request
 from pyemu.block.errors import BlockConfigError, BlockError, BlockIOError
@@ -271,16 +272,16 @@ class BlockCopy:
             if zero:
                 self._write_zeroes(pos, stop - pos)
                 continue
-            buffer = bytearray(stop - pos)
+            buffer = io_buffer(stop - pos)
             try:
-                self.source.preadv(pos, [memoryview(buffer)])
+                self.source.preadv(pos, [buffer])
             except (BlockError, OSError) as exc:
                 raise _copy_error(exc, "read", pos, stop - pos) from exc
             try:
                 if self._compressed_cluster:
-                    self._write_compressed(pos, memoryview(buffer))
+                    self._write_compressed(pos, buffer)
                 else:
-                    self.target.pwritev(pos, [memoryview(buffer)])
+                    self.target.pwritev(pos, [buffer])
             except (BlockError, OSError) as exc:
                 raise _copy_error(exc, "write", pos, stop - pos) from exc
 

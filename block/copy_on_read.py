@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 from pyemu.block import graph
 from pyemu.block.backing_link import backing_of, unwrap
+from pyemu.block.buffers import io_buffer
 from pyemu.block.blockdev import BlockdevError, DriverSpec, OpenContext, Opt, register_driver
 from pyemu.block.driver import BlockDriver, BlockStatus, check_request
 from pyemu.block.filter_node import FilterOverFile
@@ -128,9 +129,9 @@ class CopyOnRead(FilterOverFile):
             if not status.allocated:
                 above, run = self._allocated_above(pos, run)
                 if above:
-                    data = bytearray(run)
-                    self.file.preadv(pos, [memoryview(data)])
-                    self.file.pwritev(pos, [bytes(data)])
+                    data = io_buffer(run)
+                    self.file.preadv(pos, [data])
+                    self.file.pwritev(pos, [data])
                     written += run
             pos += run
         if written:

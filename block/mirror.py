@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from pyemu.block import borrowed, graph
 from pyemu.block.backing_link import backing_chain, unwrap
+from pyemu.block.buffers import io_buffer
 from pyemu.block.dirty_bitmap import DirtyBitmap, bitmaps_of
 from pyemu.block.driver import BlockDriver, BlockStatus, check_request
 from pyemu.block.filter_node import FilterOverFile
@@ -400,13 +401,13 @@ class MirrorJob(BlockJobEvents):
                         except (BlockError, OSError) as exc:
                             raise _CopyError(str(exc), side="write", err=_errno(exc)) from exc
                     else:
-                        buffer = bytearray(stop - pos)
+                        buffer = io_buffer(stop - pos)
                         try:
-                            self.source.preadv(pos, [memoryview(buffer)])
+                            self.source.preadv(pos, [buffer])
                         except (BlockError, OSError) as exc:
                             raise _CopyError(str(exc), side="read", err=_errno(exc)) from exc
                         try:
-                            self.target.pwritev(pos, [memoryview(buffer)])
+                            self.target.pwritev(pos, [buffer])
                         except (BlockError, OSError) as exc:
                             raise _CopyError(str(exc), side="write", err=_errno(exc)) from exc
                     pos = stop

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+from pyemu.block.buffers import io_buffer
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockError
 from pyemu.img.chain import layer_status
@@ -79,9 +80,9 @@ def commit_data(layers: list[BlockDriver], base: BlockDriver, size: int, progres
                 if zero and not data:
                     base.write_zeroes(pos, run, may_unmap=True)
                 else:
-                    buf = bytearray(run)
-                    node.preadv(pos, [memoryview(buf)])
-                    base.pwritev(pos, [memoryview(buf)])
+                    buf = io_buffer(run)
+                    node.preadv(pos, [buf])
+                    base.pwritev(pos, [buf])
                 break
         pos += length
         progress.set(pos)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 
+from pyemu.block.buffers import BytesLike, io_buffer, same_bytes
 from pyemu.block.driver import BlockDriver
 from pyemu.img.chain import Extent, status
 from pyemu.img.errors import UsageError
@@ -34,26 +35,26 @@ class _Done(Exception):
         self.status = status
 
 
-def read(node: BlockDriver, offset: int, length: int) -> bytearray:
-    buf = bytearray(length)
-    node.preadv(offset, [memoryview(buf)])
+def read(node: BlockDriver, offset: int, length: int) -> memoryview:
+    buf = io_buffer(length)
+    node.preadv(offset, [buf])
     return buf
 
 
-def first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int | None:
+def first_difference(a: BytesLike, b: BytesLike) -> int | None:
     """Index of the first differing byte, or None; compares in big slices first (fast path)."""
-    if a == b:
+    if same_bytes(a, b):
         return None
     step = 4096
     for pos in range(0, len(a), step):
-        if a[pos:pos + step] != b[pos:pos + step]:
+        if not same_bytes(a[pos:pos + step], b[pos:pos + step]):
             for i in range(pos, min(pos + step, len(a))):
                 if a[i] != b[i]:
                     return i
     return None
 
 
-def first_nonzero(buf: bytes | bytearray) -> int | None:
+def first_nonzero(buf: BytesLike) -> int | None:
     stripped = len(buf) - len(bytes(buf).lstrip(b"\0"))
     return None if stripped == len(buf) else stripped
 

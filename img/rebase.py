@@ -11,6 +11,7 @@ and, when relative, is resolved against the image's directory, as qemu-img does.
 
 from __future__ import annotations
 
+from pyemu.block.buffers import BytesLike, io_buffer, same_bytes
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockError
 from pyemu.img.chain import status
@@ -26,12 +27,12 @@ CHUNK = 1 << 20
 SECTOR = 512
 
 
-def read_or_zero(node: BlockDriver | None, offset: int, length: int) -> bytearray:
+def read_or_zero(node: BlockDriver | None, offset: int, length: int) -> memoryview:
     """``length`` bytes at ``offset`` of ``node``; zeros for no node and past its end."""
-    buf = bytearray(length)
+    buf = io_buffer(length)
     if node is not None and offset < node.size():
         n = min(length, node.size() - offset)
-        node.preadv(offset, [memoryview(buf)[:n]])
+        node.preadv(offset, [buf[:n]])
     return buf
 
 
@@ -43,17 +44,17 @@ def known_zero(node: BlockDriver | None, offset: int, length: int) -> int:
     return ext.length if ext.zero and not ext.data else 0
 
 
-def differing_runs(a: bytes | bytearray, b: bytes | bytearray) -> list[tuple[int, int]]:
+def differing_runs(a: BytesLike, b: BytesLike) -> list[tuple[int, int]]:
     """``(start, length)`` of the 512-byte sectors where ``a`` and ``b`` differ, merged."""
     runs: list[tuple[int, int]] = []
-    if a == b:
+    if same_bytes(a, b):
         return runs
     view_a, view_b = memoryview(a), memoryview(b)
     n = len(a)
     pos = 0
     while pos < n:
         end = min(n, pos + SECTOR)
-        if view_a[pos:end] != view_b[pos:end]:
+        if not same_bytes(view_a[pos:end], view_b[pos:end]):
             if runs and runs[-1][0] + runs[-1][1] == pos:
                 runs[-1] = (runs[-1][0], end - runs[-1][0])
             else:

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from pyemu.block.buffers import io_buffer
 from pyemu.block.driver import BlockCapabilities, BlockStatus, check_request
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.iovec import byte_views, total_length
@@ -430,8 +431,8 @@ class NbdClient:
         if len(views) == 1:
             self._read_into(offset, views[0])
             return
-        buf = bytearray(length)
-        self._read_into(offset, memoryview(buf))
+        buf = io_buffer(length)
+        self._read_into(offset, buf)
         pos = 0
         for view in views:
             view[:] = buf[pos:pos + view.nbytes]

@@ -27,6 +27,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
+from pyemu.block.buffers import io_buffer
 from pyemu.block.driver import BlockDriver, BlockStatus
 from pyemu.block.errors import BlockError, BlockIOError, ReadOnlyError
 from pyemu.block.nbd import protocol as P
@@ -457,7 +458,7 @@ class _Client:
             request = P.Request.unpack(P.recv_exact(self.sock, P.REQUEST.size))
             if request.type == P.CMD_DISC:
                 return
-            payload: bytearray | None = None
+            payload: memoryview | None = None
             if request.type == P.CMD_WRITE:
                 if request.length > P.MAX_PAYLOAD:
                     # The payload cannot be skipped without trusting the length: end the connection.
@@ -466,8 +467,8 @@ class _Client:
                     raise P.NbdProtocolError(f"write of {request.length} bytes (limit {P.MAX_PAYLOAD})")
                 self._reserve(request.length)
                 try:
-                    payload = bytearray(request.length)
-                    P.recv_into_exact(self.sock, memoryview(payload))
+                    payload = io_buffer(request.length)
+                    P.recv_into_exact(self.sock, payload)
                 except BaseException:
                     self._release(request.length)
                     raise
@@ -505,7 +506,7 @@ class _Client:
         else:
             self._release(request.length if request.type == P.CMD_READ and request.length <= P.MAX_PAYLOAD else 0)
 
-    def _handle(self, export: NbdExport, request: P.Request, payload: bytearray | None) -> None:
+    def _handle(self, export: NbdExport, request: P.Request, payload: memoryview | None) -> None:
         try:
             self._dispatch(export, request, payload)
         except P.NbdDisconnected:
@@ -550,7 +551,7 @@ class _Client:
                 return P.NBD_EINVAL, "block status of an empty range"
         return None
 
-    def _dispatch(self, export: NbdExport, request: P.Request, payload: bytearray | None) -> None:
+    def _dispatch(self, export: NbdExport, request: P.Request, payload: memoryview | None) -> None:
         refusal = self._check(export, request)
         if refusal is not None:
             self._send_error(request, *refusal)
@@ -563,7 +564,7 @@ class _Client:
                 return
             if kind == P.CMD_WRITE:
                 assert payload is not None
-                node.pwritev(request.offset, [memoryview(payload)])
+                node.pwritev(request.offset, [payload])
                 if request.flags & P.CMD_FLAG_FUA:
                     node.flush()
             elif kind == P.CMD_FLUSH:
@@ -610,9 +611,9 @@ class _Client:
             self._send(P.SIMPLE_REPLY.pack(P.SIMPLE_REPLY_MAGIC, nbd_errno, request.handle))
 
     def _read(self, node: BlockDriver, request: P.Request) -> None:
-        buf = bytearray(request.length)
+        buf = io_buffer(request.length)
         if request.length:
-            node.preadv(request.offset, [memoryview(buf)])
+            node.preadv(request.offset, [buf])
         if self.structured:
             if not request.length:
                 self._send_ok(request)
