@@ -23,11 +23,11 @@ import errno as _errno
 import threading
 from typing import Iterator
 
-from pyemu.block.buffers import io_buffer
 from pyemu.block.dirty_bitmap import DirtyBitmap
 from pyemu.block.driver import BlockDriver, check_request
 from pyemu.block.errors import BlockConfigError, BlockError, BlockIOError
 from pyemu.block.hostio import zero_chunks
+from pyemu.system.buffers import io_buffer
 
 DEFAULT_CLUSTER_SIZE = 64 * 1024
 MAX_CHUNK = 1 << 20

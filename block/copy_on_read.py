@@ -22,12 +22,12 @@ from typing import Any, Sequence
 
 from pyemu.block import graph
 from pyemu.block.backing_link import backing_of, unwrap
-from pyemu.block.buffers import io_buffer
 from pyemu.block.blockdev import BlockdevError, DriverSpec, OpenContext, Opt, register_driver
 from pyemu.block.driver import BlockDriver, BlockStatus, check_request
 from pyemu.block.filter_node import FilterOverFile
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import BlockPerm
+from pyemu.system.buffers import io_buffer
 
 DEFAULT_GRANULARITY = 64 * 1024
 POPULATE_CHUNK = 1 << 20

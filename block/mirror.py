@@ -41,7 +41,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 from pyemu.block import borrowed, graph
 from pyemu.block.backing_link import backing_chain, unwrap
-from pyemu.block.buffers import io_buffer
 from pyemu.block.dirty_bitmap import DirtyBitmap, bitmaps_of
 from pyemu.block.driver import BlockDriver, BlockStatus, check_request
 from pyemu.block.filter_node import FilterOverFile
@@ -50,6 +49,7 @@ from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import BlockPerm
 from pyemu.jobs.block_job import BlockJobEvents
 from pyemu.jobs.job import EventSink, JobError, JobFailed, check_job_id, check_speed, error_text
+from pyemu.system.buffers import io_buffer
 
 MIRROR_SYNC_MODES = ("top", "full", "none")
 COPY_MODES = ("background", "write-blocking")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 
-from pyemu.block.buffers import io_buffer
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockError
 from pyemu.img.chain import layer_status
@@ -23,6 +22,7 @@ from pyemu.img.getopts import OptionSpec, parse
 from pyemu.img.images import (as_qcow2, check_format, close_checked, close_quietly, create_image, header_of,
                               open_image, resolve_backing)
 from pyemu.img.progress import Progress
+from pyemu.system.buffers import io_buffer
 
 SPEC = OptionSpec("b:df:hpqr:t:")
 

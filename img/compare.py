@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 
-from pyemu.block.buffers import BytesLike, io_buffer, same_bytes
 from pyemu.block.driver import BlockDriver
 from pyemu.img.chain import Extent, status
 from pyemu.img.errors import UsageError
 from pyemu.img.getopts import OptionSpec, parse
 from pyemu.img.images import check_format, opened
 from pyemu.img.progress import Progress
+from pyemu.system.buffers import BytesLike, io_buffer, same_bytes
 
 SPEC = OptionSpec("F:T:Uf:hpqs", ("force-share",))
 

@@ -26,7 +26,6 @@ from typing import Callable, Iterator, NamedTuple, TypeVar
 
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockIOError
-from pyemu.block.buffers import is_zero, same_bytes
 from pyemu.img.chain import status
 from pyemu.img.createopts import CREATE_OPTIONS, OptionSet, help_text, wants_help
 from pyemu.img.cli import PROG
@@ -37,6 +36,7 @@ from pyemu.img.images import (as_qcow2, backing_of, check_format, close_checked,
 from pyemu.img.progress import Progress
 from pyemu.img.sizes import SizeRangeError, SizeSyntaxError, parse_size
 from pyemu.img.workers import OrderedPool
+from pyemu.system.buffers import is_zero, same_bytes
 
 T = TypeVar("T")
 Buffer = bytearray | mmap.mmap

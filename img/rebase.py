@@ -11,7 +11,6 @@ and, when relative, is resolved against the image's directory, as qemu-img does.
 
 from __future__ import annotations
 
-from pyemu.block.buffers import BytesLike, io_buffer, same_bytes
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockError
 from pyemu.img.chain import status
@@ -20,6 +19,7 @@ from pyemu.img.getopts import OptionSpec, parse
 from pyemu.img.images import (as_qcow2, backing_of, check_format, close_checked, close_quietly, open_image,
                               resolve_backing)
 from pyemu.img.progress import Progress
+from pyemu.system.buffers import BytesLike, io_buffer, same_bytes
 
 SPEC = OptionSpec("F:T:Ub:f:hpqt:u", ("force-share",))
 

@@ -25,12 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from pyemu.block.buffers import io_buffer
 from pyemu.block.driver import BlockCapabilities, BlockStatus, check_request
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.nbd import protocol as P
 from pyemu.block.nbd.uri import NbdAddress, NbdTarget
+from pyemu.system.buffers import io_buffer
 
 CONNECT_TIMEOUT = 30.0
 MAX_REPLY_CHUNK = P.MAX_PAYLOAD + 4096

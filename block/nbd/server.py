@@ -27,11 +27,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from pyemu.block.buffers import io_buffer
 from pyemu.block.driver import BlockDriver, BlockStatus
 from pyemu.block.errors import BlockError, BlockIOError, ReadOnlyError
 from pyemu.block.nbd import protocol as P
 from pyemu.block.nbd.export import DirtyBitmapSource, NbdExport
+from pyemu.system.buffers import io_buffer
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import mmap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyemu.block.buffers import CACHE_LINE, io_buffer, is_zero, same_bytes
+from pyemu.system.buffers import CACHE_LINE, io_buffer, is_zero, same_bytes
 
 
 def address(view: memoryview) -> int:
