@@ -34,12 +34,7 @@ dependency on libunicorn exists and exactly one copy of it is in the process.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import importlib.util
 import os
-import sys
-import tempfile
-import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Sequence
@@ -47,8 +42,8 @@ from typing import Any, Callable, Sequence
 from unicorn import UC_HOOK_BLOCK, Uc
 from unicorn import x86_const as x86
 
-from pyemu.system.cache import cache_root
 from pyemu.accel.tcg.errors import BlockHookBuildError, EngineError
+from pyemu.system.native import NativeBuildError, load_native
 from pyemu.system.wake_publish import WakePublisher
 
 # One compiled module holds the engine callbacks: the TLB-fill hook (tlb_fill.c, first: the gate reads
@@ -191,71 +186,12 @@ struct pyemu_mmio_window {
 };
 void pyemu_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t value, void *user_data);
 """
-_build_lock = threading.Lock()
-_module: ModuleType | None = None
-
-
-def cache_dir() -> Path:
-    """The compiled hooks live in pyemu's cache (``$PYEMU_CACHE``, ``$XDG_CACHE_HOME/pyemu``, ...)."""
-    return cache_root()
-
-
-def _module_name(source: str) -> str:
-    digest = hashlib.sha256((source + _CDEF + sys.version).encode()).hexdigest()[:16]
-    return f"_pyemu_block_gate_{digest}"
-
-
 def load_gate_module() -> ModuleType:
     """Build (first use) and import the compiled gate; later calls return the loaded module."""
-    global _module
-    with _build_lock:
-        if _module is not None:
-            return _module
-        source = "\n".join(path.read_text() for path in _SOURCES)
-        name = _module_name(source)
-        directory = cache_dir()
-        existing = sorted(directory.glob(f"{name}*.so")) if directory.is_dir() else []
-        path = existing[0] if existing else _build(name, source, directory)
-        spec = importlib.util.spec_from_file_location(name, path)
-        if spec is None or spec.loader is None:
-            raise BlockHookBuildError(f"cannot load the block gate from {path}", build_dir=str(directory))
-        module = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(module)
-        except ImportError as exc:
-            raise BlockHookBuildError(f"cannot import the block gate {path}: {exc}",
-                                      build_dir=str(directory)) from exc
-        _module = module
-        return module
-
-
-def _build(name: str, source: str, directory: Path) -> Path:
-    import cffi
-
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        workdir = tempfile.mkdtemp(prefix="build-", dir=directory)
-    except OSError as exc:
-        raise BlockHookBuildError(f"cannot create the build directory: {exc.strerror}",
-                                  build_dir=str(directory)) from exc
-    ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
-    ffi.set_source(name, source, extra_compile_args=["-O2"])
-    try:
-        built = Path(ffi.compile(tmpdir=workdir, verbose=False))
-        target = directory / built.name
-        os.replace(built, target)  # atomic: concurrent builders leave one complete file
-    except Exception as exc:  # cffi raises VerificationError / distutils errors / OSError
-        raise BlockHookBuildError(f"building the C block gate failed: {exc}", build_dir=workdir) from exc
-    finally:
-        _remove_tree(workdir)
-    return target
-
-
-def _remove_tree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+        return load_native("block_gate", _SOURCES, _CDEF, what="the C block gate")
+    except NativeBuildError as exc:
+        raise BlockHookBuildError(str(exc), build_dir=exc.build_dir) from exc
 
 
 def native_function(module: ModuleType, name: str) -> int:

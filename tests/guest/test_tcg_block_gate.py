@@ -7,7 +7,8 @@ import threading
 import time
 
 from pyemu.accel.exits import Stopped
-from pyemu.accel.tcg.block_gate import BlockGate, cache_dir, load_gate_module
+from pyemu.accel.tcg.block_gate import BlockGate, load_gate_module
+from pyemu.system.cache import cache_root
 from pyemu.testing import FakeInterruptController, GuestProgram, prepared
 from pyemu.testing.environment import DATA
 from pyemu.testing.handlers import exit_with, recording_handler, slot_address
@@ -32,7 +33,7 @@ bad:
 def test_gate_module_is_cached_on_disk() -> None:
     module = load_gate_module()
     assert load_gate_module() is module
-    assert module.__file__ is not None and module.__file__.startswith(str(cache_dir()))
+    assert module.__file__ is not None and module.__file__.startswith(str(cache_root()))
 
 
 def test_host_stops_are_precise_in_a_tight_loop() -> None:
