@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 from pyemu.block import borrowed, graph
 from pyemu.block.borrowed import BorrowedNode
 from pyemu.block.dirty_bitmap import existing_bitmaps
-from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus
+from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, ReadThrough
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.hostio import zero_chunks
 from pyemu.block.locking import PERM_ALL, BlockPerm, note_opened, opening_inactive
@@ -154,6 +154,32 @@ class BlockBackend:
                 self.root.preadv(offset, buffers)
         finally:
             self._leave()
+
+    def begin_read_through(self) -> ReadThrough | None:
+        """Reads may go straight to the returned host descriptor (:class:`ReadThrough`) until
+        :meth:`end_read_through`, which must follow whenever this returns one: they count as in flight
+        meanwhile, so a drain (a graph change, a snapshot, closing the drive) waits for them. None, with
+        nothing to end, when the drive is throttled or its root is not plain raw over a file, or it is
+        closed or quiesced: then reads take :meth:`preadv`."""
+        if self.throttle is not None:
+            return None
+        offer = getattr(self.root, "read_through", None)
+        if offer is None:
+            return None
+        with self._cond:
+            if self._quiesced or self._closed:
+                return None
+            self._inflight += 1
+        target: ReadThrough | None = None
+        try:
+            target = offer()
+            return target
+        finally:
+            if target is None:
+                self._leave()
+
+    def end_read_through(self) -> None:
+        self._leave()
 
     def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview], *, admitted: bool = False) -> None:
         self._check_writable("write", offset, buffers)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import NamedTuple, Protocol, Sequence, runtime_checkable
 
 from pyemu.block.errors import BlockIOError
 
@@ -46,6 +46,20 @@ class BlockStatus:
     zero: bool
     host_offset: int | None = None
     compressed: bool = False
+
+
+class ReadThrough(NamedTuple):
+    """Where reads of a node may go straight to a host descriptor, past the node graph: the disk's bytes
+    are the file's from ``file_offset`` on, ``size`` of them. With ``direct_align`` (O_DIRECT) only reads
+    aligned to it in offset, length and memory, and ending at or before ``direct_end``, may go there; the
+    others need the node's own path (bounce buffers, the buffered tail). A node offers this only when a
+    read through it is exactly a read of the file (``raw`` over ``file``), and only for reads."""
+
+    fd: int
+    file_offset: int
+    size: int
+    direct_align: int
+    direct_end: int
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ import stat
 import threading
 from typing import Sequence
 
-from pyemu.block.driver import BlockCapabilities, BlockStatus, check_request
+from pyemu.block.driver import BlockCapabilities, BlockStatus, ReadThrough, check_request
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DirectIO,
                                 dio_alignment, fallocate, read_full, write_full, zero_chunks)
@@ -222,6 +222,15 @@ class FileProtocol:
 
     def size(self) -> int:
         return self._size
+
+    def read_through(self) -> ReadThrough | None:
+        """The descriptor a read of this file may use directly (see :class:`ReadThrough`); None once closed."""
+        if self._closed:
+            return None
+        direct = self._direct
+        if direct is None:
+            return ReadThrough(self._fd, 0, self._size, 0, 0)
+        return ReadThrough(direct.fd, 0, self._size, direct.align, direct.tail_start)
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = byte_views(buffers, writable=True)

@@ -13,8 +13,9 @@ import errno
 from typing import Sequence
 
 from pyemu.block import graph
-from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
+from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, ReadThrough, check_request
 from pyemu.block.errors import BlockConfigError, BlockIOError
+from pyemu.block.file import FileProtocol
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import BlockPerm
 
@@ -83,6 +84,16 @@ class RawFormat:
             raise BlockIOError("Disk size too large for the chosen offset", errno=errno.EINVAL)
         from pyemu.block.resize import resize_node
         resize_node(self.child, self.offset + size)
+
+    def read_through(self) -> ReadThrough | None:
+        """The file's descriptor, shifted by this node's window (see :class:`ReadThrough`), when the child
+        is a plain file node (a filter or another format in between has its own say in every read)."""
+        if type(self.child) is not FileProtocol:  # noqa: E721  (a subclass may change what a read does)
+            return None
+        below = self.child.read_through()
+        if below is None:
+            return None
+        return below._replace(file_offset=below.file_offset + self.offset, size=self.size())
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = byte_views(buffers, writable=True)
