@@ -125,10 +125,10 @@ class VirtioTestDriver:
         return queue
 
     # -- requests -----------------------------------------------------------------------------------------
-    def buffer(self, data: bytes | int) -> int:
-        """A guest buffer holding ``data`` (or ``data`` zero bytes)."""
+    def buffer(self, data: bytes | int, align: int = 16) -> int:
+        """A guest buffer holding ``data`` (or ``data`` zero bytes), starting at a multiple of ``align``."""
         size = data if isinstance(data, int) else len(data)
-        addr = self.alloc.take(max(size, 1), 16)
+        addr = self.alloc.take(max(size, 1), align)
         if isinstance(data, int):
             self.memory.fill(addr, size, 0)
         else:

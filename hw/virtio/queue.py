@@ -534,6 +534,19 @@ class Virtqueue:
         self.used_idx = index
         self.pushed += len(entries)
 
+    def served_elsewhere(self, dma: DmaMemory, count: int, last_avail: int, used_idx: int,
+                         written_ranges: list[Piece]) -> None:
+        """``count`` chains were popped and their used elements filled outside this object (virtio-blk's C
+        read plane), which also kept ``avail_event``; ``written_ranges`` is what it wrote into them. Report
+        those to the DMA layer and then publish the used index, in :meth:`push_many`'s order."""
+        if written_ranges:
+            dma.wrote_ranges(written_ranges)
+        self.last_avail = last_avail & 0xFFFF
+        self.popped += count
+        self._put_used_u16(dma, 2, used_idx)
+        self.used_idx = used_idx & 0xFFFF
+        self.pushed += count
+
     def unpop(self, count: int) -> None:
         """Give the last ``count`` popped chains back to the available ring (QEMU's virtqueue_unpop), so
         buffers the device cannot use yet stay the driver's. ``avail_event`` needs no change: the pops set

@@ -1,0 +1,293 @@
+/* virtio-blk's read plane: serves the reads at the head of a split virtqueue straight from a raw image
+ * file into guest RAM, without Python (see blk_read_plane.py for when it is used and why).
+ *
+ * Everything the guest wrote is untrusted. This code never decides that a request is bad: whatever it
+ * does not fully understand -- a write, a flush, an odd layout, an index or address it cannot check, an
+ * O_DIRECT request it cannot send unbounced -- ends the call *before* that chain is taken, and the Python
+ * device, which owns every error path, handles it from there. So a chain is either served completely
+ * here (data read, status byte written, used element filled) or not touched at all.
+ *
+ * Memory safety: every guest address goes through ram_ptr(), which returns a host pointer only when the
+ * whole range lies inside one RAM region (overflow-safe), and every table index is checked against its
+ * table's size before use. The used index is not published here: Python reports the DMA writes first
+ * (the software CPU drops stale translations of that RAM) and then publishes it, as its own push does.
+ */
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#define RP_DESC_F_NEXT 1
+#define RP_DESC_F_WRITE 2
+#define RP_DESC_F_INDIRECT 4
+#define RP_MAX_QUEUE 32768
+#define RP_MAX_IOV 1024
+#define RP_T_IN 0
+#define RP_SECTOR 512
+#define RP_HEADER 16
+
+struct pyemu_rp_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint8_t *host;
+};
+
+struct pyemu_rp_range {
+    uint64_t gpa;
+    uint64_t len;
+};
+
+struct pyemu_rp_call {
+    /* in */
+    const struct pyemu_rp_region *ram;
+    uint32_t nram;
+    uint64_t desc, avail, used;   /* ring addresses (guest physical) */
+    uint32_t size;                /* queue size, a power of two */
+    int32_t indirect, event_idx;
+    int32_t fd;
+    uint64_t file_offset;         /* where the disk starts in the file (raw offset=) */
+    uint64_t disk_bytes;
+    uint64_t direct_align;        /* 0: buffered descriptor; else O_DIRECT alignment */
+    uint64_t direct_end;          /* O_DIRECT: file bytes from here on are not served (the partial tail) */
+    uint32_t max_requests;
+    struct pyemu_rp_range *wrote; /* guest ranges written, for the DMA report */
+    uint32_t max_wrote;
+    /* in/out */
+    uint16_t last_avail, used_idx;
+    /* out */
+    uint32_t served, nwrote;
+    uint64_t bytes;
+    int32_t stop;                 /* see RP_STOP_* */
+    int32_t error;                /* errno of a failed host read (RP_STOP_HOST_ERROR) */
+};
+
+enum { RP_STOP_EMPTY = 0, RP_STOP_PYTHON = 1, RP_STOP_HOST_ERROR = 2, RP_STOP_LIMIT = 3 };
+
+static uint8_t *ram_ptr(const struct pyemu_rp_call *c, uint64_t gpa, uint64_t len)
+{
+    for (uint32_t i = 0; i < c->nram; i++) {
+        const struct pyemu_rp_region *r = &c->ram[i];
+        if (gpa >= r->gpa && len <= r->size && gpa - r->gpa <= r->size - len)
+            return r->host + (gpa - r->gpa);
+    }
+    return NULL;
+}
+
+static inline uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t load_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void store_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void store_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+
+struct rp_seg { uint64_t gpa; uint8_t *host; uint32_t len; };
+
+struct rp_chain {
+    struct rp_seg seg[RP_MAX_IOV];
+    uint32_t nseg, nread;         /* segments; the first nread are device-readable */
+    uint64_t read_len, write_len;
+};
+
+/* Walk the chain from ``head`` by the rules of queue.py's Virtqueue._walk. 0: walked; -1: anything else
+ * (broken, or more segments than one preadv takes): left to Python. */
+static int walk(const struct pyemu_rp_call *c, const uint8_t *ring_table, uint16_t head, struct rp_chain *ch)
+{
+    const uint8_t *table = ring_table;
+    uint32_t table_size = c->size, index = head, visited = 0;
+    int in_indirect = 0;
+    ch->nseg = ch->nread = 0;
+    ch->read_len = ch->write_len = 0;
+    for (;;) {
+        if (++visited > table_size)
+            return -1;
+        const uint8_t *d = table + 16 * (uint64_t)index;
+        uint64_t addr = load_u64(d);
+        uint32_t len = load_u32(d + 8);
+        uint16_t flags = load_u16(d + 12), next = load_u16(d + 14);
+        if (flags & RP_DESC_F_INDIRECT) {
+            if (!c->indirect || in_indirect || (flags & RP_DESC_F_NEXT))
+                return -1;
+            if (len == 0 || len % 16 || len / 16 > RP_MAX_QUEUE)
+                return -1;
+            table = ram_ptr(c, addr, len);
+            if (table == NULL)
+                return -1;
+            table_size = len / 16;
+            index = 0;
+            visited = 0;
+            in_indirect = 1;
+            continue;
+        }
+        int writable = (flags & RP_DESC_F_WRITE) != 0;
+        if (!writable && ch->nseg > ch->nread)
+            return -1;            /* readable after writable */
+        if (len) {
+            uint8_t *host = ram_ptr(c, addr, len);
+            if (host == NULL || ch->nseg >= RP_MAX_IOV)
+                return -1;
+            if (writable) {
+                ch->write_len += len;
+                if (ch->write_len >= (1ull << 32))
+                    return -1;
+            } else {
+                ch->read_len += len;
+                if (ch->read_len >= (1ull << 32))
+                    return -1;
+                ch->nread++;
+            }
+            ch->seg[ch->nseg].gpa = addr;
+            ch->seg[ch->nseg].host = host;
+            ch->seg[ch->nseg].len = len;
+            ch->nseg++;
+        }
+        if (!(flags & RP_DESC_F_NEXT))
+            return 0;
+        if (next >= table_size)
+            return -1;
+        index = next;
+    }
+}
+
+/* The request header (type, reserved, sector), gathered from the readable segments. */
+static void header(const struct rp_chain *ch, uint8_t out[RP_HEADER])
+{
+    uint32_t got = 0;
+    for (uint32_t i = 0; i < ch->nread && got < RP_HEADER; i++) {
+        uint32_t n = ch->seg[i].len < RP_HEADER - got ? ch->seg[i].len : RP_HEADER - got;
+        memcpy(out + got, ch->seg[i].host, n);
+        got += n;
+    }
+}
+
+/* preadv until ``length`` bytes moved; the end of the file reads as zeros (hostio.read_full). */
+static int read_all(int fd, struct iovec *iov, int cnt, uint64_t offset, uint64_t length)
+{
+    while (length) {
+        ssize_t n = preadv(fd, iov, cnt, (off_t)offset);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno ? errno : EIO;
+        }
+        if (n == 0) {
+            for (int i = 0; i < cnt; i++)
+                memset(iov[i].iov_base, 0, iov[i].iov_len);
+            return 0;
+        }
+        offset += (uint64_t)n;
+        length -= (uint64_t)n;
+        while (cnt && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+int pyemu_rp_serve(struct pyemu_rp_call *c)
+{
+    c->served = c->nwrote = 0;
+    c->bytes = 0;
+    c->error = 0;
+    c->stop = RP_STOP_EMPTY;
+    uint32_t size = c->size;
+    if (size == 0 || size > RP_MAX_QUEUE || (size & (size - 1))) {
+        c->stop = RP_STOP_PYTHON;
+        return 0;
+    }
+    uint8_t *desc = ram_ptr(c, c->desc, 16ull * size);
+    uint8_t *avail = ram_ptr(c, c->avail, 6 + 2ull * size);
+    uint8_t *used = ram_ptr(c, c->used, 6 + 8ull * size);
+    if (desc == NULL || avail == NULL || used == NULL) {
+        c->stop = RP_STOP_PYTHON;
+        return 0;
+    }
+    static __thread struct rp_chain ch;   /* 16 KiB: not on the I/O thread's stack */
+    struct iovec iov[RP_MAX_IOV];
+    while (c->served < c->max_requests) {
+        uint16_t avail_idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
+        uint16_t pending = (uint16_t)(avail_idx - c->last_avail);
+        if (pending == 0) {
+            c->stop = RP_STOP_EMPTY;
+            return (int)c->served;
+        }
+        if (pending > size) {
+            c->stop = RP_STOP_PYTHON;
+            return (int)c->served;
+        }
+        uint16_t head = load_u16(avail + 4 + 2 * (c->last_avail & (size - 1)));
+        if (head >= size || walk(c, desc, head, &ch) != 0 || ch.read_len < RP_HEADER || ch.write_len < 1) {
+            c->stop = RP_STOP_PYTHON;
+            return (int)c->served;
+        }
+        if (c->nwrote + ch.nseg > c->max_wrote) {
+            c->stop = RP_STOP_LIMIT;          /* no room to report its writes: not taken this call */
+            return (int)c->served;
+        }
+        uint8_t hdr[RP_HEADER];
+        header(&ch, hdr);
+        uint32_t type = load_u32(hdr);
+        uint64_t sector = load_u64(hdr + 8);
+        uint64_t length = ch.write_len - 1;
+        if (type != RP_T_IN || length == 0 || length % RP_SECTOR || sector > c->disk_bytes / RP_SECTOR
+                || length > c->disk_bytes - sector * RP_SECTOR) {
+            c->stop = RP_STOP_PYTHON;
+            return (int)c->served;
+        }
+        /* The data: the writable segments without their last byte (the status). */
+        int cnt = 0;
+        uint64_t left = length;
+        for (uint32_t i = ch.nread; i < ch.nseg && left; i++) {
+            uint64_t n = ch.seg[i].len < left ? ch.seg[i].len : left;
+            iov[cnt].iov_base = ch.seg[i].host;
+            iov[cnt].iov_len = (size_t)n;
+            cnt++;
+            left -= n;
+        }
+        uint64_t offset = c->file_offset + sector * RP_SECTOR;
+        if (c->direct_align) {
+            uint64_t a = c->direct_align;
+            int ok = offset % a == 0 && length % a == 0 && offset + length <= c->direct_end;
+            for (int i = 0; ok && i < cnt; i++)
+                ok = (uintptr_t)iov[i].iov_base % a == 0 && iov[i].iov_len % a == 0;
+            if (!ok) {
+                c->stop = RP_STOP_PYTHON;   /* Python bounces it */
+                return (int)c->served;
+            }
+        }
+        int err = read_all(c->fd, iov, cnt, offset, length);
+        if (err) {
+            c->stop = RP_STOP_HOST_ERROR;    /* Python serves it again and reports the error */
+            c->error = err;
+            return (int)c->served;
+        }
+        /* The status byte: the last writable byte. */
+        struct rp_seg *last = &ch.seg[ch.nseg - 1];
+        last->host[last->len - 1] = 0;      /* VIRTIO_BLK_S_OK */
+        for (uint32_t i = ch.nread; i < ch.nseg; i++) {
+            c->wrote[c->nwrote].gpa = ch.seg[i].gpa;
+            c->wrote[c->nwrote].len = ch.seg[i].len;
+            c->nwrote++;
+        }
+        uint8_t *elem = used + 4 + 8 * (c->used_idx & (size - 1));
+        store_u32(elem, head);
+        store_u32(elem + 4, (uint32_t)ch.write_len);
+        c->last_avail++;
+        c->used_idx++;
+        c->served++;
+        c->bytes += length;
+        if (c->event_idx) {
+            /* avail_event: notify on the very next buffer; fenced before the next read of the index. */
+            store_u16(used + 4 + 8 * size, c->last_avail);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        }
+    }
+    c->stop = RP_STOP_LIMIT;
+    return (int)c->served;
+}
