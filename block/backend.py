@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 from pyemu.block import borrowed, graph
 from pyemu.block.borrowed import BorrowedNode
 from pyemu.block.dirty_bitmap import existing_bitmaps
-from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, ReadThrough
+from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, PassThrough
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.hostio import zero_chunks
 from pyemu.block.locking import PERM_ALL, BlockPerm, note_opened, opening_inactive
@@ -155,30 +155,46 @@ class BlockBackend:
         finally:
             self._leave()
 
-    def begin_read_through(self) -> ReadThrough | None:
-        """Reads may go straight to the returned host descriptor (:class:`ReadThrough`) until
-        :meth:`end_read_through`, which must follow whenever this returns one: they count as in flight
+    def begin_pass_through(self) -> PassThrough | None:
+        """Requests may go straight to the returned host descriptor (:class:`PassThrough`) until
+        :meth:`end_pass_through`, which must follow whenever this returns one: they count as in flight
         meanwhile, so a drain (a graph change, a snapshot, closing the drive) waits for them. None, with
         nothing to end, when the drive is throttled or its root is not plain raw over a file, or it is
-        closed or quiesced: then reads take :meth:`preadv`."""
+        closed or quiesced: then requests take :meth:`preadv` and :meth:`pwritev`.
+
+        Writes are withheld (``write_floor`` -1) from a read-only drive, a writethrough one (each write
+        needs its flush) and, under O_DIRECT, a drive that lets others write the image too (share-rw=on):
+        :meth:`pwritev` serialises an aligned write against another writer's read-modify-write of the same
+        blocks, which a write that bypasses it could not. Whoever writes through it reports the ranges with
+        :meth:`wrote_through`."""
         if self.throttle is not None:
             return None
-        offer = getattr(self.root, "read_through", None)
+        offer = getattr(self.root, "pass_through", None)
         if offer is None:
             return None
         with self._cond:
             if self._quiesced or self._closed:
                 return None
             self._inflight += 1
-        target: ReadThrough | None = None
+        target: PassThrough | None = None
         try:
             target = offer()
+            if target is not None and target.write_floor >= 0 and (
+                    self._read_only or (self.cache.writethrough and not self.cache.no_flush)
+                    or (target.direct_align and self._shared & BlockPerm.WRITE)):
+                target = target._replace(write_floor=-1)
             return target
         finally:
             if target is None:
                 self._leave()
 
-    def end_read_through(self) -> None:
+    def wrote_through(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """``(offset, length)`` disk ranges were written through :meth:`begin_pass_through`'s descriptor: the
+        dirty bitmaps record them, as after :meth:`pwritev`."""
+        for offset, length in ranges:
+            self._mark_dirty(offset, length)
+
+    def end_pass_through(self) -> None:
         self._leave()
 
     def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview], *, admitted: bool = False) -> None:

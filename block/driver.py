@@ -48,18 +48,20 @@ class BlockStatus:
     compressed: bool = False
 
 
-class ReadThrough(NamedTuple):
-    """Where reads of a node may go straight to a host descriptor, past the node graph: the disk's bytes
-    are the file's from ``file_offset`` on, ``size`` of them. With ``direct_align`` (O_DIRECT) only reads
+class PassThrough(NamedTuple):
+    """Where requests to a node may go straight to a host descriptor, past the node graph: the disk's bytes
+    are the file's from ``file_offset`` on, ``size`` of them. With ``direct_align`` (O_DIRECT) only requests
     aligned to it in offset, length and memory, and ending at or before ``direct_end``, may go there; the
-    others need the node's own path (bounce buffers, the buffered tail). A node offers this only when a
-    read through it is exactly a read of the file (``raw`` over ``file``), and only for reads."""
+    others need the node's own path (bounce buffers, the buffered tail). Writes may go there only from disk
+    byte ``write_floor`` on, and not at all when it is -1. A node offers this only when a request through it
+    is exactly a request to the file (``raw`` over ``file``)."""
 
     fd: int
     file_offset: int
     size: int
     direct_align: int
     direct_end: int
+    write_floor: int
 
 
 @runtime_checkable

@@ -23,7 +23,7 @@ import stat
 import threading
 from typing import Sequence
 
-from pyemu.block.driver import BlockCapabilities, BlockStatus, ReadThrough, check_request
+from pyemu.block.driver import BlockCapabilities, BlockStatus, PassThrough, check_request
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DirectIO,
                                 dio_alignment, fallocate, read_full, write_full, zero_chunks)
@@ -223,14 +223,16 @@ class FileProtocol:
     def size(self) -> int:
         return self._size
 
-    def read_through(self) -> ReadThrough | None:
-        """The descriptor a read of this file may use directly (see :class:`ReadThrough`); None once closed."""
+    def pass_through(self) -> PassThrough | None:
+        """The descriptor requests to this file may use directly (see :class:`PassThrough`); None once
+        closed. No writes when the file is read-only."""
         if self._closed:
             return None
+        floor = -1 if self.read_only else 0
         direct = self._direct
         if direct is None:
-            return ReadThrough(self._fd, 0, self._size, 0, 0)
-        return ReadThrough(direct.fd, 0, self._size, direct.align, direct.tail_start)
+            return PassThrough(self._fd, 0, self._size, 0, 0, floor)
+        return PassThrough(direct.fd, 0, self._size, direct.align, direct.tail_start, floor)
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = byte_views(buffers, writable=True)

@@ -13,7 +13,7 @@ import errno
 from typing import Sequence
 
 from pyemu.block import graph
-from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, ReadThrough, check_request
+from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, PassThrough, check_request
 from pyemu.block.errors import BlockConfigError, BlockIOError
 from pyemu.block.file import FileProtocol
 from pyemu.block.iovec import byte_views, total_length
@@ -85,15 +85,19 @@ class RawFormat:
         from pyemu.block.resize import resize_node
         resize_node(self.child, self.offset + size)
 
-    def read_through(self) -> ReadThrough | None:
-        """The file's descriptor, shifted by this node's window (see :class:`ReadThrough`), when the child
-        is a plain file node (a filter or another format in between has its own say in every read)."""
-        if type(self.child) is not FileProtocol:  # noqa: E721  (a subclass may change what a read does)
+    def pass_through(self) -> PassThrough | None:
+        """The file's descriptor, shifted by this node's window (see :class:`PassThrough`), when the child
+        is a plain file node (a filter or another format in between has its own say in every request).
+        A probed image keeps its first sector to :meth:`pwritev`, which guards it."""
+        if type(self.child) is not FileProtocol:  # noqa: E721  (a subclass may change what a request does)
             return None
-        below = self.child.read_through()
+        below = self.child.pass_through()
         if below is None:
             return None
-        return below._replace(file_offset=below.file_offset + self.offset, size=self.size())
+        floor = below.write_floor
+        if floor >= 0 and self.guard_block0:
+            floor = max(floor, SECTOR_SIZE)
+        return below._replace(file_offset=below.file_offset + self.offset, size=self.size(), write_floor=floor)
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = byte_views(buffers, writable=True)

@@ -20,7 +20,7 @@ from pyemu.block.backend import BlockBackend
 from pyemu.block.errors import BlockError
 from pyemu.block.iovec import ByteViews
 from pyemu.block.throttle import Ticket
-from pyemu.hw.virtio import blk_read_plane
+from pyemu.hw.virtio import blk_plane
 from pyemu.hw.virtio.device import ID_BLOCK, VirtioDevice, pack_config
 from pyemu.hw.virtio.errors import VirtqueueError
 from pyemu.hw.virtio.queue import DescriptorChain, Virtqueue
@@ -91,10 +91,10 @@ class VirtioBlk(VirtioDevice):
         self._held: dict[int, tuple[DescriptorChain, Ticket]] = {}
         # A backend without throttling support (a test double) is served without admission.
         self._throttles = hasattr(backend, "admit")
-        # The C read plane, one call structure per queue (made at the queue's first kick); a stand-in backend
+        # The C data plane, one call structure per queue (made at the queue's first kick); a stand-in backend
         # that cannot name a host descriptor (a test double) has none.
-        self._planes: dict[int, blk_read_plane.ReadPlane] = {}
-        self._no_plane = not hasattr(backend, "begin_read_through")
+        self._planes: dict[int, blk_plane.DataPlane] = {}
+        self._no_plane = not hasattr(backend, "begin_pass_through")
         self.config_changes = 0
         listeners = getattr(backend, "resize_listeners", None)  # a test's stand-in backend may not resize
         if listeners is not None:
@@ -150,30 +150,30 @@ class VirtioBlk(VirtioDevice):
             return
         if served:
             self.context.notify_queue(queue)
-        if self._read_plane_serves(queue):
+        if self._plane_serves(queue):
             self.context.notify_queue(queue)
         while self._process_batch(queue):
             self.context.notify_queue(queue)
 
-    def _read_plane_serves(self, queue: Virtqueue) -> int:
-        """Reads at the head of the queue served by the C read plane (:mod:`pyemu.hw.virtio.blk_read_plane`)
+    def _plane_serves(self, queue: Virtqueue) -> int:
+        """Reads and writes at the head of the queue served by the C data plane (:mod:`pyemu.hw.virtio.blk_plane`)
         when the drive allows it; returns how many (the Python path serves whatever it leaves)."""
         plane = self._planes.get(queue.index)
         if plane is None:
             if self._no_plane:
                 return 0
-            module = blk_read_plane.load() if blk_read_plane.enabled() else None
+            module = blk_plane.load() if blk_plane.enabled() else None
             if module is None:
                 self._no_plane = True
                 return 0
-            plane = self._planes[queue.index] = blk_read_plane.ReadPlane(module, self.context.dma)  # type: ignore[union-attr]
-        target = self.backend.begin_read_through()
+            plane = self._planes[queue.index] = blk_plane.DataPlane(module, self.context.dma)  # type: ignore[union-attr]
+        target = self.backend.begin_pass_through()
         if target is None:
             return 0
         try:
-            served = plane.serve(queue, self.context.dma, target)  # type: ignore[union-attr]
+            served = plane.serve(queue, self.context.dma, target, self.backend)  # type: ignore[union-attr]
         finally:
-            self.backend.end_read_through()
+            self.backend.end_pass_through()
         self.requests += served
         return served
 

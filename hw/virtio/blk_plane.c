@@ -1,11 +1,11 @@
-/* virtio-blk's read plane: serves the reads at the head of a split virtqueue straight from a raw image
- * file into guest RAM, without Python (see blk_read_plane.py for when it is used and why).
+/* virtio-blk's data plane: serves the reads and writes at the head of a split virtqueue straight between
+ * a raw image file and guest RAM, without Python (see blk_plane.py for when it is used and why).
  *
  * Everything the guest wrote is untrusted. This code never decides that a request is bad: whatever it
- * does not fully understand -- a write, a flush, an odd layout, an index or address it cannot check, an
- * O_DIRECT request it cannot send unbounced -- ends the call *before* that chain is taken, and the Python
- * device, which owns every error path, handles it from there. So a chain is either served completely
- * here (data read, status byte written, used element filled) or not touched at all.
+ * does not fully understand -- a flush, a discard, an odd layout, an index or address it cannot check, an
+ * O_DIRECT request it cannot send unbounced, a write it may not do -- ends the call *before* that chain is
+ * taken, and the Python device, which owns every error path, handles it from there. So a chain is either
+ * served completely here (data moved, status byte written, used element filled) or not touched at all.
  *
  * Memory safety: every guest address goes through ram_ptr(), which returns a host pointer only when the
  * whole range lies inside one RAM region (overflow-safe), and every table index is checked against its
@@ -25,6 +25,7 @@
 #define RP_MAX_QUEUE 32768
 #define RP_MAX_IOV 1024
 #define RP_T_IN 0
+#define RP_T_OUT 1
 #define RP_SECTOR 512
 #define RP_HEADER 16
 
@@ -51,19 +52,47 @@ struct pyemu_rp_call {
     uint64_t disk_bytes;
     uint64_t direct_align;        /* 0: buffered descriptor; else O_DIRECT alignment */
     uint64_t direct_end;          /* O_DIRECT: file bytes from here on are not served (the partial tail) */
+    int64_t write_floor;          /* writes only at disk bytes from here on; -1: no writes */
     uint32_t max_requests;
     struct pyemu_rp_range *wrote; /* guest ranges written, for the DMA report */
     uint32_t max_wrote;
+    struct pyemu_rp_range *disk;  /* disk ranges written, for the dirty bitmaps */
+    uint32_t max_disk;
     /* in/out */
     uint16_t last_avail, used_idx;
     /* out */
-    uint32_t served, nwrote;
+    uint32_t served, nwrote, ndisk;
     uint64_t bytes;
     int32_t stop;                 /* see RP_STOP_* */
     int32_t error;                /* errno of a failed host read (RP_STOP_HOST_ERROR) */
 };
 
+struct rp_seg { uint64_t gpa; uint8_t *host; uint32_t len; };
+
 enum { RP_STOP_EMPTY = 0, RP_STOP_PYTHON = 1, RP_STOP_HOST_ERROR = 2, RP_STOP_LIMIT = 3 };
+
+/* The data of a request as an iovec: ``skip`` bytes into the segments [first, end), ``length`` bytes. */
+static int data_iov(const struct rp_seg *seg, uint32_t first, uint32_t end, uint64_t skip, uint64_t length,
+                    struct iovec *iov)
+{
+    int cnt = 0;
+    for (uint32_t i = first; i < end && length; i++) {
+        uint64_t n = seg[i].len;
+        if (skip >= n) {
+            skip -= n;
+            continue;
+        }
+        n -= skip;
+        if (n > length)
+            n = length;
+        iov[cnt].iov_base = seg[i].host + skip;
+        iov[cnt].iov_len = (size_t)n;
+        cnt++;
+        length -= n;
+        skip = 0;
+    }
+    return cnt;
+}
 
 static uint8_t *ram_ptr(const struct pyemu_rp_call *c, uint64_t gpa, uint64_t len)
 {
@@ -80,8 +109,6 @@ static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4)
 static inline uint64_t load_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
 static inline void store_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void store_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-
-struct rp_seg { uint64_t gpa; uint8_t *host; uint32_t len; };
 
 struct rp_chain {
     struct rp_seg seg[RP_MAX_IOV];
@@ -160,17 +187,20 @@ static void header(const struct rp_chain *ch, uint8_t out[RP_HEADER])
     }
 }
 
-/* preadv until ``length`` bytes moved; the end of the file reads as zeros (hostio.read_full). */
-static int read_all(int fd, struct iovec *iov, int cnt, uint64_t offset, uint64_t length)
+/* preadv (or pwritev) until ``length`` bytes moved. The end of the file reads as zeros
+ * (hostio.read_full); a write that moves nothing is an error (hostio.write_full). */
+static int transfer_all(int fd, int write, struct iovec *iov, int cnt, uint64_t offset, uint64_t length)
 {
     while (length) {
-        ssize_t n = preadv(fd, iov, cnt, (off_t)offset);
+        ssize_t n = write ? pwritev(fd, iov, cnt, (off_t)offset) : preadv(fd, iov, cnt, (off_t)offset);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             return errno ? errno : EIO;
         }
         if (n == 0) {
+            if (write)
+                return EIO;
             for (int i = 0; i < cnt; i++)
                 memset(iov[i].iov_base, 0, iov[i].iov_len);
             return 0;
@@ -192,7 +222,7 @@ static int read_all(int fd, struct iovec *iov, int cnt, uint64_t offset, uint64_
 
 int pyemu_rp_serve(struct pyemu_rp_call *c)
 {
-    c->served = c->nwrote = 0;
+    c->served = c->nwrote = c->ndisk = 0;
     c->bytes = 0;
     c->error = 0;
     c->stop = RP_STOP_EMPTY;
@@ -234,22 +264,22 @@ int pyemu_rp_serve(struct pyemu_rp_call *c)
         header(&ch, hdr);
         uint32_t type = load_u32(hdr);
         uint64_t sector = load_u64(hdr + 8);
-        uint64_t length = ch.write_len - 1;
-        if (type != RP_T_IN || length == 0 || length % RP_SECTOR || sector > c->disk_bytes / RP_SECTOR
-                || length > c->disk_bytes - sector * RP_SECTOR) {
+        int write = type == RP_T_OUT;
+        uint64_t length = write ? ch.read_len - RP_HEADER : ch.write_len - 1;
+        if ((type != RP_T_IN && !write) || length == 0 || length % RP_SECTOR
+                || sector > c->disk_bytes / RP_SECTOR || length > c->disk_bytes - sector * RP_SECTOR
+                || (write && (c->write_floor < 0 || sector * RP_SECTOR < (uint64_t)c->write_floor))) {
             c->stop = RP_STOP_PYTHON;
             return (int)c->served;
         }
-        /* The data: the writable segments without their last byte (the status). */
-        int cnt = 0;
-        uint64_t left = length;
-        for (uint32_t i = ch.nread; i < ch.nseg && left; i++) {
-            uint64_t n = ch.seg[i].len < left ? ch.seg[i].len : left;
-            iov[cnt].iov_base = ch.seg[i].host;
-            iov[cnt].iov_len = (size_t)n;
-            cnt++;
-            left -= n;
+        if (write && c->ndisk >= c->max_disk) {
+            c->stop = RP_STOP_LIMIT;
+            return (int)c->served;
         }
+        /* The data: a read's writable segments without their last byte (the status), a write's readable
+         * segments after the header. */
+        int cnt = write ? data_iov(ch.seg, 0, ch.nread, RP_HEADER, length, iov)
+                        : data_iov(ch.seg, ch.nread, ch.nseg, 0, length, iov);
         uint64_t offset = c->file_offset + sector * RP_SECTOR;
         if (c->direct_align) {
             uint64_t a = c->direct_align;
@@ -261,23 +291,34 @@ int pyemu_rp_serve(struct pyemu_rp_call *c)
                 return (int)c->served;
             }
         }
-        int err = read_all(c->fd, iov, cnt, offset, length);
+        int err = transfer_all(c->fd, write, iov, cnt, offset, length);
         if (err) {
             c->stop = RP_STOP_HOST_ERROR;    /* Python serves it again and reports the error */
             c->error = err;
             return (int)c->served;
         }
-        /* The status byte: the last writable byte. */
+        if (write) {
+            c->disk[c->ndisk].gpa = sector * RP_SECTOR;
+            c->disk[c->ndisk].len = length;
+            c->ndisk++;
+        }
+        /* The status byte: the last writable byte. A read reports all it wrote, a write its status. */
         struct rp_seg *last = &ch.seg[ch.nseg - 1];
         last->host[last->len - 1] = 0;      /* VIRTIO_BLK_S_OK */
-        for (uint32_t i = ch.nread; i < ch.nseg; i++) {
-            c->wrote[c->nwrote].gpa = ch.seg[i].gpa;
-            c->wrote[c->nwrote].len = ch.seg[i].len;
+        if (write) {
+            c->wrote[c->nwrote].gpa = last->gpa + last->len - 1;
+            c->wrote[c->nwrote].len = 1;
             c->nwrote++;
+        } else {
+            for (uint32_t i = ch.nread; i < ch.nseg; i++) {
+                c->wrote[c->nwrote].gpa = ch.seg[i].gpa;
+                c->wrote[c->nwrote].len = ch.seg[i].len;
+                c->nwrote++;
+            }
         }
         uint8_t *elem = used + 4 + 8 * (c->used_idx & (size - 1));
         store_u32(elem, head);
-        store_u32(elem + 4, (uint32_t)ch.write_len);
+        store_u32(elem + 4, write ? 1 : (uint32_t)ch.write_len);
         c->last_avail++;
         c->used_idx++;
         c->served++;

@@ -1,4 +1,4 @@
-"""virtio-blk's C read plane (hw/virtio/blk_read_plane.c) against the Python path it stands in for.
+"""virtio-blk's C read plane (hw/virtio/blk_plane.c) against the Python path it stands in for.
 
 The plane serves reads at the head of a queue and leaves everything else, untouched, to Python. The
 property test drives the same random batches -- reads in and out of range, odd lengths, writes, flushes,
@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyemu.block.backend import BlockBackend
+from pyemu.block.dirty_bitmap import bitmaps_of
 from pyemu.block.options import DriveOptions, open_drive
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio import blk as vblk
-from pyemu.hw.virtio import blk_read_plane
+from pyemu.hw.virtio import blk_plane
 from pyemu.hw.virtio.mmio import VirtioMmio
 from pyemu.system.iothread import IoThread
 from pyemu.system.memory import GuestMemory
@@ -60,25 +61,26 @@ class Setup:
 
 @contextlib.contextmanager
 def plane_setting(on: bool) -> Iterator[None]:
-    old = os.environ.get("PYEMU_VIRTIO_BLK_READ_PLANE")
-    os.environ["PYEMU_VIRTIO_BLK_READ_PLANE"] = "1" if on else "0"
+    old = os.environ.get("PYEMU_VIRTIO_BLK_PLANE")
+    os.environ["PYEMU_VIRTIO_BLK_PLANE"] = "1" if on else "0"
     try:
         yield
     finally:
         if old is None:
-            del os.environ["PYEMU_VIRTIO_BLK_READ_PLANE"]
+            del os.environ["PYEMU_VIRTIO_BLK_PLANE"]
         else:
-            os.environ["PYEMU_VIRTIO_BLK_READ_PLANE"] = old
+            os.environ["PYEMU_VIRTIO_BLK_PLANE"] = old
 
 
 @contextlib.contextmanager
 def device_on(image: Path, cache: str, *, plane: bool, event_idx: bool = True,
-              extra: tuple[tuple[str, str], ...] = ()) -> Iterator[Setup]:
+              extra: tuple[tuple[str, str], ...] = (), probed: bool = False) -> Iterator[Setup]:
     memory = GuestMemory([(0, RAM_SIZE)], name="read-plane-test")
     iothread = IoThread("read-plane-test")
     written: list[tuple[int, int]] = []
     dma = DmaMemory(memory, lambda gpa, size: written.append((gpa, size)))
-    backend = open_drive(DriveOptions.from_props([("file", str(image)), ("format", "raw"), ("if", "none"),
+    fmt = () if probed else (("format", "raw"),)
+    backend = open_drive(DriveOptions.from_props([("file", str(image)), *fmt, ("if", "none"),
                                                   ("id", "d0"), ("cache", cache), *extra]))
     device = vblk.VirtioBlk(backend, vblk.BlkConfig(drive_id="d0", serial="SER"))
     irq = Irq()
@@ -193,7 +195,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def plane_builds() -> None:
-    assert blk_read_plane.load() is not None, "the C read plane did not build"
+    assert blk_plane.load() is not None, "the C data plane did not build"
 
 
 @pytest.mark.parametrize("cache", ["writeback", "none"])
@@ -223,16 +225,67 @@ def test_aligned_reads_at_queue_depth_one_go_through_the_plane(image: Path, cach
         assert s.irq.count >= 1
 
 
-def test_reads_stop_at_a_write_and_python_serves_the_rest_in_order(image: Path, tmp_path: Path) -> None:
-    copy = tmp_path / "disk.img"
-    copy.write_bytes(image.read_bytes())
-    with device_on(copy, "writeback", plane=True) as s:
-        reqs = [Request(vblk.T_IN, 0, 4096, True, 16, False), Request(vblk.T_OUT, 8, 4096, True, 16, False),
+def test_the_plane_stops_at_a_flush_and_python_serves_the_rest_in_order(image: Path) -> None:
+    with device_on(image, "writeback", plane=True) as s:
+        reqs = [Request(vblk.T_IN, 0, 4096, True, 16, False), Request(vblk.T_FLUSH, 0, 0, True, 16, False),
                 Request(vblk.T_IN, 16, 4096, True, 16, True)]
         offered = [offer(s.driver, r, i) for i, r in enumerate(reqs)]
         serve(s.transport)
         assert [h for h, _ in s.driver.used(0)] == [h for h, _, _ in offered]
         assert s.device._planes[0].served == 1 and s.device._planes[0].stops_for_python == 1
+
+
+@pytest.fixture
+def copy(image: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(image.read_bytes())
+    return path
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_writes_go_through_the_plane_and_mark_the_dirty_bitmaps(copy: Path, cache: str) -> None:
+    with device_on(copy, cache, plane=True) as s:
+        bitmap = bitmaps_of(s.backend.root).create("b", granularity=65536)
+        head, _, status = offer(s.driver, Request(vblk.T_OUT, 1024, 8192, True, 4096, True), 0)
+        serve(s.transport)
+        assert s.driver.used(0) == [(head, 1)] and s.memory.read_u8(status) == vblk.S_OK
+        assert s.device._planes[0].served == 1
+        assert list(bitmap.dirty_extents()) == [(1024 * SECTOR, 65536)]
+    assert copy.read_bytes()[1024 * SECTOR:1024 * SECTOR + 8192] == bytes(i & 0xFF for i in range(8192))
+
+
+@pytest.mark.parametrize("extra, why", [
+    ((("read-only", "on"),), "a read-only drive"),
+    ((("cache.writeback", "off"),), "writethrough: every write needs its flush"),
+])
+def test_writes_that_must_keep_to_python_do(copy: Path, extra: tuple[tuple[str, str], ...], why: str) -> None:
+    before = copy.read_bytes()
+    with device_on(copy, "writeback", plane=True, extra=extra) as s:
+        assert s.backend.begin_pass_through() is not None
+        s.backend.end_pass_through()
+        head, _, status = offer(s.driver, Request(vblk.T_OUT, 8, 4096, True, 4096, False), 0)
+        serve(s.transport)
+        assert s.driver.used(0) == [(head, 1)], why
+        assert s.device._planes[0].served == 0, why
+        read_only = ("read-only", "on") in extra
+        assert s.memory.read_u8(status) == (vblk.S_IOERR if read_only else vblk.S_OK), why
+    assert (copy.read_bytes() == before) is read_only
+
+
+def test_a_probed_raw_image_keeps_its_first_sector_to_python(copy: Path) -> None:
+    """Without format=raw the first sector is guarded (no qcow2 magic may be written there): the plane
+    leaves writes to it to the Python path, which refuses that one and takes the others."""
+    with device_on(copy, "writeback", plane=True, probed=True) as s:
+        target = s.backend.begin_pass_through()
+        assert target is not None and target.write_floor == SECTOR
+        s.backend.end_pass_through()
+        magic = offer(s.driver, Request(vblk.T_OUT, 0, 512, True, 16, False), 0)
+        s.memory.write(magic[1][0][0], b"QFI\xfb")
+        other = offer(s.driver, Request(vblk.T_OUT, 8, 512, True, 16, False), 1)
+        serve(s.transport)
+        assert [h for h, _ in s.driver.used(0)] == [magic[0], other[0]]
+        assert s.memory.read_u8(magic[2]) == vblk.S_IOERR and s.memory.read_u8(other[2]) == vblk.S_OK
+        assert s.device._planes[0].served == 0
 
 
 def test_a_throttled_drive_is_served_by_python(image: Path) -> None:
@@ -247,12 +300,12 @@ def test_a_failed_host_read_is_left_to_python(image: Path, monkeypatch: pytest.M
     """The plane's read fails (a descriptor that is not open): the request is not taken, and Python serves
     it from the drive as usual."""
     with device_on(image, "writeback", plane=True) as s:
-        real = s.backend.begin_read_through
+        real = s.backend.begin_pass_through
 
         def broken_fd():  # type: ignore[no-untyped-def]
             target = real()
             return target._replace(fd=10_000_000) if target is not None else None
-        monkeypatch.setattr(s.backend, "begin_read_through", broken_fd)
+        monkeypatch.setattr(s.backend, "begin_pass_through", broken_fd)
         head, pieces, status = offer(s.driver, Request(vblk.T_IN, 8, 4096, True, 16, False), 0)
         serve(s.transport)
         assert s.driver.used(0) == [(head, 4097)] and s.memory.read_u8(status) == vblk.S_OK
@@ -262,10 +315,30 @@ def test_a_failed_host_read_is_left_to_python(image: Path, monkeypatch: pytest.M
 
 def test_a_reading_plane_counts_as_in_flight_for_drains(image: Path) -> None:
     with device_on(image, "writeback", plane=True) as s:
-        target = s.backend.begin_read_through()
+        target = s.backend.begin_pass_through()
         assert target is not None and target.fd >= 0 and target.size == IMAGE_SIZE
         try:
             assert s.backend._inflight == 1
         finally:
-            s.backend.end_read_through()
+            s.backend.end_pass_through()
         assert s.backend._inflight == 0
+
+
+def test_o_direct_writes_keep_to_python_when_others_may_write_the_image(copy: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A drive that lets others write the image (as an export's backend does) under cache=none: another
+    writer's read-modify-write of the same blocks is serialised only against writes that take the file
+    node's path, so the plane may read but not write."""
+    from pyemu.block.locking import PERM_ALL
+
+    backend = open_drive(DriveOptions.from_props([("file", str(copy)), ("format", "raw"), ("if", "none"),
+                                                  ("id", "d1"), ("cache", "none")]))
+    try:
+        for shared, floor in ((None, 0), (PERM_ALL, -1)):
+            if shared is not None:
+                monkeypatch.setattr(backend, "_shared", shared)
+            target = backend.begin_pass_through()
+            assert target is not None and target.direct_align > 0 and target.write_floor == floor
+            backend.end_pass_through()
+    finally:
+        backend.close()

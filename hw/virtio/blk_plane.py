@@ -1,21 +1,25 @@
-"""virtio-blk's read plane: the reads at the head of a queue served in C, from the image file into guest RAM.
+"""virtio-blk's data plane: the reads and writes at the head of a queue served in C, between the image
+file and guest RAM.
 
 Why: with a guest reading 4 KiB at queue depth 1 under the software CPU, the I/O thread's Python between
 the kick and ``preadv`` took ~60 us a request and ~35 us from the end of the read to the interrupt
-(measured 2026-12-06, ~470 us a request in all; QEMU's thread takes ~7 and ~5): Python running once per
-request on a host that has meanwhile run other work is several times slower than the same code in a tight
-loop. The C walk (``blk_read_plane.c``) takes a few microseconds, and runs without the GIL.
+(measured 2026-12-06, ~470 us a request in all; QEMU's thread takes ~7 and ~5); around a 1 MiB write it
+was ~70 us before ``pwritev`` and ~50 after. Python running once per request on a host that has meanwhile
+run other work is several times slower than the same code in a tight loop. The C walk (``blk_plane.c``)
+takes a few microseconds, and runs without the GIL.
 
-What it serves: reads (VIRTIO_BLK_T_IN) of a drive whose graph is plain ``raw`` over ``file`` and not
-throttled (:meth:`~pyemu.block.backend.BlockBackend.begin_read_through`), at the head of the queue, one
-``preadv`` each. It stops before the first chain that is anything else -- a write, a flush, a chain it
-cannot check, an O_DIRECT read that needs a bounce buffer, a failed host read -- and the device's Python
-path takes over from there with every rule and error report it has; a chain is either served whole in C
-or left untouched. After the C call, Python reports the written guest ranges to the DMA layer and then
-publishes the used index (:meth:`~pyemu.hw.virtio.queue.Virtqueue.served_elsewhere`), the order its own
-push keeps, so the software CPU drops stale translations before the guest can see the data.
+What it serves: reads (VIRTIO_BLK_T_IN) and writes (T_OUT) of a drive whose graph is plain ``raw`` over
+``file`` and not throttled (:meth:`~pyemu.block.backend.BlockBackend.begin_pass_through`, which also says
+when writes must keep to Python), at the head of the queue, one ``preadv``/``pwritev`` each. It stops
+before the first chain that is anything else -- a flush, a discard, a chain it cannot check, an O_DIRECT
+request that needs a bounce buffer, a write below the drive's write floor, a failed host call -- and the
+device's Python path takes over from there with every rule and error report it has; a chain is either
+served whole in C or left untouched. After the C call, Python marks the written disk ranges in the dirty
+bitmaps, reports the written guest ranges to the DMA layer and then publishes the used index
+(:meth:`~pyemu.hw.virtio.queue.Virtqueue.served_elsewhere`), the order its own path keeps, so the software
+CPU drops stale translations before the guest can see the data.
 
-``PYEMU_VIRTIO_BLK_READ_PLANE=0`` turns it off (the Python path alone, as before it existed).
+``PYEMU_VIRTIO_BLK_PLANE=0`` turns it off (the Python path alone, as before it existed).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from pyemu.block.driver import ReadThrough
+from pyemu.block.backend import BlockBackend
+from pyemu.block.driver import PassThrough
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio.queue import MAX_QUEUE_SIZE, Virtqueue
 from pyemu.system import log
@@ -45,11 +50,14 @@ struct pyemu_rp_call {
     uint64_t disk_bytes;
     uint64_t direct_align;
     uint64_t direct_end;
+    int64_t write_floor;
     uint32_t max_requests;
     struct pyemu_rp_range *wrote;
     uint32_t max_wrote;
+    struct pyemu_rp_range *disk;
+    uint32_t max_disk;
     uint16_t last_avail, used_idx;
-    uint32_t served, nwrote;
+    uint32_t served, nwrote, ndisk;
     uint64_t bytes;
     int32_t stop;
     int32_t error;
@@ -60,14 +68,16 @@ int pyemu_rp_serve(struct pyemu_rp_call *c);
 STOP_EMPTY, STOP_PYTHON, STOP_HOST_ERROR, STOP_LIMIT = 0, 1, 2, 3
 MAX_WROTE = 4096
 """Written guest ranges one call may report; a call that would need more stops before that request."""
-SOURCE = Path(__file__).with_name("blk_read_plane.c")
+MAX_DISK = 256
+"""Written disk ranges one call may report (one per write)."""
+SOURCE = Path(__file__).with_name("blk_plane.c")
 
 _module: ModuleType | None = None
 _unavailable = False
 
 
 def enabled() -> bool:
-    return os.environ.get("PYEMU_VIRTIO_BLK_READ_PLANE", "1") not in ("0", "no", "off", "false")
+    return os.environ.get("PYEMU_VIRTIO_BLK_PLANE", "1") not in ("0", "no", "off", "false")
 
 
 def load() -> ModuleType | None:
@@ -76,14 +86,14 @@ def load() -> ModuleType | None:
     if _module is not None or _unavailable:
         return _module
     try:
-        _module = load_native("blk_read_plane", [SOURCE], CDEF, what="virtio-blk's read plane")
+        _module = load_native("blk_plane", [SOURCE], CDEF, what="virtio-blk's data plane")
     except NativeBuildError as exc:
         _unavailable = True
-        log.log("unimp", f"virtio-blk: C read plane unavailable, reads take the Python path: {exc}")
+        log.log("unimp", f"virtio-blk: C data plane unavailable, requests take the Python path: {exc}")
     return _module
 
 
-class ReadPlane:
+class DataPlane:
     """One device's C call: guest RAM's regions, the call structure and the written-ranges buffer, made once
     (RAM stays mapped at one address for the VM's life) and reused by every call on the device's I/O thread."""
 
@@ -97,23 +107,28 @@ class ReadPlane:
             slot.size = region.size
             slot.host = ffi.cast("uint8_t *", memory.host_address(region))
         self._wrote = ffi.new("struct pyemu_rp_range[]", MAX_WROTE)
+        self._disk = ffi.new("struct pyemu_rp_range[]", MAX_DISK)
         self._call = call = ffi.new("struct pyemu_rp_call *")
         call.ram = self._ram
         call.nram = len(regions)
         call.wrote = self._wrote
         call.max_wrote = MAX_WROTE
+        call.disk = self._disk
+        call.max_disk = MAX_DISK
         self._serve = module.lib.pyemu_rp_serve
         self.served = 0
         self.stops_for_python = 0
         self.host_errors = 0
 
-    def serve(self, queue: Virtqueue, dma: DmaMemory, target: ReadThrough) -> int:
-        """Serve the reads at the head of ``queue`` (its lock held); returns how many."""
+    def serve(self, queue: Virtqueue, dma: DmaMemory, target: PassThrough, backend: BlockBackend) -> int:
+        """Serve the reads and writes at the head of ``queue`` (its lock held) through ``target``, which
+        ``backend`` handed out; returns how many."""
         call = self._call
         call.desc, call.avail, call.used = queue.desc_addr, queue.avail_addr, queue.used_addr
         call.size = queue.size
         call.indirect, call.event_idx = queue.indirect, queue.event_idx
-        call.fd, call.file_offset, call.disk_bytes, call.direct_align, call.direct_end = target
+        (call.fd, call.file_offset, call.disk_bytes, call.direct_align, call.direct_end,
+         call.write_floor) = target
         call.max_requests = min(queue.size, MAX_QUEUE_SIZE)
         call.last_avail, call.used_idx = queue.last_avail, queue.used_idx
         served = self._serve(call)  # cffi lets the GIL go for the call
@@ -122,6 +137,9 @@ class ReadPlane:
             self.stops_for_python += 1
         elif stop == STOP_HOST_ERROR:
             self.host_errors += 1
+        if call.ndisk:
+            disk = self._disk
+            backend.wrote_through([(disk[i].gpa, disk[i].len) for i in range(call.ndisk)])
         if served:
             wrote = self._wrote
             ranges = [(wrote[i].gpa, wrote[i].len) for i in range(call.nwrote)]
