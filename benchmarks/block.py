@@ -232,6 +232,9 @@ def part_convert(figs: Figures, tools: dict[str, list[str]], qemu_img: str, work
 
                 def attempt() -> dict[str, Any]:
                     dst.unlink(missing_ok=True)
+                    # Start from written-back page cache: the last run's 512 MiB of dirty pages would
+                    # otherwise throttle this one's writes at random (samples of ~1 s for either tool).
+                    os.sync()
                     argv = [*cmd, "convert", "-f", src_fmt, "-O", dst_fmt, str(src), str(dst)]
                     secs, _ = run(argv, IMG_TIMEOUT)
                     sample: dict[str, Any] = {"secs": secs, "mbps": size / secs / 1e6,
