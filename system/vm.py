@@ -5,6 +5,7 @@ embedded Python API uses too)."""
 
 from __future__ import annotations
 
+import _thread
 import signal
 from typing import Callable
 
@@ -42,16 +43,11 @@ def _run(config: VmConfig, ready: Callable[[], None] | None) -> int:
     if config.incoming is not None:  # (migrate-incoming needs -incoming defer)
         instance.control.migration.exit_on_failed_load = True  # as qemu-system after a failed incoming load
 
-    def on_signal(signum: int, _frame: object) -> None:
+    def on_signal(signum: int) -> None:
         error_report(f"terminating on signal {signum}")
         instance.terminate(ShutdownCause.HOST_SIGNAL)
 
-    previous = signal.getsignal(signal.SIGTERM)
-    try:
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGHUP, on_signal)
-    except ValueError:
-        pass  # not the main thread (embedded use): the caller handles signals
+    restore = install_termination_handlers(on_signal)
     try:
         instance.start()
         if ready is not None:
@@ -63,7 +59,37 @@ def _run(config: VmConfig, ready: Callable[[], None] | None) -> int:
             return 0
     finally:
         instance.close()
-        try:
-            signal.signal(signal.SIGTERM, previous)
-        except ValueError:
-            pass
+        restore()
+
+
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def install_termination_handlers(terminate: Callable[[int], None]) -> Callable[[], None]:
+    """Call ``terminate(signum)`` on SIGTERM and SIGHUP; returns what puts the previous handlers back.
+
+    Why a thread of its own: Python runs a signal handler in the main thread between two of that thread's
+    bytecodes, possibly while it holds a lock that ending the VM needs -- the machine's wait loop holds its
+    request event's lock for a moment every 0.25 s, and the shutdown sets that event -- and a handler that
+    blocks there waits for its own thread forever (seen: a VM that ignored SIGTERM, about one run in 40 on a
+    loaded host). The handler only starts the thread (``_thread.start_new_thread`` takes no Python lock);
+    the thread takes the locks as any thread does. Outside the main thread (embedded use) nothing is
+    installed: the caller handles signals."""
+    previous = {signum: signal.getsignal(signum) for signum in TERMINATING_SIGNALS}
+
+    def handler(signum: int, _frame: object) -> None:
+        _thread.start_new_thread(terminate, (signum,))
+
+    try:
+        for signum in TERMINATING_SIGNALS:
+            signal.signal(signum, handler)
+    except ValueError:
+        return lambda: None
+
+    def restore() -> None:
+        for signum, old in previous.items():
+            try:
+                signal.signal(signum, old)
+            except (ValueError, TypeError):
+                pass
+    return restore
