@@ -5,8 +5,6 @@ embedded Python API uses too)."""
 
 from __future__ import annotations
 
-import _thread
-import signal
 from typing import Callable
 
 from pyemu.system.config import VmConfig
@@ -14,6 +12,7 @@ from pyemu.system.instance import VmInstance
 from pyemu.system.messages import error_report, warn_report
 from pyemu.system.pidfile import PidFile
 from pyemu.system.runstate import ShutdownCause
+from pyemu.system.signals import install_termination_handlers
 
 
 def run_vm(config: VmConfig, ready: Callable[[], None] | None = None) -> int:
@@ -61,35 +60,3 @@ def _run(config: VmConfig, ready: Callable[[], None] | None) -> int:
         instance.close()
         restore()
 
-
-TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
-
-
-def install_termination_handlers(terminate: Callable[[int], None]) -> Callable[[], None]:
-    """Call ``terminate(signum)`` on SIGTERM and SIGHUP; returns what puts the previous handlers back.
-
-    Why a thread of its own: Python runs a signal handler in the main thread between two of that thread's
-    bytecodes, possibly while it holds a lock that ending the VM needs -- the machine's wait loop holds its
-    request event's lock for a moment every 0.25 s, and the shutdown sets that event -- and a handler that
-    blocks there waits for its own thread forever (seen: a VM that ignored SIGTERM, about one run in 40 on a
-    loaded host). The handler only starts the thread (``_thread.start_new_thread`` takes no Python lock);
-    the thread takes the locks as any thread does. Outside the main thread (embedded use) nothing is
-    installed: the caller handles signals."""
-    previous = {signum: signal.getsignal(signum) for signum in TERMINATING_SIGNALS}
-
-    def handler(signum: int, _frame: object) -> None:
-        _thread.start_new_thread(terminate, (signum,))
-
-    try:
-        for signum in TERMINATING_SIGNALS:
-            signal.signal(signum, handler)
-    except ValueError:
-        return lambda: None
-
-    def restore() -> None:
-        for signum, old in previous.items():
-            try:
-                signal.signal(signum, old)
-            except (ValueError, TypeError):
-                pass
-    return restore

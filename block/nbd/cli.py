@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pyemu.block.driver import BlockDriver
 from pyemu.block.errors import BlockError
 from pyemu.errors import ConfigError
+from pyemu.system.signals import install_termination_handlers
 
 PROG = "pyemu-nbd"
 VERSION = "0.1.0"
@@ -225,8 +226,7 @@ def serve(opts: Options) -> int:
 
         server = NbdServer(max_clients=opts.shared, on_idle=on_idle)
         server.add_export(export)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, lambda *_: stop.set())
+        install_termination_handlers(lambda _signum: stop.set(), (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         server.add_listener(listener)
         if ready_fd >= 0:
             os.write(ready_fd, b"1")

@@ -1,4 +1,5 @@
-"""system/vm.py: SIGTERM/SIGHUP end the VM from a thread of their own, never inside the signal handler.
+"""system/signals.py: SIGTERM/SIGHUP end the VM (or pyemu-nbd) from a thread of their own, never inside the
+signal handler.
 
 The handler runs in the main thread between two of its bytecodes, possibly while that thread holds a lock
 the shutdown needs (the machine's wait loop holds its request event's lock for a moment every 0.25 s). A
@@ -13,12 +14,12 @@ import subprocess
 import sys
 import threading
 
-from pyemu.system.vm import install_termination_handlers
+from pyemu.system.signals import install_termination_handlers
 
 
 SCENARIO = """
 import os, signal, threading, time
-from pyemu.system.vm import install_termination_handlers
+from pyemu.system.signals import install_termination_handlers
 
 lock = threading.Lock()  # stands for the wait loop's event lock
 done = threading.Event()
