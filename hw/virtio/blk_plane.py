@@ -77,11 +77,13 @@ _unavailable = False
 
 
 def enabled() -> bool:
+    """Whether devices use the plane (``PYEMU_VIRTIO_BLK_PLANE=0`` is the switch for comparisons)."""
     return os.environ.get("PYEMU_VIRTIO_BLK_PLANE", "1") not in ("0", "no", "off", "false")
 
 
 def load() -> ModuleType | None:
-    """The compiled plane, or None (turned off, or it failed to build: logged once, the Python path serves)."""
+    """The compiled plane, or None when it failed to build (logged once under ``-d unimp``; the Python path
+    serves every request then)."""
     global _module, _unavailable
     if _module is not None or _unavailable:
         return _module
