@@ -33,6 +33,9 @@ class NativeBuildError(Exception):
 
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType] = {}
+_by_sources: dict[tuple[str, tuple[Path, ...]], ModuleType] = {}
+"""Modules already loaded, by what was asked for: later calls skip reading and hashing the sources
+(~130 us each; the accelerator asks for the block gate several times per VM)."""
 
 
 def module_name(prefix: str, source: str, cdef: str) -> str:
@@ -43,11 +46,16 @@ def module_name(prefix: str, source: str, cdef: str) -> str:
 def load_native(prefix: str, sources: Sequence[Path], cdef: str, *, what: str) -> ModuleType:
     """Build (first use) and import the module made of ``sources`` declaring ``cdef``; ``what`` names it
     in errors ("the C block gate"). Later calls return the loaded module."""
+    key = (prefix, tuple(sources))
+    module = _by_sources.get(key)
+    if module is not None:
+        return module
     source = "\n".join(path.read_text() for path in sources)
     name = module_name(prefix, source, cdef)
     with _lock:
         module = _loaded.get(name)
         if module is not None:
+            _by_sources[key] = module
             return module
         directory = cache_root()
         existing = sorted(directory.glob(f"{name}*.so")) if directory.is_dir() else []
@@ -61,6 +69,7 @@ def load_native(prefix: str, sources: Sequence[Path], cdef: str, *, what: str) -
         except ImportError as exc:
             raise NativeBuildError(f"cannot import {what} {path}: {exc}", build_dir=str(directory)) from exc
         _loaded[name] = module
+        _by_sources[key] = module
         return module
 
 
