@@ -1,7 +1,7 @@
 """Small C modules compiled with cffi (API mode) at first use and kept in pyemu's cache.
 
 Why C at all: a few paths run thousands of times a second and Python there costs more than the work (the
-software CPU's block gate, the virtio-blk read plane). Why build at first use rather than at install: the
+software CPU's block gate, the virtio-blk data plane). Why build at first use rather than at install: the
 project installs with ``pip -e`` and has no build step; gcc and the Python headers are on every machine it
 supports. A module is named after a digest of its C source, its cdef and the Python version, so a changed
 source builds a new file next to the old one and a running process never loads a stale build.

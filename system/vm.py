@@ -59,4 +59,3 @@ def _run(config: VmConfig, ready: Callable[[], None] | None) -> int:
     finally:
         instance.close()
         restore()
-

@@ -6,8 +6,7 @@ holds the GIL. The vCPU then blocks in the GIL's own wait, and is woken across C
 the GIL go on its way back to ``epoll_wait`` -- on this project's hosts (themselves VMs) that wake-up took
 ~20 µs per interrupt: from the I/O thread's return to its loop to the vCPU's first Python after the spin,
 22-29 µs median over ~7,000 4 KiB virtio-blk reads per session, 8-11 µs with the flags published as
-here (2026-12-06). So a
-handler leaves the flags to its thread (:func:`publish_on_sleep`), and the thread stores them in C with the
+here (2026-12-06). So a handler leaves the flags to its thread (:func:`publish_on_sleep`), and the thread stores them in C with the
 GIL released, right before it blocks (the publisher the accelerator installs,
 :func:`install_wake_publisher`): the vCPU finds the GIL free.
 

@@ -19,30 +19,30 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
-#define RP_DESC_F_NEXT 1
-#define RP_DESC_F_WRITE 2
-#define RP_DESC_F_INDIRECT 4
-#define RP_MAX_QUEUE 32768
-#define RP_MAX_IOV 1024
-#define RP_T_IN 0
-#define RP_T_OUT 1
-#define RP_SECTOR 512
-#define RP_HEADER 16
+#define BP_DESC_F_NEXT 1
+#define BP_DESC_F_WRITE 2
+#define BP_DESC_F_INDIRECT 4
+#define BP_MAX_QUEUE 32768
+#define BP_MAX_IOV 1024
+#define BP_T_IN 0
+#define BP_T_OUT 1
+#define BP_SECTOR 512
+#define BP_HEADER 16
 
-struct pyemu_rp_region {
+struct pyemu_bp_region {
     uint64_t gpa;
     uint64_t size;
     uint8_t *host;
 };
 
-struct pyemu_rp_range {
-    uint64_t gpa;
+struct pyemu_bp_range {
+    uint64_t start;               /* a guest physical address, or a disk offset */
     uint64_t len;
 };
 
-struct pyemu_rp_call {
+struct pyemu_bp_call {
     /* in */
-    const struct pyemu_rp_region *ram;
+    const struct pyemu_bp_region *ram;
     uint32_t nram;
     uint64_t desc, avail, used;   /* ring addresses (guest physical) */
     uint32_t size;                /* queue size, a power of two */
@@ -54,25 +54,23 @@ struct pyemu_rp_call {
     uint64_t direct_end;          /* O_DIRECT: file bytes from here on are not served (the partial tail) */
     int64_t write_floor;          /* writes only at disk bytes from here on; -1: no writes */
     uint32_t max_requests;
-    struct pyemu_rp_range *wrote; /* guest ranges written, for the DMA report */
+    struct pyemu_bp_range *wrote; /* guest ranges written, for the DMA report */
     uint32_t max_wrote;
-    struct pyemu_rp_range *disk;  /* disk ranges written, for the dirty bitmaps */
+    struct pyemu_bp_range *disk;  /* disk ranges written, for the dirty bitmaps */
     uint32_t max_disk;
     /* in/out */
     uint16_t last_avail, used_idx;
     /* out */
     uint32_t served, nwrote, ndisk;
-    uint64_t bytes;
-    int32_t stop;                 /* see RP_STOP_* */
-    int32_t error;                /* errno of a failed host read (RP_STOP_HOST_ERROR) */
+    int32_t stop;                 /* see BP_STOP_* */
 };
 
-struct rp_seg { uint64_t gpa; uint8_t *host; uint32_t len; };
+struct bp_seg { uint64_t gpa; uint8_t *host; uint32_t len; };
 
-enum { RP_STOP_EMPTY = 0, RP_STOP_PYTHON = 1, RP_STOP_HOST_ERROR = 2, RP_STOP_LIMIT = 3 };
+enum { BP_STOP_EMPTY = 0, BP_STOP_PYTHON = 1, BP_STOP_HOST_ERROR = 2, BP_STOP_LIMIT = 3 };
 
 /* The data of a request as an iovec: ``skip`` bytes into the segments [first, end), ``length`` bytes. */
-static int data_iov(const struct rp_seg *seg, uint32_t first, uint32_t end, uint64_t skip, uint64_t length,
+static int data_iov(const struct bp_seg *seg, uint32_t first, uint32_t end, uint64_t skip, uint64_t length,
                     struct iovec *iov)
 {
     int cnt = 0;
@@ -94,10 +92,10 @@ static int data_iov(const struct rp_seg *seg, uint32_t first, uint32_t end, uint
     return cnt;
 }
 
-static uint8_t *ram_ptr(const struct pyemu_rp_call *c, uint64_t gpa, uint64_t len)
+static uint8_t *ram_ptr(const struct pyemu_bp_call *c, uint64_t gpa, uint64_t len)
 {
     for (uint32_t i = 0; i < c->nram; i++) {
-        const struct pyemu_rp_region *r = &c->ram[i];
+        const struct pyemu_bp_region *r = &c->ram[i];
         if (gpa >= r->gpa && len <= r->size && gpa - r->gpa <= r->size - len)
             return r->host + (gpa - r->gpa);
     }
@@ -110,15 +108,15 @@ static inline uint64_t load_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8)
 static inline void store_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void store_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
-struct rp_chain {
-    struct rp_seg seg[RP_MAX_IOV];
+struct bp_chain {
+    struct bp_seg seg[BP_MAX_IOV];
     uint32_t nseg, nread;         /* segments; the first nread are device-readable */
     uint64_t read_len, write_len;
 };
 
 /* Walk the chain from ``head`` by the rules of queue.py's Virtqueue._walk. 0: walked; -1: anything else
  * (broken, or more segments than one preadv takes): left to Python. */
-static int walk(const struct pyemu_rp_call *c, const uint8_t *ring_table, uint16_t head, struct rp_chain *ch)
+static int walk(const struct pyemu_bp_call *c, const uint8_t *ring_table, uint16_t head, struct bp_chain *ch)
 {
     const uint8_t *table = ring_table;
     uint32_t table_size = c->size, index = head, visited = 0;
@@ -132,10 +130,10 @@ static int walk(const struct pyemu_rp_call *c, const uint8_t *ring_table, uint16
         uint64_t addr = load_u64(d);
         uint32_t len = load_u32(d + 8);
         uint16_t flags = load_u16(d + 12), next = load_u16(d + 14);
-        if (flags & RP_DESC_F_INDIRECT) {
-            if (!c->indirect || in_indirect || (flags & RP_DESC_F_NEXT))
+        if (flags & BP_DESC_F_INDIRECT) {
+            if (!c->indirect || in_indirect || (flags & BP_DESC_F_NEXT))
                 return -1;
-            if (len == 0 || len % 16 || len / 16 > RP_MAX_QUEUE)
+            if (len == 0 || len % 16 || len / 16 > BP_MAX_QUEUE)
                 return -1;
             table = ram_ptr(c, addr, len);
             if (table == NULL)
@@ -146,12 +144,12 @@ static int walk(const struct pyemu_rp_call *c, const uint8_t *ring_table, uint16
             in_indirect = 1;
             continue;
         }
-        int writable = (flags & RP_DESC_F_WRITE) != 0;
+        int writable = (flags & BP_DESC_F_WRITE) != 0;
         if (!writable && ch->nseg > ch->nread)
             return -1;            /* readable after writable */
         if (len) {
             uint8_t *host = ram_ptr(c, addr, len);
-            if (host == NULL || ch->nseg >= RP_MAX_IOV)
+            if (host == NULL || ch->nseg >= BP_MAX_IOV)
                 return -1;
             if (writable) {
                 ch->write_len += len;
@@ -168,7 +166,7 @@ static int walk(const struct pyemu_rp_call *c, const uint8_t *ring_table, uint16
             ch->seg[ch->nseg].len = len;
             ch->nseg++;
         }
-        if (!(flags & RP_DESC_F_NEXT))
+        if (!(flags & BP_DESC_F_NEXT))
             return 0;
         if (next >= table_size)
             return -1;
@@ -177,11 +175,11 @@ static int walk(const struct pyemu_rp_call *c, const uint8_t *ring_table, uint16
 }
 
 /* The request header (type, reserved, sector), gathered from the readable segments. */
-static void header(const struct rp_chain *ch, uint8_t out[RP_HEADER])
+static void header(const struct bp_chain *ch, uint8_t out[BP_HEADER])
 {
     uint32_t got = 0;
-    for (uint32_t i = 0; i < ch->nread && got < RP_HEADER; i++) {
-        uint32_t n = ch->seg[i].len < RP_HEADER - got ? ch->seg[i].len : RP_HEADER - got;
+    for (uint32_t i = 0; i < ch->nread && got < BP_HEADER; i++) {
+        uint32_t n = ch->seg[i].len < BP_HEADER - got ? ch->seg[i].len : BP_HEADER - got;
         memcpy(out + got, ch->seg[i].host, n);
         got += n;
     }
@@ -220,98 +218,95 @@ static int transfer_all(int fd, int write, struct iovec *iov, int cnt, uint64_t 
     return 0;
 }
 
-int pyemu_rp_serve(struct pyemu_rp_call *c)
+int pyemu_bp_serve(struct pyemu_bp_call *c)
 {
     c->served = c->nwrote = c->ndisk = 0;
-    c->bytes = 0;
-    c->error = 0;
-    c->stop = RP_STOP_EMPTY;
+    c->stop = BP_STOP_EMPTY;
     uint32_t size = c->size;
-    if (size == 0 || size > RP_MAX_QUEUE || (size & (size - 1))) {
-        c->stop = RP_STOP_PYTHON;
+    if (size == 0 || size > BP_MAX_QUEUE || (size & (size - 1))) {
+        c->stop = BP_STOP_PYTHON;
         return 0;
     }
     uint8_t *desc = ram_ptr(c, c->desc, 16ull * size);
     uint8_t *avail = ram_ptr(c, c->avail, 6 + 2ull * size);
     uint8_t *used = ram_ptr(c, c->used, 6 + 8ull * size);
     if (desc == NULL || avail == NULL || used == NULL) {
-        c->stop = RP_STOP_PYTHON;
+        c->stop = BP_STOP_PYTHON;
         return 0;
     }
-    static __thread struct rp_chain ch;   /* 16 KiB: not on the I/O thread's stack */
-    struct iovec iov[RP_MAX_IOV];
+    static __thread struct bp_chain ch;   /* 24 KiB: not on the I/O thread's stack */
+    struct iovec iov[BP_MAX_IOV];
     while (c->served < c->max_requests) {
         uint16_t avail_idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
         uint16_t pending = (uint16_t)(avail_idx - c->last_avail);
         if (pending == 0) {
-            c->stop = RP_STOP_EMPTY;
+            c->stop = BP_STOP_EMPTY;
             return (int)c->served;
         }
         if (pending > size) {
-            c->stop = RP_STOP_PYTHON;
+            c->stop = BP_STOP_PYTHON;
             return (int)c->served;
         }
         uint16_t head = load_u16(avail + 4 + 2 * (c->last_avail & (size - 1)));
-        if (head >= size || walk(c, desc, head, &ch) != 0 || ch.read_len < RP_HEADER || ch.write_len < 1) {
-            c->stop = RP_STOP_PYTHON;
+        if (head >= size || walk(c, desc, head, &ch) != 0 || ch.read_len < BP_HEADER || ch.write_len < 1) {
+            c->stop = BP_STOP_PYTHON;
             return (int)c->served;
         }
         if (c->nwrote + ch.nseg > c->max_wrote) {
-            c->stop = RP_STOP_LIMIT;          /* no room to report its writes: not taken this call */
+            c->stop = BP_STOP_LIMIT;          /* no room to report its writes: not taken this call */
             return (int)c->served;
         }
-        uint8_t hdr[RP_HEADER];
+        uint8_t hdr[BP_HEADER];
         header(&ch, hdr);
         uint32_t type = load_u32(hdr);
         uint64_t sector = load_u64(hdr + 8);
-        int write = type == RP_T_OUT;
-        uint64_t length = write ? ch.read_len - RP_HEADER : ch.write_len - 1;
-        if ((type != RP_T_IN && !write) || length == 0 || length % RP_SECTOR
-                || sector > c->disk_bytes / RP_SECTOR || length > c->disk_bytes - sector * RP_SECTOR
-                || (write && (c->write_floor < 0 || sector * RP_SECTOR < (uint64_t)c->write_floor))) {
-            c->stop = RP_STOP_PYTHON;
+        int write = type == BP_T_OUT;
+        uint64_t length = write ? ch.read_len - BP_HEADER : ch.write_len - 1;
+        if ((type != BP_T_IN && !write) || length == 0 || length % BP_SECTOR
+                || sector > c->disk_bytes / BP_SECTOR || length > c->disk_bytes - sector * BP_SECTOR
+                || (write && (c->write_floor < 0 || sector * BP_SECTOR < (uint64_t)c->write_floor))) {
+            c->stop = BP_STOP_PYTHON;
             return (int)c->served;
         }
         if (write && c->ndisk >= c->max_disk) {
-            c->stop = RP_STOP_LIMIT;
+            c->stop = BP_STOP_LIMIT;
             return (int)c->served;
         }
         /* The data: a read's writable segments without their last byte (the status), a write's readable
          * segments after the header. */
-        int cnt = write ? data_iov(ch.seg, 0, ch.nread, RP_HEADER, length, iov)
+        int cnt = write ? data_iov(ch.seg, 0, ch.nread, BP_HEADER, length, iov)
                         : data_iov(ch.seg, ch.nread, ch.nseg, 0, length, iov);
-        uint64_t offset = c->file_offset + sector * RP_SECTOR;
+        uint64_t offset = c->file_offset + sector * BP_SECTOR;
         if (c->direct_align) {
             uint64_t a = c->direct_align;
             int ok = offset % a == 0 && length % a == 0 && offset + length <= c->direct_end;
             for (int i = 0; ok && i < cnt; i++)
                 ok = (uintptr_t)iov[i].iov_base % a == 0 && iov[i].iov_len % a == 0;
             if (!ok) {
-                c->stop = RP_STOP_PYTHON;   /* Python bounces it */
+                c->stop = BP_STOP_PYTHON;   /* Python bounces it */
                 return (int)c->served;
             }
         }
         int err = transfer_all(c->fd, write, iov, cnt, offset, length);
         if (err) {
-            c->stop = RP_STOP_HOST_ERROR;    /* Python serves it again and reports the error */
-            c->error = err;
+            c->stop = BP_STOP_HOST_ERROR;    /* Python serves it again and reports the error */
             return (int)c->served;
         }
         if (write) {
-            c->disk[c->ndisk].gpa = sector * RP_SECTOR;
+            c->disk[c->ndisk].start = sector * BP_SECTOR;
             c->disk[c->ndisk].len = length;
             c->ndisk++;
         }
         /* The status byte: the last writable byte. A read reports all it wrote, a write its status. */
-        struct rp_seg *last = &ch.seg[ch.nseg - 1];
+        struct bp_seg *last = &ch.seg[ch.nseg - 1];
         last->host[last->len - 1] = 0;      /* VIRTIO_BLK_S_OK */
         if (write) {
-            c->wrote[c->nwrote].gpa = last->gpa + last->len - 1;
+            c->wrote[c->nwrote].start = last->gpa + last->len - 1;
             c->wrote[c->nwrote].len = 1;
             c->nwrote++;
         } else {
             for (uint32_t i = ch.nread; i < ch.nseg; i++) {
-                c->wrote[c->nwrote].gpa = ch.seg[i].gpa;
+                c->wrote[c->nwrote].start = ch.seg[i].gpa;
                 c->wrote[c->nwrote].len = ch.seg[i].len;
                 c->nwrote++;
             }
@@ -322,13 +317,12 @@ int pyemu_rp_serve(struct pyemu_rp_call *c)
         c->last_avail++;
         c->used_idx++;
         c->served++;
-        c->bytes += length;
         if (c->event_idx) {
             /* avail_event: notify on the very next buffer; fenced before the next read of the index. */
             store_u16(used + 4 + 8 * size, c->last_avail);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
         }
     }
-    c->stop = RP_STOP_LIMIT;
+    c->stop = BP_STOP_LIMIT;
     return (int)c->served;
 }

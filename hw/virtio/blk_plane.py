@@ -37,10 +37,10 @@ from pyemu.system import log
 from pyemu.system.native import NativeBuildError, load_native
 
 CDEF = """
-struct pyemu_rp_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct pyemu_rp_range { uint64_t gpa; uint64_t len; };
-struct pyemu_rp_call {
-    const struct pyemu_rp_region *ram;
+struct pyemu_bp_region { uint64_t gpa; uint64_t size; uint8_t *host; };
+struct pyemu_bp_range { uint64_t start; uint64_t len; };
+struct pyemu_bp_call {
+    const struct pyemu_bp_region *ram;
     uint32_t nram;
     uint64_t desc, avail, used;
     uint32_t size;
@@ -52,17 +52,15 @@ struct pyemu_rp_call {
     uint64_t direct_end;
     int64_t write_floor;
     uint32_t max_requests;
-    struct pyemu_rp_range *wrote;
+    struct pyemu_bp_range *wrote;
     uint32_t max_wrote;
-    struct pyemu_rp_range *disk;
+    struct pyemu_bp_range *disk;
     uint32_t max_disk;
     uint16_t last_avail, used_idx;
     uint32_t served, nwrote, ndisk;
-    uint64_t bytes;
     int32_t stop;
-    int32_t error;
 };
-int pyemu_rp_serve(struct pyemu_rp_call *c);
+int pyemu_bp_serve(struct pyemu_bp_call *c);
 """
 
 STOP_EMPTY, STOP_PYTHON, STOP_HOST_ERROR, STOP_LIMIT = 0, 1, 2, 3
@@ -103,21 +101,21 @@ class DataPlane:
         ffi: Any = module.ffi
         memory = dma.memory
         regions = memory.regions
-        self._ram = ffi.new("struct pyemu_rp_region[]", len(regions))
+        self._ram = ffi.new("struct pyemu_bp_region[]", len(regions))
         for slot, region in zip(self._ram, regions):
             slot.gpa = region.gpa
             slot.size = region.size
             slot.host = ffi.cast("uint8_t *", memory.host_address(region))
-        self._wrote = ffi.new("struct pyemu_rp_range[]", MAX_WROTE)
-        self._disk = ffi.new("struct pyemu_rp_range[]", MAX_DISK)
-        self._call = call = ffi.new("struct pyemu_rp_call *")
+        self._wrote = ffi.new("struct pyemu_bp_range[]", MAX_WROTE)
+        self._disk = ffi.new("struct pyemu_bp_range[]", MAX_DISK)
+        self._call = call = ffi.new("struct pyemu_bp_call *")
         call.ram = self._ram
         call.nram = len(regions)
         call.wrote = self._wrote
         call.max_wrote = MAX_WROTE
         call.disk = self._disk
         call.max_disk = MAX_DISK
-        self._serve = module.lib.pyemu_rp_serve
+        self._serve = module.lib.pyemu_bp_serve
         self.served = 0
         self.stops_for_python = 0
         self.host_errors = 0
@@ -141,10 +139,10 @@ class DataPlane:
             self.host_errors += 1
         if call.ndisk:
             disk = self._disk
-            backend.wrote_through([(disk[i].gpa, disk[i].len) for i in range(call.ndisk)])
+            backend.wrote_through([(disk[i].start, disk[i].len) for i in range(call.ndisk)])
         if served:
             wrote = self._wrote
-            ranges = [(wrote[i].gpa, wrote[i].len) for i in range(call.nwrote)]
+            ranges = [(wrote[i].start, wrote[i].len) for i in range(call.nwrote)]
             queue.served_elsewhere(dma, served, call.last_avail, call.used_idx, ranges)
             self.served += served
         return served

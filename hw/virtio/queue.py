@@ -537,7 +537,7 @@ class Virtqueue:
     def served_elsewhere(self, dma: DmaMemory, count: int, last_avail: int, used_idx: int,
                          written_ranges: list[Piece]) -> None:
         """``count`` chains were popped and their used elements filled outside this object (virtio-blk's C
-        read plane), which also kept ``avail_event``; ``written_ranges`` is what it wrote into them. Report
+        data plane), which also kept ``avail_event``; ``written_ranges`` is what it wrote into them. Report
         those to the DMA layer and then publish the used index, in :meth:`push_many`'s order."""
         if written_ranges:
             dma.wrote_ranges(written_ranges)

@@ -1,4 +1,4 @@
-"""virtio-blk's C read plane (hw/virtio/blk_plane.c) against the Python path it stands in for.
+"""virtio-blk's C data plane (hw/virtio/blk_plane.c) against the Python path it stands in for.
 
 The plane serves reads at the head of a queue and leaves everything else, untouched, to Python. The
 property test drives the same random batches -- reads in and out of range, odd lengths, writes, flushes,
