@@ -86,7 +86,7 @@ def device_on(image: Path, cache: str, *, plane: bool, event_idx: bool = True,
     irq = Irq()
     transport = VirtioMmio(device, dma, irq, iothread, name="vd0")
     driver = VirtioTestDriver(transport, memory, SCRATCH, scratch_size=6 << 20)
-    driver.initialise(event_idx=event_idx, queues={0: 64})
+    driver.initialise(event_idx=event_idx, queues={0: 256})  # room for ten 18-descriptor chains
     try:
         with plane_setting(plane):
             yield Setup(memory, device, transport, driver, backend, written, irq)
