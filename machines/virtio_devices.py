@@ -297,14 +297,12 @@ class VirtioPlugger:
         self._anon = 0
         for entry in config.objects:
             if entry.type == "iothread":
-                unknown = [k for k, _ in entry.props if k not in ("poll-max-ns", "poll-grow", "poll-shrink",
-                                                                  "aio-max-batch")]
-                if unknown:
-                    raise ConfigError(f"-object iothread: Property 'iothread.{unknown[0]}' not found",
-                                      option="-object")
                 from pyemu.system.iothread import IoThread
+                from pyemu.system.objects import parse_iothread
 
-                self.iothreads[entry.id] = IoThread(entry.id)
+                options = parse_iothread(entry.id, entry.props)
+                self.iothreads[entry.id] = IoThread(entry.id, poll_max_ns=options.poll_max_ns,
+                                                    poll_grow=options.poll_grow, poll_shrink=options.poll_shrink)
             elif entry.type not in ("rng-random", "secret", "throttle-group"):  # the latter two: system.objects
                 raise ConfigError(f"-object: invalid object type: {entry.type}", option="-object")
         try:

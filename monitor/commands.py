@@ -70,9 +70,10 @@ def _query_cpus_fast(api: ControlApi, args: dict[str, Any]) -> Any:
 
 
 def _query_iothreads(api: ControlApi, args: dict[str, Any]) -> Any:
-    # pyemu's I/O threads block in their selector; QEMU's adaptive polling knobs do not apply (all 0).
-    return [{"id": thread.name, "thread-id": thread.thread_id, "poll-max-ns": 0, "poll-grow": 0,
-             "poll-shrink": 0, "aio-max-batch": 0} for thread in api.machine.iothreads()]
+    # aio-max-batch is accepted and not used: pyemu submits no asynchronous I/O batches.
+    return [{"id": thread.name, "thread-id": thread.thread_id, "poll-max-ns": thread.poll.max_ns,
+             "poll-grow": thread.poll.grow, "poll-shrink": thread.poll.shrink, "aio-max-batch": 0}
+            for thread in api.machine.iothreads()]
 
 
 def _query_machines(api: ControlApi, args: dict[str, Any]) -> Any:

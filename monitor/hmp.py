@@ -93,8 +93,9 @@ def _info_cpus(mon: "HumanMonitor", args: str) -> str:
 
 
 def _info_iothreads(mon: "HumanMonitor", args: str) -> str:
-    return "".join(f"{thread.name}:\n  thread_id={thread.thread_id}\n  poll-max-ns=0\n  poll-grow=0\n"
-                   f"  poll-shrink=0\n  aio-max-batch=0\n" for thread in mon.api.machine.iothreads())
+    return "".join(f"{thread.name}:\n  thread_id={thread.thread_id}\n  poll-max-ns={thread.poll.max_ns}\n"
+                   f"  poll-grow={thread.poll.grow}\n  poll-shrink={thread.poll.shrink}\n  aio-max-batch=0\n"
+                   for thread in mon.api.machine.iothreads())
 
 
 def _info_block(mon: "HumanMonitor", args: str) -> str:

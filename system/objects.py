@@ -84,6 +84,42 @@ def parse_secret(ident: str, props: tuple[tuple[str, str], ...]) -> Secret:
     return Secret(ident, raw)
 
 
+INT64_MAX = (1 << 63) - 1
+IOTHREAD_PROPERTIES = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch")
+
+
+@dataclass(frozen=True)
+class IoThreadOptions:
+    """``-object iothread,id=ID[,poll-max-ns=N][,poll-grow=N][,poll-shrink=N][,aio-max-batch=N]``
+    (:class:`pyemu.system.iothread.IoThread`; ``poll_max_ns`` None: pyemu's default)."""
+
+    id: str
+    poll_max_ns: int | None = None
+    poll_grow: int = 0
+    poll_shrink: int = 0
+    aio_max_batch: int = 0
+
+
+def parse_iothread(ident: str, props: Sequence[tuple[str, str]]) -> IoThreadOptions:
+    """QEMU 7.2's checks and messages: unknown properties, int64 syntax, negative values."""
+    values: dict[str, int] = {}
+    for key, text in props:
+        if key not in IOTHREAD_PROPERTIES:
+            raise ConfigError(f"{OPTION} iothread: Property 'iothread.{key}' not found", option=OPTION)
+        try:
+            value = int(text, 0)
+        except ValueError:
+            value = None
+        if value is None or not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ConfigError(f"{OPTION} iothread,id={ident},{key}={text}: Parameter '{key}' expects an int64 value",
+                              option=OPTION)
+        if value < 0:
+            raise ConfigError(f"{key} value must be in range [0, {INT64_MAX}]", option=OPTION)
+        values[key] = value
+    return IoThreadOptions(ident, values.get("poll-max-ns"), values.get("poll-grow", 0),
+                           values.get("poll-shrink", 0), values.get("aio-max-batch", 0))
+
+
 def parse_throttle_group(ident: str, props: tuple[tuple[str, str], ...]) -> ThrottleGroup:
     where = f"{OPTION} throttle-group,id={ident}"
     limits: dict[str, int] = {}

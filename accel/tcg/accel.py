@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.tcg.calibration import calibrate
 from pyemu.accel.tcg.dirty_log import TcgDirtyLog
-from pyemu.accel.tcg.block_gate import load_gate_module, wake_publisher
+from pyemu.accel.tcg.block_gate import load_gate_module
 from pyemu.accel.tcg.errors import TcgError
 from pyemu.accel.tcg.guest_tsc import GuestTsc
 from pyemu.accel.tcg.halt_poll import default_max_poll_ns
@@ -31,7 +31,6 @@ from pyemu.accel.tcg.vcpu import TcgVcpu
 from pyemu.accel.tcg.vcpu_placement import SharedCpu
 from pyemu.hw.intc.api import InterruptController, MsiSink
 from pyemu.system.event_notifier import EventNotifier
-from pyemu.system.wake_publish import install_wake_publisher
 from pyemu.system.memory import GuestMemory
 from pyemu.target.x86.cpu_models import TCG_FEATURES
 from pyemu.target.x86.cpuid import CpuidTable
@@ -90,8 +89,6 @@ class TcgAccelerator:
                        scheduler=self.scheduler, code_map=self._code_map, tsc=self.tsc,
                        placement=self.placement, mmio_notifiers=self._notifier_table())
         if self._port_fast is None:
-            # I/O threads wake a polling vCPU through flags they set after letting the GIL go (kick).
-            install_wake_publisher(wake_publisher(load_gate_module()))
             self._port_fast = PortFastPaths(load_gate_module())
             self._dispatcher.pio.bind_fast_paths(self._port_fast.publish)
             self._posted_watch = PostedWriteWatch(lambda: self.vcpus)

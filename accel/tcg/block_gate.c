@@ -6,7 +6,6 @@
  */
 #include <stdint.h>
 #include <sched.h>
-#include <sys/epoll.h>
 #include <time.h>
 
 /* Built together with tlb_fill.c, which comes first (struct pyemu_tlb, pyemu_tlb_resume). */
@@ -267,24 +266,3 @@ int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns)
     }
 }
 
-/* An I/O thread goes to sleep: set the wake-up flags its handlers left to it (wake_publish.py's
- * publish_on_sleep), then wait on its epoll set. cffi releases the GIL for the call, so a vCPU spinning in
- * pyemu_gate_poll sees its flag only when the GIL is free, and takes it without sleeping in the GIL's wait.
- * The ready descriptors go to ``ready`` (at most ``max_ready``; their count is returned, -1 on EINTR), so
- * the thread needs no second system call -- and no second GIL hand-over -- to learn them. */
-int pyemu_publish_and_wait(int epfd, const intptr_t *flags, int count, int *ready, int max_ready,
-                           int timeout_ms)
-{
-    struct epoll_event events[64];
-    if (max_ready > 64) {
-        max_ready = 64;
-    }
-    for (int i = 0; i < count; i++) {
-        __atomic_store_n((int32_t *)flags[i], 1, __ATOMIC_RELEASE);
-    }
-    int n = epoll_wait(epfd, events, max_ready, timeout_ms);
-    for (int i = 0; i < n; i++) {
-        ready[i] = events[i].data.fd;
-    }
-    return n;
-}

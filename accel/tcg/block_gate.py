@@ -37,14 +37,13 @@ import ctypes
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from unicorn import UC_HOOK_BLOCK, Uc
 from unicorn import x86_const as x86
 
 from pyemu.accel.tcg.errors import BlockHookBuildError, EngineError
 from pyemu.system.native import NativeBuildError, load_native
-from pyemu.system.wake_publish import WakePublisher
 
 # One compiled module holds the engine callbacks: the TLB-fill hook (tlb_fill.c, first: the gate reads
 # its state), the block gate, the I/O permission guard (io_guard.c, see io_guard.py) and the device
@@ -135,8 +134,6 @@ struct pyemu_gate {
 void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data);
 void pyemu_gate_pause(void *uc, void *opaque);
 int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns);
-int pyemu_publish_and_wait(int epfd, const intptr_t *flags, int count, int *ready, int max_ready,
-                           int timeout_ms);
 struct pyemu_port_fast {
     uint32_t count;
     uint32_t port[8];
@@ -200,18 +197,6 @@ def native_function(module: ModuleType, name: str) -> int:
     was spent in the block gate's wrapper and PLT stub, against ~2% in the gate itself)."""
     library = ctypes.CDLL(str(module.__file__))  # the already-loaded extension: same handle
     return int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0)
-
-
-def wake_publisher(module: ModuleType) -> WakePublisher:
-    """The C function an I/O thread goes to sleep through (see :mod:`pyemu.system.wake_publish`)."""
-    publish_and_wait = module.lib.pyemu_publish_and_wait
-    new = module.ffi.new
-
-    def publish(epoll_fd: int, flags: Sequence[int]) -> list[int]:
-        ready = new("int[64]")  # per call: several I/O threads may be asleep in here at once
-        count = publish_and_wait(epoll_fd, list(flags), len(flags), ready, 64, -1)
-        return list(ready[0:count]) if count > 0 else []
-    return publish
 
 
 def _uc_library() -> ctypes.CDLL:

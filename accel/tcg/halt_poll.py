@@ -8,11 +8,11 @@ network packet halts and is woken by exactly such an interrupt, so every request
 spins (in C, with the GIL released: :meth:`pyemu.accel.tcg.block_gate.BlockGate.poll`) when the interrupt
 is near sees it within a microsecond, and the I/O thread that raises it wakes nobody.
 
-Spinning costs a host CPU, so the window adapts as KVM's ``halt_poll_ns`` does (virt/kvm/kvm_main.c,
-read for the rule, not copied): a halt that ended within the window keeps it; one that ended after the
-window but within the maximum doubles it (from a 10 µs start), so the next similar wait is caught; one
-that lasted longer than the maximum (an idle guest waiting for its timer) resets it to 0, so an idle guest
-does not spin.
+Spinning costs a host CPU, so the window adapts as KVM's ``halt_poll_ns`` does
+(:class:`pyemu.system.poll_window.PollWindow`, also the I/O threads' window): a halt that ended within the
+window keeps it; one that ended after the window but within the maximum doubles it (from a 10 µs start);
+one that lasted longer than the maximum (an idle guest waiting for its timer) resets it to 0, so an idle
+guest does not spin.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ and the vCPU slept through 53-66% of the completions (the I/O thread then paid ~
 in all four pairs), 1 MiB sequential reads median 861 against 602 MB/s, TCP neutral to better; 800 µs
 added little over 400."""
 
-GROW_START_NS = 10_000
-"""The first window after a short halt (KVM's ``halt_poll_ns_grow_start``)."""
-
 
 def default_max_poll_ns(vcpus: int) -> int:
     """:data:`MAX_POLL_NS` when the host has a CPU for a spinning vCPU beside the running one and the I/O
@@ -40,29 +37,3 @@ def default_max_poll_ns(vcpus: int) -> int:
     container's cpuset), not all the host has."""
     cpus = len(os.sched_getaffinity(0)) or 1
     return MAX_POLL_NS if cpus >= vcpus + 1 else 0
-
-
-class HaltPolling:
-    """The adaptive polling window of one vCPU (only its own thread uses it)."""
-
-    __slots__ = ("max_ns", "window_ns", "polls", "poll_hits")
-
-    def __init__(self, max_ns: int) -> None:
-        self.max_ns = max(0, max_ns)
-        self.window_ns = 0
-        self.polls = 0
-        self.poll_hits = 0
-
-    def budget_ns(self) -> int:
-        """How long the next halt spins (0: it sleeps at once)."""
-        return min(self.window_ns, self.max_ns)
-
-    def record(self, halted_ns: int, *, woken_while_polling: bool) -> None:
-        """A halt is over: it lasted ``halted_ns`` in all (polling and sleeping)."""
-        if woken_while_polling:
-            self.poll_hits += 1
-            return
-        if halted_ns > self.max_ns:
-            self.window_ns = 0
-        elif self.window_ns < self.max_ns:
-            self.window_ns = min(self.max_ns, max(GROW_START_NS, 2 * self.window_ns))

@@ -70,7 +70,7 @@ from pyemu.accel.tcg.cr4_guard import block_span, mov_to_cr4_before, refused_cr4
 from pyemu.accel.tcg.delivery import Event, EventKind
 from pyemu.accel.tcg.errors import EngineError, GuestFault
 from pyemu.accel.tcg.guest_tsc import GuestTsc
-from pyemu.accel.tcg.halt_poll import MAX_POLL_NS, HaltPolling
+from pyemu.accel.tcg.halt_poll import MAX_POLL_NS
 from pyemu.accel.tcg.io_hooks import IoHooks, vcpu_cpuid
 from pyemu.accel.tcg.port_fast_paths import PortFastPaths
 from pyemu.accel.tcg.memory_map import PhysicalMap
@@ -91,6 +91,7 @@ from pyemu.hw.intc.api import InterruptController
 from pyemu.system import log
 from pyemu.system.wake_publish import publish_on_sleep
 from pyemu.system.memory import GuestMemory
+from pyemu.system.poll_window import PollWindow
 from pyemu.target.x86.cpu_state import (
     EFER_LMA,
     GPR_NAMES,
@@ -178,7 +179,7 @@ class TcgVcpu:
         """A kick left the gate's flags to an I/O thread to set as it goes to sleep (see kick)."""
         self.kicks_published = 0
         """Kicks handed to an I/O thread that way (statistics for tests and benchmarks)."""
-        self.halt_polling = HaltPolling(MAX_POLL_NS)
+        self.halt_polling = PollWindow(MAX_POLL_NS)
         """How long a halt spins before sleeping (the accelerator sets the maximum for the VM's size)."""
         self._halted = False
         self._halt_rflags: int | None = None

@@ -77,6 +77,7 @@ class BlkConfig:
 class VirtioBlk(VirtioDevice):
     device_id = ID_BLOCK
     name = "virtio-blk"
+    kicks_worth_polling = True
 
     def __init__(self, backend: BlockBackend, config: BlkConfig) -> None:
         super().__init__(tuple([config.queue_size] * config.num_queues))

@@ -126,7 +126,8 @@ class VirtioMmio:
         self.interrupts = 0
         device.bind(self)
         for index, notifier in enumerate(self.notifiers):
-            iothread.add_reader(notifier, self._kick_handler(index), self.fail_from)
+            iothread.add_reader(notifier, self._kick_handler(index), self.fail_from,
+                                polled=device.kicks_worth_polling)
 
     def _clear_registers(self) -> None:
         self.status = 0

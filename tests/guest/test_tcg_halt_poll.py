@@ -12,7 +12,8 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
 
 from pyemu.accel.tcg import halt_poll
 from pyemu.accel.tcg.block_gate import BlockGate
-from pyemu.accel.tcg.halt_poll import GROW_START_NS, MAX_POLL_NS, HaltPolling, default_max_poll_ns
+from pyemu.accel.tcg.halt_poll import MAX_POLL_NS, default_max_poll_ns
+from pyemu.system.poll_window import GROW_START_NS, PollWindow
 from pyemu.testing import FakeInterruptController, GuestProgram, prepared
 from pyemu.testing.handlers import exit_with, recording_handler, slot_address
 
@@ -61,7 +62,7 @@ def test_begin_wait_forgets_flags_set_before_it(gate: BlockGate) -> None:
 
 
 def test_window_grows_on_short_halts_and_resets_on_long_ones() -> None:
-    polling = HaltPolling(MAX_POLL_NS)
+    polling = PollWindow(MAX_POLL_NS)
     assert polling.budget_ns() == 0                    # an idle guest does not spin at first
     polling.record(50_000, woken_while_polling=False)  # short: the next one would have been caught
     assert polling.budget_ns() == GROW_START_NS
@@ -81,7 +82,7 @@ def test_no_polling_without_a_host_cpu_to_spare(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(halt_poll.os, "sched_getaffinity", lambda pid: {0, 1})
     assert default_max_poll_ns(1) == MAX_POLL_NS
     assert default_max_poll_ns(2) == 0
-    polling = HaltPolling(default_max_poll_ns(2))
+    polling = PollWindow(default_max_poll_ns(2))
     polling.record(10_000, woken_while_polling=False)
     assert polling.budget_ns() == 0
 

@@ -14,6 +14,8 @@ import pytest
 qmp = pytest.importorskip("qemu.qmp")
 from qemu.qmp import ExecuteError, QMPClient  # noqa: E402
 
+from pyemu.system.iothread import default_poll_max_ns  # noqa: E402
+
 TIMEOUT = 30.0
 
 
@@ -381,6 +383,7 @@ def test_query_block_lists_drives_and_their_chains(launch, short_dir):
         assert image["backing-image"]["format"] == "qcow2"
         (thread,) = await execute(client, "query-iothreads")  # the default I/O thread serves the disk
         assert thread["id"] == "main-loop" and thread["thread-id"] > 0
+        assert (thread["poll-max-ns"], thread["poll-grow"], thread["poll-shrink"]) == (default_poll_max_ns(), 0, 0)
         (machine,) = await execute(client, "query-machines")
         assert machine["name"] == "microvm" and machine["cpu-max"] >= 1
         await quit_and_disconnect(client)

@@ -30,6 +30,8 @@ def image(tmp_path: Path) -> Path:
     (("-object", "rng-random,id=r0,filename=/nonexistent", "-device", "virtio-rng-device,rng=r0"),
      "Could not open '/nonexistent'"),
     (("-object", "frobnicator,id=x"), "invalid object type: frobnicator"),
+    (("-object", "iothread,id=io0,poll-max-ns=-1"), "poll-max-ns value must be in range [0, 9223372036854775807]"),
+    (("-object", "iothread,id=io0,poll-grow=fast"), "Parameter 'poll-grow' expects an int64 value"),
     (("-device", "virtconsole,chardev=c0", "-chardev", "null,id=c0"),
      "No 'virtio-serial-bus' bus found for device 'virtconsole'"),
     (("-chardev", "bogus,id=c0"), "'bogus' is not a valid char driver name"),
