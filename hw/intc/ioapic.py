@@ -107,6 +107,8 @@ class IoApic:
         self.ioregsel = 0
         self.ioapic_id = self.initial_id
         self.redirection = [RTE_MASKED] * self.pins
+        self._messages: list[tuple[int, int] | None] = [None] * self.pins
+        """Each pin's MSI (:meth:`msi_message`) once computed, until its entry is rewritten."""
         self._levels = [0] * self.pins
         self._latched = 0  # edges that arrived while masked (bit per pin)
 
@@ -182,6 +184,7 @@ class IoApic:
                 # interrupt on version-0x11 IOAPICs that have no EOI register.
                 entry &= ~RTE_REMOTE_IRR
         self.redirection[pin] = entry
+        self._messages[pin] = None
         if self.route_changed is not None:
             self.route_changed(pin, None if entry & RTE_MASKED else self.msi_message(pin))
         self._service(pin)
@@ -225,7 +228,10 @@ class IoApic:
             self._send(n)
 
     def _send(self, n: int) -> None:
-        address, data = self.msi_message(n)
+        message = self._messages[n]
+        if message is None:
+            message = self._messages[n] = self.msi_message(n)
+        address, data = message
         if log.enabled("int"):
             log.log("int", f"ioapic: pin {n} -> MSI address {address:#x} data {data:#x}")
         self.msi_sink.deliver_msi(address, data)
@@ -283,5 +289,6 @@ class IoApic:
         self.ioregsel = s.ioregsel
         self.ioapic_id = s.ioapic_id
         self.redirection = list(s.redirection)
+        self._messages = [None] * self.pins
         self._levels = list(s.pin_levels)
         self._latched = s.latched_edges

@@ -247,6 +247,9 @@ class LocalApic:
         self.pic = pic
         self.eoi_broadcast = eoi_broadcast
         self.ipi_sink = ipi_sink
+        self.destination_changed: Callable[[], None] | None = None
+        """Told whenever what :meth:`matches_destination` answers may have changed (APIC ID, LDR, DFR):
+        the APIC bus caches message routes until then."""
         self.timer = ApicTimer(queue, self._timer_expired, crystal_hz=crystal_hz, tsc_hz=tsc_hz, tsc_now=tsc_now)
         self._lint_lines = tuple(IrqLine(partial(self._lint_changed, n), f"lapic-lint{n}") for n in range(2))
         self.reset()
@@ -288,6 +291,11 @@ class LocalApic:
         self.nmi_pending = False
         self._extint_pending = False
         self.timer.stop()
+        self._destination_changed()
+
+    def _destination_changed(self) -> None:
+        if self.destination_changed is not None:
+            self.destination_changed()
 
     def state(self) -> LapicState:
         """Registers, pending events, LINT input levels and the timer, now."""
@@ -321,6 +329,7 @@ class LocalApic:
         self._init_pending = s.init_pending
         self._startup_vector = s.startup_vector
         self.timer.apply_state(timer)
+        self._destination_changed()
         if self.nmi_pending or self._init_pending or self._startup_vector is not None:
             self._signal_event()
         self._maybe_kick()
@@ -454,6 +463,7 @@ class LocalApic:
     def _write_register(self, offset: int, value: int) -> None:
         if offset == REG_ID:
             self.apic_id = value >> 24
+            self._destination_changed()
         elif offset == REG_TPR:
             self.tpr = value & 0xFF
             self._maybe_kick()
@@ -461,8 +471,10 @@ class LocalApic:
             self.eoi()
         elif offset == REG_LDR:
             self.ldr = value & 0xFF000000
+            self._destination_changed()
         elif offset == REG_DFR:
             self.dfr = (value & 0xF0000000) | 0x0FFFFFFF
+            self._destination_changed()
         elif offset == REG_SVR:
             self._write_svr(value)
         elif offset == REG_ESR:

@@ -400,3 +400,69 @@ def test_msi_nmi_and_init_modes_reach_only_the_destination() -> None:
     assert rig.event_kicked() == [1, 2]
     assert rig.cpus[1].apic.take_nmi() and not rig.cpus[2].apic.take_nmi()
     assert rig.cpus[2].apic.take_init() and not rig.cpus[1].apic.take_init()
+
+
+# -- remembered routes ----------------------------------------------------------------------------------
+def _pulse_and_take(rig: Rig, ioapic: IoApic, pin: int, vector: int) -> list[int]:
+    """Edge on ``pin``; which CPUs got ``vector`` (each then acknowledges it, so the next edge shows anew)."""
+    ioapic.pin(pin).pulse()
+    holding = rig.holding(vector)
+    for index in holding:
+        assert rig.cpus[index].apic.acknowledge_interrupt() == vector
+        rig.cpus[index].wr(REG_EOI, 0)
+    return holding
+
+
+def test_a_remembered_route_follows_apic_id_ldr_and_dfr_changes() -> None:
+    rig = Rig()
+    ioapic = IoApic(rig.bus)
+    program(ioapic, 3, 0x41, destination=2)  # physical APIC ID 2
+    assert _pulse_and_take(rig, ioapic, 3, 0x41) == [2]
+    assert _pulse_and_take(rig, ioapic, 3, 0x41) == [2]  # now from the remembered route
+    rig.cpus[2].wr(REG_ID, 7 << 24)
+    rig.cpus[1].wr(REG_ID, 2 << 24)
+    assert _pulse_and_take(rig, ioapic, 3, 0x41) == [1]
+    program(ioapic, 4, 0x42 | (1 << 11), destination=0b0100)  # logical, flat: LDR bit 2
+    rig.cpus[0].wr(REG_LDR, 0b0100 << 24)
+    assert _pulse_and_take(rig, ioapic, 4, 0x42) == [0]
+    assert _pulse_and_take(rig, ioapic, 4, 0x42) == [0]
+    rig.cpus[0].wr(REG_LDR, 0)
+    rig.cpus[3].wr(REG_LDR, 0b0100 << 24)
+    assert _pulse_and_take(rig, ioapic, 4, 0x42) == [3]
+    rig.cpus[3].wr(REG_DFR, 0x0FFFFFFF)  # cluster model: cluster 0, bit 2 no longer matches 0b0100 << 24's
+    rig.cpus[3].wr(REG_LDR, 0x14 << 24)   # cluster 1
+    assert _pulse_and_take(rig, ioapic, 4, 0x42) == []
+
+
+def test_a_remembered_route_follows_a_rewritten_entry_a_reset_and_a_loaded_state() -> None:
+    rig = Rig()
+    ioapic = IoApic(rig.bus)
+    program(ioapic, 3, 0x41, destination=2)
+    assert _pulse_and_take(rig, ioapic, 3, 0x41) == [2]
+    program(ioapic, 3, 0x43, destination=1)
+    assert _pulse_and_take(rig, ioapic, 3, 0x43) == [1]
+    saved = rig.cpus[1].apic.state()
+    rig.cpus[1].wr(REG_ID, 9 << 24)
+    assert _pulse_and_take(rig, ioapic, 3, 0x43) == []
+    rig.cpus[1].apic.from_state(saved)  # APIC ID 1 again
+    assert _pulse_and_take(rig, ioapic, 3, 0x43) == [1]
+    rig.cpus[1].wr(REG_ID, 9 << 24)
+    rig.cpus[1].apic.reset()  # back to its initial ID, software-disabled
+    rig.cpus[1].enable()
+    assert _pulse_and_take(rig, ioapic, 3, 0x43) == [1]
+    saved_ioapic = ioapic.state()
+    program(ioapic, 3, 0x44, destination=0)
+    assert _pulse_and_take(rig, ioapic, 3, 0x44) == [0]
+    ioapic.from_state(saved_ioapic)
+    assert _pulse_and_take(rig, ioapic, 3, 0x43) == [1]
+
+
+def test_routes_stay_bounded_whatever_messages_the_guest_sends() -> None:
+    from pyemu.hw.intc.apic_bus import MAX_ROUTES
+
+    rig = Rig()
+    for vector in range(0x20, 0x100):
+        for destination in range(4):
+            rig.bus.deliver_msi(0xFEE00000 | (destination << 12), vector)
+    assert len(rig.bus._routes) <= MAX_ROUTES
+    assert rig.holding(0xFF) == [0, 1, 2, 3]
