@@ -97,7 +97,8 @@ class RawFormat:
         floor = below.write_floor
         if floor >= 0 and self.guard_block0:
             floor = max(floor, SECTOR_SIZE)
-        return below._replace(file_offset=below.file_offset + self.offset, size=self.size(), write_floor=floor)
+        return PassThrough(below.fd, below.file_offset + self.offset, self.size(), below.direct_align,
+                           below.direct_end, floor)  # not _replace(): asked once a request, and 3x slower
 
     def preadv(self, offset: int, buffers: Sequence[memoryview]) -> None:
         views = byte_views(buffers, writable=True)

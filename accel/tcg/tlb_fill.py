@@ -117,6 +117,10 @@ def _uc_function(library: ctypes.CDLL, name: str) -> int:
     return int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0)
 
 
+FEW_RANGES = 4
+"""Up to this many ranges are tested one by one in :meth:`CodeMap.ranges_with_code`."""
+
+
 class CodeMap:
     """Which engines of one VM may hold translated code from which 4 KiB RAM page (see module docstring).
 
@@ -204,8 +208,9 @@ class CodeMap:
         One block request writes up to 256 scattered pages and almost never code, so C looks for the first
         range that touches code (``pyemu_code_first_hit``, a third of the time of a :meth:`has_code` call
         per range) and only the ranges from there on are looked at one by one."""
-        if not ranges:
-            return []
+        if len(ranges) <= FEW_RANGES:  # a 4 KiB read: the C call's packing would cost more than the test
+            has_code = self.has_code
+            return [(gpa, size) for gpa, size in ranges if size > 0 and has_code(gpa, size)]
         try:
             packed = struct.pack(f"<{2 * len(ranges)}Q", *chain.from_iterable(ranges))
         except struct.error:  # not 64-bit values: the per-range path decides
