@@ -172,10 +172,12 @@ class VirtioBlk(VirtioDevice):
         if target is None:
             return 0
         try:
+            merged_before = plane.merged
             served = plane.serve(queue, self.context.dma, target, self.backend)  # type: ignore[union-attr]
         finally:
             self.backend.end_pass_through()
         self.requests += served
+        self.merged += plane.merged - merged_before
         return served
 
     def _process_batch(self, queue: Virtqueue) -> int:

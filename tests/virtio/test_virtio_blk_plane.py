@@ -14,7 +14,7 @@ import contextlib
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -186,6 +186,21 @@ requests_strategy = st.lists(st.builds(
 ), min_size=1, max_size=10)
 
 
+@st.composite
+def runs_strategy(draw: st.DrawFn) -> list[Request]:
+    """Batches in which requests often continue the one before (the next sectors, the same direction), as
+    a guest's large reads and writes arrive: what the plane merges into one host call."""
+    requests = draw(requests_strategy)
+    follows = draw(st.lists(st.booleans(), min_size=len(requests), max_size=len(requests)))
+    for index in range(1, len(requests)):
+        if follows[index]:
+            before = requests[index - 1]
+            requests[index] = replace(requests[index], kind=before.kind if draw(st.integers(0, 4)) else
+                                      requests[index].kind,
+                                      sector=before.sector + max(before.size, 0) // SECTOR)
+    return requests
+
+
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("read-plane") / "disk.img"
@@ -208,6 +223,64 @@ def test_the_plane_changes_nothing_the_guest_sees(image: Path, cache: str, reque
     assert with_plane["reported"] and without["reported"]
     for key in ("used", "statuses", "data", "image", "broken"):
         assert with_plane[key] == without[key], key
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=runs_strategy())
+def test_merged_runs_change_nothing_the_guest_sees(image: Path, cache: str, requests: list[Request]) -> None:
+    with_plane = run_batch(image, cache, requests, plane=True)
+    without = run_batch(image, cache, requests, plane=False)
+    assert with_plane["reported"] and without["reported"]
+    for key in ("used", "statuses", "data", "image", "broken"):
+        assert with_plane[key] == without[key], key
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+@pytest.mark.parametrize("kind", [vblk.T_IN, vblk.T_OUT])
+def test_consecutive_requests_are_one_host_call(copy: Path, cache: str, kind: int) -> None:
+    """Linux's 1 MiB O_DIRECT read arrives as a 1020 KiB request and a 4 KiB one: the plane moves such a
+    run with one preadv (pwritev), and each request still gets its own used element and status."""
+    with device_on(copy, cache, plane=True) as s:
+        sizes = [65536, 4096, 8192]
+        reqs, sector = [], 64
+        for index, size in enumerate(sizes):
+            reqs.append(Request(kind, sector, size, pages=True, align=4096, indirect=index != 1))
+            sector += size // SECTOR
+        reqs.append(Request(kind, 0, 4096, pages=True, align=4096, indirect=False))  # not the next sectors
+        offered = [offer(s.driver, req, index) for index, req in enumerate(reqs)]
+        serve(s.transport)
+        plane = s.device._planes[0]
+        assert plane.served == 4 and plane.merged == 2 and s.device.merged == 2
+        written = [size + 1 if kind == vblk.T_IN else 1 for size in sizes + [4096]]
+        assert s.driver.used(0) == [(head, n) for (head, _, _), n in zip(offered, written)]
+        assert [s.memory.read_u8(status) for _, _, status in offered] == [vblk.S_OK] * 4
+        for req, (_, pieces, _), index in zip(reqs, offered, range(4)):
+            start = req.sector * SECTOR
+            expected = (PATTERN[start:start + req.size] if kind == vblk.T_IN
+                        else bytes((index + i) & 0xFF for i in range(req.size)))
+            got = (b"".join(s.memory.read(a, n) for a, n in pieces) if kind == vblk.T_IN
+                   else copy.read_bytes()[start:start + req.size])
+            assert got == expected
+
+
+def test_a_merged_run_that_fails_on_the_host_is_served_request_by_request(image: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    with device_on(image, "writeback", plane=True) as s:
+        real = s.backend.begin_pass_through
+
+        def broken_fd():  # type: ignore[no-untyped-def]
+            target = real()
+            return target._replace(fd=10_000_000) if target is not None else None
+        monkeypatch.setattr(s.backend, "begin_pass_through", broken_fd)
+        reqs = [Request(vblk.T_IN, 8, 4096, True, 16, False), Request(vblk.T_IN, 16, 4096, True, 16, True)]
+        offered = [offer(s.driver, req, index) for index, req in enumerate(reqs)]
+        serve(s.transport)
+        assert s.driver.used(0) == [(head, 4097) for head, _, _ in offered]
+        for req, (_, pieces, status) in zip(reqs, offered):
+            assert s.memory.read_u8(status) == vblk.S_OK
+            assert s.memory.read(pieces[0][0], 4096) == PATTERN[req.sector * SECTOR:req.sector * SECTOR + 4096]
+        assert s.device._planes[0].host_errors == 1 and s.device._planes[0].served == 0
 
 
 @pytest.mark.parametrize("cache", ["writeback", "none"])
