@@ -186,3 +186,15 @@ def test_a_malformed_request_in_a_batch_breaks_the_device_after_the_ones_before_
     [(head, written)] = driver.wait_used(0, 1)
     assert (head, written) == (good[0], 4097) and driver.memory.read_u8(good[2]) == vblk.S_OK
     assert wait_for(lambda: driver.status & regs.STATUS_DEVICE_NEEDS_RESET)
+
+
+def test_the_io_thread_spins_for_disk_kicks_and_not_for_other_devices(rig: Rig, drive: BlockBackend) -> None:
+    """virtio-blk's queue notifiers are registered as worth spinning for (its host work is the I/O thread's
+    own); another device's are not (see VirtioDevice.kicks_worth_polling)."""
+    from pyemu.hw.virtio.rng import EntropySource, RngConfig, VirtioRng
+
+    blk_transport, _, _ = rig.plug(vblk.VirtioBlk(drive, vblk.BlkConfig(drive_id="d0")))
+    rng_transport, _, _ = rig.plug(VirtioRng(EntropySource("/dev/urandom"), RngConfig()))
+    polled = rig.iothread._polled
+    assert {notifier.fileno() for notifier in blk_transport.notifiers} <= polled
+    assert not {notifier.fileno() for notifier in rng_transport.notifiers} & polled
