@@ -7,23 +7,11 @@
  * taken, and the Python device, which owns every error path, handles it from there. So a chain is either
  * served completely here (data moved, status byte written, used element filled) or not touched at all.
  *
- * Memory safety: every guest address goes through ram_ptr(), which returns a host pointer only when the
- * whole range lies inside one RAM region (overflow-safe), and every table index is checked against its
- * table's size before use. The used index is not published here: Python reports the DMA writes first
- * (the software CPU drops stale translations of that RAM) and then publishes it, as its own push does.
+ * Guest memory is reached only through vring.c (built in front of this file), which checks every address
+ * and index. The used index is not published here: Python reports the DMA writes first (the software CPU
+ * drops stale translations of that RAM) and then publishes it, as its own push does.
  */
 
-#include <errno.h>
-#include <stdint.h>
-#include <string.h>
-#include <sys/uio.h>
-#include <unistd.h>
-
-#define BP_DESC_F_NEXT 1
-#define BP_DESC_F_WRITE 2
-#define BP_DESC_F_INDIRECT 4
-#define BP_MAX_QUEUE 32768
-#define BP_MAX_IOV 1024
 #define BP_T_IN 0
 #define BP_T_OUT 1
 #define BP_SECTOR 512
@@ -31,20 +19,9 @@
 #define BP_MAX_MERGED 32                /* blk.py's MAX_MERGED_REQUESTS */
 #define BP_MAX_MERGED_BYTES (8u << 20)  /* blk.py's MAX_MERGED_BYTES */
 
-struct pyemu_bp_region {
-    uint64_t gpa;
-    uint64_t size;
-    uint8_t *host;
-};
-
-struct pyemu_bp_range {
-    uint64_t start;               /* a guest physical address, or a disk offset */
-    uint64_t len;
-};
-
 struct pyemu_bp_call {
     /* in */
-    const struct pyemu_bp_region *ram;
+    const struct pyemu_vr_region *ram;
     uint32_t nram;
     uint64_t desc, avail, used;   /* ring addresses (guest physical) */
     uint32_t size;                /* queue size, a power of two */
@@ -56,9 +33,9 @@ struct pyemu_bp_call {
     uint64_t direct_end;          /* O_DIRECT: file bytes from here on are not served (the partial tail) */
     int64_t write_floor;          /* writes only at disk bytes from here on; -1: no writes */
     uint32_t max_requests;
-    struct pyemu_bp_range *wrote; /* guest ranges written, for the DMA report */
+    struct pyemu_vr_range *wrote; /* guest ranges written, for the DMA report */
     uint32_t max_wrote;
-    struct pyemu_bp_range *disk;  /* disk ranges written, for the dirty bitmaps */
+    struct pyemu_vr_range *disk;  /* disk ranges written, for the dirty bitmaps */
     uint32_t max_disk;
     /* in/out */
     uint16_t last_avail, used_idx;
@@ -68,12 +45,10 @@ struct pyemu_bp_call {
     int32_t stop;                 /* see BP_STOP_* */
 };
 
-struct bp_seg { uint64_t gpa; uint8_t *host; uint32_t len; };
-
 enum { BP_STOP_EMPTY = 0, BP_STOP_PYTHON = 1, BP_STOP_HOST_ERROR = 2, BP_STOP_LIMIT = 3, BP_TAKEN = -1 };
 
 /* The data of a request as an iovec: ``skip`` bytes into the segments [first, end), ``length`` bytes. */
-static int data_iov(const struct bp_seg *seg, uint32_t first, uint32_t end, uint64_t skip, uint64_t length,
+static int data_iov(const struct vr_seg *seg, uint32_t first, uint32_t end, uint64_t skip, uint64_t length,
                     struct iovec *iov)
 {
     int cnt = 0;
@@ -95,93 +70,8 @@ static int data_iov(const struct bp_seg *seg, uint32_t first, uint32_t end, uint
     return cnt;
 }
 
-static uint8_t *ram_ptr(const struct pyemu_bp_call *c, uint64_t gpa, uint64_t len)
-{
-    for (uint32_t i = 0; i < c->nram; i++) {
-        const struct pyemu_bp_region *r = &c->ram[i];
-        if (gpa >= r->gpa && len <= r->size && gpa - r->gpa <= r->size - len)
-            return r->host + (gpa - r->gpa);
-    }
-    return NULL;
-}
-
-static inline uint16_t load_u16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
-static inline uint32_t load_u32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
-static inline uint64_t load_u64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
-static inline void store_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
-static inline void store_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
-
-/* One chain's segments: a range of the call's shared segment array. */
-struct bp_chain {
-    uint32_t first, nseg, nread;  /* segments [first, first + nseg); the first nread are device-readable */
-    uint64_t read_len, write_len;
-};
-
-/* Walk the chain from ``head`` by the rules of queue.py's Virtqueue._walk, appending its segments to
- * ``seg`` from index ``ch->first`` (``room`` entries left). 0: walked; -1: anything else (broken, or more
- * segments than one preadv takes): left to Python. */
-static int walk(const struct pyemu_bp_call *c, const uint8_t *ring_table, uint16_t head, struct bp_seg *seg,
-                uint32_t room, struct bp_chain *ch)
-{
-    const uint8_t *table = ring_table;
-    uint32_t table_size = c->size, index = head, visited = 0;
-    int in_indirect = 0;
-    struct bp_seg *out = seg + ch->first;
-    ch->nseg = ch->nread = 0;
-    ch->read_len = ch->write_len = 0;
-    for (;;) {
-        if (++visited > table_size)
-            return -1;
-        const uint8_t *d = table + 16 * (uint64_t)index;
-        uint64_t addr = load_u64(d);
-        uint32_t len = load_u32(d + 8);
-        uint16_t flags = load_u16(d + 12), next = load_u16(d + 14);
-        if (flags & BP_DESC_F_INDIRECT) {
-            if (!c->indirect || in_indirect || (flags & BP_DESC_F_NEXT))
-                return -1;
-            if (len == 0 || len % 16 || len / 16 > BP_MAX_QUEUE)
-                return -1;
-            table = ram_ptr(c, addr, len);
-            if (table == NULL)
-                return -1;
-            table_size = len / 16;
-            index = 0;
-            visited = 0;
-            in_indirect = 1;
-            continue;
-        }
-        int writable = (flags & BP_DESC_F_WRITE) != 0;
-        if (!writable && ch->nseg > ch->nread)
-            return -1;            /* readable after writable */
-        if (len) {
-            uint8_t *host = ram_ptr(c, addr, len);
-            if (host == NULL || ch->nseg >= room)
-                return -1;
-            if (writable) {
-                ch->write_len += len;
-                if (ch->write_len >= (1ull << 32))
-                    return -1;
-            } else {
-                ch->read_len += len;
-                if (ch->read_len >= (1ull << 32))
-                    return -1;
-                ch->nread++;
-            }
-            out[ch->nseg].gpa = addr;
-            out[ch->nseg].host = host;
-            out[ch->nseg].len = len;
-            ch->nseg++;
-        }
-        if (!(flags & BP_DESC_F_NEXT))
-            return 0;
-        if (next >= table_size)
-            return -1;
-        index = next;
-    }
-}
-
 /* The request header (type, reserved, sector), gathered from the readable segments. */
-static void header(const struct bp_seg *seg, const struct bp_chain *ch, uint8_t out[BP_HEADER])
+static void header(const struct vr_seg *seg, const struct vr_chain *ch, uint8_t out[BP_HEADER])
 {
     uint32_t got = 0;
     for (uint32_t i = ch->first; i < ch->first + ch->nread && got < BP_HEADER; i++) {
@@ -229,22 +119,21 @@ struct bp_request {
     uint16_t head;
     int write;
     uint64_t sector, length;
-    struct bp_chain ch;
+    struct vr_chain ch;
     uint32_t iov_first, iov_cnt;
 };
 
 /* Look at the chain ``k`` places after ``c->last_avail`` and decide whether the plane serves it as part of
  * the batch ``r[0..k)``: TAKEN into r[k], else the reason the batch ends before it (with k == 0: the stop
  * reason of the call). ``seg``/``iov`` are the batch's shared arrays, ``*nseg``/``*niov`` their fill. */
-static int take(const struct pyemu_bp_call *c, const uint8_t *desc, const uint8_t *avail, uint32_t k,
-                struct bp_request *r, struct bp_seg *seg, uint32_t *nseg, struct iovec *iov, uint32_t *niov,
+static int take(const struct pyemu_bp_call *c, const struct vr_ring *ring, uint32_t k,
+                struct bp_request *r, struct vr_seg *seg, uint32_t *nseg, struct iovec *iov, uint32_t *niov,
                 uint64_t *batch_bytes)
 {
-    uint32_t size = c->size;
     struct bp_request *q = &r[k];
-    q->head = load_u16(avail + 4 + 2 * ((uint16_t)(c->last_avail + k) & (size - 1)));
+    q->head = vr_avail_head(ring, (uint16_t)(c->last_avail + k));
     q->ch.first = *nseg;
-    if (q->head >= size || walk(c, desc, q->head, seg, BP_MAX_IOV - *nseg, &q->ch) != 0
+    if (vr_walk(ring, q->head, seg, VR_MAX_IOV - *nseg, &q->ch) != 0
             || q->ch.read_len < BP_HEADER || q->ch.write_len < 1)
         return BP_STOP_PYTHON;
     if (c->nwrote + q->ch.first + q->ch.nseg > c->max_wrote)
@@ -291,9 +180,10 @@ static int take(const struct pyemu_bp_call *c, const uint8_t *desc, const uint8_
 }
 
 /* A request's completion: the status byte (the last writable byte), the written ranges, the used element. */
-static void complete(struct pyemu_bp_call *c, uint8_t *used, const struct bp_request *q, const struct bp_seg *seg)
+static void complete(struct pyemu_bp_call *c, const struct vr_ring *ring, const struct bp_request *q,
+                     const struct vr_seg *seg)
 {
-    const struct bp_seg *last = &seg[q->ch.first + q->ch.nseg - 1];
+    const struct vr_seg *last = &seg[q->ch.first + q->ch.nseg - 1];
     last->host[last->len - 1] = 0;      /* VIRTIO_BLK_S_OK */
     if (q->write) {
         c->wrote[c->nwrote].start = last->gpa + last->len - 1;
@@ -306,9 +196,7 @@ static void complete(struct pyemu_bp_call *c, uint8_t *used, const struct bp_req
             c->nwrote++;
         }
     }
-    uint8_t *elem = used + 4 + 8 * (c->used_idx & (c->size - 1));
-    store_u32(elem, q->head);
-    store_u32(elem + 4, q->write ? 1 : (uint32_t)q->ch.write_len);
+    vr_put_used(ring, c->used_idx, q->head, q->write ? 1 : (uint32_t)q->ch.write_len);
     c->last_avail++;
     c->used_idx++;
     c->served++;
@@ -318,25 +206,18 @@ int pyemu_bp_serve(struct pyemu_bp_call *c)
 {
     c->served = c->nwrote = c->ndisk = c->merged = 0;
     c->stop = BP_STOP_EMPTY;
+    struct vr_ring ring;
+    if (vr_resolve(&ring, c->ram, c->nram, c->desc, c->avail, c->used, c->size, c->indirect) != 0) {
+        c->stop = BP_STOP_PYTHON;
+        return 0;
+    }
     uint32_t size = c->size;
-    if (size == 0 || size > BP_MAX_QUEUE || (size & (size - 1))) {
-        c->stop = BP_STOP_PYTHON;
-        return 0;
-    }
-    uint8_t *desc = ram_ptr(c, c->desc, 16ull * size);
-    uint8_t *avail = ram_ptr(c, c->avail, 6 + 2ull * size);
-    uint8_t *used = ram_ptr(c, c->used, 6 + 8ull * size);
-    if (desc == NULL || avail == NULL || used == NULL) {
-        c->stop = BP_STOP_PYTHON;
-        return 0;
-    }
     /* ~50 KiB of segments and iovecs: not on the I/O thread's stack */
-    static __thread struct bp_seg seg[BP_MAX_IOV];
-    static __thread struct iovec iov[BP_MAX_IOV];
+    static __thread struct vr_seg seg[VR_MAX_IOV];
+    static __thread struct iovec iov[VR_MAX_IOV];
     static __thread struct bp_request r[BP_MAX_MERGED];
     while (c->served < c->max_requests) {
-        uint16_t avail_idx = __atomic_load_n((uint16_t *)(avail + 2), __ATOMIC_ACQUIRE);
-        uint16_t pending = (uint16_t)(avail_idx - c->last_avail);
+        uint16_t pending = (uint16_t)(vr_avail_idx(&ring) - c->last_avail);
         if (pending == 0) {
             c->stop = BP_STOP_EMPTY;
             return (int)c->served;
@@ -355,7 +236,7 @@ int pyemu_bp_serve(struct pyemu_bp_call *c)
         if (limit > pending)
             limit = pending;
         int why = BP_TAKEN;
-        while (k < limit && (why = take(c, desc, avail, k, r, seg, &nseg, iov, &niov, &bytes)) == BP_TAKEN)
+        while (k < limit && (why = take(c, &ring, k, r, seg, &nseg, iov, &niov, &bytes)) == BP_TAKEN)
             k++;
         if (k == 0) {
             c->stop = why;        /* Python's; or it did not fit the reports left (a later call takes it) */
@@ -373,13 +254,10 @@ int pyemu_bp_serve(struct pyemu_bp_call *c)
             c->ndisk++;
         }
         for (uint32_t i = 0; i < k; i++)
-            complete(c, used, &r[i], seg);
+            complete(c, &ring, &r[i], seg);
         c->merged += k - 1;
-        if (c->event_idx) {
-            /* avail_event: notify on the very next buffer; fenced before the next read of the index. */
-            store_u16(used + 4 + 8 * size, c->last_avail);
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        }
+        if (c->event_idx)
+            vr_set_avail_event(&ring, c->last_avail);
     }
     c->stop = BP_STOP_LIMIT;
     return (int)c->served;

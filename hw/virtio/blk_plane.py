@@ -39,10 +39,10 @@ from pyemu.system import log
 from pyemu.system.native import NativeBuildError, load_native
 
 CDEF = """
-struct pyemu_bp_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct pyemu_bp_range { uint64_t start; uint64_t len; };
+struct pyemu_vr_region { uint64_t gpa; uint64_t size; uint8_t *host; };
+struct pyemu_vr_range { uint64_t start; uint64_t len; };
 struct pyemu_bp_call {
-    const struct pyemu_bp_region *ram;
+    const struct pyemu_vr_region *ram;
     uint32_t nram;
     uint64_t desc, avail, used;
     uint32_t size;
@@ -54,9 +54,9 @@ struct pyemu_bp_call {
     uint64_t direct_end;
     int64_t write_floor;
     uint32_t max_requests;
-    struct pyemu_bp_range *wrote;
+    struct pyemu_vr_range *wrote;
     uint32_t max_wrote;
-    struct pyemu_bp_range *disk;
+    struct pyemu_vr_range *disk;
     uint32_t max_disk;
     uint16_t last_avail, used_idx;
     uint32_t served, nwrote, ndisk;
@@ -71,7 +71,7 @@ MAX_WROTE = 4096
 """Written guest ranges one call may report; a call that would need more stops before that request."""
 MAX_DISK = 256
 """Written disk ranges one call may report (one per write)."""
-SOURCE = Path(__file__).with_name("blk_plane.c")
+SOURCES = [Path(__file__).with_name("vring.c"), Path(__file__).with_name("blk_plane.c")]
 
 _module: ModuleType | None = None
 _unavailable = False
@@ -89,7 +89,7 @@ def load() -> ModuleType | None:
     if _module is not None or _unavailable:
         return _module
     try:
-        _module = load_native("blk_plane", [SOURCE], CDEF, what="virtio-blk's data plane")
+        _module = load_native("blk_plane", SOURCES, CDEF, what="virtio-blk's data plane")
     except NativeBuildError as exc:
         _unavailable = True
         log.log("unimp", f"virtio-blk: C data plane unavailable, requests take the Python path: {exc}")
@@ -104,13 +104,13 @@ class DataPlane:
         ffi: Any = module.ffi
         memory = dma.memory
         regions = memory.regions
-        self._ram = ffi.new("struct pyemu_bp_region[]", len(regions))
+        self._ram = ffi.new("struct pyemu_vr_region[]", len(regions))
         for slot, region in zip(self._ram, regions):
             slot.gpa = region.gpa
             slot.size = region.size
             slot.host = ffi.cast("uint8_t *", memory.host_address(region))
-        self._wrote = ffi.new("struct pyemu_bp_range[]", MAX_WROTE)
-        self._disk = ffi.new("struct pyemu_bp_range[]", MAX_DISK)
+        self._wrote = ffi.new("struct pyemu_vr_range[]", MAX_WROTE)
+        self._disk = ffi.new("struct pyemu_vr_range[]", MAX_DISK)
         self._call = call = ffi.new("struct pyemu_bp_call *")
         call.ram = self._ram
         call.nram = len(regions)
