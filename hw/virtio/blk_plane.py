@@ -34,13 +34,12 @@ from typing import Any
 from pyemu.block.backend import BlockBackend
 from pyemu.block.driver import PassThrough
 from pyemu.hw.core.dma import DmaMemory
+from pyemu.hw.virtio import vring
 from pyemu.hw.virtio.queue import MAX_QUEUE_SIZE, Virtqueue
 from pyemu.system import log
 from pyemu.system.native import NativeBuildError, load_native
 
-CDEF = """
-struct pyemu_vr_region { uint64_t gpa; uint64_t size; uint8_t *host; };
-struct pyemu_vr_range { uint64_t start; uint64_t len; };
+CDEF = vring.CDEF + """
 struct pyemu_bp_call {
     const struct pyemu_vr_region *ram;
     uint32_t nram;
@@ -71,7 +70,7 @@ MAX_WROTE = 4096
 """Written guest ranges one call may report; a call that would need more stops before that request."""
 MAX_DISK = 256
 """Written disk ranges one call may report (one per write)."""
-SOURCES = [Path(__file__).with_name("vring.c"), Path(__file__).with_name("blk_plane.c")]
+SOURCES = [vring.SOURCE, Path(__file__).with_name("blk_plane.c")]
 
 _module: ModuleType | None = None
 _unavailable = False
@@ -102,18 +101,12 @@ class DataPlane:
 
     def __init__(self, module: ModuleType, dma: DmaMemory) -> None:
         ffi: Any = module.ffi
-        memory = dma.memory
-        regions = memory.regions
-        self._ram = ffi.new("struct pyemu_vr_region[]", len(regions))
-        for slot, region in zip(self._ram, regions):
-            slot.gpa = region.gpa
-            slot.size = region.size
-            slot.host = ffi.cast("uint8_t *", memory.host_address(region))
+        self._ram = vring.ram_regions(ffi, dma)
         self._wrote = ffi.new("struct pyemu_vr_range[]", MAX_WROTE)
         self._disk = ffi.new("struct pyemu_vr_range[]", MAX_DISK)
         self._call = call = ffi.new("struct pyemu_bp_call *")
         call.ram = self._ram
-        call.nram = len(regions)
+        call.nram = len(self._ram)
         call.wrote = self._wrote
         call.max_wrote = MAX_WROTE
         call.disk = self._disk
@@ -150,11 +143,9 @@ class DataPlane:
         elif stop == STOP_HOST_ERROR:
             self.host_errors += 1
         if call.ndisk:
-            disk = self._disk
-            backend.wrote_through([(disk[i].start, disk[i].len) for i in range(call.ndisk)])
+            backend.wrote_through(vring.range_list(self._disk, call.ndisk))
         if served:
-            wrote = self._wrote
-            ranges = [(wrote[i].start, wrote[i].len) for i in range(call.nwrote)]
+            ranges = vring.range_list(self._wrote, call.nwrote)
             queue.served_elsewhere(dma, served, call.last_avail, call.used_idx, ranges)
             self.served += served
             self.merged += call.merged

@@ -44,6 +44,7 @@ from pyemu.errors import ConfigError
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.core.state import DeviceState, StateError, check_state
 from pyemu.hw.virtio.device import ID_NET, VirtioDevice, pack_config
+from pyemu.hw.virtio import net_rx_plane
 from pyemu.hw.virtio.errors import DeviceBroken, VirtqueueError
 from pyemu.hw.virtio.queue import MAX_QUEUE_SIZE, DescriptorChain, Virtqueue
 from pyemu.net import NetError, host_warning
@@ -220,6 +221,8 @@ class VirtioNet(VirtioDevice):
         self._rx_view = io_buffer(HDR_LEN + MAX_FRAME + 1)
         self._rx_read_view = self._rx_view if self._vnet else self._rx_view[HDR_LEN:]
         self._rx_len = 0
+        self._rx_plane: net_rx_plane.ReceivePlane | None = None
+        self._no_rx_plane = False
         self._tx_timer: threading.Timer | None = None
         self._timer_lock = threading.Lock()
         self._vm_running = True
@@ -424,8 +427,28 @@ class VirtioNet(VirtioDevice):
                                "(the board must call attach_iothread)")
         dma = self.context.dma
         delivered = 0
+        budget = RX_BUDGET
         try:
-            for _ in range(RX_BUDGET):
+            if self.link_up and not self._backend_failed:
+                received = self._plane_receives(queue, dma, budget)
+                if received is not None:
+                    delivered += received.frames
+                    budget -= received.frames
+                    if received.stop == net_rx_plane.STOP_NO_FRAME:
+                        self._watch()
+                        return
+                    if received.stop == net_rx_plane.STOP_NO_BUFFERS:
+                        return  # the fd stays unwatched until the driver notifies us
+                    if received.stop == net_rx_plane.STOP_BAD_FRAME:
+                        self._drop_bad_frame(self._rx_len)
+                        self._rx_len = 0
+                    elif received.stop == net_rx_plane.STOP_END:
+                        self._backend_failure("the backend closed (end of file)")
+                        return
+                    elif received.stop == net_rx_plane.STOP_READ_ERROR:
+                        self._backend_failure(f"read: {os.strerror(received.err)}")
+                        return
+            for _ in range(budget):
                 if not self._rx_len:
                     if self._backend_failed:
                         return
@@ -451,6 +474,31 @@ class VirtioNet(VirtioDevice):
             if delivered:
                 self.context.notify_queue(queue)
 
+    def _plane_receives(self, queue: Virtqueue, dma: DmaMemory, budget: int) -> net_rx_plane.Received | None:
+        """Frames moved by the C receive plane (:mod:`pyemu.hw.virtio.net_rx_plane`), or None without it; the
+        Python path serves whatever it leaves."""
+        plane = self._rx_plane
+        if plane is None:
+            if self._no_rx_plane:
+                return None
+            module = net_rx_plane.load() if net_rx_plane.enabled() else None
+            if module is None:
+                self._no_rx_plane = True
+                return None
+            plane = self._rx_plane = net_rx_plane.ReceivePlane(
+                module, dma, self._fd, self._rx_view, vnet=self._vnet, hdr_len=HDR_LEN, min_frame=MIN_FRAME,
+                max_frame=MAX_FRAME)
+        received, self._rx_len = plane.serve(queue, dma, self._rx_len, budget, mergeable=self._mrg,
+                                             guest_csum=bool(self._guest_offloads & F_GUEST_CSUM))
+        self.rx_frames += received.frames
+        self.rx_bytes += received.bytes - received.frames * HDR_LEN
+        return received
+
+    def _drop_bad_frame(self, total: int) -> None:
+        self.rx_dropped += 1
+        log.log("guest_errors", f"virtio-net: dropped a {total - HDR_LEN}-byte frame from the backend "
+                                f"(not {MIN_FRAME}..{MAX_FRAME} bytes)")
+
     def _read_frame(self) -> bool | None:
         """One frame from the backend into the host buffer: True when one is pending, False when one was
         read and dropped, None when there is none now (or the backend failed)."""
@@ -470,9 +518,7 @@ class VirtioNet(VirtioDevice):
             return None
         total = count + (0 if self._vnet else HDR_LEN)
         if total > HDR_LEN + MAX_FRAME or total < HDR_LEN + MIN_FRAME:
-            self.rx_dropped += 1
-            log.log("guest_errors", f"virtio-net: dropped a {total - HDR_LEN}-byte frame from the backend "
-                                    f"(not {MIN_FRAME}..{MAX_FRAME} bytes)")
+            self._drop_bad_frame(total)
             return False
         if not self._vnet:
             self._rx_view[:HDR_LEN] = bytes(HDR_LEN)
