@@ -204,7 +204,7 @@ class IoThread:
         if not fds:
             return  # a signal
         if self._polled.isdisjoint(fds):
-            self.poll.record(self.poll.max_ns + 1, woken_while_polling=False)
+            self.poll.record_idle()
         else:
             self.poll.record(waited_ns, woken_while_polling=waited_ns <= spin_ns)
 

@@ -41,6 +41,10 @@ class PollWindow:
         """How long the next wait spins (0: it sleeps at once)."""
         return min(self.window_ns, self.max_ns)
 
+    def record_idle(self) -> None:
+        """A wait ended by something not worth spinning for: counted as idle time (the window shrinks)."""
+        self.record(self.max_ns + 1, woken_while_polling=False)
+
     def record(self, waited_ns: int, *, woken_while_polling: bool) -> None:
         """A wait is over: it lasted ``waited_ns`` in all (spinning and sleeping)."""
         if woken_while_polling:

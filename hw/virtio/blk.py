@@ -163,7 +163,7 @@ class VirtioBlk(VirtioDevice):
         if plane is None:
             if self._no_plane:
                 return 0
-            module = blk_plane.load() if blk_plane.enabled() else None
+            module = blk_plane.PLANE.module_for_a_device()
             if module is None:
                 self._no_plane = True
                 return 0

@@ -26,7 +26,6 @@ CPU drops stale translations before the guest can see the data.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,10 +35,8 @@ from pyemu.block.driver import PassThrough
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio import vring
 from pyemu.hw.virtio.queue import MAX_QUEUE_SIZE, Virtqueue
-from pyemu.system import log
-from pyemu.system.native import NativeBuildError, load_native
 
-CDEF = vring.CDEF + """
+CDEF = """
 struct pyemu_bp_call {
     const struct pyemu_vr_region *ram;
     uint32_t nram;
@@ -70,29 +67,9 @@ MAX_WROTE = 4096
 """Written guest ranges one call may report; a call that would need more stops before that request."""
 MAX_DISK = 256
 """Written disk ranges one call may report (one per write)."""
-SOURCES = [vring.SOURCE, Path(__file__).with_name("blk_plane.c")]
-
-_module: ModuleType | None = None
-_unavailable = False
-
-
-def enabled() -> bool:
-    """Whether devices use the plane (``PYEMU_VIRTIO_BLK_PLANE=0`` is the switch for comparisons)."""
-    return os.environ.get("PYEMU_VIRTIO_BLK_PLANE", "1") not in ("0", "no", "off", "false")
-
-
-def load() -> ModuleType | None:
-    """The compiled plane, or None when it failed to build (logged once under ``-d unimp``; the Python path
-    serves every request then)."""
-    global _module, _unavailable
-    if _module is not None or _unavailable:
-        return _module
-    try:
-        _module = load_native("blk_plane", SOURCES, CDEF, what="virtio-blk's data plane")
-    except NativeBuildError as exc:
-        _unavailable = True
-        log.log("unimp", f"virtio-blk: C data plane unavailable, requests take the Python path: {exc}")
-    return _module
+PLANE = vring.NativePlane("blk_plane", Path(__file__).with_name("blk_plane.c"), CDEF,
+                          what="virtio-blk's C data plane", switch="PYEMU_VIRTIO_BLK_PLANE")
+load = PLANE.load
 
 
 class DataPlane:
@@ -123,14 +100,10 @@ class DataPlane:
         """Serve the reads and writes at the head of ``queue`` (its lock held) through ``target``, which
         ``backend`` handed out; returns how many."""
         call = self._call
-        setup = (queue.desc_addr, queue.avail_addr, queue.used_addr, queue.size, queue.indirect, queue.event_idx,
-                 target)
-        if setup != self._setup:
-            # The rings and the drive's descriptor stay the same from one request to the next: setting a
-            # cffi field costs about as much as a Python call, so they are set only when they change.
-            call.desc, call.avail, call.used = queue.desc_addr, queue.avail_addr, queue.used_addr
-            call.size = queue.size
-            call.indirect, call.event_idx = queue.indirect, queue.event_idx
+        rings = vring.ring_fields(queue)
+        setup = (rings, target)
+        if setup != self._setup:  # the rings and the drive's descriptor rarely change between requests
+            vring.set_ring_fields(call, rings)
             (call.fd, call.file_offset, call.disk_bytes, call.direct_align, call.direct_end,
              call.write_floor) = target
             call.max_requests = min(queue.size, MAX_QUEUE_SIZE)

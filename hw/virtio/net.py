@@ -481,7 +481,7 @@ class VirtioNet(VirtioDevice):
         if plane is None:
             if self._no_rx_plane:
                 return None
-            module = net_rx_plane.load() if net_rx_plane.enabled() else None
+            module = net_rx_plane.PLANE.module_for_a_device()
             if module is None:
                 self._no_rx_plane = True
                 return None

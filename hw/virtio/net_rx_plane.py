@@ -20,7 +20,6 @@ the used index (:meth:`~pyemu.hw.virtio.queue.Virtqueue.served_elsewhere`), the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
@@ -28,10 +27,8 @@ from typing import Any, NamedTuple
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio import vring
 from pyemu.hw.virtio.queue import Virtqueue
-from pyemu.system import log
-from pyemu.system.native import NativeBuildError, load_native
 
-CDEF = vring.CDEF + """
+CDEF = """
 struct pyemu_nrx_call {
     const struct pyemu_vr_region *ram;
     uint32_t nram;
@@ -56,32 +53,14 @@ struct pyemu_nrx_call {
 };
 int pyemu_nrx_serve(struct pyemu_nrx_call *c);
 """
-SOURCES = [vring.SOURCE, Path(__file__).with_name("net_rx_plane.c")]
 
 STOP_NO_FRAME, STOP_NO_BUFFERS, STOP_PYTHON, STOP_BAD_FRAME, STOP_LIMIT, STOP_END, STOP_READ_ERROR = range(7)
 MAX_WROTE = 8192
 """Written guest ranges one call may report (a 64 KiB frame in 4 KiB buffers: ~17)."""
 
-_module: ModuleType | None = None
-_unavailable = False
-
-
-def enabled() -> bool:
-    """Whether devices use the plane (``PYEMU_VIRTIO_NET_RX_PLANE=0`` is the switch for comparisons)."""
-    return os.environ.get("PYEMU_VIRTIO_NET_RX_PLANE", "1") not in ("0", "no", "off", "false")
-
-
-def load() -> ModuleType | None:
-    """The compiled plane, or None when it failed to build (logged once under ``-d unimp``)."""
-    global _module, _unavailable
-    if _module is not None or _unavailable:
-        return _module
-    try:
-        _module = load_native("net_rx_plane", SOURCES, CDEF, what="virtio-net's receive plane")
-    except NativeBuildError as exc:
-        _unavailable = True
-        log.log("unimp", f"virtio-net: C receive plane unavailable, frames take the Python path: {exc}")
-    return _module
+PLANE = vring.NativePlane("net_rx_plane", Path(__file__).with_name("net_rx_plane.c"), CDEF,
+                          what="virtio-net's C receive plane", switch="PYEMU_VIRTIO_NET_RX_PLANE")
+load = PLANE.load
 
 
 class Received(NamedTuple):
@@ -121,12 +100,10 @@ class ReceivePlane:
         """Move frames into ``queue`` (its lock held), starting with the ``pending`` bytes already in the
         buffer; returns what was delivered and the bytes pending in the buffer now."""
         call = self._call
-        setup = (queue.desc_addr, queue.avail_addr, queue.used_addr, queue.size, queue.indirect, queue.event_idx,
-                 mergeable, guest_csum)
+        rings = vring.ring_fields(queue)
+        setup = (rings, mergeable, guest_csum)
         if setup != self._setup:
-            call.desc, call.avail, call.used = queue.desc_addr, queue.avail_addr, queue.used_addr
-            call.size = queue.size
-            call.indirect, call.event_idx = queue.indirect, queue.event_idx
+            vring.set_ring_fields(call, rings)
             call.mergeable, call.guest_csum = mergeable, guest_csum
             self._setup = setup
         call.buf_len = pending

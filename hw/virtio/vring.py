@@ -1,18 +1,71 @@
 """The Python side of ``vring.c``, the chain walk the C planes share (virtio-blk's data plane, virtio-net's
-receive plane): its source, its structures for a plane's cdef, and the tables a plane's call carries."""
+receive plane): its source, its structures for a plane's cdef, the tables and ring fields a plane's call
+carries, and the build-at-first-use of a plane's module with its switch for comparisons."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from pyemu.hw.core.dma import DmaMemory
+from pyemu.hw.virtio.queue import Virtqueue
+from pyemu.system import log
+from pyemu.system.native import NativeBuildError, load_native
 
 SOURCE = Path(__file__).with_name("vring.c")
 CDEF = """
 struct pyemu_vr_region { uint64_t gpa; uint64_t size; uint8_t *host; };
 struct pyemu_vr_range { uint64_t start; uint64_t len; };
 """
+
+
+class NativePlane:
+    """A plane's C module: ``vring.c`` followed by ``source``, built at first use (:func:`load_native`) and
+    loaded once per process. ``switch`` names the environment variable that turns the plane off (``0``)
+    for comparisons with the Python path; ``what`` names the plane in messages."""
+
+    def __init__(self, prefix: str, source: Path, cdef: str, *, what: str, switch: str) -> None:
+        self._prefix = prefix
+        self._sources = [SOURCE, source]
+        self._cdef = CDEF + cdef
+        self._what = what
+        self._switch = switch
+        self._module: ModuleType | None = None
+        self._unavailable = False
+
+    def enabled(self) -> bool:
+        """Whether devices use the plane (the switch unset, or anything but off)."""
+        return os.environ.get(self._switch, "1") not in ("0", "no", "off", "false")
+
+    def load(self) -> ModuleType | None:
+        """The compiled plane, or None when it failed to build (logged once under ``-d unimp``; the Python
+        path serves everything then)."""
+        if self._module is None and not self._unavailable:
+            try:
+                self._module = load_native(self._prefix, self._sources, self._cdef, what=self._what)
+            except NativeBuildError as exc:
+                self._unavailable = True
+                log.log("unimp", f"{self._what} unavailable, the Python path serves: {exc}")
+        return self._module
+
+    def module_for_a_device(self) -> ModuleType | None:
+        """What a device asks once, at its first use of the plane: the module, or None when the plane is
+        switched off or cannot be built."""
+        return self.load() if self.enabled() else None
+
+
+def ring_fields(queue: Virtqueue) -> tuple[int, int, int, int, bool, bool]:
+    """What a plane's call carries about ``queue``'s rings, in :func:`set_ring_fields`'s order (a call
+    compares it with the last one's: setting a cffi field costs about as much as a Python call)."""
+    return (queue.desc_addr, queue.avail_addr, queue.used_addr, queue.size, queue.indirect, queue.event_idx)
+
+
+def set_ring_fields(call: Any, fields: tuple[int, int, int, int, bool, bool]) -> None:
+    """Store :func:`ring_fields` into a plane's call structure (``desc``, ``avail``, ``used``, ``size``,
+    ``indirect``, ``event_idx``)."""
+    call.desc, call.avail, call.used, call.size, call.indirect, call.event_idx = fields
 
 
 def ram_regions(ffi: Any, dma: DmaMemory) -> Any:

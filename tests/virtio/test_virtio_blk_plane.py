@@ -11,7 +11,6 @@ report covering what was written.
 from __future__ import annotations
 
 import contextlib
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -31,6 +30,8 @@ from pyemu.hw.virtio.mmio import VirtioMmio
 from pyemu.system.iothread import IoThread
 from pyemu.system.memory import GuestMemory
 from pyemu.testing.virtio_driver import VirtioTestDriver
+
+from .conftest import environment_setting
 
 SECTOR = 512
 IMAGE_SIZE = 1 << 20
@@ -59,17 +60,8 @@ class Setup:
     irq: Irq
 
 
-@contextlib.contextmanager
-def plane_setting(on: bool) -> Iterator[None]:
-    old = os.environ.get("PYEMU_VIRTIO_BLK_PLANE")
-    os.environ["PYEMU_VIRTIO_BLK_PLANE"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["PYEMU_VIRTIO_BLK_PLANE"]
-        else:
-            os.environ["PYEMU_VIRTIO_BLK_PLANE"] = old
+def plane_setting(on: bool) -> contextlib.AbstractContextManager[None]:
+    return environment_setting("PYEMU_VIRTIO_BLK_PLANE", "1" if on else "0")
 
 
 @contextlib.contextmanager
@@ -128,6 +120,16 @@ def offer(driver: VirtioTestDriver, req: Request, seed: int) -> tuple[int, list[
         segments.append((status, 1, True))
     head = driver.submit(0, segments, indirect=req.indirect, kick=False)
     return head, pieces, status
+
+
+def hand_out_a_closed_descriptor(backend: BlockBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The drive's pass-through names a descriptor that is not open: every host call of the plane fails."""
+    real = backend.begin_pass_through
+
+    def broken_fd():  # type: ignore[no-untyped-def]
+        target = real()
+        return target._replace(fd=10_000_000) if target is not None else None
+    monkeypatch.setattr(backend, "begin_pass_through", broken_fd)
 
 
 def serve(transport: VirtioMmio) -> None:
@@ -267,12 +269,7 @@ def test_consecutive_requests_are_one_host_call(copy: Path, cache: str, kind: in
 def test_a_merged_run_that_fails_on_the_host_is_served_request_by_request(image: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     with device_on(image, "writeback", plane=True) as s:
-        real = s.backend.begin_pass_through
-
-        def broken_fd():  # type: ignore[no-untyped-def]
-            target = real()
-            return target._replace(fd=10_000_000) if target is not None else None
-        monkeypatch.setattr(s.backend, "begin_pass_through", broken_fd)
+        hand_out_a_closed_descriptor(s.backend, monkeypatch)
         reqs = [Request(vblk.T_IN, 8, 4096, True, 16, False), Request(vblk.T_IN, 16, 4096, True, 16, True)]
         offered = [offer(s.driver, req, index) for index, req in enumerate(reqs)]
         serve(s.transport)
@@ -373,12 +370,7 @@ def test_a_failed_host_read_is_left_to_python(image: Path, monkeypatch: pytest.M
     """The plane's read fails (a descriptor that is not open): the request is not taken, and Python serves
     it from the drive as usual."""
     with device_on(image, "writeback", plane=True) as s:
-        real = s.backend.begin_pass_through
-
-        def broken_fd():  # type: ignore[no-untyped-def]
-            target = real()
-            return target._replace(fd=10_000_000) if target is not None else None
-        monkeypatch.setattr(s.backend, "begin_pass_through", broken_fd)
+        hand_out_a_closed_descriptor(s.backend, monkeypatch)
         head, pieces, status = offer(s.driver, Request(vblk.T_IN, 8, 4096, True, 16, False), 0)
         serve(s.transport)
         assert s.driver.used(0) == [(head, 4097)] and s.memory.read_u8(status) == vblk.S_OK

@@ -10,10 +10,8 @@ broken state and the same frames unread in the backend."""
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -28,6 +26,7 @@ from pyemu.system.iothread import IoThread
 from pyemu.system.memory import GuestMemory
 from pyemu.testing.virtio_driver import VirtioTestDriver
 
+from .conftest import environment_setting
 from .test_virtio_net import HDR, SocketBackend, frame, header
 
 RAM_SIZE = 8 << 20
@@ -59,17 +58,8 @@ class Layout:
     event_idx: bool
 
 
-@contextlib.contextmanager
-def plane_setting(on: bool) -> Iterator[None]:
-    old = os.environ.get("PYEMU_VIRTIO_NET_RX_PLANE")
-    os.environ["PYEMU_VIRTIO_NET_RX_PLANE"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["PYEMU_VIRTIO_NET_RX_PLANE"]
-        else:
-            os.environ["PYEMU_VIRTIO_NET_RX_PLANE"] = old
+def plane_setting(on: bool) -> contextlib.AbstractContextManager[None]:
+    return environment_setting("PYEMU_VIRTIO_NET_RX_PLANE", "1" if on else "0")
 
 
 def run(layout: Layout, buffers: list[Buffer], frames: list[int], *, plane: bool) -> dict[str, object]:
