@@ -14,7 +14,7 @@ import pytest
 from pyemu.errors import ConfigError
 from pyemu.system import iothread_wait, wake_publish
 from pyemu.system.event_notifier import EventNotifier
-from pyemu.system.iothread import DEFAULT_POLL_MAX_NS, IoThread, default_poll_max_ns
+from pyemu.system.iothread import DEFAULT_POLL_MAX_NS, DEFAULT_POLL_SHRINK, IoThread, default_poll_max_ns
 from pyemu.system.objects import IoThreadOptions, parse_iothread
 from pyemu.system.poll_window import GROW_START_NS, PollWindow
 
@@ -179,6 +179,33 @@ def test_poll_grow_and_poll_shrink_as_qemu() -> None:
     off = PollWindow(0)
     off.record(10, woken_while_polling=False)
     assert off.budget_ns() == 0  # poll-max-ns=0: never spins
+
+
+def test_an_owner_defaultdivisor_halves_on_idle_time_and_other_events_still_stop_the_spin() -> None:
+    window = PollWindow(400_000, default_shrink=2)
+    for _ in range(7):
+        window.record(300_000, woken_while_polling=False)
+    assert window.budget_ns() == 400_000
+    window.record(500_000, woken_while_polling=False)  # one long gap between requests
+    assert window.budget_ns() == 200_000
+    window.record(300_000, woken_while_polling=False)
+    assert window.budget_ns() == 400_000  # one miss, not six, to catch such waits again
+    assert window.shrink == 0  # what query-iothreads shows: not given
+    for _ in range(25):
+        window.record(10_000_000, woken_while_polling=False)
+    assert window.budget_ns() == 0  # idle: each long wait halves what is left
+    window.record(300_000, woken_while_polling=False)
+    window.record_idle()
+    assert window.budget_ns() == 0
+    assert PollWindow(400_000, shrink=4, default_shrink=2).divisor == 4  # a given poll-shrink wins
+
+
+def test_an_iothread_halves_its_window_after_a_long_wait_unless_told_otherwise() -> None:
+    for name, given, divisor in (("halving", 0, DEFAULT_POLL_SHRINK), ("given", 3, 3)):
+        iothread = IoThread(name, poll_shrink=given)
+        assert iothread.poll.divisor == divisor and iothread.poll.shrink == given
+        iothread.close()
+    assert DEFAULT_POLL_SHRINK == 2
 
 
 def _serve_events(iothread: IoThread, polled: bool, count: int = 6) -> int:
