@@ -55,6 +55,7 @@ class PollWindow:
             self.poll_hits += 1
             return
         if waited_ns > self.max_ns:
-            self.window_ns = self.window_ns // self.divisor if self.divisor else 0
+            shrunk = self.window_ns // self.divisor if self.divisor else 0
+            self.window_ns = shrunk if shrunk >= GROW_START_NS else 0  # (KVM's rule: not below the start)
         elif self.window_ns < self.max_ns:
             self.window_ns = min(self.max_ns, max(GROW_START_NS, (self.grow or DEFAULT_GROW) * self.window_ns))

@@ -19,14 +19,16 @@ from __future__ import annotations
 
 import os
 
-MAX_POLL_NS = 400_000
-"""Longer waits are idle time, not an I/O completion. Twice KVM's default ``halt_poll_ns``: under the
-software CPU a queue-depth-1 virtio request keeps the guest halted ~250-450 µs here (the kick's way to the
-I/O thread, the host I/O, the interrupt's way back), so with KVM's 200 µs every such halt reset the window
-and the vCPU slept through 53-66% of the completions (the I/O thread then paid ~20 µs per wake-up, the vCPU
-~30 µs more). Interleaved pyemu sessions, 400 against 200 µs (2026-12-06): 4 KiB random reads +11% (higher
-in all four pairs), 1 MiB sequential reads median 861 against 602 MB/s, TCP neutral to better; 800 µs
-added little over 400."""
+MAX_POLL_NS = 1_000_000
+"""Longer waits are idle time, not an I/O completion. Under the software CPU a queue-depth-1 virtio request
+keeps the guest halted ~250-450 µs for 4 KiB (the kick's way to the I/O thread, the host I/O, the
+interrupt's way back) and ~450-600 µs for 1 MiB. KVM's 200 µs let the vCPU sleep through 53-66% of the 4 KiB
+completions (interleaved sessions, 2026-12-06: 400 µs gave 4 KiB random reads +11%, higher in all four
+pairs); 400 µs still let every 1 MiB completion find it asleep, so the I/O thread paid a cross-CPU wake-up
+(~15-25 µs inside ``Event.set``) and the vCPU ~25-40 µs more before it ran. With 1 ms (host ``perf`` of
+the I/O thread's ``preadv``, eight interleaved pairs on 2026-12-07): the time per 1 MiB request outside
+the disk read was lower in six, 228 against 296 µs on average over the last four; 4 KiB random reads and
+TCP moved within this host's noise (three interleaved pairs each)."""
 
 
 def default_max_poll_ns(vcpus: int) -> int:
