@@ -21,11 +21,7 @@
 
 struct pyemu_bp_call {
     /* in */
-    const struct pyemu_vr_region *ram;
-    uint32_t nram;
-    uint64_t desc, avail, used;   /* ring addresses (guest physical) */
-    uint32_t size;                /* queue size, a power of two */
-    int32_t indirect, event_idx;
+    struct pyemu_vr_queue queue;
     int32_t fd;
     uint64_t file_offset;         /* where the disk starts in the file (raw offset=) */
     uint64_t disk_bytes;
@@ -207,11 +203,11 @@ int pyemu_bp_serve(struct pyemu_bp_call *c)
     c->served = c->nwrote = c->ndisk = c->merged = 0;
     c->stop = BP_STOP_EMPTY;
     struct vr_ring ring;
-    if (vr_resolve(&ring, c->ram, c->nram, c->desc, c->avail, c->used, c->size, c->indirect) != 0) {
+    if (vr_resolve(&ring, &c->queue) != 0) {
         c->stop = BP_STOP_PYTHON;
         return 0;
     }
-    uint32_t size = c->size;
+    uint32_t size = c->queue.size;
     /* ~50 KiB of segments and iovecs: not on the I/O thread's stack */
     static __thread struct vr_seg seg[VR_MAX_IOV];
     static __thread struct iovec iov[VR_MAX_IOV];
@@ -256,7 +252,7 @@ int pyemu_bp_serve(struct pyemu_bp_call *c)
         for (uint32_t i = 0; i < k; i++)
             complete(c, &ring, &r[i], seg);
         c->merged += k - 1;
-        if (c->event_idx)
+        if (c->queue.event_idx)
             vr_set_avail_event(&ring, c->last_avail);
     }
     c->stop = BP_STOP_LIMIT;

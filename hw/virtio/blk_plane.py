@@ -38,11 +38,7 @@ from pyemu.hw.virtio.queue import MAX_QUEUE_SIZE, Virtqueue
 
 CDEF = """
 struct pyemu_bp_call {
-    const struct pyemu_vr_region *ram;
-    uint32_t nram;
-    uint64_t desc, avail, used;
-    uint32_t size;
-    int32_t indirect, event_idx;
+    struct pyemu_vr_queue queue;
     int32_t fd;
     uint64_t file_offset;
     uint64_t disk_bytes;
@@ -82,8 +78,8 @@ class DataPlane:
         self._wrote = ffi.new("struct pyemu_vr_range[]", MAX_WROTE)
         self._disk = ffi.new("struct pyemu_vr_range[]", MAX_DISK)
         self._call = call = ffi.new("struct pyemu_bp_call *")
-        call.ram = self._ram
-        call.nram = len(self._ram)
+        call.queue.ram = self._ram
+        call.queue.nram = len(self._ram)
         call.wrote = self._wrote
         call.max_wrote = MAX_WROTE
         call.disk = self._disk
@@ -103,7 +99,7 @@ class DataPlane:
         rings = vring.ring_fields(queue)
         setup = (rings, target)
         if setup != self._setup:  # the rings and the drive's descriptor rarely change between requests
-            vring.set_ring_fields(call, rings)
+            vring.set_ring_fields(call.queue, rings)
             (call.fd, call.file_offset, call.disk_bytes, call.direct_align, call.direct_end,
              call.write_floor) = target
             call.max_requests = min(queue.size, MAX_QUEUE_SIZE)

@@ -15,11 +15,7 @@
 
 struct pyemu_nrx_call {
     /* in */
-    const struct pyemu_vr_region *ram;
-    uint32_t nram;
-    uint64_t desc, avail, used;
-    uint32_t size;
-    int32_t indirect, event_idx;
+    struct pyemu_vr_queue queue;
     int32_t fd;                   /* the TAP, non-blocking */
     int32_t vnet;                 /* the TAP reads start with the virtio-net header */
     int32_t mergeable;            /* VIRTIO_NET_F_MRG_RXBUF negotiated */
@@ -84,7 +80,7 @@ int pyemu_nrx_serve(struct pyemu_nrx_call *c)
     c->bytes = 0;
     c->stop = NRX_STOP_LIMIT;
     struct vr_ring ring;
-    if (vr_resolve(&ring, c->ram, c->nram, c->desc, c->avail, c->used, c->size, c->indirect) != 0) {
+    if (vr_resolve(&ring, &c->queue) != 0) {
         c->stop = NRX_STOP_PYTHON;
         return 0;
     }
@@ -93,7 +89,7 @@ int pyemu_nrx_serve(struct pyemu_nrx_call *c)
     static __thread uint16_t heads[VR_MAX_IOV];
     while (c->frames < c->max_frames) {
         uint16_t pending = (uint16_t)(vr_avail_idx(&ring) - c->last_avail);
-        if (pending > c->size) {
+        if (pending > c->queue.size) {
             c->stop = NRX_STOP_PYTHON;
             return (int)c->frames;
         }
@@ -126,11 +122,11 @@ int pyemu_nrx_serve(struct pyemu_nrx_call *c)
                 break;
         }
         if (capacity < total) {
-            if (k > 0 && (!c->mergeable || k >= c->size)) {
+            if (k > 0 && (!c->mergeable || k >= c->queue.size)) {
                 c->stop = NRX_STOP_PYTHON;    /* no buffers could ever hold it: Python drops and reports it */
                 return (int)c->frames;
             }
-            if (k > 0 && c->event_idx) {
+            if (k > 0 && c->queue.event_idx) {
                 /* Too few buffers now. As the Python path's pops do, ask to be notified for the buffer after
                  * the ones looked at: with avail_event left at last_avail the driver, which has gone past
                  * it already, would never notify again. Then look once more (fenced): buffers added
@@ -166,7 +162,7 @@ int pyemu_nrx_serve(struct pyemu_nrx_call *c)
             c->used_idx++;
             c->last_avail++;
         }
-        if (c->event_idx)
+        if (c->queue.event_idx)
             vr_set_avail_event(&ring, c->last_avail);
         c->frames++;
         c->chains += k;

@@ -30,11 +30,7 @@ from pyemu.hw.virtio.queue import Virtqueue
 
 CDEF = """
 struct pyemu_nrx_call {
-    const struct pyemu_vr_region *ram;
-    uint32_t nram;
-    uint64_t desc, avail, used;
-    uint32_t size;
-    int32_t indirect, event_idx;
+    struct pyemu_vr_queue queue;
     int32_t fd;
     int32_t vnet;
     int32_t mergeable;
@@ -84,8 +80,8 @@ class ReceivePlane:
         self._wrote = ffi.new("struct pyemu_vr_range[]", MAX_WROTE)
         self._buffer = ffi.from_buffer("uint8_t[]", buffer, require_writable=True)
         self._call = call = ffi.new("struct pyemu_nrx_call *")
-        call.ram = self._ram
-        call.nram = len(self._ram)
+        call.queue.ram = self._ram
+        call.queue.nram = len(self._ram)
         call.fd = fd
         call.vnet = vnet
         call.hdr_len, call.min_frame, call.max_frame = hdr_len, min_frame, max_frame
@@ -103,7 +99,7 @@ class ReceivePlane:
         rings = vring.ring_fields(queue)
         setup = (rings, mergeable, guest_csum)
         if setup != self._setup:
-            vring.set_ring_fields(call, rings)
+            vring.set_ring_fields(call.queue, rings)
             call.mergeable, call.guest_csum = mergeable, guest_csum
             self._setup = setup
         call.buf_len = pending

@@ -31,6 +31,15 @@ struct pyemu_vr_range {
     uint64_t len;
 };
 
+/* What a plane's call says about the queue it serves (the first member of every call structure). */
+struct pyemu_vr_queue {
+    const struct pyemu_vr_region *ram;
+    uint32_t nram;
+    uint64_t desc, avail, used;   /* ring addresses (guest physical) */
+    uint32_t size;                /* queue size, a power of two */
+    int32_t indirect, event_idx;
+};
+
 struct vr_seg { uint64_t gpa; uint8_t *host; uint32_t len; };
 
 /* One chain's segments: a range of a shared segment array. */
@@ -65,18 +74,18 @@ static inline void store_u16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void store_u32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
 /* Resolve a queue's rings; -1 when the size is not a power of two up to 32768 or a ring is not in RAM. */
-static int vr_resolve(struct vr_ring *r, const struct pyemu_vr_region *ram, uint32_t nram, uint64_t desc,
-                      uint64_t avail, uint64_t used, uint32_t size, int indirect)
+static int vr_resolve(struct vr_ring *r, const struct pyemu_vr_queue *q)
 {
+    uint32_t size = q->size;
     if (size == 0 || size > VR_MAX_QUEUE || (size & (size - 1)))
         return -1;
-    r->ram = ram;
-    r->nram = nram;
+    r->ram = q->ram;
+    r->nram = q->nram;
     r->size = size;
-    r->indirect = indirect;
-    r->desc = vr_ram_ptr(ram, nram, desc, 16ull * size);
-    r->avail = vr_ram_ptr(ram, nram, avail, 6 + 2ull * size);
-    r->used = vr_ram_ptr(ram, nram, used, 6 + 8ull * size);
+    r->indirect = q->indirect;
+    r->desc = vr_ram_ptr(q->ram, q->nram, q->desc, 16ull * size);
+    r->avail = vr_ram_ptr(q->ram, q->nram, q->avail, 6 + 2ull * size);
+    r->used = vr_ram_ptr(q->ram, q->nram, q->used, 6 + 8ull * size);
     return r->desc && r->avail && r->used ? 0 : -1;
 }
 

@@ -18,6 +18,13 @@ SOURCE = Path(__file__).with_name("vring.c")
 CDEF = """
 struct pyemu_vr_region { uint64_t gpa; uint64_t size; uint8_t *host; };
 struct pyemu_vr_range { uint64_t start; uint64_t len; };
+struct pyemu_vr_queue {
+    const struct pyemu_vr_region *ram;
+    uint32_t nram;
+    uint64_t desc, avail, used;
+    uint32_t size;
+    int32_t indirect, event_idx;
+};
 """
 
 
@@ -62,10 +69,10 @@ def ring_fields(queue: Virtqueue) -> tuple[int, int, int, int, bool, bool]:
     return (queue.desc_addr, queue.avail_addr, queue.used_addr, queue.size, queue.indirect, queue.event_idx)
 
 
-def set_ring_fields(call: Any, fields: tuple[int, int, int, int, bool, bool]) -> None:
-    """Store :func:`ring_fields` into a plane's call structure (``desc``, ``avail``, ``used``, ``size``,
-    ``indirect``, ``event_idx``)."""
-    call.desc, call.avail, call.used, call.size, call.indirect, call.event_idx = fields
+def set_ring_fields(queue: Any, fields: tuple[int, int, int, int, bool, bool]) -> None:
+    """Store :func:`ring_fields` into a call's ``struct pyemu_vr_queue`` (``desc``, ``avail``, ``used``,
+    ``size``, ``indirect``, ``event_idx``)."""
+    queue.desc, queue.avail, queue.used, queue.size, queue.indirect, queue.event_idx = fields
 
 
 def ram_regions(ffi: Any, dma: DmaMemory) -> Any:
