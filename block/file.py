@@ -25,8 +25,9 @@ from typing import Sequence
 
 from pyemu.block.driver import BlockCapabilities, BlockStatus, PassThrough, check_request
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
-from pyemu.block.hostio import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE, DirectIO,
-                                dio_alignment, fallocate, read_full, write_full, zero_chunks)
+from pyemu.block.hostio import (EXT4_SUPER_MAGIC, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
+                                FALLOC_FL_ZERO_RANGE, DirectIO, dio_alignment, fallocate, filesystem_type,
+                                read_full, write_full, zero_chunks)
 from pyemu.block.iovec import byte_views, total_length
 from pyemu.block.locking import BlockPerm, ImageLock, default_permissions, note_opened, opening_inactive
 from pyemu.block.reopen import ReopenError
@@ -36,6 +37,9 @@ MAX_FILE_SIZE = (1 << 63) - 1  # off_t
 
 # fallocate/lseek errnos meaning "this filesystem or device cannot do that" (remembered, not retried) ...
 _UNSUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY)
+# Buffered writes this large reserve their blocks first (FileProtocol._reserve_blocks), on these filesystems.
+RESERVE_MIN = 64 << 10
+RESERVING_FILESYSTEMS = (EXT4_SUPER_MAGIC,)
 # ... and "not for this request" (a block device wants sector-aligned ranges; a busy device): fall back once.
 _NOT_NOW = (errno.EINVAL, errno.EBUSY)
 
@@ -66,6 +70,7 @@ class FileProtocol:
         self._punch_hole = True
         self._zero_range = True
         self._seek_data = not is_block_device
+        self._reserve = direct is None and not is_block_device and filesystem_type(fd) in RESERVING_FILESYSTEMS
         self._flush_error = 0  # errno of a failed fdatasync: the page cache state is unknown from then on
         self._close_lock = threading.Lock()
         self._closed = False
@@ -261,6 +266,8 @@ class FileProtocol:
             if self._direct is not None:
                 self._direct.pwritev(offset, views, length)
             else:
+                if self._reserve and length >= RESERVE_MIN:
+                    self._reserve_blocks(offset, length)
                 write_full(self._fd, offset, views)
         except OSError as exc:
             raise BlockIOError.from_os_error("write", self.filename, exc, offset=offset, length=length) from exc
@@ -435,6 +442,23 @@ class FileProtocol:
         if self._direct is None:
             return contextlib.nullcontext()
         return self._direct.range_lock.hold(*self._direct.aligned_range(offset, length))
+
+    def _reserve_blocks(self, offset: int, length: int) -> None:
+        """Allocate the blocks a large buffered write is about to fill, in one fallocate (KEEP_SIZE: the
+        file's length still changes only through the write).
+
+        Why: ext4 reserves a buffered write into a hole page by page (delayed allocation); one extent
+        reservation first is cheaper. Measured here: 512 writes of 1 MiB into a new file (appended, or
+        into a sparse file's holes) took 0.085-0.10 s, 0.06 s with this first; over blocks already
+        allocated the call costs about 1 us (so small writes skip it: +50% on a 4 KiB overwrite). On tmpfs
+        it cost 5% and with O_DIRECT it gained nothing, so only buffered writes on ext4 do it (other
+        filesystems are unmeasured). A failure is left to the write to report; an unsupported call is not
+        tried again."""
+        try:
+            fallocate(self._fd, FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                self._reserve = False
 
     def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
         punch = bool(mode & FALLOC_FL_PUNCH_HOLE)

@@ -65,6 +65,20 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
             raise OSError(code, os.strerror(code))
 
 
+EXT4_SUPER_MAGIC = 0xEF53
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = (ctypes.c_int, ctypes.c_void_p)
+_fstatfs.restype = ctypes.c_int
+
+
+def filesystem_type(fd: int) -> int | None:
+    """The ``f_type`` magic number of the filesystem holding ``fd`` (fstatfs(2)), or None if unknown."""
+    buf = ctypes.create_string_buffer(128)  # struct statfs is 120 bytes on x86_64; f_type comes first
+    if _fstatfs(fd, buf) != 0:
+        return None
+    return int.from_bytes(buf.raw[:ctypes.sizeof(ctypes.c_long)], "little", signed=True)
+
+
 def _nonempty(views: Sequence[memoryview]) -> Sequence[memoryview]:
     """``views`` without empty views (a :class:`ByteViews` has none)."""
     return views if type(views) is ByteViews else [v for v in views if v.nbytes]

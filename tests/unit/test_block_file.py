@@ -497,3 +497,113 @@ def test_direct_io_unsupported_filesystem(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(BlockConfigError) as info:
         FileProtocol.open(str(path), direct=True)
     assert str(info.value) == f"Could not open '{path}': filesystem does not support O_DIRECT"
+
+
+# -- large buffered writes reserve their blocks first (FileProtocol._reserve_blocks) ------------------------
+
+def on_ext4(directory: Path) -> bool:
+    from pyemu.block.hostio import EXT4_SUPER_MAGIC, filesystem_type
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        return filesystem_type(fd) == EXT4_SUPER_MAGIC
+    finally:
+        os.close(fd)
+
+
+def test_filesystem_type_matches_stat_f(tmp_path: Path) -> None:
+    import subprocess
+
+    from pyemu.block.hostio import filesystem_type
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        magic = filesystem_type(fd)
+    finally:
+        os.close(fd)
+    shown = subprocess.run(["stat", "-f", "-c", "%t", str(tmp_path)], capture_output=True, text=True, check=True)
+    assert magic == int(shown.stdout.strip(), 16)
+
+
+def recording_fallocate(monkeypatch: pytest.MonkeyPatch, fail: int | None = None) -> list[tuple[int, int, int]]:
+    """Replace file.py's fallocate with one that records (mode, offset, length) and then does the real call,
+    or fails with ``fail`` (an errno) for KEEP_SIZE-only reservations."""
+    import pyemu.block.file as file_mod
+    calls: list[tuple[int, int, int]] = []
+
+    def spy(fd: int, mode: int, offset: int, length: int) -> None:
+        calls.append((mode, offset, length))
+        if fail is not None and mode == FALLOC_FL_KEEP_SIZE:
+            raise OSError(fail, os.strerror(fail))
+        fallocate(fd, mode, offset, length)
+    monkeypatch.setattr(file_mod, "fallocate", spy)
+    return calls
+
+
+def test_large_buffered_writes_reserve_their_range_and_keep_the_size(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    if not on_ext4(tmp_path):
+        pytest.skip("block reservation is only done on ext4")
+    calls = recording_fallocate(monkeypatch)
+    path = tmp_path / "sparse.img"
+    path.write_bytes(b"")
+    os.truncate(path, 8 * MiB)
+    drv = FileProtocol.open(str(path), locking="off")
+    data = bytes(random.Random(1).randrange(256) for _ in range(256)) * 4096  # 1 MiB
+    try:
+        drv.pwritev(2 * MiB, [data])
+        drv.pwritev(5 * MiB, [data[:4096]])  # small: no reservation
+    finally:
+        drv.close()
+    assert calls == [(FALLOC_FL_KEEP_SIZE, 2 * MiB, MiB)]
+    content = path.read_bytes()
+    assert len(content) == 8 * MiB
+    assert content[2 * MiB:3 * MiB] == data and content[5 * MiB:5 * MiB + 4096] == data[:4096]
+    assert content[:2 * MiB] == bytes(2 * MiB) and content[3 * MiB:5 * MiB] == bytes(2 * MiB)
+
+
+def test_reservation_past_the_end_of_a_growable_file_keeps_its_length_to_the_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not on_ext4(tmp_path):
+        pytest.skip("block reservation is only done on ext4")
+    calls = recording_fallocate(monkeypatch)
+    path = tmp_path / "grow.img"
+    path.write_bytes(b"\1" * 65536)
+    drv = FileProtocol.open(str(path), locking="off", growable=True)
+    try:
+        drv.pwritev(65536, [b"\2" * (128 << 10)])
+        assert drv.size() == 65536 + (128 << 10)
+    finally:
+        drv.close()
+    assert calls == [(FALLOC_FL_KEEP_SIZE, 65536, 128 << 10)]
+    assert path.read_bytes() == b"\1" * 65536 + b"\2" * (128 << 10)
+
+
+def test_direct_io_writes_do_not_reserve(direct_image: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = recording_fallocate(monkeypatch)
+    path, data = direct_image
+    drv = FileProtocol.open(str(path), locking="off", direct=True)
+    try:
+        drv.pwritev(0, [b"\3" * (128 << 10)])
+    finally:
+        drv.close()
+    assert calls == []
+    assert path.read_bytes()[:128 << 10] == b"\3" * (128 << 10)
+
+
+@pytest.mark.parametrize("code", [errno.EOPNOTSUPP, errno.ENOSPC])
+def test_a_failed_reservation_leaves_the_write_to_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         code: int) -> None:
+    """An unsupported reservation is not tried again; any other failure is retried next time; either way
+    the write itself goes ahead (and reports its own error if it has one)."""
+    if not on_ext4(tmp_path):
+        pytest.skip("block reservation is only done on ext4")
+    calls = recording_fallocate(monkeypatch, fail=code)
+    path = tmp_path / "fail.img"
+    path.write_bytes(bytes(4 * MiB))
+    drv = FileProtocol.open(str(path), locking="off")
+    try:
+        drv.pwritev(0, [b"\4" * MiB])
+        drv.pwritev(MiB, [b"\5" * MiB])
+    finally:
+        drv.close()
+    assert len(calls) == (1 if code == errno.EOPNOTSUPP else 2)
+    assert path.read_bytes() == b"\4" * MiB + b"\5" * MiB + bytes(2 * MiB)
