@@ -4,11 +4,11 @@
 Both VMs boot the default guest (Debian 6.1 PVH vmlinux + busybox initramfs, 512 MiB, one vCPU, TCG) with
 a second cpio archive appended to the initramfs that holds ``/bin/guest_io``: ``benchmarks/guest_io.c``,
 built here with ``gcc -O2 -static`` into a temporary directory (never committed). The guest is driven over
-its serial console (stdin/stdout pipes) with marker-delimited shell commands, and per VM in one boot it
+its serial console (stdin/stdout pipes) with marker-delimited shell commands, and in each boot it
 measures, ``--reps`` times each (default 3, ``--quick`` 1):
 
-* sequential read and sequential write MB/s (MB = 10^6 bytes) on a virtio-blk raw image (256 MiB, host
-  ``cache=none``), ``O_DIRECT`` 1 MiB requests (the write figure includes the final ``fdatasync``), so
+* sequential read and sequential write MB/s (MB = 10^6 bytes) on a virtio-blk raw image (256 MiB, one
+  per VM, host ``cache=none``), ``O_DIRECT`` 1 MiB requests (the write figure includes the final ``fdatasync``), so
   neither the guest page cache nor busybox dd matters. The 1 MiB buffer is one transparent huge page in
   both guests (the benchmark sets THP to ``madvise``, which Linux turns off below 512 MiB of RAM; each
   sample's ``thp_kb`` says whether it got one), so every request is one physically contiguous segment:
@@ -24,25 +24,30 @@ measures, ``--reps`` times each (default 3, ``--quick`` 1):
   time under pyemu, 0.96x under QEMU, load ~4) and guest-timed figures come out too high. Both are in the
   JSON (``median_by_guest_clock``), with the guest's clocksource and the guest/host clock rate per session;
 * TCP throughput guest->host and host->guest over virtio-net on a TAP (64 MiB each way). The TAP lives in
-  a network namespace created for the run (``tap0`` 10.0.2.2/24, guest 10.0.2.15/24; no other network is
-  touched) and both VMs run inside it; the host end is the same helper run with ``ip netns exec``. The
-  figure is timed on the host side (host clock): from the first byte to EOF when the host receives, from
-  accept to the guest's EOF when it sends. The guest-side timing is recorded too.
+  a network namespace created for the run (one TAP per VM: ``tap0`` 10.0.2.2/24 with the guest at
+  10.0.2.15, ``tap1`` 10.0.3.2/24 with 10.0.3.15; no other network is touched) and both VMs run inside
+  it; the host end is the same helper run with ``ip netns exec``. The figure is timed on the host side
+  (host clock): from the first byte to EOF when the host receives, from accept to the guest's EOF when it
+  sends. The guest-side timing is recorded too.
 
 QEMU runs ``-M microvm,acpi=on,pit=on,rtc=on -accel tcg`` with ``tsc_early_khz=<host TSC kHz>`` added to
 its kernel command line: without it QEMU 7.2's microvm often hangs under TCG on this shared host while
 calibrating the TSC against the PIT (see /work/shared/DESIGN.md, facts of 2026-12-03). pyemu gets the
 plain ``console=ttyS0``.
 
-``--rounds N`` boots each VM N times, alternating which goes first: this shared host's disk and CPU speed
-drift over minutes (QEMU's sequential read measured 924 and 1620 MB/s in two runs ten minutes apart), and
-a fixed order would hand one VM the later state every time.
+The two VMs take turns sample by sample: a round boots both (one after the other) and keeps them up, and
+each repetition of each figure runs in one VM and then in the other (which goes first alternates), while
+the other waits idle at its shell prompt. This shared host's disk and CPU speed drift over minutes (QEMU's
+sequential read measured 924 and 1620 MB/s in two runs ten minutes apart; pyemu's 918-1451 within one run),
+and when each VM measured all its samples in its own boot, whichever met a slow phase carried it alone.
+Besides the medians, each figure gets the median of its paired ratios (each pyemu sample over the QEMU
+sample taken next to it). ``--rounds N`` boots both N times (each VM from a fresh copy of the image).
 
 Everything is bounded in time: a boot that does not reach the shell, or a console that stops answering,
 ends the session; a new session (at most 2 retries, as in boot.py) collects the samples still missing and
 the failure is recorded. The host's load average is recorded with every sample (the machine is shared).
 
-Results: a table (pyemu, QEMU, ratio pyemu/QEMU) and ``benchmarks/results/virtio.json``.
+Results: a table (pyemu, QEMU, ratio pyemu/QEMU of the medians, median paired ratio) and ``benchmarks/results/virtio.json``.
 
 Usage: python benchmarks/virtio.py [--quick] [--reps 3] [--rounds 1] [--vms pyemu,qemu] [--no-net] [--only FIG,...] [--tsc-khz N]
 """
@@ -83,8 +88,6 @@ RAND_SECS = 5
 RAND_SEED = 0x9E3779B97F4A7C15
 NET_MIB = 64
 NET_TIMEOUT = 150  # per transfer; the helpers' alarm() fires at this, the console wait a little later
-NETNS_HOST_IP = "10.0.2.2"
-NETNS_GUEST_IP = "10.0.2.15"
 BOOT_TIMEOUT = 180  # to the shell prompt (pyemu: ~5 s idle; much more when the host is busy)
 COMMAND_TIMEOUT = 120  # a console command (disk measurements are bounded well below this)
 MAX_RETRIES = 2
@@ -187,9 +190,29 @@ def make_image(path: Path, mib: int) -> None:
 
 
 # -- network namespace ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NetSlot:
+    """One VM's network in the namespace: its TAP, the host's address on it and the guest's, on a /24 of
+    its own (VM ``index`` gets tap<index> and 10.0.<2+index>.0/24), so both VMs can be up at once."""
+
+    index: int
+
+    @property
+    def tap(self) -> str:
+        return f"tap{self.index}"
+
+    @property
+    def host_ip(self) -> str:
+        return f"10.0.{2 + self.index}.2"
+
+    @property
+    def guest_ip(self) -> str:
+        return f"10.0.{2 + self.index}.15"
+
+
 class NetNamespace:
-    """``ip netns add`` + a persistent tap0 inside it with the host address; deleted in :meth:`close`
-    (which also removes tap0)."""
+    """``ip netns add`` + a persistent TAP per :class:`NetSlot` inside it, with the host address; deleted in
+    :meth:`close` (which also removes the TAPs)."""
 
     def __init__(self) -> None:
         self.name = f"pyemu-vbench-{os.getpid()}"
@@ -199,13 +222,14 @@ class NetNamespace:
         subprocess.run(["ip", "netns", "exec", self.name, "ip", *args], check=True, capture_output=True,
                        timeout=30)
 
-    def setup(self) -> None:
+    def setup(self, slots: int) -> None:
         subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True, timeout=30)
         self.created = True
         self._ip("link", "set", "lo", "up")
-        self._ip("tuntap", "add", "dev", "tap0", "mode", "tap")
-        self._ip("addr", "add", f"{NETNS_HOST_IP}/24", "dev", "tap0")
-        self._ip("link", "set", "tap0", "up")
+        for slot in map(NetSlot, range(slots)):
+            self._ip("tuntap", "add", "dev", slot.tap, "mode", "tap")
+            self._ip("addr", "add", f"{slot.host_ip}/24", "dev", slot.tap)
+            self._ip("link", "set", slot.tap, "up")
 
     def wrap(self, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
@@ -222,7 +246,8 @@ def disk_args(image: Path) -> list[str]:
             "-device", "virtio-blk-device,drive=d0"]
 
 
-NET_ARGS = ["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no", "-device", "virtio-net-device,netdev=n0"]
+def net_args(slot: NetSlot) -> list[str]:
+    return ["-netdev", f"tap,id=n0,ifname={slot.tap},script=no,downscript=no", "-device", "virtio-net-device,netdev=n0"]
 
 
 def pyemu_argv(kernel: Path, initrd: Path) -> list[str]:
@@ -249,7 +274,7 @@ def pyemu_net_status(netns: NetNamespace | None, kernel: Path, initrd: Path, ima
         return "pyemu has no virtio-net-device yet (-device help does not list it)"
     if netns is None:
         return "network namespace unavailable"
-    argv = netns.wrap(pyemu_argv(kernel, initrd) + disk_args(image) + NET_ARGS + ["-S"])
+    argv = netns.wrap(pyemu_argv(kernel, initrd) + disk_args(image) + net_args(NetSlot(0)) + ["-S"])
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         status = proc.wait(timeout=12)
@@ -368,6 +393,7 @@ class Plan:
     helper: Path
     netns: NetNamespace | None
     net: bool
+    slot: NetSlot = NetSlot(0)
 
 
 def run_helper(vm: Console, args: str, op: str, timeout: float = COMMAND_TIMEOUT) -> dict[str, float]:
@@ -431,10 +457,10 @@ def finish_host(proc: subprocess.Popen[bytes], op: str) -> dict[str, float]:
 def measure_net(vm: Console, name: str, plan: Plan, port: int) -> dict[str, Any]:
     if name == "tcp_guest_to_host":
         host = host_helper(plan, ["serve-recv", str(port)])
-        guest_args, guest_op, host_op = f"send {NETNS_HOST_IP} {port} {plan.net_mib}", "send", "serve-recv"
+        guest_args, guest_op, host_op = f"send {plan.slot.host_ip} {port} {plan.net_mib}", "send", "serve-recv"
     else:
         host = host_helper(plan, ["serve-send", str(port), str(plan.net_mib)])
-        guest_args, guest_op, host_op = f"recv {NETNS_HOST_IP} {port}", "recv", "serve-send"
+        guest_args, guest_op, host_op = f"recv {plan.slot.host_ip} {port}", "recv", "serve-send"
     try:
         guest = run_helper(vm, guest_args, guest_op, NET_TIMEOUT + 20)
     except BaseException:
@@ -476,12 +502,13 @@ def guest_setup(vm: Console, plan: Plan, info: dict[str, object]) -> bool:
         info["net_error"] = f"no network interface in the guest ({ifaces!r})"
         return False
     nic = names[0]
-    status, out = vm.shell(f"ip link set lo up; ip addr add {NETNS_GUEST_IP}/24 dev {nic} && ip link set {nic} up"
-                           f" && for i in 1 2 3 4 5 6 7 8 9 10; do ping -c 1 -W 2 {NETNS_HOST_IP} >/dev/null && break;"
-                           f" done; ping -c 1 -W 2 {NETNS_HOST_IP}", 90)
+    host_ip = plan.slot.host_ip
+    status, out = vm.shell(f"ip link set lo up; ip addr add {plan.slot.guest_ip}/24 dev {nic} && ip link set {nic} up"
+                           f" && for i in 1 2 3 4 5 6 7 8 9 10; do ping -c 1 -W 2 {host_ip} >/dev/null && break;"
+                           f" done; ping -c 1 -W 2 {host_ip}", 90)
     info["nic"] = nic
     if status != 0:
-        info["net_error"] = f"guest cannot reach {NETNS_HOST_IP}: {out[-300:]}"
+        info["net_error"] = f"guest cannot reach {host_ip}: {out[-300:]}"
         return False
     return True
 
@@ -491,84 +518,155 @@ def guest_uptime(vm: Console) -> float:
     return float(out.split()[0])
 
 
-def run_vm(label: str, argv: list[str], plan: Plan, figures: list[str], workdir: Path) -> VmResult:
-    """Boot ``argv`` and collect ``plan.reps`` samples of every figure; a failed session is retried (at most
-    MAX_RETRIES times) and only the samples still missing are collected again."""
-    result = VmResult(samples={f: [] for f in figures}, errors={f: [] for f in figures})
-    if not plan.net:
-        for f in NET_FIGURES:
-            result.disabled[f] = "network part skipped (see net_skipped)"
-    port = 15000
-    for attempt in range(1 + MAX_RETRIES):
-        missing = [f for f in figures if f not in result.disabled and len(result.samples[f]) < plan.reps]
-        if not missing:
-            break
-        session: dict[str, object] = {"attempt": attempt + 1, "load1_start": load1()}
-        result.sessions.append(session)
-        started = time.monotonic()
-        vm = Console(argv, workdir / f"{label}-{attempt}.stderr")
+@dataclass
+class Contender:
+    """One VM of a round: its command line and plan, the samples it collected, and its current boot."""
+
+    label: str
+    argv: list[str]
+    plan: Plan
+    result: VmResult
+    vm: Console | None = None
+    session: dict[str, Any] = field(default_factory=dict)
+    clock0: tuple[float, float] = (0.0, 0.0)
+    started: float = 0.0
+    boots: int = 0
+
+
+def boot(c: Contender, figures: list[str], workdir: Path) -> bool:
+    """Start a session of ``c`` and bring its guest to a configured shell; False (recorded) if it failed."""
+    session: dict[str, Any] = {"attempt": len(c.result.sessions) + 1, "load1_start": load1()}
+    c.result.sessions.append(session)
+    c.session, c.boots, c.started = session, c.boots + 1, time.monotonic()
+    vm = Console(c.argv, workdir / f"{c.label}-{session['attempt']}.stderr")
+    c.vm = vm
+    try:
+        vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT)
+        vm.expect(b"# ", 60)
+        session["boot_to_shell_s"] = round(time.monotonic() - c.started, 2)
+        net_ok = guest_setup(vm, c.plan, session)
+        if c.plan.net and not net_ok:
+            for f in NET_FIGURES:
+                if f in figures and f not in c.result.disabled:
+                    c.result.disabled[f] = str(session.get("net_error", "network not configured"))
+        c.clock0 = (time.monotonic(), guest_uptime(vm))
+        return True
+    except SessionFailed as failed:
+        end_session(c, failed)
+        return False
+
+
+def end_session(c: Contender, failed: SessionFailed | None = None) -> None:
+    """Close ``c``'s boot: the guest clock against the host clock over the measurement when it went well,
+    the failure and the console's tail when not."""
+    vm, session = c.vm, c.session
+    assert vm is not None
+    if failed is None:
         try:
-            vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT)
-            vm.expect(b"# ", 60)
-            session["boot_to_shell_s"] = round(time.monotonic() - started, 2)
-            net_ok = guest_setup(vm, plan, session)
-            if plan.net and not net_ok:
-                for f in NET_FIGURES:
-                    if f in figures and f not in result.disabled:
-                        result.disabled[f] = str(session.get("net_error", "network not configured"))
-            clock_host0, clock_guest0 = time.monotonic(), guest_uptime(vm)
-            for rep in range(plan.reps):
-                for name in figures:
-                    if name in result.disabled or len(result.samples[name]) >= plan.reps:
-                        continue
-                    try:
-                        before = load1()
-                        if name in NET_FIGURES:
-                            port += 1
-                            sample = measure_net(vm, name, plan, port)
-                        else:
-                            sample = measure_disk(vm, name, plan)
-                    except MeasurementFailed as failed:
-                        result.errors[name].append(f"session {attempt + 1}: {failed}")
-                        print(f"  {label} {name}: failed: {failed}", file=sys.stderr)
-                        if len(result.errors[name]) >= 2:
-                            result.disabled[name] = f"failed twice: {result.errors[name][-1]}"
-                        continue
-                    sample["load1"] = [before, load1()]
-                    sample["session"] = attempt + 1
-                    result.samples[name].append(sample)
-                    unit = FIGURES[name][1]
-                    print(f"  {label:5} {name:18} {sample['value']:10.1f} {unit:4}  (load {before})", flush=True)
-            # Guest clock against the host clock over the whole measurement.
             clock_guest1, clock_host1 = guest_uptime(vm), time.monotonic()
-            session["guest_clock_rate"] = round((clock_guest1 - clock_guest0) / (clock_host1 - clock_host0), 4)
-            session["measured_s"] = round(clock_host1 - clock_host0, 1)
+            session["guest_clock_rate"] = round((clock_guest1 - c.clock0[1]) / (clock_host1 - c.clock0[0]), 4)
+            session["measured_s"] = round(clock_host1 - c.clock0[0], 1)
             _, session["clocksource_end"] = vm.shell(
                 "cat /sys/devices/system/clocksource/clocksource0/current_clocksource")
-        except SessionFailed as failed:
-            message = f"session {attempt + 1}: {failed}"
-            session["failure"] = message
-            session["console_tail"] = vm.tail()
-            print(f"  {label}: {message} (retrying if attempts remain)\n{vm.tail(800)}", file=sys.stderr)
-        finally:
-            session["exit_status"] = vm.close()
-            session["load1_end"] = load1()
-            session["wall_s"] = round(time.monotonic() - started, 1)
-    return result
+        except SessionFailed as late:
+            failed = late
+    if failed is not None:
+        message = f"session {session['attempt']}: {failed}"
+        session["failure"] = message
+        session["console_tail"] = vm.tail()
+        print(f"  {c.label}: {message} (retrying if attempts remain)\n{vm.tail(800)}", file=sys.stderr)
+    session["exit_status"] = vm.close()
+    session["load1_end"] = load1()
+    session["wall_s"] = round(time.monotonic() - c.started, 1)
+    c.vm = None
 
 
-def merge_results(earlier: VmResult | None, later: VmResult) -> VmResult:
-    """One VM's samples over several rounds (``--rounds``): samples, errors and sessions add up; a figure
-    disabled in one round (failed twice) stays recorded as such."""
-    if earlier is None:
-        return later
-    for name, samples in later.samples.items():
-        earlier.samples.setdefault(name, []).extend(samples)
-    for name, errors in later.errors.items():
-        earlier.errors.setdefault(name, []).extend(errors)
-    earlier.disabled.update(later.disabled)
-    earlier.sessions.extend(later.sessions)
-    return earlier
+def wanted(c: Contender, name: str, taken: int, rep: int) -> bool:
+    """Whether ``c`` takes a sample of ``name`` in repetition ``rep`` of a round, having ``taken`` this
+    round: one a repetition, ``plan.reps`` in all; the repetitions past ``plan.reps`` make up for failures."""
+    return name not in c.result.disabled and taken < c.plan.reps and taken <= rep
+
+
+def measure(c: Contender, name: str, port: int, pair: tuple[int, int]) -> None:
+    """One sample of ``name`` in ``c``'s running guest, tagged with its ``pair`` key (round, repetition):
+    the other VM's sample with the same key was taken just before or just after it."""
+    assert c.vm is not None
+    try:
+        before = load1()
+        sample = measure_net(c.vm, name, c.plan, port) if name in NET_FIGURES else measure_disk(c.vm, name, c.plan)
+    except MeasurementFailed as failed:
+        c.result.errors[name].append(f"session {c.session['attempt']}: {failed}")
+        print(f"  {c.label} {name}: failed: {failed}", file=sys.stderr)
+        if len(c.result.errors[name]) >= 2:
+            c.result.disabled[name] = f"failed twice: {c.result.errors[name][-1]}"
+        return
+    sample["load1"] = [before, load1()]
+    sample["session"] = c.session["attempt"]
+    sample["pair"] = list(pair)
+    c.result.samples[name].append(sample)
+    print(f"  {c.label:5} {name:18} {sample['value']:10.1f} {FIGURES[name][1]:4}  (load {before})", flush=True)
+
+
+def run_round(contenders: list[Contender], figures: list[str], workdir: Path, round_index: int = 0) -> None:
+    """Boot every VM, then take the samples in turns: each repetition of each figure runs in one VM and
+    then in the other (which one goes first alternates by repetition and round), with the VM not measuring
+    idle at its shell prompt. So the two samples of a pair are seconds apart, not a whole boot apart: this
+    shared host's disk and CPU speed drift over minutes (QEMU's sequential read measured 924 and 1620 MB/s
+    in two runs ten minutes apart), and a VM measured in a slow phase would otherwise carry it alone.
+
+    A boot that fails, or a console that stops answering, ends that VM's session; it boots again (at most
+    MAX_RETRIES times a round) and goes on with the samples it still lacks."""
+    port = 15000
+    for c in contenders:
+        for name in figures:
+            c.result.samples.setdefault(name, [])
+            c.result.errors.setdefault(name, [])
+        if not c.plan.net:
+            for f in NET_FIGURES:
+                c.result.disabled.setdefault(f, "network part skipped (see net_skipped)")
+        c.boots = 0
+    base = {c.label: {name: len(c.result.samples[name]) for name in figures} for c in contenders}
+
+    def ready(c: Contender) -> bool:
+        while c.vm is None:
+            if c.boots > MAX_RETRIES or boot(c, figures, workdir):
+                return c.vm is not None
+        return True
+
+    try:
+        for c in contenders:
+            ready(c)
+        for rep in range(contenders[0].plan.reps + MAX_RETRIES):
+            order = contenders if (rep + round_index) % 2 == 0 else contenders[::-1]
+            for name in figures:
+                for c in order:
+                    if not wanted(c, name, len(c.result.samples[name]) - base[c.label][name], rep) or not ready(c):
+                        continue
+                    port += 1
+                    try:
+                        measure(c, name, port, (round_index, rep))
+                    except SessionFailed as failed:
+                        end_session(c, failed)
+    finally:
+        for c in contenders:
+            if c.vm is not None:
+                end_session(c)
+
+
+def run_vm(label: str, argv: list[str], plan: Plan, figures: list[str], workdir: Path) -> VmResult:
+    """One VM alone: boot ``argv`` and collect ``plan.reps`` samples of every figure (see :func:`run_round`)."""
+    contender = Contender(label, argv, plan, VmResult())
+    run_round([contender], figures, workdir)
+    return contender.result
+
+
+def paired_ratios(results: dict[str, VmResult], name: str) -> list[float]:
+    """pyemu / QEMU for each pair of samples of ``name`` taken back to back (same round and repetition)."""
+    if "pyemu" not in results or "qemu" not in results:
+        return []
+    qemu = {tuple(s["pair"]): s["value"] for s in results["qemu"].samples.get(name, []) if "pair" in s}
+    return [s["value"] / qemu[tuple(s["pair"])] for s in results["pyemu"].samples.get(name, [])
+            if "pair" in s and qemu.get(tuple(s["pair"]))]
 
 
 def summarise(result: VmResult, figures: list[str]) -> dict[str, Any]:
@@ -658,8 +756,6 @@ def main() -> int:
     try:
         helper = build_helper(workdir)
         initrd = build_initrd(assets.initrd, helper, workdir)
-        image = workdir / "disk.img"
-        make_image(image, args.image_mib)
         net_skip: str | None = "--no-net" if args.no_net else None
         if net_skip is None:
             if os.geteuid() != 0 or shutil.which("ip") is None:
@@ -667,7 +763,7 @@ def main() -> int:
             else:
                 netns = NetNamespace()
                 try:
-                    netns.setup()
+                    netns.setup(len(vms))
                 except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
                     net_skip = f"could not set up the network namespace: {error}"
                     netns.close()
@@ -675,29 +771,32 @@ def main() -> int:
         # Per VM: QEMU still measures the network when pyemu cannot (its figures are then ready to compare).
         skipped = {label: net_skip for label in vms}
         if net_skip is None and "pyemu" in vms:
-            skipped["pyemu"] = pyemu_net_status(netns, assets.vmlinux, initrd, image)
+            probe_image = workdir / "probe.img"
+            make_image(probe_image, 1)
+            skipped["pyemu"] = pyemu_net_status(netns, assets.vmlinux, initrd, probe_image)
         report["net_skipped"] = skipped
         for label, reason in skipped.items():
             if reason:
                 print(f"{label}: network part skipped: {reason}")
         figures = [f for f in (*DISK_FIGURES, *NET_FIGURES) if not only or f in only]
-        results: dict[str, VmResult] = {}
+        results = {label: VmResult() for label in vms}
         argvs: dict[str, list[str]] = {}
         for round_index in range(args.rounds):
-            # Alternate the order: this host's disk and CPU speed drift over minutes, and whichever VM runs
-            # second would otherwise always meet the later state.
-            for label in (vms if round_index % 2 == 0 else list(reversed(vms))):
+            contenders = []
+            for index, label in enumerate(vms):
                 plan = Plan(reps=reps, image_mib=args.image_mib, net_mib=args.net_mib, helper=helper,
-                            netns=netns, net=skipped[label] is None)
-                make_image(image, args.image_mib)  # each VM starts from the same image
+                            netns=netns, net=skipped[label] is None, slot=NetSlot(index))
+                image = workdir / f"disk-{label}.img"
+                make_image(image, args.image_mib)  # each VM starts every round from the same image
                 argv = (pyemu_argv(assets.vmlinux, initrd) if label == "pyemu"
                         else qemu_argv(qemu, assets.vmlinux, initrd, tsc_khz))  # type: ignore[arg-type]
-                argv += disk_args(image) + (NET_ARGS if plan.net else [])
+                argv += disk_args(image) + (net_args(plan.slot) if plan.net else [])
                 if plan.net and netns is not None:
                     argv = netns.wrap(argv)
                 print(f"{label} (round {round_index + 1} of {args.rounds}): {' '.join(argv)}", flush=True)
                 argvs[label] = argv
-                results[label] = merge_results(results.get(label), run_vm(label, argv, plan, figures, workdir))
+                contenders.append(Contender(label, argv, plan, results[label]))
+            run_round(contenders, figures, workdir, round_index)
         for label, result in results.items():
             vm_reports[label] = {"argv": argvs[label], "sessions": result.sessions,
                                  "figures": summarise(result, figures)}
@@ -713,7 +812,7 @@ def main() -> int:
     comparison: dict[str, object] = {}
     print()
     print(f"{'figure (host clock; in brackets: by the guest clock)':52} {'pyemu':>18} {'QEMU 7.2':>18} "
-          f"{'pyemu/QEMU':>11}")
+          f"{'pyemu/QEMU':>11} {'paired':>7}")
 
     def cell(v: float | None, g: float | None) -> str:
         return f"{v:>9.1f} [{g:>6.1f}]" if v is not None and g is not None else f"{'-':>18}"
@@ -726,11 +825,16 @@ def main() -> int:
             by_guest[label] = figs.get(name, {}).get("median_by_guest_clock")
         ratio = (round(medians["pyemu"] / medians["qemu"], 3)
                  if medians["pyemu"] is not None and medians["qemu"] else None)
+        pairs = paired_ratios(results, name)
+        paired = round(statistics.median(pairs), 3) if pairs else None
         comparison[name] = {"unit": unit, "pyemu": medians["pyemu"], "qemu": medians["qemu"],
-                            "ratio_pyemu_over_qemu": ratio, "pyemu_by_guest_clock": by_guest["pyemu"],
+                            "ratio_pyemu_over_qemu": ratio, "paired_ratio_median": paired,
+                            "paired_ratios": [round(r, 3) for r in pairs],
+                            "pyemu_by_guest_clock": by_guest["pyemu"],
                             "qemu_by_guest_clock": by_guest["qemu"]}
         print(f"{title + ' (' + unit + ')':52} {cell(medians['pyemu'], by_guest['pyemu'])} "
-              f"{cell(medians['qemu'], by_guest['qemu'])} {(f'{ratio:.3f}' if ratio is not None else '-'):>11}")
+              f"{cell(medians['qemu'], by_guest['qemu'])} {(f'{ratio:.3f}' if ratio is not None else '-'):>11} "
+              f"{(f'{paired:.3f}' if paired is not None else '-'):>7}")
     for label, vm_report in vm_reports.items():
         for session in vm_report.get("sessions", []):
             print(f"{label} session {session.get('attempt')}: guest clocksource {session.get('clocksource')} -> "
