@@ -11,7 +11,7 @@ from pyemu.system.memory import GuestMemory
 
 
 def test_memory_regions_are_one_memfd_and_zero_copy():
-    mem = GuestMemory([(0, 0x10000), (0x100000000, 0x2000)])
+    mem = GuestMemory([(0, 0x10000), (0x100000000, 0x2000)], backend="memfd")
     assert mem.total_size == 0x12000
     mem.write_u64(0x100000ff8, 0x1122334455667788)
     assert mem.read(0x100000ff8, 8) == bytes.fromhex("8877665544332211")
@@ -106,25 +106,61 @@ def test_irq_line_and_fanout():
     assert unconnected.level == 1
 
 
-def test_populated_spans_find_what_was_written_without_touching_holes():
-    memory = GuestMemory([(0, 1 << 20), (4 << 20, 1 << 20)])
+@pytest.mark.parametrize("backend", ["ram", "memfd"])
+def test_populated_spans_find_what_was_written_without_touching_holes(backend):
+    memory = GuestMemory([(0, 4 << 20), (8 << 20, 4 << 20)], backend=backend)
     low, high = memory.regions
     assert list(memory.populated_spans(low)) == [] and list(memory.populated_spans(high)) == []
     memory.write(0x3000, b"a")
     memory.write(0x3FFF + 1, b"b")  # the next page: one run of two pages
-    memory.write((4 << 20) + 0x8000, b"c")
-    assert list(memory.populated_spans(low)) == [(0x3000, 0x2000)]
-    assert list(memory.populated_spans(high)) == [((4 << 20) + 0x8000, 0x1000)]
+    memory.write((8 << 20) + 0x208000, b"c")
+    # What was written is inside the runs; anonymous memory may fault in a whole huge page around it.
+    grain = 0x1000 if backend == "memfd" else 2 << 20
+    assert list(memory.populated_spans(low)) == [(0x3000 // grain * grain, max(0x2000, grain))]
+    assert list(memory.populated_spans(high)) == [((8 << 20) + 0x208000 // grain * grain, grain)]
+    assert list(memory.populated_spans(low)) == [(0x3000 // grain * grain, max(0x2000, grain))]  # no side effect
     memory.clear()  # released pages are holes again
-    assert list(memory.populated_spans(low)) == []
+    assert list(memory.populated_spans(low)) == [] and list(memory.populated_spans(high)) == []
+    assert memory.read(0x3000, 2) == b"\0\0"
     memory.close()
 
 
-def test_copy_from_file_puts_file_bytes_at_the_address_and_stops_at_the_files_end(tmp_path):
+def test_anonymous_ram_starts_on_a_huge_page_and_asks_for_them():
+    """The default backend: guest 2 MiB pages can be host huge pages (see pyemu.system.memory)."""
+    import re
+    from pathlib import Path
+
+    from pyemu.system.memory import HUGE_PAGE
+    memory = GuestMemory([(0, 8 << 20)])
+    try:
+        assert memory.backend == "ram" and memory.fd == -1
+        base = memory.host_address(memory.regions[0])
+        assert base % HUGE_PAGE == 0
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        if "[never]" in mode:
+            pytest.skip("transparent huge pages are off on this host")
+        for vma in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", Path("/proc/self/smaps").read_text()):
+            low, high = (int(x, 16) for x in vma.split()[0].split("-"))
+            if low <= base < high:
+                assert "THPeligible:    1" in re.sub(r" +", lambda m: " " * min(4, len(m.group())), vma)
+                break
+        else:
+            pytest.fail("guest RAM's mapping is not in /proc/self/smaps")
+    finally:
+        memory.close()
+
+
+def test_unknown_ram_backend_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown guest RAM backend"):
+        GuestMemory([(0, 0x10000)], backend="hugetlbfs")
+
+
+@pytest.mark.parametrize("backend", ["ram", "memfd"])
+def test_copy_from_file_puts_file_bytes_at_the_address_and_stops_at_the_files_end(tmp_path, backend):
     data = bytes(range(256)) * 64  # 16 KiB
     path = tmp_path / "image"
     path.write_bytes(data)
-    memory = GuestMemory([(0, 1 << 20), (4 << 20, 1 << 20)])
+    memory = GuestMemory([(0, 1 << 20), (4 << 20, 1 << 20)], backend=backend)
     fd = os.open(path, os.O_RDONLY)
     try:
         assert memory.copy_from_file((4 << 20) + 0x1001, fd, 3, 0x2000) == 0x2000
@@ -148,6 +184,12 @@ def test_copy_from_file_puts_file_bytes_at_the_address_and_stops_at_the_files_en
             assert backing.read_bytes()[0x2000:0x2200] == bytes(512)  # the file itself never changes
         finally:
             os.close(backing_fd)
+        # A reset maps the backend's own memory back: zeros, writable, and not the file.
+        memory.clear()
+        assert memory.read(0x2000, 512) == bytes(512)
+        memory.write(0x2000, b"ok")
+        assert memory.read(0x2000, 2) == b"ok" and backing.read_bytes()[0x2000:0x2002] == bytes(2)
+        assert [gpa for gpa, _ in memory.populated_spans(memory.regions[0])] == [0x2000 if backend == "memfd" else 0]
     finally:
         os.close(fd)
         memory.close()
