@@ -318,6 +318,8 @@ def part_guest(figs: Figures, qemu_img: str, qemu: str | None, workdir: Path, re
     for label, argv in vms.items():
         own = workdir / f"guest-{label}.qcow2"  # both VMs are up at once: each locks its own copy
         shutil.copyfile(image, own)
+        with open(own, "rb+") as handle:  # an O_DIRECT read of a range still dirty waits for its writeback
+            os.fsync(handle.fileno())
         drive = [a.replace("format=raw", "format=qcow2") for a in vb.disk_args(own)]
         argv = argv + drive
         print(f"guest {label}: {' '.join(argv)}", flush=True)
