@@ -46,9 +46,10 @@ PAUSE_TIMEOUT_S = 10.0
 class Machine:
     """A board's shared core. Subclasses fill in devices and boot state."""
 
-    def __init__(self, ram_layout: list[tuple[int, int]], accel: Accelerator, vcpu_count: int) -> None:
+    def __init__(self, ram_layout: list[tuple[int, int]], accel: Accelerator, vcpu_count: int, *,
+                 ram_backend: str = "ram", ram_sealed: bool = False) -> None:
         self.lock = threading.RLock()
-        self.memory = GuestMemory(ram_layout)
+        self.memory = GuestMemory(ram_layout, backend=ram_backend, seal=ram_sealed)
         self.pio = pio_bus()
         self.mmio = mmio_bus()
         self.devices = DeviceManager(self.pio, self.mmio)

@@ -107,7 +107,8 @@ class Microvm(Machine):
 
     def __init__(self, config: VmConfig, accel: Accelerator, boot: BootSource) -> None:
         self.layout = memmap.RamLayout.for_size(config.ram_size)
-        super().__init__(self.layout.regions(), accel, config.vcpus)
+        super().__init__(self.layout.regions(), accel, config.vcpus, ram_backend=config.ram_backend,
+                         ram_sealed=config.ram_sealed)
         self.config = config
         self.boot = boot
         self.features = MicrovmFeatures.resolve(config, accel.name)

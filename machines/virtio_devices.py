@@ -303,7 +303,8 @@ class VirtioPlugger:
                 options = parse_iothread(entry.id, entry.props)
                 self.iothreads[entry.id] = IoThread(entry.id, poll_max_ns=options.poll_max_ns,
                                                     poll_grow=options.poll_grow, poll_shrink=options.poll_shrink)
-            elif entry.type not in ("rng-random", "secret", "throttle-group"):  # the latter two: system.objects
+            elif entry.type not in ("rng-random", "secret", "throttle-group", "memory-backend-ram",
+                                    "memory-backend-memfd"):  # system.objects, system.memory_backend
                 raise ConfigError(f"-object: invalid object type: {entry.type}", option="-object")
         try:
             self.backends.open_blockdevs()

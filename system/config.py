@@ -71,6 +71,8 @@ class MachineOptions:
     """microvm has no USB controller; ``usb=on`` is refused."""
     dump_guest_core: bool = True
     """``off``: guest RAM is left out of pyemu's core dumps (madvise MADV_DONTDUMP), as in QEMU."""
+    memory_backend: str | None = None
+    """``memory-backend=ID``: the ``-object memory-backend-*`` that holds guest RAM (system.memory_backend)."""
 
     def __post_init__(self) -> None:
         if self.usb:
@@ -140,6 +142,10 @@ class VmConfig:
     machine: MachineOptions = MachineOptions()
     accel: tuple[str, ...] = ("tcg",)
     ram_size: int = 512 << 20
+    ram_backend: str = "ram"
+    """The host memory behind guest RAM (:data:`pyemu.system.memory.RAM_BACKENDS`; ``-machine memory-backend=``)."""
+    ram_sealed: bool = False
+    """A memfd backend sealed against resizing (``memory-backend-memfd,seal=on``)."""
     vcpus: int = 1
     kernel: str | None = None
     initrd: str | None = None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import struct
@@ -107,7 +108,8 @@ class GuestMemory:
     :meth:`write`.
     """
 
-    def __init__(self, layout: list[tuple[int, int]], *, name: str = "pyemu-ram", backend: str = "ram") -> None:
+    def __init__(self, layout: list[tuple[int, int]], *, name: str = "pyemu-ram", backend: str = "ram",
+                 seal: bool = False) -> None:
         if backend not in RAM_BACKENDS:
             raise ConfigError(f"unknown guest RAM backend {backend!r} (expected {', '.join(RAM_BACKENDS)})")
         regions: list[RamRegion] = []
@@ -131,8 +133,10 @@ class GuestMemory:
         from its first huge-page boundary (kernels before 6.7 do not align large anonymous mappings)."""
         try:
             if backend == "memfd":
-                self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+                self.fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if seal else 0))
                 os.ftruncate(self.fd, offset)
+                if seal:  # no resizing, ever (QEMU's memory-backend-memfd,seal=on); holes may still be punched
+                    fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
                 self._mmap = mmap.mmap(self.fd, offset, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             else:
                 self._mmap = mmap.mmap(-1, offset + HUGE_PAGE, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE)

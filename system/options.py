@@ -17,6 +17,7 @@ from pyemu.system import log
 from pyemu.system.cpu_options import CpuOptions, cpu_help
 from pyemu.system.global_options import GlobalProp, parse_global
 from pyemu.system.host_options import BootOptions, OvercommitOptions
+from pyemu.system.memory_backend import MEMORY_BACKEND_TYPES, machine_memory, parse_memory_backend
 from pyemu.system.messages import MsgOptions
 from pyemu.system.rtc_options import RtcOptions
 from pyemu.system.topology import SMP_KEYS, SmpTopology, parse_count, resolve_topology
@@ -33,7 +34,8 @@ class OptionSpec:
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("machine", True, "select the board and its options: microvm[,acpi=on|off][,pit=on|off]"
                "[,pic=on|off][,rtc=on|off][,isa-serial=on|off][,auto-kernel-cmdline=on|off]"
-               "[,dump-guest-core=on|off][,x-option-roms=on|off (no firmware: no effect)][,usb=off]",
+               "[,dump-guest-core=on|off][,memory-backend=ID][,x-option-roms=on|off (no firmware: no effect)]"
+               "[,usb=off]",
                "type[,prop=value...]"),
     OptionSpec("M", True, "same as -machine", "type[,prop=value...]"),
     OptionSpec("accel", True, "accelerator: tcg, kvm, or a fallback list kvm:tcg", "name[:name...]"),
@@ -59,7 +61,8 @@ OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec("drive", True, "a disk image: file=PATH[,format=raw][,if=none|virtio][,id=ID][,readonly=on]"
                "[,cache=writeback|writethrough|none|directsync|unsafe][,discard=ignore|unmap]", "option[,option...]"),
     OptionSpec("object", True, "a backend object: iothread,id=ID | rng-random,id=ID,filename=PATH | "
-               "secret,id=ID,data=TEXT|file=PATH[,format=raw|base64] | throttle-group,id=ID,x-iops-total=N,...",
+               "secret,id=ID,data=TEXT|file=PATH[,format=raw|base64] | throttle-group,id=ID,x-iops-total=N,... | "
+               "memory-backend-ram,id=ID,size=SIZE[,share=on|off] | memory-backend-memfd,id=ID,size=SIZE[,seal=on|off]",
                "type,id=ID[,prop=value...]"),
     OptionSpec("chardev", True, "a character backend: socket|file|stdio|pty|null,id=ID[,...]",
                "backend,id=ID[,prop=value...]"),
@@ -168,7 +171,7 @@ def help_text() -> str:
 def _machine(value: str) -> tuple[MachineOptions, tuple[str, ...] | None]:
     """Parse -machine; returns the options and the accelerator list from ``accel=`` if given."""
     head, props = split_props(value, "-machine", implied="type")
-    kwargs: dict[str, bool | None] = {}
+    kwargs: dict[str, bool | str | None] = {}
     accel: tuple[str, ...] | None = None
     known = {"acpi": "acpi", "pit": "pit", "pic": "pic", "rtc": "rtc", "isa-serial": "isa_serial"}
     for key, val in props:
@@ -181,6 +184,8 @@ def _machine(value: str) -> tuple[MachineOptions, tuple[str, ...] | None]:
                 kwargs[known[key]] = parse_on_off(val, key)
         elif key == "accel":
             accel = _accel(val)
+        elif key == "memory-backend":
+            kwargs["memory_backend"] = val
         elif key in _MACHINE_BOOLS:
             kwargs[_MACHINE_BOOLS[key]] = parse_on_off(val, key)
         else:
@@ -193,6 +198,19 @@ def _machine(value: str) -> tuple[MachineOptions, tuple[str, ...] | None]:
 
 _MACHINE_BOOLS = {"x-option-roms": "x_option_roms", "auto-kernel-cmdline": "auto_kernel_cmdline", "usb": "usb",
                   "dump-guest-core": "dump_guest_core"}
+
+
+def _memory_backends(values: dict[str, object], objects: list[ObjectOptions]) -> None:
+    """Check every ``-object memory-backend-*``; the one ``-machine memory-backend=`` names gives guest RAM
+    its size (unless ``-m`` did, which must then agree) and its kind of host memory."""
+    for entry in objects:
+        if entry.type in MEMORY_BACKEND_TYPES:
+            parse_memory_backend(entry)
+    machine = values.get("machine")
+    if isinstance(machine, MachineOptions) and machine.memory_backend is not None:
+        ram_size = values.get("ram_size")
+        backend = machine_memory(machine.memory_backend, objects, ram_size if isinstance(ram_size, int) else None)
+        values.update(ram_size=backend.size, ram_backend=backend.kind, ram_sealed=backend.seal)
 
 
 def _accel(value: str) -> tuple[str, ...]:
@@ -513,6 +531,7 @@ def parse_args(argv: list[str]) -> VmConfig:
         values["machine"] = machine
         if machine_accel is not None:
             values.setdefault("accel", machine_accel)
+    _memory_backends(values, backends["object"])
     topology = values.get("topology")
     if isinstance(topology, SmpTopology):
         values["vcpus"] = topology.cpus

@@ -481,3 +481,63 @@ def test_nodefaults_drops_the_default_serial_port() -> None:
     assert parse_args([]).serial_specs() == ("stdio",)
     assert parse_args(["-nodefaults"]).serial_specs() == ()
     assert parse_args(["-nodefaults", "-serial", "null"]).serial_specs() == ("null",)
+
+
+# -- -object memory-backend-ram|memfd + -machine memory-backend= --------------------------------------------
+
+def test_memory_backend_gives_guest_ram_its_size_and_kind(spin_kernel):
+    config = parse_args(["-object", "memory-backend-memfd,id=mem,size=64M", "-M", "microvm,memory-backend=mem",
+                         "-kernel", spin_kernel, "-serial", "null"])
+    assert (config.ram_size, config.ram_backend, config.ram_sealed) == (64 << 20, "memfd", True)
+    machine = build_board(config, spin_kernel)
+    try:
+        memory = machine.memory
+        assert memory.backend == "memfd" and memory.total_size == 64 << 20 and memory.fd >= 0
+        with pytest.raises(OSError):  # sealed: the memfd cannot grow under the guest
+            os.ftruncate(memory.fd, 128 << 20)
+        memory.write(0x1000, b"shared")
+        assert os.pread(memory.fd, 6, 0x1000) == b"shared"  # what another process mapping the fd would see
+    finally:
+        machine.close()
+
+
+def test_default_and_ram_backend_are_private_anonymous_memory(spin_kernel):
+    default = parse_args(["-kernel", spin_kernel, "-m", "32"])
+    assert default.ram_backend == "ram"
+    config = parse_args(["-m", "32M", "-object", "memory-backend-ram,id=pc.ram,size=32M",
+                         "-machine", "memory-backend=pc.ram", "-kernel", spin_kernel, "-serial", "null"])
+    assert (config.ram_size, config.ram_backend) == (32 << 20, "ram")
+    machine = build_board(config, spin_kernel)
+    try:
+        assert machine.memory.backend == "ram" and machine.memory.fd == -1
+    finally:
+        machine.close()
+    shared = parse_args(["-object", "memory-backend-ram,id=m,size=32M,share=on", "-M", "memory-backend=m"])
+    assert (shared.ram_backend, shared.ram_sealed) == ("memfd", False)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["-M", "microvm,memory-backend=foo"], "Memory backend 'foo' not found"),
+    (["-object", "iothread,id=m", "-M", "memory-backend=m"], "Memory backend 'm' not found"),
+    (["-object", "memory-backend-ram,id=m,size=256M", "-M", "memory-backend=m", "-m", "512M"],
+     "Machine memory size does not match the size of the memory backend"),
+    (["-object", "memory-backend-ram,id=m"], "-object memory-backend-ram,id=m: Parameter 'size' is missing"),
+    (["-object", "memory-backend-ram,id=m,size=32M,bogus=1"], "Invalid parameter 'bogus'"),
+    (["-object", "memory-backend-ram,id=m,size=32M,prealloc=on"], "prealloc=on is not supported by pyemu"),
+    (["-object", "memory-backend-memfd,id=m,size=32M,hugetlb=on"], "hugetlb=on is not supported by pyemu"),
+    (["-object", "memory-backend-memfd,id=m,size=32M,share=off"], "share=off is not supported by pyemu"),
+    (["-object", "memory-backend-ram,id=m,size=32M,seal=on"], "Invalid parameter 'seal'"),
+    (["-object", "memory-backend-ram,id=m,size=lots"], "invalid size 'lots'"),
+    (["-object", "memory-backend-ram,id=m,size=0"], "can't create backend with size 0"),
+])
+def test_memory_backend_mistakes_get_qemus_messages(args, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_args(args)
+
+
+def test_memory_backend_on_the_command_line(spin_kernel):
+    """The whole path, as a user runs it: pyemu starts (paused) with a memfd backend, and refuses a wrong one."""
+    bad = pyemu("-object", "memory-backend-ram,id=m,size=64M", "-M", "microvm,memory-backend=m", "-m", "32M",
+                "-kernel", spin_kernel, "-nographic", "-S")
+    assert bad.returncode == 1 and "Machine memory size does not match" in bad.stderr
+    assert "Traceback" not in bad.stderr
