@@ -47,7 +47,8 @@ Everything is bounded in time: a boot that does not reach the shell, or a consol
 ends the session; a new session (at most 2 retries, as in boot.py) collects the samples still missing and
 the failure is recorded. The host's load average is recorded with every sample (the machine is shared).
 
-Results: a table (pyemu, QEMU, ratio pyemu/QEMU of the medians, median paired ratio) and ``benchmarks/results/virtio.json``.
+Results: a table (pyemu, QEMU, ratio pyemu/QEMU of the medians, median paired ratio) and
+``benchmarks/results/virtio.json``.
 
 Usage: python benchmarks/virtio.py [--quick] [--reps 3] [--rounds 1] [--vms pyemu,qemu] [--no-net] [--only FIG,...] [--tsc-khz N]
 """
