@@ -111,6 +111,24 @@ def test_round_trip_restores_devices_cpu_clock_and_ram(saved: tuple[bytes, dict]
     assert machine.memory.read_u32(COUNTER_ADDR) >= 1000
 
 
+def test_a_stream_moves_between_ram_backends(saved: tuple[bytes, dict], kernel: Path) -> None:
+    """The source's RAM is anonymous memory (the default); a destination whose RAM is a memfd
+    (``-object memory-backend-memfd``) gets the same bytes: the stream carries pages, not the backend."""
+    data, expected = saved
+    vm = pyemu.VM("-kernel", str(kernel), *BASE, "-object", "memory-backend-memfd,id=mem,size=32M",
+                  "-machine", "memory-backend=mem", "-incoming", "defer")
+    vm.start()
+    try:
+        machine = machine_of(vm)
+        assert machine.memory.backend == "memfd" and machine.memory.fd >= 0
+        load(vm, data)
+        assert machine.memory.read(0, 32 << 20) == expected["ram"]
+    finally:
+        vm.quit()
+        vm.wait(30)
+        vm.close()
+
+
 def test_zero_pages_are_skipped_and_sections_bounded(saved: tuple[bytes, dict]) -> None:
     data, _ = saved
     assert len(data) < 1 << 20  # 32 MiB of RAM, almost all zero
