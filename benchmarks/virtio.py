@@ -654,13 +654,6 @@ def run_round(contenders: list[Contender], figures: list[str], workdir: Path, ro
                 end_session(c)
 
 
-def run_vm(label: str, argv: list[str], plan: Plan, figures: list[str], workdir: Path) -> VmResult:
-    """One VM alone: boot ``argv`` and collect ``plan.reps`` samples of every figure (see :func:`run_round`)."""
-    contender = Contender(label, argv, plan, VmResult())
-    run_round([contender], figures, workdir)
-    return contender.result
-
-
 def paired_ratios(results: dict[str, VmResult], name: str) -> list[float]:
     """pyemu / QEMU for each pair of samples of ``name`` taken back to back (same round and repetition)."""
     if "pyemu" not in results or "qemu" not in results:

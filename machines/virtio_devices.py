@@ -36,6 +36,7 @@ from pyemu.machines import memmap
 from pyemu.machines.device_props import PropReader
 from pyemu.system.chardev_registry import ChardevRegistry
 from pyemu.system.config import DeviceOptions, ObjectOptions, VmConfig
+from pyemu.system.memory_backend import MEMORY_BACKEND_TYPES
 
 if TYPE_CHECKING:
     # The device, transport and I/O-thread modules are imported by the first device that needs them: a
@@ -303,8 +304,8 @@ class VirtioPlugger:
                 options = parse_iothread(entry.id, entry.props)
                 self.iothreads[entry.id] = IoThread(entry.id, poll_max_ns=options.poll_max_ns,
                                                     poll_grow=options.poll_grow, poll_shrink=options.poll_shrink)
-            elif entry.type not in ("rng-random", "secret", "throttle-group", "memory-backend-ram",
-                                    "memory-backend-memfd"):  # system.objects, system.memory_backend
+            elif entry.type not in ("rng-random", "secret", "throttle-group", *MEMORY_BACKEND_TYPES):
+                # secret, throttle-group: system.objects; memory backends: system.memory_backend
                 raise ConfigError(f"-object: invalid object type: {entry.type}", option="-object")
         try:
             self.backends.open_blockdevs()

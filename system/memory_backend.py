@@ -12,7 +12,7 @@ What pyemu cannot do is refused with a clear line: ``hugetlb=on`` (hugetlbfs pag
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from pyemu.errors import ConfigError
 from pyemu.system.config import ObjectOptions, parse_on_off, parse_size
@@ -73,14 +73,16 @@ def parse_memory_backend(entry: ObjectOptions) -> MemoryBackend:
     return MemoryBackend(entry.id, size, "memfd" if share else "ram")
 
 
-def machine_memory(backend_id: str, objects: Sequence[ObjectOptions], ram_size: int | None) -> MemoryBackend:
-    """The backend ``-machine memory-backend=ID`` names, checked against ``-m`` (None: not given, the
-    backend's size is the machine's)."""
-    for entry in objects:
-        if entry.id == backend_id and entry.type in MEMORY_BACKEND_TYPES:
-            backend = parse_memory_backend(entry)
-            break
-    else:
+def parse_memory_backends(objects: Sequence[ObjectOptions]) -> dict[str, MemoryBackend]:
+    """Every ``-object memory-backend-*`` entry, checked, by id."""
+    return {entry.id: parse_memory_backend(entry) for entry in objects if entry.type in MEMORY_BACKEND_TYPES}
+
+
+def machine_memory(backend_id: str, backends: Mapping[str, MemoryBackend], ram_size: int | None) -> MemoryBackend:
+    """The backend ``-machine memory-backend=ID`` names (of :func:`parse_memory_backends`), checked against
+    ``-m`` (None: not given, the backend's size is the machine's)."""
+    backend = backends.get(backend_id)
+    if backend is None:
         raise ConfigError(f"Memory backend '{backend_id}' not found", option="-machine")
     if ram_size is not None and ram_size != backend.size:
         raise ConfigError("Machine memory size does not match the size of the memory backend", option="-machine")

@@ -17,7 +17,7 @@ from pyemu.system import log
 from pyemu.system.cpu_options import CpuOptions, cpu_help
 from pyemu.system.global_options import GlobalProp, parse_global
 from pyemu.system.host_options import BootOptions, OvercommitOptions
-from pyemu.system.memory_backend import MEMORY_BACKEND_TYPES, machine_memory, parse_memory_backend
+from pyemu.system.memory_backend import machine_memory, parse_memory_backends
 from pyemu.system.messages import MsgOptions
 from pyemu.system.rtc_options import RtcOptions
 from pyemu.system.topology import SMP_KEYS, SmpTopology, parse_count, resolve_topology
@@ -203,13 +203,11 @@ _MACHINE_BOOLS = {"x-option-roms": "x_option_roms", "auto-kernel-cmdline": "auto
 def _memory_backends(values: dict[str, object], objects: list[ObjectOptions]) -> None:
     """Check every ``-object memory-backend-*``; the one ``-machine memory-backend=`` names gives guest RAM
     its size (unless ``-m`` did, which must then agree) and its kind of host memory."""
-    for entry in objects:
-        if entry.type in MEMORY_BACKEND_TYPES:
-            parse_memory_backend(entry)
+    backends = parse_memory_backends(objects)
     machine = values.get("machine")
     if isinstance(machine, MachineOptions) and machine.memory_backend is not None:
         ram_size = values.get("ram_size")
-        backend = machine_memory(machine.memory_backend, objects, ram_size if isinstance(ram_size, int) else None)
+        backend = machine_memory(machine.memory_backend, backends, ram_size if isinstance(ram_size, int) else None)
         values.update(ram_size=backend.size, ram_backend=backend.kind, ram_sealed=backend.seal)
 
 
