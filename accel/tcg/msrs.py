@@ -3,7 +3,8 @@
 Guest RDMSR/WRMSR cannot be hooked in Unicorn 2.1.4: they execute inside the engine's own
 ``helper_rdmsr``/``helper_wrmsr`` (QEMU 5.0 code). Measured (DESIGN.md): the core implements EFER,
 STAR/LSTAR/CSTAR/FMASK, FS/GS/KERNEL_GS bases, PAT, TSC_AUX and the SYSENTER MSRs; unknown MSRs read 0
-and ignore writes instead of raising #GP; IA32_APIC_BASE and MISC_ENABLE always read 0. Consequences
+and ignore writes instead of raising #GP; IA32_APIC_BASE always reads 0 and Unicorn's reset zeroes
+MISC_ENABLE (pyemu sets its reset value, :data:`RESET_MISC_ENABLE`). Consequences
 under TCG: no x2APIC, no TSC-deadline timer, no kvmclock (CPUID does not offer them, see
 :mod:`pyemu.accel.tcg.io_hooks`); the LAPIC is an xAPIC MMIO device at 0xfee00000 on the board's bus.
 
@@ -53,9 +54,24 @@ What differs from hardware: a guest that writes the MSR to move its TSC sees no 
 IA32_TSC. unicorn-engine/unicorn PR #2298 (merged 2026-07, in no release yet: 2.1.4 is the newest on PyPI)
 makes RDMSR/WRMSR hookable; with it, the MSR becomes a per-vCPU addend to the guest TSC offset."""
 
+MSR_IA32_MISC_ENABLE = 0x1A0
+MISC_ENABLE_FAST_STRING = 1 << 0
+
+RESET_MISC_ENABLE = MISC_ENABLE_FAST_STRING
+"""What IA32_MISC_ENABLE holds when a software-CPU vCPU is created: fast strings on, QEMU's reset value
+(``MSR_IA32_MISC_ENABLE_DEFAULT``) and what firmware leaves on hardware.
+
+Why pyemu writes it: QEMU 5.0's CPU reset sets this value, but Unicorn's register reset
+(``x86_reg_reset``) zeroes the MSR afterwards, and Linux 6.1 reads a family-6 Intel CPU without the bit as
+one whose firmware turned fast strings off: it prints "Disabled fast string operations" and clears
+REP_GOOD and ERMS, so ``clear_page``/``memcpy`` take the unrolled loops instead of ``rep stosq``/``rep
+movsq``, unlike on hardware or under QEMU with the same CPU model. The engine implements the MSR itself
+(RDMSR/WRMSR read and write ``env->msr_ia32_misc_enable`` on both libraries), so the value only needs
+setting once, and it travels in :data:`SAVED_MSRS` like the guest's other MSRs."""
+
 SAVED_MSRS = (
     MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP, MSR_IA32_PAT,
-    MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK, MSR_KERNEL_GS_BASE, MSR_TSC_AUX,
+    MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK, MSR_KERNEL_GS_BASE, MSR_TSC_AUX, MSR_IA32_MISC_ENABLE,
 )
 """MSRs ``save_state`` reports (FS/GS bases travel in the segment registers, EFER in ``state.efer``)."""
 

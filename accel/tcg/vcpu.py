@@ -77,7 +77,7 @@ from pyemu.accel.tcg.memory_map import PhysicalMap
 from pyemu.accel.tcg.mmio_notify import MmioNotifiers
 from pyemu.accel.tcg.engine_delivery import EngineDelivery
 from pyemu.accel.tcg.engine_lifetime import free_when_collected_only
-from pyemu.accel.tcg.msrs import set_arch_capabilities
+from pyemu.accel.tcg.msrs import MSR_IA32_MISC_ENABLE, RESET_MISC_ENABLE, set_arch_capabilities
 from pyemu.accel.tcg.paging import PagingRegs
 from pyemu.accel.tcg.physmem import GuestPhysical
 from pyemu.accel.tcg.scheduler import RoundRobin
@@ -150,6 +150,7 @@ class TcgVcpu:
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)
         set_arch_capabilities(self._gate.library, self._uc._uch, cpuid.has("arch_capabilities"))
+        self._uc.msr_write(MSR_IA32_MISC_ENABLE, RESET_MISC_ENABLE)
         self._gate.watch_nmi_mask(self._io.guard.env + layout.hflags2 - layout.gpr["rax"])
         if self._tlb is not None:
             self._tlb.watch_pkru(self._io.guard.env + layout.pkru - layout.gpr["rax"])

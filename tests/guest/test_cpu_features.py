@@ -17,7 +17,9 @@ from pyemu.accel.tcg.msrs import (
     ARCH_CAP_ITS_NO,
     ARCH_CAP_MDS_NO,
     ARCH_CAP_RDCL_NO,
+    MISC_ENABLE_FAST_STRING,
     MSR_IA32_ARCH_CAPABILITIES,
+    MSR_IA32_MISC_ENABLE,
     SOFTWARE_CPU_ARCH_CAPABILITIES,
 )
 from pyemu.system.cpu_options import CpuOptions
@@ -310,6 +312,29 @@ def test_arch_capabilities_msr_reads_zero_where_cpuid_does_not_offer_it() -> Non
     result = run_max(_arch_capabilities_program(), model="qemu64")
     assert not result.u32("data", 0) >> 29 & 1
     assert result.u64("data", 1) == 0
+
+
+@pytest.mark.parametrize("model", ["max", "qemu64"])
+def test_misc_enable_starts_with_fast_strings_and_keeps_guest_writes(model: str) -> None:
+    """IA32_MISC_ENABLE reads QEMU's reset value (fast strings on) although Unicorn's reset zeroes it: a
+    family-6 Intel guest that reads 0 turns REP_GOOD/ERMS off. A guest's write reads back."""
+    result = run_max(GuestProgram(f"""
+        mov rdi, data
+        mov ecx, {MSR_IA32_MISC_ENABLE:#x}
+        rdmsr
+        shl rdx, 32
+        or rax, rdx
+        mov [rdi], rax
+        or eax, 1 << 22
+        wrmsr
+        rdmsr
+        shl rdx, 32
+        or rax, rdx
+        mov [rdi + 8], rax
+        {exit_with(OK)}
+    """), model=model)
+    assert result.u64("data", 0) == MISC_ENABLE_FAST_STRING
+    assert result.u64("data", 1) == MISC_ENABLE_FAST_STRING | 1 << 22
 
 
 def test_fsgsbase_instructions_need_cr4_fsgsbase() -> None:
