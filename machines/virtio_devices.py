@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from pyemu.hw.virtio.mmio import VirtioMmio
     from pyemu.system.event_notifier import EventNotifier
     from pyemu.system.iothread import IoThread
+    from pyemu.system.shared_word import SharedWord
 
 DEFAULT_IOTHREAD = "main-loop"
 
@@ -56,6 +57,8 @@ class NotifierAccelerator(Protocol):
     def bind_ioeventfd(self, notifier: EventNotifier, addr: int, length: int, datamatch: int) -> None: ...
 
     def irq_notifier(self, gsi: int) -> EventNotifier: ...
+
+    def bind_interrupt_status(self, addr: int, word: SharedWord) -> bool: ...
 
 
 @dataclass
@@ -385,10 +388,13 @@ class VirtioPlugger:
 
     def _bind_notifiers(self, transport: VirtioMmio, base: int) -> None:
         bind = getattr(self._accel, "bind_ioeventfd", None)
-        if bind is None:
-            return
-        for offset, value, notifier in transport.queue_notifiers():
-            bind(notifier, base + offset, 4, value)
+        if bind is not None:
+            for offset, value, notifier in transport.queue_notifiers():
+                bind(notifier, base + offset, 4, value)
+        bind_status = getattr(self._accel, "bind_interrupt_status", None)
+        if bind_status is not None:
+            offset, word = transport.interrupt_status_word()
+            bind_status(base + offset, word)
 
     def start(self) -> None:
         for thread in self.iothreads.values():

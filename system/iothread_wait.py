@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import ModuleType
 
-from pyemu.system import log
-from pyemu.system.native import NativeBuildError, load_native
+from pyemu.system.native import OptionalNative
 
 CDEF = """
 int pyemu_iothread_wait(int epfd, const intptr_t *flags, int count, uint64_t spin_ns, int timeout_ms,
@@ -30,25 +28,14 @@ Waiter = Callable[[int, Sequence[int], int], tuple[list[int], int]]
 set for up to ``spin_ns``, then sleep until one of its descriptors is ready; returns the ready descriptors
 (empty after a signal) and the nanoseconds the wait took."""
 
-_module: ModuleType | None = None
-_unavailable = False
-
-
-def _load() -> ModuleType | None:
-    global _module, _unavailable
-    if _module is None and not _unavailable:
-        try:
-            _module = load_native("iothread_wait", [SOURCE], CDEF, what="the I/O threads' wait")
-        except NativeBuildError as exc:
-            _unavailable = True
-            log.log("unimp", f"iothread: C wait unavailable, I/O threads neither spin nor defer wake-ups: {exc}")
-    return _module
+_module = OptionalNative("iothread_wait", [SOURCE], CDEF, what="the I/O threads' C wait",
+                         without="I/O threads neither spin nor defer wake-ups")
 
 
 def waiter() -> Waiter | None:
     """The C wait for one I/O thread (each thread needs its own: the buffers are per call site), or None
     when the module cannot be built."""
-    module = _load()
+    module = _module.get()
     if module is None:
         return None
     wait = module.lib.pyemu_iothread_wait

@@ -94,3 +94,28 @@ def _build(name: str, source: str, cdef: str, directory: Path, what: str) -> Pat
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return target
+
+
+class OptionalNative:
+    """A C module a feature can do without: built and loaded at the first :meth:`get`, or, where it cannot
+    be, None from then on (the reason logged once under ``-d unimp``, ``without`` saying what the process
+    does instead)."""
+
+    def __init__(self, prefix: str, sources: Sequence[Path], cdef: str, *, what: str, without: str) -> None:
+        self._args = (prefix, tuple(sources), cdef)
+        self._what = what
+        self._without = without
+        self._module: ModuleType | None = None
+        self._unavailable = False
+
+    def get(self) -> ModuleType | None:
+        if self._module is None and not self._unavailable:
+            prefix, sources, cdef = self._args
+            try:
+                self._module = load_native(prefix, sources, cdef, what=self._what)
+            except NativeBuildError as exc:
+                self._unavailable = True
+                from pyemu.system import log
+
+                log.log("unimp", f"{self._what} unavailable, {self._without}: {exc}")
+        return self._module

@@ -14,6 +14,7 @@ vCPU is created.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from pyemu.accel.dispatch import ExitDispatcher
 from pyemu.accel.tcg.calibration import calibrate
@@ -34,6 +35,9 @@ from pyemu.system.event_notifier import EventNotifier
 from pyemu.system.memory import GuestMemory
 from pyemu.target.x86.cpu_models import TCG_FEATURES
 from pyemu.target.x86.cpuid import CpuidTable
+
+if TYPE_CHECKING:
+    from pyemu.system.shared_word import SharedWord
 
 
 class TcgAccelerator:
@@ -111,6 +115,11 @@ class TcgAccelerator:
         """A guest write of ``datamatch`` (``length`` bytes) at MMIO ``addr`` signals ``notifier`` from the
         engine's C window callback: the vCPU does not enter Python for it."""
         self._notifier_table().bind(notifier, addr, length, datamatch)
+
+    def bind_interrupt_status(self, addr: int, word: SharedWord) -> bool:
+        """Guest reads of the virtio-mmio InterruptStatus register at MMIO ``addr`` and writes of InterruptACK
+        after it are served from ``word`` in the engine's C window callbacks; False if it cannot be."""
+        return self._notifier_table().bind_status(addr, word)
 
     @property
     def ioeventfd_hits(self) -> int:

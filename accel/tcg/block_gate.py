@@ -175,13 +175,19 @@ struct pyemu_mmio_notify {
     uint32_t value[64];
     int32_t fd[64];
     uint64_t hits;
+    uint32_t status_count;
+    uint64_t status_addr[64];
+    uint32_t *status_word[64];
+    uint64_t status_hits;
 };
 struct pyemu_mmio_window {
     uint64_t base;
     struct pyemu_mmio_notify *notify;
     void (*py_write)(void *uc, uint64_t offset, unsigned size, uint64_t value, void *key);
+    uint64_t (*py_read)(void *uc, uint64_t offset, unsigned size, void *key);
 };
 void pyemu_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t value, void *user_data);
+uint64_t pyemu_mmio_read(void *uc, uint64_t offset, unsigned size, void *user_data);
 """
 def load_gate_module() -> ModuleType:
     """Build (first use) and import the compiled gate; later calls return the loaded module."""

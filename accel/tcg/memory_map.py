@@ -102,9 +102,9 @@ class PhysicalMap:
 
     def _map_notifying_window(self, window: DeviceWindow, start: int, size: int,
                               notifiers: MmioNotifiers) -> None:
-        """``uc_mmio_map`` with the C write callback in front of ``window.write``. The Python callbacks are
-        wrapped as the binding's own ``mmio_map`` wraps them (an exception is kept and ``emu_start`` raises
-        it)."""
+        """``uc_mmio_map`` with the C callbacks in front of ``window.read`` and ``window.write``. The Python
+        callbacks are wrapped as the binding's own ``mmio_map`` wraps them (an exception is kept and
+        ``emu_start`` raises it)."""
         from unicorn.unicorn_py3.unicorn import MMIO_READ_CFUNC, MMIO_WRITE_CFUNC, uccallback, uclib
 
         binding: Any = self._uc
@@ -116,9 +116,12 @@ class PhysicalMap:
         state.notify = notifiers.state
         state.py_write = ffi.cast("void (*)(void *, uint64_t, unsigned, uint64_t, void *)",
                                   ctypes.cast(py_write, ctypes.c_void_p).value)
+        state.py_read = ffi.cast("uint64_t (*)(void *, uint64_t, unsigned, void *)",
+                                 ctypes.cast(py_read, ctypes.c_void_p).value)
         self._keep.extend((py_read, py_write, state))
-        status = uclib.uc_mmio_map(binding._uch, start, size, py_read, None,
-                                   native_function(notifiers.module, "pyemu_mmio_write"),
-                                   int(ffi.cast("uintptr_t", state)))
+        user = int(ffi.cast("uintptr_t", state))
+        status = uclib.uc_mmio_map(binding._uch, start, size,
+                                   native_function(notifiers.module, "pyemu_mmio_read"), user,
+                                   native_function(notifiers.module, "pyemu_mmio_write"), user)
         if status != 0:
             raise UcError(status)

@@ -32,6 +32,7 @@ from pyemu.hw.virtio.queue import Virtqueue
 from pyemu.system import log
 from pyemu.system.event_notifier import EventNotifier
 from pyemu.system.iothread import IoThread
+from pyemu.system.shared_word import SharedWord, shared_word
 
 MAGIC = 0x74726976  # "virt"
 VERSION = 2
@@ -117,6 +118,7 @@ class VirtioMmio:
         self._iothread = iothread
         self._lock = threading.RLock()
         self._irq_lock = threading.Lock()
+        self._status = shared_word()
         self.queues = [Virtqueue(i, size) for i, size in enumerate(device.queue_sizes)]
         self.notifiers = [EventNotifier(f"{name}-q{i}") for i in range(len(self.queues))]
         self.offered_features = device.device_features() | TRANSPORT_FEATURES
@@ -137,6 +139,21 @@ class VirtioMmio:
         self.queue_sel = 0
         self.interrupt_status = 0
 
+    @property
+    def interrupt_status(self) -> int:
+        """InterruptStatus: set by the I/O threads, cleared by the guest's InterruptACK (atomically on both
+        sides: under the software CPU the ACK may clear it in C, see :meth:`interrupt_status_word`)."""
+        return self._status.load()
+
+    @interrupt_status.setter
+    def interrupt_status(self, value: int) -> None:
+        self._status.store(value)
+
+    def interrupt_status_word(self) -> tuple[int, SharedWord]:
+        """``(offset of InterruptStatus, its word)``: an accelerator may serve reads of the register and
+        writes of InterruptACK (the next word) from the word itself, as it binds ioeventfds."""
+        return REG_INTERRUPT_STATUS, self._status
+
     # -- VirtioContext for the device ---------------------------------------------------------------------
     @property
     def driver_features(self) -> int:
@@ -156,7 +173,7 @@ class VirtioMmio:
 
     def _raise(self, bits: int) -> None:
         with self._irq_lock:
-            self.interrupt_status |= bits
+            self._status.set_bits(bits)
             self.interrupts += 1
         self._interrupt.trigger()
 
@@ -263,8 +280,7 @@ class VirtioMmio:
                 log.log("guest_errors", f"{self.name}: notify of nonexistent queue {value}")
             return
         if offset == REG_INTERRUPT_ACK:
-            with self._irq_lock:
-                self.interrupt_status &= ~value
+            self._status.clear_bits(value)
             return
         with self._lock:
             self._write_register(offset, value)

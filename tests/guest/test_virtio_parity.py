@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyemu.accel.exits import Stopped
@@ -33,6 +34,7 @@ RNG_BASE = 0xFEB00200
 BLK_GSI, RNG_GSI = 16, 17
 VECTOR = 0x41
 COUNTER = 0x48000
+SEEN = 0x49000  # the InterruptStatus value the driver read after each request
 BLK_RING, RNG_RING = 0x200000, 0x220000
 HEADER, DATA, STATUS, READBACK = 0x210000, 0x211000, 0x212000, 0x213000
 RNG_BUFFER = 0x230000
@@ -120,6 +122,8 @@ def offer_and_wait(base_reg: str, ring: int, slot: int, head: int, interrupts: i
         jmp {again}
     {done}:
         mov eax, dword ptr [{base_reg} + 0x60]
+        mov rbx, {SEEN + 4 * (interrupts - 1):#x}
+        mov dword ptr [rbx], eax
         mov dword ptr [{base_reg} + 0x64], eax
     """
 
@@ -200,11 +204,27 @@ def guest_program() -> GuestProgram:
     return GuestProgram(code=code, handlers={VECTOR: HANDLER})
 
 
-def run_with_devices(program: GuestProgram, accel: str, image: Path,
-                     bind: bool = True) -> tuple[int, bytes, object, int, int]:
+@dataclass
+class DeviceRun:
+    """What :func:`run_with_devices` saw: the exit value, a copy of guest RAM, the last exit; how many
+    QueueNotify writes and InterruptStatus/InterruptACK accesses reached the transports' Python; the
+    software CPU's ioeventfd hits and interrupt-status hits (served in C); each transport's InterruptStatus
+    at the end."""
+
+    result: int
+    ram: bytes
+    last_exit: object
+    notify_writes: int
+    status_accesses: int
+    hits: int
+    status_hits: int
+    final_status: list[int]
+
+
+def run_with_devices(program: GuestProgram, accel: str, image: Path, bind: bool = True) -> DeviceRun:
     """Run ``program`` with virtio-blk (on ``image``) and virtio-rng plugged in the way a board would for
-    ``accel`` (``bind``: kicks as ioeventfds); returns the exit value, a copy of guest RAM, the last exit,
-    the count of QueueNotify writes that reached the transports and the software CPU's ioeventfd hits."""
+    ``accel`` (``bind``: kicks as ioeventfds, and under the software CPU the interrupt status registers
+    served in C)."""
     controller = FakeInterruptController() if accel == "tcg" else None
     iothread = IoThread("parity")
     transports: list[VirtioMmio] = []
@@ -229,47 +249,62 @@ def run_with_devices(program: GuestProgram, accel: str, image: Path,
                 if bind:
                     for offset, value, notifier in transport.queue_notifiers():
                         accelerator.bind_ioeventfd(notifier, base + offset, 4, value)  # type: ignore[attr-defined]
+                    bind_status = getattr(accelerator, "bind_interrupt_status", None)
+                    if bind_status is not None:
+                        offset, word = transport.interrupt_status_word()
+                        assert bind_status(base + offset, word)
             iothread.start()
-            notify_writes = _count_notify_writes(transports)
+            counts = _count_register_accesses(transports)
             result, ram, last_exit = _run(machine, timeout=20.0)
-            hits = getattr(accelerator, "ioeventfd_hits", 0)
+            table = getattr(accelerator, "_mmio_notifiers", None)
+            run = DeviceRun(result, ram, last_exit, counts["notify"], counts["status"],
+                            getattr(accelerator, "ioeventfd_hits", 0),
+                            table.status_hits if table is not None else 0,
+                            [transport.interrupt_status for transport in transports])
         finally:
             iothread.stop()
             for transport in transports:
                 transport.close()
             iothread.close()
-    return result, ram, last_exit, notify_writes(), hits
+    return run
 
 
-def _check_guest_driver(accel: str, tmp_path: Path, bind: bool) -> tuple[int, int]:
-    """Run the guest driver; check what it read and wrote; the notify writes the transports saw and the
-    software CPU's ioeventfd hits."""
+def _check_guest_driver(accel: str, tmp_path: Path, bind: bool) -> DeviceRun:
+    """Run the guest driver; check what it read and wrote (each InterruptStatus it read says "used
+    buffer", and its ACK left every transport's status clear)."""
     image = tmp_path / "disk.img"
     host_sector = bytes(range(256)) * 2
     image.write_bytes(host_sector + bytes(1 << 20))
-    result, ram, last_exit, notify_writes, hits = run_with_devices(guest_program(), accel, image, bind)
+    run = run_with_devices(guest_program(), accel, image, bind)
+    result, ram, last_exit = run.result, run.ram, run.last_exit
     assert result == 0x600D, f"guest exit {result:#x} after {last_exit!r}"
+    assert struct.unpack("<3I", ram[SEEN : SEEN + 12]) == (1, 1, 1)
+    assert run.final_status == [0, 0]
     disk = image.read_bytes()
     assert disk[2 * 512 : 3 * 512] == bytes([PATTERN]) * 512
     assert ram[READBACK : READBACK + 512] == host_sector
     assert ram[RNG_BUFFER : RNG_BUFFER + 64] != bytes(64)
     interrupts = struct.unpack("<I", ram[COUNTER : COUNTER + 4])[0]
     assert interrupts >= 3  # the guest waited for one per request
-    return notify_writes, hits
+    return run
 
 
 def test_guest_driver_parity(accel: str, tmp_path: Path) -> None:
-    notify_writes, hits = _check_guest_driver(accel, tmp_path, bind=True)
-    assert notify_writes == 0, "a queue kick reached the transport although it was bound as an ioeventfd"
+    run = _check_guest_driver(accel, tmp_path, bind=True)
+    assert run.notify_writes == 0, "a queue kick reached the transport although it was bound as an ioeventfd"
     if accel == "tcg":
-        assert hits == 3  # one kick per request, each signalled by the engine's C callback
+        assert run.hits == 3  # one kick per request, each signalled by the engine's C callback
+        # One InterruptStatus read and one InterruptACK write per request, both served in C.
+        assert (run.status_hits, run.status_accesses) == (6, 0)
+    else:
+        assert run.status_accesses == 6  # KVM exits to the transport's Python for both
 
 
 def test_unbound_kicks_reach_the_transport(tmp_path: Path) -> None:
     """Without ioeventfds (a board that does not bind them, a full table) the software CPU's kick is an
-    ordinary MMIO write the transport serves."""
-    notify_writes, hits = _check_guest_driver("tcg", tmp_path, bind=False)
-    assert (notify_writes, hits) == (3, 0)
+    ordinary MMIO write the transport serves, and so are the interrupt status registers."""
+    run = _check_guest_driver("tcg", tmp_path, bind=False)
+    assert (run.notify_writes, run.hits, run.status_accesses, run.status_hits) == (3, 0, 6, 0)
 
 
 CODE_PAGE = 0x300000
@@ -309,8 +344,8 @@ def test_disk_read_over_executed_code_runs_the_new_code(accel: str, tmp_path: Pa
         or rax, r12
         {exit_with("eax")}
     """, handlers={VECTOR: HANDLER})
-    result, _ram, last_exit, _, _ = run_with_devices(program, accel, image)
-    assert result == 0x102, f"guest exit {result:#x} after {last_exit!r}"
+    run = run_with_devices(program, accel, image)
+    assert run.result == 0x102, f"guest exit {run.result:#x} after {run.last_exit!r}"
 
 
 class _VectorInterrupt:
@@ -323,17 +358,27 @@ class _VectorInterrupt:
         self._controller.raise_vector(self._vector)
 
 
-def _count_notify_writes(transports: list[VirtioMmio]):  # type: ignore[no-untyped-def]
-    counts = [0]
+def _count_register_accesses(transports: list[VirtioMmio]) -> dict[str, int]:
+    """Counts, live, the QueueNotify writes and the InterruptStatus reads / InterruptACK writes that reach
+    the transports' Python."""
+    counts = {"notify": 0, "status": 0}
     for transport in transports:
-        original = transport.write
+        write, read = transport.write, transport.read
 
-        def counting(offset: int, size: int, value: int, _original=original) -> None:
+        def counting_write(offset: int, size: int, value: int, _write=write) -> None:  # type: ignore[no-untyped-def]
             if offset == 0x50:
-                counts[0] += 1
-            _original(offset, size, value)
-        transport.write = counting  # type: ignore[method-assign]
-    return lambda: counts[0]
+                counts["notify"] += 1
+            elif offset == 0x64:
+                counts["status"] += 1
+            _write(offset, size, value)
+
+        def counting_read(offset: int, size: int, _read=read) -> int:  # type: ignore[no-untyped-def]
+            if offset == 0x60:
+                counts["status"] += 1
+            return _read(offset, size)
+        transport.write = counting_write  # type: ignore[method-assign]
+        transport.read = counting_read  # type: ignore[method-assign]
+    return counts
 
 
 def _run(machine, timeout: float) -> tuple[int, bytes, object]:  # type: ignore[no-untyped-def]

@@ -101,7 +101,7 @@ def epoll_with_pipe():
 
 def test_the_c_wait_sets_every_flag_before_it_waits(epoll_with_pipe) -> None:
     poller, ready_r, ready_w = epoll_with_pipe
-    module = iothread_wait._load()
+    module = iothread_wait._module.get()
     assert module is not None
     flags = module.ffi.new("int32_t[3]")
     addresses = [int(module.ffi.cast("intptr_t", flags + i)) for i in range(3)]
