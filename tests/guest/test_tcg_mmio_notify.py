@@ -9,11 +9,14 @@ import pytest
 
 from pyemu.accel.tcg.block_gate import load_gate_module
 from pyemu.accel.tcg.errors import TcgError
-from pyemu.accel.tcg.mmio_notify import SLOTS, MmioNotifiers
+from pyemu.accel.tcg.mmio_notify import SLOTS, STATUS_SLOTS, MmioNotifiers
 from pyemu.system.event_notifier import EventNotifier
+from pyemu.system.shared_word import LockedWord, shared_word
 
 BASE = 0xD000_0000
 NOTIFY = BASE + 0x50
+STATUS = BASE + 0x60
+ACK = BASE + 0x64
 
 
 class Window:
@@ -33,9 +36,20 @@ class Window:
         self.state.base = base
         self.state.notify = table.state
         self.state.py_write = py_write
+        self.python_reads: list[tuple[int, int]] = []
+
+        @self.ffi.callback("uint64_t (*)(void *, uint64_t, unsigned, void *)")
+        def py_read(_uc: Any, offset: int, size: int, _key: Any) -> int:
+            self.python_reads.append((offset, size))
+            return 0xABCD
+        self._py_read = py_read
+        self.state.py_read = py_read
 
     def write(self, addr: int, size: int, value: int) -> None:
         self.lib.pyemu_mmio_write(self.ffi.NULL, addr - self.state.base, size, value, self.state)
+
+    def read(self, addr: int, size: int) -> int:
+        return int(self.lib.pyemu_mmio_read(self.ffi.NULL, addr - self.state.base, size, self.state))
 
 
 @pytest.fixture
@@ -114,3 +128,44 @@ def test_only_four_byte_registers_can_be_bound(table: MmioNotifiers) -> None:
             table.bind(queue0, NOTIFY, 2, 0)
     finally:
         queue0.close()
+
+
+def test_interrupt_status_is_read_and_acknowledged_in_c(table: MmioNotifiers) -> None:
+    word = shared_word()
+    assert table.bind_status(STATUS, word)
+    window = Window(table)
+    word.set_bits(0b11)                     # a used buffer and a config change (the I/O thread's side)
+    assert window.read(STATUS, 4) == 0b11
+    window.write(ACK, 4, 0b01)              # the driver acknowledges the used buffer only
+    assert word.load() == 0b10
+    window.write(ACK, 4, 0xFFFF_FFFF)
+    assert word.load() == 0 and window.read(STATUS, 4) == 0
+    assert window.python_reads == [] and window.python_writes == []
+    assert table.status_hits == 4  # two reads, two acknowledgements
+
+
+def test_other_status_accesses_reach_python(table: MmioNotifiers) -> None:
+    word = shared_word()
+    table.bind_status(STATUS, word)
+    word.set_bits(1)
+    window = Window(table)
+    assert window.read(STATUS, 2) == 0xABCD     # not the 4-byte register: the device logs it
+    assert window.read(ACK, 4) == 0xABCD        # InterruptACK is write-only: the device answers
+    assert window.read(BASE + 0x70, 4) == 0xABCD
+    window.write(STATUS, 4, 1)                  # InterruptStatus is read-only
+    window.write(ACK, 2, 1)
+    assert window.python_reads == [(0x60, 2), (0x64, 4), (0x70, 4)]
+    assert window.python_writes == [(0x60, 4, 1), (0x64, 2, 1)]
+    assert word.load() == 1 and table.status_hits == 0
+
+
+def test_status_bindings_end_at_close_and_when_the_table_is_full(table: MmioNotifiers) -> None:
+    words = [shared_word() for _ in range(STATUS_SLOTS + 1)]
+    bound = [table.bind_status(BASE + 0x1000 * i + 0x60, w) for i, w in enumerate(words)]
+    assert bound == [True] * STATUS_SLOTS + [False]
+    assert not table.bind_status(STATUS + 0x100000, LockedWord())   # no C address: Python serves it
+    window = Window(table)
+    words[0].set_bits(1)
+    assert window.read(STATUS, 4) == 1
+    table.close()
+    assert window.read(STATUS, 4) == 0xABCD and window.python_reads == [(0x60, 4)]
