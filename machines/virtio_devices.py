@@ -52,7 +52,8 @@ DEFAULT_IOTHREAD = "main-loop"
 
 
 class NotifierAccelerator(Protocol):
-    """What an accelerator may offer for event notifiers (KVM does, the software CPU does not)."""
+    """What an accelerator may offer so that virtio registers bypass Python: ioeventfds (both), irqfds (KVM)
+    and the interrupt status registers served from the device's shared word (the software CPU)."""
 
     def bind_ioeventfd(self, notifier: EventNotifier, addr: int, length: int, datamatch: int) -> None: ...
 

@@ -10,9 +10,11 @@ Threads and locks -- why three:
   queue: under KVM the kernel signals it directly (an ioeventfd on QueueNotify, :meth:`queue_notifiers`),
   under the software CPU the register write sets it. The I/O thread processes a queue holding only that
   queue's lock.
-* Interrupt status has a small leaf lock of its own, so an I/O thread reporting a used buffer never
-  waits for a vCPU's register access, and a reset (register lock, then each queue lock) cannot deadlock
-  with it.
+* Interrupt status is a word that both sides change atomically (:mod:`pyemu.system.shared_word`; under
+  the software CPU the guest's InterruptStatus reads and InterruptACK writes are served in C from it),
+  and the interrupt counters have a small leaf lock of their own, so an I/O thread reporting a used buffer
+  never waits for a vCPU's register access, and a reset (register lock, then each queue lock) cannot
+  deadlock with it.
 
 Guest mistakes -- a malformed ring, rings outside RAM, a bad request -- never escape: the device is
 marked DEVICE_NEEDS_RESET, a configuration-change interrupt tells the driver (Linux then logs the
