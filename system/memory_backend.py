@@ -35,14 +35,15 @@ class MemoryBackend:
     seal: bool = False
 
 
-def describe(entry: ObjectOptions) -> str:
+def _describe(entry: ObjectOptions) -> str:
+    """The option as the user wrote it, for the start of an error line (QEMU names the object so too)."""
     text = ",".join([entry.type, f"id={entry.id}", *(f"{k}={v}" for k, v in entry.props)])
     return f"{OPTION} {text}"
 
 
 def parse_memory_backend(entry: ObjectOptions) -> MemoryBackend:
     """Check one ``-object memory-backend-*`` entry (QEMU's messages for QEMU's mistakes)."""
-    where = describe(entry)
+    where = _describe(entry)
     values = dict(entry.props)
     memfd = entry.type == "memory-backend-memfd"
     known = {"size", "share", "merge", "dump"} | set(_UNSUPPORTED) | ({"hugetlb", "seal"} if memfd else set())

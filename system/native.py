@@ -20,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
+from pyemu.system import log
 from pyemu.system.cache import cache_root
 
 
@@ -115,7 +116,5 @@ class OptionalNative:
                 self._module = load_native(prefix, sources, cdef, what=self._what)
             except NativeBuildError as exc:
                 self._unavailable = True
-                from pyemu.system import log
-
                 log.log("unimp", f"{self._what} unavailable, {self._without}: {exc}")
         return self._module
