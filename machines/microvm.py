@@ -221,8 +221,7 @@ class Microvm(Machine):
         self._check_chardevs()
         self._build_serial_ports(on_quit)
         self.virtio = VirtioPlugger(config=self.config, devices=devices,
-                                    dma=DmaMemory(self.memory, getattr(accel, "invalidate_code", None),
-                                                  getattr(accel, "invalidate_code_ranges", None)),
+                                    dma=DmaMemory.wired_to(self.memory, accel),
                                     irq_pin=self.ioapic.pin, lock=self.lock, accel=accel)
         self.virtio.backends.chardevs = self.chardevs
         for warning in check_globals(self.config.globals, lambda d: d in ISA_DRIVERS or self.virtio.handles(d)):

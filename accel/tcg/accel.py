@@ -38,6 +38,7 @@ from pyemu.target.x86.cpuid import CpuidTable
 
 if TYPE_CHECKING:
     from pyemu.system.shared_word import SharedWord
+    from pyemu.hw.core.dma import WriteScreen
 
 
 class TcgAccelerator:
@@ -135,6 +136,12 @@ class TcgAccelerator:
         disk read into the page cache or a network buffer then costs a byte test per page instead of
         a service stop of every vCPU."""
         self.invalidate_code_ranges(((gpa, size),))
+
+    def dma_write_screen(self) -> WriteScreen | None:
+        """What devices' C code may skip reporting (:class:`~pyemu.hw.core.dma.WriteScreen`): written ranges
+        before the first that touches code, unless the dirty log runs. None before the first vCPU or
+        without the code map (``PYEMU_TCG_ENGINE_TLB=1``): then every range is reported."""
+        return self._code_map.write_screen if self._code_map is not None else None
 
     def invalidate_code_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
         """:meth:`invalidate_code` for each ``(gpa, size)`` of one device request (up to a range per guest

@@ -92,6 +92,7 @@ _Bool pyemu_tlb_fill(void *uc, uint64_t vaddr, int type, struct pyemu_tlb_entry 
 void pyemu_tlb_resume(void *uc, struct pyemu_tlb *s);
 void pyemu_code_forget(struct pyemu_code_map *m, int engine);
 int64_t pyemu_code_first_hit(const struct pyemu_code_map *m, const uint64_t *pairs, uint64_t count);
+int64_t pyemu_dma_first_report(const void *map, const uint64_t *pairs, uint64_t count);
 void pyemu_code_forget_writes(struct pyemu_code_map *m, int engine);
 void pyemu_dirty_mark(struct pyemu_code_map *m, uint64_t first, uint64_t last);
 uint64_t pyemu_dirty_take(struct pyemu_code_map *m, uint64_t *out);

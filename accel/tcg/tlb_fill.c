@@ -556,6 +556,22 @@ int64_t pyemu_code_first_hit(const struct pyemu_code_map *m, const uint64_t *pai
     return -1;
 }
 
+/* The DMA write screen (hw/core/dma.py's WriteScreen) over the code map: the index of the first written
+ * range a device must report to Python, or -1 for none. While the dirty log runs every range is reported
+ * (each page must be marked); otherwise only those from the first that touches code on, so a 1 MiB disk
+ * read into the page cache -- 256 scattered pages, no code -- reaches Python as nothing at all. */
+int64_t pyemu_dma_first_report(const void *map, const uint64_t *pairs, uint64_t count)
+{
+    const struct pyemu_code_map *m = map;
+    if (!count) {
+        return -1;
+    }
+    if (__atomic_load_n(&m->logging, __ATOMIC_ACQUIRE)) {
+        return 0;
+    }
+    return pyemu_code_first_hit(m, pairs, count);
+}
+
 /* An engine flushed its TLB: it holds no write entry any more. */
 void pyemu_code_forget_writes(struct pyemu_code_map *m, int engine)
 {

@@ -92,6 +92,7 @@ from unicorn import x86_const as x86
 from pyemu.accel.tcg.block_gate import BlockGate, native_function
 from pyemu.accel.tcg.dirty_log import DirtyBitmap
 from pyemu.accel.tcg.errors import EngineError
+from pyemu.hw.core.dma import WriteScreen
 from pyemu.system.memory import GuestMemory
 
 if TYPE_CHECKING:
@@ -147,6 +148,10 @@ class CodeMap:
         self.engines = 0
         self.dirty = DirtyBitmap(self.state, module, pages)
         """Pages written while live migration logs them (:mod:`pyemu.accel.tcg.dirty_log`)."""
+        self.write_screen = WriteScreen(native_function(module, "pyemu_dma_first_report"),
+                                        int(ffi.cast("uintptr_t", self.state)))
+        """Device DMA's :class:`~pyemu.hw.core.dma.WriteScreen` over this map: ranges from the first that
+        touches code on, or all of them while the dirty log runs (``pyemu_dma_first_report``)."""
 
     def add_engine(self) -> int:
         """Register one more engine; returns its index (its bit in the map)."""

@@ -75,12 +75,12 @@ class DataPlane:
     def __init__(self, module: ModuleType, dma: DmaMemory) -> None:
         ffi: Any = module.ffi
         self._ram = vring.ram_regions(ffi, dma)
-        self._wrote = ffi.new("struct pyemu_vr_range[]", MAX_WROTE)
+        self._wrote = vring.WrittenRanges(ffi, dma, MAX_WROTE)
         self._disk = ffi.new("struct pyemu_vr_range[]", MAX_DISK)
         self._call = call = ffi.new("struct pyemu_bp_call *")
         call.queue.ram = self._ram
         call.queue.nram = len(self._ram)
-        call.wrote = self._wrote
+        call.wrote = self._wrote.table
         call.max_wrote = MAX_WROTE
         call.disk = self._disk
         call.max_disk = MAX_DISK
@@ -114,7 +114,7 @@ class DataPlane:
         if call.ndisk:
             backend.wrote_through(vring.range_list(self._disk, call.ndisk))
         if served:
-            ranges = vring.range_list(self._wrote, call.nwrote)
+            ranges = self._wrote.to_report(call.nwrote)
             queue.served_elsewhere(dma, served, call.last_avail, call.used_idx, ranges)
             self.served += served
             self.merged += call.merged

@@ -77,7 +77,7 @@ class ReceivePlane:
                  hdr_len: int, min_frame: int, max_frame: int) -> None:
         ffi: Any = module.ffi
         self._ram = vring.ram_regions(ffi, dma)
-        self._wrote = ffi.new("struct pyemu_vr_range[]", MAX_WROTE)
+        self._wrote = vring.WrittenRanges(ffi, dma, MAX_WROTE)
         self._buffer = ffi.from_buffer("uint8_t[]", buffer, require_writable=True)
         self._call = call = ffi.new("struct pyemu_nrx_call *")
         call.queue.ram = self._ram
@@ -86,7 +86,7 @@ class ReceivePlane:
         call.vnet = vnet
         call.hdr_len, call.min_frame, call.max_frame = hdr_len, min_frame, max_frame
         call.buf = self._buffer
-        call.wrote = self._wrote
+        call.wrote = self._wrote.table
         call.max_wrote = MAX_WROTE
         self._serve = module.lib.pyemu_nrx_serve
         self._setup: tuple[object, ...] | None = None
@@ -108,6 +108,6 @@ class ReceivePlane:
         self._serve(call)  # cffi lets the GIL go for the call
         chains = call.chains
         if chains:
-            ranges = vring.range_list(self._wrote, call.nwrote)
+            ranges = self._wrote.to_report(call.nwrote)
             queue.served_elsewhere(dma, chains, call.last_avail, call.used_idx, ranges)
         return Received(call.frames, call.bytes, call.stop, call.err), call.buf_len

@@ -88,6 +88,38 @@ def ram_regions(ffi: Any, dma: DmaMemory) -> Any:
     return table
 
 
-def range_list(table: Any, count: int) -> list[tuple[int, int]]:
-    """The first ``count`` entries of a ``pyemu_vr_range`` array as ``(start, length)`` pairs."""
-    return [(table[i].start, table[i].len) for i in range(count)]
+class WrittenRanges:
+    """A plane's table of the guest ranges it wrote, and what of it the DMA layer must hear: only the
+    ranges from the first that the accelerator's :class:`~pyemu.hw.core.dma.WriteScreen` picks (all of
+    them without a screen). The screen reads the C table in place, so a request that wrote no code
+    costs one C call instead of a Python tuple per page (~90 µs for a 1 MiB read's 256 pages)."""
+
+    def __init__(self, ffi: Any, dma: DmaMemory, capacity: int) -> None:
+        self.table = ffi.new("struct pyemu_vr_range[]", capacity)
+        self.capacity = capacity
+        self._pairs = ffi.cast("const uint64_t *", self.table)
+        screen = dma.write_screen()
+        self._first: Any = None
+        self._state: Any = None
+        if screen is not None:
+            self._first = ffi.cast("int64_t (*)(const void *, const uint64_t *, uint64_t)", screen.function)
+            self._state = ffi.cast("const void *", screen.state)
+        self.reported = 0
+        self.screened = 0
+        """Ranges handed to the DMA layer and ranges the screen kept from it (tests, benchmarks)."""
+
+    def to_report(self, count: int) -> list[tuple[int, int]]:
+        """Of the first ``count`` ranges written, those the DMA layer must be told of."""
+        if count <= 0:
+            return []
+        first = 0 if self._first is None else int(self._first(self._state, self._pairs, count))
+        if first < 0:
+            first = count
+        self.screened += first
+        self.reported += count - first
+        return range_list(self.table, count, first)
+
+
+def range_list(table: Any, count: int, first: int = 0) -> list[tuple[int, int]]:
+    """Entries ``first`` to ``count`` of a ``pyemu_vr_range`` array as ``(start, length)`` pairs."""
+    return [(table[i].start, table[i].len) for i in range(first, count)]

@@ -209,7 +209,7 @@ class DeviceRun:
     """What :func:`run_with_devices` saw: the exit value, a copy of guest RAM, the last exit; how many
     QueueNotify writes and InterruptStatus/InterruptACK accesses reached the transports' Python; the
     software CPU's ioeventfd hits and interrupt-status hits (served in C); each transport's InterruptStatus
-    at the end."""
+    at the end; the written guest ranges the DMA layer reported to the accelerator."""
 
     result: int
     ram: bytes
@@ -219,6 +219,7 @@ class DeviceRun:
     hits: int
     status_hits: int
     final_status: list[int]
+    reported: list[tuple[int, int]]
 
 
 def run_with_devices(program: GuestProgram, accel: str, image: Path, bind: bool = True) -> DeviceRun:
@@ -228,11 +229,17 @@ def run_with_devices(program: GuestProgram, accel: str, image: Path, bind: bool 
     controller = FakeInterruptController() if accel == "tcg" else None
     iothread = IoThread("parity")
     transports: list[VirtioMmio] = []
+    reported: list[tuple[int, int]] = []
     with prepared(program, accel, interrupts=controller) as machine:
         try:
             board, accelerator = machine.board, machine.accelerator
-            dma = DmaMemory(board.memory, getattr(accelerator, "invalidate_code", None),
-                            getattr(accelerator, "invalidate_code_ranges", None))  # wired as the board does
+            report = getattr(accelerator, "invalidate_code_ranges", None)
+            if report is not None:  # record what the DMA layer is told, and pass it on
+                def recording(ranges: list[tuple[int, int]], _report=report) -> None:  # type: ignore[no-untyped-def]
+                    reported.extend(ranges)
+                    _report(ranges)
+                accelerator.invalidate_code_ranges = recording  # type: ignore[attr-defined]
+            dma = DmaMemory.wired_to(board.memory, accelerator)
             backend = open_drive(DriveOptions.from_props((("file", str(image)), ("format", "raw"), ("id", "d0"))))
             devices = [(BLK_BASE, BLK_GSI, VirtioBlk(backend, BlkConfig(drive_id="d0"))),
                        (RNG_BASE, RNG_GSI, VirtioRng(EntropySource("/dev/urandom"), RngConfig()))]
@@ -260,7 +267,7 @@ def run_with_devices(program: GuestProgram, accel: str, image: Path, bind: bool 
             run = DeviceRun(result, ram, last_exit, counts["notify"], counts["status"],
                             getattr(accelerator, "ioeventfd_hits", 0),
                             table.status_hits if table is not None else 0,
-                            [transport.interrupt_status for transport in transports])
+                            [transport.interrupt_status for transport in transports], reported)
         finally:
             iothread.stop()
             for transport in transports:
@@ -314,9 +321,11 @@ RETURN_2 = bytes([0xB8, 2, 0, 0, 0, 0xC3])  # mov eax, 2; ret
 
 def test_disk_read_over_executed_code_runs_the_new_code(accel: str, tmp_path: Path) -> None:
     """A device writing guest RAM that already ran as code: the next call runs what the disk loaded (the
-    software CPU must drop its stale translation; DmaMemory reports the write)."""
+    software CPU must drop its stale translation; DmaMemory reports the write). One read fills a data
+    page and then the code page: under the software CPU the write screen keeps the status byte and the
+    data page (no code) from the DMA layer and reports the code page; without a screen (KVM) all three."""
     image = tmp_path / "disk.img"
-    image.write_bytes(RETURN_2.ljust(512, b"\x90") + bytes(1 << 20))
+    image.write_bytes(bytes([0x5A]) * 512 + RETURN_2.ljust(512, b"\x90") + bytes(1 << 20))
     store_code = "\n".join(f"mov byte ptr [rbx + {i}], {b:#x}" for i, b in enumerate(RETURN_1))
     program = GuestProgram(code=f"""
         mov rbx, 0xfee000f0
@@ -335,8 +344,9 @@ def test_disk_read_over_executed_code_runs_the_new_code(accel: str, tmp_path: Pa
         mov dword ptr [rbx + 4], 0
         mov qword ptr [rbx + 8], 0
         {descriptor(BLK_RING, 0, HEADER, 16, 1, 1)}
-        {descriptor(BLK_RING, 1, CODE_PAGE, 512, 3, 2)}
-        {descriptor(BLK_RING, 2, STATUS, 1, 2, 0)}
+        {descriptor(BLK_RING, 1, DATA, 512, 3, 2)}
+        {descriptor(BLK_RING, 2, CODE_PAGE, 512, 3, 3)}
+        {descriptor(BLK_RING, 3, STATUS, 1, 2, 0)}
         {offer_and_wait("r15", BLK_RING, 0, 0, 1)}
         mov rax, {CODE_PAGE:#x}
         call rax
@@ -346,6 +356,11 @@ def test_disk_read_over_executed_code_runs_the_new_code(accel: str, tmp_path: Pa
     """, handlers={VECTOR: HANDLER})
     run = run_with_devices(program, accel, image)
     assert run.result == 0x102, f"guest exit {run.result:#x} after {run.last_exit!r}"
+    assert run.ram[DATA : DATA + 512] == bytes([0x5A]) * 512
+    if accel == "tcg":
+        assert run.reported == [(CODE_PAGE, 512), (STATUS, 1)]  # from the first range with code on
+    else:
+        assert sorted(run.reported) == [(DATA, 512), (STATUS, 1), (CODE_PAGE, 512)]
 
 
 class _VectorInterrupt:
