@@ -195,7 +195,12 @@ class BlockBackend:
             self._mark_dirty(offset, length)
 
     def end_pass_through(self) -> None:
-        self._leave()
+        end = getattr(self.root, "end_pass_through", None)  # the root cannot change while this is in flight
+        try:
+            if end is not None:
+                end()
+        finally:
+            self._leave()
 
     def pwritev(self, offset: int, buffers: Sequence[bytes | memoryview], *, admitted: bool = False) -> None:
         self._check_writable("write", offset, buffers)

@@ -54,7 +54,11 @@ class PassThrough(NamedTuple):
     aligned to it in offset, length and memory, and ending at or before ``direct_end``, may go there; the
     others need the node's own path (bounce buffers, the buffered tail). Writes may go there only from disk
     byte ``write_floor`` on, and not at all when it is -1. A node offers this only when a request through it
-    is exactly a request to the file (``raw`` over ``file``)."""
+    is exactly a request to the file (``raw`` over ``file``), or, with a read map, when the node can say for
+    each of its clusters where in the file it lies (``qcow2``: ``read_map`` is the address of
+    ``map_clusters`` 64-bit host offsets, one per ``1 << cluster_bits`` bytes of disk, 0 for a cluster the
+    node must serve itself; ``file_offset`` is unused then).  A node whose offer needs ending (it holds
+    something for the caller) has an ``end_pass_through()`` the drive calls."""
 
     fd: int
     file_offset: int
@@ -62,6 +66,9 @@ class PassThrough(NamedTuple):
     direct_align: int
     direct_end: int
     write_floor: int
+    read_map: int = 0
+    map_clusters: int = 0
+    cluster_bits: int = 0
 
 
 @runtime_checkable

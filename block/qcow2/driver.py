@@ -31,8 +31,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 from pyemu.block import graph
 from pyemu.block.dirty_bitmap import BitmapError, existing_bitmaps
-from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, check_request
+from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, PassThrough, check_request
 from pyemu.block.errors import BlockIOError, ReadOnlyError
+from pyemu.block.file import FileProtocol
 from pyemu.block.hostio import zero_chunks
 from pyemu.block.iovec import advance, byte_views, copy_in, take, total_length, zero_fill
 from pyemu.block.qcow2.bitmaps import Qcow2BitmapStore
@@ -42,13 +43,16 @@ from pyemu.block.qcow2.header import (OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSH
 from pyemu.block.qcow2.layout import (ALL_ALLOC, ALL_ZERO, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO,
                                       OFFSET_MASK, Autoclear, ClusterKind, Incompatible)
 from pyemu.block.qcow2.mapping import ClusterMap, L2Table, Mapping, continuing_entries, decode, entry_problem
+from pyemu.block.qcow2.read_map import MAX_CLUSTERS as READ_MAP_MAX_CLUSTERS
+from pyemu.block.qcow2.read_map import ReadMap
 from pyemu.block.qcow2.refcount import Refcounts
 
 MAX_RUN_BYTES = 8 << 20  # one allocating write handles at most this much guest data at a time
 
 
 class IoGate:
-    """Shared for guest requests, exclusive for tree-wide changes (a small readers-writer lock)."""
+    """Shared for guest requests, exclusive for tree-wide changes (a small readers-writer lock).
+    ``on_exclusive`` (begin, end) runs right after an exclusive hold begins and right before it ends."""
 
     def __init__(self) -> None:
         # Held as ``with self._lock`` (a C-level context manager) rather than ``with self._cond`` (Python
@@ -61,12 +65,20 @@ class IoGate:
         # Holds carry no state of their own, so every request shares these two instead of making one.
         self._shared_hold = _Hold(self, exclusive=False)
         self._exclusive_hold = _Hold(self, exclusive=True)
+        self.on_exclusive: tuple[Callable[[], None], Callable[[], None]] | None = None
 
     def shared(self) -> "_Hold":
         return self._shared_hold
 
     def exclusive(self) -> "_Hold":
         return self._exclusive_hold
+
+    def enter_shared(self) -> None:
+        """A shared hold that outlives one call (a C reader between its pass-through's begin and end)."""
+        self._enter(False)
+
+    def leave_shared(self) -> None:
+        self._leave(False)
 
     def _enter(self, exclusive: bool) -> None:
         with self._lock:
@@ -76,6 +88,8 @@ class IoGate:
                     self._cond.wait()
                 self._waiting_exclusive -= 1
                 self._exclusive = True
+                if self.on_exclusive is not None:
+                    self.on_exclusive[0]()
             else:
                 while self._exclusive or self._waiting_exclusive:
                     self._cond.wait()
@@ -84,6 +98,8 @@ class IoGate:
     def _leave(self, exclusive: bool) -> None:
         with self._lock:
             if exclusive:
+                if self.on_exclusive is not None:
+                    self.on_exclusive[1]()
                 self._exclusive = False
             else:
                 self._shared -= 1
@@ -145,10 +161,65 @@ class Qcow2Format:
                                    sync=self._sync)
         self.map = ClusterMap(self, self.geometry, l1_offset=header.l1_table_offset, l1_size=header.l1_size,
                               refcounts=self.refcounts, corrupt=self.corruption, file_size=self.file.size)
+        self.gate.on_exclusive = (self._tree_change_begins, self._tree_change_ends)
         from pyemu.block.qcow2.snapshot import read_snapshot_table
         self.snapshot_table_bytes = 0
         self.snapshot_table = read_snapshot_table(self)
         self.bitmap_store = Qcow2BitmapStore(self)
+
+    # -- reads served in C (pass-through with a read map) ---------------------------------------------------
+
+    def _new_read_map(self) -> ReadMap | None:
+        """A read map for the image's current size, or None: subclusters (extended L2) and disks larger
+        than a map covers are read through Python only. Made at the first pass-through offer, so images
+        nobody reads in C (backing files, ``pyemu-img``) never fill one."""
+        if self.geometry.extended_l2:
+            return None
+        clusters = -(-self.header.size // self.cluster_size)
+        if not 0 < clusters <= READ_MAP_MAX_CLUSTERS:
+            return None
+        return ReadMap(clusters, self.cluster_bits)
+
+    def _tree_change_begins(self) -> None:
+        if self.map.read_map is not None:
+            self.map.read_map.suspend()
+
+    def _tree_change_ends(self) -> None:
+        """After a snapshot, resize, repair, reopen...: the read map starts again from nothing (for a new
+        size, a new map)."""
+        read_map = self.map.read_map
+        if read_map is None:
+            return
+        read_map.resume()
+        if self._closed or self.header.corrupt:
+            read_map.retire()
+        elif not read_map.retired and read_map.clusters != -(-self.header.size // self.cluster_size):
+            read_map.retire()
+            self.map.read_map = self._new_read_map()
+
+    def pass_through(self) -> PassThrough | None:
+        """Reads may go straight to the image file, mapped cluster by cluster through the read map
+        (:mod:`.read_map`), when the file is a plain file node; never writes (``write_floor`` -1: allocation,
+        copy-on-write and the refcounts are Python's). The image's I/O gate is held shared until
+        :meth:`end_pass_through`, so no tree-wide change runs while a C reader may use the map."""
+        if self._closed or self.header.corrupt or type(self.file) is not FileProtocol:  # noqa: E721
+            return None
+        below = self.file.pass_through()
+        if below is None:
+            return None
+        self.gate.enter_shared()
+        read_map = self.map.read_map
+        if read_map is None and not self._closed:  # the first offer: no tree-wide change can run meanwhile
+            with self._meta:
+                read_map = self.map.read_map = self._new_read_map()
+        if read_map is None or not read_map.usable:
+            self.gate.leave_shared()
+            return None
+        return PassThrough(below.fd, 0, self.header.size, below.direct_align, below.direct_end, -1,
+                           read_map.address, read_map.clusters, self.cluster_bits)
+
+    def end_pass_through(self) -> None:
+        self.gate.leave_shared()
 
     # -- opening -------------------------------------------------------------------------------------------
 
@@ -431,6 +502,9 @@ class Qcow2Format:
     def corruption(self, problem: str) -> BlockIOError:
         """Mark the image corrupt (when writable) and return the EIO error for the request."""
         message = f"qcow2: Marking image as corrupt: {problem}; further corruption events will be suppressed"
+        read_map = getattr(getattr(self, "map", None), "read_map", None)
+        if read_map is not None:
+            read_map.retire()  # C readers stop; Python's path has every check
         if not self._read_only and not self.header.corrupt and not self._closed and not self._opening:
             try:
                 self._update_header(self.header.with_incompatible(Incompatible.CORRUPT, True))

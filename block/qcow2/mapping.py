@@ -17,6 +17,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 from pyemu.block.qcow2.layout import (ALL_ALLOC, FLAG_COMPRESSED, FLAG_COPIED, FLAG_ZERO, L1_RESERVED,
                                       L2_RESERVED, OFFSET_MASK, ClusterKind, Geometry)
+from pyemu.block.qcow2.read_map import ReadMap
 from pyemu.block.qcow2.refcount import (CorruptionReporter, MetadataFile, Refcounts, array_from_be64,
                                         be64_bytes)
 
@@ -132,6 +133,8 @@ class ClusterMap:
         self.l1_dirty = False
         self._cache: OrderedDict[int, L2Table] = OrderedDict()
         self._cache_limit = max(16, cache_bytes >> geometry.cluster_bits)
+        self.read_map: ReadMap | None = None
+        """The table readers in C map guest clusters with (:mod:`.read_map`), kept current from here."""
 
     # -- reading -------------------------------------------------------------------------------------------
 
@@ -144,8 +147,13 @@ class ClusterMap:
         offset = self.l1[l1_index] & OFFSET_MASK
         if not offset:
             return None
-        cached = self._cached(offset)  # first, so a hit (every request, nearly) formats no error context
-        return cached if cached is not None else self.load_l2(offset, what=f"L1 index {l1_index:#x}")
+        table = self._cached(offset)  # first, so a hit (every request, nearly) formats no error context
+        if table is None:
+            table = self.load_l2(offset, what=f"L1 index {l1_index:#x}")
+        read_map = self.read_map
+        if read_map is not None and not read_map.published(l1_index):
+            read_map.publish_table(l1_index, table.words, self.geometry.l2_bits, self._file_size())
+        return table
 
     def _cached(self, offset: int) -> L2Table | None:
         table = self._cache.get(offset)
@@ -282,6 +290,8 @@ class ClusterMap:
                     table.words[i] = word
             table.dirty = True
             done += count
+        if self.read_map is not None:
+            self.read_map.publish(first, [word for word, _ in entries], self._file_size())
 
     def write_dirty_l2(self) -> bool:
         wrote = False

@@ -1,5 +1,6 @@
 /* virtio-blk's data plane: serves the reads and writes at the head of a split virtqueue straight between
- * a raw image file and guest RAM, without Python (see blk_plane.py for when it is used and why).
+ * a raw image file and guest RAM, without Python (see blk_plane.py for when it is used and why); and the
+ * reads of a qcow2 image whose clusters its read map places in the file (block/qcow2/read_map.py).
  *
  * Everything the guest wrote is untrusted. This code never decides that a request is bad: whatever it
  * does not fully understand -- a flush, a discard, an odd layout, an index or address it cannot check, an
@@ -28,6 +29,10 @@ struct pyemu_bp_call {
     uint64_t direct_align;        /* 0: buffered descriptor; else O_DIRECT alignment */
     uint64_t direct_end;          /* O_DIRECT: file bytes from here on are not served (the partial tail) */
     int64_t write_floor;          /* writes only at disk bytes from here on; -1: no writes */
+    const uint64_t *read_map;     /* NULL: the disk is the file from file_offset on. Else (qcow2) the host
+                                   * offset of each cluster of the disk, 0 where Python must serve */
+    uint64_t map_clusters;
+    uint32_t cluster_bits;
     uint32_t max_requests;
     struct pyemu_vr_range *wrote; /* guest ranges written, for the DMA report */
     uint32_t max_wrote;
@@ -110,6 +115,77 @@ static int transfer_all(int fd, int write, struct iovec *iov, int cnt, uint64_t 
     return 0;
 }
 
+/* A read map's entry (written by Python on other threads: one aligned word, read once). */
+static uint64_t map_entry(const struct pyemu_bp_call *c, uint64_t cluster)
+{
+    return cluster < c->map_clusters ? __atomic_load_n(&c->read_map[cluster], __ATOMIC_RELAXED) : 0;
+}
+
+/* May ``length`` bytes at ``in`` bytes into the cluster that starts at host offset ``entry`` be read
+ * here? Not where the map says 0; under O_DIRECT not past ``direct_end`` (the file's partial tail is
+ * Python's); a buffered descriptor reads zeros past the end of the file, as Python does. */
+static int host_ok(const struct pyemu_bp_call *c, uint64_t entry, uint64_t in, uint64_t length)
+{
+    return entry && (!c->direct_align
+                     || ((entry + in) % c->direct_align == 0 && entry + in + length <= c->direct_end));
+}
+
+/* Is every cluster of disk bytes [offset, offset+length) in the read map? */
+static int mapped(const struct pyemu_bp_call *c, uint64_t offset, uint64_t length)
+{
+    uint64_t size = 1ull << c->cluster_bits;
+    for (uint64_t pos = offset; pos < offset + length; pos = (pos | (size - 1)) + 1) {
+        uint64_t in = pos & (size - 1), end = pos - in + size;
+        if (end > offset + length)
+            end = offset + length;
+        if (!host_ok(c, map_entry(c, pos >> c->cluster_bits), in, end - pos))
+            return 0;
+    }
+    return 1;
+}
+
+/* preadv of disk bytes [offset, offset+length) through the read map: one call per run of clusters that
+ * lie one after the other in the file, each given its share of ``iov``. Returns an errno, or -1 when an
+ * entry vanished since take() looked (Python changed the map meanwhile): nothing is completed then. */
+static int read_mapped(const struct pyemu_bp_call *c, const struct iovec *iov, uint64_t offset, uint64_t length)
+{
+    static __thread struct iovec part[VR_MAX_IOV];
+    uint64_t size = 1ull << c->cluster_bits;
+    int i = 0;
+    size_t skip = 0;
+    while (length) {
+        uint64_t cluster = offset >> c->cluster_bits, in = offset & (size - 1);
+        uint64_t first = map_entry(c, cluster), next = first + size;
+        uint64_t run = size - in;
+        for (uint64_t k = cluster + 1; run < length && first && map_entry(c, k) == next; k++) {
+            run += size;
+            next += size;
+        }
+        if (run > length)
+            run = length;
+        if (!host_ok(c, first, in, run))
+            return -1;
+        int n = 0;
+        for (uint64_t need = run; need; n++) {
+            size_t avail = iov[i].iov_len - skip, step = avail < need ? avail : (size_t)need;
+            part[n].iov_base = (uint8_t *)iov[i].iov_base + skip;
+            part[n].iov_len = step;
+            need -= step;
+            skip += step;
+            if (skip == iov[i].iov_len) {
+                i++;
+                skip = 0;
+            }
+        }
+        int err = transfer_all(c->fd, 0, part, n, first + in, run);
+        if (err)
+            return err;
+        offset += run;
+        length -= run;
+    }
+    return 0;
+}
+
 /* One request the plane may serve: its chain, what it asks for and its data as iovecs. */
 struct bp_request {
     uint16_t head;
@@ -146,6 +222,8 @@ static int take(const struct pyemu_bp_call *c, const struct vr_ring *ring, uint3
         return BP_STOP_PYTHON;
     if (q->write && c->ndisk >= c->max_disk)
         return BP_STOP_LIMIT;
+    if (c->read_map && (q->write || !mapped(c, q->sector * BP_SECTOR, q->length)))
+        return BP_STOP_PYTHON;
     if (k) {                      /* merged with the batch: same direction, the very next sectors */
         const struct bp_request *p = &r[k - 1];
         if (q->write != p->write || q->sector != p->sector + p->length / BP_SECTOR
@@ -161,7 +239,8 @@ static int take(const struct pyemu_bp_call *c, const struct vr_ring *ring, uint3
     if (c->direct_align) {
         uint64_t a = c->direct_align;
         uint64_t offset = c->file_offset + q->sector * BP_SECTOR;
-        int ok = offset % a == 0 && q->length % a == 0 && offset + q->length <= c->direct_end;
+        int ok = offset % a == 0 && q->length % a == 0
+                 && (c->read_map ? (1ull << c->cluster_bits) % a == 0 : offset + q->length <= c->direct_end);
         for (int i = 0; ok && i < cnt; i++)
             ok = (uintptr_t)out[i].iov_base % a == 0 && out[i].iov_len % a == 0;
         if (!ok)
@@ -239,7 +318,13 @@ int pyemu_bp_serve(struct pyemu_bp_call *c)
             return (int)c->served;
         }
         int write = r[0].write;
-        int err = transfer_all(c->fd, write, iov, (int)niov, c->file_offset + r[0].sector * BP_SECTOR, bytes);
+        int err = c->read_map ? read_mapped(c, iov, r[0].sector * BP_SECTOR, bytes)
+                              : transfer_all(c->fd, write, iov, (int)niov, c->file_offset + r[0].sector * BP_SECTOR,
+                                             bytes);
+        if (err < 0) {
+            c->stop = BP_STOP_PYTHON;        /* the map changed under the batch: Python serves it whole */
+            return (int)c->served;
+        }
         if (err) {
             c->stop = BP_STOP_HOST_ERROR;    /* Python serves them again, one by one, and reports the error */
             return (int)c->served;

@@ -10,7 +10,10 @@ takes a few microseconds, and runs without the GIL.
 
 What it serves: reads (VIRTIO_BLK_T_IN) and writes (T_OUT) of a drive whose graph is plain ``raw`` over
 ``file`` and not throttled (:meth:`~pyemu.block.backend.BlockBackend.begin_pass_through`, which also says
-when writes must keep to Python), at the head of the queue, one ``preadv``/``pwritev`` for each run of consecutive reads (or writes) of
+when writes must keep to Python), and reads of a ``qcow2`` drive over ``file`` whose every cluster the
+image's read map (:mod:`pyemu.block.qcow2.read_map`) places in the file -- split where the clusters are not
+one after the other there; kick to ``preadv`` of a 1 MiB read ~300 -> ~40 µs (perf trace, 2026-12-07) --
+at the head of the queue, one ``preadv``/``pwritev`` for each run of consecutive reads (or writes) of
 consecutive sectors -- Linux offers a 1 MiB O_DIRECT read as a 1020 KiB request and a 4 KiB one, which
 one at a time cost a second host read (~80 µs on this project's hosts). It stops
 before the first chain that is anything else -- a flush, a discard, a chain it cannot check, an O_DIRECT
@@ -45,6 +48,9 @@ struct pyemu_bp_call {
     uint64_t direct_align;
     uint64_t direct_end;
     int64_t write_floor;
+    const uint64_t *read_map;
+    uint64_t map_clusters;
+    uint32_t cluster_bits;
     uint32_t max_requests;
     struct pyemu_vr_range *wrote;
     uint32_t max_wrote;
@@ -74,6 +80,7 @@ class DataPlane:
 
     def __init__(self, module: ModuleType, dma: DmaMemory) -> None:
         ffi: Any = module.ffi
+        self._ffi = ffi
         self._ram = vring.ram_regions(ffi, dma)
         self._wrote = vring.WrittenRanges(ffi, dma, MAX_WROTE)
         self._disk = ffi.new("struct pyemu_vr_range[]", MAX_DISK)
@@ -101,7 +108,8 @@ class DataPlane:
         if setup != self._setup:  # the rings and the drive's descriptor rarely change between requests
             vring.set_ring_fields(call.queue, rings)
             (call.fd, call.file_offset, call.disk_bytes, call.direct_align, call.direct_end,
-             call.write_floor) = target
+             call.write_floor, read_map, call.map_clusters, call.cluster_bits) = target
+            call.read_map = self._ffi.cast("const uint64_t *", read_map)
             call.max_requests = min(queue.size, MAX_QUEUE_SIZE)
             self._setup = setup
         call.last_avail, call.used_idx = queue.last_avail, queue.used_idx

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,13 +66,13 @@ def plane_setting(on: bool) -> contextlib.AbstractContextManager[None]:
 
 @contextlib.contextmanager
 def device_on(image: Path, cache: str, *, plane: bool, event_idx: bool = True,
-              extra: tuple[tuple[str, str], ...] = (), probed: bool = False) -> Iterator[Setup]:
+              extra: tuple[tuple[str, str], ...] = (), probed: bool = False, fmt: str = "raw") -> Iterator[Setup]:
     memory = GuestMemory([(0, RAM_SIZE)], name="read-plane-test")
     iothread = IoThread("read-plane-test")
     written: list[tuple[int, int]] = []
     dma = DmaMemory(memory, lambda gpa, size: written.append((gpa, size)))
-    fmt = () if probed else (("format", "raw"),)
-    backend = open_drive(DriveOptions.from_props([("file", str(image)), *fmt, ("if", "none"),
+    format_props = () if probed else (("format", fmt),)
+    backend = open_drive(DriveOptions.from_props([("file", str(image)), *format_props, ("if", "none"),
                                                   ("id", "d0"), ("cache", cache), *extra]))
     device = vblk.VirtioBlk(backend, vblk.BlkConfig(drive_id="d0", serial="SER"))
     irq = Irq()
@@ -140,10 +140,13 @@ def serve(transport: VirtioMmio) -> None:
         transport.fail_from(exc)
 
 
-def run_batch(image: Path, cache: str, requests: list[Request], *, plane: bool) -> dict[str, object]:
+def run_batch(image: Path, cache: str, requests: list[Request], *, plane: bool, fmt: str = "raw",
+              prepare: Callable[[Setup], object] | None = None) -> dict[str, object]:
     work = image.with_name(f"{image.stem}-{int(plane)}.img")
     work.write_bytes(image.read_bytes())
-    with device_on(work, cache, plane=plane) as s:
+    with device_on(work, cache, plane=plane, fmt=fmt) as s:
+        if prepare is not None:
+            prepare(s)
         offered = [offer(s.driver, req, index) for index, req in enumerate(requests)]
         serve(s.transport)
         used = s.driver.used(0)

@@ -1,0 +1,222 @@
+"""virtio-blk's C data plane on a qcow2 drive: reads mapped cluster by cluster through the image's read map
+(block/qcow2/read_map.py), everything else left to Python.
+
+The image is made by qemu-img and qemu-io with small clusters so that one request crosses many: data
+clusters stored out of order (the plane splits a request where the file is not contiguous), zero,
+compressed and unallocated clusters (over a backing file), and a partial last cluster. The property test
+requires the guest to see exactly what the Python path gives it; the others pin that the plane really
+serves mapped reads, and that the map follows the image: copy-on-write after an internal snapshot, discard,
+zero writes, snapshot apply, resize and damage.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyemu.block.qcow2.driver import Qcow2Format
+from pyemu.hw.virtio import blk as vblk
+
+from .test_virtio_blk_plane import Request, Setup, device_on, offer, run_batch, serve
+
+SECTOR = 512
+CLUSTER = 4096
+SIZE = 1 << 20
+CLUSTERS = SIZE // CLUSTER
+BACKING = bytes((i * 7 + (i >> 12)) & 0xFF for i in range(SIZE))
+
+
+def qemu_io(image: Path, *commands: str) -> None:
+    args = ["qemu-io", "-f", "qcow2"]
+    for command in commands:
+        args += ["-c", command]
+    subprocess.run([*args, str(image)], check=True, capture_output=True)
+
+
+def cluster_pattern(index: int) -> int:
+    return (index * 37 + 11) & 0xFF
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Clusters written back to front (host order reversed), every 5th zero, every 7th compressed, every
+    4th left to the backing file; written with O_DIRECT-friendly sizes."""
+    directory = tmp_path_factory.mktemp("qcow2-plane")
+    backing = directory / "backing.raw"
+    backing.write_bytes(BACKING)
+    path = directory / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", "-b", str(backing),
+                    "-F", "raw", str(path)], check=True)
+    commands = []
+    for index in reversed(range(CLUSTERS)):
+        if index % 4 == 0:
+            continue
+        if index % 5 == 0:
+            commands.append(f"write -z {index * CLUSTER} {CLUSTER}")
+        elif index % 7 == 0:
+            commands.append(f"write -c -P {cluster_pattern(index)} {index * CLUSTER} {CLUSTER}")
+        else:
+            commands.append(f"write -P {cluster_pattern(index)} {index * CLUSTER} {CLUSTER}")
+    qemu_io(path, *commands)
+    return path
+
+
+def expected(offset: int, length: int) -> bytes:
+    out = bytearray()
+    for pos in range(offset, offset + length):
+        index = pos // CLUSTER
+        if index % 4 == 0:
+            out.append(BACKING[pos])
+        elif index % 5 == 0:
+            out.append(0)
+        else:
+            out.append(cluster_pattern(index))
+    return bytes(out)
+
+
+def plain(index: int) -> bool:
+    return index % 4 != 0 and index % 5 != 0 and index % 7 != 0
+
+
+PLAIN_RUNS = [i for i in range(CLUSTERS - 3) if all(plain(j) for j in range(i, i + 3))]
+"""Clusters that start three plain data clusters in a row (stored back to front: not contiguous)."""
+
+
+def qcow2_requests() -> st.SearchStrategy[list[Request]]:
+    """Requests anywhere, and often inside runs of plain clusters: the plane serves only from the head of
+    the queue up to the first request it cannot map."""
+    in_a_run = st.builds(lambda cluster, sector: cluster * (CLUSTER // SECTOR) + sector,
+                         st.sampled_from(PLAIN_RUNS), st.integers(0, CLUSTER // SECTOR - 1))
+    return st.lists(st.builds(
+        Request,
+        kind=st.sampled_from([vblk.T_IN] * 8 + [vblk.T_OUT, vblk.T_FLUSH]),
+        sector=st.one_of(in_a_run, in_a_run, st.integers(0, SIZE // SECTOR + 4)),
+        size=st.sampled_from([4096, 8192, 512, 1024, 65536, 16384, 24576]),
+        pages=st.booleans(),
+        align=st.sampled_from([4096, 512]),
+        indirect=st.booleans(),
+    ), min_size=1, max_size=8)
+
+
+def look_up_the_table(s: Setup) -> None:
+    """What the guest's first read of the disk does: the L2 table (one covers this disk) is looked up, and
+    the read map filled from it, so the plane can serve the batch."""
+    root = s.backend.root
+    assert isinstance(root, Qcow2Format)
+    s.backend.begin_pass_through()  # makes the map
+    s.backend.end_pass_through()
+    root.map.l2_table(0)
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(requests=qcow2_requests())
+def test_the_plane_on_qcow2_changes_nothing_the_guest_sees(image: Path, cache: str, requests: list[Request]) -> None:
+    with_plane = run_batch(image, cache, requests, plane=True, fmt="qcow2", prepare=look_up_the_table)
+    without = run_batch(image, cache, requests, plane=False, fmt="qcow2", prepare=look_up_the_table)
+    assert without["served_by_plane"] == 0
+    assert with_plane["reported"] and without["reported"]
+    for key in ("used", "statuses", "data", "image", "broken"):
+        assert with_plane[key] == without[key], key
+
+
+@pytest.fixture
+def copy(image: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "disk.qcow2"
+    path.write_bytes(image.read_bytes())
+    return path
+
+
+def read_through(s, sector: int, size: int, seed: int = 0) -> bytes:  # type: ignore[no-untyped-def]
+    head, pieces, status = offer(s.driver, Request(vblk.T_IN, sector, size, pages=True, align=4096,
+                                                   indirect=True), seed)
+    serve(s.transport)
+    assert s.driver.used(0)[-1] == (head, size + 1) and s.memory.read_u8(status) == vblk.S_OK
+    return b"".join(s.memory.read(a, n) for a, n in pieces)
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_mapped_reads_go_through_the_plane_and_others_do_not(copy: Path, cache: str) -> None:
+    """A read of plain data clusters -- here 8 of them, stored back to front: 8 host reads -- is the plane's
+    once the L2 table was looked up (the first read of the table is Python's); a read that touches a zero,
+    compressed or unallocated cluster is Python's."""
+    with device_on(copy, cache, plane=True, fmt="qcow2") as s:
+        assert read_through(s, 0, 4096) == expected(0, 4096)  # backing: Python, publishes the table
+        plane = s.device._planes[0]
+        assert plane.served == 0
+        run = next(i for i in range(CLUSTERS) if all(plain(j) for j in range(i, i + 2)))
+        for first, count in ((run, 2), (1, 1), (run, 1)):
+            before = plane.served
+            assert read_through(s, first * CLUSTER // SECTOR, count * CLUSTER) == expected(first * CLUSTER,
+                                                                                      count * CLUSTER)
+            assert plane.served == before + (1 if all(plain(j) for j in range(first, first + count)) else 0)
+        before = plane.served
+        for index in (4, 5, 7):  # backing, zero, compressed
+            assert read_through(s, index * CLUSTER // SECTOR, CLUSTER) == expected(index * CLUSTER, CLUSTER)
+        assert plane.served == before
+
+
+def test_the_map_follows_copy_on_write_discard_zero_writes_and_snapshot_apply(copy: Path) -> None:
+    cluster = next(i for i in range(CLUSTERS) if plain(i))
+    sector = cluster * CLUSTER // SECTOR
+    with device_on(copy, "writeback", plane=True, fmt="qcow2", extra=(("discard", "unmap"),)) as s:
+        root = s.backend.root
+        assert isinstance(root, Qcow2Format)
+        read_through(s, 0, 4096)
+        assert read_through(s, sector, CLUSTER) == expected(cluster * CLUSTER, CLUSTER)
+        read_map = root.map.read_map
+        assert read_map is not None and read_map.host_of(cluster)
+        old_host = read_map.host_of(cluster)
+
+        root.create_snapshot("before")  # the cluster is shared now: a write copies it elsewhere
+        assert read_map.host_of(cluster) == 0  # a tree-wide change starts the map again
+        read_through(s, 0, 4096)
+        head, _, status = offer(s.driver, Request(vblk.T_OUT, sector, CLUSTER, pages=True, align=4096,
+                                                  indirect=False), 3)
+        serve(s.transport)
+        assert s.memory.read_u8(status) == vblk.S_OK
+        new_host = read_map.host_of(cluster)
+        assert new_host and new_host != old_host
+        served = s.device._planes[0].served
+        assert read_through(s, sector, CLUSTER) == bytes((3 + i) & 0xFF for i in range(CLUSTER))
+        assert s.device._planes[0].served == served + 1
+
+        root.discard(cluster * CLUSTER, CLUSTER)
+        assert read_map.host_of(cluster) == 0
+        assert read_through(s, sector, CLUSTER) == bytes(CLUSTER)  # over a backing file it reads as zeros
+
+        other = next(i for i in range(cluster + 1, CLUSTERS) if plain(i))
+        read_through(s, other * CLUSTER // SECTOR, CLUSTER)
+        assert read_map.host_of(other)
+        root.write_zeroes(other * CLUSTER, CLUSTER, may_unmap=True)
+        assert read_map.host_of(other) == 0
+        assert read_through(s, other * CLUSTER // SECTOR, CLUSTER) == bytes(CLUSTER)
+
+        root.apply_snapshot("before")
+        assert read_through(s, sector, CLUSTER) == expected(cluster * CLUSTER, CLUSTER)
+        assert read_through(s, other * CLUSTER // SECTOR, CLUSTER) == expected(other * CLUSTER, CLUSTER)
+        assert read_map.host_of(cluster) == old_host
+
+
+def test_a_resize_gives_a_new_map_and_damage_retires_it(copy: Path) -> None:
+    with device_on(copy, "writeback", plane=True, fmt="qcow2") as s:
+        root = s.backend.root
+        assert isinstance(root, Qcow2Format)
+        assert root.map.read_map is None  # made at the first offer to a C reader
+        read_through(s, 0, 4096)
+        old = root.map.read_map
+        assert old is not None and old.clusters == CLUSTERS
+        root.truncate(2 * SIZE)
+        new = root.map.read_map
+        assert new is not None and new is not old and new.clusters == 2 * CLUSTERS and not old.usable
+        cluster = next(i for i in range(CLUSTERS) if plain(i))
+        read_through(s, 0, 4096)
+        assert read_through(s, cluster * CLUSTER // SECTOR, CLUSTER) == expected(cluster * CLUSTER, CLUSTER)
+        assert new.host_of(cluster)
+        root.corruption("a test says so")
+        assert not new.usable and new.host_of(cluster) == 0
+        assert s.backend.begin_pass_through() is None  # a corrupt image is Python's alone
