@@ -220,3 +220,40 @@ def test_a_resize_gives_a_new_map_and_damage_retires_it(copy: Path) -> None:
         root.corruption("a test says so")
         assert not new.usable and new.host_of(cluster) == 0
         assert s.backend.begin_pass_through() is None  # a corrupt image is Python's alone
+
+
+def damage_entry(image: Path, cluster: int, word: int) -> None:
+    """Overwrite the standard L2 entry of guest ``cluster`` (the disk's one L2 table) with ``word``."""
+    data = bytearray(image.read_bytes())
+    l1_offset = int.from_bytes(data[40:48], "big")
+    l2_offset = int.from_bytes(data[l1_offset:l1_offset + 8], "big") & 0x00FFFFFFFFFFFE00
+    data[l2_offset + 8 * cluster:l2_offset + 8 * cluster + 8] = word.to_bytes(8, "big")
+    image.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["past the end", "unaligned", "the L1 table's cluster", "reserved bits"])
+def test_damaged_entries_get_the_same_answer_with_the_plane(image: Path, tmp_path: Path, damage: str) -> None:
+    """An L2 entry that points past the end of the file or off a cluster boundary, or has reserved bits set,
+    never reaches the read map: the guest gets Python's answer (EIO, the image marked corrupt) whether or not
+    the plane runs, and so do the reads around it. One that names a metadata cluster (here the L1 table's)
+    reads that cluster in both, as QEMU's reads do (only writes are checked against metadata)."""
+    damaged = tmp_path / "damaged.qcow2"
+    damaged.write_bytes(image.read_bytes())
+    cluster = PLAIN_RUNS[0] + 1
+    size = damaged.stat().st_size
+    l1_offset = int.from_bytes(damaged.read_bytes()[40:48], "big")
+    word = {"past the end": (1 << 63) | (size + 16 * CLUSTER), "unaligned": (1 << 63) | (3 * CLUSTER + 512),
+            "the L1 table's cluster": (1 << 63) | l1_offset,
+            "reserved bits": (1 << 63) | (1 << 57) | (2 * CLUSTER)}[damage]
+    damage_entry(damaged, cluster, word)
+    start = PLAIN_RUNS[0] * (CLUSTER // SECTOR)
+    requests = [Request(vblk.T_IN, start, CLUSTER, pages=True, align=4096, indirect=False),
+                Request(vblk.T_IN, start, 3 * CLUSTER, pages=True, align=4096, indirect=True),
+                Request(vblk.T_IN, start + 2 * (CLUSTER // SECTOR), CLUSTER, pages=True, align=4096,
+                        indirect=False)]
+    with_plane = run_batch(damaged, "none", requests, plane=True, fmt="qcow2", prepare=look_up_the_table)
+    without = run_batch(damaged, "none", requests, plane=False, fmt="qcow2", prepare=look_up_the_table)
+    for key in ("used", "statuses", "data", "broken"):
+        assert with_plane[key] == without[key], key
+    assert with_plane["statuses"][0] == vblk.S_OK  # the cluster before the damaged one reads fine
+    assert with_plane["statuses"][1] == (vblk.S_OK if damage == "the L1 table's cluster" else vblk.S_IOERR)
