@@ -5,9 +5,16 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import pyemu.accel.tcg  # noqa: F401  chooses the libunicorn (pyemu's build when present) before any test imports unicorn
 from pyemu.guest.assets import find_assets
+
+# How fast hypothesis draws its examples depends on how busy the host is; checking that speed made property
+# tests fail beside other work (the project's rule: no test depends on an idle host), and so would
+# per-example deadlines. A test's own suppress_health_check list replaces this one: it names too_slow too.
+settings.register_profile("pyemu", suppress_health_check=(HealthCheck.too_slow,), deadline=None)
+settings.load_profile("pyemu")
 
 
 @pytest.fixture(scope="session")

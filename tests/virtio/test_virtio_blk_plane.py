@@ -219,7 +219,8 @@ def plane_builds() -> None:
 
 
 @pytest.mark.parametrize("cache", ["writeback", "none"])
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(requests=requests_strategy)
 def test_the_plane_changes_nothing_the_guest_sees(image: Path, cache: str, requests: list[Request]) -> None:
     with_plane = run_batch(image, cache, requests, plane=True)
@@ -231,7 +232,8 @@ def test_the_plane_changes_nothing_the_guest_sees(image: Path, cache: str, reque
 
 
 @pytest.mark.parametrize("cache", ["writeback", "none"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(requests=runs_strategy())
 def test_merged_runs_change_nothing_the_guest_sees(image: Path, cache: str, requests: list[Request]) -> None:
     with_plane = run_batch(image, cache, requests, plane=True)

@@ -113,7 +113,8 @@ def look_up_the_table(s: Setup) -> None:
 
 
 @pytest.mark.parametrize("cache", ["writeback", "none"])
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(requests=qcow2_requests())
 def test_the_plane_on_qcow2_changes_nothing_the_guest_sees(image: Path, cache: str, requests: list[Request]) -> None:
     with_plane = run_batch(image, cache, requests, plane=True, fmt="qcow2", prepare=look_up_the_table)

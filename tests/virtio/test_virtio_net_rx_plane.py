@@ -140,7 +140,8 @@ frames_strategy = st.lists(st.sampled_from([60, 1514, 3000, 9000, 65000, MAX_FRA
                            max_size=8)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(layout=layouts, buffers=buffers_strategy, frames=frames_strategy)
 def test_the_plane_changes_nothing_the_guest_sees(layout: Layout, buffers: list[Buffer], frames: list[int]) -> None:
     with_plane = run(layout, buffers, frames, plane=True)
