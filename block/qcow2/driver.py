@@ -178,22 +178,23 @@ class Qcow2Format:
         clusters = -(-self.header.size // self.cluster_size)
         if not 0 < clusters <= READ_MAP_MAX_CLUSTERS:
             return None
-        return ReadMap(clusters, self.cluster_bits)
+        return ReadMap(clusters, self.cluster_bits, zero_unallocated=self.backing is None)
 
     def _tree_change_begins(self) -> None:
         if self.map.read_map is not None:
             self.map.read_map.suspend()
 
     def _tree_change_ends(self) -> None:
-        """After a snapshot, resize, repair, reopen...: the read map starts again from nothing (for a new
-        size, a new map)."""
+        """After a snapshot, resize, repair, reopen, a new backing file...: the read map starts again from
+        nothing (a new map for a new size, or when unallocated clusters now mean something else)."""
         read_map = self.map.read_map
         if read_map is None:
             return
         read_map.resume()
         if self._closed or self.header.corrupt:
             read_map.retire()
-        elif not read_map.retired and read_map.clusters != -(-self.header.size // self.cluster_size):
+        elif not read_map.retired and (read_map.clusters != -(-self.header.size // self.cluster_size)
+                                       or read_map.zero_unallocated != (self.backing is None)):
             read_map.retire()
             self.map.read_map = self._new_read_map()
 

@@ -146,6 +146,8 @@ class ClusterMap:
             return None
         offset = self.l1[l1_index] & OFFSET_MASK
         if not offset:
+            if self.read_map is not None and not self.read_map.published(l1_index):
+                self.read_map.publish_no_table(l1_index, self.geometry.l2_bits)
             return None
         table = self._cached(offset)  # first, so a hit (every request, nearly) formats no error context
         if table is None:

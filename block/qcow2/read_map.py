@@ -7,9 +7,11 @@ QEMU's. With this table the plane maps a read itself: every cluster it covers mu
 anything else -- a cluster that is unallocated (backing file), zero, compressed, not looked up yet, or an
 image with subclusters -- leaves the request to Python, which owns every rule and error of the format.
 
-What an entry means: 0, or the host offset of a cluster whose standard L2 entry is plain data (no zero or
-compressed flag, no reserved bits), cluster-aligned, past the header and inside the file when it was
-published. The table is *derived* from the cluster map and never the other way round:
+What an entry means: 0 (Python serves the cluster); :data:`ZEROES` for a cluster that reads as zeros (the
+zero flag, or unallocated in an image without a backing file, or no L2 table there at all); else the host
+offset of a cluster whose standard L2 entry is plain data (no zero or compressed flag, no reserved bits),
+cluster-aligned, past the header and inside the file when it was published. The table is *derived* from the
+cluster map and never the other way round:
 
 * the active L2 tables publish their entries when :class:`~pyemu.block.qcow2.mapping.ClusterMap` first
   hands them out (a loaded table, or one already cached), under the image's metadata lock;
@@ -27,23 +29,29 @@ Memory: one 64-bit word per guest cluster in an anonymous mapping, touched only 
 
 from __future__ import annotations
 
+import array
 import mmap
 
 from pyemu.block.qcow2.layout import FLAG_COMPRESSED, FLAG_ZERO, L2_RESERVED, OFFSET_MASK
 
 MAX_CLUSTERS = 1 << 24
 """Guest clusters a table covers at most (128 MiB of address space); a larger disk has none."""
+ZEROES = 1
+"""The entry of a cluster that reads as zeros (never a host offset: those are cluster-aligned and past the
+header)."""
 
 
 class ReadMap:
     """One image's table (see the module docstring). Changed under the image's metadata lock or with its
     I/O gate held exclusively; read by C at any time, one aligned 64-bit word at a time."""
 
-    def __init__(self, clusters: int, cluster_bits: int) -> None:
+    def __init__(self, clusters: int, cluster_bits: int, *, zero_unallocated: bool) -> None:
         if not 0 < clusters <= MAX_CLUSTERS:
             raise ValueError(f"{clusters} guest clusters: outside what a read map covers")
         self.clusters = clusters
         self.cluster_bits = cluster_bits
+        self.zero_unallocated = zero_unallocated
+        """Unallocated clusters read as zeros (the image had no backing file when the map was made)."""
         self._area = mmap.mmap(-1, clusters * 8, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._words = memoryview(self._area).cast("Q")
         self._published: set[int] = set()
@@ -73,20 +81,31 @@ class ReadMap:
         if count <= 0:
             return
         self._published.add(l1_index)
-        cluster_size = 1 << self.cluster_bits
+        cluster_size, zeroes = 1 << self.cluster_bits, self.zero_unallocated
         table = self._words
         for index, word in enumerate(words[:count]):  # type: ignore[index]
-            table[first + index] = _plain_host(word, cluster_size, file_size)
+            table[first + index] = _entry(word, cluster_size, file_size, zeroes)
+
+    def publish_no_table(self, l1_index: int, l2_bits: int) -> None:
+        """The clusters of an L1 entry with no L2 table: unallocated, so zeros without a backing file."""
+        if not self.usable or l1_index in self._published:
+            return
+        first = l1_index << l2_bits
+        count = min(1 << l2_bits, self.clusters - first)
+        if count <= 0:
+            return
+        self._published.add(l1_index)
+        self._words[first:first + count] = _fill(ZEROES if self.zero_unallocated else 0, count)
 
     def publish(self, first: int, words: list[int], file_size: int) -> None:
         """The new entries of guest clusters ``first, first + 1, ...`` (standard entries)."""
-        cluster_size = 1 << self.cluster_bits
+        cluster_size, zeroes = 1 << self.cluster_bits, self.zero_unallocated
         table = self._words
         live = self.usable
         for vcluster, word in enumerate(words, first):
             if vcluster >= self.clusters:
                 break
-            table[vcluster] = _plain_host(word, cluster_size, file_size) if live else 0
+            table[vcluster] = _entry(word, cluster_size, file_size, zeroes) if live else 0
 
     def suspend(self) -> None:
         """A tree-wide change begins (its exclusive gate held): forget everything, publish nothing."""
@@ -112,14 +131,24 @@ class ReadMap:
         return int(self._words[vcluster])
 
 
-def _plain_host(word: int, cluster_size: int, file_size: int) -> int:
-    """The host offset a reader may use for a standard L2 entry, or 0."""
-    if word & (FLAG_COMPRESSED | FLAG_ZERO | L2_RESERVED):
+def _entry(word: int, cluster_size: int, file_size: int, zero_unallocated: bool) -> int:
+    """A reader's entry for a standard L2 entry, as the driver's ``decode`` reads it: a checked host offset,
+    :data:`ZEROES`, or 0 (compressed, reserved bits, an offset the driver would call corrupt, or left to the
+    backing file)."""
+    if word & (FLAG_COMPRESSED | (L2_RESERVED & ~FLAG_ZERO)):
         return 0
     host = word & OFFSET_MASK
+    if word & FLAG_ZERO:
+        return ZEROES if not host % cluster_size else 0
+    if not host:
+        return ZEROES if zero_unallocated else 0
     if host < cluster_size or host % cluster_size or host >= file_size:
         return 0
     return host
+
+
+def _fill(value: int, count: int) -> memoryview:
+    return memoryview(array.array("Q", [value]) * count)
 
 
 def _buffer_address(area: mmap.mmap) -> int:

@@ -19,6 +19,7 @@
 #define BP_HEADER 16
 #define BP_MAX_MERGED 32                /* blk.py's MAX_MERGED_REQUESTS */
 #define BP_MAX_MERGED_BYTES (8u << 20)  /* blk.py's MAX_MERGED_BYTES */
+#define BP_MAP_ZEROES 1                 /* read_map.py's ZEROES: the cluster reads as zeros */
 
 struct pyemu_bp_call {
     /* in */
@@ -126,6 +127,8 @@ static uint64_t map_entry(const struct pyemu_bp_call *c, uint64_t cluster)
  * Python's); a buffered descriptor reads zeros past the end of the file, as Python does. */
 static int host_ok(const struct pyemu_bp_call *c, uint64_t entry, uint64_t in, uint64_t length)
 {
+    if (entry == BP_MAP_ZEROES)
+        return 1;
     return entry && (!c->direct_align
                      || ((entry + in) % c->direct_align == 0 && entry + in + length <= c->direct_end));
 }
@@ -145,7 +148,8 @@ static int mapped(const struct pyemu_bp_call *c, uint64_t offset, uint64_t lengt
 }
 
 /* preadv of disk bytes [offset, offset+length) through the read map: one call per run of clusters that
- * lie one after the other in the file, each given its share of ``iov``. Returns an errno, or -1 when an
+ * lie one after the other in the file, each given its share of ``iov``; a run of clusters that read as
+ * zeros is a memset. Returns an errno, or -1 when an
  * entry vanished since take() looked (Python changed the map meanwhile): nothing is completed then. */
 static int read_mapped(const struct pyemu_bp_call *c, const struct iovec *iov, uint64_t offset, uint64_t length)
 {
@@ -155,11 +159,11 @@ static int read_mapped(const struct pyemu_bp_call *c, const struct iovec *iov, u
     size_t skip = 0;
     while (length) {
         uint64_t cluster = offset >> c->cluster_bits, in = offset & (size - 1);
-        uint64_t first = map_entry(c, cluster), next = first + size;
+        uint64_t first = map_entry(c, cluster), step = first == BP_MAP_ZEROES ? 0 : size, next = first + step;
         uint64_t run = size - in;
         for (uint64_t k = cluster + 1; run < length && first && map_entry(c, k) == next; k++) {
             run += size;
-            next += size;
+            next += step;
         }
         if (run > length)
             run = length;
@@ -177,9 +181,14 @@ static int read_mapped(const struct pyemu_bp_call *c, const struct iovec *iov, u
                 skip = 0;
             }
         }
-        int err = transfer_all(c->fd, 0, part, n, first + in, run);
-        if (err)
-            return err;
+        if (first == BP_MAP_ZEROES) {
+            for (int j = 0; j < n; j++)
+                memset(part[j].iov_base, 0, part[j].iov_len);
+        } else {
+            int err = transfer_all(c->fd, 0, part, n, first + in, run);
+            if (err)
+                return err;
+        }
         offset += run;
         length -= run;
     }

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyemu.block.qcow2.driver import Qcow2Format
+from pyemu.block.qcow2.read_map import ZEROES
 from pyemu.hw.virtio import blk as vblk
 
 from .test_virtio_blk_plane import Request, Setup, device_on, offer, run_batch, serve
@@ -142,9 +143,9 @@ def read_through(s, sector: int, size: int, seed: int = 0) -> bytes:  # type: ig
 
 @pytest.mark.parametrize("cache", ["writeback", "none"])
 def test_mapped_reads_go_through_the_plane_and_others_do_not(copy: Path, cache: str) -> None:
-    """A read of plain data clusters -- here 8 of them, stored back to front: 8 host reads -- is the plane's
-    once the L2 table was looked up (the first read of the table is Python's); a read that touches a zero,
-    compressed or unallocated cluster is Python's."""
+    """A read of plain data clusters (stored back to front: a host read each) and zero clusters is the
+    plane's once the L2 table was looked up (the first read of the table is Python's); a read that touches a
+    compressed cluster, or an unallocated one over a backing file, is Python's."""
     with device_on(copy, cache, plane=True, fmt="qcow2") as s:
         assert read_through(s, 0, 4096) == expected(0, 4096)  # backing: Python, publishes the table
         plane = s.device._planes[0]
@@ -156,9 +157,11 @@ def test_mapped_reads_go_through_the_plane_and_others_do_not(copy: Path, cache: 
                                                                                       count * CLUSTER)
             assert plane.served == before + (1 if all(plain(j) for j in range(first, first + count)) else 0)
         before = plane.served
-        for index in (4, 5, 7):  # backing, zero, compressed
+        for index in (4, 7):  # backing, compressed
             assert read_through(s, index * CLUSTER // SECTOR, CLUSTER) == expected(index * CLUSTER, CLUSTER)
         assert plane.served == before
+        assert read_through(s, 5 * CLUSTER // SECTOR, 2 * CLUSTER) == expected(5 * CLUSTER, 2 * CLUSTER)
+        assert plane.served == before + 1  # a zero cluster and a data cluster: zeros are a memset in C
 
 
 def test_the_map_follows_copy_on_write_discard_zero_writes_and_snapshot_apply(copy: Path) -> None:
@@ -187,14 +190,14 @@ def test_the_map_follows_copy_on_write_discard_zero_writes_and_snapshot_apply(co
         assert s.device._planes[0].served == served + 1
 
         root.discard(cluster * CLUSTER, CLUSTER)
-        assert read_map.host_of(cluster) == 0
+        assert read_map.host_of(cluster) == ZEROES  # over a backing file a discarded cluster is a zero one
         assert read_through(s, sector, CLUSTER) == bytes(CLUSTER)  # over a backing file it reads as zeros
 
         other = next(i for i in range(cluster + 1, CLUSTERS) if plain(i))
         read_through(s, other * CLUSTER // SECTOR, CLUSTER)
         assert read_map.host_of(other)
         root.write_zeroes(other * CLUSTER, CLUSTER, may_unmap=True)
-        assert read_map.host_of(other) == 0
+        assert read_map.host_of(other) == ZEROES
         assert read_through(s, other * CLUSTER // SECTOR, CLUSTER) == bytes(CLUSTER)
 
         root.apply_snapshot("before")
@@ -258,3 +261,32 @@ def test_damaged_entries_get_the_same_answer_with_the_plane(image: Path, tmp_pat
         assert with_plane[key] == without[key], key
     assert with_plane["statuses"][0] == vblk.S_OK  # the cluster before the damaged one reads fine
     assert with_plane["statuses"][1] == (vblk.S_OK if damage == "the L1 table's cluster" else vblk.S_IOERR)
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_without_a_backing_file_unallocated_clusters_are_zeros_in_c(tmp_path: Path, cache: str) -> None:
+    """No backing file: an unallocated cluster, and a whole L2 table's span that has no table yet (4 KiB
+    clusters: one table maps 2 MiB), read as zeros in C; a write there makes the cluster data, read in C
+    too -- except under O_DIRECT, where a cluster the file grew by since it was opened lies in the part
+    served through the page cache (``DirectIO.tail_start``), which is Python's."""
+    path = tmp_path / "fresh.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", str(path), "4M"],
+                   check=True)
+    qemu_io(path, f"write -P 0x5a {CLUSTER} {CLUSTER}")
+    with device_on(path, cache, plane=True, fmt="qcow2") as s:
+        root = s.backend.root
+        assert isinstance(root, Qcow2Format)
+        assert read_through(s, 0, 4096) == bytes(4096)  # Python: looks the table up
+        plane = s.device._planes[0]
+        assert read_through(s, 0, 3 * CLUSTER) == bytes(CLUSTER) + b"\x5a" * CLUSTER + bytes(CLUSTER)
+        assert plane.served == 1
+        far = (3 << 20) // SECTOR  # in the second table's span: no table there
+        assert read_through(s, far, CLUSTER) == bytes(CLUSTER)  # Python: finds no table, publishes zeros
+        assert read_through(s, far, 2 * CLUSTER) == bytes(2 * CLUSTER)
+        assert plane.served == 2
+        head, _, status = offer(s.driver, Request(vblk.T_OUT, far, CLUSTER, pages=True, align=4096,
+                                                  indirect=False), 9)
+        serve(s.transport)
+        assert s.memory.read_u8(status) == vblk.S_OK
+        assert read_through(s, far, 2 * CLUSTER) == bytes((9 + i) & 0xFF for i in range(CLUSTER)) + bytes(CLUSTER)
+        assert plane.served == (3 if cache == "writeback" else 2)
