@@ -347,6 +347,8 @@ class FileProtocol:
             except OSError as exc:
                 raise BlockIOError.from_os_error("truncate", self.filename, exc, offset=size) from exc
             self._size = size
+            if self._direct is not None:
+                self._direct.follow_size(size)
 
     def resize(self, size: int) -> None:
         """``block_resize`` of a file node (QEMU's file-posix truncate): a regular file gets ``ftruncate``, a
@@ -371,6 +373,8 @@ class FileProtocol:
                 code = exc.errno or errno.EIO
                 raise BlockIOError(f"Could not resize file: {os.strerror(code)}", errno=code) from exc
             self._size = size
+            if self._direct is not None:
+                self._direct.follow_size(size)
 
     def allocated_bytes(self) -> int:
         """Bytes the host file really occupies (st_blocks), qemu-img's "disk size"."""
@@ -432,6 +436,8 @@ class FileProtocol:
         if end > self._size:
             with self._size_lock:
                 self._size = max(self._size, end)
+                if self._direct is not None:
+                    self._direct.follow_size(self._size)
 
     def _check_writable(self, op: str, offset: int, length: int) -> None:
         if self.read_only:

@@ -187,9 +187,18 @@ class DirectIO:
         self.fd = fd
         self.buffered_fd = buffered_fd
         self.align = align
-        self.tail_start = size // max(align, PAGE_SIZE) * max(align, PAGE_SIZE)
+        self.tail_start = 0
+        self.follow_size(size)
         self.range_lock = RangeLock()
         self._local = threading.local()
+
+    def follow_size(self, size: int) -> None:
+        """The file is ``size`` bytes now (grown by writes or ``ftruncate``, or trimmed): only its last
+        partial page stays with the buffered descriptor. Before, a file that grew kept every byte past its
+        size at open on the page cache -- under ``cache=none`` a qcow2 image's new clusters were never read
+        or written with O_DIRECT, and never through virtio-blk's C data plane."""
+        page = max(self.align, PAGE_SIZE)
+        self.tail_start = size // page * page
 
     def _bounce(self) -> memoryview:
         buf = getattr(self._local, "buf", None)

@@ -404,6 +404,29 @@ def test_direct_io_opens_with_o_direct(direct_image: tuple[Path, bytes]) -> None
         drv.close()
 
 
+def test_a_growable_direct_file_keeps_o_direct_for_what_it_grew_by(direct_image: tuple[Path, bytes]) -> None:
+    """A qcow2 image's file under ``cache=none`` grows as clusters are allocated: the bytes it grew by are
+    read and written with O_DIRECT (only the last partial page is the page cache's), and the pass-through
+    says so; a trim brings the boundary back."""
+    path, data = direct_image
+    drv = FileProtocol.open(str(path), direct=True, locking="off", growable=True)
+    try:
+        tail = drv.pass_through().direct_end
+        assert tail == len(data) // 4096 * 4096
+        block = bytes(range(256)) * 256  # 64 KiB, written 1 MiB past the end
+        drv.pwritev(len(data) + MiB - len(data) % 4096, [block])
+        end = len(data) + MiB - len(data) % 4096 + len(block)
+        assert drv.size() == end and drv.pass_through().direct_end == end
+        back = bytearray(len(block))
+        drv.preadv(end - len(block), [memoryview(back)])
+        assert back == block
+        drv.truncate(len(data))
+        assert drv.pass_through().direct_end == tail
+    finally:
+        drv.close()
+    assert path.read_bytes()[:len(data)] == data
+
+
 @pytest.mark.parametrize("alignment", [None, 4096], ids=["statx", "fallback-4096"])
 def test_direct_io_unaligned_requests(direct_image: tuple[Path, bytes], alignment: int | None,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
