@@ -346,9 +346,7 @@ class FileProtocol:
                 os.ftruncate(self._fd, size)
             except OSError as exc:
                 raise BlockIOError.from_os_error("truncate", self.filename, exc, offset=size) from exc
-            self._size = size
-            if self._direct is not None:
-                self._direct.follow_size(size)
+            self._size_is(size)
 
     def resize(self, size: int) -> None:
         """``block_resize`` of a file node (QEMU's file-posix truncate): a regular file gets ``ftruncate``, a
@@ -372,9 +370,7 @@ class FileProtocol:
             except OSError as exc:  # QEMU's file-posix words
                 code = exc.errno or errno.EIO
                 raise BlockIOError(f"Could not resize file: {os.strerror(code)}", errno=code) from exc
-            self._size = size
-            if self._direct is not None:
-                self._direct.follow_size(size)
+            self._size_is(size)
 
     def allocated_bytes(self) -> int:
         """Bytes the host file really occupies (st_blocks), qemu-img's "disk size"."""
@@ -435,9 +431,13 @@ class FileProtocol:
     def _grew_to(self, end: int) -> None:
         if end > self._size:
             with self._size_lock:
-                self._size = max(self._size, end)
-                if self._direct is not None:
-                    self._direct.follow_size(self._size)
+                self._size_is(max(self._size, end))
+
+    def _size_is(self, size: int) -> None:
+        """The file is ``size`` bytes now (``_size_lock`` held): the O_DIRECT boundary moves with it."""
+        self._size = size
+        if self._direct is not None:
+            self._direct.follow_size(size)
 
     def _check_writable(self, op: str, offset: int, length: int) -> None:
         if self.read_only:

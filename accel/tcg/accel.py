@@ -37,8 +37,8 @@ from pyemu.target.x86.cpu_models import TCG_FEATURES
 from pyemu.target.x86.cpuid import CpuidTable
 
 if TYPE_CHECKING:
-    from pyemu.system.shared_word import SharedWord
     from pyemu.hw.core.dma import WriteScreen
+    from pyemu.system.shared_word import SharedWord
 
 
 class TcgAccelerator:

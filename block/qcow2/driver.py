@@ -175,10 +175,13 @@ class Qcow2Format:
         nobody reads in C (backing files, ``pyemu-img``) never fill one."""
         if self.geometry.extended_l2:
             return None
-        clusters = -(-self.header.size // self.cluster_size)
+        clusters = self._disk_clusters()
         if not 0 < clusters <= READ_MAP_MAX_CLUSTERS:
             return None
         return ReadMap(clusters, self.cluster_bits, zero_unallocated=self.backing is None)
+
+    def _disk_clusters(self) -> int:
+        return -(-self.header.size // self.cluster_size)
 
     def _tree_change_begins(self) -> None:
         if self.map.read_map is not None:
@@ -193,7 +196,7 @@ class Qcow2Format:
         read_map.resume()
         if self._closed or self.header.corrupt:
             read_map.retire()
-        elif not read_map.retired and (read_map.clusters != -(-self.header.size // self.cluster_size)
+        elif not read_map.retired and (read_map.clusters != self._disk_clusters()
                                        or read_map.zero_unallocated != (self.backing is None)):
             read_map.retire()
             self.map.read_map = self._new_read_map()

@@ -74,13 +74,10 @@ class ReadMap:
 
     def publish_table(self, l1_index: int, words: object, l2_bits: int, file_size: int) -> None:
         """The entries of the active L2 table at ``l1_index`` (native words, standard entries)."""
-        if not self.usable or l1_index in self._published:
+        span = self._claim(l1_index, l2_bits)
+        if span is None:
             return
-        first = l1_index << l2_bits
-        count = min(1 << l2_bits, self.clusters - first)
-        if count <= 0:
-            return
-        self._published.add(l1_index)
+        first, count = span
         cluster_size, zeroes = 1 << self.cluster_bits, self.zero_unallocated
         table = self._words
         for index, word in enumerate(words[:count]):  # type: ignore[index]
@@ -88,14 +85,22 @@ class ReadMap:
 
     def publish_no_table(self, l1_index: int, l2_bits: int) -> None:
         """The clusters of an L1 entry with no L2 table: unallocated, so zeros without a backing file."""
+        span = self._claim(l1_index, l2_bits)
+        if span is not None:
+            first, count = span
+            self._words[first:first + count] = _fill(ZEROES if self.zero_unallocated else 0, count)
+
+    def _claim(self, l1_index: int, l2_bits: int) -> tuple[int, int] | None:
+        """The first guest cluster and the count the L1 entry ``l1_index`` maps in this table, marked
+        published; None when it is published already, maps nothing here, or nothing may be published."""
         if not self.usable or l1_index in self._published:
-            return
+            return None
         first = l1_index << l2_bits
         count = min(1 << l2_bits, self.clusters - first)
         if count <= 0:
-            return
+            return None
         self._published.add(l1_index)
-        self._words[first:first + count] = _fill(ZEROES if self.zero_unallocated else 0, count)
+        return first, count
 
     def publish(self, first: int, words: list[int], file_size: int) -> None:
         """The new entries of guest clusters ``first, first + 1, ...`` (standard entries)."""

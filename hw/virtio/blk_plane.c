@@ -171,11 +171,11 @@ static int read_mapped(const struct pyemu_bp_call *c, const struct iovec *iov, u
             return -1;
         int n = 0;
         for (uint64_t need = run; need; n++) {
-            size_t avail = iov[i].iov_len - skip, step = avail < need ? avail : (size_t)need;
+            size_t avail = iov[i].iov_len - skip, piece = avail < need ? avail : (size_t)need;
             part[n].iov_base = (uint8_t *)iov[i].iov_base + skip;
-            part[n].iov_len = step;
-            need -= step;
-            skip += step;
+            part[n].iov_len = piece;
+            need -= piece;
+            skip += piece;
             if (skip == iov[i].iov_len) {
                 i++;
                 skip = 0;

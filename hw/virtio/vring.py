@@ -11,8 +11,7 @@ from typing import Any
 
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio.queue import Virtqueue
-from pyemu.system import log
-from pyemu.system.native import NativeBuildError, load_native
+from pyemu.system.native import OptionalNative
 
 SOURCE = Path(__file__).with_name("vring.c")
 CDEF = """
@@ -29,18 +28,14 @@ struct pyemu_vr_queue {
 
 
 class NativePlane:
-    """A plane's C module: ``vring.c`` followed by ``source``, built at first use (:func:`load_native`) and
+    """A plane's C module: ``vring.c`` followed by ``source``, built at first use (:class:`~pyemu.system.native.OptionalNative`) and
     loaded once per process. ``switch`` names the environment variable that turns the plane off (``0``)
     for comparisons with the Python path; ``what`` names the plane in messages."""
 
     def __init__(self, prefix: str, source: Path, cdef: str, *, what: str, switch: str) -> None:
-        self._prefix = prefix
-        self._sources = [SOURCE, source]
-        self._cdef = CDEF + cdef
-        self._what = what
+        self._native = OptionalNative(prefix, [SOURCE, source], CDEF + cdef, what=what,
+                                      without="the Python path serves")
         self._switch = switch
-        self._module: ModuleType | None = None
-        self._unavailable = False
 
     def enabled(self) -> bool:
         """Whether devices use the plane (the switch unset, or anything but off)."""
@@ -49,13 +44,7 @@ class NativePlane:
     def load(self) -> ModuleType | None:
         """The compiled plane, or None when it failed to build (logged once under ``-d unimp``; the Python
         path serves everything then)."""
-        if self._module is None and not self._unavailable:
-            try:
-                self._module = load_native(self._prefix, self._sources, self._cdef, what=self._what)
-            except NativeBuildError as exc:
-                self._unavailable = True
-                log.log("unimp", f"{self._what} unavailable, the Python path serves: {exc}")
-        return self._module
+        return self._native.get()
 
     def module_for_a_device(self) -> ModuleType | None:
         """What a device asks once, at its first use of the plane: the module, or None when the plane is
@@ -96,7 +85,6 @@ class WrittenRanges:
 
     def __init__(self, ffi: Any, dma: DmaMemory, capacity: int) -> None:
         self.table = ffi.new("struct pyemu_vr_range[]", capacity)
-        self.capacity = capacity
         self._pairs = ffi.cast("const uint64_t *", self.table)
         screen = dma.write_screen()
         self._first: Any = None
