@@ -209,7 +209,8 @@ class DeviceRun:
     """What :func:`run_with_devices` saw: the exit value, a copy of guest RAM, the last exit; how many
     QueueNotify writes and InterruptStatus/InterruptACK accesses reached the transports' Python; the
     software CPU's ioeventfd hits and interrupt-status hits (served in C); each transport's InterruptStatus
-    at the end; the written guest ranges the DMA layer reported to the accelerator."""
+    at the end; the written guest ranges the DMA layer reported to the accelerator; the virtio-blk requests
+    its C data plane served."""
 
     result: int
     ram: bytes
@@ -220,6 +221,7 @@ class DeviceRun:
     status_hits: int
     final_status: list[int]
     reported: list[tuple[int, int]]
+    plane_served: int
 
 
 def run_with_devices(program: GuestProgram, accel: str, image: Path, bind: bool = True) -> DeviceRun:
@@ -267,7 +269,8 @@ def run_with_devices(program: GuestProgram, accel: str, image: Path, bind: bool 
             run = DeviceRun(result, ram, last_exit, counts["notify"], counts["status"],
                             getattr(accelerator, "ioeventfd_hits", 0),
                             table.status_hits if table is not None else 0,
-                            [transport.interrupt_status for transport in transports], reported)
+                            [transport.interrupt_status for transport in transports], reported,
+                            sum(plane.served for plane in devices[0][2]._planes.values()))  # type: ignore[attr-defined]
         finally:
             iothread.stop()
             for transport in transports:
@@ -357,9 +360,11 @@ def test_disk_read_over_executed_code_runs_the_new_code(accel: str, tmp_path: Pa
     run = run_with_devices(program, accel, image)
     assert run.result == 0x102, f"guest exit {run.result:#x} after {run.last_exit!r}"
     assert run.ram[DATA : DATA + 512] == bytes([0x5A]) * 512
-    if accel == "tcg":
+    if accel == "tcg" and run.plane_served:
         assert run.reported == [(CODE_PAGE, 512), (STATUS, 1)]  # from the first range with code on
     else:
+        # KVM has no screen; and the Python path, which serves a request the I/O thread finds only after
+        # the C plane looked (a guest that offers it meanwhile, seen on a loaded host), reports everything
         assert sorted(run.reported) == [(DATA, 512), (STATUS, 1), (CODE_PAGE, 512)]
 
 
