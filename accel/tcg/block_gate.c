@@ -45,6 +45,11 @@ struct pyemu_gate {
     uint64_t raised_at;    /* gate: the block start where it raised one that the engine has not asked
                             * the vCPU for yet (UINT64_MAX: none); the vCPU resets it when asked */
     uint32_t spin_burst;   /* scheduler: block starts the spin detector may still look at (see below) */
+    uint64_t halt_budget_ns; /* vCPU: how long a HLT with IF=1 spins in the engine (0: halt at once) */
+    int32_t in_halt_poll;  /* gate: spinning at a HLT inside the run now (kickers publish late, as for poll) */
+    int32_t halt_polled;   /* gate: the run ended in a HLT after spinning there for nothing (vCPU clears) */
+    uint64_t halt_started_ns; /* ... when that spin began (CLOCK_MONOTONIC) */
+    uint64_t halt_wakes;   /* statistics: HLTs an interrupt ended inside the run */
 };
 
 #define GATE_HF2_NMI_MASK (1u << 2)
@@ -266,3 +271,54 @@ int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns)
     }
 }
 
+
+/* HLT with IF=1, with pyemu's libunicorn (the engine calls this from the instruction's helper, on this
+ * engine's thread, GIL released; block_gate.py, BlockGate.poll_halts_in_engine, says why). Spin as
+ * pyemu_gate_poll does, for the budget the vCPU left, until an interrupt is pending: 1 then, and the engine
+ * takes it at once (asking the interrupt controller for the vector, as for one the gate raises). Anything
+ * else the vCPU thread must see to (a stop, code to invalidate, an NMI or INIT, another vCPU waiting for
+ * the turn this one holds) or the budget running out: 0, and the engine halts and ends the run as before,
+ * with halt_polled telling the vCPU that its window was spent here. */
+int pyemu_gate_halt(void *uc, void *opaque)
+{
+    struct pyemu_gate *gate = (struct pyemu_gate *)opaque;
+    uint64_t budget = gate->halt_budget_ns;
+    uint64_t start, deadline;
+    int woken = 0;
+    (void)uc;
+    if (!budget || !gate->engine_irq || !gate->raise_irq || gate->nmi_held) {
+        return 0;
+    }
+    start = gate_now_ns();
+    deadline = start + budget;
+    __atomic_store_n(&gate->in_halt_poll, 1, __ATOMIC_SEQ_CST);
+    for (;;) {
+        int i;
+        for (i = 0; i < 32; i++) {
+            if (__atomic_load_n(&gate->stop_request, __ATOMIC_ACQUIRE)
+                || __atomic_load_n(&gate->service_request, __ATOMIC_ACQUIRE)
+                || __atomic_load_n(&gate->contended, __ATOMIC_ACQUIRE)) {
+                goto done;
+            }
+            if (__atomic_load_n(&gate->irq_pending, __ATOMIC_ACQUIRE)) {
+                woken = 1;
+                goto done;
+            }
+            __builtin_ia32_pause();
+        }
+        sched_yield();
+        if (gate_now_ns() >= deadline) {
+            break;
+        }
+    }
+done:
+    __atomic_store_n(&gate->in_halt_poll, 0, __ATOMIC_SEQ_CST);
+    if (woken) {
+        gate->halt_wakes++;
+        gate->raised_at = UINT64_MAX;
+        return 1;
+    }
+    gate->halt_started_ns = start;
+    gate->halt_polled = 1;
+    return 0;
+}

@@ -51,7 +51,11 @@ With QEMU delivering events, its delivery's own faults reach the guest: the ``id
 correct the error code of a fault on the IDT (QEMU 5.0's long mode says vector * 16 + 2, and never sets EXT).
 The ``pause-*`` patches call a function of pyemu's at every PAUSE (``uc_pyemu_on_pause``): the block gate
 ends the vCPU's turn there when another vCPU waits for it, as QEMU's single-threaded TCG moves on to the
-next vCPU at every PAUSE (:func:`pyemu.accel.tcg.block_gate.BlockGate`).
+next vCPU at every PAUSE (:func:`pyemu.accel.tcg.block_gate.BlockGate`). The ``halt-*`` patches call one at
+every HLT with IF=1 (``uc_pyemu_on_halt``): the block gate spins there for the vCPU's halt-polling window,
+and an interrupt that arrives meanwhile is taken inside the same run, so a vCPU woken from HLT by its disk
+or network no longer leaves the engine, runs its loop in Python and enters the engine again
+(:meth:`pyemu.accel.tcg.block_gate.BlockGate.poll_halts_in_engine`).
 
 And two for pyemu's TLB-fill hook (:mod:`pyemu.accel.tcg.tlb_fill`), which fills ~700k entries in a PVH
 boot: Unicorn restores RIP and the lazy flags before every hook call (a look-up of the running block
@@ -776,6 +780,59 @@ PAUSE_HOOK = SourcePatch(
     count=1,
 )
 
+HALT_FIELDS = SourcePatch(
+    name="halt-fields",
+    path="include/uc_priv.h",
+    pattern=r"^(    void \*pyemu_pause_opaque;\n)",
+    replacement=(r"\1"
+                 r"    /* pyemu: called at a HLT with IF=1, on the engine's thread, after RIP moved past it; it may\n"
+                 r"     * wait a little for an interrupt and returns 1 when one is pending (the CPU then takes it\n"
+                 r"     * instead of halting), 0 to halt as QEMU does. */\n"
+                 r"    int (*pyemu_on_halt)(struct uc_struct *uc, void *opaque);\n"
+                 r"    void *pyemu_halt_opaque;\n"),
+    count=1,
+)
+
+HALT_API = SourcePatch(
+    name="halt-api",
+    path="uc.c",
+    pattern=r"^(UNICORN_EXPORT\nuc_err uc_emu_stop\(uc_engine \*uc\)\n)",
+    replacement=(
+        "/* pyemu: a function the engine calls at every HLT with IF=1 (NULL: none). */\n"
+        "UNICORN_EXPORT\n"
+        "uc_err uc_pyemu_on_halt(uc_engine *uc, int (*on_halt)(struct uc_struct *, void *), void *opaque)\n"
+        "{\n"
+        "    uc->pyemu_on_halt = on_halt;\n"
+        "    uc->pyemu_halt_opaque = opaque;\n"
+        "    return UC_ERR_OK;\n"
+        "}\n"
+        "\n"
+        r"\1"),
+    count=1,
+)
+
+HALT_HOOK = SourcePatch(
+    name="halt-hook",
+    path="qemu/target/i386/misc_helper.c",
+    # helper_hlt, after RIP moved past the HLT. An interrupt the function saw pending is raised as the
+    # block gate raises one (CPU_INTERRUPT_HARD), and the CPU loop, entered again with no exception,
+    # takes it at once: the return address is the instruction after the HLT, as when a halted CPU wakes.
+    pattern=r"^(    env->eip \+= next_eip_addend;\n\n    do_hlt\(cpu\);\n)",
+    replacement=("    env->eip += next_eip_addend;\n"
+                 "    if (env->uc->pyemu_on_halt && env->uc->pyemu_raise_interrupt && !env->uc->stop_request\n"
+                 "        && (env->eflags & IF_MASK)\n"
+                 "        && env->uc->pyemu_on_halt(env->uc, env->uc->pyemu_halt_opaque)) {  /* pyemu */\n"
+                 "        CPUState *cs = CPU(cpu);\n"
+                 "        env->hflags &= ~HF_INHIBIT_IRQ_MASK;\n"
+                 "        env->uc->pyemu_raise_interrupt(env->uc);\n"
+                 "        cs->exception_index = -1;\n"
+                 "        cpu_loop_exit(cs);\n"
+                 "    }\n"
+                 "\n"
+                 "    do_hlt(cpu);\n"),
+    count=1,
+)
+
 GUEST_FENCES_ARE_HOST_FENCES = SourcePatch(
     name="guest-fences-are-host-fences",
     path="qemu/tcg/tcg-op.c",
@@ -832,7 +889,7 @@ PATCHES: tuple[SourcePatch, ...] = (
     NATIVE_SYSCALL,
     PAGE_HAS_CODE, PAGE_HAS_CODE_DECLARATION, STORES_TO_CODE_STAY_CHECKED, PROTECT_CODE_IN_EVERY_MAPPING,
     IRQ_FIELDS, IRQ_API, IRQ_RAISE, IRQ_ACKNOWLEDGE, IDT_ERROR_CODE_LONG_MODE, IDT_ERROR_CODE_EXT, PAUSE_FIELDS,
-    PAUSE_API, PAUSE_HOOK, GUEST_FENCES_ARE_HOST_FENCES, LOCKED_OPS_ARE_HOST_FENCES,
+    PAUSE_API, PAUSE_HOOK, HALT_FIELDS, HALT_API, HALT_HOOK, GUEST_FENCES_ARE_HOST_FENCES, LOCKED_OPS_ARE_HOST_FENCES,
     LOCKED_CMPXCHG8B_IS_A_HOST_FENCE, LONG_MODE_IGNORES_CS_DS_ES_SS_BASES,
 )
 

@@ -230,8 +230,9 @@ class VcpuSampler:
                 index = int(getattr(vcpu, "index", 0))
                 ident = idents.get(index)
                 host = host_location(frames.get(ident)) if ident is not None else ""
-                sample = Sample(now - self._started, int(gate.last_block), bool(getattr(vcpu, "_halted", False)),
-                                host)
+                # A HLT spinning inside the run (BlockGate.poll_halts_in_engine) is as idle as one between runs.
+                halted = bool(getattr(vcpu, "_halted", False)) or bool(getattr(gate, "polling_in_engine", False))
+                sample = Sample(now - self._started, int(gate.last_block), halted, host)
                 self.per_vcpu.setdefault(index, []).append(sample)
             next_at += period
             delay = next_at - time.monotonic()

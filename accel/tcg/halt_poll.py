@@ -13,6 +13,12 @@ Spinning costs a host CPU, so the window adapts as KVM's ``halt_poll_ns`` does
 window keeps it; one that ended after the window but within the maximum doubles it (from a 10 µs start);
 one that lasted longer than the maximum (an idle guest waiting for its timer) resets it to 0, so an idle
 guest does not spin.
+
+Where it spins: on pyemu's libunicorn at the HLT itself, inside the run (``pyemu_gate_halt`` in
+``block_gate.c``), so that an interrupt within the window is taken without the engine returning to the
+vCPU's Python loop; between runs (``pyemu_gate_poll``) on PyPI's library, and after a run that ended in a
+HLT for another reason. Measured on 2026-12-07 with virtio-blk 1 MiB reads in the Debian guest (the I/O
+thread's time stamps): from the end of one host read to the start of the next 354-379 -> 219 µs (median).
 """
 
 from __future__ import annotations

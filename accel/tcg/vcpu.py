@@ -11,7 +11,10 @@ Run loop (``run``), per iteration:
 3. a vCPU halted with IF=1 waits until the interrupt controller has something pending: first spinning in
    C for its adaptive halt-polling window (:mod:`pyemu.accel.tcg.halt_poll`; any gate flag ends it), then
    sleeping on an Event (set by ``kick``/``request_stop``); one halted with IF=0, or waiting for SIPI,
-   waits for a processor event (an NMI, INIT or SIPI ends such a HLT);
+   waits for a processor event (an NMI, INIT or SIPI ends such a HLT). On pyemu's libunicorn the spin
+   happens at the HLT itself, inside the run (:meth:`~pyemu.accel.tcg.block_gate.BlockGate.poll_halts_in_engine`):
+   an interrupt that comes within the window is taken there and the run goes on; only a halt that outlasts
+   it, or that something else ends, comes back here, to sleep;
 4. the vCPU takes its turn (:mod:`pyemu.accel.tcg.scheduler`: one engine of the VM runs at a time) and
    first drops translations of pages other engines stored to (:class:`~pyemu.accel.tcg.tlb_fill.CodeMap`);
 5. a pending external interrupt is injected through the IDT if RFLAGS.IF=1 and no interrupt shadow is
@@ -184,6 +187,10 @@ class TcgVcpu:
         """How long a halt spins before sleeping (the accelerator sets the maximum for the VM's size)."""
         self._halted = False
         self._halt_rflags: int | None = None
+        self._halt_spun_since: int | None = None
+        """When the last run ended in a HLT that had spun inside the run for nothing (``monotonic_ns``): the
+        wait that follows has had its polling window (see BlockGate.poll_halts_in_engine)."""
+        self._halt_wakes_counted = 0
         """RFLAGS when the last run ended in a HLT (None: halted some other way, read the engine)."""
         # An application processor starts as on a PC: waiting for INIT/SIPI from the boot processor.
         self._mp = MpState.RUNNABLE if index == 0 else MpState.WAIT_FOR_SIPI
@@ -212,6 +219,7 @@ class TcgVcpu:
         mp_state = state.mp_state or MpState.RUNNABLE
         self._halted = mp_state is MpState.HALTED
         self._halt_rflags = None
+        self._halt_spun_since = None
         self._mp = MpState.WAIT_FOR_SIPI if mp_state is MpState.WAIT_FOR_SIPI else MpState.RUNNABLE
         if self._halted:
             self._gate.signal_interrupt()  # look at the controller once: it may hold the wake-up already
@@ -253,8 +261,13 @@ class TcgVcpu:
         :class:`pyemu.accel.tcg.port_fast_paths.PostedWriteWatch`)."""
         return self._io.guard.posted_pending
 
+    @property
+    def polling(self) -> bool:
+        """Spinning for an interrupt now, between runs or at a HLT inside one (any thread)."""
+        return self._polling or self._gate.polling_in_engine
+
     def kick(self) -> None:
-        if self._polling and publish_on_sleep(self._gate.wake_flags):
+        if (self._polling or self._gate.polling_in_engine) and publish_on_sleep(self._gate.wake_flags):
             # From an I/O thread's handler while this vCPU spins in C: flags set now would end the spin
             # while the kicker still holds the GIL, and the vCPU would sleep in the GIL's wait until woken
             # across CPUs. The I/O thread sets them once it has let the GIL go (system/wake_publish.py).
@@ -481,6 +494,7 @@ class TcgVcpu:
         blob.set_u64(self._tsc_offset_at, self.tsc.offset)
         blob.push()
         self._gate.arm()
+        self._gate.poll_halts_in_engine(self.halt_polling.budget_ns() if self._interrupts is not None else 0)
         tlb = self._tlb
         if tlb is not None:
             tlb.state.fill_failed = 0
@@ -497,6 +511,13 @@ class TcgVcpu:
         if self._acknowledge_failure is not None:
             reason, self._acknowledge_failure = self._acknowledge_failure, None
             return self._fail(reason)
+        self._count_halt_wakes()
+        spun_since = self._gate.take_halt_poll()
+        if spun_since is not None:
+            # The run ended in this HLT (IF=1) whatever else asks for attention: halted before a stop.
+            self._halted = True
+            self._halt_rflags = None
+            self._halt_spun_since = spun_since
         if self._gate.stopped:
             fault = self._gate.take_cr4_fault()
             if fault is not None:
@@ -513,6 +534,15 @@ class TcgVcpu:
         # Halted with interrupts disabled: the caller hears of it, and the next run() waits for what ends
         # such a HLT on hardware (NMI, INIT, SIPI): Linux parks offline CPUs and stopped ones this way.
         return Halt()
+
+    def _count_halt_wakes(self) -> None:
+        """HLTs an interrupt ended inside the last run count as halts caught by polling."""
+        wakes = self._gate.halt_wakes
+        if wakes != self._halt_wakes_counted:
+            caught = wakes - self._halt_wakes_counted
+            self._halt_wakes_counted = wakes
+            self.halt_polling.polls += caught
+            self.halt_polling.poll_hits += caught
 
     @staticmethod
     def _engine_delivers() -> bool:
@@ -636,6 +666,12 @@ class TcgVcpu:
         polling = self.halt_polling
         window = polling.budget_ns() if controller is not None else 0
         started = time.monotonic_ns() if controller is not None and polling.max_ns else 0
+        spun_since, self._halt_spun_since = self._halt_spun_since, None
+        if spun_since is not None and controller is not None:
+            window = 0  # spent inside the run already
+            polling.polls += 1
+            if started:
+                started = spun_since
         woken_while_polling = False
         try:
             while True:
