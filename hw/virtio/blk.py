@@ -153,6 +153,10 @@ class VirtioBlk(VirtioDevice):
             self.context.notify_queue(queue)
         if self._plane_serves(queue):
             self.context.notify_queue(queue)
+            if self._planes[queue.index].drained:
+                # Nothing left (avail_event asks for the next kick): a chain offered since goes to the C
+                # plane at that kick, not to the Python pass below (~5% of 1 MiB reads took that pass).
+                return
         while self._process_batch(queue):
             self.context.notify_queue(queue)
 

@@ -98,6 +98,8 @@ class DataPlane:
         """Requests served within an earlier request's host call (consecutive reads or writes merged)."""
         self.stops_for_python = 0
         self.host_errors = 0
+        self.drained = False
+        """The last call served something and stopped on an empty ring (see :meth:`serve`)."""
 
     def serve(self, queue: Virtqueue, dma: DmaMemory, target: PassThrough, backend: BlockBackend) -> int:
         """Serve the reads and writes at the head of ``queue`` (its lock held) through ``target``, which
@@ -115,6 +117,9 @@ class DataPlane:
         call.last_avail, call.used_idx = queue.last_avail, queue.used_idx
         served = self._serve(call)  # cffi lets the GIL go for the call
         stop = call.stop
+        # After a batch the C walk sets avail_event to the index it reached, fences, and looks again: a
+        # chain the driver offers after that look notifies the queue, so nothing is left for Python.
+        self.drained = bool(served) and stop == STOP_EMPTY
         if stop == STOP_PYTHON:
             self.stops_for_python += 1
         elif stop == STOP_HOST_ERROR:
