@@ -9,8 +9,10 @@
  * served completely here (data moved, status byte written, used element filled) or not touched at all.
  *
  * Guest memory is reached only through vring.c (built in front of this file), which checks every address
- * and index. The used index is not published here: Python reports the DMA writes first (the software CPU
- * drops stale translations of that RAM) and then publishes it, as its own push does.
+ * and index. The used index is published here only when nothing needs Python first: a call that wrote no
+ * disk range (the dirty bitmaps hear of writes from Python) and whose guest writes the DMA write screen
+ * passes whole (no translated code in them, no dirty log running). Otherwise Python reports the DMA writes
+ * first (the software CPU drops stale translations of that RAM) and then publishes it, as its own push does.
  */
 
 #define BP_T_IN 0
@@ -45,6 +47,15 @@ struct pyemu_bp_call {
     uint32_t served, nwrote, ndisk;
     uint32_t merged;              /* requests served in an earlier request's preadv/pwritev */
     int32_t stop;                 /* see BP_STOP_* */
+    /* in: completion here (see the top of the file) */
+    int64_t (*screen)(const void *state, const uint64_t *pairs, uint64_t count); /* NULL: none */
+    const void *screen_state;
+    int32_t may_publish;
+    /* in/out: the used index at the queue's last interrupt decision, -1 for none */
+    int32_t signalled;
+    /* out */
+    int32_t published;            /* the used index is out; ``interrupt`` says whether the driver wants one */
+    int32_t interrupt;
 };
 
 enum { BP_STOP_EMPTY = 0, BP_STOP_PYTHON = 1, BP_STOP_HOST_ERROR = 2, BP_STOP_LIMIT = 3, BP_TAKEN = -1 };
@@ -286,15 +297,9 @@ static void complete(struct pyemu_bp_call *c, const struct vr_ring *ring, const 
     c->served++;
 }
 
-int pyemu_bp_serve(struct pyemu_bp_call *c)
+static int serve_batches(struct pyemu_bp_call *c, struct vr_ring *rp)
 {
-    c->served = c->nwrote = c->ndisk = c->merged = 0;
-    c->stop = BP_STOP_EMPTY;
-    struct vr_ring ring;
-    if (vr_resolve(&ring, &c->queue) != 0) {
-        c->stop = BP_STOP_PYTHON;
-        return 0;
-    }
+    struct vr_ring ring = *rp;
     uint32_t size = c->queue.size;
     /* ~50 KiB of segments and iovecs: not on the I/O thread's stack */
     static __thread struct vr_seg seg[VR_MAX_IOV];
@@ -351,4 +356,33 @@ int pyemu_bp_serve(struct pyemu_bp_call *c)
     }
     c->stop = BP_STOP_LIMIT;
     return (int)c->served;
+}
+
+/* Nothing for Python to do before the driver may see the requests: no disk range written (the dirty
+ * bitmaps), and no guest range the DMA write screen picks (translated code, the dirty log). */
+static int may_publish_here(const struct pyemu_bp_call *c)
+{
+    if (!c->may_publish || c->ndisk)
+        return 0;
+    if (!c->nwrote)
+        return 1;
+    return c->screen && c->screen(c->screen_state, (const uint64_t *)c->wrote, c->nwrote) < 0;
+}
+
+int pyemu_bp_serve(struct pyemu_bp_call *c)
+{
+    c->served = c->nwrote = c->ndisk = c->merged = 0;
+    c->published = c->interrupt = 0;
+    c->stop = BP_STOP_EMPTY;
+    struct vr_ring ring;
+    if (vr_resolve(&ring, &c->queue) != 0) {
+        c->stop = BP_STOP_PYTHON;
+        return 0;
+    }
+    int served = serve_batches(c, &ring);
+    if (served > 0 && may_publish_here(c)) {
+        c->interrupt = vr_publish_used(&ring, c->queue.event_idx, c->used_idx, &c->signalled);
+        c->published = 1;
+    }
+    return served;
 }

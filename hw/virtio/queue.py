@@ -300,6 +300,7 @@ class Virtqueue:
         self.last_avail = 0
         self.used_idx = 0
         self.signalled_used: int | None = None
+        self._interrupt_decided = False
         self.popped = 0
         self.pushed = 0
         self._rings: _Rings | None = None
@@ -327,6 +328,7 @@ class Virtqueue:
         self.last_avail = 0
         self.used_idx = 0
         self.signalled_used = None
+        self._interrupt_decided = False
         self._rings = None
         self.ready = True
 
@@ -547,6 +549,20 @@ class Virtqueue:
         self.used_idx = used_idx & 0xFFFF
         self.pushed += count
 
+    def published_elsewhere(self, count: int, last_avail: int, used_idx: int, signalled_used: int,
+                            interrupt: bool) -> None:
+        """As :meth:`served_elsewhere`, for chains whose used index the C plane published itself, having
+        written nothing anyone must hear of, and whose interrupt it decided as :meth:`should_interrupt`
+        does (``signalled_used``: the index it decided at; ``interrupt``: the driver wants one). The next
+        :meth:`should_interrupt` answers True when it did."""
+        self.last_avail = last_avail & 0xFFFF
+        self.popped += count
+        self.used_idx = used_idx & 0xFFFF
+        self.pushed += count
+        if self.event_idx:
+            self.signalled_used = signalled_used & 0xFFFF
+        self._interrupt_decided = self._interrupt_decided or interrupt
+
     def unpop(self, count: int) -> None:
         """Give the last ``count`` popped chains back to the available ring (QEMU's virtqueue_unpop), so
         buffers the device cannot use yet stay the driver's. ``avail_event`` needs no change: the pops set
@@ -556,6 +572,10 @@ class Virtqueue:
 
     def should_interrupt(self, dma: DmaMemory) -> bool:
         """After pushes: does the driver want an interrupt for them? (Call once per batch.)"""
+        if self._interrupt_decided:  # by a C plane for what it published (published_elsewhere)
+            self._interrupt_decided = False
+            self.signalled_used = self.used_idx if self.event_idx else self.signalled_used
+            return True
         if not self.event_idx:
             full_fence()  # as below, for the driver's NO_INTERRUPT flag
             flags = self._avail_u16(dma, 0)

@@ -108,6 +108,24 @@ static inline void vr_put_used(const struct vr_ring *r, uint16_t used_idx, uint3
     store_u32(elem + 4, len);
 }
 
+/* Publish used index ``used_idx`` (after the used elements and the data they describe) and decide, as
+ * queue.py's Virtqueue.should_interrupt does, whether the driver wants an interrupt for what was used since
+ * the last decision. ``signalled``: the used index at that decision, -1 for none yet (updated). */
+static int vr_publish_used(const struct vr_ring *r, int event_idx, uint16_t used_idx, int32_t *signalled)
+{
+    __atomic_store_n((uint16_t *)(r->used + 2), used_idx, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);  /* the index out before the driver's flags are read */
+    if (!event_idx)
+        return !(__atomic_load_n((uint16_t *)r->avail, __ATOMIC_RELAXED) & 1);  /* VRING_AVAIL_F_NO_INTERRUPT */
+    int32_t old = *signalled;
+    *signalled = used_idx;
+    if (old < 0)
+        return 1;
+    uint16_t used_event = __atomic_load_n((uint16_t *)(r->avail + 4 + 2 * r->size), __ATOMIC_RELAXED);
+    /* vring_need_event: used_event in [old, used_idx) */
+    return (uint16_t)(used_idx - used_event - 1) < (uint16_t)(used_idx - (uint16_t)old);
+}
+
 /* avail_event: "notify me on the very next buffer", fenced before the next read of the available index. */
 static inline void vr_set_avail_event(const struct vr_ring *r, uint16_t last_avail)
 {

@@ -96,6 +96,13 @@ class WrittenRanges:
         self.screened = 0
         """Ranges handed to the DMA layer and ranges the screen kept from it (tests, benchmarks)."""
 
+    def wire_screen(self, call: Any) -> None:
+        """Hand the screen to a plane's call structure (its ``screen`` and ``screen_state`` fields), for a
+        plane that publishes what nobody needs to hear of itself (NULL without a screen)."""
+        if self._first is not None:
+            call.screen = self._first
+            call.screen_state = self._state
+
     def to_report(self, count: int) -> list[tuple[int, int]]:
         """Of the first ``count`` ranges written, those the DMA layer must be told of."""
         if count <= 0:

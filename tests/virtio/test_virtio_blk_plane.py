@@ -20,6 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyemu.accel.tcg.block_gate import load_gate_module
+from pyemu.accel.tcg.tlb_fill import CodeMap
 from pyemu.block.backend import BlockBackend
 from pyemu.block.dirty_bitmap import bitmaps_of
 from pyemu.block.options import DriveOptions, open_drive
@@ -58,6 +60,7 @@ class Setup:
     backend: BlockBackend
     written: list[tuple[int, int]]
     irq: Irq
+    code_map: CodeMap | None = None
 
 
 def plane_setting(on: bool) -> contextlib.AbstractContextManager[None]:
@@ -66,11 +69,16 @@ def plane_setting(on: bool) -> contextlib.AbstractContextManager[None]:
 
 @contextlib.contextmanager
 def device_on(image: Path, cache: str, *, plane: bool, event_idx: bool = True,
-              extra: tuple[tuple[str, str], ...] = (), probed: bool = False, fmt: str = "raw") -> Iterator[Setup]:
+              extra: tuple[tuple[str, str], ...] = (), probed: bool = False, fmt: str = "raw",
+              screen: bool = False) -> Iterator[Setup]:
+    """A device on test RAM; ``screen``: the DMA layer offers the software CPU's write screen (a code map of
+    the test RAM, with no code in it unless a test marks some), as under ``-accel tcg``."""
     memory = GuestMemory([(0, RAM_SIZE)], name="read-plane-test")
     iothread = IoThread("read-plane-test")
     written: list[tuple[int, int]] = []
-    dma = DmaMemory(memory, lambda gpa, size: written.append((gpa, size)))
+    code_map = CodeMap(memory, load_gate_module()) if screen else None
+    dma = DmaMemory(memory, lambda gpa, size: written.append((gpa, size)),
+                    screen=(lambda: code_map.write_screen) if code_map is not None else None)
     format_props = () if probed else (("format", fmt),)
     backend = open_drive(DriveOptions.from_props([("file", str(image)), *format_props, ("if", "none"),
                                                   ("id", "d0"), ("cache", cache), *extra]))
@@ -81,7 +89,7 @@ def device_on(image: Path, cache: str, *, plane: bool, event_idx: bool = True,
     driver.initialise(event_idx=event_idx, queues={0: 256})  # room for ten 18-descriptor chains
     try:
         with plane_setting(plane):
-            yield Setup(memory, device, transport, driver, backend, written, irq)
+            yield Setup(memory, device, transport, driver, backend, written, irq, code_map)
     finally:
         transport.close()
         iothread.close()
@@ -142,10 +150,10 @@ def serve(transport: VirtioMmio) -> None:
 
 
 def run_batch(image: Path, cache: str, requests: list[Request], *, plane: bool, fmt: str = "raw",
-              prepare: Callable[[Setup], object] | None = None) -> dict[str, object]:
+              prepare: Callable[[Setup], object] | None = None, screen: bool = False) -> dict[str, object]:
     work = image.with_name(f"{image.stem}-{int(plane)}.img")
     work.write_bytes(image.read_bytes())
-    with device_on(work, cache, plane=plane, fmt=fmt) as s:
+    with device_on(work, cache, plane=plane, fmt=fmt, screen=screen) as s:
         if prepare is not None:
             prepare(s)
         offered = [offer(s.driver, req, index) for index, req in enumerate(requests)]
@@ -219,15 +227,19 @@ def plane_builds() -> None:
     assert blk_plane.load() is not None, "the C data plane did not build"
 
 
+@pytest.mark.parametrize("screen", [False, True], ids=["no-screen", "tcg-screen"])
 @pytest.mark.parametrize("cache", ["writeback", "none"])
 @settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(requests=requests_strategy)
-def test_the_plane_changes_nothing_the_guest_sees(image: Path, cache: str, requests: list[Request]) -> None:
-    with_plane = run_batch(image, cache, requests, plane=True)
+def test_the_plane_changes_nothing_the_guest_sees(image: Path, cache: str, screen: bool,
+                                                  requests: list[Request]) -> None:
+    """With the software CPU's write screen and no code in RAM, the plane publishes what it served itself
+    (nothing to report): the guest must see the same as without the plane."""
+    with_plane = run_batch(image, cache, requests, plane=True, screen=screen)
     without = run_batch(image, cache, requests, plane=False)
     assert without["served_by_plane"] == 0
-    assert with_plane["reported"] and without["reported"]
+    assert without["reported"] and (screen or with_plane["reported"])
     for key in ("used", "statuses", "data", "image", "broken"):
         assert with_plane[key] == without[key], key
 
@@ -329,6 +341,66 @@ def test_a_chain_offered_after_the_planes_last_look_waits_for_its_kick(image: Pa
         assert s.memory.read_u8(status) == vblk.S_OK
         assert s.memory.read(pieces[0][0], 4096) == PATTERN[64 * SECTOR:64 * SECTOR + 4096]
         assert s.device._planes[0].served == 2 and s.device.requests == 2
+
+
+def _used_event(s: Setup, value: int) -> None:
+    """The driver's used_event (virtio 1.x 2.7.10): interrupt me once the used index passes ``value``."""
+    queue = s.driver.queues[0]
+    s.memory.write_u16(queue.avail + 4 + 2 * queue.size, value & 0xFFFF)
+
+
+def _read(s: Setup, sector: int, seed: int) -> tuple[int, list[tuple[int, int]], int]:
+    return offer(s.driver, Request(vblk.T_IN, sector, 8192, pages=True, align=4096, indirect=False), seed)
+
+
+def test_reads_with_nothing_to_report_are_published_in_c_with_the_interrupt_the_driver_asked_for(
+        image: Path) -> None:
+    """Under the software CPU's write screen, a read into RAM without translated code leaves Python
+    nothing to report: the C call publishes the used index and decides the interrupt by used_event, as
+    Virtqueue.should_interrupt does. A read into a page holding code, and a write (the dirty bitmaps hear
+    of it from Python), are published by Python after their reports."""
+    with device_on(image, "writeback", plane=True, screen=True) as s:
+        plane_reads = [_read(s, 8 * i, i) for i in range(3)]
+        serve(s.transport)
+        assert [head for head, _ in s.driver.used(0)] == [head for head, _, _ in plane_reads]
+        for index, (_, pieces, status) in enumerate(plane_reads):
+            assert s.memory.read_u8(status) == vblk.S_OK
+            assert b"".join(s.memory.read(a, n) for a, n in pieces) == PATTERN[8 * index * SECTOR:(8 * index + 16) * SECTOR]
+        plane = s.device._planes[0]
+        assert plane.published == 1 and s.written == []
+        assert s.irq.count == 1  # the queue's first decision always interrupts
+
+        _used_event(s, 3)  # the driver wants an interrupt once used index 3 is passed
+        _read(s, 64, 7)
+        serve(s.transport)
+        assert s.irq.count == 2 and plane.published == 2
+        _used_event(s, 100)  # not before index 100
+        _read(s, 72, 8)
+        serve(s.transport)
+        assert len(s.driver.used(0)) == 2
+        assert s.irq.count == 2 and plane.published == 3
+
+        _used_event(s, 5)
+        assert s.code_map is not None
+        head, pieces, _ = _read(s, 80, 9)
+        s.code_map._owner_bytes[pieces[0][0] >> 12] = 1  # translated code in the first page read into
+        serve(s.transport)
+        assert s.driver.used(0) == [(head, 8193)]
+        assert plane.published == 3 and s.written[:1] == [pieces[0]]
+        assert s.irq.count == 3
+
+
+def test_without_event_idx_the_c_call_honours_no_interrupt(image: Path) -> None:
+    with device_on(image, "writeback", plane=True, screen=True, event_idx=False) as s:
+        queue = s.driver.queues[0]
+        _read(s, 0, 1)
+        serve(s.transport)
+        assert s.irq.count == 1 and s.device._planes[0].published == 1
+        s.memory.write_u16(queue.avail, 1)  # VRING_AVAIL_F_NO_INTERRUPT
+        _read(s, 8, 2)
+        serve(s.transport)
+        assert len(s.driver.used(0)) == 2
+        assert s.irq.count == 1 and s.device._planes[0].published == 2
 
 
 def test_the_plane_stops_at_a_flush_and_python_serves_the_rest_in_order(image: Path) -> None:
