@@ -187,11 +187,12 @@ class TcgVcpu:
         """How long a halt spins before sleeping (the accelerator sets the maximum for the VM's size)."""
         self._halted = False
         self._halt_rflags: int | None = None
+        """RFLAGS when the last run ended in a HLT (None: halted some other way, read the engine)."""
         self._halt_spun_since: int | None = None
         """When the last run ended in a HLT that had spun inside the run for nothing (``monotonic_ns``): the
         wait that follows has had its polling window (see BlockGate.poll_halts_in_engine)."""
         self._halt_wakes_counted = 0
-        """RFLAGS when the last run ended in a HLT (None: halted some other way, read the engine)."""
+        """The gate's count of HLTs ended inside a run, as far as halt_polling's statistics have it."""
         # An application processor starts as on a PC: waiting for INIT/SIPI from the boot processor.
         self._mp = MpState.RUNNABLE if index == 0 else MpState.WAIT_FOR_SIPI
         self._events_signalled = False

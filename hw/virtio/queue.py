@@ -543,11 +543,8 @@ class Virtqueue:
         those to the DMA layer and then publish the used index, in :meth:`push_many`'s order."""
         if written_ranges:
             dma.wrote_ranges(written_ranges)
-        self.last_avail = last_avail & 0xFFFF
-        self.popped += count
         self._put_used_u16(dma, 2, used_idx)
-        self.used_idx = used_idx & 0xFFFF
-        self.pushed += count
+        self._served(count, last_avail, used_idx)
 
     def published_elsewhere(self, count: int, last_avail: int, used_idx: int, signalled_used: int,
                             interrupt: bool) -> None:
@@ -555,13 +552,17 @@ class Virtqueue:
         written nothing anyone must hear of, and whose interrupt it decided as :meth:`should_interrupt`
         does (``signalled_used``: the index it decided at; ``interrupt``: the driver wants one). The next
         :meth:`should_interrupt` answers True when it did."""
+        self._served(count, last_avail, used_idx)
+        if self.event_idx:
+            self.signalled_used = signalled_used & 0xFFFF
+        self._interrupt_decided = self._interrupt_decided or interrupt
+
+    def _served(self, count: int, last_avail: int, used_idx: int) -> None:
+        """The indices after ``count`` chains popped and pushed outside this object."""
         self.last_avail = last_avail & 0xFFFF
         self.popped += count
         self.used_idx = used_idx & 0xFFFF
         self.pushed += count
-        if self.event_idx:
-            self.signalled_used = signalled_used & 0xFFFF
-        self._interrupt_decided = self._interrupt_decided or interrupt
 
     def unpop(self, count: int) -> None:
         """Give the last ``count`` popped chains back to the available ring (QEMU's virtqueue_unpop), so
