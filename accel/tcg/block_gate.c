@@ -252,13 +252,15 @@ static inline uint64_t gate_now_ns(void)
     return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
 }
 
-int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns)
+/* The spin both waits share: ``look`` until it answers non-zero or ``deadline`` passes (one last look
+ * then), yielding the CPU between bursts. */
+static inline int gate_spin(const struct pyemu_gate *gate, uint64_t deadline, int (*look)(const struct pyemu_gate *))
 {
-    uint64_t deadline = gate_now_ns() + budget_ns;
     for (;;) {
         for (int i = 0; i < 32; i++) {
-            if (__atomic_load_n(&gate->attention, __ATOMIC_ACQUIRE)) {
-                return 1;
+            int seen = look(gate);
+            if (seen) {
+                return seen;
             }
             __builtin_ia32_pause();
         }
@@ -266,11 +268,33 @@ int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns)
          * other end of a network transfer): spinning must not delay what it waits for. */
         sched_yield();
         if (gate_now_ns() >= deadline) {
-            return __atomic_load_n(&gate->attention, __ATOMIC_ACQUIRE) ? 1 : 0;
+            return look(gate);
         }
     }
 }
 
+static int attention_set(const struct pyemu_gate *gate)
+{
+    return __atomic_load_n(&gate->attention, __ATOMIC_ACQUIRE) ? 1 : 0;
+}
+
+int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns)
+{
+    return gate_spin(gate, gate_now_ns() + budget_ns, attention_set);
+}
+
+enum { HALT_WAIT = 0, HALT_INTERRUPT = 1, HALT_VCPU_WORK = 2 };
+
+/* At a HLT: what ends the spin. Work for the vCPU thread comes first: it must leave the run for it. */
+static int halt_ended(const struct pyemu_gate *gate)
+{
+    if (__atomic_load_n(&gate->stop_request, __ATOMIC_ACQUIRE)
+        || __atomic_load_n(&gate->service_request, __ATOMIC_ACQUIRE)
+        || __atomic_load_n(&gate->contended, __ATOMIC_ACQUIRE)) {
+        return HALT_VCPU_WORK;
+    }
+    return __atomic_load_n(&gate->irq_pending, __ATOMIC_ACQUIRE) ? HALT_INTERRUPT : HALT_WAIT;
+}
 
 /* HLT with IF=1, with pyemu's libunicorn (the engine calls this from the instruction's helper, on this
  * engine's thread, GIL released; block_gate.py, BlockGate.poll_halts_in_engine, says why). Spin as
@@ -283,37 +307,15 @@ int pyemu_gate_halt(void *uc, void *opaque)
 {
     struct pyemu_gate *gate = (struct pyemu_gate *)opaque;
     uint64_t budget = gate->halt_budget_ns;
-    uint64_t start, deadline;
-    int woken = 0;
     (void)uc;
     if (!budget || !gate->engine_irq || !gate->raise_irq || gate->nmi_held) {
         return 0;
     }
-    start = gate_now_ns();
-    deadline = start + budget;
+    uint64_t start = gate_now_ns();
     __atomic_store_n(&gate->in_halt_poll, 1, __ATOMIC_SEQ_CST);
-    for (;;) {
-        int i;
-        for (i = 0; i < 32; i++) {
-            if (__atomic_load_n(&gate->stop_request, __ATOMIC_ACQUIRE)
-                || __atomic_load_n(&gate->service_request, __ATOMIC_ACQUIRE)
-                || __atomic_load_n(&gate->contended, __ATOMIC_ACQUIRE)) {
-                goto done;
-            }
-            if (__atomic_load_n(&gate->irq_pending, __ATOMIC_ACQUIRE)) {
-                woken = 1;
-                goto done;
-            }
-            __builtin_ia32_pause();
-        }
-        sched_yield();
-        if (gate_now_ns() >= deadline) {
-            break;
-        }
-    }
-done:
+    int ended = gate_spin(gate, start + budget, halt_ended);
     __atomic_store_n(&gate->in_halt_poll, 0, __ATOMIC_SEQ_CST);
-    if (woken) {
+    if (ended == HALT_INTERRUPT) {
         gate->halt_wakes++;
         gate->raised_at = UINT64_MAX;
         return 1;

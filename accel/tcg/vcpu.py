@@ -268,7 +268,7 @@ class TcgVcpu:
         return self._polling or self._gate.polling_in_engine
 
     def kick(self) -> None:
-        if (self._polling or self._gate.polling_in_engine) and publish_on_sleep(self._gate.wake_flags):
+        if self.polling and publish_on_sleep(self._gate.wake_flags):
             # From an I/O thread's handler while this vCPU spins in C: flags set now would end the spin
             # while the kicker still holds the GIL, and the vCPU would sleep in the GIL's wait until woken
             # across CPUs. The I/O thread sets them once it has let the GIL go (system/wake_publish.py).

@@ -50,7 +50,6 @@ struct pyemu_bp_call {
     /* in: completion here (see the top of the file) */
     int64_t (*screen)(const void *state, const uint64_t *pairs, uint64_t count); /* NULL: none */
     const void *screen_state;
-    int32_t may_publish;
     /* in/out: the used index at the queue's last interrupt decision, -1 for none */
     int32_t signalled;
     /* out */
@@ -297,16 +296,15 @@ static void complete(struct pyemu_bp_call *c, const struct vr_ring *ring, const 
     c->served++;
 }
 
-static int serve_batches(struct pyemu_bp_call *c, struct vr_ring *rp)
+static int serve_batches(struct pyemu_bp_call *c, const struct vr_ring *ring)
 {
-    struct vr_ring ring = *rp;
     uint32_t size = c->queue.size;
     /* ~50 KiB of segments and iovecs: not on the I/O thread's stack */
     static __thread struct vr_seg seg[VR_MAX_IOV];
     static __thread struct iovec iov[VR_MAX_IOV];
     static __thread struct bp_request r[BP_MAX_MERGED];
     while (c->served < c->max_requests) {
-        uint16_t pending = (uint16_t)(vr_avail_idx(&ring) - c->last_avail);
+        uint16_t pending = (uint16_t)(vr_avail_idx(ring) - c->last_avail);
         if (pending == 0) {
             c->stop = BP_STOP_EMPTY;
             return (int)c->served;
@@ -325,7 +323,7 @@ static int serve_batches(struct pyemu_bp_call *c, struct vr_ring *rp)
         if (limit > pending)
             limit = pending;
         int why = BP_TAKEN;
-        while (k < limit && (why = take(c, &ring, k, r, seg, &nseg, iov, &niov, &bytes)) == BP_TAKEN)
+        while (k < limit && (why = take(c, ring, k, r, seg, &nseg, iov, &niov, &bytes)) == BP_TAKEN)
             k++;
         if (k == 0) {
             c->stop = why;        /* Python's; or it did not fit the reports left (a later call takes it) */
@@ -349,10 +347,10 @@ static int serve_batches(struct pyemu_bp_call *c, struct vr_ring *rp)
             c->ndisk++;
         }
         for (uint32_t i = 0; i < k; i++)
-            complete(c, &ring, &r[i], seg);
+            complete(c, ring, &r[i], seg);
         c->merged += k - 1;
         if (c->queue.event_idx)
-            vr_set_avail_event(&ring, c->last_avail);
+            vr_set_avail_event(ring, c->last_avail);
     }
     c->stop = BP_STOP_LIMIT;
     return (int)c->served;
@@ -362,7 +360,7 @@ static int serve_batches(struct pyemu_bp_call *c, struct vr_ring *rp)
  * bitmaps), and no guest range the DMA write screen picks (translated code, the dirty log). */
 static int may_publish_here(const struct pyemu_bp_call *c)
 {
-    if (!c->may_publish || c->ndisk)
+    if (c->ndisk)
         return 0;
     if (!c->nwrote)
         return 1;

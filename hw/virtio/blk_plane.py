@@ -67,7 +67,6 @@ struct pyemu_bp_call {
     int32_t stop;
     int64_t (*screen)(const void *state, const uint64_t *pairs, uint64_t count);
     const void *screen_state;
-    int32_t may_publish;
     int32_t signalled;
     int32_t published;
     int32_t interrupt;
@@ -103,7 +102,6 @@ class DataPlane:
         call.disk = self._disk
         call.max_disk = MAX_DISK
         self._wrote.wire_screen(call)
-        call.may_publish = 1
         self._serve = module.lib.pyemu_bp_serve
         self._setup: tuple[object, ...] | None = None
         self.served = 0
@@ -143,17 +141,16 @@ class DataPlane:
             self.host_errors += 1
         if call.ndisk:
             backend.wrote_through(vring.range_list(self._disk, call.ndisk))
-        if served and call.published:
-            # Published in C, with the interrupt decided: nothing was left to report (see blk_plane.c).
-            self._wrote.screened += call.nwrote
-            queue.published_elsewhere(served, call.last_avail, call.used_idx, call.signalled,
-                                      bool(call.interrupt))
-            self.served += served
-            self.published += 1
-            self.merged += call.merged
-        elif served:
-            ranges = self._wrote.to_report(call.nwrote)
-            queue.served_elsewhere(dma, served, call.last_avail, call.used_idx, ranges)
+        if served:
+            if call.published:
+                # Published in C, with the interrupt decided: nothing was left to report (blk_plane.c).
+                self._wrote.screened += call.nwrote
+                queue.published_elsewhere(served, call.last_avail, call.used_idx, call.signalled,
+                                          bool(call.interrupt))
+                self.published += 1
+            else:
+                ranges = self._wrote.to_report(call.nwrote)
+                queue.served_elsewhere(dma, served, call.last_avail, call.used_idx, ranges)
             self.served += served
             self.merged += call.merged
         return served
