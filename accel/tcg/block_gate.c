@@ -324,3 +324,27 @@ int pyemu_gate_halt(void *uc, void *opaque)
     gate->halt_polled = 1;
     return 0;
 }
+
+/* The engine's INTA answered in C by the interrupt controller (BlockGate.take_interrupts_in_engine with
+ * a native controller; hw/intc/apic_core.c says why): ``controller_ack`` moves the vector to in-service
+ * and keeps the vCPU's irq_pending flag as the Python vCPU's _take_vector does. When it says only its
+ * Python model may answer (-2, e.g. a PIC passed through), the Python acknowledge runs instead. */
+struct pyemu_gate_ack {
+    struct pyemu_gate *gate;
+    int (*controller_ack)(void *controller, int32_t *irq_pending);
+    void *controller;
+    int (*fallback)(void *opaque);
+    uint64_t acks;          /* vectors the controller gave in C */
+};
+
+int pyemu_gate_acknowledge(void *opaque)
+{
+    struct pyemu_gate_ack *a = (struct pyemu_gate_ack *)opaque;
+    int vector = a->controller_ack(a->controller, &a->gate->irq_pending);
+    if (vector == -2)
+        return a->fallback(NULL);
+    a->gate->raised_at = UINT64_MAX;  /* BlockGate.interrupt_taken */
+    if (vector >= 0)
+        a->acks++;
+    return vector;
+}

@@ -141,6 +141,14 @@ void pyemu_block_gate(void *uc, uint64_t address, uint32_t size, void *user_data
 void pyemu_gate_pause(void *uc, void *opaque);
 int pyemu_gate_halt(void *uc, void *opaque);
 int pyemu_gate_poll(struct pyemu_gate *gate, uint64_t budget_ns);
+struct pyemu_gate_ack {
+    struct pyemu_gate *gate;
+    int (*controller_ack)(void *controller, int32_t *irq_pending);
+    void *controller;
+    int (*fallback)(void *opaque);
+    uint64_t acks;
+};
+int pyemu_gate_acknowledge(void *opaque);
 struct pyemu_port_fast {
     uint32_t count;
     uint32_t port[8];
@@ -187,11 +195,20 @@ struct pyemu_mmio_notify {
     uint32_t *status_word[64];
     uint64_t status_hits;
 };
+struct pyemu_mmio_eoi {
+    uint64_t addr;
+    int (*eoi)(void *core);
+    void *core;
+    int32_t *irq_pending;
+    int32_t *attention;
+    uint64_t hits;
+};
 struct pyemu_mmio_window {
     uint64_t base;
     struct pyemu_mmio_notify *notify;
     void (*py_write)(void *uc, uint64_t offset, unsigned size, uint64_t value, void *key);
     uint64_t (*py_read)(void *uc, uint64_t offset, unsigned size, void *key);
+    struct pyemu_mmio_eoi *eoi;
 };
 void pyemu_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t value, void *user_data);
 uint64_t pyemu_mmio_read(void *uc, uint64_t offset, unsigned size, void *user_data);
@@ -275,6 +292,7 @@ class BlockGate:
         self.state.cr4 = self._ffi.addressof(self.state, "cr4_seen")  # never differs: no CR4 check yet
         self._library = library
         self._raise_before_run: Any = None  # uc_pyemu_raise_interrupt, once take_interrupts_in_engine found it
+        self._native_ack: Any = None  # the C INTA's struct (take_interrupts_in_engine with ``native``)
         self._handle = ctypes.c_size_t()
         self.module = module
         callback = native_function(module, "pyemu_block_gate")
@@ -337,21 +355,36 @@ class BlockGate:
             raise EngineError(f"uc_pyemu_gate_options failed with error {status}", operation="hook_add")
         return True  # attention is first set by arm(), before every emu_start
 
-    def take_interrupts_in_engine(self, acknowledge: Callable[[], int]) -> bool:
+    def take_interrupts_in_engine(self, acknowledge: Callable[[], int],
+                                  native: tuple[int, int] | None = None) -> bool:
         """With pyemu's libunicorn: when an interrupt is pending and IF=1, the gate raises it in the engine
         instead of stopping the run, and QEMU's own hardirq path delivers it at the next block boundary
         that accepts one (no interrupt shadow), calling ``acknowledge`` (on this engine's thread, inside
         the run) for the vector, or -1 for none. Before, each interrupt cost a stop of the run, the return
         of ``emu_start``, the IDT walk and frame push in Python and a new ``emu_start`` (~40 µs).
 
+        ``native``: the controller's INTA in C, ``(address of int (*)(void *controller, int32_t
+        *irq_pending), controller address)`` (a local APIC's :attr:`engine_acknowledge`); the engine then
+        asks it without Python or the GIL, and ``acknowledge`` only when it answers -2 (see
+        ``pyemu_gate_acknowledge``). :attr:`native_acknowledges` counts its vectors.
+
         Returns False (nothing changes) on PyPI's library. :meth:`engine_interrupts` switches it on."""
         register = getattr(self._library, "uc_pyemu_interrupt_controller", None)
         raise_irq = getattr(self._library, "uc_pyemu_raise_interrupt", None)
         if register is None or raise_irq is None:
             return False
-        self._acknowledge = self._ffi.callback("int(void *)", lambda _opaque: acknowledge(), error=-1)
-        status = register(self._uc._uch, ctypes.c_void_p(int(self._ffi.cast("uintptr_t", self._acknowledge))),
-                          None)
+        ffi = self._ffi
+        self._acknowledge = ffi.callback("int(void *)", lambda _opaque: acknowledge(), error=-1)
+        callback, opaque = int(ffi.cast("uintptr_t", self._acknowledge)), None
+        if native is not None:
+            self._native_ack = ack = ffi.new("struct pyemu_gate_ack *")
+            ack.gate = self.state
+            ack.controller_ack = ffi.cast("int (*)(void *, int32_t *)", native[0])
+            ack.controller = ffi.cast("void *", native[1])
+            ack.fallback = self._acknowledge
+            callback = native_function(self.module, "pyemu_gate_acknowledge")
+            opaque = ctypes.c_void_p(int(ffi.cast("uintptr_t", ack)))
+        status = register(self._uc._uch, ctypes.c_void_p(callback), opaque)
         if status != 0:
             raise EngineError(f"uc_pyemu_interrupt_controller failed with error {status}", operation="hook_add")
         self.state.raise_irq = self._ffi.cast("int (*)(void *)", ctypes.cast(raise_irq, ctypes.c_void_p).value)
@@ -380,6 +413,11 @@ class BlockGate:
     def interrupts_raised(self) -> int:
         """Interrupts raised in the engine so far (statistics)."""
         return int(self.state.irq_raised)
+
+    @property
+    def native_acknowledges(self) -> int:
+        """Vectors the interrupt controller gave the engine in C (statistics; 0 without a native one)."""
+        return 0 if self._native_ack is None else int(self._native_ack.acks)
 
     def _attention(self) -> None:
         """After setting a flag: make the translated code call the gate at the next block start."""

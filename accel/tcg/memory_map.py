@@ -73,15 +73,43 @@ def ram_holes(memory: GuestMemory, limit: int = PHYS_ADDRESS_LIMIT) -> list[tupl
     return [(start, size) for start, size in holes if size > 0]
 
 
+class LocalEoi:
+    """This vCPU's local APIC EOI register served in C by the window holding it (``pyemu_mmio_write``).
+
+    Why: Linux writes it at the end of every interrupt handler, and through the window's Python callback
+    each write cost the vCPU the GIL and ~6 µs of the model's Python (measured 2026-12-07 with virtio-blk
+    1 MiB reads, 1.17 interrupts per request; more where the I/O thread held the GIL at that moment). The
+    APIC's C EOI (:mod:`pyemu.hw.intc.apic_core`) ends an edge-triggered vector and says whether another
+    is deliverable; the window then flags the vCPU as :meth:`BlockGate.signal_interrupt` does. Anything
+    else (a level-triggered vector, a PIC passed through) goes to the model's Python, as before."""
+
+    def __init__(self, ffi: Any, native: tuple[int, int, int], wake_flags: tuple[int, int]) -> None:
+        function, core, self.address = native
+        self.state: Any = ffi.new("struct pyemu_mmio_eoi *")
+        self.state.addr = self.address
+        self.state.eoi = ffi.cast("int (*)(void *)", function)
+        self.state.core = ffi.cast("void *", core)
+        self.state.irq_pending = ffi.cast("int32_t *", wake_flags[0])
+        self.state.attention = ffi.cast("int32_t *", wake_flags[1])
+
+    @property
+    def hits(self) -> int:
+        """EOI writes served in C."""
+        return int(self.state.hits)
+
+
 class PhysicalMap:
     """Maps RAM and device windows into one engine and keeps the window callbacks alive. With ``notifiers``
-    the windows' writes pass through the VM's ioeventfd table first (:mod:`pyemu.accel.tcg.mmio_notify`)."""
+    the windows' writes pass through the VM's ioeventfd table first (:mod:`pyemu.accel.tcg.mmio_notify`),
+    and with ``eoi`` (which needs them) the window holding this vCPU's local APIC EOI register serves it
+    in C (:class:`LocalEoi`)."""
 
     def __init__(self, uc: Uc, memory: GuestMemory, dispatcher: ExitDispatcher,
-                 notifiers: MmioNotifiers | None = None) -> None:
+                 notifiers: MmioNotifiers | None = None, eoi: LocalEoi | None = None) -> None:
         self._uc = uc
         self._dispatcher = dispatcher
         self._notifiers = notifiers
+        self.eoi = eoi if notifiers is not None else None
         self.windows: list[DeviceWindow] = []
         self._keep: list[Any] = []  # C structs and ctypes callbacks the engine points at
         try:
@@ -118,6 +146,8 @@ class PhysicalMap:
                                   ctypes.cast(py_write, ctypes.c_void_p).value)
         state.py_read = ffi.cast("uint64_t (*)(void *, uint64_t, unsigned, void *)",
                                  ctypes.cast(py_read, ctypes.c_void_p).value)
+        if self.eoi is not None and start <= self.eoi.address < start + size:
+            state.eoi = self.eoi.state
         self._keep.extend((py_read, py_write, state))
         user = int(ffi.cast("uintptr_t", state))
         status = uclib.uc_mmio_map(binding._uch, start, size,

@@ -6,8 +6,10 @@
  * the vCPU's thread and without Python: the I/O thread that serves the queue wakes at once instead of
  * waiting for the vCPU thread to leave the Python callback and hand over the GIL. A 4-byte write to a bound
  * InterruptACK register (the word after InterruptStatus) clears its bits in the device's shared word, and
- * the read callback pyemu_mmio_read returns a bound InterruptStatus the same way. Any other access goes to
- * the window's Python callback, as before.
+ * the read callback pyemu_mmio_read returns a bound InterruptStatus the same way. A 4-byte write to this
+ * vCPU's local APIC EOI register goes to the APIC's C EOI (hw/intc/apic_core.c), which ends an
+ * edge-triggered vector and says whether to flag the vCPU for the next one. Any other access goes to the
+ * window's Python callback, as before.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -32,12 +34,23 @@ struct pyemu_mmio_notify {
     uint64_t status_hits;           /* statistics: status reads and ACK writes served here */
 };
 
+/* This vCPU's local APIC EOI register, served in C (memory_map.py, LocalEoi). */
+struct pyemu_mmio_eoi {
+    uint64_t addr;                      /* guest-physical address of the EOI register */
+    int (*eoi)(void *core);             /* the APIC's C EOI: vector | kick << 9, -1 none, -2 Python's */
+    void *core;
+    int32_t *irq_pending;               /* the vCPU's block gate: flagged when another vector is deliverable */
+    int32_t *attention;
+    uint64_t hits;                      /* statistics: EOI writes served here */
+};
+
 /* One device window of one engine: where it starts, and the Python callback for everything else. */
 struct pyemu_mmio_window {
     uint64_t base;
     struct pyemu_mmio_notify *notify;
     void (*py_write)(void *uc, uint64_t offset, unsigned size, uint64_t value, void *key);
     uint64_t (*py_read)(void *uc, uint64_t offset, unsigned size, void *key);
+    struct pyemu_mmio_eoi *eoi;         /* NULL: no local APIC EOI in this window */
 };
 
 /* The bound interrupt status word at ``addr`` (``ack``: the InterruptACK word after it), or NULL. */
@@ -69,6 +82,18 @@ void pyemu_mmio_write(void *uc, uint64_t offset, unsigned size, uint64_t value, 
 {
     struct pyemu_mmio_window *w = (struct pyemu_mmio_window *)user_data;
     struct pyemu_mmio_notify *n = w->notify;
+    struct pyemu_mmio_eoi *e = w->eoi;
+    if (e && size == 4 && w->base + offset == e->addr) {
+        int ended = e->eoi(e->core);
+        if (ended != -2) {
+            if (ended >= 0 && (ended >> 9) & 1) {
+                __atomic_store_n(e->irq_pending, 1, __ATOMIC_SEQ_CST);  /* as BlockGate.signal_interrupt */
+                __atomic_store_n(e->attention, 1, __ATOMIC_RELEASE);
+            }
+            e->hits++;
+            return;
+        }
+    }
     if (n && size == 4) {
         uint64_t addr = w->base + offset;
         uint32_t *word = status_word_at(n, addr, 1);

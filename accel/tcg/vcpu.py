@@ -76,7 +76,7 @@ from pyemu.accel.tcg.guest_tsc import GuestTsc
 from pyemu.accel.tcg.halt_poll import MAX_POLL_NS
 from pyemu.accel.tcg.io_hooks import IoHooks, vcpu_cpuid
 from pyemu.accel.tcg.port_fast_paths import PortFastPaths
-from pyemu.accel.tcg.memory_map import PhysicalMap
+from pyemu.accel.tcg.memory_map import LocalEoi, PhysicalMap
 from pyemu.accel.tcg.mmio_notify import MmioNotifiers
 from pyemu.accel.tcg.engine_delivery import EngineDelivery
 from pyemu.accel.tcg.engine_lifetime import free_when_collected_only
@@ -148,7 +148,10 @@ class TcgVcpu:
         except UcError as exc:
             raise EngineError(f"cannot create a Unicorn x86-64 engine: {exc}", operation="uc_open") from exc
         self._gate = BlockGate(self._uc)
-        self._map = PhysicalMap(self._uc, memory, dispatcher, mmio_notifiers)
+        eoi = getattr(interrupts, "engine_eoi", None)
+        self._map = PhysicalMap(self._uc, memory, dispatcher, mmio_notifiers,
+                                LocalEoi(self._gate.module.ffi, eoi, self._gate.wake_flags)
+                                if eoi is not None and mmio_notifiers is not None else None)
         self._tlb = TlbFill(self._uc, memory, self._gate, code_map) if tlb_hook_enabled() else None
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)
@@ -170,7 +173,10 @@ class TcgVcpu:
         self._traps.engine_delivery = self._delivery
         self._acknowledge_failure: str | None = None
         self._engine_irq = interrupts is not None and engine_takes_interrupts() \
-            and self._gate.take_interrupts_in_engine(self._acknowledge_in_engine)
+            and self._gate.take_interrupts_in_engine(self._acknowledge_in_engine,
+                                                     getattr(interrupts, "engine_acknowledge", None))
+        self._native_acks_seen = 0
+        """The gate's count of INTAs answered in C when the last run ended (see _note_native_acks)."""
         self._code = CodeInvalidator(self._uc, self._blob, memory, self._gate)
         self._wake = threading.Event()
         self._hlt_sites: set[tuple[int, int]] = set()
@@ -509,6 +515,7 @@ class TcgVcpu:
             return self._fail(self._engine_error_reason(exc))
         finally:
             self._io.guard.flush_posted()   # port writes the run left queued reach their devices now
+            self._note_native_acks()
         if self._acknowledge_failure is not None:
             reason, self._acknowledge_failure = self._acknowledge_failure, None
             return self._fail(reason)
@@ -535,6 +542,14 @@ class TcgVcpu:
         # Halted with interrupts disabled: the caller hears of it, and the next run() waits for what ends
         # such a HLT on hardware (NMI, INIT, SIPI): Linux parks offline CPUs and stopped ones this way.
         return Halt()
+
+    def _note_native_acks(self) -> None:
+        """An interrupt the engine took with its INTA answered in C ended any halt, as
+        :meth:`_acknowledge_in_engine` records for one Python answers."""
+        acks = self._gate.native_acknowledges
+        if acks != self._native_acks_seen:
+            self._native_acks_seen = acks
+            self._halted = False
 
     def _count_halt_wakes(self) -> None:
         """HLTs an interrupt ended inside the last run count as halts caught by polling."""

@@ -14,7 +14,10 @@ register machine plus three interfaces:
 
 Facts measured with Linux 6.1 (see DESIGN.md) shape it: the boot CPU resets LINT0 to ExtINT (0x700) so the
 8259 reaches the CPU before Linux sets up the APIC; the timer counts at the CPUID 0x15 crystal / divide so
-Linux skips calibration. Everything runs under the machine lock; :attr:`kick` wakes the vCPU whenever an
+Linux skips calibration. Everything runs under the machine lock, except that IRR, ISR, TMR and the TPR live
+in a core (:mod:`pyemu.hw.intc.apic_core`) with a lock of its own, where the software CPU's INTA and the
+guest's EOI writes reach them in C without Python (:attr:`engine_acknowledge`, :attr:`engine_eoi`; the
+model tells the core when it must answer itself); :attr:`kick` wakes the vCPU whenever an
 interrupt may have become deliverable and may be called from the timer thread; :attr:`event_kick` wakes it
 for NMI, INIT and start-up IPIs, which must stop it even while it runs with interrupts disabled.
 
@@ -32,6 +35,7 @@ from typing import Callable, ClassVar
 from pyemu.hw.core.irq import IrqLine
 from pyemu.hw.core.state import DeviceState, StateError, check_bits, check_range, check_state
 from pyemu.hw.intc.api import InterruptController
+from pyemu.hw.intc.apic_core import IRR, ISR, TMR, apic_core
 from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError
 from pyemu.hw.intc.lapic_timer import (
     MODE_ONESHOT,
@@ -201,6 +205,20 @@ def _highest(bits: int) -> int:
     return bits.bit_length() - 1
 
 
+class _CoreRegister:
+    """IRR, ISR or TMR of a :class:`LocalApic` as a 256-bit int (bit n = vector n), read from and written
+    to its core."""
+
+    def __init__(self, which: int) -> None:
+        self._which = which
+
+    def __get__(self, apic: "LocalApic", owner: object = None) -> int:
+        return apic._core.get(self._which)
+
+    def __set__(self, apic: "LocalApic", value: int) -> None:
+        apic._core.set(self._which, value)
+
+
 class LocalApic:
     """One CPU's xAPIC. Register it on the MMIO bus at 0xfee00000 (length :data:`APIC_PAGE_SIZE`).
 
@@ -252,7 +270,50 @@ class LocalApic:
         the APIC bus caches message routes until then."""
         self.timer = ApicTimer(queue, self._timer_expired, crystal_hz=crystal_hz, tsc_hz=tsc_hz, tsc_now=tsc_now)
         self._lint_lines = tuple(IrqLine(partial(self._lint_changed, n), f"lapic-lint{n}") for n in range(2))
+        self._core = apic_core()
         self.reset()
+
+    # -- the interrupt registers, kept in the core (hw/intc/apic_core.py) ---------------------------------
+    irr = _CoreRegister(IRR)
+    isr = _CoreRegister(ISR)
+    tmr = _CoreRegister(TMR)
+
+    @property
+    def tpr(self) -> int:
+        return self._core.tpr
+
+    @tpr.setter
+    def tpr(self, value: int) -> None:
+        self._core.tpr = value
+
+    @property
+    def engine_acknowledge(self) -> tuple[int, int] | None:
+        """The INTA a software CPU may run in C inside its engine (see :mod:`pyemu.hw.intc.apic_core`):
+        ``(function address, core address)``, or None where the core is Python's."""
+        return self._core.engine_ack
+
+    @property
+    def engine_acknowledges(self) -> int:
+        """INTAs answered in C so far."""
+        return self._core.engine_acks
+
+    @property
+    def engine_eoi(self) -> tuple[int, int, int] | None:
+        """The EOI register a software CPU may serve in C from its device window: ``(function address, core
+        address, guest-physical address of the register)`` (see :mod:`pyemu.hw.intc.apic_core`), or None
+        where the core is Python's. The function returns -2 when this model must take the write."""
+        native = self._core.engine_eoi
+        return None if native is None else (native[0], native[1], APIC_DEFAULT_BASE + REG_EOI)
+
+    @property
+    def engine_eois(self) -> int:
+        """EOI writes served in C so far."""
+        return self._core.engine_eois
+
+    def _refresh_engine_ack(self) -> None:
+        """Tell the core whether an INTA needs this model: the 8259 may be passed through (its vector, not
+        ours), or the timer owes a tick that the INTA of its vector re-requests."""
+        self._core.set_python_ack(self._pic_passthrough() or self.timer.backlog > 0)
 
     # -- reset and state ---------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -292,6 +353,7 @@ class LocalApic:
         self._extint_pending = False
         self.timer.stop()
         self._destination_changed()
+        self._refresh_engine_ack()
 
     def _destination_changed(self) -> None:
         if self.destination_changed is not None:
@@ -330,6 +392,7 @@ class LocalApic:
         self._startup_vector = s.startup_vector
         self.timer.apply_state(timer)
         self._destination_changed()
+        self._refresh_engine_ack()
         if self.nmi_pending or self._init_pending or self._startup_vector is not None:
             self._signal_event()
         self._maybe_kick()
@@ -393,6 +456,7 @@ class LocalApic:
         """IA32_APIC_BASE bit 11 (global enable). Under the software CPU the MSR is not writable, so this is
         for boards and tests; a hardware-disabled APIC passes the PIC through unconditionally."""
         self.hardware_enabled = bool(enabled)
+        self._refresh_engine_ack()
         self._maybe_kick()
 
     # -- bus interface -----------------------------------------------------------------------------------
@@ -505,6 +569,7 @@ class LocalApic:
             # Software disable masks every LVT entry (SDM 10.4.7.2); IRR/ISR are kept.
             self.lvt = [entry | LVT_MASKED for entry in self.lvt]
             self.timer.clear_backlog()
+        self._refresh_engine_ack()
         self._maybe_kick()
 
     def _write_lvt(self, index: int, value: int) -> None:
@@ -525,6 +590,7 @@ class LocalApic:
         elif index in (LVT_LINT0, LVT_LINT1):
             # A level-triggered input that is still asserted is delivered once it gets unmasked.
             self._evaluate_lint(index - LVT_LINT0)
+        self._refresh_engine_ack()
         self._maybe_kick()
 
     # -- priorities --------------------------------------------------------------------------------------
@@ -538,10 +604,7 @@ class LocalApic:
 
     def processor_priority(self) -> int:
         """PPR: the TPR, or the class of the highest in-service vector if that is higher (SDM 10.8.3.1)."""
-        isrv = max(_highest(self.isr), 0)
-        if (self.tpr >> 4) >= (isrv >> 4):
-            return self.tpr
-        return isrv & 0xF0
+        return self._core.ppr()
 
     def arbitration_priority(self) -> int:
         """APR (SDM 10.8.3.1 / 10.6.2.4): what lowest-priority arbitration compares, lowest wins."""
@@ -553,12 +616,8 @@ class LocalApic:
 
     def _deliverable_vector(self) -> int | None:
         """The highest requested vector whose priority class beats the PPR, if any."""
-        if not self.irr:
-            return None
-        vector = _highest(self.irr)
-        if (vector >> 4) > (self.processor_priority() >> 4):
-            return vector
-        return None
+        vector = self._core.deliverable()
+        return vector if vector >= 0 else None
 
     def _pic_passthrough(self) -> bool:
         """Is the 8259 connected to the CPU through LINT0 (virtual-wire mode)? When LINT0 is in ExtINT mode
@@ -585,17 +644,16 @@ class LocalApic:
         got masked by a TPR raise since :meth:`interrupt_pending`, the spurious vector is returned."""
         if self._pic_passthrough() and self.pic is not None and self.pic.interrupt_pending():
             self._extint_pending = False
+            self._refresh_engine_ack()
             return self.pic.acknowledge_interrupt()
-        vector = self._deliverable_vector()
-        if vector is not None:
-            bit = 1 << vector
-            self.irr &= ~bit
-            self.isr |= bit
+        vector = self._core.ack()
+        if vector >= 0:
             if log.enabled("int"):
                 log.log("int", f"lapic{self.apic_id}: deliver vector {vector:#x}")
             if vector == self.lvt[LVT_TIMER] & 0xFF and self.timer.take_missed():
                 # An owed periodic tick (see ApicTimer): requested again now, taken after this one's EOI.
                 self._deliver_lvt(LVT_TIMER)
+            self._refresh_engine_ack()  # the backlog may have run out, or been dropped since it was owed
             return vector
         if self.irr and self.software_enabled:
             return self.spurious_vector
@@ -622,12 +680,10 @@ class LocalApic:
 
     def eoi(self) -> None:
         """End the highest in-service interrupt; level-triggered vectors are broadcast to the IOAPIC(s)."""
-        vector = _highest(self.isr)
+        vector, level_triggered = self._core.eoi()
         if vector < 0:
             return
-        bit = 1 << vector
-        self.isr &= ~bit
-        if self.tmr & bit:  # TMR keeps the trigger mode until the next acceptance of this vector
+        if level_triggered:  # TMR keeps the trigger mode until the next acceptance of this vector
             for index in (LVT_LINT0, LVT_LINT1):
                 entry = self.lvt[index]
                 if entry & LVT_REMOTE_IRR and entry & 0xFF == vector:
@@ -654,12 +710,7 @@ class LocalApic:
             return
         if not self.software_enabled or not self.hardware_enabled:
             return
-        bit = 1 << vector
-        self.irr |= bit
-        if level_triggered:
-            self.tmr |= bit
-        else:
-            self.tmr &= ~bit
+        self._core.accept(vector, level_triggered)
         self._maybe_kick()
 
     def raise_nmi(self) -> None:
@@ -683,6 +734,7 @@ class LocalApic:
             self.raise_nmi()
         elif mode == DM_EXTINT:
             self._extint_pending = True
+            self._refresh_engine_ack()
             self._maybe_kick()
         elif mode == DM_INIT:
             if level_triggered and not level:
@@ -850,6 +902,7 @@ class LocalApic:
             return
         if self.irr & (1 << (entry & 0xFF)):
             self.timer.add_missed(1)
+            self._refresh_engine_ack()
             self._maybe_kick()  # as a merged expiry did: the vCPU looks again for the interrupt it has not taken
             return
         self._deliver_lvt(LVT_TIMER)

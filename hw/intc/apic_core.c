@@ -1,0 +1,204 @@
+/* pyemu: a local APIC's interrupt registers -- IRR, ISR, TMR and the TPR -- in memory that C reaches
+ * without Python (see apic_core.py for why).
+ *
+ * Every access takes the core's spinlock, so the two sides never see half an update: the Python model
+ * (under the board's lock) and the software CPU's INTA, which the engine asks for inside a run on the
+ * vCPU's thread without the GIL (pyemu_apic_engine_ack). Vectors are bits of eight 32-bit words, bit n of
+ * the whole = vector n, as the xAPIC page shows them. */
+
+#include <stdint.h>
+
+struct pyemu_apic_core {
+    int32_t lock;
+    uint32_t irr[8], isr[8], tmr[8];
+    uint32_t tpr;
+    int32_t python_ack;   /* INTA needs the Python model (PIC pass-through, an owed timer tick) */
+    uint64_t engine_acks; /* INTAs answered here for the engine */
+    uint64_t engine_eois; /* EOI writes served here for the software CPU's device window */
+};
+
+enum { CORE_IRR = 0, CORE_ISR = 1, CORE_TMR = 2 };
+
+static inline void core_lock(struct pyemu_apic_core *c)
+{
+    while (__atomic_exchange_n(&c->lock, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(&c->lock, __ATOMIC_RELAXED))
+            __builtin_ia32_pause();
+}
+
+static inline void core_unlock(struct pyemu_apic_core *c)
+{
+    __atomic_store_n(&c->lock, 0, __ATOMIC_RELEASE);
+}
+
+static uint32_t *bank(struct pyemu_apic_core *c, int which)
+{
+    return which == CORE_IRR ? c->irr : which == CORE_ISR ? c->isr : c->tmr;
+}
+
+static int highest(const uint32_t *words)
+{
+    for (int i = 7; i >= 0; i--)
+        if (words[i])
+            return 32 * i + 31 - __builtin_clz(words[i]);
+    return -1;
+}
+
+static uint32_t ppr_locked(const struct pyemu_apic_core *c)
+{
+    int isrv = highest(c->isr);
+    uint32_t isr_class = isrv < 0 ? 0 : (uint32_t)isrv & 0xF0;
+    return (c->tpr >> 4) >= (isr_class >> 4) ? c->tpr : isr_class;
+}
+
+/* The highest requested vector whose priority class beats the PPR, or -1. */
+static int deliverable_locked(const struct pyemu_apic_core *c)
+{
+    int vector = highest(c->irr);
+    if (vector < 0 || ((uint32_t)vector >> 4) <= (ppr_locked(c) >> 4))
+        return -1;
+    return vector;
+}
+
+static void set_bit(uint32_t *words, int vector, int on)
+{
+    uint32_t mask = 1u << (vector & 31);
+    if (on)
+        words[vector >> 5] |= mask;
+    else
+        words[vector >> 5] &= ~mask;
+}
+
+void pyemu_apic_accept(struct pyemu_apic_core *c, int vector, int level_triggered)
+{
+    core_lock(c);
+    set_bit(c->irr, vector, 1);
+    set_bit(c->tmr, vector, level_triggered);
+    core_unlock(c);
+}
+
+int pyemu_apic_deliverable(struct pyemu_apic_core *c)
+{
+    core_lock(c);
+    int vector = deliverable_locked(c);
+    core_unlock(c);
+    return vector;
+}
+
+/* INTA: the deliverable vector moves from IRR to ISR; -1 when none is deliverable. */
+int pyemu_apic_ack(struct pyemu_apic_core *c)
+{
+    core_lock(c);
+    int vector = deliverable_locked(c);
+    if (vector >= 0) {
+        set_bit(c->irr, vector, 0);
+        set_bit(c->isr, vector, 1);
+    }
+    core_unlock(c);
+    return vector;
+}
+
+/* EOI: the highest in-service vector ends; returns it with bit 8 set when TMR says level-triggered, or -1. */
+int pyemu_apic_eoi(struct pyemu_apic_core *c)
+{
+    core_lock(c);
+    int vector = highest(c->isr);
+    int level = 0;
+    if (vector >= 0) {
+        set_bit(c->isr, vector, 0);
+        level = (c->tmr[vector >> 5] >> (vector & 31)) & 1;
+    }
+    core_unlock(c);
+    return vector < 0 ? -1 : vector | (level << 8);
+}
+
+uint32_t pyemu_apic_ppr(struct pyemu_apic_core *c)
+{
+    core_lock(c);
+    uint32_t ppr = ppr_locked(c);
+    core_unlock(c);
+    return ppr;
+}
+
+void pyemu_apic_get(struct pyemu_apic_core *c, int which, uint32_t *out)
+{
+    core_lock(c);
+    const uint32_t *words = bank(c, which);
+    for (int i = 0; i < 8; i++)
+        out[i] = words[i];
+    core_unlock(c);
+}
+
+void pyemu_apic_set(struct pyemu_apic_core *c, int which, const uint32_t *in)
+{
+    core_lock(c);
+    uint32_t *words = bank(c, which);
+    for (int i = 0; i < 8; i++)
+        words[i] = in[i];
+    core_unlock(c);
+}
+
+uint32_t pyemu_apic_get_tpr(struct pyemu_apic_core *c)
+{
+    return __atomic_load_n(&c->tpr, __ATOMIC_ACQUIRE);
+}
+
+void pyemu_apic_set_tpr(struct pyemu_apic_core *c, uint32_t tpr)
+{
+    core_lock(c);
+    c->tpr = tpr & 0xFF;
+    core_unlock(c);
+}
+
+/* The software CPU's INTA inside a run (the engine's thread, no GIL): as the Python model's
+ * ``acknowledge_interrupt`` after ``interrupt_pending``, with the vCPU's interrupt flag (the block gate's
+ * ``irq_pending``) cleared and set again while more is deliverable, as the vCPU's ``_take_vector`` does.
+ * -2 when only the Python model may answer (``python_ack``): the caller asks it instead. */
+int pyemu_apic_engine_ack(struct pyemu_apic_core *c, int32_t *irq_pending)
+{
+    if (__atomic_load_n(&c->python_ack, __ATOMIC_ACQUIRE))
+        return -2;
+    core_lock(c);
+    if (c->python_ack) {
+        core_unlock(c);
+        return -2;
+    }
+    __atomic_store_n(irq_pending, 0, __ATOMIC_SEQ_CST);
+    int vector = deliverable_locked(c);
+    if (vector >= 0) {
+        set_bit(c->irr, vector, 0);
+        set_bit(c->isr, vector, 1);
+        c->engine_acks++;
+    }
+    if (deliverable_locked(c) >= 0)
+        __atomic_store_n(irq_pending, 1, __ATOMIC_SEQ_CST);
+    core_unlock(c);
+    return vector;
+}
+
+/* The guest's write to the EOI register, for the software CPU's device window (no Python, no GIL): the
+ * highest in-service vector ends, as the Python model's ``eoi`` does for an edge-triggered one. Returns
+ * the vector, with bit 9 set when a requested vector is deliverable now (the caller flags the vCPU, as the
+ * model's kick does); -1 when nothing was in service (nothing happens, as in the model); -2, with nothing
+ * changed, when the Python model must do it: a level-triggered vector (the IOAPIC and LINT inputs hear of
+ * its end) or ``python_ack`` set (a PIC passed through decides what is pending). */
+int pyemu_apic_engine_eoi(struct pyemu_apic_core *c)
+{
+    if (__atomic_load_n(&c->python_ack, __ATOMIC_ACQUIRE))
+        return -2;
+    core_lock(c);
+    int vector = highest(c->isr);
+    if (c->python_ack || (vector >= 0 && ((c->tmr[vector >> 5] >> (vector & 31)) & 1))) {
+        core_unlock(c);
+        return -2;
+    }
+    if (vector < 0) {
+        core_unlock(c);
+        return -1;
+    }
+    set_bit(c->isr, vector, 0);
+    int kick = deliverable_locked(c) >= 0;
+    c->engine_eois++;
+    core_unlock(c);
+    return vector | (kick << 9);
+}
