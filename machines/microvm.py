@@ -222,7 +222,8 @@ class Microvm(Machine):
         self._build_serial_ports(on_quit)
         self.virtio = VirtioPlugger(config=self.config, devices=devices,
                                     dma=DmaMemory.wired_to(self.memory, accel),
-                                    irq_pin=self.ioapic.pin, lock=self.lock, accel=accel)
+                                    irq_pin=self.ioapic.pin, lock=self.lock, accel=accel,
+                                    edge_route=self.ioapic.edge_route)
         self.virtio.backends.chardevs = self.chardevs
         for warning in check_globals(self.config.globals, lambda d: d in ISA_DRIVERS or self.virtio.handles(d)):
             warn_report(warning)

@@ -19,6 +19,7 @@ can be claimed by one device only, as in QEMU.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import threading
@@ -285,11 +286,14 @@ class VirtioPlugger:
     """Creates virtio devices for one board."""
 
     def __init__(self, *, config: VmConfig, devices: DeviceManager, dma: DmaMemory,
-                 irq_pin: Callable[[int], IrqLine], lock: threading.RLock, accel: object) -> None:
+                 irq_pin: Callable[[int], IrqLine], lock: threading.RLock, accel: object,
+                 edge_route: Callable[[int], tuple[object, int] | None] | None = None) -> None:
         self.devices = devices
         self.dma = dma
         self.backends = Backends(config)
         self._irq_pin = irq_pin
+        self._edge_route = edge_route
+        """Where an edge on a GSI lands now (the IOAPIC's ``edge_route``): devices may post there in C."""
         self._lock = lock
         self._accel = accel
         self.iothreads: dict[str, IoThread] = {}
@@ -385,7 +389,9 @@ class VirtioPlugger:
         irq_notifier = getattr(self._accel, "irq_notifier", None)
         if irq_notifier is not None:
             return NotifierInterrupt(irq_notifier(gsi))
-        return PulseInterrupt(self._irq_pin(gsi), self._lock)
+        edge_route = self._edge_route
+        return PulseInterrupt(self._irq_pin(gsi), self._lock,
+                              None if edge_route is None else functools.partial(edge_route, gsi))
 
     def _bind_notifiers(self, transport: VirtioMmio, base: int) -> None:
         bind = getattr(self._accel, "bind_ioeventfd", None)

@@ -8,7 +8,7 @@ QEMU's qemu_irq: a callback taking the new level.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
     from pyemu.system.event_notifier import EventNotifier
@@ -68,14 +68,20 @@ class EdgeInterrupt(Protocol):
 class PulseInterrupt:
     """An edge on an :class:`IrqLine` (to the userspace IOAPIC), pulsed under ``lock``: the interrupt
     controller models are register machines serialised by the board's lock, so an I/O thread takes it
-    for the pulse alone, never for its queue work."""
+    for the pulse alone, never for its queue work.
 
-    __slots__ = ("_line", "_lock", "count")
+    ``edge_target``: where the pulse would land now, ``(apic, vector)`` for a fixed edge to one APIC
+    (the IOAPIC's :meth:`~pyemu.hw.intc.ioapic.IoApic.edge_route` of the pin), or None; a device whose C
+    code posts interrupts itself aims its route with it (:class:`~pyemu.hw.intc.apic_core.NativeRoute`)."""
 
-    def __init__(self, line: IrqLine, lock: AbstractContextManager[object]) -> None:
+    __slots__ = ("_line", "_lock", "count", "edge_target")
+
+    def __init__(self, line: IrqLine, lock: AbstractContextManager[object],
+                 edge_target: Callable[[], tuple[Any, int] | None] | None = None) -> None:
         self._line = line
         self._lock = lock
         self.count = 0
+        self.edge_target = edge_target
 
     def trigger(self) -> None:
         with self._lock:

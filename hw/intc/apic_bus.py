@@ -160,6 +160,15 @@ class ApicBus:
             self.lapics[index].accept_ipi(ipi)
 
     # -- MSIs (the MsiSink protocol) ---------------------------------------------------------------------
+    def fixed_target(self, address: int, data: int) -> LocalApic | None:
+        """The one APIC a fixed, edge-triggered MSI of ``address``/``data`` reaches and that accepts it now,
+        else None (several APICs, lowest priority, none): see :meth:`LocalApic.fixed_target`."""
+        message = decode_msi(address, data)
+        if message is None:
+            return None
+        targets = [lapic for lapic in self.lapics if lapic.matches_destination(message.destination, message.logical)]
+        return targets[0].fixed_target(address, data) if len(targets) == 1 else None
+
     def deliver_msi(self, address: int, data: int) -> None:
         """One MSI from the IOAPIC or a device: decoded like a lone APIC does (:func:`decode_msi`), then
         accepted by every APIC the destination names (one for lowest priority). An address outside

@@ -202,3 +202,45 @@ int pyemu_apic_engine_eoi(struct pyemu_apic_core *c)
     core_unlock(c);
     return vector | (kick << 9);
 }
+
+/* Device interrupts posted in C (apic_core.py, NativeRoute): an edge-triggered, fixed interrupt whose
+ * route -- an IOAPIC pin's redirection entry and the one APIC it names -- the Python models aimed it at.
+ * ``generation`` counts every change that could move or stop such a route (redirection entries, APIC IDs,
+ * destination formats, enables); a route aimed under an older count posts nothing, and its device raises
+ * the interrupt through the models again. */
+uint32_t pyemu_irq_route_generation;
+
+void pyemu_irq_routes_changed(void)
+{
+    __atomic_add_fetch(&pyemu_irq_route_generation, 1, __ATOMIC_SEQ_CST);
+}
+
+uint32_t pyemu_irq_routes_now(void)
+{
+    return __atomic_load_n(&pyemu_irq_route_generation, __ATOMIC_SEQ_CST);
+}
+
+struct pyemu_irq_route {
+    uint32_t aimed_at;                  /* the generation the route was computed under */
+    int32_t armed;
+    struct pyemu_apic_core *core;
+    int32_t vector;
+    uint32_t *status;                   /* the device's interrupt status word (virtio InterruptStatus), or NULL */
+    uint32_t status_bits;
+    uint64_t posts;
+};
+
+/* 1: the interrupt is in the APIC's IRR (and the status bits set); the caller kicks the vCPU. 0: nothing
+ * done, the route is stale or unarmed. */
+int pyemu_irq_route_post(void *opaque)
+{
+    struct pyemu_irq_route *r = (struct pyemu_irq_route *)opaque;
+    if (!__atomic_load_n(&r->armed, __ATOMIC_ACQUIRE)
+        || __atomic_load_n(&pyemu_irq_route_generation, __ATOMIC_SEQ_CST) != r->aimed_at)
+        return 0;
+    if (r->status)
+        __atomic_fetch_or(r->status, r->status_bits, __ATOMIC_SEQ_CST);
+    pyemu_apic_accept(r->core, r->vector, 0);
+    r->posts++;
+    return 1;
+}

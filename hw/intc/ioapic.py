@@ -21,11 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 from pyemu.hw.core.irq import IrqLine
 from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.hw.intc.api import MsiSink
+from pyemu.hw.intc.apic_core import routes_changed
 from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError
 from pyemu.system import log
 
@@ -111,6 +112,7 @@ class IoApic:
         """Each pin's MSI (:meth:`msi_message`) once computed, until its entry is rewritten."""
         self._levels = [0] * self.pins
         self._latched = 0  # edges that arrived while masked (bit per pin)
+        routes_changed()
 
     @property
     def version_register(self) -> int:
@@ -185,6 +187,7 @@ class IoApic:
                 entry &= ~RTE_REMOTE_IRR
         self.redirection[pin] = entry
         self._messages[pin] = None
+        routes_changed()
         if self.route_changed is not None:
             self.route_changed(pin, None if entry & RTE_MASKED else self.msi_message(pin))
         self._service(pin)
@@ -235,6 +238,20 @@ class IoApic:
         if log.enabled("int"):
             log.log("int", f"ioapic: pin {n} -> MSI address {address:#x} data {data:#x}")
         self.msi_sink.deliver_msi(address, data)
+
+    def edge_route(self, n: int) -> tuple[Any, int] | None:
+        """``(apic, vector)`` when pin ``n`` delivers a fixed, edge-triggered interrupt to one APIC that
+        accepts it (the sink's :meth:`fixed_target`), else None: what a device may post without the pulse
+        (:class:`~pyemu.hw.intc.apic_core.NativeRoute`) until :func:`routes_changed` says otherwise."""
+        entry = self.redirection[n]
+        if entry & (RTE_MASKED | RTE_LEVEL_TRIGGER) or (entry >> RTE_DELIVERY_MODE_SHIFT) & 7:
+            return None
+        target = getattr(self.msi_sink, "fixed_target", None)
+        if target is None:
+            return None
+        address, data = self.msi_message(n)
+        apic = target(address, data)
+        return None if apic is None else (apic, entry & RTE_VECTOR)
 
     def msi_message(self, n: int) -> tuple[int, int]:
         """The (address, data) pair pin ``n``'s redirection entry describes."""
@@ -292,3 +309,4 @@ class IoApic:
         self._messages = [None] * self.pins
         self._levels = list(s.pin_levels)
         self._latched = s.latched_edges
+        routes_changed()

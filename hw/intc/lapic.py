@@ -35,7 +35,7 @@ from typing import Callable, ClassVar
 from pyemu.hw.core.irq import IrqLine
 from pyemu.hw.core.state import DeviceState, StateError, check_bits, check_range, check_state
 from pyemu.hw.intc.api import InterruptController
-from pyemu.hw.intc.apic_core import IRR, ISR, TMR, apic_core
+from pyemu.hw.intc.apic_core import IRR, ISR, TMR, apic_core, routes_changed
 from pyemu.hw.intc.errors import InvalidPinError, InvalidPropertyError
 from pyemu.hw.intc.lapic_timer import (
     MODE_ONESHOT,
@@ -293,6 +293,26 @@ class LocalApic:
         return self._core.engine_ack
 
     @property
+    def engine_route_core(self) -> int | None:
+        """The core's address for a device interrupt posted in C (:class:`~pyemu.hw.intc.apic_core.NativeRoute`),
+        or None where the core is Python's."""
+        native = self._core.engine_ack
+        return None if native is None else native[1]
+
+    def kick_if_pending(self) -> None:
+        """Wake the vCPU if an interrupt is deliverable (after one was posted into IRR from C)."""
+        self._maybe_kick()
+
+    def fixed_target(self, address: int, data: int) -> "LocalApic | None":
+        """This APIC, when an MSI of ``address``/``data`` is a fixed, edge-triggered interrupt for it that it
+        accepts now (a legal vector, the APIC enabled); else None."""
+        message = decode_msi(address, data)
+        if (message is None or message.delivery_mode != DM_FIXED or message.level_triggered
+                or message.vector < 16 or not self.software_enabled or not self.hardware_enabled):
+            return None
+        return self if self.matches_destination(message.destination, message.logical) else None
+
+    @property
     def engine_acknowledges(self) -> int:
         """INTAs answered in C so far."""
         return self._core.engine_acks
@@ -356,6 +376,7 @@ class LocalApic:
         self._refresh_engine_ack()
 
     def _destination_changed(self) -> None:
+        routes_changed()
         if self.destination_changed is not None:
             self.destination_changed()
 
@@ -456,6 +477,7 @@ class LocalApic:
         """IA32_APIC_BASE bit 11 (global enable). Under the software CPU the MSR is not writable, so this is
         for boards and tests; a hardware-disabled APIC passes the PIC through unconditionally."""
         self.hardware_enabled = bool(enabled)
+        routes_changed()
         self._refresh_engine_ack()
         self._maybe_kick()
 
@@ -569,6 +591,7 @@ class LocalApic:
             # Software disable masks every LVT entry (SDM 10.4.7.2); IRR/ISR are kept.
             self.lvt = [entry | LVT_MASKED for entry in self.lvt]
             self.timer.clear_backlog()
+        routes_changed()  # fixed interrupts are dropped while software-disabled
         self._refresh_engine_ack()
         self._maybe_kick()
 

@@ -55,6 +55,11 @@ struct pyemu_bp_call {
     /* out */
     int32_t published;            /* the used index is out; ``interrupt`` says whether the driver wants one */
     int32_t interrupt;
+    /* in: where that interrupt may be posted in C (hw/intc/apic_core.c, pyemu_irq_route_post), or NULL */
+    int (*post)(void *route);
+    void *route;
+    /* out */
+    int32_t posted;               /* the interrupt is in the APIC's IRR: the caller kicks the vCPU */
 };
 
 enum { BP_STOP_EMPTY = 0, BP_STOP_PYTHON = 1, BP_STOP_HOST_ERROR = 2, BP_STOP_LIMIT = 3, BP_TAKEN = -1 };
@@ -370,7 +375,7 @@ static int may_publish_here(const struct pyemu_bp_call *c)
 int pyemu_bp_serve(struct pyemu_bp_call *c)
 {
     c->served = c->nwrote = c->ndisk = c->merged = 0;
-    c->published = c->interrupt = 0;
+    c->published = c->interrupt = c->posted = 0;
     c->stop = BP_STOP_EMPTY;
     struct vr_ring ring;
     if (vr_resolve(&ring, &c->queue) != 0) {
@@ -381,6 +386,8 @@ int pyemu_bp_serve(struct pyemu_bp_call *c)
     if (served > 0 && may_publish_here(c)) {
         c->interrupt = vr_publish_used(&ring, c->queue.event_idx, c->used_idx, &c->signalled);
         c->published = 1;
+        if (c->interrupt && c->post && c->post(c->route))
+            c->posted = 1;
     }
     return served;
 }

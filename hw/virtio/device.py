@@ -12,7 +12,7 @@ reports a used buffer through ``VirtioContext.notify_queue`` and a configuration
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio.queue import Virtqueue
@@ -46,6 +46,15 @@ class VirtioContext(Protocol):
 
     def kick_queue(self, index: int) -> None:
         """Process queue ``index`` again soon on the device's I/O thread (e.g. host data arrived)."""
+        ...
+
+    def interrupt_route(self) -> Any:
+        """A :class:`~pyemu.hw.intc.apic_core.NativeRoute` C code may post used-buffer interrupts through,
+        or None."""
+        ...
+
+    def interrupt_posted(self) -> None:
+        """C code posted a used-buffer interrupt through :meth:`interrupt_route`: count it, wake the vCPU."""
         ...
 
     @property

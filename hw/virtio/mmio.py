@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.core.irq import EdgeInterrupt
+from pyemu.hw.intc.apic_core import NativeRoute, native_route
 from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
 from pyemu.hw.virtio.device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, TRANSPORT_FEATURES, VirtioDevice
 from pyemu.hw.virtio.queue import Virtqueue
@@ -128,6 +129,8 @@ class VirtioMmio:
         self.config_generation = 0
         self.broken_reason: str | None = None
         self.interrupts = 0
+        self._route: NativeRoute | None = None
+        self._route_tried = False
         device.bind(self)
         for index, notifier in enumerate(self.notifiers):
             iothread.add_reader(notifier, self._kick_handler(index), self.fail_from,
@@ -174,10 +177,42 @@ class VirtioMmio:
         self.notifiers[index].set()
 
     def _raise(self, bits: int) -> None:
+        route = self._route
+        if route is not None and bits == INT_USED_BUFFER:
+            if route.post():  # status bit and IRR in C, as the pulse below would leave them
+                self.interrupt_posted()
+                return
         with self._irq_lock:
             self._status.set_bits(bits)
             self.interrupts += 1
         self._interrupt.trigger()
+        if route is not None and route.stale:
+            route.aim(self._edge_target())  # the pulse's route now, for the next post
+
+    def interrupt_route(self) -> NativeRoute | None:
+        """A route the device's C code may post its used-buffer interrupts through (virtio-blk's data plane),
+        or None: the interrupt is not a pulse to an APIC the models can name, or the APIC core is Python's.
+        Made at the first call; aimed again after any interrupt the models had to deliver."""
+        if not self._route_tried:
+            self._route_tried = True
+            # Only with the status register in C memory, which the post sets as _raise does here.
+            if getattr(self._interrupt, "edge_target", None) is not None and self._status.address is not None:
+                self._route = native_route(self._status.address, INT_USED_BUFFER)
+                if self._route is not None:
+                    self._route.aim(self._edge_target())
+        return self._route
+
+    def _edge_target(self) -> tuple[object, int] | None:
+        target = getattr(self._interrupt, "edge_target", None)
+        return target() if target is not None else None
+
+    def interrupt_posted(self) -> None:
+        """A used-buffer interrupt went out through :meth:`interrupt_route` (C or :meth:`_raise`): count it
+        and wake the vCPU it is for."""
+        with self._irq_lock:
+            self.interrupts += 1
+        assert self._route is not None
+        self._route.kick()
 
     # -- failure ------------------------------------------------------------------------------------------
     def fail(self, reason: str) -> None:
