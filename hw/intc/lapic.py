@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, ClassVar
+from typing import Any, Callable, ClassVar
 
 from pyemu.hw.core.irq import IrqLine
 from pyemu.hw.core.state import DeviceState, StateError, check_bits, check_range, check_state
@@ -212,7 +212,9 @@ class _CoreRegister:
     def __init__(self, which: int) -> None:
         self._which = which
 
-    def __get__(self, apic: "LocalApic", owner: object = None) -> int:
+    def __get__(self, apic: "LocalApic | None", owner: object = None) -> Any:
+        if apic is None:  # looked up on the class (documentation tools, introspection)
+            return self
         return apic._core.get(self._which)
 
     def __set__(self, apic: "LocalApic", value: int) -> None:
