@@ -150,8 +150,7 @@ class TcgVcpu:
         self._gate = BlockGate(self._uc)
         eoi = getattr(interrupts, "engine_eoi", None)
         self._map = PhysicalMap(self._uc, memory, dispatcher, mmio_notifiers,
-                                LocalEoi(self._gate.module.ffi, eoi, self._gate.wake_flags)
-                                if eoi is not None and mmio_notifiers is not None else None)
+                                LocalEoi(self._gate.module.ffi, eoi, self._gate.wake_flags) if eoi is not None else None)
         self._tlb = TlbFill(self._uc, memory, self._gate, code_map) if tlb_hook_enabled() else None
         self._blob = CpuBlob(self._uc, layout)
         self._io = IoHooks(self._uc, dispatcher, vcpu_cpuid(cpuid, index), self._blob, self._gate)

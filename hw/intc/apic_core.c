@@ -85,15 +85,26 @@ int pyemu_apic_deliverable(struct pyemu_apic_core *c)
     return vector;
 }
 
-/* INTA: the deliverable vector moves from IRR to ISR; -1 when none is deliverable. */
-int pyemu_apic_ack(struct pyemu_apic_core *c)
+/* INTA under the lock: the deliverable vector moves from IRR to ISR; -1 when none is deliverable. */
+static int ack_locked(struct pyemu_apic_core *c)
 {
-    core_lock(c);
     int vector = deliverable_locked(c);
     if (vector >= 0) {
         set_bit(c->irr, vector, 0);
         set_bit(c->isr, vector, 1);
     }
+    return vector;
+}
+
+static int level_triggered(const struct pyemu_apic_core *c, int vector)
+{
+    return (c->tmr[vector >> 5] >> (vector & 31)) & 1;
+}
+
+int pyemu_apic_ack(struct pyemu_apic_core *c)
+{
+    core_lock(c);
+    int vector = ack_locked(c);
     core_unlock(c);
     return vector;
 }
@@ -106,7 +117,7 @@ int pyemu_apic_eoi(struct pyemu_apic_core *c)
     int level = 0;
     if (vector >= 0) {
         set_bit(c->isr, vector, 0);
-        level = (c->tmr[vector >> 5] >> (vector & 31)) & 1;
+        level = level_triggered(c, vector);
     }
     core_unlock(c);
     return vector < 0 ? -1 : vector | (level << 8);
@@ -152,8 +163,10 @@ void pyemu_apic_set_tpr(struct pyemu_apic_core *c, uint32_t tpr)
 
 /* The software CPU's INTA inside a run (the engine's thread, no GIL): as the Python model's
  * ``acknowledge_interrupt`` after ``interrupt_pending``, with the vCPU's interrupt flag (the block gate's
- * ``irq_pending``) cleared and set again while more is deliverable, as the vCPU's ``_take_vector`` does.
- * -2 when only the Python model may answer (``python_ack``): the caller asks it instead. */
+ * ``irq_pending``) cleared, as the vCPU's ``_take_vector`` does. It would set the flag again while more is
+ * deliverable, which without a PIC passed through never happens: the vector taken is the highest
+ * requested, and in service it blocks every other of its class and below. -2 when only the Python model
+ * may answer (``python_ack``): the caller asks it instead. */
 int pyemu_apic_engine_ack(struct pyemu_apic_core *c, int32_t *irq_pending)
 {
     if (__atomic_load_n(&c->python_ack, __ATOMIC_ACQUIRE))
@@ -164,14 +177,9 @@ int pyemu_apic_engine_ack(struct pyemu_apic_core *c, int32_t *irq_pending)
         return -2;
     }
     __atomic_store_n(irq_pending, 0, __ATOMIC_SEQ_CST);
-    int vector = deliverable_locked(c);
-    if (vector >= 0) {
-        set_bit(c->irr, vector, 0);
-        set_bit(c->isr, vector, 1);
+    int vector = ack_locked(c);
+    if (vector >= 0)
         c->engine_acks++;
-    }
-    if (deliverable_locked(c) >= 0)
-        __atomic_store_n(irq_pending, 1, __ATOMIC_SEQ_CST);
     core_unlock(c);
     return vector;
 }
@@ -188,7 +196,7 @@ int pyemu_apic_engine_eoi(struct pyemu_apic_core *c)
         return -2;
     core_lock(c);
     int vector = highest(c->isr);
-    if (c->python_ack || (vector >= 0 && ((c->tmr[vector >> 5] >> (vector & 31)) & 1))) {
+    if (c->python_ack || (vector >= 0 && level_triggered(c, vector))) {
         core_unlock(c);
         return -2;
     }

@@ -24,12 +24,13 @@ device as broken), the reason goes to ``-d guest_errors``, and every other devic
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.core.irq import EdgeInterrupt
-from pyemu.hw.intc.apic_core import NativeRoute, native_route
 from pyemu.hw.core.state import DeviceState, StateError, check_range, check_state
+from pyemu.hw.intc.apic_core import NativeRoute, native_route
 from pyemu.hw.virtio.device import F_EVENT_IDX, F_INDIRECT_DESC, F_VERSION_1, TRANSPORT_FEATURES, VirtioDevice
 from pyemu.hw.virtio.queue import Virtqueue
 from pyemu.system import log
@@ -129,6 +130,9 @@ class VirtioMmio:
         self.config_generation = 0
         self.broken_reason: str | None = None
         self.interrupts = 0
+        self._edge_target: Callable[[], tuple[object, int] | None] | None = getattr(
+            interrupt, "edge_target", None)
+        """Where the interrupt's edge lands now (a PulseInterrupt's), for :meth:`interrupt_route`."""
         self._route: NativeRoute | None = None
         self._route_tried = False
         device.bind(self)
@@ -186,7 +190,7 @@ class VirtioMmio:
             self._status.set_bits(bits)
             self.interrupts += 1
         self._interrupt.trigger()
-        if route is not None and route.stale:
+        if route is not None and route.stale and self._edge_target is not None:
             route.aim(self._edge_target())  # the pulse's route now, for the next post
 
     def interrupt_route(self) -> NativeRoute | None:
@@ -196,15 +200,11 @@ class VirtioMmio:
         if not self._route_tried:
             self._route_tried = True
             # Only with the status register in C memory, which the post sets as _raise does here.
-            if getattr(self._interrupt, "edge_target", None) is not None and self._status.address is not None:
+            if self._edge_target is not None and self._status.address is not None:
                 self._route = native_route(self._status.address, INT_USED_BUFFER)
                 if self._route is not None:
                     self._route.aim(self._edge_target())
         return self._route
-
-    def _edge_target(self) -> tuple[object, int] | None:
-        target = getattr(self._interrupt, "edge_target", None)
-        return target() if target is not None else None
 
     def interrupt_posted(self) -> None:
         """A used-buffer interrupt went out through :meth:`interrupt_route` (C or :meth:`_raise`): count it
