@@ -70,7 +70,7 @@ def plane_setting(on: bool) -> contextlib.AbstractContextManager[None]:
 @contextlib.contextmanager
 def device_on(image: Path, cache: str, *, plane: bool, event_idx: bool = True,
               extra: tuple[tuple[str, str], ...] = (), probed: bool = False, fmt: str = "raw",
-              screen: bool = False) -> Iterator[Setup]:
+              screen: bool = False, irq: Irq | None = None) -> Iterator[Setup]:
     """A device on test RAM; ``screen``: the DMA layer offers the software CPU's write screen (a code map of
     the test RAM, with no code in it unless a test marks some), as under ``-accel tcg``."""
     memory = GuestMemory([(0, RAM_SIZE)], name="read-plane-test")
@@ -83,7 +83,7 @@ def device_on(image: Path, cache: str, *, plane: bool, event_idx: bool = True,
     backend = open_drive(DriveOptions.from_props([("file", str(image)), *format_props, ("if", "none"),
                                                   ("id", "d0"), ("cache", cache), *extra]))
     device = vblk.VirtioBlk(backend, vblk.BlkConfig(drive_id="d0", serial="SER"))
-    irq = Irq()
+    irq = irq if irq is not None else Irq()
     transport = VirtioMmio(device, dma, irq, iothread, name="vd0")
     driver = VirtioTestDriver(transport, memory, SCRATCH, scratch_size=6 << 20)
     driver.initialise(event_idx=event_idx, queues={0: 256})  # room for ten 18-descriptor chains
@@ -515,3 +515,48 @@ def test_o_direct_writes_keep_to_python_when_others_may_write_the_image(copy: Pa
             backend.end_pass_through()
     finally:
         backend.close()
+
+
+def test_a_read_served_in_c_posts_its_interrupt_through_the_transports_route(image: Path) -> None:
+    """With the interrupt a pulse to an IOAPIC pin that names one APIC, the C call that published a read
+    also posts the interrupt it decided: InterruptStatus and the APIC's IRR are set, the vCPU is kicked,
+    and the pulse is not used. Masked, the pin gets the models' pulse again."""
+    import threading
+    import time
+    from functools import partial
+
+    from pyemu.hw.core.irq import PulseInterrupt
+    from pyemu.hw.intc.ioapic import IoApic
+    from pyemu.hw.intc.lapic import REG_SVR, LocalApic
+    from pyemu.hw.virtio.mmio import INT_USED_BUFFER
+    from pyemu.system.timers import TimerQueue
+
+    apic = LocalApic(TimerQueue(clock=time.monotonic_ns))
+    apic.write(REG_SVR, 4, 0x1FF)
+    if apic.engine_route_core is None:
+        pytest.skip("the APIC core's C module could not be built")
+    kicks: list[int] = []
+    apic.kick = lambda: kicks.append(1)
+    ioapic = IoApic(apic)
+
+    def redirect(low: int) -> None:
+        for index, value in ((0x11 + 2 * 5, 0), (0x10 + 2 * 5, low)):
+            ioapic.write(0x00, 4, index)
+            ioapic.write(0x10, 4, value)
+
+    redirect(0x33)
+    pulse = PulseInterrupt(ioapic.pin(5), threading.RLock(), partial(ioapic.edge_route, 5))
+    with device_on(image, "writeback", plane=True, screen=True, irq=pulse) as s:  # type: ignore[arg-type]
+        _, pieces, status = _read(s, 0, 1)
+        serve(s.transport)
+        route = s.transport.interrupt_route()
+        assert route is not None and route.posts == 1 and s.device._planes[0].posted
+        assert pulse.count == 0 and kicks == [1]
+        assert s.transport.interrupt_status == INT_USED_BUFFER and apic.irr == 1 << 0x33
+        assert s.memory.read_u8(status) == vblk.S_OK
+        assert b"".join(s.memory.read(a, n) for a, n in pieces) == PATTERN[:16 * SECTOR]
+        redirect(0x33 | 1 << 16)  # masked: the route is stale, the models latch the edge
+        _used_event(s, 1)  # the driver wants an interrupt for the next one too
+        _read(s, 16, 2)
+        serve(s.transport)
+        assert route.posts == 1 and pulse.count == 1
