@@ -539,7 +539,7 @@ def boot(c: Contender, figures: list[str], workdir: Path) -> bool:
     session: dict[str, Any] = {"attempt": len(c.result.sessions) + 1, "load1_start": load1()}
     c.result.sessions.append(session)
     c.session, c.boots, c.started = session, c.boots + 1, time.monotonic()
-    vm = Console(c.argv, workdir / f"{c.label}-{session['attempt']}.stderr")
+    vm = Console(c.argv, workdir / f"{file_label(c.label)}-{session['attempt']}.stderr")
     c.vm = vm
     try:
         vm.expect(b"pyemu-guest: init reached", BOOT_TIMEOUT)
@@ -555,6 +555,11 @@ def boot(c: Contender, figures: list[str], workdir: Path) -> bool:
     except SessionFailed as failed:
         end_session(c, failed)
         return False
+
+
+def file_label(label: str) -> str:
+    """A VM's label as part of a file name (``pyemu@DIR`` names a directory)."""
+    return label.replace("/", "_")
 
 
 def end_session(c: Contender, failed: SessionFailed | None = None) -> None:
@@ -695,7 +700,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1,
                         help="boot every VM this many times, alternating their order (medians over all samples)")
     parser.add_argument("--quick", action="store_true", help="one repetition of each")
-    parser.add_argument("--vms", default="pyemu,qemu")
+    parser.add_argument("--vms", default="pyemu,qemu",
+                        help="comma-separated: pyemu, qemu, or pyemu@DIR (pyemu from the tree DIR/pyemu, e.g. a "
+                             "`git archive` of another commit, for an A/B of two builds)")
     parser.add_argument("--no-net", action="store_true", help="skip the virtio-net part")
     parser.add_argument("--only", default="", help=f"comma-separated figures to measure (of {', '.join(FIGURES)}); "
                                                    "default all (the JSON then holds only these)")
@@ -780,10 +787,13 @@ def main() -> int:
             for index, label in enumerate(vms):
                 plan = Plan(reps=reps, image_mib=args.image_mib, net_mib=args.net_mib, helper=helper,
                             netns=netns, net=skipped[label] is None, slot=NetSlot(index))
-                image = workdir / f"disk-{label}.img"
+                image = workdir / f"disk-{file_label(label)}.img"
                 make_image(image, args.image_mib)  # each VM starts every round from the same image
-                argv = (pyemu_argv(assets.vmlinux, initrd) if label == "pyemu"
-                        else qemu_argv(qemu, assets.vmlinux, initrd, tsc_khz))  # type: ignore[arg-type]
+                if label.startswith("pyemu@"):  # another pyemu tree, for an A/B of two builds
+                    argv = ["env", f"PYTHONPATH={label[len('pyemu@'):]}", *pyemu_argv(assets.vmlinux, initrd)]
+                else:
+                    argv = (pyemu_argv(assets.vmlinux, initrd) if label == "pyemu"
+                            else qemu_argv(qemu, assets.vmlinux, initrd, tsc_khz))  # type: ignore[arg-type]
                 argv += disk_args(image) + (net_args(plan.slot) if plan.net else [])
                 if plan.net and netns is not None:
                     argv = netns.wrap(argv)

@@ -119,6 +119,10 @@ class BlockBackend:
         # block_resize: the device learns its drive's new size through these (QEMU's resize_cb dev op).
         self._known_size = root.size()
         self.resize_listeners: list[Callable[[int], None]] = []
+        self.lease_revokers: list[Callable[[], None]] = []
+        """Called (any thread, no lock held) before the drive is drained, closed or throttled: a device that
+        lets C code serve requests between its passes holding a :meth:`begin_pass_through` (virtio-blk's
+        leased queues, :class:`~pyemu.hw.virtio.blk_plane.Lease`) stops that code and ends it."""
 
     # -- properties ------------------------------------------------------------------------------------------
 
@@ -291,6 +295,7 @@ class BlockBackend:
         """QEMU's ``blk_set_io_limits``/``block_set_io_throttle``: limits for this drive, shared with the
         other members of ``group`` (default: a group named after the drive, as QEMU); no limits at all
         takes the drive out of its group."""
+        self._revoke_leases()
         old = self.throttle
         if not config.enabled:
             self.throttle = None
@@ -307,6 +312,7 @@ class BlockBackend:
 
     def join_throttle_group(self, group: str) -> None:
         """``throttling.group=G`` without limits of its own: take the group's (an ``-object throttle-group``)."""
+        self._revoke_leases()
         old, self.throttle = self.throttle, THROTTLE_GROUPS.join(group, self.id or self._user, None)
         if old is not None:
             THROTTLE_GROUPS.leave(old)
@@ -333,6 +339,8 @@ class BlockBackend:
             if self._closed:
                 return
             self._closed = True
+        self._revoke_leases()
+        with self._cond:
             while self._inflight:
                 self._cond.wait()
         member, self.throttle = self.throttle, None
@@ -362,6 +370,8 @@ class BlockBackend:
         sees only a short stall. Nests."""
         with self._cond:
             self._quiesced += 1
+        self._revoke_leases()
+        with self._cond:
             while self._inflight:
                 self._cond.wait()
         try:
@@ -474,6 +484,10 @@ class BlockBackend:
                 raise BlockIOError(f"drive '{self.id}' is closed (no medium)", errno=errno.ENOMEDIUM,
                                    offset=offset)
             self._inflight += 1
+
+    def _revoke_leases(self) -> None:
+        for revoke in list(self.lease_revokers):
+            revoke()
 
     def _leave(self) -> None:
         with self._cond:

@@ -238,6 +238,7 @@ class Microvm(Machine):
             if self.lapics:
                 self.lapics[index].kick = vcpu.kick
                 self.lapics[index].event_kick = getattr(vcpu, "notify_event", None)
+                self.lapics[index].wake_words = getattr(vcpu, "wake_words", None)
         self.load_boot()
         for vcpu, state in zip(self.vcpus, self.boot_states):
             vcpu.load_state(state)

@@ -14,6 +14,10 @@ window before it sleeps (QEMU's ``poll-max-ns``, ``poll-grow`` and ``poll-shrink
 :class:`~pyemu.system.poll_window.PollWindow`). Why spin: under the software CPU a guest waiting at queue
 depth 1 kicks again ~150-250 µs after its last completion, and a sleeping thread costs that kick ~18 µs
 in the waking system call (the vCPU waits for it) and ~25 µs more before the thread runs.
+
+A descriptor may also have a native handler (``add_reader``'s ``native``): C code the wait offers the
+event to before it returns, e.g. virtio-blk's leased queue (:class:`~pyemu.hw.virtio.blk_plane.Lease`).
+An event it serves never reaches Python, and the wait goes on; one it declines is handled as any other.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Protocol
 from pyemu.errors import ConfigError, PyemuError
 from pyemu.system import iothread_wait, log, wake_publish
 from pyemu.system.event_notifier import EventNotifier
+from pyemu.system.iothread_wait import NativeHandler
 from pyemu.system.poll_window import PollWindow
 
 Handler = Callable[[], None]
@@ -90,21 +95,29 @@ class IoThread:
         self._pending_changes: list[Callable[[], None]] = []
         self._selector.register(self._wakeup, selectors.EVENT_READ, None)
         self._polled: set[int] = set()
+        self._native: dict[int, NativeHandler] = {}
+        self._native_changed = False
+        self._wait: iothread_wait.CWait | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.iterations = 0
 
     # -- registration (any thread) ----------------------------------------------------------------------
     def add_reader(self, source: HasFileno, handler: Handler, on_error: ErrorHandler | None = None, *,
-                   polled: bool = False) -> None:
+                   polled: bool = False, native: NativeHandler | None = None) -> None:
         """Run ``handler()`` on this thread whenever ``source`` is readable. For an
         :class:`EventNotifier` the handler clears it (``test_and_clear``) before looking at its work.
         ``polled``: an event from this source is one worth spinning for (the window grows with such events
-        and drops to nothing after any other, see :meth:`_learn`)."""
+        and drops to nothing after any other, see :meth:`_learn`). ``native``: C code the thread's C wait
+        offers the event to first (:data:`~pyemu.system.iothread_wait.NativeHandler`); ``handler`` runs only
+        when it declines (without the C wait, always)."""
         def register() -> None:
             self._selector.register(source, selectors.EVENT_READ, (handler, on_error))
             if polled:
                 self._polled.add(source.fileno())
+            if native is not None:
+                self._native[source.fileno()] = native
+                self._native_changed = True
 
         self._change(register)
 
@@ -115,6 +128,8 @@ class IoThread:
             except (KeyError, ValueError):
                 return
             self._polled.discard(key.fd)
+            if self._native.pop(key.fd, None) is not None:
+                self._native_changed = True
         self._change(unregister)
 
     def call_soon(self, handler: Handler, on_error: ErrorHandler | None = None) -> None:
@@ -176,13 +191,22 @@ class IoThread:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def served_natively(self) -> int:
+        """Events native handlers served inside the C wait (``add_reader``'s ``native``) so far."""
+        wait = self._wait
+        return wait.served_natively if isinstance(wait, iothread_wait.CWait) else 0
+
     def _loop(self) -> None:
-        wait = iothread_wait.waiter()
+        wait = self._wait = iothread_wait.waiter()
         pending = wake_publish.take_flags_on_this_thread() if wait is not None else []
         epoll_fd = self._selector.fileno()
         poll = self.poll
         while not self._stopping:
             if wait is not None:
+                if self._native_changed:
+                    self._native_changed = False
+                    wait.set_native(dict(self._native))
                 spin = poll.budget_ns()
                 fds, waited = wait(epoll_fd, pending, spin)
                 pending.clear()

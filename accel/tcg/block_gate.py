@@ -570,6 +570,12 @@ class BlockGate:
         return flags
 
     @property
+    def halt_poll_flag(self) -> int:
+        """Address of the 32-bit word that is 1 while the vCPU spins at a HLT inside its run
+        (:attr:`polling_in_engine`), for a C kicker (:func:`pyemu.hw.intc.apic_core.NativeRoute.kick_function`)."""
+        return int(self._ffi.cast("intptr_t", self._ffi.addressof(self.state, "in_halt_poll")))
+
+    @property
     def yielded(self) -> bool:
         """True when the last emu_start ended because the guest spun in a PAUSE loop while contended."""
         return bool(self.state.yielded)

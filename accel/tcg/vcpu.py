@@ -272,6 +272,13 @@ class TcgVcpu:
         """Spinning for an interrupt now, between runs or at a HLT inside one (any thread)."""
         return self._polling or self._gate.polling_in_engine
 
+    @property
+    def wake_words(self) -> tuple[int, int, int]:
+        """``(spinning at a HLT inside the run, interrupt pending, attention)``: the gate's words through which
+        C code without the GIL wakes this vCPU while it spins at a HLT inside its run (any other time such
+        code leaves the kick to :meth:`kick`; ``apic_core.c``'s ``pyemu_irq_route_kick``)."""
+        return (self._gate.halt_poll_flag, *self._gate.wake_flags)
+
     def kick(self) -> None:
         if self.polling and publish_on_sleep(self._gate.wake_flags):
             # From an I/O thread's handler while this vCPU spins in C: flags set now would end the spin

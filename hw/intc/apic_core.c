@@ -236,6 +236,11 @@ struct pyemu_irq_route {
     uint32_t *status;                   /* the device's interrupt status word (virtio InterruptStatus), or NULL */
     uint32_t status_bits;
     uint64_t posts;
+    /* the vCPU of that APIC (its block gate's words), for pyemu_irq_route_kick; NULL: kicks need Python */
+    int32_t *halt_poll;
+    int32_t *irq_pending;
+    int32_t *attention;
+    uint64_t kicks;
 };
 
 /* 1: the interrupt is in the APIC's IRR (and the status bits set); the caller kicks the vCPU. 0: nothing
@@ -250,5 +255,27 @@ int pyemu_irq_route_post(void *opaque)
         __atomic_fetch_or(r->status, r->status_bits, __ATOMIC_SEQ_CST);
     pyemu_apic_accept(r->core, r->vector, 0);
     r->posts++;
+    return 1;
+}
+
+/* After a post from a thread without the GIL (an I/O thread's C handler, iothread_wait.c): wake the vCPU
+ * here when that needs no Python. 1: done -- nothing is deliverable yet (the EOI that unblocks it flags the
+ * vCPU, as the model's kick would), or the vCPU spins at a HLT inside its run (block_gate.c's
+ * pyemu_gate_halt) and now sees the flags its Python kick would set. 0: the caller kicks through Python (the
+ * vCPU runs, sleeps or is in Python; the model must decide). The post comes before the load of halt_poll,
+ * both sequentially consistent: a vCPU that stops spinning after that load reads IRR afterwards, in its
+ * wait's look at the controller, and sees the interrupt. */
+int pyemu_irq_route_kick(void *opaque)
+{
+    struct pyemu_irq_route *r = (struct pyemu_irq_route *)opaque;
+    if (!r->halt_poll || __atomic_load_n(&r->core->python_ack, __ATOMIC_ACQUIRE))
+        return 0;
+    if (pyemu_apic_deliverable(r->core) < 0)
+        return 1;
+    if (!__atomic_load_n(r->halt_poll, __ATOMIC_SEQ_CST))
+        return 0;
+    __atomic_store_n(r->irq_pending, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(r->attention, 1, __ATOMIC_SEQ_CST);
+    r->kicks++;
     return 1;
 }

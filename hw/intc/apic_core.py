@@ -59,8 +59,13 @@ struct pyemu_irq_route {
     uint32_t *status;
     uint32_t status_bits;
     uint64_t posts;
+    int32_t *halt_poll;
+    int32_t *irq_pending;
+    int32_t *attention;
+    uint64_t kicks;
 };
 int pyemu_irq_route_post(void *opaque);
+int pyemu_irq_route_kick(void *opaque);
 """
 SOURCE = Path(__file__).with_name("apic_core.c")
 
@@ -240,6 +245,9 @@ class NativeRoute:
         self.function = int(ffi.cast("uintptr_t", ffi.addressof(self._lib, "pyemu_irq_route_post")))
         self.address = int(ffi.cast("uintptr_t", self.state))
         """``int (*)(void *route)`` and its argument, for the C poster."""
+        self.kick_function = int(ffi.cast("uintptr_t", ffi.addressof(self._lib, "pyemu_irq_route_kick")))
+        """``int (*)(void *route)``: the kick after a post by a C caller without the GIL (1: done in C, 0: the
+        caller must :meth:`kick`); it wakes in C only a vCPU that spins at a HLT inside its run."""
 
     def aim(self, target: tuple[Any, int] | None) -> None:
         """Point the route at ``(apic, vector)`` -- an APIC whose :attr:`engine_route_core` is in C -- or
@@ -257,6 +265,12 @@ class NativeRoute:
         state.core = self._ffi.cast("struct pyemu_apic_core *", core)
         state.vector = vector
         self._kick = apic.kick_if_pending
+        words = apic.wake_words
+        if words is None:
+            state.halt_poll = state.irq_pending = state.attention = self._ffi.NULL
+        else:
+            state.halt_poll, state.irq_pending, state.attention = (
+                self._ffi.cast("int32_t *", word) for word in words)
         state.armed = 1
 
     def post(self) -> bool:
@@ -277,6 +291,11 @@ class NativeRoute:
     @property
     def posts(self) -> int:
         return int(self.state.posts)
+
+    @property
+    def kicks_in_c(self) -> int:
+        """vCPU kicks done in C (:attr:`kick_function`)."""
+        return int(self.state.kicks)
 
 
 def native_route(status_address: int, status_bits: int) -> NativeRoute | None:

@@ -264,6 +264,9 @@ class LocalApic:
         self.bsp = bsp
         self.kick = kick
         self.event_kick = event_kick
+        self.wake_words: tuple[int, int, int] | None = None
+        """The vCPU's words a device's C code may wake it through without Python (the software CPU's
+        ``TcgVcpu.wake_words``: spinning at a HLT inside its run, interrupt pending, attention), or None."""
         self.pic = pic
         self.eoi_broadcast = eoi_broadcast
         self.ipi_sink = ipi_sink

@@ -25,6 +25,7 @@ from pyemu.hw.virtio.device import ID_BLOCK, VirtioDevice, pack_config
 from pyemu.hw.virtio.errors import VirtqueueError
 from pyemu.hw.virtio.queue import DescriptorChain, Virtqueue
 from pyemu.system import log
+from pyemu.system.iothread_wait import NativeHandler
 
 SECTOR = 512
 QUEUE_SIZE = 256
@@ -96,6 +97,8 @@ class VirtioBlk(VirtioDevice):
         # that cannot name a host descriptor (a test double) has none.
         self._planes: dict[int, blk_plane.DataPlane] = {}
         self._no_plane = not hasattr(backend, "begin_pass_through")
+        # Queues whose kicks C may serve between passes (blk_plane.Lease), per queue.
+        self._leases: dict[int, blk_plane.Lease] = {}
         self.config_changes = 0
         listeners = getattr(backend, "resize_listeners", None)  # a test's stand-in backend may not resize
         if listeners is not None:
@@ -133,7 +136,60 @@ class VirtioBlk(VirtioDevice):
                 + pack_config("IIB3x", MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, 1))
 
     # -- requests ---------------------------------------------------------------------------------------
+    def native_kick_handler(self, queue: Virtqueue, notifier_fd: int) -> NativeHandler | None:
+        """A lease for ``queue`` (:class:`~pyemu.hw.virtio.blk_plane.Lease`) when the C plane can serve this
+        drive: its kicks then go to C between this device's passes, once a pass granted it."""
+        if self._no_plane or not hasattr(self.backend, "lease_revokers"):
+            return None
+        module = blk_plane.PLANE.module_for_a_device()
+        if module is None:
+            return None
+        lease = self._leases[queue.index] = blk_plane.Lease(module, notifier_fd, self.backend)
+        if len(self._leases) == 1:
+            self.backend.lease_revokers.append(self.stop_native_service)
+        queue.lock.settle = lambda: self._settle(queue)
+        return lease.native
+
+    def stop_native_service(self) -> None:
+        for lease in self._leases.values():
+            lease.stop()
+
+    def _settle(self, queue: Virtqueue) -> None:
+        """``queue``'s lock was taken: what its lease's C calls did goes into the queue and the counters,
+        and a call C left to Python is finished as the pass would have (its interrupt raised)."""
+        served, merged, posted, left = self._leases[queue.index].settled(queue)
+        self.requests += served
+        self.merged += merged
+        if posted:
+            self.context.interrupts_kicked_elsewhere(posted)  # type: ignore[union-attr]
+        plane = self._planes.get(queue.index)
+        if left and plane is not None:
+            merged_before = plane.merged
+            served = plane.account(queue, self.context.dma, self.backend, plane.call.served)  # type: ignore[union-attr]
+            self.requests += served
+            self.merged += plane.merged - merged_before
+            if served:
+                self._interrupt_after_plane(queue, plane)
+
+    def _interrupt_after_plane(self, queue: Virtqueue, plane: blk_plane.DataPlane) -> None:
+        if plane.posted:  # the interrupt is in the APIC's IRR already: only the vCPU's kick is left
+            self.context.interrupt_posted()  # type: ignore[union-attr]
+        else:
+            self.context.notify_queue(queue)  # type: ignore[union-attr]
+
     def process_queue(self, queue: Virtqueue) -> None:
+        self._process_queue(queue)
+        # The pass left the ring empty (the plane and the Python batch take everything; a request the
+        # throttle holds keeps the queue to Python): C may take the next kick -- unless the queue is
+        # writing. A write C serves comes back to Python anyway (the dirty bitmaps hear of it there), and
+        # then pays for the lease's stop and grant: sequential 1 MiB writes were 7% slower leased (six
+        # paired runs, 2026-12-07), where reads gained 4% (1 MiB) and 22% (4 KiB).
+        lease = self._leases.get(queue.index)
+        plane = self._planes.get(queue.index)
+        if lease is not None and plane is not None and not plane.wrote and queue.index not in self._held:
+            lease.grant(plane, queue)
+
+    def _process_queue(self, queue: Virtqueue) -> None:
         assert self.context is not None
         dma = self.context.dma
         served = 0
@@ -153,10 +209,7 @@ class VirtioBlk(VirtioDevice):
             self.context.notify_queue(queue)
         if self._plane_serves(queue):
             plane = self._planes[queue.index]
-            if plane.posted:  # the interrupt is in the APIC's IRR already: only the vCPU's kick is left
-                self.context.interrupt_posted()
-            else:
-                self.context.notify_queue(queue)
+            self._interrupt_after_plane(queue, plane)
             if plane.drained:
                 # Nothing left (avail_event asks for the next kick): a chain offered since goes to the C
                 # plane at that kick, not to the Python pass below (~5% of 1 MiB reads took that pass).

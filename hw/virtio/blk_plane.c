@@ -15,6 +15,8 @@
  * first (the software CPU drops stale translations of that RAM) and then publishes it, as its own push does.
  */
 
+#include <sched.h>
+
 #define BP_T_IN 0
 #define BP_T_OUT 1
 #define BP_SECTOR 512
@@ -390,4 +392,80 @@ int pyemu_bp_serve(struct pyemu_bp_call *c)
             c->posted = 1;
     }
     return served;
+}
+
+/* A queue leased to this file between the device's Python passes (blk_plane.py, Lease, says why and
+ * when). The I/O thread's C wait (system/iothread_wait.c) offers the queue's kicks here first: with the
+ * lease granted, the kick is served without Python -- the eventfd cleared, the call made with the set-up
+ * and indices Python's last pass left in it, the interrupt posted and the vCPU woken in C -- as long as
+ * nothing in the result needs Python. Anything that does (a chain Python must serve, a disk range the dirty
+ * bitmaps must hear of, guest writes to report, an interrupt the models must raise or a vCPU only Python
+ * can wake) ends the lease with ``left`` set: the descriptor goes to Python, whose pass finishes the call.
+ * Python revokes the lease (pyemu_bp_lease_revoke) before it touches the queue or the drive in any other
+ * way; the revoke waits for a call in progress. */
+enum { BP_LEASE_REVOKED = 0, BP_LEASE_GRANTED = 1, BP_LEASE_SERVING = 2 };
+
+struct pyemu_bp_lease {
+    int32_t state;
+    int32_t fd;                     /* the queue's notifier (an eventfd) */
+    struct pyemu_bp_call *call;     /* set up by Python's last pass */
+    int (*kick)(void *route);       /* apic_core.c's pyemu_irq_route_kick for call->route, or NULL */
+    int32_t left;                   /* the last call needs Python to finish it (the lease ended) */
+    /* what calls finished here did since Python last folded them into its counters and indices */
+    uint64_t calls, served, merged, screened, posted;
+};
+
+static int finished_here(const struct pyemu_bp_call *c, int served)
+{
+    if (c->stop != BP_STOP_EMPTY || c->ndisk)
+        return 0;
+    return served == 0 || (c->published && (!c->interrupt || c->posted));
+}
+
+int pyemu_bp_lease_kick(void *opaque)
+{
+    struct pyemu_bp_lease *l = (struct pyemu_bp_lease *)opaque;
+    int32_t expected = BP_LEASE_GRANTED;
+    if (!__atomic_compare_exchange_n(&l->state, &expected, BP_LEASE_SERVING, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        return 0;
+    uint64_t count;
+    if (read(l->fd, &count, sizeof count) < 0) {
+        /* EAGAIN: the kick was consumed already; looking at the ring again is harmless */
+    }
+    struct pyemu_bp_call *c = l->call;
+    int served = pyemu_bp_serve(c);
+    int done = finished_here(c, served);
+    if (done && c->posted && !(l->kick && l->kick(c->route)))
+        done = 0;
+    if (!done) {
+        l->left = 1;
+        __atomic_store_n(&l->state, BP_LEASE_REVOKED, __ATOMIC_RELEASE);
+        return 0;
+    }
+    l->calls++;
+    l->served += (uint64_t)served;
+    l->merged += c->merged;
+    l->screened += c->nwrote;
+    l->posted += (uint64_t)c->posted;
+    __atomic_store_n(&l->state, BP_LEASE_GRANTED, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* End the lease (any thread, without the GIL): waits for a call in progress. Returns the state it ended
+ * (GRANTED, or REVOKED when it had ended already). */
+int pyemu_bp_lease_revoke(struct pyemu_bp_lease *l)
+{
+    for (;;) {
+        int32_t state = __atomic_load_n(&l->state, __ATOMIC_ACQUIRE);
+        if (state == BP_LEASE_SERVING) {   /* a host read or write: up to a few milliseconds */
+            for (int i = 0; i < 16; i++)
+                __builtin_ia32_pause();
+            sched_yield();
+            continue;
+        }
+        if (__atomic_compare_exchange_n(&l->state, &state, BP_LEASE_REVOKED, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE))
+            return state;
+    }
 }

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.virtio.queue import Virtqueue
+from pyemu.system.iothread_wait import NativeHandler
 
 # Transport-independent feature bits (virtio 1.x section 6).
 F_INDIRECT_DESC = 1 << 28
@@ -55,6 +56,11 @@ class VirtioContext(Protocol):
 
     def interrupt_posted(self) -> None:
         """C code posted a used-buffer interrupt through :meth:`interrupt_route`: count it, wake the vCPU."""
+        ...
+
+    def interrupts_kicked_elsewhere(self, count: int) -> None:
+        """C code posted ``count`` used-buffer interrupts through :meth:`interrupt_route` and woke the vCPU
+        itself: count them."""
         ...
 
     @property
@@ -109,6 +115,16 @@ class VirtioDevice:
 
     def process_queue(self, queue: Virtqueue) -> None:
         """On the I/O thread, holding ``queue.lock``: serve what the driver made available."""
+
+    def native_kick_handler(self, queue: Virtqueue, notifier_fd: int) -> NativeHandler | None:
+        """C code the I/O thread's wait may offer ``queue``'s kicks to before this device's Python
+        (:meth:`pyemu.system.iothread.IoThread.add_reader`'s ``native``), or None (the default). A device
+        that gives one keeps the queue's indices right under ``queue.lock``
+        (:class:`~pyemu.hw.virtio.queue.QueueLock`'s ``settle``)."""
+        return None
+
+    def stop_native_service(self) -> None:
+        """The device broke or stopped: C code given by :meth:`native_kick_handler` must serve no more."""
 
     def close(self) -> None:
         """Release host resources (files, sockets)."""

@@ -138,7 +138,8 @@ class VirtioMmio:
         device.bind(self)
         for index, notifier in enumerate(self.notifiers):
             iothread.add_reader(notifier, self._kick_handler(index), self.fail_from,
-                                polled=device.kicks_worth_polling)
+                                polled=device.kicks_worth_polling,
+                                native=device.native_kick_handler(self.queues[index], notifier.fd))
 
     def _clear_registers(self) -> None:
         self.status = 0
@@ -214,6 +215,10 @@ class VirtioMmio:
         assert self._route is not None
         self._route.kick()
 
+    def interrupts_kicked_elsewhere(self, count: int) -> None:
+        with self._irq_lock:
+            self.interrupts += count
+
     # -- failure ------------------------------------------------------------------------------------------
     def fail(self, reason: str) -> None:
         """Mark the device broken (DEVICE_NEEDS_RESET) and tell the driver; the VM runs on."""
@@ -221,6 +226,7 @@ class VirtioMmio:
             first = self.broken_reason is None
             self.broken_reason = self.broken_reason or reason
         if first:
+            self.device.stop_native_service()
             log.log("guest_errors", f"{self.name} ({self.device.name}): {reason}; device needs reset")
             if self.status & STATUS_DRIVER_OK:
                 self.notify_config()
@@ -396,6 +402,8 @@ class VirtioMmio:
                 log.log("guest_errors", f"{self.name}: features {self._driver_features:#x} refused: {why}")
                 value &= ~STATUS_FEATURES_OK
         was_ok = self.status & STATUS_DRIVER_OK
+        if was_ok and not value & STATUS_DRIVER_OK:
+            self.device.stop_native_service()  # process() serves nothing now; nor may C
         self.status = value
         if value & STATUS_DRIVER_OK and not was_ok:
             self.device.activate(self.queues)
@@ -424,9 +432,13 @@ class VirtioMmio:
                 device_features_sel=self.device_features_sel, driver_features_sel=self.driver_features_sel,
                 queue_sel=self.queue_sel, interrupt_status=self.interrupt_status,
                 config_generation=self.config_generation, broken=self.broken,
-                queues=tuple(VirtqueueState(size=q.size, ready=q.ready, desc_addr=q.desc_addr,
-                                            avail_addr=q.avail_addr, used_addr=q.used_addr,
-                                            last_avail=q.last_avail, used_idx=q.used_idx) for q in self.queues))
+                queues=tuple(self._queue_state(q) for q in self.queues))
+
+    @staticmethod
+    def _queue_state(q: Virtqueue) -> VirtqueueState:
+        with q.lock:  # its indices are right only under the lock (a C lease folds in there)
+            return VirtqueueState(size=q.size, ready=q.ready, desc_addr=q.desc_addr, avail_addr=q.avail_addr,
+                                  used_addr=q.used_addr, last_avail=q.last_avail, used_idx=q.used_idx)
 
     def from_state(self, state: DeviceState) -> None:
         saved = check_state(self.name, state, VirtioMmioState)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import operator
 import struct
 import threading
+from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -277,6 +278,37 @@ class DescriptorChain:
         return ranges
 
 
+class QueueLock:
+    """A virtqueue's lock. Whoever takes it first settles a C lease on the queue (:attr:`settle`, set by a
+    device whose C code may serve the queue inside its I/O thread's wait, e.g. virtio-blk's data plane):
+    the C code stops serving, and what it served is folded into the queue's indices before the holder
+    looks at them. So every path that takes the lock -- the I/O thread's own pass, a reset, a saved state
+    -- sees one owner of the ring at a time, without knowing the lease exists."""
+
+    __slots__ = ("_lock", "settle")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.settle: Callable[[], None] | None = None
+
+    def __enter__(self) -> QueueLock:
+        self._lock.acquire()
+        settle = self.settle
+        if settle is not None:
+            try:
+                settle()
+            except BaseException:
+                self._lock.release()
+                raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
 class Virtqueue:
     """One split virtqueue. The transport writes the register fields while the queue is not ready; the
     device's I/O thread pops and pushes under :attr:`lock`."""
@@ -286,7 +318,7 @@ class Virtqueue:
             raise ValueError(f"virtqueue maximum size {max_size} must be a power of two up to {MAX_QUEUE_SIZE}")
         self.index = index
         self.max_size = max_size
-        self.lock = threading.Lock()
+        self.lock = QueueLock()
         self.reset()
 
     def reset(self) -> None:

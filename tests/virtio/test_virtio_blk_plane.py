@@ -61,6 +61,7 @@ class Setup:
     written: list[tuple[int, int]]
     irq: Irq
     code_map: CodeMap | None = None
+    iothread: IoThread | None = None
 
 
 def plane_setting(on: bool) -> contextlib.AbstractContextManager[None]:
@@ -89,7 +90,7 @@ def device_on(image: Path, cache: str, *, plane: bool, event_idx: bool = True,
     driver.initialise(event_idx=event_idx, queues={0: 256})  # room for ten 18-descriptor chains
     try:
         with plane_setting(plane):
-            yield Setup(memory, device, transport, driver, backend, written, irq, code_map)
+            yield Setup(memory, device, transport, driver, backend, written, irq, code_map, iothread)
     finally:
         transport.close()
         iothread.close()
@@ -560,3 +561,115 @@ def test_a_read_served_in_c_posts_its_interrupt_through_the_transports_route(ima
         _read(s, 16, 2)
         serve(s.transport)
         assert route.posts == 1 and pulse.count == 1
+
+
+def _routed_apic(vector: int = 0x33):  # type: ignore[no-untyped-def]
+    """A local APIC with its registers in C behind an IOAPIC whose pin 5 sends ``vector`` to it, and the
+    pulse a virtio-mmio transport raises on that pin; the APIC's kicks are recorded."""
+    import threading
+    import time
+    from functools import partial
+
+    from pyemu.hw.core.irq import PulseInterrupt
+    from pyemu.hw.intc.ioapic import IoApic
+    from pyemu.hw.intc.lapic import REG_SVR, LocalApic
+    from pyemu.system.timers import TimerQueue
+
+    apic = LocalApic(TimerQueue(clock=time.monotonic_ns))
+    apic.write(REG_SVR, 4, 0x1FF)
+    if apic.engine_route_core is None:
+        pytest.skip("the APIC core's C module could not be built")
+    kicks: list[int] = []
+    apic.kick = lambda: kicks.append(1)
+    ioapic = IoApic(apic)
+    for index, value in ((0x11 + 2 * 5, 0), (0x10 + 2 * 5, vector)):
+        ioapic.write(0x00, 4, index)
+        ioapic.write(0x10, 4, value)
+    return apic, kicks, PulseInterrupt(ioapic.pin(5), threading.RLock(), partial(ioapic.edge_route, 5))
+
+
+def _kick_and_wait(s: Setup, count: int) -> list[tuple[int, int]]:
+    """Kick queue 0 as the guest does and wait for ``count`` newly used chains (returned)."""
+    import time
+
+    from pyemu.hw.virtio.mmio import REG_QUEUE_NOTIFY
+
+    s.transport.write(REG_QUEUE_NOTIFY, 4, 0)
+    used: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 30
+    while len(used) < count:
+        assert time.monotonic() < deadline, "the I/O thread did not serve the kick"
+        time.sleep(0.001)
+        used += s.driver.used(0)
+    return used
+
+
+def test_a_leased_queue_is_served_inside_the_io_threads_wait(image: Path) -> None:
+    """After a pass of the device's Python that left the ring empty, the queue is leased to C: the next
+    kick is served in the I/O thread's C wait -- data read, used index published, the interrupt posted into
+    the APIC's IRR and the vCPU, spinning at a HLT, woken through its gate's words -- with no Python; the
+    queue's lock folds it all into the queue and the counters. A request C cannot finish (a flush) goes
+    back to Python, in order; a drain revokes the lease and ends its hold on the drive; a queue that
+    writes is not leased."""
+    import time
+
+    from pyemu.hw.virtio.mmio import INT_USED_BUFFER
+
+    apic, kicks, pulse = _routed_apic()
+    words = blk_plane.load().ffi.new("int32_t[3]")  # type: ignore[union-attr]
+    apic.wake_words = tuple(int(blk_plane.load().ffi.cast("intptr_t", words + i)) for i in range(3))  # type: ignore[union-attr,assignment]
+    with device_on(image, "writeback", plane=True, screen=True, irq=pulse) as s:  # type: ignore[arg-type]
+        assert s.iothread is not None
+        s.transport.notifiers[0].test_and_clear()  # DRIVER_OK's kick, with nothing offered yet
+        s.iothread.start()
+        queue = s.transport.queues[0]
+        lease = s.device._leases[0]
+        _, pieces, status = _read(s, 0, 1)
+        _kick_and_wait(s, 1)  # the device's Python pass: the plane serves it, the pass grants the lease
+        assert lease.grants == 1 and kicks == [1] and s.iothread.served_natively == 0
+        apic.isr = 0
+        apic.irr = 0  # the guest took the first interrupt and ended it
+        s.transport.write(0x064, 4, INT_USED_BUFFER)  # InterruptACK
+        _used_event(s, 1)  # and wants one for the next request
+
+        words[0] = 1  # the vCPU spins at a HLT inside its run
+        _, pieces, status = _read(s, 16, 2)
+        _kick_and_wait(s, 1)
+        assert s.iothread.served_natively == 1 and int(lease.state.calls) == 1
+        assert kicks == [1] and list(words) == [1, 1, 1]  # woken in C: interrupt pending, attention
+        assert apic.irr == 1 << 0x33 and s.transport.interrupt_status == INT_USED_BUFFER
+        assert s.memory.read_u8(status) == vblk.S_OK
+        assert b"".join(s.memory.read(a, n) for a, n in pieces) == PATTERN[16 * SECTOR:32 * SECTOR]
+        assert s.device.requests == 1 and s.transport.interrupts == 1  # not folded in yet
+        with queue.lock:  # every taker of the lock settles the lease first
+            assert queue.last_avail == 2 and queue.used_idx == 2
+            assert s.device.requests == 2 and s.device._planes[0].served == 2 and s.transport.interrupts == 2
+            assert int(lease.state.state) == 0 and int(lease.state.calls) == 0
+        assert s.backend._inflight == 0  # the stop ended the lease's pass-through
+
+        _read(s, 24, 6)
+        _kick_and_wait(s, 1)  # no lease now: Python's pass serves it and grants the lease again
+        deadline = time.monotonic() + 30
+        while lease.grants < 2:  # the pass grants after it published
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert s.iothread.served_natively == 1
+        words[0] = 0  # the vCPU sleeps: only Python may wake it
+        offered = [_read(s, 32, 3), offer(s.driver, Request(vblk.T_FLUSH, 0, 0, True, 16, False), 4),
+                   _read(s, 48, 5)]
+        _used_event(s, 3)
+        assert [h for h, _ in _kick_and_wait(s, 3)] == [h for h, _, _ in offered]
+        # C took the kick, served the first read and stopped at the flush: its pass finished the rest
+        assert s.iothread.served_natively == 1 and s.device._planes[0].stops_for_python >= 1
+        assert kicks == [1, 1] and s.transport.interrupts == 3  # its interrupt, posted in C, kicked by Python
+        with s.backend.drained():
+            assert s.backend._inflight == 0 and int(lease.state.state) == 0
+        with queue.lock:
+            assert s.device.requests == 6 and queue.last_avail == 6
+
+        grants = lease.grants  # a writing queue keeps to Python (the dirty bitmaps hear of writes there)
+        _, pieces, _ = offer(s.driver, Request(vblk.T_OUT, 64, 4096, True, 4096, False), 9)
+        _kick_and_wait(s, 1)
+        with queue.lock:
+            assert lease.grants == grants and s.device._planes[0].wrote
+        assert s.backend._inflight == 0
