@@ -84,10 +84,9 @@ class VirtioBlk(VirtioDevice):
         super().__init__(tuple([config.queue_size] * config.num_queues))
         self.backend = backend
         self.config = config
-        self.requests = 0
+        self._requests_in_python = 0
         self.errors = 0
-        self.merged = 0
-        """Requests served as part of an earlier request's host I/O (reads or writes merged)."""
+        self._merged_in_python = 0
         # A request the drive's throttle holds back, per queue: it is served when its ticket is granted
         # (the timer kicks the queue); the requests behind it stay in the guest's ring, in order.
         self._held: dict[int, tuple[DescriptorChain, Ticket]] = {}
@@ -135,6 +134,17 @@ class VirtioBlk(VirtioDevice):
                 + pack_config("III", MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, 1)
                 + pack_config("IIB3x", MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, 1))
 
+    @property
+    def requests(self) -> int:
+        """Requests served: by the Python path and by the C planes (those a lease served in C once its
+        queue's lock folded them in)."""
+        return self._requests_in_python + sum(plane.served for plane in self._planes.values())
+
+    @property
+    def merged(self) -> int:
+        """Requests served as part of an earlier request's host I/O (reads or writes merged)."""
+        return self._merged_in_python + sum(plane.merged for plane in self._planes.values())
+
     # -- requests ---------------------------------------------------------------------------------------
     def native_kick_handler(self, queue: Virtqueue, notifier_fd: int) -> NativeHandler | None:
         """A lease for ``queue`` (:class:`~pyemu.hw.virtio.blk_plane.Lease`) when the C plane can serve this
@@ -157,18 +167,12 @@ class VirtioBlk(VirtioDevice):
     def _settle(self, queue: Virtqueue) -> None:
         """``queue``'s lock was taken: what its lease's C calls did goes into the queue and the counters,
         and a call C left to Python is finished as the pass would have (its interrupt raised)."""
-        served, merged, posted, left = self._leases[queue.index].settled(queue)
-        self.requests += served
-        self.merged += merged
+        posted, left = self._leases[queue.index].settled(queue)
         if posted:
             self.context.interrupts_kicked_elsewhere(posted)  # type: ignore[union-attr]
         plane = self._planes.get(queue.index)
         if left and plane is not None:
-            merged_before = plane.merged
-            served = plane.account(queue, self.context.dma, self.backend, plane.call.served)  # type: ignore[union-attr]
-            self.requests += served
-            self.merged += plane.merged - merged_before
-            if served:
+            if plane.account(queue, self.context.dma, self.backend, plane.call.served):  # type: ignore[union-attr]
                 self._interrupt_after_plane(queue, plane)
 
     def _interrupt_after_plane(self, queue: Virtqueue, plane: blk_plane.DataPlane) -> None:
@@ -234,13 +238,9 @@ class VirtioBlk(VirtioDevice):
         if target is None:
             return 0
         try:
-            merged_before = plane.merged
-            served = plane.serve(queue, self.context.dma, target, self.backend)  # type: ignore[union-attr]
+            return plane.serve(queue, self.context.dma, target, self.backend)  # type: ignore[union-attr]
         finally:
             self.backend.end_pass_through()
-        self.requests += served
-        self.merged += plane.merged - merged_before
-        return served
 
     def _process_batch(self, queue: Virtqueue) -> int:
         """Pop every request the driver has offered, serve them -- adjacent reads (or writes) of
@@ -351,8 +351,8 @@ class VirtioBlk(VirtioDevice):
             written = chain.writable_length if kind == T_IN else 1
             chain.write(dma, bytes([S_OK]), chain.writable_length - 1, report=written < chain.writable_length)
             done.append((chain, written))
-        self.requests += len(group)
-        self.merged += len(group) - 1
+        self._requests_in_python += len(group)
+        self._merged_in_python += len(group) - 1
         return len(group)
 
     def _admit(self, queue: Virtqueue, chain: DescriptorChain) -> Ticket | None:
@@ -400,7 +400,7 @@ class VirtioBlk(VirtioDevice):
         if chain.readable_length < HEADER.size:
             raise VirtqueueError(queue.index, f"block request {chain.head} header is {chain.readable_length} bytes")
         kind, _reserved, sector = HEADER.unpack(chain.read(dma, 0, HEADER.size))
-        self.requests += 1
+        self._requests_in_python += 1
         status, data_written = self._dispatch(queue, chain, kind, sector)
         # The push reports the first data_written + 1 bytes; the status byte is among them when it follows
         # the data directly (reads, and writes with a one-byte writable part: every request Linux makes).

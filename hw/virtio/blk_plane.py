@@ -302,18 +302,18 @@ class Lease:
             finally:
                 self._backend.end_pass_through()
 
-    def settled(self, queue: Virtqueue) -> tuple[int, int, int, bool]:
+    def settled(self, queue: Virtqueue) -> tuple[int, bool]:
         """Under ``queue``'s lock: stop, fold the calls C finished into ``queue`` and the plane; returns
-        ``(requests served, merged, interrupts posted and kicked, whether a call waits to be finished)``
-        -- the plane's :meth:`DataPlane.account` finishes that one."""
+        ``(interrupts posted and kicked in C, whether a call waits to be finished)`` -- the plane's
+        :meth:`DataPlane.account` finishes that one."""
         self.stop()
         state, plane = self.state, self._plane
         if plane is None:
-            return 0, 0, 0, False
-        counts = (int(state.served), int(state.merged), int(state.posted))
+            return 0, False
+        posted = int(state.posted)
         if state.calls:
-            plane.fold(queue, counts[0], counts[1], int(state.screened), int(state.calls))
+            plane.fold(queue, int(state.served), int(state.merged), int(state.screened), int(state.calls))
             state.calls = state.served = state.merged = state.screened = state.posted = 0
         left = bool(state.left)
         state.left = 0
-        return counts[0], counts[1], counts[2], left
+        return posted, left

@@ -305,9 +305,6 @@ class QueueLock:
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
 
-    def locked(self) -> bool:
-        return self._lock.locked()
-
 
 class Virtqueue:
     """One split virtqueue. The transport writes the register fields while the queue is not ready; the

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -26,11 +29,15 @@ from pyemu.block.backend import BlockBackend
 from pyemu.block.dirty_bitmap import bitmaps_of
 from pyemu.block.options import DriveOptions, open_drive
 from pyemu.hw.core.dma import DmaMemory
+from pyemu.hw.core.irq import PulseInterrupt
+from pyemu.hw.intc.ioapic import IoApic
+from pyemu.hw.intc.lapic import REG_SVR, LocalApic
 from pyemu.hw.virtio import blk as vblk
 from pyemu.hw.virtio import blk_plane
-from pyemu.hw.virtio.mmio import VirtioMmio
+from pyemu.hw.virtio.mmio import INT_USED_BUFFER, REG_QUEUE_NOTIFY, VirtioMmio
 from pyemu.system.iothread import IoThread
 from pyemu.system.memory import GuestMemory
+from pyemu.system.timers import TimerQueue
 from pyemu.testing.virtio_driver import VirtioTestDriver
 
 from .conftest import environment_setting
@@ -518,20 +525,24 @@ def test_o_direct_writes_keep_to_python_when_others_may_write_the_image(copy: Pa
         backend.close()
 
 
-def test_a_read_served_in_c_posts_its_interrupt_through_the_transports_route(image: Path) -> None:
-    """With the interrupt a pulse to an IOAPIC pin that names one APIC, the C call that published a read
-    also posts the interrupt it decided: InterruptStatus and the APIC's IRR are set, the vCPU is kicked,
-    and the pulse is not used. Masked, the pin gets the models' pulse again."""
-    import threading
-    import time
-    from functools import partial
+@dataclass
+class RoutedApic:
+    """A local APIC with its registers in C behind an IOAPIC whose pin 5 the transport's pulse drives."""
 
-    from pyemu.hw.core.irq import PulseInterrupt
-    from pyemu.hw.intc.ioapic import IoApic
-    from pyemu.hw.intc.lapic import REG_SVR, LocalApic
-    from pyemu.hw.virtio.mmio import INT_USED_BUFFER
-    from pyemu.system.timers import TimerQueue
+    apic: LocalApic
+    ioapic: IoApic
+    pulse: PulseInterrupt
+    kicks: list[int]
 
+    def redirect(self, low: int) -> None:
+        """Pin 5's redirection entry: ``low`` (vector and flags), destination APIC 0."""
+        for index, value in ((0x11 + 2 * 5, 0), (0x10 + 2 * 5, low)):
+            self.ioapic.write(0x00, 4, index)
+            self.ioapic.write(0x10, 4, value)
+
+
+def routed_apic(vector: int = 0x33) -> RoutedApic:
+    """A :class:`RoutedApic` whose pin 5 sends ``vector``; the APIC's kicks are recorded."""
     apic = LocalApic(TimerQueue(clock=time.monotonic_ns))
     apic.write(REG_SVR, 4, 0x1FF)
     if apic.engine_route_core is None:
@@ -539,14 +550,18 @@ def test_a_read_served_in_c_posts_its_interrupt_through_the_transports_route(ima
     kicks: list[int] = []
     apic.kick = lambda: kicks.append(1)
     ioapic = IoApic(apic)
+    routed = RoutedApic(apic, ioapic, PulseInterrupt(ioapic.pin(5), threading.RLock(), partial(ioapic.edge_route, 5)),
+                        kicks)
+    routed.redirect(vector)
+    return routed
 
-    def redirect(low: int) -> None:
-        for index, value in ((0x11 + 2 * 5, 0), (0x10 + 2 * 5, low)):
-            ioapic.write(0x00, 4, index)
-            ioapic.write(0x10, 4, value)
 
-    redirect(0x33)
-    pulse = PulseInterrupt(ioapic.pin(5), threading.RLock(), partial(ioapic.edge_route, 5))
+def test_a_read_served_in_c_posts_its_interrupt_through_the_transports_route(image: Path) -> None:
+    """With the interrupt a pulse to an IOAPIC pin that names one APIC, the C call that published a read
+    also posts the interrupt it decided: InterruptStatus and the APIC's IRR are set, the vCPU is kicked,
+    and the pulse is not used. Masked, the pin gets the models' pulse again."""
+    r = routed_apic()
+    apic, kicks, pulse = r.apic, r.kicks, r.pulse
     with device_on(image, "writeback", plane=True, screen=True, irq=pulse) as s:  # type: ignore[arg-type]
         _, pieces, status = _read(s, 0, 1)
         serve(s.transport)
@@ -556,44 +571,15 @@ def test_a_read_served_in_c_posts_its_interrupt_through_the_transports_route(ima
         assert s.transport.interrupt_status == INT_USED_BUFFER and apic.irr == 1 << 0x33
         assert s.memory.read_u8(status) == vblk.S_OK
         assert b"".join(s.memory.read(a, n) for a, n in pieces) == PATTERN[:16 * SECTOR]
-        redirect(0x33 | 1 << 16)  # masked: the route is stale, the models latch the edge
+        r.redirect(0x33 | 1 << 16)  # masked: the route is stale, the models latch the edge
         _used_event(s, 1)  # the driver wants an interrupt for the next one too
         _read(s, 16, 2)
         serve(s.transport)
         assert route.posts == 1 and pulse.count == 1
 
 
-def _routed_apic(vector: int = 0x33):  # type: ignore[no-untyped-def]
-    """A local APIC with its registers in C behind an IOAPIC whose pin 5 sends ``vector`` to it, and the
-    pulse a virtio-mmio transport raises on that pin; the APIC's kicks are recorded."""
-    import threading
-    import time
-    from functools import partial
-
-    from pyemu.hw.core.irq import PulseInterrupt
-    from pyemu.hw.intc.ioapic import IoApic
-    from pyemu.hw.intc.lapic import REG_SVR, LocalApic
-    from pyemu.system.timers import TimerQueue
-
-    apic = LocalApic(TimerQueue(clock=time.monotonic_ns))
-    apic.write(REG_SVR, 4, 0x1FF)
-    if apic.engine_route_core is None:
-        pytest.skip("the APIC core's C module could not be built")
-    kicks: list[int] = []
-    apic.kick = lambda: kicks.append(1)
-    ioapic = IoApic(apic)
-    for index, value in ((0x11 + 2 * 5, 0), (0x10 + 2 * 5, vector)):
-        ioapic.write(0x00, 4, index)
-        ioapic.write(0x10, 4, value)
-    return apic, kicks, PulseInterrupt(ioapic.pin(5), threading.RLock(), partial(ioapic.edge_route, 5))
-
-
 def _kick_and_wait(s: Setup, count: int) -> list[tuple[int, int]]:
     """Kick queue 0 as the guest does and wait for ``count`` newly used chains (returned)."""
-    import time
-
-    from pyemu.hw.virtio.mmio import REG_QUEUE_NOTIFY
-
     s.transport.write(REG_QUEUE_NOTIFY, 4, 0)
     used: list[tuple[int, int]] = []
     deadline = time.monotonic() + 30
@@ -611,13 +597,12 @@ def test_a_leased_queue_is_served_inside_the_io_threads_wait(image: Path) -> Non
     queue's lock folds it all into the queue and the counters. A request C cannot finish (a flush) goes
     back to Python, in order; a drain revokes the lease and ends its hold on the drive; a queue that
     writes is not leased."""
-    import time
-
-    from pyemu.hw.virtio.mmio import INT_USED_BUFFER
-
-    apic, kicks, pulse = _routed_apic()
-    words = blk_plane.load().ffi.new("int32_t[3]")  # type: ignore[union-attr]
-    apic.wake_words = tuple(int(blk_plane.load().ffi.cast("intptr_t", words + i)) for i in range(3))  # type: ignore[union-attr,assignment]
+    r = routed_apic()
+    apic, kicks, pulse = r.apic, r.kicks, r.pulse
+    ffi = blk_plane.load().ffi  # type: ignore[union-attr]
+    words = ffi.new("int32_t[3]")
+    apic.wake_words = (int(ffi.cast("intptr_t", words)), int(ffi.cast("intptr_t", words + 1)),
+                       int(ffi.cast("intptr_t", words + 2)))
     with device_on(image, "writeback", plane=True, screen=True, irq=pulse) as s:  # type: ignore[arg-type]
         assert s.iothread is not None
         s.transport.notifiers[0].test_and_clear()  # DRIVER_OK's kick, with nothing offered yet
