@@ -661,3 +661,27 @@ def test_a_leased_queue_is_served_inside_the_io_threads_wait(image: Path) -> Non
         with queue.lock:
             assert lease.grants == grants and s.device._planes[0].wrote
         assert s.backend._inflight == 0
+
+
+def test_a_hostile_chain_reaching_a_leased_queue_breaks_the_device_not_the_thread(image: Path) -> None:
+    """A chain whose buffer lies outside guest RAM, offered while C holds the lease: C leaves it untouched
+    and hands the kick to Python, whose rules mark the device as needing a reset; the lease ends with its
+    hold on the drive, and the I/O thread goes on serving."""
+    with device_on(image, "writeback", plane=True) as s:
+        assert s.iothread is not None
+        s.transport.notifiers[0].test_and_clear()  # DRIVER_OK's kick, with nothing offered yet
+        s.iothread.start()
+        lease = s.device._leases[0]
+        _read(s, 0, 1)
+        _kick_and_wait(s, 1)
+        deadline = time.monotonic() + 30
+        while lease.grants < 1:  # the pass grants after it published
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        offer(s.driver, Request(vblk.T_IN, 8, 4096, True, 16, False, outside_ram=True), 2)
+        s.transport.write(REG_QUEUE_NOTIFY, 4, 0)
+        while not s.transport.broken:
+            assert time.monotonic() < deadline, "the device did not break"
+            time.sleep(0.001)
+        assert s.iothread.running and int(lease.state.state) == 0
+        assert s.backend._inflight == 0  # the broken device's stop ended the lease's pass-through
