@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Sequence
 
 from pyemu.block import borrowed, graph
 from pyemu.block.borrowed import BorrowedNode
-from pyemu.block.dirty_bitmap import existing_bitmaps
+from pyemu.block.dirty_bitmap import BitmapSet, existing_bitmaps
 from pyemu.block.driver import BlockCapabilities, BlockDriver, BlockStatus, PassThrough
 from pyemu.block.errors import BlockConfigError, BlockIOError, ReadOnlyError
 from pyemu.block.hostio import zero_chunks
@@ -495,14 +495,25 @@ class BlockBackend:
             if not self._inflight:
                 self._cond.notify_all()
 
+    def records_writes(self) -> bool:
+        """Whether a write now reaches an enabled dirty bitmap (what :meth:`wrote_through` would mark).
+        The C data plane asks before a call: with nothing recording, it may let the guest see a write's
+        completion before Python hands the ranges to :meth:`wrote_through` after the call."""
+        return any(bitmaps.recording for bitmaps in self._bitmap_sets())
+
     def _mark_dirty(self, offset: int, length: int) -> None:
         """Every enabled dirty bitmap of the node written records the range -- also after a failed request,
-        as QEMU does: its data may have changed partly. Nodes that mark their own bitmaps (qcow2, for tools
-        that write it without a backend) are left to do so. Filters pass the write on unchanged, so the
-        nodes down the ``filtered_child`` chain (a copy-before-write filter put above the disk with qom-set)
-        record it too: the disk's bitmaps keep counting while the filter sits above it. A filter whose
-        writes do not reach its child (snapshot-access: a discard of the view leaves the disk as it is) says
-        so with ``passes_writes_down = False`` and ends the walk."""
+        as QEMU does: its data may have changed partly."""
+        for bitmaps in self._bitmap_sets():
+            bitmaps.mark(offset, length)
+
+    def _bitmap_sets(self) -> Iterator[BitmapSet]:
+        """The bitmap sets a write through this backend marks. Nodes that mark their own bitmaps (qcow2, for
+        tools that write it without a backend) are left to do so. Filters pass the write on unchanged, so
+        the nodes down the ``filtered_child`` chain (a copy-before-write filter put above the disk with
+        qom-set) record it too: the disk's bitmaps keep counting while the filter sits above it. A filter
+        whose writes do not reach its child (snapshot-access: a discard of the view leaves the disk as it
+        is) says so with ``passes_writes_down = False`` and ends the walk."""
         node: object = self.root
         seen: set[int] = set()
         while node is not None and id(node) not in seen:
@@ -510,7 +521,7 @@ class BlockBackend:
             if not getattr(node, "marks_own_bitmaps", False):
                 bitmaps = existing_bitmaps(node)
                 if bitmaps is not None:
-                    bitmaps.mark(offset, length)
+                    yield bitmaps
             if not getattr(node, "passes_writes_down", True):
                 break
             node = getattr(node, "filtered_child", None)

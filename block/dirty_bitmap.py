@@ -19,8 +19,10 @@ read-only image. Changes by users go through :meth:`BitmapSet.check_modifiable` 
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import weakref
+from contextlib import contextmanager
 from typing import Iterator, Protocol
 
 from pyemu.block.errors import BlockError
@@ -301,6 +303,43 @@ class BitmapStore(Protocol):
         ...
 
 
+class RecordingChanges:
+    """How many times the bitmaps that record writes changed, anywhere in this process: a sequence count,
+    odd while a change is under way.
+
+    Why: native code that completes guest writes without Python (virtio-blk's C data plane) may let the
+    guest see a write before Python marks its range only while no bitmap records it. It takes this count
+    with the answer "nothing records" and compares it, at :attr:`address`, once the write is done: a bitmap
+    that started recording in between (the count moved) sends the write through Python's marking first.
+    A bitmap that starts recording only after that comparison missed a write that had already ended, as
+    in QEMU, where a write that finished before a bitmap was created is not in it."""
+
+    def __init__(self) -> None:
+        self._word = ctypes.c_uint64(0)
+        self._lock = threading.Lock()
+
+    @property
+    def value(self) -> int:
+        return self._word.value
+
+    @property
+    def address(self) -> int:
+        """Where native code reads the count (a uint64_t; this object keeps it alive)."""
+        return ctypes.addressof(self._word)
+
+    @contextmanager
+    def changing(self) -> Iterator[None]:
+        with self._lock:
+            self._word.value += 1
+            try:
+                yield
+            finally:
+                self._word.value += 1
+
+
+RECORDING_CHANGES = RecordingChanges()
+
+
 class BitmapSet:
     """The dirty bitmaps of one node. Write paths call :meth:`mark`; QMP and tools manage the set."""
 
@@ -339,10 +378,16 @@ class BitmapSet:
         for bitmap in self._enabled:
             bitmap.set_range(offset, length)
 
+    @property
+    def recording(self) -> bool:
+        """Some bitmap of the set records writes now (what :meth:`mark` would set)."""
+        return bool(self._enabled)
+
     def _refresh(self) -> None:
-        self._enabled = tuple(b for b in self._bitmaps.values()
-                              if b.enabled and not b.inconsistent and not b.readonly) + \
-            tuple(b for b in self._hidden if b.enabled)
+        with RECORDING_CHANGES.changing():
+            self._enabled = tuple(b for b in self._bitmaps.values()
+                                  if b.enabled and not b.inconsistent and not b.readonly) + \
+                tuple(b for b in self._hidden if b.enabled)
 
     def add_hidden(self, bitmap: DirtyBitmap) -> None:
         """Attach a nameless bitmap a job uses internally (a mirror's dirty bitmap, QEMU's anonymous

@@ -183,16 +183,17 @@ class VirtioBlk(VirtioDevice):
 
     def process_queue(self, queue: Virtqueue) -> None:
         self._process_queue(queue)
-        # C may take the next kick when the plane's own call served reads and left the ring empty (what
-        # the guest streams then is more of the same). Not after a pass that wrote: a write C serves comes
-        # back to Python anyway (the dirty bitmaps hear of it there) and then pays for the lease's stop and
-        # grant -- sequential 1 MiB writes were 7% slower leased (six paired runs, 2026-12-07), where reads
-        # gained 4% (1 MiB) and 22% (4 KiB). Nor after a pass whose plane call served nothing (a spurious
-        # kick, a flush, common in a stream of writes): with such grants writes measured 0.93 of a build
-        # without leases, without them 0.97 (eight paired runs each, 2026-12-07).
+        # C may take the next kick when the plane's own call served requests, left the ring empty and
+        # published them itself (what the guest streams then is more of the same, and C can finish it).
+        # Not after a call whose result needed Python first (a write a dirty bitmap records, guest writes
+        # into translated code): C would hand each such request back and pay for the lease's stop and
+        # grant -- sequential 1 MiB writes were 7% slower leased while every write came back to Python
+        # for the bitmaps (six paired runs, 2026-12-07). Nor after a pass whose plane call served nothing
+        # (a spurious kick, a flush, common in a stream of writes): with such grants writes measured 0.93
+        # of a build without leases, without them 0.97 (eight paired runs each, 2026-12-07).
         lease = self._leases.get(queue.index)
         plane = self._planes.get(queue.index)
-        if lease is not None and plane is not None and plane.drained and not plane.wrote \
+        if lease is not None and plane is not None and plane.drained and plane.finished \
                 and queue.index not in self._held:
             lease.grant(plane, queue)
 

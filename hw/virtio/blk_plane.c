@@ -10,8 +10,8 @@
  *
  * Guest memory is reached only through vring.c (built in front of this file), which checks every address
  * and index. The used index is published here only when nothing needs Python first: a call that wrote no
- * disk range (the dirty bitmaps hear of writes from Python) and whose guest writes the DMA write screen
- * passes whole (no translated code in them, no dirty log running). Otherwise Python reports the DMA writes
+ * disk range a dirty bitmap records (the bitmaps hear of writes from Python) and whose guest writes the
+ * DMA write screen passes whole (no translated code in them, no dirty log running). Otherwise Python reports the DMA writes
  * first (the software CPU drops stale translations of that RAM) and then publishes it, as its own push does.
  */
 
@@ -43,6 +43,11 @@ struct pyemu_bp_call {
     uint32_t max_wrote;
     struct pyemu_vr_range *disk;  /* disk ranges written, for the dirty bitmaps */
     uint32_t max_disk;
+    int32_t report_disk;          /* a dirty bitmap records writes: the driver sees a write only after
+                                   * Python marked its disk range */
+    const uint64_t *recording;    /* dirty_bitmap.py's RecordingChanges count; with report_disk 0, a write
+                                   * is published here only while it still reads recording_seen */
+    uint64_t recording_seen;
     /* in/out */
     uint16_t last_avail, used_idx;
     /* out */
@@ -363,11 +368,11 @@ static int serve_batches(struct pyemu_bp_call *c, const struct vr_ring *ring)
     return (int)c->served;
 }
 
-/* Nothing for Python to do before the driver may see the requests: no disk range written (the dirty
- * bitmaps), and no guest range the DMA write screen picks (translated code, the dirty log). */
+/* Nothing for Python to do before the driver may see the requests: no disk range written that a dirty
+ * bitmap records, and no guest range the DMA write screen picks (translated code, the dirty log). */
 static int may_publish_here(const struct pyemu_bp_call *c)
 {
-    if (c->ndisk)
+    if (c->ndisk && (c->report_disk || __atomic_load_n(c->recording, __ATOMIC_ACQUIRE) != c->recording_seen))
         return 0;
     if (!c->nwrote)
         return 1;
@@ -398,8 +403,8 @@ int pyemu_bp_serve(struct pyemu_bp_call *c)
  * when). The I/O thread's C wait (system/iothread_wait.c) offers the queue's kicks here first: with the
  * lease granted, the kick is served without Python -- the eventfd cleared, the call made with the set-up
  * and indices Python's last pass left in it, the interrupt posted and the vCPU woken in C -- as long as
- * nothing in the result needs Python. Anything that does (a chain Python must serve, a disk range the dirty
- * bitmaps must hear of, guest writes to report, an interrupt the models must raise or a vCPU only Python
+ * nothing in the result needs Python. Anything that does (a chain Python must serve, a disk range a dirty
+ * bitmap must hear of, guest writes to report, an interrupt the models must raise or a vCPU only Python
  * can wake) ends the lease with ``left`` set: the descriptor goes to Python, whose pass finishes the call.
  * Python revokes the lease (pyemu_bp_lease_revoke) before it touches the queue or the drive in any other
  * way; the revoke waits for a call in progress. */
@@ -417,7 +422,7 @@ struct pyemu_bp_lease {
 
 static int finished_here(const struct pyemu_bp_call *c, int served)
 {
-    if (c->stop != BP_STOP_EMPTY || c->ndisk)
+    if (c->stop != BP_STOP_EMPTY)
         return 0;
     return served == 0 || (c->published && (!c->interrupt || c->posted));
 }

@@ -22,9 +22,10 @@ device's Python path takes over from there with every rule and error report it h
 served whole in C or left untouched. After the C call, Python marks the written disk ranges in the dirty
 bitmaps, reports the written guest ranges to the DMA layer and then publishes the used index
 (:meth:`~pyemu.hw.virtio.queue.Virtqueue.served_elsewhere`), the order its own path keeps, so the software
-CPU drops stale translations before the guest can see the data. When there is nothing to mark or report --
-a call that wrote no disk range and whose guest writes the accelerator's DMA write screen passes whole --
-the C call publishes the used index itself and decides the interrupt as
+CPU drops stale translations before the guest can see the data. When there is nothing to mark first or
+report -- a call that wrote no disk range or whose drive had no dirty bitmap recording when the call began
+(:meth:`~pyemu.block.backend.BlockBackend.records_writes`), and whose guest writes the accelerator's DMA
+write screen passes whole -- the C call publishes the used index itself and decides the interrupt as
 :meth:`~pyemu.hw.virtio.queue.Virtqueue.should_interrupt` does
 (:meth:`~pyemu.hw.virtio.queue.Virtqueue.published_elsewhere`), which took Python ~17 µs per read between
 the host read and the interrupt (stamped on 2026-12-07: the report and the index store ~9, the decision ~8).
@@ -44,6 +45,7 @@ from types import ModuleType
 from typing import Any
 
 from pyemu.block.backend import BlockBackend
+from pyemu.block.dirty_bitmap import RECORDING_CHANGES
 from pyemu.block.driver import PassThrough
 from pyemu.hw.core.dma import DmaMemory
 from pyemu.hw.intc.apic_core import NativeRoute
@@ -67,6 +69,9 @@ struct pyemu_bp_call {
     uint32_t max_wrote;
     struct pyemu_vr_range *disk;
     uint32_t max_disk;
+    int32_t report_disk;
+    const uint64_t *recording;
+    uint64_t recording_seen;
     uint16_t last_avail, used_idx;
     uint32_t served, nwrote, ndisk;
     uint32_t merged;
@@ -122,6 +127,7 @@ class DataPlane:
         call.max_wrote = MAX_WROTE
         call.disk = self._disk
         call.max_disk = MAX_DISK
+        call.recording = ffi.cast("const uint64_t *", RECORDING_CHANGES.address)
         self._wrote.wire_screen(call)
         self.kick_function = 0
         """The route's C kick (:attr:`~pyemu.hw.intc.apic_core.NativeRoute.kick_function`), 0 without a route."""
@@ -144,7 +150,8 @@ class DataPlane:
         """The last call posted the queue's interrupt itself (the device kicks the vCPU, raises nothing)."""
         self.wrote = False
         """The last call wrote to the disk."""
-
+        self.finished = False
+        """The last call published what it served itself: it left Python nothing to do first."""
 
     @property
     def call(self) -> Any:
@@ -155,6 +162,7 @@ class DataPlane:
         """Serve the reads and writes at the head of ``queue`` (its lock held) through ``target``, which
         ``backend`` handed out; returns how many."""
         self.prepare(queue, target)
+        self.ask_recording(backend)
         return self.account(queue, dma, backend, self._serve(self._call))  # cffi lets the GIL go for the call
 
     def prepare(self, queue: Virtqueue, target: PassThrough) -> None:
@@ -173,6 +181,15 @@ class DataPlane:
         signalled = queue.signalled_used
         call.signalled = -1 if signalled is None else signalled
 
+    def ask_recording(self, backend: BlockBackend) -> None:
+        """Whether a dirty bitmap records what the next calls write, and the count of changes to that answer
+        C compares once a write is done (:class:`~pyemu.block.dirty_bitmap.RecordingChanges`): taken first,
+        so a change during the question moves it; odd, a change is under way."""
+        call = self._call
+        seen = RECORDING_CHANGES.value
+        call.recording_seen = seen
+        call.report_disk = bool(seen & 1) or backend.records_writes()
+
     def mark_written(self, backend: BlockBackend) -> None:
         """The disk ranges the last call wrote go to the drive's dirty bitmaps (once)."""
         call = self._call
@@ -190,6 +207,7 @@ class DataPlane:
         self.drained = bool(served) and stop == STOP_EMPTY
         self.posted = bool(call.posted)
         self.wrote = bool(call.ndisk)
+        self.finished = bool(served) and bool(call.published)
         if stop == STOP_PYTHON:
             self.stops_for_python += 1
         elif stop == STOP_HOST_ERROR:
@@ -233,7 +251,7 @@ class Lease:
 
     The rules that keep one owner of the ring and of the drive's requests:
     - Granted (:meth:`grant`) only by the device's own pass on the I/O thread, holding the queue's lock,
-      after the C plane left the ring empty, and only on a drive whose pass-through needs no ending (``raw``
+      after the C plane left the ring empty and published what it served itself, and only on a drive whose pass-through needs no ending (``raw``
       over ``file``; a qcow2 read map belongs to its node's lock). The lease holds a pass-through of the
       drive (:meth:`~pyemu.block.backend.BlockBackend.begin_pass_through`) all along: what C serves counts
       as in flight, so a drain waits for it.
@@ -244,8 +262,9 @@ class Lease:
       pass-through.
     - Whatever C did is folded into the queue's indices and the counters under the queue's lock
       (:meth:`settled`) before anyone looks at them; a call whose result needed Python (a flush behind the
-      reads, a write the bitmaps must hear of, an interrupt through the models, a vCPU that is not spinning
-      at a HLT) ended the lease, and the device finishes it there with its usual steps.
+      reads, a write a dirty bitmap records -- also one that started recording after the grant, which moves
+      :data:`~pyemu.block.dirty_bitmap.RECORDING_CHANGES` -- an interrupt through the models, a vCPU that
+      is not spinning at a HLT) ended the lease, and the device finishes it there with its usual steps.
     """
 
     def __init__(self, module: ModuleType, notifier_fd: int, backend: BlockBackend) -> None:
@@ -279,6 +298,7 @@ class Lease:
                 return False
             self._holds_pass_through = True
             plane.prepare(queue, target)
+            plane.ask_recording(self._backend)
             state = self.state
             state.call = plane.call
             state.kick = self._ffi.cast("int (*)(void *)", plane.kick_function)

@@ -440,6 +440,44 @@ def test_writes_go_through_the_plane_and_mark_the_dirty_bitmaps(copy: Path, cach
     assert copy.read_bytes()[1024 * SECTOR:1024 * SECTOR + 8192] == bytes(i & 0xFF for i in range(8192))
 
 
+@pytest.mark.parametrize("recording", [False, True])
+def test_a_write_is_published_in_c_unless_a_dirty_bitmap_records_writes(copy: Path, recording: bool) -> None:
+    """A write with no bitmap recording leaves Python nothing to do first: the C call publishes it (and
+    decides its interrupt). With one recording, Python marks the range and then publishes."""
+    with device_on(copy, "writeback", plane=True, screen=True) as s:
+        bitmap = bitmaps_of(s.backend.root).create("b", granularity=65536, enabled=recording)
+        head, _, status = offer(s.driver, Request(vblk.T_OUT, 1024, 8192, True, 4096, True), 0)
+        serve(s.transport)
+        assert s.driver.used(0) == [(head, 1)] and s.memory.read_u8(status) == vblk.S_OK
+        plane = s.device._planes[0]
+        assert plane.served == 1 and plane.published == (0 if recording else 1)
+        assert s.irq.count == 1
+        assert list(bitmap.dirty_extents()) == ([(1024 * SECTOR, 65536)] if recording else [])
+    assert copy.read_bytes()[1024 * SECTOR:1024 * SECTOR + 8192] == bytes(i & 0xFF for i in range(8192))
+
+
+def test_a_bitmap_that_starts_recording_after_the_plane_asked_hears_of_the_write_first(
+        copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plane asks whether a bitmap records before its call; one enabled right after that answer moves
+    the count of recording changes, so C leaves the write to Python, which marks the range and then lets
+    the driver see the write."""
+    with device_on(copy, "writeback", plane=True, screen=True) as s:
+        bitmaps = bitmaps_of(s.backend.root)
+        bitmap = bitmaps.create("b", granularity=65536, enabled=False)
+
+        def asked_then_enabled() -> bool:
+            recording = BlockBackend.records_writes(s.backend)
+            bitmaps.set_enabled("b", True)
+            return recording
+
+        monkeypatch.setattr(s.backend, "records_writes", asked_then_enabled)
+        head, _, _ = offer(s.driver, Request(vblk.T_OUT, 1536, 8192, True, 4096, True), 0)
+        serve(s.transport)
+        assert s.driver.used(0) == [(head, 1)]
+        assert s.device._planes[0].served == 1 and s.device._planes[0].published == 0
+        assert list(bitmap.dirty_extents()) == [(1536 * SECTOR, 65536)]
+
+
 @pytest.mark.parametrize("extra, why", [
     ((("read-only", "on"),), "a read-only drive"),
     ((("cache.writeback", "off"),), "writethrough: every write needs its flush"),
@@ -655,19 +693,73 @@ def test_a_leased_queue_is_served_inside_the_io_threads_wait(image: Path) -> Non
         grants = lease.grants
         serve(s.transport)  # a pass with nothing to serve (a spurious kick) grants nothing
         assert lease.grants == grants
-        # a writing queue keeps to Python (the dirty bitmaps hear of writes there)
-        _, pieces, _ = offer(s.driver, Request(vblk.T_OUT, 64, 4096, True, 4096, False), 9)
-        _kick_and_wait(s, 1)
+
+
+def _wait_for_grants(lease: blk_plane.Lease, grants: int) -> None:
+    deadline = time.monotonic() + 30
+    while lease.grants < grants:  # the pass grants after it published
+        assert time.monotonic() < deadline, "the pass granted no lease"
+        time.sleep(0.001)
+
+
+def test_writes_no_dirty_bitmap_records_are_leased_too(copy: Path) -> None:
+    """A write a dirty bitmap records keeps its queue in Python (the bitmap hears of it before the guest
+    does). With nothing recording, the pass that wrote leases the queue and C serves the next write whole;
+    a bitmap that starts recording while the queue is leased gets the next write's range, through Python."""
+    r = routed_apic()
+    apic = r.apic
+    ffi = blk_plane.load().ffi  # type: ignore[union-attr]
+    words = ffi.new("int32_t[3]")
+    apic.wake_words = (int(ffi.cast("intptr_t", words)), int(ffi.cast("intptr_t", words + 1)),
+                       int(ffi.cast("intptr_t", words + 2)))
+    with device_on(copy, "writeback", plane=True, screen=True, irq=r.pulse) as s:  # type: ignore[arg-type]
+        assert s.iothread is not None
+        s.transport.notifiers[0].test_and_clear()  # DRIVER_OK's kick, with nothing offered yet
+        s.iothread.start()
+        queue = s.transport.queues[0]
+        lease = s.device._leases[0]
+        bitmaps = bitmaps_of(s.backend.root)
+        bitmap = bitmaps.create("b", granularity=65536)
+
+        done = 0
+
+        def write(sector: int, seed: int) -> None:
+            nonlocal done
+            apic.isr = apic.irr = 0  # the guest took the last interrupt, ended it
+            s.transport.write(0x064, 4, INT_USED_BUFFER)  # and acknowledged it
+            _used_event(s, done)  # it wants one for this request
+            offer(s.driver, Request(vblk.T_OUT, sector, 4096, True, 4096, False), seed)
+            _kick_and_wait(s, 1)
+            done += 1
+
+        write(64, 1)
         with queue.lock:
-            assert lease.grants == grants and s.device._planes[0].wrote
+            assert lease.grants == 0 and s.device._planes[0].wrote
+        assert list(bitmap.dirty_extents()) == [(0, 65536)]
+
+        bitmaps.set_enabled("b", False)
+        write(72, 2)
+        _wait_for_grants(lease, 1)
+        words[0] = 1  # the vCPU spins at a HLT inside its run
+        write(80, 3)
+        assert s.iothread.served_natively == 1 and int(lease.state.calls) == 1
+
+        bitmaps.set_enabled("b", True)  # while the queue is leased
+        write(256, 4)
+        with queue.lock:
+            assert s.iothread.served_natively == 1 and s.device._planes[0].served == 4
+        assert list(bitmap.dirty_extents()) == [(0, 65536), (131072, 65536)]
         assert s.backend._inflight == 0
+    data = copy.read_bytes()
+    for sector, seed in ((64, 1), (72, 2), (80, 3), (256, 4)):
+        assert data[sector * SECTOR:sector * SECTOR + 4096] == bytes((seed + i) & 0xFF for i in range(4096))
 
 
 def test_a_hostile_chain_reaching_a_leased_queue_breaks_the_device_not_the_thread(image: Path) -> None:
     """A chain whose buffer lies outside guest RAM, offered while C holds the lease: C leaves it untouched
     and hands the kick to Python, whose rules mark the device as needing a reset; the lease ends with its
     hold on the drive, and the I/O thread goes on serving."""
-    with device_on(image, "writeback", plane=True) as s:
+    with device_on(image, "writeback", plane=True, screen=True) as s:
         assert s.iothread is not None
         s.transport.notifiers[0].test_and_clear()  # DRIVER_OK's kick, with nothing offered yet
         s.iothread.start()
