@@ -124,12 +124,16 @@ class Refcounts:
         self._sync = sync
         raw = file.read_meta(table_offset, table_clusters * self.cluster_size)
         self.table = list(array_from_be64(raw))
-        for i, entry in enumerate(self.table):
-            if entry & ~REFTABLE_OFFSET_MASK & 0x1FF:
-                raise corrupt(f"Refcount table entry {i} has reserved bits set")
-            block = entry & REFTABLE_OFFSET_MASK
-            if block % self.cluster_size:
-                raise corrupt(f"Refblock offset {block:#x} unaligned (reftable index: {i:#x})")
+        # Reserved bits and unaligned blocks both show in an entry's low cluster_bits bits: one big-integer
+        # test of the whole table first (an image's open walked its 8192+ entries in Python: ~1.5 ms).
+        low = (self.cluster_size - 1).to_bytes(8, "big") * len(self.table)
+        if int.from_bytes(raw[:len(low)], "big") & int.from_bytes(low, "big"):
+            for i, entry in enumerate(self.table):
+                if entry & ~REFTABLE_OFFSET_MASK & 0x1FF:
+                    raise corrupt(f"Refcount table entry {i} has reserved bits set")
+                block = entry & REFTABLE_OFFSET_MASK
+                if block % self.cluster_size:
+                    raise corrupt(f"Refblock offset {block:#x} unaligned (reftable index: {i:#x})")
         self.table_dirty = False
         self._cache: OrderedDict[int, RefcountBlock] = OrderedDict()
         self._cache_limit = max(cache_blocks, (4 << 20) >> cluster_bits)
