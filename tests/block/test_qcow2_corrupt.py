@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import struct
 import subprocess
 
@@ -58,3 +59,21 @@ def test_write_into_metadata_marks_image_corrupt_and_repair_clears_it(tmp_path):
     image = open_image(str(path), read_only=False)
     image.pwritev(0, [b"\x22" * 512])
     image.close()
+
+
+@pytest.mark.parametrize("entry, message", [
+    (0x30000 | 0x4, "Refcount table entry 1 has reserved bits set"),
+    (0x30200, "Refblock offset 0x30200 unaligned (reftable index: 0x1)"),
+])
+def test_a_damaged_refcount_table_entry_is_named_at_open(tmp_path, entry, message):
+    """The open checks every refcount table entry (first with one test over the whole table): reserved bits
+    or a block off a cluster boundary name the entry, for read-only and read-write opens alike."""
+    path = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1M"], check=True)
+    data = bytearray(path.read_bytes())
+    reftable = struct.unpack_from(">Q", data, 48)[0]
+    struct.pack_into(">Q", data, reftable + 8, entry)
+    path.write_bytes(bytes(data))
+    for read_only in (True, False):
+        with pytest.raises(BlockConfigError, match=re.escape(message)):
+            open_image(str(path), read_only=read_only)
