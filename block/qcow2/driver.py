@@ -843,22 +843,110 @@ class Qcow2Format:
                 # Middle clusters are fully covered by data; only the edges needed old bytes (done above).
                 new_bitmaps = [0] * run.clusters
         except BaseException:
-            with self._meta:
-                self.refcounts.free(run.host, run.clusters * cs)
-                self._allocating.difference_update(range(run.first, run.first + run.clusters))
-                self._alloc_done.notify_all()
+            self._abandon_allocations([run])
             raise
+        self._finish_allocations([(run, new_bitmaps)])
+
+    def _abandon_allocations(self, runs: Sequence["Qcow2Format._Run"]) -> None:
+        """Allocating runs whose data write failed: their host clusters go back, their guest clusters are
+        free for other writers again (their entries were never set)."""
+        with self._meta:
+            for run in runs:
+                self.refcounts.free(run.host, run.clusters * self.cluster_size)
+                self._allocating.difference_update(range(run.first, run.first + run.clusters))
+            self._alloc_done.notify_all()
+
+    def _finish_allocations(self, done: Sequence[tuple["Qcow2Format._Run", list[int]]]) -> None:
+        """Allocating runs whose data is in the file: their L2 entries now point at it (data before L2), with
+        the given subcluster bitmaps, and the host storage the old entries owned is freed."""
+        cs = self.cluster_size
         with self._meta:
             try:
                 self._data_dirty = True
-                self.map.set_entries(run.first, [((run.host + i * cs) | FLAG_COPIED, new_bitmaps[i])
-                                                 for i in range(run.clusters)])
-                for word, _ in run.entries:
-                    self._release_old(word)
+                for run, new_bitmaps in done:
+                    self.map.set_entries(run.first, [((run.host + i * cs) | FLAG_COPIED, new_bitmaps[i])
+                                                     for i in range(run.clusters)])
+                    for word, _ in run.entries:
+                        self._release_old(word)
                 self._maybe_write_back()
             finally:
-                self._allocating.difference_update(range(run.first, run.first + run.clusters))
+                for run, _ in done:
+                    self._allocating.difference_update(range(run.first, run.first + run.clusters))
                 self._alloc_done.notify_all()
+
+    def write_batch(self, writes: Sequence[tuple[int, memoryview]]) -> None:
+        """``pwritev(offset, [data])`` for each of ``writes`` in turn, with the same result on the image.
+
+        Why: ``convert`` into a new image wrote each 1 MiB of data as an allocating write of its own --
+        allocation, host write, L2 update -- and their ~50 µs of Python each came to a quarter of the
+        command's time beside the host writes themselves (1 GiB, half of it data: raw -> qcow2 took 0.13
+        -0.15 s in the process, raw -> raw 0.17-0.21 s, 2026-12-07). Writes of whole clusters none of which
+        has an entry (never written, no flags: what a new image holds) are gathered here instead: their
+        clusters get one run of host clusters, in the writes' order (where one write after another would
+        have put them), one host ``pwritev`` for all their data, then their L2 entries -- data before L2, as
+        every allocating write. Anything else (part of a cluster, a cluster written before, subclusters,
+        another writer allocating there) is an ordinary :meth:`pwritev`, in its turn."""
+        group: list[tuple[int, memoryview]] = []
+        cs = self.cluster_size
+        for offset, data in writes:
+            length = len(data)
+            if length and not offset % cs and not length % cs and not self.geometry.extended_l2:
+                group.append((offset, data))
+                continue
+            self._write_fresh(group)
+            group = []
+            self.pwritev(offset, [data])
+        self._write_fresh(group)
+
+    def _write_fresh(self, group: Sequence[tuple[int, memoryview]]) -> None:
+        """:meth:`write_batch`'s gathered whole-cluster writes, as one allocation when every cluster is
+        fresh (else one by one)."""
+        if len(group) < 2:
+            for offset, data in group:
+                self.pwritev(offset, [data])
+            return
+        for offset, data in group:
+            check_request(offset, len(data), self.header.size, what="write")
+            self._check_writable("write", offset, len(data))
+            self._check_open(offset, len(data))
+        cb = self.cluster_bits
+        runs: list[Qcow2Format._Run] = []
+        try:
+            with self.gate.shared():
+                with self._meta:
+                    pieces = [(offset >> cb, len(data) >> cb) for offset, data in group]
+                    clusters = [c for first, n in pieces for c in range(first, first + n)]
+                    if len(set(clusters)) < len(clusters) or not self._allocating.isdisjoint(clusters) or \
+                            any(self.map.unallocated_run(first, first + n) < n for first, n in pieces):
+                        pieces = []  # two writes to one cluster, another writer's allocation, or data there
+                    else:
+                        self._mark_dirty_for_lazy()
+                        l2_bits = self.geometry.l2_bits
+                        for first, n in pieces:
+                            for l1_index in range(first >> l2_bits, ((first + n - 1) >> l2_bits) + 1):
+                                self.map.writable_l2(l1_index)  # tables exist before data
+                        total = sum(n for _, n in pieces)
+                        host = self.refcounts.alloc(total)
+                        self._check_overlap(host, total << cb)
+                        for first, n in pieces:
+                            self._allocating.update(range(first, first + n))
+                            runs.append(self._Run(in_place=False, host=host, guest_end=(first + n) << cb,
+                                                  first=first, clusters=n, entries=[(0, 0)] * n))
+                            host += n << cb
+                if runs:
+                    try:
+                        self.file.pwritev(runs[0].host, [data for _, data in group])
+                    except BaseException:
+                        self._abandon_allocations(runs)
+                        raise
+                    self._finish_allocations([(run, [0] * run.clusters) for run in runs])
+        finally:
+            if runs:
+                for offset, data in group:
+                    self._mark_bitmaps(offset, len(data))
+        if not runs:  # a cluster was written before or is being allocated: the general path decides
+            for offset, data in group:
+                self.pwritev(offset, [data])
 
     def _copy_subclusters(self, old_host: int, new_host: int, bits: int) -> None:
         unit = self._unit()

@@ -258,6 +258,29 @@ class Qcow2Machine(RuleBasedStateMachine):
         self.model[offset:offset + length] = payload
 
     @rule(data=st.data())
+    def write_batch(self, data: st.DataObject) -> None:
+        """Several writes at once (what convert hands a qcow2 target), the same as writing them in turn:
+        whole clusters, fresh or not, gathered with partial ones, overlapping ones in order."""
+        cs = self.variant.cluster_size
+        writes: list[tuple[int, memoryview]] = []
+        for _ in range(data.draw(st.integers(1, 5), label="batched writes")):
+            if data.draw(st.booleans(), label="whole clusters"):
+                clusters = self.size // cs
+                if not clusters:
+                    continue
+                first = data.draw(st.integers(0, min(clusters, HOT_CLUSTERS) - 1), label="batch cluster")
+                offset = first * cs
+                length = data.draw(st.integers(1, min(4, clusters - first)), label="batch clusters") * cs
+            else:
+                offset, length = self._range(data, label="batch write")
+            seed = data.draw(st.integers(0, 2**32 - 1), label="batch payload seed")
+            payload = random.Random(seed * 1_000_003 + next(self.writes)).randbytes(length)
+            writes.append((offset, memoryview(payload)))
+        self.img.write_batch(writes)
+        for offset, payload in writes:
+            self.model[offset:offset + len(payload)] = payload
+
+    @rule(data=st.data())
     def read(self, data: st.DataObject) -> None:
         offset, length = self._range(data, label="read")
         buffers = [memoryview(bytearray(end - start)) for start, end in self._cuts(data, length)]
