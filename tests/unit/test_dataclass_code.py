@@ -63,6 +63,28 @@ def test_the_table_is_what_is_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert other["__create_fn__"]()(1) == 2  # type: ignore[operator]
 
 
+def test_entries_stay_marshalled_until_used_and_a_damaged_one_is_compiled(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    path = tmp_path / "methods.marshal"
+    table = _Table(path)
+    _make(table, "pyemu.fake_module", monkeypatch)
+    table.save()
+    stored = marshal.loads(path.read_bytes())
+    assert len(stored) == 6 and all(isinstance(code, bytes) for code in stored.values())
+    later = _Table(path)
+    later.compiled(next(iter(stored)))
+    assert sum(not isinstance(code, bytes) for code in (later._code or {}).values()) == 1  # only the one used
+
+    path.write_bytes(marshal.dumps({source: b"not code" for source in stored}))
+    compiled: list[str] = []
+    real_compile = compile
+    monkeypatch.setattr(dataclass_code, "compile", lambda *a: compiled.append(a[0]) or real_compile(*a),
+                        raising=False)
+    cls = _make(_Table(path), "pyemu.fake_module", monkeypatch)
+    assert len(compiled) == 6 and repr(cls(3, "z")) == "Point(a=3, b='z')"
+
+
 @pytest.mark.parametrize("content", [b"", b"not marshal", marshal.dumps([1, 2]), marshal.dumps({"a": 1})])
 def test_a_damaged_table_is_an_empty_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes) -> None:
     path = tmp_path / "methods.marshal"
