@@ -372,7 +372,8 @@ static int serve_batches(struct pyemu_bp_call *c, const struct vr_ring *ring)
  * bitmap records, and no guest range the DMA write screen picks (translated code, the dirty log). */
 static int may_publish_here(const struct pyemu_bp_call *c)
 {
-    if (c->ndisk && (c->report_disk || __atomic_load_n(c->recording, __ATOMIC_ACQUIRE) != c->recording_seen))
+    if (c->ndisk && (c->report_disk || !c->recording ||
+                     __atomic_load_n(c->recording, __ATOMIC_ACQUIRE) != c->recording_seen))
         return 0;
     if (!c->nwrote)
         return 1;
