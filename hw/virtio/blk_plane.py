@@ -251,10 +251,11 @@ class Lease:
 
     The rules that keep one owner of the ring and of the drive's requests:
     - Granted (:meth:`grant`) only by the device's own pass on the I/O thread, holding the queue's lock,
-      after the C plane left the ring empty and published what it served itself, and only on a drive whose pass-through needs no ending (``raw``
-      over ``file``; a qcow2 read map belongs to its node's lock). The lease holds a pass-through of the
-      drive (:meth:`~pyemu.block.backend.BlockBackend.begin_pass_through`) all along: what C serves counts
-      as in flight, so a drain waits for it.
+      after the C plane left the ring empty and published what it served itself, and only on a drive
+      whose pass-through needs no ending (``raw`` over ``file``; a qcow2 read map belongs to its node's
+      lock). The lease holds a pass-through of the drive
+      (:meth:`~pyemu.block.backend.BlockBackend.begin_pass_through`) all along: what C serves counts as in
+      flight, so a drain waits for it.
     - Stopped (:meth:`stop`) by anything that changes what it was granted on: the queue's lock (every taker
       settles the lease first: :class:`~pyemu.hw.virtio.queue.QueueLock`), a drain, a throttle, closing the
       drive (:attr:`~pyemu.block.backend.BlockBackend.lease_revokers`), a broken device. The stop waits for
