@@ -347,7 +347,14 @@ class Copier:
                 _on_pool(self.plan, units, threads=reader_threads(workers), window=workers, then=self.apply)
             else:
                 batch = _Batch(self, write_batch)
-                _on_pool(self.plan, units, threads=reader_threads(workers), window=workers, then=batch.add)
+                try:
+                    _on_pool(self.plan, units, threads=reader_threads(workers), window=workers, then=batch.add)
+                except BaseException:
+                    # What came before the failing unit is in the target, as when each unit is written
+                    # on its own (the failure, not a second one from this write, is what is reported).
+                    with contextlib.suppress(Exception):
+                        batch.flush()
+                    raise
                 batch.flush()
         self.progress.set(self.sources.size)
 

@@ -21,6 +21,7 @@ import pytest
 from img_marks import needs_qemu_img  # type: ignore[import-not-found]
 from pyemu.block.errors import BlockIOError
 from pyemu.block.file import FileProtocol
+from pyemu.block.image import open_image
 from pyemu.img.bench import bench_threads
 from pyemu.img.convert import UNIT, reader_threads
 from pyemu.img.workers import OrderedPool
@@ -128,8 +129,16 @@ def test_read_error_mid_pipeline(pimg, qimg, mixed: Path, failing_reads, error_l
     assert found is not None, p.err
     if "-W" in workers:  # out of order: whichever failing unit the workers met first
         assert int(found.group(1)) >= bad and int(found.group(1)) % UNIT == 0
-    else:  # in order: the first failing unit, as qemu-img
+    else:  # in order: the first failing unit, as qemu-img, and every unit before it is in the output
         assert int(found.group(1)) == bad
+        written = open_image("p.q", read_only=True)
+        try:
+            got = bytearray(bad)
+            written.preadv(0, [memoryview(got)])
+        finally:
+            written.close()
+        with open("mixed.raw", "rb") as f:
+            assert got == f.read(bad)
     assert not list(_convert_threads())
     assert qimg("check", "p.q").rc == 0  # what was written before the error is a valid image
 
