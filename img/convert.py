@@ -307,9 +307,13 @@ class Copier:
                 except BlockIOError as exc:
                     raise _io_failure(exc, f"error while writing at byte {op.offset}") from exc
         finally:
-            if planned.buffer is not None:
-                self.buffers.put(planned.buffer)
+            self.release(planned)
         self.progress.advance(planned.end - planned.start)
+
+    def release(self, planned: Planned) -> None:
+        """A written (or abandoned) unit's read buffer goes back to the pool."""
+        if planned.buffer is not None:
+            self.buffers.put(planned.buffer)
 
     def _write(self, op: Op) -> None:
         if op.data is None:
@@ -396,8 +400,7 @@ class _Batch:
             raise _io_failure(exc, f"error while writing at byte {writes[0][0]}") from exc
         finally:
             for planned in units:
-                if planned.buffer is not None:
-                    self._copier.buffers.put(planned.buffer)
+                self._copier.release(planned)
         for planned in units:
             self._copier.progress.advance(planned.end - planned.start)
 

@@ -194,8 +194,7 @@ class IoThread:
     @property
     def served_natively(self) -> int:
         """Events native handlers served inside the C wait (``add_reader``'s ``native``) so far."""
-        wait = self._wait
-        return wait.served_natively if isinstance(wait, iothread_wait.CWait) else 0
+        return self._wait.served_natively if self._wait is not None else 0
 
     def _loop(self) -> None:
         wait = self._wait = iothread_wait.waiter()

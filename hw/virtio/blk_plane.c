@@ -11,8 +11,9 @@
  * Guest memory is reached only through vring.c (built in front of this file), which checks every address
  * and index. The used index is published here only when nothing needs Python first: a call that wrote no
  * disk range a dirty bitmap records (the bitmaps hear of writes from Python) and whose guest writes the
- * DMA write screen passes whole (no translated code in them, no dirty log running). Otherwise Python reports the DMA writes
- * first (the software CPU drops stale translations of that RAM) and then publishes it, as its own push does.
+ * DMA write screen passes whole (no translated code in them, no dirty log running). Otherwise Python
+ * reports the DMA writes first (the software CPU drops stale translations of that RAM) and then publishes
+ * it, as its own push does.
  */
 
 #include <sched.h>

@@ -161,12 +161,12 @@ class DataPlane:
     def serve(self, queue: Virtqueue, dma: DmaMemory, target: PassThrough, backend: BlockBackend) -> int:
         """Serve the reads and writes at the head of ``queue`` (its lock held) through ``target``, which
         ``backend`` handed out; returns how many."""
-        self.prepare(queue, target)
-        self.ask_recording(backend)
+        self.prepare(queue, target, backend)
         return self.account(queue, dma, backend, self._serve(self._call))  # cffi lets the GIL go for the call
 
-    def prepare(self, queue: Virtqueue, target: PassThrough) -> None:
-        """Set the call up for ``queue`` (its lock held) as it stands, and ``target``."""
+    def prepare(self, queue: Virtqueue, target: PassThrough, backend: BlockBackend) -> None:
+        """Set the call up for ``queue`` (its lock held) as it stands, ``target``, and whether ``backend``'s
+        dirty bitmaps record writes (:meth:`_ask_recording`)."""
         call = self._call
         rings = vring.ring_fields(queue)
         setup = (rings, target)
@@ -180,8 +180,9 @@ class DataPlane:
         call.last_avail, call.used_idx = queue.last_avail, queue.used_idx
         signalled = queue.signalled_used
         call.signalled = -1 if signalled is None else signalled
+        self._ask_recording(backend)
 
-    def ask_recording(self, backend: BlockBackend) -> None:
+    def _ask_recording(self, backend: BlockBackend) -> None:
         """Whether a dirty bitmap records what the next calls write, and the count of changes to that answer
         C compares once a write is done (:class:`~pyemu.block.dirty_bitmap.RecordingChanges`): taken first,
         so a change during the question moves it; odd, a change is under way."""
@@ -298,8 +299,7 @@ class Lease:
                 self._backend.end_pass_through()
                 return False
             self._holds_pass_through = True
-            plane.prepare(queue, target)
-            plane.ask_recording(self._backend)
+            plane.prepare(queue, target, self._backend)
             state = self.state
             state.call = plane.call
             state.kick = self._ffi.cast("int (*)(void *)", plane.kick_function)
