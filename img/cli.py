@@ -13,11 +13,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 from pyemu.block.errors import BlockError
 from pyemu.errors import ConfigError
 from pyemu.img.errors import ImgError, UsageError
+from pyemu.system.leave import leave
 
 PROG = "pyemu-img"
 VERSION = "0.1.0"
@@ -134,5 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def command() -> NoReturn:
+    """The ``pyemu-img`` program: :func:`main`, then :func:`~pyemu.system.leave.leave` with its status.
+
+    Every command closes its images (flushed as its cache mode asks) and joins its threads before it
+    returns, so nothing is left for the interpreter's teardown but freeing objects."""
+    leave(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    command()

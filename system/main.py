@@ -6,13 +6,12 @@ like QEMU; only genuine bugs show a traceback.
 
 from __future__ import annotations
 
-import atexit
-import os
 import sys
 from typing import NoReturn
 
 from pyemu.errors import ConfigError, PyemuError
 from pyemu.system import log, messages
+from pyemu.system.leave import leave
 from pyemu.system.messages import error_report
 from pyemu.system.options import EarlyExit, early_messages, parse_args
 
@@ -55,25 +54,6 @@ def main(argv: list[str] | None = None) -> int:
 def command() -> NoReturn:
     """The ``pyemu`` program: :func:`main`, then :func:`leave` with its status."""
     leave(main())
-
-
-def leave(status: int) -> NoReturn:
-    """End the process the way a C program's ``exit`` does: exit handlers (the terminal's settings, the
-    log file), then the standard streams flushed, then ``_exit``.
-
-    Why not ``sys.exit``: the VM is closed by now (devices, drives flushed and closed, threads joined),
-    and what is left is the interpreter freeing every object and module one by one -- 47 ms after a Linux
-    boot (engines with tens of thousands of translated blocks), measured between the guest's power-off
-    and the exit."""
-    if sys.getprofile() is not None or sys.gettrace() is not None:
-        sys.exit(status)  # a profiler or coverage tool writes its results at interpreter exit
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
 
 
 if __name__ == "__main__":
