@@ -120,24 +120,36 @@ def run_once(argv: list[str], env: dict[str, str] | None = None) -> Boot:
 
 
 def run_interleaved(commands: dict[str, tuple[list[str], dict[str, str] | None]], runs: int,
-                    failures: list[str]) -> dict[str, list[Boot]]:
+                    failures: list[str], rounds: list[dict[str, Boot]] | None = None,
+                    inputs: tuple[Path, ...] = ()) -> dict[str, list[Boot]]:
     """``runs`` successful boots of every command, in rounds: each round boots each command once, the order
     turning by one from round to round. Why: this host's speed drifts by 10-30% over minutes (QEMU's own PVH
     boot measured 2.2 and 2.7 s half an hour apart), so blocks of one command's runs after the other's
     compared two different hosts. A failed boot is recorded in ``failures`` and retried in a later round
-    (at most two extra rounds)."""
+    (at most two extra rounds). ``rounds``, when given, gets each round's boots by command (for ratios of
+    boots that ran minutes, not a whole run, apart: :func:`paired_ratio`). The ``inputs`` (kernel, initrd)
+    are read into the page cache before every boot, untimed: this host's kernel reclaims page cache it finds
+    cold (a DAMON-based reclaim thread runs), and the first boot of a 66 MB vmlinux after a while otherwise
+    read it from the disk for the emulator after it."""
     samples: dict[str, list[Boot]] = {key: [] for key in commands}
     keys = list(commands)
     for round_index in range(runs + 2):
         if all(len(got) >= runs for got in samples.values()):
             break
         shift = round_index % len(keys)
+        this_round: dict[str, Boot] = {}
+        if rounds is not None:
+            rounds.append(this_round)
         for key in keys[shift:] + keys[:shift]:
             if len(samples[key]) >= runs:
                 continue
             argv, env = commands[key]
+            for path in inputs:
+                read_through(path)
             try:
-                samples[key].append(run_once(argv, env))
+                boot = run_once(argv, env)
+                samples[key].append(boot)
+                this_round[key] = boot
             except BootFailed as failed:
                 print(f"  failed boot (retrying): {failed}", file=sys.stderr)
                 failures.append(str(failed).splitlines()[0])
@@ -145,6 +157,23 @@ def run_interleaved(commands: dict[str, tuple[list[str], dict[str, str] | None]]
         if not got:
             raise SystemExit(f"every boot of {key} failed")
     return samples
+
+
+def read_through(path: Path) -> None:
+    """Read ``path`` once, so that it sits in the host's page cache."""
+    with open(path, "rb") as handle:
+        while handle.read(8 << 20):
+            pass
+
+
+def paired_ratio(rounds: list[dict[str, Boot]], mine: str, theirs: str) -> tuple[float | None, list[float]]:
+    """The median over rounds of ``mine``'s wall time over ``theirs`` in the same round, and the ratios.
+
+    Why besides the ratio of medians: this host's speed moves by 10-20% between minutes (how warm the
+    memory a new process gets is, see the README), and both boots of a round ran within seconds of each
+    other."""
+    ratios = [round(got[mine][0] / got[theirs][0], 3) for got in rounds if mine in got and theirs in got]
+    return (round(statistics.median(ratios), 3) if ratios else None), ratios
 
 
 def pyemu_env(bytecode: bool, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -318,11 +347,13 @@ def main() -> int:
                                                pyemu_env(bytecode, extra_env))
         if qemu:
             commands["qemu_tcg"] = (qemu_argv(qemu, kernel, assets.initrd, smp, cmdline), None)
-        for key, boots in run_interleaved(commands, args.runs, failures).items():
+        rounds: list[dict[str, Boot]] = []
+        for key, boots in run_interleaved(commands, args.runs, failures, rounds, (kernel, assets.initrd)).items():
             row[key] = summarise(boots)
         if qemu:
             p, q = row["pyemu_tcg"], row["qemu_tcg"]
             row["ratio_wall"] = round(p["wall_s"] / q["wall_s"], 2)  # type: ignore[index, operator]
+            row["ratio_wall_paired"], row["ratio_wall_per_round"] = paired_ratio(rounds, "pyemu_tcg", "qemu_tcg")
             row["ratio_init_uptime"] = round(p["init_uptime_s"] / q["init_uptime_s"], 2)  # type: ignore[index, operator]
             row["ratio_cpu"] = round(p["cpu_s"] / q["cpu_s"], 2)  # type: ignore[index, operator]
             for suffix, _env, _label in pyemu_variants(image, engine_built):
@@ -334,7 +365,8 @@ def main() -> int:
         results[name] = row
         print(f"{name:10} pyemu wall {row['pyemu_tcg']['wall_s']:7.2f} s  init at {row['pyemu_tcg']['init_uptime_s']:6.2f} s"  # type: ignore[index]
               + (f" | qemu wall {row['qemu_tcg']['wall_s']:6.2f} s  init at {row['qemu_tcg']['init_uptime_s']:5.2f} s"  # type: ignore[index]
-                 f" | ratio wall {row['ratio_wall']}x  init {row['ratio_init_uptime']}x  cpu {row['ratio_cpu']}x"
+                 f" | ratio wall {row['ratio_wall']}x (paired {row['ratio_wall_paired']}x)  init {row['ratio_init_uptime']}x"
+                 f"  cpu {row['ratio_cpu']}x"
                  if qemu else " | qemu not installed"))
         for suffix, _env, label in pyemu_variants(image, engine_built):
             g = row[f"pyemu_tcg_{suffix}"]
