@@ -102,8 +102,9 @@ class TcgAccelerator:
         max_poll_ns = default_max_poll_ns(len(self.vcpus))
         for each in self.vcpus:
             each.halt_polling.max_ns = max_poll_ns
-        # vCPUs that cannot spin on CPUs of their own hand the turn over on one CPU instead.
-        self.placement.enabled = len(self.vcpus) > 1 and max_poll_ns == 0
+        # vCPUs that cannot spin on CPUs of their own hand the turn over on one CPU instead; a VM's only
+        # vCPU stays on one CPU so that its caches stay warm (vcpu_placement.py).
+        self.placement.enabled = len(self.vcpus) == 1 or max_poll_ns == 0
         return vcpu
 
     # -- event notifiers (virtio kicks without Python on the vCPU thread, see mmio_notify.py) -----------

@@ -21,7 +21,14 @@ interrupt while another runs the engine.)
 Only while a thread runs a vCPU (:meth:`SharedCpu.member`) is it pinned; its own affinity comes back after,
 so a caller's thread (a test's, an embedding program's) is not left pinned. The group is used when the
 vCPUs cannot each have a host CPU anyway (the rule that also turns halt polling off,
-:func:`pyemu.accel.tcg.halt_poll.default_max_poll_ns`); with one vCPU there is nothing to hand off.
+:func:`pyemu.accel.tcg.halt_poll.default_max_poll_ns`), and for a VM's only vCPU.
+
+Why the only vCPU: nothing is handed off, but the kernel's scheduler moved the thread between host CPUs as
+pyemu's other threads (timers, I/O threads, the console) woke beside it, and each move left the engine's
+caches (translated code, its TLB, guest RAM) behind on the other CPU. Measured on a 2-CPU host (2026-12-08,
+Debian's kernel PVH-booted to power-off, nine rounds interleaved with QEMU): 2.10 s median unpinned (1.94-
+2.31), 1.95 s pinned (1.91-2.00 but one 2.28), pinned faster in 8 of 9 rounds; the whole process on one CPU
+(``taskset``) 2.07 s. The reviewer still moves the thread off a CPU that others keep busy.
 """
 
 from __future__ import annotations

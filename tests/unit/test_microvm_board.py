@@ -239,3 +239,20 @@ def test_board_states_the_accelerators_tsc_rate_in_cpuid_and_the_lapic(tmp_path)
         assert machine.lapics[0].timer.tsc_hz == 3_123_000_000
     finally:
         machine.close()
+
+
+def test_the_only_software_vcpu_runs_pinned(tmp_path):
+    """A VM's only software vCPU joins the placement group (one host CPU, moved by the reviewer when others
+    keep it busy): unpinned, the scheduler moved it away from its warm caches whenever pyemu's other threads
+    woke (vcpu_placement.py)."""
+    from pyemu.accel.tcg.accel import TcgAccelerator
+    from pyemu.machines.microvm import BootSource, Microvm
+    from pyemu.system.config import VmConfig
+
+    image = kernel(tmp_path, "hlt")
+    machine = Microvm.create(VmConfig(ram_size=64 << 20, kernel=image, serial=("null",)), TcgAccelerator(),
+                             BootSource(image, None, ""))
+    try:
+        assert machine.accel.placement.enabled
+    finally:
+        machine.close()
