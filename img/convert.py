@@ -434,20 +434,48 @@ def reader_threads(workers: int) -> int:
 
 def _runs(buf: Buffer, lo: int, hi: int, block: int, base: int) -> Iterator[tuple[int, int, bool]]:
     """Split ``buf[lo:hi]`` (target offset ``base``) into runs of all-zero and other ``block``-aligned blocks;
-    positions are relative to ``lo``. Takes the buffer and bounds rather than a slice so the search for
-    zero blocks runs in place (``find`` with bounds, which bytearray and mmap have; a memoryview has none)."""
+    positions are relative to ``lo``. Takes the buffer and bounds rather than a slice so the fallback search
+    for zero blocks runs in place (``find`` with bounds, which bytearray and mmap have; a memoryview has
+    none)."""
     n = hi - lo
     if n <= 0:
         return
     view = memoryview(buf)[lo:hi]
-    # Fast paths in C: all zeros (one comparison), or data without ``block`` zero bytes in a row anywhere
-    # (then no aligned block can be zero). Only mixed buffers are walked block by block.
+    # Fast paths in C: all zeros (one comparison), or no block that can be all zeros. Only mixed buffers
+    # are walked block by block.
     if is_zero(view):
         yield 0, n, True
         return
-    if n >= block and buf.find(_zero_block(block), lo, hi) < 0:
+    if n >= block and not _may_hold_zero_block(buf, lo, hi, block, (-base) % block):
         yield 0, n, False
         return
+    yield from _walk(view, block, base)
+
+
+def _may_hold_zero_block(buf: Buffer, lo: int, hi: int, block: int, first: int) -> bool:
+    """Whether some ``block``-aligned block of ``buf[lo:hi]`` -- whole, or cut by either end -- may be all
+    zeros; the whole blocks start ``first`` bytes in. False is certain, True means "walk and see".
+
+    Why the first eight bytes of each whole block: a zero block has a zero first word, and data almost never
+    has one, so one strided look answers for a MiB in ~4 us where searching it for ``block`` zero bytes in a
+    row took ~28 us -- a sixth of the reading thread's time in a raw -> qcow2 convert, and memory traffic
+    beside the writer's copies (whole convert in the process 0.19 -> 0.16 s, 2026-12-08). The partial blocks
+    at the ends are tested whole. Offsets or sizes that are not multiples of 8 fall back to the search."""
+    view = memoryview(buf)[lo:hi]
+    n = hi - lo
+    whole = max(0, (n - first) // block)
+    end = first + whole * block
+    if (first and is_zero(view[:min(first, n)])) or (end < n and is_zero(view[end:])):
+        return True
+    if first % 8 or block % 8:
+        return buf.find(_zero_block(block), lo, hi) >= 0
+    heads = view[first:end].cast("Q")[::block // 8].tobytes()
+    return bytes(8) in heads  # a match across two heads only sends the buffer to the walk
+
+
+def _walk(view: memoryview, block: int, base: int) -> Iterator[tuple[int, int, bool]]:
+    """:func:`_runs` block by block."""
+    n = len(view)
     pos = 0
     current: tuple[int, bool] | None = None
     while pos < n:
