@@ -53,6 +53,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import virtio as vb  # noqa: E402  (benchmarks/virtio.py: guest helper, boot and console machinery)
+from page_cache import read_through  # noqa: E402  (benchmarks/page_cache.py)
 
 from pyemu.guest.assets import find_assets  # noqa: E402
 
@@ -204,13 +205,6 @@ def turns(tools: dict[str, list[str]], rep: int) -> list[tuple[str, list[str]]]:
 
 def allocated_bytes(path: Path) -> int:
     return path.stat().st_blocks * 512
-
-
-def read_through(path: Path) -> None:
-    """Read the file once so that it sits in the host page cache."""
-    with open(path, "rb") as handle:
-        while handle.read(8 * MiB):
-            pass
 
 
 # -- parts ----------------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 import guest_profile  # benchmarks/guest_profile.py, beside this script
+from page_cache import read_through  # benchmarks/page_cache.py
 from pyemu.accel.tcg.engine_library import CHOICE_VARIABLE, built_library
 from pyemu.guest.assets import find_assets
 from pyemu.system.cache import cache_root
@@ -157,13 +158,6 @@ def run_interleaved(commands: dict[str, tuple[list[str], dict[str, str] | None]]
         if not got:
             raise SystemExit(f"every boot of {key} failed")
     return samples
-
-
-def read_through(path: Path) -> None:
-    """Read ``path`` once, so that it sits in the host's page cache."""
-    with open(path, "rb") as handle:
-        while handle.read(8 << 20):
-            pass
 
 
 def paired_ratio(rounds: list[dict[str, Boot]], mine: str, theirs: str) -> tuple[float | None, list[float]]:

@@ -893,9 +893,10 @@ class Qcow2Format:
         another writer allocating there) is an ordinary :meth:`pwritev`, in its turn."""
         group: list[tuple[int, memoryview]] = []
         cs = self.cluster_size
+        gather = not self.geometry.extended_l2
         for offset, data in writes:
             length = len(data)
-            if length and not offset % cs and not length % cs and not self.geometry.extended_l2:
+            if gather and length and not offset % cs and not length % cs:
                 group.append((offset, data))
                 continue
             self._write_fresh(group)
