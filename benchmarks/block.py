@@ -53,7 +53,7 @@ from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import virtio as vb  # noqa: E402  (benchmarks/virtio.py: guest helper, boot and console machinery)
-from page_cache import read_through  # noqa: E402  (benchmarks/page_cache.py)
+from host_memory import read_through  # noqa: E402  (benchmarks/host_memory.py)
 
 from pyemu.guest.assets import find_assets  # noqa: E402
 

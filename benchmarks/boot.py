@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 import guest_profile  # benchmarks/guest_profile.py, beside this script
-from page_cache import read_through  # benchmarks/page_cache.py
+from host_memory import read_through, warm_free_memory  # benchmarks/host_memory.py
 from pyemu.accel.tcg.engine_library import CHOICE_VARIABLE, built_library
 from pyemu.guest.assets import find_assets
 from pyemu.system.cache import cache_root
@@ -128,10 +128,10 @@ def run_interleaved(commands: dict[str, tuple[list[str], dict[str, str] | None]]
     boot measured 2.2 and 2.7 s half an hour apart), so blocks of one command's runs after the other's
     compared two different hosts. A failed boot is recorded in ``failures`` and retried in a later round
     (at most two extra rounds). ``rounds``, when given, gets each round's boots by command (for ratios of
-    boots that ran minutes, not a whole run, apart: :func:`paired_ratio`). The ``inputs`` (kernel, initrd)
-    are read into the page cache before every boot, untimed: this host's kernel reclaims page cache it finds
-    cold (a DAMON-based reclaim thread runs), and the first boot of a 66 MB vmlinux after a while otherwise
-    read it from the disk for the emulator after it."""
+    boots that ran minutes, not a whole run, apart: :func:`paired_ratio`). Before every boot, untimed, the
+    ``inputs`` (kernel, initrd) are read into the page cache and free memory is warmed
+    (:mod:`host_memory`): this host pages out cold page cache and hands freed memory back to its
+    hypervisor within ~2 s, so without both a boot's time depended on what ran before it."""
     samples: dict[str, list[Boot]] = {key: [] for key in commands}
     keys = list(commands)
     for round_index in range(runs + 2):
@@ -147,6 +147,7 @@ def run_interleaved(commands: dict[str, tuple[list[str], dict[str, str] | None]]
             argv, env = commands[key]
             for path in inputs:
                 read_through(path)
+            warm_free_memory()
             try:
                 boot = run_once(argv, env)
                 samples[key].append(boot)

@@ -30,12 +30,14 @@ def test_rounds_pair_the_boots_that_ran_together(boot: ModuleType, monkeypatch: 
         return wall, 1.0, 0, wall
 
     monkeypatch.setattr(boot, "run_once", fake_run_once)
+    monkeypatch.setattr(boot, "warm_free_memory", lambda: order.append("warm"))
     commands = {"mine": (["mine"], None), "theirs": (["theirs"], None)}
     failures: list[str] = []
     rounds: list[dict[str, tuple[float, float, int, float]]] = []
     samples = boot.run_interleaved(commands, 2, failures, rounds)
 
-    assert order == ["mine", "theirs", "theirs", "mine", "mine"]  # the order turns; the failed boot is retried
+    # The order turns, the failed boot is retried, and free memory is warmed before every boot.
+    assert order == ["warm", "mine", "warm", "theirs", "warm", "theirs", "warm", "mine", "warm", "mine"]
     assert failures == ["mine: no power-off line"]
     assert [wall for wall, *_ in samples["mine"]] == [2.0, 2.2]
     median, ratios = boot.paired_ratio(rounds, "mine", "theirs")
