@@ -9,7 +9,6 @@ source builds a new file next to the old one and a running process never loads a
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -21,6 +20,7 @@ from types import ModuleType
 from typing import Sequence
 
 from pyemu.system import log
+from pyemu.system.digest import sha256
 from pyemu.system.cache import cache_root
 
 
@@ -40,7 +40,7 @@ _by_sources: dict[tuple[str, tuple[Path, ...]], ModuleType] = {}
 
 
 def module_name(prefix: str, source: str, cdef: str) -> str:
-    digest = hashlib.sha256((source + cdef + sys.version).encode()).hexdigest()[:16]
+    digest = sha256((source + cdef + sys.version).encode()).hexdigest()[:16]
     return f"_pyemu_{prefix}_{digest}"
 
 

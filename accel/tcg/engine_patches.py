@@ -110,12 +110,12 @@ source that does not match (another Unicorn version) rather than building someth
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyemu.accel.tcg.errors import EngineBuildError
+from pyemu.system.digest import sha256
 
 #: The Unicorn release these patches are written against (the Python binding must be the same release).
 UNICORN_VERSION = "2.1.4"
@@ -902,7 +902,7 @@ def apply_patches(source_root: Path) -> None:
 
 def patch_digest() -> str:
     """A short hash of the patch set: part of the build's cache key, so a changed patch rebuilds."""
-    digest = hashlib.sha256(UNICORN_VERSION.encode())
+    digest = sha256(UNICORN_VERSION.encode())
     for patch in PATCHES:
         for part in (patch.name, patch.path, patch.pattern, patch.replacement, str(patch.count)):
             digest.update(part.encode())
