@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from host_memory import warm_free_memory  # benchmarks/host_memory.py, beside this script
 from pyemu.accel.tcg.guest_profile import KernelSymbols, Profile, Sample, VcpuSampler, bucket_seconds, summarise
 from pyemu.system.cache import cache_root
 
@@ -333,9 +334,11 @@ def profile_image(image: str, kernel: Path, initrd: Path, cmdline: str, *, qemu:
     result: dict[str, Any] = {"cmdline": cmdline}
     if pyemu_env:
         result["pyemu_environment"] = pyemu_env
+    warm_free_memory()  # both boots on memory the hypervisor backs already (host_memory.py)
     profile, timings = pyemu_profile(kernel, initrd, cmdline, hz, pyemu_env)
     result["pyemu_tcg"] = summarise(profile, symbols, top) | {"host_timings": timings}
     if qemu and with_qemu:
+        warm_free_memory()
         reference = qemu_profile(qemu, kernel, initrd, cmdline, qemu_hz)
         result["qemu_tcg"] = summarise(reference, symbols, top)
         result["slower_under_pyemu"] = compare(bucket_seconds(profile, symbols), bucket_seconds(reference, symbols))
