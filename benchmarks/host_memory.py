@@ -34,8 +34,11 @@ def read_through(path: Path) -> None:
 def warm_free_memory(mib: int = WARM_MIB) -> None:
     """Touch ``mib`` MiB of fresh anonymous memory (in huge pages where the host gives them, as the VMMs
     ask for guest RAM) and free it again, so the next process's first ``mib`` MiB are backed by the
-    hypervisor already. Untimed; ~25 ms per 256 MiB when warm, ~0.5 s when cold."""
-    size = mib << 20
+    hypervisor already. Untimed; ~25 ms per 256 MiB when warm, ~0.5 s when cold. At most half of what
+    the kernel says is available is touched, so a small machine is not pushed into reclaim."""
+    size = min(mib, available_mib() // 2) << 20
+    if size <= 0:
+        return
     area = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         if hasattr(mmap, "MADV_HUGEPAGE"):
@@ -44,3 +47,15 @@ def warm_free_memory(mib: int = WARM_MIB) -> None:
             area[offset] = 1
     finally:
         area.close()
+
+
+def available_mib(meminfo: str = "/proc/meminfo") -> int:
+    """``MemAvailable`` in MiB (0 where the file or the line is missing: then nothing is touched)."""
+    try:
+        with open(meminfo) as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
