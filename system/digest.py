@@ -10,16 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-_constructor: Callable[[bytes], Any] | None = None
-
-
-def sha256(data: bytes = b"") -> Any:
-    """A SHA-256 object (``update``, ``hexdigest``, ``digest``) as ``hashlib.sha256`` returns."""
-    global _constructor
-    if _constructor is None:
-        _constructor = _find_constructor()
-    return _constructor(data)
-
 
 def _find_constructor() -> Callable[[bytes], Any]:
     try:
@@ -34,3 +24,7 @@ def _find_constructor() -> Callable[[bytes], Any]:
         import hashlib
 
         return hashlib.sha256
+
+
+sha256: Callable[[bytes], Any] = _find_constructor()
+"""``sha256(data)``: a SHA-256 object (``update``, ``hexdigest``, ``digest``) as ``hashlib.sha256`` returns."""

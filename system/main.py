@@ -14,6 +14,7 @@ from typing import Callable, NoReturn
 def main(argv: list[str] | None = None, *, started: Callable[[], None] | None = None) -> int:
     """Run ``pyemu`` with ``argv``; its exit status. ``started`` is called once the VM runs (or waits in
     prelaunch under ``-S``)."""
+    # Imported here, not at the top, so that command() has turned the garbage collector off before they load.
     from pyemu.errors import ConfigError, PyemuError
     from pyemu.system import log, messages
     from pyemu.system.messages import error_report

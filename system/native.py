@@ -20,8 +20,8 @@ from types import ModuleType
 from typing import Sequence
 
 from pyemu.system import log
-from pyemu.system.digest import sha256
 from pyemu.system.cache import cache_root
+from pyemu.system.digest import sha256
 
 
 class NativeBuildError(Exception):
